@@ -1,0 +1,121 @@
+"""TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+
+f(x) = ReLU(TopK_k((x - b_dec) @ W_enc + b_enc)); loss = ||x - x_hat||^2 + auxk_alpha * AuxK.
+AuxK: the k_aux = d_in // 2 largest pre-activations among dead latents reconstruct the residual
+x - x_hat; its squared error is normalised by the residual's variance, so it is scale free.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import (
+    SparseAutoencoder,
+    StepOutput,
+    Trainer,
+    TrainerParams,
+    as_dict,
+    hparam,
+    mse_loss,
+    resolve_d_sae,
+    sparse_decode,
+)
+from .registry import register_sae, register_trainer
+
+
+@register_sae("topk")
+class TopKSAE(SparseAutoencoder):
+    activation_fn_str = "topk"
+    extra_cfg_keys = ("k",)
+
+    def __init__(self, d_in: int, d_sae: int, k: int, **kwargs: Any):
+        super().__init__(d_in, d_sae, **kwargs)
+        if not 1 <= int(k) <= self.d_sae:
+            raise ValueError(f"k={k} must be in [1, d_sae={self.d_sae}]")
+        self.k = int(k)
+
+    def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(vals [B, k], idx [B, k], pre [B, d_sae]): the k largest pre-activations, ReLU'd."""
+        pre = self.pre_acts(x)
+        vals, idx = pre.topk(self.k, dim=-1, sorted=False)
+        return vals.relu(), idx, pre
+
+    def activation(self, pre: Tensor) -> Tensor:
+        vals, idx = pre.topk(self.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(-1, idx, vals.relu())
+
+    def decode_sparse(self, vals: Tensor, idx: Tensor) -> Tensor:
+        return sparse_decode(vals, idx, self.W_dec) + self.b_dec
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        # Decode from the k active rows only; the dense code is built for the caller.
+        vals, idx, pre = self.encode_sparse(x)
+        f = torch.zeros_like(pre).scatter_(-1, idx, vals)
+        return self.decode_sparse(vals, idx), f
+
+
+@dataclass
+class TopKParams(TrainerParams):
+    auxk_alpha: float = hparam(1 / 32, "a float >= 0 (0 disables AuxK)", lambda v: v >= 0)
+
+
+@register_trainer("topk")
+class TopKTrainer(Trainer):
+    params_cls = TopKParams
+
+    @classmethod
+    def validate_sae_cfg(cls, sae_cfg: Any, d_in: int | None) -> list[str]:
+        errors = super().validate_sae_cfg(sae_cfg, d_in)
+        k = as_dict(sae_cfg).get("k")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            errors.append(f"sae.k={k!r} is invalid for trainer 'topk'; allowed: an integer >= 1")
+        elif d_in is not None and not errors:
+            d_sae = resolve_d_sae(sae_cfg, d_in)
+            if k > d_sae:
+                errors.append(f"sae.k={k} is invalid for trainer 'topk'; allowed: an integer in [1, d_sae={d_sae}]")
+        return errors
+
+    def build_sae(self, generator: torch.Generator) -> SparseAutoencoder:
+        return TopKSAE(self.d_in, self.d_sae, int(self.sae_cfg["k"]), generator=generator)
+
+    @property
+    def k_aux(self) -> int:
+        return min(self.d_in // 2, self.d_sae)
+
+    def compute_loss(self, x: Tensor) -> StepOutput:
+        sae: TopKSAE = self.sae  # type: ignore[assignment]
+        vals, idx, pre = sae.encode_sparse(x)
+        x_hat = sae.decode_sparse(vals, idx)
+        mse = mse_loss(x, x_hat)
+
+        active = (vals > 0).float()
+        l0 = active.sum(-1).mean()
+        # which latents fired in this batch, via scatter-add (boolean indexing would sync)
+        fired = torch.zeros(self.d_sae, device=x.device).scatter_add_(0, idx.reshape(-1), active.reshape(-1)) > 0
+
+        # A latent can only be dead after dead_tokens tokens: skip the AuxK work until then
+        # (decided on host from token counts, so no sync and identical on resume).
+        if self.params.auxk_alpha > 0 and self.tokens_seen >= self.params.dead_tokens:
+            auxk = self.auxk_loss(x - x_hat.detach(), pre, self.dead_mask())
+        else:
+            auxk = torch.zeros((), device=x.device)
+        loss = mse + self.params.auxk_alpha * auxk
+        return StepOutput(loss=loss, x_hat=x_hat, l0=l0, fired=fired, parts={"auxk": auxk})
+
+    def auxk_loss(self, residual: Tensor, pre: Tensor, dead: Tensor) -> Tensor:
+        """Normalised MSE of reconstructing `residual` [B, d_in] from the top-k_aux dead latents.
+
+        0 when no latent is dead. Branch-free (torch.where on a device flag) to avoid host syncs.
+        """
+        masked = pre.masked_fill(~dead, float("-inf"))
+        vals, idx = masked.topk(self.k_aux, dim=-1, sorted=False)
+        vals = vals.relu()  # -inf (fewer dead than k_aux) -> 0: contributes nothing
+        aux_hat = sparse_decode(vals, idx, self.sae.W_dec)  # no b_dec: it predicts a residual
+        residual = residual.float()
+        err = (residual - aux_hat.float()).pow(2).sum(-1).mean()
+        var = (residual - residual.mean(0)).pow(2).sum(-1).mean()
+        normalised = err / var.clamp_min(1e-12)
+        return torch.where(dead.any(), normalised, torch.zeros_like(normalised))
