@@ -1,0 +1,33 @@
+# sae_sweep developer commands. PYTHON is the interpreter the package is installed into.
+PYTHON ?= python3
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast demo bench slurm-up slurm-down clean
+
+# torch first, pinned: the CPU wheel is on disk here; an unpinned torch would pull GBs of CUDA.
+# editable_mode=compat keeps hydra_plugins/ visible to Hydra's plugin discovery.
+install:
+	$(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -m pip install -e ".[test]" --config-settings editable_mode=compat
+
+test:
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+test-fast:
+	$(PYTHON) -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS)
+
+# The quickstart: 2 seeds x 2 datasets on the offline tiny model, tracked in ./outputs/mlflow.db.
+demo:
+	$(PYTHON) -m sae_sweep -m seed=42,49 dataset=builtin,faithful
+
+bench:
+	$(PYTHON) -m sae_sweep.bench
+
+slurm-up:
+	bash launchers/slurm_local.sh start
+
+slurm-down:
+	bash launchers/slurm_local.sh stop
+
+clean:
+	rm -rf outputs multirun .pytest_cache

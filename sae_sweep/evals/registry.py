@@ -1,0 +1,50 @@
+"""Which evals exist, and the one signature a job calls them with.
+
+Each eval module exposes a function taking an ``EvalContext`` and returning an ``EvalOutput``;
+this registry maps the names users put in ``eval.run`` to those functions, imported lazily so a
+job only pays for the evals it runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+# name -> "module:function"; the function takes an EvalContext and returns an EvalOutput.
+_EVALS: Dict[str, str] = {
+    "core": "sae_sweep.evals.core:run_from_context",
+}
+
+
+@dataclass
+class EvalContext:
+    """What a job hands every eval. ``settings`` is the eval's own node of ``eval.<name>``."""
+
+    lm: Any                      # sae_sweep.lm.LanguageModel (None for synthetic activations)
+    sae: torch.nn.Module
+    tokens: Optional[torch.Tensor]  # held-out token windows [N, ctx] (never training tokens)
+    layer: int
+    hook: str
+    seed: int
+    settings: Dict[str, Any] = field(default_factory=dict)
+    sae_cfg: Dict[str, Any] = field(default_factory=dict)
+    cache_dir: Optional[str] = None
+    progress: bool = True
+
+
+def register_eval(name: str, target: str) -> None:
+    _EVALS[name] = target
+
+
+def eval_names() -> List[str]:
+    return sorted(_EVALS)
+
+
+def get_eval(name: str) -> Callable[[EvalContext], Any]:
+    if name not in _EVALS:
+        raise ValueError(f"eval {name!r} is unknown: allowed values are {', '.join(eval_names())}")
+    module, func = _EVALS[name].split(":")
+    return getattr(importlib.import_module(module), func)

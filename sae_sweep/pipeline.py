@@ -1,0 +1,167 @@
+"""One grid point's work, left to right: LM + text → activation cache → SAE training → evals.
+
+``execute`` reports through the ``run`` object it is given (params, metrics, artifacts) and never
+imports MLflow itself; ``app.py`` owns the run's lifecycle.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, Tuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sae_sweep import config as C
+
+log = logging.getLogger("sae_sweep")
+
+CACHE_BUILD_BATCH = 32  # contexts per forward pass while caching
+
+
+class RunFailed(RuntimeError):
+    """The job ran but its result is not a result (zero steps, NaN, dead SAE, evals at chance)."""
+
+
+def _storage_dtype(device: str) -> str:
+    # bf16 halves cache size on GPU runs; on CPU keep fp32 so small-model tests stay exact.
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def cache_spec(cfg: DictConfig, lm: Any, device: str) -> Dict[str, Any]:
+    from sae_sweep.text import dataset_fingerprint
+
+    return {
+        "model": lm.fingerprint,
+        "layer": int(cfg.layer),
+        "hook": cfg.hook,
+        "dataset": dataset_fingerprint(cfg.dataset, lm),
+        "context_size": int(cfg.dataset.context_size),
+        "tokens": int(cfg.dataset.tokens),
+        "storage_dtype": _storage_dtype(device),
+        "split": "train",
+    }
+
+
+def build_activation_cache(cfg: DictConfig, lm: Any, device: str):
+    """Return (ActivationCache, built_now) for this job's (model, layer, hook, dataset)."""
+    from sae_sweep.cache import get_or_build
+    from sae_sweep.text import token_windows
+
+    spec = cache_spec(cfg, lm, device)
+    cache_root = C.cache_dir(cfg)
+
+    def build() -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        windows = token_windows(cfg.dataset, lm, "train", int(cfg.dataset.tokens), cache_root)
+        for i in range(0, windows.shape[0], CACHE_BUILD_BATCH):
+            ids = windows[i:i + CACHE_BUILD_BATCH]
+            acts = lm.activations(ids.to(lm.device), int(cfg.layer), cfg.hook)
+            yield ids, acts.float().cpu()
+
+    return get_or_build(spec, cache_root, build, special_token_ids=sorted(lm.special_token_ids),
+                        storage_dtype=spec["storage_dtype"])
+
+
+def execute(cfg: DictConfig, run: Any, key: str) -> Dict[str, float]:
+    from sae_sweep.app import resolve_device, total_steps
+    from sae_sweep.cache import ShuffledReader
+    from sae_sweep.lm import hook_name, load_lm
+    from sae_sweep.sae.registry import get_trainer
+    from sae_sweep.train import TrainingFailed, train
+
+    device = resolve_device(str(cfg.device))
+    torch.manual_seed(int(cfg.seed))
+    out_dir = C.output_dir(cfg)
+
+    # 1. LM and the activation cache (shared by every job with the same cache key).
+    t0 = time.perf_counter()
+    lm = load_lm(cfg.model, C.cache_dir(cfg), device)
+    cache, built = build_activation_cache(cfg, lm, device)
+    run.set_tags({"cache_key": cache.key, "cache_built": str(built).lower(), "device": device})
+    run.log_metrics({"cache/n_tokens": cache.n_tokens, "cache/seconds": time.perf_counter() - t0})
+
+    # 2. Train. Checkpoints are keyed by run key so a requeued or re-run job resumes.
+    d_in = cache.d_in
+    d_sae = C.resolved_d_sae(cfg, d_in)
+    sae_cfg = OmegaConf.create({"d_sae": d_sae, "k": int(cfg.sae.k)})
+    steps = total_steps(cfg)
+    trainer_cls = get_trainer(cfg.trainer.name)
+    trainer = trainer_cls(d_in, sae_cfg, cfg.trainer, steps, int(cfg.seed), device)
+    reader = ShuffledReader(cache, int(cfg.trainer.batch_size), int(cfg.seed), device=device)
+    ckpt_dir = out_dir / "checkpoints" / key
+    if not (ckpt_dir / "latest.pt").exists():
+        # Initialisation sample from its own stream so the training order is untouched.
+        init_reader = ShuffledReader(cache, min(4096, cache.n_tokens), int(cfg.seed) + 7919, device=device)
+        trainer.init_from_data(next(iter(init_reader)))
+
+    def on_log(step: int, metrics: Dict[str, float]) -> None:
+        run.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
+
+    result = train(trainer, reader, steps, ckpt_dir, int(cfg.train.checkpoint_every), int(cfg.train.log_every),
+                   on_log)
+    run.log_metrics({"train/steps": result.steps, "train/tokens": result.tokens, "train/seconds": result.seconds})
+
+    # 3. Save the SAE (safetensors + SAELens-style cfg.json) as an artifact.
+    sae = trainer.sae.eval()
+    sae_cfg_dict = {
+        "d_in": d_in, "d_sae": d_sae, "k": int(cfg.sae.k), "architecture": cfg.trainer.name,
+        "model_name": cfg.model.name, "model_hf_id": cfg.model.hf_id, "hook_name": hook_name(cfg.layer, cfg.hook),
+        "hook_layer": int(cfg.layer), "hook_type": cfg.hook, "context_size": int(cfg.dataset.context_size),
+        "dataset_path": cfg.dataset.get("hf_id") or cfg.dataset.name, "seed": int(cfg.seed),
+        "dtype": "float32", "device": device, "run_key": key,
+    }
+    sae_dir = out_dir / "saes" / key
+    sae.save(sae_dir, sae_cfg_dict)
+    run.log_artifact_dir(sae_dir, "sae")
+
+    # 4. Evals on held-out text.
+    metrics = run_evals(cfg, run, lm, sae, sae_cfg_dict, device)
+    check_result(metrics)
+    return metrics
+
+
+def run_evals(cfg: DictConfig, run: Any, lm: Any, sae: torch.nn.Module, sae_cfg: Dict[str, Any],
+              device: str) -> Dict[str, float]:
+    from sae_sweep.evals.registry import EvalContext, get_eval
+    from sae_sweep.evals.schema import flatten_metrics, to_saebench_json
+    from sae_sweep.lm import hook_name
+    from sae_sweep.text import token_windows
+
+    names = list(cfg.eval.get("run", []) or [])
+    if not names:
+        return {}
+    tokens = token_windows(cfg.dataset, lm, "eval", int(cfg.dataset.eval_tokens), C.cache_dir(cfg))
+    all_metrics: Dict[str, float] = {}
+    for name in names:
+        settings = OmegaConf.to_container(cfg.eval.get(name, {}) or {}, resolve=True)
+        ctx = EvalContext(lm=lm, sae=sae, tokens=tokens, layer=int(cfg.layer), hook=cfg.hook, seed=int(cfg.seed),
+                          settings=settings, sae_cfg=sae_cfg, cache_dir=str(C.cache_dir(cfg)))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            output = get_eval(name)(ctx)
+        flat = flatten_metrics(output, prefix=name)
+        run.log_metrics(flat)
+        run.log_metrics({f"{name}/seconds": time.perf_counter() - t0})
+        if getattr(output, "status", "ok") != "ok":
+            run.set_tags({f"eval.{name}.status": output.status, f"eval.{name}.reason": output.skip_reason or ""})
+        run.log_json(to_saebench_json(output, sae_cfg, sae_id=hook_name(cfg.layer, cfg.hook),
+                                      model_name=cfg.model.name), f"evals/{output.eval_type_id}.json")
+        all_metrics.update(flat)
+    return all_metrics
+
+
+def check_result(metrics: Dict[str, float]) -> None:
+    """Loud failure: a result that is not a result ends the run FAILED with the reason."""
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:
+        raise RunFailed(f"non-finite eval metrics: {', '.join(bad)}")
+    ev = metrics.get("core/reconstruction_quality/explained_variance")
+    if ev is not None and ev <= 0.0:
+        raise RunFailed(f"explained_variance={ev:.4f}: the SAE reconstructs no better than the mean activation")
+    alive = metrics.get("core/misc/frac_alive")
+    if alive is not None and alive <= 0.0:
+        raise RunFailed("every latent is dead on held-out text (frac_alive=0)")

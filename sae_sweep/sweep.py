@@ -1,0 +1,175 @@
+"""The grid: validate every point before launching any, run the parent MLflow run, keep going past
+failed points, and close the sweep with counts.
+
+Hydra's sweeper plugin (``hydra_plugins/sae_sweep_sweeper``) is a thin shell around ``GridSweep``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from sae_sweep import config as C
+
+log = logging.getLogger("sae_sweep.sweep")
+
+
+class SweepFailed(RuntimeError):
+    """Raised after a sweep in which some points failed (all the others still ran)."""
+
+
+@dataclass
+class GridPoint:
+    index: int
+    overrides: List[str]
+    run_key: str
+    seed_group: str
+    cfg: DictConfig
+
+
+@dataclass
+class SweepSummary:
+    finished: int = 0
+    failed: int = 0
+    skipped: int = 0
+    failures: List[str] = field(default_factory=list)
+
+    def as_metrics(self) -> Dict[str, float]:
+        return {"sweep/finished": self.finished, "sweep/failed": self.failed, "sweep/skipped": self.skipped,
+                "sweep/points": self.finished + self.failed + self.skipped}
+
+
+# Work that runs once at the end of a sweep (cross-seed metrics, the report). Each hook gets
+# (tracker, parent_run_id, points, results, sweep_dir) and must not raise into the sweep.
+SWEEP_END_HOOKS: List[Callable[..., None]] = []
+
+
+def compose_points(load: Callable[[List[str]], DictConfig], batches: Sequence[Sequence[Sequence[str]]]) -> List[GridPoint]:
+    """Compose and validate every grid point; raise ConfigError naming each bad point."""
+    points, errors = [], []
+    seen: Dict[str, int] = {}
+    idx = 0
+    for batch in batches:
+        for overrides in batch:
+            overrides = list(overrides)
+            shown = " ".join(overrides) or "(defaults)"
+            try:
+                cfg = load(overrides)
+                job = _job_view(cfg)
+                C.validate(job)
+                key = C.run_key(job)
+            except C.ConfigError as e:
+                errors.append(f"grid point #{idx} [{shown}]: {str(e).replace('invalid configuration:', '').strip()}")
+                idx += 1
+                continue
+            if key in seen:
+                log.warning("grid point #%d [%s] is the same run as #%d (same run key); it will be skipped",
+                            idx, shown, seen[key])
+            seen.setdefault(key, idx)
+            points.append(GridPoint(idx, overrides, key, C.seed_group_key(job), job))
+            idx += 1
+    if errors:
+        raise C.ConfigError(f"{len(errors)} of {idx} grid points are invalid; nothing was launched:\n"
+                            + "\n".join(errors))
+    return points
+
+
+def _job_view(cfg: DictConfig) -> DictConfig:
+    """The job's own config (without the `hydra` node, whose interpolations need a running job)."""
+    job = cfg.copy()
+    with open_dict(job):
+        job.pop("hydra", None)
+    return job
+
+
+class GridSweep:
+    def __init__(self, master_config: DictConfig, load: Callable[[List[str]], DictConfig],
+                 launch: Callable[[List[List[str]], int], Sequence[Any]]):
+        self.master = master_config
+        self.load = load
+        self.launch = launch
+
+    def run(self, batches: Sequence[Sequence[Sequence[str]]], arguments: List[str]) -> List[Any]:
+        from sae_sweep.tracking import Tracker
+
+        t0 = time.perf_counter()
+        points = compose_points(self.load, batches)
+        log.info("validated %d grid points in %.1fs", len(points), time.perf_counter() - t0)
+
+        job0 = points[0].cfg
+        tracker = Tracker(C.tracking_uri(job0))
+        sweep_dir = Path(str(self.master.hydra.sweep.dir)).resolve()
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.master, sweep_dir / "multirun.yaml")
+        experiment = str(job0.tracking.experiment)
+        parent = tracker.start_parent(experiment, f"sweep-{sweep_dir.name}", {
+            "sweep_name": str(job0.sweep.name), "sweep_dir": str(sweep_dir), "overrides": " ".join(arguments),
+            "n_points": str(len(points)), "host": socket.gethostname(),
+            "launcher": str(OmegaConf.select(self.master, "hydra.launcher._target_", default="?")).rsplit(".", 1)[-1],
+        })
+        (sweep_dir / "parent_run_id").write_text(parent)
+        log.info("sweep parent run %s in experiment %r (store %s)", parent, experiment, tracker.uri)
+
+        summary = SweepSummary()
+        results: List[Any] = [None] * len(points)
+        try:
+            start = 0
+            for batch in batches:
+                n = len(batch)
+                chunk = points[start:start + n]
+                job_overrides = [p.overrides + [f"tracking.parent_run_id={parent}"] for p in chunk]
+                try:
+                    rets = self.launch(job_overrides, start)
+                except Exception as e:  # a launcher that lost jobs (killed, node failure): keep going
+                    log.error("launcher raised for points %d..%d: %s", start, start + n - 1, e)
+                    rets = [None] * n
+                for p, ret in zip(chunk, rets):
+                    results[p.index] = self._classify(tracker, experiment, parent, p, ret, summary)
+                start += n
+        finally:
+            status = "FINISHED" if summary.failed == 0 else "FAILED"
+            tracker.log_metrics(parent, summary.as_metrics())
+            tracker.set_tags(parent, {"sweep.finished": summary.finished, "sweep.failed": summary.failed,
+                                      "sweep.skipped": summary.skipped})
+            for hook in SWEEP_END_HOOKS:
+                try:
+                    hook(tracker, parent, points, results, sweep_dir)
+                except Exception as e:  # sweep-end work never hides the sweep's own outcome
+                    log.exception("sweep-end hook %s failed: %s", getattr(hook, "__name__", hook), e)
+            tracker.end(parent, status)
+        msg = (f"sweep {sweep_dir}: {summary.finished} finished, {summary.failed} failed, "
+               f"{summary.skipped} skipped (parent run {parent})")
+        log.info(msg)
+        if summary.failed:
+            raise SweepFailed(msg + "\n" + "\n".join(summary.failures)
+                              + "\nRun the same command again to run only the failed and missing points.")
+        return results
+
+    def _classify(self, tracker: Any, experiment: str, parent: str, p: GridPoint, ret: Any,
+                  summary: SweepSummary) -> Optional[Dict[str, Any]]:
+        from hydra.core.utils import JobStatus
+
+        shown = " ".join(p.overrides) or "(defaults)"
+        if ret is not None and getattr(ret, "status", None) == JobStatus.COMPLETED:
+            value = ret.return_value
+            if isinstance(value, dict) and value.get("status") == "skipped":
+                summary.skipped += 1
+            else:
+                summary.finished += 1
+            return value
+        reason = repr(getattr(ret, "_return_value", None)) if ret is not None else "job lost (killed or node failure)"
+        summary.failed += 1
+        summary.failures.append(f"  point #{p.index} [{shown}]: {reason}")
+        # A job killed from outside never closed its run: close it FAILED with the reason.
+        exp_id = tracker.experiment_id(experiment)
+        for r in tracker.find_runs(exp_id, run_key=p.run_key, statuses=["RUNNING"]):
+            tracker.set_tags(r.info.run_id, {"error": reason[:4900]})
+            tracker.end(r.info.run_id, "FAILED")
+        return None

@@ -1,0 +1,205 @@
+"""MLflow: the only module that talks to it.
+
+One experiment per sweep name, a parent run per multirun, one child run per grid point. Every
+call goes through an explicit ``MlflowClient`` (no fluent global state), so many jobs and threads
+can write one store. Metrics and params are sent in batches: each call is a database round trip.
+
+Idempotency: every child run carries its ``run_key`` tag; ``find_runs`` looks runs up by it.
+A run is closed FINISHED only by ``ChildRun.finish``; any exception closes it FAILED with the
+error as a tag, so no run is ever left RUNNING by a job that stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+BATCH = 900  # MLflow allows 1000 entities per log_batch call
+
+
+def slurm_tags() -> Dict[str, str]:
+    tags = {}
+    for env, tag in (("SLURM_JOB_ID", "slurm_job_id"), ("SLURM_ARRAY_JOB_ID", "slurm_array_job_id"),
+                     ("SLURM_ARRAY_TASK_ID", "slurm_array_task_id"),
+                     ("SLURM_RESTART_COUNT", "slurm_restart_count")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+class Tracker:
+    def __init__(self, uri: str):
+        self.uri = uri
+        if uri.startswith("sqlite:///"):
+            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=uri)
+
+    # -- experiments -----------------------------------------------------------------------
+    def experiment_id(self, name: str, create: bool = True) -> Optional[str]:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        if not create:
+            return None
+        try:
+            return self.client.create_experiment(name)
+        except mlflow.exceptions.MlflowException:
+            # Another job created it between our look-up and create.
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    # -- look-ups ----------------------------------------------------------------------------
+    def find_runs(self, experiment_id: str, *, run_key: Optional[str] = None,
+                  parent_run_id: Optional[str] = None, statuses: Iterable[str] = (),
+                  extra_filter: str = "") -> List[Any]:
+        clauses = []
+        if run_key:
+            clauses.append(f"tags.run_key = '{run_key}'")
+        if parent_run_id:
+            clauses.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+        if extra_filter:
+            clauses.append(extra_filter)
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([experiment_id], " and ".join(clauses), max_results=1000,
+                                           order_by=["attributes.start_time DESC"], page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                break
+        statuses = set(statuses)
+        return [r for r in runs if not statuses or r.info.status in statuses]
+
+    # -- runs --------------------------------------------------------------------------------
+    def start_parent(self, experiment: str, name: str, tags: Mapping[str, str]) -> str:
+        exp_id = self.experiment_id(experiment)
+        run = self.client.create_run(exp_id, run_name=name,
+                                     tags={"sae_sweep.kind": "sweep", **{k: str(v) for k, v in tags.items()}})
+        return run.info.run_id
+
+    def child(self, experiment: str, run_name: str, run_key: str, parent_run_id: Optional[str],
+              resume_run_id: Optional[str] = None) -> "ChildRun":
+        exp_id = self.experiment_id(experiment)
+        tags = {"run_key": run_key, "sae_sweep.kind": "job", "host": socket.gethostname(), **slurm_tags()}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        if resume_run_id:
+            self.client.update_run(resume_run_id, status="RUNNING")
+            run_id = resume_run_id
+            tags["resumed"] = "true"
+            self.set_tags(run_id, tags)
+        else:
+            run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        return ChildRun(self, run_id)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+        for i in range(0, len(items), BATCH):
+            self.client.log_batch(run_id, tags=items[i:i + BATCH])
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Params are immutable in MLflow: on a resumed run only the new ones are sent."""
+        existing = self.client.get_run(run_id).data.params
+        items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items() if k not in existing]
+        for i in range(0, len(items), BATCH):
+            self.client.log_batch(run_id, params=items[i:i + BATCH])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        for i in range(0, len(items), BATCH):
+            self.client.log_batch(run_id, metrics=items[i:i + BATCH])
+
+    def log_artifact_file(self, run_id: str, path: Path, artifact_path: Optional[str] = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_artifact_dir(self, run_id: str, path: Path, artifact_path: Optional[str] = None) -> None:
+        self.client.log_artifacts(run_id, str(path), artifact_path)
+
+    def log_json(self, run_id: str, obj: Any, artifact_file: str) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / Path(artifact_file).name
+            p.write_text(json.dumps(obj, indent=2, default=str))
+            parent = str(Path(artifact_file).parent)
+            self.client.log_artifact(run_id, str(p), None if parent == "." else parent)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def end(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def download(self, run_id: str, artifact_path: str, dst: Path) -> Path:
+        return Path(self.client.download_artifacts(run_id, artifact_path, str(dst)))
+
+    def get_run(self, run_id: str) -> Any:
+        return self.client.get_run(run_id)
+
+
+class ChildRun:
+    """A job's run. Use as a context manager: it always ends FINISHED or FAILED."""
+
+    def __init__(self, tracker: Tracker, run_id: str):
+        self.tracker = tracker
+        self.run_id = run_id
+        self._finished = False
+
+    def __enter__(self) -> "ChildRun":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None:
+            if not self._finished:
+                self.finish()
+            return False
+        reason = f"{exc_type.__name__}: {exc}"
+        try:
+            self.tracker.set_tags(self.run_id, {
+                "error": reason[:4900],
+                "error_type": exc_type.__name__,
+            })
+            self.tracker.log_text(self.run_id, "".join(traceback.format_exception(exc_type, exc, tb)),
+                                  "error.txt")
+        finally:
+            # KeyboardInterrupt/SystemExit (SLURM preemption) leave the run KILLED so a requeue can continue it.
+            status = "KILLED" if not isinstance(exc, Exception) else "FAILED"
+            self.tracker.end(self.run_id, status)
+        return False
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.tracker.set_tags(self.run_id, tags)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.tracker.log_params(self.run_id, params)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        self.tracker.log_metrics(self.run_id, metrics, step)
+
+    def log_json(self, obj: Any, artifact_file: str) -> None:
+        self.tracker.log_json(self.run_id, obj, artifact_file)
+
+    def log_artifact_dir(self, path: Path, artifact_path: Optional[str] = None) -> None:
+        self.tracker.log_artifact_dir(self.run_id, path, artifact_path)
+
+    def log_artifact_file(self, path: Path, artifact_path: Optional[str] = None) -> None:
+        self.tracker.log_artifact_file(self.run_id, path, artifact_path)
+
+    def finish(self) -> None:
+        self.tracker.end(self.run_id, "FINISHED")
+        self._finished = True
