@@ -1,0 +1,800 @@
+"""Content-addressed activation cache: build once under a lock, read back as shuffled batches.
+
+Layout under ``<cache_root>/activations/``::
+
+    <key>/manifest.json          written last; its presence (and validity) marks a complete cache
+    <key>/acts-00000.npy         [n_seqs_in_shard, context_size, d_in], storage dtype (bf16 as uint16)
+    <key>/tokens-00000.npy       [n_seqs_in_shard, context_size], int32 token ids
+    <key>.lock                   OwnedLock held while <key> is being built
+    .tmp-<key>-<pid>-<uuid>/     a build in progress (renamed to <key>/ when complete)
+    builds.log                   one JSON line per completed build (key, host, pid, job id, time)
+
+The key is a hash of everything that changes the activations (see ``cache_key``); the same key is
+reused, never recomputed. Builds write into a private temp directory that is renamed into place
+only when complete, so a killed build never leaves something that looks like a cache.
+
+Shards are plain ``.npy`` files so they can be memory-mapped with ``np.load(mmap_mode="r")``.
+numpy has no bfloat16: bf16 activations are stored as their raw 16-bit patterns (``uint16``) and
+turned back into floats through a torch view (``torch.from_numpy(a).view(torch.bfloat16)``).
+
+This module knows nothing about SAEs; it only stores (token ids, activations) pairs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import queue
+import shutil
+import socket
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sae_sweep.locks import OwnedLock
+
+__all__ = [
+    "ActivationCache",
+    "CacheError",
+    "ShuffledReader",
+    "STORAGE_DTYPES",
+    "SHARD_BYTES",
+    "cache_key",
+    "get_or_build",
+    "read_builds_log",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SHARD_BYTES = 256 * 2**20  # target size of one activation shard file
+MANIFEST = "manifest.json"
+BUILDS_LOG = "builds.log"
+
+# storage dtype name -> (torch dtype used for conversion, numpy dtype on disk)
+STORAGE_DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
+    "float32": (torch.float32, np.dtype(np.float32)),
+    "float16": (torch.float16, np.dtype(np.float16)),
+    "bfloat16": (torch.bfloat16, np.dtype(np.uint16)),  # raw bf16 bit patterns
+}
+
+BuildFn = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+class CacheError(RuntimeError):
+    """An activation cache is missing, incomplete, corrupt or inconsistent with its manifest."""
+
+
+# --------------------------------------------------------------------------------------- keys
+def _canonical(obj: Any) -> Any:
+    """Plain JSON-able form of a spec (Mappings incl. OmegaConf DictConfig, sequences, paths)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, (str, bytes)):
+        return obj.decode() if isinstance(obj, bytes) else obj
+    if isinstance(obj, (set, frozenset)):
+        return sorted(_canonical(v) for v in obj)
+    if isinstance(obj, Sequence):
+        return [_canonical(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return _canonical(obj.tolist())
+    if isinstance(obj, (os.PathLike, torch.dtype, np.dtype)):
+        return str(obj)
+    raise TypeError(f"cache spec value {obj!r} of type {type(obj).__name__} is not JSON-able")
+
+
+def _canonical_json(spec: Mapping) -> str:
+    return json.dumps(_canonical(spec), sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def cache_key(spec: Mapping) -> str:
+    """First 16 hex chars of sha256 over the canonical JSON (sorted keys) of ``spec``.
+
+    ``spec`` should hold everything that changes the activations and nothing else: model
+    fingerprint (id + revision + dtype), layer, hook, dataset fingerprint, context size, token
+    budget, storage dtype, tokenizer hash. Key order and Mapping type do not matter.
+    """
+    return hashlib.sha256(_canonical_json(spec).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _host_info() -> dict[str, Any]:
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    }
+
+
+def _sha256_file(path: Path, block: int = 8 * 2**20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _storage(name: str) -> tuple[torch.dtype, np.dtype]:
+    try:
+        return STORAGE_DTYPES[name]
+    except KeyError:
+        raise ValueError(
+            f"storage_dtype={name!r} is not supported; use one of {sorted(STORAGE_DTYPES)}"
+        ) from None
+
+
+def _decode(raw: np.ndarray, storage_dtype: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Activations as stored (numpy, storage dtype) -> torch tensor of ``dtype`` (a copy)."""
+    t = torch.from_numpy(np.ascontiguousarray(raw))
+    if storage_dtype == "bfloat16":
+        t = t.view(torch.bfloat16)
+    return t.to(dtype, copy=True)
+
+
+def read_builds_log(cache_root: str | os.PathLike) -> list[dict[str, Any]]:
+    """Entries of ``<cache_root>/activations/builds.log`` (one per completed build), oldest first."""
+    path = Path(cache_root) / "activations" / BUILDS_LOG
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------- cache
+class ActivationCache:
+    """A complete, read-only activation cache directory. Create with ``ActivationCache.open``."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], acts: list[np.memmap],
+                 tokens: list[np.memmap]):
+        self.path = path
+        self.manifest = manifest
+        self.key: str = manifest["key"]
+        self.spec: dict[str, Any] = manifest["spec"]
+        self.n_seqs: int = manifest["n_seqs"]
+        self.n_tokens: int = manifest["n_tokens"]
+        self.d_in: int = manifest["d_in"]
+        self.context_size: int = manifest["context_size"]
+        self.storage_dtype: str = manifest["storage_dtype"]
+        self.special_token_ids: list[int] = list(manifest["special_token_ids"])
+        self.n_special: int = manifest["n_special"]
+        self._acts = acts
+        self._tokens = tokens
+        # first global sequence index of each shard (+ total at the end)
+        self._seq_bounds = np.cumsum([0] + [a.shape[0] for a in acts])
+        self._token_ids: np.ndarray | None = None
+        self._special_mask: np.ndarray | None = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, verify: bool = False) -> "ActivationCache":
+        """Open a complete cache; ``verify=True`` also checks every shard's sha256.
+
+        Raises ``CacheError`` naming what is wrong when the directory is missing, incomplete
+        (no manifest: an interrupted or in-progress build) or inconsistent with its manifest.
+        """
+        path = Path(path)
+        hint = f"delete {path} and rerun to rebuild it"
+        if not path.is_dir():
+            raise CacheError(f"no activation cache at {path}")
+        mpath = path / MANIFEST
+        if not mpath.exists():
+            raise CacheError(
+                f"activation cache at {path} is incomplete: {MANIFEST} is missing "
+                f"(an interrupted or unfinished build); {hint}"
+            )
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CacheError(f"activation cache at {path}: unreadable {MANIFEST} ({exc}); {hint}")
+        required = ("format_version", "key", "spec", "n_seqs", "n_tokens", "d_in", "context_size",
+                    "storage_dtype", "shards", "special_token_ids", "n_special")
+        missing = [k for k in required if k not in manifest]
+        if missing:
+            raise CacheError(f"activation cache at {path}: manifest lacks {missing}; {hint}")
+        if manifest["format_version"] != FORMAT_VERSION:
+            raise CacheError(
+                f"activation cache at {path} has format_version {manifest['format_version']}, "
+                f"this code reads {FORMAT_VERSION}; {hint}"
+            )
+        if cache_key(manifest["spec"]) != manifest["key"]:
+            raise CacheError(f"activation cache at {path}: manifest key does not match its spec; {hint}")
+        if manifest["storage_dtype"] not in STORAGE_DTYPES:
+            raise CacheError(f"activation cache at {path}: unknown storage dtype "
+                             f"{manifest['storage_dtype']!r}; {hint}")
+        np_dtype = STORAGE_DTYPES[manifest["storage_dtype"]][1]
+        ctx, d = manifest["context_size"], manifest["d_in"]
+        acts, tokens, total = [], [], 0
+        for shard in manifest["shards"]:
+            n = shard["n_seqs"]
+            for fname, dtype, shape, digest in (
+                (shard["file"], np_dtype, (n, ctx, d), shard["sha256"]),
+                (shard["tokens_file"], np.dtype(np.int32), (n, ctx), shard["tokens_sha256"]),
+            ):
+                fpath = path / fname
+                if not fpath.exists():
+                    raise CacheError(f"activation cache at {path}: shard {fname} is missing; {hint}")
+                try:
+                    arr = np.load(fpath, mmap_mode="r")
+                except Exception as exc:  # truncated file, bad header, ...
+                    raise CacheError(f"activation cache at {path}: cannot map {fname} ({exc}); {hint}")
+                if arr.shape != shape or arr.dtype != dtype:
+                    raise CacheError(
+                        f"activation cache at {path}: {fname} is {arr.dtype}{list(arr.shape)}, "
+                        f"manifest says {dtype}{list(shape)}; {hint}"
+                    )
+                if verify and _sha256_file(fpath) != digest:
+                    raise CacheError(f"activation cache at {path}: checksum mismatch in {fname} "
+                                     f"(corrupt file); {hint}")
+                (acts if fname == shard["file"] else tokens).append(arr)
+            total += n
+        if total != manifest["n_seqs"] or manifest["n_tokens"] != total * ctx:
+            raise CacheError(f"activation cache at {path}: shards hold {total} sequences, "
+                             f"manifest says {manifest['n_seqs']}; {hint}")
+        return cls(path, manifest, acts, tokens)
+
+    def __repr__(self) -> str:
+        return (f"ActivationCache({str(self.path)!r}, n_seqs={self.n_seqs}, ctx={self.context_size},"
+                f" d_in={self.d_in}, dtype={self.storage_dtype}, shards={len(self._acts)})")
+
+    # -- raw arrays ------------------------------------------------------------------------
+    @property
+    def n_shards(self) -> int:
+        return len(self._acts)
+
+    def shard_activations(self) -> list[np.memmap]:
+        """Per-shard read-only memmaps ``[n_seqs_in_shard, ctx, d_in]`` in the storage dtype."""
+        return list(self._acts)
+
+    def activations(self) -> np.memmap | list[np.memmap]:
+        """The activations as stored: one memmap ``[n_seqs, ctx, d_in]`` when the cache has a
+        single shard, otherwise the list of per-shard memmaps (see ``shard_activations``).
+
+        The dtype is the storage dtype; bfloat16 caches hold ``uint16`` bit patterns, so use
+        ``to_tensor`` or ``iter_sequences`` to get floats.
+        """
+        return self._acts[0] if len(self._acts) == 1 else list(self._acts)
+
+    def to_tensor(self, raw: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Stored activations (any slice of ``activations()``) -> a float torch tensor (a copy)."""
+        return _decode(raw, self.storage_dtype, dtype)
+
+    def token_ids(self) -> np.ndarray:
+        """Token ids ``[n_seqs, ctx]`` int32 (a memmap for one shard, else loaded in memory)."""
+        if self._token_ids is None:
+            self._token_ids = (self._tokens[0] if len(self._tokens) == 1
+                               else np.concatenate(self._tokens, axis=0))
+        return self._token_ids
+
+    def special_mask(self) -> np.ndarray:
+        """Bool ``[n_seqs, ctx]``: True where the token is special (BOS/EOS/PAD...)."""
+        if self._special_mask is None:
+            ids = np.asarray(self.special_token_ids, dtype=np.int32)
+            self._special_mask = np.isin(self.token_ids(), ids)
+        return self._special_mask
+
+    # -- ordered access (evals) -----------------------------------------------------------
+    def sequences(self, start: int, stop: int, dtype: torch.dtype = torch.float32
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequences ``[start, stop)`` in storage order: (LongTensor [n, ctx], Tensor [n, ctx, d])."""
+        start, stop = max(0, start), min(self.n_seqs, stop)
+        if stop <= start:
+            raise IndexError(f"empty sequence range [{start}, {stop}) of {self.n_seqs}")
+        toks, acts = [], []
+        for s in range(self.n_shards):
+            lo, hi = int(self._seq_bounds[s]), int(self._seq_bounds[s + 1])
+            a, b = max(start, lo), min(stop, hi)
+            if a < b:
+                toks.append(torch.from_numpy(np.asarray(self._tokens[s][a - lo:b - lo])).long())
+                acts.append(_decode(self._acts[s][a - lo:b - lo], self.storage_dtype, dtype))
+        if len(toks) == 1:
+            return toks[0], acts[0]
+        return torch.cat(toks), torch.cat(acts)
+
+    def iter_sequences(self, batch_size: int, dtype: torch.dtype = torch.float32
+                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """All sequences in storage order, ``batch_size`` at a time (the last batch may be short):
+        yields (token ids LongTensor [b, ctx], activations Tensor [b, ctx, d_in])."""
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        for start in range(0, self.n_seqs, batch_size):
+            yield self.sequences(start, start + batch_size, dtype)
+
+
+# ------------------------------------------------------------------------------------ build
+class _ShardWriter:
+    """Writes one shard straight to disk through memmaps preallocated at ``capacity`` sequences."""
+
+    def __init__(self, directory: Path, index: int, capacity: int, ctx: int, d: int,
+                 np_dtype: np.dtype):
+        self.dir, self.capacity, self.n = directory, capacity, 0
+        self.acts_name, self.tokens_name = f"acts-{index:05d}.npy", f"tokens-{index:05d}.npy"
+        self._acts_partial = directory / f".partial-{self.acts_name}"
+        self._tokens_partial = directory / f".partial-{self.tokens_name}"
+        self.acts = np.lib.format.open_memmap(self._acts_partial, mode="w+", dtype=np_dtype,
+                                              shape=(capacity, ctx, d))
+        self.tokens = np.lib.format.open_memmap(self._tokens_partial, mode="w+", dtype=np.int32,
+                                                shape=(capacity, ctx))
+
+    @property
+    def full(self) -> bool:
+        return self.n >= self.capacity
+
+    def write(self, tokens: np.ndarray, acts: np.ndarray) -> int:
+        """Write as many leading sequences as fit; returns how many were taken."""
+        k = min(len(tokens), self.capacity - self.n)
+        self.acts[self.n:self.n + k] = acts[:k]
+        self.tokens[self.n:self.n + k] = tokens[:k]
+        self.n += k
+        return k
+
+    def finish(self) -> dict[str, Any]:
+        entry = {"file": self.acts_name, "tokens_file": self.tokens_name, "n_seqs": self.n}
+        for partial, name, arr, key in (
+            (self._acts_partial, self.acts_name, self.acts, "sha256"),
+            (self._tokens_partial, self.tokens_name, self.tokens, "tokens_sha256"),
+        ):
+            arr.flush()
+            final = self.dir / name
+            if self.n == self.capacity:
+                del arr
+                os.replace(partial, final)
+            else:  # short last shard: copy into an exactly-sized file (npy header holds the shape)
+                out = np.lib.format.open_memmap(final, mode="w+", dtype=arr.dtype,
+                                                shape=(self.n,) + arr.shape[1:])
+                step = max(1, (64 * 2**20) // max(1, arr[0].nbytes))
+                for i in range(0, self.n, step):
+                    out[i:i + step] = arr[i:min(i + step, self.n)]
+                out.flush()
+                del out, arr
+                os.unlink(partial)
+            with open(final, "rb") as fh:
+                os.fsync(fh.fileno())
+            entry[key] = _sha256_file(final)
+        self.acts = self.tokens = None
+        return entry
+
+
+def _check_chunk(i: int, tokens: torch.Tensor, acts: torch.Tensor) -> None:
+    if not (isinstance(tokens, torch.Tensor) and isinstance(acts, torch.Tensor)):
+        raise TypeError(f"build_fn chunk {i}: expected (token_ids, acts) tensors, "
+                        f"got ({type(tokens).__name__}, {type(acts).__name__})")
+    if tokens.dim() != 2 or acts.dim() != 3 or tuple(acts.shape[:2]) != tuple(tokens.shape):
+        raise ValueError(f"build_fn chunk {i}: token_ids must be [b, ctx] and acts [b, ctx, d] with "
+                         f"matching b, ctx; got {list(tokens.shape)} and {list(acts.shape)}")
+
+
+def _build(tmp: Path, spec: Mapping, key: str, build_fn: BuildFn, storage_dtype: str,
+           special_ids: list[int], progress_total: int | None, shard_bytes: int,
+           meta: Mapping[str, Any]) -> None:
+    """Run ``build_fn`` and write shards + manifest (last) into the empty directory ``tmp``."""
+    torch_dtype, np_dtype = _storage(storage_dtype)
+    t0 = time.time()
+    special = np.asarray(special_ids, dtype=np.int64)
+    shards: list[dict[str, Any]] = []
+    writer: _ShardWriter | None = None
+    ctx = d = None
+    n_seqs = n_special = 0
+    expected_ctx = spec.get("context_size")
+    with tqdm(total=progress_total, unit="seq", desc=f"caching activations {key}",
+              disable=None, dynamic_ncols=True) as bar:
+        for i, chunk in enumerate(build_fn()):
+            tokens, acts = chunk
+            _check_chunk(i, tokens, acts)
+            if ctx is None:
+                ctx, d = int(acts.shape[1]), int(acts.shape[2])
+                if isinstance(expected_ctx, int) and expected_ctx != ctx:
+                    raise ValueError(f"build_fn yields context size {ctx}, spec says {expected_ctx}")
+                per_shard = max(1, shard_bytes // (ctx * d * np_dtype.itemsize))
+            elif (acts.shape[1], acts.shape[2]) != (ctx, d):
+                raise ValueError(f"build_fn chunk {i}: shape {list(acts.shape)} differs from "
+                                 f"the first chunk's [*, {ctx}, {d}]")
+            # Convert on the source device (less to transfer), then check what will be stored:
+            # fp16 overflows to inf on models with large residual norms.
+            a = acts.detach().to(torch_dtype)
+            if not bool(torch.isfinite(a).all()):
+                hint = " (fp16 overflow? use storage_dtype=bfloat16)" if storage_dtype == "float16" else ""
+                raise ValueError(f"build_fn chunk {i}: activations contain NaN/inf{hint}")
+            a = a.cpu().contiguous()
+            acts_np = a.view(torch.uint16).numpy() if storage_dtype == "bfloat16" else a.numpy()
+            tokens_np = tokens.detach().cpu().to(torch.int32).numpy()
+            n_special += int(np.isin(tokens_np, special).sum())
+            off, b = 0, len(tokens_np)
+            while off < b:
+                if writer is None:
+                    cap = per_shard
+                    if progress_total:  # avoid a copy of the last shard when the size is known
+                        cap = min(cap, max(1, progress_total - n_seqs - off))
+                    writer = _ShardWriter(tmp, len(shards), cap, ctx, d, np_dtype)
+                off += writer.write(tokens_np[off:], acts_np[off:])
+                if writer.full:
+                    shards.append(writer.finish())
+                    writer = None
+            n_seqs += b
+            bar.update(b)
+    if writer is not None:
+        shards.append(writer.finish())
+    if n_seqs == 0:
+        raise ValueError("build_fn yielded no activations; refusing to write an empty cache")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "key": key,
+        "spec": _canonical(spec),
+        "d_in": d,
+        "context_size": ctx,
+        "n_seqs": n_seqs,
+        "n_tokens": n_seqs * ctx,
+        "storage_dtype": storage_dtype,
+        "numpy_dtype": np_dtype.name,  # bf16 is stored as raw uint16 bit patterns
+        "shards": shards,
+        "special_token_ids": special_ids,
+        "n_special": n_special,
+        "meta": _canonical(meta),
+        "build": {**_host_info(), "seconds": round(time.time() - t0, 3),
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    }
+    _atomic_write_json(tmp / MANIFEST, manifest)  # last: marks the directory complete
+    _fsync_dir(tmp)
+
+
+def _try_open(path: Path) -> ActivationCache | None:
+    if not (path / MANIFEST).exists():
+        return None
+    try:
+        return ActivationCache.open(path)
+    except CacheError as exc:
+        log.warning("ignoring unusable activation cache: %s", exc)
+        return None
+
+
+def _remove_tree(path: Path) -> None:
+    """Rename aside first (atomic), so no reader ever sees a half-deleted directory."""
+    aside = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def get_or_build(
+    spec: Mapping,
+    cache_root: str | os.PathLike,
+    build_fn: BuildFn,
+    meta: Mapping[str, Any] | None = None,
+    *,
+    special_token_ids: Iterable[int] | None = None,
+    storage_dtype: str | None = None,
+    progress_total: int | None = None,
+    lock_timeout: float | None = None,
+    shard_bytes: int = SHARD_BYTES,
+) -> tuple[ActivationCache, bool]:
+    """Open the cache for ``spec`` or build it once; returns ``(cache, built_now)``.
+
+    ``build_fn()`` yields ``(token_ids LongTensor [b, ctx], acts Tensor [b, ctx, d])`` chunks; it
+    is only called by the one process that holds ``<cache_root>/activations/<key>.lock``.
+    ``special_token_ids`` (BOS/EOS/PAD ids, excluded from training batches) and
+    ``storage_dtype`` ("float32" | "bfloat16" | "float16"; default: ``spec["storage_dtype"]`` or
+    float32) may also be passed in ``meta``; explicit keywords win. ``progress_total`` is the
+    expected number of sequences (progress bar total, and shard sizing). Remaining ``meta``
+    entries are recorded in the manifest but do not change the key.
+    """
+    meta = dict(meta or {})
+    if special_token_ids is None:
+        special_token_ids = meta.pop("special_token_ids", None)
+    else:
+        meta.pop("special_token_ids", None)
+    if special_token_ids is None:
+        raise TypeError("get_or_build needs special_token_ids (BOS/EOS/PAD ids; [] if none)")
+    special = sorted({int(t) for t in special_token_ids})
+    storage_dtype = storage_dtype or meta.pop("storage_dtype", None) or spec.get("storage_dtype") \
+        or "float32"
+    meta.pop("storage_dtype", None)
+    _storage(storage_dtype)  # validate early
+    if "storage_dtype" in spec and spec["storage_dtype"] != storage_dtype:
+        raise ValueError(f"storage_dtype={storage_dtype!r} disagrees with the spec's "
+                         f"{spec['storage_dtype']!r}; the key must cover the stored dtype")
+    if progress_total is None:
+        progress_total = meta.pop("progress_total", None)
+    meta.pop("progress_total", None)
+
+    key = cache_key(spec)
+    root = Path(cache_root).expanduser().absolute() / "activations"
+    final = root / key
+
+    def _reuse(cache: ActivationCache) -> tuple[ActivationCache, bool]:
+        if cache.special_token_ids != special:
+            log.warning("activation cache %s was built with special_token_ids=%s, caller has %s; "
+                        "using the cache's", key, cache.special_token_ids, special)
+        log.info("reusing activation cache %s", final)
+        return cache, False
+
+    if (cache := _try_open(final)) is not None:
+        return _reuse(cache)
+    root.mkdir(parents=True, exist_ok=True)
+    with OwnedLock(root / f"{key}.lock", timeout=lock_timeout):
+        # Someone may have finished it while we waited.
+        if (cache := _try_open(final)) is not None:
+            return _reuse(cache)
+        # We hold the lock, so any temp dir for this key is left over from a dead build.
+        for stale in root.glob(f".tmp-{key}-*"):
+            log.info("removing leftover build directory %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():
+            log.warning("replacing unusable activation cache %s", final)
+            _remove_tree(final)
+        tmp = root / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        log.info("building activation cache %s (%s)", key, storage_dtype)
+        t0 = time.time()
+        try:
+            _build(tmp, spec, key, build_fn, storage_dtype, special, progress_total,
+                   shard_bytes, meta)
+            os.rename(tmp, final)  # atomic: the cache appears complete or not at all
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(root)
+        seconds = round(time.time() - t0, 3)
+        entry = {"key": key, **_host_info(), "seconds": seconds,
+                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        # One short O_APPEND write per build: lines from concurrent builders never interleave.
+        fd = os.open(root / BUILDS_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
+        finally:
+            os.close(fd)
+        cache = ActivationCache.open(final)
+        log.info("built activation cache %s: %d tokens x %d in %.1fs",
+                 key, cache.n_tokens, cache.d_in, seconds)
+        return cache, True
+
+
+# ----------------------------------------------------------------------------------- reader
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class ShuffledReader:
+    """Endless iterator of ``[batch_size, d_in]`` activation batches in a seed-fixed order.
+
+    * Pool: every token position of the cache, minus special tokens when ``exclude_special``.
+    * Epoch ``e`` visits the pool in the order of ``torch.randperm`` drawn from
+      ``torch.Generator().manual_seed(seed * 1_000_003 + e)``; batch ``i`` is slice
+      ``[i*B, (i+1)*B)`` of that permutation. The last partial batch of an epoch is DROPPED, so
+      every batch has exactly ``batch_size`` rows and each position appears at most once per
+      epoch (exactly once when the pool size is a multiple of ``batch_size``); a different
+      permutation each epoch means different positions are dropped.
+    * Within a batch, rows come in storage order (the batch's positions are sorted for fast
+      memmap reads); the *set* of rows is what the permutation picks.
+    * A background thread prefetches up to ``prefetch`` batches; batches are produced strictly
+      in sequence, so the output does not depend on prefetching. ``prefetch=0`` reads inline.
+    * ``state_dict()`` records the position of the next batch the consumer gets (not of the
+      prefetcher); ``load_state_dict()`` resumes with exactly the same subsequent batches.
+    """
+
+    def __init__(
+        self,
+        cache: ActivationCache,
+        batch_size: int,
+        seed: int,
+        device: str | torch.device = "cpu",
+        exclude_special: bool = True,
+        dtype: torch.dtype = torch.float32,
+        prefetch: int = 2,
+    ):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        self.cache = cache
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        self.exclude_special = exclude_special
+        self.dtype = dtype
+        self.prefetch = int(prefetch)
+        self.d_in = cache.d_in
+        self._pin = self.device.type == "cuda" and torch.cuda.is_available()
+
+        # Global position p = seq * ctx + t; shard s holds positions [bounds[s], bounds[s+1]).
+        ctx = cache.context_size
+        self._flat = [a.reshape(-1, cache.d_in) for a in cache.shard_activations()]
+        self._bounds = np.asarray(cache._seq_bounds, dtype=np.int64) * ctx
+        pos_dtype = np.int32 if cache.n_tokens < 2**31 else np.int64
+        if exclude_special and cache.n_special > 0:
+            self._pool: np.ndarray | None = np.flatnonzero(
+                ~cache.special_mask().reshape(-1)).astype(pos_dtype)
+            self.n_positions = int(len(self._pool))
+        else:
+            self._pool = None  # identity: positions are 0 .. n_tokens - 1
+            self.n_positions = cache.n_tokens
+        self._perm_dtype = torch.int32 if self.n_positions < 2**31 else torch.int64
+        if self.n_positions < self.batch_size:
+            raise ValueError(
+                f"activation cache {cache.key} has {self.n_positions} usable tokens, fewer than "
+                f"batch_size={self.batch_size}; build a larger cache or lower the batch size"
+            )
+        self.batches_per_epoch = self.n_positions // self.batch_size
+
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self._perm_cache: tuple[int, torch.Tensor] | None = None
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._stop: threading.Event | None = None
+
+    # -- order ----------------------------------------------------------------------------
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if self._perm_cache is None or self._perm_cache[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm_cache = (epoch, torch.randperm(self.n_positions, generator=g,
+                                                      dtype=self._perm_dtype))
+        return self._perm_cache[1]
+
+    def positions(self, epoch: int, batch: int) -> np.ndarray:
+        """Sorted global token positions (``seq * ctx + t``) of batch ``batch`` of ``epoch``."""
+        if not 0 <= batch < self.batches_per_epoch:
+            raise IndexError(f"batch {batch} outside [0, {self.batches_per_epoch})")
+        idx = self._perm(epoch)[batch * self.batch_size:(batch + 1) * self.batch_size].numpy()
+        pos = self._pool[idx] if self._pool is not None else idx
+        return np.sort(pos.astype(np.int64, copy=False))
+
+    def _read(self, pos: np.ndarray) -> torch.Tensor:
+        raw = np.empty((len(pos), self.d_in), dtype=self._flat[0].dtype)
+        cuts = np.searchsorted(pos, self._bounds)  # pos is sorted: one contiguous run per shard
+        for s, flat in enumerate(self._flat):
+            lo, hi = cuts[s], cuts[s + 1]
+            if lo < hi:
+                np.take(flat, pos[lo:hi] - self._bounds[s], axis=0, out=raw[lo:hi])
+        t = torch.from_numpy(raw)
+        if self.cache.storage_dtype == "bfloat16":
+            t = t.view(torch.bfloat16)
+        t = t.to(self.dtype)
+        return t.pin_memory() if self._pin else t
+
+    def _make(self, epoch: int, batch: int) -> torch.Tensor:
+        return self._read(self.positions(epoch, batch))
+
+    # -- prefetch -------------------------------------------------------------------------
+    @staticmethod
+    def _producer(ref: weakref.ref, epoch: int, batch: int, q: queue.Queue,
+                  stop: threading.Event) -> None:
+        # Holds the reader only while making a batch, so a dropped reader is collected and its
+        # __del__ stops this thread.
+        try:
+            while not stop.is_set():
+                reader = ref()
+                if reader is None:
+                    return
+                item = (epoch, batch, reader._make(epoch, batch))
+                n_batches = reader.batches_per_epoch
+                del reader
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                batch += 1
+                if batch == n_batches:
+                    epoch, batch = epoch + 1, 0
+        except BaseException as exc:  # hand the error to the consumer
+            q.put(_Failure(exc))
+
+    def _start(self) -> None:
+        self._queue = queue.Queue(maxsize=self.prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._producer,
+            args=(weakref.ref(self), self.epoch, self.batch_in_epoch, self._queue, self._stop),
+            name=f"shuffled-reader:{self.cache.key}", daemon=True,
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the prefetch thread (it restarts on the next batch)."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        if self._thread is threading.current_thread():  # __del__ run by the producer itself
+            self._thread = self._queue = self._stop = None
+            return
+        while self._thread.is_alive():
+            try:  # unblock a producer waiting on a full queue
+                while True:
+                    self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=0.05)
+        self._thread = self._queue = self._stop = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self) -> "ShuffledReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- iteration ------------------------------------------------------------------------
+    def __iter__(self) -> "ShuffledReader":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.prefetch <= 0:
+            x = self._make(self.epoch, self.batch_in_epoch)
+        else:
+            if self._thread is None:
+                self._start()
+            item = self._queue.get()
+            if isinstance(item, _Failure):
+                self.close()
+                raise item.exc
+            e, b, x = item
+            assert (e, b) == (self.epoch, self.batch_in_epoch), "prefetch out of order"
+        self.batch_in_epoch += 1
+        if self.batch_in_epoch == self.batches_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        if self.device.type != "cpu":
+            x = x.to(self.device, non_blocking=self._pin)
+        return x
+
+    @property
+    def tokens_seen(self) -> int:
+        """Tokens handed out so far (including those before a resume)."""
+        return (self.epoch * self.batches_per_epoch + self.batch_in_epoch) * self.batch_size
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.seed,
+                "batch_size": self.batch_size, "n_positions": self.n_positions}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume at ``state`` (from ``state_dict``); the next batches equal those that followed."""
+        for name, mine in (("seed", self.seed), ("batch_size", self.batch_size),
+                           ("n_positions", self.n_positions)):
+            if name in state and int(state[name]) != mine:
+                raise ValueError(f"reader state has {name}={state[name]}, this reader has {mine}: "
+                                 f"it cannot resume the same batch sequence")
+        epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
+        if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
+            raise ValueError(f"reader state epoch={epoch} batch_in_epoch={batch} is out of range "
+                             f"(batches_per_epoch={self.batches_per_epoch})")
+        self.close()
+        self.epoch, self.batch_in_epoch = epoch, batch
