@@ -161,10 +161,10 @@ def _storage(name: str) -> tuple[torch.dtype, np.dtype]:
 
 def _decode(raw: np.ndarray, storage_dtype: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Activations as stored (numpy, storage dtype) -> torch tensor of ``dtype`` (a copy)."""
-    t = torch.from_numpy(np.ascontiguousarray(raw))
+    t = torch.from_numpy(np.array(raw))  # copy: memmaps are read-only, torch wants writable
     if storage_dtype == "bfloat16":
         t = t.view(torch.bfloat16)
-    return t.to(dtype, copy=True)
+    return t.to(dtype)
 
 
 def read_builds_log(cache_root: str | os.PathLike) -> list[dict[str, Any]]:
@@ -318,7 +318,7 @@ class ActivationCache:
             lo, hi = int(self._seq_bounds[s]), int(self._seq_bounds[s + 1])
             a, b = max(start, lo), min(stop, hi)
             if a < b:
-                toks.append(torch.from_numpy(np.asarray(self._tokens[s][a - lo:b - lo])).long())
+                toks.append(torch.from_numpy(self._tokens[s][a - lo:b - lo].astype(np.int64)))
                 acts.append(_decode(self._acts[s][a - lo:b - lo], self.storage_dtype, dtype))
         if len(toks) == 1:
             return toks[0], acts[0]
