@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# mlflow_server.sh — an MLflow tracking server for sweeps that run on a cluster.
+#
+#   launchers/mlflow_server.sh [options] [BACKEND] [-- extra `mlflow server` args]
+#   launchers/mlflow_server.sh stop [--state-dir DIR]
+#
+# BACKEND   a sqlite file path (made absolute; default ./outputs/mlflow.db, the same store the
+#           jobs use when tracking.uri is null) or a database URL
+#           (postgresql://user@db/mlflow, mysql://..., sqlite:////abs/path.db).
+# Options:
+#   --host H            interface to bind (default 0.0.0.0: reachable from compute nodes;
+#                       127.0.0.1 for loopback-only, e.g. in tests)
+#   --port P            port (default 5000)
+#   --artifacts DIR|URI --artifacts-destination for the proxied artifact store
+#                       (default ./outputs/mlartifacts); --serve-artifacts is always on, so jobs
+#                       upload artifacts THROUGH the server and need no access to DIR
+#   --workers N         server worker processes (default 2)
+#   --background        start detached, log + pid in --state-dir, wait until /health answers
+#   --state-dir DIR     where --background keeps mlflow_server.{pid,log} (default ./outputs)
+# Environment: MLFLOW_SERVER_ALLOWED_HOSTS replaces the computed --allowed-hosts list;
+#   MLFLOW_SERVER_ENABLE_JOB_EXECUTION defaults to false here (MLflow 3's GenAI job runner
+#   spawns ~8 extra processes that a training sweep never uses; set true to get it back).
+# It prints the override jobs should use, e.g.
+#   python -m sae_sweep -m hydra/launcher=slurm tracking.uri=http://login01:5000 ...
+#
+# When is a shared sqlite file unsafe, and why a server then?
+#   With tracking.uri=null every job opens <paths.output_dir>/mlflow.db itself. That is fine
+#   when all writers share one local disk (one machine, or a handful of jobs on one node):
+#   SQLite serialises writers with POSIX file locks. On network filesystems (NFS, Lustre,
+#   GPFS, BeeGFS, SMB) those locks are unreliable or disabled, so many concurrent writers from
+#   different nodes — exactly what a SLURM array is — can hit "database is locked" errors,
+#   lose writes or corrupt the file. Then run this server on ONE machine (login node, or a
+#   long CPU job) with its sqlite file on that machine's LOCAL disk (or use a real database
+#   URL), and point every job at it with tracking.uri=http://HOST:PORT: only the server
+#   process touches the database.
+set -euo pipefail
+
+HOST=0.0.0.0
+PORT=5000
+WORKERS=2
+ARTIFACTS=./outputs/mlartifacts
+BACKEND=./outputs/mlflow.db
+STATE_DIR=./outputs
+BACKGROUND=0
+EXTRA=()
+
+log() { printf '[mlflow_server] %s\n' "$*" >&2; }
+die() { printf '[mlflow_server] ERROR: %s\n' "$*" >&2; exit 1; }
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+
+stop_server() {
+    local pidfile="$STATE_DIR/mlflow_server.pid" pid i
+    [[ -s "$pidfile" ]] || { log "no $pidfile: nothing to stop"; return 0; }
+    pid="$(tr -dc '0-9' <"$pidfile")"
+    if [[ -z "$pid" ]] || ! kill -0 "$pid" 2>/dev/null; then
+        log "server (pid ${pid:-?}) not running"
+        rm -f "$pidfile"
+        return 0
+    fi
+    # --background starts the server with setsid, so its pid is also its process-group id:
+    # signal the group, or the uvicorn workers it forked outlive it.
+    log "stopping mlflow server (process group $pid)"
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid"
+    for ((i = 0; i < 60; i++)); do
+        kill -0 -- "-$pid" 2>/dev/null || { rm -f "$pidfile"; return 0; }
+        sleep 0.25
+    done
+    log "still running after 15 s; SIGKILL"
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    rm -f "$pidfile"
+}
+
+ACTION=start
+if [[ "${1:-}" == stop ]]; then
+    ACTION=stop
+    shift
+fi
+while (($#)); do
+    case "$1" in
+    --host) HOST="$2"; shift 2 ;;
+    --port) PORT="$2"; shift 2 ;;
+    --artifacts | --artifacts-destination) ARTIFACTS="$2"; shift 2 ;;
+    --workers) WORKERS="$2"; shift 2 ;;
+    --state-dir) STATE_DIR="$2"; shift 2 ;;
+    --background) BACKGROUND=1; shift ;;
+    -h | --help) usage 0 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    -*) die "unknown option $1 (pass mlflow's own options after --)" ;;
+    *) BACKEND="$1"; shift ;;
+    esac
+done
+
+if [[ "$ACTION" == stop ]]; then
+    stop_server
+    exit 0
+fi
+
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
+command -v mlflow >/dev/null 2>&1 || die "mlflow not found on PATH (pip install mlflow)"
+
+# backend: a URL as given, a path -> absolute sqlite URL
+if [[ "$BACKEND" == *://* ]]; then
+    BACKEND_URI="$BACKEND"
+else
+    mkdir -p "$(dirname "$BACKEND")"
+    BACKEND_URI="sqlite:///$(realpath -m "$BACKEND")"
+fi
+# artifacts: a URI as given, a path -> absolute path
+if [[ "$ARTIFACTS" != *://* ]]; then
+    mkdir -p "$ARTIFACTS"
+    ARTIFACTS="$(realpath "$ARTIFACTS")"
+fi
+
+# the name jobs will use to reach us
+case "$HOST" in
+0.0.0.0 | ::) ADVERTISE="$(hostname -f 2>/dev/null || hostname -s)" ;;
+*) ADVERTISE="$HOST" ;;
+esac
+
+# mlflow >= 3 rejects requests whose Host header it does not know (DNS-rebinding guard; the
+# default only allows localhost and private IPs), so allow this machine's names too.
+allowed=("localhost" "localhost:$PORT" "127.0.0.1" "127.0.0.1:$PORT" "10.*" "192.168.*")
+for n in $(seq 16 31); do allowed+=("172.$n.*"); done
+for name in "$ADVERTISE" "$(hostname -s)" "$(hostname -f 2>/dev/null || true)" $(hostname -I 2>/dev/null || true); do
+    [[ -n "$name" && "$name" != *:*:* ]] || continue # skip empty and IPv6
+    allowed+=("$name" "$name:$PORT")
+done
+ALLOWED_HOSTS="${MLFLOW_SERVER_ALLOWED_HOSTS:-$(IFS=,; echo "${allowed[*]}")}"
+
+CMD=(mlflow server
+    --backend-store-uri "$BACKEND_URI"
+    --host "$HOST" --port "$PORT" --workers "$WORKERS"
+    --serve-artifacts --artifacts-destination "$ARTIFACTS"
+    --allowed-hosts "$ALLOWED_HOSTS"
+    "${EXTRA[@]}")
+
+URI="http://$ADVERTISE:$PORT"
+cat >&2 <<EOF
+[mlflow_server] backend:   $BACKEND_URI
+[mlflow_server] artifacts: $ARTIFACTS (proxied: jobs upload through the server)
+[mlflow_server] jobs should use:
+    tracking.uri=$URI
+  e.g. python -m sae_sweep -m hydra/launcher=slurm tracking.uri=$URI seed=42,49
+EOF
+
+if ((BACKGROUND)); then
+    mkdir -p "$STATE_DIR"
+    pidfile="$STATE_DIR/mlflow_server.pid"
+    logfile="$STATE_DIR/mlflow_server.log"
+    if [[ -s "$pidfile" ]] && kill -0 "$(tr -dc '0-9' <"$pidfile")" 2>/dev/null; then
+        die "a server is already running (pid $(cat "$pidfile")); '$0 stop --state-dir $STATE_DIR' first"
+    fi
+    setsid "${CMD[@]}" >"$logfile" 2>&1 </dev/null &
+    echo $! >"$pidfile"
+    probe="http://127.0.0.1:$PORT/health"
+    [[ "$HOST" == 0.0.0.0 || "$HOST" == :: ]] || probe="http://$HOST:$PORT/health"
+    for ((i = 0; i < 360; i++)); do
+        if python3 -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" "$probe" 2>/dev/null; then
+            log "up (pid $(cat "$pidfile"), log $logfile); stop with: $0 stop --state-dir $STATE_DIR"
+            echo "tracking.uri=$URI"
+            exit 0
+        fi
+        kill -0 "$(cat "$pidfile")" 2>/dev/null || { tail -n 30 "$logfile" >&2; die "mlflow server exited"; }
+        sleep 0.5
+    done
+    tail -n 30 "$logfile" >&2
+    die "mlflow server did not answer $probe within 180 s"
+fi
+
+echo "tracking.uri=$URI"
+exec "${CMD[@]}"
