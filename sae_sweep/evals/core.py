@@ -1,0 +1,601 @@
+"""SAEBench's "core" eval: reconstruction, sparsity and downstream-preservation metrics.
+
+Metric and category names are SAEBench's (``sae_bench/evals/core/main.py`` and its
+``eval_output.py``), so flattened names read ``core/model_behavior_preservation/kl_div_score``.
+Everything is streamed over batches of contexts and accumulated as float64 sums, so every mean is
+a mean over scored TOKENS of the whole eval set, never a mean of per-batch means.
+
+Scored tokens: positions whose token id is in ``special_token_ids`` (BOS/EOS/PAD) are left out of
+every average, and the SAE splice keeps their original activation (SAEBench's
+``exclude_special_tokens_from_reconstruction``). Zero ablation zeroes every position, as SAEBench does.
+
+Where we deliberately differ from SAEBench v0.6 (each documented at the function):
+
+* ``explained_variance`` is the correct centred ``1 - E||x - x_hat||^2 / E||x - E[x]||^2`` over the
+  whole eval set. SAEBench's version subtracts the mean of squares squared, which makes it close
+  to the uncentred ``1 - E||x-x_hat||^2 / E||x||^2``. The per-token form SAEBench's paper used is
+  reported beside it as ``explained_variance_legacy``.
+* ``mse`` is the mean over tokens and dimensions of ``(x - x_hat)^2``. SAEBench divides each token's
+  squared error by the number of tokens in its batch, which depends on the batch size.
+* CE is scored at positions whose input AND target are both non-special (SAEBench checks only the
+  input position), so a model is not scored on predicting a document separator.
+* ``cossim`` is 0 (not NaN) for a zero reconstruction; ``relative_reconstruction_bias`` is one
+  ratio of sums over all tokens instead of a mean of per-batch ratios.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from sae_sweep.evals.schema import EvalOutput
+
+__all__ = [
+    "EVAL_TYPE_ID",
+    "CoreAccumulator",
+    "ce_keep_mask",
+    "ce_loss_score",
+    "cosine_sim_per_token",
+    "density_metrics",
+    "explained_variance_centred",
+    "explained_variance_legacy_per_token",
+    "keep_mask",
+    "kl_div_per_token",
+    "kl_div_score",
+    "l2_ratio_per_token",
+    "max_cosine_sim",
+    "next_token_ce",
+    "relative_reconstruction_bias",
+    "run_core_eval",
+    "splice_keep_special",
+]
+
+EVAL_TYPE_ID = "core"
+
+# SAEBench's guard: inputs with a smaller norm count as norm 1 in the l2 ratio.
+_L2_RATIO_MIN_NORM = 1e-4
+# Below these the score denominators are numerically meaningless; we flag, not hide, them.
+_TINY_KL = 1e-9
+_TINY_CE_GAP = 1e-9
+
+
+class SpliceLM(Protocol):
+    """What the core eval needs from a language model (``sae_sweep.lm.LanguageModel`` has it)."""
+
+    def activations(self, input_ids: torch.Tensor, layer: int, hook: str) -> torch.Tensor: ...
+
+    def logits_with_splice(
+        self,
+        input_ids: torch.Tensor,
+        layer: int,
+        hook: str,
+        fn: Callable[[torch.Tensor], torch.Tensor] | None,
+    ) -> torch.Tensor: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Pure metric functions (per token or from sums); the accumulator and the tests use these.
+# --------------------------------------------------------------------------------------------
+
+
+def keep_mask(tokens: torch.Tensor, special_token_ids: Iterable[int | None]) -> torch.Tensor:
+    """Bool mask, True where the token is scored (not BOS/EOS/PAD). ``None`` ids are ignored."""
+    ids = sorted({int(t) for t in special_token_ids if t is not None})
+    if not ids:
+        return torch.ones_like(tokens, dtype=torch.bool)
+    return ~torch.isin(tokens, torch.tensor(ids, dtype=tokens.dtype, device=tokens.device))
+
+
+def ce_keep_mask(keep: torch.Tensor) -> torch.Tensor:
+    """Mask ``[B, T-1]`` for next-token CE: position t predicts t+1; both must be scored tokens."""
+    return keep[:, :-1] & keep[:, 1:]
+
+
+def kl_div_from_logprobs(clean_logp: torch.Tensor, patched_logp: torch.Tensor) -> torch.Tensor:
+    """Per-position ``KL(clean || patched) = sum_v p_v (log p_v - log q_v)`` from log-probs."""
+    p = clean_logp.exp()
+    # Where p == 0 the term is 0 even if both log-probs are -inf (masked vocab rows): avoid 0 * nan.
+    terms = torch.where(p > 0, p * (clean_logp - patched_logp), torch.zeros_like(p))
+    return terms.sum(-1)
+
+
+def kl_div_per_token(clean_logits: torch.Tensor, patched_logits: torch.Tensor) -> torch.Tensor:
+    """Per-position ``KL(softmax(clean) || softmax(patched))`` in nats, computed in >= float32."""
+    dtype = torch.promote_types(clean_logits.dtype, torch.float32)
+    return kl_div_from_logprobs(
+        F.log_softmax(clean_logits.to(dtype), dim=-1), F.log_softmax(patched_logits.to(dtype), dim=-1)
+    )
+
+
+def ce_from_logprobs(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy ``[B, T-1]``: ``-log p(tokens[t+1] | prefix up to t)``."""
+    return -logp[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
+
+
+def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy per position ``[B, T-1]`` in nats, computed in >= float32."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return ce_from_logprobs(F.log_softmax(logits.to(dtype), dim=-1), tokens)
+
+
+def kl_div_score(kl_with_ablation: float, kl_with_sae: float) -> float:
+    """SAEBench: ``(KL_abl - KL_sae) / KL_abl``; 1 = SAE preserves the output distribution, 0 = as bad
+    as zeroing the activation. NaN when ablation does not change the output at all."""
+    if kl_with_ablation == 0:
+        return math.nan
+    return (kl_with_ablation - kl_with_sae) / kl_with_ablation
+
+
+def ce_loss_score(ce_with_ablation: float, ce_with_sae: float, ce_without_sae: float) -> float:
+    """SAEBench: ``(CE_abl - CE_sae) / (CE_abl - CE_clean)``: the fraction of the loss increase from
+    zero-ablation that the SAE recovers. NaN when ablation costs nothing."""
+    gap = ce_with_ablation - ce_without_sae
+    if gap == 0:
+        return math.nan
+    return (ce_with_ablation - ce_with_sae) / gap
+
+
+def explained_variance_centred(
+    sum_x: torch.Tensor, sum_sq_norm: float, sum_resid_sq: float, n: int
+) -> float:
+    """``1 - sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2`` from streaming sums.
+
+    ``sum_x`` is ``sum_t x_t`` (a vector), ``sum_sq_norm`` is ``sum_t ||x_t||^2``; the total sum of
+    squares about the global mean is ``sum_sq_norm - ||sum_x||^2 / n``. Pass sums of ``x - c`` for
+    any fixed shift ``c`` (the accumulator does, for numerical stability): the result is unchanged.
+    """
+    sum_x = sum_x.to(torch.float64)
+    total = float(sum_sq_norm) - float(sum_x.dot(sum_x)) / n
+    if total <= 0:
+        return math.nan
+    return 1.0 - float(sum_resid_sq) / total
+
+
+def explained_variance_legacy_per_token(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """SAEBench's ``explained_variance_legacy`` for ONE batch of scored tokens ``[n, d]``.
+
+    Per token: ``1 - ||x_t - x_hat_t||^2 / ||x_t - mean_batch(x)||^2``, where the mean is over the
+    scored tokens of this batch (SAEBench: ``batch_size_prompts`` contexts, flattened, special tokens
+    removed). The eval reports the mean over all tokens of these values. It depends on the batch
+    size and is dominated by tokens near the batch mean, hence "legacy".
+    """
+    x = x.to(torch.float64)
+    x_hat = x_hat.to(torch.float64)
+    resid = (x - x_hat).pow(2).sum(-1)
+    spread = (x - x.mean(0)).pow(2).sum(-1)
+    return 1.0 - resid / spread
+
+
+def cosine_sim_per_token(x: torch.Tensor, x_hat: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``cos(x_t, x_hat_t)`` per token; 0 when either vector is zero (SAEBench yields NaN there)."""
+    x = x.to(torch.float64)
+    x_hat = x_hat.to(torch.float64)
+    dot = (x * x_hat).sum(-1)
+    return dot / (x.norm(dim=-1) * x_hat.norm(dim=-1)).clamp_min(eps)
+
+
+def l2_ratio_per_token(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """``||x_hat_t|| / ||x_t||`` per token; inputs with norm < 1e-4 divide by 1 (SAEBench's guard)."""
+    norm_in = x.to(torch.float64).norm(dim=-1)
+    norm_out = x_hat.to(torch.float64).norm(dim=-1)
+    return norm_out / torch.where(norm_in < _L2_RATIO_MIN_NORM, torch.ones_like(norm_in), norm_in)
+
+
+def relative_reconstruction_bias(sum_xhat_sq: float, sum_dot: float) -> float:
+    """``E||x_hat||^2 / E[x . x_hat]`` (Gated SAE paper, eq. 10; SAEBench's definition).
+
+    It is the ``1/gamma`` minimising ``E||x_hat / gamma - x||^2``: 1 means no systematic shrinkage,
+    < 1 means the SAE shrinks its output. NaN when the reconstruction is orthogonal/zero on average.
+    """
+    if sum_dot == 0:
+        return math.nan
+    return float(sum_xhat_sq) / float(sum_dot)
+
+
+def density_metrics(density: torch.Tensor) -> dict[str, float]:
+    """SAEBench's misc metrics from per-latent firing frequencies (fraction of scored tokens).
+
+    frac_alive: latents that fired at least once; freq_over_1/10_percent: fraction of latents firing
+    on more than 1% / 10% of tokens; normalized_freq_over_*: their share of all firings (0 when
+    nothing fired, as SAEBench).
+    """
+    density = density.to(torch.float64)
+    total = float(density.sum())
+
+    def share(threshold: float) -> float:
+        return float(density[density > threshold].sum()) / total if total > 0 else 0.0
+
+    return {
+        "frac_alive": float((density > 0).double().mean()),
+        "freq_over_1_percent": float((density > 0.01).double().mean()),
+        "freq_over_10_percent": float((density > 0.1).double().mean()),
+        "normalized_freq_over_1_percent": share(0.01),
+        "normalized_freq_over_10_percent": share(0.1),
+    }
+
+
+def max_cosine_sim(vectors: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """For each row of ``vectors [F, d]``, the largest cosine similarity with any OTHER row.
+
+    Chunked so an ``F x F`` matrix is never built. Returns ``[F]`` float32 on the input's device.
+    """
+    unit = F.normalize(vectors.detach().float(), dim=-1)
+    n = unit.shape[0]
+    out = torch.empty(n, dtype=torch.float32, device=unit.device)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        sims = unit[start:stop] @ unit.T
+        rows = torch.arange(stop - start, device=unit.device)
+        sims[rows, rows + start] = -math.inf  # a latent is not its own nearest neighbour
+        out[start:stop] = sims.max(dim=1).values
+    return out
+
+
+def splice_keep_special(act: torch.Tensor, keep: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:
+    """``replacement`` at scored positions, the original ``act`` at special ones (``keep [B, T]``)."""
+    return torch.where(keep[..., None], replacement.to(act.dtype), act)
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming accumulation
+# --------------------------------------------------------------------------------------------
+
+
+class CoreAccumulator:
+    """Float64 running sums for every core metric; ``compute()`` turns them into SAEBench metrics.
+
+    Feed it batch by batch: ``update_reconstruction`` with the activations, reconstruction and
+    latents of a batch, ``update_downstream`` with per-position KL and CE values. Batches may have
+    different sizes; all means are over scored tokens.
+    """
+
+    def __init__(self) -> None:
+        self.n_tokens = 0  # scored tokens seen by the reconstruction metrics
+        self.n_sequences = 0
+        self.d_in: int | None = None
+        self.d_sae: int | None = None
+        self._shift: torch.Tensor | None = None  # first batch's mean, keeps the EV sums well scaled
+        self.sum_x: torch.Tensor | None = None  # sum of (x - shift)
+        self.sum_sq = 0.0  # sum ||x - shift||^2
+        self.sum_resid_sq = 0.0  # sum ||x - x_hat||^2
+        self.sum_ev_legacy = 0.0
+        self.sum_cossim = 0.0
+        self.sum_norm_in = 0.0
+        self.sum_norm_out = 0.0
+        self.sum_l2_ratio = 0.0
+        self.sum_xhat_sq = 0.0
+        self.sum_dot = 0.0
+        self.sum_l0 = 0.0
+        self.sum_l1 = 0.0
+        self.fire_counts: torch.Tensor | None = None  # [d_sae] scored tokens each latent fired on
+        self.fire_seqs: torch.Tensor | None = None  # [d_sae] sequences each latent fired in
+        # downstream
+        self.n_kl = 0
+        self.sum_kl_sae = 0.0
+        self.sum_kl_abl = 0.0
+        self.n_ce = 0
+        self.sum_ce_clean = 0.0
+        self.sum_ce_sae = 0.0
+        self.sum_ce_abl = 0.0
+
+    @torch.no_grad()
+    def update_reconstruction(
+        self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor, keep: torch.Tensor
+    ) -> None:
+        """``x, x_hat [B, T, d_in]``, ``f [B, T, d_sae]``, ``keep [B, T]`` (True = scored)."""
+        if x.shape != x_hat.shape or x.shape[:2] != keep.shape or f.shape[:2] != keep.shape:
+            raise ValueError(
+                f"shape mismatch: x {tuple(x.shape)}, x_hat {tuple(x_hat.shape)}, "
+                f"f {tuple(f.shape)}, keep {tuple(keep.shape)}"
+            )
+        keep = keep.to(x.device)
+        if self.d_sae is None:
+            self.d_in, self.d_sae = x.shape[-1], f.shape[-1]
+            self.fire_counts = torch.zeros(self.d_sae, dtype=torch.int64, device=f.device)
+            self.fire_seqs = torch.zeros(self.d_sae, dtype=torch.int64, device=f.device)
+        fired = (f != 0) & keep.to(f.device)[..., None]  # [B, T, d_sae]
+        self.fire_counts += fired.sum(dim=(0, 1))
+        self.fire_seqs += fired.any(dim=1).sum(dim=0)
+        self.n_sequences += x.shape[0]
+        del fired
+
+        xs = x[keep].to(torch.float64)  # [n, d_in], scored tokens only
+        xh = x_hat.to(x.device)[keep].to(torch.float64)
+        fs = f[keep.to(f.device)]
+        n = xs.shape[0]
+        if n == 0:
+            return
+        if self._shift is None:
+            self._shift = xs.mean(0)
+            self.sum_x = torch.zeros_like(self._shift)
+        centred = xs - self._shift
+        self.sum_x += centred.sum(0)
+        self.sum_sq += float(centred.pow(2).sum())
+        self.sum_resid_sq += float((xs - xh).pow(2).sum())
+        if n > 1:
+            self.sum_ev_legacy += float(explained_variance_legacy_per_token(xs, xh).sum())
+        else:
+            # One scored token: its own batch mean, so 0/0 as in SAEBench; keep the NaN visible.
+            self.sum_ev_legacy = math.nan
+        self.sum_cossim += float(cosine_sim_per_token(xs, xh).sum())
+        self.sum_norm_in += float(xs.norm(dim=-1).sum())
+        self.sum_norm_out += float(xh.norm(dim=-1).sum())
+        self.sum_l2_ratio += float(l2_ratio_per_token(xs, xh).sum())
+        self.sum_xhat_sq += float(xh.pow(2).sum())
+        self.sum_dot += float((xs * xh).sum())
+        self.sum_l0 += float((fs != 0).sum())
+        self.sum_l1 += float(fs.abs().sum(dtype=torch.float64))
+        self.n_tokens += n
+
+    @torch.no_grad()
+    def update_downstream(
+        self,
+        keep: torch.Tensor,
+        kl_sae: torch.Tensor,
+        kl_abl: torch.Tensor,
+        ce_clean: torch.Tensor,
+        ce_sae: torch.Tensor,
+        ce_abl: torch.Tensor,
+    ) -> None:
+        """``keep [B, T]``; ``kl_* [B, T]`` per position; ``ce_* [B, T-1]`` per next-token prediction."""
+        kl_keep = keep.to(kl_sae.device)
+        self.n_kl += int(kl_keep.sum())
+        self.sum_kl_sae += float(kl_sae[kl_keep].sum(dtype=torch.float64))
+        self.sum_kl_abl += float(kl_abl[kl_keep].sum(dtype=torch.float64))
+        ce_keep = ce_keep_mask(keep).to(ce_clean.device)
+        self.n_ce += int(ce_keep.sum())
+        self.sum_ce_clean += float(ce_clean[ce_keep].sum(dtype=torch.float64))
+        self.sum_ce_sae += float(ce_sae[ce_keep].sum(dtype=torch.float64))
+        self.sum_ce_abl += float(ce_abl[ce_keep].sum(dtype=torch.float64))
+
+    def feature_density(self) -> torch.Tensor:
+        """Per-latent firing frequency over scored tokens, float64 on CPU."""
+        if self.fire_counts is None or self.n_tokens == 0:
+            raise ValueError("no scored tokens were accumulated")
+        return self.fire_counts.cpu().to(torch.float64) / self.n_tokens
+
+    def consistent_activation_heuristic(self) -> torch.Tensor:
+        """SAEBench: firings per sequence the latent fires in (NaN for latents that never fire)."""
+        counts = self.fire_counts.cpu().to(torch.float64)
+        seqs = self.fire_seqs.cpu().to(torch.float64)
+        return torch.where(seqs > 0, counts / seqs.clamp_min(1), torch.full_like(counts, math.nan))
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        """SAEBench's metric categories (``misc_metrics`` without the weight-based averages)."""
+        n = self.n_tokens
+        if n == 0:
+            raise ValueError("no scored tokens were accumulated")
+
+        def mean(total: float, count: int) -> float:
+            return total / count if count else math.nan
+
+        kl_sae, kl_abl = mean(self.sum_kl_sae, self.n_kl), mean(self.sum_kl_abl, self.n_kl)
+        ce_clean, ce_sae, ce_abl = (
+            mean(self.sum_ce_clean, self.n_ce),
+            mean(self.sum_ce_sae, self.n_ce),
+            mean(self.sum_ce_abl, self.n_ce),
+        )
+        return {
+            "model_behavior_preservation": {
+                "kl_div_score": kl_div_score(kl_abl, kl_sae),
+                "kl_div_with_ablation": kl_abl,
+                "kl_div_with_sae": kl_sae,
+            },
+            "model_performance_preservation": {
+                "ce_loss_score": ce_loss_score(ce_abl, ce_sae, ce_clean),
+                "ce_loss_with_ablation": ce_abl,
+                "ce_loss_with_sae": ce_sae,
+                "ce_loss_without_sae": ce_clean,
+            },
+            "reconstruction_quality": {
+                "explained_variance": explained_variance_centred(self.sum_x, self.sum_sq, self.sum_resid_sq, n),
+                "explained_variance_legacy": self.sum_ev_legacy / n,
+                "mse": self.sum_resid_sq / (n * self.d_in),
+                "cossim": self.sum_cossim / n,
+            },
+            "shrinkage": {
+                "l2_norm_in": self.sum_norm_in / n,
+                "l2_norm_out": self.sum_norm_out / n,
+                "l2_ratio": self.sum_l2_ratio / n,
+                "relative_reconstruction_bias": relative_reconstruction_bias(self.sum_xhat_sq, self.sum_dot),
+            },
+            "sparsity": {"l0": self.sum_l0 / n, "l1": self.sum_l1 / n},
+            "misc_metrics": density_metrics(self.feature_density()),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# The eval
+# --------------------------------------------------------------------------------------------
+
+
+def _param_dtype(module: Any) -> torch.dtype | None:
+    """The floating dtype of the SAE's parameters, so LM activations (maybe bf16) can be cast to it."""
+    params = getattr(module, "parameters", None)
+    if params is None:
+        return None
+    for p in params():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def _weight_metrics(sae: Any) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """SAEBench's weight-based latent metrics when the SAE exposes ``W_enc [d_in, d_sae]`` and
+    ``W_dec [d_sae, d_in]`` (our ``SparseAutoencoder`` does); empty otherwise."""
+    w_enc, w_dec = getattr(sae, "W_enc", None), getattr(sae, "W_dec", None)
+    if not (torch.is_tensor(w_enc) and torch.is_tensor(w_dec)) or w_enc.shape[1] < 2:
+        return {}, {}
+    enc = w_enc.detach().T.float()  # [d_sae, d_in]: one encoder direction per latent
+    dec = w_dec.detach().float()
+    max_enc, max_dec = max_cosine_sim(enc), max_cosine_sim(dec)
+    per_latent = {
+        "encoder_norm": enc.norm(dim=-1),
+        "encoder_decoder_cosine_sim": F.cosine_similarity(enc, dec, dim=-1),
+        "max_encoder_cosine_sim": max_enc,
+        "max_decoder_cosine_sim": max_dec,
+    }
+    b_enc = getattr(sae, "b_enc", None)
+    if torch.is_tensor(b_enc) and b_enc.shape == (enc.shape[0],):
+        per_latent["encoder_bias"] = b_enc.detach().float()
+    averages = {
+        "average_max_encoder_cosine_sim": float(max_enc.double().mean()),
+        "average_max_decoder_cosine_sim": float(max_dec.double().mean()),
+    }
+    return averages, {k: v.cpu() for k, v in per_latent.items()}
+
+
+def _density_histogram(density: torch.Tensor) -> dict[str, Any]:
+    """Histogram of log10 firing frequency of the live latents (half-decade bins), plus the dead count."""
+    edges = [x / 2 for x in range(-16, 1)]  # 1e-8 .. 1
+    alive = density[density > 0]
+    logd = alive.log10().clamp(min=edges[0], max=edges[-1])
+    counts = torch.histc(logd.float(), bins=len(edges) - 1, min=edges[0], max=edges[-1]) if alive.numel() else None
+    return {
+        "log10_bin_edges": edges,
+        "counts": [int(c) for c in counts.tolist()] if counts is not None else [0] * (len(edges) - 1),
+        "n_dead": int((density == 0).sum()),
+        "n_latents": int(density.numel()),
+    }
+
+
+@torch.no_grad()
+def run_core_eval(
+    lm: SpliceLM,
+    sae: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    tokens: torch.Tensor,
+    layer: int,
+    hook: str,
+    batch_size: int,
+    special_token_ids: Iterable[int | None] | None = None,
+    progress: bool = True,
+    *,
+    feature_details: bool = True,
+    weight_metrics: bool = True,
+) -> EvalOutput:
+    """Run SAEBench's core eval of ``sae`` at ``(layer, hook)`` of ``lm`` on ``tokens [N, ctx]``.
+
+    Per batch of ``batch_size`` contexts: activations ``x`` and ``(x_hat, f) = sae(x)`` give the
+    reconstruction/sparsity sums; three full forwards give clean logits, logits with the SAE
+    reconstruction spliced in (special positions keep their activation) and logits with the
+    activation zeroed, for the KL and CE metrics.
+
+    ``special_token_ids`` (BOS/EOS/PAD) are excluded from every average; ``None`` means the LM's
+    ``special_token_ids`` attribute if it has one. ``feature_details`` adds SAEBench's per-latent
+    list to ``details``; ``weight_metrics`` adds the encoder/decoder cosine metrics when the SAE
+    exposes ``W_enc``/``W_dec``. Returns an :class:`EvalOutput` with ``eval_type_id="core"``.
+    """
+    if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"tokens must be an integer tensor [N, ctx], got {tuple(tokens.shape)} {tokens.dtype}")
+    n_seqs, ctx = tokens.shape
+    if n_seqs == 0 or ctx < 2:
+        raise ValueError(f"need at least one context of >= 2 tokens for next-token CE, got {tuple(tokens.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if special_token_ids is None:
+        special_token_ids = getattr(lm, "special_token_ids", None) or ()
+    special = sorted({int(t) for t in special_token_ids if t is not None})
+
+    device = getattr(lm, "device", None)
+    sae_dtype = _param_dtype(sae)
+    tokens = tokens.long()
+
+    def run_sae(act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return sae(act.to(sae_dtype) if sae_dtype is not None else act)
+
+    acc = CoreAccumulator()
+    starts = range(0, n_seqs, batch_size)
+    for start in tqdm(starts, desc="core eval", unit="batch", disable=None if progress else True):
+        batch = tokens[start : start + batch_size]
+        if device is not None:
+            batch = batch.to(device)
+        keep = keep_mask(batch, special)
+
+        # Reconstruction, shrinkage, sparsity and latent statistics.
+        x = lm.activations(batch, layer, hook)
+        x_hat, f = run_sae(x)
+        acc.update_reconstruction(x, x_hat, f, keep)
+        del x, x_hat, f
+
+        # Downstream: compare the spliced forwards against the clean one, position by position.
+        clean = lm.logits_with_splice(batch, layer, hook, None)
+        clean_dtype = torch.promote_types(clean.dtype, torch.float32)
+        clean_logp = F.log_softmax(clean.to(clean_dtype), dim=-1)
+        del clean
+        ce_clean = ce_from_logprobs(clean_logp, batch)
+
+        def splice_sae(act: torch.Tensor, keep=keep) -> torch.Tensor:
+            return splice_keep_special(act, keep.to(act.device), run_sae(act)[0])
+
+        sae_logp = F.log_softmax(lm.logits_with_splice(batch, layer, hook, splice_sae).to(clean_dtype), dim=-1)
+        kl_sae, ce_sae = kl_div_from_logprobs(clean_logp, sae_logp), ce_from_logprobs(sae_logp, batch)
+        del sae_logp
+        abl_logp = F.log_softmax(lm.logits_with_splice(batch, layer, hook, torch.zeros_like).to(clean_dtype), dim=-1)
+        kl_abl, ce_abl = kl_div_from_logprobs(clean_logp, abl_logp), ce_from_logprobs(abl_logp, batch)
+        del abl_logp, clean_logp
+        acc.update_downstream(keep, kl_sae, kl_abl, ce_clean, ce_sae, ce_abl)
+
+    if acc.n_tokens == 0:
+        raise ValueError(f"every token of the eval set is special ({special}); nothing to score")
+
+    metrics = acc.compute()
+    averages, per_latent = _weight_metrics(sae) if weight_metrics else ({}, {})
+    metrics["misc_metrics"].update(averages)
+    metrics["token_stats"] = {
+        # SAEBench's meaning: tokens fed through the model (special ones included).
+        "total_tokens_eval_reconstruction": n_seqs * ctx,
+        "total_tokens_eval_sparsity_variance": n_seqs * ctx,
+        # What the averages are actually over.
+        "scored_tokens": acc.n_tokens,
+        "scored_ce_positions": acc.n_ce,
+    }
+
+    density = acc.feature_density()
+    details: list[dict[str, Any]] = []
+    if feature_details:
+        columns = {"feature_density": density, "consistent_activation_heuristic": acc.consistent_activation_heuristic()}
+        columns.update(per_latent)
+        lists = {k: v.tolist() for k, v in columns.items()}
+        details = [{"index": i, **{k: col[i] for k, col in lists.items()}} for i in range(density.numel())]
+
+    flags: dict[str, Any] = {}
+    mbp, mpp = metrics["model_behavior_preservation"], metrics["model_performance_preservation"]
+    if not mbp["kl_div_with_ablation"] > _TINY_KL:
+        flags["kl_div_with_ablation_tiny"] = True  # kl_div_score's denominator is ~0
+    if not mpp["ce_loss_with_ablation"] - mpp["ce_loss_without_sae"] > _TINY_CE_GAP:
+        flags["ce_ablation_not_worse"] = True  # zero-ablation does not hurt: ce_loss_score is meaningless
+    if acc.n_ce == 0:
+        flags["no_ce_positions"] = True
+
+    config = {
+        "layer": layer,
+        "hook": hook,
+        "n_tokens": n_seqs * ctx,
+        "n_sequences": n_seqs,
+        "context_size": ctx,
+        "batch_size": batch_size,
+        "exclude_special": True,
+        "special_token_ids": special,
+        "ablation": "zero",
+        "explained_variance": "centred",
+        # SAEBench's CoreEvalConfig names for the same settings.
+        "batch_size_prompts": batch_size,
+        "n_eval_reconstruction_batches": len(starts),
+        "n_eval_sparsity_variance_batches": len(starts),
+        "exclude_special_tokens_from_reconstruction": True,
+        "compute_featurewise_density_statistics": True,
+        "compute_featurewise_weight_based_metrics": bool(averages),
+    }
+    return EvalOutput(
+        eval_type_id=EVAL_TYPE_ID,
+        config=config,
+        metrics=metrics,
+        details=details,
+        flags=flags,
+        unstructured={"feature_density_histogram": _density_histogram(density)},
+    )

@@ -1,0 +1,465 @@
+"""Core eval: every metric against hand-computed values, the schema, and an end-to-end run on a real
+(tiny, random) Hugging Face GPT-2 with identity / zero / shrinking "SAEs"."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from sae_sweep.evals import core
+from sae_sweep.evals.core import CoreAccumulator, run_core_eval
+from sae_sweep.evals.schema import EvalOutput, flatten_metrics, to_saebench_json, write_json
+
+T = torch.tensor
+
+
+def _accumulate(x, x_hat, f=None, keep=None):
+    """One batch of tokens [n, d] through the accumulator as a single sequence [1, n, d]."""
+    x, x_hat = T(x, dtype=torch.float64)[None], T(x_hat, dtype=torch.float64)[None]
+    f = torch.zeros(1, x.shape[1], 4) if f is None else T(f, dtype=torch.float32)[None]
+    keep = torch.ones(1, x.shape[1], dtype=torch.bool) if keep is None else T(keep)[None]
+    acc = CoreAccumulator()
+    acc.update_reconstruction(x, x_hat, f, keep)
+    return acc
+
+
+# ----------------------------------------------------------------------------- KL and CE
+
+
+def test_kl_div_per_token_hand_computed():
+    # p = softmax([0, 0]) = (1/2, 1/2); q = softmax([ln 3, 0]) = (3/4, 1/4)
+    # KL(p||q) = 1/2 ln((1/2)/(3/4)) + 1/2 ln((1/2)/(1/4)) = 1/2 ln(2/3) + 1/2 ln 2 = 1/2 ln(4/3)
+    clean = T([[0.0, 0.0]])
+    patched = T([[math.log(3.0), 0.0]])
+    assert core.kl_div_per_token(clean, patched).item() == pytest.approx(0.5 * math.log(4 / 3), rel=1e-6)
+    # identical distributions -> exactly 0
+    assert core.kl_div_per_token(patched, patched).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_kl_div_score_hand_computed():
+    # (KL_abl - KL_sae) / KL_abl = (0.5 - 0.1) / 0.5 = 0.8
+    assert core.kl_div_score(0.5, 0.1) == pytest.approx(0.8)
+    assert core.kl_div_score(0.5, 0.0) == 1.0  # perfect SAE
+    assert core.kl_div_score(0.5, 0.5) == 0.0  # as bad as zero-ablation
+    assert math.isnan(core.kl_div_score(0.0, 0.0))  # undefined, not silently 0 or 1
+
+
+def test_next_token_ce_hand_computed():
+    # position 0 predicts token[1] = 1 with p = softmax([ln 3, 0]) = (3/4, 1/4): CE = -ln(1/4) = ln 4
+    # position 1 predicts token[2] = 0 with p = softmax([0, 0]) = (1/2, 1/2): CE = ln 2
+    logits = T([[[math.log(3.0), 0.0], [0.0, 0.0], [5.0, 5.0]]])
+    tokens = T([[0, 1, 0]])
+    ce = core.next_token_ce(logits, tokens)
+    assert ce.shape == (1, 2)  # the last position has no target
+    assert ce[0].tolist() == pytest.approx([math.log(4.0), math.log(2.0)], rel=1e-6)
+
+
+def test_ce_loss_score_hand_computed():
+    # (CE_abl - CE_sae) / (CE_abl - CE_clean) = (3.0 - 2.5) / (3.0 - 2.0) = 0.5
+    assert core.ce_loss_score(3.0, 2.5, 2.0) == pytest.approx(0.5)
+    assert core.ce_loss_score(3.0, 2.0, 2.0) == 1.0
+    assert core.ce_loss_score(3.0, 3.0, 2.0) == 0.0
+    assert math.isnan(core.ce_loss_score(2.0, 2.0, 2.0))
+
+
+# ----------------------------------------------------------------------------- explained variance
+
+
+def test_centred_explained_variance_differs_from_uncentred_and_legacy():
+    # x = (0,0), (1,0), (5,0); x_hat = x except token 1 reconstructed as (1,1): residuals 0, 1, 0.
+    # mean x = (2, 0); ||x_t - mean||^2 = 4, 1, 9 (sum 14); ||x_t||^2 = 0, 1, 25 (sum 26).
+    # centred   EV = 1 - 1/14 = 13/14 = 0.928571...
+    # uncentred EV = 1 - 1/26 = 0.961538...   (what SAEBench v0.6's formula is close to)
+    # legacy    EV = mean(1 - 0/4, 1 - 1/1, 1 - 0/9) = (1 + 0 + 1)/3 = 2/3
+    x = [[0.0, 0.0], [1.0, 0.0], [5.0, 0.0]]
+    x_hat = [[0.0, 0.0], [1.0, 1.0], [5.0, 0.0]]
+    m = _accumulate(x, x_hat).compute()["reconstruction_quality"]
+    assert m["explained_variance"] == pytest.approx(13 / 14)
+    assert m["explained_variance"] != pytest.approx(1 - 1 / 26)
+    assert m["explained_variance_legacy"] == pytest.approx(2 / 3)
+    legacy = core.explained_variance_legacy_per_token(T(x), T(x_hat))
+    assert legacy.tolist() == pytest.approx([1.0, 0.0, 1.0])
+
+
+def test_predicting_the_mean_explains_nothing():
+    # x = (1,0), (3,0); x_hat = mean = (2,0) for both: residual 1 + 1 = 2, SST about mean = 1 + 1 = 2.
+    # centred EV = 1 - 2/2 = 0, whereas the uncentred form would say 1 - 2/(1 + 9) = 0.8.
+    m = _accumulate([[1.0, 0.0], [3.0, 0.0]], [[2.0, 0.0], [2.0, 0.0]]).compute()["reconstruction_quality"]
+    assert m["explained_variance"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_explained_variance_uses_the_global_mean_across_batches():
+    # batch A: x = (0,0), (2,0); batch B: x = (4,0), (6,0); x_hat = x + (0,1): residual 1 per token (4).
+    # global mean (3,0): SST = 9 + 1 + 1 + 9 = 20 -> centred EV = 1 - 4/20 = 0.8.
+    # Centring per batch would give SST = (1+1) + (1+1) = 4 -> EV 0; legacy (per-batch mean) is
+    # 1 - 1/1 = 0 for every token -> 0.
+    acc = CoreAccumulator()
+    for xs in ([[0.0, 0.0], [2.0, 0.0]], [[4.0, 0.0], [6.0, 0.0]]):
+        x = T(xs)[None]
+        acc.update_reconstruction(x, x + T([0.0, 1.0]), torch.zeros(1, 2, 3), torch.ones(1, 2, dtype=torch.bool))
+    m = acc.compute()["reconstruction_quality"]
+    assert m["explained_variance"] == pytest.approx(0.8)
+    assert m["explained_variance_legacy"] == pytest.approx(0.0, abs=1e-12)
+    # the same from the pure function and raw sums: sum x = (12, 0), sum ||x||^2 = 56, n = 4:
+    # SST = 56 - 144/4 = 20
+    assert core.explained_variance_centred(T([12.0, 0.0]), 56.0, 4.0, 4) == pytest.approx(0.8)
+
+
+# ----------------------------------------------------------------------------- mse, cossim, shrinkage
+
+
+def test_mse_is_mean_over_tokens_and_dims():
+    # x = (1,2), (0,0); x_hat = 0: squared errors 1 + 4 + 0 + 0 = 5 over 2 tokens x 2 dims -> 1.25
+    m = _accumulate([[1.0, 2.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]).compute()["reconstruction_quality"]
+    assert m["mse"] == pytest.approx(1.25)
+
+
+def test_cossim_hand_computed():
+    # cos((1,0), (0,2)) = 0; cos((1,1), (2,2)) = 1 -> mean 0.5
+    x, x_hat = [[1.0, 0.0], [1.0, 1.0]], [[0.0, 2.0], [2.0, 2.0]]
+    assert core.cosine_sim_per_token(T(x), T(x_hat)).tolist() == pytest.approx([0.0, 1.0])
+    assert _accumulate(x, x_hat).compute()["reconstruction_quality"]["cossim"] == pytest.approx(0.5)
+    # a zero reconstruction has cosine 0, not NaN
+    assert core.cosine_sim_per_token(T([[1.0, 1.0]]), T([[0.0, 0.0]])).item() == 0.0
+
+
+def test_l2_norms_and_ratio_hand_computed():
+    # token 0: x = (3,4) (norm 5), x_hat = (0,2.5) (norm 2.5): ratio 0.5
+    # token 1: x = (0,0) (norm 0 < 1e-4, so divide by 1), x_hat = (0,3) (norm 3): ratio 3
+    # l2_norm_in = (5 + 0)/2 = 2.5; l2_norm_out = (2.5 + 3)/2 = 2.75; l2_ratio = (0.5 + 3)/2 = 1.75
+    m = _accumulate([[3.0, 4.0], [0.0, 0.0]], [[0.0, 2.5], [0.0, 3.0]]).compute()["shrinkage"]
+    assert m["l2_norm_in"] == pytest.approx(2.5)
+    assert m["l2_norm_out"] == pytest.approx(2.75)
+    assert m["l2_ratio"] == pytest.approx(1.75)
+
+
+def test_relative_reconstruction_bias_hand_computed():
+    # SAEBench: E||x_hat||^2 / E[x . x_hat] over all tokens.
+    # x = (2,0), (0,1); x_hat = (1,1), (0,3): sum ||x_hat||^2 = 2 + 9 = 11; sum x.x_hat = 2 + 3 = 5
+    # -> 11/5 = 2.2 (a mean of per-token ratios would give (2/2 + 9/3)/2 = 2; E[x.x_hat]/E||x||^2 = 5/5 = 1)
+    m = _accumulate([[2.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [0.0, 3.0]]).compute()["shrinkage"]
+    assert m["relative_reconstruction_bias"] == pytest.approx(2.2)
+    assert core.relative_reconstruction_bias(11.0, 5.0) == pytest.approx(2.2)
+    assert math.isnan(core.relative_reconstruction_bias(0.0, 0.0))
+
+
+# ----------------------------------------------------------------------------- sparsity and latents
+
+
+def test_l0_l1_hand_computed_and_token_weighted():
+    # batch A, 2 tokens: f = (0, 2, -1, 0) -> l0 2, l1 3; (0, 0, 0, 3) -> l0 1, l1 3
+    # batch B, 1 token:  f = (1, 1, 1, 1)  -> l0 4, l1 4
+    # token means: l0 = (2 + 1 + 4)/3 = 7/3, l1 = (3 + 3 + 4)/3 = 10/3
+    # (a mean of batch means would give l0 = (1.5 + 4)/2 = 2.75)
+    acc = CoreAccumulator()
+    acc.update_reconstruction(
+        torch.ones(1, 2, 2), torch.ones(1, 2, 2), T([[[0.0, 2.0, -1.0, 0.0], [0.0, 0.0, 0.0, 3.0]]]),
+        torch.ones(1, 2, dtype=torch.bool),
+    )
+    acc.update_reconstruction(
+        torch.ones(1, 1, 2) * 2, torch.ones(1, 1, 2), torch.ones(1, 1, 4), torch.ones(1, 1, dtype=torch.bool)
+    )
+    m = acc.compute()["sparsity"]
+    assert m["l0"] == pytest.approx(7 / 3)
+    assert m["l1"] == pytest.approx(10 / 3)
+
+
+def test_density_metrics_hand_computed():
+    # densities 0, 0.005, 0.02, 0.5: alive 3/4; > 1%: 2/4; > 10%: 1/4;
+    # normalized: (0.02 + 0.5)/0.525 = 0.990476..., 0.5/0.525 = 0.952380...
+    m = core.density_metrics(T([0.0, 0.005, 0.02, 0.5]))
+    assert m["frac_alive"] == pytest.approx(0.75)
+    assert m["freq_over_1_percent"] == pytest.approx(0.5)
+    assert m["freq_over_10_percent"] == pytest.approx(0.25)
+    assert m["normalized_freq_over_1_percent"] == pytest.approx(0.52 / 0.525)
+    assert m["normalized_freq_over_10_percent"] == pytest.approx(0.5 / 0.525)
+    assert core.density_metrics(torch.zeros(3))["normalized_freq_over_1_percent"] == 0.0
+
+
+def test_frac_alive_and_frequency_thresholds_from_firings():
+    # 200 tokens in 2 sequences of 100. latent 0 never fires; latent 1 fires on 2 tokens
+    # (1% exactly: NOT over 1%); latent 2 on 3 tokens (1.5%); latent 3 on 21 tokens (10.5% > 10%).
+    # frac_alive 3/4, freq_over_1_percent 2/4, freq_over_10_percent 1/4.
+    f = torch.zeros(2, 100, 4)
+    f[0, :2, 1] = 1.0
+    f[1, :3, 2] = 0.5
+    f[0, :21, 3] = 2.0
+    acc = CoreAccumulator()
+    acc.update_reconstruction(torch.ones(2, 100, 2), torch.ones(2, 100, 2), f, torch.ones(2, 100, dtype=torch.bool))
+    m = acc.compute()["misc_metrics"]
+    assert m["frac_alive"] == pytest.approx(0.75)
+    assert m["freq_over_1_percent"] == pytest.approx(0.5)
+    assert m["freq_over_10_percent"] == pytest.approx(0.25)
+    assert acc.feature_density().tolist() == pytest.approx([0.0, 0.01, 0.015, 0.105])
+    # consistent activation heuristic: firings per sequence fired in: 2/1, 3/1, 21/1; NaN when dead
+    cah = acc.consistent_activation_heuristic()
+    assert math.isnan(cah[0]) and cah[1:].tolist() == pytest.approx([2.0, 3.0, 21.0])
+
+
+def test_max_cosine_sim_hand_computed():
+    # v0 = (1,0), v1 = (0,1), v2 = (1,1), v3 = (-1,0)
+    # v0: cos with v1 0, v2 1/sqrt2, v3 -1 -> 1/sqrt2; v1: 0, 1/sqrt2, 0 -> 1/sqrt2
+    # v2: 1/sqrt2, 1/sqrt2, -1/sqrt2 -> 1/sqrt2;        v3: -1, 0, -1/sqrt2 -> 0
+    vecs = T([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
+    s = 1 / math.sqrt(2)
+    assert core.max_cosine_sim(vecs, chunk=3).tolist() == pytest.approx([s, s, s, 0.0], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- special tokens
+
+
+def test_special_token_masks():
+    tokens = T([[0, 5, 6, 0, 7]])
+    keep = core.keep_mask(tokens, {0, None})
+    assert keep.tolist() == [[False, True, True, False, True]]
+    # CE at position t predicts t+1: scored only when both are non-special -> only 5 -> 6
+    assert core.ce_keep_mask(keep).tolist() == [[False, True, False, False]]
+    assert core.keep_mask(tokens, set()).all()
+
+
+def test_special_tokens_excluded_from_every_average():
+    # BOS positions carry a huge activation, a bad reconstruction, firing latents and a huge KL/CE:
+    # if any leaked into an average, the values below would be far off.
+    tokens = T([[0, 5, 6, 0, 7]])
+    keep = core.keep_mask(tokens, {0})
+    x = T([[[100.0, 0.0], [3.0, 4.0], [3.0, 4.0], [100.0, 0.0], [3.0, 4.0]]])
+    x_hat = x.clone()
+    x_hat[0, 0] = x_hat[0, 3] = -50.0
+    f = torch.zeros(1, 5, 2)
+    f[0, 0, 0] = f[0, 3, 0] = 1.0  # latent 0 fires only on BOS -> dead on scored tokens
+    f[0, 1:3, 1] = 1.0  # latent 1 fires on 2 of 3 scored tokens
+    acc = CoreAccumulator()
+    acc.update_reconstruction(x, x_hat, f, keep)
+    kl = T([[9.0, 0.1, 0.3, 9.0, 0.2]])  # mean over scored positions 1, 2, 4 = 0.2
+    ce = T([[9.0, 1.0, 9.0, 9.0]])  # only position 1 (5 -> 6) scores: 1.0
+    acc.update_downstream(keep, kl, kl * 2, ce, ce * 1.5, ce * 2)
+    m = acc.compute()
+    assert m["shrinkage"]["l2_norm_in"] == pytest.approx(5.0)
+    assert m["reconstruction_quality"]["mse"] == pytest.approx(0.0)
+    assert m["sparsity"]["l0"] == pytest.approx(2 / 3)
+    assert m["misc_metrics"]["frac_alive"] == pytest.approx(0.5)
+    assert m["model_behavior_preservation"]["kl_div_with_sae"] == pytest.approx(0.2)
+    assert m["model_behavior_preservation"]["kl_div_with_ablation"] == pytest.approx(0.4)
+    # CE: clean 1.0, sae 1.5, ablation 2.0 -> score (2 - 1.5)/(2 - 1) = 0.5
+    assert m["model_performance_preservation"]["ce_loss_without_sae"] == pytest.approx(1.0)
+    assert m["model_performance_preservation"]["ce_loss_score"] == pytest.approx(0.5)
+    assert acc.n_tokens == 3 and acc.n_ce == 1
+
+
+def test_splice_keeps_special_positions():
+    act = T([[[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]])
+    keep = T([[False, True, True]])
+    out = core.splice_keep_special(act, keep, torch.zeros_like(act))
+    assert out.tolist() == [[[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]]
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+def _toy_output(**kw):
+    metrics = {
+        "model_behavior_preservation": {"kl_div_score": 0.9, "kl_div_with_sae": float("nan")},
+        "sparsity": {"l0": 12, "l1": float("inf")},
+    }
+    return EvalOutput(eval_type_id=kw.pop("eval_type_id", "core"), config={"n_tokens": 10}, metrics=metrics, **kw)
+
+
+def test_flatten_metrics_names_and_nonfinite():
+    out = _toy_output()
+    flat = flatten_metrics(out)
+    assert flat == {"core/model_behavior_preservation/kl_div_score": 0.9, "core/sparsity/l0": 12.0}
+    assert flat.dropped == ["core/model_behavior_preservation/kl_div_with_sae", "core/sparsity/l1"]
+    assert out.flags["nonfinite_metrics"] == ["model_behavior_preservation/kl_div_with_sae", "sparsity/l1"]
+    abs_out = _toy_output(eval_type_id="absorption_first_letter")
+    assert "absorption/sparsity/l0" in flatten_metrics(abs_out, prefix="absorption")
+    assert "absorption_first_letter/sparsity/l0" in flatten_metrics(abs_out)
+
+
+def test_eval_output_validation_and_skipped():
+    with pytest.raises(ValueError, match="skip_reason"):
+        _toy_output(status="skipped")
+    with pytest.raises(ValueError, match="status"):
+        _toy_output(status="weird", skip_reason="x")
+    skipped = EvalOutput.skipped("absorption_first_letter", {}, "tokenizer has no single-letter tokens")
+    assert skipped.status == "skipped" and flatten_metrics(skipped) == {}
+
+
+def test_saebench_json_schema(tmp_path):
+    doc = to_saebench_json(_toy_output(), {"d_in": 32, "d_sae": 64}, sae_id="blocks.0.hook_resid_post", model_name="tiny")
+    assert set(doc) == {
+        "eval_type_id", "eval_config", "eval_id", "datetime_epoch_millis", "eval_result_metrics",
+        "eval_result_details", "eval_result_unstructured", "sae_bench_commit_hash", "sae_lens_id",
+        "sae_lens_release_id", "sae_lens_version", "sae_cfg_dict",
+    }  # fmt: skip
+    assert doc["eval_config"]["model_name"] == "tiny" and doc["sae_bench_commit_hash"] is None
+    assert doc["eval_result_metrics"]["sparsity"]["l1"] is None  # inf -> null, never -1
+    assert doc["eval_result_unstructured"]["status"] == "ok"
+    json.dumps(doc, allow_nan=False)  # strict JSON
+    path = write_json(doc, tmp_path / "sub" / "core.json")
+    assert json.loads(path.read_text())["eval_id"] == doc["eval_id"]
+    assert list(path.parent.iterdir()) == [path]  # no temp file left behind
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+class HFResidPostLM:
+    """Minimal test adapter: ``activations`` / ``logits_with_splice`` at resid_post of a HF GPT-2,
+    via forward hooks on ``transformer.h[layer]`` (the real one lives in sae_sweep.lm)."""
+
+    def __init__(self, model: GPT2LMHeadModel):
+        self.model = model.eval()  # no dropout
+        self.device = torch.device("cpu")
+
+    def _run(self, input_ids, layer, hook, fn):
+        assert hook == "resid_post"
+        seen = {}
+
+        def on_block(module, inputs, output):
+            act = output[0] if isinstance(output, tuple) else output
+            seen["act"] = act
+            if fn is None:
+                return None
+            new = fn(act)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        handle = self.model.transformer.h[layer].register_forward_hook(on_block)
+        try:
+            logits = self.model(input_ids).logits
+        finally:
+            handle.remove()
+        return seen["act"], logits
+
+    def activations(self, input_ids, layer, hook):
+        return self._run(input_ids, layer, hook, None)[0]
+
+    def logits_with_splice(self, input_ids, layer, hook, fn):
+        return self._run(input_ids, layer, hook, fn)[1]
+
+
+class LinearSAE(torch.nn.Module):
+    """x_hat = scale * x; latents = relu of a fixed random projection (so sparsity stats are real)."""
+
+    def __init__(self, d_in=32, d_sae=48, scale=1.0):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.W_enc = torch.nn.Parameter(torch.randn(d_in, d_sae, generator=g))
+        self.b_enc = torch.nn.Parameter(torch.full((d_sae,), -2.0))
+        self.W_dec = torch.nn.Parameter(torch.randn(d_sae, d_in, generator=g))
+        self.scale = scale
+
+    def forward(self, x):
+        f = torch.relu(x @ self.W_enc + self.b_enc)
+        return x * self.scale, f
+
+
+@pytest.fixture(scope="module")
+def lm():
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=32,
+        initializer_range=0.2, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return HFResidPostLM(GPT2LMHeadModel(cfg))
+
+
+@pytest.fixture(scope="module")
+def tokens(lm):
+    # Sample the contexts from the model itself (low temperature), so clean CE is well below the
+    # ~ln(100) of the near-uniform zero-ablated model and the CE score has a real denominator.
+    g = torch.Generator().manual_seed(2)
+    toks = torch.randint(1, 100, (6, 1), generator=g)
+    with torch.no_grad():
+        while toks.shape[1] < 16:
+            logits = lm.model(toks).logits[:, -1].clone()
+            logits[:, 0] = -math.inf  # keep id 0 free to play BOS
+            nxt = torch.multinomial(torch.softmax(logits / 0.5, dim=-1), 1, generator=g)
+            toks = torch.cat([toks, nxt], dim=1)
+    return toks
+
+
+def test_end_to_end_identity_sae_scores_one(lm, tokens):
+    toks = tokens.clone()
+    toks[:, 0] = 0  # BOS at the start of each context, excluded and kept un-spliced
+    out = run_core_eval(lm, LinearSAE(scale=1.0), toks, layer=0, hook="resid_post", batch_size=4,
+                        special_token_ids={0}, progress=False)  # fmt: skip
+    m = out.metrics
+    assert out.status == "ok" and out.eval_type_id == "core"
+    assert m["model_behavior_preservation"]["kl_div_with_ablation"] > 1e-3  # the test means something
+    assert m["model_performance_preservation"]["ce_loss_with_ablation"] > m["model_performance_preservation"]["ce_loss_without_sae"]
+    assert m["model_behavior_preservation"]["kl_div_score"] == pytest.approx(1.0, abs=1e-6)
+    assert m["model_performance_preservation"]["ce_loss_score"] == pytest.approx(1.0, abs=1e-6)
+    assert m["reconstruction_quality"]["explained_variance"] == pytest.approx(1.0, abs=1e-9)
+    assert m["reconstruction_quality"]["explained_variance_legacy"] == pytest.approx(1.0, abs=1e-9)
+    assert m["reconstruction_quality"]["cossim"] == pytest.approx(1.0)
+    assert m["shrinkage"]["l2_ratio"] == pytest.approx(1.0)
+    assert m["shrinkage"]["relative_reconstruction_bias"] == pytest.approx(1.0)
+    assert m["token_stats"]["scored_tokens"] == 6 * 15
+    assert m["token_stats"]["scored_ce_positions"] == 6 * 14
+    assert m["token_stats"]["total_tokens_eval_reconstruction"] == 6 * 16
+    assert 0 < m["sparsity"]["l0"] < 48
+    assert "average_max_decoder_cosine_sim" in m["misc_metrics"]
+    assert len(out.details) == 48 and set(out.details[0]) >= {"index", "feature_density", "max_decoder_cosine_sim"}
+    assert out.config["exclude_special"] is True and out.config["ablation"] == "zero"
+    assert out.config["n_tokens"] == 96 and out.config["context_size"] == 16
+    flat = flatten_metrics(out)
+    assert "core/model_behavior_preservation/kl_div_score" in flat and not flat.dropped
+    json.dumps(to_saebench_json(out, {"d_sae": 48}, "test", "tiny-gpt2"), allow_nan=False)
+
+
+def test_end_to_end_zero_sae_scores_zero(lm, tokens):
+    class ZeroSAE(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros_like(x), torch.zeros(*x.shape[:-1], 8)
+
+    # No special tokens: the zero SAE is then exactly the zero-ablation.
+    out = run_core_eval(lm, ZeroSAE(), tokens, layer=0, hook="resid_post", batch_size=4,
+                        special_token_ids=set(), progress=False)  # fmt: skip
+    m = out.metrics
+    assert m["model_behavior_preservation"]["kl_div_score"] == pytest.approx(0.0, abs=1e-6)
+    assert m["model_performance_preservation"]["ce_loss_score"] == pytest.approx(0.0, abs=1e-6)
+    assert m["reconstruction_quality"]["cossim"] == 0.0
+    assert m["sparsity"]["l0"] == 0.0 and m["misc_metrics"]["frac_alive"] == 0.0
+    # x_hat = 0: EV = 1 - E||x||^2 / E||x - mean||^2 = -||mean||^2 / Var < 0
+    x = lm.activations(tokens, 0, "resid_post").reshape(-1, 32).double()
+    expected = 1 - x.pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert m["reconstruction_quality"]["explained_variance"] == pytest.approx(expected.item(), rel=1e-9)
+    # relative reconstruction bias is 0/0 for a zero output: dropped, listed, flagged
+    assert "shrinkage/relative_reconstruction_bias" in out.flags["nonfinite_metrics"]
+    assert "core/shrinkage/relative_reconstruction_bias" in flatten_metrics(out).dropped
+
+
+def test_end_to_end_matches_direct_computation_and_is_batch_size_invariant(lm, tokens):
+    sae = LinearSAE(scale=0.8)
+    # batch_size 4 on 6 contexts: batches of 4 and 2, so a mean of batch means would differ
+    runs = {bs: run_core_eval(lm, sae, tokens, 1, "resid_post", bs, set(), progress=False).metrics for bs in (4, 6)}
+    for bs in (4,):
+        for cat, group in runs[6].items():
+            for name, value in group.items():
+                if name == "explained_variance_legacy" or cat == "token_stats":
+                    continue  # legacy depends on the batch by definition
+                assert runs[bs][cat][name] == pytest.approx(value, rel=1e-6, abs=1e-9), (bs, cat, name)
+    m = runs[6]
+    # x_hat = 0.8 x: everything below follows from the activations directly
+    x = lm.activations(tokens, 1, "resid_post").reshape(-1, 32).double()
+    resid = (0.2 * x).pow(2).sum()
+    assert m["reconstruction_quality"]["explained_variance"] == pytest.approx(1 - (resid / (x - x.mean(0)).pow(2).sum()).item())
+    assert m["reconstruction_quality"]["mse"] == pytest.approx((resid / x.numel()).item())
+    assert m["shrinkage"]["l2_ratio"] == pytest.approx(0.8)
+    assert m["shrinkage"]["relative_reconstruction_bias"] == pytest.approx(0.8)  # 0.64 ||x||^2 / 0.8 ||x||^2
+    assert m["reconstruction_quality"]["cossim"] == pytest.approx(1.0)
+    # CE without the SAE agrees with Hugging Face's own mean next-token loss
+    hf_loss = lm.model(tokens, labels=tokens).loss.item()
+    assert m["model_performance_preservation"]["ce_loss_without_sae"] == pytest.approx(hf_loss, rel=1e-5)
+    assert 0 < m["model_behavior_preservation"]["kl_div_score"] < 1
+
+
+def test_run_core_eval_rejects_bad_input(lm):
+    with pytest.raises(ValueError, match="special"):
+        run_core_eval(lm, LinearSAE(), torch.zeros(2, 4, dtype=torch.long), 0, "resid_post", 2, {0}, progress=False)
+    with pytest.raises(ValueError, match="tokens"):
+        run_core_eval(lm, LinearSAE(), torch.zeros(4), 0, "resid_post", 2, set(), progress=False)
