@@ -104,6 +104,14 @@ def kl_div_from_logprobs(clean_logp: torch.Tensor, patched_logp: torch.Tensor) -
     return terms.sum(-1)
 
 
+def _kl_rows(clean_logp: torch.Tensor, patched_logp: torch.Tensor) -> torch.Tensor:
+    """:func:`kl_div_from_logprobs` one context at a time, so the ``[T, vocab]`` temporaries
+    (probabilities, terms) exist for one row only; big-vocab models would otherwise need several
+    extra copies of the whole batch's logits."""
+    rows = range(clean_logp.shape[0])
+    return torch.cat([kl_div_from_logprobs(clean_logp[i : i + 1], patched_logp[i : i + 1]) for i in rows])
+
+
 def kl_div_per_token(clean_logits: torch.Tensor, patched_logits: torch.Tensor) -> torch.Tensor:
     """Per-position ``KL(softmax(clean) || softmax(patched))`` in nats, computed in >= float32."""
     dtype = torch.promote_types(clean_logits.dtype, torch.float32)
@@ -298,15 +306,20 @@ class CoreAccumulator:
             self.d_in, self.d_sae = x.shape[-1], f.shape[-1]
             self.fire_counts = torch.zeros(self.d_sae, dtype=torch.int64, device=f.device)
             self.fire_seqs = torch.zeros(self.d_sae, dtype=torch.int64, device=f.device)
-        fired = (f != 0) & keep.to(f.device)[..., None]  # [B, T, d_sae]
+        # Latent statistics straight from the [B, T, d_sae] tensor: no float copy of f is made.
+        f_keep = keep.to(f.device)
+        fired = (f != 0) & f_keep[..., None]
         self.fire_counts += fired.sum(dim=(0, 1))
         self.fire_seqs += fired.any(dim=1).sum(dim=0)
-        self.n_sequences += x.shape[0]
+        self.sum_l0 += float(fired.sum())
         del fired
+        # per-token L1 summed in >= float32 (bf16 latents would round it), then over tokens in float64
+        l1_dtype = torch.promote_types(f.dtype, torch.float32)
+        self.sum_l1 += float(f.abs().sum(-1, dtype=l1_dtype)[f_keep].sum(dtype=torch.float64))
+        self.n_sequences += x.shape[0]
 
         xs = x[keep].to(torch.float64)  # [n, d_in], scored tokens only
         xh = x_hat.to(x.device)[keep].to(torch.float64)
-        fs = f[keep.to(f.device)]
         n = xs.shape[0]
         if n == 0:
             return
@@ -328,8 +341,6 @@ class CoreAccumulator:
         self.sum_l2_ratio += float(l2_ratio_per_token(xs, xh).sum())
         self.sum_xhat_sq += float(xh.pow(2).sum())
         self.sum_dot += float((xs * xh).sum())
-        self.sum_l0 += float((fs != 0).sum())
-        self.sum_l1 += float(fs.abs().sum(dtype=torch.float64))
         self.n_tokens += n
 
     @torch.no_grad()
@@ -532,11 +543,15 @@ def run_core_eval(
         def splice_sae(act: torch.Tensor, keep=keep) -> torch.Tensor:
             return splice_keep_special(act, keep.to(act.device), run_sae(act)[0])
 
-        sae_logp = F.log_softmax(lm.logits_with_splice(batch, layer, hook, splice_sae).to(clean_dtype), dim=-1)
-        kl_sae, ce_sae = kl_div_from_logprobs(clean_logp, sae_logp), ce_from_logprobs(sae_logp, batch)
+        sae_logits = lm.logits_with_splice(batch, layer, hook, splice_sae)
+        sae_logp = F.log_softmax(sae_logits.to(clean_dtype), dim=-1)
+        del sae_logits
+        kl_sae, ce_sae = _kl_rows(clean_logp, sae_logp), ce_from_logprobs(sae_logp, batch)
         del sae_logp
-        abl_logp = F.log_softmax(lm.logits_with_splice(batch, layer, hook, torch.zeros_like).to(clean_dtype), dim=-1)
-        kl_abl, ce_abl = kl_div_from_logprobs(clean_logp, abl_logp), ce_from_logprobs(abl_logp, batch)
+        abl_logits = lm.logits_with_splice(batch, layer, hook, torch.zeros_like)
+        abl_logp = F.log_softmax(abl_logits.to(clean_dtype), dim=-1)
+        del abl_logits
+        kl_abl, ce_abl = _kl_rows(clean_logp, abl_logp), ce_from_logprobs(abl_logp, batch)
         del abl_logp, clean_logp
         acc.update_downstream(keep, kl_sae, kl_abl, ce_clean, ce_sae, ce_abl)
 
@@ -558,8 +573,11 @@ def run_core_eval(
     density = acc.feature_density()
     details: list[dict[str, Any]] = []
     if feature_details:
-        columns = {"feature_density": density, "consistent_activation_heuristic": acc.consistent_activation_heuristic()}
-        columns.update(per_latent)
+        columns = {
+            "feature_density": density,
+            "consistent_activation_heuristic": acc.consistent_activation_heuristic(),
+            **per_latent,
+        }
         lists = {k: v.tolist() for k, v in columns.items()}
         details = [{"index": i, **{k: col[i] for k, col in lists.items()}} for i in range(density.numel())]
 
