@@ -329,10 +329,15 @@ def test_reader_resume_from_state_dict(cache):
 
 def test_reader_bf16_dtype_and_cleanup(tmp_path):
     cache = build(tmp_path, {**SPEC, "storage_dtype": "bfloat16"})[0]
-    r = ShuffledReader(cache, 64, seed=0, dtype=torch.float32)
+    r = ShuffledReader(cache, 64, seed=0, dtype=torch.float32, num_workers=2)
     x = next(r)
     assert x.shape == (64, D) and x.dtype == torch.float32
-    thread = r._thread
+    flat = torch.cat([cache.to_tensor(a) for a in cache.shard_activations()]).reshape(-1, D)
+    assert torch.equal(x, flat[r.positions(0, 0)])  # bf16 cannot hold the position exactly
+    assert next(ShuffledReader(cache, 64, seed=0, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    threads = list(r._executor._threads)
+    assert threads
     del r
-    thread.join(timeout=2)
-    assert not thread.is_alive()  # dropping the reader stops its prefetch thread
+    for t in threads:
+        t.join(timeout=5)
+    assert not any(t.is_alive() for t in threads)  # dropping the reader stops its workers
