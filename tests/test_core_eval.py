@@ -280,6 +280,11 @@ def test_flatten_metrics_names_and_nonfinite():
     assert "absorption_first_letter/sparsity/l0" in flatten_metrics(abs_out)
 
 
+def test_tensor_scalars_become_numbers():
+    out = EvalOutput("core", {}, {"sparsity": {"l0": torch.tensor(3.0), "l1": torch.tensor(float("nan"))}})
+    assert flatten_metrics(out) == {"core/sparsity/l0": 3.0} and out.flags["nonfinite_metrics"] == ["sparsity/l1"]
+
+
 def test_eval_output_validation_and_skipped():
     with pytest.raises(ValueError, match="skip_reason"):
         _toy_output(status="skipped")

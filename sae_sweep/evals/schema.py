@@ -78,6 +78,11 @@ class EvalOutput:
         for category, group in self.metrics.items():
             if not isinstance(group, dict):
                 raise TypeError(f"metrics[{category!r}] must be a dict of metric -> value, got {type(group).__name__}")
+            # Scalars handed over as 0-d tensors / numpy values become plain numbers, so a tensor
+            # is never mistaken for a non-finite value further down.
+            for name, value in group.items():
+                if not isinstance(value, Number) and hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+                    group[name] = value.item()
             if "/" in category or any("/" in name for name in group):
                 raise ValueError(f"metric category and names may not contain '/': {category!r}: {list(group)}")
         # Record bad values where every consumer sees them, not only in the flattened form.
