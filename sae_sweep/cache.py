@@ -533,9 +533,11 @@ def get_or_build(
         or "float32"
     meta.pop("storage_dtype", None)
     _storage(storage_dtype)  # validate early
-    if "storage_dtype" in spec and spec["storage_dtype"] != storage_dtype:
+    # The key must cover the stored dtype, or caches of two dtypes would share one key.
+    if spec.get("storage_dtype", "float32") != storage_dtype:
         raise ValueError(f"storage_dtype={storage_dtype!r} disagrees with the spec's "
-                         f"{spec['storage_dtype']!r}; the key must cover the stored dtype")
+                         f"storage_dtype={spec.get('storage_dtype')!r}; put the storage dtype "
+                         f"in the spec so that it is part of the cache key")
     if progress_total is None:
         progress_total = meta.pop("progress_total", None)
     meta.pop("progress_total", None)

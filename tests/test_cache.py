@@ -166,6 +166,10 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="disagrees"):
         get_or_build(SPEC, tmp_path, chunks(tokens, acts), special_token_ids=[],
                      storage_dtype="bfloat16")
+    no_dtype = {k: v for k, v in SPEC.items() if k != "storage_dtype"}
+    with pytest.raises(ValueError, match="cache key"):
+        get_or_build(no_dtype, tmp_path, chunks(tokens, acts), special_token_ids=[],
+                     storage_dtype="float16")
     with pytest.raises(ValueError, match=r"\[b, ctx, d\]"):
         get_or_build(SPEC, tmp_path, lambda: iter([(tokens, acts[:, :-1])]), special_token_ids=[])
     with pytest.raises(ValueError, match="no activations"):

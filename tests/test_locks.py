@@ -101,14 +101,14 @@ def test_live_owner_on_other_host_is_not_taken_over(tmp_path):
 
 def test_heartbeat_keeps_live_lock(tmp_path):
     path = tmp_path / "a.lock"
-    stale_after = 0.4
+    stale_after = 1.0  # heartbeat every 0.25 s; generous for a loaded 2-core machine
     holder = OwnedLock(path, stale_after=stale_after).acquire()
     try:
         mtime0 = os.stat(path).st_mtime
         # Wait well past stale_after: without the heartbeat the (live, same-host) owner's file
         # would be old enough for a waiter to steal it.
         with pytest.raises(LockTimeout):
-            OwnedLock(path, timeout=3 * stale_after, stale_after=stale_after,
+            OwnedLock(path, timeout=2.5 * stale_after, stale_after=stale_after,
                       poll_interval=0.02).acquire()
         assert holder.is_held
         assert os.stat(path).st_mtime > mtime0
