@@ -7,7 +7,6 @@ imports MLflow itself; ``app.py`` owns the run's lifecycle.
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -145,6 +144,8 @@ def run_evals(cfg: DictConfig, run: Any, lm: Any, sae: torch.nn.Module, sae_cfg:
             output = get_eval(name)(ctx)
         flat = flatten_metrics(output, prefix=name)
         run.log_metrics(flat)
+        if flat.dropped:  # NaN/inf never reach MLflow; record which metrics they were
+            run.set_tags({f"eval.{name}.nonfinite": ",".join(flat.dropped)})
         run.log_metrics({f"{name}/seconds": time.perf_counter() - t0})
         if getattr(output, "status", "ok") != "ok":
             run.set_tags({f"eval.{name}.status": output.status, f"eval.{name}.reason": output.skip_reason or ""})
@@ -156,12 +157,12 @@ def run_evals(cfg: DictConfig, run: Any, lm: Any, sae: torch.nn.Module, sae_cfg:
 
 def check_result(metrics: Dict[str, float]) -> None:
     """Loud failure: a result that is not a result ends the run FAILED with the reason."""
-    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-    if bad:
-        raise RunFailed(f"non-finite eval metrics: {', '.join(bad)}")
+    for key in ("core/reconstruction_quality/explained_variance", "core/model_behavior_preservation/kl_div_score"):
+        if "core/sparsity/l0" in metrics and key not in metrics:
+            raise RunFailed(f"{key} is NaN or inf")
     ev = metrics.get("core/reconstruction_quality/explained_variance")
     if ev is not None and ev <= 0.0:
         raise RunFailed(f"explained_variance={ev:.4f}: the SAE reconstructs no better than the mean activation")
-    alive = metrics.get("core/misc/frac_alive")
+    alive = metrics.get("core/misc_metrics/frac_alive")
     if alive is not None and alive <= 0.0:
         raise RunFailed("every latent is dead on held-out text (frac_alive=0)")

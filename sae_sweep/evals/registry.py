@@ -15,7 +15,7 @@ import torch
 
 # name -> "module:function"; the function takes an EvalContext and returns an EvalOutput.
 _EVALS: Dict[str, str] = {
-    "core": "sae_sweep.evals.core:run_from_context",
+    "core": "sae_sweep.evals.registry:_core",
 }
 
 
@@ -48,3 +48,18 @@ def get_eval(name: str) -> Callable[[EvalContext], Any]:
         raise ValueError(f"eval {name!r} is unknown: allowed values are {', '.join(eval_names())}")
     module, func = _EVALS[name].split(":")
     return getattr(importlib.import_module(module), func)
+
+
+def _core(ctx: EvalContext) -> Any:
+    from sae_sweep.evals.core import run_core_eval
+
+    tokens = ctx.tokens
+    n_tokens = ctx.settings.get("n_tokens")
+    if n_tokens:  # evaluate on the first ceil(n_tokens / ctx) held-out windows
+        n_seqs = max(1, -(-int(n_tokens) // tokens.shape[1]))
+        tokens = tokens[:n_seqs]
+    return run_core_eval(ctx.lm, ctx.sae, tokens, ctx.layer, ctx.hook,
+                         batch_size=int(ctx.settings.get("batch_size", 16)),
+                         special_token_ids=ctx.lm.special_token_ids, progress=ctx.progress,
+                         feature_details=bool(ctx.settings.get("feature_details", True)),
+                         weight_metrics=bool(ctx.settings.get("weight_metrics", True)))

@@ -1,0 +1,107 @@
+"""Bad configs fail before anything runs, with the key, the value and what is allowed."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from sae_sweep import config as C
+from sae_sweep.app import CONF_DIR
+
+
+def _compose(*overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose("config", overrides=list(overrides))
+
+
+def _errors(*overrides) -> str:
+    cfg = _compose(*overrides)
+    with pytest.raises(C.ConfigError) as e:
+        C.validate(cfg)
+    return str(e.value)
+
+
+def test_defaults_are_valid():
+    cfg = _compose()
+    C.validate(cfg)
+    assert cfg.model.name == "tiny" and cfg.trainer.name == "topk"
+
+
+@pytest.mark.parametrize("overrides, needles", [
+    (["sae.k=0"], ["sae.k=0", "0 < k < d_sae (512)"]),
+    (["sae.k=512"], ["sae.k=512", "0 < k < d_sae (512)"]),
+    (["layer=4"], ["layer=4", "allowed values are 0..3"]),
+    (["layer=-1"], ["layer=-1", "0..3"]),
+    (["hook=resid_mid"], ["hook='resid_mid'", "resid_pre, resid_post, mlp_out, attn_out"]),
+    (["train.tokens=0"], ["train.tokens=0", "positive integer"]),
+    (["dataset.tokens=-5"], ["dataset.tokens=-5", "positive integer"]),
+    (["dataset.context_size=1"], ["dataset.context_size=1", ">= 2"]),
+    (["sae.d_sae=64", "sae.k=64"], ["sae.k=64", "d_sae (64)"]),
+    (["device=tpu"], ["device='tpu'", "auto, cpu, cuda"]),
+    (["trainer.lr=-1"], ["trainer.lr"]),
+])
+def test_invalid_values_name_key_value_and_allowed(overrides, needles):
+    msg = _errors(*overrides)
+    for n in needles:
+        assert n in msg, msg
+
+
+def test_all_problems_reported_at_once():
+    msg = _errors("sae.k=0", "layer=9", "hook=x")
+    assert "sae.k=0" in msg and "layer=9" in msg and "hook='x'" in msg
+
+
+def test_unknown_option_lists_choices():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException) as e:
+        _compose("model=nope")
+    assert "tiny" in str(e.value)  # Hydra lists the available options
+
+
+def test_unknown_key_rejected_by_schema():
+    from omegaconf.errors import ConfigCompositionException  # noqa: F401
+    from hydra.errors import ConfigCompositionException as HCE
+
+    with pytest.raises(HCE):
+        _compose("sae.kk=3")
+
+
+def test_run_key_ignores_paths_and_tracking_but_not_seed():
+    a = _compose()
+    b = _compose("paths.output_dir=/elsewhere", "tracking.uri=sqlite:////x.db", "train.log_every=3")
+    c = _compose("seed=49")
+    assert C.run_key(a) == C.run_key(b)
+    assert C.run_key(a) != C.run_key(c)
+    assert C.seed_group_key(a) == C.seed_group_key(c)
+
+
+def _cli(tmp_path: Path, *args, timeout=300):
+    env = {**os.environ, "SAE_SWEEP_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "sae_sweep", *args, f"paths.output_dir={tmp_path / 'out'}"],
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=tmp_path)
+
+
+def test_multirun_with_one_invalid_point_runs_nothing(tmp_path):
+    r = _cli(tmp_path, "-m", "sae.k=0,16")
+    assert r.returncode != 0
+    assert "grid point #0 [sae.k=0]" in r.stderr and "nothing was launched" in r.stderr
+    assert not (tmp_path / "out" / "mlflow.db").exists()
+    assert not (tmp_path / "cache" / "activations").exists()
+
+
+def test_offline_hub_dataset_fails_fast_with_local_files_hint(tmp_path):
+    r = _cli(tmp_path, "-m", "dataset=fineweb")
+    assert r.returncode != 0
+    assert "HuggingFaceFW/fineweb" in r.stderr and "data_files" in r.stderr
+    assert not (tmp_path / "out" / "mlflow.db").exists()
+
+
+def test_single_run_bad_value_exits_2_without_traceback(tmp_path):
+    r = _cli(tmp_path, "layer=7")
+    assert r.returncode == 2
+    assert "layer=7" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out" / "mlflow.db").exists()
