@@ -260,6 +260,38 @@ def test_concurrent_builders_build_once(tmp_path):
     assert not (tmp_path / "activations" / f"{cache_key(SPEC)}.lock").exists()
 
 
+def _killed_builder(root: str, started) -> None:
+    tokens, acts = make_data(40)
+
+    def build_fn():
+        for i, chunk in enumerate(chunks(tokens, acts, delay=0.05)()):
+            yield chunk
+            if i == 2:
+                started.set()
+                time.sleep(60)  # killed here, mid-build
+
+    get_or_build(SPEC, root, build_fn, special_token_ids=[BOS, PAD])
+
+
+def test_builder_killed_mid_build_is_recovered(tmp_path):
+    """SIGKILL leaves a lock and a temp dir behind; the next caller takes over and rebuilds."""
+    ctx = mp.get_context("spawn")
+    started = ctx.Event()
+    proc = ctx.Process(target=_killed_builder, args=(str(tmp_path), started))
+    proc.start()
+    assert started.wait(timeout=60)
+    proc.kill()
+    proc.join()
+    root = tmp_path / "activations"
+    key = cache_key(SPEC)
+    assert (root / f"{key}.lock").exists() and list(root.glob(f".tmp-{key}-*"))
+    assert not (root / key).exists()
+    cache, built, _, acts = build(tmp_path, lock_timeout=30)
+    assert built and cache.n_seqs == 40
+    assert sorted(p.name for p in root.iterdir()) == sorted([key, "builds.log"])
+    assert len(read_builds_log(tmp_path)) == 1
+
+
 # ------------------------------------------------------------------------------------ reader
 def positions_of(batch: torch.Tensor) -> np.ndarray:
     return batch[:, 0].numpy().astype(np.int64)  # acts[..., 0] encodes the global position
