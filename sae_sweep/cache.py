@@ -561,7 +561,7 @@ def get_or_build(
         if (cache := _try_open(final)) is not None:
             return _reuse(cache)
         # We hold the lock, so any temp dir for this key is left over from a dead build.
-        for stale in root.glob(f".tmp-{key}-*"):
+        for stale in [*root.glob(f".tmp-{key}-*"), *root.glob(f".trash-{key}-*")]:
             log.info("removing leftover build directory %s", stale)
             shutil.rmtree(stale, ignore_errors=True)
         if final.exists():
