@@ -28,8 +28,9 @@
 #   debug   Default=YES, PriorityTier=1 — ordinary jobs.
 #   gpu     PriorityTier=1 — an alias so `hydra/launcher=slurm hydra.launcher.partition=gpu`
 #           works locally; override hydra.launcher.gpus_per_node=0 (and mem_gb/cpus_per_task).
-#   urgent  PriorityTier=10 — jobs here preempt debug/gpu jobs (PreemptMode=REQUEUE), for
-#           testing preemption/requeue handling.
+#   urgent  PriorityTier=10 — jobs here preempt debug/gpu jobs, for testing preemption:
+#           the victim gets its --signal (submitit: USR2, via preempt_send_user_signal), has
+#           GraceTime=60 s to checkpoint, and is requeued (PreemptMode=REQUEUE).
 # AuthInfo=cred_expire=30 makes a requeued job eligible again after ~30 s instead of 120 s.
 set -euo pipefail
 
@@ -147,6 +148,9 @@ SlurmdDebug=info
 JobRequeue=1
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
+# On preemption send the job's own --signal (submitit: SIGUSR2) instead of SIGTERM, so submitit
+# checkpoints and requeues the job itself; GraceTime is how long it has before SIGKILL.
+SlurmctldParameters=preempt_send_user_signal
 MaxArraySize=100001
 MaxJobCount=200000
 MinJobAge=300
@@ -154,8 +158,8 @@ KillWait=30
 InactiveLimit=0
 Waittime=0
 NodeName=$NODE CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=10
-PartitionName=gpu Nodes=$NODE Default=NO MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=10
+PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=60
+PartitionName=gpu Nodes=$NODE Default=NO MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=60
 PartitionName=urgent Nodes=$NODE Default=NO MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 EOF
     chmod 644 "$tmp"

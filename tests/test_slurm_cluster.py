@@ -10,6 +10,8 @@ Environment:
                              config written by slurm_local.sh ($SAE_SWEEP_SLURM_DIR or
                              /tmp/sae_sweep_slurm)/slurm.conf is used.
   SAE_SWEEP_TEST_PARTITION   partition to submit to (default: debug).
+  SAE_SWEEP_TEST_PREEMPT_PARTITION  higher-priority partition whose jobs preempt the above
+                             (default: urgent, as configured by slurm_local.sh).
   CI                         when "true", a missing SLURM is a failure, never a skip.
 """
 
@@ -41,6 +43,8 @@ if not HAVE_SINFO and not IN_CI:
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 
 PARTITION = os.environ.get("SAE_SWEEP_TEST_PARTITION", "debug")
+# a partition whose jobs preempt PARTITION's (slurm_local.sh: `urgent`, PriorityTier=10)
+PREEMPT_PARTITION = os.environ.get("SAE_SWEEP_TEST_PREEMPT_PARTITION", "urgent")
 UP_STATES = {"idle", "mix", "mixed", "alloc", "allocated"}
 
 # The job processes import nothing from tests/ (it is not on their sys.path): ship this
@@ -71,16 +75,18 @@ def _run(*cmd: str) -> str:
 
 def _executor(folder: Path, **extra) -> "submitit.AutoExecutor":
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
-    executor.update_parameters(
+    params = dict(
         slurm_partition=PARTITION,
         gpus_per_node=0,
         mem_gb=1,
         cpus_per_task=1,
         tasks_per_node=1,
-        timeout_min=10,
+        # > 10 min on purpose: submitit calls any USR2 a *timeout* (not a preemption) once the
+        # job has run min(0.8 * limit, limit - 10 min), which is from the start when limit <= 10.
+        timeout_min=60,
         name="sae_sweep_test",
-        **extra,
     )
+    executor.update_parameters(**{**params, **extra})
     return executor
 
 
@@ -205,3 +211,43 @@ def test_checkpointable_job_is_requeued_and_resumes(tmp_path):
     assert runs[1]["restart_count"] == "1", runs
     assert 3 <= runs[1]["start_step"] < total, f"rerun did not resume from saved state: {runs}"
     assert runs[0]["job_id"] == runs[1]["job_id"], "requeue keeps the job id"
+
+
+def test_preempted_job_gets_signal_is_requeued_and_resumes(tmp_path):
+    """A job in a higher-priority partition preempts a running one: the victim receives
+    submitit's USR2 (SlurmctldParameters=preempt_send_user_signal), requeues itself, and its
+    rerun resumes from the state it saved."""
+    partitions = _run("sinfo", "-h", "-o", "%R").split()
+    if PREEMPT_PARTITION not in partitions:
+        msg = f"no partition {PREEMPT_PARTITION!r} (have {partitions}) to preempt with"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    cpus = max(int(c) for c in _run("sinfo", "-h", "-N", "-p", PARTITION, "-o", "%c").split())
+
+    state_path = tmp_path / "victim.json"
+    total = 20
+    victim = _executor(tmp_path / "victim", cpus_per_task=cpus)  # fills the node
+    job = victim.submit(ResumableCounter(), str(state_path), total, 0.5)
+
+    def progressed():
+        if not state_path.exists():
+            return None
+        state = json.loads(state_path.read_text())
+        return state if state["step"] >= 3 else None
+
+    _wait_for(progressed, 120, "the victim to make 3 steps", job=job)
+
+    urgent = _executor(tmp_path / "urgent")
+    urgent.update_parameters(slurm_partition=PREEMPT_PARTITION)
+    urgent_job = urgent.submit(report_env, 7)
+    assert urgent_job.result()["SLURM_JOB_PARTITION"] == PREEMPT_PARTITION
+
+    result = job.result()
+    assert result["step"] == total
+    assert result["restart_count"] == "1", result
+    runs = result["runs"]
+    assert len(runs) == 2, runs
+    assert 3 <= runs[1]["start_step"] < total, f"rerun did not resume from saved state: {runs}"
+    log = job.stderr() or ""
+    assert "SIGUSR2" in log and "preempted" in log, f"victim never got the preemption signal:\n{log}"
