@@ -1,0 +1,178 @@
+"""Known-answer harness: train every registered trainer on planted-dictionary data.
+
+Data: `PlantedDictionary(d, n_features)` (more features than dimensions, sparse non-negative
+codes, correlated groups, noise). Each trainer gets a recipe (its `trainer.*` overrides, k, steps);
+after training, the decoder is scored against the true dictionary (mean max cosine, fraction
+recovered above 0.9) and the SAE on held-out samples (explained variance, L0, dead fraction).
+
+    python -m sae_sweep.bench trainers [--only relu,topk] [--out table.json]
+
+also prints temporal_ortho's co-activation tracking memory at d_sae 65536 (see `memory_figure`).
+`tests/test_trainers.py` pins a floor per trainer on the same recipes.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sae_sweep.sae import get_trainer, trainer_names
+from sae_sweep.sae.base import explained_variance
+from sae_sweep.sae.synthetic import PlantedDictionary, recovery_metrics
+
+
+@dataclass
+class PlantedSetup:
+    """The planted-dictionary problem every trainer is scored on (small: ~seconds per trainer)."""
+
+    d: int = 32
+    n_features: int = 64
+    l0: float = 3.0
+    correlated_groups: int = 8
+    correlation: float = 0.3
+    noise: float = 0.01
+    d_sae: int = 128
+    batch_size: int = 256
+    pool: int = 1 << 16  # training samples, drawn with replacement
+    eval_samples: int = 8192
+    data_seed: int = 0
+
+
+@dataclass
+class Recipe:
+    """How one trainer is run on the planted problem: `sae.k`, steps and `trainer.*` overrides."""
+
+    k: int = 4
+    steps: int = 1500
+    lr: float = 3e-3
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+# Per-trainer settings. Sparsity coefficients are in units of this data (||x||^2 ~ l0).
+RECIPES: dict[str, Recipe] = {
+    "topk": Recipe(k=4),
+    "batchtopk": Recipe(k=4),
+    "relu": Recipe(overrides={"l1_coeff": 0.3, "l1_warmup": 0.1}),
+    "jumprelu": Recipe(overrides={"target_l0": 4.0, "bandwidth": 0.05}),
+    "matryoshka": Recipe(k=4),
+    "hierarchical": Recipe(),
+    "temporal_ortho": Recipe(k=4),
+    "adaptive_ortho": Recipe(k=4),
+}
+
+
+def trainer_cfg(name: str, recipe: Recipe, setup: PlantedSetup) -> dict[str, Any]:
+    """Defaults of the trainer's params dataclass + the recipe's overrides."""
+    cls = get_trainer(name)
+    cfg = {f.name: f.default for f in dataclasses.fields(cls.params_cls)}
+    cfg.update(name=name, lr=recipe.lr, batch_size=setup.batch_size, warmup_steps=20,
+               dead_tokens=setup.batch_size * 100)
+    cfg.update(recipe.overrides)
+    return cfg
+
+
+def planted_data(setup: PlantedSetup) -> tuple[PlantedDictionary, torch.Tensor, torch.Tensor]:
+    pd = PlantedDictionary(setup.d, setup.n_features, seed=setup.data_seed)
+    kw = dict(l0=setup.l0, correlated_groups=setup.correlated_groups, correlation=setup.correlation,
+              noise=setup.noise)
+    train = pd.sample(setup.pool, **kw)
+    held_out = pd.sample(setup.eval_samples, **kw)
+    return pd, train, held_out
+
+
+@torch.no_grad()
+def score(sae: torch.nn.Module, pd: PlantedDictionary, x: torch.Tensor) -> dict[str, float]:
+    """Recovery of the planted dictionary + reconstruction/sparsity on held-out samples (eval mode)."""
+    sae.eval()
+    x_hat, f = sae(x)
+    out = recovery_metrics(sae.W_dec, pd, thresholds=(0.9,))
+    out.update(
+        explained_variance=float(explained_variance(x, x_hat)),
+        l0=float((f > 0).float().sum(-1).mean()),
+        dead_frac=float((~(f > 0).any(0)).float().mean()),
+    )
+    sae.train()
+    return out
+
+
+def train_planted(name: str, recipe: Recipe | None = None, setup: PlantedSetup | None = None,
+                  seed: int = 0, data: tuple | None = None) -> tuple[Any, dict[str, float]]:
+    """Train `name` on the planted problem; returns (trainer, metrics incl. seconds)."""
+    setup = setup or PlantedSetup()
+    recipe = recipe or RECIPES.get(name, Recipe())
+    pd, train, held_out = data if data is not None else planted_data(setup)
+    cls = get_trainer(name)
+    trainer = cls(setup.d, {"d_sae": setup.d_sae, "k": recipe.k}, trainer_cfg(name, recipe, setup),
+                  recipe.steps, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    trainer.init_from_data(train[:4096])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # these matrices are tiny: extra threads only add sync overhead
+    try:
+        t0 = time.perf_counter()
+        for _ in range(recipe.steps):
+            idx = torch.randint(0, train.shape[0], (setup.batch_size,), generator=gen)
+            metrics = trainer.step(train[idx])
+        seconds = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+    out = score(trainer.sae, pd, held_out)
+    out["train_loss"] = float(metrics["loss"])
+    out["seconds"] = seconds
+    return trainer, out
+
+
+COLUMNS = ("mean_max_cos", "frac_recovered_0.9", "explained_variance", "l0", "dead_frac", "seconds")
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    head = f"{'trainer':<16}" + "".join(f"{c:>20}" for c in COLUMNS)
+    lines = [head, "-" * len(head)]
+    for name, m in rows.items():
+        lines.append(f"{name:<16}" + "".join(f"{m[c]:>20.3f}" for c in COLUMNS))
+    return "\n".join(lines)
+
+
+def memory_figure(d_sae: int = 65536, **kw: Any) -> dict[str, float]:
+    """temporal_ortho's co-activation tracking memory at `d_sae` (see temporal_ortho.measure_memory)."""
+    from sae_sweep.sae.temporal_ortho import measure_memory
+
+    return measure_memory(d_sae=d_sae, **kw)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--only", default="", help="comma-separated trainer names (default: all registered)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the table (and memory figure) as JSON here")
+    p.add_argument("--no-memory", action="store_true", help="skip the temporal_ortho memory figure")
+    p.add_argument("--memory-d-sae", type=int, default=65536)
+
+
+def main(args: argparse.Namespace) -> int:
+    names = [n for n in args.only.split(",") if n] or trainer_names()
+    setup = PlantedSetup()
+    data = planted_data(setup)
+    print(f"planted dictionary: d={setup.d}, n_features={setup.n_features}, l0={setup.l0}, "
+          f"groups={setup.correlated_groups}, noise={setup.noise}; d_sae={setup.d_sae}")
+    rows = {}
+    for name in names:
+        _, rows[name] = train_planted(name, setup=setup, seed=args.seed, data=data)
+        print(f"  {name}: done in {rows[name]['seconds']:.1f}s", flush=True)
+    print(format_table(rows))
+    result: dict[str, Any] = {"setup": dataclasses.asdict(setup), "trainers": rows}
+    if not args.no_memory and "temporal_ortho" in trainer_names():
+        mem = memory_figure(d_sae=args.memory_d_sae)
+        result["temporal_ortho_memory"] = mem
+        print(f"\ntemporal_ortho co-activation tracking at d_sae={mem['d_sae']} (cap={mem['cap']} pairs/latent):")
+        for key, value in mem.items():
+            print(f"  {key:<32} {value:,.1f}" if isinstance(value, float) else f"  {key:<32} {value:,}")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=2)
+        print(f"wrote {args.out}")
+    return 0

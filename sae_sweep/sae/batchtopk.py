@@ -1,0 +1,108 @@
+"""BatchTopK SAE (Bussmann et al. 2024, "BatchTopK Sparse Autoencoders").
+
+Training: keep the k*B largest ReLU'd pre-activations over the whole batch [B, d_sae], so the
+average L0 is k but a token may use more or fewer latents. That rule depends on the batch, so for
+inference the SAE keeps a single learned threshold: a running average (EMA) of the smallest
+activation that survived the batch top-k. In eval mode, `encode` keeps pre-activations above it
+(a JumpReLU with one shared threshold), which is per-token and batch independent.
+Loss = ||x - x_hat||^2 + auxk_alpha * AuxK (the TopK trainer's dead-latent auxiliary loss).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import SparseAutoencoder, StepOutput, hparam, mse_loss
+from .registry import register_sae, register_trainer
+from .topk import TopKParams, TopKSAE, TopKTrainer
+
+
+def batch_topk(pre: Tensor, k: int) -> Tensor:
+    """Dense code keeping the k * B largest ReLU'd entries of `pre` [B, d_sae] (others 0)."""
+    acts = pre.relu()
+    flat = acts.flatten()
+    vals, idx = flat.topk(min(k * pre.shape[0], flat.numel()), sorted=False)
+    return torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
+
+
+@register_sae("batchtopk")
+class BatchTopKSAE(TopKSAE):
+    activation_fn_str = "batchtopk"
+
+    def __init__(self, d_in: int, d_sae: int, k: int, **kwargs: Any):
+        super().__init__(d_in, d_sae, k, **kwargs)
+        # < 0 until the trainer has an estimate; saved with the weights (it is part of the model)
+        p = self.W_dec
+        self.register_buffer("threshold", torch.tensor(-1.0, device=p.device, dtype=torch.float32))
+
+    def activation(self, pre: Tensor) -> Tensor:
+        if self.training:
+            return batch_topk(pre, self.k)
+        if float(self.threshold) < 0:  # never calibrated: fall back to per-token TopK
+            return super().activation(pre)
+        return pre * (pre > self.threshold.to(pre.dtype))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        f = self.encode(x)  # dense: the batch rule does not give a fixed k per row
+        return self.decode(f), f
+
+    @torch.no_grad()
+    def update_threshold_(self, f: Tensor, beta: float) -> None:
+        """EMA of the smallest positive activation kept in this batch (no host sync)."""
+        smallest = f.masked_fill(f <= 0, float("inf")).min()
+        ok = torch.isfinite(smallest)
+        new = torch.where(self.threshold < 0, smallest, beta * self.threshold + (1 - beta) * smallest)
+        self.threshold.copy_(torch.where(ok, new, self.threshold))
+
+
+@dataclass
+class BatchTopKParams(TopKParams):
+    threshold_beta: float = hparam(0.99, "a float in [0, 1) (EMA decay of the inference threshold)",
+                                   lambda v: 0 <= v < 1)
+    threshold_start: float = hparam(0.1, "a float in [0, 1] (fraction of training before the threshold "
+                                    "estimate starts)", lambda v: 0 <= v <= 1)
+
+
+@register_trainer("batchtopk")
+class BatchTopKTrainer(TopKTrainer):
+    params_cls = BatchTopKParams
+    sae_cls: type = BatchTopKSAE
+
+    @classmethod
+    def validate_sae_cfg(cls, sae_cfg: Any, d_in: int | None) -> list[str]:
+        return [e.replace("'topk'", repr(cls.name)) for e in super().validate_sae_cfg(sae_cfg, d_in)]
+
+    def build_sae(self, generator: torch.Generator) -> SparseAutoencoder:
+        return self.sae_cls(self.d_in, self.d_sae, int(self.sae_cfg["k"]), generator=generator)
+
+    def threshold_active(self) -> bool:
+        # early codes change fast; an EMA started then would be dominated by stale values
+        return self.step_count >= self.params.threshold_start * self.total_steps
+
+    def encode_train(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(pre [B, d_sae], f [B, d_sae]) under the batch top-k rule; updates the threshold."""
+        sae: BatchTopKSAE = self.sae  # type: ignore[assignment]
+        pre = sae.pre_acts(x)
+        f = batch_topk(pre, sae.k)
+        if self.threshold_active():
+            sae.update_threshold_(f.detach().float(), self.params.threshold_beta)
+        return pre, f
+
+    def aux_parts(self, x: Tensor, x_hat: Tensor, pre: Tensor) -> Tensor:
+        if self.params.auxk_alpha > 0 and self.tokens_seen >= self.params.dead_tokens:
+            return self.auxk_loss(x - x_hat.detach(), pre, self.dead_mask())
+        return torch.zeros((), device=x.device)
+
+    def compute_loss(self, x: Tensor) -> StepOutput:
+        pre, f = self.encode_train(x)
+        x_hat = self.sae.decode(f)
+        mse = mse_loss(x, x_hat)
+        auxk = self.aux_parts(x, x_hat, pre)
+        active = f > 0
+        return StepOutput(
+            loss=mse + self.params.auxk_alpha * auxk, x_hat=x_hat, l0=active.float().sum(-1).mean(),
+            fired=active.any(0), parts={"auxk": auxk, "threshold": self.sae.threshold.detach().clone()},
+        )
