@@ -151,6 +151,9 @@ PreemptMode=REQUEUE
 # On preemption send the job's own --signal (submitit: SIGUSR2) instead of SIGTERM, so submitit
 # checkpoints and requeues the job itself; GraceTime is how long it has before SIGKILL.
 SlurmctldParameters=preempt_send_user_signal
+# Reject (at sbatch time, with an error) jobs that can never run here, e.g. the GPU preset's
+# 8 CPUs / 64 GB, instead of leaving them PENDING (PartitionConfig) forever.
+EnforcePartLimits=ALL
 MaxArraySize=100001
 MaxJobCount=200000
 MinJobAge=300
