@@ -151,6 +151,19 @@ class Tracker:
     def get_run(self, run_id: str) -> Any:
         return self.client.get_run(run_id)
 
+    # -- read side (reports, export) ---------------------------------------------------------
+    def metric_history(self, run_id: str, key: str) -> List[tuple]:
+        """[(step, value)] of one metric ordered by step: the data of the UI's metric chart."""
+        return sorted(((m.step, m.value) for m in self.client.get_metric_history(run_id, key)),
+                      key=lambda sv: sv[0])
+
+    def list_artifacts(self, run_id: str, path: Optional[str] = None) -> List[str]:
+        """Artifact paths directly under ``path`` of a run ([] when there are none)."""
+        return [a.path for a in self.client.list_artifacts(run_id, path)]
+
+    def experiment_name(self, experiment_id: str) -> str:
+        return self.client.get_experiment(experiment_id).name
+
 
 class ChildRun:
     """A job's run. Use as a context manager: it always ends FINISHED or FAILED."""

@@ -1,0 +1,222 @@
+"""The report's figures (PNG). Matplotlib's object API with the Agg canvas: no pyplot, so importing
+this never changes the backend of a notebook or GUI session that imports sae_sweep.
+
+Every function returns the written path, or raises ``NoData`` with the reason the figure was skipped
+(the report prints the reason in place of the picture).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+DPI = 110
+
+
+class NoData(Exception):
+    """A figure's data is absent; the message says which."""
+
+
+def variant_colors(variants: Sequence[str]) -> Dict[str, tuple]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(variants) <= 10 else "tab20"]
+    return {v: cmap(i % cmap.N) for i, v in enumerate(variants)}
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    return path
+
+
+def _bars(ax, runs: pd.DataFrame, key: str, variants: Sequence[str], colors: Mapping[str, tuple]) -> bool:
+    """Bar = mean over seeds, error bar = std, dots = the seeds themselves."""
+    if key not in runs or runs[key].notna().sum() == 0:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.set_xticks([])
+        return False
+    for i, v in enumerate(variants):
+        x = runs.loc[runs["variant"] == v, key].dropna().to_numpy(dtype=float)
+        if not len(x):
+            continue
+        sd = x.std(ddof=1) if len(x) > 1 else 0.0
+        ax.bar(i, x.mean(), yerr=sd, color=colors[v], alpha=0.75, capsize=4, edgecolor="black", linewidth=0.5)
+        jitter = np.linspace(-0.15, 0.15, len(x)) if len(x) > 1 else np.zeros(1)
+        ax.scatter(i + jitter, x, color="black", s=12, zorder=3)
+    ax.set_xticks(range(len(variants)))
+    ax.set_xticklabels(variants, rotation=30, ha="right", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return True
+
+
+GRID_PANELS = (
+    ("core/reconstruction_quality/explained_variance", "Explained variance", "fraction of variance (↑ better)"),
+    ("core/model_behavior_preservation/kl_div_score", "KL divergence score", "fraction of KL recovered (↑ better)"),
+    ("core/sparsity/l0", "L0", "active latents per token"),
+    ("core/sparsity/l1", "L1", "sum of latent activations per token"),
+)
+
+
+def metrics_grid(runs: pd.DataFrame, variants: Sequence[str], colors: Mapping[str, tuple], path: Path) -> Path:
+    if not any(k in runs and runs[k].notna().any() for k, _, _ in GRID_PANELS):
+        raise NoData("no core eval metrics (core/reconstruction_quality/explained_variance, ...) in the runs")
+    fig = Figure(figsize=(max(9.0, 1.2 * len(variants) + 5), 8.5))
+    axes = fig.subplots(2, 2)
+    for ax, (key, title, ylabel) in zip(axes.flat, GRID_PANELS):
+        _bars(ax, runs, key, variants, colors)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+    fig.suptitle("Core metrics per variant (bar: mean over seeds, whisker: std, dots: seeds)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def absorption_per_letter(per_variant: Mapping[str, Mapping[str, List[float]]], variants: Sequence[str],
+                          colors: Mapping[str, tuple], path: Path) -> Path:
+    """``per_variant``: variant -> letter -> absorption fraction of each seed."""
+    per_variant = {v: d for v, d in per_variant.items() if d}
+    if not per_variant:
+        raise NoData("no absorption eval details (artifact evals/absorption_first_letter.json) in the runs")
+    letters = sorted({l for d in per_variant.values() for l in d})
+    shown = [v for v in variants if v in per_variant]
+    width = 0.8 / len(shown)
+    fig = Figure(figsize=(max(10.0, 0.45 * len(letters) * max(1, len(shown) / 2)), 4.8))
+    ax = fig.subplots()
+    for j, v in enumerate(shown):
+        xs, means, sds = [], [], []
+        for i, letter in enumerate(letters):
+            vals = per_variant[v].get(letter)
+            if vals:
+                xs.append(i - 0.4 + width * (j + 0.5))
+                means.append(float(np.mean(vals)))
+                sds.append(float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0)
+        ax.bar(xs, means, width=width, yerr=sds, color=colors[v], label=v, capsize=2, edgecolor="black",
+               linewidth=0.3)
+    ax.set_xticks(range(len(letters)))
+    ax.set_xticklabels(letters)
+    ax.set_xlabel("first letter")
+    ax.set_ylabel("mean absorption fraction (↓ better)")
+    ax.set_title("Feature absorption per first letter (mean over seeds ± std)")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+_TOPK = re.compile(r"sparse_probing/(?:.+/)?(?P<src>llm|sae)_top_(?P<k>\d+)_test_accuracy")
+
+
+def probing_vs_k(runs: pd.DataFrame, variants: Sequence[str], colors: Mapping[str, tuple], path: Path) -> Path:
+    keys = {}
+    for c in runs.columns:
+        m = _TOPK.fullmatch(str(c)) if isinstance(c, str) else None
+        if m and runs[c].notna().any():
+            keys[(m["src"], int(m["k"]))] = c
+    if not keys:
+        raise NoData("no sparse-probing metrics (sparse_probing/.../sae_top_<k>_test_accuracy) in the runs")
+    fig = Figure(figsize=(8.5, 5.2))
+    ax = fig.subplots()
+    for v in variants:
+        sub = runs[runs["variant"] == v]
+        ks = sorted(k for src, k in keys if src == "sae")
+        y = [sub[keys[("sae", k)]].mean() for k in ks]
+        if ks:
+            ax.plot(ks, y, marker="o", color=colors[v], label=f"SAE latents: {v}")
+    # The LM probe does not depend on the SAE: one curve per model, dashed.
+    for model, sub in runs.groupby("model"):
+        ks = sorted(k for src, k in keys if src == "llm")
+        if ks:
+            ax.plot(ks, [sub[keys[("llm", k)]].mean() for k in ks], marker="s", linestyle="--", color="black",
+                    alpha=0.7, label=f"LM activations: {model}")
+    ax.set_xscale("log")
+    ax.set_xlabel("k (number of probed dimensions, log scale)")
+    ax.set_ylabel("test accuracy (mean over tasks and seeds)")
+    ax.set_title("Sparse probing: accuracy vs k")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def shared_features(shared: pd.DataFrame, variants: Sequence[str], colors: Mapping[str, tuple],
+                    path: Path) -> Path:
+    if shared.empty:
+        raise NoData("no cross-seed metrics (crossseed/...): a seed group needs two FINISHED seeds and the "
+                     "cross-seed sweep-end hook")
+    datasets = list(dict.fromkeys(shared["dataset"]))
+    fig = Figure(figsize=(max(7.0, 1.6 * len(shared) + 3), 5.0))
+    ax = fig.subplots()
+    x, ticks = 0, []
+    for d in datasets:
+        sub = shared[shared["dataset"] == d]
+        for r in sub.itertuples():
+            sd = r.shared_feature_ratio_std if isinstance(r.shared_feature_ratio_std, float) and \
+                math.isfinite(r.shared_feature_ratio_std) else 0.0
+            ax.bar(x, r.shared_feature_ratio_mean, yerr=sd, color=colors.get(r.variant, "grey"), capsize=4,
+                   edgecolor="black", linewidth=0.5, label=r.variant)
+            ax.text(x, r.shared_feature_ratio_mean + sd + 0.01, f"{r.shared_feature_ratio_mean:.2f}", ha="center",
+                    fontsize=8)
+            ticks.append((x, f"{d}\n{r.model}/{r.trainer}" + (f"\n{r.variant.split(' [')[1][:-1]}"
+                                                              if " [" in r.variant else "")))
+            x += 1
+        x += 0.6  # gap between datasets
+    ax.set_xticks([t for t, _ in ticks])
+    ax.set_xticklabels([l for _, l in ticks], fontsize=8)
+    ax.set_ylim(0, min(1.05, max(0.1, float(shared["shared_feature_ratio_mean"].max()) * 1.25 + 0.05)))
+    ax.set_ylabel("shared-feature ratio (fraction of latents, ↑ better)")
+    ax.set_xlabel("dataset (model/trainer)")
+    ax.set_title("Cross-seed shared-feature ratio per dataset (decoder cos > threshold after matching)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# Preferred training curves, in order; others are used when these were not logged.
+CURVE_PREFERENCE = ("train/loss", "train/mse", "train/explained_variance", "train/l0", "train/dead_frac")
+
+
+def training_curves(histories: Mapping[str, Mapping[str, List[Tuple[int, float]]]], runs: pd.DataFrame,
+                    colors: Mapping[str, tuple], path: Path) -> Path:
+    """``histories``: run id -> metric key -> [(step, value)]."""
+    keys = sorted({k for h in histories.values() for k, pts in h.items() if len(pts) > 1})
+    if not keys:
+        raise NoData("no train/* metric with more than one logged step")
+    chosen = [k for k in CURVE_PREFERENCE if k in keys][:4] or keys[:4]
+    ncols = 2 if len(chosen) > 1 else 1
+    nrows = math.ceil(len(chosen) / ncols)
+    fig = Figure(figsize=(6.0 * ncols, 3.8 * nrows))
+    axes = list(np.atleast_1d(fig.subplots(nrows, ncols)).flat)
+    by_id = runs.set_index("run_id")
+    seen_labels = set()
+    for ax, key in zip(axes, chosen):
+        for rid, h in histories.items():
+            pts = h.get(key)
+            if not pts or rid not in by_id.index:
+                continue
+            v = by_id.at[rid, "variant"]
+            steps, vals = zip(*pts)
+            label = v if (key, v) not in seen_labels else None
+            seen_labels.add((key, v))
+            ax.plot(steps, vals, color=colors.get(v, "grey"), alpha=0.8, linewidth=1.2, label=label)
+        ax.set_title(key)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(key.split("/", 1)[1].replace("_", " "))
+        if key in ("train/loss", "train/mse"):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(chosen):]:  # unused panels
+        ax.set_visible(False)
+    first = fig.axes[0]
+    first.legend(fontsize=7)
+    fig.suptitle("Training curves (one line per run, colour = variant)")
+    fig.tight_layout()
+    return _save(fig, path)
