@@ -16,6 +16,10 @@ import torch
 # name -> "module:function"; the function takes an EvalContext and returns an EvalOutput.
 _EVALS: Dict[str, str] = {
     "core": "sae_sweep.evals.registry:_core",
+    "absorption": "sae_sweep.evals.absorption:run",
+    "sparse_probing": "sae_sweep.evals.sparse_probing:run",
+    "fake_features": "sae_sweep.evals.fake_features:run",
+    "downstream": "sae_sweep.evals.downstream:run",
 }
 
 

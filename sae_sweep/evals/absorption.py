@@ -1,0 +1,419 @@
+"""SAEBench's ``absorption_first_letter`` eval (Chanin et al.'s feature absorption, with Till's
+absorption fraction), written from SAEBench's published definition.
+
+1. Vocabulary: single tokens that decode to an ASCII alphabetic word (leading space allowed).
+2. Prompts: ``n_icl_examples`` in-context examples ``"{word} has the first letter: X"`` joined by
+   newlines, then the target ``"{word} has the first letter:"``; the LM activation is read AT THE
+   WORD TOKEN. Prompts are assembled from token ids, so the word position is exact for any
+   tokenizer (SAEBench hard-codes position -6, which only holds for some tokenizers).
+3. Ground truth: a one-vs-rest logistic-regression probe per letter on the LM activations (train
+   split of the vocabulary); its F1 on the test split decides which letters the LM represents.
+   Letters with F1 < ``min_GT_probe_f1`` are excluded; fewer than ``min_feats_for_eval`` letters
+   left -> the eval is "skipped" with the per-letter F1s as the reason (small models).
+4. k-sparse probes: an L1-regularised multi-letter probe on the SAE latents ranks latents per
+   letter; for k = 1..``max_k_value`` a logistic regression on that letter's top-k latents is
+   scored by test F1. The main ("split") features are the top-k set reached while F1 keeps
+   jumping by more than ``f1_jump_threshold``; ``num_split_features`` is their count.
+5. For each test word the probe detects (probe true positive), with probe direction u and decoder
+   projections p_i = f_i * (W_dec[i] . u):
+   * absorption fraction: the share of the activation's probe projection carried by up to
+     ``absorption_fraction_max_absorbing_latents`` non-main latents aligned with u (cos >=
+     ``absorption_fraction_probe_cos_sim_threshold``) instead of by the main latents;
+   * full absorption: no main latent fires, the top projecting latent is aligned with u
+     (cos >= ``full_absorption_probe_cos_sim_threshold``) and carries at least
+     ``probe_projection_proportion_threshold`` of the probe projection.
+
+Metrics (category ``mean``, SAEBench names): ``mean_absorption_fraction_score``,
+``mean_full_absorption_score``, ``mean_num_split_features`` and their ``std_dev_*``; details: one
+row per scored letter. A letter whose k-sparse probe F1 is no better than always answering "yes"
+for every k is flagged (chance level).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import string
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from sae_sweep.evals.probes import check_settings, few_threads, stable_seed
+from sae_sweep.evals.schema import EvalOutput
+
+log = logging.getLogger(__name__)
+
+EVAL_TYPE_ID = "absorption_first_letter"
+LETTERS = string.ascii_lowercase
+
+DEFAULTS: Dict[str, Any] = {
+    # SAEBench's AbsorptionEvalConfig names and defaults
+    "f1_jump_threshold": 0.03,
+    "max_k_value": 10,
+    "prompt_template": "{word} has the first letter:",
+    "k_sparse_probe_l1_decay": 0.01,
+    "k_sparse_probe_batch_size": 4096,
+    "k_sparse_probe_num_epochs": 50,
+    "min_GT_probe_f1": 0.6,
+    "min_feats_for_eval": 20,       # letters that must pass the F1 threshold
+    "llm_batch_size": 32,
+    # FeatureAbsorptionCalculator's thresholds
+    "n_icl_examples": 10,
+    "full_absorption_probe_cos_sim_threshold": 0.025,
+    "absorption_fraction_probe_cos_sim_threshold": 0.1,
+    "probe_projection_proportion_threshold": 0.4,
+    "absorption_fraction_max_absorbing_latents": 3,
+    # ours: sizes for small machines
+    "max_words": 3000,              # vocabulary words used (random subset, seeded)
+    "test_fraction": 0.2,
+    "min_word_length": 2,
+    "min_letter_examples": 4,       # train examples a letter needs to get a probe
+}
+
+EPS = 1e-8
+
+
+# --------------------------------------------------------------------------------------------
+# Vocabulary and prompts
+# --------------------------------------------------------------------------------------------
+
+
+def alpha_vocab(tokenizer: Any, special_ids: Sequence[int], min_length: int = 1) -> List[Tuple[int, str]]:
+    """(token id, word) for every token that decodes to an ASCII alphabetic word, leading space allowed."""
+    special = {int(t) for t in special_ids if t is not None}
+    out = []
+    for tid in range(len(tokenizer)):
+        if tid in special:
+            continue
+        text = tokenizer.decode([tid])
+        word = text.lstrip(" ")
+        if len(word) >= min_length and word.isascii() and word.isalpha() and len(text) - len(word) <= 1:
+            out.append((tid, word))
+    return out
+
+
+@dataclass
+class PromptParts:
+    pre: List[int]     # template text before the word
+    post: List[int]    # template text after the word
+    sep: List[int]     # between examples
+    answers: Dict[str, List[int]]  # letter -> " X"
+
+
+def prompt_parts(tokenizer: Any, template: str) -> PromptParts:
+    if template.count("{word}") != 1:
+        raise ValueError(f"eval.absorption.prompt_template must contain '{{word}}' once, got {template!r}")
+    pre, post = template.split("{word}")
+
+    def enc(s: str) -> List[int]:
+        return list(tokenizer(s, add_special_tokens=False)["input_ids"]) if s else []
+
+    return PromptParts(enc(pre), enc(post), enc("\n"), {c: enc(" " + c.upper()) for c in LETTERS})
+
+
+def build_prompts(word_ids: Sequence[int], words: Sequence[str], pool: Sequence[Tuple[int, str]], parts: PromptParts,
+                  n_examples: int, bos: int, rng: np.random.Generator) -> Tuple[List[List[int]], List[int]]:
+    """ICL prompts as id lists (BOS first) and the index of the target word token in each."""
+    prompts, positions = [], []
+    for wid, _w in zip(word_ids, words):
+        ids = [int(bos)]
+        candidates = rng.choice(len(pool), size=min(len(pool), n_examples + 1), replace=False)
+        examples = [pool[i] for i in candidates if pool[i][0] != wid][:n_examples]
+        for eid, eword in examples:
+            ids += parts.pre + [eid] + parts.post + parts.answers[eword[0].lower()] + parts.sep
+        ids += parts.pre
+        positions.append(len(ids))
+        ids += [wid] + parts.post
+        prompts.append(ids)
+    return prompts, positions
+
+
+@torch.no_grad()
+def word_activations(lm: Any, prompts: List[List[int]], positions: List[int], layer: int, hook: str,
+                     batch_size: int, pad_id: int) -> torch.Tensor:
+    """LM activation at each prompt's word position, ``[n, d]`` float32 on CPU (right padding)."""
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s:s + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), int(pad_id), dtype=torch.long)
+        for i, p in enumerate(chunk):
+            ids[i, :len(p)] = torch.tensor(p)
+        acts = lm.activations(ids.to(lm.device), layer, hook)
+        pos = torch.tensor(positions[s:s + batch_size], device=acts.device)
+        out.append(acts[torch.arange(len(chunk), device=acts.device), pos].float().cpu())
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Probes
+# --------------------------------------------------------------------------------------------
+
+
+def _f1(y: np.ndarray, pred: np.ndarray) -> float:
+    tp = float(np.sum(pred & y))
+    denom = float(np.sum(pred) + np.sum(y))
+    return 2 * tp / denom if denom > 0 else 0.0
+
+
+def _logreg(x: np.ndarray, y: np.ndarray, seed: int, max_iter: int = 1000, standardize: bool = False):
+    """Balanced logistic regression (letters are ~1/26 of words; unweighted, a probe would rarely
+    say yes). ``standardize`` speeds up convergence where only the decision matters, not the direction."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if standardize:  # few columns: Newton steps converge in a handful of iterations
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, class_weight="balanced",
+                                                                 solver="newton-cholesky", random_state=seed))
+    else:
+        clf = LogisticRegression(max_iter=max_iter, class_weight="balanced", random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clf.fit(x, y)
+    return clf
+
+
+def letter_probes(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray, letters: Sequence[int],
+                  seed: int) -> Dict[int, Dict[str, Any]]:
+    """Ground-truth one-vs-rest probes on LM activations: direction (raw activation space), test
+    F1 and test decision scores per letter. Inputs are divided by one global scale (not per-dim
+    standardisation) so the learned weight vector IS a direction in activation space."""
+    scale = float(np.linalg.norm(x_tr, axis=1).mean()) or 1.0
+    out = {}
+    for li in letters:
+        clf = _logreg(x_tr / scale, (y_tr == li).astype(int), seed)
+        scores = clf.decision_function(x_te / scale)
+        out[li] = {"direction": clf.coef_[0].astype(np.float64), "f1": _f1(y_te == li, scores > 0),
+                   "test_scores": scores}
+    return out
+
+
+def rank_latents_l1(f_tr: torch.Tensor, y_tr: np.ndarray, n_classes: int, *, l1_decay: float, num_epochs: int,
+                    batch_size: int, seed: int, lr: float = 0.01, end_lr: float = 1e-5) -> torch.Tensor:
+    """SAEBench's latent ranking: one L1-penalised logistic probe per letter on the SAE latents
+    (BCE on one-hot targets + ``l1_decay * mean_letter(sum |w|)``), Adam with a decaying LR.
+    Returns the weights ``[n_classes, d_sae]``; a letter's top-k latents are its k largest weights."""
+    g = torch.Generator().manual_seed(seed)
+    x = f_tr.float()
+    y = torch.nn.functional.one_hot(torch.as_tensor(y_tr, dtype=torch.long), n_classes).float()
+    w = torch.zeros(n_classes, x.shape[1], requires_grad=True)
+    b = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=lr)
+    steps_per_epoch = max(1, math.ceil(x.shape[0] / batch_size))
+    total = num_epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (end_lr / lr) ** (s / max(1, total)))
+    with torch.enable_grad(), few_threads():
+        for _ in range(num_epochs):
+            order = torch.randperm(x.shape[0], generator=g)
+            for s in range(0, x.shape[0], batch_size):
+                idx = order[s:s + batch_size]
+                logits = x[idx] @ w.T + b
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[idx])
+                loss = loss + l1_decay * w.abs().sum(-1).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+    return w.detach()
+
+
+def k_sparse_probes(f_tr: np.ndarray, y_tr: np.ndarray, f_te: np.ndarray, y_te: np.ndarray, ranking: np.ndarray,
+                    ks: Sequence[int], seed: int) -> List[Dict[str, Any]]:
+    """For each k: logistic regression on the top-k ranked latents; test F1 (decision > 0)."""
+    out = []
+    order = np.argsort(-ranking, kind="stable")
+    for k in ks:
+        feats = order[:k]
+        clf = _logreg(f_tr[:, feats], y_tr.astype(int), seed, max_iter=500, standardize=True)
+        pred = clf.decision_function(f_te[:, feats]) > 0
+        out.append({"k": int(k), "feats": feats.tolist(), "f1": _f1(y_te.astype(bool), pred)})
+    return out
+
+
+def split_features(k_results: Sequence[Dict[str, Any]], f1_jump_threshold: float) -> List[int]:
+    """Main latents for a letter: grow k while F1 jumps by more than the threshold (SAEBench)."""
+    prev, feats = -math.inf, []
+    for r in k_results:
+        if r["f1"] > prev + f1_jump_threshold:
+            prev, feats = r["f1"], r["feats"]
+        else:
+            break
+    return list(feats)
+
+
+def word_absorption(act_probe_proj: float, sae_acts: torch.Tensor, dec_probe_proj: torch.Tensor, cos_sims: torch.Tensor,
+                    main_ids: Sequence[int], s: Dict[str, Any]) -> Tuple[float, bool]:
+    """(absorption fraction, full absorption) for one word, SAEBench's FeatureAbsorptionCalculator rules.
+
+    ``act_probe_proj``: the activation's projection on the unit probe direction u; ``sae_acts``
+    ``[d_sae]``; ``dec_probe_proj``: ``W_dec @ u`` (equals the cosine for unit decoder rows);
+    ``cos_sims``: cosine of each decoder row with u.
+    """
+    proj = sae_acts * dec_probe_proj  # each latent's contribution to the probe projection
+    main = torch.zeros_like(proj, dtype=torch.bool)
+    main[list(main_ids)] = True
+    main_proj = float(proj[main].sum())
+    # absorption fraction: aligned, positively projecting non-main latents, at most N of them
+    cand = (~main) & (cos_sims >= s["absorption_fraction_probe_cos_sim_threshold"]) & (proj > 0)
+    vals = proj[cand]
+    top = vals.topk(min(int(s["absorption_fraction_max_absorbing_latents"]), vals.numel())).values
+    absorbers = float(top.sum())
+    if act_probe_proj <= 0 or main_proj >= act_probe_proj or \
+            absorbers / act_probe_proj < s["probe_projection_proportion_threshold"]:
+        fraction = 0.0
+    elif main_proj <= 0:
+        fraction = 1.0
+    else:
+        absorbed = min(absorbers, act_probe_proj - main_proj)
+        fraction = float(np.clip(absorbed / (absorbed + main_proj), 0.0, 1.0))
+    # full absorption: main latents silent, one aligned latent carries enough of the projection
+    top_id = int(proj.argmax())
+    full = bool(
+        all(float(sae_acts[i]) < EPS for i in main_ids)
+        and float(cos_sims[top_id]) >= s["full_absorption_probe_cos_sim_threshold"]
+        and act_probe_proj > 0
+        and float(proj[top_id]) / act_probe_proj >= s["probe_projection_proportion_threshold"]
+    )
+    return fraction, full
+
+
+# --------------------------------------------------------------------------------------------
+# The eval
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def run_absorption(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings: Dict[str, Any]) -> EvalOutput:
+    s = check_settings("absorption", DEFAULTS, settings)
+    config = {**s, "layer": layer, "hook": hook, "random_seed": seed}
+    rng = np.random.default_rng(stable_seed(seed, "absorption"))
+    tok = lm.tokenizer
+    vocab = alpha_vocab(tok, lm.special_token_ids, int(s["min_word_length"]))
+    if len(vocab) < 26 * 4:
+        return EvalOutput.skipped(EVAL_TYPE_ID, config, f"the tokenizer has only {len(vocab)} single-token "
+                                  "alphabetic words; the first-letter task needs a few per letter")
+    if len(vocab) > int(s["max_words"]):
+        vocab = [vocab[i] for i in sorted(rng.choice(len(vocab), int(s["max_words"]), replace=False))]
+    perm = rng.permutation(len(vocab))
+    n_test = max(1, int(round(len(vocab) * float(s["test_fraction"]))))
+    test_idx, train_idx = perm[:n_test], perm[n_test:]
+    train_pool = [vocab[i] for i in train_idx]
+
+    parts = prompt_parts(tok, s["prompt_template"])
+    ids = [v[0] for v in vocab]
+    words = [v[1] for v in vocab]
+    prompts, positions = build_prompts(ids, words, train_pool, parts, int(s["n_icl_examples"]), lm.bos_token_id, rng)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else lm.bos_token_id
+    acts = word_activations(lm, prompts, positions, layer, hook, int(s["llm_batch_size"]), pad)
+    y = np.array([LETTERS.index(w[0].lower()) for w in words])
+    x = acts.numpy().astype(np.float64)
+
+    with few_threads():  # many small probe fits: one thread is faster on a shared CPU
+        return _probe_and_score(sae, acts, x, y, train_idx, test_idx, s, config, seed, layer, len(vocab))
+
+
+def _probe_and_score(sae: Any, acts: torch.Tensor, x: np.ndarray, y: np.ndarray, train_idx: np.ndarray,
+                     test_idx: np.ndarray, s: Dict[str, Any], config: Dict[str, Any], seed: int, layer: int,
+                     n_words: int) -> EvalOutput:
+    x_tr, y_tr, x_te, y_te = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
+    n_test = len(test_idx)
+
+    # 1. ground-truth probes on the LM
+    counts_tr = np.bincount(y_tr, minlength=26)
+    counts_te = np.bincount(y_te, minlength=26)
+    probed = [li for li in range(26) if counts_tr[li] >= int(s["min_letter_examples"]) and counts_te[li] >= 1]
+    gt = letter_probes(x_tr, y_tr, x_te, y_te, probed, seed)
+    probe_f1 = {LETTERS[li]: round(gt[li]["f1"], 4) for li in probed}
+    passing = [li for li in probed if gt[li]["f1"] >= float(s["min_GT_probe_f1"])]
+    if len(passing) < int(s["min_feats_for_eval"]):
+        out = EvalOutput.skipped(
+            EVAL_TYPE_ID, config,
+            f"only {len(passing)} of 26 letters have a ground-truth probe with F1 >= {s['min_GT_probe_f1']} "
+            f"(need {s['min_feats_for_eval']}): the LM does not represent first letters linearly at "
+            f"layer {layer}. Probe F1 per letter: {probe_f1}")
+        out.unstructured = {"probe_f1": probe_f1, "n_words": n_words}
+        return out
+
+    # 2. k-sparse probes on the SAE latents
+    p = next(iter(sae.parameters()))
+    f_all = sae.encode(acts.to(device=p.device, dtype=p.dtype)).float().cpu()
+    f_tr, f_te = f_all[train_idx], f_all[test_idx]
+    weights = rank_latents_l1(f_tr, y_tr, 26, l1_decay=float(s["k_sparse_probe_l1_decay"]),
+                              num_epochs=int(s["k_sparse_probe_num_epochs"]),
+                              batch_size=int(s["k_sparse_probe_batch_size"]), seed=stable_seed(seed, "l1"))
+    ks = list(range(1, int(s["max_k_value"]) + 1))
+    W_dec = sae.W_dec.detach().float().cpu()
+    dec_unit = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(EPS)
+
+    details, chance_letters = [], []
+    for li in passing:
+        letter = LETTERS[li]
+        kres = k_sparse_probes(f_tr.numpy(), y_tr == li, f_te.numpy(), y_te == li, weights[li].numpy(), ks, seed)
+        main_ids = split_features(kres, float(s["f1_jump_threshold"]))
+        prevalence = float(np.mean(y_te == li))
+        trivial_f1 = 2 * prevalence / (1 + prevalence)  # F1 of answering "yes" for every word
+        if all(r["f1"] <= trivial_f1 for r in kres):
+            chance_letters.append(letter)
+
+        # 3. absorption on the probe's true positives in the test split
+        u = torch.tensor(gt[li]["direction"], dtype=torch.float32)
+        u = u / u.norm().clamp_min(EPS)
+        dec_proj = W_dec @ u
+        cos = dec_unit @ u
+        tp = np.flatnonzero((y_te == li) & (gt[li]["test_scores"] > 0))
+        fractions, fulls = [], []
+        for j in tp:
+            act_proj = float(acts[test_idx[j]] @ u)
+            frac, full = word_absorption(act_proj, f_te[j], dec_proj, cos, main_ids, s)
+            fractions.append(frac)
+            fulls.append(full)
+        n_tp = len(tp)
+        details.append({
+            "first_letter": letter,
+            "mean_absorption_fraction": float(np.sum(fractions) / n_tp) if n_tp else 0.0,
+            "full_absorption_rate": float(np.sum(fulls) / n_tp) if n_tp else 0.0,
+            "num_full_absorption": int(np.sum(fulls)),
+            "num_probe_true_positives": n_tp,
+            "num_split_features": len(main_ids),
+            "split_feats": main_ids,
+            "probe_f1": gt[li]["f1"],
+            "sparse_probe_f1": [r["f1"] for r in kres],
+        })
+
+    def stats(key: str) -> Tuple[float, float]:
+        vals = [d[key] for d in details]
+        return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+
+    maf, maf_sd = stats("mean_absorption_fraction")
+    far, far_sd = stats("full_absorption_rate")
+    nsf, nsf_sd = stats("num_split_features")
+    metrics = {
+        "mean": {
+            "mean_absorption_fraction_score": maf,
+            "mean_full_absorption_score": far,
+            "mean_num_split_features": nsf,
+            "std_dev_absorption_fraction_score": maf_sd,
+            "std_dev_full_absorption_score": far_sd,
+            "std_dev_num_split_features": nsf_sd,
+        },
+        "flags": {"sparse_probe_at_chance_fraction": len(chance_letters) / len(details),
+                  "n_letters_scored": float(len(details))},
+    }
+    flags: Dict[str, Any] = {}
+    status, reason = "ok", None
+    if chance_letters:
+        flags["sparse_probe_at_chance_letters"] = chance_letters
+    if len(chance_letters) == len(details):
+        status, reason = "failed", "the k-sparse SAE probes are at chance level for every k on every scored letter"
+    return EvalOutput(eval_type_id=EVAL_TYPE_ID, config=config, metrics=metrics, details=details, status=status,
+                      skip_reason=reason, flags=flags,
+                      unstructured={"probe_f1": probe_f1, "n_words": n_words, "n_test_words": int(n_test)})
+
+
+def run(ctx: Any) -> EvalOutput:
+    """Registry entry point (``EvalContext``)."""
+    return run_absorption(ctx.lm, ctx.sae, ctx.layer, ctx.hook, ctx.seed, ctx.settings)

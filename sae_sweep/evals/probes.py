@@ -1,0 +1,376 @@
+"""What the probing evals share: labelled text tasks, mean-pooled activations, logistic-regression
+probes, and the chance-level test.
+
+Tasks come from two places:
+
+* Hugging Face Hub datasets by name (SAEBench's sparse-probing sets, FaithfulSAE's downstream
+  sets). Offline they raise :class:`TaskUnavailable` with the hub id and the reason, and the eval
+  reports them as skipped instead of dropping them silently.
+* Offline tasks built from the standard library, the same source as the built-in corpus: every
+  docstring is labelled by the package it comes from (``stdlib_package``) and by what it documents,
+  a class or a function/method (``stdlib_kind``). No network, same content on every machine with
+  the same Python build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import io
+import json
+import logging
+import math
+import os
+import pkgutil
+import re
+import warnings
+import zlib
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "HUB_TASKS",
+    "OFFLINE_TASKS",
+    "TaskUnavailable",
+    "TextTask",
+    "at_chance",
+    "chance_bound",
+    "check_settings",
+    "few_threads",
+    "encode_texts",
+    "fit_probe",
+    "load_task",
+    "pooled_features",
+    "stable_seed",
+    "stdlib_labelled_docs",
+    "top_k_by_mean_diff",
+]
+
+
+class TaskUnavailable(RuntimeError):
+    """A probing task whose data cannot be had here (hub dataset offline, too few examples)."""
+
+
+@dataclass
+class TextTask:
+    name: str
+    texts: List[str]
+    labels: List[str]
+    source: str  # "stdlib" or the hub id
+
+
+def stable_seed(seed: int, *parts: Any) -> int:
+    """A seed derived from ``seed`` and names, stable across processes (``hash()`` is salted)."""
+    return (int(seed) * 1_000_003 + zlib.crc32("/".join(map(str, parts)).encode())) % (2**31)
+
+
+def check_settings(name: str, defaults: Mapping[str, Any], settings: Mapping[str, Any]) -> Dict[str, Any]:
+    """Defaults overlaid with the eval's conf node; an unknown key is an error naming the allowed ones."""
+    unknown = sorted(set(settings) - set(defaults))
+    if unknown:
+        raise ValueError(f"eval.{name}: unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(sorted(defaults))}")
+    out = dict(defaults)
+    out.update(settings)
+    return out
+
+
+@contextmanager
+def few_threads(n: int = 1):
+    """Run many SMALL ops (probe fits, a tiny Adam loop) on ``n`` threads, then restore.
+
+    On a shared CPU, torch's and BLAS's thread pools spin-wait on each small op; measured here,
+    100 Adam steps on a 26x60 probe took 2.5 s on 2 threads under load and 0.23 s on one.
+    """
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(n, before))
+    try:
+        with threadpool_limits(limits=n):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------
+# Offline tasks from the standard library
+# --------------------------------------------------------------------------------------------
+
+DEFAULT_PACKAGES = ("asyncio", "email", "xml", "multiprocessing", "logging")
+_MIN_DOC_CHARS = 40  # same floor as the corpus: shorter docstrings are mostly boilerplate
+_SKIP = re.compile(r"(^|\.)(__main__|_?tests?|test_\w*)($|\.)")
+
+
+def _clean(doc: Any) -> Optional[str]:
+    if not isinstance(doc, str):
+        return None
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(l.rstrip() for l in inspect.cleandoc(doc).splitlines())).strip()
+    return text if len(text) >= _MIN_DOC_CHARS else None
+
+
+def _walk_package(top: str) -> List[str]:
+    mod = importlib.import_module(top)
+    names = [top]
+    if hasattr(mod, "__path__"):
+        for info in pkgutil.walk_packages(mod.__path__, top + ".", onerror=lambda _n: None):
+            if not _SKIP.search(info.name):
+                names.append(info.name)
+    return sorted(names)
+
+
+def _collect(packages: Sequence[str]) -> List[Tuple[str, str, str]]:
+    """(text, package, kind) for each docstring defined in ``packages``; kind in module/class/function."""
+    rows: Dict[str, Tuple[str, str]] = {}
+    conflicted: set = set()
+    sink = io.StringIO()
+
+    def add(text: Optional[str], package: str, kind: str) -> None:
+        if text is None:
+            return
+        if text in rows and rows[text] != (package, kind):
+            conflicted.add(text)  # same docstring in two places with different labels: unusable
+        rows.setdefault(text, (package, kind))
+
+    for top in packages:
+        with warnings.catch_warnings(), redirect_stdout(sink), redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            names = _walk_package(top)
+            modules = []
+            for name in names:
+                try:
+                    modules.append((name, importlib.import_module(name)))
+                except BaseException as e:  # platform-specific modules, optional C extensions
+                    if isinstance(e, KeyboardInterrupt):
+                        raise
+        for name, module in modules:
+            add(_clean(module.__doc__), top, "module")
+            for _attr, obj in sorted(vars(module).items()):
+                try:
+                    if getattr(obj, "__module__", None) != name:
+                        continue
+                    if inspect.isclass(obj):
+                        add(_clean(obj.__doc__), top, "class")
+                        for _m, member in sorted(vars(obj).items()):
+                            if isinstance(member, (classmethod, staticmethod)):
+                                member = member.__func__
+                            if isinstance(member, property):
+                                member = member.fget
+                            if inspect.isroutine(member) and getattr(member, "__module__", name) == name:
+                                add(_clean(member.__doc__), top, "function")
+                    elif inspect.isroutine(obj):
+                        add(_clean(obj.__doc__), top, "function")
+                except Exception:  # objects whose attribute access raises
+                    continue
+    out = [(t, p, k) for t, (p, k) in rows.items() if t not in conflicted]
+    out.sort(key=lambda r: hashlib.sha1(r[0].encode()).digest())  # order independent of import order
+    return out
+
+
+def stdlib_labelled_docs(packages: Sequence[str] = DEFAULT_PACKAGES,
+                         cache_dir: Optional[str] = None) -> List[Tuple[str, str, str]]:
+    """Labelled docstrings ``(text, package, kind)``, cached as JSON under ``<cache_dir>/text/``."""
+    import sys
+
+    packages = tuple(sorted(packages))
+    key = hashlib.sha1(json.dumps([sys.version, packages, "v1"]).encode()).hexdigest()[:12]
+    path = Path(os.path.expanduser(cache_dir)) / "text" / f"stdlib-probe-docs-{key}.json" if cache_dir else None
+    if path is not None and path.exists():
+        return [tuple(r) for r in json.loads(path.read_text())]
+    rows = _collect(packages)
+    if path is not None:
+        from sae_sweep.corpus import atomic_write_bytes
+
+        atomic_write_bytes(path, json.dumps(rows).encode())
+    return rows
+
+
+OFFLINE_TASKS = ("stdlib_package", "stdlib_kind")
+
+# name -> (hub id, config, text column, label column, classes to keep or None for all).
+# SAEBench's sparse-probing sets and FaithfulSAE's downstream sets; offline these raise TaskUnavailable.
+HUB_TASKS: Dict[str, Tuple[str, Optional[str], str, str, Optional[List[int]]]] = {
+    "LabHC/bias_in_bios_class_set1": ("LabHC/bias_in_bios", None, "hard_text", "profession", [0, 1, 2, 6, 9]),
+    "LabHC/bias_in_bios_class_set2": ("LabHC/bias_in_bios", None, "hard_text", "profession", [11, 13, 14, 18, 19]),
+    "LabHC/bias_in_bios_class_set3": ("LabHC/bias_in_bios", None, "hard_text", "profession", [20, 21, 22, 25, 26]),
+    "fancyzhx/ag_news": ("fancyzhx/ag_news", None, "text", "label", None),
+    "ag_news": ("fancyzhx/ag_news", None, "text", "label", None),
+    "sst2": ("nyu-mll/glue", "sst2", "sentence", "label", None),
+    "cola": ("nyu-mll/glue", "cola", "sentence", "label", None),
+    "yelp_polarity": ("fancyzhx/yelp_polarity", None, "text", "label", None),
+}
+
+
+def _load_hub_task(name: str, max_examples: int, seed: int) -> TextTask:
+    hub_id, config, text_col, label_col, classes = HUB_TASKS[name]
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset(hub_id, config, split="train")
+    except Exception as e:  # offline, gated, renamed: say which dataset and why
+        raise TaskUnavailable(f"hub dataset {hub_id}{'/' + config if config else ''} for task {name!r} "
+                              f"could not be loaded ({type(e).__name__}: {str(e)[:200]}); "
+                              f"offline, use the built-in tasks {', '.join(OFFLINE_TASKS)}") from None
+    rng = np.random.default_rng(stable_seed(seed, name))
+    idx = rng.permutation(len(ds))[: max_examples * 4]
+    rows = ds.select(sorted(idx.tolist()))
+    texts, labels = [], []
+    for t, y in zip(rows[text_col], rows[label_col]):
+        if classes is None or int(y) in classes:
+            texts.append(t)
+            labels.append(str(y))
+    return TextTask(name, texts[:max_examples], labels[:max_examples], hub_id)
+
+
+def load_task(name: str, *, seed: int, cache_dir: Optional[str], max_examples: int,
+              packages: Sequence[str] = DEFAULT_PACKAGES, min_per_class: int = 20) -> TextTask:
+    """A labelled text task by name: an offline ``stdlib_*`` task or a hub dataset from HUB_TASKS."""
+    if name in OFFLINE_TASKS:
+        rows = stdlib_labelled_docs(packages, cache_dir)
+        if name == "stdlib_package":
+            pairs = [(t, p) for t, p, _k in rows]
+        else:  # class vs function docstrings (module docstrings are too few to balance)
+            pairs = [(t, k) for t, _p, k in rows if k in ("class", "function")]
+        # Cap each class so a task stays small and classes stay comparable in size.
+        per_class = max(1, max_examples // max(1, len({y for _, y in pairs})))
+        rng = np.random.default_rng(stable_seed(seed, name, "subsample"))
+        by: Dict[str, List[str]] = {}
+        for t, y in pairs:
+            by.setdefault(y, []).append(t)
+        texts, labels = [], []
+        for y in sorted(by):
+            pick = rng.permutation(len(by[y]))[:per_class]
+            texts += [by[y][i] for i in sorted(pick)]
+            labels += [y] * len(pick)
+        small = {y: len(v) for y, v in by.items() if len(v) < min_per_class}
+        if small:
+            raise TaskUnavailable(f"task {name!r}: classes with fewer than {min_per_class} examples: {small}")
+        return TextTask(name, texts, labels, "stdlib")
+    if name in HUB_TASKS:
+        return _load_hub_task(name, max_examples, seed)
+    raise ValueError(f"unknown probing task {name!r}: allowed values are "
+                     f"{', '.join(list(OFFLINE_TASKS) + sorted(HUB_TASKS))}")
+
+
+# --------------------------------------------------------------------------------------------
+# Activations
+# --------------------------------------------------------------------------------------------
+
+
+def encode_texts(lm: Any, texts: Sequence[str], context_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``[BOS] + tokens[:context_size-1]``, right-padded; returns ids and a mask of scored tokens.
+
+    Right padding keeps a causal model's activations at real positions exact, so no attention mask
+    is needed; padding and special tokens are left out of the mask (SAEBench mean-pools over
+    non-special tokens).
+    """
+    tok = lm.tokenizer
+    bos = lm.bos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id if tok.eos_token_id is not None else bos)
+    special = {int(t) for t in lm.special_token_ids if t is not None}
+    body = [tok(t, add_special_tokens=False)["input_ids"][: context_size - 1] for t in texts]
+    width = 1 + max((len(b) for b in body), default=0)
+    ids = torch.full((len(texts), width), int(pad), dtype=torch.long)
+    keep = torch.zeros((len(texts), width), dtype=torch.bool)
+    for i, b in enumerate(body):
+        ids[i, 0] = int(bos)
+        if b:
+            row = torch.tensor(b, dtype=torch.long)
+            ids[i, 1:1 + len(b)] = row
+            keep[i, 1:1 + len(b)] = ~torch.isin(row, torch.tensor(sorted(special) or [-1]))
+    return ids, keep
+
+
+def _sae_param(sae: torch.nn.Module) -> torch.Tensor:
+    return next(iter(sae.parameters()))
+
+
+@torch.no_grad()
+def pooled_features(lm: Any, sae: torch.nn.Module, ids: torch.Tensor, keep: torch.Tensor, layer: int, hook: str,
+                    batch_size: int = 32) -> Dict[str, np.ndarray]:
+    """Mean over scored tokens of the LM activation (``llm``), the SAE latents (``sae``) and the
+    SAE reconstruction (``recon``), one row per text (float32 numpy). Texts are batched by length so
+    padding costs little. A text with no scored token gets zeros."""
+    p = _sae_param(sae)
+    n = ids.shape[0]
+    lengths = keep.sum(1) + 1
+    order = torch.argsort(lengths, descending=True)
+    out: Dict[str, Optional[np.ndarray]] = {"llm": None, "sae": None, "recon": None}
+    for start in range(0, n, batch_size):
+        rows = order[start:start + batch_size]
+        width = int((keep[rows].nonzero()[:, 1].max() + 1) if keep[rows].any() else 1)
+        b_ids, b_keep = ids[rows, :width], keep[rows, :width]
+        acts = lm.activations(b_ids.to(lm.device), layer, hook)
+        x = acts[b_keep.to(acts.device)].to(device=p.device, dtype=p.dtype)
+        x_hat, f = sae(x)
+        owner = b_keep.nonzero()[:, 0].to(p.device)  # which text each scored token belongs to
+        count = b_keep.sum(1).clamp_min(1).to(p.device, torch.float32)[:, None]
+        for key, val in (("llm", x), ("sae", f), ("recon", x_hat)):
+            pooled = torch.zeros(len(rows), val.shape[-1], device=p.device, dtype=torch.float32)
+            pooled.index_add_(0, owner, val.float())
+            pooled = (pooled / count).cpu().numpy()
+            if out[key] is None:
+                out[key] = np.zeros((n, val.shape[-1]), dtype=np.float32)
+            out[key][rows.numpy()] = pooled
+    return {k: v for k, v in out.items() if v is not None}
+
+
+# --------------------------------------------------------------------------------------------
+# Probes
+# --------------------------------------------------------------------------------------------
+
+
+NEWTON_MAX_DIM = 1024
+
+
+def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, *, seed: int,
+              C: float = 1.0, max_iter: int = 1000, class_weight: Optional[str] = None) -> Dict[str, float]:
+    """Standardised logistic regression; test accuracy and macro F1.
+
+    Standardising makes one ``C`` sensible for LM activations, SAE latents and reconstructions whose
+    scales differ by orders of magnitude; constant columns (dead latents) are left as zeros.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(x_train)
+    # Newton steps converge in a few iterations even on (near-)separable sets, where L-BFGS crawls to
+    # max_iter; its d x d Hessian is only affordable for narrow inputs.
+    solver = "newton-cholesky" if x_train.shape[1] <= NEWTON_MAX_DIM else "lbfgs"
+    clf = LogisticRegression(C=C, max_iter=max_iter, random_state=seed, class_weight=class_weight, solver=solver)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning on tiny, separable sets is expected
+        clf.fit(scaler.transform(x_train), y_train)
+    pred = clf.predict(scaler.transform(x_test))
+    return {"acc": float(accuracy_score(y_test, pred)), "f1": float(f1_score(y_test, pred, average="macro")),
+            "n_test": int(len(y_test))}
+
+
+def top_k_by_mean_diff(x: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` columns whose mean on positives minus mean on negatives is largest
+    (SAEBench's selection for sparse probing: latents that fire MORE on the class)."""
+    diff = x[y == 1].mean(0) - x[y == 0].mean(0)
+    k = min(k, x.shape[1])
+    return np.argsort(-diff, kind="stable")[:k]
+
+
+def chance_bound(n_test: int, chance: float, z: float = 2.0) -> float:
+    """Highest accuracy a classifier at ``chance`` reaches by luck on ``n_test`` examples (z sigma)."""
+    if n_test <= 0:
+        return 1.0
+    return chance + z * math.sqrt(chance * (1 - chance) / n_test)
+
+
+def at_chance(accuracies: Iterable[float], n_test: int, chance: float, z: float = 2.0) -> bool:
+    """True when EVERY given accuracy is within the luck bound of chance: no k learned anything."""
+    bound = chance_bound(n_test, chance, z)
+    accs = list(accuracies)
+    return bool(accs) and all(a <= bound for a in accs)

@@ -1,0 +1,204 @@
+"""Sparse probing, downstream probing and fake features: known answers on constructed inputs, chance
+flagging, and the offline (stdlib-docstring) tasks end to end on an embedding-only toy LM."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from sae_sweep.evals import downstream, fake_features, probes, sparse_probing
+from sae_sweep.evals.schema import flatten_metrics, to_saebench_json
+
+PACKAGES = ["asyncio", "email", "logging"]
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def test_top_k_by_mean_diff_picks_the_planted_column():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(50, int), np.zeros(50, int)]
+    x = rng.normal(size=(100, 20))
+    x[:, 13] += 3 * y      # fires more on positives: selected first
+    x[:, 4] -= 3 * y       # fires LESS on positives: SAEBench's signed difference ranks it last
+    assert probes.top_k_by_mean_diff(x, y, 1).tolist() == [13]
+    assert 4 not in probes.top_k_by_mean_diff(x, y, 10)
+
+
+def test_chance_bound_and_flag():
+    # 0.5 + 2 * sqrt(0.25 / 100) = 0.6
+    assert probes.chance_bound(100, 0.5) == pytest.approx(0.6)
+    assert probes.at_chance([0.5, 0.55, 0.58], 100, 0.5)
+    assert not probes.at_chance([0.5, 0.55, 0.9], 100, 0.5)  # one k learned something
+    assert not probes.at_chance([], 100, 0.5)
+
+
+def test_one_vs_rest_split_is_balanced_and_disjoint():
+    labels = np.array(["a"] * 30 + ["b"] * 50 + ["c"] * 20)
+    tr, y_tr, te, y_te = sparse_probing.one_vs_rest_split(labels, "a", 40, 20, np.random.default_rng(0))
+    assert y_tr.sum() * 2 == len(y_tr) and y_te.sum() * 2 == len(y_te)
+    assert not set(tr) & set(te)
+    assert all(labels[tr[y_tr == 1]] == "a") and all(labels[tr[y_tr == 0]] != "a")
+
+
+def test_fake_feature_counts_hand_computed():
+    tok = torch.tensor([0.01, 0.10, 0.0, 1.0, 0.05])  # 0.05 is not MORE than 5%
+    seq = torch.tensor([0.47, 1.0, 0.0, 1.0, 0.9])
+    m = fake_features.fake_feature_metrics(tok, seq, 0.05, "token")
+    assert m["fake_feature_count"] == 2 and m["fake_feature_ratio"] == pytest.approx(2 / 5)
+    assert m["fake_feature_count_sequence"] == 4 and m["fake_feature_ratio_sequence"] == pytest.approx(4 / 5)
+    assert fake_features.fake_feature_metrics(tok, seq, 0.05, "sequence")["fake_feature_count"] == 4
+
+
+class _OneHotLM:
+    """Activations are one-hot token ids, so which latent fires on which token is known exactly."""
+
+    def __init__(self, vocab=101):
+        self.vocab = vocab
+        self.tokenizer = list(range(vocab))  # only len() is used
+        self.model = None
+        self.device = torch.device("cpu")
+        self.bos_token_id = 0
+        self.special_token_ids = {0}
+
+    def activations(self, ids, layer, hook):
+        return torch.nn.functional.one_hot(ids, self.vocab).float()
+
+
+class _SetSAE(torch.nn.Module):
+    """Latent j fires (value 1) exactly on the token ids in sets[j]."""
+
+    def __init__(self, sets, vocab=101):
+        super().__init__()
+        w = torch.zeros(vocab, len(sets))
+        for j, s in enumerate(sets):
+            w[list(s), j] = 1.0
+        self.W_enc = torch.nn.Parameter(w)
+        self.W_dec = torch.nn.Parameter(w.T.clone())
+
+    def forward(self, x):
+        f = x @ self.W_enc
+        return f @ self.W_dec, f
+
+
+def test_fake_features_on_constructed_latents():
+    # 100 non-special tokens drawn uniformly: latent 0 (1 token) fires on ~1% of tokens but in
+    # 1 - 0.99^63 ~ 47% of 63-token sequences; latent 1 (10 tokens) ~10%; latent 2 never; latent 3 always.
+    sae = _SetSAE([{7}, set(range(1, 11)), set(), set(range(1, 101))])
+    out = fake_features.run_fake_features(_OneHotLM(), sae, 0, "resid_post", 3, {"n_sequences": 256})
+    m = out.metrics["fake_features"]
+    assert m["fake_feature_count_token"] == 2 and m["fake_feature_ratio_token"] == 0.5
+    assert m["fake_feature_count_sequence"] == 3
+    freqs = [d["random_token_freq"] for d in out.details]
+    assert freqs[0] == pytest.approx(0.01, abs=0.004) and freqs[2] == 0.0 and freqs[3] == 1.0
+    # BOS (id 0, special) is never drawn and never scored
+    ids = fake_features.random_token_sequences(101, {0}, 8, 16, 0, seed=3)
+    assert (ids[:, 0] == 0).all() and (ids[:, 1:] != 0).all()
+    assert torch.equal(ids, fake_features.random_token_sequences(101, {0}, 8, 16, 0, seed=3))  # seeded
+
+
+# ----------------------------------------------------------------------------- end to end (offline tasks)
+
+
+class _EmbeddingLM:
+    """An "LM" whose activation is a fixed random embedding of each token (d=128): mean-pooling gives
+    a random projection of the bag of words, which separates the stdlib tasks well. The probing
+    code only sees the LanguageModel contract (tokenizer, activations, special ids)."""
+
+    def __init__(self, tokenizer, d=128):
+        self.tokenizer = tokenizer
+        self.model = None
+        self.device = torch.device("cpu")
+        self.bos_token_id = tokenizer.bos_token_id
+        self.special_token_ids = {tokenizer.bos_token_id, tokenizer.pad_token_id}
+        self.emb = torch.randn(len(tokenizer), d, generator=torch.Generator().manual_seed(0))
+
+    def activations(self, input_ids, layer, hook):
+        return self.emb[input_ids]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("evals_cache"))
+
+
+@pytest.fixture(scope="module")
+def lm(cache_dir):
+    docs = [t for t, _p, _k in probes.stdlib_labelled_docs(PACKAGES, cache_dir)]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(docs, trainers.WordLevelTrainer(vocab_size=1500, special_tokens=["<bos>", "<pad>", "<unk>"]))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>", unk_token="<unk>")
+    return _EmbeddingLM(hf)
+
+
+class _ProjSAE(torch.nn.Module):
+    """ReLU of a fixed random projection; reconstruction = identity (so recon probes match the LM's)."""
+
+    def __init__(self, d_in=128, d_sae=256, scale=1.0):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.W_enc = torch.nn.Parameter(torch.randn(d_in, d_sae, generator=g) * scale)
+        self.W_dec = torch.nn.Parameter(torch.randn(d_sae, d_in, generator=g))
+
+    def forward(self, x):
+        return x, torch.relu(x @ self.W_enc)
+
+
+FAST = {"context_size": 64, "max_examples": 300, "packages": PACKAGES, "batch_size": 64}
+
+
+def test_stdlib_tasks_have_labels_from_structure(cache_dir):
+    rows = probes.stdlib_labelled_docs(PACKAGES, cache_dir)
+    assert {p for _t, p, _k in rows} == set(PACKAGES)
+    assert {"class", "function"} <= {k for _t, _p, k in rows}
+    task = probes.load_task("stdlib_package", seed=0, cache_dir=cache_dir, max_examples=90, packages=PACKAGES)
+    assert sorted(set(task.labels)) == sorted(PACKAGES) and len(task.texts) == 90
+
+
+def test_sparse_probing_end_to_end(lm, cache_dir):
+    settings = {**FAST, "datasets": ["stdlib_package"], "k_values": [1, 5], "probe_train_set_size": 150,
+                "probe_test_set_size": 50}
+    out = sparse_probing.run_sparse_probing(lm, _ProjSAE(), 0, "resid_post", 0, settings, cache_dir)
+    assert out.status == "ok", out.skip_reason
+    assert set(out.metrics["llm"]) == {"llm_test_accuracy", "llm_top_1_test_accuracy", "llm_top_5_test_accuracy"}
+    assert set(out.metrics["sae"]) == {"sae_test_accuracy", "sae_top_1_test_accuracy", "sae_top_5_test_accuracy"}
+    assert out.metrics["llm"]["llm_test_accuracy"] > 0.7  # bag of words separates stdlib packages
+    assert out.details[0]["dataset_name"] == "stdlib_package" and len(out.details[0]["classes"]) == 3
+    flat = flatten_metrics(out, prefix="sparse_probing")
+    assert "sparse_probing/sae/sae_top_1_test_accuracy" in flat
+    json.dumps(to_saebench_json(out, {}, "blocks.0.hook_resid_post", "test"), allow_nan=False)
+    # same seed -> same result
+    again = sparse_probing.run_sparse_probing(lm, _ProjSAE(), 0, "resid_post", 0, settings, cache_dir)
+    assert again.metrics == out.metrics
+
+
+def test_sae_at_chance_is_flagged_not_clean(lm, cache_dir):
+    settings = {**FAST, "datasets": ["stdlib_kind"], "k_values": [1, 2], "probe_train_set_size": 80,
+                "probe_test_set_size": 40}
+    dead = _ProjSAE(scale=0.0)  # every latent is 0: nothing to probe
+    out = sparse_probing.run_sparse_probing(lm, dead, 0, "resid_post", 0, settings, cache_dir)
+    assert out.status == "failed" and "chance" in out.skip_reason
+    assert out.flags["sae_at_chance_tasks"] and out.metrics["flags"]["sae_at_chance_fraction"] == 1.0
+    ds = downstream.run_downstream(lm, dead, 0, "resid_post", 0, {**FAST, "tasks": ["stdlib_package"]}, cache_dir)
+    assert ds.status == "failed" and ds.flags["sae_at_chance_tasks"] == ["stdlib_package"]
+
+
+def test_downstream_end_to_end_and_hub_tasks_fail_clearly_offline(lm, cache_dir, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = downstream.run_downstream(lm, _ProjSAE(), 0, "resid_post", 0,
+                                    {**FAST, "tasks": ["stdlib_package", "sst2"]}, cache_dir)
+    assert out.status == "ok"
+    m = out.metrics["stdlib_package"]
+    assert set(m) >= {"baseline_acc", "sae_acc", "recon_acc", "baseline_f1", "sae_f1", "recon_f1"}
+    assert m["recon_acc"] == pytest.approx(m["baseline_acc"])  # identity reconstruction
+    assert m["baseline_acc"] > m["chance_acc"]
+    assert out.flags["unavailable"] == ["sst2"] and "nyu-mll/glue" in out.unstructured["unavailable"]["sst2"]
+    only_hub = downstream.run_downstream(lm, _ProjSAE(), 0, "resid_post", 0, {**FAST, "tasks": ["cola"]}, cache_dir)
+    assert only_hub.status == "skipped" and "cola" in only_hub.skip_reason and "offline" in only_hub.skip_reason
