@@ -106,7 +106,7 @@ def absorption_per_letter(per_variant: Mapping[str, Mapping[str, List[float]]], 
     ax.set_xlabel("first letter")
     ax.set_ylabel("mean absorption fraction (↓ better)")
     ax.set_title("Feature absorption per first letter (mean over seeds ± std)")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never covers bars
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
@@ -138,6 +138,10 @@ def probing_vs_k(runs: pd.DataFrame, variants: Sequence[str], colors: Mapping[st
             ax.plot(ks, [sub[keys[("llm", k)]].mean() for k in ks], marker="s", linestyle="--", color="black",
                     alpha=0.7, label=f"LM activations: {model}")
     ax.set_xscale("log")
+    all_k = sorted({k for _, k in keys})
+    ax.set_xticks(all_k)  # label the k values themselves, not powers of ten
+    ax.set_xticklabels([str(k) for k in all_k])
+    ax.minorticks_off()
     ax.set_xlabel("k (number of probed dimensions, log scale)")
     ax.set_ylabel("test accuracy (mean over tasks and seeds)")
     ax.set_title("Sparse probing: accuracy vs k")
