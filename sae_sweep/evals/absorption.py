@@ -198,7 +198,7 @@ def rank_latents_l1(f_tr: torch.Tensor, y_tr: np.ndarray, n_classes: int, *, l1_
     (BCE on one-hot targets + ``l1_decay * mean_letter(sum |w|)``), Adam with a decaying LR.
     Returns the weights ``[n_classes, d_sae]``; a letter's top-k latents are its k largest weights."""
     g = torch.Generator().manual_seed(seed)
-    x = f_tr.float()
+    x = f_tr.float().clone()  # a plain tensor: inputs made under inference_mode cannot join autograd
     y = torch.nn.functional.one_hot(torch.as_tensor(y_tr, dtype=torch.long), n_classes).float()
     w = torch.zeros(n_classes, x.shape[1], requires_grad=True)
     b = torch.zeros(n_classes, requires_grad=True)

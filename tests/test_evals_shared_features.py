@@ -1,0 +1,105 @@
+"""Shared-feature ratio: known answers (permuted copy, random decoders, a constructed many-to-one
+case) for both matchers, and the sweep-end hook against a real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_sweep.evals.shared_features import compare_runs, crossseed_hook, shared_feature_ratio
+from sae_sweep.sae import get_sae_class
+
+METHODS = ["dense", "sparse"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_permuted_copy_shares_every_feature(method):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(600, 48, generator=g)
+    perm = torch.randperm(600, generator=g)
+    res = shared_feature_ratio(w, 2.5 * w[perm], 0.7, method=method)  # row scale must not matter
+    assert res["shared_feature_ratio"] == 1.0 and res["top1_ratio"] == 1.0
+    assert res["mean_matched_cos"] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_random_decoders_share_almost_nothing(method):
+    g = torch.Generator().manual_seed(1)
+    res = shared_feature_ratio(torch.randn(600, 48, generator=g), torch.randn(600, 48, generator=g), 0.7, method=method)
+    assert res["shared_feature_ratio"] < 0.01 and res["top1_ratio"] < 0.01
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_to_one_matching_versus_top1(method):
+    # A's latents 0 and 1 both point (almost) along B's latent 0; only one of them can be MATCHED to
+    # it, but both have a partner above 0.7 (top-1). Latent 2 of each is unrelated.
+    e = torch.eye(4)
+    a = torch.stack([e[0], e[0] + 0.1 * e[1], e[2]])
+    b = torch.stack([e[0], e[3], -e[2]])
+    res = shared_feature_ratio(a, b, 0.7, method=method)
+    assert res["shared_feature_ratio"] == pytest.approx(1 / 3)
+    assert res["top1_ratio_a"] == pytest.approx(2 / 3) and res["top1_ratio_b"] == pytest.approx(1 / 3)
+    assert res["top1_ratio"] == pytest.approx(0.5)
+
+
+def test_different_widths_and_half_shared():
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(200, 32, generator=g)
+    other = torch.cat([base[:100], torch.randn(150, 32, generator=g)])  # 250 latents, 100 shared
+    for method in METHODS:
+        res = shared_feature_ratio(base, other, 0.7, method=method)
+        assert res["n_latents"] == 200 and res["shared_feature_ratio"] == pytest.approx(0.5)
+
+
+def test_rejects_mismatched_spaces():
+    with pytest.raises(ValueError, match="different spaces"):
+        shared_feature_ratio(torch.randn(4, 8), torch.randn(4, 9))
+
+
+# ----------------------------------------------------------------------------- sweep-end hook, real MLflow
+
+
+def _save_sae(w_dec: torch.Tensor, path):
+    sae = get_sae_class("topk")(w_dec.shape[1], w_dec.shape[0], k=4)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.nn.functional.normalize(w_dec, dim=-1))
+    sae.save(path, {"model_name": "test"})
+    return path
+
+
+def test_crossseed_hook_logs_groups_pairs_and_children(tmp_path, monkeypatch):
+    from sae_sweep.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)  # the sqlite store's artifacts land under ./mlruns
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = tracker.start_parent("xs", "sweep", {"sweep_name": "xs"})
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 16, generator=g)
+    decoders = {("g1", 1): w, ("g1", 2): w[torch.randperm(64, generator=g)],
+                ("g1", 3): torch.randn(64, 16, generator=g), ("g2", 1): torch.randn(64, 16, generator=g)}
+    ids = {}
+    for (group, seed), dec in decoders.items():
+        run = tracker.child("xs", f"{group}-{seed}", f"key-{group}-{seed}", parent)
+        run.set_tags({"seed_group": group * 8, "seed": seed})
+        run.log_artifact_dir(_save_sae(dec, tmp_path / f"sae-{group}-{seed}"), "sae")
+        run.finish()
+        ids[(group, seed)] = run.run_id
+    results = [{"status": "finished", "run_id": i} for i in ids.values()]
+    out = crossseed_hook(tracker, parent, [], results, tmp_path)
+
+    pm = tracker.get_run(parent).data.metrics
+    assert pm["crossseed/g1g1g1g1/seed_1_vs_2/shared_feature_ratio"] == 1.0
+    assert pm["crossseed/g1g1g1g1/seed_1_vs_3/shared_feature_ratio"] < 0.1
+    assert pm["crossseed/n_pairs"] == 3  # g1 has 3 seeds -> 3 pairs; g2 has one run -> none
+    assert not any(k.startswith("crossseed/g2g2g2g2") for k in pm)
+    assert out["crossseed/shared_feature_ratio_mean"] == pytest.approx(pm["crossseed/shared_feature_ratio_mean"])
+    c1 = tracker.get_run(ids[("g1", 1)]).data.metrics
+    assert c1["crossseed/vs_seed_2/shared_feature_ratio"] == 1.0
+    assert c1["crossseed/shared_feature_ratio"] == pytest.approx((1.0 + c1["crossseed/vs_seed_3/shared_feature_ratio"]) / 2)
+    assert "crossseed/shared_feature_ratio" not in tracker.get_run(ids[("g2", 1)]).data.metrics
+
+    # later, for any two runs
+    res = compare_runs(tracker, ids[("g1", 1)], ids[("g1", 2)])
+    assert res["shared_feature_ratio"] == 1.0
+    b = ids[("g1", 2)]
+    assert tracker.get_run(ids[("g1", 1)]).data.metrics[f"crossseed/vs_{b[:8]}/shared_feature_ratio"] == 1.0
