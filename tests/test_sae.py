@@ -228,3 +228,15 @@ def test_recovery_metrics_known_values():
     eye = torch.eye(4)
     m = recovery_metrics(torch.stack([eye[0], eye[1]]), eye)  # recovers 2 of 4 exactly, 0 for the rest
     assert m["mean_max_cos"] == pytest.approx(0.5) and m["frac_recovered_0.9"] == 0.5
+
+
+def test_sparse_decode_paths_agree_with_grads():
+    from sae_sweep.sae import sparse_decode
+    W = torch.randn(64, 8, dtype=torch.double, requires_grad=True)
+    for k in (1, 4, 40):  # embedding_bag path and dense path (k > d_sae / 32)
+        vals = torch.rand(5, k, dtype=torch.double, requires_grad=True)
+        idx = torch.stack([torch.randperm(64)[:k] for _ in range(5)])
+        dense = torch.zeros(5, 64, dtype=torch.double).scatter(-1, idx, vals.detach()) @ W.detach()
+        torch.testing.assert_close(sparse_decode(vals, idx, W), dense)
+        assert torch.autograd.gradcheck(lambda v, w: sparse_decode(v, idx, w), (vals, W))
+        assert torch.autograd.gradcheck(lambda v, w: sparse_decode(v, idx, w, dense_above=1.0), (vals, W))

@@ -546,10 +546,15 @@ def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
     return 1.0 - resid / total.clamp_min(1e-12)
 
 
-def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
-    """sum_j vals[:, j] * W_dec[idx[:, j]] without the dense [B, d_sae] code (no bias).
+def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor, dense_above: float = 1 / 32) -> Tensor:
+    """sum_j vals[:, j] * W_dec[idx[:, j]] (no bias) for vals/idx [B, k].
 
-    embedding_bag gathers only the k active rows; its backward gives the dense W_dec grad and the
-    per-value grads.
+    For small k/d_sae, embedding_bag gathers only the k active rows (measured ~3.5x faster than the
+    dense path for a full fwd+bwd at k=32, d_sae=8192, d_in=768 on CPU). Its backward sorts the
+    indices, so for large k (AuxK's k_aux = d_in/2) scattering into a dense code and using a matmul
+    is as fast or faster; the switch is by shape only, so it is deterministic across resumes.
     """
+    if idx.shape[-1] > dense_above * W_dec.shape[0]:
+        f = torch.zeros(idx.shape[0], W_dec.shape[0], dtype=vals.dtype, device=vals.device).scatter(-1, idx, vals)
+        return f @ W_dec
     return F.embedding_bag(idx, W_dec, per_sample_weights=vals.to(W_dec.dtype), mode="sum")
