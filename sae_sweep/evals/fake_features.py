@@ -75,8 +75,9 @@ def firing_frequencies(lm: Any, sae: torch.nn.Module, ids: torch.Tensor, layer: 
     for start in range(0, ids.shape[0], batch_size):
         batch = ids[start:start + batch_size]
         acts = lm.activations(batch.to(lm.device), layer, hook)[:, 1:]  # BOS is not a random token
-        _, f = sae(acts.to(device=p.device, dtype=p.dtype))
-        fired = f != 0
+        b, t, d = acts.shape
+        _, f = sae(acts.reshape(b * t, d).to(device=p.device, dtype=p.dtype))  # SAEs take [N, d_in]
+        fired = (f != 0).reshape(b, t, -1)
         if tok_counts is None:
             tok_counts = torch.zeros(fired.shape[-1], dtype=torch.int64, device=fired.device)
             seq_counts = torch.zeros_like(tok_counts)
