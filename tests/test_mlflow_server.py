@@ -1,0 +1,139 @@
+"""The MLflow UI's view of a sweep: a real ``mlflow server`` on loopback (sqlite store and proxied
+artifacts in tmp), written to through Tracker, read back through the REST API the UI itself calls."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from contextlib import contextmanager
+
+import pytest
+
+from sae_sweep.report import build_report
+from sae_sweep.tracking import Tracker
+from test_report import EV, KL, SEEDS, make_sweep
+
+START_TIMEOUT = 180  # first start migrates a fresh sqlite schema; 2 slow cores
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(base: str, endpoint: str, **params):
+    url = f"{base}{endpoint}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.read()
+
+
+def _post(base: str, path: str, body: dict) -> dict:
+    req = urllib.request.Request(f"{base}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+@contextmanager
+def mlflow_server(tmp_path):
+    port = _free_port()
+    log = open(tmp_path / "server.log", "wb")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--serve-artifacts", "--artifacts-destination", str(tmp_path / "artifacts")]
+    # own session: the server forks workers, and the whole group is stopped in the finally
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited ({proc.returncode}):\n"
+                            + (tmp_path / "server.log").read_text()[-3000:])
+            try:
+                if _get(base, "/health").strip() == b"OK":
+                    break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not answer /health in {START_TIMEOUT}s:\n"
+                            + (tmp_path / "server.log").read_text()[-3000:])
+            time.sleep(0.5)
+        yield base
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+        log.close()
+
+
+@pytest.mark.timeout(600)
+def test_sweep_as_the_ui_shows_it(tmp_path):
+    with mlflow_server(tmp_path) as base:
+        tracker = Tracker(base)
+        parent, children = make_sweep(tracker, "ui_sweep")
+
+        exp = json.loads(_get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="ui_sweep"))
+        exp_id = exp["experiment"]["experiment_id"]
+
+        # the parent: one sweep run, found by its kind tag
+        found = _post(base, "/api/2.0/mlflow/runs/search", {
+            "experiment_ids": [exp_id], "filter": "tags.`sae_sweep.kind` = 'sweep'", "max_results": 50})["runs"]
+        assert [r["info"]["run_id"] for r in found] == [parent]
+        assert found[0]["info"]["run_name"] == "sweep-test"
+
+        # the children nest under it (the UI nests by the mlflow.parentRunId tag)
+        kids = _post(base, "/api/2.0/mlflow/runs/search", {
+            "experiment_ids": [exp_id], "filter": f"tags.`mlflow.parentRunId` = '{parent}'",
+            "max_results": 100})["runs"]
+        assert len(kids) == len(children) + 1  # + the FAILED one
+        finished = [r for r in kids if r["info"]["status"] == "FINISHED"]
+        assert sorted(r["info"]["run_id"] for r in finished) == sorted(children)
+        failed = [r for r in kids if r["info"]["status"] == "FAILED"]
+        assert len(failed) == 1 and {t["key"]: t["value"] for t in failed[0]["data"]["tags"]}["error"].endswith("boom")
+
+        metric_sets = []
+        for r in finished:
+            tags = {t["key"]: t["value"] for t in r["data"]["tags"]}
+            params = {p["key"]: p["value"] for p in r["data"]["params"]}
+            metrics = {m["key"]: m["value"] for m in r["data"]["metrics"]}
+            assert tags["mlflow.parentRunId"] == parent
+            assert r["info"]["run_name"] == tags["mlflow.runName"]
+            assert r["info"]["run_name"].startswith("tiny_blocks.2.hook_resid_post_512_topk_8_0.001_")
+            assert r["info"]["run_name"].endswith(f"_{tags['seed']}_{tags['dataset']}_64_100")
+            for key in ("model", "layer", "hook", "dataset", "seed", "trainer", "seed_group", "run_key"):
+                assert tags[key], key
+            assert int(tags["seed"]) in SEEDS
+            assert params["sae.k"] == "8" and params["trainer.lr"] == "0.001"
+            assert EV in metrics and KL in metrics
+            metric_sets.append(set(metrics))
+        # the compare view lines runs up by key: every child has the same metric keys
+        assert all(s == metric_sets[0] for s in metric_sets)
+
+        # a training curve as the UI's chart fetches it
+        hist = json.loads(_get(base, "/api/2.0/mlflow/metrics/get-history", run_id=children[0],
+                               metric_key="train/loss"))["metrics"]
+        assert [m["step"] for m in sorted(hist, key=lambda m: m["step"])] == [0, 10, 20, 30, 40, 50]
+
+        # the report, built through the server, is in the parent's artifacts (proxied)
+        res = build_report(tracker, parent, tmp_path / "report")
+        listed = json.loads(_get(base, "/api/2.0/mlflow/artifacts/list", run_id=parent, path="report"))
+        paths = {f["path"] for f in listed.get("files", [])}
+        assert {"report/report.md", "report/summary.csv", "report/plots"} <= paths
+        md = _get(base, "/get-artifact", path="report/report.md", run_uuid=parent).decode()
+        assert md == res.markdown.read_text()
+        png = _get(base, "/get-artifact", path="report/plots/metrics_grid.png", run_uuid=parent)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
