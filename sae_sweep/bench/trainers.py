@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,21 +50,24 @@ class Recipe:
     """How one trainer is run on the planted problem: `sae.k`, steps and `trainer.*` overrides."""
 
     k: int = 4
-    steps: int = 1500
+    steps: int = 1000
     lr: float = 3e-3
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
-# Per-trainer settings. Sparsity coefficients are in units of this data (||x||^2 ~ l0).
+# Per-trainer settings. Sparsity coefficients are in units of this data (||x||^2 ~ l0); k = 4 ~ l0.
 RECIPES: dict[str, Recipe] = {
-    "topk": Recipe(k=4),
-    "batchtopk": Recipe(k=4),
+    "topk": Recipe(),
+    "batchtopk": Recipe(),
     "relu": Recipe(overrides={"l1_coeff": 0.3, "l1_warmup": 0.1}),
-    "jumprelu": Recipe(overrides={"target_l0": 4.0, "bandwidth": 0.05}),
-    "matryoshka": Recipe(k=4),
-    "hierarchical": Recipe(),
-    "temporal_ortho": Recipe(k=4),
-    "adaptive_ortho": Recipe(k=4),
+    # thresholds start near the scale of this data's pre-activations (the default 0.1 is generic)
+    "jumprelu": Recipe(overrides={"target_l0": 4.0, "bandwidth": 0.05, "threshold_init": 0.1}),
+    # smallest prefix = n_features: the nested loss then asks the first half to hold every feature
+    "matryoshka": Recipe(overrides={"n_prefixes": 2}),
+    # 1/sqrt(d_sae) = 0.09 is too weak for this data's scale; stop the decay at half
+    "hierarchical": Recipe(overrides={"l1_start": 0.5, "l1_end_frac": 0.5, "target_fvu": 0.05}),
+    "temporal_ortho": Recipe(steps=800),
+    "adaptive_ortho": Recipe(overrides={"group_size": 64}),
 }
 
 
@@ -138,11 +143,14 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def memory_figure(d_sae: int = 65536, **kw: Any) -> dict[str, float]:
-    """temporal_ortho's co-activation tracking memory at `d_sae` (see temporal_ortho.measure_memory)."""
-    from sae_sweep.sae.temporal_ortho import measure_memory
-
-    return measure_memory(d_sae=d_sae, **kw)
+def memory_figure(d_sae: int = 65536, **kw: Any) -> dict[str, Any]:
+    """temporal_ortho's co-activation tracking memory at `d_sae` (`temporal_ortho.measure_memory`),
+    measured in a fresh process so the peak RSS is not the harness's own training peak."""
+    code = ("import json, sys; from sae_sweep.sae.temporal_ortho import measure_memory; "
+            "print(json.dumps(measure_memory(**json.loads(sys.argv[1]))))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps({"d_sae": d_sae, **kw})],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -10,7 +10,8 @@ loss = ||x - x_hat||^2 + auxk_alpha * AuxK + ortho_coeff * O, with
 - Grouping: a full d_sae x d_sae Gram matrix is too big, so latents are grouped by decoder
   direction (a few spherical k-means iterations, then cut into equal chunks of `group_size` in
   cluster order), refreshed every `regroup_every` steps; the loss is computed inside groups only,
-  where the near-duplicates are. Batch-wise: only pairs with a latent active in the current batch
+  where the near-duplicates are (averaged with a second chunking shifted by half a group, so a
+  chunk boundary never hides a pair of neighbours). Batch-wise: only pairs with a latent active in the current batch
   count, so inactive latents (which get no reconstruction gradient) are not pushed around.
 - Adaptive strength: with `adaptive`, s_ij = clamp((r_i + r_j) / (2 mean r), 0.1, 10) from
   per-latent firing rates r (EMA over steps): overlapping latents that fire often interfere most
@@ -113,9 +114,17 @@ class AdaptiveOrthoTrainer(TopKTrainer):
         return (self.rates / self.rates.mean().clamp_min(1e-12)).clamp(0.1, 10.0)
 
     def ortho_loss(self, fired: Tensor) -> Tensor:
+        """Mean over two chunkings of the grouped order, the second shifted by half a group:
+        neighbours in the order (near-duplicates sort next to each other) that a chunk boundary
+        separates in one chunking share a chunk in the other."""
         p = self.params
-        return grouped_ortho_loss(self.sae.W_dec, self.order, min(p.group_size, self.d_sae), p.sharing,
-                                  self.strength(), fired)
+        g = min(p.group_size, self.d_sae)
+        s = self.strength()
+        loss = grouped_ortho_loss(self.sae.W_dec, self.order, g, p.sharing, s, fired)
+        if g < self.d_sae:
+            shifted = self.order.roll(-(g // 2))
+            loss = 0.5 * (loss + grouped_ortho_loss(self.sae.W_dec, shifted, g, p.sharing, s, fired))
+        return loss
 
     def compute_loss(self, x: Tensor) -> StepOutput:
         sae: AdaptiveOrthoSAE = self.sae  # type: ignore[assignment]

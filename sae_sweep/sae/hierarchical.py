@@ -150,7 +150,7 @@ class HierarchicalTrainer(Trainer):
             self.window_counts.zero_()
             self.window_tokens = 0
         if self.params.merge and done % self.params.merge_every == 0:
-            self.merge_duplicates(resid, loss_per_token)
+            self.merge_duplicates(resid, loss_per_token, fired)
         if self.params.resample and done % self.params.resample_every == 0:
             dead = (self.steps_since_fired > self.params.resample_after).nonzero().flatten()
             if dead.numel():
@@ -187,8 +187,13 @@ class HierarchicalTrainer(Trainer):
             self.n_resampled += n
 
     @torch.no_grad()
-    def merge_duplicates(self, resid: Tensor, loss_per_token: Tensor) -> list[tuple[int, int]]:
-        """Merge every disjoint pair with decoder cosine > merge_threshold; returns (kept, removed)."""
+    def merge_duplicates(self, resid: Tensor, loss_per_token: Tensor,
+                         fired: Tensor | None = None) -> list[tuple[int, int]]:
+        """Merge every disjoint pair with decoder cosine > merge_threshold; returns (kept, removed).
+
+        `fired` is this step's StepOutput.fired, which the base step applies to the dead-latent
+        counters after this hook: removed latents are cleared from it so they stay marked dead.
+        """
         sae = self.sae
         used: set[int] = set()
         merged: list[tuple[int, int]] = []
@@ -210,10 +215,15 @@ class HierarchicalTrainer(Trainer):
         if self.params.resample:
             self.resample_(drop_idx, resid, loss_per_token, count=False)  # counted as merges
         else:  # silence it: zero encoder -> never fires; counted dead until something revives it
+            g = torch.Generator().manual_seed(self.seed + self.step_count)  # reproducible on resume
+            fresh = torch.randn(drop_idx.numel(), self.d_in, generator=g).to(sae.W_dec)
+            sae.W_dec[drop_idx] = fresh / fresh.norm(dim=1, keepdim=True)  # no longer a duplicate
             sae.W_enc[:, drop_idx] = 0.0
             sae.b_enc[drop_idx] = -1.0
             self.reset_optimizer_rows_(drop_idx)
             self.tokens_since_fired[drop_idx] = self.params.dead_tokens
+            if fired is not None:
+                fired[drop_idx] = False
         self.n_merged += len(merged)
         return merged
 

@@ -21,8 +21,9 @@ Fixes to the original description:
   does not move while a window fills;
 - a pair's first observed rate initialises c̄ (with c̄ = 0 and alpha ~ 1/1000, every new pair
   would look maximally unstable and c̄ would take thousands of windows to mean anything).
-Tracking needs host syncs (boolean indexing, unique) once per step; its cost scales with B k^2,
-not with d_sae.
+Pairs are found by binary search in a sorted key index (row * d_sae + partner), rebuilt when
+partners change, so per-step transients are O(B k^2) and the index O(d_sae * cap). Tracking needs
+host syncs (boolean indexing, unique) once per step.
 """
 from __future__ import annotations
 
@@ -51,9 +52,11 @@ class CoactivationTable:
         self.freq = torch.zeros(shape, dtype=torch.int32, device=device)  # windows the pair co-fired
         self.weight = torch.zeros(shape, dtype=torch.float32, device=device)  # w from the last window
         self.window_tokens = 0
+        self._rebuild_index()
 
     def nbytes(self) -> int:
-        return sum(getattr(self, f).nbytes for f in self.FIELDS)
+        """Persistent tracking state: the slot fields plus the sorted lookup index."""
+        return sum(getattr(self, f).nbytes for f in self.FIELDS) + self._sorted.nbytes + self._perm.nbytes
 
     @torch.no_grad()
     def observe(self, idx: Tensor, active: Tensor) -> None:
@@ -66,13 +69,24 @@ class CoactivationTable:
         if keys.numel() == 0:
             return
         uniq, counts = keys.unique(return_counts=True)
-        rows, cols = uniq // self.d_sae, (uniq % self.d_sae).to(torch.int32)
         counts = counts.float()
-        match = self.partner[rows] == cols[:, None]  # [U, cap]
-        found = match.any(1)
-        slot = match.int().argmax(1)
-        self.cur[rows[found], slot[found]] += counts[found]
-        self._insert(rows[~found], cols[~found], counts[~found])
+        found, flat = self._lookup(uniq)
+        self.cur.view(-1).index_add_(0, flat[found], counts[found])
+        new = ~found
+        self._insert(uniq[new] // self.d_sae, (uniq[new] % self.d_sae).to(torch.int32), counts[new])
+
+    def _rebuild_index(self) -> None:
+        """Sorted pair keys (row * d_sae + partner) -> flat slot, for O(log) lookups without a
+        d_sae x d_sae structure. Rebuilt whenever partners change."""
+        rows = torch.arange(self.d_sae, device=self.partner.device, dtype=torch.long)[:, None]
+        keys = torch.where(self.partner >= 0, rows * self.d_sae + self.partner.long(),
+                           torch.full_like(rows, self.d_sae * self.d_sae))  # sentinel: past any key
+        self._sorted, self._perm = keys.flatten().sort()
+
+    def _lookup(self, keys: Tensor) -> tuple[Tensor, Tensor]:
+        """(tracked? bool, flat slot index) for pair keys of any shape."""
+        pos = torch.searchsorted(self._sorted, keys).clamp_max(self._sorted.numel() - 1)
+        return self._sorted[pos] == keys, self._perm[pos]
 
     def _insert(self, rows: Tensor, cols: Tensor, counts: Tensor) -> None:
         """Place new pairs into their row's weakest slots, best newcomers first."""
@@ -99,6 +113,7 @@ class CoactivationTable:
         self.avg[rows, slot] = 0.0
         self.freq[rows, slot] = 0
         self.weight[rows, slot] = 0.0
+        self._rebuild_index()
 
     @torch.no_grad()
     def end_window(self, max_alpha: float = 0.1, alpha_div: float = 1000.0) -> None:
@@ -118,10 +133,9 @@ class CoactivationTable:
 
     def pair_weights(self, idx: Tensor) -> Tensor:
         """w for every ordered pair of a token's latents: idx [B, k] -> [B, k, k] (0 if untracked, i==j)."""
-        partners = self.partner[idx]  # [B, k, cap]
-        weights = self.weight[idx]  # [B, k, cap]
-        hit = partners[:, :, None, :] == idx[:, None, :, None].to(torch.int32)  # [B, k, k, cap]
-        w = (hit * weights[:, :, None, :]).sum(-1)
+        keys = idx[:, :, None].long() * self.d_sae + idx[:, None, :].long()
+        hit, flat = self._lookup(keys)
+        w = torch.where(hit, self.weight.view(-1)[flat], torch.zeros((), device=idx.device))
         return w * ~torch.eye(idx.shape[1], dtype=torch.bool, device=idx.device)
 
     def state_dict(self) -> dict[str, Any]:
@@ -131,6 +145,7 @@ class CoactivationTable:
         for f in self.FIELDS:
             setattr(self, f, state[f].to(getattr(self, f).device))
         self.window_tokens = int(state["window_tokens"])
+        self._rebuild_index()
 
 
 def ortho_penalty(vals: Tensor, idx: Tensor, table: CoactivationTable) -> Tensor:
@@ -201,27 +216,33 @@ class TemporalOrthoTrainer(TopKTrainer):
 
 def measure_memory(d_sae: int = 65536, cap: int = 32, batch: int = 1024, k: int = 32, steps: int = 5,
                    seed: int = 0) -> dict[str, Any]:
-    """Tracking memory at `d_sae`: table bytes, and peak RSS growth over `steps` observe + penalty
-    updates on random TopK codes (no SAE is trained). Run in a fresh process for a clean peak."""
+    """Tracking memory at `d_sae`: state bytes, and peak RSS growth over `steps` observe + window +
+    penalty (forward and backward) updates on random TopK codes; no SAE is built or trained.
+    Run it in a fresh process so the peak is not some earlier allocation's."""
     import resource
 
     def maxrss_mib() -> float:  # ru_maxrss is KiB on Linux
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    g = torch.Generator().manual_seed(seed)
+    def run(n: int, n_steps: int) -> CoactivationTable:
+        g = torch.Generator().manual_seed(seed)
+        table = CoactivationTable(n, cap)
+        for _ in range(n_steps):
+            # uniform random codes: ~B k^2 new pairs per step, so slots fill and then evict
+            idx = torch.randint(0, n, (batch, k), generator=g)
+            vals = torch.rand(batch, k, generator=g, requires_grad=True)
+            table.observe(idx, vals > 0)
+            table.end_window()
+            ortho_penalty(vals, idx, table).backward()
+        return table
+
+    run(1024, 2)  # warm-up: lazy kernel/library initialisation is not tracking memory
     before = maxrss_mib()
-    table = CoactivationTable(d_sae, cap)
-    for step in range(steps):
-        # uniform random codes: ~B k^2 new pairs per step, so slots fill and then evict
-        idx = torch.randint(0, d_sae, (batch, k), generator=g)
-        vals = torch.rand(batch, k, generator=g, requires_grad=True)
-        table.observe(idx, vals > 0)
-        table.end_window()
-        ortho_penalty(vals, idx, table).backward()
+    table = run(d_sae, steps)
     after = maxrss_mib()
     return {
         "d_sae": d_sae, "cap": cap, "batch": batch, "k": k,
-        "table_MiB": table.nbytes() / 2**20,
+        "state_MiB": table.nbytes() / 2**20,
         "tracked_pairs": int((table.partner >= 0).sum()),
         "peak_rss_growth_MiB": after - before,
         "peak_rss_MiB": after,

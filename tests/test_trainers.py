@@ -1,0 +1,406 @@
+"""Trainer variants: known-answer recovery of a planted dictionary, each research mechanism, configs.
+
+Floors (documented, per trainer) on the planted problem of `sae_sweep.bench.trainers`
+(d=32, 64 features with correlated groups and noise, d_sae=128, ~1000 steps of 256):
+
+| trainer        | mean max cos | frac > 0.9 | expl. var | L0     | why lower, if lower                      |
+|----------------|--------------|------------|-----------|--------|------------------------------------------|
+| topk           | >= 0.95      | >= 0.90    | >= 0.80   | <= 4   |                                          |
+| batchtopk      | >= 0.93      | >= 0.75    | >= 0.80   | ~4     | per-token L0 varies: some rows blend     |
+| relu           | >= 0.95      | >= 0.90    | >= 0.80   | <= 16  |                                          |
+| jumprelu       | >= 0.95      | >= 0.90    | >= 0.80   | <= 8   |                                          |
+| matryoshka     | >= 0.90      | >= 0.65    | >= 0.80   | ~4     | the prefix loss trades purity for nesting|
+| hierarchical   | >= 0.95      | >= 0.85    | >= 0.80   | <= 24  | L1 decays: small extra activations       |
+| temporal_ortho | >= 0.95      | >= 0.90    | >= 0.80   | <= 4   |                                          |
+| adaptive_ortho | >= 0.95      | >= 0.85    | >= 0.80   | <= 4   |                                          |
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from sae_sweep.bench.trainers import RECIPES, PlantedSetup, Recipe, planted_data, train_planted, trainer_cfg
+from sae_sweep.sae import SparseAutoencoder, get_trainer, trainer_names, validate_trainer_cfg
+from sae_sweep.sae.adaptive_ortho import grouped_ortho_loss
+from sae_sweep.sae.temporal_ortho import CoactivationTable, ortho_penalty
+
+ALL = ["topk", "batchtopk", "relu", "jumprelu", "matryoshka", "hierarchical", "temporal_ortho", "adaptive_ortho"]
+
+FLOORS = {  # name: (mean_max_cos, frac_recovered_0.9, explained_variance, max L0)
+    "topk": (0.95, 0.90, 0.80, 4.0),
+    "batchtopk": (0.93, 0.75, 0.80, 5.0),
+    "relu": (0.95, 0.90, 0.80, 16.0),
+    "jumprelu": (0.95, 0.90, 0.80, 8.0),
+    "matryoshka": (0.90, 0.65, 0.80, 5.0),
+    "hierarchical": (0.95, 0.85, 0.80, 24.0),
+    "temporal_ortho": (0.95, 0.90, 0.80, 4.0),
+    "adaptive_ortho": (0.95, 0.85, 0.80, 4.0),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These matrices are tiny: on 2 shared cores, extra threads only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    setup = PlantedSetup()
+    return setup, planted_data(setup)
+
+
+def make(name: str, steps: int = 100, d_in: int = 16, d_sae: int = 64, k: int = 4, **overrides):
+    setup = PlantedSetup(d=d_in, d_sae=d_sae, batch_size=64)
+    cfg = trainer_cfg(name, Recipe(k=k, steps=steps, overrides=overrides), setup)
+    return get_trainer(name)(d_in, {"d_sae": d_sae, "k": k}, cfg, steps, seed=0)
+
+
+# -- registry and configs ------------------------------------------------------------------------
+
+
+def test_every_variant_is_registered():
+    assert set(ALL) <= set(trainer_names())
+    assert set(FLOORS) == set(ALL) == set(RECIPES)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_yaml_keys_match_params_dataclass(name):
+    yaml = OmegaConf.load(f"conf/trainer/{name}.yaml")
+    fields = [f.name for f in dataclasses.fields(get_trainer(name).params_cls)]
+    assert sorted(yaml.keys()) == sorted(fields)
+    assert yaml.name == name
+    cfg = OmegaConf.to_container(yaml, resolve=False)
+    assert cfg["lr"] == "${model.sae.lr}"
+    cfg["lr"] = 1e-3
+    assert validate_trainer_cfg(OmegaConf.create(cfg), {"d_sae": 256, "k": 8, "expansion_factor": None}, 64) == []
+
+
+@pytest.mark.parametrize("name, key, value, allowed", [
+    ("hierarchical", "merge_threshold", 1.5, "a float in (0, 1)"),
+    ("jumprelu", "bandwidth", 0.0, "a float > 0"),
+    ("matryoshka", "inner", "relu", "one of: batchtopk, topk"),
+    ("temporal_ortho", "cap", 0, "an integer >= 1"),
+    ("adaptive_ortho", "sharing", 1.0, "a float in [0, 1)"),
+    ("relu", "decoder_norm_l1", "yes", "true or false"),
+])
+def test_bad_values_name_key_value_and_allowed(name, key, value, allowed):
+    errors = validate_trainer_cfg(OmegaConf.create({"name": name, key: value}))
+    assert len(errors) == 1
+    assert f"trainer.{key}=" in errors[0] and repr(value) in errors[0] and allowed in errors[0]
+
+
+# -- known answer ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_recovers_planted_dictionary(name, planted):
+    setup, data = planted
+    trainer, m = train_planted(name, setup=setup, data=data, seed=0)
+    cos, frac, ev, max_l0 = FLOORS[name]
+    summary = {k: round(v, 3) for k, v in m.items()}
+    assert m["mean_max_cos"] >= cos, summary
+    assert m["frac_recovered_0.9"] >= frac, summary
+    assert m["explained_variance"] >= ev, summary
+    assert 0.5 <= m["l0"] <= max_l0, summary
+    assert m["dead_frac"] <= 0.6, summary  # d_sae = 2 x n_features: about half may be spare
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_loss_parts_are_named_scalars_and_save_load_round_trips(name, tmp_path):
+    trainer = make(name, steps=30)
+    x = torch.randn(64, 16)
+    trainer.init_from_data(x)
+    for _ in range(30):
+        metrics = trainer.step(x)
+    assert {"loss", "mse", "l0", "explained_variance", "dead_frac"} <= set(metrics)
+    assert all(v.ndim == 0 and torch.isfinite(v) for v in metrics.values()), metrics
+    sae = trainer.sae.eval()
+    with torch.no_grad():
+        x_hat, _ = sae(x)
+    # the pipeline saves with architecture = trainer name and sae.k
+    sae.save(tmp_path, {"architecture": name, "k": 4, "d_in": 16, "d_sae": 64})
+    loaded = SparseAutoencoder.load(tmp_path).eval()
+    assert type(loaded) is type(sae)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], x_hat, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded.W_dec.norm(dim=1), torch.ones(64), rtol=1e-5, atol=1e-5)
+
+
+RESUME_OVERRIDES = {  # make each variant's periodic mechanism fire inside the test
+    "hierarchical": {"merge_every": 10, "resample_every": 10, "resample_after": 5},
+    "temporal_ortho": {"window": 5},
+    "adaptive_ortho": {"regroup_every": 10},
+    "batchtopk": {"threshold_start": 0.0},
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESUME_OVERRIDES))
+def test_checkpoint_resume_is_exact(name):
+    x = torch.randn(64, 16)
+    a = make(name, steps=40, **RESUME_OVERRIDES[name])
+    for _ in range(15):
+        a.step(x)
+    b = type(a)(16, {"d_sae": 64, "k": 4}, dataclasses.asdict(a.params), 40, seed=0)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))  # as through a checkpoint file: no shared tensors
+    for _ in range(10):
+        ma, mb = a.step(x), b.step(x)
+    torch.testing.assert_close(ma["loss"], mb["loss"])
+    torch.testing.assert_close(a.sae.W_dec, b.sae.W_dec)
+
+
+# -- standard variants ---------------------------------------------------------------------------
+
+
+def test_batchtopk_inference_threshold_is_per_token():
+    trainer = make("batchtopk", steps=200, threshold_start=0.0)
+    x = torch.randn(64, 16)
+    for _ in range(50):
+        trainer.step(x)
+    sae = trainer.sae.eval()
+    thr = float(sae.threshold)
+    assert thr > 0
+    with torch.no_grad():
+        f = sae.encode(x)
+        pre = sae.pre_acts(x)
+        torch.testing.assert_close(f, pre * (pre > thr))
+        torch.testing.assert_close(sae.encode(x[:1]), f[:1])  # no dependence on the rest of the batch
+
+
+def test_jumprelu_threshold_gradient_is_rectangle_kernel():
+    trainer = make("jumprelu", bandwidth=0.5, threshold_init=1.0)
+    sae = trainer.sae
+    pre = torch.tensor([[0.6, 1.2, 2.0, 1.1]]).repeat(1, 16)  # d_sae = 64
+    l0 = sae.step_fn(pre).sum()
+    (g,) = torch.autograd.grad(l0, sae.log_threshold)
+    # d theta / d log theta = theta = 1; only |pre - theta| < eps/2 = 0.25 contributes -1/eps = -2
+    expected = torch.tensor([0.0, -2.0, 0.0, -2.0]).repeat(16)
+    torch.testing.assert_close(g, expected)
+
+
+def test_matryoshka_logs_one_loss_per_prefix():
+    trainer = make("matryoshka", n_prefixes=3)
+    x = torch.randn(64, 16)
+    m = trainer.step(x)
+    prefixes = [key for key in m if key.startswith("mse_prefix_")]
+    assert prefixes == ["mse_prefix_16", "mse_prefix_32", "mse_prefix_64"]
+    torch.testing.assert_close(m["mse_prefix_64"], m["mse"])  # the full prefix is the model's output
+
+
+def test_relu_decoder_norm_l1_save_folds_norms_without_changing_output(tmp_path):
+    trainer = make("relu", decoder_norm_l1=True)
+    assert trainer.unit_norm_decoder is False
+    with torch.no_grad():
+        trainer.sae.W_dec.mul_(torch.rand(64, 1) + 0.5)
+    x = torch.randn(8, 16)
+    sae = trainer.sae.eval()
+    with torch.no_grad():
+        before = sae(x)[0]
+    sae.save(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(SparseAutoencoder.load(tmp_path)(x)[0], before, rtol=1e-5, atol=1e-5)
+
+
+# -- hierarchical mechanisms -------------------------------------------------------------------
+
+
+def test_hierarchical_resample_reinitialises_dead_latent_and_resets_adam_state():
+    trainer = make("hierarchical", steps=100, resample_after=5, resample_every=10, merge=False)
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        trainer.sae.b_enc[3] = -1e4  # latent 3 can never fire
+    for _ in range(9):
+        trainer.step(x)
+    old_dec = trainer.sae.W_dec[3].clone()
+    state = trainer.optimizer.state[trainer.sae.W_dec]
+    assert state["exp_avg"].abs().sum() > 0
+    trainer.step(x)  # step 10: resample check
+    assert trainer.n_resampled >= 1
+    sae = trainer.sae
+    assert not torch.allclose(sae.W_dec[3], old_dec)
+    assert float(sae.b_enc[3]) == 0.0
+    for p, view in ((sae.W_dec, lambda t: t[3]), (sae.W_enc, lambda t: t[:, 3]), (sae.b_enc, lambda t: t[3])):
+        st = trainer.optimizer.state[p]
+        assert view(st["exp_avg"]).abs().sum() == 0 and view(st["exp_avg_sq"]).abs().sum() == 0
+    alive = [i for i in range(64) if trainer.steps_since_fired[i] == 0 and i != 3]
+    assert trainer.optimizer.state[sae.W_dec]["exp_avg"][alive].abs().sum() > 0  # others untouched
+    assert trainer.steps_since_fired[3] == 0
+
+
+@pytest.mark.parametrize("resample", [True, False])
+def test_hierarchical_merges_duplicated_latents(resample):
+    trainer = make("hierarchical", steps=100, merge_every=5, resample=resample, resample_every=1000)
+    x = torch.randn(64, 16)
+    for _ in range(4):
+        trainer.step(x)
+    with torch.no_grad():  # latent 7 becomes an exact copy of latent 2
+        sae = trainer.sae
+        sae.W_dec[7] = sae.W_dec[2]
+        sae.W_enc[:, 7] = sae.W_enc[:, 2]
+        sae.b_enc[7] = sae.b_enc[2]
+    trainer.step(x)  # step 5: merge check
+    assert trainer.n_merged == 1
+    cos = torch.nn.functional.cosine_similarity(sae.W_dec[2], sae.W_dec[7], dim=0)
+    assert cos < 0.9
+    if not resample:
+        dropped = 7 if torch.allclose(sae.W_enc[:, 7], torch.zeros(16)) else 2
+        assert trainer.dead_mask()[dropped]
+
+
+def test_hierarchical_adaptive_sparsity_relaxes_when_reconstruction_is_poor():
+    trainer = make("hierarchical", target_fvu=0.1)
+    trainer.fvu_ema.fill_(0.5)  # reconstruction worse than target: penalty must go down
+    assert float(trainer.sparsity_scale()) == pytest.approx(0.2)
+    trainer.fvu_ema.fill_(0.01)  # better than target: tighten, up to the clamp
+    assert float(trainer.sparsity_scale()) == pytest.approx(2.0)
+    off = make("hierarchical", adaptive_sparsity=False)
+    off.fvu_ema.fill_(0.5)
+    assert float(off.sparsity_scale()) == 1.0
+
+
+def test_hierarchical_l1_falls_linearly_to_a_floor():
+    trainer = make("hierarchical", steps=101, l1_warmup=0.0, l1_end_frac=0.1)
+    start = trainer.l1_base()
+    assert start == pytest.approx(1 / 8)  # 1/sqrt(d_sae=64)
+    trainer.step_count = 50
+    assert trainer.l1_base() == pytest.approx(start * 0.55)
+    trainer.step_count = 100
+    assert trainer.l1_base() == pytest.approx(start * 0.1)
+    flat = make("hierarchical", l1_decay=False, l1_warmup=0.0)
+    flat.step_count = 99
+    assert flat.l1_base() == pytest.approx(1 / 8)
+
+
+# -- temporal_ortho ------------------------------------------------------------------------------
+
+
+def test_temporal_ortho_penalty_vanishes_when_pair_is_separated():
+    table = CoactivationTable(d_sae=8, cap=4)
+    idx = torch.tensor([[0, 1], [0, 1], [2, 3]])
+    table.observe(idx, torch.ones_like(idx, dtype=torch.bool))
+    table.end_window()
+    # rate 2/3 for (0,1); first window initialises c̄ = c, so w = c
+    w = table.pair_weights(torch.tensor([[0, 1]]))
+    assert float(w[0, 0, 1]) == pytest.approx(2 / 3) and float(w[0, 1, 0]) == pytest.approx(2 / 3)
+    assert float(w[0, 0, 0]) == 0.0
+    vals = torch.ones(2, 2)
+    together = ortho_penalty(vals, torch.tensor([[0, 1], [0, 1]]), table)
+    apart = ortho_penalty(vals, torch.tensor([[0, 5], [1, 6]]), table)  # 0 and 1 on different tokens
+    assert float(together) > 0 and float(apart) == 0.0
+
+
+def test_temporal_ortho_stability_weight_and_running_average():
+    table = CoactivationTable(d_sae=4, cap=2)
+    both = torch.ones(1, 2, dtype=torch.bool)
+    table.observe(torch.tensor([[0, 1]]), both)  # window 1: c = 1
+    table.end_window()
+    table.observe(torch.tensor([[2, 3]]), both)  # window 2: (0,1) absent, c = 0
+    table.end_window()
+    slot = int((table.partner[0] == 1).nonzero())
+    assert float(table.weight[0, slot]) == 0.0  # c = 0 -> w = 0
+    # alpha = min(0.1, freq / 1000) with freq = 1 -> c̄ = 0.999 * 1 + 0.001 * 0
+    assert float(table.avg[0, slot]) == pytest.approx(0.999)
+    table.observe(torch.tensor([[0, 1], [2, 3]]), torch.ones(2, 2, dtype=torch.bool))  # c = 0.5
+    table.end_window()
+    c, c_bar = 0.5, 0.999
+    assert float(table.weight[0, slot]) == pytest.approx(c * (1 + abs(c - c_bar) / max(c, c_bar)), rel=1e-5)
+
+
+def test_temporal_ortho_table_keeps_strongest_partners_within_cap():
+    table = CoactivationTable(d_sae=16, cap=3)
+    # latent 0 co-fires with 1..9; partner j appears j times
+    rows = [[0, j] for j in range(1, 10) for _ in range(j)]
+    idx = torch.tensor(rows)
+    table.observe(idx, torch.ones_like(idx, dtype=torch.bool))
+    assert sorted(table.partner[0].tolist()) == [7, 8, 9]
+    assert sorted(table.cur[0].tolist()) == [7.0, 8.0, 9.0]
+    # existing pairs accumulate; a weak newcomer does not evict a strong resident
+    table.observe(torch.tensor([[0, 9], [0, 2]]), torch.ones(2, 2, dtype=torch.bool))
+    assert sorted(table.partner[0].tolist()) == [7, 8, 9]
+    assert float(table.cur[0][table.partner[0] == 9]) == 10.0
+
+
+def test_temporal_ortho_memory_is_linear_in_d_sae():
+    cap = 16
+    small, large = CoactivationTable(4096, cap), CoactivationTable(65536, cap)
+    per_slot = 4 + 4 + 4 + 4 + 4 + 8 + 8  # partner, cur, avg, freq, weight + sorted key, index
+    assert large.nbytes() == 65536 * cap * per_slot  # 36 MiB, vs 16 GiB for one dense fp32 matrix
+    assert large.nbytes() == 16 * small.nbytes()
+    # updates do not grow it, however many pairs they see
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        idx = torch.randint(0, 65536, (256, 16), generator=g)
+        large.observe(idx, torch.ones_like(idx, dtype=torch.bool))
+        large.end_window()
+    assert large.nbytes() == 65536 * cap * per_slot
+    assert int((large.partner[idx[0, 0]] >= 0).sum()) <= cap
+
+
+def test_temporal_ortho_trainer_penalises_tracked_pairs():
+    trainer = make("temporal_ortho", steps=60, window=5, ortho_coeff=1.0)
+    x = torch.randn(64, 16)
+    ortho = [float(trainer.step(x)["ortho"]) for _ in range(20)]
+    assert ortho[0] == 0.0  # no completed window yet: no weights
+    assert max(ortho[5:]) > 0  # pairs tracked after the first window are penalised
+    assert trainer.table.nbytes() == 64 * 32 * 36
+
+
+# -- adaptive_ortho ------------------------------------------------------------------------------
+
+
+def test_adaptive_ortho_loss_respects_sharing_and_falls_when_separated():
+    d_sae, d = 8, 16
+    W = torch.nn.functional.normalize(torch.randn(d_sae, d), dim=1)
+    W = torch.linalg.qr(W.T).Q.T[:d_sae].contiguous()  # orthonormal rows
+    order = torch.arange(d_sae)
+    ones, on = torch.ones(d_sae), torch.ones(d_sae, dtype=torch.bool)
+    assert float(grouped_ortho_loss(W, order, 4, 0.3, ones, on)) == 0.0
+    W[1] = torch.nn.functional.normalize(W[0] + 0.2 * W[1], dim=0)  # cos ~ 0.98 with row 0
+    assert float(grouped_ortho_loss(W, order, 4, 0.3, ones, on)) > 0
+    assert float(grouped_ortho_loss(W, order, 4, 0.99, ones, on)) == 0.0  # sharing allows it
+    off = on.clone()
+    off[[0, 1]] = False  # neither latent active in the batch: not penalised
+    assert float(grouped_ortho_loss(W, order, 4, 0.3, ones, off)) == 0.0
+    # gradient descent on the loss alone separates the pair
+    W = W.clone().requires_grad_(True)
+    opt = torch.optim.SGD([W], lr=0.5)
+    first = None
+    for _ in range(50):
+        loss = grouped_ortho_loss(W, order, 4, 0.3, ones, on)
+        first = float(loss) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(grouped_ortho_loss(W.detach(), order, 4, 0.3, ones, on)) < 0.1 * first
+
+
+def test_adaptive_ortho_groups_put_near_duplicates_together():
+    from sae_sweep.sae.adaptive_ortho import group_by_direction
+
+    trainer = make("adaptive_ortho", group_size=8, regroup_every=1)
+    with torch.no_grad():
+        trainer.sae.W_dec[40] = trainer.sae.W_dec[3] + 0.01 * torch.randn(16)
+        trainer.sae.normalize_decoder_()
+    order = group_by_direction(trainer.sae.W_dec, 8)
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(64)
+    assert abs(int(pos[3]) - int(pos[40])) < 4  # within half a group: one of the two chunkings holds both
+    trainer.order = order
+    on = torch.ones(64, dtype=torch.bool)
+    with_pair = float(trainer.ortho_loss(on))
+    with torch.no_grad():
+        trainer.sae.W_dec[40] = -trainer.sae.W_dec[40]  # |cos| unchanged: still penalised
+    assert float(trainer.ortho_loss(on)) == pytest.approx(with_pair)
+    off = on.clone()
+    off[[3, 40]] = False
+    assert float(trainer.ortho_loss(off)) < with_pair
+    x = torch.randn(64, 16)
+    m = trainer.step(x)
+    assert "ortho" in m
