@@ -208,11 +208,27 @@ HUB_TASKS: Dict[str, Tuple[str, Optional[str], str, str, Optional[List[int]]]] =
 }
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check, so an offline machine fails in seconds instead of in HTTP retry loops."""
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _load_hub_task(name: str, max_examples: int, seed: int) -> TextTask:
     hub_id, config, text_col, label_col, classes = HUB_TASKS[name]
     try:
+        import datasets
         from datasets import load_dataset
 
+        if not datasets.config.HF_HUB_OFFLINE and not _hub_reachable():
+            # Unreachable hub: read the local datasets cache only (raises if the set is not there).
+            datasets.config.HF_HUB_OFFLINE = True
+            datasets.config.HF_DATASETS_OFFLINE = True
         ds = load_dataset(hub_id, config, split="train")
     except Exception as e:  # offline, gated, renamed: say which dataset and why
         raise TaskUnavailable(f"hub dataset {hub_id}{'/' + config if config else ''} for task {name!r} "
@@ -299,27 +315,28 @@ def pooled_features(lm: Any, sae: torch.nn.Module, ids: torch.Tensor, keep: torc
     SAE reconstruction (``recon``), one row per text (float32 numpy). Texts are batched by length so
     padding costs little. A text with no scored token gets zeros."""
     p = _sae_param(sae)
+    d_sae, d_in = sae.W_dec.shape
     n = ids.shape[0]
-    lengths = keep.sum(1) + 1
-    order = torch.argsort(lengths, descending=True)
-    out: Dict[str, Optional[np.ndarray]] = {"llm": None, "sae": None, "recon": None}
+    out = {"llm": np.zeros((n, d_in), np.float32), "sae": np.zeros((n, d_sae), np.float32),
+           "recon": np.zeros((n, d_in), np.float32)}
+    order = torch.argsort(keep.sum(1), descending=True)
     for start in range(0, n, batch_size):
         rows = order[start:start + batch_size]
-        width = int((keep[rows].nonzero()[:, 1].max() + 1) if keep[rows].any() else 1)
-        b_ids, b_keep = ids[rows, :width], keep[rows, :width]
-        acts = lm.activations(b_ids.to(lm.device), layer, hook)
-        x = acts[b_keep.to(acts.device)].to(device=p.device, dtype=p.dtype)
+        b_keep = keep[rows]
+        if not b_keep.any():
+            continue
+        width = int(b_keep.nonzero()[:, 1].max()) + 1
+        b_keep = b_keep[:, :width]
+        acts = lm.activations(ids[rows, :width].to(lm.device), layer, hook)
+        x = acts[b_keep.to(acts.device)].to(device=p.device, dtype=p.dtype)  # [n_scored, d_in]
         x_hat, f = sae(x)
         owner = b_keep.nonzero()[:, 0].to(p.device)  # which text each scored token belongs to
         count = b_keep.sum(1).clamp_min(1).to(p.device, torch.float32)[:, None]
         for key, val in (("llm", x), ("sae", f), ("recon", x_hat)):
             pooled = torch.zeros(len(rows), val.shape[-1], device=p.device, dtype=torch.float32)
             pooled.index_add_(0, owner, val.float())
-            pooled = (pooled / count).cpu().numpy()
-            if out[key] is None:
-                out[key] = np.zeros((n, val.shape[-1]), dtype=np.float32)
-            out[key][rows.numpy()] = pooled
-    return {k: v for k, v in out.items() if v is not None}
+            out[key][rows.numpy()] = (pooled / count).cpu().numpy()
+    return out
 
 
 # --------------------------------------------------------------------------------------------
