@@ -202,9 +202,11 @@ def direction_of(key: str) -> int:
 
 
 def eval_metric_keys(keys: Iterable[str]) -> List[str]:
-    """Result metrics: everything but per-step training curves, cache stats and timings."""
+    """Result metrics: everything but per-step training curves, cache stats, timings, and per-pair
+    cross-seed values (``crossseed/vs_<other>/...`` differ by name between the runs of a pair; their
+    group summary is ``crossseed/<metric>`` and the shared-feature table)."""
     return sorted(k for k in keys
-                  if not k.startswith(("train/", "cache/", "sweep/")) and not k.endswith("/seconds"))
+                  if not k.startswith(("train/", "cache/", "sweep/", "crossseed/vs_")) and not k.endswith("/seconds"))
 
 
 def spec_for(key: str) -> MetricSpec:
