@@ -30,6 +30,10 @@ MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 class ConfigError(ValueError):
     """A job configuration that cannot run. The message lists every problem found."""
 
+    def __init__(self, message: str, problems: Optional[List[str]] = None):
+        super().__init__(message)
+        self.problems = problems or [message]
+
 
 # --------------------------------------------------------------------------------------------
 # Structured schema. Every node a user may override is typed here; `trainer` and `eval` are
@@ -247,7 +251,10 @@ def validate(cfg: DictConfig, check_availability: bool = True) -> None:
     if name not in trainer_names():
         errors.append(f"trainer.name={name!r}: allowed values are {', '.join(trainer_names())}")
     else:
-        errors.extend(get_trainer(name).validate_params(cfg.trainer, cfg.sae, d_model))
+        # One message per key: the trainer's own check of a key reported above is dropped.
+        reported = {e.split("=", 1)[0] for e in errors}
+        errors.extend(e for e in get_trainer(name).validate_params(cfg.trainer, cfg.sae, d_model)
+                      if e.split("=", 1)[0] not in reported)
 
     from sae_sweep.evals.registry import eval_names  # noqa: PLC0415
 
@@ -264,7 +271,7 @@ def validate(cfg: DictConfig, check_availability: bool = True) -> None:
             errors.append(str(e))
 
     if errors:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors), errors)
 
 
 # --------------------------------------------------------------------------------------------

@@ -56,17 +56,18 @@ def compose_points(load: Callable[[List[str]], DictConfig], batches: Sequence[Se
     points, errors = [], []
     seen: Dict[str, int] = {}
     idx = 0
+    swept = _swept_keys(batches)
     for batch in batches:
         for overrides in batch:
             overrides = list(overrides)
-            shown = " ".join(overrides) or "(defaults)"
+            shown = " ".join(o for o in overrides if o.split("=", 1)[0] in swept) or " ".join(overrides) or "(defaults)"
             try:
                 cfg = load(overrides)
                 job = _job_view(cfg)
                 C.validate(job)
                 key = C.run_key(job)
             except C.ConfigError as e:
-                errors.append(f"grid point #{idx} [{shown}]: {str(e).replace('invalid configuration:', '').strip()}")
+                errors.append(f"  grid point #{idx} [{shown}]: " + "; ".join(e.problems))
                 idx += 1
                 continue
             if key in seen:
@@ -79,6 +80,17 @@ def compose_points(load: Callable[[List[str]], DictConfig], batches: Sequence[Se
         raise C.ConfigError(f"{len(errors)} of {idx} grid points are invalid; nothing was launched:\n"
                             + "\n".join(errors))
     return points
+
+
+def _swept_keys(batches: Sequence[Sequence[Sequence[str]]]) -> set:
+    """Keys that take more than one value across the grid (what tells points apart)."""
+    values: Dict[str, set] = {}
+    for batch in batches:
+        for overrides in batch:
+            for o in overrides:
+                k, _, v = o.partition("=")
+                values.setdefault(k, set()).add(v)
+    return {k for k, v in values.items() if len(v) > 1}
 
 
 def _job_view(cfg: DictConfig) -> DictConfig:

@@ -63,7 +63,6 @@ def test_unknown_option_lists_choices():
 
 
 def test_unknown_key_rejected_by_schema():
-    from omegaconf.errors import ConfigCompositionException  # noqa: F401
     from hydra.errors import ConfigCompositionException as HCE
 
     with pytest.raises(HCE):

@@ -1,6 +1,7 @@
 """Hydra sweeper plugin (``hydra/sweeper=sae_sweep``): Hydra only instantiates plugins from the
 ``hydra_plugins`` namespace, so this is a thin shell; the logic is in ``sae_sweep.sweep``."""
 
+import sys
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
@@ -28,7 +29,8 @@ class SaeSweepSweeper(BasicSweeper):
         super().__init__(max_batch_size=max_batch_size, params=None)
 
     def sweep(self, arguments: List[str]) -> Any:
-        from sae_sweep.sweep import GridSweep
+        from sae_sweep.config import ConfigError
+        from sae_sweep.sweep import GridSweep, SweepFailed
 
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides(list(arguments))
@@ -41,4 +43,12 @@ class SaeSweepSweeper(BasicSweeper):
             return self.launcher.launch(job_overrides, initial_job_idx=initial_job_idx)
 
         # Validation happens inside GridSweep.run before anything (sweep dir included) is written.
-        return GridSweep(self.config, load, launch).run(batches, list(arguments))
+        # Expected outcomes (a bad grid, failed points) exit with a message, not a traceback.
+        try:
+            return GridSweep(self.config, load, launch).run(batches, list(arguments))
+        except ConfigError as e:
+            print(f"sae_sweep: {e}", file=sys.stderr)
+            sys.exit(2)
+        except SweepFailed as e:
+            print(f"sae_sweep: {e}", file=sys.stderr)
+            sys.exit(1)
