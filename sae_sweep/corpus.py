@@ -157,7 +157,10 @@ def collect_stdlib_docstrings() -> List[str]:
             if isinstance(e, KeyboardInterrupt):
                 raise
             continue
-        for raw in _object_docs(modname, module):
+        with warnings.catch_warnings():  # deprecated aliases (typing.io) warn on attribute access
+            warnings.simplefilter("ignore")
+            raws = list(_object_docs(modname, module))
+        for raw in raws:
             if not isinstance(raw, str):
                 continue
             text = _normalise(raw)

@@ -1,0 +1,491 @@
+"""Text sources and packing into fixed-length, BOS-prefixed token windows.
+
+``token_windows(dataset_cfg, lm, split, n_tokens, cache_dir)`` returns a ``LongTensor[n_seqs,
+context_size]``, ``n_seqs = ceil(n_tokens / context_size)``, drawn from one of the sources
+(``dataset.kind``):
+
+* ``builtin``  the standard-library docstring corpus (offline, see ``corpus.py``);
+* ``faithful`` text the model generates itself from BOS-only prompts, cached on disk in chunks;
+* ``hub``      a Hugging Face dataset, streamed until the budget is met;
+* ``local``    jsonl/json/parquet/csv/txt files through the matching ``datasets`` builder.
+
+BOS handling (recorded in every fingerprint as ``packing``): documents are tokenized without
+special tokens and joined into one stream with EOS after each document; the stream is cut into
+chunks of ``context_size - 1`` tokens, each prefixed by BOS. A chunk never starts with the
+separator, so every window starts with exactly one BOS; EOS separators inside a window (which for
+GPT-2-style tokenizers is the same token as BOS) are special tokens that the activation cache masks.
+
+Splits: every document goes to ``train`` or ``eval`` by a stable hash of its content (~10% eval),
+so the two splits are disjoint for every source and every budget.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional
+
+import numpy as np
+import torch
+
+from sae_sweep.corpus import (
+    EVAL_FRACTION_PERCENT,
+    WindowPacker,
+    atomic_write_bytes,
+    builtin_corpus_id,
+    builtin_documents,
+    doc_split,
+)
+
+__all__ = [
+    "SPLITS",
+    "DatasetUnavailable",
+    "NotEnoughText",
+    "check_dataset_available",
+    "dataset_fingerprint",
+    "token_windows",
+    "iter_split_documents",
+    "faithful_dir",
+]
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "eval")
+# Bump when packing or the split rule changes: window caches and fingerprints follow it.
+PACKING = f"bos+(ctx-1) stream tokens, eos after each doc, no sep at window start; split sha1%100<{EVAL_FRACTION_PERCENT}=eval; v1"
+FAITHFUL_VERSION = "faithful-v1"
+
+# Builders of the `datasets` library by file extension (compression suffixes are ignored).
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+_COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+
+_TOKENIZE_BATCH = 128
+
+
+class DatasetUnavailable(RuntimeError):
+    """The dataset cannot be read here (offline hub id, missing local files)."""
+
+
+class NotEnoughText(ValueError):
+    """The source ran out before the requested number of tokens for a split."""
+
+
+# --------------------------------------------------------------------------------------------
+# Config access
+# --------------------------------------------------------------------------------------------
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    if cfg is None:
+        return default
+    try:
+        value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    except Exception:
+        value = default
+    return default if value is None else value
+
+
+def _plain(node: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(node, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(node, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return node
+
+
+def _stable_hash(obj: Any, n: int = 16) -> str:
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:n]
+
+
+def _generation_settings(dataset_cfg: Any) -> Dict[str, Any]:
+    gen = _get(dataset_cfg, "generation", {}) or {}
+    defaults = dict(max_new_tokens=128, temperature=1.0, top_p=0.9, repetition_penalty=1.1, batch_size=64, seed=0)
+    return {k: _plain(_get(gen, k, v)) for k, v in defaults.items()}
+
+
+def _data_files(dataset_cfg: Any) -> List[str]:
+    files = _plain(_get(dataset_cfg, "data_files", None))
+    if files is None:
+        return []
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    out: List[str] = []
+    for f in files:
+        pattern = os.path.expanduser(str(f))
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        out.extend(matches)
+    return out
+
+
+def _builder_for(path: str) -> Optional[str]:
+    name = path.lower()
+    for comp in _COMPRESSION:
+        if name.endswith(comp):
+            name = name[: -len(comp)]
+    return _BUILDERS.get(os.path.splitext(name)[1])
+
+
+def _local_help() -> str:
+    return "use local files instead: dataset=local dataset.data_files=[/path/a.jsonl,...] (dataset.text_column=text)"
+
+
+# --------------------------------------------------------------------------------------------
+# Availability and fingerprints
+# --------------------------------------------------------------------------------------------
+def _offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def check_dataset_available(dataset_cfg: Any, timeout: float = 10.0) -> None:
+    """Fail fast (before any work) when the dataset cannot be read here.
+
+    hub: offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) unless a non-streaming copy is in the HF
+    cache, or the hub does not answer a metadata request within ``timeout`` seconds.
+    local: every data file exists and has a supported extension.
+    """
+    kind = _get(dataset_cfg, "kind")
+    if kind == "hub":
+        hf_id = _get(dataset_cfg, "hf_id")
+        if not hf_id:
+            raise DatasetUnavailable("dataset.kind=hub needs dataset.hf_id")
+        streaming = bool(_get(dataset_cfg, "streaming", True))
+        if _offline():
+            if not streaming and _hub_dataset_cached(hf_id, _get(dataset_cfg, "revision")):
+                return
+            raise DatasetUnavailable(
+                f"dataset {hf_id!r} is on the Hugging Face Hub and this machine is offline "
+                f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set); {_local_help()}")
+        try:
+            from huggingface_hub import HfApi
+
+            HfApi().dataset_info(hf_id, revision=_get(dataset_cfg, "revision"), timeout=timeout)
+        except Exception as e:  # DNS/connect errors, timeouts, 404, gated
+            raise DatasetUnavailable(
+                f"dataset {hf_id!r} is not reachable on the Hugging Face Hub ({type(e).__name__}: {e}); "
+                f"{_local_help()}") from e
+    elif kind == "local":
+        files = _data_files(dataset_cfg)
+        if not files:
+            raise DatasetUnavailable("dataset.kind=local needs dataset.data_files=[...] (jsonl, json, parquet, csv, txt)")
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise DatasetUnavailable(f"dataset.data_files: no such file(s): {', '.join(missing)}")
+        builders = {f: _builder_for(f) for f in files}
+        bad = [f for f, b in builders.items() if b is None]
+        if bad:
+            raise DatasetUnavailable(
+                f"dataset.data_files: unsupported extension for {', '.join(bad)}; "
+                f"allowed: {', '.join(_BUILDERS)} (optionally compressed: {', '.join(_COMPRESSION)})")
+        if len(set(builders.values())) > 1:
+            raise DatasetUnavailable(f"dataset.data_files mixes formats ({sorted(set(builders.values()))}); use one format")
+
+
+def _hub_dataset_cached(hf_id: str, revision: Any) -> bool:
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(hf_id, repo_type="dataset", revision=revision, local_files_only=True)
+        return True
+    except Exception:
+        return False
+
+
+_FILE_HASHES: Dict[tuple, str] = {}
+
+
+def _file_hash(path: str) -> str:
+    """sha1 of a data file's bytes, memoised per (path, size, mtime) within the process."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        h = hashlib.sha1()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        _FILE_HASHES[key] = h.hexdigest()
+    return _FILE_HASHES[key]
+
+
+def dataset_fingerprint(dataset_cfg: Any, lm: Any = None) -> Dict[str, Any]:
+    """Everything that changes the token windows except the budget and context size.
+
+    ``lm`` adds the tokenizer (hash, BOS/EOS ids); for ``faithful`` it is required, since the model
+    itself is the source.
+    """
+    kind = _get(dataset_cfg, "kind")
+    fp: Dict[str, Any] = {"kind": kind, "packing": PACKING}
+    if kind == "builtin":
+        fp["corpus"] = builtin_corpus_id()
+    elif kind == "hub":
+        fp.update(hf_id=_get(dataset_cfg, "hf_id"), hf_config=_get(dataset_cfg, "hf_config"),
+                  split=_get(dataset_cfg, "split", "train"), text_column=_get(dataset_cfg, "text_column", "text"),
+                  revision=_get(dataset_cfg, "revision"))
+    elif kind == "local":
+        files = _data_files(dataset_cfg)
+        fp.update(text_column=_get(dataset_cfg, "text_column", "text"),
+                  data_files=[_file_hash(f) if os.path.isfile(f) else f"missing:{f}" for f in files])
+    elif kind == "faithful":
+        if lm is None:
+            raise ValueError("dataset_fingerprint of a faithful dataset needs the LanguageModel")
+        fp.update(model=dict(lm.fingerprint), generation=_generation_settings(dataset_cfg), version=FAITHFUL_VERSION)
+    else:
+        raise ValueError(f"dataset.kind={kind!r} is not a text source (builtin, faithful, hub, local)")
+    if lm is not None:
+        fp.update(tokenizer_hash=lm.fingerprint.get("tokenizer_hash"), bos_token_id=lm.bos_token_id,
+                  sep_token_id=lm.eos_token_id)
+    return fp
+
+
+# --------------------------------------------------------------------------------------------
+# Documents of one split, as token ids
+# --------------------------------------------------------------------------------------------
+def _tokenize(lm: Any, texts: List[str]) -> List[List[int]]:
+    if not texts:
+        return []
+    return lm.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def _texts_in_split(texts: Iterable[Any], split: str) -> Iterator[List[str]]:
+    """Batches of non-empty texts that belong to ``split``."""
+    batch: List[str] = []
+    for text in texts:
+        if not isinstance(text, str) or not text.strip() or doc_split(text) != split:
+            continue
+        batch.append(text)
+        if len(batch) >= _TOKENIZE_BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _rows_text(rows: Iterable[dict], column: str, source: str) -> Iterator[Any]:
+    for row in rows:
+        if column not in row:
+            raise ValueError(f"{source}: no column {column!r} (columns: {', '.join(row)}); set dataset.text_column")
+        yield row[column]
+
+
+def _hub_rows(dataset_cfg: Any) -> Iterable[dict]:
+    import datasets
+
+    check_dataset_available(dataset_cfg)
+    kwargs = {}
+    if _get(dataset_cfg, "revision"):
+        kwargs["revision"] = _get(dataset_cfg, "revision")
+    return datasets.load_dataset(
+        _get(dataset_cfg, "hf_id"), _get(dataset_cfg, "hf_config"), split=_get(dataset_cfg, "split", "train"),
+        streaming=bool(_get(dataset_cfg, "streaming", True)), **kwargs)
+
+
+def _local_rows(dataset_cfg: Any) -> Iterable[dict]:
+    import datasets
+
+    check_dataset_available(dataset_cfg)
+    files = _data_files(dataset_cfg)
+    # Streaming: reads only as far as the budget needs and writes nothing to the HF cache.
+    return datasets.load_dataset(_builder_for(files[0]), data_files=files, split="train", streaming=True)
+
+
+def iter_split_documents(dataset_cfg: Any, lm: Any, split: str, cache_dir: str | os.PathLike,
+                         progress: Any = None) -> Iterator[List[int]]:
+    """Token ids (no special tokens) of the documents of ``split``, in the source's order."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: allowed values are {', '.join(SPLITS)}")
+    kind = _get(dataset_cfg, "kind")
+    if kind == "faithful":
+        yield from _faithful_documents(dataset_cfg, lm, split, cache_dir, progress)
+        return
+    if kind == "builtin":
+        texts: Iterable[Any] = builtin_documents(cache_dir)
+    elif kind == "hub":
+        column = _get(dataset_cfg, "text_column", "text")
+        texts = _rows_text(_hub_rows(dataset_cfg), column, f"dataset {_get(dataset_cfg, 'hf_id')!r}")
+    elif kind == "local":
+        column = _get(dataset_cfg, "text_column", "text")
+        texts = _rows_text(_local_rows(dataset_cfg), column, "dataset.data_files")
+    else:
+        raise ValueError(f"dataset.kind={kind!r} is not a text source (builtin, faithful, hub, local)")
+    for batch in _texts_in_split(texts, split):
+        for ids in _tokenize(lm, batch):
+            if progress is not None:
+                progress.update(len(ids) + 1)
+            yield ids
+
+
+# --------------------------------------------------------------------------------------------
+# Faithful: the model's own generations, cached in resumable chunks
+# --------------------------------------------------------------------------------------------
+def faithful_dir(dataset_cfg: Any, lm: Any, cache_dir: str | os.PathLike) -> Path:
+    """Where the generations for this model + generation settings live.
+
+    Not keyed by the number of sequences: chunk ``i`` depends only on (model, settings, i), so a
+    larger budget extends the same directory and a smaller one reads a prefix of it.
+    """
+    key = _stable_hash({"model": lm.fingerprint, "generation": _generation_settings(dataset_cfg),
+                        "version": FAITHFUL_VERSION})
+    name = str(lm.fingerprint.get("name", "model")).replace("/", "_")
+    return Path(os.path.expanduser(str(cache_dir))) / "faithful" / f"{name}-{key}"
+
+
+def _chunk_path(root: Path, i: int) -> Path:
+    return root / f"chunk_{i:06d}.npz"
+
+
+def _read_chunk(path: Path) -> List[np.ndarray]:
+    with np.load(path) as z:
+        tokens, lengths = z["tokens"], z["lengths"]
+    return np.split(tokens, np.cumsum(lengths)[:-1]) if len(lengths) else []
+
+
+def _generate_chunk(lm: Any, settings: Dict[str, Any], i: int) -> List[np.ndarray]:
+    """``batch_size`` samples from BOS-only prompts; each cut at its first EOS."""
+    torch.manual_seed(int(settings["seed"]) * 1_000_003 + i)  # chunk i is reproducible on its own
+    bs = int(settings["batch_size"])
+    prompt = torch.full((bs, 1), lm.bos_token_id, dtype=torch.long, device=lm.device)
+    with torch.inference_mode():
+        out = lm.model.generate(
+            input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+            temperature=float(settings["temperature"]), top_p=float(settings["top_p"]), top_k=0,
+            repetition_penalty=float(settings["repetition_penalty"]),
+            max_new_tokens=int(settings["max_new_tokens"]), min_new_tokens=0,
+            eos_token_id=lm.eos_token_id, pad_token_id=lm.pad_token_id, use_cache=True,
+        )
+    docs = []
+    for row in out[:, 1:].cpu().numpy():
+        stop = np.nonzero(row == lm.eos_token_id)[0]
+        row = row[: stop[0]] if len(stop) else row
+        docs.append(row.astype(np.int32))
+    return docs
+
+
+def _write_chunk(root: Path, i: int, docs: List[np.ndarray]) -> None:
+    lengths = np.array([len(d) for d in docs], dtype=np.int32)
+    tokens = np.concatenate(docs).astype(np.int32) if docs else np.zeros(0, dtype=np.int32)
+    buf = io.BytesIO()
+    np.savez(buf, tokens=tokens, lengths=lengths)
+    atomic_write_bytes(_chunk_path(root, i), buf.getvalue())
+
+
+def _write_manifest(root: Path, lm: Any, settings: Dict[str, Any], n_chunks: int) -> None:
+    manifest = {
+        "version": FAITHFUL_VERSION,
+        "model": lm.fingerprint,
+        "generation": settings,
+        "prompt": "BOS only",
+        "chunks": n_chunks,
+        "sequences": n_chunks * int(settings["batch_size"]),
+    }
+    atomic_write_bytes(root / "manifest.json", json.dumps(manifest, indent=2, default=str).encode())
+
+
+def _faithful_documents(dataset_cfg: Any, lm: Any, split: str, cache_dir: str | os.PathLike,
+                        progress: Any = None) -> Iterator[List[int]]:
+    """Documents of ``split`` from chunk 0 on; missing chunks are generated under a lock.
+
+    A killed generation leaves only whole chunk files (atomic writes), so the next run continues
+    at the first missing chunk.
+    """
+    from tqdm.auto import tqdm
+
+    settings = _generation_settings(dataset_cfg)
+    root = faithful_dir(dataset_cfg, lm, cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        locked = False
+        gen_bar = None
+        i = empty_chunks = 0
+        while True:
+            path = _chunk_path(root, i)
+            if not path.exists():
+                if not locked:
+                    from sae_sweep.locks import OwnedLock  # noqa: PLC0415
+
+                    stack.enter_context(OwnedLock(root / ".lock"))
+                    locked = True
+                    gen_bar = stack.enter_context(
+                        tqdm(desc=f"generating {root.name}", unit="seq", initial=i * int(settings["batch_size"]),
+                             disable=None))
+                if not path.exists():  # another process may have written it while we waited
+                    _write_chunk(root, i, _generate_chunk(lm, settings, i))
+                    _write_manifest(root, lm, settings, i + 1)
+                    gen_bar.update(int(settings["batch_size"]))
+            docs = _read_chunk(path)
+            empty_chunks = 0 if any(len(d) for d in docs) else empty_chunks + 1
+            if empty_chunks >= 3:
+                raise NotEnoughText(f"{root}: the model generated only empty sequences (EOS right after BOS)")
+            for doc in docs:
+                if len(doc) and doc_split(doc.astype("<i4").tobytes()) == split:
+                    if progress is not None:
+                        progress.update(len(doc) + 1)
+                    yield doc.tolist()
+            i += 1
+
+
+# --------------------------------------------------------------------------------------------
+# Windows
+# --------------------------------------------------------------------------------------------
+def _windows_path(dataset_cfg: Any, lm: Any, split: str, n_tokens: int, ctx: int,
+                  cache_dir: str | os.PathLike) -> Path:
+    key = _stable_hash({"dataset": dataset_fingerprint(dataset_cfg, lm), "split": split,
+                        "n_tokens": n_tokens, "context_size": ctx})
+    name = str(_get(dataset_cfg, "name", _get(dataset_cfg, "kind"))).replace("/", "_")
+    return Path(os.path.expanduser(str(cache_dir))) / "tokens" / f"{name}-{split}-{key}.npy"
+
+
+def token_windows(dataset_cfg: Any, lm: Any, split: str, n_tokens: int,
+                  cache_dir: str | os.PathLike) -> torch.Tensor:
+    """``LongTensor[ceil(n_tokens / context_size), context_size]`` windows of ``split``.
+
+    Each window is BOS followed by ``context_size - 1`` tokens of the split's document stream.
+    Cached on disk (keyed by the dataset fingerprint, split, budget and context size), since evals
+    ask for the same windows again.
+    """
+    from tqdm.auto import tqdm
+
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: allowed values are {', '.join(SPLITS)}")
+    ctx = int(_get(dataset_cfg, "context_size"))
+    n_tokens = int(n_tokens)
+    if n_tokens <= 0:
+        raise ValueError(f"n_tokens must be positive, got {n_tokens}")
+    path = _windows_path(dataset_cfg, lm, split, n_tokens, ctx, cache_dir)
+    if path.exists():
+        return torch.from_numpy(np.load(path).astype(np.int64))
+
+    n_seqs = math.ceil(n_tokens / ctx)
+    packer = WindowPacker(lm.bos_token_id, lm.eos_token_id, ctx, n_seqs)
+    desc = f"tokenizing {_get(dataset_cfg, 'name', _get(dataset_cfg, 'kind'))}/{split}"
+    with tqdm(total=n_seqs * (ctx - 1), desc=desc, unit="tok", disable=None) as bar:
+        docs = iter_split_documents(dataset_cfg, lm, split, cache_dir, progress=bar)
+        try:
+            for ids in docs:
+                packer.add(ids)
+                if packer.full:
+                    break
+        finally:
+            docs.close()  # releases a faithful generation lock, stops a stream
+    if not packer.full:
+        have = packer.row * ctx
+        raise NotEnoughText(
+            f"dataset {_get(dataset_cfg, 'name', _get(dataset_cfg, 'kind'))!r} has only ~{have} tokens "
+            f"in its {split!r} split ({packer.row} windows of {ctx}), {n_tokens} requested; "
+            f"lower dataset.tokens / dataset.eval_tokens or use a larger source")
+    windows = packer.result()
+    buf = io.BytesIO()
+    np.save(buf, windows.numpy().astype(np.int32))
+    atomic_write_bytes(path, buf.getvalue())
+    meta = {"dataset": dataset_fingerprint(dataset_cfg, lm), "split": split, "n_tokens": n_tokens,
+            "context_size": ctx, "n_seqs": n_seqs, "bos_token_id": lm.bos_token_id,
+            "sep_token_id": lm.eos_token_id, "packing": PACKING}
+    atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=2, default=str).encode())
+    return windows

@@ -1,0 +1,248 @@
+"""text.py: BOS-prefixed windows, disjoint splits, local files, faithful generation, offline hub."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network in tests
+
+import pytest
+import torch
+
+from sae_sweep.corpus import WindowPacker, doc_split
+from sae_sweep.lm import load_lm
+from sae_sweep.text import (
+    DatasetUnavailable,
+    NotEnoughText,
+    check_dataset_available,
+    dataset_fingerprint,
+    faithful_dir,
+    iter_split_documents,
+    token_windows,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache_dir(session_cache_dir):
+    return Path(session_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_cache_dir):
+    return load_lm({"name": "tiny", "hf_id": "builtin:tiny", "dtype": "auto"}, tiny_cache_dir, "cpu")
+
+
+@pytest.fixture(scope="session")
+def llama_lm(tmp_path_factory):
+    """A random tiny Llama whose tokenizer has distinct BOS / EOS / PAD (unlike GPT-2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                        unk_token="</s>", pad_token="<pad>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64))
+    d = tmp_path_factory.mktemp("llama_text")
+    model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return load_lm({"name": "llama-rand", "hf_id": str(d), "dtype": "float32"}, d, "cpu")
+
+
+def _assert_bos_windows(w: torch.Tensor, lm, ctx: int, strict: bool) -> None:
+    assert w.dtype == torch.long and w.shape[1] == ctx
+    assert (w[:, 0] == lm.bos_token_id).all()
+    assert (w[:, 1] != lm.bos_token_id).all()  # never a doubled BOS
+    if strict:  # BOS != EOS: BOS occurs exactly once per window
+        assert ((w == lm.bos_token_id).sum(dim=1) == 1).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Packing
+# --------------------------------------------------------------------------------------------
+def test_packer_windows_start_with_one_bos():
+    p = WindowPacker(bos_id=0, sep_id=0, context_size=4, n_seqs=3)
+    p.add_many([[5, 6, 7], [8], [9, 10, 11, 12]])
+    # stream: 5 6 7 | 0 8 0 9 10 11 12 0 ; chunks of 3, separator dropped at chunk start
+    assert p.result().tolist() == [[0, 5, 6, 7], [0, 8, 0, 9], [0, 10, 11, 12]]
+
+
+# --------------------------------------------------------------------------------------------
+# builtin
+# --------------------------------------------------------------------------------------------
+def test_builtin_windows(llama_lm, tmp_path):
+    cfg = {"name": "builtin", "kind": "builtin", "context_size": 32}
+    from sae_sweep.corpus import builtin_documents
+
+    docs = builtin_documents(tmp_path)
+    assert sum(len(d) for d in docs) > 1_000_000
+    assert (tmp_path / "text").is_dir()  # cached on disk
+    n_eval = sum(doc_split(d) == "eval" for d in docs)
+    assert 0.05 < n_eval / len(docs) < 0.15
+
+    train = token_windows(cfg, llama_lm, "train", 2000, tmp_path)
+    ev = token_windows(cfg, llama_lm, "eval", 1000, tmp_path)
+    assert train.shape == (63, 32) and ev.shape == (32, 32)  # ceil(n_tokens / ctx) windows
+    _assert_bos_windows(train, llama_lm, 32, strict=True)
+    _assert_bos_windows(ev, llama_lm, 32, strict=True)
+    # Cached: the same windows come back from disk.
+    cached = list((tmp_path / "tokens").glob("builtin-train-*.npy"))
+    assert len(cached) == 1 and cached[0].with_suffix(".json").exists()
+    assert torch.equal(token_windows(cfg, llama_lm, "train", 2000, tmp_path), train)
+
+    # Disjoint: no document is in both splits.
+    tr = {tuple(d) for _, d in zip(range(300), iter_split_documents(cfg, llama_lm, "train", tmp_path))}
+    ev_docs = {tuple(d) for _, d in zip(range(300), iter_split_documents(cfg, llama_lm, "eval", tmp_path))}
+    assert tr and ev_docs and not (tr & ev_docs)
+
+
+def test_builtin_windows_tiny(tiny_lm, tiny_cache_dir):
+    cfg = {"name": "builtin", "kind": "builtin", "context_size": 64}
+    w = token_windows(cfg, tiny_lm, "eval", 8192, tiny_cache_dir)
+    assert w.shape == (128, 64)
+    _assert_bos_windows(w, tiny_lm, 64, strict=False)  # tiny: BOS == EOS == <|endoftext|>
+    text = tiny_lm.tokenizer.decode(w[0, 1:])
+    assert len(text.split()) > 5
+
+
+# --------------------------------------------------------------------------------------------
+# local files
+# --------------------------------------------------------------------------------------------
+def _docs(n: int, tag: str):
+    return [f"{tag} document number {i}: the quick brown fox jumps over the lazy dog {i * 7}." for i in range(n)]
+
+
+def test_local_files_jsonl_parquet_txt_csv(llama_lm, tmp_path):
+    import pandas as pd
+
+    docs = _docs(400, "local")
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    parquet = tmp_path / "a.parquet"
+    pd.DataFrame({"body": docs}).to_parquet(parquet)
+    csv = tmp_path / "a.csv"
+    pd.DataFrame({"body": docs}).to_csv(csv, index=False)
+    txt = tmp_path / "a.txt"
+    txt.write_text("\n".join(docs) + "\n")
+
+    results = {}
+    for path, column in ((jsonl, "body"), (parquet, "body"), (csv, "body"), (txt, "text")):
+        cfg = {"name": "local", "kind": "local", "data_files": [str(path)], "text_column": column, "context_size": 16}
+        check_dataset_available(cfg)
+        train = token_windows(cfg, llama_lm, "train", 16 * 20, tmp_path / "cache")
+        ev = token_windows(cfg, llama_lm, "eval", 16 * 4, tmp_path / "cache")
+        _assert_bos_windows(train, llama_lm, 16, strict=True)
+        _assert_bos_windows(ev, llama_lm, 16, strict=True)
+        results[path.suffix] = (train, ev)
+        # Windows decode to text of the requested split only.
+        eval_tags = {d.split(":")[0] for d in docs if doc_split(d) == "eval"}
+        decoded = llama_lm.tokenizer.decode(ev.flatten(), skip_special_tokens=True)
+        numbers = {f"local document number {s.split(':')[0].strip()}" for s in decoded.split("local document number")[1:-1]}
+        assert numbers and numbers <= eval_tags
+    # Same documents, same tokens, whatever the file format.
+    for suffix in (".parquet", ".csv", ".txt"):
+        assert torch.equal(results[suffix][0], results[".jsonl"][0])
+
+    # Fingerprints follow file content.
+    cfg = {"kind": "local", "data_files": [str(jsonl)], "text_column": "body"}
+    fp = dataset_fingerprint(cfg, llama_lm)
+    jsonl.write_text(jsonl.read_text() + json.dumps({"body": "one more"}) + "\n")
+    assert dataset_fingerprint(cfg, llama_lm) != fp
+
+    with pytest.raises(NotEnoughText, match="requested"):
+        token_windows({**cfg, "name": "local", "context_size": 16}, llama_lm, "eval", 100_000, tmp_path / "cache")
+    with pytest.raises(DatasetUnavailable, match="no such file"):
+        check_dataset_available({"kind": "local", "data_files": [str(tmp_path / "missing.jsonl")]})
+    with pytest.raises(DatasetUnavailable, match="unsupported extension"):
+        check_dataset_available({"kind": "local", "data_files": [str(tmp_path / "a.jsonl"), __file__]})
+
+
+def test_local_bad_text_column(llama_lm, tmp_path):
+    f = tmp_path / "b.jsonl"
+    f.write_text("".join(json.dumps({"body": d}) + "\n" for d in _docs(50, "x")))
+    cfg = {"name": "local", "kind": "local", "data_files": [str(f)], "text_column": "text", "context_size": 16}
+    with pytest.raises(ValueError, match="text_column"):
+        token_windows(cfg, llama_lm, "train", 64, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# hub, offline
+# --------------------------------------------------------------------------------------------
+def test_offline_hub_dataset_fails_fast(llama_lm, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = {"name": "fineweb", "kind": "hub", "hf_id": "HuggingFaceFW/fineweb", "hf_config": "sample-10BT",
+           "split": "train", "text_column": "text", "streaming": True, "context_size": 64}
+    t0 = time.time()
+    with pytest.raises(DatasetUnavailable) as err:
+        check_dataset_available(cfg)
+    assert time.time() - t0 < 2
+    msg = str(err.value)
+    assert "HuggingFaceFW/fineweb" in msg and "dataset=local dataset.data_files=[" in msg
+    with pytest.raises(DatasetUnavailable):
+        token_windows(cfg, llama_lm, "train", 1000, tmp_path)
+    assert dataset_fingerprint(cfg, llama_lm)["hf_id"] == "HuggingFaceFW/fineweb"
+
+
+# --------------------------------------------------------------------------------------------
+# faithful
+# --------------------------------------------------------------------------------------------
+def test_faithful_generation_is_cached_resumable_and_text_like(tiny_lm, tiny_cache_dir, tmp_path):
+    gen = {"max_new_tokens": 32, "temperature": 1.0, "top_p": 0.9, "repetition_penalty": 1.1,
+           "batch_size": 16, "seed": 0}
+    cfg = {"name": "faithful", "kind": "faithful", "context_size": 32, "generation": gen}
+    cache = tmp_path / "cache"
+    ev = token_windows(cfg, tiny_lm, "eval", 32 * 6, cache)
+    _assert_bos_windows(ev, tiny_lm, 32, strict=False)
+
+    root = faithful_dir(cfg, tiny_lm, cache)
+    chunks = sorted(root.glob("chunk_*.npz"))
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["generation"] == gen and manifest["chunks"] == len(chunks) >= 2
+    assert manifest["model"]["tokenizer_hash"] == tiny_lm.fingerprint["tokenizer_hash"]
+    assert not (root / ".lock").exists() and not list(root.glob(".*.tmp"))
+
+    # Text-like: mostly words, not byte soup.
+    docs = list(zip(range(20), iter_split_documents(cfg, tiny_lm, "train", cache)))
+    text = " ".join(tiny_lm.tokenizer.decode(d) for _, d in docs)
+    words = text.split()
+    alpha = sum(w.strip(".,:;()[]'\"`").isalpha() for w in words) / len(words)
+    assert len(words) > 50 and alpha > 0.5, text[:400]
+
+    # Resume: a run killed after chunk 0 leaves whole chunks only; the next run regenerates the
+    # rest and ends up with exactly the same windows.
+    for c in chunks[1:]:
+        c.unlink()
+    for f in (cache / "tokens").glob("*"):
+        f.unlink()
+    again = token_windows(cfg, tiny_lm, "eval", 32 * 6, cache)
+    assert torch.equal(again, ev)
+    assert sorted(root.glob("chunk_*.npz")) == chunks
+
+    # The train split draws from the same chunks, disjoint from eval; more budget extends them.
+    token_windows(cfg, tiny_lm, "train", 32 * 40, cache)
+    tr = {tuple(d) for d in _take(iter_split_documents(cfg, tiny_lm, "train", cache), 200)}
+    evd = {tuple(d) for d in _take(iter_split_documents(cfg, tiny_lm, "eval", cache), 200)}
+    assert tr and evd and not (tr & evd)
+
+    # Different generation settings: a different directory and fingerprint.
+    other = {**cfg, "generation": {**gen, "seed": 1}}
+    assert faithful_dir(other, tiny_lm, cache) != root
+    assert dataset_fingerprint(other, tiny_lm) != dataset_fingerprint(cfg, tiny_lm)
+
+
+def _take(it, n):
+    out = []
+    for x in it:
+        out.append(x)
+        if len(out) >= n:
+            break
+    it.close()
+    return out
