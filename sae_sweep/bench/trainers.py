@@ -50,8 +50,8 @@ class Recipe:
     """How one trainer is run on the planted problem: `sae.k`, steps and `trainer.*` overrides."""
 
     k: int = 4
-    steps: int = 1000
-    lr: float = 3e-3
+    steps: int = 600
+    lr: float = 5e-3
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -66,7 +66,7 @@ RECIPES: dict[str, Recipe] = {
     "matryoshka": Recipe(overrides={"n_prefixes": 2}),
     # 1/sqrt(d_sae) = 0.09 is too weak for this data's scale; stop the decay at half
     "hierarchical": Recipe(overrides={"l1_start": 0.5, "l1_end_frac": 0.5, "target_fvu": 0.05}),
-    "temporal_ortho": Recipe(steps=800),
+    "temporal_ortho": Recipe(),
     "adaptive_ortho": Recipe(overrides={"group_size": 64}),
 }
 
