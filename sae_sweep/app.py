@@ -53,6 +53,10 @@ def run_name(cfg: DictConfig, d_sae: int, steps: int) -> str:
 
     lr = cfg.trainer.get("lr")
     k = cfg.sae.k
+    if cfg.dataset.kind == "synthetic":  # no model, no hook: name the planted dictionary instead
+        syn = cfg.dataset.synthetic
+        return (f"planted-d{syn.d}-n{syn.n_features}_{d_sae}_{cfg.trainer.name}_{k}_{lr}_{cfg.seed}_"
+                f"{cfg.dataset.name}_{steps}")
     return (f"{cfg.model.name}_{hook_name(cfg.layer, cfg.hook)}_{d_sae}_{cfg.trainer.name}_{k}_{lr}_"
             f"{cfg.seed}_{cfg.dataset.name}_{cfg.dataset.context_size}_{steps}")
 
@@ -100,7 +104,10 @@ def run_job(cfg: DictConfig) -> Dict[str, Any]:
 
     from sae_sweep.lm import model_shape
 
-    _, d_model = model_shape(cfg.model, C.cache_dir(cfg)) if cfg.dataset.kind != "synthetic" else (None, cfg.dataset.synthetic.d)
+    if cfg.dataset.kind == "synthetic":
+        d_model = int(cfg.dataset.synthetic.d)
+    else:
+        _, d_model = model_shape(cfg.model, C.cache_dir(cfg))
     d_sae = C.resolved_d_sae(cfg, d_model)
     name = run_name(cfg, d_sae, total_steps(cfg))
 

@@ -78,8 +78,18 @@ def execute(cfg: DictConfig, run: Any, key: str) -> Dict[str, float]:
 
     # 1. LM and the activation cache (shared by every job with the same cache key).
     t0 = time.perf_counter()
-    lm = load_lm(cfg.model, C.cache_dir(cfg), device)
-    cache, built = build_activation_cache(cfg, lm, device)
+    synthetic = cfg.dataset.kind == "synthetic"
+    if synthetic:  # planted-dictionary activations: no LM, same cache and reader
+        from sae_sweep import synthetic_data
+        from sae_sweep.cache import get_or_build
+
+        lm = None
+        cache, built = get_or_build(synthetic_data.cache_spec(cfg.dataset), C.cache_dir(cfg),
+                                    synthetic_data.build_fn(cfg.dataset), special_token_ids=[],
+                                    storage_dtype="float32")
+    else:
+        lm = load_lm(cfg.model, C.cache_dir(cfg), device)
+        cache, built = build_activation_cache(cfg, lm, device)
     run.set_tags({"cache_key": cache.key, "cache_built": str(built).lower(), "device": device})
     run.log_metrics({"cache/n_tokens": cache.n_tokens, "cache/seconds": time.perf_counter() - t0})
 
@@ -131,14 +141,26 @@ def run_evals(cfg: DictConfig, run: Any, lm: Any, sae: torch.nn.Module, sae_cfg:
     from sae_sweep.text import token_windows
 
     names = list(cfg.eval.get("run", []) or [])
-    if not names:
-        return {}
-    tokens = token_windows(cfg.dataset, lm, "eval", int(cfg.dataset.eval_tokens), C.cache_dir(cfg))
+    tokens = activations = planted = None
+    if cfg.dataset.kind == "synthetic":
+        # LM evals do not apply to planted activations; the known-answer eval does.
+        from sae_sweep import synthetic_data
+
+        skipped = [n for n in names if n != "recovery"]
+        if skipped:
+            run.set_tags({"evals.not_applicable": ",".join(skipped)})
+        names = ["recovery"]
+        activations = synthetic_data.sample(cfg.dataset, "eval", int(cfg.dataset.eval_tokens)).to(device)
+        planted = synthetic_data.planted(cfg.dataset)
+    elif names:
+        tokens = token_windows(cfg.dataset, lm, "eval", int(cfg.dataset.eval_tokens), C.cache_dir(cfg))
     all_metrics: Dict[str, float] = {}
     for name in names:
-        settings = OmegaConf.to_container(cfg.eval.get(name, {}) or {}, resolve=True)
+        node = cfg.eval.get(name)
+        settings = OmegaConf.to_container(node, resolve=True) if node is not None else {}
         ctx = EvalContext(lm=lm, sae=sae, tokens=tokens, layer=int(cfg.layer), hook=cfg.hook, seed=int(cfg.seed),
-                          settings=settings, sae_cfg=sae_cfg, cache_dir=str(C.cache_dir(cfg)))
+                          settings=settings, sae_cfg=sae_cfg, cache_dir=str(C.cache_dir(cfg)),
+                          activations=activations, planted=planted)
         t0 = time.perf_counter()
         with torch.no_grad():
             output = get_eval(name)(ctx)
@@ -160,7 +182,8 @@ def check_result(metrics: Dict[str, float]) -> None:
     for key in ("core/reconstruction_quality/explained_variance", "core/model_behavior_preservation/kl_div_score"):
         if "core/sparsity/l0" in metrics and key not in metrics:
             raise RunFailed(f"{key} is NaN or inf")
-    ev = metrics.get("core/reconstruction_quality/explained_variance")
+    ev = metrics.get("core/reconstruction_quality/explained_variance",
+                     metrics.get("recovery/reconstruction_quality/explained_variance"))
     if ev is not None and ev <= 0.0:
         raise RunFailed(f"explained_variance={ev:.4f}: the SAE reconstructs no better than the mean activation")
     alive = metrics.get("core/misc_metrics/frac_alive")

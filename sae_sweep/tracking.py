@@ -101,6 +101,11 @@ class Tracker:
             tags["mlflow.parentRunId"] = parent_run_id
         if resume_run_id:
             self.client.update_run(resume_run_id, status="RUNNING")
+            # The previous attempt's error no longer describes this run.
+            stale = self.client.get_run(resume_run_id).data.tags
+            for t in ("error", "error_type"):
+                if t in stale:
+                    self.client.delete_tag(resume_run_id, t)
             run_id = resume_run_id
             tags["resumed"] = "true"
             self.set_tags(run_id, tags)

@@ -16,6 +16,7 @@ import torch
 # name -> "module:function"; the function takes an EvalContext and returns an EvalOutput.
 _EVALS: Dict[str, str] = {
     "core": "sae_sweep.evals.registry:_core",
+    "recovery": "sae_sweep.evals.recovery:run_from_context",
     "absorption": "sae_sweep.evals.absorption:run",
     "sparse_probing": "sae_sweep.evals.sparse_probing:run",
     "fake_features": "sae_sweep.evals.fake_features:run",
@@ -37,6 +38,9 @@ class EvalContext:
     sae_cfg: Dict[str, Any] = field(default_factory=dict)
     cache_dir: Optional[str] = None
     progress: bool = True
+    # dataset=synthetic only: held-out activations [N, d] and the planted dictionary
+    activations: Optional[torch.Tensor] = None
+    planted: Any = None
 
 
 def register_eval(name: str, target: str) -> None:
