@@ -375,7 +375,7 @@ def test_adaptive_ortho_loss_respects_sharing_and_falls_when_separated():
     first = None
     for _ in range(50):
         loss = grouped_ortho_loss(W, order, 4, 0.3, ones, on)
-        first = float(loss) if first is None else first
+        first = float(loss.detach()) if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -131,11 +131,11 @@ class HierarchicalTrainer(Trainer):
         with torch.no_grad():
             self.window_counts += active.float().sum(0)
             self._last = (resid.detach(), resid.pow(2).sum(-1), fired)
+        counters = torch.tensor([float(self.n_resampled), float(self.n_merged)], device=x.device)
         return StepOutput(
             loss=mse + coeff * l1, x_hat=x_hat, l0=active.float().sum(-1).mean(), fired=fired,
             parts={"l1": l1, "l1_coeff": coeff, "sparsity_scale": scale, "fvu_ema": self.fvu_ema.clone(),
-                   "mean_rate": self.rates.mean(), "resampled": torch.tensor(float(self.n_resampled)),
-                   "merged": torch.tensor(float(self.n_merged))},
+                   "mean_rate": self.rates.mean(), "resampled": counters[0], "merged": counters[1]},
         )
 
     # -- maintenance after each step -----------------------------------------------------------
@@ -176,7 +176,7 @@ class HierarchicalTrainer(Trainer):
         alive = torch.ones(self.d_sae, dtype=torch.bool, device=self.device)
         alive[idx] = False
         # Anthropic: new encoder rows at 0.2 x the mean alive encoder norm, so they start small
-        enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+        enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.ones((), device=self.device)
         sae.W_dec[idx] = dirs.to(sae.W_dec.dtype)
         sae.W_enc[:, idx] = (dirs.T * 0.2 * enc_norm).to(sae.W_enc.dtype)
         sae.b_enc[idx] = 0.0

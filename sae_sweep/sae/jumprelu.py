@@ -13,6 +13,7 @@ The coefficient ramps from 0 over `sparsity_warmup` of training.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +72,7 @@ class JumpReLUSAE(SparseAutoencoder):
         super().__init__(d_in, d_sae, **kwargs)
         p = self.W_dec
         self.log_threshold = nn.Parameter(
-            torch.full((self.d_sae,), float(torch.tensor(threshold_init).log()), device=p.device, dtype=p.dtype))
+            torch.full((self.d_sae,), math.log(threshold_init), device=p.device, dtype=p.dtype))
         self.bandwidth = 1e-3  # only used by training-time gradients; set by the trainer
 
     @property
@@ -119,6 +120,6 @@ class JumpReLUTrainer(Trainer):
         active = f > 0
         return StepOutput(
             loss=mse + coeff * sparsity, x_hat=x_hat, l0=l0.detach(), fired=active.any(0),
-            parts={"sparsity": sparsity, "sparsity_coeff": torch.tensor(coeff),
+            parts={"sparsity": sparsity, "sparsity_coeff": torch.tensor(coeff, device=x.device),
                    "mean_threshold": sae.threshold.detach().mean()},
         )

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .base import SparseAutoencoder, StepOutput, hparam, mse_loss
-from .batchtopk import BatchTopKParams, BatchTopKSAE, BatchTopKTrainer, batch_topk
+from .batchtopk import BatchTopKParams, BatchTopKSAE, BatchTopKTrainer
 from .registry import register_sae, register_trainer
 
 INNER = ("batchtopk", "topk")
