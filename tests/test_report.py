@@ -158,7 +158,7 @@ def test_dataset_comparison_wins_and_direction(built):
     # L0 has no better direction: a difference, no wins
     assert pd.isna(cmp.loc[L0, "wins_a"]) and cmp.loc[L0, "mean_diff"] == pytest.approx(-1.0)
     md = res.markdown.read_text()
-    assert "**shared-feature ratio**: faithful is better than builtin" in md
+    assert "**shared-feature ratio**: faithful is better than builtin" in md and "faithful better in 1 of 1" in md
 
 
 def test_shared_features_table(built):

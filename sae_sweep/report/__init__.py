@@ -220,19 +220,20 @@ PLOT_TITLES = {
 
 
 def _findings(comparisons: Dict[str, pd.DataFrame]) -> List[str]:
-    """One sentence per (pair, metric with a direction), over all models."""
+    """Markdown bullets: one sentence per (pair, metric with a direction), over all models."""
     lines = []
     for factor, cmp in comparisons.items():
         if cmp.empty:
             continue
+        lines.append(f"- {factor}s (mean over matching cells):")
         for r in cmp[(cmp["scope"] == "all models") & (cmp["direction"] != 0)].itertuples():
             if r.better == "tie":
-                lines.append(f"**{r.label}**: {r.a} and {r.b} tie ({r.n_cells} cell(s)).")
+                lines.append(f"  - **{r.label}**: {r.a} and {r.b} tie ({r.n_cells} cell(s)).")
                 continue
             winner_wins = r.wins_a if r.better == r.a else r.wins_b
-            lines.append(f"**{r.label}**: {r.better} is better than {r.b if r.better == r.a else r.a} "
+            lines.append(f"  - **{r.label}**: {r.better} is better than {r.b if r.better == r.a else r.a} "
                          f"(mean {r.a} − {r.b} = {tables.fmt(r.mean_diff)}; {r.better} better in "
-                         f"{winner_wins} of {r.n_cells} matching cell(s)).")
+                         f"{int(winner_wins)} of {r.n_cells} matching cell(s)).")
     return lines
 
 
@@ -256,7 +257,7 @@ def _markdown(data: SweepData, runs: pd.DataFrame, variants: List[str], specs, s
 
     findings = _findings(comparisons)
     if findings:
-        L += ["## Key findings", ""] + [f"- {f}" for f in findings] + [""]
+        L += ["## Key findings", ""] + findings + [""]
 
     L += ["## Headline metrics per variant", ""]
     L += [tables.variant_table(stats, specs, runs) if specs else "_no result metrics logged yet_", ""]

@@ -95,7 +95,10 @@ def pairwise(stats: pd.DataFrame, factor: str, specs: Sequence[MetricSpec]) -> p
                 mean_signed = float(signed.mean())
                 row["better"] = a if mean_signed > 0 else b if mean_signed < 0 else "tie"
             rows.append(row)
-    return pd.DataFrame(rows, columns=cols)
+    df = pd.DataFrame(rows, columns=cols)
+    for c in ("wins_a", "wins_b", "ties"):  # counts; empty (not NaN floats) for direction-less metrics
+        df[c] = df[c].astype("Int64")
+    return df
 
 
 _PAIR = re.compile(r"crossseed/(?P<g>[^/]+)/seed_(?P<a>[^/]+)_vs_(?P<b>[^/]+)/(?P<m>[^/]+)")
@@ -194,7 +197,8 @@ def pairwise_table(cmp: pd.DataFrame) -> str:
         return ""
     rows = []
     for r in cmp.itertuples():
-        wins = f"{r.wins_a}–{r.wins_b}" + (f" ({r.ties} ties)" if r.ties else "") if r.direction else "n/a"
+        wins = f"{int(r.wins_a)}–{int(r.wins_b)}" + (f" ({int(r.ties)} ties)" if r.ties else "") \
+            if r.direction else "n/a"
         rows.append([f"{r.a} vs {r.b}", f"{r.label}{arrow(r.direction)}", r.n_cells, fmt(r.mean_diff), wins,
                      r.better or "—"])
     return md_table(["pair (a vs b)", "metric", "cells", "mean diff (a − b)", "wins a–b", "better"], rows)
