@@ -101,9 +101,8 @@ class CoactivationTable:
         keep = rank < self.cap
         rows, cols, counts, rank, inverse = rows[keep], cols[keep], counts[keep], rank[keep], inverse[keep]
         # resident strength: expected count this window; empty slots lose to anything
-        frac = self.window_tokens
         strength = torch.where(self.partner[urows] < 0, torch.full_like(self.cur[urows], -1.0),
-                               self.cur[urows] + self.avg[urows] * frac)
+                               self.cur[urows] + self.avg[urows] * self.window_tokens)
         weakest = strength.argsort(dim=1)  # [R, cap], weakest first
         slot = weakest[inverse, rank]
         win = counts > strength[inverse, slot]
