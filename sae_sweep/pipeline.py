@@ -113,6 +113,8 @@ def execute(cfg: DictConfig, run: Any, key: str) -> Dict[str, float]:
     result = train(trainer, reader, steps, ckpt_dir, int(cfg.train.checkpoint_every), int(cfg.train.log_every),
                    on_log)
     run.log_metrics({"train/steps": result.steps, "train/tokens": result.tokens, "train/seconds": result.seconds})
+    if result.resumed_from_step is not None:
+        run.set_tags({"resumed_from_step": result.resumed_from_step})
 
     # 3. Save the SAE (safetensors + SAELens-style cfg.json) as an artifact.
     sae = trainer.sae.eval()

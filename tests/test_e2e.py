@@ -1,0 +1,125 @@
+"""End-to-end jobs on the offline defaults, through the real CLI, a real MLflow store and the
+real tiny model: the backbone's done-when list, at small token budgets."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sae_sweep.cache import read_builds_log
+
+pytestmark = pytest.mark.slow
+
+# Small budgets: each job trains ~40 steps on a 20k-token cache and evaluates on 2k held-out tokens.
+SMALL = ["dataset.tokens=20000", "dataset.eval_tokens=2048", "train.tokens=40000", "trainer.batch_size=1000",
+         "train.checkpoint_every=5", "sweep.name=e2e"]
+
+
+def _cli(out: Path, *args, timeout=900, env_extra=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "sae_sweep", *args, f"paths.output_dir={out}"],
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=out.parent)
+
+
+def _runs(out: Path, experiment="e2e"):
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    return client, (client.search_runs([exp.experiment_id], max_results=1000) if exp else [])
+
+
+@pytest.fixture(scope="module")
+def sweep_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "out"
+    out.parent.mkdir(exist_ok=True)
+    builds_before = len(read_builds_log(os.environ["SAE_SWEEP_CACHE"]))
+    r = _cli(out, "-m", "seed=42,49", *SMALL)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return out, builds_before
+
+
+def test_two_seed_sweep_finishes_with_core_metrics(sweep_out):
+    out, _ = sweep_out
+    _, runs = _runs(out)
+    parents = [r for r in runs if r.data.tags.get("sae_sweep.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("sae_sweep.kind") == "job"]
+    assert len(parents) == 1 and len(children) == 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert parents[0].data.metrics["sweep/finished"] == 2
+    for c in children:
+        assert c.info.status == "FINISHED"
+        m = c.data.metrics
+        assert m["core/reconstruction_quality/explained_variance"] > 0.3
+        assert m["core/sparsity/l0"] == pytest.approx(16, abs=1e-6)  # TopK: exactly k per token
+        for key in ("core/model_behavior_preservation/kl_div_score",
+                    "core/model_performance_preservation/ce_loss_score",
+                    "core/reconstruction_quality/explained_variance_legacy", "core/shrinkage/l2_ratio",
+                    "core/misc_metrics/frac_alive", "train/loss"):
+            assert key in m, key
+        t = c.data.tags
+        assert {t["seed"] for _ in [0]} <= {"42", "49"} and t["model"] == "tiny" and t["trainer"] == "topk"
+        assert t["config_hash"] and t["git_commit"] and t["hook"] == "resid_post"
+        assert c.data.params["trainer.lr"] == "0.001"
+
+
+def test_cache_built_once_across_seeds(sweep_out):
+    out, builds_before = sweep_out
+    _, runs = _runs(out)
+    children = [r for r in runs if r.data.tags.get("sae_sweep.kind") == "job"]
+    keys = {c.data.tags["cache_key"] for c in children}
+    assert len(keys) == 1  # same (model, layer, hook, dataset): one cache
+    assert sorted(c.data.tags["cache_built"] for c in children) == ["false", "true"]
+    builds = [b for b in read_builds_log(os.environ["SAE_SWEEP_CACHE"]) if b["key"] in keys]
+    assert len(builds) == 1
+
+
+def test_second_run_of_the_sweep_trains_nothing(sweep_out):
+    out, _ = sweep_out
+    _, before = _runs(out)
+    r = _cli(out, "-m", "seed=42,49", *SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, after = _runs(out)
+    new_children = [r for r in after if r.data.tags.get("sae_sweep.kind") == "job"
+                    and r.info.run_id not in {b.info.run_id for b in before}]
+    assert new_children == []
+    parents = sorted((r for r in after if r.data.tags.get("sae_sweep.kind") == "sweep"),
+                     key=lambda r: r.info.start_time)
+    assert parents[-1].data.metrics["sweep/skipped"] == 2 and parents[-1].data.metrics["sweep/finished"] == 0
+
+
+def test_nan_training_ends_run_failed_with_reason(tmp_path):
+    out = tmp_path / "out"
+    r = _cli(out, *SMALL, "trainer.lr=1e30", "trainer.grad_clip=0", "trainer.warmup_steps=0")
+    assert r.returncode != 0
+    _, runs = _runs(out)
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    assert "TrainingFailed" in runs[0].data.tags["error_type"] or "NaN" in runs[0].data.tags["error"]
+
+
+def test_killed_job_resumes_the_same_run(tmp_path):
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "sae_sweep", *SMALL, "train.tokens=200000", "train.checkpoint_every=5",
+            f"paths.output_dir={out}"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    ckpts = out / "checkpoints"
+    deadline = time.time() + 600
+    while time.time() < deadline and not list(ckpts.glob("*/latest.pt")):
+        assert proc.poll() is None, "job ended before its first checkpoint"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, runs = _runs(out)
+    assert len(runs) == 1 and runs[0].info.status == "RUNNING"  # a SIGKILL leaves no chance to close it
+    killed_id = runs[0].info.run_id
+
+    r = _cli(out, *SMALL, "train.tokens=200000", "train.checkpoint_every=5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, runs = _runs(out)
+    assert len(runs) == 1 and runs[0].info.run_id == killed_id and runs[0].info.status == "FINISHED"
+    assert int(runs[0].data.tags["resumed_from_step"]) > 0
+    assert runs[0].data.metrics["train/steps"] == 200
