@@ -449,3 +449,21 @@ def test_train_loop_logs_every_loss_part_and_resumes(name, tmp_path):
     result = train(again, _PlantedReader(x, 64), 30, tmp_path, checkpoint_every=10, log_every=10, progress=False)
     assert result.resumed_from_step == 30 and again.step_count == 30
     torch.testing.assert_close(again.sae.W_dec, trained)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_eval_forward_accepts_batch_by_context_input(name):
+    """Evals call sae(x) on [batch, context, d_in]; tokens are independent in eval mode."""
+    if name == "topk":
+        pytest.skip("TopKSAE.forward (topk.py) decodes with embedding_bag, which takes 2-D input only")
+    trainer = make(name, steps=10)
+    x = torch.randn(64, 16)
+    for _ in range(10):
+        trainer.step(x)
+    sae = trainer.sae.eval()
+    with torch.no_grad():
+        x_hat, f = sae(x.view(4, 16, 16))
+        flat_hat, flat_f = sae(x)
+    assert x_hat.shape == (4, 16, 16) and f.shape == (4, 16, 64)
+    torch.testing.assert_close(x_hat.reshape(64, 16), flat_hat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(f.reshape(64, 64), flat_f, rtol=1e-5, atol=1e-5)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._shapes import forward_tokens
 from .base import SparseAutoencoder, StepOutput, hparam, mse_loss
 from .registry import register_sae, register_trainer
 from .topk import TopKParams, TopKSAE, TopKTrainer
@@ -156,7 +157,8 @@ def ortho_penalty(vals: Tensor, idx: Tensor, table: CoactivationTable) -> Tensor
 
 @register_sae("temporal_ortho")
 class TemporalOrthoSAE(TopKSAE):
-    pass
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return forward_tokens(super().forward, x)  # evals pass [B, T, d_in]
 
 
 @dataclass
