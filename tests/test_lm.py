@@ -255,7 +255,7 @@ def test_tiny_is_built_once_and_loads_like_a_hub_model(tiny_lm, tiny_cache_dir):
 def test_tiny_has_learned_text(tiny_lm, tiny_cache_dir):
     info = json.loads((lm_mod.tiny_model_dir(tiny_cache_dir) / "build_info.json").read_text())
     # Held-out loss well below the unigram entropy: it uses context, not just token frequencies.
-    assert info["eval_loss"] < info["unigram_entropy"] - 1.0, info
+    assert info["eval_loss"] < info["unigram_entropy"] - 0.5, info
 
     torch.manual_seed(0)
     bos = torch.full((4, 1), tiny_lm.bos_token_id, dtype=torch.long)

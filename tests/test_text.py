@@ -228,8 +228,8 @@ def test_faithful_generation_is_cached_resumable_and_text_like(tiny_lm, tiny_cac
 
     # The train split draws from the same chunks, disjoint from eval; more budget extends them.
     token_windows(cfg, tiny_lm, "train", 32 * 40, cache)
-    tr = {tuple(d) for d in _take(iter_split_documents(cfg, tiny_lm, "train", cache), 200)}
-    evd = {tuple(d) for d in _take(iter_split_documents(cfg, tiny_lm, "eval", cache), 200)}
+    tr = {tuple(d) for d in _take(iter_split_documents(cfg, tiny_lm, "train", cache), 60)}
+    evd = {tuple(d) for d in _take(iter_split_documents(cfg, tiny_lm, "eval", cache), 5)}
     assert tr and evd and not (tr & evd)
 
     # Different generation settings: a different directory and fingerprint.
