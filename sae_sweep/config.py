@@ -11,6 +11,7 @@ trainer, training budget and seed. Paths, launcher, tracking and logging keys ar
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -208,6 +209,9 @@ def validate(cfg: DictConfig, check_availability: bool = True) -> None:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
         errors.append(f"device={cfg.device!r}: allowed values are auto, cpu, cuda, cuda:N")
 
+    if cfg.dataset.kind == "local" and (OmegaConf.is_missing(cfg.dataset, "data_files") or not cfg.dataset.data_files):
+        errors.append("dataset.data_files is required for dataset=local: a list of jsonl/json/parquet/csv/txt "
+                      "paths, e.g. 'dataset.data_files=[/data/a.jsonl]'")
     for key in ("train.tokens", "dataset.tokens", "dataset.eval_tokens", "train.checkpoint_every",
                 "train.log_every"):
         _check_positive_int(errors, key, OmegaConf.select(cfg, key))
@@ -262,6 +266,10 @@ def validate(cfg: DictConfig, check_availability: bool = True) -> None:
         if ev not in eval_names():
             errors.append(f"eval.run contains {ev!r}: allowed values are {', '.join(eval_names())}")
 
+    if check_availability and not errors and cfg.dataset.kind != "synthetic":
+        err = _model_unavailable(cfg)
+        if err:
+            errors.append(err)
     if check_availability and not errors and cfg.dataset.kind in ("hub", "local"):
         from sae_sweep.text import check_dataset_available  # noqa: PLC0415
 
@@ -272,6 +280,22 @@ def validate(cfg: DictConfig, check_availability: bool = True) -> None:
 
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors), errors)
+
+
+@functools.lru_cache(maxsize=64)
+def _model_check(hf_id: str, revision: Optional[str], cache_root: str) -> Optional[str]:
+    from sae_sweep.lm import check_model_available  # noqa: PLC0415
+
+    try:
+        check_model_available(OmegaConf.create({"hf_id": hf_id, "revision": revision}), cache_root)
+    except Exception as e:
+        return str(e)
+    return None
+
+
+def _model_unavailable(cfg: DictConfig) -> Optional[str]:
+    """A hub model that cannot be loaded here, as a message (checked once per id per process)."""
+    return _model_check(str(cfg.model.hf_id), cfg.model.revision, str(cache_dir(cfg)))
 
 
 # --------------------------------------------------------------------------------------------
