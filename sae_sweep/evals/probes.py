@@ -291,7 +291,8 @@ def encode_texts(lm: Any, texts: Sequence[str], context_size: int) -> Tuple[torc
     bos = lm.bos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id if tok.eos_token_id is not None else bos)
     special = {int(t) for t in lm.special_token_ids if t is not None}
-    body = [tok(t, add_special_tokens=False)["input_ids"][: context_size - 1] for t in texts]
+    body = [tok(t, add_special_tokens=False, truncation=True, max_length=context_size - 1)["input_ids"]
+            for t in texts]
     width = 1 + max((len(b) for b in body), default=0)
     ids = torch.full((len(texts), width), int(pad), dtype=torch.long)
     keep = torch.zeros((len(texts), width), dtype=torch.bool)
@@ -361,7 +362,9 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_te
     scaler = StandardScaler().fit(x_train)
     # Newton steps converge in a few iterations even on (near-)separable sets, where L-BFGS crawls to
     # max_iter; its d x d Hessian is only affordable for narrow inputs.
-    solver = "newton-cholesky" if x_train.shape[1] <= NEWTON_MAX_DIM else "lbfgs"
+    n_classes = len(np.unique(y_train))
+    hessian_dim = x_train.shape[1] * (1 if n_classes <= 2 else n_classes)
+    solver = "newton-cholesky" if hessian_dim <= NEWTON_MAX_DIM else "lbfgs"
     clf = LogisticRegression(C=C, max_iter=max_iter, random_state=seed, class_weight=class_weight, solver=solver)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ConvergenceWarning on tiny, separable sets is expected
