@@ -158,7 +158,9 @@ def test_dataset_comparison_wins_and_direction(built):
     # L0 has no better direction: a difference, no wins
     assert pd.isna(cmp.loc[L0, "wins_a"]) and cmp.loc[L0, "mean_diff"] == pytest.approx(-1.0)
     md = res.markdown.read_text()
-    assert "**shared-feature ratio**: faithful is better than builtin" in md and "faithful better in 1 of 1" in md
+    line = next(l for l in md.splitlines() if "**builtin vs faithful**" in l)
+    assert "faithful better on explained variance (1/1)" in line and "shared-feature ratio (1/1)" in line
+    assert "builtin better on fake-feature ratio (1/1)" in line
 
 
 def test_shared_features_table(built):

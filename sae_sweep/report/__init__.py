@@ -220,20 +220,28 @@ PLOT_TITLES = {
 
 
 def _findings(comparisons: Dict[str, pd.DataFrame]) -> List[str]:
-    """Markdown bullets: one sentence per (pair, metric with a direction), over all models."""
+    """Markdown bullets, one per compared pair (over all models): which side is better on which
+    metrics, with the cells it wins out of the matching cells."""
     lines = []
     for factor, cmp in comparisons.items():
         if cmp.empty:
             continue
-        lines.append(f"- {factor}s (mean over matching cells):")
-        for r in cmp[(cmp["scope"] == "all models") & (cmp["direction"] != 0)].itertuples():
-            if r.better == "tie":
-                lines.append(f"  - **{r.label}**: {r.a} and {r.b} tie ({r.n_cells} cell(s)).")
-                continue
-            winner_wins = r.wins_a if r.better == r.a else r.wins_b
-            lines.append(f"  - **{r.label}**: {r.better} is better than {r.b if r.better == r.a else r.a} "
-                         f"(mean {r.a} − {r.b} = {tables.fmt(r.mean_diff)}; {r.better} better in "
-                         f"{int(winner_wins)} of {r.n_cells} matching cell(s)).")
+        rows = cmp[(cmp["scope"] == "all models") & (cmp["direction"] != 0)]
+        if rows.empty:
+            continue
+        lines.append(f"- {factor}s:")
+        for (a, b), pair in rows.groupby(["a", "b"], sort=False):
+            parts = []
+            for side in (a, b):
+                won = pair[pair["better"] == side]
+                if not won.empty:
+                    wins = won["wins_a"] if side == a else won["wins_b"]
+                    parts.append(f"{side} better on " + ", ".join(
+                        f"{r.label} ({int(w)}/{r.n_cells})" for r, w in zip(won.itertuples(), wins)))
+            tied = pair[pair["better"] == "tie"]
+            if not tied.empty:
+                parts.append("tie on " + ", ".join(tied["label"]))
+            lines.append(f"  - **{a} vs {b}** ({int(pair['n_cells'].max())} matching cell(s)): " + "; ".join(parts) + ".")
     return lines
 
 
