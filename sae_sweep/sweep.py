@@ -46,9 +46,23 @@ class SweepSummary:
                 "sweep/points": self.finished + self.failed + self.skipped}
 
 
-# Work that runs once at the end of a sweep (cross-seed metrics, the report). Each hook gets
+# Work that runs once at the end of a sweep. Each hook gets
 # (tracker, parent_run_id, points, results, sweep_dir) and must not raise into the sweep.
-SWEEP_END_HOOKS: List[Callable[..., None]] = []
+# Cross-seed metrics come first so the report includes them. Imported lazily: a sweep that
+# fails validation never pays for scipy/matplotlib.
+def _crossseed_hook(*args: Any) -> None:
+    from sae_sweep.evals.shared_features import crossseed_hook
+
+    crossseed_hook(*args)
+
+
+def _report_hook(*args: Any) -> None:
+    from sae_sweep.report import report_hook
+
+    report_hook(*args)
+
+
+SWEEP_END_HOOKS: List[Callable[..., None]] = [_crossseed_hook, _report_hook]
 
 
 def compose_points(load: Callable[[List[str]], DictConfig], batches: Sequence[Sequence[Sequence[str]]]) -> List[GridPoint]:
@@ -121,7 +135,7 @@ class GridSweep:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.master, sweep_dir / "multirun.yaml")
         experiment = str(job0.tracking.experiment)
-        parent = tracker.start_parent(experiment, f"sweep-{sweep_dir.name}", {
+        parent = tracker.start_parent(experiment, f"sweep-{job0.sweep.name}-{sweep_dir.name}", {
             "sweep_name": str(job0.sweep.name), "sweep_dir": str(sweep_dir), "overrides": " ".join(arguments),
             "n_points": str(len(points)), "host": socket.gethostname(),
             "launcher": str(OmegaConf.select(self.master, "hydra.launcher._target_", default="?")).rsplit(".", 1)[-1],
