@@ -12,8 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._shapes import forward_tokens
 from .base import (
     SparseAutoencoder,
+    TopKEncode,
     StepOutput,
     Trainer,
     TrainerParams,
@@ -51,6 +53,9 @@ class TopKSAE(SparseAutoencoder):
         return sparse_decode(vals, idx, self.W_dec) + self.b_dec
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return forward_tokens(self._forward_2d, x)
+
+    def _forward_2d(self, x: Tensor) -> tuple[Tensor, Tensor]:
         # Decode from the k active rows only; the dense code is built for the caller.
         vals, idx, pre = self.encode_sparse(x)
         f = torch.zeros_like(pre).scatter_(-1, idx, vals)
@@ -60,6 +65,9 @@ class TopKSAE(SparseAutoencoder):
 @dataclass
 class TopKParams(TrainerParams):
     auxk_alpha: float = hparam(1 / 32, "a float >= 0 (0 disables AuxK)", lambda v: v >= 0)
+    # Sparse backward (TopKEncode + SparseDecode): same step as the dense one, without any
+    # d_sae-wide gradient matmul. false: the straightforward dense-autograd step (a reference).
+    sparse_backward: bool = hparam(True, "true or false")
 
 
 @register_trainer("topk")
@@ -87,7 +95,17 @@ class TopKTrainer(Trainer):
 
     def compute_loss(self, x: Tensor) -> StepOutput:
         sae: TopKSAE = self.sae  # type: ignore[assignment]
-        vals, idx, pre = sae.encode_sparse(x)
+        # A latent can only be dead after dead_tokens tokens: skip the AuxK work until then
+        # (decided on host from token counts, so no sync and identical on resume).
+        auxk_on = self.params.auxk_alpha > 0 and self.tokens_seen >= self.params.dead_tokens
+        dead = self.dead_mask() if auxk_on else None
+        if self.params.sparse_backward:
+            compute_dtype = torch.bfloat16 if self.params.autocast_bf16 else torch.float32
+            vals, idx, aux_vals, aux_idx = TopKEncode.apply(
+                x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, dead, self.k_aux if auxk_on else 0, compute_dtype)
+            pre = None
+        else:
+            vals, idx, pre = sae.encode_sparse(x)
         x_hat = sae.decode_sparse(vals, idx)
         mse = mse_loss(x, x_hat)
 
@@ -96,12 +114,12 @@ class TopKTrainer(Trainer):
         # which latents fired in this batch, via scatter-add (boolean indexing would sync)
         fired = torch.zeros(self.d_sae, device=x.device).scatter_add_(0, idx.reshape(-1), active.reshape(-1)) > 0
 
-        # A latent can only be dead after dead_tokens tokens: skip the AuxK work until then
-        # (decided on host from token counts, so no sync and identical on resume).
-        if self.params.auxk_alpha > 0 and self.tokens_seen >= self.params.dead_tokens:
-            auxk = self.auxk_loss(x - x_hat.detach(), pre, self.dead_mask())
-        else:
+        if not auxk_on:
             auxk = torch.zeros((), device=x.device)
+        elif pre is None:
+            auxk = self.auxk_from_codes(x - x_hat.detach(), aux_vals, aux_idx, dead)
+        else:
+            auxk = self.auxk_loss(x - x_hat.detach(), pre, dead)
         loss = mse + self.params.auxk_alpha * auxk
         return StepOutput(loss=loss, x_hat=x_hat, l0=l0, fired=fired, parts={"auxk": auxk})
 
@@ -112,7 +130,10 @@ class TopKTrainer(Trainer):
         """
         masked = pre.masked_fill(~dead, float("-inf"))
         vals, idx = masked.topk(self.k_aux, dim=-1, sorted=False)
-        vals = vals.relu()  # -inf (fewer dead than k_aux) -> 0: contributes nothing
+        return self.auxk_from_codes(residual, vals.relu(), idx, dead)  # relu: -inf (fewer dead than k_aux) -> 0
+
+    def auxk_from_codes(self, residual: Tensor, vals: Tensor, idx: Tensor, dead: Tensor) -> Tensor:
+        """AuxK's normalised error given the dead latents' (ReLU'd) top-k_aux codes."""
         aux_hat = sparse_decode(vals, idx, self.sae.W_dec)  # no b_dec: it predicts a residual
         residual = residual.float()
         err = (residual - aux_hat.float()).pow(2).sum(-1).mean()
