@@ -309,12 +309,37 @@ def _sae_param(sae: torch.nn.Module) -> torch.Tensor:
     return next(iter(sae.parameters()))
 
 
+# sparse_probing and downstream pool the same task texts for the same SAE: keep the last few results.
+_POOL_CACHE: "Dict[Tuple, Dict[str, np.ndarray]]" = {}
+_POOL_CACHE_SIZE = 4
+
+
+def _pool_key(lm: Any, sae: torch.nn.Module, ids: torch.Tensor, keep: torch.Tensor, layer: int, hook: str) -> Tuple:
+    # Object ids can be reused after garbage collection, so the SAE's weights are part of the key.
+    weights = tuple((n, tuple(t.shape), float(t.detach().double().sum()), float(t.detach().double().abs().sum()))
+                    for n, t in sae.named_parameters())
+    digest = hashlib.sha1(ids.numpy().tobytes() + keep.numpy().tobytes()).hexdigest()
+    return (id(lm), id(sae), weights, layer, hook, digest)
+
+
 @torch.no_grad()
 def pooled_features(lm: Any, sae: torch.nn.Module, ids: torch.Tensor, keep: torch.Tensor, layer: int, hook: str,
                     batch_size: int = 32) -> Dict[str, np.ndarray]:
     """Mean over scored tokens of the LM activation (``llm``), the SAE latents (``sae``) and the
     SAE reconstruction (``recon``), one row per text (float32 numpy). Texts are batched by length so
-    padding costs little. A text with no scored token gets zeros."""
+    padding costs little. A text with no scored token gets zeros. Recent results are reused."""
+    key = _pool_key(lm, sae, ids, keep, layer, hook)
+    if key in _POOL_CACHE:
+        return _POOL_CACHE[key]
+    out = _pool(lm, sae, ids, keep, layer, hook, batch_size)
+    while len(_POOL_CACHE) >= _POOL_CACHE_SIZE:
+        _POOL_CACHE.pop(next(iter(_POOL_CACHE)))
+    _POOL_CACHE[key] = out
+    return out
+
+
+def _pool(lm: Any, sae: torch.nn.Module, ids: torch.Tensor, keep: torch.Tensor, layer: int, hook: str,
+          batch_size: int) -> Dict[str, np.ndarray]:
     p = _sae_param(sae)
     d_sae, d_in = sae.W_dec.shape
     n = ids.shape[0]
@@ -363,8 +388,8 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_te
     # Newton steps converge in a few iterations even on (near-)separable sets, where L-BFGS crawls to
     # max_iter; its d x d Hessian is only affordable for narrow inputs.
     n_classes = len(np.unique(y_train))
-    hessian_dim = x_train.shape[1] * (1 if n_classes <= 2 else n_classes)
-    solver = "newton-cholesky" if hessian_dim <= NEWTON_MAX_DIM else "lbfgs"
+    newton = x_train.shape[1] <= NEWTON_MAX_DIM and x_train.shape[1] * max(1, n_classes) <= 4 * NEWTON_MAX_DIM
+    solver = "newton-cholesky" if newton else "lbfgs"
     clf = LogisticRegression(C=C, max_iter=max_iter, random_state=seed, class_weight=class_weight, solver=solver)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ConvergenceWarning on tiny, separable sets is expected
