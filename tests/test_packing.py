@@ -1,0 +1,91 @@
+"""Packed training gives each SAE exactly the result of training it alone."""
+import pytest
+import torch
+
+from sae_sweep.cache import ShuffledReader, get_or_build
+from sae_sweep.packing import Member, pack_key, train_packed
+from sae_sweep.sae.registry import get_trainer
+from sae_sweep.train import train
+
+D, CTX, N_SEQS = 16, 32, 24
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    def build():
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(N_SEQS, CTX, D, generator=g) * torch.linspace(0.3, 2.0, D)
+        yield torch.zeros(N_SEQS, CTX, dtype=torch.long), x
+    c, _ = get_or_build({"test": "packing", "d": D}, tmp_path_factory.mktemp("cache"), build, special_token_ids=[])
+    return c
+
+
+# Different trainers, SAE sizes and k; one seed and batch size (one pack).
+POINTS = [("topk", 64, 4, 20), ("topk", 32, 2, 20), ("relu", 64, None, 14), ("batchtopk", 48, 4, 20)]
+SEED, BATCH = 5, 64
+
+
+def make(cache, name, d_sae, k, steps):
+    cfg = {"name": name, "batch_size": BATCH, "lr": 3e-3, "warmup_steps": 2, "dead_tokens": 640}
+    sae = {"d_sae": d_sae, **({"k": k} if k else {})}
+    trainer = get_trainer(name)(D, sae, cfg, steps, SEED)
+    trainer.init_from_data(ShuffledReader(cache, 256, SEED + 7919, prefetch=0).batch(0, 0))
+    return trainer
+
+
+def solo(cache, tmp_path, i, point):
+    trainer = make(cache, *point)
+    logs = []
+    reader = ShuffledReader(cache, BATCH, SEED)
+    train(trainer, reader, point[3], tmp_path / f"solo{i}", log_every=5, on_log=lambda s, m: logs.append((s, m)),
+          progress=False)
+    reader.close()
+    return trainer, logs
+
+
+def test_packed_members_equal_solo_runs_and_resume_alone(cache, tmp_path):
+    assert pack_key(cache.key, SEED, BATCH) == pack_key(cache.key, SEED, BATCH)
+    members, logs = [], []
+    for i, point in enumerate(POINTS):
+        log = []
+        logs.append(log)
+        members.append(Member(make(cache, *point), point[3], tmp_path / f"packed{i}", checkpoint_every=7, log_every=5,
+                              on_log=lambda s, m, log=log: log.append((s, m))))
+    reader = ShuffledReader(cache, BATCH, SEED)
+    train_packed(members, reader, progress=False)
+    reader.close()
+
+    for i, (point, m) in enumerate(zip(POINTS, members)):
+        assert m.error is None and m.result is not None and m.result.steps == point[3]
+        alone, alone_logs = solo(cache, tmp_path, i, point)
+        for (name, p), q in zip(alone.sae.named_parameters(), m.trainer.sae.parameters()):
+            assert torch.equal(p, q), f"{point}: {name} differs from the solo run"
+        assert [s for s, _ in alone_logs] == [s for s, _ in logs[i]]
+        for (_, a), (_, b) in zip(alone_logs, logs[i]):
+            assert {k: v for k, v in a.items() if k != "tokens_per_s"} == \
+                   {k: v for k, v in b.items() if k != "tokens_per_s"}
+        # the packed checkpoint is a normal one: a solo train() sees it as complete
+        again = make(cache, *point)
+        res = train(again, ShuffledReader(cache, BATCH, SEED), point[3], tmp_path / f"packed{i}", progress=False)
+        assert res.resumed_from_step == point[3]
+        assert torch.equal(again.sae.W_dec, m.trainer.sae.W_dec)
+
+
+def test_packed_resume_from_mixed_positions(cache, tmp_path):
+    """Members interrupted at different steps resume in one pack and end as if never stopped."""
+    point_a, point_b = POINTS[0], POINTS[2]
+    members = [Member(make(cache, *point_a), point_a[3], tmp_path / "a"), Member(make(cache, *point_b), point_b[3], tmp_path / "b")]
+    train_packed(members[:1], ShuffledReader(cache, BATCH, SEED), progress=False)  # a finishes first
+    a2, b2 = Member(make(cache, *point_a), point_a[3], tmp_path / "a"), Member(make(cache, *point_b), point_b[3], tmp_path / "b")
+    train_packed([a2, b2], ShuffledReader(cache, BATCH, SEED), progress=False)  # a skips, b trains from 0
+    assert a2.result.resumed_from_step == point_a[3]
+    alone_b, _ = solo(cache, tmp_path, 9, point_b)
+    assert torch.equal(alone_b.sae.W_enc, b2.trainer.sae.W_enc)
