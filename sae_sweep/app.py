@@ -83,6 +83,91 @@ def total_steps(cfg: DictConfig) -> int:
     return max(1, int(cfg.train.tokens) // int(cfg.trainer.batch_size))
 
 
+class PreemptionGuard:
+    """In a submitit job, SLURM's interrupt signals stop training at the next step, not mid-step.
+
+    submitit's USR2 handler (preemption, time limit) resubmits the task, runs `scontrol requeue`
+    and raises SystemExit wherever the job happens to be. Wrapped, a signal first asks the training
+    loop to stop (`train.STOP`): it checkpoints and raises `Interrupted`, and `hand_over` then calls
+    submitit's handler from a clean place. The SystemExit leaves the MLflow run KILLED, and the
+    requeued job resumes both the checkpoint and that run. SIGTERM alone (`scontrol requeue`,
+    scancel; SIGKILL follows after KillWait) stops the same way minus submitit's requeue: SLURM
+    decides. Outside the training loop (cache build, evals) nobody polls: hand over at once.
+    """
+
+    ACT_WITHIN_S = 20.0  # a loop that has not stopped by then gets the signal handed over directly
+    USR2_AFTER_TERM_S = 5.0
+
+    def __init__(self) -> None:
+        import signal
+
+        self.usr = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+        # Only under submitit (it sets SUBMITIT_FOLDER and installs a USR2 handler before the task).
+        self.active = "SUBMITIT_FOLDER" in os.environ and callable(signal.getsignal(self.usr))
+        self.saved: Dict[int, Any] = {}
+        self.signum: Optional[int] = None  # the first signal received
+        self.requeue = False  # USR2 received: submitit requeues (SIGTERM comes first in its interrupt)
+        self.force = False  # the loop did not act in time: the next signal hands over at once
+
+    def __enter__(self) -> "PreemptionGuard":
+        import signal
+
+        if self.active:
+            from sae_sweep.train import STOP
+
+            STOP.clear()
+            for sig in (self.usr, signal.SIGTERM):
+                self.saved[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        import signal
+
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+        return False
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        import threading
+
+        from sae_sweep.train import STOP
+
+        first = self.signum is None
+        self.signum = self.signum or signum
+        self.requeue = self.requeue or signum == self.usr
+        if self.force or STOP.loops == 0:
+            self.hand_over(frame)  # raises
+        log.warning("got %s: stopping training at the next step to checkpoint", signal_name(signum))
+        STOP.request()
+        if first:
+            timer = threading.Timer(self.ACT_WITHIN_S, self._resend_if_unseen, (signum,))
+            timer.daemon = True
+            timer.start()
+
+    def _resend_if_unseen(self, signum: int) -> None:
+        from sae_sweep.train import STOP
+
+        if not STOP.seen:
+            self.force = True
+            os.kill(os.getpid(), signum)
+
+    def hand_over(self, frame: Any = None) -> None:
+        """Let submitit requeue (after USR2) or just exit; raises SystemExit or submitit's error."""
+        if not self.requeue:
+            # submitit's preemption (Job._interrupt) sends SIGTERM, then USR2: give the USR2 a moment
+            # to arrive (its handler runs during the sleep and requeues) before exiting unrequeued.
+            time.sleep(self.USR2_AFTER_TERM_S)
+        if self.requeue:
+            self.saved[self.usr](self.usr, frame)  # checkpoint() → scontrol requeue → sys.exit
+        raise SystemExit(128 + (self.signum or 15))
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
+
+
 def run_job(cfg: DictConfig) -> Dict[str, Any]:
     """Run one grid point end to end. Returns {"status": "finished"|"skipped", "run_id", "run_key"}."""
     from sae_sweep.tracking import Tracker
@@ -111,13 +196,22 @@ def run_job(cfg: DictConfig) -> Dict[str, Any]:
     d_sae = C.resolved_d_sae(cfg, d_model)
     name = run_name(cfg, d_sae, total_steps(cfg))
 
-    with tracker.child(cfg.tracking.experiment, name, key, cfg.tracking.parent_run_id, resume_id) as run:
+    from sae_sweep.pipeline import execute
+    from sae_sweep.train import Interrupted
+
+    with PreemptionGuard() as guard, \
+            tracker.child(cfg.tracking.experiment, name, key, cfg.tracking.parent_run_id, resume_id) as run:
         run.set_tags(job_tags(cfg, key))
         run.log_params({**C.flat_params(cfg), "derived.d_sae": d_sae, "derived.total_steps": total_steps(cfg)})
         run.tracker.log_text(run.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
-        from sae_sweep.pipeline import execute
-
-        execute(cfg, run, key)
+        try:
+            execute(cfg, run, key)
+        except Interrupted as e:
+            if guard.signum is None:
+                raise
+            log.warning("%s; handing over to %s", e, "submitit to requeue" if guard.requeue else "SLURM")
+            run.set_tags({"interrupted_at_step": e.step})
+            guard.hand_over()  # SystemExit: the run ends KILLED and the requeued job continues it
         run.finish()
     log.info("run %s (%s) FINISHED", run.run_id, name)
     return {"status": "finished", "run_id": run.run_id, "run_key": key}

@@ -193,9 +193,10 @@ class GridSweep:
         reason = repr(getattr(ret, "_return_value", None)) if ret is not None else "job lost (killed or node failure)"
         summary.failed += 1
         summary.failures.append(f"  point #{p.index} [{shown}]: {reason}")
-        # A job killed from outside never closed its run: close it FAILED with the reason.
+        # A job killed from outside never closed its run (RUNNING), or left it KILLED for a requeue
+        # that did not come (scancel): close it FAILED with the reason.
         exp_id = tracker.experiment_id(experiment)
-        for r in tracker.find_runs(exp_id, run_key=p.run_key, statuses=["RUNNING"]):
+        for r in tracker.find_runs(exp_id, run_key=p.run_key, statuses=["RUNNING", "KILLED"]):
             tracker.set_tags(r.info.run_id, {"error": reason[:4900]})
             tracker.end(r.info.run_id, "FAILED")
         return None

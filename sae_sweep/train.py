@@ -38,6 +38,27 @@ class Interrupted(Exception):
         self.checkpoint = checkpoint
 
 
+class StopRequest:
+    """"Stop at the next step", asked from outside the loop: a signal handler (SLURM preemption or
+    time limit, see app.py) cannot reach the `should_stop` of a loop it did not start, so every
+    train() loop in the process also polls this one. `loops` (loops running now) and `seen` (a
+    loop acted on the request) tell the handler whether anybody will act on it."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.seen = False
+        self.loops = 0
+
+    def request(self) -> None:
+        self.requested = True
+
+    def clear(self) -> None:
+        self.requested = self.seen = False
+
+
+STOP = StopRequest()
+
+
 @dataclass
 class TrainResult:
     steps: int  # optimisation steps done in total (including before a resume)
@@ -130,8 +151,8 @@ def train(
       (0: only at the end / on interrupt) and at the end; none when ckpt_dir is None.
     - `on_log(step, metrics)` every `log_every` steps (and for the final partial window) with
       averages since the last log plus `lr` and `tokens_per_s`.
-    - `should_stop()` is polled before each step; when true the loop checkpoints and raises
-      `Interrupted` (SLURM preemption / requeue).
+    - `should_stop()` (and the process-wide `STOP.requested`) is polled before each step; when
+      true the loop checkpoints and raises `Interrupted` (SLURM preemption / requeue).
     - Raises `TrainingFailed` on a non-finite loss (naming the first bad step), zero steps
       trained, or all latents dead at the end.
     """
@@ -198,10 +219,12 @@ def train(
 
     bar = tqdm(total=total_steps, initial=trainer.step_count, desc="train", unit="step",
                dynamic_ncols=True, disable=None if progress else True)
+    STOP.loops += 1
     try:
         batches = iter(reader)
         while trainer.step_count < total_steps:
-            if should_stop is not None and should_stop():
+            if STOP.requested or (should_stop is not None and should_stop()):
+                STOP.seen = True
                 flush_log()
                 raise Interrupted(trainer.step_count, checkpoint())
             try:
@@ -230,6 +253,7 @@ def train(
         check_finite()
         checkpoint()  # final state: a rerun after completion resumes here and trains 0 more steps
     finally:
+        STOP.loops -= 1
         bar.close()
 
     if trainer.step_count == 0:

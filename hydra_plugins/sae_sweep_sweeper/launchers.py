@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import time
 from pathlib import Path
-from typing import Any, List, Sequence
+from typing import Any, List, Optional, Sequence
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
@@ -64,22 +66,75 @@ class _GatherEach:
         })
         return executor
 
-    @staticmethod
-    def _gather(job: Any, overrides: List[str]) -> JobReturn:
+    def _gather(self, job: Any, overrides: List[str]) -> JobReturn:
         """Wait for one job; a job that ended without a result is a FAILED JobReturn, not a raise."""
         try:
-            return job.results()[0]
+            lost = self._wait(job)
+            if lost is None:
+                return job.results()[0]
+            reason = f"job {job.job_id} {lost}"
         except Exception as e:  # UncompletedJobError (killed, lost), or a result that cannot be unpickled
-            reason = f"job {job.job_id} ended without a result (state {job.state}): {e}"[:MAX_REASON]
-            log.error("%s", reason)
-            ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
-            ret.return_value = RuntimeError(reason)
-            return ret
+            reason = f"job {job.job_id} ended without a result: {e}"
+        log.error("%s", reason)
+        ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
+        ret.return_value = RuntimeError(reason[:MAX_REASON])
+        return ret
+
+    def _wait(self, job: Any) -> Optional[str]:
+        """Block until the job has ended; None, or why it ended without a result."""
+        job.wait()
+        return None
 
 
 class SlurmLauncher(_GatherEach, base.SlurmLauncher):
-    pass
+    POLL_S = 5.0
+    RESULT_GRACE_S = 15.0  # a finished job's result pickle may show up late on a network filesystem
+
+    def _wait(self, job: Any) -> Optional[str]:
+        """Until the job has a result or has left SLURM's queue without one. submitit's own wait asks
+        sacct, which answers nothing on clusters without accounting storage (the local test
+        cluster): a cancelled job would be waited for forever. squeue knows either way."""
+        result = job.paths.result_pickle
+        while not result.exists():
+            state = _squeue_state(job.job_id)
+            if state is not None and state not in ACTIVE_STATES:
+                deadline = time.monotonic() + self.RESULT_GRACE_S
+                while not result.exists() and time.monotonic() < deadline:
+                    time.sleep(1.0)
+                if result.exists():
+                    break
+                return (f"ended without a result (SLURM state {state or 'gone from the queue'}); "
+                        f"its log: {job.paths.stderr}\n{_tail(job.paths.stderr)}")
+            time.sleep(self.POLL_S)
+        return None
 
 
 class LocalLauncher(_GatherEach, base.LocalLauncher):
     pass
+
+
+# squeue states of a job that may still produce a result (a requeued job goes back to PENDING).
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                 "RESIZING", "SUSPENDED", "STOPPED", "PREEMPTED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD"}
+
+
+def _squeue_state(job_id: str) -> Optional[str]:
+    """State of job "<id>" or array task "<id>_<task>"; "" once SLURM has forgotten it; None when
+    squeue could not answer. Asks for the whole array one task per line (-r): a pending array is
+    otherwise listed as "<id>_[0-7]", which names no task."""
+    try:
+        proc = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-j", job_id.split("_")[0], "-o", "%i %T"],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return "" if "Invalid job id" in proc.stderr else None
+    states = dict(line.split()[:2] for line in proc.stdout.splitlines() if len(line.split()) >= 2)
+    return states.get(job_id, "")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
