@@ -232,9 +232,14 @@ def validate(cfg: DictConfig, check_availability: bool = True) -> None:
             n_layers = None
     if n_layers is not None:
         if not isinstance(cfg.layer, int) or not 0 <= cfg.layer < n_layers:
+            hint = ""
+            if n_layers != cfg.model.n_layers:
+                # A local model.hf_id shallower than its yaml: the yaml's default_layer does not fit it.
+                hint = (f" (read from {cfg.model.hf_id}; the {cfg.model.name!r} yaml says {cfg.model.n_layers} "
+                        f"layers and default_layer={cfg.model.default_layer}: pass layer=N explicitly)")
             errors.append(
                 f"layer={cfg.layer!r}: model {cfg.model.name!r} has {n_layers} layers, "
-                f"allowed values are 0..{n_layers - 1}"
+                f"allowed values are 0..{n_layers - 1}{hint}"
             )
 
     if d_model is not None:
