@@ -265,11 +265,13 @@ def validate(cfg: DictConfig, check_availability: bool = True) -> None:
         errors.extend(e for e in get_trainer(name).validate_params(cfg.trainer, cfg.sae, d_model)
                       if e.split("=", 1)[0] not in reported)
 
-    from sae_sweep.evals.registry import eval_names  # noqa: PLC0415
+    from sae_sweep.evals.registry import eval_names, eval_settings_errors  # noqa: PLC0415
 
     for ev in cfg.eval.get("run", []) or []:
         if ev not in eval_names():
             errors.append(f"eval.run contains {ev!r}: allowed values are {', '.join(eval_names())}")
+        else:
+            errors.extend(eval_settings_errors(ev, cfg.eval.get(ev)))
 
     if check_availability and not errors and cfg.dataset.kind != "synthetic":
         err = _model_unavailable(cfg)

@@ -6,6 +6,7 @@ imports MLflow itself; ``app.py`` owns the run's lifecycle.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -66,22 +67,30 @@ def build_activation_cache(cfg: DictConfig, lm: Any, device: str):
 
 
 def execute(cfg: DictConfig, run: Any, key: str) -> Dict[str, float]:
-    from sae_sweep.app import resolve_device, total_steps
-    from sae_sweep.cache import ShuffledReader
-    from sae_sweep.lm import hook_name, load_lm
-    from sae_sweep.sae.registry import get_trainer
-    from sae_sweep.train import TrainingFailed, train
+    from sae_sweep.app import resolve_device
+    from sae_sweep.train import train
 
     device = resolve_device(str(cfg.device))
     torch.manual_seed(int(cfg.seed))
-    out_dir = C.output_dir(cfg)
+    lm, cache = open_cache(cfg, run, device)
+    trainer, reader, ckpt_dir, steps = make_trainer(cfg, cache, key, device)
 
-    # 1. LM and the activation cache (shared by every job with the same cache key).
+    def on_log(step: int, metrics: Dict[str, float]) -> None:
+        run.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
+
+    result = train(trainer, reader, steps, ckpt_dir, int(cfg.train.checkpoint_every), int(cfg.train.log_every),
+                   on_log)
+    return finish(cfg, run, key, lm, trainer, result, device)
+
+
+def open_cache(cfg: DictConfig, run: Any, device: str):
+    """1. LM and the activation cache (shared by every job with the same cache key): (lm, cache)."""
+    from sae_sweep.cache import get_or_build
+    from sae_sweep.lm import load_lm
+
     t0 = time.perf_counter()
-    synthetic = cfg.dataset.kind == "synthetic"
-    if synthetic:  # planted-dictionary activations: no LM, same cache and reader
+    if cfg.dataset.kind == "synthetic":  # planted-dictionary activations: no LM, same cache and reader
         from sae_sweep import synthetic_data
-        from sae_sweep.cache import get_or_build
 
         lm = None
         cache, built = get_or_build(synthetic_data.cache_spec(cfg.dataset), C.cache_dir(cfg),
@@ -92,32 +101,37 @@ def execute(cfg: DictConfig, run: Any, key: str) -> Dict[str, float]:
         cache, built = build_activation_cache(cfg, lm, device)
     run.set_tags({"cache_key": cache.key, "cache_built": str(built).lower(), "device": device})
     run.log_metrics({"cache/n_tokens": cache.n_tokens, "cache/seconds": time.perf_counter() - t0})
+    return lm, cache
 
-    # 2. Train. Checkpoints are keyed by run key so a requeued or re-run job resumes.
+
+def make_trainer(cfg: DictConfig, cache: Any, key: str, device: str):
+    """2. The trainer (data-initialised unless resuming), its reader, checkpoint dir and steps.
+    Checkpoints are keyed by run key so a requeued or re-run job resumes."""
+    from sae_sweep.app import total_steps
+    from sae_sweep.cache import ShuffledReader
+    from sae_sweep.sae.registry import get_trainer
+
     d_in = cache.d_in
     d_sae = C.resolved_d_sae(cfg, d_in)
     sae_cfg = OmegaConf.create({"d_sae": d_sae, "k": int(cfg.sae.k)})
     steps = total_steps(cfg)
-    trainer_cls = get_trainer(cfg.trainer.name)
-    trainer = trainer_cls(d_in, sae_cfg, cfg.trainer, steps, int(cfg.seed), device)
+    trainer = get_trainer(cfg.trainer.name)(d_in, sae_cfg, cfg.trainer, steps, int(cfg.seed), device)
     reader = ShuffledReader(cache, int(cfg.trainer.batch_size), int(cfg.seed), device=device)
-    ckpt_dir = out_dir / "checkpoints" / key
+    ckpt_dir = C.output_dir(cfg) / "checkpoints" / key
     if not (ckpt_dir / "latest.pt").exists():
         # Initialisation sample from its own stream so the training order is untouched.
         init_reader = ShuffledReader(cache, min(4096, cache.n_tokens), int(cfg.seed) + 7919, device=device)
         trainer.init_from_data(next(iter(init_reader)))
+    return trainer, reader, ckpt_dir, steps
 
-    def on_log(step: int, metrics: Dict[str, float]) -> None:
-        run.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
 
-    result = train(trainer, reader, steps, ckpt_dir, int(cfg.train.checkpoint_every), int(cfg.train.log_every),
-                   on_log)
+def finish(cfg: DictConfig, run: Any, key: str, lm: Any, trainer: Any, result: Any, device: str) -> Dict[str, float]:
+    """3.-4. Log the training result, save the SAE as an artifact, run the evals."""
+    from sae_sweep.lm import hook_name
+
     run.log_metrics({"train/steps": result.steps, "train/tokens": result.tokens, "train/seconds": result.seconds})
-    if result.resumed_from_step is not None:
-        run.set_tags({"resumed_from_step": result.resumed_from_step})
-
-    # 3. Save the SAE (safetensors + SAELens-style cfg.json) as an artifact.
     sae = trainer.sae.eval()
+    d_in, d_sae = trainer.d_in, trainer.d_sae
     sae_cfg_dict = {
         "d_in": d_in, "d_sae": d_sae, "k": int(cfg.sae.k), "architecture": cfg.trainer.name,
         "model_name": cfg.model.name, "model_hf_id": cfg.model.hf_id, "hook_name": hook_name(cfg.layer, cfg.hook),
@@ -125,11 +139,10 @@ def execute(cfg: DictConfig, run: Any, key: str) -> Dict[str, float]:
         "dataset_path": cfg.dataset.get("hf_id") or cfg.dataset.name, "seed": int(cfg.seed),
         "dtype": "float32", "device": device, "run_key": key,
     }
-    sae_dir = out_dir / "saes" / key
+    sae_dir = C.output_dir(cfg) / "saes" / key
     sae.save(sae_dir, sae_cfg_dict)
     run.log_artifact_dir(sae_dir, "sae")
 
-    # 4. Evals on held-out text.
     metrics = run_evals(cfg, run, lm, sae, sae_cfg_dict, device)
     check_result(metrics)
     return metrics
@@ -157,6 +170,7 @@ def run_evals(cfg: DictConfig, run: Any, lm: Any, sae: torch.nn.Module, sae_cfg:
     elif names:
         tokens = token_windows(cfg.dataset, lm, "eval", int(cfg.dataset.eval_tokens), C.cache_dir(cfg))
     all_metrics: Dict[str, float] = {}
+    failed = []
     for name in names:
         node = cfg.eval.get(name)
         settings = OmegaConf.to_container(node, resolve=True) if node is not None else {}
@@ -171,11 +185,17 @@ def run_evals(cfg: DictConfig, run: Any, lm: Any, sae: torch.nn.Module, sae_cfg:
         if flat.dropped:  # NaN/inf never reach MLflow; record which metrics they were
             run.set_tags({f"eval.{name}.nonfinite": ",".join(flat.dropped)})
         run.log_metrics({f"{name}/seconds": time.perf_counter() - t0})
-        if getattr(output, "status", "ok") != "ok":
-            run.set_tags({f"eval.{name}.status": output.status, f"eval.{name}.reason": output.skip_reason or ""})
+        if output.status != "ok":
+            run.set_tags({f"eval.{name}.status": output.status, f"eval.{name}.reason": (output.skip_reason or "")[:4900]})
+        if output.flags:
+            run.set_tags({f"eval.{name}.flags": json.dumps(output.flags, default=str)[:4900]})
+        if output.status == "failed":  # e.g. every probe at chance: logged, then the run fails
+            failed.append(f"{name}: {output.skip_reason}")
         run.log_json(to_saebench_json(output, sae_cfg, sae_id=hook_name(cfg.layer, cfg.hook),
                                       model_name=cfg.model.name), f"evals/{output.eval_type_id}.json")
         all_metrics.update(flat)
+    if failed:
+        raise RunFailed("evals failed: " + "; ".join(failed))
     return all_metrics
 
 

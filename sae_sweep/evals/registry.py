@@ -71,3 +71,15 @@ def _core(ctx: EvalContext) -> Any:
                          special_token_ids=ctx.lm.special_token_ids, progress=ctx.progress,
                          feature_details=bool(ctx.settings.get("feature_details", True)),
                          weight_metrics=bool(ctx.settings.get("weight_metrics", True)))
+
+
+def eval_settings_errors(name: str, settings: Any) -> List[str]:
+    """Unknown keys in ``eval.<name>`` as messages (evals that declare a DEFAULTS dict)."""
+    module = importlib.import_module(_EVALS[name].split(":")[0])
+    defaults = getattr(module, "DEFAULTS", None)
+    if defaults is None or settings is None:
+        return []
+    unknown = sorted(set(settings) - set(defaults))
+    if unknown:
+        return [f"eval.{name}: unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(sorted(defaults))}"]
+    return []
