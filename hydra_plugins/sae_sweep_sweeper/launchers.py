@@ -103,8 +103,10 @@ class SlurmLauncher(_GatherEach, base.SlurmLauncher):
                     time.sleep(1.0)
                 if result.exists():
                     break
-                return (f"ended without a result (SLURM state {state or 'gone from the queue'}); "
-                        f"its log: {job.paths.stderr}\n{_tail(job.paths.stderr)}")
+                again = _squeue_state(job.job_id)  # still over, not between a requeue's states
+                if again is not None and again not in ACTIVE_STATES:
+                    return (f"ended without a result (SLURM state {again or state or 'gone from the queue'}); "
+                            f"its log: {job.paths.stderr}\n{_tail(job.paths.stderr)}")
             time.sleep(self.POLL_S)
         return None
 
