@@ -169,11 +169,18 @@ def signal_name(signum: int) -> str:
 
 
 def run_job(cfg: DictConfig) -> Dict[str, Any]:
-    """Run one grid point end to end. Returns {"status": "finished"|"skipped", "run_id", "run_key"}."""
+    """Run one grid point end to end. Returns {"status": "finished"|"skipped", "run_id", "run_key"}.
+    With `sweep.pack=true` the sweeper may hand this job a pack of points (see run_pack_job)."""
     from sae_sweep.tracking import Tracker
 
     C.validate(cfg)
     key = C.run_key(cfg)
+    if cfg.sweep.pack and cfg.tracking.parent_run_id:
+        from sae_sweep.packing import pack_file, read_pack
+
+        path = pack_file(C.output_dir(cfg), cfg.tracking.parent_run_id, key)
+        if path.exists():
+            return run_pack_job(read_pack(path))
     tracker = Tracker(C.tracking_uri(cfg))
     exp_id = tracker.experiment_id(cfg.tracking.experiment)
 
@@ -215,6 +222,76 @@ def run_job(cfg: DictConfig) -> Dict[str, Any]:
         run.finish()
     log.info("run %s (%s) FINISHED", run.run_id, name)
     return {"status": "finished", "run_id": run.run_id, "run_key": key}
+
+
+def run_pack_job(cfgs: list) -> Dict[str, Any]:
+    """Grid points sharing a cache, seed and batch size (`packing.pack_key`), trained in one process
+    from one reader. Each point keeps its own MLflow run, checkpoints, SAE and evals, and ends
+    FINISHED or FAILED on its own. Returns {"status": "packed", "members": {run_key: result}}."""
+    from sae_sweep.packing import run_pack
+    from sae_sweep.tracking import Tracker
+    from sae_sweep.train import Interrupted
+
+    tracker = Tracker(C.tracking_uri(cfgs[0]))
+    members: Dict[str, Any] = {}
+    todo = []
+    for cfg in cfgs:
+        C.validate(cfg)
+        key = C.run_key(cfg)
+        exp_id = tracker.experiment_id(cfg.tracking.experiment)
+        done = tracker.find_runs(exp_id, run_key=key, statuses=["FINISHED"]) if cfg.tracking.skip_finished else []
+        if done:
+            members[key] = {"status": "skipped", "run_id": done[0].info.run_id, "run_key": key}
+            continue
+        prior = tracker.find_runs(exp_id, run_key=key, statuses=["RUNNING", "KILLED", "FAILED"])
+        todo.append((cfg, key, prior[0].info.run_id if prior else None))
+    if not todo:
+        return {"status": "packed", "members": members}
+
+    cfg0 = todo[0][0]
+    if cfg0.dataset.kind == "synthetic":
+        d_in = int(cfg0.dataset.synthetic.d)
+    else:
+        from sae_sweep.lm import model_shape
+
+        _, d_in = model_shape(cfg0.model, C.cache_dir(cfg0))
+    runs = []
+    with PreemptionGuard() as guard:
+        try:
+            for cfg, key, resume_id in todo:
+                d_sae = C.resolved_d_sae(cfg, d_in)
+                run = tracker.child(cfg.tracking.experiment, run_name(cfg, d_sae, total_steps(cfg)), key,
+                                    cfg.tracking.parent_run_id, resume_id)
+                runs.append(run)
+                run.set_tags(job_tags(cfg, key))
+                run.log_params({**C.flat_params(cfg), "derived.d_sae": d_sae, "derived.total_steps": total_steps(cfg)})
+                run.tracker.log_text(run.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
+            outcomes = run_pack([c for c, _, _ in todo], runs, [k for _, k, _ in todo],
+                                resolve_device(str(todo[0][0].device)))
+        except Interrupted as e:
+            if guard.signum is None:
+                for run in runs:
+                    run.__exit__(type(e), e, e.__traceback__)
+                raise
+            stop = SystemExit(128 + guard.signum)
+            for run in runs:  # KILLED: the requeued job continues every member
+                run.set_tags({"interrupted_at_step": e.step})
+                run.__exit__(SystemExit, stop, None)
+            guard.hand_over()
+            raise
+        except BaseException as e:
+            for run in runs:
+                run.__exit__(type(e), e, e.__traceback__)
+            raise
+    for (cfg, key, _), run, outcome in zip(todo, runs, outcomes):
+        if isinstance(outcome, BaseException):
+            run.__exit__(type(outcome), outcome, outcome.__traceback__)  # this member FAILED, with reason
+            members[key] = {"status": "failed", "run_id": run.run_id, "run_key": key,
+                            "error": f"{type(outcome).__name__}: {outcome}"}
+        else:
+            run.finish()
+            members[key] = {"status": "finished", "run_id": run.run_id, "run_key": key}
+    return {"status": "packed", "members": members}
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sae_sweep.train import Interrupted, TrainResult, TrainingFailed, load_checkpoint, save_checkpoint
+from sae_sweep.train import STOP, Interrupted, TrainResult, TrainingFailed, load_checkpoint, save_checkpoint
 
 
 def pack_key(cache_key: str, seed: int, batch_size: int) -> tuple[str, int, int]:
@@ -38,6 +38,7 @@ class Member:
     checkpoint_every: int = 0
     log_every: int = 10
     on_log: Optional[Callable[[int, dict[str, float]], None]] = None
+    rng: Optional[torch.Tensor] = None  # torch RNG state at its start (default: the current one)
     # filled while training
     result: Optional[TrainResult] = None
     error: Optional[BaseException] = None
@@ -80,7 +81,7 @@ def train_packed(members: Sequence[Member], reader: Iterator[torch.Tensor], prog
         if m.trainer.total_steps != m.total_steps:
             raise ValueError(f"total_steps={m.total_steps} but the trainer was built for {m.trainer.total_steps}")
         m._start = t_start
-        m._rng = torch.get_rng_state()  # each member's own RNG stream, as if it ran alone
+        m._rng = m.rng if m.rng is not None else torch.get_rng_state()  # its own stream, as if alone
         state = load_checkpoint(m.ckpt_dir) if m.ckpt_dir is not None else None
         if state is not None:
             m.trainer.load_state_dict(state["trainer"])
@@ -99,9 +100,11 @@ def train_packed(members: Sequence[Member], reader: Iterator[torch.Tensor], prog
                disable=None if progress else True)
     for m in members:
         m._t0 = time.perf_counter()
+    STOP.loops += 1
     try:
         while any(m.active for m in members):
-            if should_stop is not None and should_stop():
+            if STOP.requested or (should_stop is not None and should_stop()):
+                STOP.seen = True
                 for m in members:
                     _flush(m)
                     _checkpoint(m, reader)
@@ -120,6 +123,7 @@ def train_packed(members: Sequence[Member], reader: Iterator[torch.Tensor], prog
             if m.error is None and m.result is None:
                 _finish(m, reader)
     finally:
+        STOP.loops -= 1
         bar.close()
     return list(members)
 
@@ -195,3 +199,68 @@ def _finish(m: Member, reader: Any) -> None:
         return
     m.result = TrainResult(steps=trainer.step_count, tokens=trainer.tokens_seen, metrics=m._last,
                            resumed_from_step=m._resumed, seconds=time.perf_counter() - m._start)
+
+
+# ---------------------------------------------------------------------------------------------
+# a packed job: several grid points' runs, one cache, one reader
+# ---------------------------------------------------------------------------------------------
+
+
+def run_pack(cfgs: Sequence[Any], runs: Sequence[Any], keys: Sequence[str], device: str) -> list[Any]:
+    """The work of `pipeline.execute` for grid points that share a pack key, with one cache open
+    and one reader; returns per point its eval metrics or the exception that failed it.
+    Shared failures (the cache build, an interrupt) raise."""
+    from sae_sweep import pipeline
+
+    torch.manual_seed(int(cfgs[0].seed))
+    lm, cache = pipeline.open_cache(cfgs[0], runs[0], device)
+    members, readers = [], []
+    for cfg, run, key in zip(cfgs, runs, keys):
+        if run is not runs[0]:
+            run.set_tags({"cache_key": cache.key, "cache_built": "false", "device": device})
+        run.set_tags({"pack.size": len(cfgs), "pack.leader": keys[0]})
+        torch.manual_seed(int(cfg.seed))  # as the point's own job would seed it
+        trainer, reader, ckpt_dir, steps = pipeline.make_trainer(cfg, cache, key, device)
+        readers.append(reader)
+
+        def on_log(step: int, metrics: dict[str, float], run: Any = run) -> None:
+            run.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
+
+        members.append(Member(trainer, steps, ckpt_dir, int(cfg.train.checkpoint_every), int(cfg.train.log_every),
+                              on_log, rng=torch.get_rng_state()))
+    try:
+        train_packed(members, readers[0])
+    finally:
+        for r in readers:
+            r.close()
+    outcomes: list[Any] = []
+    for cfg, run, key, m in zip(cfgs, runs, keys, members):
+        if m.error is not None:
+            outcomes.append(m.error)
+            continue
+        try:
+            outcomes.append(pipeline.finish(cfg, run, key, lm, m.trainer, m.result, device))
+        except Exception as e:  # one member's eval failure fails that member only
+            outcomes.append(e)
+    return outcomes
+
+
+def pack_file(output_dir: Path, parent_run_id: str, leader_key: str) -> Path:
+    """Where the sweeper leaves a pack's member configs for the pack's (leader's) job."""
+    return Path(output_dir) / "packs" / str(parent_run_id) / f"{leader_key}.yaml"
+
+
+def write_pack(path: Path, cfgs: Sequence[Any]) -> None:
+    from omegaconf import OmegaConf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create({"members": [OmegaConf.to_container(c, resolve=True)
+                                                                  for c in cfgs]})))
+    tmp.replace(path)
+
+
+def read_pack(path: Path) -> list[Any]:
+    from omegaconf import OmegaConf
+
+    return list(OmegaConf.load(path).members)

@@ -107,6 +107,14 @@ def _swept_keys(batches: Sequence[Sequence[Sequence[str]]]) -> set:
     return {k for k, v in values.items() if len(v) > 1}
 
 
+def pack_identity(cfg: DictConfig) -> str:
+    """Points with equal identities read the same batches: same activation cache (model, layer,
+    hook, dataset), device, seed and batch size. They differ in trainer, SAE size, k, lr, ..."""
+    ident = C.run_identity(cfg)
+    return C.stable_hash({**{k: ident[k] for k in ("model", "layer", "hook", "dataset", "seed")},
+                          "device": str(cfg.device), "batch_size": int(cfg.trainer.batch_size)})
+
+
 def _job_view(cfg: DictConfig) -> DictConfig:
     """The job's own config (without the `hydra` node, whose interpolations need a running job)."""
     job = cfg.copy()
@@ -147,6 +155,9 @@ class GridSweep:
         results: List[Any] = [None] * len(points)
         try:
             start = 0
+            if bool(job0.sweep.get("pack", False)):
+                self._run_packed(tracker, experiment, parent, points, results, summary)
+                batches = []  # every point went out in a pack
             for batch in batches:
                 n = len(batch)
                 chunk = points[start:start + n]
@@ -177,6 +188,48 @@ class GridSweep:
             raise SweepFailed(msg + "\n" + "\n".join(summary.failures)
                               + "\nRun the same command again to run only the failed and missing points.")
         return results
+
+    def _run_packed(self, tracker: Any, experiment: str, parent: str, points: List[GridPoint],
+                    results: List[Any], summary: SweepSummary) -> None:
+        """sweep.pack=true: one job per pack of points that share activation cache, seed and batch
+        size (so their batch streams are identical, `packing`); each point keeps its own run."""
+        from types import SimpleNamespace
+
+        from hydra.core.utils import JobStatus
+
+        from sae_sweep.packing import pack_file, write_pack
+
+        packs: Dict[str, List[GridPoint]] = {}
+        for p in points:
+            packs.setdefault(pack_identity(p.cfg), []).append(p)
+        for members in packs.values():
+            unique = {p.run_key: p for p in reversed(members)}  # a repeated point trains once
+            cfgs = []
+            for p in sorted(unique.values(), key=lambda q: q.index):
+                cfg = p.cfg.copy()
+                with open_dict(cfg):
+                    cfg.tracking.parent_run_id = parent
+                cfgs.append(cfg)
+            write_pack(pack_file(C.output_dir(members[0].cfg), parent, members[0].run_key), cfgs)
+        log.info("sweep.pack: %d points in %d packed jobs", len(points), len(packs))
+        groups = list(packs.values())
+        try:
+            rets = self.launch([g[0].overrides + [f"tracking.parent_run_id={parent}"] for g in groups], 0)
+        except Exception as e:  # a launcher that lost jobs: every member of those packs failed
+            log.error("launcher raised for the packed jobs: %s", e)
+            rets = [None] * len(groups)
+        for members, ret in zip(groups, rets):
+            ok = ret is not None and getattr(ret, "status", None) == JobStatus.COMPLETED
+            per_member = (ret.return_value or {}).get("members", {}) if ok else {}
+            for p in members:
+                r = per_member.get(p.run_key)
+                if r is None:
+                    member_ret = ret  # the pack's job failed or was lost: so did each member
+                elif r["status"] == "failed":
+                    member_ret = SimpleNamespace(status=JobStatus.FAILED, _return_value=r["error"])
+                else:
+                    member_ret = SimpleNamespace(status=JobStatus.COMPLETED, return_value=r)
+                results[p.index] = self._classify(tracker, experiment, parent, p, member_ret, summary)
 
     def _classify(self, tracker: Any, experiment: str, parent: str, p: GridPoint, ret: Any,
                   summary: SweepSummary) -> Optional[Dict[str, Any]]:

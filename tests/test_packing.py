@@ -89,3 +89,45 @@ def test_packed_resume_from_mixed_positions(cache, tmp_path):
     assert a2.result.resumed_from_step == point_a[3]
     alone_b, _ = solo(cache, tmp_path, 9, point_b)
     assert torch.equal(alone_b.sae.W_enc, b2.trainer.sae.W_enc)
+
+
+# -- a packed sweep end to end: real Hydra multirun, real MLflow store, planted-dictionary data ---------
+
+import os
+import subprocess
+import sys
+
+from mlflow.tracking import MlflowClient
+
+GRID = ["-m", "dataset=synthetic", "trainer=topk,relu", "sae.d_sae=128,96", "seed=3", "dataset.tokens=8192",
+        "dataset.eval_tokens=1024", "train.tokens=8192", "trainer.batch_size=512", "train.checkpoint_every=8",
+        "sweep.name=pack", "eval=core_only"]
+
+
+def _sweep(out, *extra):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "sae_sweep", *GRID, *extra, f"paths.output_dir={out}"],
+                       capture_output=True, text=True, env=env, timeout=900, cwd=out.parent)
+    assert r.returncode == 0, r.stderr[-4000:]
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("pack")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    return {r.data.tags["run_key"]: r for r in runs if r.data.tags.get("sae_sweep.kind") == "job"}
+
+
+@pytest.mark.slow
+def test_packed_sweep_equals_one_job_per_point(tmp_path):
+    alone = _sweep(tmp_path / "alone")
+    packed = _sweep(tmp_path / "packed", "sweep.pack=true")
+    assert set(alone) == set(packed) and len(packed) == 4
+    for key, run in packed.items():
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["pack.size"] == "4"
+        ref = alone[key].data.metrics
+        for name in ("train/loss", "recovery/reconstruction_quality/explained_variance"):
+            if name in ref:
+                assert run.data.metrics[name] == pytest.approx(ref[name], rel=1e-6), name
+        a = torch.load(tmp_path / "alone" / "checkpoints" / key / "latest.pt", weights_only=False)
+        b = torch.load(tmp_path / "packed" / "checkpoints" / key / "latest.pt", weights_only=False)
+        for name, t in a["trainer"]["sae"].items():
+            assert torch.equal(t, b["trainer"]["sae"][name]), (key, name)
