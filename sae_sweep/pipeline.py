@@ -120,7 +120,9 @@ def make_trainer(cfg: DictConfig, cache: Any, key: str, device: str):
     ckpt_dir = C.output_dir(cfg) / "checkpoints" / key
     if not (ckpt_dir / "latest.pt").exists():
         # Initialisation sample from its own stream so the training order is untouched.
-        init_reader = ShuffledReader(cache, min(4096, cache.n_tokens), int(cfg.seed) + 7919, device=device)
+        # Specials are excluded from batches, so a small cache has fewer usable tokens than n_tokens.
+        init_reader = ShuffledReader(cache, min(4096, cache.n_tokens - cache.n_special), int(cfg.seed) + 7919,
+                                     device=device)
         trainer.init_from_data(next(iter(init_reader)))
     return trainer, reader, ckpt_dir, steps
 
