@@ -11,7 +11,7 @@ import sys
 
 SUBCOMMANDS = {
     "trainers": "Train every registered trainer on planted-dictionary data and print recovery.",
-    "perf": "Throughput benchmarks.",
+    "perf": "Throughput figures (the default): cache build, reader, TopK training, sweeps, memory.",
 }
 
 
@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text, description=module.__doc__)
         module.add_arguments(p)
         p.set_defaults(_module=module)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["perf", *argv]  # `python -m sae_sweep.bench` (and `make bench`) runs perf
     args = parser.parse_args(argv)
     return int(args._module.main(args) or 0)
 
