@@ -108,6 +108,9 @@ class PreemptionGuard:
         self.signum: Optional[int] = None  # the first signal received
         self.requeue = False  # USR2 received: submitit requeues (SIGTERM comes first in its interrupt)
         self.force = False  # the loop did not act in time: the next signal hands over at once
+        self.lingering = False  # handing over without a requeue, waiting for a USR2
+        self.requeuing = False  # submitit's handler called: later signals (SLURM's kill after the
+        #                         requeue) must not requeue a second time
 
     def __enter__(self) -> "PreemptionGuard":
         import signal
@@ -132,6 +135,9 @@ class PreemptionGuard:
 
         from sae_sweep.train import STOP
 
+        if self.requeuing or (self.lingering and signum != self.usr):
+            log.warning("got %s while handing over: ignored", signal_name(signum))
+            return
         first = self.signum is None
         self.signum = self.signum or signum
         self.requeue = self.requeue or signum == self.usr
@@ -156,8 +162,10 @@ class PreemptionGuard:
         if not self.requeue:
             # submitit's preemption (Job._interrupt) sends SIGTERM, then USR2: give the USR2 a moment
             # to arrive (its handler runs during the sleep and requeues) before exiting unrequeued.
+            self.lingering = True
             time.sleep(self.USR2_AFTER_TERM_S)
         if self.requeue:
+            self.requeuing = True
             self.saved[self.usr](self.usr, frame)  # checkpoint() → scontrol requeue → sys.exit
         raise SystemExit(128 + (self.signum or 15))
 
