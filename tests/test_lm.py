@@ -92,6 +92,21 @@ def family_dirs(tmp_path_factory, small_tokenizer):
     return dirs
 
 
+# The norm in front of each block's MLP, and the final norm (HF applies it to hidden_states[-1]).
+MLP_NORM = {"gpt2": "ln_2", "gpt_neox": "post_attention_layernorm",
+            "gpt_neox_sequential": "post_attention_layernorm", "llama": "post_attention_layernorm",
+            "mistral": "post_attention_layernorm", "gemma2": "pre_feedforward_layernorm"}
+FINAL_NORM = {"gpt2": "transformer.ln_f", "gpt_neox": "gpt_neox.final_layer_norm",
+              "gpt_neox_sequential": "gpt_neox.final_layer_norm", "llama": "model.norm", "mistral": "model.norm",
+              "gemma2": "model.norm"}
+
+
+def _get(obj, dotted):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _load_family(family_dirs, name, cache_dir):
     return load_lm({"name": name, "hf_id": str(family_dirs[name]), "dtype": "float32"}, cache_dir, "cpu")
 
@@ -118,6 +133,14 @@ def test_hook_points_match_hf_hidden_states(family_dirs, tmp_path, name):
         lm.model(input_ids=ids)
     for h in handles:
         h.remove()
+    # Input of the MLP's norm in each block, from a plain full forward.
+    mid_in = {}
+    handles = [_get(blk, MLP_NORM[name]).register_forward_hook(
+        lambda m, a, o, i=i: mid_in.__setitem__(i, a[0])) for i, blk in enumerate(lm._layers)]
+    with torch.no_grad():
+        lm.model(input_ids=ids)
+    for h in handles:
+        h.remove()
 
     for layer in range(lm.n_layers):
         pre = lm.activations(ids, layer, "resid_pre")
@@ -134,6 +157,13 @@ def test_hook_points_match_hf_hidden_states(family_dirs, tmp_path, name):
         # (sequential, parallel residual and Gemma-2 sandwich norms alike).
         torch.testing.assert_close(post - pre, attn + mlp, rtol=1e-4, atol=1e-5)
         assert attn.abs().max() > 0 and mlp.abs().max() > 0
+        # attn_out on its own: the MLP's input norm reads pre + attn_out (sequential blocks) or
+        # pre (parallel residual), so mlp_out is the rest.
+        torch.testing.assert_close(mid_in[layer], pre if name == "gpt_neox" else pre + attn, rtol=1e-5, atol=1e-6)
+    # The last layer's resid_post is HF's last hidden state before the final norm.
+    last = lm.activations(ids, lm.n_layers - 1, "resid_post")
+    with torch.no_grad():
+        torch.testing.assert_close(_get(lm.model, FINAL_NORM[name])(last), hs[-1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(FAMILY_CONFIGS))
@@ -166,6 +196,44 @@ def test_early_exit_and_splice(family_dirs, tmp_path, name):
     finally:
         for h in handles:
             h.remove()
+
+
+@pytest.mark.parametrize("name", list(FAMILY_CONFIGS))
+def test_sae_splice_changes_only_downstream(family_dirs, tmp_path, name):
+    """Splicing an SAE's reconstruction in at layer L leaves every block input up to L as it was
+    and changes what comes after; splicing the original activation back gives the clean logits."""
+    from sae_sweep.sae.topk import TopKSAE
+
+    lm = _load_family(family_dirs, name, tmp_path)
+    ids = torch.randint(3, lm.model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(3))
+    ids[:, 0] = lm.bos_token_id
+    sae = TopKSAE(lm.d_model, 4 * lm.d_model, k=4, generator=torch.Generator().manual_seed(0))
+
+    def block_io(fn, layer, hook):
+        ins, outs = {}, {}
+        # Registered before the splice, so a resid_pre splice at L shows up in block L's output only.
+        handles = [blk.register_forward_pre_hook(lambda m, a, i=i: ins.__setitem__(i, a[0].clone()))
+                   for i, blk in enumerate(lm._layers)]
+        handles += [blk.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, (o if torch.is_tensor(o) else o[0]).clone()))
+                    for i, blk in enumerate(lm._layers)]
+        try:
+            logits = lm.logits_with_splice(ids, layer, hook, fn)
+        finally:
+            for h in handles:
+                h.remove()
+        return logits, ins, outs
+
+    clean, clean_in, clean_out = block_io(None, 0, "resid_post")
+    for hook in HOOK_TYPES:
+        for layer in range(lm.n_layers):
+            spliced, ins, outs = block_io(lambda a: sae(a)[0], layer, hook)
+            for i in range(layer + 1):
+                assert torch.equal(ins[i], clean_in[i]), (hook, layer, i)
+            # (A resid_post splice replaces block L's output after the capture hook saw it.)
+            for i in range(layer + (hook == "resid_post"), lm.n_layers):
+                assert not torch.allclose(outs[i], clean_out[i]), (hook, layer, i)
+            assert not torch.allclose(spliced, clean)
+            assert torch.equal(lm.logits_with_splice(ids, layer, hook, lambda a: a.clone()), clean)
 
 
 def test_bad_hook_and_layer(family_dirs, tmp_path):
