@@ -65,6 +65,10 @@ class TopKSAE(SparseAutoencoder):
 @dataclass
 class TopKParams(TrainerParams):
     auxk_alpha: float = hparam(1 / 32, "a float >= 0 (0 disables AuxK)", lambda v: v >= 0)
+
+
+@dataclass
+class FastTopKParams(TopKParams):
     # Sparse backward (TopKEncode + SparseDecode): same step as the dense one, without any
     # d_sae-wide gradient matmul. false: the straightforward dense-autograd step (a reference).
     sparse_backward: bool = hparam(True, "true or false")
@@ -72,7 +76,7 @@ class TopKParams(TrainerParams):
 
 @register_trainer("topk")
 class TopKTrainer(Trainer):
-    params_cls = TopKParams
+    params_cls = FastTopKParams  # variants that subclass keep TopKParams and the dense path
 
     @classmethod
     def validate_sae_cfg(cls, sae_cfg: Any, d_in: int | None) -> list[str]:
@@ -99,7 +103,7 @@ class TopKTrainer(Trainer):
         # (decided on host from token counts, so no sync and identical on resume).
         auxk_on = self.params.auxk_alpha > 0 and self.tokens_seen >= self.params.dead_tokens
         dead = self.dead_mask() if auxk_on else None
-        if self.params.sparse_backward:
+        if getattr(self.params, "sparse_backward", False):
             compute_dtype = torch.bfloat16 if self.params.autocast_bf16 else torch.float32
             vals, idx, aux_vals, aux_idx = TopKEncode.apply(
                 x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, dead, self.k_aux if auxk_on else 0, compute_dtype)
