@@ -6,7 +6,8 @@ context_size]``, ``n_seqs = ceil(n_tokens / context_size)``, drawn from one of t
 
 * ``builtin``  the standard-library docstring corpus (offline, see ``corpus.py``);
 * ``faithful`` text the model generates itself from BOS-only prompts, cached on disk in chunks;
-* ``hub``      a Hugging Face dataset, streamed until the budget is met;
+* ``hub``      a Hugging Face dataset, streamed until the budget is met (``hf_id`` may also be a local
+               directory holding a copy of the dataset's files: the same loading code, offline);
 * ``local``    jsonl/json/parquet/csv/txt files through the matching ``datasets`` builder.
 
 BOS handling (recorded in every fingerprint as ``packing``): documents are tokenized without
@@ -157,6 +158,12 @@ def check_dataset_available(dataset_cfg: Any, timeout: float = 10.0) -> None:
         hf_id = _get(dataset_cfg, "hf_id")
         if not hf_id:
             raise DatasetUnavailable("dataset.kind=hub needs dataset.hf_id")
+        if _hub_local_dir(dataset_cfg):
+            if not _local_dir_files(hf_id):
+                raise DatasetUnavailable(
+                    f"dataset.hf_id={hf_id!r} is a local directory without data files "
+                    f"({', '.join(_BUILDERS)}, optionally compressed)")
+            return
         streaming = bool(_get(dataset_cfg, "streaming", True))
         if _offline():
             if not streaming and _hub_dataset_cached(hf_id, _get(dataset_cfg, "revision")):
@@ -187,6 +194,19 @@ def check_dataset_available(dataset_cfg: Any, timeout: float = 10.0) -> None:
                 f"allowed: {', '.join(_BUILDERS)} (optionally compressed: {', '.join(_COMPRESSION)})")
         if len(set(builders.values())) > 1:
             raise DatasetUnavailable(f"dataset.data_files mixes formats ({sorted(set(builders.values()))}); use one format")
+
+
+def _hub_local_dir(dataset_cfg: Any) -> Optional[str]:
+    """A hub dataset's files mirrored into a local directory (``dataset.hf_id=/data/fineweb``): the
+    same ``datasets.load_dataset(hf_id, ...)`` call reads it, with no network."""
+    hf_id = os.path.expanduser(str(_get(dataset_cfg, "hf_id", "")))
+    return hf_id if hf_id and os.path.isdir(hf_id) else None
+
+
+def _local_dir_files(root: str) -> List[str]:
+    return sorted(str(p) for p in Path(root).rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+                  and _builder_for(str(p)) is not None)
 
 
 def _hub_dataset_cached(hf_id: str, revision: Any) -> bool:
@@ -229,6 +249,9 @@ def dataset_fingerprint(dataset_cfg: Any, lm: Any = None) -> Dict[str, Any]:
         fp.update(hf_id=_get(dataset_cfg, "hf_id"), hf_config=_get(dataset_cfg, "hf_config"),
                   split=_get(dataset_cfg, "split", "train"), text_column=_get(dataset_cfg, "text_column", "text"),
                   revision=_get(dataset_cfg, "revision"))
+        local = _hub_local_dir(dataset_cfg)
+        if local:  # a mirror's content, not its path, decides the tokens
+            fp.update(hf_id=None, data_files=[_file_hash(f) for f in _local_dir_files(local)])
     elif kind == "local":
         files = _data_files(dataset_cfg)
         fp.update(text_column=_get(dataset_cfg, "text_column", "text"),
