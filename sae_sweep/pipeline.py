@@ -132,6 +132,8 @@ def finish(cfg: DictConfig, run: Any, key: str, lm: Any, trainer: Any, result: A
     from sae_sweep.lm import hook_name
 
     run.log_metrics({"train/steps": result.steps, "train/tokens": result.tokens, "train/seconds": result.seconds})
+    if result.resumed_from_step is not None:  # a requeued / re-run job continued a checkpoint
+        run.set_tags({"resumed_from_step": result.resumed_from_step})
     sae = trainer.sae.eval()
     d_in, d_sae = trainer.d_in, trainer.d_sae
     sae_cfg_dict = {
