@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow
 
 SMALL = ["dataset.tokens=20000", "dataset.eval_tokens=2048", "train.tokens=40000", "trainer.batch_size=1000",
-         "train.checkpoint_every=5", "sweep.name=resilience"]
+         "train.checkpoint_every=5", "sweep.name=resilience", "eval=core_only"]
 
 
 def _cli(out: Path, *args, timeout=900):
