@@ -49,8 +49,13 @@ def _sweep(out: Path, *args, wait=True, timeout=800):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if wait:
         return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=out.parent)
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=out.parent)
+    # A file, not a pipe: nobody reads a pipe while the driver waits for its jobs, and a full one blocks it.
+    log = open(out.parent / "driver.log", "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=out.parent)
+
+
+def _driver_log(proc) -> str:
+    return Path(proc.stdout.name).read_text()
 
 
 def _runs(out: Path, kind: str):
@@ -72,8 +77,8 @@ def _wait_for(predicate, timeout_s, what, proc=None):
         if value:
             return value
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the sweep ended while waiting for {what}:\n{proc.stderr.read()[-4000:]}")
-        time.sleep(0.5)
+            raise AssertionError(f"the sweep ended while waiting for {what}:\n{_driver_log(proc)[-4000:]}")
+        time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
@@ -109,11 +114,11 @@ def test_interrupted_job_is_requeued_resumes_and_continues_its_run(tmp_path):
         # What submitit does on preemption (SIGTERM, then SIGUSR2 -> checkpoint() -> scontrol requeue);
         # the cluster's own preemption sends the same USR2 (tests/test_slurm_cluster.py).
         submitit.SlurmJob(folder=job_dir, job_id=job_dir.name)._interrupt()
-        stdout, stderr = proc.communicate(timeout=800)
+        proc.wait(timeout=800)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, stderr[-4000:]
+    assert proc.returncode == 0, _driver_log(proc)[-4000:]
 
     (run,) = _runs(out, "job")
     tags, metrics = run.data.tags, run.data.metrics
@@ -140,13 +145,14 @@ def test_failed_and_cancelled_points_do_not_stop_the_sweep_and_the_cache_is_buil
     try:
         third = _wait_for(lambda: [d for d in _job_dirs(out) if d.name.endswith("_2")], 300, "the array", proc)[0]
         subprocess.run(["scancel", third.name], check=True, timeout=60)
-        stdout, stderr = proc.communicate(timeout=800)
+        proc.wait(timeout=800)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 1, stderr[-4000:]
-    assert "1 finished, 2 failed, 0 skipped" in stderr, stderr[-4000:]
-    assert f"job {third.name} ended without a result" in stderr, stderr[-4000:]
+    log = _driver_log(proc)
+    assert proc.returncode == 1, log[-4000:]
+    assert "1 finished, 2 failed, 0 skipped" in log, log[-4000:]
+    assert f"job {third.name} ended without a result" in log, log[-4000:]
 
     children = {c.data.params["trainer.lr"]: c for c in _runs(out, "job")}
     assert children["0.001"].info.status == "FINISHED"
