@@ -3,7 +3,7 @@
 ``load_lm(model_cfg, cache_dir, device)`` resolves ``model.hf_id``:
 
 * ``builtin:tiny``: a 4-layer GPT-2 (d_model 128) with a byte-level BPE tokenizer, both trained
-  on the built-in corpus; built once per machine into ``<cache_dir>/models/tiny-v1/`` and then
+  on the built-in corpus; built once per machine into ``<cache_dir>/models/tiny-v2/`` and then
   loaded through ``AutoModelForCausalLM`` / ``AutoTokenizer`` exactly like a hub model;
 * an existing local directory: loaded from it;
 * anything else: a hub id, loaded at ``model.revision`` (from the HF cache when it is there).
@@ -62,15 +62,18 @@ HOOK_TYPES = ("resid_pre", "resid_post", "mlp_out", "attn_out")
 
 TINY_HF_ID = "builtin:tiny"
 # Bump when the tiny model's recipe changes: a new directory is built, old caches stay valid.
-TINY_VERSION = "tiny-v1"
+TINY_VERSION = "tiny-v2"
 # Must match conf/model/tiny.yaml (n_layers, d_model).
 TINY_ARCH = dict(n_layer=4, n_embd=128, n_head=4, n_positions=512)
-TINY_VOCAB = 4096
+TINY_VOCAB = 2048
 TINY_SPECIAL = {"eos": "<|endoftext|>", "pad": "<|pad|>"}
-# Training recipe: fixed step count (never time-based) so the build is deterministic.
-# Small batches, many steps: for a model this size more updates beat bigger batches per FLOP.
-TINY_TRAIN = dict(seed=0, context=256, batch=8, steps=240, lr=8e-3, warmup=20, weight_decay=0.01,
-                  grad_clip=1.0, threads=2)
+# Training recipe: fixed step count (never time-based) so the build is deterministic. The loop is
+# most of the build, and its cost is matmul FLOPs per token: a small vocabulary makes the LM head
+# cheap, context 128 keeps attention cheap (and covers faithful's BOS + 128 new tokens but one).
+# One thread: on a busy 2-core machine a second torch thread mostly spin-waits (measured 3.5x the
+# CPU time per step under load), and the thread count is part of the recipe (reduction order).
+TINY_TRAIN = dict(seed=0, context=128, batch=16, steps=240, lr=1e-2, warmup=20, weight_decay=0.01,
+                  grad_clip=1.0, threads=1)
 
 
 def hook_name(layer: int, hook: str) -> str:
@@ -325,9 +328,11 @@ def _build_tiny(out_dir: Path, cache_dir: str | os.PathLike) -> None:
     torch.set_num_threads(TINY_TRAIN["threads"])
     try:
         docs = builtin_documents(cache_dir)
+        timings = {"corpus": time.time() - t0}
         train_docs = [d for d in docs if doc_split(d) == "train"]
         eval_docs = [d for d in docs if doc_split(d) == "eval"]
         tokenizer = _train_tiny_tokenizer(train_docs)
+        timings["tokenizer"] = time.time() - t0 - sum(timings.values())
         eos = tokenizer.eos_token_id
         enc = lambda ds: [e.ids for e in tokenizer.backend_tokenizer.encode_batch(ds, add_special_tokens=False)]  # noqa: E731
         train_ids, eval_ids = enc(train_docs), enc(eval_docs)
@@ -352,6 +357,7 @@ def _build_tiny(out_dir: Path, cache_dir: str | os.PathLike) -> None:
         steps, warmup, lr = TINY_TRAIN["steps"], TINY_TRAIN["warmup"], TINY_TRAIN["lr"]
         gen = torch.Generator().manual_seed(TINY_TRAIN["seed"])
         losses: List[float] = []
+        timings["tokenize_and_pack"] = time.time() - t0 - sum(timings.values())
         bar = tqdm(range(steps), desc=f"building {TINY_VERSION}", disable=None)
         for step in bar:
             # Linear warmup, cosine decay to 10%.
@@ -367,6 +373,7 @@ def _build_tiny(out_dir: Path, cache_dir: str | os.PathLike) -> None:
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.close()
+        timings["train"] = time.time() - t0 - sum(timings.values())
 
         model.eval()
         with torch.inference_mode():
@@ -387,6 +394,7 @@ def _build_tiny(out_dir: Path, cache_dir: str | os.PathLike) -> None:
             "unigram_entropy": unigram_entropy,
             "weights_hash": _sha1_file(out_dir / "model.safetensors"),
             "build_seconds": round(time.time() - t0, 1),
+            "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
             "torch": torch.__version__,
         }
         with open(out_dir / "build_info.json", "w", encoding="utf-8") as fh:
