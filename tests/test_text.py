@@ -9,6 +9,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network in tests
 
 import pytest
+import numpy as np
 import torch
 
 from sae_sweep.corpus import WindowPacker, doc_split
@@ -246,3 +247,59 @@ def _take(it, n):
             break
     it.close()
     return out
+
+
+FAITHFUL_KILL_SCRIPT = """
+import sys
+from sae_sweep.lm import load_lm
+from sae_sweep.text import token_windows
+model_dir, cache, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+lm = load_lm({"name": "llama-rand", "hf_id": model_dir, "dtype": "float32"}, cache, "cpu")
+gen = {"max_new_tokens": 32, "temperature": 1.0, "top_p": 0.9, "repetition_penalty": 1.1, "batch_size": 8, "seed": 3}
+token_windows({"name": "faithful", "kind": "faithful", "context_size": 32, "generation": gen}, lm, "train", n, cache)
+"""
+
+
+@pytest.mark.slow
+def test_faithful_generation_killed_midway_resumes_to_the_same_text(llama_lm, tmp_path):
+    """SIGKILL a generating process (no cleanup at all), rerun: the chunks it finished are reused as
+    they are, its dead lock is taken over, and the text equals an uninterrupted run's."""
+    import signal
+    import subprocess
+    import sys
+
+    model_dir = llama_lm.fingerprint["path"]
+    n = 32 * 80  # ~11 chunks of 8 sequences
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-c", FAITHFUL_KILL_SCRIPT, model_dir]
+    killed_cache = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, str(killed_cache), str(n)], env=env, stderr=subprocess.DEVNULL)
+    chunks_dir = killed_cache / "faithful"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(chunks_dir.glob("*/chunk_*.npz"))) < 3:
+        assert proc.poll() is None, "generation ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (root,) = list(chunks_dir.iterdir())
+    before = {p.name: p.stat().st_mtime_ns for p in root.glob("chunk_*.npz")}
+    assert (root / ".lock").exists()  # the dead owner's lock is still there
+    assert not list((killed_cache / "tokens").glob("*.npy"))  # it was killed before finishing
+
+    subprocess.run([*cmd, str(killed_cache), str(n)], env=env, check=True, capture_output=True, timeout=600)
+    after = {p.name: p.stat().st_mtime_ns for p in root.glob("chunk_*.npz")}
+    assert len(after) > len(before) and all(after[name] == t for name, t in before.items())
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["chunks"] == len(after) and manifest["generation"]["seed"] == 3
+    assert manifest["generation"]["batch_size"] == 8 and manifest["prompt"] == "BOS only"
+
+    clean_cache = tmp_path / "clean"
+    subprocess.run([*cmd, str(clean_cache), str(n)], env=env, check=True, capture_output=True, timeout=600)
+    (clean_root,) = list((clean_cache / "faithful").iterdir())
+    assert sorted(p.name for p in clean_root.glob("chunk_*.npz")) == sorted(after)
+    for name in after:  # same sequences, chunk by chunk
+        with np.load(root / name) as a, np.load(clean_root / name) as b:
+            assert np.array_equal(a["tokens"], b["tokens"]) and np.array_equal(a["lengths"], b["lengths"])
+    (w_killed,) = list((killed_cache / "tokens").glob("*.npy"))
+    (w_clean,) = list((clean_cache / "tokens").glob("*.npy"))
+    assert np.array_equal(np.load(w_killed), np.load(w_clean))
