@@ -50,12 +50,14 @@ def _sweep(out: Path, *args, wait=True, timeout=800):
     if wait:
         return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=out.parent)
     # A file, not a pipe: nobody reads a pipe while the driver waits for its jobs, and a full one blocks it.
-    log = open(out.parent / "driver.log", "w")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=out.parent)
+    with open(out.parent / "driver.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=out.parent)
+    proc.log_path = out.parent / "driver.log"
+    return proc
 
 
 def _driver_log(proc) -> str:
-    return Path(proc.stdout.name).read_text()
+    return proc.log_path.read_text()
 
 
 def _runs(out: Path, kind: str):
