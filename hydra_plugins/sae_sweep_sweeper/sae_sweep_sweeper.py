@@ -3,7 +3,7 @@
 
 import sys
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
@@ -15,6 +15,8 @@ from omegaconf import OmegaConf
 class SaeSweepSweeperConf:
     _target_: str = "hydra_plugins.sae_sweep_sweeper.sae_sweep_sweeper.SaeSweepSweeper"
     max_batch_size: Optional[int] = None
+    # grid axes set in config (e.g. by an experiment preset), as in Hydra's basic sweeper
+    params: Optional[Dict[str, str]] = None
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="sae_sweep", node=SaeSweepSweeperConf,
@@ -25,15 +27,16 @@ class SaeSweepSweeper(BasicSweeper):
     """Cartesian grid like Hydra's basic sweeper, but every point is validated before any job is
     launched, a failed point does not stop the others, and the sweep is one MLflow parent run."""
 
-    def __init__(self, max_batch_size: Optional[int] = None) -> None:
-        super().__init__(max_batch_size=max_batch_size, params=None)
+    def __init__(self, max_batch_size: Optional[int] = None, params: Optional[Dict[str, str]] = None) -> None:
+        super().__init__(max_batch_size=max_batch_size, params=params)
 
     def sweep(self, arguments: List[str]) -> Any:
         from sae_sweep.config import ConfigError
         from sae_sweep.sweep import GridSweep, SweepFailed
 
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        overrides = parser.parse_overrides(list(arguments))
+        # Config-level axes first, command-line overrides after (they win), as BasicSweeper does.
+        overrides = parser.parse_overrides(self._parse_config() + list(arguments))
         batches = self.split_arguments(overrides, self.max_batch_size)
 
         def load(point_overrides: List[str]):
