@@ -50,11 +50,19 @@ def test_two_seed_sweep_finishes_with_core_metrics(sweep_out):
     assert len(parents) == 1 and len(children) == 2
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert parents[0].data.metrics["sweep/finished"] == 2
+    # the sweep end: shared-feature ratio of the seed pair on the parent, and the report
+    assert parents[0].data.metrics["crossseed/n_pairs"] == 1
+    assert 0.0 <= parents[0].data.metrics["crossseed/shared_feature_ratio_mean"] <= 1.0
+    sweep_dir = Path(parents[0].data.tags["sweep_dir"])
+    assert (sweep_dir / "report" / "report.md").is_file()
     for c in children:
         assert c.info.status == "FINISHED"
         m = c.data.metrics
         assert m["core/reconstruction_quality/explained_variance"] > 0.3
         assert m["core/sparsity/l0"] == pytest.approx(16, abs=1e-6)  # TopK: exactly k per token
+        assert any(k.startswith("sparse_probing/sae/sae_top_1_test_accuracy") for k in m)
+        assert "fake_features/fake_features/fake_feature_ratio" in m and "downstream/mean/sae_acc" in m
+        assert "absorption/mean/mean_absorption_fraction_score" in m or c.data.tags.get("eval.absorption.status") == "skipped"
         for key in ("core/model_behavior_preservation/kl_div_score",
                     "core/model_performance_preservation/ce_loss_score",
                     "core/reconstruction_quality/explained_variance_legacy", "core/shrinkage/l2_ratio",
@@ -93,7 +101,7 @@ def test_second_run_of_the_sweep_trains_nothing(sweep_out):
 
 def test_nan_training_ends_run_failed_with_reason(tmp_path):
     out = tmp_path / "out"
-    r = _cli(out, *SMALL, "trainer.lr=1e30", "trainer.grad_clip=0", "trainer.warmup_steps=0")
+    r = _cli(out, *SMALL, "eval=core_only", "trainer.lr=1e30", "trainer.grad_clip=0", "trainer.warmup_steps=0")
     assert r.returncode != 0
     _, runs = _runs(out)
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
@@ -102,8 +110,8 @@ def test_nan_training_ends_run_failed_with_reason(tmp_path):
 
 def test_killed_job_resumes_the_same_run(tmp_path):
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "sae_sweep", *SMALL, "train.tokens=200000", "train.checkpoint_every=5",
-            f"paths.output_dir={out}"]
+    args = [sys.executable, "-m", "sae_sweep", *SMALL, "eval=core_only", "train.tokens=200000",
+            "train.checkpoint_every=5", f"paths.output_dir={out}"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     ckpts = out / "checkpoints"
@@ -117,7 +125,7 @@ def test_killed_job_resumes_the_same_run(tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "RUNNING"  # a SIGKILL leaves no chance to close it
     killed_id = runs[0].info.run_id
 
-    r = _cli(out, *SMALL, "train.tokens=200000", "train.checkpoint_every=5")
+    r = _cli(out, *SMALL, "eval=core_only", "train.tokens=200000", "train.checkpoint_every=5")
     assert r.returncode == 0, r.stderr[-3000:]
     _, runs = _runs(out)
     assert len(runs) == 1 and runs[0].info.run_id == killed_id and runs[0].info.status == "FINISHED"
