@@ -18,3 +18,19 @@ def session_cache_dir(tmp_path_factory):
     if "SAE_SWEEP_CACHE" not in os.environ:
         os.environ["SAE_SWEEP_CACHE"] = str(tmp_path_factory.mktemp("sae_sweep_cache"))
     return os.environ["SAE_SWEEP_CACHE"]
+
+
+@pytest.fixture(scope="session")
+def tiny_cache_dir(session_cache_dir):
+    """The session cache as a Path: the tiny model is built there once for every test file."""
+    from pathlib import Path
+
+    return Path(session_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_cache_dir):
+    """The offline tiny model, loaded once per session (shared by test_lm and test_text)."""
+    from sae_sweep.lm import load_lm
+
+    return load_lm({"name": "tiny", "hf_id": "builtin:tiny", "dtype": "auto"}, tiny_cache_dir, "cpu")

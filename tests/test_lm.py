@@ -21,19 +21,6 @@ from sae_sweep.lm import (
 )
 
 @pytest.fixture(scope="session")
-def tiny_cache_dir(session_cache_dir):
-    """conftest's session cache: the tiny model is built there once and shared with other tests."""
-    from pathlib import Path
-
-    return Path(session_cache_dir)
-
-
-@pytest.fixture(scope="session")
-def tiny_lm(tiny_cache_dir):
-    return load_lm({"name": "tiny", "hf_id": "builtin:tiny", "dtype": "auto"}, tiny_cache_dir, "cpu")
-
-
-@pytest.fixture(scope="session")
 def small_tokenizer():
     """A byte-level BPE with distinct BOS/EOS/PAD (like Llama), trained in well under a second."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

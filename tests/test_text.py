@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network in tests
 
@@ -23,16 +22,6 @@ from sae_sweep.text import (
     iter_split_documents,
     token_windows,
 )
-
-
-@pytest.fixture(scope="session")
-def tiny_cache_dir(session_cache_dir):
-    return Path(session_cache_dir)
-
-
-@pytest.fixture(scope="session")
-def tiny_lm(tiny_cache_dir):
-    return load_lm({"name": "tiny", "hf_id": "builtin:tiny", "dtype": "auto"}, tiny_cache_dir, "cpu")
 
 
 @pytest.fixture(scope="session")
