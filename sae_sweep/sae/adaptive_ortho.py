@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._shapes import forward_tokens
 from .base import SparseAutoencoder, StepOutput, hparam, mse_loss
 from .registry import register_sae, register_trainer
 from .topk import TopKParams, TopKSAE, TopKTrainer
@@ -80,8 +79,7 @@ def grouped_ortho_loss(W_dec: Tensor, order: Tensor, group_size: int, sharing: f
 
 @register_sae("adaptive_ortho")
 class AdaptiveOrthoSAE(TopKSAE):
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return forward_tokens(super().forward, x)  # evals pass [B, T, d_in]
+    """A TopK SAE saved under its own architecture name (TopKSAE.forward takes [..., d_in])."""
 
 
 @dataclass

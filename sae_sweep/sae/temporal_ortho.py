@@ -33,7 +33,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._shapes import forward_tokens
 from .base import SparseAutoencoder, StepOutput, hparam, mse_loss
 from .registry import register_sae, register_trainer
 from .topk import TopKParams, TopKSAE, TopKTrainer
@@ -157,8 +156,7 @@ def ortho_penalty(vals: Tensor, idx: Tensor, table: CoactivationTable) -> Tensor
 
 @register_sae("temporal_ortho")
 class TemporalOrthoSAE(TopKSAE):
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return forward_tokens(super().forward, x)  # evals pass [B, T, d_in]
+    """A TopK SAE saved under its own architecture name (TopKSAE.forward takes [..., d_in])."""
 
 
 @dataclass
