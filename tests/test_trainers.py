@@ -454,8 +454,6 @@ def test_train_loop_logs_every_loss_part_and_resumes(name, tmp_path):
 @pytest.mark.parametrize("name", ALL)
 def test_eval_forward_accepts_batch_by_context_input(name):
     """Evals call sae(x) on [batch, context, d_in]; tokens are independent in eval mode."""
-    if name == "topk":
-        pytest.skip("TopKSAE.forward (topk.py) decodes with embedding_bag, which takes 2-D input only")
     trainer = make(name, steps=10)
     x = torch.randn(64, 16)
     for _ in range(10):
