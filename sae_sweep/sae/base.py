@@ -159,7 +159,8 @@ class SparseAutoencoder(nn.Module):
         if g is None:
             return
         w = self.W_dec
-        g.sub_((g * w).sum(dim=1, keepdim=True) * w)
+        # g -= <g, w> w row-wise without [d_sae, d_in] temporaries (einsum: a batched dot)
+        g.addcmul_(torch.einsum("ij,ij->i", g, w).unsqueeze(1), w, value=-1)
 
     # -- persistence ---------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
@@ -574,6 +575,22 @@ def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor, dense_above: float =
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
+class Workspace:
+    """Named scratch buffers reused across steps (same shape, dtype and device -> same memory).
+
+    Only for tensors that do not outlive the call that fills them (not saved for backward).
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape != torch.Size(shape) or buf.dtype != dtype or buf.device != device:
+            buf = self._bufs[name] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
+
+
 class Codes:
     """The sparsity pattern of a batch of codes idx [B, k], transposed to CSR over latents.
 
@@ -599,14 +616,27 @@ class Codes:
     def scatter_t(self, values: Tensor, x: Tensor) -> Tensor:
         """[n_latents, d] = sum over entries of values[b, j] * x[b] into row idx[b, j]."""
         if x.device.type == "cpu":
-            return self.rows_t(values.to(x.dtype)) @ x
+            # into an uninitialised output (beta=0 ignores it): `csr @ x` zero-fills, then copies
+            out = x.new_empty(self.n_latents, x.shape[-1])
+            return torch.addmm(out, self.rows_t(values.to(x.dtype)), x, beta=0, out=out)
         # CUDA: index_add_ (atomic adds) needs no sort and no sparse-matrix set-up
         src = (values.to(x.dtype)[..., None] * x[:, None, :]).reshape(-1, x.shape[-1])
         return x.new_zeros(self.n_latents, x.shape[-1]).index_add_(0, self.flat, src)
 
 
 def _gather_dot(W: Tensor, idx: Tensor, g: Tensor, chunk: int = 512) -> Tensor:
-    """out[b, j] = <W[idx[b, j]], g[b]>, in row chunks so the gathered rows stay in cache."""
+    """out[b, j] = <W[idx[b, j]], g[b]>.
+
+    CPU: a sampled dense-dense product (SDDMM: g @ W.T evaluated only at the B*k entries), which
+    reads each W row where it is used instead of materialising B*k gathered rows (~7x faster at
+    B 4096, k 16, d 768). Elsewhere: gathered rows in chunks (stay in cache) and a batched dot.
+    """
+    if g.device.type == "cpu" and W.dtype == g.dtype:
+        B, k = idx.shape
+        crow = torch.arange(0, B * k + 1, k, device=idx.device)
+        pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), g.new_zeros(B * k), (B, W.shape[0]),
+                                          check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, g, W.T, beta=0.0).values().view(B, k)
     out = torch.empty(idx.shape, dtype=g.dtype, device=g.device)
     for s in range(0, idx.shape[0], chunk):
         rows = W[idx[s:s + chunk]].to(g.dtype)  # [c, k, d]
@@ -649,13 +679,19 @@ class TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int,
-                dead: Tensor | None, k_aux: int, compute_dtype: torch.dtype):
+                dead: Tensor | None, k_aux: int, compute_dtype: torch.dtype,
+                workspace: Workspace | None = None):
         xc = x - b_dec
-        pre = torch.addmm(b_enc.to(compute_dtype), xc.to(compute_dtype), W_enc.to(compute_dtype))
+        a, w = xc.to(compute_dtype), W_enc.to(compute_dtype)
+        # pre [B, d_sae] is the step's one big tensor and is not kept for backward: written into
+        # a reused buffer it costs no allocation (on CPU a fresh 200 MB tensor per step pays
+        # ~0.1 s of page faults at B 4096, d_sae 12288).
+        buf = workspace.get("pre", (a.shape[0], w.shape[1]), compute_dtype, a.device) if workspace else None
+        pre = torch.mm(a, w, out=buf).add_(b_enc.to(compute_dtype))
         top, idx = pre.topk(k, dim=-1, sorted=False)
         vals = top.to(W_enc.dtype).relu()
         if dead is not None and k_aux > 0:
-            aux_top, aux_idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
+            aux_top, aux_idx = pre.masked_fill_(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)
             aux_vals = aux_top.to(W_enc.dtype).relu()  # -inf (fewer dead than k_aux) -> 0
         else:
             aux_vals = vals.new_zeros(x.shape[0], 0)
@@ -686,7 +722,7 @@ class TopKEncode(torch.autograd.Function):
                 grad_b_dec = -(W_enc @ col_sum)
             if ctx.needs_input_grad[0]:
                 grad_x = _gather_dot_t(W_enc, idx, g)
-        return grad_x, grad_W, grad_b_enc, grad_b_dec, None, None, None, None
+        return grad_x, grad_W, grad_b_enc, grad_b_dec, None, None, None, None, None
 
 
 def _gather_dot_t(W_enc: Tensor, idx: Tensor, g: Tensor) -> Tensor:

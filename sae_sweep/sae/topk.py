@@ -19,6 +19,7 @@ from .base import (
     StepOutput,
     Trainer,
     TrainerParams,
+    Workspace,
     as_dict,
     hparam,
     mse_loss,
@@ -90,6 +91,12 @@ class TopKTrainer(Trainer):
                 errors.append(f"sae.k={k} is invalid for trainer 'topk'; allowed: an integer in [1, d_sae={d_sae}]")
         return errors
 
+    @property
+    def _workspace(self) -> Workspace:
+        if "_ws" not in self.__dict__:
+            self._ws = Workspace()
+        return self._ws
+
     def build_sae(self, generator: torch.Generator) -> SparseAutoencoder:
         return TopKSAE(self.d_in, self.d_sae, int(self.sae_cfg["k"]), generator=generator)
 
@@ -105,8 +112,11 @@ class TopKTrainer(Trainer):
         dead = self.dead_mask() if auxk_on else None
         if getattr(self.params, "sparse_backward", False):
             compute_dtype = torch.bfloat16 if self.params.autocast_bf16 else torch.float32
+            # CPU: reuse the pre-activation buffer across steps (CUDA's caching allocator already does)
+            workspace = self._workspace if x.device.type == "cpu" else None
             vals, idx, aux_vals, aux_idx = TopKEncode.apply(
-                x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, dead, self.k_aux if auxk_on else 0, compute_dtype)
+                x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, dead, self.k_aux if auxk_on else 0, compute_dtype,
+                workspace)
             pre = None
         else:
             vals, idx, pre = sae.encode_sparse(x)
