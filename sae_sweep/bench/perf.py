@@ -364,6 +364,36 @@ def fig_packing(root: Path, device: torch.device, steps: int, reps: int, d_sae: 
                     "set-up), not the per-SAE compute"}
 
 
+def fig_packing_jobs(cache_dir: Path, device: torch.device, train_tokens: int = 51_200) -> dict[str, Any]:
+    """Job level: 4 grid points (2 trainers x 2 sizes, one seed) as 4 fresh `python -m sae_sweep`
+    processes run one after another (what one job per point costs: start-up, LM and cache open,
+    MLflow set-up, training, core eval each) vs one `-m ... sweep.pack=true` process. The cache is
+    built beforehand, so neither side pays for it; the packed side also pays the sweep-end work
+    (cross-seed check, report), so the ratio is conservative."""
+    from sae_sweep.lm import load_lm
+    from sae_sweep.pipeline import build_activation_cache
+
+    grid = {"trainer": ["topk", "batchtopk"], "sae.expansion_factor": ["4", "8"]}
+    with _cache_root(cache_dir / "models") as root:
+        common = [f"paths.cache_dir={root}", f"paths.output_dir={root / 'outputs'}", "eval=core_only",
+                  f"train.tokens={train_tokens}", "dataset.tokens=20000", f"device={device.type}"]
+        cfg = _compose(common)
+        build_activation_cache(cfg, load_lm(cfg.model, root, str(device)), str(device))
+
+        def run(args: list[str]) -> float:
+            t0 = time.perf_counter()
+            res = subprocess.run([sys.executable, "-m", "sae_sweep", *args, *common], capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(f"`python -m sae_sweep {' '.join(args)}` exited {res.returncode}:\n{res.stderr[-2000:]}")
+            return time.perf_counter() - t0
+
+        alone = sum(run([f"trainer={t}", f"sae.expansion_factor={e}", "sweep.name=alone"])
+                    for t in grid["trainer"] for e in grid["sae.expansion_factor"])
+        packed = run(["-m", *(f"{k}={','.join(v)}" for k, v in grid.items()), "sweep.pack=true", "sweep.name=packed"])
+    return {"points": 4, "train_tokens": train_tokens, "seconds_one_job_per_point": alone,
+            "seconds_packed_job": packed, "speedup": alone / packed}
+
+
 _MEM_CODE = """
 import json, sys, torch
 from sae_sweep.bench import perf
@@ -424,7 +454,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--packing-steps", type=int, default=4)
     p.add_argument("--temporal-d-sae", type=int, default=65536)
     p.add_argument("--skip", default="", help="comma-separated figures to skip: cache,reader,topk,quality,sweep,"
-                   "packing,memory")
+                   "packing,packing_jobs,memory")
 
 
 def _row(name: str, value: str, target: str, ok: bool | None) -> str:
@@ -479,6 +509,12 @@ def table(r: dict[str, Any]) -> str:
         lines.append(_row(f"packing: {len(p['members'])} SAEs in one pack vs one at a time (train loops)",
                           f"{p['speedup']:.2f}x ({p['seconds_one_at_a_time']:.1f} s vs {p['seconds_packed']:.1f} s)",
                           "> 1x", p["speedup"] > 1))
+    if "packing_jobs" in r:
+        pj = r["packing_jobs"]
+        lines.append(_row(f"packing: {pj['points']} grid points as one packed job vs one job per point (CLI "
+                          "processes, tiny model, core eval)",
+                          f"{pj['speedup']:.2f}x ({pj['seconds_one_job_per_point']:.0f} s vs "
+                          f"{pj['seconds_packed_job']:.0f} s)", "> 1x", pj["speedup"] > 1))
     if "memory" in r:
         mem = r["memory"]
         lines.append(_row("peak RSS (VmHWM), 2 TopK steps at the size above: fast vs reference",
@@ -524,6 +560,7 @@ def main(args: argparse.Namespace) -> int:
     stage("quality", fig_quality)
     stage("cache", lambda: fig_cache_build(cache_dir, device, args.cache_tokens, args.reps))
     stage("sweep", lambda: fig_sweep(cache_dir, device, 8192))
+    stage("packing_jobs", lambda: fig_packing_jobs(cache_dir, device))
 
     text = table(r)
     print()
