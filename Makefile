@@ -1,6 +1,9 @@
 # sae_sweep developer commands. PYTHON is the interpreter the package is installed into.
 PYTHON ?= python3
 PYTEST_ARGS ?=
+# 2 test workers (pytest-xdist): much of the suite waits on SLURM and job subprocesses. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+PYTEST := $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 .PHONY: install test test-fast demo bench slurm-up slurm-down clean
 
@@ -11,10 +14,10 @@ install:
 	$(PYTHON) -m pip install -e ".[test]" --config-settings editable_mode=compat
 
 test:
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 test-fast:
-	$(PYTHON) -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow and not slurm" $(PYTEST_ARGS)
 
 # The quickstart: 2 seeds x 2 datasets on the offline tiny model, tracked in ./outputs/mlflow.db.
 demo:

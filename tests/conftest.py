@@ -11,12 +11,46 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 
+# Under pytest-xdist (`make test` runs 2 workers) each worker is its own process: one torch thread
+# each (two 2-thread workers on 2 cores spin-wait on each other), inherited by the jobs they spawn.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+# Files whose tests share expensive module fixtures or wait on the cluster go first, so the longest
+# groups do not start last and leave one worker idle (the order only matters under xdist).
+LONG_GROUPS_FIRST = ("slurm", "test_e2e", "test_resilience", "test_families", "test_packing")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """One xdist group per test file (module fixtures then run once, on one worker) unless a file
+    names its group (the SLURM files share "slurm": one cluster, one worker); long groups first."""
+    def group(item):
+        marks = list(item.iter_markers("xdist_group"))
+        return marks[0].args[0] if marks else item.path.stem
+
+    for item in items:
+        if not list(item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+    rank = {name: i for i, name in enumerate(LONG_GROUPS_FIRST)}
+    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: file order otherwise
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_cache_dir(tmp_path_factory):
-    """SAE_SWEEP_CACHE for the whole session: the tiny model is built once, in a temp dir,
-    unless the caller already points SAE_SWEEP_CACHE somewhere (reuse across runs)."""
+    """SAE_SWEEP_CACHE for the whole test run: the tiny model is built once, in a temp dir shared
+    by all xdist workers (its build is locked: one worker builds, the others wait), unless the
+    caller already points SAE_SWEEP_CACHE somewhere (reuse across runs)."""
     if "SAE_SWEEP_CACHE" not in os.environ:
-        os.environ["SAE_SWEEP_CACHE"] = str(tmp_path_factory.mktemp("sae_sweep_cache"))
+        base = tmp_path_factory.getbasetemp()
+        root = base.parent if XDIST_WORKER else base  # workers' basetemps are siblings
+        cache = root / "sae_sweep_cache"
+        cache.mkdir(exist_ok=True)
+        os.environ["SAE_SWEEP_CACHE"] = str(cache)
     return os.environ["SAE_SWEEP_CACHE"]
 
 

@@ -40,7 +40,7 @@ if not HAVE_SINFO and not IN_CI:
         allow_module_level=True,
     )
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm"), pytest.mark.timeout(300)]
 
 PARTITION = os.environ.get("SAE_SWEEP_TEST_PARTITION", "debug")
 # a partition whose jobs preempt PARTITION's (slurm_local.sh: `urgent`, PriorityTier=10)

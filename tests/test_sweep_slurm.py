@@ -28,7 +28,7 @@ if shutil.which("sinfo") is None and not IN_CI:
     pytest.skip("SLURM not installed (`sinfo` not on PATH): run .ci/install_slurm.sh, or "
                 "apt-get install slurm-wlm munge && launchers/slurm_local.sh start", allow_module_level=True)
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm"), pytest.mark.slow, pytest.mark.timeout(900)]
 
 SMALL = ["dataset.tokens=20000", "dataset.eval_tokens=2048", "train.tokens=40000", "trainer.batch_size=1000",
          "train.checkpoint_every=5", "sweep.name=slurm", "hydra/launcher=slurm_local", "eval=core_only"]
