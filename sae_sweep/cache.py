@@ -378,23 +378,36 @@ class _ShardWriter:
         ):
             arr.flush()
             final = self.dir / name
-            if self.n == self.capacity:
-                del arr
-                os.replace(partial, final)
-            else:  # short last shard: copy into an exactly-sized file (npy header holds the shape)
-                out = np.lib.format.open_memmap(final, mode="w+", dtype=arr.dtype,
-                                                shape=(self.n,) + arr.shape[1:])
-                step = max(1, (64 * 2**20) // max(1, arr[0].nbytes))
-                for i in range(0, self.n, step):
-                    out[i:i + step] = arr[i:min(i + step, self.n)]
-                out.flush()
-                del out, arr
-                os.unlink(partial)
+            shape, dtype = (self.n,) + arr.shape[1:], arr.dtype
+            del arr
+            if self.n < self.capacity:  # short last shard: shrink the file in place
+                _shrink_npy(partial, dtype, shape)
+            os.replace(partial, final)
             with open(final, "rb") as fh:
                 os.fsync(fh.fileno())
             entry[key] = _sha256_file(final)
         self.acts = self.tokens = None
         return entry
+
+
+def _shrink_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    """Cut a C-ordered .npy file down to its first shape[0] rows: rewrite the header for the new
+    shape at the same length (padding, as the format allows) and truncate the data. No copy."""
+    with open(path, "r+b") as fh:
+        version = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        read_header(fh)
+        offset = fh.tell()
+        len_bytes = 2 if version == (1, 0) else 4
+        body = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+        room = offset - 8 - len_bytes  # magic (6) + version (2) + length field
+        if len(body) + 1 > room:
+            raise CacheError(f"cannot rewrite the header of {path} in place")
+        header = body.ljust(room - 1) + "\n"
+        fh.seek(8)
+        fh.write(room.to_bytes(len_bytes, "little") + header.encode("latin1"))
+        fh.truncate(offset + int(np.prod(shape)) * dtype.itemsize)
 
 
 def _check_chunk(i: int, tokens: torch.Tensor, acts: torch.Tensor) -> None:

@@ -450,7 +450,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=2, help="timed repetitions per measurement (best is kept)")
     p.add_argument("--cache-dir", default=os.environ.get("SAE_SWEEP_CACHE", "~/.cache/sae_sweep"),
                    help="where the tiny model is (built there once if missing)")
-    p.add_argument("--cache-tokens", type=int, default=16384, help="tokens for the cache-build figure")
+    p.add_argument("--cache-tokens", type=int, default=65536, help="tokens for the cache-build figure")
     p.add_argument("--packing-steps", type=int, default=4)
     p.add_argument("--temporal-d-sae", type=int, default=65536)
     p.add_argument("--skip", default="", help="comma-separated figures to skip: cache,reader,topk,quality,sweep,"
@@ -558,7 +558,7 @@ def main(args: argparse.Namespace) -> int:
         stage("reader", lambda: fig_reader(Path(tmp), device, steps_per_s, n_batches=20))
         stage("packing", lambda: fig_packing(Path(tmp), device, args.packing_steps, args.reps))
     stage("quality", fig_quality)
-    stage("cache", lambda: fig_cache_build(cache_dir, device, args.cache_tokens, args.reps))
+    stage("cache", lambda: fig_cache_build(cache_dir, device, args.cache_tokens, max(args.reps, 3)))
     stage("sweep", lambda: fig_sweep(cache_dir, device, 8192))
     stage("packing_jobs", lambda: fig_packing_jobs(cache_dir, device))
 
