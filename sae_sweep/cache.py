@@ -390,6 +390,13 @@ class _ShardWriter:
         return entry
 
 
+def _raise_failed(futures: Sequence[Future]) -> None:
+    """Surface a background shard finish's error now rather than at the end of the build."""
+    for f in futures:
+        if f.done() and f.exception() is not None:
+            raise f.exception()  # type: ignore[misc]
+
+
 def _shrink_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
     """Cut a C-ordered .npy file down to its first shape[0] rows: rewrite the header for the new
     shape at the same length (padding, as the format allows) and truncate the data. No copy."""
@@ -426,13 +433,16 @@ def _build(tmp: Path, spec: Mapping, key: str, build_fn: BuildFn, storage_dtype:
     torch_dtype, np_dtype = _storage(storage_dtype)
     t0 = time.time()
     special = np.asarray(special_ids, dtype=np.int64)
-    shards: list[dict[str, Any]] = []
     writer: _ShardWriter | None = None
     ctx = d = None
     n_seqs = n_special = 0
     expected_ctx = spec.get("context_size")
-    with tqdm(total=progress_total, unit="seq", desc=f"caching activations {key}",
-              disable=None, dynamic_ncols=True) as bar:
+    # A full shard is finished (flushed, fsynced, hashed: I/O bound) on a background thread while
+    # the next chunks are computed; shards finish in order, so the manifest lists them in order.
+    finishing: list[Future] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="cache-shard") as io, \
+            tqdm(total=progress_total, unit="seq", desc=f"caching activations {key}",
+                 disable=None, dynamic_ncols=True) as bar:
         for i, chunk in enumerate(build_fn()):
             tokens, acts = chunk
             _check_chunk(i, tokens, acts)
@@ -458,17 +468,19 @@ def _build(tmp: Path, spec: Mapping, key: str, build_fn: BuildFn, storage_dtype:
             while off < b:
                 if writer is None:
                     cap = per_shard
-                    if progress_total:  # avoid a copy of the last shard when the size is known
+                    if progress_total:  # an exactly-sized last shard when the size is known
                         cap = min(cap, max(1, progress_total - n_seqs - off))
-                    writer = _ShardWriter(tmp, len(shards), cap, ctx, d, np_dtype)
+                    writer = _ShardWriter(tmp, len(finishing), cap, ctx, d, np_dtype)
                 off += writer.write(tokens_np[off:], acts_np[off:])
                 if writer.full:
-                    shards.append(writer.finish())
+                    finishing.append(io.submit(writer.finish))
                     writer = None
+                    _raise_failed(finishing)
             n_seqs += b
             bar.update(b)
-    if writer is not None:
-        shards.append(writer.finish())
+        if writer is not None:
+            finishing.append(io.submit(writer.finish))
+        shards = [f.result() for f in finishing]  # re-raises a failed finish
     if n_seqs == 0:
         raise ValueError("build_fn yielded no activations; refusing to write an empty cache")
     manifest = {
