@@ -111,7 +111,7 @@ def test_round_trip_float32(tmp_path):
     m = again.manifest
     assert m["n_seqs"] == 40 and m["build"]["pid"] == os.getpid()
     assert m["build"]["host"] == socket.gethostname() and "seconds" in m["build"]
-    assert all(len(s["sha256"]) == 64 for s in m["shards"])
+    assert all(len(s["data_sha256"]) == 64 == len(s["tokens_data_sha256"]) for s in m["shards"])
 
     # second call reuses without calling build_fn
     def never():
@@ -229,6 +229,27 @@ def test_incomplete_and_corrupt_caches_are_detected(tmp_path):
     assert built
     np.testing.assert_array_equal(ActivationCache.open(cache.path, verify=True).activations(),
                                   acts.numpy())
+
+
+def test_caches_with_whole_file_checksums_still_verify(tmp_path):
+    """Caches written before data_sha256 carry sha256 of the whole file; verify still checks them."""
+    import hashlib
+
+    cache, _, _, _ = build(tmp_path)
+    mpath = cache.path / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    for s in manifest["shards"]:
+        for prefix, fname in (("", s["file"]), ("tokens_", s["tokens_file"])):
+            del s[f"{prefix}data_sha256"]
+            s[f"{prefix}sha256"] = hashlib.sha256((cache.path / fname).read_bytes()).hexdigest()
+    mpath.write_text(json.dumps(manifest))
+    ActivationCache.open(cache.path, verify=True)
+    shard = cache.path / manifest["shards"][0]["tokens_file"]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="checksum"):
+        ActivationCache.open(cache.path, verify=True)
 
 
 def _concurrent_builder(root: str, barrier, out: str) -> None:

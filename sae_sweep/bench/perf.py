@@ -558,7 +558,7 @@ def main(args: argparse.Namespace) -> int:
         stage("reader", lambda: fig_reader(Path(tmp), device, steps_per_s, n_batches=20))
         stage("packing", lambda: fig_packing(Path(tmp), device, args.packing_steps, args.reps))
     stage("quality", fig_quality)
-    stage("cache", lambda: fig_cache_build(cache_dir, device, args.cache_tokens, max(args.reps, 3)))
+    stage("cache", lambda: fig_cache_build(cache_dir, device, args.cache_tokens, max(args.reps, 5)))
     stage("sweep", lambda: fig_sweep(cache_dir, device, 8192))
     stage("packing_jobs", lambda: fig_packing_jobs(cache_dir, device))
 
