@@ -68,3 +68,22 @@ def tiny_lm(tiny_cache_dir):
     from sae_sweep.lm import load_lm
 
     return load_lm({"name": "tiny", "hf_id": "builtin:tiny", "dtype": "auto"}, tiny_cache_dir, "cpu")
+
+
+@pytest.fixture(scope="session")
+def fresh_cache(session_cache_dir):
+    """Factory: `fresh_cache(parent)` makes an empty cache root under `parent` whose models/ links
+    to the run's shared one, so the tiny model is not rebuilt but activation caches start empty.
+    For tests that count cache builds: other test files (other xdist workers) share the run's
+    cache and may already have built the same activations."""
+    from pathlib import Path
+
+    def make(parent):
+        cache = Path(parent) / "cache"
+        cache.mkdir()
+        models = Path(session_cache_dir) / "models"
+        models.mkdir(parents=True, exist_ok=True)
+        (cache / "models").symlink_to(models)
+        return cache
+
+    return make

@@ -33,13 +33,14 @@ def _runs(out: Path, experiment="e2e"):
 
 
 @pytest.fixture(scope="module")
-def sweep_out(tmp_path_factory):
+def sweep_out(tmp_path_factory, fresh_cache):
+    """The 2-seed sweep, on an activation cache of its own (so that it is built here, once)."""
     out = tmp_path_factory.mktemp("e2e") / "out"
     out.parent.mkdir(exist_ok=True)
-    builds_before = len(read_builds_log(os.environ["SAE_SWEEP_CACHE"]))
-    r = _cli(out, "-m", "seed=42,49", *SMALL)
+    cache = fresh_cache(out.parent)
+    r = _cli(out, "-m", "seed=42,49", *SMALL, env_extra={"SAE_SWEEP_CACHE": str(cache)})
     assert r.returncode == 0, r.stderr[-4000:]
-    return out, builds_before
+    return out, cache
 
 
 def test_two_seed_sweep_finishes_with_core_metrics(sweep_out):
@@ -75,20 +76,20 @@ def test_two_seed_sweep_finishes_with_core_metrics(sweep_out):
 
 
 def test_cache_built_once_across_seeds(sweep_out):
-    out, builds_before = sweep_out
+    out, cache = sweep_out
     _, runs = _runs(out)
     children = [r for r in runs if r.data.tags.get("sae_sweep.kind") == "job"]
     keys = {c.data.tags["cache_key"] for c in children}
     assert len(keys) == 1  # same (model, layer, hook, dataset): one cache
     assert sorted(c.data.tags["cache_built"] for c in children) == ["false", "true"]
-    builds = [b for b in read_builds_log(os.environ["SAE_SWEEP_CACHE"]) if b["key"] in keys]
+    builds = [b for b in read_builds_log(cache) if b["key"] in keys]
     assert len(builds) == 1
 
 
 def test_second_run_of_the_sweep_trains_nothing(sweep_out):
-    out, _ = sweep_out
+    out, cache = sweep_out
     _, before = _runs(out)
-    r = _cli(out, "-m", "seed=42,49", *SMALL)
+    r = _cli(out, "-m", "seed=42,49", *SMALL, env_extra={"SAE_SWEEP_CACHE": str(cache)})
     assert r.returncode == 0, r.stderr[-3000:]
     _, after = _runs(out)
     new_children = [r for r in after if r.data.tags.get("sae_sweep.kind") == "job"

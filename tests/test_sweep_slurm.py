@@ -84,16 +84,6 @@ def _wait_for(predicate, timeout_s, what, proc=None):
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
-def _fresh_cache(tmp_path: Path) -> Path:
-    """An empty activation cache that reuses the session's built tiny model."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    models = Path(os.environ["SAE_SWEEP_CACHE"]) / "models"
-    models.mkdir(parents=True, exist_ok=True)
-    (cache / "models").symlink_to(models)
-    return cache
-
-
 def test_invalid_grid_submits_nothing(tmp_path):
     out = tmp_path / "out"
     r = _sweep(out, "sae.k=0,16")
@@ -138,9 +128,9 @@ def test_interrupted_job_is_requeued_resumes_and_continues_its_run(tmp_path):
     assert ckpt.exists()
 
 
-def test_failed_and_cancelled_points_do_not_stop_the_sweep_and_the_cache_is_built_once(tmp_path):
+def test_failed_and_cancelled_points_do_not_stop_the_sweep_and_the_cache_is_built_once(tmp_path, fresh_cache):
     out = tmp_path / "out"
-    cache = _fresh_cache(tmp_path)
+    cache = fresh_cache(tmp_path)
     # Three points, two run at once (2 CPUs): lr=1e30 gives NaN; the third is cancelled from outside.
     proc = _sweep(out, f"paths.cache_dir={cache}", "trainer.grad_clip=0", "trainer.warmup_steps=0",
                   "trainer.lr=1e-3,1e30,2e-3", wait=False)
