@@ -150,6 +150,18 @@ class _ProjSAE(torch.nn.Module):
         return x, torch.relu(x @ self.W_enc)
 
 
+class _LossySAE(torch.nn.Module):
+    """Every latent 0 and a constant reconstruction: no information survives."""
+
+    def __init__(self, d_in=128, d_sae=256):
+        super().__init__()
+        self.W_enc = torch.nn.Parameter(torch.zeros(d_in, d_sae))
+        self.W_dec = torch.nn.Parameter(torch.zeros(d_sae, d_in))
+
+    def forward(self, x):
+        return torch.zeros_like(x), torch.zeros(*x.shape[:-1], self.W_enc.shape[1])
+
+
 FAST = {"context_size": 64, "max_examples": 300, "packages": PACKAGES, "batch_size": 64}
 
 
@@ -185,8 +197,17 @@ def test_sae_at_chance_is_flagged_not_clean(lm, cache_dir):
     out = sparse_probing.run_sparse_probing(lm, dead, 0, "resid_post", 0, settings, cache_dir)
     assert out.status == "failed" and "chance" in out.skip_reason
     assert out.flags["sae_at_chance_tasks"] and out.metrics["flags"]["sae_at_chance_fraction"] == 1.0
+    # downstream: latents at chance but the reconstruction (identity here) keeps the information:
+    # flagged, not a failed SAE
     ds = downstream.run_downstream(lm, dead, 0, "resid_post", 0, {**FAST, "tasks": ["stdlib_package"]}, cache_dir)
+    assert ds.status == "ok" and ds.flags["sae_at_chance_tasks"] == ["stdlib_package"]
+    assert ds.metrics["flags"]["sae_at_chance_fraction"] == 1.0
+    assert ds.metrics["stdlib_package"]["recon_acc"] > ds.metrics["stdlib_package"]["chance_acc"]
+    # ... and when the reconstruction has lost it too, the eval fails
+    ds = downstream.run_downstream(lm, _LossySAE(), 0, "resid_post", 0, {**FAST, "tasks": ["stdlib_package"]},
+                                   cache_dir)
     assert ds.status == "failed" and ds.flags["sae_at_chance_tasks"] == ["stdlib_package"]
+    assert "reconstruction" in ds.skip_reason
 
 
 def test_downstream_end_to_end_and_hub_tasks_fail_clearly_offline(lm, cache_dir, monkeypatch):

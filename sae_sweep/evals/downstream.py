@@ -9,7 +9,10 @@ macro-F1 of each (``baseline_f1``, ``sae_f1``, ``recon_f1``).
 
 Tasks by name: ``sst2``, ``cola``, ``ag_news``, ``yelp_polarity`` from the hub (reported unavailable
 offline), and the offline ``stdlib_package`` / ``stdlib_kind`` tasks. A probe within luck of the
-majority-class rate is flagged; when the SAE probe is at chance on every task the status is "failed".
+majority-class rate is flagged. The status is "failed" (and the run fails) only when the SAE lost
+the information: the latent AND the reconstruction probes are at chance on every task. Latent probes
+alone at chance while the reconstruction keeps the information (it is a linear map of the latents)
+are a probing result on a small task, flagged but not a broken SAE.
 """
 
 from __future__ import annotations
@@ -113,8 +116,9 @@ def run_downstream(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings
     if unavailable:
         flags["unavailable"] = sorted(unavailable)
     status, reason = "ok", None
-    if len(sae_chance) == len(details):
-        status, reason = "failed", f"SAE-latent probes are at chance level on every task ({', '.join(sae_chance)})"
+    if len(sae_chance) == len(details) and all(d["recon_at_chance"] for d in details):
+        status, reason = "failed", ("SAE-latent and reconstruction probes are at chance level on every task "
+                                    f"({', '.join(sae_chance)})")
     return EvalOutput(eval_type_id=EVAL_TYPE_ID, config=config, metrics=metrics, details=details, status=status,
                       skip_reason=reason, flags=flags, unstructured={"unavailable": unavailable})
 
