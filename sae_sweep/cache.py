@@ -399,15 +399,20 @@ class _ShardWriter:
         return entry
 
 
+def _skip_npy_header(fh) -> tuple[int, int]:
+    """Read past a .npy file's magic and header; returns the format version. fh is then at the data."""
+    version = np.lib.format.read_magic(fh)
+    (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(fh)
+    return version
+
+
 def _shard_digest_ok(path: Path, shard: Mapping[str, Any], tokens: bool) -> bool:
     """Check a shard file against its manifest checksum: ``data_sha256`` (bytes after the .npy
     header) or, for caches written before it, ``sha256`` of the whole file."""
     prefix = "tokens_" if tokens else ""
     if f"{prefix}data_sha256" in shard:
         with open(path, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            (np.lib.format.read_array_header_1_0 if version == (1, 0) else
-             np.lib.format.read_array_header_2_0)(fh)
+            _skip_npy_header(fh)
             h = hashlib.sha256()
             while chunk := fh.read(8 * 2**20):
                 h.update(chunk)
@@ -426,10 +431,7 @@ def _shrink_npy(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
     """Cut a C-ordered .npy file down to its first shape[0] rows: rewrite the header for the new
     shape at the same length (padding, as the format allows) and truncate the data. No copy."""
     with open(path, "r+b") as fh:
-        version = np.lib.format.read_magic(fh)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-            np.lib.format.read_array_header_2_0
-        read_header(fh)
+        version = _skip_npy_header(fh)
         offset = fh.tell()
         len_bytes = 2 if version == (1, 0) else 4
         body = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})

@@ -29,15 +29,14 @@ LONG_GROUPS_FIRST = ("slurm", "test_e2e", "test_resilience", "test_families", "t
 def pytest_collection_modifyitems(config, items):
     """One xdist group per test file (module fixtures then run once, on one worker) unless a file
     names its group (the SLURM files share "slurm": one cluster, one worker); long groups first."""
-    def group(item):
-        marks = list(item.iter_markers("xdist_group"))
-        return marks[0].args[0] if marks else item.path.stem
-
+    group = {}
     for item in items:
-        if not list(item.iter_markers("xdist_group")):
+        mark = item.get_closest_marker("xdist_group")
+        if mark is None:
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
+        group[item.nodeid] = mark.args[0] if mark else item.path.stem
     rank = {name: i for i, name in enumerate(LONG_GROUPS_FIRST)}
-    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: file order otherwise
+    items.sort(key=lambda item: rank.get(group[item.nodeid], len(rank)))  # stable: file order otherwise
 
 
 @pytest.fixture(scope="session", autouse=True)
