@@ -1,9 +1,10 @@
-"""The Hydra task: one job = one grid point.
+"""The Hydra task: one job = one grid point, or a pack of points that share a batch stream.
 
-Lifecycle: validate → skip if this run key already FINISHED → open (or continue) the MLflow run →
-LM + text → activation cache (built once, shared) → train (resumable) → evals → artifacts.
-Anything that raises ends the run FAILED with the reason; a preempted job (SIGTERM/SIGUSR2 →
-SystemExit) leaves it KILLED and its checkpoint on disk, and the requeued job continues both.
+Lifecycle (the same for one point and for a pack): validate -> skip points whose run key already
+FINISHED -> open (or continue) each point's MLflow run -> ``pipeline.execute`` (LM + text ->
+activation cache -> training -> evals) -> close each run FINISHED or FAILED with its reason.
+A preempted job (SIGTERM/SIGUSR2) leaves its runs KILLED and its checkpoints on disk, and the
+requeued job continues both.
 
 The task function lives here rather than in ``__main__`` because Hydra names jobs (and SLURM
 job names and log files) after the task function's module.
@@ -11,18 +12,22 @@ job names and log files) after the task function's module.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+import sae_sweep.evals  # noqa: F401  (registers every eval's settings schema before Hydra composes)
+import sae_sweep.sae  # noqa: F401  (registers every trainer's schema)
 from sae_sweep import config as C
+from sae_sweep.files import atomic_write
 
 log = logging.getLogger("sae_sweep")
 
@@ -35,16 +40,6 @@ def _git_commit() -> str:
                               text=True, timeout=5).stdout.strip() or "unknown"
     except Exception:
         return "unknown"
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise C.ConfigError(f"device={name!r}: CUDA is not available on this machine; allowed values here: auto, cpu")
-    return name
 
 
 def run_name(cfg: DictConfig, d_sae: int, steps: int) -> str:
@@ -77,10 +72,6 @@ def job_tags(cfg: DictConfig, key: str) -> Dict[str, str]:
     except ValueError:
         pass
     return tags
-
-
-def total_steps(cfg: DictConfig) -> int:
-    return max(1, int(cfg.train.tokens) // int(cfg.trainer.batch_size))
 
 
 class PreemptionGuard:
@@ -176,130 +167,165 @@ def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
-def run_job(cfg: DictConfig) -> Dict[str, Any]:
-    """Run one grid point end to end. Returns {"status": "finished"|"skipped", "run_id", "run_key"}.
-    With `sweep.pack=true` the sweeper may hand this job a pack of points (see run_pack_job)."""
-    from sae_sweep.tracking import Tracker
-
-    C.validate(cfg)
-    key = C.run_key(cfg)
-    if cfg.sweep.pack and cfg.tracking.parent_run_id:
-        from sae_sweep.packing import pack_file, read_pack
-
-        path = pack_file(C.output_dir(cfg), cfg.tracking.parent_run_id, key)
-        if path.exists():
-            return run_pack_job(read_pack(path))
-    tracker = Tracker(C.tracking_uri(cfg))
-    exp_id = tracker.experiment_id(cfg.tracking.experiment)
-
-    if cfg.tracking.skip_finished:
-        done = tracker.find_runs(exp_id, run_key=key, statuses=["FINISHED"])
-        if done:
-            log.info("skipping: run key %s already FINISHED as run %s", key, done[0].info.run_id)
-            return {"status": "skipped", "run_id": done[0].info.run_id, "run_key": key}
-
-    # A run of this key that did not finish (preempted, crashed) is continued, not duplicated.
-    prior = tracker.find_runs(exp_id, run_key=key, statuses=["RUNNING", "KILLED", "FAILED"])
-    resume_id = prior[0].info.run_id if prior else None
-
-    from sae_sweep.lm import model_shape
-
+def model_shape(cfg: DictConfig) -> C.ModelShape:
+    """The real depth and width of the point's model (config.json or the built-in model's recipe;
+    no weights loaded); for ``dataset=synthetic``, no layers and the planted dimension."""
     if cfg.dataset.kind == "synthetic":
-        d_model = int(cfg.dataset.synthetic.d)
-    else:
-        _, d_model = model_shape(cfg.model, C.cache_dir(cfg))
-    d_sae = C.resolved_d_sae(cfg, d_model)
-    name = run_name(cfg, d_sae, total_steps(cfg))
+        from sae_sweep.synthetic_data import synthetic_params
 
-    from sae_sweep.pipeline import execute
-    from sae_sweep.train import Interrupted
+        return C.ModelShape(None, int(synthetic_params(cfg.dataset)["d"]))
+    from sae_sweep.lm import model_shape as lm_shape
 
-    with PreemptionGuard() as guard, \
-            tracker.child(cfg.tracking.experiment, name, key, cfg.tracking.parent_run_id, resume_id) as run:
-        run.set_tags(job_tags(cfg, key))
-        run.log_params({**C.flat_params(cfg), "derived.d_sae": d_sae, "derived.total_steps": total_steps(cfg)})
-        run.tracker.log_text(run.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
+    return C.ModelShape(*lm_shape(cfg.model, C.cache_dir(cfg)))
+
+
+def validate_point(cfg: DictConfig, check_availability: bool = True) -> None:
+    """Raise ConfigError listing every problem of a grid point: its values (``config.validate``,
+    given the model's real shape) and, with ``check_availability``, whether its model and
+    dataset can be read here (an offline hub id fails now, before any run or cache exists)."""
+    problems: List[str] = []
+    try:
+        shape: Optional[C.ModelShape] = model_shape(cfg)
+    except Exception as e:  # an unavailable model: lm.py's message says how to point at local files
+        shape = None
+        problems.append(str(e))
+    try:
+        C.validate(cfg, shape)
+    except C.ConfigError as e:
+        problems = e.problems + problems
+    if check_availability and not problems and cfg.dataset.kind != "synthetic":
+        problems += _unavailable(cfg)
+    C.fail_if(problems)
+
+
+def _unavailable(cfg: DictConfig) -> List[str]:
+    from sae_sweep.text import check_dataset_available
+
+    found = []
+    try:
+        _model_check(str(cfg.model.hf_id), cfg.model.revision, str(C.cache_dir(cfg)))
+    except Exception as e:
+        found.append(str(e))
+    if not found and cfg.dataset.kind in ("hub", "local"):
         try:
-            execute(cfg, run, key)
-        except Interrupted as e:
-            if guard.signum is None:
-                raise
-            log.warning("%s; handing over to %s", e, "submitit to requeue" if guard.requeue else "SLURM")
-            run.set_tags({"interrupted_at_step": e.step})
-            guard.hand_over()  # SystemExit: the run ends KILLED and the requeued job continues it
-        run.finish()
-    log.info("run %s (%s) FINISHED", run.run_id, name)
-    return {"status": "finished", "run_id": run.run_id, "run_key": key}
+            check_dataset_available(cfg.dataset)
+        except Exception as e:
+            found.append(str(e))
+    return found
 
 
-def run_pack_job(cfgs: list) -> Dict[str, Any]:
-    """Grid points sharing a cache, seed and batch size (`packing.pack_key`), trained in one process
-    from one reader. Each point keeps its own MLflow run, checkpoints, SAE and evals, and ends
-    FINISHED or FAILED on its own. Returns {"status": "packed", "members": {run_key: result}}."""
-    from sae_sweep.packing import run_pack
+@functools.lru_cache(maxsize=64)
+def _model_check(hf_id: str, revision: Optional[str], cache_root: str) -> None:
+    """Whether a model can be loaded here (checked once per id per process: a grid asks often)."""
+    from sae_sweep.lm import check_model_available
+
+    check_model_available(OmegaConf.create({"hf_id": hf_id, "revision": revision}), cache_root)
+
+
+def pack_file(output_dir: Path, parent_run_id: str, leader_key: str) -> Path:
+    """Where the sweeper leaves a pack's member configs for the pack's (leader's) job."""
+    return Path(output_dir) / "packs" / str(parent_run_id) / f"{leader_key}.yaml"
+
+
+def write_pack(path: Path, cfgs: Sequence[DictConfig]) -> None:
+    atomic_write(path, OmegaConf.to_yaml(OmegaConf.create({"members": [OmegaConf.to_container(c, resolve=True)
+                                                                      for c in cfgs]})))
+
+
+def read_pack(path: Path) -> List[DictConfig]:
+    return list(OmegaConf.load(path).members)
+
+
+def run_job(cfg: DictConfig) -> Dict[str, Any]:
+    """Run one grid point, or (``sweep.pack=true``, a pack file left by the sweeper) the pack the
+    point leads. One point: {"status": "finished"|"skipped", "run_id", "run_key"}, and a failure
+    raises. A pack: {"status": "packed", "members": {run_key: that dict, or status "failed" with
+    "error"}}: each member ends FINISHED or FAILED on its own."""
+    cfgs = [cfg]
+    if cfg.sweep.pack and cfg.tracking.parent_run_id:
+        path = pack_file(C.output_dir(cfg), cfg.tracking.parent_run_id, C.run_key(cfg))
+        if path.exists():
+            cfgs = read_pack(path)
+    results = run_points(cfgs)
+    if len(cfgs) > 1:  # the job's return value travels back pickled: reasons as text only
+        return {"status": "packed", "members": {k: {n: v for n, v in r.items() if n != "exception"}
+                                                for k, r in results.items()}}
+    (result,) = results.values()
+    if result["status"] == "failed":
+        raise result["exception"]
+    return result
+
+
+def run_points(cfgs: Sequence[DictConfig]) -> Dict[str, Dict[str, Any]]:
+    """The job lifecycle for points that read one batch stream; {run_key: result}."""
+    from sae_sweep.pipeline import Point, execute
     from sae_sweep.tracking import Tracker
     from sae_sweep.train import Interrupted
 
+    for cfg in cfgs:
+        validate_point(cfg)
     tracker = Tracker(C.tracking_uri(cfgs[0]))
-    members: Dict[str, Any] = {}
+    results: Dict[str, Dict[str, Any]] = {}
     todo = []
     for cfg in cfgs:
-        C.validate(cfg)
         key = C.run_key(cfg)
         exp_id = tracker.experiment_id(cfg.tracking.experiment)
         done = tracker.find_runs(exp_id, run_key=key, statuses=["FINISHED"]) if cfg.tracking.skip_finished else []
         if done:
-            members[key] = {"status": "skipped", "run_id": done[0].info.run_id, "run_key": key}
+            log.info("skipping: run key %s already FINISHED as run %s", key, done[0].info.run_id)
+            results[key] = {"status": "skipped", "run_id": done[0].info.run_id, "run_key": key}
             continue
+        # A run of this key that did not finish (preempted, crashed) is continued, not duplicated.
         prior = tracker.find_runs(exp_id, run_key=key, statuses=["RUNNING", "KILLED", "FAILED"])
         todo.append((cfg, key, prior[0].info.run_id if prior else None))
     if not todo:
-        return {"status": "packed", "members": members}
+        return results
 
-    cfg0 = todo[0][0]
-    if cfg0.dataset.kind == "synthetic":
-        d_in = int(cfg0.dataset.synthetic.d)
-    else:
-        from sae_sweep.lm import model_shape
-
-        _, d_in = model_shape(cfg0.model, C.cache_dir(cfg0))
-    runs = []
+    device = C.resolve_device(todo[0][0].device)
+    d_in = model_shape(todo[0][0]).d_model
+    points: List[Point] = []
     with PreemptionGuard() as guard:
         try:
             for cfg, key, resume_id in todo:
-                d_sae = C.resolved_d_sae(cfg, d_in)
-                run = tracker.child(cfg.tracking.experiment, run_name(cfg, d_sae, total_steps(cfg)), key,
+                steps = C.total_steps(cfg)
+                run = tracker.child(cfg.tracking.experiment, run_name(cfg, C.d_sae_for(cfg.sae, d_in), steps), key,
                                     cfg.tracking.parent_run_id, resume_id)
-                runs.append(run)
+                points.append(Point(cfg, key, run))
                 run.set_tags(job_tags(cfg, key))
-                run.log_params({**C.flat_params(cfg), "derived.d_sae": d_sae, "derived.total_steps": total_steps(cfg)})
-                run.tracker.log_text(run.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
-            outcomes = run_pack([c for c, _, _ in todo], runs, [k for _, k, _ in todo],
-                                resolve_device(str(todo[0][0].device)))
+                run.log_params({**C.flat_params(cfg), "derived.d_sae": C.d_sae_for(cfg.sae, d_in),
+                                "derived.total_steps": steps})
+                run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
+            outcomes = execute(points, device)
         except Interrupted as e:
             if guard.signum is None:
-                for run in runs:
-                    run.__exit__(type(e), e, e.__traceback__)
+                _close_all(points, e)
                 raise
+            log.warning("%s; handing over to %s", e, "submitit to requeue" if guard.requeue else "SLURM")
             stop = SystemExit(128 + guard.signum)
-            for run in runs:  # KILLED: the requeued job continues every member
-                run.set_tags({"interrupted_at_step": e.step})
-                run.__exit__(SystemExit, stop, None)
-            guard.hand_over()
+            for p in points:  # KILLED: the requeued job continues every point
+                p.run.set_tags({"interrupted_at_step": e.step})
+                p.run.close(stop)
+            guard.hand_over()  # SystemExit
             raise
-        except BaseException as e:
-            for run in runs:
-                run.__exit__(type(e), e, e.__traceback__)
+        except BaseException as e:  # a shared failure (cache build, LM load): every point FAILED
+            _close_all(points, e)
             raise
-    for (cfg, key, _), run, outcome in zip(todo, runs, outcomes):
+    for p, outcome in zip(points, outcomes):
         if isinstance(outcome, BaseException):
-            run.__exit__(type(outcome), outcome, outcome.__traceback__)  # this member FAILED, with reason
-            members[key] = {"status": "failed", "run_id": run.run_id, "run_key": key,
-                            "error": f"{type(outcome).__name__}: {outcome}"}
+            p.run.close(outcome)  # this point FAILED, with the reason
+            log.error("run %s (%s) FAILED: %s: %s", p.run.run_id, p.key, type(outcome).__name__, outcome)
+            results[p.key] = {"status": "failed", "run_id": p.run.run_id, "run_key": p.key,
+                              "error": f"{type(outcome).__name__}: {outcome}", "exception": outcome}
         else:
-            run.finish()
-            members[key] = {"status": "finished", "run_id": run.run_id, "run_key": key}
-    return {"status": "packed", "members": members}
+            p.run.close()
+            log.info("run %s (%s) FINISHED", p.run.run_id, p.key)
+            results[p.key] = {"status": "finished", "run_id": p.run.run_id, "run_key": p.key}
+    return results
+
+
+def _close_all(points: Sequence[Any], error: BaseException) -> None:
+    for p in points:
+        p.run.close(error)
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")

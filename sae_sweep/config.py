@@ -1,53 +1,268 @@
-"""Job configuration: structured schemas, validation with clear errors, and identity keys.
+"""Job configuration: one typed mechanism for every node, one checker, identity keys.
 
-The schema (registered in Hydra's ConfigStore as ``job_schema``) makes Hydra reject unknown keys
-and wrong types at compose time. ``validate`` then checks values that depend on each other
-(layer vs. the model's depth, k vs. d_sae, a trainer's own hyperparameters) and collects every
-problem into one ``ConfigError`` that names the key, the value and what is allowed.
+Every configurable thing -- the job itself, each trainer's hyperparameters, each eval's settings --
+is a dataclass whose fields carry their type, their default and, where a type is not enough, what
+is allowed: ``choice(default, options)`` for enumerations (OmegaConf cannot hold ``Literal``) and
+``setting(default, allowed=..., check=...)`` for ranges.
+``register_schema(group, name, cls)`` puts it in Hydra's ConfigStore as ``schema/<group>/<name>``
+(the yaml presets in ``conf/`` extend it and set only what differs), and ``problems`` / ``parse``
+check a config node against it. Every bad value, in any node, gets the same kind of message:
+the key, the value and what is allowed (for an unknown key: the allowed keys and the nearest one).
 
-Identity: ``cache_spec`` is everything that changes the activation cache; ``run_key`` adds the SAE,
-trainer, training budget and seed. Paths, launcher, tracking and logging keys are not identity.
+``validate(cfg, shape)`` checks a whole composed job: its own keys, its trainer's and evals'
+settings (looked up among the registered schemas) and the values that depend on each other or
+on the model's shape (``shape`` is passed in: this module loads no model).
+
+Identity: ``run_key`` hashes everything that changes a trained SAE (not paths, launcher, tracking,
+logging or evals); runs that differ only in seed share a ``seed_group_key``.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+import difflib
 import hashlib
 import json
+import math
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
-
-HOOK_TYPES = ("resid_pre", "resid_post", "mlp_out", "attn_out")
-DATASET_KINDS = ("builtin", "faithful", "hub", "local", "synthetic")
-MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 
 class ConfigError(ValueError):
-    """A job configuration that cannot run. The message lists every problem found."""
+    """A configuration that cannot run. The message lists every problem found."""
 
     def __init__(self, message: str, problems: Optional[List[str]] = None):
         super().__init__(message)
         self.problems = problems or [message]
 
 
-# --------------------------------------------------------------------------------------------
-# Structured schema. Every node a user may override is typed here; `trainer` and `eval` are
-# open dicts because each trainer/eval declares its own parameters (validated below).
-# --------------------------------------------------------------------------------------------
+def fail_if(problems: Sequence[str], what: str = "invalid configuration") -> None:
+    if problems:
+        raise ConfigError(f"{what}:\n  - " + "\n  - ".join(problems), list(problems))
+
+
+# ------------------------------------------------------------------------------------------------
+# The typed mechanism
+# ------------------------------------------------------------------------------------------------
+def setting(default: Any = MISSING, *, allowed: Optional[str] = None, check: Optional[Callable[[Any], bool]] = None,
+            default_factory: Optional[Callable[[], Any]] = None) -> Any:
+    """A dataclass field with its allowed range: ``allowed`` is shown in messages, ``check(value)``
+    decides (after the value has the field's type)."""
+    meta = {"allowed": allowed, "check": check}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def choice(default: Any, options: Sequence[Any]) -> Any:
+    """A field that takes one of ``options`` (an enumeration; OmegaConf holds no ``Literal``)."""
+    options = tuple(options)
+    return field(default=default, metadata={"allowed": "one of: " + ", ".join(map(str, options)),
+                                            "check": options.__contains__})
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(_describe(a) for a in inner) + " or null"
+    if origin in (list, List, tuple, Sequence):
+        return f"a list of {_describe(args[0]) if args else 'values'}"
+    return _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+class _Bad(Exception):
+    """A value that does not have its field's type."""
+
+
+def _coerce(value: Any, tp: Any, key: str, errors: List[str]) -> Any:
+    """``value`` as type ``tp`` (nested dataclasses recursively, their problems collected into
+    ``errors``); raises _Bad when the value itself has the wrong type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        instance, problems = _parse(tp, value, key)
+        errors.extend(problems)
+        return instance
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, a, key, errors)
+            except _Bad:
+                continue
+        raise _Bad
+    if origin in (list, List, tuple, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise _Bad
+        item = args[0] if args else Any
+        return [_coerce(v, item, f"{key}[{i}]", errors) for i, v in enumerate(value)]
+    if origin in (dict, Dict, Mapping):
+        if not isinstance(value, dict):
+            raise _Bad
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise _Bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():  # 5e4 arrives as a float
+            return int(value)
+        raise _Bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise _Bad
+        if isinstance(value, (int, float)):
+            value = float(value)
+        elif isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise _Bad from None
+        else:
+            raise _Bad
+        if not math.isfinite(value):
+            raise _Bad
+        return value
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Bad
+    return value
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        return dataclasses.asdict(node)
+    return node
+
+
+def nearest(name: str, choices: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` for a likely typo, else ''."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _parse(cls: type, node: Any, key: str) -> tuple[Any, List[str]]:
+    """(instance of ``cls`` or None, problems) for a config node (dict, DictConfig, dataclass, None)."""
+    if isinstance(node, cls):
+        return node, []
+    values = _plain(node)
+    if values is None:
+        values = {}
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(values, dict):
+        return None, [f"{key}={values!r}: wrong type; allowed: a mapping with keys {', '.join(names)}"]
+    hints = typing.get_type_hints(cls)
+    errors: List[str] = []
+    for name in values:
+        if name not in names:
+            errors.append(f"{key + '.' if key else ''}{name}: unknown setting{nearest(str(name), names)}; "
+                          f"allowed: {', '.join(names)}")
+    out: Dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        full = f"{key}.{f.name}" if key else f.name
+        allowed = f.metadata.get("allowed") or _describe(hints[f.name])
+        raw = values.get(f.name, MISSING)
+        if raw == MISSING:
+            if f.name in values or (f.default == MISSING and f.default_factory is dataclasses.MISSING):
+                errors.append(f"{full}: required; allowed: {allowed}")
+            continue
+        try:
+            value = _coerce(raw, hints[f.name], full, errors)
+        except _Bad:
+            errors.append(f"{full}={raw!r}: wrong type; allowed: {allowed}")
+            continue
+        check = f.metadata.get("check")
+        if check is not None and value is not None and not check(value):
+            reason = "out of range" if isinstance(value, (int, float)) and not isinstance(value, bool) else "not allowed"
+            errors.append(f"{full}={raw!r}: {reason}; allowed: {allowed}")
+            continue
+        out[f.name] = value
+    if errors:
+        return None, errors
+    return cls(**out), []
+
+
+def problems(cls: type, node: Any, key: str) -> List[str]:
+    """Every problem with ``node`` as the dataclass ``cls`` at config path ``key``; [] when valid."""
+    return _parse(cls, node, key)[1]
+
+
+def parse(cls: type, node: Any, key: str) -> Any:
+    """``node`` as an instance of the dataclass ``cls`` (defaults filled in); ConfigError otherwise."""
+    instance, errors = _parse(cls, node, key)
+    fail_if(errors, f"invalid {key or 'configuration'}")
+    return instance
+
+
+_SCHEMAS: Dict[str, Dict[str, type]] = {}
+_SWEEP_LEVEL: set = set()  # eval settings used at the end of a sweep, not in `eval.run`
+
+
+def register_schema(group: str, name: str, cls: type, sweep_level: bool = False) -> type:
+    """Make ``cls`` the schema of ``<group>.<name>`` (e.g. trainer ``topk``): checked by
+    ``validate``, and stored in Hydra's ConfigStore as ``schema/<group>/<name>`` for the yaml
+    presets in ``conf/<group>/`` to extend. ``sweep_level``: eval settings read by the sweep's end
+    (e.g. ``eval.crossseed``), not an eval a job runs."""
+    from hydra.core.config_store import ConfigStore
+
+    _SCHEMAS.setdefault(group, {})[name] = cls
+    if sweep_level:
+        _SWEEP_LEVEL.add((group, name))
+    ConfigStore.instance().store(group=f"schema/{group}", name=name, node=cls, provider="sae_sweep")
+    return cls
+
+
+def schema(group: str, name: str) -> Optional[type]:
+    return _SCHEMAS.get(group, {}).get(name)
+
+
+def schema_names(group: str) -> List[str]:
+    return sorted(_SCHEMAS.get(group, {}))
+
+
+# ------------------------------------------------------------------------------------------------
+# The job's schema (conf/config.yaml and the model / dataset groups fill it in)
+# ------------------------------------------------------------------------------------------------
+HOOK_TYPES = ("resid_pre", "resid_post", "mlp_out", "attn_out")
+DATASET_KINDS = ("builtin", "faithful", "hub", "local", "synthetic")
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+# Gao et al.'s dead-latent window: a latent that has not fired for this many tokens is dead.
+DEAD_TOKENS = 10_000_000
+
+_positive = dict(allowed="a positive integer", check=lambda v: v > 0)
+
+
 @dataclass
 class ModelSAEDefaults:
-    expansion_factor: int = 8
-    k: int = 32
-    lr: float = 3e-4
-    context_size: int = 128
-    train_tokens: int = 1_000_000
-    d_sae: Optional[int] = None
+    """Per-model SAE defaults (conf/model/<name>.yaml), interpolated into sae.*, trainer.*, train.*."""
+
+    expansion_factor: int = setting(8, **_positive)
+    k: int = setting(32, **_positive)
+    lr: float = setting(3e-4, allowed="a float > 0", check=lambda v: v > 0)
+    context_size: int = setting(128, allowed="an integer >= 2", check=lambda v: v >= 2)
+    train_tokens: int = setting(1_000_000, **_positive)
+    dead_tokens: int = setting(DEAD_TOKENS, **_positive)
+    d_sae: Optional[int] = setting(None, **_positive)
 
 
 @dataclass
@@ -56,53 +271,67 @@ class ModelConfig:
     hf_id: str = MISSING
     revision: Optional[str] = None
     family: Optional[str] = None
-    d_model: int = MISSING
-    n_layers: int = MISSING
-    default_layer: int = MISSING
-    dtype: str = "auto"
+    d_model: int = setting(MISSING, **_positive)
+    n_layers: int = setting(MISSING, **_positive)
+    default_layer: int = setting(MISSING, allowed="an integer >= 0", check=lambda v: v >= 0)
+    dtype: str = choice("auto", MODEL_DTYPES)
     sae: ModelSAEDefaults = field(default_factory=ModelSAEDefaults)
 
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 0.9
-    repetition_penalty: float = 1.1
-    batch_size: int = 64
+    max_new_tokens: int = setting(128, **_positive)
+    temperature: float = setting(1.0, allowed="a float >= 0", check=lambda v: v >= 0)
+    top_p: float = setting(0.9, allowed="a float in (0, 1]", check=lambda v: 0 < v <= 1)
+    repetition_penalty: float = setting(1.1, allowed="a float > 0", check=lambda v: v > 0)
+    batch_size: int = setting(64, **_positive)
+    seed: int = 0
+
+
+@dataclass
+class SyntheticConfig:
+    """dataset=synthetic: x = codes @ D + noise, D = n_features random unit rows in R^d."""
+
+    d: int = setting(64, **_positive)
+    n_features: int = setting(192, **_positive)
+    l0: float = setting(4.0, allowed="a float > 0 (<= n_features)", check=lambda v: v > 0)
+    correlated_groups: int = setting(8, allowed="an integer >= 0 (0: independent features)", check=lambda v: v >= 0)
+    correlation: float = setting(0.3, allowed="a float in [0, 1]", check=lambda v: 0 <= v <= 1)
+    noise: float = setting(0.01, allowed="a float >= 0", check=lambda v: v >= 0)
     seed: int = 0
 
 
 @dataclass
 class DatasetConfig:
     name: str = MISSING
-    kind: str = MISSING
+    kind: str = choice(MISSING, DATASET_KINDS)
     hf_id: Optional[str] = None
     hf_config: Optional[str] = None
     split: str = "train"
     text_column: str = "text"
     data_files: Optional[List[str]] = None
     streaming: bool = True
-    context_size: int = 128
-    tokens: int = 100_000
-    eval_tokens: int = 8192
+    context_size: int = setting(128, allowed="an integer >= 2 (BOS + at least one token)", check=lambda v: v >= 2)
+    tokens: int = setting(100_000, **_positive)
+    eval_tokens: int = setting(8192, **_positive)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    # synthetic (planted dictionary) source, used by dataset=synthetic
-    synthetic: Optional[Dict[str, Any]] = None
+    synthetic: Optional[SyntheticConfig] = None
 
 
 @dataclass
 class SAEConfig:
-    d_sae: Optional[int] = None
-    expansion_factor: int = 8
-    k: int = 32
+    d_sae: Optional[int] = setting(None, allowed="null (expansion_factor x d_model) or a positive integer",
+                                   check=lambda v: v > 0)
+    expansion_factor: Optional[int] = setting(8, allowed="a positive integer (or null when d_sae is set)",
+                                              check=lambda v: v > 0)
+    k: int = setting(32, allowed="an integer with 0 < k < d_sae")  # the range needs d_sae: sae_problems
 
 
 @dataclass
 class TrainConfig:
-    tokens: int = 1_000_000
-    checkpoint_every: int = 50
-    log_every: int = 10
+    tokens: int = setting(1_000_000, **_positive)
+    checkpoint_every: int = setting(50, **_positive)
+    log_every: int = setting(10, **_positive)
 
 
 @dataclass
@@ -125,15 +354,19 @@ class SweepConfig:
     pack: bool = False
 
 
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
 @dataclass
 class JobConfig:
     seed: int = 42
     layer: int = MISSING
-    hook: str = "resid_post"
-    device: str = "auto"
+    hook: str = choice("resid_post", HOOK_TYPES)
+    device: str = setting("auto", allowed="auto, cpu, cuda, cuda:N", check=lambda v: bool(_DEVICE.fullmatch(v)))
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
+    # Each trainer / eval declares its own schema (register_schema("trainer" | "eval", ...)).
     trainer: Dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: Dict[str, Any] = field(default_factory=dict)
@@ -142,18 +375,20 @@ class JobConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
-def register_schema() -> None:
-    ConfigStore.instance().store(name="job_schema", node=JobConfig)
+def _register_job_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="job_schema", node=JobConfig, provider="sae_sweep")
 
 
-register_schema()
+_register_job_schema()
 
 
-# --------------------------------------------------------------------------------------------
-# Paths
-# --------------------------------------------------------------------------------------------
-def output_dir(cfg: DictConfig) -> Path:
-    """`paths.output_dir` made absolute against the directory the user launched from."""
+# ------------------------------------------------------------------------------------------------
+# Paths, devices, sizes derived from a config
+# ------------------------------------------------------------------------------------------------
+def output_dir(cfg: Any) -> Path:
+    """``paths.output_dir`` made absolute against the directory the user launched from."""
     p = Path(os.path.expanduser(str(cfg.paths.output_dir)))
     if not p.is_absolute():
         try:
@@ -165,163 +400,195 @@ def output_dir(cfg: DictConfig) -> Path:
     return p.resolve()
 
 
-def cache_dir(cfg: DictConfig) -> Path:
+def cache_dir(cfg: Any) -> Path:
     return Path(os.path.expanduser(str(cfg.paths.cache_dir))).resolve()
 
 
-def tracking_uri(cfg: DictConfig) -> str:
-    if cfg.tracking.uri:
-        return str(cfg.tracking.uri)
-    return f"sqlite:///{output_dir(cfg) / 'mlflow.db'}"
+def default_tracking_uri(output: str | os.PathLike) -> str:
+    """The store a job writes when ``tracking.uri`` is null: ``<output_dir>/mlflow.db``."""
+    return f"sqlite:///{(Path(os.path.expanduser(str(output))) / 'mlflow.db').resolve()}"
 
 
-# --------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------
-def resolved_d_sae(cfg: DictConfig, d_model: int) -> int:
-    if cfg.sae.d_sae is not None:
-        return int(cfg.sae.d_sae)
-    return int(cfg.sae.expansion_factor) * int(d_model)
+def tracking_uri(cfg: Any) -> str:
+    return str(cfg.tracking.uri) if cfg.tracking.uri else default_tracking_uri(output_dir(cfg))
 
 
-def _check_positive_int(errors: List[str], key: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        errors.append(f"{key}={value!r}: must be a positive integer")
+def find_tracking_uri(target: Optional[str] = None, uri: Optional[str] = None) -> str:
+    """The store a command-line tool (evaluate, report, export) reads: ``uri`` if given, else
+    ``MLFLOW_TRACKING_URI``, else -- for a sweep directory ``<output_dir>/sweeps/<name>/<time>`` --
+    the store that sweep used (its ``multirun.yaml``'s ``tracking.uri`` or ``<output_dir>/mlflow.db``),
+    else ``./outputs/mlflow.db`` (the jobs' default)."""
+    if uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if target and Path(target).expanduser().is_dir():
+        sweep_dir = Path(target).expanduser().resolve()
+        try:
+            master = OmegaConf.load(sweep_dir / "multirun.yaml")
+        except Exception:  # no multirun.yaml (not written yet, or not a sweep dir)
+            master = None
+        if master is not None:
+            found = OmegaConf.select(master, "tracking.uri", default=None, throw_on_resolution_failure=False)
+            if found:
+                return str(found)
+            out = OmegaConf.select(master, "paths.output_dir", default=None, throw_on_resolution_failure=False)
+            out = Path(os.path.expanduser(str(out))) if out else None
+            if out is not None and out.is_absolute() and (out / "mlflow.db").exists():
+                return default_tracking_uri(out)
+        for up in list(sweep_dir.parents)[:4]:  # <output_dir>/sweeps/<name>/<time>
+            if (up / "mlflow.db").exists():
+                return default_tracking_uri(up)
+    return default_tracking_uri("outputs")
 
 
-def validate(cfg: DictConfig, check_availability: bool = True) -> None:
-    """Raise ConfigError listing every invalid value in a composed job config.
+def d_sae_for(sae_cfg: Any, d_in: int) -> int:
+    """``sae.d_sae`` if set, else ``round(sae.expansion_factor * d_in)``."""
+    d_sae = sae_cfg.get("d_sae") if isinstance(sae_cfg, (dict, DictConfig)) else getattr(sae_cfg, "d_sae", None)
+    if d_sae is not None:
+        return int(d_sae)
+    ef = sae_cfg.get("expansion_factor") if isinstance(sae_cfg, (dict, DictConfig)) else sae_cfg.expansion_factor
+    if ef is None:
+        raise ValueError("sae.d_sae and sae.expansion_factor are both null; set one of them")
+    return int(round(float(ef) * int(d_in)))
 
-    With ``check_availability`` the model and dataset are also checked to be loadable here
-    (an offline hub id fails now, before any run or cache exists).
+
+def total_steps(cfg: Any) -> int:
+    return max(1, int(cfg.train.tokens) // int(cfg.trainer.batch_size))
+
+
+def resolve_device(name: Any = "auto"):
+    """``auto`` -> cuda when available, else cpu, as a ``torch.device``; ``cuda`` on a machine
+    without CUDA is a ConfigError naming the key."""
+    import torch
+
+    name = "auto" if name is None else str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r}: CUDA is not available on this machine; allowed here: auto, cpu")
+    return torch.device(name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation of a whole job
+# ------------------------------------------------------------------------------------------------
+class ModelShape(NamedTuple):
+    n_layers: Optional[int]  # None: no LM (dataset=synthetic)
+    d_model: int
+
+
+def validate(cfg: Any, shape: Optional[ModelShape]) -> None:
+    """Raise ConfigError listing every problem of a composed job config.
+
+    ``shape`` is the model's real depth and width (``lm.model_shape``; for ``dataset=synthetic``
+    ``(None, dataset.synthetic.d)``), or None when the model cannot be found -- then the problem
+    that said so is expected among the caller's own.
     """
-    from sae_sweep.lm import model_shape  # noqa: PLC0415  (lm is to the right of config)
-    from sae_sweep.sae.registry import get_trainer, trainer_names
-
-    errors: List[str] = []
-
-    if cfg.hook not in HOOK_TYPES:
-        errors.append(f"hook={cfg.hook!r}: allowed values are {', '.join(HOOK_TYPES)}")
-    if cfg.model.dtype not in MODEL_DTYPES:
-        errors.append(f"model.dtype={cfg.model.dtype!r}: allowed values are {', '.join(MODEL_DTYPES)}")
-    if cfg.dataset.kind not in DATASET_KINDS:
-        errors.append(f"dataset.kind={cfg.dataset.kind!r}: allowed values are {', '.join(DATASET_KINDS)}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
-        errors.append(f"device={cfg.device!r}: allowed values are auto, cpu, cuda, cuda:N")
-
-    if cfg.dataset.kind == "local" and (OmegaConf.is_missing(cfg.dataset, "data_files") or not cfg.dataset.data_files):
+    job_node = {k: _plain(cfg[k]) for k in cfg if k != "hydra"}
+    errors = problems(JobConfig, job_node, "")
+    trainer = job_node.get("trainer") or {}
+    name = trainer.get("name")
+    if name not in schema_names("trainer"):
+        errors.append(f"trainer.name={name!r}: allowed values are {', '.join(schema_names('trainer'))}")
+    else:
+        errors += problems(schema("trainer", name), trainer, "trainer")
+    errors += eval_problems(job_node.get("eval") or {})
+    if job_node.get("dataset", {}).get("kind") == "local" and not job_node["dataset"].get("data_files"):
         errors.append("dataset.data_files is required for dataset=local: a list of jsonl/json/parquet/csv/txt "
                       "paths, e.g. 'dataset.data_files=[/data/a.jsonl]'")
-    for key in ("train.tokens", "dataset.tokens", "dataset.eval_tokens", "train.checkpoint_every",
-                "train.log_every"):
-        _check_positive_int(errors, key, OmegaConf.select(cfg, key))
-    ctx = cfg.dataset.context_size
-    if not isinstance(ctx, int) or ctx < 2:
-        errors.append(f"dataset.context_size={ctx!r}: must be an integer >= 2 (BOS + at least one token)")
+    if shape is not None:
+        errors += _shape_problems(cfg, shape)
+    fail_if(errors)
 
-    # The model's depth and width: cheap (config.json or the model yaml), no weights loaded.
-    d_model: Optional[int] = None
-    if cfg.dataset.kind == "synthetic":
-        d_model = int((cfg.dataset.synthetic or {}).get("d", cfg.model.d_model))
-        n_layers = None
-    else:
-        try:
-            n_layers, d_model = model_shape(cfg.model, cache_dir(cfg))
-        except Exception as e:  # unavailable model: a clear message from lm.py
-            errors.append(str(e))
-            n_layers = None
+
+def eval_problems(node: Mapping[str, Any]) -> List[str]:
+    names = schema_names("eval")
+    errors = []
+    for key in node:
+        if key != "run" and key not in names:
+            errors.append(f"eval.{key}: unknown setting{nearest(key, names)}; allowed: run, {', '.join(names)}")
+    runnable = [n for n in names if ("eval", n) not in _SWEEP_LEVEL]
+    for ev in node.get("run") or []:
+        if ev not in runnable:
+            errors.append(f"eval.run contains {ev!r}: allowed values are {', '.join(runnable)}")
+    for key in names:
+        if key in node:
+            errors += problems(schema("eval", key), node[key], f"eval.{key}")
+    return errors
+
+
+def _shape_problems(cfg: Any, shape: ModelShape) -> List[str]:
+    errors = []
+    n_layers, d_model = shape
     if n_layers is not None:
-        if not isinstance(cfg.layer, int) or not 0 <= cfg.layer < n_layers:
+        layer = cfg.layer
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n_layers:
             hint = ""
             if n_layers != cfg.model.n_layers:
                 # A local model.hf_id shallower than its yaml: the yaml's default_layer does not fit it.
                 hint = (f" (read from {cfg.model.hf_id}; the {cfg.model.name!r} yaml says {cfg.model.n_layers} "
                         f"layers and default_layer={cfg.model.default_layer}: pass layer=N explicitly)")
-            errors.append(
-                f"layer={cfg.layer!r}: model {cfg.model.name!r} has {n_layers} layers, "
-                f"allowed values are 0..{n_layers - 1}{hint}"
-            )
+            errors.append(f"layer={layer!r}: model {cfg.model.name!r} has {n_layers} layers, "
+                          f"allowed values are 0..{n_layers - 1}{hint}")
+    return errors + sae_problems(cfg.sae, d_model, report_schema=False)
 
-    if d_model is not None:
-        if cfg.sae.d_sae is not None:
-            _check_positive_int(errors, "sae.d_sae", cfg.sae.d_sae)
-        else:
-            _check_positive_int(errors, "sae.expansion_factor", cfg.sae.expansion_factor)
-        try:
-            d_sae = resolved_d_sae(cfg, d_model)
-        except (TypeError, ValueError):
-            d_sae = None
-        if d_sae and d_sae > 0:
-            k = cfg.sae.k
-            if not isinstance(k, int) or not 0 < k < d_sae:
-                errors.append(f"sae.k={k!r}: must be an integer with 0 < k < d_sae ({d_sae})")
 
-    name = cfg.trainer.get("name") if isinstance(cfg.trainer, DictConfig) else None
-    if name not in trainer_names():
-        errors.append(f"trainer.name={name!r}: allowed values are {', '.join(trainer_names())}")
-    else:
-        # One message per key: the trainer's own check of a key reported above is dropped.
-        reported = {e.split("=", 1)[0] for e in errors}
-        errors.extend(e for e in get_trainer(name).validate_params(cfg.trainer, cfg.sae, d_model)
-                      if e.split("=", 1)[0] not in reported)
-
-    from sae_sweep.evals.registry import eval_names, eval_settings_errors  # noqa: PLC0415
-
-    for ev in cfg.eval.get("run", []) or []:
-        if ev not in eval_names():
-            errors.append(f"eval.run contains {ev!r}: allowed values are {', '.join(eval_names())}")
-        else:
-            errors.extend(eval_settings_errors(ev, cfg.eval.get(ev)))
-
-    if check_availability and not errors and cfg.dataset.kind != "synthetic":
-        err = _model_unavailable(cfg)
-        if err:
-            errors.append(err)
-    if check_availability and not errors and cfg.dataset.kind in ("hub", "local"):
-        from sae_sweep.text import check_dataset_available  # noqa: PLC0415
-
-        try:
-            check_dataset_available(cfg.dataset)
-        except Exception as e:
-            errors.append(str(e))
-
+def sae_problems(sae: Any, d_in: Optional[int], report_schema: bool = True) -> List[str]:
+    """Problems with the ``sae`` node: its schema, and with ``d_in`` the size of d_sae and k < d_sae."""
+    sae, errors = _parse(SAEConfig, sae, "sae")
     if errors:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors), errors)
+        return errors if report_schema else []
+    if sae.d_sae is None and sae.expansion_factor is None:
+        return ["sae.d_sae and sae.expansion_factor are both null; set one of them"]
+    if d_in is None:
+        return [] if sae.k > 0 else [f"sae.k={sae.k!r}: must be an integer with 0 < k < d_sae"]
+    d_sae = d_sae_for(sae, d_in)
+    if d_sae < 1:
+        errors.append(f"sae.expansion_factor={sae.expansion_factor!r}: gives d_sae < 1 for d_in={d_in}")
+    elif not 0 < sae.k < d_sae:
+        errors.append(f"sae.k={sae.k!r}: must be an integer with 0 < k < d_sae ({d_sae})")
+    return errors
 
 
-@functools.lru_cache(maxsize=64)
-def _model_check(hf_id: str, revision: Optional[str], cache_root: str) -> Optional[str]:
-    from sae_sweep.lm import check_model_available  # noqa: PLC0415
-
-    try:
-        check_model_available(OmegaConf.create({"hf_id": hf_id, "revision": revision}), cache_root)
-    except Exception as e:
-        return str(e)
-    return None
-
-
-def _model_unavailable(cfg: DictConfig) -> Optional[str]:
-    """A hub model that cannot be loaded here, as a message (checked once per id per process)."""
-    return _model_check(str(cfg.model.hf_id), cfg.model.revision, str(cache_dir(cfg)))
-
-
-# --------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
 # Identity
-# --------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
+def canonical(obj: Any) -> Any:
+    """Plain JSON-able form (mappings incl. DictConfig, sequences, numpy/torch scalars and dtypes)."""
+    if isinstance(obj, (DictConfig, ListConfig)):
+        obj = OmegaConf.to_container(obj, resolve=True)
+    if isinstance(obj, Mapping):
+        return {str(k): canonical(v) for k, v in obj.items()}
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, bytes):
+        return obj.decode()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(canonical(v) for v in obj)
+    if isinstance(obj, (list, tuple)):
+        return [canonical(v) for v in obj]
+    item = getattr(obj, "item", None)  # numpy scalars
+    if callable(item) and getattr(obj, "shape", None) == ():
+        return item()
+    tolist = getattr(obj, "tolist", None)  # numpy arrays
+    if callable(tolist):
+        return canonical(tolist())
+    return str(obj)  # paths, dtypes
+
+
 def stable_hash(obj: Any, n: int = 16) -> str:
-    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    """First ``n`` hex chars of sha256 over canonical JSON (sorted keys, no spaces): the same value
+    gives the same hash in every process and on every machine."""
+    blob = json.dumps(canonical(obj), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:n]
 
 
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
-
-def run_identity(cfg: DictConfig) -> Dict[str, Any]:
+def run_identity(cfg: Any) -> Dict[str, Any]:
     """Everything that changes a trained SAE (not paths, launcher, tracking, logging, evals).
 
-    The model is identified by its hub id or local path + revision + dtype here; the cache
-    module adds the finer fingerprint (config/tokenizer hashes) to the cache key itself.
+    The model is identified by its hub id or local path + revision + dtype here; the cache key
+    adds the finer fingerprint (config/tokenizer hashes).
     """
     return {
         "model": {k: _plain(cfg.model[k]) for k in ("name", "hf_id", "revision", "dtype")},
@@ -335,18 +602,26 @@ def run_identity(cfg: DictConfig) -> Dict[str, Any]:
     }
 
 
-def run_key(cfg: DictConfig) -> str:
+def run_key(cfg: Any) -> str:
     return stable_hash(run_identity(cfg))
 
 
-def seed_group_key(cfg: DictConfig) -> str:
+def seed_group_key(cfg: Any) -> str:
     """Runs that differ only in seed share this key (for cross-seed comparisons)."""
     ident = run_identity(cfg)
     ident.pop("seed")
     return stable_hash(ident)
 
 
-def flat_params(cfg: DictConfig) -> Dict[str, str]:
+def stream_key(cfg: Any) -> str:
+    """Points with equal stream keys read the same batches: same activation cache (model, layer,
+    hook, dataset), device, seed and batch size. They can train in one packed job."""
+    ident = run_identity(cfg)
+    return stable_hash({**{k: ident[k] for k in ("model", "layer", "hook", "dataset", "seed")},
+                        "device": str(cfg.device), "batch_size": int(cfg.trainer.batch_size)})
+
+
+def flat_params(cfg: Any) -> Dict[str, str]:
     """The resolved config flattened to dotted keys, as MLflow params."""
     out: Dict[str, str] = {}
 

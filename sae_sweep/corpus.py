@@ -21,13 +21,14 @@ import os
 import pkgutil
 import re
 import sys
-import tempfile
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Iterable, Iterator, List, Sequence
 
 import torch
+
+from sae_sweep.files import atomic_write
 
 __all__ = [
     "CORPUS_VERSION",
@@ -36,7 +37,6 @@ __all__ = [
     "builtin_documents",
     "collect_stdlib_docstrings",
     "doc_split",
-    "atomic_write_bytes",
     "WindowPacker",
 ]
 
@@ -174,25 +174,6 @@ def collect_stdlib_docstrings() -> List[str]:
     return docs
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then rename into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def builtin_documents(cache_dir: str | os.PathLike) -> List[str]:
     """The built-in corpus (list of documents), built once and cached under ``<cache_dir>/text/``.
 
@@ -206,7 +187,7 @@ def builtin_documents(cache_dir: str | os.PathLike) -> List[str]:
     n_chars = sum(len(d) for d in docs)
     log.info("built-in corpus: %d docstrings, %d characters -> %s", len(docs), n_chars, path)
     blob = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs).encode("utf-8")
-    atomic_write_bytes(path, blob)
+    atomic_write(path, blob)
     return docs
 
 

@@ -24,18 +24,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+import sae_sweep.evals  # noqa: F401  (registers the evals' settings schemas)
 
 log = logging.getLogger("sae_sweep.evaluate")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+RUN_EVAL = "_evaluated_run_"  # the run's own eval node, as a temporary option of the eval group
 
 
 class EvaluateError(RuntimeError):
@@ -48,63 +50,49 @@ class EvaluateError(RuntimeError):
 
 
 def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
-    """The run's config with the eval selection/settings changed. Only ``eval``, ``eval.*`` and
-    ``device`` may change; anything else would describe a different SAE than the one trained."""
-    cfg = cfg.copy()
-    dotlist = []
-    for item in overrides:
-        if "=" not in item:
-            raise EvaluateError(f"override {item!r}: expected key=value")
-        key, value = item.split("=", 1)
-        key = key.lstrip("+")
-        if key == "eval":
-            path = CONF_DIR / "eval" / f"{value}.yaml"
-            if not path.exists():
-                names = sorted(p.stem for p in (CONF_DIR / "eval").glob("*.yaml"))
-                raise EvaluateError(f"eval={value!r}: no conf/eval/{value}.yaml; allowed values are {', '.join(names)}")
-            cfg.eval = OmegaConf.load(path)  # its ${dataset...} interpolations resolve against this run
-        elif key.startswith("eval.") or key == "device":
-            dotlist.append(f"{key}={value}")
-        else:
-            raise EvaluateError(f"override {item!r}: only eval=<name>, eval.<key>=<value> and device=<device> "
-                                f"can change for a trained run")
-    if dotlist:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
-    from sae_sweep.evals.registry import eval_names
+    """The run's config with its eval selection/settings (and device) changed, composed by Hydra
+    from ``conf/``: ``eval=<preset>`` picks a preset, ``eval.<key>=<value>`` changes a setting of
+    the run's own evals (or of the preset). Only ``eval``, ``eval.*`` and ``device`` may change;
+    anything else would describe a different SAE than the one trained."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
 
-    bad = [e for e in (cfg.eval.get("run") or []) if e not in eval_names()]
-    if bad:
-        raise EvaluateError(f"eval.run contains {', '.join(map(repr, bad))}: allowed values are {', '.join(eval_names())}")
+    from sae_sweep import config as C
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as e:
+        raise EvaluateError(f"overrides {' '.join(overrides)!r}: {e}") from None
+    for o in parsed:
+        key = o.key_or_group
+        if not (key == "eval" or key.startswith("eval.") or key == "device"):
+            raise EvaluateError(f"override {o.input_line!r}: only eval=<preset>, eval.<key>=<value> and "
+                                f"device=<device> can change for a trained run")
+    picks_preset = any(o.key_or_group == "eval" for o in parsed)
+    # Without a preset, the run's own eval node is the base the eval.* overrides apply to.
+    ConfigStore.instance().store(group="eval", name=RUN_EVAL, node=OmegaConf.create(
+        OmegaConf.to_container(cfg.eval, resolve=True)), provider="sae_sweep.evaluate")
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            composed = compose("config", overrides=([] if picks_preset else [f"eval={RUN_EVAL}"]) + list(overrides))
+    except HydraException as e:
+        raise EvaluateError(str(e)) from None
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        # unresolved: a preset's ${dataset...} interpolations resolve against this run's config
+        cfg.eval = OmegaConf.to_container(composed.eval, resolve=False)
+        cfg.device = composed.device
+    problems = C.eval_problems(OmegaConf.to_container(cfg.eval, resolve=True))
+    if problems:
+        raise EvaluateError("; ".join(problems))
     return cfg
 
 
 # --------------------------------------------------------------------------------------------
 # Targets
 # --------------------------------------------------------------------------------------------
-
-
-def _sweep_store(sweep_dir: Path) -> Optional[str]:
-    master = sweep_dir / "multirun.yaml"
-    if master.exists():
-        uri = OmegaConf.select(OmegaConf.load(master), "tracking.uri", default=None,
-                               throw_on_resolution_failure=False)
-        if uri:
-            return str(uri)
-    # <output_dir>/sweeps/<name>/<time>: the default store is <output_dir>/mlflow.db
-    db = sweep_dir.resolve().parents[2] / "mlflow.db" if len(sweep_dir.resolve().parents) > 2 else None
-    return f"sqlite:///{db}" if db is not None and db.exists() else None
-
-
-def resolve_store(target: str, uri: Optional[str]) -> str:
-    if uri:
-        return uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    if Path(target).is_dir():
-        found = _sweep_store(Path(target))
-        if found:
-            return found
-    return f"sqlite:///{(Path.cwd() / 'outputs' / 'mlflow.db').resolve()}"
 
 
 def resolve_runs(tracker: Any, target: str) -> Tuple[List[str], Optional[str]]:
@@ -136,7 +124,6 @@ def resolve_runs(tracker: Any, target: str) -> Tuple[List[str], Optional[str]]:
 def evaluate_run(tracker: Any, run_id: str, overrides: Sequence[str] = ()) -> Dict[str, float]:
     """Download the run's config and SAE, run the selected evals, log them to the run."""
     from sae_sweep import config as C
-    from sae_sweep.app import resolve_device
     from sae_sweep.lm import load_lm
     from sae_sweep.pipeline import run_evals
     from sae_sweep.sae import SparseAutoencoder
@@ -150,7 +137,7 @@ def evaluate_run(tracker: Any, run_id: str, overrides: Sequence[str] = ()) -> Di
             raise EvaluateError(f"run {run_id}: artifacts config/config.yaml and sae/ are needed "
                                 f"({type(e).__name__}: {e})") from None
         cfg = apply_overrides(OmegaConf.load(cfg_path), overrides)
-        device = resolve_device(str(cfg.get("device", "auto")))
+        device = C.resolve_device(cfg.get("device", "auto"))
         sae = SparseAutoencoder.load(sae_dir, device=device).eval()
         sae_cfg = json.loads((Path(sae_dir) / "cfg.json").read_text())
     names = list(cfg.eval.get("run") or [])
@@ -175,10 +162,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
+    from sae_sweep.config import find_tracking_uri
     from sae_sweep.tracking import Tracker
 
     try:
-        tracker = Tracker(resolve_store(args.target, args.tracking_uri))
+        tracker = Tracker(find_tracking_uri(args.target, args.tracking_uri))
         run_ids, parent = resolve_runs(tracker, args.target)
     except EvaluateError as e:
         print(f"sae_sweep.evaluate: {e}", file=sys.stderr)

@@ -31,50 +31,24 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-import torch
+from sae_sweep.files import atomic_write
 
 SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"  # SAELens's file names
 SAE_CFG_FILENAME = "cfg.json"
 
-# cfg.json fields copied from our saved cfg when present (SAELens names), else these defaults.
-_COPIED: Dict[str, Any] = {
-    "model_name": None, "hook_name": None, "hook_layer": None, "hook_head_index": None, "context_size": None,
-    "dataset_path": None, "dataset_trust_remote_code": False, "prepend_bos": True, "normalize_activations": "none",
-    "model_from_pretrained_kwargs": {}, "neuronpedia_id": None, "sae_lens_training_version": None,
-}
 # Ours but not SAELens's: kept under "sae_sweep" for provenance (SAELens ignores unknown fields).
 _PROVENANCE = ("architecture", "run_id", "run_key", "seed", "model_hf_id", "hook_type", "k", "inner")
 UNIT_NORM_TOL = 1e-4
-
-
-def saelens_form(sae: Any) -> tuple:
-    """(architecture, activation_fn_str, activation_fn_kwargs, threshold tensor or None) of the SAE's
-    inference rule in SAELens terms."""
-    from sae_sweep.sae.batchtopk import BatchTopKSAE
-    from sae_sweep.sae.jumprelu import JumpReLUSAE
-    from sae_sweep.sae.relu import ReLUSAE
-    from sae_sweep.sae.topk import TopKSAE
-
-    if isinstance(sae, BatchTopKSAE):
-        if getattr(sae, "inner", "batchtopk") == "topk" or float(sae.threshold) < 0:
-            return "topk", "topk", {"k": int(sae.k)}, None
-        thr = torch.full((sae.d_sae,), float(sae.threshold), dtype=sae.W_dec.dtype)
-        return "jumprelu", "relu", {}, thr
-    if isinstance(sae, TopKSAE):
-        return "topk", "topk", {"k": int(sae.k)}, None
-    if isinstance(sae, JumpReLUSAE):
-        return "jumprelu", "relu", {}, sae.threshold.detach().clone()
-    if isinstance(sae, ReLUSAE):
-        return "standard", "relu", {}, None
-    raise ValueError(f"SAE architecture {sae.architecture!r} has no SAELens equivalent in sae_sweep.export")
 
 
 def export_sae(sae: Any, cfg: Dict[str, Any], out_dir: Path, model_name: Optional[str] = None) -> Path:
     """Write ``sae`` (a loaded ``SparseAutoencoder``) with its saved ``cfg`` (our cfg.json) to ``out_dir``."""
     from safetensors.torch import save_file
 
+    from sae_sweep.sae.autoencoder import SAELENS_CFG_DEFAULTS
+
     sae = sae.eval()
-    arch, act, act_kwargs, threshold = saelens_form(sae)
+    arch, act, act_kwargs, threshold = sae.saelens_form()
     W_enc = sae.W_enc.detach().clone()
     b_enc = sae.b_enc.detach().clone()
     W_dec = sae.W_dec.detach().clone()
@@ -94,7 +68,7 @@ def export_sae(sae: Any, cfg: Dict[str, Any], out_dir: Path, model_name: Optiona
     if threshold is not None:
         tensors["threshold"] = threshold.to(W_dec.dtype)
     out = {
-        **{k: cfg.get(k, v) for k, v in _COPIED.items()},
+        **{k: cfg.get(k, v) for k, v in SAELENS_CFG_DEFAULTS.items()},
         "architecture": arch,
         "d_in": int(sae.d_in),
         "d_sae": int(sae.d_sae),
@@ -115,8 +89,9 @@ def export_sae(sae: Any, cfg: Dict[str, Any], out_dir: Path, model_name: Optiona
         out["normalize_activations"] = "none"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(out_dir / SAE_WEIGHTS_FILENAME))
-    (out_dir / SAE_CFG_FILENAME).write_text(json.dumps(out, indent=2, sort_keys=True, default=str))
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(out_dir / SAE_WEIGHTS_FILENAME, lambda path: save_file(tensors, str(path)))
+    atomic_write(out_dir / SAE_CFG_FILENAME, json.dumps(out, indent=2, sort_keys=True, default=str))
     return out_dir
 
 
@@ -142,7 +117,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", help="MLflow run id (its sae/ artifact) or a directory saved by SparseAutoencoder.save")
     ap.add_argument("out_dir", type=Path)
-    ap.add_argument("--tracking-uri", help="MLflow store (default sqlite:///./outputs/mlflow.db, like the app)")
+    ap.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./outputs/mlflow.db, like the app)")
     ap.add_argument("--model-name", help="cfg.json model_name for SAELens (default: the run's model name)")
     args = ap.parse_args(argv)
     src = Path(args.source).expanduser()
@@ -150,10 +125,10 @@ def main(argv=None) -> int:
         if src.is_dir():
             out = export_dir(src, args.out_dir, args.model_name)
         else:
-            from sae_sweep.report.__main__ import default_tracking_uri
+            from sae_sweep.config import find_tracking_uri
             from sae_sweep.tracking import Tracker
 
-            out = export_run(Tracker(args.tracking_uri or default_tracking_uri()), args.source, args.out_dir,
+            out = export_run(Tracker(find_tracking_uri(uri=args.tracking_uri)), args.source, args.out_dir,
                              args.model_name)
     except Exception as e:
         print(f"sae_sweep.export: {type(e).__name__}: {e}", file=sys.stderr)

@@ -36,7 +36,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from sae_sweep.config import resolve_device
 from sae_sweep.corpus import WindowPacker, builtin_corpus_id, builtin_documents, doc_split
+from sae_sweep.hub import hub_offline
 
 __all__ = [
     "HOOK_TYPES",
@@ -50,7 +52,6 @@ __all__ = [
     "load_lm",
     "model_shape",
     "check_model_available",
-    "resolve_device",
     "resolve_dtype",
     "ensure_tiny",
     "tiny_model_dir",
@@ -159,13 +160,6 @@ def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def resolve_device(device: Any = "auto") -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is passed to torch.device."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(str(device))
-
-
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -198,11 +192,6 @@ def _tokenizer_hash(tokenizer: Any) -> str:
     specials = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
     h.update(json.dumps(specials, sort_keys=True).encode("utf-8"))
     return h.hexdigest()[:16]
-
-
-def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def _read_json(path: Path) -> Optional[dict]:
@@ -464,7 +453,7 @@ def check_model_available(model_cfg: Any, cache_dir: str | os.PathLike, timeout:
     revision = _cfg_get(model_cfg, "revision")
     if _hub_cached_config(ident, revision) is not None:
         return
-    if _hub_offline():
+    if hub_offline("model"):
         raise ModelUnavailable(_unavailable_message(ident, revision, "HF_HUB_OFFLINE is set and it is not in the HF cache"))
     try:
         from huggingface_hub import HfApi
@@ -512,7 +501,7 @@ def load_lm(model_cfg: Any, cache_dir: str | os.PathLike, device: Any = "auto") 
         try:
             tokenizer, model = _load(local_files_only=True)
         except Exception as cached_err:
-            if _hub_offline():
+            if hub_offline("model"):
                 raise ModelUnavailable(_unavailable_message(
                     ident, revision, "HF_HUB_OFFLINE is set and it is not in the HF cache")) from cached_err
             try:

@@ -1,17 +1,21 @@
-"""One grid point's work, left to right: LM + text → activation cache → SAE training → evals.
+"""One job's work, left to right: LM + text -> activation cache -> SAE training -> evals.
 
-``execute`` reports through the ``run`` object it is given (params, metrics, artifacts) and never
-imports MLflow itself; ``app.py`` owns the run's lifecycle.
+A job trains one grid point or a pack of points that read the same batch stream
+(``config.stream_key``: same activation cache, seed and batch size): the cache is opened once and
+every batch is handed to each point's SAE (``train.train_members``). Each point keeps its own
+run, checkpoints, SAE artifact and evals; a single point is a pack of one.
+
+``execute`` reports through the run objects it is given (tags, params, metrics, artifacts) and
+never imports MLflow; ``app.py`` owns the runs' lifecycle.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
-from pathlib import Path
-from typing import Any, Dict, Iterator, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -27,12 +31,21 @@ class RunFailed(RuntimeError):
     """The job ran but its result is not a result (zero steps, NaN, dead SAE, evals at chance)."""
 
 
-def _storage_dtype(device: str) -> str:
+@dataclass
+class Point:
+    """A grid point inside a job: its config, run key and (tracking) run."""
+
+    cfg: DictConfig
+    key: str
+    run: Any  # set_tags, log_params, log_metrics, log_json, log_artifact_dir
+
+
+def _storage_dtype(device: torch.device) -> str:
     # bf16 halves cache size on GPU runs; on CPU keep fp32 so small-model tests stay exact.
-    return "bfloat16" if device.startswith("cuda") else "float32"
+    return "bfloat16" if device.type == "cuda" else "float32"
 
 
-def cache_spec(cfg: DictConfig, lm: Any, device: str) -> Dict[str, Any]:
+def cache_spec(cfg: DictConfig, lm: Any, device: torch.device) -> Dict[str, Any]:
     from sae_sweep.text import dataset_fingerprint
 
     return {
@@ -47,8 +60,29 @@ def cache_spec(cfg: DictConfig, lm: Any, device: str) -> Dict[str, Any]:
     }
 
 
-def build_activation_cache(cfg: DictConfig, lm: Any, device: str):
-    """Return (ActivationCache, built_now) for this job's (model, layer, hook, dataset)."""
+def open_cache(cfg: DictConfig, device: torch.device) -> Tuple[Any, Any, bool, float]:
+    """The LM (None for synthetic data) and the activation cache of this job's (model, layer,
+    hook, dataset), built once and shared by every job with the same cache key:
+    (lm, cache, built_now, seconds)."""
+    from sae_sweep.cache import get_or_build
+
+    t0 = time.perf_counter()
+    if cfg.dataset.kind == "synthetic":  # planted-dictionary activations: no LM, same cache and reader
+        from sae_sweep import synthetic_data
+
+        cache, built = get_or_build(synthetic_data.cache_spec(cfg.dataset), C.cache_dir(cfg),
+                                    synthetic_data.build_fn(cfg.dataset), special_token_ids=[],
+                                    storage_dtype="float32")
+        return None, cache, built, time.perf_counter() - t0
+    from sae_sweep.lm import load_lm
+
+    lm = load_lm(cfg.model, C.cache_dir(cfg), device)
+    cache, built = build_activation_cache(cfg, lm, device)
+    return lm, cache, built, time.perf_counter() - t0
+
+
+def build_activation_cache(cfg: DictConfig, lm: Any, device: torch.device) -> Tuple[Any, bool]:
+    """(ActivationCache, built_now) for this job's (model, layer, hook, dataset)."""
     from sae_sweep.cache import get_or_build
     from sae_sweep.text import token_windows
 
@@ -66,94 +100,92 @@ def build_activation_cache(cfg: DictConfig, lm: Any, device: str):
                         storage_dtype=spec["storage_dtype"])
 
 
-def execute(cfg: DictConfig, run: Any, key: str) -> Dict[str, float]:
-    from sae_sweep.app import resolve_device
-    from sae_sweep.train import train
-
-    device = resolve_device(str(cfg.device))
-    torch.manual_seed(int(cfg.seed))
-    lm, cache = open_cache(cfg, run, device)
-    trainer, reader, ckpt_dir, steps = make_trainer(cfg, cache, key, device)
-
-    def on_log(step: int, metrics: Dict[str, float]) -> None:
-        run.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
-
-    result = train(trainer, reader, steps, ckpt_dir, int(cfg.train.checkpoint_every), int(cfg.train.log_every),
-                   on_log)
-    return finish(cfg, run, key, lm, trainer, result, device)
-
-
-def open_cache(cfg: DictConfig, run: Any, device: str):
-    """1. LM and the activation cache (shared by every job with the same cache key): (lm, cache)."""
-    from sae_sweep.cache import get_or_build
-    from sae_sweep.lm import load_lm
-
-    t0 = time.perf_counter()
-    if cfg.dataset.kind == "synthetic":  # planted-dictionary activations: no LM, same cache and reader
-        from sae_sweep import synthetic_data
-
-        lm = None
-        cache, built = get_or_build(synthetic_data.cache_spec(cfg.dataset), C.cache_dir(cfg),
-                                    synthetic_data.build_fn(cfg.dataset), special_token_ids=[],
-                                    storage_dtype="float32")
-    else:
-        lm = load_lm(cfg.model, C.cache_dir(cfg), device)
-        cache, built = build_activation_cache(cfg, lm, device)
-    run.set_tags({"cache_key": cache.key, "cache_built": str(built).lower(), "device": device})
-    run.log_metrics({"cache/n_tokens": cache.n_tokens, "cache/seconds": time.perf_counter() - t0})
-    return lm, cache
-
-
-def make_trainer(cfg: DictConfig, cache: Any, key: str, device: str):
-    """2. The trainer (data-initialised unless resuming), its reader, checkpoint dir and steps.
-    Checkpoints are keyed by run key so a requeued or re-run job resumes."""
-    from sae_sweep.app import total_steps
-    from sae_sweep.cache import ShuffledReader
+def make_member(p: Point, cache: Any, device: torch.device) -> Any:
+    """The point's trainer (data-initialised unless resuming) as a training-loop member. Its
+    checkpoints are keyed by run key, so a requeued or re-run job resumes them."""
+    from sae_sweep.reader import ShuffledReader
     from sae_sweep.sae.registry import get_trainer
+    from sae_sweep.train import Member, checkpoint_path, rng_state
 
-    d_in = cache.d_in
-    d_sae = C.resolved_d_sae(cfg, d_in)
-    sae_cfg = OmegaConf.create({"d_sae": d_sae, "k": int(cfg.sae.k)})
-    steps = total_steps(cfg)
-    trainer = get_trainer(cfg.trainer.name)(d_in, sae_cfg, cfg.trainer, steps, int(cfg.seed), device)
-    reader = ShuffledReader(cache, int(cfg.trainer.batch_size), int(cfg.seed), device=device)
-    ckpt_dir = C.output_dir(cfg) / "checkpoints" / key
-    if not (ckpt_dir / "latest.pt").exists():
+    cfg = p.cfg
+    torch.manual_seed(int(cfg.seed))  # as if the point were alone in its process
+    steps = C.total_steps(cfg)
+    trainer = get_trainer(cfg.trainer.name)(cache.d_in, cfg.sae, cfg.trainer, steps, int(cfg.seed), device)
+    ckpt_dir = C.output_dir(cfg) / "checkpoints" / p.key
+    if not checkpoint_path(ckpt_dir).exists():
         # Initialisation sample from its own stream so the training order is untouched.
         # Specials are excluded from batches, so a small cache has fewer usable tokens than n_tokens.
         init_reader = ShuffledReader(cache, min(4096, cache.n_tokens - cache.n_special), int(cfg.seed) + 7919,
                                      device=device)
         trainer.init_from_data(next(iter(init_reader)))
-    return trainer, reader, ckpt_dir, steps
+        init_reader.close()
+
+    def on_log(step: int, metrics: Dict[str, float]) -> None:
+        p.run.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
+
+    return Member(trainer, steps, ckpt_dir, int(cfg.train.checkpoint_every), int(cfg.train.log_every), on_log,
+                  rng=rng_state())
 
 
-def finish(cfg: DictConfig, run: Any, key: str, lm: Any, trainer: Any, result: Any, device: str) -> Dict[str, float]:
-    """3.-4. Log the training result, save the SAE as an artifact, run the evals."""
+def execute(points: Sequence[Point], device: torch.device) -> List[Any]:
+    """Train and evaluate ``points`` (one stream key) in this process from one reader. Returns per
+    point its eval metrics or the exception that failed it; shared failures (the cache build, an
+    interrupt) raise."""
+    from sae_sweep.reader import ShuffledReader
+    from sae_sweep.train import train_members
+
+    cfg0 = points[0].cfg
+    lm, cache, built, seconds = open_cache(cfg0, device)
+    for i, p in enumerate(points):
+        p.run.set_tags({"cache_key": cache.key, "cache_built": str(built and i == 0).lower(), "device": str(device)})
+        p.run.log_metrics({"cache/n_tokens": cache.n_tokens, "cache/seconds": seconds})
+        if len(points) > 1:
+            p.run.set_tags({"pack.size": len(points), "pack.leader": points[0].key})
+    members = [make_member(p, cache, device) for p in points]
+    reader = ShuffledReader(cache, int(cfg0.trainer.batch_size), int(cfg0.seed), device=device)
+    try:
+        train_members(members, reader)
+    finally:
+        reader.close()
+    outcomes: List[Any] = []
+    for p, m in zip(points, members):
+        if m.error is not None:
+            outcomes.append(m.error)
+            continue
+        try:
+            outcomes.append(finish(p, lm, m.trainer, m.result, device))
+        except Exception as e:  # one point's eval failure fails that point only
+            outcomes.append(e)
+    return outcomes
+
+
+def finish(p: Point, lm: Any, trainer: Any, result: Any, device: torch.device) -> Dict[str, float]:
+    """Log the training result, save the SAE as an artifact, run the evals."""
     from sae_sweep.lm import hook_name
 
+    cfg, run = p.cfg, p.run
     run.log_metrics({"train/steps": result.steps, "train/tokens": result.tokens, "train/seconds": result.seconds})
     if result.resumed_from_step is not None:  # a requeued / re-run job continued a checkpoint
         run.set_tags({"resumed_from_step": result.resumed_from_step})
     sae = trainer.sae.eval()
-    d_in, d_sae = trainer.d_in, trainer.d_sae
     sae_cfg_dict = {
-        "d_in": d_in, "d_sae": d_sae, "k": int(cfg.sae.k), "architecture": cfg.trainer.name,
+        "d_in": trainer.d_in, "d_sae": trainer.d_sae, "k": int(cfg.sae.k), "architecture": cfg.trainer.name,
         "model_name": cfg.model.name, "model_hf_id": cfg.model.hf_id, "hook_name": hook_name(cfg.layer, cfg.hook),
         "hook_layer": int(cfg.layer), "hook_type": cfg.hook, "context_size": int(cfg.dataset.context_size),
         "dataset_path": cfg.dataset.get("hf_id") or cfg.dataset.name, "seed": int(cfg.seed),
-        "dtype": "float32", "device": device, "run_key": key,
+        "dtype": "float32", "device": str(device), "run_key": p.key,
     }
-    sae_dir = C.output_dir(cfg) / "saes" / key
+    sae_dir = C.output_dir(cfg) / "saes" / p.key
     sae.save(sae_dir, sae_cfg_dict)
     run.log_artifact_dir(sae_dir, "sae")
-
     metrics = run_evals(cfg, run, lm, sae, sae_cfg_dict, device)
     check_result(metrics)
     return metrics
 
 
 def run_evals(cfg: DictConfig, run: Any, lm: Any, sae: torch.nn.Module, sae_cfg: Dict[str, Any],
-              device: str) -> Dict[str, float]:
+              device: torch.device) -> Dict[str, float]:
+    """The evals of ``eval.run`` on the point's held-out data, logged to ``run``."""
     from sae_sweep.evals.registry import EvalContext, get_eval
     from sae_sweep.evals.schema import flatten_metrics, to_saebench_json
     from sae_sweep.lm import hook_name
@@ -183,7 +215,7 @@ def run_evals(cfg: DictConfig, run: Any, lm: Any, sae: torch.nn.Module, sae_cfg:
                           activations=activations, planted=planted)
         t0 = time.perf_counter()
         with torch.no_grad():
-            output = get_eval(name)(ctx)
+            output = get_eval(name).run(ctx)
         flat = flatten_metrics(output, prefix=name)
         run.log_metrics(flat)
         if flat.dropped:  # NaN/inf never reach MLflow; record which metrics they were

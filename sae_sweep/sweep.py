@@ -7,7 +7,6 @@ Hydra's sweeper plugin (``hydra_plugins/sae_sweep_sweeper``) is a thin shell aro
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sae_sweep import config as C
+from sae_sweep.app import pack_file, validate_point, write_pack
 
 log = logging.getLogger("sae_sweep.sweep")
 
@@ -51,7 +51,7 @@ class SweepSummary:
 # Cross-seed metrics come first so the report includes them. Imported lazily: a sweep that
 # fails validation never pays for scipy/matplotlib.
 def _crossseed_hook(*args: Any) -> None:
-    from sae_sweep.evals.shared_features import crossseed_hook
+    from sae_sweep.report.crossseed import crossseed_hook
 
     crossseed_hook(*args)
 
@@ -78,7 +78,7 @@ def compose_points(load: Callable[[List[str]], DictConfig], batches: Sequence[Se
             try:
                 cfg = load(overrides)
                 job = _job_view(cfg)
-                C.validate(job)
+                validate_point(job)
                 key = C.run_key(job)
             except C.ConfigError as e:
                 errors.append(f"  grid point #{idx} [{shown}]: " + "; ".join(e.problems))
@@ -105,14 +105,6 @@ def _swept_keys(batches: Sequence[Sequence[Sequence[str]]]) -> set:
                 k, _, v = o.partition("=")
                 values.setdefault(k, set()).add(v)
     return {k for k, v in values.items() if len(v) > 1}
-
-
-def pack_identity(cfg: DictConfig) -> str:
-    """Points with equal identities read the same batches: same activation cache (model, layer,
-    hook, dataset), device, seed and batch size. They differ in trainer, SAE size, k, lr, ..."""
-    ident = C.run_identity(cfg)
-    return C.stable_hash({**{k: ident[k] for k in ("model", "layer", "hook", "dataset", "seed")},
-                          "device": str(cfg.device), "batch_size": int(cfg.trainer.batch_size)})
 
 
 def _job_view(cfg: DictConfig) -> DictConfig:
@@ -197,11 +189,10 @@ class GridSweep:
 
         from hydra.core.utils import JobStatus
 
-        from sae_sweep.packing import pack_file, write_pack
 
         packs: Dict[str, List[GridPoint]] = {}
         for p in points:
-            packs.setdefault(pack_identity(p.cfg), []).append(p)
+            packs.setdefault(C.stream_key(p.cfg), []).append(p)
         for members in packs.values():
             unique = {p.run_key: p for p in reversed(members)}  # a repeated point trains once
             cfgs = []

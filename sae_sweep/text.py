@@ -35,10 +35,12 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional
 import numpy as np
 import torch
 
+from sae_sweep.config import stable_hash
+from sae_sweep.files import atomic_write
+from sae_sweep.hub import hub_offline
 from sae_sweep.corpus import (
     EVAL_FRACTION_PERCENT,
     WindowPacker,
-    atomic_write_bytes,
     builtin_corpus_id,
     builtin_documents,
     doc_split,
@@ -101,11 +103,6 @@ def _plain(node: Any) -> Any:
     return node
 
 
-def _stable_hash(obj: Any, n: int = 16) -> str:
-    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:n]
-
-
 def _generation_settings(dataset_cfg: Any) -> Dict[str, Any]:
     gen = _get(dataset_cfg, "generation", {}) or {}
     defaults = dict(max_new_tokens=128, temperature=1.0, top_p=0.9, repetition_penalty=1.1, batch_size=64, seed=0)
@@ -141,11 +138,6 @@ def _local_help() -> str:
 # --------------------------------------------------------------------------------------------
 # Availability and fingerprints
 # --------------------------------------------------------------------------------------------
-def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 def check_dataset_available(dataset_cfg: Any, timeout: float = 10.0) -> None:
     """Fail fast (before any work) when the dataset cannot be read here.
 
@@ -165,7 +157,7 @@ def check_dataset_available(dataset_cfg: Any, timeout: float = 10.0) -> None:
                     f"({', '.join(_BUILDERS)}, optionally compressed)")
             return
         streaming = bool(_get(dataset_cfg, "streaming", True))
-        if _offline():
+        if hub_offline("dataset"):
             if not streaming and _hub_dataset_cached(hf_id, _get(dataset_cfg, "revision")):
                 return
             raise DatasetUnavailable(
@@ -354,7 +346,7 @@ def faithful_dir(dataset_cfg: Any, lm: Any, cache_dir: str | os.PathLike) -> Pat
     Not keyed by the number of sequences: chunk ``i`` depends only on (model, settings, i), so a
     larger budget extends the same directory and a smaller one reads a prefix of it.
     """
-    key = _stable_hash({"model": lm.fingerprint, "generation": _generation_settings(dataset_cfg),
+    key = stable_hash({"model": lm.fingerprint, "generation": _generation_settings(dataset_cfg),
                         "version": FAITHFUL_VERSION})
     name = str(lm.fingerprint.get("name", "model")).replace("/", "_")
     return Path(os.path.expanduser(str(cache_dir))) / "faithful" / f"{name}-{key}"
@@ -396,7 +388,7 @@ def _write_chunk(root: Path, i: int, docs: List[np.ndarray]) -> None:
     tokens = np.concatenate(docs).astype(np.int32) if docs else np.zeros(0, dtype=np.int32)
     buf = io.BytesIO()
     np.savez(buf, tokens=tokens, lengths=lengths)
-    atomic_write_bytes(_chunk_path(root, i), buf.getvalue())
+    atomic_write(_chunk_path(root, i), buf.getvalue())
 
 
 def _write_manifest(root: Path, lm: Any, settings: Dict[str, Any], n_chunks: int) -> None:
@@ -408,7 +400,7 @@ def _write_manifest(root: Path, lm: Any, settings: Dict[str, Any], n_chunks: int
         "chunks": n_chunks,
         "sequences": n_chunks * int(settings["batch_size"]),
     }
-    atomic_write_bytes(root / "manifest.json", json.dumps(manifest, indent=2, default=str).encode())
+    atomic_write(root / "manifest.json", json.dumps(manifest, indent=2, default=str).encode())
 
 
 def _faithful_documents(dataset_cfg: Any, lm: Any, split: str, cache_dir: str | os.PathLike,
@@ -459,7 +451,7 @@ def _faithful_documents(dataset_cfg: Any, lm: Any, split: str, cache_dir: str | 
 # --------------------------------------------------------------------------------------------
 def _windows_path(dataset_cfg: Any, lm: Any, split: str, n_tokens: int, ctx: int,
                   cache_dir: str | os.PathLike) -> Path:
-    key = _stable_hash({"dataset": dataset_fingerprint(dataset_cfg, lm), "split": split,
+    key = stable_hash({"dataset": dataset_fingerprint(dataset_cfg, lm), "split": split,
                         "n_tokens": n_tokens, "context_size": ctx})
     name = str(_get(dataset_cfg, "name", _get(dataset_cfg, "kind"))).replace("/", "_")
     return Path(os.path.expanduser(str(cache_dir))) / "tokens" / f"{name}-{split}-{key}.npy"
@@ -506,9 +498,9 @@ def token_windows(dataset_cfg: Any, lm: Any, split: str, n_tokens: int,
     windows = packer.result()
     buf = io.BytesIO()
     np.save(buf, windows.numpy().astype(np.int32))
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
     meta = {"dataset": dataset_fingerprint(dataset_cfg, lm), "split": split, "n_tokens": n_tokens,
             "context_size": ctx, "n_seqs": n_seqs, "bos_token_id": lm.bos_token_id,
             "sep_token_id": lm.eos_token_id, "packing": PACKING}
-    atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=2, default=str).encode())
+    atomic_write(path.with_suffix(".json"), json.dumps(meta, indent=2, default=str).encode())
     return windows

@@ -171,34 +171,36 @@ class Tracker:
 
 
 class ChildRun:
-    """A job's run. Use as a context manager: it always ends FINISHED or FAILED."""
+    """A job's run. ``close()`` ends it FINISHED, ``close(error)`` FAILED with the reason (KILLED for
+    a SystemExit/KeyboardInterrupt: SLURM preemption, so a requeue can continue it). As a context
+    manager it always ends one way or the other."""
 
     def __init__(self, tracker: Tracker, run_id: str):
         self.tracker = tracker
         self.run_id = run_id
-        self._finished = False
+        self.closed = False
 
     def __enter__(self) -> "ChildRun":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is None:
-            if not self._finished:
-                self.finish()
-            return False
-        reason = f"{exc_type.__name__}: {exc}"
-        try:
-            self.tracker.set_tags(self.run_id, {
-                "error": reason[:4900],
-                "error_type": exc_type.__name__,
-            })
-            self.tracker.log_text(self.run_id, "".join(traceback.format_exception(exc_type, exc, tb)),
-                                  "error.txt")
-        finally:
-            # KeyboardInterrupt/SystemExit (SLURM preemption) leave the run KILLED so a requeue can continue it.
-            status = "KILLED" if not isinstance(exc, Exception) else "FAILED"
-            self.tracker.end(self.run_id, status)
+        if not self.closed:
+            self.close(exc)
         return False
+
+    def close(self, error: Optional[BaseException] = None) -> None:
+        if error is None:
+            self.tracker.end(self.run_id, "FINISHED")
+            self.closed = True
+            return
+        reason = f"{type(error).__name__}: {error}"
+        try:
+            self.tracker.set_tags(self.run_id, {"error": reason[:4900], "error_type": type(error).__name__})
+            self.tracker.log_text(self.run_id, "".join(traceback.format_exception(type(error), error,
+                                                                                 error.__traceback__)), "error.txt")
+        finally:
+            self.tracker.end(self.run_id, "FAILED" if isinstance(error, Exception) else "KILLED")
+            self.closed = True
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.tracker.set_tags(self.run_id, tags)
@@ -212,12 +214,11 @@ class ChildRun:
     def log_json(self, obj: Any, artifact_file: str) -> None:
         self.tracker.log_json(self.run_id, obj, artifact_file)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.tracker.log_text(self.run_id, text, artifact_file)
+
     def log_artifact_dir(self, path: Path, artifact_path: Optional[str] = None) -> None:
         self.tracker.log_artifact_dir(self.run_id, path, artifact_path)
 
     def log_artifact_file(self, path: Path, artifact_path: Optional[str] = None) -> None:
         self.tracker.log_artifact_file(self.run_id, path, artifact_path)
-
-    def finish(self) -> None:
-        self.tracker.end(self.run_id, "FINISHED")
-        self._finished = True

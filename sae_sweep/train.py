@@ -1,7 +1,14 @@
-"""The SAE training loop: resumable checkpoints, windowed metrics, failure detection, progress.
+"""The SAE training loop: N members fed from one batch stream; a single run is a pack of one.
 
-Knows nothing about MLflow or SLURM: metrics leave through `on_log`, preemption enters through
-`should_stop`. One host sync per log window (metrics are accumulated on device).
+Each member (an SAE with its trainer, step budget, checkpoint dir and metric sink) sees exactly
+the batches it would see alone: batch i of the stream is its step i. A member keeps its own RNG
+stream (swapped in around its step) and its own checkpoints, in the same format whether it trained
+alone or packed, so either can resume the other. A member that fails (NaN, dead SAE) drops out with
+its reason; the others go on.
+
+Knows nothing about MLflow or SLURM: metrics leave through each member's ``on_log``, preemption
+enters through ``should_stop`` or the process-wide ``STOP``. One host sync per log window
+(metrics and the first non-finite step are accumulated on the device).
 """
 from __future__ import annotations
 
@@ -11,11 +18,13 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from sae_sweep.files import atomic_write
 
 CKPT_NAME = "latest.pt"
 CKPT_FORMAT = 1
@@ -30,7 +39,7 @@ class TrainingFailed(RuntimeError):
 
 
 class Interrupted(Exception):
-    """`should_stop()` asked the loop to stop; a checkpoint at `step` was written (if ckpt_dir)."""
+    """Training was asked to stop; every member's checkpoint is current (`checkpoint`: the first's)."""
 
     def __init__(self, step: int, checkpoint: Optional[Path]):
         super().__init__(f"training stopped at step {step}" + (f"; checkpoint {checkpoint}" if checkpoint else ""))
@@ -41,8 +50,8 @@ class Interrupted(Exception):
 class StopRequest:
     """"Stop at the next step", asked from outside the loop: a signal handler (SLURM preemption or
     time limit, see app.py) cannot reach the `should_stop` of a loop it did not start, so every
-    train() loop in the process also polls this one. `loops` (loops running now) and `seen` (a
-    loop acted on the request) tell the handler whether anybody will act on it."""
+    loop in the process also polls this one. `loops` (loops running now) and `seen` (a loop acted
+    on the request) tell the handler whether anybody will act on it."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -68,19 +77,18 @@ class TrainResult:
     seconds: float = 0.0  # wall time of this call
 
 
-# ---------------------------------------------------------------------------------------------
-# checkpoints
-# ---------------------------------------------------------------------------------------------
-
-
-def _rng_state() -> dict[str, Any]:
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """The process's random state (torch, numpy, python, and CUDA once initialised)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -92,29 +100,12 @@ def checkpoint_path(ckpt_dir: str | os.PathLike) -> Path:
     return Path(ckpt_dir) / CKPT_NAME
 
 
-def save_checkpoint(ckpt_dir: str | os.PathLike, trainer: Any, reader: Any, extra: dict[str, Any]) -> Path:
-    """Write ckpt_dir/latest.pt atomically: temp file in the same dir, fsync, os.replace."""
-    path = checkpoint_path(ckpt_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        "format": CKPT_FORMAT,
-        "step": trainer.step_count,
-        "trainer": trainer.state_dict(),
-        "reader": reader.state_dict(),
-        "rng": _rng_state(),
-        **extra,
-    }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+def save_checkpoint(ckpt_dir: str | os.PathLike, trainer: Any, reader_state: dict, rng: dict[str, Any],
+                    extra: dict[str, Any]) -> Path:
+    """Write ckpt_dir/latest.pt atomically (a killed write leaves the previous checkpoint)."""
+    state = {"format": CKPT_FORMAT, "step": trainer.step_count, "trainer": trainer.state_dict(),
+             "reader": reader_state, "rng": rng, **extra}
+    return atomic_write(checkpoint_path(ckpt_dir), lambda path: torch.save(state, path))
 
 
 def load_checkpoint(ckpt_dir: str | os.PathLike) -> Optional[dict[str, Any]]:
@@ -128,150 +119,230 @@ def load_checkpoint(ckpt_dir: str | os.PathLike) -> Optional[dict[str, Any]]:
     return state
 
 
-# ---------------------------------------------------------------------------------------------
-# the loop
-# ---------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
+# Members
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Member:
+    """One SAE of a pack: its trainer, step budget, checkpoint dir and metric sink.
 
-
-def train(
-    trainer: Any,
-    reader: Iterator[torch.Tensor],
-    total_steps: int,
-    ckpt_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 0,
-    log_every: int = 10,
-    on_log: Optional[Callable[[int, dict[str, float]], None]] = None,
-    progress: bool = True,
-    should_stop: Optional[Callable[[], bool]] = None,
-) -> TrainResult:
-    """Train `trainer` on batches from `reader` until `total_steps`, resuming from ckpt_dir.
-
-    - `reader`: iterator of [B, d_in] tensors with state_dict()/load_state_dict().
-    - Checkpoints (ckpt_dir/latest.pt: trainer, reader, RNG states) every `checkpoint_every` steps
-      (0: only at the end / on interrupt) and at the end; none when ckpt_dir is None.
-    - `on_log(step, metrics)` every `log_every` steps (and for the final partial window) with
+    - Checkpoints (ckpt_dir/latest.pt: trainer, reader position, RNG) every `checkpoint_every`
+      steps (0: only at the end and on interrupt) and at the end; none when ckpt_dir is None.
+    - `on_log(step, metrics)` every `log_every` steps and for the final partial window, with
       averages since the last log plus `lr` and `tokens_per_s`.
-    - `should_stop()` (and the process-wide `STOP.requested`) is polled before each step; when
-      true the loop checkpoints and raises `Interrupted` (SLURM preemption / requeue).
-    - Raises `TrainingFailed` on a non-finite loss (naming the first bad step), zero steps
-      trained, or all latents dead at the end.
+    - `rng`: the random state its training starts from (default: the process's when the loop starts).
+    After training, `result` (a TrainResult) or `error` (why it failed) is set.
     """
-    t_start = time.perf_counter()
-    if trainer.total_steps != total_steps:
-        raise ValueError(f"total_steps={total_steps} but the trainer was built for {trainer.total_steps}")
-    if total_steps <= 0:
-        raise TrainingFailed(f"zero steps trained: total_steps={total_steps} (too few training tokens for one batch?)")
-    log_every = max(1, int(log_every))
 
-    resumed_from: Optional[int] = None
-    last_metrics: dict[str, float] = {}
-    state = load_checkpoint(ckpt_dir) if ckpt_dir is not None else None
-    if state is not None:
-        trainer.load_state_dict(state["trainer"])
-        reader.load_state_dict(state["reader"])
-        _set_rng_state(state["rng"])
-        resumed_from = int(state["step"])
-        last_metrics = dict(state.get("last_metrics", {}))
+    trainer: Any
+    total_steps: int
+    ckpt_dir: Optional[Path] = None
+    checkpoint_every: int = 0
+    log_every: int = 10
+    on_log: Optional[Callable[[int, dict[str, float]], None]] = None
+    rng: Optional[dict[str, Any]] = None
+    result: Optional[TrainResult] = None
+    error: Optional[BaseException] = None
 
-    device = trainer.device
-    # Per-window accumulators stay on device; `bad_step` records the first step whose loss was
-    # not finite (total_steps + 1 = none yet) without a host sync.
-    acc: dict[str, torch.Tensor] = {}
-    window_steps = 0
-    window_tokens = 0
-    window_t0 = time.perf_counter()
-    window_lr = trainer.current_lr()
-    no_bad = total_steps + 1
-    bad_step = torch.full((), no_bad, dtype=torch.long, device=device)
-    step_t = torch.full((), trainer.step_count, dtype=torch.long, device=device)
+    def __post_init__(self) -> None:
+        self.log_every = max(1, int(self.log_every))
+        self._resumed: Optional[int] = None
+        self._last: dict[str, float] = {}
+        self._acc: dict[str, torch.Tensor] = {}
+        self._window = self._window_tokens = 0
+        self._t0 = self._start = 0.0
+        self._lr = 0.0
+        self._step_t: Optional[torch.Tensor] = None
+        self._bad_step: Optional[torch.Tensor] = None  # first step with a non-finite loss (no sync)
 
-    def check_finite() -> None:
-        first = int(bad_step.item())
-        if first != no_bad:
+    @property
+    def active(self) -> bool:
+        return self.error is None and self.result is None and self.trainer.step_count < self.total_steps
+
+    def resume(self, start: float) -> Optional[dict[str, Any]]:
+        """Load the member's checkpoint if it has one; returns it."""
+        if self.trainer.total_steps != self.total_steps:
+            raise ValueError(f"total_steps={self.total_steps} but the trainer was built for {self.trainer.total_steps}")
+        self._start = start
+        if self.rng is None:
+            self.rng = rng_state()
+        state = load_checkpoint(self.ckpt_dir) if self.ckpt_dir is not None else None
+        if state is not None:
+            self.trainer.load_state_dict(state["trainer"])
+            self.rng = state["rng"]
+            self._resumed = int(state["step"])
+            self._last = dict(state.get("last_metrics", {}))
+        device = self.trainer.device
+        self._never = self.total_steps + 1
+        self._bad_step = torch.full((), self._never, dtype=torch.long, device=device)
+        self._step_t = torch.full((), self.trainer.step_count, dtype=torch.long, device=device)
+        self._lr = self.trainer.current_lr()
+        self._t0 = time.perf_counter()
+        return state
+
+    def step(self, x: torch.Tensor) -> None:
+        trainer = self.trainer
+        set_rng_state(self.rng)
+        if not trainer.data_initialized:
+            trainer.init_from_data(x)
+        self._lr = trainer.current_lr()
+        out = trainer.step(x)
+        self.rng = rng_state()
+        self._step_t += 1
+        self._bad_step = torch.where(torch.isfinite(out["loss"]) | (self._bad_step != self._never),
+                                     self._bad_step, self._step_t)
+        for name, value in out.items():
+            self._acc[name] = self._acc[name] + value if name in self._acc else value.clone()
+        self._window += 1
+        self._window_tokens += int(x.shape[0])
+        if trainer.step_count % self.log_every == 0 or trainer.step_count == self.total_steps:
+            self.flush()
+
+    def check_finite(self) -> None:
+        first = int(self._bad_step.item())
+        if first != self._never:
             raise TrainingFailed(f"non-finite loss (NaN/inf) at step {first}")
 
-    def flush_log() -> None:
-        nonlocal acc, window_steps, window_tokens, window_t0, last_metrics
-        if window_steps == 0:
+    def flush(self) -> None:
+        """Log the window's averages (the one host sync per window)."""
+        if self._window == 0:
             return
-        names = list(acc)
-        values = (torch.stack([acc[n] for n in names]) / window_steps).tolist()  # the one sync
-        check_finite()
-        elapsed = max(time.perf_counter() - window_t0, 1e-9)
+        names = list(self._acc)
+        values = (torch.stack([self._acc[n] for n in names]) / self._window).tolist()
+        self.check_finite()
         metrics = dict(zip(names, values))
-        metrics["lr"] = window_lr  # lr of the window's last step (the scheduler has moved past it)
-        metrics["tokens_per_s"] = window_tokens / elapsed
-        last_metrics = metrics
-        if on_log is not None:
-            on_log(trainer.step_count, metrics)
-        if bar is not None:
-            bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "l0", "explained_variance") if k in metrics})
-        acc, window_steps, window_tokens, window_t0 = {}, 0, 0, time.perf_counter()
+        metrics["lr"] = self._lr  # lr of the window's last step (the scheduler has moved past it)
+        metrics["tokens_per_s"] = self._window_tokens / max(time.perf_counter() - self._t0, 1e-9)
+        self._last = metrics
+        if self.on_log is not None:
+            self.on_log(self.trainer.step_count, metrics)
+        self._acc, self._window, self._window_tokens, self._t0 = {}, 0, 0, time.perf_counter()
 
-    def checkpoint() -> Optional[Path]:
-        if ckpt_dir is None:
+    def checkpoint(self, reader_state: dict) -> Optional[Path]:
+        """Save; `reader_state` must be the stream's position after this member's last step."""
+        if self.ckpt_dir is None:
             return None
-        check_finite()  # never persist NaN weights
-        return save_checkpoint(ckpt_dir, trainer, reader, {
-            "tokens": trainer.tokens_seen,
-            "last_metrics": last_metrics,
-        })
+        self.check_finite()  # never persist NaN weights
+        return save_checkpoint(self.ckpt_dir, self.trainer, reader_state, self.rng,
+                               {"tokens": self.trainer.tokens_seen, "last_metrics": self._last})
 
-    bar = tqdm(total=total_steps, initial=trainer.step_count, desc="train", unit="step",
-               dynamic_ncols=True, disable=None if progress else True)
+    def finish(self, reader_state: Optional[dict]) -> None:
+        """End of its budget: final flush, checkpoint (unless `reader_state` is None: resumed at the
+        end, its checkpoint is current) and the checks that make a result a result."""
+        self.flush()
+        if reader_state is not None:
+            self.checkpoint(reader_state)  # a rerun after completion resumes here and trains 0 more steps
+        trainer = self.trainer
+        dead = trainer.dead_mask()
+        if bool(dead.all()):
+            raise TrainingFailed(f"all {dead.numel()} latents are dead at the end of training (none fired in "
+                                 f"the last {trainer.params.dead_tokens} tokens)")
+        if self._last.get("l0", 1.0) == 0.0:
+            raise TrainingFailed("no latent fired in the final log window (l0 = 0)")
+        if not math.isfinite(self._last.get("loss", 0.0)):
+            raise TrainingFailed(f"non-finite loss in the final log window at step {trainer.step_count}")
+        self.result = TrainResult(steps=trainer.step_count, tokens=trainer.tokens_seen, metrics=self._last,
+                                  resumed_from_step=self._resumed, seconds=time.perf_counter() - self._start)
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------
+def train_members(members: Sequence[Member], reader: Iterator[torch.Tensor], progress: bool = True,
+                  should_stop: Optional[Callable[[], bool]] = None) -> list[Member]:
+    """Train every member on batches from `reader` (an iterator of [B, d_in] tensors with
+    state_dict()/load_state_dict(), positioned at its start). Members resume from their checkpoints;
+    the stream starts at the least advanced one and members ahead of it skip the batches they saw.
+
+    `should_stop()` (and the process-wide `STOP.requested`) is polled before each batch; when true
+    every member's checkpoint is brought up to date and `Interrupted` is raised. A member that fails
+    records `error` (TrainingFailed: a non-finite loss naming its first step, zero steps, an
+    exhausted reader, all latents dead) and drops out. Returns the members.
+    """
+    t_start = time.perf_counter()
+    states = [m.resume(t_start) for m in members]
+    if not members:
+        return []
+    for m in members:
+        if m.total_steps <= 0:
+            m.error = TrainingFailed(f"zero steps trained: total_steps={m.total_steps} "
+                                     f"(too few training tokens for one batch?)")
+    position = min(m.trainer.step_count for m in members)
+    lead = next((s for m, s in zip(members, states) if s is not None and m.trainer.step_count == position), None)
+    if lead is not None:
+        reader.load_state_dict(lead["reader"])
+    end = max(m.total_steps for m in members)
+    desc = "train" if len(members) == 1 else f"train x{len(members)}"
+    bar = tqdm(total=end, initial=position, desc=desc, unit="step", dynamic_ncols=True,
+               disable=None if progress else True)
     STOP.loops += 1
     try:
         batches = iter(reader)
-        while trainer.step_count < total_steps:
+        while any(m.active for m in members):
             if STOP.requested or (should_stop is not None and should_stop()):
                 STOP.seen = True
-                flush_log()
-                raise Interrupted(trainer.step_count, checkpoint())
+                raise Interrupted(position, _checkpoint_in_step(members, position, reader))
             try:
                 x = next(batches)
             except StopIteration:
-                flush_log()
-                raise TrainingFailed(f"reader exhausted after {trainer.step_count} of {total_steps} steps") from None
-            if not trainer.data_initialized:
-                trainer.init_from_data(x)
-            window_lr = trainer.current_lr()
-            out = trainer.step(x)
-            step_t += 1
-            loss = out["loss"]
-            bad_step = torch.where(torch.isfinite(loss) | (bad_step != no_bad), bad_step, step_t)
-            for name, value in out.items():
-                acc[name] = acc[name] + value if name in acc else value.clone()
-            window_steps += 1
-            window_tokens += int(x.shape[0])
+                for m in members:
+                    if m.active:
+                        m.error = TrainingFailed(f"reader exhausted after {m.trainer.step_count} of "
+                                                 f"{m.total_steps} steps")
+                break
+            position += 1
+            for m in members:
+                if not m.active or m.trainer.step_count >= position:
+                    continue  # done, failed, or ahead of the stream (resumed further)
+                try:
+                    m.step(x)
+                    step = m.trainer.step_count
+                    if step == m.total_steps:
+                        m.finish(reader.state_dict())
+                    elif m.checkpoint_every > 0 and step % m.checkpoint_every == 0:
+                        m.checkpoint(reader.state_dict())
+                except TrainingFailed as e:
+                    m.error = e
             bar.update(1)
-            step = trainer.step_count
-            if step % log_every == 0 or step == total_steps:
-                flush_log()
-            if checkpoint_every > 0 and step % checkpoint_every == 0 and step < total_steps:
-                checkpoint()
-        flush_log()
-        check_finite()
-        checkpoint()  # final state: a rerun after completion resumes here and trains 0 more steps
+            if len(members) == 1 and members[0]._last:
+                bar.set_postfix({k: f"{members[0]._last[k]:.4g}" for k in ("loss", "l0", "explained_variance")
+                                 if k in members[0]._last}, refresh=False)
+        for m in members:  # resumed at the end: nothing left to train, its checkpoint is current
+            if m.error is None and m.result is None and m.trainer.step_count >= m.total_steps > 0:
+                try:
+                    m.finish(None)
+                except TrainingFailed as e:
+                    m.error = e
     finally:
         STOP.loops -= 1
         bar.close()
+    return list(members)
 
-    if trainer.step_count == 0:
-        raise TrainingFailed("zero steps trained")
-    dead = trainer.dead_mask()
-    if bool(dead.all()):
-        raise TrainingFailed(
-            f"all {dead.numel()} latents are dead at the end of training (none fired in the last "
-            f"{trainer.params.dead_tokens} tokens)"
-        )
-    if last_metrics.get("l0", 1.0) == 0.0:
-        raise TrainingFailed("no latent fired in the final log window (l0 = 0)")
-    if not math.isfinite(last_metrics.get("loss", 0.0)):
-        raise TrainingFailed(f"non-finite loss in the final log window at step {trainer.step_count}")
-    return TrainResult(
-        steps=trainer.step_count,
-        tokens=trainer.tokens_seen,
-        metrics=last_metrics,
-        resumed_from_step=resumed_from,
-        seconds=time.perf_counter() - t_start,
-    )
+
+def _checkpoint_in_step(members: Sequence[Member], position: int, reader: Any) -> Optional[Path]:
+    """On interrupt: members in step with the stream save now (the others' checkpoints on disk are
+    current); returns the first checkpoint path."""
+    first = None
+    for m in members:
+        if m.active and m.trainer.step_count == position:
+            try:
+                m.flush()
+                path = m.checkpoint(reader.state_dict())
+            except TrainingFailed as e:
+                m.error = e
+                continue
+            first = first or path
+    return first
+
+
+def train(trainer: Any, reader: Iterator[torch.Tensor], total_steps: int, ckpt_dir: str | os.PathLike | None = None,
+          checkpoint_every: int = 0, log_every: int = 10,
+          on_log: Optional[Callable[[int, dict[str, float]], None]] = None, progress: bool = True,
+          should_stop: Optional[Callable[[], bool]] = None) -> TrainResult:
+    """Train one SAE (a pack of one): its TrainResult, or its TrainingFailed raised."""
+    member = Member(trainer, total_steps, Path(ckpt_dir) if ckpt_dir is not None else None, checkpoint_every,
+                    log_every, on_log)
+    train_members([member], reader, progress=progress, should_stop=should_stop)
+    if member.error is not None:
+        raise member.error
+    return member.result

@@ -39,6 +39,18 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(group[item.nodeid], len(rank)))  # stable: file order otherwise
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test on tiny tensors: on 2 shared cores, more threads only add
+    contention (ms-long ops become seconds). Files opt in with `pytestmark`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def session_cache_dir(tmp_path_factory):
     """SAE_SWEEP_CACHE for the whole test run: the tiny model is built once, in a temp dir shared

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sae_sweep import config as C
-from sae_sweep.app import CONF_DIR
+from sae_sweep.app import CONF_DIR, validate_point
 
 
 def _compose(*overrides):
@@ -20,13 +20,13 @@ def _compose(*overrides):
 def _errors(*overrides) -> str:
     cfg = _compose(*overrides)
     with pytest.raises(C.ConfigError) as e:
-        C.validate(cfg)
+        validate_point(cfg)
     return str(e.value)
 
 
 def test_defaults_are_valid():
     cfg = _compose()
-    C.validate(cfg)
+    validate_point(cfg)
     assert cfg.model.name == "tiny" and cfg.trainer.name == "topk"
 
 

@@ -18,7 +18,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from sae_sweep import config as C
-from sae_sweep.app import CONF_DIR
+from sae_sweep.app import CONF_DIR, validate_point
 from sae_sweep.lm import load_lm
 from sae_sweep.text import DatasetUnavailable, check_dataset_available, dataset_fingerprint, token_windows
 from test_families import build_family_dir
@@ -82,7 +82,7 @@ def test_local_files_of_every_format_give_the_same_windows(lm, files, tmp_path):
     results = {}
     for fmt, path in files.items():
         cfg = _compose("dataset=local", f"dataset.data_files=[{path}]", f"dataset.context_size={CTX}")
-        C.validate(cfg)  # the job's own validation, including check_dataset_available
+        validate_point(cfg)  # the job's own validation, including check_dataset_available
         results[fmt] = (_windows(cfg, lm, tmp_path), _windows(cfg, lm, tmp_path, "eval", CTX * 8))
         assert dataset_fingerprint(cfg.dataset, lm)["kind"] == "local"
     for fmt in files:
@@ -93,13 +93,13 @@ def test_local_files_of_every_format_give_the_same_windows(lm, files, tmp_path):
 
 def test_local_yaml_requires_data_files_and_checks_them(files, tmp_path):
     with pytest.raises(C.ConfigError, match="dataset.data_files is required"):
-        C.validate(_compose("dataset=local"))
+        validate_point(_compose("dataset=local"))
     with pytest.raises(C.ConfigError, match="no such file"):
-        C.validate(_compose("dataset=local", f"dataset.data_files=[{tmp_path / 'missing.jsonl'}]"))
+        validate_point(_compose("dataset=local", f"dataset.data_files=[{tmp_path / 'missing.jsonl'}]"))
     bad = tmp_path / "docs.xlsx"
     bad.write_text("x")
     with pytest.raises(C.ConfigError, match="unsupported extension"):
-        C.validate(_compose("dataset=local", f"dataset.data_files=[{bad}]"))
+        validate_point(_compose("dataset=local", f"dataset.data_files=[{bad}]"))
 
 
 def test_streaming_stops_at_the_token_budget(lm, files, tmp_path):
@@ -126,7 +126,7 @@ def test_hub_yaml_reads_a_local_mirror_of_the_dataset(lm, files, tmp_path, name,
     cfg = _compose(f"dataset={name}", f"dataset.hf_id={mirror.parent}", "dataset.hf_config=null",
                    f"dataset.context_size={CTX}")
     assert cfg.dataset.kind == "hub"
-    C.validate(cfg)
+    validate_point(cfg)
     w = _windows(cfg, lm, tmp_path)
     local = _compose("dataset=local", f"dataset.data_files=[{files[fmt]}]", f"dataset.context_size={CTX}")
     assert torch.equal(w, token_windows(local.dataset, lm, "train", CTX * 60, tmp_path))
@@ -145,7 +145,7 @@ def test_hub_yaml_reads_a_local_mirror_of_the_dataset(lm, files, tmp_path, name,
 def test_hub_yaml_offline_fails_fast_with_the_local_alternative(name, hf_id, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(C.ConfigError) as err:
-        C.validate(_compose(f"dataset={name}"))
+        validate_point(_compose(f"dataset={name}"))
     msg = str(err.value)
     assert hf_id in msg and "dataset=local dataset.data_files=[" in msg
 

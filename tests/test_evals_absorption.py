@@ -3,6 +3,7 @@ whose word embeddings carry a planted first-letter direction."""
 
 from __future__ import annotations
 
+import dataclasses
 import string
 
 import numpy as np
@@ -13,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from sae_sweep.evals import absorption as A
 
-S = dict(A.DEFAULTS)
+S = dataclasses.asdict(A.AbsorptionSettings())
 
 
 # ----------------------------------------------------------------------------- absorption rules

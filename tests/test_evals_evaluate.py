@@ -58,7 +58,7 @@ def finished_run(tmp_path_factory, session_cache_dir):
     sae = get_sae_class("topk")(32, 64, k=4)
     sae.save(tmp_path / "sae", {"model_name": "local", "hook_layer": 1})
     run.log_artifact_dir(tmp_path / "sae", "sae")
-    run.finish()
+    run.close()
     return tracker, run.run_id
 
 

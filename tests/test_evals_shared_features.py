@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_sweep.evals.shared_features import compare_runs, crossseed_hook, shared_feature_ratio
+from sae_sweep.evals.shared_features import shared_feature_ratio
+from sae_sweep.report.crossseed import compare_runs, crossseed_hook
 from sae_sweep.sae import get_sae_class
 
 METHODS = ["dense", "sparse"]
@@ -82,7 +83,7 @@ def test_crossseed_hook_logs_groups_pairs_and_children(tmp_path, monkeypatch):
         run = tracker.child("xs", f"{group}-{seed}", f"key-{group}-{seed}", parent)
         run.set_tags({"seed_group": group * 8, "seed": seed})
         run.log_artifact_dir(_save_sae(dec, tmp_path / f"sae-{group}-{seed}"), "sae")
-        run.finish()
+        run.close()
         ids[(group, seed)] = run.run_id
     results = [{"status": "finished", "run_id": i} for i in ids.values()]
     out = crossseed_hook(tracker, parent, [], results, tmp_path)

@@ -210,16 +210,16 @@ def test_local_dir_shallower_than_its_yaml_needs_an_explicit_layer(family_dirs):
     from hydra import compose, initialize_config_dir
 
     from sae_sweep import config as C
-    from sae_sweep.app import CONF_DIR
+    from sae_sweep.app import CONF_DIR, validate_point
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose("config", overrides=["model=gpt2", f"model.hf_id={family_dirs['gpt2']}"])
         ok = compose("config", overrides=["model=gpt2", f"model.hf_id={family_dirs['gpt2']}", "layer=1"])
     with pytest.raises(C.ConfigError) as err:
-        C.validate(cfg)
+        validate_point(cfg)
     msg = str(err.value)
     assert "layer=8" in msg and "has 2 layers" in msg and "0..1" in msg and "pass layer=N" in msg
-    C.validate(ok)
+    validate_point(ok)
 
 
 def test_offline_hub_model_fails_fast_naming_the_local_dir_override(tmp_path):
@@ -240,11 +240,12 @@ def test_run_name_is_faithfulsae_style():
     from hydra import compose, initialize_config_dir
 
     from sae_sweep import config as C
-    from sae_sweep.app import CONF_DIR, run_name, total_steps
+    from sae_sweep.app import CONF_DIR, run_name
+    from sae_sweep.config import total_steps
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose("config", overrides=["model=gpt2", "hook=resid_pre", "seed=42", "dataset=faithful",
                                            "trainer.batch_size=4096", f"train.tokens={24413 * 4096}"])
     steps = total_steps(cfg)
-    d_sae = C.resolved_d_sae(cfg, cfg.model.d_model)
+    d_sae = C.d_sae_for(cfg.sae, cfg.model.d_model)
     assert run_name(cfg, d_sae, steps) == "gpt2_blocks.8.hook_resid_pre_12288_topk_16_0.0003_42_faithful_128_24413"

@@ -2,20 +2,15 @@
 import pytest
 import torch
 
-from sae_sweep.cache import ShuffledReader, get_or_build
-from sae_sweep.packing import Member, pack_key, train_packed
+from sae_sweep.cache import get_or_build
+from sae_sweep.reader import ShuffledReader
+from sae_sweep.train import Member, train_members
 from sae_sweep.sae.registry import get_trainer
 from sae_sweep.train import train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 D, CTX, N_SEQS = 16, 32, 24
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +47,6 @@ def solo(cache, tmp_path, i, point):
 
 
 def test_packed_members_equal_solo_runs_and_resume_alone(cache, tmp_path):
-    assert pack_key(cache.key, SEED, BATCH) == pack_key(cache.key, SEED, BATCH)
     members, logs = [], []
     for i, point in enumerate(POINTS):
         log = []
@@ -60,7 +54,7 @@ def test_packed_members_equal_solo_runs_and_resume_alone(cache, tmp_path):
         members.append(Member(make(cache, *point), point[3], tmp_path / f"packed{i}", checkpoint_every=7, log_every=5,
                               on_log=lambda s, m, log=log: log.append((s, m))))
     reader = ShuffledReader(cache, BATCH, SEED)
-    train_packed(members, reader, progress=False)
+    train_members(members, reader, progress=False)
     reader.close()
 
     for i, (point, m) in enumerate(zip(POINTS, members)):
@@ -79,13 +73,31 @@ def test_packed_members_equal_solo_runs_and_resume_alone(cache, tmp_path):
         assert torch.equal(again.sae.W_dec, m.trainer.sae.W_dec)
 
 
+def test_stream_key_groups_points_that_read_the_same_batches():
+    """Points differing in trainer, SAE size or lr share a batch stream; seed, batch size or the
+    activations (layer, dataset) give another one."""
+    from hydra import compose, initialize_config_dir
+
+    from sae_sweep.app import CONF_DIR
+    from sae_sweep.config import stream_key
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        def key(*overrides):
+            return stream_key(compose("config", overrides=list(overrides)))
+
+        base = key()
+        assert key("trainer=relu") == key("sae.expansion_factor=8") == key("trainer.lr=0.01") == base
+        for other in ("seed=49", "trainer.batch_size=512", "layer=1", "dataset=faithful", "hook=mlp_out"):
+            assert key(other) != base, other
+
+
 def test_packed_resume_from_mixed_positions(cache, tmp_path):
     """Members interrupted at different steps resume in one pack and end as if never stopped."""
     point_a, point_b = POINTS[0], POINTS[2]
     members = [Member(make(cache, *point_a), point_a[3], tmp_path / "a"), Member(make(cache, *point_b), point_b[3], tmp_path / "b")]
-    train_packed(members[:1], ShuffledReader(cache, BATCH, SEED), progress=False)  # a finishes first
+    train_members(members[:1], ShuffledReader(cache, BATCH, SEED), progress=False)  # a finishes first
     a2, b2 = Member(make(cache, *point_a), point_a[3], tmp_path / "a"), Member(make(cache, *point_b), point_b[3], tmp_path / "b")
-    train_packed([a2, b2], ShuffledReader(cache, BATCH, SEED), progress=False)  # a skips, b trains from 0
+    train_members([a2, b2], ShuffledReader(cache, BATCH, SEED), progress=False)  # a skips, b trains from 0
     assert a2.result.resumed_from_step == point_a[3]
     alone_b, _ = solo(cache, tmp_path, 9, point_b)
     assert torch.equal(alone_b.sae.W_enc, b2.trainer.sae.W_enc)

@@ -2,16 +2,10 @@
 import pytest
 import torch
 
-from sae_sweep.sae.base import SparseDecode, TopKEncode
+from sae_sweep.sae.kernels import SparseDecode, TopKEncode
 from sae_sweep.sae.topk import TopKTrainer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: extra threads only add overhead
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_topk(x, W_enc, b_enc, b_dec, k):

@@ -15,21 +15,14 @@ from sae_sweep.sae import (
     get_trainer,
     register_trainer,
     trainer_names,
-    validate_trainer_cfg,
 )
-from sae_sweep.sae.synthetic import PlantedDictionary, recovery_metrics
+from sae_sweep.evals.recovery import recovery_metrics
+from sae_sweep.synthetic_data import PlantedDictionary
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SAE_CFG = {"d_sae": None, "expansion_factor": 4, "k": 4}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread avoids oversubscribing 2 shared cores (ms-long ops become seconds).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_trainer(d_in=16, sae_cfg=SAE_CFG, total_steps=50, seed=0, **overrides):
@@ -176,13 +169,18 @@ def test_register_conflicting_name_fails():
             pass
 
 
-def test_params_match_conf_yaml_keys():
-    yaml = OmegaConf.load(CONF / "trainer" / "topk.yaml")
+def test_composed_trainer_node_is_the_params_dataclass():
+    """conf/trainer/topk.yaml extends the dataclass's schema: the composed node has exactly its
+    keys, the dataclass's defaults where the yaml is silent, and the model's values it interpolates."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        node = compose("config", overrides=["trainer=topk"]).trainer
     fields = {f.name for f in dataclasses.fields(TopKTrainer.params_cls)}
-    assert set(yaml.keys()) == fields
-    yaml.lr = 1e-3  # the file interpolates ${model.sae.lr}
-    assert validate_trainer_cfg(yaml, OmegaConf.create(SAE_CFG), d_in=128) == []
-    t = TopKTrainer(128, OmegaConf.create(SAE_CFG), yaml, total_steps=10)
+    assert set(node.keys()) == fields
+    assert node.auxk_alpha == TopKTrainer.params_cls.auxk_alpha and node.lr == 1e-3  # default; tiny's lr
+    assert TopKTrainer.problems(node, OmegaConf.create(SAE_CFG), d_in=128) == []
+    t = TopKTrainer(128, OmegaConf.create(SAE_CFG), node, total_steps=10)
     assert t.params.dead_tokens == 50000 and t.params.auxk_alpha == pytest.approx(1 / 32)
 
 
@@ -196,7 +194,7 @@ def test_params_match_conf_yaml_keys():
     ({"bogus": 1}, "trainer.bogus"),
 ])
 def test_validation_messages_name_key_value_and_range(override, key):
-    errors = TopKTrainer.validate_params({"name": "topk", **override}, SAE_CFG, 16)
+    errors = TopKTrainer.problems({"name": "topk", **override}, SAE_CFG, 16)
     assert len(errors) == 1 and errors[0].startswith(key), errors
     assert "allowed" in errors[0]
     with pytest.raises(ValueError, match="invalid trainer"):
@@ -204,11 +202,12 @@ def test_validation_messages_name_key_value_and_range(override, key):
 
 
 def test_validation_sae_k():
-    errors = TopKTrainer.validate_params({"name": "topk"}, {"d_sae": 32, "k": 64}, 16)
-    assert errors == ["sae.k=64 is invalid for trainer 'topk'; allowed: an integer in [1, d_sae=32]"]
-    assert TopKTrainer.validate_params({"name": "topk"}, {"d_sae": None, "expansion_factor": 4, "k": 0}, 16)
-    assert validate_trainer_cfg({"name": "nope"}) == [
-        f"trainer.name='nope' is not a registered trainer; allowed: {', '.join(trainer_names())}"]
+    errors = TopKTrainer.problems({"name": "topk"}, {"d_sae": 32, "k": 64}, 16)
+    assert errors == ["sae.k=64: must be an integer with 0 < k < d_sae (32)"]
+    assert TopKTrainer.problems({"name": "topk"}, {"d_sae": None, "expansion_factor": 4, "k": 0}, 16)
+    with pytest.raises(ValueError) as e:
+        get_trainer("nope")
+    assert str(e.value) == f"trainer.name='nope' is not a registered trainer; allowed: {', '.join(trainer_names())}"
 
 
 # -- synthetic data ------------------------------------------------------------------------------

@@ -3,8 +3,11 @@ import pytest
 import torch
 
 from sae_sweep.sae import get_trainer
-from sae_sweep.sae.synthetic import PlantedDictionary, recovery_metrics
+from sae_sweep.evals.recovery import recovery_metrics
+from sae_sweep.synthetic_data import PlantedDictionary
 from sae_sweep.train import Interrupted, TrainingFailed, load_checkpoint, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TensorReader:
@@ -59,15 +62,6 @@ class ListReader(TensorReader):
 def topk_trainer(d_in, total_steps, sae_cfg=None, seed=0, **trainer_cfg):
     cfg = {"name": "topk", "lr": 1e-3, "warmup_steps": 5, **trainer_cfg}
     return get_trainer("topk")(d_in, sae_cfg or {"d_sae": 64, "k": 4}, cfg, total_steps, seed=seed)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls: one thread is faster and avoids contention with other jobs on 2 cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # Known answer: 128 unit features in 32 dims (4x superposition), ~4 active per sample.

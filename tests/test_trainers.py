@@ -23,11 +23,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from sae_sweep.app import CONF_DIR
 from sae_sweep.bench.trainers import RECIPES, PlantedSetup, Recipe, planted_data, train_planted, trainer_cfg
-from sae_sweep.sae import SparseAutoencoder, get_trainer, trainer_names, validate_trainer_cfg
+from sae_sweep.sae import SparseAutoencoder, get_trainer, trainer_names
 from sae_sweep.sae.adaptive_ortho import grouped_ortho_loss
-from sae_sweep.sae.synthetic import PlantedDictionary
+from sae_sweep.synthetic_data import PlantedDictionary
 from sae_sweep.sae.temporal_ortho import CoactivationTable, ortho_penalty
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ALL = ["topk", "batchtopk", "relu", "jumprelu", "matryoshka", "hierarchical", "temporal_ortho", "adaptive_ortho"]
 
@@ -41,15 +44,6 @@ FLOORS = {  # name: (mean_max_cos, frac_recovered_0.9, explained_variance, max L
     "temporal_ortho": (0.95, 0.90, 0.80, 4.0),
     "adaptive_ortho": (0.95, 0.85, 0.80, 4.0),
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These matrices are tiny: on 2 shared cores, extra threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +67,16 @@ def test_every_variant_is_registered():
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_yaml_keys_match_params_dataclass(name):
-    yaml = OmegaConf.load(f"conf/trainer/{name}.yaml")
+def test_composed_trainer_node_matches_params_dataclass(name):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        node = compose("config", overrides=[f"trainer={name}"]).trainer
     fields = [f.name for f in dataclasses.fields(get_trainer(name).params_cls)]
-    assert sorted(yaml.keys()) == sorted(fields)
-    assert yaml.name == name
-    cfg = OmegaConf.to_container(yaml, resolve=False)
-    assert cfg["lr"] == "${model.sae.lr}"
-    cfg["lr"] = 1e-3
-    assert validate_trainer_cfg(OmegaConf.create(cfg), {"d_sae": 256, "k": 8, "expansion_factor": None}, 64) == []
+    assert sorted(node.keys()) == sorted(fields)
+    assert node.name == name
+    assert OmegaConf.to_container(node, resolve=False)["lr"] == "${model.sae.lr}"
+    assert get_trainer(name).problems(node, {"d_sae": 256, "k": 8, "expansion_factor": None}, 64) == []
 
 
 @pytest.mark.parametrize("name, key, value, allowed", [
@@ -93,7 +88,7 @@ def test_yaml_keys_match_params_dataclass(name):
     ("relu", "decoder_norm_l1", "yes", "true or false"),
 ])
 def test_bad_values_name_key_value_and_allowed(name, key, value, allowed):
-    errors = validate_trainer_cfg(OmegaConf.create({"name": name, key: value}))
+    errors = get_trainer(name).problems(OmegaConf.create({"name": name, key: value}))
     assert len(errors) == 1
     assert f"trainer.{key}=" in errors[0] and repr(value) in errors[0] and allowed in errors[0]
 

@@ -228,7 +228,7 @@ def _synthetic_cache(root: Path, d: int, n_tokens: int, ctx: int = 128):
 
 
 def fig_reader(root: Path, device: torch.device, train_steps_per_s: float, n_batches: int) -> dict[str, Any]:
-    from sae_sweep.cache import ShuffledReader
+    from sae_sweep.reader import ShuffledReader
 
     cache = _synthetic_cache(root, D_IN, 16 * BATCH)
     with ShuffledReader(cache, BATCH, seed=0, device=device) as reader:
@@ -292,7 +292,7 @@ def fig_cache_build(cache_dir: Path, device: torch.device, n_tokens: int, reps: 
             import shutil
 
             shutil.rmtree(root / "activations", ignore_errors=True)
-            cache, built = build_activation_cache(cfg, lm, str(device))
+            cache, built = build_activation_cache(cfg, lm, device)
             assert built
 
         tokens = windows.numel()
@@ -322,7 +322,7 @@ def fig_sweep(cache_dir: Path, device: torch.device, n_tokens: int) -> dict[str,
             cfg = _compose([f"paths.cache_dir={root}", f"dataset.tokens={n_tokens}", f"seed={seed}",
                             f"trainer={trainer}", f"device={device.type}"])
             lm = lm or load_lm(cfg.model, root, str(device))
-            build_activation_cache(cfg, lm, str(device))
+            build_activation_cache(cfg, lm, device)
         builds = read_builds_log(root)
         spent = sum(ActivationCache.open(root / "activations" / b["key"]).n_tokens for b in builds)
         per_job = ActivationCache.open(root / "activations" / builds[0]["key"]).n_tokens * len(points)
@@ -333,8 +333,8 @@ def fig_sweep(cache_dir: Path, device: torch.device, n_tokens: int) -> dict[str,
 def fig_packing(root: Path, device: torch.device, steps: int, reps: int, d_sae: int = 1536) -> dict[str, Any]:
     """One pack (shared seed and batch size) of 2 topk sizes + relu + batchtopk at d_in 768 vs the
     same four trained one after another, each with its own reader (as separate jobs read)."""
-    from sae_sweep.cache import ShuffledReader
-    from sae_sweep.packing import Member, train_packed
+    from sae_sweep.reader import ShuffledReader
+    from sae_sweep.train import Member, train_members
     from sae_sweep.sae.registry import get_trainer
     from sae_sweep.train import train
 
@@ -354,7 +354,7 @@ def fig_packing(root: Path, device: torch.device, steps: int, reps: int, d_sae: 
         alone = min(alone, time.perf_counter() - t0)
         t0 = time.perf_counter()
         with ShuffledReader(cache, BATCH, 0, device=device) as reader:
-            members = train_packed([Member(make(*s), steps) for s in specs], reader, progress=False)
+            members = train_members([Member(make(*s), steps) for s in specs], reader, progress=False)
         packed = min(packed, time.perf_counter() - t0)
         assert all(m.error is None for m in members)
     return {"members": [f"{n}/{d}" for n, d, _ in specs], "steps": steps, "seconds_one_at_a_time": alone,
@@ -378,7 +378,7 @@ def fig_packing_jobs(cache_dir: Path, device: torch.device, train_tokens: int = 
         common = [f"paths.cache_dir={root}", f"paths.output_dir={root / 'outputs'}", "eval=core_only",
                   f"train.tokens={train_tokens}", "dataset.tokens=20000", f"device={device.type}"]
         cfg = _compose(common)
-        build_activation_cache(cfg, load_lm(cfg.model, root, str(device)), str(device))
+        build_activation_cache(cfg, load_lm(cfg.model, root, device), device)
 
         def run(args: list[str]) -> float:
             t0 = time.perf_counter()
@@ -533,9 +533,9 @@ def table(r: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from sae_sweep.app import resolve_device
+    from sae_sweep.config import resolve_device
 
-    device = torch.device(resolve_device(args.device))
+    device = resolve_device(args.device)
     skip = {s for s in args.skip.split(",") if s}
     cache_dir = Path(os.path.expanduser(args.cache_dir))
     r: dict[str, Any] = {"machine": machine(), "device": str(device)}

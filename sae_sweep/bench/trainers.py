@@ -24,8 +24,9 @@ from typing import Any
 import torch
 
 from sae_sweep.sae import get_trainer, trainer_names
-from sae_sweep.sae.base import explained_variance
-from sae_sweep.sae.synthetic import PlantedDictionary, recovery_metrics
+from sae_sweep.sae.trainer import explained_variance
+from sae_sweep.evals.recovery import recovery_metrics
+from sae_sweep.synthetic_data import PlantedDictionary
 
 
 @dataclass

@@ -1,9 +1,17 @@
-"""SAE evaluations, one module per eval; each returns a :class:`~sae_sweep.evals.schema.EvalOutput`.
+"""SAEBench- and FaithfulSAE-style evals, one module each, behind one registry (``eval.run``).
 
-Evals depend on the LM only through ``activations`` / ``logits_with_splice`` and on the SAE only
-through ``sae(x) -> (x_hat, f)`` (duck typing), and never on tracking or launch code.
+Every module in this package is imported here so that its ``@register_eval`` decorator runs.
 """
 
+import importlib
+import pkgutil
+
+from sae_sweep.evals.registry import EvalContext, eval_names, get_eval
 from sae_sweep.evals.schema import EvalOutput, FlatMetrics, flatten_metrics, to_saebench_json, write_json
 
-__all__ = ["EvalOutput", "FlatMetrics", "flatten_metrics", "to_saebench_json", "write_json"]
+for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if not _mod.startswith("_"):
+        importlib.import_module(f"{__name__}.{_mod}")
+
+__all__ = ["EvalContext", "EvalOutput", "FlatMetrics", "eval_names", "flatten_metrics", "get_eval",
+           "to_saebench_json", "write_json"]

@@ -36,12 +36,14 @@ import math
 import string
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from sae_sweep.evals.probes import check_settings, few_threads, stable_seed
+from sae_sweep.config import setting
+from sae_sweep.evals.probes import few_threads, stable_seed
+from sae_sweep.evals.registry import register_eval, settings_dict
 from sae_sweep.evals.schema import EvalOutput
 
 log = logging.getLogger(__name__)
@@ -49,29 +51,34 @@ log = logging.getLogger(__name__)
 EVAL_TYPE_ID = "absorption_first_letter"
 LETTERS = string.ascii_lowercase
 
-DEFAULTS: Dict[str, Any] = {
-    # SAEBench's AbsorptionEvalConfig names and defaults
-    "f1_jump_threshold": 0.03,
-    "max_k_value": 10,
-    "prompt_template": "{word} has the first letter:",
-    "k_sparse_probe_l1_decay": 0.01,
-    "k_sparse_probe_batch_size": 4096,
-    "k_sparse_probe_num_epochs": 50,
-    "min_GT_probe_f1": 0.6,
-    "min_feats_for_eval": 20,       # letters that must pass the F1 threshold
-    "llm_batch_size": 32,
-    # FeatureAbsorptionCalculator's thresholds
-    "n_icl_examples": 10,
-    "full_absorption_probe_cos_sim_threshold": 0.025,
-    "absorption_fraction_probe_cos_sim_threshold": 0.1,
-    "probe_projection_proportion_threshold": 0.4,
-    "absorption_fraction_max_absorbing_latents": 3,
-    # ours: sizes for small machines
-    "max_words": 3000,              # vocabulary words used (random subset, seeded)
-    "test_fraction": 0.2,
-    "min_word_length": 2,
-    "min_letter_examples": 4,       # train examples a letter needs to get a probe
-}
+@dataclass
+class AbsorptionSettings:
+    """``eval.absorption``: SAEBench's AbsorptionEvalConfig names and defaults, then
+    FeatureAbsorptionCalculator's thresholds, then sizes for small machines (ours)."""
+
+    f1_jump_threshold: float = setting(0.03, allowed="a float >= 0", check=lambda v: v >= 0)
+    max_k_value: int = setting(10, allowed="an integer >= 1", check=lambda v: v >= 1)
+    prompt_template: str = setting("{word} has the first letter:", allowed="a string containing {word}",
+                                   check=lambda v: "{word}" in v)
+    k_sparse_probe_l1_decay: float = setting(0.01, allowed="a float >= 0", check=lambda v: v >= 0)
+    k_sparse_probe_batch_size: int = setting(4096, allowed="an integer >= 1", check=lambda v: v >= 1)
+    k_sparse_probe_num_epochs: int = setting(50, allowed="an integer >= 1", check=lambda v: v >= 1)
+    min_GT_probe_f1: float = setting(0.6, allowed="a float in [0, 1]", check=lambda v: 0 <= v <= 1)
+    min_feats_for_eval: int = setting(20, allowed="an integer in [1, 26] (letters that must pass the F1 threshold)",
+                                      check=lambda v: 1 <= v <= 26)
+    llm_batch_size: int = setting(32, allowed="an integer >= 1", check=lambda v: v >= 1)
+    n_icl_examples: int = setting(10, allowed="an integer >= 0", check=lambda v: v >= 0)
+    full_absorption_probe_cos_sim_threshold: float = 0.025
+    absorption_fraction_probe_cos_sim_threshold: float = 0.1
+    probe_projection_proportion_threshold: float = 0.4
+    absorption_fraction_max_absorbing_latents: int = setting(3, allowed="an integer >= 1", check=lambda v: v >= 1)
+    max_words: int = setting(3000, allowed="an integer >= 26 (vocabulary words used, a seeded random subset)",
+                             check=lambda v: v >= 26)
+    test_fraction: float = setting(0.2, allowed="a float in (0, 1)", check=lambda v: 0 < v < 1)
+    min_word_length: int = setting(2, allowed="an integer >= 1", check=lambda v: v >= 1)
+    min_letter_examples: int = setting(4, allowed="an integer >= 1 (train examples a letter needs to get a probe)",
+                                       check=lambda v: v >= 1)
+
 
 EPS = 1e-8
 
@@ -288,7 +295,7 @@ def word_absorption(act_probe_proj: float, sae_acts: torch.Tensor, dec_probe_pro
 
 @torch.no_grad()
 def run_absorption(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings: Dict[str, Any]) -> EvalOutput:
-    s = check_settings("absorption", DEFAULTS, settings)
+    s = settings_dict(AbsorptionSettings, settings, "eval.absorption")
     config = {**s, "layer": layer, "hook": hook, "random_seed": seed}
     rng = np.random.default_rng(stable_seed(seed, "absorption"))
     tok = lm.tokenizer
@@ -414,6 +421,6 @@ def _probe_and_score(sae: Any, acts: torch.Tensor, x: np.ndarray, y: np.ndarray,
                       unstructured={"probe_f1": probe_f1, "n_words": n_words, "n_test_words": int(n_test)})
 
 
+@register_eval("absorption", AbsorptionSettings)
 def run(ctx: Any) -> EvalOutput:
-    """Registry entry point (``EvalContext``)."""
     return run_absorption(ctx.lm, ctx.sae, ctx.layer, ctx.hook, ctx.seed, ctx.settings)

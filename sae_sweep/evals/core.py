@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sae_sweep.config import parse, setting
+from sae_sweep.evals.registry import register_eval
 from sae_sweep.evals.schema import EvalOutput
 
 __all__ = [
@@ -617,3 +620,25 @@ def run_core_eval(
         flags=flags,
         unstructured={"feature_density_histogram": _density_histogram(density)},
     )
+
+
+@dataclass
+class CoreSettings:
+    """``eval.core``."""
+
+    batch_size: int = setting(16, allowed="an integer >= 1 (contexts per forward pass)", check=lambda v: v >= 1)
+    n_tokens: Optional[int] = setting(None, allowed="null (every held-out window) or an integer >= 1",
+                                      check=lambda v: v >= 1)
+    feature_details: bool = True  # per-latent densities in the JSON (large at big d_sae)
+    weight_metrics: bool = True  # max encoder/decoder cosine sims (an O(d_sae^2) pass)
+
+
+@register_eval("core", CoreSettings)
+def run(ctx: Any) -> EvalOutput:
+    s = parse(CoreSettings, ctx.settings, "eval.core")
+    tokens = ctx.tokens
+    if s.n_tokens:  # the first ceil(n_tokens / ctx) held-out windows
+        tokens = tokens[:max(1, -(-s.n_tokens // tokens.shape[1]))]
+    return run_core_eval(ctx.lm, ctx.sae, tokens, ctx.layer, ctx.hook, batch_size=s.batch_size,
+                         special_token_ids=ctx.lm.special_token_ids, progress=ctx.progress,
+                         feature_details=s.feature_details, weight_metrics=s.weight_metrics)

@@ -19,31 +19,40 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from typing import Any, Dict, List
 
 import numpy as np
 
 from sae_sweep.evals.probes import (
-    DEFAULT_PACKAGES, TaskUnavailable, at_chance, check_settings, encode_texts, few_threads, fit_probe, load_task,
+    DEFAULT_PACKAGES, TaskUnavailable, at_chance, encode_texts, few_threads, fit_probe, load_task,
     pooled_features, stable_seed,
 )
+from sae_sweep.config import setting
+from sae_sweep.evals.registry import register_eval, settings_dict
 from sae_sweep.evals.schema import EvalOutput
 
 log = logging.getLogger(__name__)
 
 EVAL_TYPE_ID = "downstream"
 
-DEFAULTS: Dict[str, Any] = {
-    "tasks": ["stdlib_package", "stdlib_kind"],  # or sst2, cola, ag_news, yelp_polarity (hub)
-    "context_size": 128,
-    "max_examples": 1000,     # texts per task (class-balanced for the offline tasks)
-    "test_fraction": 0.3,
-    "batch_size": 32,
-    "packages": list(DEFAULT_PACKAGES),
-    "C": 1.0,
-    "max_iter": 1000,
-    "chance_z": 2.0,
-}
+@dataclass
+class DownstreamSettings:
+    """``eval.downstream``."""
+
+    tasks: List[str] = setting(default_factory=lambda: ["stdlib_package", "stdlib_kind"],
+                               allowed="a list of task names (stdlib_package, stdlib_kind; hub: sst2, cola, ag_news, "
+                                       "yelp_polarity)")
+    context_size: int = setting(128, allowed="an integer >= 2", check=lambda v: v >= 2)
+    max_examples: int = setting(1000, allowed="an integer >= 2 (texts per task)", check=lambda v: v >= 2)
+    test_fraction: float = setting(0.3, allowed="a float in (0, 1)", check=lambda v: 0 < v < 1)
+    batch_size: int = setting(32, allowed="an integer >= 1", check=lambda v: v >= 1)
+    packages: List[str] = setting(default_factory=lambda: list(DEFAULT_PACKAGES),
+                                  allowed="a list of stdlib packages (the offline tasks)")
+    C: float = setting(1.0, allowed="a float > 0", check=lambda v: v > 0)
+    max_iter: int = setting(1000, allowed="an integer >= 1", check=lambda v: v >= 1)
+    chance_z: float = setting(2.0, allowed="a float >= 0", check=lambda v: v >= 0)
+
 
 _REPS = (("baseline", "llm"), ("sae", "sae"), ("recon", "recon"))
 
@@ -80,7 +89,7 @@ def probe_task(feats: Dict[str, np.ndarray], labels: np.ndarray, s: Dict[str, An
 
 def run_downstream(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings: Dict[str, Any],
                    cache_dir: str | None = None) -> EvalOutput:
-    s = check_settings(EVAL_TYPE_ID, DEFAULTS, settings)
+    s = settings_dict(DownstreamSettings, settings, "eval.downstream")
     config = {**s, "layer": layer, "hook": hook, "random_seed": seed, "pooling": "mean_non_special"}
     metrics: Dict[str, Dict[str, float]] = {}
     details: List[Dict[str, Any]] = []
@@ -123,6 +132,6 @@ def run_downstream(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings
                       skip_reason=reason, flags=flags, unstructured={"unavailable": unavailable})
 
 
+@register_eval("downstream", DownstreamSettings)
 def run(ctx: Any) -> EvalOutput:
-    """Registry entry point (``EvalContext``)."""
     return run_downstream(ctx.lm, ctx.sae, ctx.layer, ctx.hook, ctx.seed, ctx.settings, ctx.cache_dir)

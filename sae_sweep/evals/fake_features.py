@@ -16,23 +16,28 @@ Metrics (category ``fake_features``): ``fake_feature_count``, ``fake_feature_rat
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, Iterable
 
 import torch
 
-from sae_sweep.evals.probes import check_settings
+from sae_sweep.config import choice, setting
+from sae_sweep.evals.registry import register_eval, settings_dict
 from sae_sweep.evals.schema import EvalOutput
 
 EVAL_TYPE_ID = "fake_features"
 
-DEFAULTS: Dict[str, Any] = {
-    "n_sequences": 256,
-    "context_size": 64,     # BOS + 63 random tokens
-    "threshold": 0.05,      # fires on more than this fraction -> fake
-    "unit": "token",        # token | sequence
-    "batch_size": 32,
-    "per_latent_details": True,
-}
+@dataclass
+class FakeFeatureSettings:
+    """``eval.fake_features``."""
+
+    n_sequences: int = setting(256, allowed="an integer >= 1", check=lambda v: v >= 1)
+    context_size: int = setting(64, allowed="an integer >= 2 (BOS + random tokens)", check=lambda v: v >= 2)
+    threshold: float = setting(0.05, allowed="a float in [0, 1] (fires on more than this fraction: fake)",
+                               check=lambda v: 0 <= v <= 1)
+    unit: str = choice("token", ("token", "sequence"))
+    batch_size: int = setting(32, allowed="an integer >= 1", check=lambda v: v >= 1)
+    per_latent_details: bool = True
 
 
 def random_token_sequences(vocab_size: int, special_ids: Iterable[int], n: int, context_size: int, bos: int,
@@ -89,11 +94,7 @@ def firing_frequencies(lm: Any, sae: torch.nn.Module, ids: torch.Tensor, layer: 
 
 
 def run_fake_features(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings: Dict[str, Any]) -> EvalOutput:
-    s = check_settings(EVAL_TYPE_ID, DEFAULTS, settings)
-    if s["unit"] not in ("token", "sequence"):
-        raise ValueError(f"eval.fake_features.unit={s['unit']!r}: allowed values are token, sequence")
-    if int(s["context_size"]) < 2:
-        raise ValueError(f"eval.fake_features.context_size must be >= 2, got {s['context_size']}")
+    s = settings_dict(FakeFeatureSettings, settings, "eval.fake_features")
     vocab = len(lm.tokenizer)
     emb = getattr(lm.model, "get_input_embeddings", None)
     if emb is not None and emb() is not None:
@@ -111,6 +112,6 @@ def run_fake_features(lm: Any, sae: Any, layer: int, hook: str, seed: int, setti
     return EvalOutput(eval_type_id=EVAL_TYPE_ID, config=config, metrics={"fake_features": m}, details=details)
 
 
+@register_eval("fake_features", FakeFeatureSettings)
 def run(ctx: Any) -> EvalOutput:
-    """Registry entry point (``EvalContext``)."""
     return run_fake_features(ctx.lm, ctx.sae, ctx.layer, ctx.hook, ctx.seed, ctx.settings)

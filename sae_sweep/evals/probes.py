@@ -29,7 +29,7 @@ import zlib
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -43,7 +43,6 @@ __all__ = [
     "TextTask",
     "at_chance",
     "chance_bound",
-    "check_settings",
     "few_threads",
     "encode_texts",
     "fit_probe",
@@ -70,16 +69,6 @@ class TextTask:
 def stable_seed(seed: int, *parts: Any) -> int:
     """A seed derived from ``seed`` and names, stable across processes (``hash()`` is salted)."""
     return (int(seed) * 1_000_003 + zlib.crc32("/".join(map(str, parts)).encode())) % (2**31)
-
-
-def check_settings(name: str, defaults: Mapping[str, Any], settings: Mapping[str, Any]) -> Dict[str, Any]:
-    """Defaults overlaid with the eval's conf node; an unknown key is an error naming the allowed ones."""
-    unknown = sorted(set(settings) - set(defaults))
-    if unknown:
-        raise ValueError(f"eval.{name}: unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(sorted(defaults))}")
-    out = dict(defaults)
-    out.update(settings)
-    return out
 
 
 @contextmanager
@@ -186,9 +175,9 @@ def stdlib_labelled_docs(packages: Sequence[str] = DEFAULT_PACKAGES,
         return [tuple(r) for r in json.loads(path.read_text())]
     rows = _collect(packages)
     if path is not None:
-        from sae_sweep.corpus import atomic_write_bytes
+        from sae_sweep.files import atomic_write
 
-        atomic_write_bytes(path, json.dumps(rows).encode())
+        atomic_write(path, json.dumps(rows))
     return rows
 
 

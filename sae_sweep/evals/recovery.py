@@ -6,16 +6,24 @@ the fraction of features recovered above 0.9, explained variance (centred), L0 a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
+from sae_sweep.evals.registry import register_eval
 from sae_sweep.evals.schema import EvalOutput
+from sae_sweep.synthetic_data import PlantedDictionary
 
 
-def run_from_context(ctx: Any) -> EvalOutput:
-    from sae_sweep.sae.synthetic import recovery_metrics
+@dataclass
+class RecoverySettings:
+    """``eval.recovery`` (no settings: held-out samples come from ``dataset.eval_tokens``)."""
 
+
+@register_eval("recovery", RecoverySettings)
+def run(ctx: Any) -> EvalOutput:
     x = ctx.activations
     if x is None or ctx.planted is None:
         return EvalOutput.skipped("synthetic_recovery", {}, "no planted dictionary: dataset is not synthetic")
@@ -36,3 +44,23 @@ def run_from_context(ctx: Any) -> EvalOutput:
     }
     config = {"n_samples": int(x.shape[0]), "n_features": int(ctx.planted.n_features), "d": int(ctx.planted.d)}
     return EvalOutput("synthetic_recovery", config, metrics)
+
+
+@torch.no_grad()
+def recovery_metrics(W_dec_learned: Tensor, true_dict: Tensor | PlantedDictionary,
+                     thresholds: tuple[float, ...] = (0.9,)) -> dict[str, float]:
+    """How well learned decoder rows [d_sae, d] recover the true features [n_features, d].
+
+    For every true feature, its best cosine similarity with any learned row:
+    `mean_max_cos` averages it; `frac_recovered_<t>` is the fraction with max cos > t.
+    """
+    true = true_dict.dictionary if isinstance(true_dict, PlantedDictionary) else true_dict
+    learned = W_dec_learned.detach().float().cpu()
+    true = true.detach().float().cpu()
+    learned = learned / learned.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    true = true / true.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    max_cos = (true @ learned.T).max(dim=1).values
+    out = {"mean_max_cos": float(max_cos.mean())}
+    for t in thresholds:
+        out[f"frac_recovered_{t}"] = float((max_cos > t).float().mean())
+    return out

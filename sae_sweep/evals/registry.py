@@ -1,32 +1,26 @@
-"""Which evals exist, and the one signature a job calls them with.
+"""Which evals exist, their settings, and the one signature a job calls them with.
 
-Each eval module exposes a function taking an ``EvalContext`` and returning an ``EvalOutput``;
-this registry maps the names users put in ``eval.run`` to those functions, imported lazily so a
-job only pays for the evals it runs.
+Each eval module decorates its entry point with ``@register_eval(name, SettingsDataclass)``: the
+name users put in ``eval.run``, and the schema of ``eval.<name>`` (registered with
+``sae_sweep.config.register_schema``, so a bad setting fails at validation like any other key).
+The package ``__init__`` imports every eval module so that the decorators run.
 """
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-# name -> "module:function"; the function takes an EvalContext and returns an EvalOutput.
-_EVALS: Dict[str, str] = {
-    "core": "sae_sweep.evals.registry:_core",
-    "recovery": "sae_sweep.evals.recovery:run_from_context",
-    "absorption": "sae_sweep.evals.absorption:run",
-    "sparse_probing": "sae_sweep.evals.sparse_probing:run",
-    "fake_features": "sae_sweep.evals.fake_features:run",
-    "downstream": "sae_sweep.evals.downstream:run",
-}
+from sae_sweep.config import parse, register_schema
 
 
 @dataclass
 class EvalContext:
-    """What a job hands every eval. ``settings`` is the eval's own node of ``eval.<name>``."""
+    """What a job hands every eval. ``settings`` is the eval's node ``eval.<name>`` (a mapping or
+    an instance of its settings dataclass)."""
 
     lm: Any                      # sae_sweep.lm.LanguageModel (None for synthetic activations)
     sae: torch.nn.Module
@@ -34,7 +28,7 @@ class EvalContext:
     layer: int
     hook: str
     seed: int
-    settings: Dict[str, Any] = field(default_factory=dict)
+    settings: Any = None
     sae_cfg: Dict[str, Any] = field(default_factory=dict)
     cache_dir: Optional[str] = None
     progress: bool = True
@@ -43,43 +37,39 @@ class EvalContext:
     planted: Any = None
 
 
-def register_eval(name: str, target: str) -> None:
-    _EVALS[name] = target
+@dataclass(frozen=True)
+class EvalSpec:
+    name: str
+    run: Callable[[EvalContext], Any]  # -> EvalOutput
+    settings: type
+
+
+_EVALS: Dict[str, EvalSpec] = {}
+
+
+def register_eval(name: str, settings: type) -> Callable:
+    """Function decorator: make ``fn(EvalContext) -> EvalOutput`` available as ``eval.run: [name]``
+    with ``settings`` (a dataclass) as the schema of ``eval.<name>``."""
+
+    def deco(fn: Callable) -> Callable:
+        _EVALS[name] = EvalSpec(name, fn, settings)
+        register_schema("eval", name, settings)
+        return fn
+
+    return deco
 
 
 def eval_names() -> List[str]:
     return sorted(_EVALS)
 
 
-def get_eval(name: str) -> Callable[[EvalContext], Any]:
+def get_eval(name: str) -> EvalSpec:
     if name not in _EVALS:
         raise ValueError(f"eval {name!r} is unknown: allowed values are {', '.join(eval_names())}")
-    module, func = _EVALS[name].split(":")
-    return getattr(importlib.import_module(module), func)
+    return _EVALS[name]
 
 
-def _core(ctx: EvalContext) -> Any:
-    from sae_sweep.evals.core import run_core_eval
-
-    tokens = ctx.tokens
-    n_tokens = ctx.settings.get("n_tokens")
-    if n_tokens:  # evaluate on the first ceil(n_tokens / ctx) held-out windows
-        n_seqs = max(1, -(-int(n_tokens) // tokens.shape[1]))
-        tokens = tokens[:n_seqs]
-    return run_core_eval(ctx.lm, ctx.sae, tokens, ctx.layer, ctx.hook,
-                         batch_size=int(ctx.settings.get("batch_size", 16)),
-                         special_token_ids=ctx.lm.special_token_ids, progress=ctx.progress,
-                         feature_details=bool(ctx.settings.get("feature_details", True)),
-                         weight_metrics=bool(ctx.settings.get("weight_metrics", True)))
-
-
-def eval_settings_errors(name: str, settings: Any) -> List[str]:
-    """Unknown keys in ``eval.<name>`` as messages (evals that declare a DEFAULTS dict)."""
-    module = importlib.import_module(_EVALS[name].split(":")[0])
-    defaults = getattr(module, "DEFAULTS", None)
-    if defaults is None or settings is None:
-        return []
-    unknown = sorted(set(settings) - set(defaults))
-    if unknown:
-        return [f"eval.{name}: unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(sorted(defaults))}"]
-    return []
+def settings_dict(cls: type, node: Any, key: str) -> Dict[str, Any]:
+    """An eval's settings node checked against its dataclass, defaults filled in, as a dict (what
+    the eval reads, and what its SAEBench JSON records as its config)."""
+    return dataclasses.asdict(parse(cls, node, key))

@@ -17,28 +17,26 @@ Matching, efficiently for d_sae up to ~16k:
   A pair above 0.7 is almost always within a latent's top few partners, so the shared count matches
   the dense one while memory is O(n * candidates).
 
-The sweep-end hook :func:`crossseed_hook` groups a sweep's FINISHED runs by their ``seed_group``
-tag and logs ``crossseed/...`` metrics to the parent and to each run; :func:`compare_runs` does the
-same for any two run ids later. Both talk to MLflow only through the tracker object they are given.
+This module computes on decoder matrices only; reading runs and logging the results is the
+sweep report's job (``sae_sweep.report.crossseed``).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
-import tempfile
-from collections import defaultdict
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sae_sweep.config import choice, register_schema, setting
+
 log = logging.getLogger(__name__)
 
-__all__ = ["shared_feature_ratio", "compare_runs", "crossseed_hook", "crossseed_groups"]
+__all__ = ["CrossSeedSettings", "shared_feature_ratio"]
 
 DEFAULT_THRESHOLD = 0.7
 
@@ -150,131 +148,18 @@ def shared_feature_ratio(W_dec_a: Any, W_dec_b: Any, threshold: float = DEFAULT_
     }
 
 
-# --------------------------------------------------------------------------------------------
-# Runs: load SAEs from the tracker, compare, log
-# --------------------------------------------------------------------------------------------
+@dataclass
+class CrossSeedSettings:
+    """``eval.crossseed``: the sweep-end comparison of runs that differ only in seed."""
+
+    enabled: bool = True
+    threshold: float = setting(DEFAULT_THRESHOLD, allowed="a float in (-1, 1) (decoder cosine)",
+                               check=lambda v: -1 < v < 1)
+    method: str = choice("auto", ("auto", "dense", "sparse"))
+    dense_max: int = setting(2048, allowed="an integer >= 1 (auto: dense Hungarian up to this many latents)",
+                             check=lambda v: v >= 1)
+    candidates: int = setting(32, allowed="an integer >= 1 (sparse matching: partners kept per latent)",
+                              check=lambda v: v >= 1)
 
 
-def _load_decoder(tracker: Any, run_id: str, workdir: Path) -> torch.Tensor:
-    from sae_sweep.sae import SparseAutoencoder
-
-    path = tracker.download(run_id, "sae", workdir / run_id)
-    return SparseAutoencoder.load(path).W_dec.detach()
-
-
-def compare_runs(tracker: Any, run_id_a: str, run_id_b: str, threshold: float = DEFAULT_THRESHOLD,
-                 log_to_runs: bool = True, **kwargs: Any) -> Dict[str, float]:
-    """Shared-feature metrics between the SAEs of two runs (artifact ``sae/``), at any time.
-
-    With ``log_to_runs`` each run gets ``crossseed/vs_<other run id[:8]>/<metric>``.
-    """
-    with tempfile.TemporaryDirectory() as d:
-        wa = _load_decoder(tracker, run_id_a, Path(d))
-        wb = _load_decoder(tracker, run_id_b, Path(d))
-    res = shared_feature_ratio(wa, wb, threshold, **kwargs)
-    if log_to_runs:
-        for me, other in ((run_id_a, run_id_b), (run_id_b, run_id_a)):
-            tracker.log_metrics(me, {f"crossseed/vs_{other[:8]}/{k}": v for k, v in res.items()})
-    return res
-
-
-def crossseed_groups(runs: Sequence[Any]) -> Dict[str, List[Any]]:
-    """FINISHED runs with a ``seed_group`` tag, grouped by it, each group sorted by seed then id."""
-    groups: Dict[str, List[Any]] = defaultdict(list)
-    for r in runs:
-        g = r.data.tags.get("seed_group")
-        if g and r.info.status == "FINISHED":
-            groups[g].append(r)
-
-    def order(r: Any) -> Tuple[int, str]:
-        try:
-            return int(r.data.tags.get("seed", 0)), r.info.run_id
-        except ValueError:
-            return 0, r.info.run_id
-
-    return {g: sorted(rs, key=order) for g, rs in groups.items()}
-
-
-def _settings_from_points(points: Sequence[Any]) -> Dict[str, Any]:
-    for p in points:
-        node = getattr(p, "cfg", None)
-        if node is None:
-            continue
-        try:
-            from omegaconf import OmegaConf
-
-            cs = OmegaConf.select(node, "eval.crossseed", default=None)
-            return OmegaConf.to_container(cs, resolve=True) if cs is not None else {}
-        except Exception:
-            return {}
-    return {}
-
-
-def crossseed_hook(tracker: Any, parent_run_id: str, points: Sequence[Any], results: Sequence[Any],
-                   sweep_dir: Any) -> Dict[str, Any]:
-    """Sweep-end hook (``sae_sweep.sweep.SWEEP_END_HOOKS``): every pair of FINISHED runs that differ
-    only in seed is compared. Settings from ``eval.crossseed`` (threshold, method, candidates,
-    enabled). Logged to the parent: ``crossseed/<group[:8]>/seed_<a>_vs_<b>/<metric>`` per pair,
-    ``crossseed/<group[:8]>/<metric>_mean`` per group, ``crossseed/<metric>_mean`` overall; to each
-    run: ``crossseed/<metric>`` (mean over its pairs) and ``crossseed/vs_seed_<s>/<metric>``; and the
-    whole table as the parent's artifact ``crossseed/crossseed.json``."""
-    s = _settings_from_points(points)
-    if not s.get("enabled", True):
-        return {}
-    threshold = float(s.get("threshold", DEFAULT_THRESHOLD))
-    kwargs = {k: s[k] for k in ("method", "candidates", "dense_max") if k in s}
-
-    exp_id = tracker.get_run(parent_run_id).info.experiment_id
-    ids = {r["run_id"] for r in results if isinstance(r, dict) and r.get("run_id")}
-    ids |= {r.info.run_id for r in tracker.find_runs(exp_id, parent_run_id=parent_run_id, statuses=["FINISHED"])}
-    runs = [tracker.get_run(i) for i in sorted(ids)]
-    groups = {g: rs for g, rs in crossseed_groups(runs).items() if len(rs) >= 2}
-    if not groups:
-        log.info("crossseed: no seed group with two FINISHED runs; nothing to compare")
-        return {}
-
-    parent_metrics: Dict[str, float] = {}
-    per_run: Dict[str, Dict[str, List[float]]] = defaultdict(lambda: defaultdict(list))
-    run_metrics: Dict[str, Dict[str, float]] = defaultdict(dict)
-    table: List[Dict[str, Any]] = []
-    all_pairs: Dict[str, List[float]] = defaultdict(list)
-    with tempfile.TemporaryDirectory() as d:
-        decoders: Dict[str, torch.Tensor] = {}
-
-        def dec(run_id: str) -> torch.Tensor:
-            if run_id not in decoders:
-                decoders[run_id] = _load_decoder(tracker, run_id, Path(d))
-            return decoders[run_id]
-
-        for g, rs in sorted(groups.items()):
-            gk = g[:8]
-            group_vals: Dict[str, List[float]] = defaultdict(list)
-            for ra, rb in itertools.combinations(rs, 2):
-                a_id, b_id = ra.info.run_id, rb.info.run_id
-                sa, sb = ra.data.tags.get("seed", a_id[:8]), rb.data.tags.get("seed", b_id[:8])
-                try:
-                    res = shared_feature_ratio(dec(a_id), dec(b_id), threshold, **kwargs)
-                except Exception as e:  # one unreadable SAE must not hide the other pairs
-                    log.exception("crossseed: %s vs %s failed: %s", a_id, b_id, e)
-                    continue
-                table.append({"seed_group": g, "run_a": a_id, "run_b": b_id, "seed_a": sa, "seed_b": sb, **res})
-                for k in ("shared_feature_ratio", "top1_ratio", "mean_matched_cos"):
-                    parent_metrics[f"crossseed/{gk}/seed_{sa}_vs_{sb}/{k}"] = res[k]
-                    group_vals[k].append(res[k])
-                    all_pairs[k].append(res[k])
-                    per_run[a_id][k].append(res[k])
-                    per_run[b_id][k].append(res[k])
-                    run_metrics[a_id][f"crossseed/vs_seed_{sb}/{k}"] = res[k]
-                    run_metrics[b_id][f"crossseed/vs_seed_{sa}/{k}"] = res[k]
-            for k, v in group_vals.items():
-                parent_metrics[f"crossseed/{gk}/{k}_mean"] = float(np.mean(v))
-    for k, v in all_pairs.items():
-        parent_metrics[f"crossseed/{k}_mean"] = float(np.mean(v))
-    parent_metrics["crossseed/n_pairs"] = float(len(table))
-    tracker.log_metrics(parent_run_id, parent_metrics)
-    for run_id, vals in per_run.items():
-        tracker.log_metrics(run_id, {**run_metrics[run_id], **{f"crossseed/{k}": float(np.mean(v)) for k, v in vals.items()}})
-    tracker.log_json(parent_run_id, {"threshold": threshold, "pairs": table}, "crossseed/crossseed.json")
-    log.info("crossseed: %d pair(s) in %d seed group(s); mean shared-feature ratio %.3f", len(table), len(groups),
-             parent_metrics.get("crossseed/shared_feature_ratio_mean", float("nan")))
-    return parent_metrics
+register_schema("eval", "crossseed", CrossSeedSettings, sweep_level=True)

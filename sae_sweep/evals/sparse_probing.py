@@ -16,33 +16,44 @@ kept, but they do not measure the SAE).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Dict, List
 
 import numpy as np
 
 from sae_sweep.evals.probes import (
-    DEFAULT_PACKAGES, TaskUnavailable, at_chance, check_settings, encode_texts, few_threads, fit_probe, load_task,
+    DEFAULT_PACKAGES, TaskUnavailable, at_chance, encode_texts, few_threads, fit_probe, load_task,
     pooled_features, stable_seed, top_k_by_mean_diff,
 )
+from sae_sweep.config import setting
+from sae_sweep.evals.registry import register_eval, settings_dict
 from sae_sweep.evals.schema import EvalOutput
 
 log = logging.getLogger(__name__)
 
 EVAL_TYPE_ID = "sparse_probing"
 
-DEFAULTS: Dict[str, Any] = {
-    "datasets": ["stdlib_package", "stdlib_kind"],  # offline tasks or HUB_TASKS names
-    "k_values": [1, 2, 5, 10, 20, 50],
-    "context_size": 128,              # tokens per text (SAEBench: 128)
-    "max_examples": 1000,             # texts loaded per dataset
-    "probe_train_set_size": 400,      # per one-vs-rest task, balanced (SAEBench: 4000)
-    "probe_test_set_size": 200,       # per one-vs-rest task, balanced (SAEBench: 1000)
-    "max_classes": 5,                 # classes per dataset (one task each)
-    "batch_size": 32,                 # texts per LM forward
-    "packages": list(DEFAULT_PACKAGES),  # stdlib packages for the offline tasks
-    "C": 1.0,                         # inverse L2 strength of the probes
-    "chance_z": 2.0,                  # sigmas above chance that count as "learned something"
-}
+@dataclass
+class SparseProbingSettings:
+    """``eval.sparse_probing``."""
+
+    datasets: List[str] = setting(default_factory=lambda: ["stdlib_package", "stdlib_kind"],
+                                  allowed="a list of dataset names (offline tasks or hub tasks)")
+    k_values: List[int] = setting(default_factory=lambda: [1, 2, 5, 10, 20, 50], allowed="a list of integers >= 1",
+                                  check=lambda v: len(v) > 0 and all(k >= 1 for k in v))
+    context_size: int = setting(128, allowed="an integer >= 2 (tokens per text; SAEBench: 128)", check=lambda v: v >= 2)
+    max_examples: int = setting(1000, allowed="an integer >= 2 (texts loaded per dataset)", check=lambda v: v >= 2)
+    probe_train_set_size: int = setting(400, allowed="an integer >= 2 (per one-vs-rest task; SAEBench: 4000)",
+                                        check=lambda v: v >= 2)
+    probe_test_set_size: int = setting(200, allowed="an integer >= 2 (per one-vs-rest task; SAEBench: 1000)",
+                                       check=lambda v: v >= 2)
+    max_classes: int = setting(5, allowed="an integer >= 1 (classes per dataset, one task each)", check=lambda v: v >= 1)
+    batch_size: int = setting(32, allowed="an integer >= 1 (texts per LM forward)", check=lambda v: v >= 1)
+    packages: List[str] = setting(default_factory=lambda: list(DEFAULT_PACKAGES),
+                                  allowed="a list of stdlib packages (the offline tasks)")
+    C: float = setting(1.0, allowed="a float > 0 (inverse L2 strength of the probes)", check=lambda v: v > 0)
+    chance_z: float = setting(2.0, allowed="a float >= 0 (sigmas above chance that count as learned)",
+                              check=lambda v: v >= 0)
 
 
 def one_vs_rest_split(labels: np.ndarray, cls: str, n_train: int, n_test: int, rng: np.random.Generator):
@@ -85,7 +96,7 @@ def probe_class_task(feats: Dict[str, np.ndarray], labels: np.ndarray, cls: str,
 
 def run_sparse_probing(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings: Dict[str, Any],
                        cache_dir: str | None = None) -> EvalOutput:
-    s = check_settings(EVAL_TYPE_ID, DEFAULTS, settings)
+    s = settings_dict(SparseProbingSettings, settings, "eval.sparse_probing")
     ks = sorted({int(k) for k in s["k_values"]})
     config = {**s, "layer": layer, "hook": hook, "random_seed": seed, "pooling": "mean_non_special",
               "top_k_selection": "mean_diff", "probe": "logistic_regression_standardised"}
@@ -157,6 +168,6 @@ def run_sparse_probing(lm: Any, sae: Any, layer: int, hook: str, seed: int, sett
                       unstructured={"per_class": per_class, "unavailable": unavailable})
 
 
+@register_eval("sparse_probing", SparseProbingSettings)
 def run(ctx: Any) -> EvalOutput:
-    """Registry entry point (``EvalContext``)."""
     return run_sparse_probing(ctx.lm, ctx.sae, ctx.layer, ctx.hook, ctx.seed, ctx.settings, ctx.cache_dir)

@@ -5,9 +5,10 @@
   parent run id    the sweep's parent MLflow run
   experiment name  the latest sweep (parent run) of that experiment (= ``sweep.name``)
 
-The MLflow store is ``--tracking-uri`` if given, else the sweep's own (``tracking.uri`` or
-``<paths.output_dir>/mlflow.db`` from ``multirun.yaml``), else ``sqlite:///./outputs/mlflow.db`` as
-the app's default ``paths.output_dir``.
+The MLflow store is ``--tracking-uri`` if given, else ``MLFLOW_TRACKING_URI``, else the sweep's
+own (``tracking.uri`` or ``<paths.output_dir>/mlflow.db`` from ``multirun.yaml``), else
+``sqlite:///./outputs/mlflow.db`` as the app's default ``paths.output_dir``
+(``sae_sweep.config.find_tracking_uri``, shared with ``evaluate`` and ``export``).
 """
 
 from __future__ import annotations
@@ -27,40 +28,9 @@ class TargetError(RuntimeError):
     pass
 
 
-def default_tracking_uri(output_dir: str = DEFAULT_OUTPUT_DIR) -> str:
-    return f"sqlite:///{(Path(output_dir).expanduser() / 'mlflow.db').resolve()}"
-
-
-def sweep_tracking_uri(sweep_dir: Path) -> Optional[str]:
-    """The store a sweep wrote to, from its ``multirun.yaml``; None when it cannot be told."""
-    try:
-        from omegaconf import OmegaConf
-
-        cfg = OmegaConf.load(sweep_dir / "multirun.yaml")
-    except Exception:
-        cfg = None
-    if cfg is not None:
-        for key in ("tracking.uri", "paths.output_dir"):
-            try:
-                value = OmegaConf.select(cfg, key, default=None)
-            except Exception:  # an interpolation that needs the running app (hydra:, now:)
-                value = None
-            if not value:
-                continue
-            if key == "tracking.uri":
-                return str(value)
-            out = Path(str(value)).expanduser()
-            if out.is_absolute() and (out / "mlflow.db").exists():
-                return f"sqlite:///{out / 'mlflow.db'}"
-    # <output_dir>/sweeps/<name>/<time>: the store sits a few levels up
-    for up in list(sweep_dir.resolve().parents)[:4]:
-        if (up / "mlflow.db").exists():
-            return f"sqlite:///{up / 'mlflow.db'}"
-    return None
-
-
 def resolve(target: str, tracking_uri: Optional[str]) -> Tuple[str, str, Optional[Path]]:
     """(tracking uri, parent run id, sweep dir or None) for a CLI target."""
+    from sae_sweep.config import find_tracking_uri
     from sae_sweep.tracking import Tracker
 
     path = Path(target).expanduser()
@@ -69,9 +39,9 @@ def resolve(target: str, tracking_uri: Optional[str]) -> Tuple[str, str, Optiona
         if not pid_file.exists():
             raise TargetError(f"{path} is not a sweep directory: it has no parent_run_id file "
                               "(written by the sweeper at the start of a multirun)")
-        uri = tracking_uri or sweep_tracking_uri(path) or default_tracking_uri()
+        uri = find_tracking_uri(str(path), tracking_uri)
         return uri, pid_file.read_text().strip(), path.resolve()
-    uri = tracking_uri or default_tracking_uri()
+    uri = find_tracking_uri(None, tracking_uri)
     tracker = Tracker(uri)
     if _RUN_ID.fullmatch(target):
         try:
@@ -99,7 +69,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sae_sweep.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("target", help="sweep directory, experiment name or parent run id")
-    ap.add_argument("--tracking-uri", help="MLflow store (default: the sweep's, else sqlite:///./outputs/mlflow.db)")
+    ap.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else the sweep's, else sqlite:///./outputs/mlflow.db)")
     ap.add_argument("--out", type=Path, help="output folder (default: <sweep dir>/report, else "
                                              "./outputs/reports/<parent run id>)")
     ap.add_argument("--no-log", action="store_true", help="do not log the report to the parent MLflow run")

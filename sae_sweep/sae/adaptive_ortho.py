@@ -27,7 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import SparseAutoencoder, StepOutput, hparam, mse_loss
+from sae_sweep.config import setting
+
+from .autoencoder import SparseAutoencoder
+from .trainer import StepOutput, mse_loss
 from .registry import register_sae, register_trainer
 from .topk import TopKParams, TopKSAE, TopKTrainer
 
@@ -84,12 +87,12 @@ class AdaptiveOrthoSAE(TopKSAE):
 
 @dataclass
 class AdaptiveOrthoParams(TopKParams):
-    ortho_coeff: float = hparam(1.0, "a float >= 0", lambda v: v >= 0)
-    sharing: float = hparam(0.3, "a float in [0, 1) (|cos| below this is not penalised)", lambda v: 0 <= v < 1)
-    group_size: int = hparam(256, "an integer >= 2 (latents per group)", lambda v: v >= 2)
-    regroup_every: int = hparam(100, "an integer >= 1 (steps)", lambda v: v >= 1)
-    adaptive: bool = hparam(True, "true or false")
-    rate_beta: float = hparam(0.99, "a float in [0, 1) (EMA decay of firing rates)", lambda v: 0 <= v < 1)
+    ortho_coeff: float = setting(1.0, allowed="a float >= 0", check=lambda v: v >= 0)
+    sharing: float = setting(0.3, allowed="a float in [0, 1) (|cos| below this is not penalised)", check=lambda v: 0 <= v < 1)
+    group_size: int = setting(256, allowed="an integer >= 2 (latents per group)", check=lambda v: v >= 2)
+    regroup_every: int = setting(100, allowed="an integer >= 1 (steps)", check=lambda v: v >= 1)
+    adaptive: bool = setting(True, allowed="true or false")
+    rate_beta: float = setting(0.99, allowed="a float in [0, 1) (EMA decay of firing rates)", check=lambda v: 0 <= v < 1)
 
 
 @register_trainer("adaptive_ortho")
@@ -100,10 +103,6 @@ class AdaptiveOrthoTrainer(TopKTrainer):
         super().__init__(*args, **kwargs)
         self.rates = torch.full((self.d_sae,), 1.0 / self.d_sae, device=self.device)
         self.order = group_by_direction(self.sae.W_dec, self.params.group_size, seed=self.seed)
-
-    @classmethod
-    def validate_sae_cfg(cls, sae_cfg: Any, d_in: int | None) -> list[str]:
-        return [e.replace("'topk'", repr(cls.name)) for e in super().validate_sae_cfg(sae_cfg, d_in)]
 
     def build_sae(self, generator: torch.Generator) -> SparseAutoencoder:
         return AdaptiveOrthoSAE(self.d_in, self.d_sae, int(self.sae_cfg["k"]), generator=generator)

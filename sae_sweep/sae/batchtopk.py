@@ -15,7 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import SparseAutoencoder, StepOutput, hparam, mse_loss
+from sae_sweep.config import setting
+
+from .autoencoder import SparseAutoencoder
+from .trainer import StepOutput, mse_loss
 from .registry import register_sae, register_trainer
 from .topk import TopKParams, TopKSAE, TopKTrainer
 
@@ -45,6 +48,13 @@ class BatchTopKSAE(TopKSAE):
             return super().activation(pre)
         return pre * (pre > self.threshold.to(pre.dtype))
 
+    def saelens_form(self) -> tuple[str, str, dict, Tensor | None]:
+        # Inference is the eval-mode rule: one learned threshold on every latent (a JumpReLU);
+        # never calibrated, or a per-token TopK inner rule (matryoshka): TopK.
+        if getattr(self, "inner", "batchtopk") == "topk" or float(self.threshold) < 0:
+            return "topk", "topk", {"k": self.k}, None
+        return "jumprelu", "relu", {}, torch.full((self.d_sae,), float(self.threshold), dtype=self.W_dec.dtype)
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         f = self.encode(x)  # dense: the batch rule does not give a fixed k per row
         return self.decode(f), f
@@ -60,20 +70,15 @@ class BatchTopKSAE(TopKSAE):
 
 @dataclass
 class BatchTopKParams(TopKParams):
-    threshold_beta: float = hparam(0.99, "a float in [0, 1) (EMA decay of the inference threshold)",
-                                   lambda v: 0 <= v < 1)
-    threshold_start: float = hparam(0.1, "a float in [0, 1] (fraction of training before the threshold "
-                                    "estimate starts)", lambda v: 0 <= v <= 1)
+    threshold_beta: float = setting(0.99, allowed="a float in [0, 1) (EMA decay of the inference threshold)", check=lambda v: 0 <= v < 1)
+    threshold_start: float = setting(0.1, allowed="a float in [0, 1] (fraction of training before the threshold "
+                                    "estimate starts)", check=lambda v: 0 <= v <= 1)
 
 
 @register_trainer("batchtopk")
 class BatchTopKTrainer(TopKTrainer):
     params_cls = BatchTopKParams
     sae_cls: type = BatchTopKSAE
-
-    @classmethod
-    def validate_sae_cfg(cls, sae_cfg: Any, d_in: int | None) -> list[str]:
-        return [e.replace("'topk'", repr(cls.name)) for e in super().validate_sae_cfg(sae_cfg, d_in)]
 
     def build_sae(self, generator: torch.Generator) -> SparseAutoencoder:
         return self.sae_cls(self.d_in, self.d_sae, int(self.sae_cfg["k"]), generator=generator)

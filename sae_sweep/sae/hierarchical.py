@@ -29,7 +29,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import SparseAutoencoder, StepOutput, Trainer, TrainerParams, hparam, mse_loss
+from sae_sweep.config import setting
+
+from .autoencoder import SparseAutoencoder
+from .trainer import StepOutput, Trainer, TrainerParams, mse_loss
 from .registry import register_sae, register_trainer
 from .relu import ReLUSAE
 
@@ -67,20 +70,19 @@ def high_cosine_pairs(W: Tensor, threshold: float, chunk: int = 4096) -> list[tu
 
 @dataclass
 class HierarchicalParams(TrainerParams):
-    l1_start: float = hparam(0.0, "a float >= 0 (0: 1/sqrt(d_sae))", lambda v: v >= 0)
-    l1_decay: bool = hparam(True, "true or false")
-    l1_end_frac: float = hparam(0.1, "a float in [0, 1] (final coefficient / l1_start)", lambda v: 0 <= v <= 1)
-    l1_warmup: float = hparam(0.05, "a float in [0, 1] (fraction of training)", lambda v: 0 <= v <= 1)
-    rate_window: int = hparam(100, "an integer >= 1 (steps)", lambda v: v >= 1)
-    resample: bool = hparam(True, "true or false")
-    resample_after: int = hparam(200, "an integer >= 1 (steps without firing)", lambda v: v >= 1)
-    resample_every: int = hparam(100, "an integer >= 1 (steps)", lambda v: v >= 1)
-    adaptive_sparsity: bool = hparam(True, "true or false")
-    target_fvu: float = hparam(0.1, "a float in (0, 1] (target fraction of variance unexplained)",
-                               lambda v: 0 < v <= 1)
-    merge: bool = hparam(True, "true or false")
-    merge_every: int = hparam(100, "an integer >= 1 (steps)", lambda v: v >= 1)
-    merge_threshold: float = hparam(0.9, "a float in (0, 1) (decoder cosine)", lambda v: 0 < v < 1)
+    l1_start: float = setting(0.0, allowed="a float >= 0 (0: 1/sqrt(d_sae))", check=lambda v: v >= 0)
+    l1_decay: bool = setting(True, allowed="true or false")
+    l1_end_frac: float = setting(0.1, allowed="a float in [0, 1] (final coefficient / l1_start)", check=lambda v: 0 <= v <= 1)
+    l1_warmup: float = setting(0.05, allowed="a float in [0, 1] (fraction of training)", check=lambda v: 0 <= v <= 1)
+    rate_window: int = setting(100, allowed="an integer >= 1 (steps)", check=lambda v: v >= 1)
+    resample: bool = setting(True, allowed="true or false")
+    resample_after: int = setting(200, allowed="an integer >= 1 (steps without firing)", check=lambda v: v >= 1)
+    resample_every: int = setting(100, allowed="an integer >= 1 (steps)", check=lambda v: v >= 1)
+    adaptive_sparsity: bool = setting(True, allowed="true or false")
+    target_fvu: float = setting(0.1, allowed="a float in (0, 1] (target fraction of variance unexplained)", check=lambda v: 0 < v <= 1)
+    merge: bool = setting(True, allowed="true or false")
+    merge_every: int = setting(100, allowed="an integer >= 1 (steps)", check=lambda v: v >= 1)
+    merge_threshold: float = setting(0.9, allowed="a float in (0, 1) (decoder cosine)", check=lambda v: 0 < v < 1)
 
 
 @register_trainer("hierarchical")

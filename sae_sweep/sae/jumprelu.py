@@ -20,7 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import SparseAutoencoder, StepOutput, Trainer, TrainerParams, hparam, mse_loss
+from sae_sweep.config import setting
+
+from .autoencoder import SparseAutoencoder
+from .trainer import StepOutput, Trainer, TrainerParams, mse_loss
 from .registry import register_sae, register_trainer
 from .relu import linear_ramp
 
@@ -79,6 +82,9 @@ class JumpReLUSAE(SparseAutoencoder):
     def threshold(self) -> Tensor:
         return self.log_threshold.exp()
 
+    def saelens_form(self) -> tuple[str, str, dict, Tensor | None]:
+        return "jumprelu", "relu", {}, self.threshold.detach().clone()
+
     def activation(self, pre: Tensor) -> Tensor:
         return _JumpReLU.apply(pre, self.threshold.to(pre.dtype), self.bandwidth)
 
@@ -88,12 +94,11 @@ class JumpReLUSAE(SparseAutoencoder):
 
 @dataclass
 class JumpReLUParams(TrainerParams):
-    bandwidth: float = hparam(0.001, "a float > 0 (STE kernel width, in activation units)", lambda v: v > 0)
-    threshold_init: float = hparam(0.1, "a float > 0 (initial threshold, in activation units)", lambda v: v > 0)
-    l0_coeff: float = hparam(1.0, "a float >= 0", lambda v: v >= 0)
-    target_l0: float = hparam(0.0, "a float >= 0 (0: penalise L0 itself; > 0: penalise (L0/target - 1)^2)",
-                              lambda v: v >= 0)
-    sparsity_warmup: float = hparam(0.05, "a float in [0, 1] (fraction of training)", lambda v: 0 <= v <= 1)
+    bandwidth: float = setting(0.001, allowed="a float > 0 (STE kernel width, in activation units)", check=lambda v: v > 0)
+    threshold_init: float = setting(0.1, allowed="a float > 0 (initial threshold, in activation units)", check=lambda v: v > 0)
+    l0_coeff: float = setting(1.0, allowed="a float >= 0", check=lambda v: v >= 0)
+    target_l0: float = setting(0.0, allowed="a float >= 0 (0: penalise L0 itself; > 0: penalise (L0/target - 1)^2)", check=lambda v: v >= 0)
+    sparsity_warmup: float = setting(0.05, allowed="a float in [0, 1] (fraction of training)", check=lambda v: 0 <= v <= 1)
 
 
 @register_trainer("jumprelu")

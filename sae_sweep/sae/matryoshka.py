@@ -14,7 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import SparseAutoencoder, StepOutput, hparam, mse_loss
+from sae_sweep.config import choice, setting
+
+from .autoencoder import SparseAutoencoder
+from .trainer import StepOutput, mse_loss
 from .batchtopk import BatchTopKParams, BatchTopKSAE, BatchTopKTrainer
 from .registry import register_sae, register_trainer
 
@@ -48,9 +51,9 @@ class MatryoshkaSAE(BatchTopKSAE):
 
 @dataclass
 class MatryoshkaParams(BatchTopKParams):
-    inner: str = hparam("batchtopk", "one of: batchtopk, topk", lambda v: v in INNER)
-    n_prefixes: int = hparam(4, "an integer >= 1 (number of nested dictionaries)", lambda v: v >= 1)
-    prefix_ratio: float = hparam(2.0, "a float > 1 (size ratio between consecutive prefixes)", lambda v: v > 1)
+    inner: str = choice("batchtopk", INNER)
+    n_prefixes: int = setting(4, allowed="an integer >= 1 (number of nested dictionaries)", check=lambda v: v >= 1)
+    prefix_ratio: float = setting(2.0, allowed="a float > 1 (size ratio between consecutive prefixes)", check=lambda v: v > 1)
 
 
 @register_trainer("matryoshka")

@@ -1,13 +1,15 @@
 """Name -> class registries for trainer variants (`trainer=<name>`) and SAE architectures.
 
-Trainers register with `@register_trainer("topk")`; SAE classes with `@register_sae("topk")`
-(the `architecture` field of a saved `cfg.json`, used by `SparseAutoencoder.load`).
-Every module in `sae_sweep/sae/` is imported by the package `__init__`, so a new variant only
-needs its own file.
+Trainers register with `@register_trainer("topk")`, which also registers their hyperparameter
+dataclass (`params_cls`) as the schema of `trainer=topk` (Hydra's ConfigStore `schema/trainer/topk`,
+checked by `sae_sweep.config.validate`). SAE classes register with `@register_sae("topk")`: the
+`architecture` field of a saved `cfg.json`, used by `SparseAutoencoder.load`.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, TypeVar
+
+from sae_sweep.config import register_schema
 
 T = TypeVar("T", bound=type)
 
@@ -32,7 +34,9 @@ def register_trainer(name: str) -> Callable[[T], T]:
 
     def deco(cls: T) -> T:
         cls.name = name  # type: ignore[attr-defined]
-        return _register(_TRAINERS, "trainer", name)(cls)
+        _register(_TRAINERS, "trainer", name)(cls)
+        register_schema("trainer", name, cls.params_cls)  # type: ignore[attr-defined]
+        return cls
 
     return deco
 
@@ -72,18 +76,3 @@ def get_sae_class(architecture: str) -> Any:
 
 def sae_architectures() -> list[str]:
     return sorted(_SAES)
-
-
-def validate_trainer_cfg(trainer_cfg: Any, sae_cfg: Any = None, d_in: int | None = None) -> list[str]:
-    """All problems with a `trainer` (+ `sae`) config node as messages; [] when valid.
-
-    Looks the trainer up by `trainer_cfg.name` and delegates to its `validate_params`.
-    """
-    name = trainer_cfg.get("name") if hasattr(trainer_cfg, "get") else None
-    if name is None:
-        return [f"trainer.name is missing; allowed: {', '.join(trainer_names())}"]
-    try:
-        cls = get_trainer(str(name))
-    except ValueError as e:
-        return [str(e)]
-    return cls.validate_params(trainer_cfg, sae_cfg, d_in)

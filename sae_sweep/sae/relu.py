@@ -16,7 +16,10 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .base import SparseAutoencoder, StepOutput, Trainer, TrainerParams, hparam, mse_loss
+from sae_sweep.config import setting
+
+from .autoencoder import SparseAutoencoder
+from .trainer import StepOutput, Trainer, TrainerParams, mse_loss
 from .registry import register_sae, register_trainer
 
 
@@ -26,6 +29,9 @@ class ReLUSAE(SparseAutoencoder):
 
     def activation(self, pre: Tensor) -> Tensor:
         return pre.relu()
+
+    def saelens_form(self) -> tuple[str, str, dict, Tensor | None]:
+        return "standard", "relu", {}, None
 
     @torch.no_grad()
     def fold_decoder_norms_(self) -> None:
@@ -46,9 +52,9 @@ class ReLUSAE(SparseAutoencoder):
 
 @dataclass
 class ReLUParams(TrainerParams):
-    l1_coeff: float = hparam(0.1, "a float >= 0", lambda v: v >= 0)
-    l1_warmup: float = hparam(0.05, "a float in [0, 1] (fraction of training)", lambda v: 0 <= v <= 1)
-    decoder_norm_l1: bool = hparam(False, "true or false")
+    l1_coeff: float = setting(0.1, allowed="a float >= 0", check=lambda v: v >= 0)
+    l1_warmup: float = setting(0.05, allowed="a float in [0, 1] (fraction of training)", check=lambda v: 0 <= v <= 1)
+    decoder_norm_l1: bool = setting(False, allowed="true or false")
 
 
 def linear_ramp(step: int, total_steps: int, frac: float) -> float:

@@ -33,7 +33,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import SparseAutoencoder, StepOutput, hparam, mse_loss
+from sae_sweep.config import setting
+
+from .autoencoder import SparseAutoencoder
+from .trainer import StepOutput, mse_loss
 from .registry import register_sae, register_trainer
 from .topk import TopKParams, TopKSAE, TopKTrainer
 
@@ -161,10 +164,10 @@ class TemporalOrthoSAE(TopKSAE):
 
 @dataclass
 class TemporalOrthoParams(TopKParams):
-    ortho_coeff: float = hparam(1.0, "a float >= 0 (lambda2, co-activation penalty)", lambda v: v >= 0)
-    l1_coeff: float = hparam(0.0, "a float >= 0 (lambda1, L1 on activations)", lambda v: v >= 0)
-    window: int = hparam(20, "an integer >= 1 (steps per co-activation window)", lambda v: v >= 1)
-    cap: int = hparam(32, "an integer >= 1 (tracked partners per latent)", lambda v: v >= 1)
+    ortho_coeff: float = setting(1.0, allowed="a float >= 0 (lambda2, co-activation penalty)", check=lambda v: v >= 0)
+    l1_coeff: float = setting(0.0, allowed="a float >= 0 (lambda1, L1 on activations)", check=lambda v: v >= 0)
+    window: int = setting(20, allowed="an integer >= 1 (steps per co-activation window)", check=lambda v: v >= 1)
+    cap: int = setting(32, allowed="an integer >= 1 (tracked partners per latent)", check=lambda v: v >= 1)
 
 
 @register_trainer("temporal_ortho")
@@ -174,10 +177,6 @@ class TemporalOrthoTrainer(TopKTrainer):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.table = CoactivationTable(self.d_sae, self.params.cap, self.device)
-
-    @classmethod
-    def validate_sae_cfg(cls, sae_cfg: Any, d_in: int | None) -> list[str]:
-        return [e.replace("'topk'", repr(cls.name)) for e in super().validate_sae_cfg(sae_cfg, d_in)]
 
     def build_sae(self, generator: torch.Generator) -> SparseAutoencoder:
         return TemporalOrthoSAE(self.d_in, self.d_sae, int(self.sae_cfg["k"]), generator=generator)

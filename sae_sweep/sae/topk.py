@@ -12,20 +12,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._shapes import forward_tokens
-from .base import (
-    SparseAutoencoder,
-    TopKEncode,
-    StepOutput,
-    Trainer,
-    TrainerParams,
-    Workspace,
-    as_dict,
-    hparam,
-    mse_loss,
-    resolve_d_sae,
-    sparse_decode,
-)
+from sae_sweep.config import setting
+
+from .autoencoder import SparseAutoencoder, forward_tokens
+from .kernels import TopKEncode, Workspace, sparse_decode
+from .trainer import StepOutput, Trainer, TrainerParams, mse_loss
 from .registry import register_sae, register_trainer
 
 
@@ -39,6 +30,9 @@ class TopKSAE(SparseAutoencoder):
         if not 1 <= int(k) <= self.d_sae:
             raise ValueError(f"k={k} must be in [1, d_sae={self.d_sae}]")
         self.k = int(k)
+
+    def saelens_form(self) -> tuple[str, str, dict, Tensor | None]:
+        return "topk", "topk", {"k": self.k}, None
 
     def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(vals [B, k], idx [B, k], pre [B, d_sae]): the k largest pre-activations, ReLU'd."""
@@ -65,31 +59,19 @@ class TopKSAE(SparseAutoencoder):
 
 @dataclass
 class TopKParams(TrainerParams):
-    auxk_alpha: float = hparam(1 / 32, "a float >= 0 (0 disables AuxK)", lambda v: v >= 0)
+    auxk_alpha: float = setting(1 / 32, allowed="a float >= 0 (0 disables AuxK)", check=lambda v: v >= 0)
 
 
 @dataclass
 class FastTopKParams(TopKParams):
     # Sparse backward (TopKEncode + SparseDecode): same step as the dense one, without any
     # d_sae-wide gradient matmul. false: the straightforward dense-autograd step (a reference).
-    sparse_backward: bool = hparam(True, "true or false")
+    sparse_backward: bool = setting(True, allowed="true or false")
 
 
 @register_trainer("topk")
 class TopKTrainer(Trainer):
     params_cls = FastTopKParams  # variants that subclass keep TopKParams and the dense path
-
-    @classmethod
-    def validate_sae_cfg(cls, sae_cfg: Any, d_in: int | None) -> list[str]:
-        errors = super().validate_sae_cfg(sae_cfg, d_in)
-        k = as_dict(sae_cfg).get("k")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            errors.append(f"sae.k={k!r} is invalid for trainer 'topk'; allowed: an integer >= 1")
-        elif d_in is not None and not errors:
-            d_sae = resolve_d_sae(sae_cfg, d_in)
-            if k > d_sae:
-                errors.append(f"sae.k={k} is invalid for trainer 'topk'; allowed: an integer in [1, d_sae={d_sae}]")
-        return errors
 
     @property
     def _workspace(self) -> Workspace:

@@ -1,0 +1,69 @@
+"""Atomic file writes: a reader (or a job killed mid-write) sees the old file or the new one, never half.
+
+Every write goes to a temp file in the target's own directory (so the rename never crosses a file
+system), is flushed and fsynced, then renamed over the target with ``os.replace``.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Union
+
+Content = Union[bytes, str, Callable[[Path], None]]
+
+
+def atomic_write(path: str | os.PathLike, content: Content) -> Path:
+    """Write ``content`` to ``path`` atomically. ``content`` is bytes, text (UTF-8), or a function
+    that writes the file at the path it is given (e.g. ``torch.save``, safetensors' ``save_file``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        if callable(content):
+            os.close(fd)
+            content(tmp)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        else:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(content.encode("utf-8") if isinstance(content, str) else content)
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, **dumps_kwargs: Any) -> Path:
+    """``obj`` as indented JSON (``json.dumps`` keyword arguments pass through)."""
+    return atomic_write(path, json.dumps(obj, indent=2, **dumps_kwargs))
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside ``path`` durable (a no-op where the file system refuses)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: str | os.PathLike, block: int = 8 * 2**20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,255 @@
+"""The trainer base class: what every variant shares.
+
+A variant supplies a params dataclass (its ``trainer.*`` keys, defaults and allowed ranges, in the
+one config mechanism of ``sae_sweep.config``), ``build_sae`` and ``compute_loss``; Adam, the
+warmup + linear-decay schedule, gradient clipping, unit-norm decoder rows, autocast, dead-latent
+counters and checkpoint state live here so that a variant's file stays small.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from sae_sweep.config import DEAD_TOKENS, ConfigError, SAEConfig, d_sae_for, parse, problems, sae_problems, setting
+
+from .autoencoder import SparseAutoencoder
+
+
+@dataclass
+class TrainerParams:
+    """`trainer.*` keys shared by every trainer. Subclass (as a dataclass) to add a variant's keys."""
+
+    name: str = ""
+    lr: float = setting(1e-3, allowed="a float > 0", check=lambda v: v > 0)
+    batch_size: int = setting(1024, allowed="an integer >= 1", check=lambda v: v >= 1)
+    warmup_steps: int = setting(20, allowed="an integer >= 0", check=lambda v: v >= 0)
+    decay_start: float = setting(0.8, allowed="a float in [0, 1] (fraction of training)", check=lambda v: 0 <= v <= 1)
+    grad_clip: float = setting(1.0, allowed="a float >= 0 (0 disables clipping)", check=lambda v: v >= 0)
+    dead_tokens: int = setting(DEAD_TOKENS, allowed="an integer >= 1", check=lambda v: v >= 1)
+    autocast_bf16: bool = setting(False, allowed="true or false")
+
+
+def geometric_median(x: Tensor, max_iter: int = 200, tol: float = 1e-6, eps: float = 1e-8) -> Tensor:
+    """Geometric median of the rows of `x` [n, d] by Weiszfeld iterations (fp32).
+
+    Starts at the mean; each iteration is the inverse-distance weighted mean. Distances are
+    clamped at `eps` so a point coinciding with the estimate does not divide by zero.
+    """
+    x = x.detach().float()
+    y = x.mean(0)
+    for _ in range(max_iter):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(eps)
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        moved = (y_new - y).norm().item()
+        y = y_new
+        if moved <= tol * max(1.0, y.norm().item()):
+            break
+    return y
+
+
+@dataclass
+class StepOutput:
+    """What a variant's `compute_loss` returns; all tensors stay on device (no host sync)."""
+
+    loss: Tensor  # scalar to minimise
+    x_hat: Tensor  # [B, d_in] reconstruction
+    l0: Tensor  # scalar: mean number of active latents per token
+    fired: Tensor  # [d_sae] bool: latent active on at least one token of the batch
+    parts: dict[str, Tensor] = field(default_factory=dict)  # extra named loss terms (auxk, l1, ...)
+
+
+class WarmupDecay:
+    """LR multiplier: linear warmup over `warmup` steps, flat, then linear decay to 0 at `total`.
+
+    A plain object (not a lambda) so LambdaLR's state_dict can save it.
+    """
+
+    def __init__(self, warmup: int, decay_start: float, total: int):
+        self.warmup = int(warmup)
+        self.total = max(int(total), 1)
+        self.decay_begin = min(int(decay_start * self.total), self.total - 1)
+
+    def __call__(self, step: int) -> float:
+        mult = min(1.0, (step + 1) / self.warmup) if self.warmup > 0 else 1.0
+        if step >= self.decay_begin:
+            mult *= max(0.0, (self.total - step) / (self.total - self.decay_begin))
+        return mult
+
+
+class Trainer:
+    """Base trainer. Subclasses set `params_cls`, register with `@register_trainer(name)`, and
+    implement `build_sae(generator)` and `compute_loss(x) -> StepOutput`.
+
+    Contract: `Trainer(d_in, sae_cfg, trainer_cfg, total_steps, seed, device)`, `.sae`,
+    `.init_from_data(x)`, `.step(x) -> dict[str, Tensor]`, `.state_dict()`, `.load_state_dict()`.
+    """
+
+    name: ClassVar[str] = "base"
+    params_cls: ClassVar[type] = TrainerParams
+    unit_norm_decoder: ClassVar[bool] = True  # renormalise W_dec rows + project their grads
+
+    def __init__(self, d_in: int, sae_cfg: Any, trainer_cfg: Any, total_steps: int,
+                 seed: int = 0, device: Any = "cpu"):
+        errors = self.problems(trainer_cfg, sae_cfg, d_in)
+        if errors:
+            raise ConfigError("invalid trainer/sae config:\n  - " + "\n  - ".join(errors), errors)
+        self.params = parse(self.params_cls, trainer_cfg, "trainer")
+        self.sae_cfg = dataclasses.asdict(parse(SAEConfig, sae_cfg, "sae"))
+        self.d_in = int(d_in)
+        self.d_sae = d_sae_for(self.sae_cfg, self.d_in)
+        self.total_steps = int(total_steps)
+        self.seed = int(seed)
+        self.device = torch.device(device)
+
+        gen = torch.Generator().manual_seed(self.seed)  # init independent of the global RNG
+        self.sae: SparseAutoencoder = self.build_sae(gen).to(self.device)
+        if self.unit_norm_decoder:
+            self.sae.normalize_decoder_()
+        self.optimizer = self.build_optimizer()
+        self.schedule = WarmupDecay(self.params.warmup_steps, self.params.decay_start, self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
+        # tokens since each latent last fired; a latent is dead once this reaches dead_tokens
+        self.tokens_since_fired = torch.zeros(self.d_sae, dtype=torch.long, device=self.device)
+        self.step_count = 0
+        self.tokens_seen = 0
+        self.data_initialized = False
+
+    # -- hooks for variants ----------------------------------------------------------------
+    def build_sae(self, generator: torch.Generator) -> SparseAutoencoder:
+        raise NotImplementedError
+
+    def compute_loss(self, x: Tensor) -> StepOutput:
+        raise NotImplementedError
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        # fused: one kernel over all parameters (measured ~8x faster than the per-tensor loop on
+        # CPU at d_sae 12288); same update rule.
+        fused = self.device.type in ("cpu", "cuda")
+        return torch.optim.Adam(self.sae.parameters(), lr=self.params.lr, betas=(0.9, 0.999), fused=fused)
+
+    def after_optimizer_step(self) -> None:
+        """Called after each optimizer step (after decoder renorm); e.g. to clamp parameters."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Variant-specific state to checkpoint (buffers that are not SAE parameters)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    @classmethod
+    def problems(cls, trainer_cfg: Any, sae_cfg: Any = None, d_in: int | None = None) -> list[str]:
+        """Every problem with `trainer.*` (and `sae.*` when given; `d_in` enables the checks that
+        depend on d_sae) as messages naming key, value and what is allowed; [] when valid."""
+        errors = problems(cls.params_cls, trainer_cfg, "trainer")
+        name = (trainer_cfg or {}).get("name") if hasattr(trainer_cfg, "get") else None
+        if name and name != cls.name:
+            errors.append(f"trainer.name={name!r}: this is trainer {cls.name!r}")
+        if sae_cfg is not None:
+            errors += sae_problems(sae_cfg, d_in)
+        return errors
+
+    # -- data-dependent init -----------------------------------------------------------------
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        """b_dec := geometric median of a data sample [n, d_in] (variants may add more)."""
+        self.sae.b_dec.copy_(geometric_median(x.to(self.device)).to(self.sae.b_dec.dtype))
+        self.data_initialized = True
+
+    # -- one optimisation step ---------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if not self.params.autocast_bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired >= self.params.dead_tokens
+
+    def current_lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def step(self, x: Tensor) -> dict[str, Tensor]:
+        """One optimisation step on a batch [B, d_in]; returns detached 0-dim metrics on device:
+        loss, mse, l0, explained_variance, dead_frac and the variant's extra parts."""
+        x = x.to(self.device, torch.float32, non_blocking=True)
+        self.sae.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            out = self.compute_loss(x)
+        out.loss.backward()
+        if self.unit_norm_decoder:
+            self.sae.remove_parallel_decoder_grad_()
+        if self.params.grad_clip > 0:
+            # foreach norm + clamp on device: no host sync
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.params.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.unit_norm_decoder:
+            self.sae.normalize_decoder_()
+        self.after_optimizer_step()
+
+        n = x.shape[0]
+        with torch.no_grad():
+            self.tokens_since_fired.add_(n).masked_fill_(out.fired, 0)
+            metrics = {
+                "loss": out.loss.detach().float(),
+                "mse": mse_loss(x, out.x_hat.detach()),
+                "l0": out.l0.detach().float(),
+                "explained_variance": explained_variance(x, out.x_hat.detach()),
+                "dead_frac": self.dead_mask().float().mean(),
+            }
+            metrics.update({k: v.detach().float() for k, v in out.parts.items()})
+        self.step_count += 1
+        self.tokens_seen += n
+        return metrics
+
+    # -- checkpoint state ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "params": dataclasses.asdict(self.params),
+            "sae_cfg": self.sae_cfg,
+            "d_in": self.d_in,
+            "total_steps": self.total_steps,
+            "seed": self.seed,
+            "sae": self.sae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "tokens_since_fired": self.tokens_since_fired.clone(),
+            "step_count": self.step_count,
+            "tokens_seen": self.tokens_seen,
+            "data_initialized": self.data_initialized,
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["name"] != self.name:
+            raise ValueError(f"checkpoint is for trainer {state['name']!r}, not {self.name!r}")
+        if state["total_steps"] != self.total_steps:
+            raise ValueError(f"checkpoint has total_steps={state['total_steps']}, trainer has {self.total_steps}")
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.tokens_since_fired.copy_(state["tokens_since_fired"].to(self.device))
+        self.step_count = int(state["step_count"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.data_initialized = bool(state["data_initialized"])
+        self.load_extra_state(state.get("extra", {}))
+
+
+def mse_loss(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Squared error summed over d_in, averaged over tokens (dictionary_learning / SAELens)."""
+    return (x.float() - x_hat.float()).pow(2).sum(-1).mean()
+
+
+def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Centred: 1 - sum||x - x_hat||^2 / sum||x - mean(x)||^2 over the batch."""
+    x = x.float()
+    resid = (x - x_hat.float()).pow(2).sum()
+    total = (x - x.mean(0)).pow(2).sum()
+    return 1.0 - resid / total.clamp_min(1e-12)
