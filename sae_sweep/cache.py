@@ -63,7 +63,6 @@ def cache_key(spec: Mapping) -> str:
     return stable_hash(spec)
 
 
-# ------------------------------------------------------------------------------------ helpers
 def _host_info() -> dict[str, Any]:
     return {
         "host": socket.gethostname(),
@@ -80,7 +79,6 @@ def read_builds_log(cache_root: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-# ------------------------------------------------------------------------------------- cache
 class ActivationCache:
     """A complete, read-only activation cache directory. Create with ``ActivationCache.open``."""
 
@@ -175,7 +173,6 @@ class ActivationCache:
         return (f"ActivationCache({str(self.path)!r}, n_seqs={self.n_seqs}, ctx={self.context_size},"
                 f" d_in={self.d_in}, dtype={self.storage_dtype}, shards={len(self._acts)})")
 
-    # -- raw arrays ------------------------------------------------------------------------
     @property
     def n_shards(self) -> int:
         return len(self._acts)
@@ -211,7 +208,6 @@ class ActivationCache:
             self._special_mask = np.isin(self.token_ids(), ids)
         return self._special_mask
 
-    # -- ordered access (evals) -----------------------------------------------------------
     def sequences(self, start: int, stop: int, dtype: torch.dtype = torch.float32
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequences ``[start, stop)`` in storage order: (LongTensor [n, ctx], Tensor [n, ctx, d])."""
@@ -239,7 +235,6 @@ class ActivationCache:
             yield self.sequences(start, start + batch_size, dtype)
 
 
-# ------------------------------------------------------------------------------------ build
 def _raise_failed(futures: Sequence[Future]) -> None:
     """Surface a background shard finish's error now rather than at the end of the build."""
     for f in futures:

@@ -47,9 +47,7 @@ def fail_if(problems: Sequence[str], what: str = "invalid configuration") -> Non
         raise ConfigError(f"{what}:\n  - " + "\n  - ".join(problems), list(problems))
 
 
-# ------------------------------------------------------------------------------------------------
 # The typed mechanism
-# ------------------------------------------------------------------------------------------------
 def setting(default: Any = MISSING, *, allowed: Optional[str] = None, check: Optional[Callable[[Any], bool]] = None,
             default_factory: Optional[Callable[[], Any]] = None) -> Any:
     """A dataclass field with its allowed range: ``allowed`` is shown in messages, ``check(value)``
@@ -239,9 +237,7 @@ def schema_names(group: str) -> List[str]:
     return sorted(_SCHEMAS.get(group, {}))
 
 
-# ------------------------------------------------------------------------------------------------
 # The job's schema (conf/config.yaml and the model / dataset groups fill it in)
-# ------------------------------------------------------------------------------------------------
 HOOK_TYPES = ("resid_pre", "resid_post", "mlp_out", "attn_out")
 DATASET_KINDS = ("builtin", "faithful", "hub", "local", "synthetic")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -384,9 +380,7 @@ def _register_job_schema() -> None:
 _register_job_schema()
 
 
-# ------------------------------------------------------------------------------------------------
 # Paths, devices, sizes derived from a config
-# ------------------------------------------------------------------------------------------------
 def output_dir(cfg: Any) -> Path:
     """``paths.output_dir`` made absolute against the directory the user launched from."""
     p = Path(os.path.expanduser(str(cfg.paths.output_dir)))
@@ -470,9 +464,7 @@ def resolve_device(name: Any = "auto"):
     return torch.device(name)
 
 
-# ------------------------------------------------------------------------------------------------
 # Validation of a whole job
-# ------------------------------------------------------------------------------------------------
 class ModelShape(NamedTuple):
     n_layers: Optional[int]  # None: no LM (dataset=synthetic)
     d_model: int
@@ -551,9 +543,7 @@ def sae_problems(sae: Any, d_in: Optional[int], report_schema: bool = True) -> L
     return errors
 
 
-# ------------------------------------------------------------------------------------------------
 # Identity
-# ------------------------------------------------------------------------------------------------
 def canonical(obj: Any) -> Any:
     """Plain JSON-able form (mappings incl. DictConfig, sequences, numpy/torch scalars and dtypes)."""
     if isinstance(obj, (DictConfig, ListConfig)):

@@ -62,9 +62,7 @@ _SKIP_PART = re.compile(r"(^|\.)(__main__|_?tests?|_test\w*|test_\w*|idle_test)(
 _MIN_DOC_CHARS = 40
 
 
-# --------------------------------------------------------------------------------------------
 # The built-in corpus
-# --------------------------------------------------------------------------------------------
 def builtin_corpus_id() -> str:
     """Identifies the corpus content without building it: rules version + exact Python build."""
     ver = hashlib.sha1(sys.version.encode()).hexdigest()[:10]
@@ -191,9 +189,7 @@ def builtin_documents(cache_dir: str | os.PathLike) -> List[str]:
     return docs
 
 
-# --------------------------------------------------------------------------------------------
 # Train / eval split
-# --------------------------------------------------------------------------------------------
 def doc_split(doc: str | bytes) -> str:
     """``"eval"`` for ~10% of documents, ``"train"`` otherwise, by a stable hash of the content.
 
@@ -205,9 +201,7 @@ def doc_split(doc: str | bytes) -> str:
     return "eval" if bucket < EVAL_FRACTION_PERCENT else "train"
 
 
-# --------------------------------------------------------------------------------------------
 # Packing
-# --------------------------------------------------------------------------------------------
 class WindowPacker:
     """Packs tokenized documents into ``[BOS] + (context_size - 1)`` token windows.
 
@@ -233,10 +227,6 @@ class WindowPacker:
     @property
     def full(self) -> bool:
         return self.row >= self.n_seqs
-
-    def tokens_needed(self) -> int:
-        """Lower bound on stream tokens still needed to fill the remaining windows."""
-        return max(0, (self.n_seqs - self.row) * self.body - len(self._buf))
 
     def add(self, token_ids: Sequence[int]) -> None:
         """Append one document (ids without special tokens); empty documents are ignored."""

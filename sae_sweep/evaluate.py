@@ -44,9 +44,7 @@ class EvaluateError(RuntimeError):
     """A target or override that cannot be evaluated, with the reason."""
 
 
-# --------------------------------------------------------------------------------------------
 # Overrides
-# --------------------------------------------------------------------------------------------
 
 
 def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
@@ -90,9 +88,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     return cfg
 
 
-# --------------------------------------------------------------------------------------------
 # Targets
-# --------------------------------------------------------------------------------------------
 
 
 def resolve_runs(tracker: Any, target: str) -> Tuple[List[str], Optional[str]]:
@@ -116,9 +112,7 @@ def resolve_runs(tracker: Any, target: str) -> Tuple[List[str], Optional[str]]:
     return [target], None
 
 
-# --------------------------------------------------------------------------------------------
 # One run
-# --------------------------------------------------------------------------------------------
 
 
 def evaluate_run(tracker: Any, run_id: str, overrides: Sequence[str] = ()) -> Dict[str, float]:

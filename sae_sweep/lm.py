@@ -90,9 +90,7 @@ class UnsupportedModel(ValueError):
     """The model's architecture has no hook-point mapping."""
 
 
-# --------------------------------------------------------------------------------------------
 # Architectures
-# --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Family:
     """Where a family keeps its decoder layers and which sub-modules produce attn_out / mlp_out.
@@ -146,9 +144,7 @@ def _with_first(output: Any, new: torch.Tensor) -> Any:
     return (new,) + tuple(output[1:])
 
 
-# --------------------------------------------------------------------------------------------
 # Small helpers: config access, device, dtype, hashing
-# --------------------------------------------------------------------------------------------
 def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     """Read a key from a DictConfig, dict or object, with a default when absent or None."""
     if cfg is None:
@@ -236,9 +232,7 @@ def _hub_cached_config(hf_id: str, revision: Any) -> Optional[Path]:
     return Path(path) if isinstance(path, str) else None
 
 
-# --------------------------------------------------------------------------------------------
 # The tiny model
-# --------------------------------------------------------------------------------------------
 def tiny_model_dir(cache_dir: str | os.PathLike) -> Path:
     return Path(os.path.expanduser(str(cache_dir))) / "models" / TINY_VERSION
 
@@ -394,9 +388,7 @@ def _build_tiny(out_dir: Path, cache_dir: str | os.PathLike) -> None:
         torch.set_num_threads(prev_threads)
 
 
-# --------------------------------------------------------------------------------------------
 # Resolution, shape, availability
-# --------------------------------------------------------------------------------------------
 def _source(model_cfg: Any) -> Tuple[str, str]:
     """("builtin" | "local" | "hub", id-or-path)."""
     hf_id = str(_cfg_get(model_cfg, "hf_id", ""))
@@ -463,9 +455,7 @@ def check_model_available(model_cfg: Any, cache_dir: str | os.PathLike, timeout:
         raise ModelUnavailable(_unavailable_message(ident, revision, f"{type(e).__name__}: {e}")) from e
 
 
-# --------------------------------------------------------------------------------------------
 # Loading
-# --------------------------------------------------------------------------------------------
 def load_lm(model_cfg: Any, cache_dir: str | os.PathLike, device: Any = "auto") -> "LanguageModel":
     """Load the configured causal LM and tokenizer (see module docstring for how hf_id resolves)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -521,9 +511,7 @@ def load_lm(model_cfg: Any, cache_dir: str | os.PathLike, device: Any = "auto") 
     return LanguageModel(model, tokenizer, dev, fingerprint, family=_cfg_get(model_cfg, "family"))
 
 
-# --------------------------------------------------------------------------------------------
 # The wrapper
-# --------------------------------------------------------------------------------------------
 class LanguageModel:
     """A loaded causal LM with hook points. Build it with ``load_lm`` (or directly from a model)."""
 
@@ -570,7 +558,6 @@ class LanguageModel:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    # ------------------------------------------------------------------------ hooks
     def _check(self, layer: int, hook: str) -> None:
         if hook not in HOOK_TYPES:
             raise ValueError(f"hook={hook!r}: allowed values are {', '.join(HOOK_TYPES)}")

@@ -14,6 +14,13 @@ The stale file is renamed aside (atomic) before deletion.
 
 Works on local disks and on shared file systems with atomic ``O_EXCL`` create and rename (NFSv3+,
 Lustre, GPFS). mtime-based staleness assumes the hosts' clocks agree to well within ``stale_after``.
+
+Why not a library: ``filelock.FileLock`` is an ``flock``/``fcntl`` lock, unreliable on NFS and
+invisible to a person looking for who holds it; ``filelock.SoftFileLock`` (an ``O_EXCL`` file, like
+this one) never recovers a lock whose owner was killed, which on a cluster (SLURM kills, node
+failures) would block a cache build forever; ``flufl.lock`` recovers only after a fixed lifetime,
+does not notice at once that an owner on the same host is gone, and records no SLURM job id. The
+owner record is what the error messages and the README's troubleshooting point people at.
 """
 from __future__ import annotations
 
@@ -111,7 +118,6 @@ class OwnedLock:
         self._heartbeat: threading.Thread | None = None
         self._host = socket.gethostname()
 
-    # ----------------------------------------------------------------------------- public API
     @property
     def is_held(self) -> bool:
         """True while this object holds the lock (the file exists and carries our token)."""
@@ -174,7 +180,6 @@ class OwnedLock:
     def __repr__(self) -> str:
         return f"OwnedLock({str(self.path)!r}, held={self._token is not None})"
 
-    # ----------------------------------------------------------------------------- internals
     def _owner_info(self, token: str) -> dict[str, Any]:
         return {
             "host": self._host,

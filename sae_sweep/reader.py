@@ -89,7 +89,6 @@ class ShuffledReader:
         self._pending: deque[tuple[tuple[int, int], Future]] = deque()
         self._next_slot = (0, 0)
 
-    # -- order ----------------------------------------------------------------------------
     def _perm(self, epoch: int) -> torch.Tensor:
         with self._perm_lock:  # workers straddling an epoch boundary share one draw
             perm = self._perms.get(epoch)
@@ -128,7 +127,6 @@ class ShuffledReader:
         """Batch ``batch`` of ``epoch`` on the CPU, without moving the iterator."""
         return self._read(self.positions(epoch, batch))
 
-    # -- prefetch -------------------------------------------------------------------------
     def _advance(self, slot: tuple[int, int]) -> tuple[int, int]:
         e, b = slot
         return (e + 1, 0) if b + 1 == self.batches_per_epoch else (e, b + 1)
@@ -166,7 +164,6 @@ class ShuffledReader:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- iteration ------------------------------------------------------------------------
     def __iter__(self) -> "ShuffledReader":
         return self
 

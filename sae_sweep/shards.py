@@ -107,27 +107,6 @@ class ShardWriter:
         return entry
 
 
-def _skip_npy_header(fh) -> tuple[int, int]:
-    """Read past a .npy file's magic and header; returns the format version. fh is then at the data."""
-    version = np.lib.format.read_magic(fh)
-    (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(fh)
-    return version
-
-
-def _shard_digest_ok(path: Path, shard: Mapping[str, Any], tokens: bool) -> bool:
-    """Check a shard file against its manifest checksum: ``data_sha256`` (bytes after the .npy
-    header) or, for caches written before it, ``sha256`` of the whole file."""
-    prefix = "tokens_" if tokens else ""
-    if f"{prefix}data_sha256" in shard:
-        with open(path, "rb") as fh:
-            _skip_npy_header(fh)
-            h = hashlib.sha256()
-            while chunk := fh.read(8 * 2**20):
-                h.update(chunk)
-        return h.hexdigest() == shard[f"{prefix}data_sha256"]
-    return sha256_file(path) == shard[f"{prefix}sha256"]
-
-
 def skip_npy_header(fh) -> tuple[int, int]:
     """Read past a .npy file's magic and header; returns the format version. fh is then at the data."""
     version = np.lib.format.read_magic(fh)

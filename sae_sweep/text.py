@@ -79,9 +79,7 @@ class NotEnoughText(ValueError):
     """The source ran out before the requested number of tokens for a split."""
 
 
-# --------------------------------------------------------------------------------------------
 # Config access
-# --------------------------------------------------------------------------------------------
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
     if cfg is None:
         return default
@@ -135,9 +133,7 @@ def _local_help() -> str:
     return "use local files instead: dataset=local dataset.data_files=[/path/a.jsonl,...] (dataset.text_column=text)"
 
 
-# --------------------------------------------------------------------------------------------
 # Availability and fingerprints
-# --------------------------------------------------------------------------------------------
 def check_dataset_available(dataset_cfg: Any, timeout: float = 10.0) -> None:
     """Fail fast (before any work) when the dataset cannot be read here.
 
@@ -260,9 +256,7 @@ def dataset_fingerprint(dataset_cfg: Any, lm: Any = None) -> Dict[str, Any]:
     return fp
 
 
-# --------------------------------------------------------------------------------------------
 # Documents of one split, as token ids
-# --------------------------------------------------------------------------------------------
 def _tokenize(lm: Any, texts: List[str]) -> List[List[int]]:
     if not texts:
         return []
@@ -337,9 +331,7 @@ def iter_split_documents(dataset_cfg: Any, lm: Any, split: str, cache_dir: str |
             yield ids
 
 
-# --------------------------------------------------------------------------------------------
 # Faithful: the model's own generations, cached in resumable chunks
-# --------------------------------------------------------------------------------------------
 def faithful_dir(dataset_cfg: Any, lm: Any, cache_dir: str | os.PathLike) -> Path:
     """Where the generations for this model + generation settings live.
 
@@ -446,9 +438,7 @@ def _faithful_documents(dataset_cfg: Any, lm: Any, split: str, cache_dir: str | 
             i += 1
 
 
-# --------------------------------------------------------------------------------------------
 # Windows
-# --------------------------------------------------------------------------------------------
 def _windows_path(dataset_cfg: Any, lm: Any, split: str, n_tokens: int, ctx: int,
                   cache_dir: str | os.PathLike) -> Path:
     key = stable_hash({"dataset": dataset_fingerprint(dataset_cfg, lm), "split": split,

@@ -48,7 +48,6 @@ class Tracker:
             Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=uri)
 
-    # -- experiments -----------------------------------------------------------------------
     def experiment_id(self, name: str, create: bool = True) -> Optional[str]:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
@@ -64,7 +63,6 @@ class Tracker:
                 raise
             return exp.experiment_id
 
-    # -- look-ups ----------------------------------------------------------------------------
     def find_runs(self, experiment_id: str, *, run_key: Optional[str] = None,
                   parent_run_id: Optional[str] = None, statuses: Iterable[str] = (),
                   extra_filter: str = "") -> List[Any]:
@@ -86,7 +84,6 @@ class Tracker:
         statuses = set(statuses)
         return [r for r in runs if not statuses or r.info.status in statuses]
 
-    # -- runs --------------------------------------------------------------------------------
     def start_parent(self, experiment: str, name: str, tags: Mapping[str, str]) -> str:
         exp_id = self.experiment_id(experiment)
         run = self.client.create_run(exp_id, run_name=name,
@@ -156,7 +153,6 @@ class Tracker:
     def get_run(self, run_id: str) -> Any:
         return self.client.get_run(run_id)
 
-    # -- read side (reports, export) ---------------------------------------------------------
     def metric_history(self, run_id: str, key: str) -> List[tuple]:
         """[(step, value)] of one metric ordered by step: the data of the UI's metric chart."""
         return sorted(((m.step, m.value) for m in self.client.get_metric_history(run_id, key)),

@@ -77,9 +77,7 @@ class TrainResult:
     seconds: float = 0.0  # wall time of this call
 
 
-# ------------------------------------------------------------------------------------------------
 # Checkpoints
-# ------------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
     """The process's random state (torch, numpy, python, and CUDA once initialised)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
@@ -119,9 +117,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike) -> Optional[dict[str, Any]]:
     return state
 
 
-# ------------------------------------------------------------------------------------------------
 # Members
-# ------------------------------------------------------------------------------------------------
 @dataclass
 class Member:
     """One SAE of a pack: its trainer, step budget, checkpoint dir and metric sink.
@@ -245,9 +241,7 @@ class Member:
                                   resumed_from_step=self._resumed, seconds=time.perf_counter() - self._start)
 
 
-# ------------------------------------------------------------------------------------------------
 # The loop
-# ------------------------------------------------------------------------------------------------
 def train_members(members: Sequence[Member], reader: Iterator[torch.Tensor], progress: bool = True,
                   should_stop: Optional[Callable[[], bool]] = None) -> list[Member]:
     """Train every member on batches from `reader` (an iterator of [B, d_in] tensors with

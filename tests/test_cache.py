@@ -69,7 +69,6 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-# ------------------------------------------------------------------------------------- keys
 def test_key_stable_and_sensitive():
     k = cache_key(SPEC)
     assert len(k) == 16 and set(k) <= set("0123456789abcdef")
@@ -87,7 +86,6 @@ def test_key_stable_and_sensitive():
     assert len(keys) == len(changes) and k not in keys
 
 
-# -------------------------------------------------------------------------------- round trip
 def test_round_trip_float32(tmp_path):
     cache, built, tokens, acts = build(tmp_path)
     assert built
@@ -182,7 +180,6 @@ def test_bad_inputs(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == []  # nothing half-built left behind
 
 
-# ------------------------------------------------------------------------- failure handling
 def test_interrupted_build_leaves_nothing_and_next_call_builds(tmp_path):
     tokens, acts = make_data(40)
     with pytest.raises(RuntimeError, match="boom"):
@@ -313,7 +310,6 @@ def test_builder_killed_mid_build_is_recovered(tmp_path):
     assert len(read_builds_log(tmp_path)) == 1
 
 
-# ------------------------------------------------------------------------------------ reader
 def positions_of(batch: torch.Tensor) -> np.ndarray:
     return batch[:, 0].numpy().astype(np.int64)  # acts[..., 0] encodes the global position
 

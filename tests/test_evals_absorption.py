@@ -17,9 +17,6 @@ from sae_sweep.evals import absorption as A
 S = dataclasses.asdict(A.AbsorptionSettings())
 
 
-# ----------------------------------------------------------------------------- absorption rules
-
-
 def _word(act_proj, acts, main, cos=None):
     acts = torch.tensor(acts, dtype=torch.float32)
     cos = torch.tensor(cos if cos is not None else [1.0] * len(acts), dtype=torch.float32)
@@ -70,9 +67,6 @@ def test_planted_letter_feature_is_found_by_k_sparse_probe():
     res = A.k_sparse_probes(f[:450], y[:450] == 2, f[450:], y[450:] == 2, w[2].numpy(), [1, 2, 3], seed=0)
     assert res[0]["feats"] == [7] and res[0]["f1"] == pytest.approx(1.0)
     assert A.split_features(res, 0.03) == [7]
-
-
-# ----------------------------------------------------------------------------- end to end
 
 
 def _planted_lm(n_per_letter=12, d=32, signal=4.0, seed=0):

@@ -17,9 +17,6 @@ from sae_sweep.evals.schema import flatten_metrics, to_saebench_json
 PACKAGES = ["asyncio", "email", "logging"]
 
 
-# ----------------------------------------------------------------------------- pure helpers
-
-
 def test_top_k_by_mean_diff_picks_the_planted_column():
     rng = np.random.default_rng(0)
     y = np.r_[np.ones(50, int), np.zeros(50, int)]
@@ -100,9 +97,6 @@ def test_fake_features_on_constructed_latents():
     ids = fake_features.random_token_sequences(101, {0}, 8, 16, 0, seed=3)
     assert (ids[:, 0] == 0).all() and (ids[:, 1:] != 0).all()
     assert torch.equal(ids, fake_features.random_token_sequences(101, {0}, 8, 16, 0, seed=3))  # seeded
-
-
-# ----------------------------------------------------------------------------- end to end (offline tasks)
 
 
 class _EmbeddingLM:

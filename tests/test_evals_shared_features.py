@@ -57,9 +57,6 @@ def test_rejects_mismatched_spaces():
         shared_feature_ratio(torch.randn(4, 8), torch.randn(4, 9))
 
 
-# ----------------------------------------------------------------------------- sweep-end hook, real MLflow
-
-
 def _save_sae(w_dec: torch.Tensor, path):
     sae = get_sae_class("topk")(w_dec.shape[1], w_dec.shape[0], k=4)
     with torch.no_grad():

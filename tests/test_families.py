@@ -115,9 +115,7 @@ def family_dirs(tmp_path_factory, corpus):
     return {f: build_family_dir(f, root, corpus[:400]) for f in FAMILIES}
 
 
-# --------------------------------------------------------------------------------------------
 # Tokenizer quirks: BOS exactly once, whoever adds it
-# --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_windows_start_with_exactly_one_bos(family_dirs, family, tmp_path):
     lm = load_lm({"name": family, "hf_id": str(family_dirs[family]), "dtype": "float32"}, tmp_path, "cpu")
@@ -162,9 +160,7 @@ def test_gemma2_logits_are_soft_capped(family_dirs):
     assert torch.equal(lm.logits_with_splice(ids, 1, "resid_post", lambda a: a), logits)
 
 
-# --------------------------------------------------------------------------------------------
 # Through the CLI
-# --------------------------------------------------------------------------------------------
 def _cli(out: Path, *args, timeout=600, env_extra=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "sae_sweep", *args, f"paths.output_dir={out}"],
@@ -233,9 +229,7 @@ def test_offline_hub_model_fails_fast_naming_the_local_dir_override(tmp_path):
     assert not (out / "mlflow.db").exists()  # nothing ran
 
 
-# --------------------------------------------------------------------------------------------
 # Run names
-# --------------------------------------------------------------------------------------------
 def test_run_name_is_faithfulsae_style():
     from hydra import compose, initialize_config_dir
 

@@ -98,9 +98,7 @@ def _load_family(family_dirs, name, cache_dir):
     return load_lm({"name": name, "hf_id": str(family_dirs[name]), "dtype": "float32"}, cache_dir, "cpu")
 
 
-# --------------------------------------------------------------------------------------------
 # Hook points on each architecture
-# --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(FAMILY_CONFIGS))
 def test_hook_points_match_hf_hidden_states(family_dirs, tmp_path, name):
     lm = _load_family(family_dirs, name, tmp_path)
@@ -272,9 +270,7 @@ def test_offline_hub_model_is_unavailable(tmp_path, monkeypatch):
         load_lm({"name": "x", "hf_id": str(tmp_path / "missing")}, tmp_path, "cpu")
 
 
-# --------------------------------------------------------------------------------------------
 # The tiny model
-# --------------------------------------------------------------------------------------------
 def test_tiny_is_built_once_and_loads_like_a_hub_model(tiny_lm, tiny_cache_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 

@@ -103,8 +103,6 @@ def test_packed_resume_from_mixed_positions(cache, tmp_path):
     assert torch.equal(alone_b.sae.W_enc, b2.trainer.sae.W_enc)
 
 
-# -- a packed sweep end to end: real Hydra multirun, real MLflow store, planted-dictionary data ---------
-
 import os
 import subprocess
 import sys

@@ -113,7 +113,6 @@ def test_failed_point_does_not_stop_the_sweep_and_a_rerun_runs_only_failed_and_m
             second.data.metrics["sweep/skipped"]) == (1, 1, 1)
 
 
-# ---------------------------------------------------------------------------------------------
 # eight writers, one sqlite store
 
 N_WRITERS, N_PARAMS, N_STEPS = 8, 150, 20

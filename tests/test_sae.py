@@ -30,8 +30,6 @@ def make_trainer(d_in=16, sae_cfg=SAE_CFG, total_steps=50, seed=0, **overrides):
     return get_trainer("topk")(d_in, sae_cfg, cfg, total_steps, seed=seed)
 
 
-# -- save / load -------------------------------------------------------------------------------
-
 def test_save_load_round_trip(tmp_path):
     sae = TopKSAE(16, 64, k=4, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -68,8 +66,6 @@ def test_param_shapes():
     assert sae.b_enc.shape == (64,) and sae.b_dec.shape == (16,)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
 
-
-# -- TopK ---------------------------------------------------------------------------------------
 
 def test_topk_exactly_k_nonzeros_and_sparse_decode_matches_dense():
     sae = TopKSAE(16, 128, k=5, generator=torch.Generator().manual_seed(0))
@@ -153,8 +149,6 @@ def test_lr_schedule_warmup_and_decay():
     assert lrs[90] == pytest.approx(0.5) and 0 < lrs[99] < 0.06
 
 
-# -- registry and validation --------------------------------------------------------------------
-
 def test_registry():
     assert "topk" in trainer_names()
     assert get_trainer("topk") is TopKTrainer
@@ -209,8 +203,6 @@ def test_validation_sae_k():
         get_trainer("nope")
     assert str(e.value) == f"trainer.name='nope' is not a registered trainer; allowed: {', '.join(trainer_names())}"
 
-
-# -- synthetic data ------------------------------------------------------------------------------
 
 def test_planted_dictionary_sampling():
     pd = PlantedDictionary(16, 64, seed=3)

@@ -105,7 +105,6 @@ def _wait_for(predicate, timeout_s: float, what: str, job=None):
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}{detail}")
 
 
-# ---------------------------------------------------------------------------------------------
 # functions that run inside SLURM jobs
 
 
@@ -145,9 +144,6 @@ class ResumableCounter(submitit.helpers.Checkpointable):
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def test_cluster_is_up():

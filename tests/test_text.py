@@ -55,9 +55,7 @@ def _assert_bos_windows(w: torch.Tensor, lm, ctx: int, strict: bool) -> None:
         assert ((w == lm.bos_token_id).sum(dim=1) == 1).all()
 
 
-# --------------------------------------------------------------------------------------------
 # Packing
-# --------------------------------------------------------------------------------------------
 def test_packer_windows_start_with_one_bos():
     p = WindowPacker(bos_id=0, sep_id=0, context_size=4, n_seqs=3)
     p.add_many([[5, 6, 7], [8], [9, 10, 11, 12]])
@@ -65,9 +63,7 @@ def test_packer_windows_start_with_one_bos():
     assert p.result().tolist() == [[0, 5, 6, 7], [0, 8, 0, 9], [0, 10, 11, 12]]
 
 
-# --------------------------------------------------------------------------------------------
 # builtin
-# --------------------------------------------------------------------------------------------
 def test_builtin_windows(llama_lm, tmp_path):
     cfg = {"name": "builtin", "kind": "builtin", "context_size": 32}
     from sae_sweep.corpus import builtin_documents
@@ -103,9 +99,7 @@ def test_builtin_windows_tiny(tiny_lm, tiny_cache_dir):
     assert len(text.split()) > 5
 
 
-# --------------------------------------------------------------------------------------------
 # local files
-# --------------------------------------------------------------------------------------------
 def _docs(n: int, tag: str):
     return [f"{tag} document number {i}: the quick brown fox jumps over the lazy dog {i * 7}." for i in range(n)]
 
@@ -163,9 +157,7 @@ def test_local_bad_text_column(llama_lm, tmp_path):
         token_windows(cfg, llama_lm, "train", 64, tmp_path)
 
 
-# --------------------------------------------------------------------------------------------
 # hub, offline
-# --------------------------------------------------------------------------------------------
 def test_offline_hub_dataset_fails_fast(llama_lm, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = {"name": "fineweb", "kind": "hub", "hf_id": "HuggingFaceFW/fineweb", "hf_config": "sample-10BT",
@@ -181,9 +173,7 @@ def test_offline_hub_dataset_fails_fast(llama_lm, tmp_path, monkeypatch):
     assert dataset_fingerprint(cfg, llama_lm)["hf_id"] == "HuggingFaceFW/fineweb"
 
 
-# --------------------------------------------------------------------------------------------
 # faithful
-# --------------------------------------------------------------------------------------------
 def test_faithful_generation_is_cached_resumable_and_text_like(tiny_lm, tiny_cache_dir, tmp_path):
     gen = {"max_new_tokens": 32, "temperature": 1.0, "top_p": 0.9, "repetition_penalty": 1.1,
            "batch_size": 16, "seed": 0}

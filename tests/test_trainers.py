@@ -58,9 +58,6 @@ def make(name: str, steps: int = 100, d_in: int = 16, d_sae: int = 64, k: int = 
     return get_trainer(name)(d_in, {"d_sae": d_sae, "k": k}, cfg, steps, seed=0)
 
 
-# -- registry and configs ------------------------------------------------------------------------
-
-
 def test_every_variant_is_registered():
     assert set(ALL) <= set(trainer_names())
     assert set(FLOORS) == set(ALL) == set(RECIPES)
@@ -91,9 +88,6 @@ def test_bad_values_name_key_value_and_allowed(name, key, value, allowed):
     errors = get_trainer(name).problems(OmegaConf.create({"name": name, key: value}))
     assert len(errors) == 1
     assert f"trainer.{key}=" in errors[0] and repr(value) in errors[0] and allowed in errors[0]
-
-
-# -- known answer ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -152,9 +146,6 @@ def test_checkpoint_resume_is_exact(name):
     torch.testing.assert_close(a.sae.W_dec, b.sae.W_dec)
 
 
-# -- standard variants ---------------------------------------------------------------------------
-
-
 def test_batchtopk_inference_threshold_is_per_token():
     trainer = make("batchtopk", steps=200, threshold_start=0.0)
     x = torch.randn(64, 16)
@@ -202,9 +193,6 @@ def test_relu_decoder_norm_l1_save_folds_norms_without_changing_output(tmp_path)
     sae.save(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(SparseAutoencoder.load(tmp_path)(x)[0], before, rtol=1e-5, atol=1e-5)
-
-
-# -- hierarchical mechanisms -------------------------------------------------------------------
 
 
 def test_hierarchical_resample_reinitialises_dead_latent_and_resets_adam_state():
@@ -272,9 +260,6 @@ def test_hierarchical_l1_falls_linearly_to_a_floor():
     flat = make("hierarchical", l1_decay=False, l1_warmup=0.0)
     flat.step_count = 99
     assert flat.l1_base() == pytest.approx(1 / 8)
-
-
-# -- temporal_ortho ------------------------------------------------------------------------------
 
 
 def test_temporal_ortho_penalty_vanishes_when_pair_is_separated():
@@ -348,9 +333,6 @@ def test_temporal_ortho_trainer_penalises_tracked_pairs():
     assert trainer.table.nbytes() == 64 * 32 * 36
 
 
-# -- adaptive_ortho ------------------------------------------------------------------------------
-
-
 def test_adaptive_ortho_loss_respects_sharing_and_falls_when_separated():
     d_sae, d = 8, 16
     W = torch.nn.functional.normalize(torch.randn(d_sae, d), dim=1)
@@ -400,9 +382,6 @@ def test_adaptive_ortho_groups_put_near_duplicates_together():
     x = torch.randn(64, 16)
     m = trainer.step(x)
     assert "ortho" in m
-
-
-# -- the training loop ---------------------------------------------------------------------------
 
 
 class _PlantedReader:

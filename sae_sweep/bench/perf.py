@@ -37,9 +37,7 @@ import torch.nn as nn
 D_IN, D_SAE, K, BATCH = 768, 12288, 16, 4096
 
 
-# ---------------------------------------------------------------------------------------------
 # timing helpers
-# ---------------------------------------------------------------------------------------------
 
 
 def _sync(device: torch.device) -> None:
@@ -85,9 +83,7 @@ def best_matmul(device: torch.device, reps: int) -> dict[str, Any]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
 # the baseline: dictionary_learning's reference TopK step, re-implemented
-# ---------------------------------------------------------------------------------------------
 
 
 class ReferenceTopK:
@@ -158,9 +154,7 @@ def fast_trainer(device: torch.device, bf16: bool = False, sparse: bool = True, 
     return TopKTrainer(D_IN, {"d_sae": D_SAE, "k": K}, cfg, total_steps=10_000, seed=seed, device=device)
 
 
-# ---------------------------------------------------------------------------------------------
 # figures
-# ---------------------------------------------------------------------------------------------
 
 
 def fig_topk(device: torch.device, reps: int, mm: dict[str, Any]) -> dict[str, Any]:
@@ -422,9 +416,7 @@ def fig_memory(device: torch.device, temporal_d_sae: int) -> dict[str, Any]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
 # CLI
-# ---------------------------------------------------------------------------------------------
 
 
 def machine() -> dict[str, Any]:

@@ -83,9 +83,7 @@ class AbsorptionSettings:
 EPS = 1e-8
 
 
-# --------------------------------------------------------------------------------------------
 # Vocabulary and prompts
-# --------------------------------------------------------------------------------------------
 
 
 def alpha_vocab(tokenizer: Any, special_ids: Sequence[int], min_length: int = 1) -> List[Tuple[int, str]]:
@@ -155,9 +153,7 @@ def word_activations(lm: Any, prompts: List[List[int]], positions: List[int], la
     return torch.cat(out)
 
 
-# --------------------------------------------------------------------------------------------
 # Probes
-# --------------------------------------------------------------------------------------------
 
 
 def _f1(y: np.ndarray, pred: np.ndarray) -> float:
@@ -288,9 +284,7 @@ def word_absorption(act_probe_proj: float, sae_acts: torch.Tensor, dec_probe_pro
     return fraction, full
 
 
-# --------------------------------------------------------------------------------------------
 # The eval
-# --------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()

@@ -48,11 +48,9 @@ __all__ = [
     "explained_variance_centred",
     "explained_variance_legacy_per_token",
     "keep_mask",
-    "kl_div_per_token",
     "kl_div_score",
     "l2_ratio_per_token",
     "max_cosine_sim",
-    "next_token_ce",
     "relative_reconstruction_bias",
     "run_core_eval",
     "splice_keep_special",
@@ -81,9 +79,7 @@ class SpliceLM(Protocol):
     ) -> torch.Tensor: ...
 
 
-# --------------------------------------------------------------------------------------------
 # Pure metric functions (per token or from sums); the accumulator and the tests use these.
-# --------------------------------------------------------------------------------------------
 
 
 def keep_mask(tokens: torch.Tensor, special_token_ids: Iterable[int | None]) -> torch.Tensor:
@@ -115,23 +111,9 @@ def _kl_rows(clean_logp: torch.Tensor, patched_logp: torch.Tensor) -> torch.Tens
     return torch.cat([kl_div_from_logprobs(clean_logp[i : i + 1], patched_logp[i : i + 1]) for i in rows])
 
 
-def kl_div_per_token(clean_logits: torch.Tensor, patched_logits: torch.Tensor) -> torch.Tensor:
-    """Per-position ``KL(softmax(clean) || softmax(patched))`` in nats, computed in >= float32."""
-    dtype = torch.promote_types(clean_logits.dtype, torch.float32)
-    return kl_div_from_logprobs(
-        F.log_softmax(clean_logits.to(dtype), dim=-1), F.log_softmax(patched_logits.to(dtype), dim=-1)
-    )
-
-
 def ce_from_logprobs(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy ``[B, T-1]``: ``-log p(tokens[t+1] | prefix up to t)``."""
     return -logp[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
-
-
-def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy per position ``[B, T-1]`` in nats, computed in >= float32."""
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    return ce_from_logprobs(F.log_softmax(logits.to(dtype), dim=-1), tokens)
 
 
 def kl_div_score(kl_with_ablation: float, kl_with_sae: float) -> float:
@@ -252,9 +234,7 @@ def splice_keep_special(act: torch.Tensor, keep: torch.Tensor, replacement: torc
     return torch.where(keep[..., None], replacement.to(act.dtype), act)
 
 
-# --------------------------------------------------------------------------------------------
 # Streaming accumulation
-# --------------------------------------------------------------------------------------------
 
 
 class CoreAccumulator:
@@ -423,9 +403,7 @@ class CoreAccumulator:
         }
 
 
-# --------------------------------------------------------------------------------------------
 # The eval
-# --------------------------------------------------------------------------------------------
 
 
 def _param_dtype(module: Any) -> torch.dtype | None:

@@ -89,9 +89,7 @@ def few_threads(n: int = 1):
         torch.set_num_threads(before)
 
 
-# --------------------------------------------------------------------------------------------
 # Offline tasks from the standard library
-# --------------------------------------------------------------------------------------------
 
 DEFAULT_PACKAGES = ("asyncio", "email", "xml", "multiprocessing", "logging")
 _MIN_DOC_CHARS = 40  # same floor as the corpus: shorter docstrings are mostly boilerplate
@@ -264,9 +262,7 @@ def load_task(name: str, *, seed: int, cache_dir: Optional[str], max_examples: i
                      f"{', '.join(list(OFFLINE_TASKS) + sorted(HUB_TASKS))}")
 
 
-# --------------------------------------------------------------------------------------------
 # Activations
-# --------------------------------------------------------------------------------------------
 
 
 def encode_texts(lm: Any, texts: Sequence[str], context_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -354,9 +350,7 @@ def _pool(lm: Any, sae: torch.nn.Module, ids: torch.Tensor, keep: torch.Tensor, 
     return out
 
 
-# --------------------------------------------------------------------------------------------
 # Probes
-# --------------------------------------------------------------------------------------------
 
 
 NEWTON_MAX_DIM = 1024

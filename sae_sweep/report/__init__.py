@@ -104,8 +104,6 @@ def build_report(tracker: Any, parent_run_id: str, out_dir: Path, *, extra_run_i
     return result
 
 
-# --------------------------------------------------------------------------------------------
-
 def _clear_previous(out_dir: Path) -> None:
     for name in _OUTPUTS:
         (out_dir / name).unlink(missing_ok=True)

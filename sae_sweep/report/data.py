@@ -137,9 +137,7 @@ def _label_variants(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-# --------------------------------------------------------------------------------------------
 # Metric discovery
-# --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class MetricSpec:

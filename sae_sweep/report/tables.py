@@ -139,9 +139,7 @@ def shared_features(runs: pd.DataFrame, parent_metrics: Dict[str, float]) -> pd.
     return pd.DataFrame(rows, columns=cols)
 
 
-# --------------------------------------------------------------------------------------------
 # Markdown rendering
-# --------------------------------------------------------------------------------------------
 
 def fmt(x: Optional[float]) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):

@@ -63,7 +63,6 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(self.d_in, device=device, dtype=dtype))
 
-    # -- forward ---------------------------------------------------------------------------
     def pre_acts(self, x: Tensor) -> Tensor:
         # apply_b_dec_to_input=True: centre the input on the decoder bias (SAELens convention)
         return (x - self.b_dec) @ self.W_enc + self.b_enc
@@ -86,7 +85,6 @@ class SparseAutoencoder(nn.Module):
         activation_fn_kwargs, per-latent threshold or None). Used by ``sae_sweep.export``."""
         raise ValueError(f"SAE architecture {self.architecture!r} has no SAELens equivalent")
 
-    # -- decoder geometry ----------------------------------------------------------------------
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Rescale decoder rows to unit norm (in place)."""
@@ -106,7 +104,6 @@ class SparseAutoencoder(nn.Module):
         # g -= <g, w> w row-wise without [d_sae, d_in] temporaries (einsum: a batched dot)
         g.addcmul_(torch.einsum("ij,ij->i", g, w).unsqueeze(1), w, value=-1)
 
-    # -- persistence ---------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
         """Structural fields: what `load` needs to rebuild this module."""
         cfg: dict[str, Any] = {"architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae}
@@ -166,7 +163,6 @@ class SparseAutoencoder(nn.Module):
         sae = sae_cls.from_config(cfg, device=device, dtype=dtype)
         sae.load_state_dict(state, strict=True)
         return sae
-
 
 
 def forward_tokens(forward: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tensor) -> tuple[Tensor, Tensor]:

@@ -104,7 +104,6 @@ class HierarchicalTrainer(Trainer):
     def build_sae(self, generator: torch.Generator) -> SparseAutoencoder:
         return HierarchicalSAE(self.d_in, self.d_sae, generator=generator)
 
-    # -- sparsity schedule ---------------------------------------------------------------------
     def l1_base(self) -> float:
         p = self.params
         start = p.l1_start if p.l1_start > 0 else 1.0 / math.sqrt(self.d_sae)
@@ -140,7 +139,6 @@ class HierarchicalTrainer(Trainer):
                    "mean_rate": self.rates.mean(), "resampled": counters[0], "merged": counters[1]},
         )
 
-    # -- maintenance after each step -----------------------------------------------------------
     def after_optimizer_step(self) -> None:
         assert self._last is not None
         resid, loss_per_token, fired = self._last
@@ -229,7 +227,6 @@ class HierarchicalTrainer(Trainer):
         self.n_merged += len(merged)
         return merged
 
-    # -- checkpoint state ------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
         return {"steps_since_fired": self.steps_since_fired.clone(), "window_counts": self.window_counts.clone(),
                 "window_tokens": self.window_tokens, "rates": self.rates.clone(), "fvu_ema": self.fvu_ema.clone(),

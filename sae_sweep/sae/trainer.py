@@ -119,7 +119,6 @@ class Trainer:
         self.tokens_seen = 0
         self.data_initialized = False
 
-    # -- hooks for variants ----------------------------------------------------------------
     def build_sae(self, generator: torch.Generator) -> SparseAutoencoder:
         raise NotImplementedError
 
@@ -154,14 +153,12 @@ class Trainer:
             errors += sae_problems(sae_cfg, d_in)
         return errors
 
-    # -- data-dependent init -----------------------------------------------------------------
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
         """b_dec := geometric median of a data sample [n, d_in] (variants may add more)."""
         self.sae.b_dec.copy_(geometric_median(x.to(self.device)).to(self.sae.b_dec.dtype))
         self.data_initialized = True
 
-    # -- one optimisation step ---------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
         if not self.params.autocast_bf16:
             return contextlib.nullcontext()
@@ -208,7 +205,6 @@ class Trainer:
         self.tokens_seen += n
         return metrics
 
-    # -- checkpoint state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
