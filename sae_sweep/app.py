@@ -284,12 +284,14 @@ def run_points(cfgs: Sequence[DictConfig]) -> Dict[str, Dict[str, Any]]:
     device = C.resolve_device(todo[0][0].device)
     d_in = model_shape(todo[0][0]).d_model
     points: List[Point] = []
+    names: Dict[str, str] = {}
     with PreemptionGuard() as guard:
         try:
             for cfg, key, resume_id in todo:
                 steps = C.total_steps(cfg)
-                run = tracker.child(cfg.tracking.experiment, run_name(cfg, C.d_sae_for(cfg.sae, d_in), steps), key,
-                                    cfg.tracking.parent_run_id, resume_id)
+                name = run_name(cfg, C.d_sae_for(cfg.sae, d_in), steps)
+                run = tracker.child(cfg.tracking.experiment, name, key, cfg.tracking.parent_run_id, resume_id)
+                names[key] = name
                 points.append(Point(cfg, key, run))
                 run.set_tags(job_tags(cfg, key))
                 run.log_params({**C.flat_params(cfg), "derived.d_sae": C.d_sae_for(cfg.sae, d_in),
@@ -313,12 +315,12 @@ def run_points(cfgs: Sequence[DictConfig]) -> Dict[str, Dict[str, Any]]:
     for p, outcome in zip(points, outcomes):
         if isinstance(outcome, BaseException):
             p.run.close(outcome)  # this point FAILED, with the reason
-            log.error("run %s (%s) FAILED: %s: %s", p.run.run_id, p.key, type(outcome).__name__, outcome)
+            log.error("%s FAILED (run %s): %s: %s", names[p.key], p.run.run_id, type(outcome).__name__, outcome)
             results[p.key] = {"status": "failed", "run_id": p.run.run_id, "run_key": p.key,
                               "error": f"{type(outcome).__name__}: {outcome}", "exception": outcome}
         else:
             p.run.close()
-            log.info("run %s (%s) FINISHED", p.run.run_id, p.key)
+            log.info("%s FINISHED (run %s)", names[p.key], p.run.run_id)
             results[p.key] = {"status": "finished", "run_id": p.run.run_id, "run_key": p.key}
     return results
 

@@ -77,6 +77,19 @@ TINY_TRAIN = dict(seed=0, context=128, batch=16, steps=240, lr=1e-2, warmup=20, 
                   grad_clip=1.0, threads=1)
 
 
+class _RightPaddingIsFine(logging.Filter):
+    """transformers warns "we strongly recommend passing in an attention_mask" whenever a batch
+    holds pad ids. Ours are right-padded (probing and absorption prompts): a causal model's
+    activations at the real positions never see the padding, so the warning does not apply, and
+    printing it once per job buries the job's own story."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "passing in an `attention_mask`" not in record.getMessage()
+
+
+logging.getLogger("transformers.modeling_utils").addFilter(_RightPaddingIsFine())
+
+
 def hook_name(layer: int, hook: str) -> str:
     """TransformerLens-style name of a hook point, e.g. ``blocks.3.hook_resid_post``."""
     return f"blocks.{layer}.hook_{hook}"
@@ -334,6 +347,7 @@ def _build_tiny(out_dir: Path, cache_dir: str | os.PathLike) -> None:
             bos_token_id=eos, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
         )
         model = GPT2LMHeadModel(config)
+        model.loss_type = "ForCausalLM"  # the loss HF falls back to, named (no "unrecognized" warning)
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=TINY_TRAIN["lr"], betas=(0.9, 0.95),
                                 weight_decay=TINY_TRAIN["weight_decay"])

@@ -21,7 +21,11 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
-import mlflow
+# Artifact downloads (sweep-end cross-seed, report, export) are small and quick: a progress bar per
+# download would be most of a sweep's console output.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
