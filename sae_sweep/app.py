@@ -12,6 +12,7 @@ job names and log files) after the task function's module.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -179,10 +180,14 @@ def model_shape(cfg: DictConfig) -> C.ModelShape:
     return C.ModelShape(*lm_shape(cfg.model, C.cache_dir(cfg)))
 
 
-def validate_point(cfg: DictConfig, check_availability: bool = True) -> None:
+def validate_point(cfg: DictConfig, check_availability: bool = True, runs_here: bool = True,
+                   memory_gb: Optional[float] = None, gpus_per_node: Optional[int] = None) -> None:
     """Raise ConfigError listing every problem of a grid point: its values (``config.validate``,
-    given the model's real shape) and, with ``check_availability``, whether its model and
-    dataset can be read here (an offline hub id fails now, before any run or cache exists)."""
+    given the model's real shape) and, with ``check_availability``, whether its model, dataset and
+    tracking store can be used, and whether the job can have what it asks for: a GPU for
+    ``device=cuda`` (on this machine when ``runs_here``, else ``gpus_per_node`` from the launcher)
+    and the memory its budgets need (``memory_gb``: the launcher's; default, when it runs here:
+    what this machine has available)."""
     problems: List[str] = []
     try:
         shape: Optional[C.ModelShape] = model_shape(cfg)
@@ -193,9 +198,102 @@ def validate_point(cfg: DictConfig, check_availability: bool = True) -> None:
         C.validate(cfg, shape)
     except C.ConfigError as e:
         problems = e.problems + problems
-    if check_availability and not problems and cfg.dataset.kind != "synthetic":
-        problems += _unavailable(cfg)
+    if check_availability and not problems:
+        problems += _device_problems(cfg, runs_here, gpus_per_node)
+        problems += _memory_problems(cfg, shape, memory_gb if memory_gb is not None or not runs_here
+                                     else available_memory_gb())
+        if not problems and cfg.dataset.kind != "synthetic":
+            problems += _unavailable(cfg)
+        if not problems:
+            problems += _store_problems(C.tracking_uri(cfg))
     C.fail_if(problems)
+
+
+def _device_problems(cfg: DictConfig, runs_here: bool, gpus_per_node: Optional[int]) -> List[str]:
+    device = str(cfg.device)
+    if not device.startswith("cuda"):
+        return []
+    if runs_here:
+        try:
+            C.resolve_device(device)
+        except C.ConfigError as e:
+            return [str(e)]
+        return []
+    if not gpus_per_node:
+        return [f"device={device!r}: the launcher asks for no GPU (hydra.launcher.gpus_per_node={gpus_per_node}); "
+                f"set hydra.launcher.gpus_per_node=1 or device=auto"]
+    return []
+
+
+def available_memory_gb() -> Optional[float]:
+    """Memory this machine can still give a job (MemAvailable), None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def memory_needed_gb(cfg: DictConfig, d_in: int) -> Dict[str, float]:
+    """The biggest host allocations a job's budgets imply (a floor: the LM's weights and the
+    framework come on top): its token windows (int64 while packed, plus the int32 file buffer),
+    and the SAE with its gradients and Adam moments plus the [batch, d_sae] pre-activations."""
+    d_sae = C.d_sae_for(cfg.sae, d_in)
+    return {"token windows": (int(cfg.dataset.tokens) + int(cfg.dataset.eval_tokens)) * 12 / 2**30,
+            "SAE training": (2 * d_in * d_sae * 4 * 4 + int(cfg.trainer.batch_size) * d_sae * 4) / 2**30}
+
+
+def _memory_problems(cfg: DictConfig, shape: Optional[C.ModelShape], limit_gb: Optional[float]) -> List[str]:
+    if limit_gb is None or shape is None:
+        return []
+    need = memory_needed_gb(cfg, shape.d_model)
+    if sum(need.values()) <= limit_gb:
+        return []
+    parts = ", ".join(f"{k} {v:,.1f} GB" for k, v in need.items())
+    key = (f"dataset.tokens={cfg.dataset.tokens}" if need["token windows"] >= need["SAE training"] else
+           f"sae.d_sae={C.d_sae_for(cfg.sae, shape.d_model)} (trainer.batch_size={cfg.trainer.batch_size})")
+    return [f"{key}: the job needs at least {sum(need.values()):,.1f} GB of memory ({parts}); it may use "
+            f"{limit_gb:,.1f} GB (hydra.launcher.mem_gb, or what this machine has free); lower the budget or "
+            f"ask for more memory"]
+
+
+def memory_use() -> Dict[str, str]:
+    """The job's peak memory (VmHWM) and, under SLURM, its memory limit, as run tags; a job that
+    came within 20% of its limit says so (``memory.near_limit``): size the preset up."""
+    tags: Dict[str, str] = {}
+    try:
+        with open("/proc/self/status") as fh:
+            peak_kb = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return tags
+    peak = peak_kb / 2**20
+    tags["memory.peak_gb"] = f"{peak:.2f}"
+    per_node, per_cpu = os.environ.get("SLURM_MEM_PER_NODE"), os.environ.get("SLURM_MEM_PER_CPU")
+    limit = None
+    if per_node:
+        limit = int(per_node) / 1024
+    elif per_cpu:
+        limit = int(per_cpu) * int(os.environ.get("SLURM_CPUS_ON_NODE", "1")) / 1024
+    if limit:
+        tags["memory.limit_gb"] = f"{limit:.2f}"
+        if peak > 0.8 * limit:
+            tags["memory.near_limit"] = "true"
+            log.warning("peak memory %.2f GB is within 20%% of the job's %.2f GB limit: raise hydra.launcher.mem_gb",
+                        peak, limit)
+    return tags
+
+
+def _store_problems(uri: str) -> List[str]:
+    from sae_sweep.tracking import TrackingStoreError, check_store
+
+    try:
+        check_store(uri)
+    except TrackingStoreError as e:
+        return [str(e)]
+    return []
 
 
 def _unavailable(cfg: DictConfig) -> List[str]:
@@ -220,6 +318,58 @@ def _model_check(hf_id: str, revision: Optional[str], cache_root: str) -> None:
     from sae_sweep.lm import check_model_available
 
     check_model_available(OmegaConf.create({"hf_id": hf_id, "revision": revision}), cache_root)
+
+
+GROUPS = ("model", "dataset", "trainer", "eval", "experiment")
+
+
+def unknown_key_problems(argv: Sequence[str]) -> List[str]:
+    """Command-line overrides of keys that do not exist (``trainer.lrr=1e-3``), with the allowed
+    keys and the nearest one. Hydra would refuse them too, but only with "Key 'lrr' is not in
+    struct"; this names what would work. Group choices are composed first (each value of a swept
+    group), so ``trainer=relu trainer.l1_coeff=...`` is checked against the relu trainer."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    args = [a for a in argv if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except HydraException:
+        return []  # Hydra's parser reports syntax errors itself
+    choices = {o.key_or_group: (list(o.sweep_string_iterator()) if o.is_sweep_override() else [str(o.value())])
+               for o in parsed if o.key_or_group in GROUPS}
+    keys = [o.key_or_group for o in parsed if o.type.name == "CHANGE" and o.key_or_group not in GROUPS
+            and "/" not in o.key_or_group and not o.key_or_group.startswith("hydra")]
+    if not keys:
+        return []
+    problems: List[str] = []
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        for key in keys:
+            group = key.split(".", 1)[0]
+            for value in choices.get(group, [None]):
+                picks = [f"{g}={v[0] if g != group else value}" for g, v in choices.items() if g != group or value]
+                try:
+                    cfg = compose("config", overrides=picks)
+                except HydraException:
+                    break  # a bad group choice: Hydra lists the options
+                problem = _missing_key(cfg, key)
+                if problem:
+                    problems.append(problem + (f" (with {group}={value})" if value else ""))
+                    break
+    return problems
+
+
+def _missing_key(cfg: DictConfig, key: str) -> Optional[str]:
+    node, path = cfg, []
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            where = ".".join(path)
+            allowed = list(node.keys()) if isinstance(node, DictConfig) else []
+            return (f"{key}: unknown setting{C.nearest(part, allowed)}; allowed"
+                    f"{' under ' + where if where else ''}: {', '.join(map(str, allowed))}")
+        node, path = node[part], path + [part]
+    return None
 
 
 def pack_file(output_dir: Path, parent_run_id: str, leader_key: str) -> Path:
@@ -253,22 +403,60 @@ def run_job(cfg: DictConfig) -> Dict[str, Any]:
     (result,) = results.values()
     if result["status"] == "failed":
         raise result["exception"]
+    if result["status"] == "busy" and _run_mode():
+        raise PointBusy(result["reason"])
     return result
 
 
+class PointBusy(RuntimeError):
+    """Another process is running this grid point now (its lock names host, pid, SLURM job)."""
+
+
+def point_lock(cfg: DictConfig, key: str) -> Path:
+    """The lock a process holds while it runs a grid point (beside its checkpoints)."""
+    return C.output_dir(cfg) / "locks" / f"{key}.lock"
+
+
+def _run_mode() -> bool:
+    """A single run (python -m sae_sweep ... without -m), not a job of a multirun."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return HydraConfig.get().mode.name == "RUN"
+    except ValueError:  # not inside Hydra (tests, scripts)
+        return False
+
+
 def run_points(cfgs: Sequence[DictConfig]) -> Dict[str, Dict[str, Any]]:
-    """The job lifecycle for points that read one batch stream; {run_key: result}."""
-    from sae_sweep.pipeline import Point, execute
+    """The job lifecycle for points that read one batch stream; {run_key: result}. A point that
+    another process is running is reported "busy" and left alone."""
     from sae_sweep.tracking import Tracker
-    from sae_sweep.train import Interrupted
 
     for cfg in cfgs:
         validate_point(cfg)
     tracker = Tracker(C.tracking_uri(cfgs[0]))
+    with contextlib.ExitStack() as held:  # one process per run key at a time, until its run is closed
+        return _run_locked(cfgs, tracker, held)
+
+
+def _run_locked(cfgs: Sequence[DictConfig], tracker: Any, held: contextlib.ExitStack) -> Dict[str, Dict[str, Any]]:
+    from sae_sweep.locks import LockTimeout, OwnedLock, describe_owner
+    from sae_sweep.pipeline import Point, execute
+    from sae_sweep.train import Interrupted
+
     results: Dict[str, Dict[str, Any]] = {}
     todo = []
     for cfg in cfgs:
         key = C.run_key(cfg)
+        try:
+            held.enter_context(OwnedLock(point_lock(cfg, key), timeout=0))
+        except LockTimeout as e:
+            reason = (f"grid point {key} is running in another process ({describe_owner(e.owner)}); not started "
+                      f"here. If that process is gone, its lock ({e.path}) expires at once on the same host, "
+                      f"else two minutes after its last heartbeat")
+            log.warning("%s", reason)
+            results[key] = {"status": "busy", "run_key": key, "reason": reason}
+            continue
         exp_id = tracker.experiment_id(cfg.tracking.experiment)
         done = tracker.find_runs(exp_id, run_key=key, statuses=["FINISHED"]) if cfg.tracking.skip_finished else []
         if done:
@@ -312,7 +500,9 @@ def run_points(cfgs: Sequence[DictConfig]) -> Dict[str, Dict[str, Any]]:
         except BaseException as e:  # a shared failure (cache build, LM load): every point FAILED
             _close_all(points, e)
             raise
+    memory = memory_use()
     for p, outcome in zip(points, outcomes):
+        p.run.set_tags(memory)
         if isinstance(outcome, BaseException):
             p.run.close(outcome)  # this point FAILED, with the reason
             log.error("%s FAILED (run %s): %s: %s", names[p.key], p.run.run_id, type(outcome).__name__, outcome)
@@ -336,9 +526,10 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
         return run_job(cfg)
     except C.ConfigError as e:
         # A single run: print the message, not a traceback (multiruns validate in the sweeper).
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.get().mode.name == "RUN":
+        if _run_mode():
             print(f"sae_sweep: {e}", file=sys.stderr)
             sys.exit(2)
         raise
+    except PointBusy as e:
+        print(f"sae_sweep: {e}", file=sys.stderr)
+        sys.exit(3)

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 SHARD_BYTES = 256 * 2**20  # target size of one activation shard file
 MANIFEST = "manifest.json"
+VERIFIED = "verified.json"  # per shard file: (size, mtime_ns, inode) when its checksum last matched
+VERIFY_MODES = ("changed", "full")
+QUARANTINE = "quarantine"
 BUILDS_LOG = "builds.log"
 
 BuildFn = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
@@ -101,14 +104,22 @@ class ActivationCache:
         self._seq_bounds = np.cumsum([0] + [a.shape[0] for a in acts])
         self._token_ids: np.ndarray | None = None
         self._special_mask: np.ndarray | None = None
+        self.replaced: str | None = None  # why an unusable cache of this key was replaced by this build
 
     @classmethod
-    def open(cls, path: str | os.PathLike, verify: bool = False) -> "ActivationCache":
-        """Open a complete cache; ``verify=True`` also checks every shard's sha256.
+    def open(cls, path: str | os.PathLike, verify: str | bool | None = None) -> "ActivationCache":
+        """Open a complete cache, checking its files against the manifest's checksums:
+        ``verify="changed"`` hashes only the files that changed (size, mtime, inode) since their
+        checksum last matched (a stat per file otherwise), ``"full"`` hashes every file, None
+        checks shapes only (``True``/``False``: ``"full"``/None).
 
         Raises ``CacheError`` naming what is wrong when the directory is missing, incomplete
-        (no manifest: an interrupted or in-progress build) or inconsistent with its manifest.
+        (no manifest: an interrupted or in-progress build), inconsistent with its manifest or
+        corrupt (a checksum mismatch).
         """
+        verify = {True: "full", False: None}.get(verify, verify) if isinstance(verify, bool) else verify
+        if verify not in (None, *VERIFY_MODES):
+            raise ValueError(f"verify={verify!r}: allowed values are None, {', '.join(VERIFY_MODES)}")
         path = Path(path)
         hint = f"delete {path} and rerun to rebuild it"
         if not path.is_dir():
@@ -140,6 +151,8 @@ class ActivationCache:
                              f"{manifest['storage_dtype']!r}; {hint}")
         np_dtype = STORAGE_DTYPES[manifest["storage_dtype"]][1]
         ctx, d = manifest["context_size"], manifest["d_in"]
+        stamps = _read_stamps(path) if verify == "changed" else {}
+        verified: dict[str, list[int]] = {}
         acts, tokens, total = [], [], 0
         for shard in manifest["shards"]:
             n = shard["n_seqs"]
@@ -159,14 +172,20 @@ class ActivationCache:
                         f"activation cache at {path}: {fname} is {arr.dtype}{list(arr.shape)}, "
                         f"manifest says {dtype}{list(shape)}; {hint}"
                     )
-                if verify and not shard_digest_ok(fpath, shard, is_tokens):
-                    raise CacheError(f"activation cache at {path}: checksum mismatch in {fname} "
-                                     f"(corrupt file); {hint}")
+                if verify:
+                    stamp = _stamp(fpath)
+                    if stamps.get(fname) != stamp:
+                        if not shard_digest_ok(fpath, shard, is_tokens):
+                            raise CacheError(f"activation cache at {path}: checksum mismatch in {fname} "
+                                             f"(corrupt: the file changed after the build)")
+                    verified[fname] = stamp
                 (acts if fname == shard["file"] else tokens).append(arr)
             total += n
         if total != manifest["n_seqs"] or manifest["n_tokens"] != total * ctx:
             raise CacheError(f"activation cache at {path}: shards hold {total} sequences, "
                              f"manifest says {manifest['n_seqs']}; {hint}")
+        if verify and verified != stamps:
+            _write_stamps(path, verified)  # what matched now need not be hashed again
         return cls(path, manifest, acts, tokens)
 
     def __repr__(self) -> str:
@@ -339,24 +358,44 @@ def _build(tmp: Path, spec: Mapping, key: str, build_fn: BuildFn, storage_dtype:
     fsync_dir(tmp)
 
 
-def _try_open(path: Path) -> ActivationCache | None:
+def _stamp(path: Path) -> list[int]:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _read_stamps(path: Path) -> dict[str, list[int]]:
+    try:
+        return json.loads((path / VERIFIED).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_stamps(path: Path, stamps: dict[str, list[int]]) -> None:
+    try:
+        atomic_write_json(path / VERIFIED, stamps, sort_keys=True)
+    except OSError as e:  # a read-only cache still verifies, it just cannot remember it did
+        log.info("cannot record verification of %s (%s)", path, e)
+
+
+def _try_open(path: Path, verify: str) -> tuple[ActivationCache | None, str | None]:
+    """(the cache, None), or (None, why it is unusable) -- (None, None) when there is none."""
     if not (path / MANIFEST).exists():
-        return None
+        return None, None
     try:
-        return ActivationCache.open(path)
+        return ActivationCache.open(path, verify=verify), None
     except CacheError as exc:
-        log.warning("ignoring unusable activation cache: %s", exc)
-        return None
+        log.warning("unusable activation cache: %s", exc)
+        return None, str(exc)
 
 
-def _remove_tree(path: Path) -> None:
-    """Rename aside first (atomic), so no reader ever sees a half-deleted directory."""
-    aside = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:8]}")
-    try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return
-    shutil.rmtree(aside, ignore_errors=True)
+def _quarantine(path: Path, reason: str) -> Path:
+    """Move an unusable cache out of the way (kept for inspection) and say why, in reason.txt."""
+    aside = path.parent / QUARANTINE / f"{path.name}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    aside.parent.mkdir(exist_ok=True)
+    os.rename(path, aside)
+    (aside / "reason.txt").write_text(reason + "\n")
+    log.warning("moved unusable activation cache to %s (delete it once inspected): %s", aside, reason)
+    return aside
 
 
 def get_or_build(
@@ -370,6 +409,7 @@ def get_or_build(
     progress_total: int | None = None,
     lock_timeout: float | None = None,
     shard_bytes: int = SHARD_BYTES,
+    verify: str = "changed",
 ) -> tuple[ActivationCache, bool]:
     """Open the cache for ``spec`` or build it once; returns ``(cache, built_now)``.
 
@@ -413,20 +453,23 @@ def get_or_build(
         log.info("reusing activation cache %s", final)
         return cache, False
 
-    if (cache := _try_open(final)) is not None:
+    cache, _ = _try_open(final, verify)
+    if cache is not None:
         return _reuse(cache)
     root.mkdir(parents=True, exist_ok=True)
     with OwnedLock(root / f"{key}.lock", timeout=lock_timeout):
-        # Someone may have finished it while we waited.
-        if (cache := _try_open(final)) is not None:
+        # Someone may have finished (or quarantined) it while we waited.
+        cache, unusable = _try_open(final, verify)
+        if cache is not None:
             return _reuse(cache)
         # We hold the lock, so any temp dir for this key is left over from a dead build.
         for stale in [*root.glob(f".tmp-{key}-*"), *root.glob(f".trash-{key}-*")]:
             log.info("removing leftover build directory %s", stale)
             shutil.rmtree(stale, ignore_errors=True)
+        replaced = None
         if final.exists():
-            log.warning("replacing unusable activation cache %s", final)
-            _remove_tree(final)
+            replaced = unusable or "incomplete (no manifest)"
+            _quarantine(final, replaced)
         tmp = root / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         log.info("building activation cache %s (%s)", key, storage_dtype)
@@ -448,9 +491,22 @@ def get_or_build(
             os.write(fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
         finally:
             os.close(fd)
+        _write_stamps(final, {name: _stamp(final / name) for name in _shard_files(final)})
         cache = ActivationCache.open(final)
+        cache.replaced = replaced
         log.info("built activation cache %s: %d tokens x %d in %.1fs",
                  key, cache.n_tokens, cache.d_in, seconds)
         return cache, True
+
+
+def _shard_files(path: Path) -> list[str]:
+    manifest = json.loads((path / MANIFEST).read_text())
+    return [name for shard in manifest["shards"] for name in (shard["file"], shard["tokens_file"])]
+
+
+def quarantine(cache: ActivationCache, reason: str) -> Path:
+    """Take a cache found bad while in use (e.g. NaN in a batch) out of service: the next job
+    that needs it rebuilds it."""
+    return _quarantine(cache.path, reason)
 
 

@@ -331,6 +331,15 @@ class TrainConfig:
 
 
 @dataclass
+class CacheConfig:
+    """How a reused activation cache is checked (``cache.*``)."""
+
+    # changed: hash only the shard files whose size/mtime/inode changed since their checksum last
+    # matched (a stat per file otherwise); full: hash every file on every open (on demand).
+    verify: str = choice("changed", ("changed", "full"))
+
+
+@dataclass
 class PathsConfig:
     output_dir: str = "./outputs"
     cache_dir: str = "~/.cache/sae_sweep"
@@ -365,6 +374,7 @@ class JobConfig:
     # Each trainer / eval declares its own schema (register_schema("trainer" | "eval", ...)).
     trainer: Dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     eval: Dict[str, Any] = field(default_factory=dict)
     paths: PathsConfig = field(default_factory=PathsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -489,9 +499,24 @@ def validate(cfg: Any, shape: Optional[ModelShape]) -> None:
     if job_node.get("dataset", {}).get("kind") == "local" and not job_node["dataset"].get("data_files"):
         errors.append("dataset.data_files is required for dataset=local: a list of jsonl/json/parquet/csv/txt "
                       "paths, e.g. 'dataset.data_files=[/data/a.jsonl]'")
+    if not errors:
+        errors += _budget_problems(cfg)
     if shape is not None:
         errors += _shape_problems(cfg, shape)
     fail_if(errors)
+
+
+def _budget_problems(cfg: Any) -> List[str]:
+    """Token budgets that cannot give one training batch (they would silently become one step)."""
+    batch = int(cfg.trainer.batch_size)
+    errors = []
+    if int(cfg.train.tokens) < batch:
+        errors.append(f"train.tokens={cfg.train.tokens}: less than one batch; allowed: at least "
+                      f"trainer.batch_size={batch} (or lower trainer.batch_size)")
+    if int(cfg.dataset.tokens) < batch:
+        errors.append(f"dataset.tokens={cfg.dataset.tokens}: the activation cache would not hold one batch; "
+                      f"allowed: at least trainer.batch_size={batch} (plus the BOS/EOS positions it skips)")
+    return errors
 
 
 def eval_problems(node: Mapping[str, Any]) -> List[str]:

@@ -16,9 +16,10 @@ from typing import Any, Callable, Union
 Content = Union[bytes, str, Callable[[Path], None]]
 
 
-def atomic_write(path: str | os.PathLike, content: Content) -> Path:
+def atomic_write(path: str | os.PathLike, content: Content, keep_previous: str | os.PathLike | None = None) -> Path:
     """Write ``content`` to ``path`` atomically. ``content`` is bytes, text (UTF-8), or a function
-    that writes the file at the path it is given (e.g. ``torch.save``, safetensors' ``save_file``)."""
+    that writes the file at the path it is given (e.g. ``torch.save``, safetensors' ``save_file``).
+    ``keep_previous``: once the new file is complete, the old ``path`` is moved there first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -34,6 +35,8 @@ def atomic_write(path: str | os.PathLike, content: Content) -> Path:
                 fh.write(content.encode("utf-8") if isinstance(content, str) else content)
                 fh.flush()
                 os.fsync(fh.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -185,6 +185,7 @@ class OwnedLock:
             "host": self._host,
             "pid": os.getpid(),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0") if os.environ.get("SLURM_JOB_ID") else None,
             "started": time.time(),
             "token": token,
         }
@@ -212,6 +213,10 @@ class OwnedLock:
             pid = owner.get("pid")
             if isinstance(pid, int) and not _pid_alive(pid):
                 return True
+        job = os.environ.get("SLURM_JOB_ID")
+        if owner is not None and job and owner.get("slurm_job_id") == job and \
+                owner.get("slurm_restart_count") != os.environ.get("SLURM_RESTART_COUNT", "0"):
+            return True  # an earlier run of this very job: SLURM ended it before requeueing it
         try:
             age = time.time() - os.stat(self.path).st_mtime
         except FileNotFoundError:

@@ -72,7 +72,7 @@ def open_cache(cfg: DictConfig, device: torch.device) -> Tuple[Any, Any, bool, f
 
         cache, built = get_or_build(synthetic_data.cache_spec(cfg.dataset), C.cache_dir(cfg),
                                     synthetic_data.build_fn(cfg.dataset), special_token_ids=[],
-                                    storage_dtype="float32")
+                                    storage_dtype="float32", verify=cfg.cache.verify)
         return None, cache, built, time.perf_counter() - t0
     from sae_sweep.lm import load_lm
 
@@ -97,7 +97,7 @@ def build_activation_cache(cfg: DictConfig, lm: Any, device: torch.device) -> Tu
             yield ids, acts.float().cpu()
 
     return get_or_build(spec, cache_root, build, special_token_ids=sorted(lm.special_token_ids),
-                        storage_dtype=spec["storage_dtype"])
+                        storage_dtype=spec["storage_dtype"], verify=cfg.cache.verify)
 
 
 def make_member(p: Point, cache: Any, device: torch.device) -> Any:
@@ -138,6 +138,8 @@ def execute(points: Sequence[Point], device: torch.device) -> List[Any]:
     lm, cache, built, seconds = open_cache(cfg0, device)
     for i, p in enumerate(points):
         p.run.set_tags({"cache_key": cache.key, "cache_built": str(built and i == 0).lower(), "device": str(device)})
+        if built and cache.replaced:  # a corrupt or incomplete cache was quarantined and rebuilt
+            p.run.set_tags({"cache_replaced": cache.replaced[:4900]})
         p.run.log_metrics({"cache/n_tokens": cache.n_tokens, "cache/seconds": seconds})
         if len(points) > 1:
             p.run.set_tags({"pack.size": len(points), "pack.leader": points[0].key})
@@ -145,6 +147,7 @@ def execute(points: Sequence[Point], device: torch.device) -> List[Any]:
     reader = ShuffledReader(cache, int(cfg0.trainer.batch_size), int(cfg0.seed), device=device)
     try:
         train_members(members, reader)
+        _blame_cache_for_nan(members, reader, cache)
     finally:
         reader.close()
     outcomes: List[Any] = []
@@ -159,6 +162,33 @@ def execute(points: Sequence[Point], device: torch.device) -> List[Any]:
     return outcomes
 
 
+class CacheCorrupt(RuntimeError):
+    """The activation cache itself holds bad values; it was quarantined and will be rebuilt."""
+
+
+def _blame_cache_for_nan(members: Sequence[Any], reader: Any, cache: Any) -> None:
+    """A NaN/inf loss from a batch that itself holds NaN/inf is the cache's fault, not the SAE's:
+    quarantine the cache (the next run rebuilds it) and say so instead of failing every rerun."""
+    from sae_sweep.cache import quarantine
+    from sae_sweep.train import TrainingFailed
+
+    for m in members:
+        step = getattr(m.error, "nonfinite_step", None) if isinstance(m.error, TrainingFailed) else None
+        if step is None:
+            continue
+        epoch, batch = divmod(step - 1, reader.batches_per_epoch)
+        if bool(torch.isfinite(reader.batch(epoch, batch)).all()):
+            continue  # the data was fine: the SAE diverged
+        reason = f"activation cache {cache.key} holds NaN/inf values (in the batch of step {step})"
+        if cache.path.exists():
+            where = quarantine(cache, reason)
+            reason += f"; moved to {where}: the next run rebuilds it"
+        for other in members:
+            if isinstance(other.error, TrainingFailed) and other.error.nonfinite_step is not None:
+                other.error = CacheCorrupt(reason)
+        return
+
+
 def finish(p: Point, lm: Any, trainer: Any, result: Any, device: torch.device) -> Dict[str, float]:
     """Log the training result, save the SAE as an artifact, run the evals."""
     from sae_sweep.lm import hook_name
@@ -167,6 +197,8 @@ def finish(p: Point, lm: Any, trainer: Any, result: Any, device: torch.device) -
     run.log_metrics({"train/steps": result.steps, "train/tokens": result.tokens, "train/seconds": result.seconds})
     if result.resumed_from_step is not None:  # a requeued / re-run job continued a checkpoint
         run.set_tags({"resumed_from_step": result.resumed_from_step})
+    if result.checkpoint_fallback:  # latest.pt was damaged: training went on from previous.pt
+        run.set_tags({"checkpoint_fallback": result.checkpoint_fallback[:4900]})
     sae = trainer.sae.eval()
     sae_cfg_dict = {
         "d_in": trainer.d_in, "d_sae": trainer.d_sae, "k": int(cfg.sae.k), "architecture": cfg.trainer.name,
@@ -179,6 +211,10 @@ def finish(p: Point, lm: Any, trainer: Any, result: Any, device: torch.device) -
     sae.save(sae_dir, sae_cfg_dict)
     run.log_artifact_dir(sae_dir, "sae")
     metrics = run_evals(cfg, run, lm, sae, sae_cfg_dict, device)
+    from sae_sweep.text import REPAIRED
+
+    if REPAIRED:  # damaged token windows / generated chunks this process found and rebuilt
+        run.set_tags({"text_repaired": "; ".join(REPAIRED)[:4900]})
     check_result(metrics)
     return metrics
 

@@ -65,8 +65,18 @@ def _report_hook(*args: Any) -> None:
 SWEEP_END_HOOKS: List[Callable[..., None]] = [_crossseed_hook, _report_hook]
 
 
-def compose_points(load: Callable[[List[str]], DictConfig], batches: Sequence[Sequence[Sequence[str]]]) -> List[GridPoint]:
-    """Compose and validate every grid point; raise ConfigError naming each bad point."""
+@dataclass
+class LaunchFailed:
+    """A launcher that could not start a batch of jobs: what it (submitit, sbatch) said."""
+
+    reason: str
+
+
+def compose_points(load: Callable[[List[str]], DictConfig], batches: Sequence[Sequence[Sequence[str]]],
+                   resources: Optional[Dict[str, Any]] = None) -> List[GridPoint]:
+    """Compose and validate every grid point (its values, and whether the jobs can have what it
+    asks for: ``resources`` from the launcher); raise ConfigError naming each bad point."""
+    resources = resources or {"runs_here": True, "memory_gb": None, "gpus_per_node": None}
     points, errors = [], []
     seen: Dict[str, int] = {}
     idx = 0
@@ -78,7 +88,7 @@ def compose_points(load: Callable[[List[str]], DictConfig], batches: Sequence[Se
             try:
                 cfg = load(overrides)
                 job = _job_view(cfg)
-                validate_point(job)
+                validate_point(job, **resources)
                 key = C.run_key(job)
             except C.ConfigError as e:
                 errors.append(f"  grid point #{idx} [{shown}]: " + "; ".join(e.problems))
@@ -117,16 +127,21 @@ def _job_view(cfg: DictConfig) -> DictConfig:
 
 class GridSweep:
     def __init__(self, master_config: DictConfig, load: Callable[[List[str]], DictConfig],
-                 launch: Callable[[List[List[str]], int], Sequence[Any]]):
+                 launch: Callable[[List[List[str]], int], Sequence[Any]], launcher: Any = None):
         self.master = master_config
         self.load = load
         self.launch = launch
+        self.launcher = launcher  # its resources() and preflight(), when it has them
 
     def run(self, batches: Sequence[Sequence[Sequence[str]]], arguments: List[str]) -> List[Any]:
         from sae_sweep.tracking import Tracker
 
         t0 = time.perf_counter()
-        points = compose_points(self.load, batches)
+        resources = getattr(self.launcher, "resources", lambda: None)()
+        points = compose_points(self.load, batches, resources)
+        problems = getattr(self.launcher, "preflight", lambda: [])()
+        if problems:
+            C.fail_if(problems, "the launcher's request cannot be met; nothing was launched")
         log.info("validated %d grid points in %.1fs", len(points), time.perf_counter() - t0)
 
         job0 = points[0].cfg
@@ -156,9 +171,9 @@ class GridSweep:
                 job_overrides = [p.overrides + [f"tracking.parent_run_id={parent}"] for p in chunk]
                 try:
                     rets = self.launch(job_overrides, start)
-                except Exception as e:  # a launcher that lost jobs (killed, node failure): keep going
+                except Exception as e:  # submission refused, jobs lost: every point of the batch failed
                     log.error("launcher raised for points %d..%d: %s", start, start + n - 1, e)
-                    rets = [None] * n
+                    rets = [LaunchFailed(f"{type(e).__name__}: {e}")] * n
                 for p, ret in zip(chunk, rets):
                     results[p.index] = self._classify(tracker, experiment, parent, p, ret, summary)
                 start += n
@@ -206,9 +221,9 @@ class GridSweep:
         groups = list(packs.values())
         try:
             rets = self.launch([g[0].overrides + [f"tracking.parent_run_id={parent}"] for g in groups], 0)
-        except Exception as e:  # a launcher that lost jobs: every member of those packs failed
+        except Exception as e:  # submission refused, jobs lost: every member of those packs failed
             log.error("launcher raised for the packed jobs: %s", e)
-            rets = [None] * len(groups)
+            rets = [LaunchFailed(f"{type(e).__name__}: {e}")] * len(groups)
         for members, ret in zip(groups, rets):
             ok = ret is not None and getattr(ret, "status", None) == JobStatus.COMPLETED
             per_member = (ret.return_value or {}).get("members", {}) if ok else {}
@@ -229,12 +244,17 @@ class GridSweep:
         shown = " ".join(p.overrides) or "(defaults)"
         if ret is not None and getattr(ret, "status", None) == JobStatus.COMPLETED:
             value = ret.return_value
-            if isinstance(value, dict) and value.get("status") == "skipped":
-                summary.skipped += 1
+            if isinstance(value, dict) and value.get("status") in ("skipped", "busy"):
+                summary.skipped += 1  # FINISHED before, or being run right now by another process
             else:
                 summary.finished += 1
             return value
-        reason = repr(getattr(ret, "_return_value", None)) if ret is not None else "job lost (killed or node failure)"
+        if isinstance(ret, LaunchFailed):
+            reason = f"not started: {ret.reason}"
+        elif ret is not None:
+            reason = repr(getattr(ret, "_return_value", None))
+        else:
+            reason = "job lost (killed or node failure)"
         summary.failed += 1
         summary.failures.append(f"  point #{p.index} [{shown}]: {reason}")
         # A job killed from outside never closed its run (RUNNING), or left it KILLED for a requeue

@@ -134,12 +134,13 @@ def _local_help() -> str:
 
 
 # Availability and fingerprints
-def check_dataset_available(dataset_cfg: Any, timeout: float = 10.0) -> None:
+def check_dataset_available(dataset_cfg: Any, timeout: float = 10.0, documents: bool = True) -> None:
     """Fail fast (before any work) when the dataset cannot be read here.
 
     hub: offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) unless a non-streaming copy is in the HF
     cache, or the hub does not answer a metadata request within ``timeout`` seconds.
-    local: every data file exists and has a supported extension.
+    local: every data file exists and has a supported extension; with ``documents``, the files
+    are read far enough to show both splits get text (``check_local_documents``).
     """
     kind = _get(dataset_cfg, "kind")
     if kind == "hub":
@@ -182,6 +183,58 @@ def check_dataset_available(dataset_cfg: Any, timeout: float = 10.0) -> None:
                 f"allowed: {', '.join(_BUILDERS)} (optionally compressed: {', '.join(_COMPRESSION)})")
         if len(set(builders.values())) > 1:
             raise DatasetUnavailable(f"dataset.data_files mixes formats ({sorted(set(builders.values()))}); use one format")
+        if documents:
+            check_local_documents(dataset_cfg, files)
+
+
+def check_local_documents(dataset_cfg: Any, files: List[str]) -> None:
+    """Read local files as a job would (file by file, so a problem names its file) until both
+    splits have text: an empty or undecodable file, a missing text column, or a source that puts
+    everything in one split is refused now, before any LM work. Reading stops once the held-out
+    split has ``dataset.eval_tokens`` characters (a token is at least one character), so a large
+    corpus is not read to its end."""
+    import datasets
+
+    column = _get(dataset_cfg, "text_column", "text")
+    need_eval = int(_get(dataset_cfg, "eval_tokens", 1))
+    chars = {"train": 0, "eval": 0}
+    docs = {"train": 0, "eval": 0}
+    for f in files:
+        if os.path.getsize(f) == 0:
+            raise DatasetUnavailable(f"dataset.data_files: {f} is empty")
+        seen = 0
+        try:
+            rows = datasets.load_dataset(_builder_for(f), data_files=[f], split="train", streaming=True)
+            for text in _rows_text(rows, column, f"dataset.data_files: {f}"):
+                if not isinstance(text, str) or not text.strip():
+                    continue
+                seen += 1
+                split = doc_split(text)
+                docs[split] += 1
+                chars[split] += len(text)
+                if docs["train"] and chars["eval"] >= need_eval:
+                    return
+        except UnicodeDecodeError as e:
+            raise DatasetUnavailable(f"dataset.data_files: {f} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                                     f"convert it to UTF-8") from None
+        except DatasetUnavailable:
+            raise
+        except ValueError as e:  # a missing text column (our message)
+            raise DatasetUnavailable(str(e)) from None
+        except Exception as e:  # empty file (StopIteration inside the reader), malformed json/csv/parquet
+            raise DatasetUnavailable(f"dataset.data_files: cannot read {f} as {_builder_for(f)} "
+                                     f"({type(e).__name__}: {e or 'no rows'})") from None
+        if seen == 0:
+            raise DatasetUnavailable(f"dataset.data_files: {f} holds no text (no non-empty {column!r} values)")
+    if docs["eval"] == 0 or docs["train"] == 0:
+        missing = "held-out (eval)" if docs["eval"] == 0 else "training"
+        raise DatasetUnavailable(
+            f"dataset.data_files: the {sum(docs.values())} document(s) in {', '.join(files)} all fall in one split, "
+            f"so there is no {missing} text. Documents are split train/held-out (~{EVAL_FRACTION_PERCENT}%) by "
+            f"a hash of their content: give the files more documents (txt: one per line)")
+    raise DatasetUnavailable(
+        f"dataset.data_files: the held-out split of {', '.join(files)} has only {chars['eval']} characters, "
+        f"fewer than dataset.eval_tokens={need_eval} tokens need; add text or lower dataset.eval_tokens")
 
 
 def _hub_local_dir(dataset_cfg: Any) -> Optional[str]:
@@ -299,7 +352,7 @@ def _hub_rows(dataset_cfg: Any) -> Iterable[dict]:
 def _local_rows(dataset_cfg: Any) -> Iterable[dict]:
     import datasets
 
-    check_dataset_available(dataset_cfg)
+    check_dataset_available(dataset_cfg, documents=False)  # the documents were checked at validation
     files = _data_files(dataset_cfg)
     # Streaming: reads only as far as the budget needs and writes nothing to the HF cache.
     return datasets.load_dataset(_builder_for(files[0]), data_files=files, split="train", streaming=True)
@@ -348,9 +401,17 @@ def _chunk_path(root: Path, i: int) -> Path:
     return root / f"chunk_{i:06d}.npz"
 
 
-def _read_chunk(path: Path) -> List[np.ndarray]:
-    with np.load(path) as z:
-        tokens, lengths = z["tokens"], z["lengths"]
+def _read_chunk(path: Path) -> Optional[List[np.ndarray]]:
+    """A chunk's documents; None (after a warning) when the file is damaged (the zip's CRC checks
+    every byte), so the caller generates it again -- chunk i is a function of (model, settings, i)."""
+    try:
+        with np.load(path) as z:
+            tokens, lengths = z["tokens"], z["lengths"]
+    except Exception as e:  # BadZipFile, CRC error, truncated file
+        log.warning("generated chunk %s is damaged (%s: %s); generating it again", path, type(e).__name__, e)
+        REPAIRED.append(f"{path.name}: {type(e).__name__}")
+        path.unlink(missing_ok=True)
+        return None
     return np.split(tokens, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
 
@@ -427,6 +488,8 @@ def _faithful_documents(dataset_cfg: Any, lm: Any, split: str, cache_dir: str | 
                     _write_manifest(root, lm, settings, i + 1)
                     gen_bar.update(int(settings["batch_size"]))
             docs = _read_chunk(path)
+            if docs is None:  # damaged: deleted by _read_chunk, generated again on the next pass
+                continue
             empty_chunks = 0 if any(len(d) for d in docs) else empty_chunks + 1
             if empty_chunks >= 3:
                 raise NotEnoughText(f"{root}: the model generated only empty sequences (EOS right after BOS)")
@@ -465,7 +528,9 @@ def token_windows(dataset_cfg: Any, lm: Any, split: str, n_tokens: int,
         raise ValueError(f"n_tokens must be positive, got {n_tokens}")
     path = _windows_path(dataset_cfg, lm, split, n_tokens, ctx, cache_dir)
     if path.exists():
-        return torch.from_numpy(np.load(path).astype(np.int64))
+        windows = _load_windows(path)
+        if windows is not None:
+            return windows
 
     n_seqs = math.ceil(n_tokens / ctx)
     packer = WindowPacker(lm.bos_token_id, lm.eos_token_id, ctx, n_seqs)
@@ -488,9 +553,36 @@ def token_windows(dataset_cfg: Any, lm: Any, split: str, n_tokens: int,
     windows = packer.result()
     buf = io.BytesIO()
     np.save(buf, windows.numpy().astype(np.int32))
-    atomic_write(path, buf.getvalue())
+    data = buf.getvalue()
+    # The checksum goes in first: windows without a matching one are rebuilt, never used.
     meta = {"dataset": dataset_fingerprint(dataset_cfg, lm), "split": split, "n_tokens": n_tokens,
             "context_size": ctx, "n_seqs": n_seqs, "bos_token_id": lm.bos_token_id,
-            "sep_token_id": lm.eos_token_id, "packing": PACKING}
-    atomic_write(path.with_suffix(".json"), json.dumps(meta, indent=2, default=str).encode())
+            "sep_token_id": lm.eos_token_id, "packing": PACKING, "sha256": hashlib.sha256(data).hexdigest()}
+    atomic_write(path.with_suffix(".json"), json.dumps(meta, indent=2, default=str))
+    atomic_write(path, data)
     return windows
+
+
+# Windows files found damaged (checksum mismatch, unreadable) and rebuilt by this process: a job
+# reports them in its run's tags.
+REPAIRED: List[str] = []
+
+
+def _load_windows(path: Path) -> Optional[torch.Tensor]:
+    """Cached windows, or None (after a warning) when the file does not match its recorded checksum."""
+    why = None
+    try:
+        expected = json.loads(path.with_suffix(".json").read_text()).get("sha256")
+        data = path.read_bytes()
+        if expected is None:
+            why = "no checksum recorded (written before windows were checksummed)"
+        elif hashlib.sha256(data).hexdigest() != expected:
+            why = "checksum mismatch (the file changed after it was written)"
+        else:
+            return torch.from_numpy(np.load(io.BytesIO(data)).astype(np.int64))
+    except (OSError, ValueError) as e:
+        why = f"unreadable ({type(e).__name__}: {e})"
+    log.warning("token windows %s: %s; rebuilding them", path, why)
+    REPAIRED.append(f"{path.name}: {why}")
+    path.unlink(missing_ok=True)
+    return None

@@ -12,6 +12,7 @@ enters through ``should_stop`` or the process-wide ``STOP``. One host sync per l
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -26,16 +27,20 @@ from tqdm.auto import tqdm
 
 from sae_sweep.files import atomic_write
 
+log = logging.getLogger(__name__)
+
 CKPT_NAME = "latest.pt"
+PREVIOUS_NAME = "previous.pt"  # the checkpoint before latest.pt, kept until a newer one is complete
 CKPT_FORMAT = 1
 
 
 class TrainingFailed(RuntimeError):
     """The run cannot produce a usable SAE; `reason` says why (NaN at step N, zero steps, ...)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, nonfinite_step: Optional[int] = None):
         super().__init__(reason)
         self.reason = reason
+        self.nonfinite_step = nonfinite_step  # the first step whose loss was NaN/inf
 
 
 class Interrupted(Exception):
@@ -75,6 +80,7 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)  # averages over the last log window
     resumed_from_step: Optional[int] = None  # step of the checkpoint this call started from
     seconds: float = 0.0  # wall time of this call
+    checkpoint_fallback: Optional[str] = None  # the unreadable latest.pt it resumed around, if any
 
 
 # Checkpoints
@@ -98,23 +104,51 @@ def checkpoint_path(ckpt_dir: str | os.PathLike) -> Path:
     return Path(ckpt_dir) / CKPT_NAME
 
 
+class CheckpointUnreadable(RuntimeError):
+    """Neither checkpoint of a run can be read; the message names both files and why."""
+
+
 def save_checkpoint(ckpt_dir: str | os.PathLike, trainer: Any, reader_state: dict, rng: dict[str, Any],
                     extra: dict[str, Any]) -> Path:
-    """Write ckpt_dir/latest.pt atomically (a killed write leaves the previous checkpoint)."""
+    """Write ckpt_dir/latest.pt; the one it replaces becomes previous.pt. The new file is complete
+    (written to a temp file, fsynced) before either rename, so a crash at any moment leaves a
+    readable checkpoint, and a latest.pt damaged later still has previous.pt behind it."""
     state = {"format": CKPT_FORMAT, "step": trainer.step_count, "trainer": trainer.state_dict(),
              "reader": reader_state, "rng": rng, **extra}
-    return atomic_write(checkpoint_path(ckpt_dir), lambda path: torch.save(state, path))
+    latest = checkpoint_path(ckpt_dir)
+    return atomic_write(latest, lambda tmp: torch.save(state, tmp), keep_previous=latest.with_name(PREVIOUS_NAME))
+
+
+def _read(path: Path) -> dict[str, Any]:
+    # Our own file; it holds numpy / python RNG states, which weights_only loading refuses.
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
+        raise RuntimeError(f"unknown checkpoint format {state.get('format') if isinstance(state, dict) else state!r}")
+    return state
 
 
 def load_checkpoint(ckpt_dir: str | os.PathLike) -> Optional[dict[str, Any]]:
-    path = checkpoint_path(ckpt_dir)
-    if not path.exists():
-        return None
-    # Our own file; it holds numpy / python RNG states, which weights_only loading refuses.
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("format") != CKPT_FORMAT:
-        raise RuntimeError(f"{path}: unknown checkpoint format {state.get('format')!r}")
-    return state
+    """The newest readable checkpoint of ``ckpt_dir`` (latest.pt, else previous.pt), or None when
+    there is none; CheckpointUnreadable naming the files when every one there is damaged."""
+    latest = checkpoint_path(ckpt_dir)
+    previous = latest.with_name(PREVIOUS_NAME)
+    errors = []
+    for path in (latest, previous):
+        if not path.exists():
+            continue
+        try:
+            state = _read(path)
+        except Exception as e:  # truncated (zip) file, unpickling error, wrong format
+            errors.append(f"{path} ({type(e).__name__}: {e})")
+            continue
+        if errors:
+            log.warning("checkpoint %s is unreadable; resuming from %s (step %s)", errors[0], path, state["step"])
+            state["fallback_from"] = errors[0]
+        return state
+    if errors:
+        raise CheckpointUnreadable(f"no readable checkpoint: {'; '.join(errors)}. Delete {latest.parent} to train "
+                                   f"this point from the start")
+    return None
 
 
 # Members
@@ -143,6 +177,7 @@ class Member:
     def __post_init__(self) -> None:
         self.log_every = max(1, int(self.log_every))
         self._resumed: Optional[int] = None
+        self._fallback: Optional[str] = None
         self._last: dict[str, float] = {}
         self._acc: dict[str, torch.Tensor] = {}
         self._window = self._window_tokens = 0
@@ -168,6 +203,7 @@ class Member:
             self.rng = state["rng"]
             self._resumed = int(state["step"])
             self._last = dict(state.get("last_metrics", {}))
+            self._fallback = state.get("fallback_from")
         device = self.trainer.device
         self._never = self.total_steps + 1
         self._bad_step = torch.full((), self._never, dtype=torch.long, device=device)
@@ -197,7 +233,7 @@ class Member:
     def check_finite(self) -> None:
         first = int(self._bad_step.item())
         if first != self._never:
-            raise TrainingFailed(f"non-finite loss (NaN/inf) at step {first}")
+            raise TrainingFailed(f"non-finite loss (NaN/inf) at step {first}", nonfinite_step=first)
 
     def flush(self) -> None:
         """Log the window's averages (the one host sync per window)."""
@@ -238,7 +274,8 @@ class Member:
         if not math.isfinite(self._last.get("loss", 0.0)):
             raise TrainingFailed(f"non-finite loss in the final log window at step {trainer.step_count}")
         self.result = TrainResult(steps=trainer.step_count, tokens=trainer.tokens_seen, metrics=self._last,
-                                  resumed_from_step=self._resumed, seconds=time.perf_counter() - self._start)
+                                  resumed_from_step=self._resumed, seconds=time.perf_counter() - self._start,
+                                  checkpoint_fallback=self._fallback)
 
 
 # The loop
@@ -254,15 +291,24 @@ def train_members(members: Sequence[Member], reader: Iterator[torch.Tensor], pro
     exhausted reader, all latents dead) and drops out. Returns the members.
     """
     t_start = time.perf_counter()
-    states = [m.resume(t_start) for m in members]
     if not members:
         return []
+    states = []
+    for m in members:
+        try:
+            states.append(m.resume(t_start))
+        except CheckpointUnreadable as e:  # this member cannot resume; the others can
+            m.error = e
+            states.append(None)
     for m in members:
         if m.total_steps <= 0:
             m.error = TrainingFailed(f"zero steps trained: total_steps={m.total_steps} "
                                      f"(too few training tokens for one batch?)")
-    position = min(m.trainer.step_count for m in members)
-    lead = next((s for m, s in zip(members, states) if s is not None and m.trainer.step_count == position), None)
+    if all(m.error is not None for m in members):
+        return list(members)
+    position = min(m.trainer.step_count for m in members if m.error is None)
+    lead = next((s for m, s in zip(members, states)
+                 if s is not None and m.error is None and m.trainer.step_count == position), None)
     if lead is not None:
         reader.load_state_dict(lead["reader"])
     end = max(m.total_steps for m in members)

@@ -81,7 +81,8 @@ def _windows(cfg, lm, cache, split="train", n=CTX * 60):
 def test_local_files_of_every_format_give_the_same_windows(lm, files, tmp_path):
     results = {}
     for fmt, path in files.items():
-        cfg = _compose("dataset=local", f"dataset.data_files=[{path}]", f"dataset.context_size={CTX}")
+        cfg = _compose("dataset=local", f"dataset.data_files=[{path}]", f"dataset.context_size={CTX}",
+                       f"dataset.eval_tokens={CTX * 8}")  # what this corpus's held-out split can give
         validate_point(cfg)  # the job's own validation, including check_dataset_available
         results[fmt] = (_windows(cfg, lm, tmp_path), _windows(cfg, lm, tmp_path, "eval", CTX * 8))
         assert dataset_fingerprint(cfg.dataset, lm)["kind"] == "local"

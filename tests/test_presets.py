@@ -51,9 +51,10 @@ def test_model_presets(model):
 @pytest.mark.parametrize("dataset", options("dataset"))
 def test_dataset_presets(dataset, tmp_path):
     extra = []
-    if dataset == "local":  # needs its files; any text file will do for composition
-        (tmp_path / "a.txt").write_text("one document\nanother document\n")
-        extra = [f"dataset.data_files=[{tmp_path / 'a.txt'}]"]
+    if dataset == "local":  # needs its files: enough lines (documents) for both splits
+        (tmp_path / "a.txt").write_text("".join(f"document {i} says something about topic {i % 7}\n"
+                                                for i in range(2000)))
+        extra = [f"dataset.data_files=[{tmp_path / 'a.txt'}]", "dataset.eval_tokens=1024"]
     cfg = compose_job(f"dataset={dataset}", *extra)
     validate_point(job_view(cfg), check_availability=dataset not in HUB_DATASETS)
 

@@ -94,6 +94,28 @@ def test_invalid_grid_submits_nothing(tmp_path):
     assert not (out / "mlflow.db").exists()
 
 
+def test_a_request_the_partition_cannot_meet_is_refused_before_submission(tmp_path):
+    out = tmp_path / "out"
+    r = _sweep(out, "hydra.launcher.cpus_per_task=64", "hydra.launcher.gpus_per_node=2", "seed=1,2")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "hydra.launcher.cpus_per_task=64" in r.stderr and "at most" in r.stderr and "CPUs" in r.stderr
+    assert "hydra.launcher.gpus_per_node=2" in r.stderr and "nothing was launched" in r.stderr
+    assert _job_dirs(out) == [] and not (out / "mlflow.db").exists()
+    r = _sweep(out, "hydra.launcher.partition=nope", "seed=1,2")
+    assert r.returncode == 2 and "no such partition" in r.stderr and "debug" in r.stderr, r.stderr[-3000:]
+
+
+def test_a_refused_submission_fails_its_points_with_slurms_own_message(tmp_path):
+    """A request sbatch refuses for a reason the preflight does not check (here 2 nodes of a 1-node cluster): each
+    point fails with what sbatch said, not as a lost job."""
+    out = tmp_path / "out"
+    r = _sweep(out, "hydra.launcher.nodes=2", "seed=1,2")
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "sbatch: error" in r.stderr and "job lost" not in r.stderr
+    parent = _runs(out, "sweep")[0]
+    assert parent.data.metrics["sweep/failed"] == 2
+
+
 def test_interrupted_job_is_requeued_resumes_and_continues_its_run(tmp_path):
     import submitit
 

@@ -17,7 +17,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
@@ -90,6 +90,17 @@ class SlurmLauncher(_GatherEach, base.SlurmLauncher):
     POLL_S = 5.0
     RESULT_GRACE_S = 15.0  # a finished job's result pickle may show up late on a network filesystem
 
+    def resources(self) -> Dict[str, Any]:
+        """What each job gets: it runs on a cluster node, with the preset's memory and GPUs."""
+        return {"runs_here": False, "memory_gb": self.params.get("mem_gb"),
+                "gpus_per_node": self.params.get("gpus_per_node") or 0}
+
+    def preflight(self) -> List[str]:
+        """The preset's request checked against its partition (``sinfo``), before anything is
+        submitted: sbatch would refuse the whole array ("More processors requested than
+        permitted") or leave it pending forever."""
+        return slurm_request_problems(self.params)
+
     def _wait(self, job: Any) -> Optional[str]:
         """Until the job has a result or has left SLURM's queue without one. submitit's own wait asks
         sacct, which answers nothing on clusters without accounting storage (the local test
@@ -112,7 +123,62 @@ class SlurmLauncher(_GatherEach, base.SlurmLauncher):
 
 
 class LocalLauncher(_GatherEach, base.LocalLauncher):
-    pass
+    def resources(self) -> Dict[str, Any]:
+        return {"runs_here": True, "memory_gb": None, "gpus_per_node": None}
+
+
+def _sinfo(*args: str) -> Optional[List[List[str]]]:
+    try:
+        proc = subprocess.run(["sinfo", "-h", *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    return [line.split() for line in proc.stdout.splitlines() if line.strip()]
+
+
+def _gres_gpus(gres: str) -> int:
+    """GPUs per node from sinfo's %G (e.g. ``gpu:a100:4(S:0-1)``, ``gpu:8``, ``(null)``)."""
+    total = 0
+    for item in gres.split(","):
+        parts = item.split("(")[0].split(":")
+        if parts[0] == "gpu" and parts[-1].isdigit():
+            total += int(parts[-1])
+    return total
+
+
+def slurm_request_problems(params: Dict[str, Any]) -> List[str]:
+    """Problems of a launcher request against the partition's nodes; [] when it fits, or when
+    SLURM cannot be asked from here (then sbatch's own answer will say)."""
+    partition = params.get("partition")
+    listed = _sinfo("-o", "%R")
+    if listed is None:
+        log.info("sinfo is not available here: the SLURM request is not checked before submission")
+        return []
+    names = sorted({row[0].rstrip("*") for row in listed})
+    if partition and partition not in names:
+        return [f"hydra.launcher.partition={partition!r}: no such partition; allowed values are {', '.join(names)}"]
+    rows = _sinfo("-o", "%c %m %G", *(["-p", str(partition)] if partition else []))
+    if not rows:
+        return []
+    cpus = max(int(r[0].rstrip("+")) for r in rows)
+    mem_mb = max(int(r[1].rstrip("+")) for r in rows)
+    gpus = max(_gres_gpus(r[2]) for r in rows)
+    where = f"partition {partition!r}" if partition else "the default partition"
+    problems = []
+    want_cpus = int(params.get("cpus_per_task") or 1) * int(params.get("tasks_per_node") or 1)
+    if want_cpus > cpus:
+        problems.append(f"hydra.launcher.cpus_per_task={params.get('cpus_per_task')} (x tasks_per_node="
+                        f"{params.get('tasks_per_node') or 1}): the nodes of {where} have at most {cpus} CPUs")
+    mem_gb = params.get("mem_gb")
+    if mem_gb and float(mem_gb) * 1024 > mem_mb:
+        problems.append(f"hydra.launcher.mem_gb={mem_gb}: the nodes of {where} have at most "
+                        f"{mem_mb / 1024:.1f} GB")
+    want_gpus = int(params.get("gpus_per_node") or 0)
+    if want_gpus > gpus:
+        problems.append(f"hydra.launcher.gpus_per_node={want_gpus}: the nodes of {where} have "
+                        f"{gpus or 'no'} GPUs")
+    return problems
 
 
 # squeue states of a job that may still produce a result (a requeued job goes back to PENDING).

@@ -47,7 +47,7 @@ class SaeSweepSweeper(BasicSweeper):
         # Validation happens inside GridSweep.run before anything (sweep dir included) is written.
         # Expected outcomes (a bad grid, failed points) exit with a message, not a traceback.
         try:
-            return GridSweep(self.config, load, launch).run(batches, list(arguments))
+            return GridSweep(self.config, load, launch, self.launcher).run(batches, list(arguments))
         except ConfigError as e:
             print(f"sae_sweep: {e}", file=sys.stderr)
             sys.exit(2)
