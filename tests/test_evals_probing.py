@@ -3,6 +3,7 @@ flagging, and the offline (stdlib-docstring) tasks end to end on an embedding-on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -44,12 +45,20 @@ def test_one_vs_rest_split_is_balanced_and_disjoint():
 
 
 def test_fake_feature_counts_hand_computed():
-    tok = torch.tensor([0.01, 0.10, 0.0, 1.0, 0.05])  # 0.05 is not MORE than 5%
-    seq = torch.tensor([0.47, 1.0, 0.0, 1.0, 0.9])
-    m = fake_features.fake_feature_metrics(tok, seq, 0.05, "token")
-    assert m["fake_feature_count"] == 2 and m["fake_feature_ratio"] == pytest.approx(2 / 5)
-    assert m["fake_feature_count_sequence"] == 4 and m["fake_feature_ratio_sequence"] == pytest.approx(4 / 5)
-    assert fake_features.fake_feature_metrics(tok, seq, 0.05, "sequence")["fake_feature_count"] == 4
+    # 4 latents, 2 sequences x 50 scored positions = 100 positions, nominal n_tokens 128.
+    # FaithfulSAE: proportion = count(f > 1) / 128 > 0.1  -> counts 12 (0.094 no), 13 (0.102 yes), 0, 100
+    # notes' design: sequences with sum_t f_t > 1 over 2 sequences > 5% -> latents 0, 1, 3 (1/2, 2/2, 2/2)
+    # ours: count(f != 0) / 100 positions > 5% -> 5 (no, not MORE than 5%), 6, 0, 100
+    c = fake_features.FiringCounts(above=torch.tensor([12, 13, 0, 100]), nonzero=torch.tensor([5, 6, 0, 100]),
+                                   seq_sum_above=torch.tensor([1, 2, 0, 2]), n_positions=100, n_sequences=2,
+                                   l0_sum=111.0)
+    s = dataclasses.asdict(fake_features.FakeFeatureSettings())
+    m = fake_features.fake_feature_metrics(c, s, 128)
+    assert m["fake_feature_count"] == 2 and m["fake_feature_ratio"] == pytest.approx(0.5)
+    assert m["fake_feature_count_sequence"] == 3 and m["fake_feature_ratio_sequence"] == pytest.approx(0.75)
+    assert m["fake_feature_count_nonzero"] == 2 and m["mean_random_token_l0"] == pytest.approx(1.11)
+    # dividing by the positions processed instead of the nominal count: 12/100 > 0.1 too
+    assert fake_features.fake_feature_metrics(c, {**s, "denominator": "processed"}, 128)["fake_feature_count"] == 3
 
 
 class _OneHotLM:
@@ -68,13 +77,13 @@ class _OneHotLM:
 
 
 class _SetSAE(torch.nn.Module):
-    """Latent j fires (value 1) exactly on the token ids in sets[j]."""
+    """Latent j fires (with ``values[j]``, default 1) exactly on the token ids in sets[j]."""
 
-    def __init__(self, sets, vocab=101):
+    def __init__(self, sets, vocab=101, values=None):
         super().__init__()
         w = torch.zeros(vocab, len(sets))
         for j, s in enumerate(sets):
-            w[list(s), j] = 1.0
+            w[list(s), j] = 1.0 if values is None else values[j]
         self.W_enc = torch.nn.Parameter(w)
         self.W_dec = torch.nn.Parameter(w.T.clone())
 
@@ -84,19 +93,57 @@ class _SetSAE(torch.nn.Module):
 
 
 def test_fake_features_on_constructed_latents():
-    # 100 non-special tokens drawn uniformly: latent 0 (1 token) fires on ~1% of tokens but in
-    # 1 - 0.99^63 ~ 47% of 63-token sequences; latent 1 (10 tokens) ~10%; latent 2 never; latent 3 always.
-    sae = _SetSAE([{7}, set(range(1, 11)), set(), set(range(1, 101))])
-    out = fake_features.run_fake_features(_OneHotLM(), sae, 0, "resid_post", 3, {"n_sequences": 256})
+    # 101 token ids (0 = BOS), drawn uniformly from the full vocabulary (FaithfulSAE) after position 0.
+    # latent 0 fires with value 2 on 10 tokens (~10% of positions: near the 0.1 cut), latent 1 with
+    # value 2 on 30 (~30%: fake), latent 2 with value 0.5 on every token (never > 1.0: not fake by
+    # FaithfulSAE's rule, fake by the nonzero rule), latent 3 never.
+    sae = _SetSAE([set(range(1, 11)), set(range(1, 31)), set(range(0, 101)), set()],
+                  values=[2.0, 2.0, 0.5, 1.0])
+    out = fake_features.run_fake_features(_OneHotLM(), sae, 0, "resid_post", 3,
+                                          {"n_tokens": 64 * 256, "context_size": 64})
     m = out.metrics["fake_features"]
-    assert m["fake_feature_count_token"] == 2 and m["fake_feature_ratio_token"] == 0.5
+    assert m["fake_feature_ratio_nonzero"] == 0.75  # latents 0, 1, 2
+    assert out.config["n_sequences"] == 256 and out.config["n_positions_scored"] == 256 * 63
+    props = [d["proportion_above_activation_threshold"] for d in out.details]
+    assert props[1] == pytest.approx(30 / 101 * 63 / 64, abs=0.01) and props[2] == 0.0 and props[3] == 0.0
+    assert 1.0 <= m["fake_feature_count"] <= 2.0 and m["fake_feature_ratio"] >= 0.25
+    # sequence sums over 63 tokens: latent 2 sums to 31.5 > 1 in every sequence
     assert m["fake_feature_count_sequence"] == 3
-    freqs = [d["random_token_freq"] for d in out.details]
-    assert freqs[0] == pytest.approx(0.01, abs=0.004) and freqs[2] == 0.0 and freqs[3] == 1.0
-    # BOS (id 0, special) is never drawn and never scored
-    ids = fake_features.random_token_sequences(101, {0}, 8, 16, 0, seed=3)
+    ids = fake_features.random_token_sequences(101, {0}, 8, 16, 0, seed=3, pool="non_special")
     assert (ids[:, 0] == 0).all() and (ids[:, 1:] != 0).all()
-    assert torch.equal(ids, fake_features.random_token_sequences(101, {0}, 8, 16, 0, seed=3))  # seeded
+    assert torch.equal(ids, fake_features.random_token_sequences(101, {0}, 8, 16, 0, seed=3, pool="non_special"))
+    full = fake_features.random_token_sequences(101, {0}, 64, 64, 0, seed=3)
+    assert (full[:, 1:] == 0).any()  # the full vocabulary includes the special ids, as FaithfulSAE's pool
+
+
+def _faithfulsae_get_fake_features(lm, sae, token_batches, n_tokens, threshold):
+    """FaithfulSAE ``get_fake_features`` (scripts/feat_match.py @a98b2637, github.com/seonglae/FaithfulSAE),
+    written out for given token batches: per sequence drop position 0, ``features = sae.encode(acts)``,
+    ``(features > 1.0).sum(0)`` accumulated, ``proportions = counts / n_tokens``, fake iff > threshold."""
+    counts = torch.zeros(sae.W_dec.shape[0])
+    for batch in token_batches:
+        hidden = lm.activations(batch, 0, "resid_post")
+        for seq in range(batch.shape[0]):
+            features = sae(hidden[seq, 1:])[1]
+            counts += (features > 1.0).float().sum(dim=0)
+    proportions = counts / n_tokens
+    return int((proportions > threshold).sum()), proportions
+
+
+def test_fake_features_match_faithfulsae_transcription():
+    sae = _SetSAE([set(range(1, 11)), set(range(1, 31)), set(range(0, 101)), {5, 6, 7}, set(range(40, 52))],
+                  values=[2.0, 2.0, 0.5, 3.0, 1.5])
+    lm = _OneHotLM()
+    n_tokens, ctx = 100 * 32, 32
+    out = fake_features.run_fake_features(lm, sae, 0, "resid_post", 11, {"n_tokens": n_tokens, "context_size": ctx,
+                                                                          "batch_size": 4})
+    ids = fake_features.random_token_sequences(101, lm.special_token_ids, n_tokens // ctx, ctx, 0, seed=11)
+    n_fake, props = _faithfulsae_get_fake_features(lm, sae, ids.split(4), n_tokens, 0.1)
+    assert out.metrics["fake_features"]["fake_feature_count"] == n_fake
+    assert out.metrics["fake_features"]["fake_feature_ratio"] == n_fake / 5
+    ours = [d["proportion_above_activation_threshold"] for d in out.details]
+    assert ours == pytest.approx(props.tolist(), rel=1e-6)  # float32 counts / n_tokens there
+    assert 1 <= n_fake <= 4  # not a trivial case
 
 
 class _EmbeddingLM:
