@@ -18,14 +18,109 @@ from sae_sweep.evals.schema import flatten_metrics, to_saebench_json
 PACKAGES = ["asyncio", "email", "logging"]
 
 
-def test_top_k_by_mean_diff_picks_the_planted_column():
+def test_top_k_by_mean_diff_abs_and_signed():
     rng = np.random.default_rng(0)
     y = np.r_[np.ones(50, int), np.zeros(50, int)]
     x = rng.normal(size=(100, 20))
-    x[:, 13] += 3 * y      # fires more on positives: selected first
-    x[:, 4] -= 3 * y       # fires LESS on positives: SAEBench's signed difference ranks it last
-    assert probes.top_k_by_mean_diff(x, y, 1).tolist() == [13]
-    assert 4 not in probes.top_k_by_mean_diff(x, y, 10)
+    x[:, 13] += 3 * y      # fires more on positives
+    x[:, 4] -= 4 * y       # fires LESS on positives: SAEBench's |difference| ranks it first
+    assert probes.top_k_by_mean_diff(x, y, 1).tolist() == [4]
+    assert sorted(probes.top_k_by_mean_diff(x, y, 2).tolist()) == [4, 13]
+    assert probes.top_k_by_mean_diff(x, y, 1, "signed").tolist() == [13]
+    assert 4 not in probes.top_k_by_mean_diff(x, y, 10, "signed")
+
+
+def _saebench_top_k_mean_diff_mask(acts, labels, k):
+    """SAEBench get_top_k_mean_diff_mask (sae_bench/evals/sparse_probing/probe_training.py:91-108)."""
+    pos = acts[labels == 1].mean(dim=0)
+    neg = acts[labels == 0].mean(dim=0)
+    top = torch.argsort((pos - neg).abs(), descending=True)[:k]
+    mask = torch.ones(acts.shape[1], dtype=torch.bool)
+    mask[top] = False
+    return mask
+
+
+@pytest.mark.filterwarnings("ignore:.penalty. was deprecated")
+def test_top_k_and_sklearn_probe_match_saebench_transcription():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 300)
+    x = (np.abs(rng.normal(size=(300, 40))) * (rng.random((300, 40)) < 0.3)).astype(np.float32)
+    x[:, 7] += 0.8 * y
+    x[:, 21] += 1.5 * (1 - y) * (rng.random(300) < 0.7)
+    for k in (1, 2, 5):
+        mask = _saebench_top_k_mean_diff_mask(torch.tensor(x[:200]), torch.tensor(y[:200]), k)
+        assert sorted(probes.top_k_by_mean_diff(x[:200], y[:200], k).tolist()) == np.flatnonzero(~mask.numpy()).tolist()
+    # train_sklearn_probe (probe_training.py:134-182): LogisticRegression(penalty="l2", C=1.0, max_iter=1000),
+    # default lbfgs, raw float32 inputs, accuracy_score(test, predict)
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score
+
+    ref = LogisticRegression(penalty="l2", C=1.0, max_iter=1000).fit(x[:200], y[:200])
+    ours = probes.fit_sklearn_probe_raw(x[:200], y[:200], x[200:], y[200:])
+    assert ours["acc"] == accuracy_score(y[200:], ref.predict(x[200:]))
+
+
+def _saebench_train_probe_gpu(xtr, ytr, xte, yte, dim, batch_size, epochs, lr, g, l1_penalty=None, patience_max=10):
+    """SAEBench train_probe_gpu / test_probe_gpu (probe_training.py:199-304) written out; the only change
+    is that the init and the epoch permutations draw from generator ``g`` instead of the global one."""
+    probe = torch.nn.Linear(dim, 1, bias=True)
+    bound = 1.0 / dim ** 0.5
+    with torch.no_grad():  # nn.Linear's default init distribution, drawn from g
+        probe.weight.copy_((torch.rand(1, dim, generator=g) * 2 - 1) * bound)
+        probe.bias.copy_((torch.rand(1, generator=g) * 2 - 1) * bound)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr)
+    criterion = torch.nn.BCEWithLogitsLoss()
+    best_test_accuracy, patience_counter = 0.0, 0
+    for _epoch in range(epochs):
+        indices = torch.randperm(len(xtr), generator=g)
+        for i in range(0, len(xtr), batch_size):
+            b = indices[i:i + batch_size]
+            loss = criterion(probe(xtr[b]).squeeze(-1), ytr[b].float())
+            if l1_penalty is not None:
+                loss += l1_penalty * torch.sum(torch.abs(probe.weight))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            test_accuracy = ((probe(xte).squeeze(-1) > 0.0).long() == yte).float().mean().item()
+        if test_accuracy > best_test_accuracy:
+            best_test_accuracy, patience_counter = test_accuracy, 0
+        else:
+            patience_counter += 1
+        if patience_counter >= patience_max:
+            break
+    return best_test_accuracy
+
+
+@pytest.mark.parametrize("l1", [None, 1e-3])
+def test_torch_probe_matches_saebench_transcription(l1):
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 400)
+    x = rng.normal(size=(400, 16)).astype(np.float32)
+    x[:, 3] += 0.7 * y
+    ref = _saebench_train_probe_gpu(torch.tensor(x[:300]), torch.tensor(y[:300]), torch.tensor(x[300:]),
+                                    torch.tensor(y[300:]), 16, 16, 20, 1e-2, torch.Generator().manual_seed(9), l1)
+    ours = probes.train_probe_torch(x[:300], y[:300], x[300:], y[300:], batch_size=16, epochs=20, lr=1e-2, seed=9,
+                                    l1_penalty=l1)
+    assert 0.6 < ref < 0.95  # learned something, not trivially
+    assert ours["acc"] == pytest.approx(ref, abs=1e-9)
+
+
+def test_abs_selection_finds_a_latent_that_fires_less_on_the_class():
+    # Known answer: latent 0 is ON for every negative and OFF for every positive (a perfect probe by
+    # itself); latent 1 fires a little more on positives. SAEBench's |mean difference| picks latent 0:
+    # top-1 accuracy 1.0; the signed rule picks latent 1: about 0.6.
+    rng = np.random.default_rng(5)
+    y = np.r_[np.ones(200, int), np.zeros(200, int)]
+    x = np.zeros((400, 2), np.float32)
+    x[:, 0] = 1 - y
+    x[:, 1] = (rng.random(400) < np.where(y == 1, 0.6, 0.4)).astype(np.float32)
+    tr, te = np.r_[0:150, 200:350], np.r_[150:200, 350:400]
+    acc = {}
+    for mode in ("abs", "signed"):
+        cols = probes.top_k_by_mean_diff(x[tr], y[tr], 1, mode)
+        acc[mode] = probes.fit_sklearn_probe_raw(x[tr][:, cols], y[tr], x[te][:, cols], y[te])["acc"]
+    assert acc["abs"] == 1.0 and acc["signed"] < 0.75
 
 
 def test_chance_bound_and_flag():
@@ -36,12 +131,19 @@ def test_chance_bound_and_flag():
     assert not probes.at_chance([], 100, 0.5)
 
 
-def test_one_vs_rest_split_is_balanced_and_disjoint():
+def test_probe_data_is_balanced_with_stratified_negatives():
     labels = np.array(["a"] * 30 + ["b"] * 50 + ["c"] * 20)
-    tr, y_tr, te, y_te = sparse_probing.one_vs_rest_split(labels, "a", 40, 20, np.random.default_rng(0))
-    assert y_tr.sum() * 2 == len(y_tr) and y_te.sum() * 2 == len(y_te)
-    assert not set(tr) & set(te)
-    assert all(labels[tr[y_tr == 1]] == "a") and all(labels[tr[y_tr == 0]] != "a")
+    splits = sparse_probing.class_splits(labels, ["a", "b", "c"], 40, 20, np.random.default_rng(0))
+    for c, (tr, te) in splits.items():
+        assert not set(tr) & set(te) and (labels[tr] == c).all() and (labels[te] == c).all()
+    assert len(splits["a"][0]) == 20 and len(splits["a"][1]) == 10  # train/2, test/2 per class
+    assert len(splits["c"][0]) + len(splits["c"][1]) == 20  # a small class shrinks in proportion
+    idx, y = sparse_probing.prepare_probe_data({c: v[0] for c, v in splits.items()}, "a",
+                                               np.random.default_rng(1))
+    assert y.sum() * 2 == len(y) == 40
+    neg = labels[idx[y == 0]]
+    # SAEBench: ceil(20 / 2) = 10 drawn from EACH other class, then 20 of those 20
+    assert (neg == "b").sum() == 10 and (neg == "c").sum() == 10
 
 
 def test_fake_feature_counts_hand_computed():
