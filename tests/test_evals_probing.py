@@ -258,6 +258,7 @@ class _EmbeddingLM:
         self.model = None
         self.device = torch.device("cpu")
         self.bos_token_id = tokenizer.bos_token_id
+        self.eos_token_id = tokenizer.pad_token_id
         self.special_token_ids = {tokenizer.bos_token_id, tokenizer.pad_token_id}
         self.emb = torch.randn(len(tokenizer), d, generator=torch.Generator().manual_seed(0))
 
@@ -306,6 +307,7 @@ class _LossySAE(torch.nn.Module):
 
 
 FAST = {"context_size": 64, "max_examples": 300, "packages": PACKAGES, "batch_size": 64}
+STD = {**FAST, "procedure": "standardised"}
 
 
 def test_stdlib_tasks_have_labels_from_structure(cache_dir):
@@ -342,12 +344,12 @@ def test_sae_at_chance_is_flagged_not_clean(lm, cache_dir):
     assert out.flags["sae_at_chance_tasks"] and out.metrics["flags"]["sae_at_chance_fraction"] == 1.0
     # downstream: latents at chance but the reconstruction (identity here) keeps the information:
     # flagged, not a failed SAE
-    ds = downstream.run_downstream(lm, dead, 0, "resid_post", 0, {**FAST, "tasks": ["stdlib_package"]}, cache_dir)
+    ds = downstream.run_downstream(lm, dead, 0, "resid_post", 0, {**STD, "tasks": ["stdlib_package"]}, cache_dir)
     assert ds.status == "ok" and ds.flags["sae_at_chance_tasks"] == ["stdlib_package"]
     assert ds.metrics["flags"]["sae_at_chance_fraction"] == 1.0
     assert ds.metrics["stdlib_package"]["recon_acc"] > ds.metrics["stdlib_package"]["chance_acc"]
     # ... and when the reconstruction has lost it too, the eval fails
-    ds = downstream.run_downstream(lm, _LossySAE(), 0, "resid_post", 0, {**FAST, "tasks": ["stdlib_package"]},
+    ds = downstream.run_downstream(lm, _LossySAE(), 0, "resid_post", 0, {**STD, "tasks": ["stdlib_package"]},
                                    cache_dir)
     assert ds.status == "failed" and ds.flags["sae_at_chance_tasks"] == ["stdlib_package"]
     assert "reconstruction" in ds.skip_reason
@@ -357,7 +359,7 @@ def test_downstream_end_to_end_and_hub_tasks_fail_clearly_offline(lm, cache_dir,
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = downstream.run_downstream(lm, _ProjSAE(), 0, "resid_post", 0,
-                                    {**FAST, "tasks": ["stdlib_package", "sst2"]}, cache_dir)
+                                    {**STD, "tasks": ["stdlib_package", "sst2"]}, cache_dir)
     assert out.status == "ok"
     m = out.metrics["stdlib_package"]
     assert set(m) >= {"baseline_acc", "sae_acc", "recon_acc", "baseline_f1", "sae_f1", "recon_f1"}
@@ -365,4 +367,88 @@ def test_downstream_end_to_end_and_hub_tasks_fail_clearly_offline(lm, cache_dir,
     assert m["baseline_acc"] > m["chance_acc"]
     assert out.flags["unavailable"] == ["sst2"] and "nyu-mll/glue" in out.unstructured["unavailable"]["sst2"]
     only_hub = downstream.run_downstream(lm, _ProjSAE(), 0, "resid_post", 0, {**FAST, "tasks": ["cola"]}, cache_dir)
+    # the FaithfulSAE procedure reads the hub's own splits: offline it says which dataset and how to work offline
+    fs = downstream.run_downstream(lm, _ProjSAE(), 0, "resid_post", 0, {**FAST, "tasks": ["sst2"], "max_length": 64},
+                                   cache_dir)
+    assert fs.status == "skipped" and "nyu-mll/glue" in fs.skip_reason and "stdlib_package" in fs.skip_reason
     assert only_hub.status == "skipped" and "cola" in only_hub.skip_reason and "offline" in only_hub.skip_reason
+
+
+def test_faithfulsae_trailing_pooling_known_answer():
+    v = torch.tensor([[[1.0], [2.0], [3.0], [4.0]], [[1.0], [2.0], [3.0], [4.0]]])
+    # last 2 positions: (3 + 4)/2; n = 0 takes the whole row (Python's x[-0:]): (1+2+3+4)/4
+    assert downstream.trailing_mean(v, torch.tensor([2, 0])).squeeze(-1).tolist() == [3.5, 2.5]
+
+
+def _faithfulsae_prove_performance(lm, sae, train, test, n_labels, g, max_length, batch_size=4, lr=1e-3):
+    """FaithfulSAE ``prove_performance`` (scripts/feat_match.py @a98b2637, github.com/seonglae/FaithfulSAE)
+    written out: pad = EOS, ``tokenizer(texts, padding=True, truncation=True, max_length)``, the LM without
+    an attention mask, train pooling ``acts[i, -(mask.sum - 1):].mean(0)``, test pooling ``acts[i,
+    -mask.sum:].mean(0)``, three nn.Linear probes with Adam(lr) and cross-entropy for one epoch of batch 4,
+    argmax predictions, accuracy = correct / total, macro F1. Init and the shuffle draw from ``g``."""
+    from sklearn.metrics import f1_score
+
+    tok = lm.tokenizer
+    d_sae, d_in = sae.W_dec.shape
+    probes_ = {}
+    for name, dim in (("baseline", d_in), ("sae", d_sae), ("recon", d_in)):
+        probe = torch.nn.Linear(dim, n_labels)
+        with torch.no_grad():
+            bound = 1 / dim ** 0.5
+            probe.weight.copy_((torch.rand(probe.weight.shape, generator=g) * 2 - 1) * bound)
+            probe.bias.copy_((torch.rand(probe.bias.shape, generator=g) * 2 - 1) * bound)
+        probes_[name] = probe
+    opts = {k: torch.optim.Adam(p.parameters(), lr=lr) for k, p in probes_.items()}
+
+    def features(texts, minus):
+        enc = tok(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        acts = lm.activations(enc.input_ids, 0, "resid_post")
+        recon, feats = sae(acts)
+        n = enc.attention_mask.sum(dim=1) - minus
+        pool = lambda a: torch.stack([a[i, -n[i]:].mean(dim=0) for i in range(a.shape[0])])
+        return {"baseline": pool(acts), "sae": pool(feats), "recon": pool(recon)}
+
+    texts, labels = train
+    order = torch.randperm(len(texts), generator=g)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        with torch.no_grad():
+            f = features([texts[j] for j in idx], 1)
+        for k, probe in probes_.items():
+            opts[k].zero_grad()
+            torch.nn.functional.cross_entropy(probe(f[k]), torch.tensor(labels)[idx]).backward()
+            opts[k].step()
+    preds = {k: [] for k in probes_}
+    with torch.no_grad():
+        for i in range(0, len(test[0]), batch_size):
+            f = features(test[0][i:i + batch_size], 0)
+            for k, probe in probes_.items():
+                preds[k] += torch.argmax(probe(f[k]), dim=1).tolist()
+    y = np.array(test[1])
+    return {f"{k}_acc": float((np.array(p) == y).mean()) for k, p in preds.items()} | {
+        f"{k}_f1": float(f1_score(y, p, average="macro")) for k, p in preds.items()}
+
+
+def test_downstream_matches_faithfulsae_transcription(lm, cache_dir):
+    s = dataclasses.asdict(downstream.DownstreamSettings())
+    s.update({"packages": PACKAGES, "max_examples": 120, "max_length": 48})
+    train, test = downstream.load_task_splits("stdlib_package", s, 0, cache_dir)
+    classes = sorted(set(train.labels))
+    sae = _ProjSAE(scale=0.1)
+    ours = downstream.faithfulsae_probe_task(lm, sae, train, test, 0, "resid_post", s, seed=5)
+    ref = _faithfulsae_prove_performance(
+        lm, sae, (train.texts, [classes.index(y) for y in train.labels]),
+        (test.texts, [classes.index(y) for y in test.labels]), len(classes), torch.Generator().manual_seed(5), 48)
+    assert ours["n_test"] == len(test.texts) and ours["n_classes"] == 3
+    for k, v in ref.items():
+        assert ours[k] == pytest.approx(v, abs=1e-9), k
+
+
+def test_downstream_faithfulsae_end_to_end(lm, cache_dir):
+    out = downstream.run_downstream(lm, _ProjSAE(), 0, "resid_post", 0,
+                                    {**FAST, "tasks": ["stdlib_package"], "max_length": 64}, cache_dir)
+    m = out.metrics["stdlib_package"]
+    assert out.config["procedure"] == "faithfulsae" and out.status in ("ok", "failed")
+    assert set(m) >= {"baseline_acc", "sae_acc", "recon_acc", "baseline_f1", "sae_f1", "recon_f1"}
+    assert out.details[0]["n_train"] + out.details[0]["n_test"] == 300
+    assert m["baseline_acc"] > m["chance_acc"]  # one epoch of batch-4 Adam learns the bag of words
