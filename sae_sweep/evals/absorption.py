@@ -377,7 +377,7 @@ def run_absorption(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings
         return word_activations(lm, prompts, positions, layer, hook, int(s["llm_batch_size"]), pad)
 
     # SAEBench: train words take their ICL examples from the train words, test words from the test words
-    acts = torch.zeros(len(vocab), lm_width(lm, sae))
+    acts = torch.zeros(len(vocab), int(sae.W_dec.shape[1]))  # [words, d_in]
     acts[train_idx] = activations_for(train_idx, [vocab[i] for i in train_idx])
     acts[test_idx] = activations_for(test_idx, [vocab[i] for i in test_idx])
     y = np.array([LETTERS.index(w[0].lower()) for w in words])
@@ -390,11 +390,6 @@ def run_absorption(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings
     with few_threads():  # many small probe fits: one thread is faster on a shared CPU
         return _probe_and_score(sae, acts, x, y, train_idx, test_idx, s, config, seed, layer, len(vocab),
                                 absorption_acts)
-
-
-def lm_width(lm: Any, sae: Any) -> int:
-    """d_model: the SAE's input width (``W_dec [d_sae, d_in]``)."""
-    return int(sae.W_dec.shape[1])
 
 
 def _probe_and_score(sae: Any, acts: torch.Tensor, x: np.ndarray, y: np.ndarray, train_idx: np.ndarray,
@@ -458,7 +453,6 @@ def _probe_and_score(sae: Any, acts: torch.Tensor, x: np.ndarray, y: np.ndarray,
         if all(r["f1"] <= trivial_f1 for r in kres):
             chance_letters.append(letter)
 
-        # 3. absorption on the probe's true positives in the test split
         u = torch.tensor(gt[li]["direction"], dtype=torch.float32)
         u = u / u.norm().clamp_min(EPS)
         cos = dec_unit @ u
