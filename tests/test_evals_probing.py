@@ -452,3 +452,15 @@ def test_downstream_faithfulsae_end_to_end(lm, cache_dir):
     assert set(m) >= {"baseline_acc", "sae_acc", "recon_acc", "baseline_f1", "sae_f1", "recon_f1"}
     assert out.details[0]["n_train"] + out.details[0]["n_test"] == 300
     assert m["baseline_acc"] > m["chance_acc"]  # one epoch of batch-4 Adam learns the bag of words
+
+
+def test_downstream_fails_only_when_the_lm_had_the_information(lm, cache_dir):
+    # The lossy SAE loses everything; whether that fails the run depends on the LM probe having learned
+    # the task. FaithfulSAE's procedure with a learning rate too small to learn anything leaves every
+    # probe at chance: a flag, not a failed SAE. The standardised probes learn the LM's task: failed.
+    s = {**FAST, "tasks": ["stdlib_package"], "max_length": 64, "probe_lr": 1e-9}
+    weak = downstream.run_downstream(lm, _LossySAE(), 0, "resid_post", 0, s, cache_dir)
+    assert weak.status == "ok" and weak.flags["all_probes_at_chance"] is True
+    strong = downstream.run_downstream(lm, _LossySAE(), 0, "resid_post", 0, {**STD, "tasks": ["stdlib_package"]},
+                                       cache_dir)
+    assert strong.status == "failed" and "LM-activation probe is not" in strong.skip_reason

@@ -31,7 +31,9 @@ most ``max_examples`` texts, and a converged standardised logistic regression pe
 Tasks by name: ``sst2``, ``cola``, ``ag_news``, ``yelp_polarity`` from the hub (reported unavailable
 offline), and the offline ``stdlib_package`` / ``stdlib_kind`` tasks. A probe within luck of the
 majority-class rate is flagged. The status is "failed" (and the run fails) only when the SAE lost
-the information: the latent AND the reconstruction probes are at chance on every task. Latent probes
+the information: the latent AND the reconstruction probes are at chance on every task while the
+LM-activation probe is not on some task (when it is at chance too, the probe procedure learned
+nothing -- one epoch of FaithfulSAE's probe on a small task can -- and that is flagged). Latent probes
 alone at chance while the reconstruction keeps the information (it is a linear map of the latents)
 are a probing result on a small task, flagged but not a broken SAE.
 """
@@ -298,9 +300,14 @@ def run_downstream(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings
     if unavailable:
         flags["unavailable"] = sorted(unavailable)
     status, reason = "ok", None
+    baseline_learned = [d["task"] for d in details if not d["baseline_at_chance"]]
     if len(sae_chance) == len(details) and all(d["recon_at_chance"] for d in details):
-        status, reason = "failed", ("SAE-latent and reconstruction probes are at chance level on every task "
-                                    f"({', '.join(sae_chance)})")
+        if baseline_learned:  # the LM's activation carried the task and the SAE lost it
+            status, reason = "failed", ("SAE-latent and reconstruction probes are at chance level on every task "
+                                        f"({', '.join(sae_chance)}) while the LM-activation probe is not "
+                                        f"({', '.join(baseline_learned)})")
+        else:  # the probes learned nothing from any representation: a probing result, not a broken SAE
+            flags["all_probes_at_chance"] = True
     return EvalOutput(eval_type_id=EVAL_TYPE_ID, config=config, metrics=metrics, details=details, status=status,
                       skip_reason=reason, flags=flags, unstructured={"unavailable": unavailable})
 
