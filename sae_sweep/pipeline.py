@@ -276,7 +276,8 @@ def check_result(metrics: Dict[str, float]) -> None:
     for key in ("core/reconstruction_quality/explained_variance", "core/model_behavior_preservation/kl_div_score"):
         if "core/sparsity/l0" in metrics and key not in metrics:
             raise RunFailed(f"{key} is NaN or inf")
-    ev = metrics.get("core/reconstruction_quality/explained_variance",
+    # the centred EV (SAEBench's `explained_variance` is close to the uncentred one, see evals/core.py)
+    ev = metrics.get("core/reconstruction_quality/explained_variance_centred",
                      metrics.get("recovery/reconstruction_quality/explained_variance"))
     if ev is not None and ev <= 0.0:
         raise RunFailed(f"explained_variance={ev:.4f}: the SAE reconstructs no better than the mean activation")

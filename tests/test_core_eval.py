@@ -67,17 +67,18 @@ def test_ce_loss_score_hand_computed():
     assert math.isnan(core.ce_loss_score(2.0, 2.0, 2.0))
 
 
-def test_centred_explained_variance_differs_from_uncentred_and_legacy():
+def test_centred_explained_variance_differs_from_saebench_and_legacy():
     # x = (0,0), (1,0), (5,0); x_hat = x except token 1 reconstructed as (1,1): residuals 0, 1, 0.
     # mean x = (2, 0); ||x_t - mean||^2 = 4, 1, 9 (sum 14); ||x_t||^2 = 0, 1, 25 (sum 26).
     # centred   EV = 1 - 1/14 = 13/14 = 0.928571...
-    # uncentred EV = 1 - 1/26 = 0.961538...   (what SAEBench v0.6's formula is close to)
+    # SAEBench 0.6.0 (one batch): S = 26/3, R = 1/3, m = S/d_in = 13/3, S - m^2 = 78/9 - 169/9 = -91/9
+    #           EV = 1 - (1/3)/(-91/9) = 1 + 3/91 = 1.0329...  (> 1: its denominator is not a variance)
     # legacy    EV = mean(1 - 0/4, 1 - 1/1, 1 - 0/9) = (1 + 0 + 1)/3 = 2/3
     x = [[0.0, 0.0], [1.0, 0.0], [5.0, 0.0]]
     x_hat = [[0.0, 0.0], [1.0, 1.0], [5.0, 0.0]]
     m = _accumulate(x, x_hat).compute()["reconstruction_quality"]
-    assert m["explained_variance"] == pytest.approx(13 / 14)
-    assert m["explained_variance"] != pytest.approx(1 - 1 / 26)
+    assert m["explained_variance_centred"] == pytest.approx(13 / 14)
+    assert m["explained_variance"] == pytest.approx(1 + 3 / 91)
     assert m["explained_variance_legacy"] == pytest.approx(2 / 3)
     legacy = core.explained_variance_legacy_per_token(T(x), T(x_hat))
     assert legacy.tolist() == pytest.approx([1.0, 0.0, 1.0])
@@ -87,7 +88,7 @@ def test_predicting_the_mean_explains_nothing():
     # x = (1,0), (3,0); x_hat = mean = (2,0) for both: residual 1 + 1 = 2, SST about mean = 1 + 1 = 2.
     # centred EV = 1 - 2/2 = 0, whereas the uncentred form would say 1 - 2/(1 + 9) = 0.8.
     m = _accumulate([[1.0, 0.0], [3.0, 0.0]], [[2.0, 0.0], [2.0, 0.0]]).compute()["reconstruction_quality"]
-    assert m["explained_variance"] == pytest.approx(0.0, abs=1e-12)
+    assert m["explained_variance_centred"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_explained_variance_uses_the_global_mean_across_batches():
@@ -100,17 +101,32 @@ def test_explained_variance_uses_the_global_mean_across_batches():
         x = T(xs)[None]
         acc.update_reconstruction(x, x + T([0.0, 1.0]), torch.zeros(1, 2, 3), torch.ones(1, 2, dtype=torch.bool))
     m = acc.compute()["reconstruction_quality"]
-    assert m["explained_variance"] == pytest.approx(0.8)
+    assert m["explained_variance_centred"] == pytest.approx(0.8)
     assert m["explained_variance_legacy"] == pytest.approx(0.0, abs=1e-12)
+    # SAEBench: S = mean(2, 26) = 14 (batch means of ||x||^2: (0+4)/2, (16+36)/2), R = 1, m = 14/2 = 7:
+    # EV = 1 - 1/(14 - 49) = 1 + 1/35
+    assert m["explained_variance"] == pytest.approx(1 + 1 / 35)
     # the same from the pure function and raw sums: sum x = (12, 0), sum ||x||^2 = 56, n = 4:
     # SST = 56 - 144/4 = 20
     assert core.explained_variance_centred(T([12.0, 0.0]), 56.0, 4.0, 4) == pytest.approx(0.8)
 
 
-def test_mse_is_mean_over_tokens_and_dims():
-    # x = (1,2), (0,0); x_hat = 0: squared errors 1 + 4 + 0 + 0 = 5 over 2 tokens x 2 dims -> 1.25
-    m = _accumulate([[1.0, 2.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]).compute()["reconstruction_quality"]
-    assert m["mse"] == pytest.approx(1.25)
+def test_mse_three_normalisations():
+    # batch A: x = (1,2), (0,0), (0,1); x_hat = 0: per-token squared errors 5, 0, 1
+    # batch B: x = (2,0); x_hat = 0: squared error 4
+    # SAEBench (per token / tokens in its batch, then the mean over tokens):
+    #   (5/3 + 0/3 + 1/3 + 4/1) / 4 = 6/4 = 1.5
+    # SAELens 6.54.12 (per-token sum, mean over tokens): (5 + 0 + 1 + 4)/4 = 2.5
+    # per element: 10 / (4 tokens x 2 dims) = 1.25
+    acc = CoreAccumulator()
+    for xs in ([[1.0, 2.0], [0.0, 0.0], [0.0, 1.0]], [[2.0, 0.0]]):
+        x = T(xs)[None]
+        acc.update_reconstruction(x, torch.zeros_like(x), torch.zeros(1, len(xs), 3),
+                                  torch.ones(1, len(xs), dtype=torch.bool))
+    m = acc.compute()["reconstruction_quality"]
+    assert m["mse"] == pytest.approx(1.5)
+    assert m["mse_per_token"] == pytest.approx(2.5)
+    assert m["mse_per_element"] == pytest.approx(1.25)
 
 
 def test_cossim_hand_computed():
@@ -118,8 +134,8 @@ def test_cossim_hand_computed():
     x, x_hat = [[1.0, 0.0], [1.0, 1.0]], [[0.0, 2.0], [2.0, 2.0]]
     assert core.cosine_sim_per_token(T(x), T(x_hat)).tolist() == pytest.approx([0.0, 1.0])
     assert _accumulate(x, x_hat).compute()["reconstruction_quality"]["cossim"] == pytest.approx(0.5)
-    # a zero reconstruction has cosine 0, not NaN
-    assert core.cosine_sim_per_token(T([[1.0, 1.0]]), T([[0.0, 0.0]])).item() == 0.0
+    # a zero reconstruction has no cosine: NaN, as SAEBench (no epsilon), so the metric is flagged
+    assert math.isnan(core.cosine_sim_per_token(T([[1.0, 1.0]]), T([[0.0, 0.0]])).item())
 
 
 def test_l2_norms_and_ratio_hand_computed():
@@ -133,19 +149,30 @@ def test_l2_norms_and_ratio_hand_computed():
 
 
 def test_relative_reconstruction_bias_hand_computed():
-    # SAEBench: E||x_hat||^2 / E[x . x_hat] over all tokens.
+    # E||x_hat||^2 / E[x . x_hat] over one batch.
     # x = (2,0), (0,1); x_hat = (1,1), (0,3): sum ||x_hat||^2 = 2 + 9 = 11; sum x.x_hat = 2 + 3 = 5
     # -> 11/5 = 2.2 (a mean of per-token ratios would give (2/2 + 9/3)/2 = 2; E[x.x_hat]/E||x||^2 = 5/5 = 1)
     m = _accumulate([[2.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [0.0, 3.0]]).compute()["shrinkage"]
     assert m["relative_reconstruction_bias"] == pytest.approx(2.2)
+    assert m["relative_reconstruction_bias_global"] == pytest.approx(2.2)
     assert core.relative_reconstruction_bias(11.0, 5.0) == pytest.approx(2.2)
+    # Two batches: SAEBench averages the per-batch ratios; _global is one ratio of sums.
+    # batch A as above (11/5); batch B: x = (1,0), x_hat = (1,0): 1/1. SAEBench (2.2 + 1)/2 = 1.6;
+    # global (11 + 1)/(5 + 1) = 2.0
+    acc = CoreAccumulator()
+    for xs, xh in (([[2.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [0.0, 3.0]]), ([[1.0, 0.0]], [[1.0, 0.0]])):
+        acc.update_reconstruction(T(xs)[None], T(xh)[None], torch.zeros(1, len(xs), 2),
+                                  torch.ones(1, len(xs), dtype=torch.bool))
+    m = acc.compute()["shrinkage"]
+    assert m["relative_reconstruction_bias"] == pytest.approx(1.6)
+    assert m["relative_reconstruction_bias_global"] == pytest.approx(2.0)
     assert math.isnan(core.relative_reconstruction_bias(0.0, 0.0))
 
 
 def test_l0_l1_hand_computed_and_token_weighted():
-    # batch A, 2 tokens: f = (0, 2, -1, 0) -> l0 2, l1 3; (0, 0, 0, 3) -> l0 1, l1 3
+    # batch A, 2 tokens: f = (0, 2, -1, 0) -> l0 2, l1 1 (SAEBench sums f without abs); (0, 0, 0, 3) -> 1, 3
     # batch B, 1 token:  f = (1, 1, 1, 1)  -> l0 4, l1 4
-    # token means: l0 = (2 + 1 + 4)/3 = 7/3, l1 = (3 + 3 + 4)/3 = 10/3
+    # token means: l0 = (2 + 1 + 4)/3 = 7/3, l1 = (1 + 3 + 4)/3 = 8/3
     # (a mean of batch means would give l0 = (1.5 + 4)/2 = 2.75)
     acc = CoreAccumulator()
     acc.update_reconstruction(
@@ -157,7 +184,7 @@ def test_l0_l1_hand_computed_and_token_weighted():
     )
     m = acc.compute()["sparsity"]
     assert m["l0"] == pytest.approx(7 / 3)
-    assert m["l1"] == pytest.approx(10 / 3)
+    assert m["l1"] == pytest.approx(8 / 3)
 
 
 def test_density_metrics_hand_computed():
@@ -206,8 +233,12 @@ def test_special_token_masks():
     tokens = T([[0, 5, 6, 0, 7]])
     keep = core.keep_mask(tokens, {0, None})
     assert keep.tolist() == [[False, True, True, False, True]]
-    # CE at position t predicts t+1: scored only when both are non-special -> only 5 -> 6
-    assert core.ce_keep_mask(keep).tolist() == [[False, True, False, False]]
+    # CE at position t predicts t+1. SAEBench: scored when the INPUT is non-special (5 -> 6, 6 -> BOS);
+    # both_non_special: only 5 -> 6
+    assert core.ce_keep_mask(keep).tolist() == [[False, True, True, False]]
+    assert core.ce_keep_mask(keep, "both_non_special").tolist() == [[False, True, False, False]]
+    with pytest.raises(ValueError, match="ce_positions"):
+        core.ce_keep_mask(keep, "nope")
     assert core.keep_mask(tokens, set()).all()
 
 
@@ -225,7 +256,7 @@ def test_special_tokens_excluded_from_every_average():
     acc = CoreAccumulator()
     acc.update_reconstruction(x, x_hat, f, keep)
     kl = T([[9.0, 0.1, 0.3, 9.0, 0.2]])  # mean over scored positions 1, 2, 4 = 0.2
-    ce = T([[9.0, 1.0, 9.0, 9.0]])  # only position 1 (5 -> 6) scores: 1.0
+    ce = T([[9.0, 1.0, 1.0, 9.0]])  # positions 1 (5 -> 6) and 2 (6 -> BOS) score: 1.0
     acc.update_downstream(keep, kl, kl * 2, ce, ce * 1.5, ce * 2)
     m = acc.compute()
     assert m["shrinkage"]["l2_norm_in"] == pytest.approx(5.0)
@@ -237,7 +268,7 @@ def test_special_tokens_excluded_from_every_average():
     # CE: clean 1.0, sae 1.5, ablation 2.0 -> score (2 - 1.5)/(2 - 1) = 0.5
     assert m["model_performance_preservation"]["ce_loss_without_sae"] == pytest.approx(1.0)
     assert m["model_performance_preservation"]["ce_loss_score"] == pytest.approx(0.5)
-    assert acc.n_tokens == 3 and acc.n_ce == 1
+    assert acc.n_tokens == 3 and acc.n_ce == 2
 
 
 def test_splice_keeps_special_positions():
@@ -413,12 +444,12 @@ def test_end_to_end_zero_sae_scores_zero(lm, tokens):
     m = out.metrics
     assert m["model_behavior_preservation"]["kl_div_score"] == pytest.approx(0.0, abs=1e-6)
     assert m["model_performance_preservation"]["ce_loss_score"] == pytest.approx(0.0, abs=1e-6)
-    assert m["reconstruction_quality"]["cossim"] == 0.0
+    assert math.isnan(m["reconstruction_quality"]["cossim"])  # SAEBench: no cosine with a zero vector
     assert m["sparsity"]["l0"] == 0.0 and m["misc_metrics"]["frac_alive"] == 0.0
     # x_hat = 0: EV = 1 - E||x||^2 / E||x - mean||^2 = -||mean||^2 / Var < 0
     x = lm.activations(tokens, 0, "resid_post").reshape(-1, 32).double()
     expected = 1 - x.pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-    assert m["reconstruction_quality"]["explained_variance"] == pytest.approx(expected.item(), rel=1e-9)
+    assert m["reconstruction_quality"]["explained_variance_centred"] == pytest.approx(expected.item(), rel=1e-9)
     # relative reconstruction bias is 0/0 for a zero output: dropped, listed, flagged
     assert "shrinkage/relative_reconstruction_bias" in out.flags["nonfinite_metrics"]
     assert "core/shrinkage/relative_reconstruction_bias" in flatten_metrics(out).dropped
@@ -435,16 +466,17 @@ def test_end_to_end_matches_direct_computation_and_is_batch_size_invariant(lm, t
     for bs in (4,):
         for cat, group in runs[6].items():
             for name, value in group.items():
-                if name == "explained_variance_legacy" or cat == "token_stats":
-                    continue  # legacy depends on the batch by definition
+                if name in ("explained_variance_legacy", "explained_variance", "mse") or cat == "token_stats":
+                    continue  # SAEBench's per-batch formulas depend on the batch by definition
                 assert runs[bs][cat][name] == pytest.approx(value, rel=1e-6, abs=1e-9), (bs, cat, name)
     m = runs[6]
     # x_hat = 0.5 x: everything below follows from the activations directly
     x = lm.activations(tokens, 0, "resid_post").reshape(-1, 32).double()
     resid = (0.5 * x).pow(2).sum()
     sst = (x - x.mean(0)).pow(2).sum()
-    assert m["reconstruction_quality"]["explained_variance"] == pytest.approx(1 - (resid / sst).item())
-    assert m["reconstruction_quality"]["mse"] == pytest.approx((resid / x.numel()).item())
+    assert m["reconstruction_quality"]["explained_variance_centred"] == pytest.approx(1 - (resid / sst).item())
+    assert m["reconstruction_quality"]["mse_per_element"] == pytest.approx((resid / x.numel()).item())
+    assert m["reconstruction_quality"]["mse_per_token"] == pytest.approx((resid / x.shape[0]).item())
     assert m["shrinkage"]["l2_ratio"] == pytest.approx(0.5)
     assert m["shrinkage"]["relative_reconstruction_bias"] == pytest.approx(0.5)  # 0.25 ||x||^2 / 0.5 ||x||^2
     assert m["reconstruction_quality"]["cossim"] == pytest.approx(1.0)
@@ -479,3 +511,135 @@ def test_end_to_end_bf16_model_with_fp32_sae(tokens):
     assert m["model_behavior_preservation"]["kl_div_score"] == pytest.approx(1.0, abs=1e-6)
     assert m["reconstruction_quality"]["explained_variance"] == pytest.approx(1.0, abs=1e-9)
     assert not out.flags.get("nonfinite_metrics")
+
+
+# Transcriptions of the reference on identical inputs
+
+
+def _saebench_sparsity_and_variance(batches, d_sae):
+    """SAEBench 0.6.0 ``get_sparsity_and_variance_metrics``, written out from
+    sae_bench/evals/core/main.py:437-636 (pip sae-bench==0.6.0; github.com/adamkarvonen/SAEBench
+    @8042bb38): per batch, flatten, keep non-ignored tokens, append per-token values (and the
+    three per-batch EV pieces), then ``torch.cat(...).mean()`` -- float32 as in its runs."""
+    metric = {k: [] for k in ("l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias", "l0", "l1",
+                              "explained_variance_legacy", "mse", "cossim")}
+    mean_sum_of_squares, mean_act_per_dimension, mean_sum_of_resid_squared = [], [], []
+    total_feature_acts, total_feature_prompts, total_tokens = torch.zeros(d_sae), torch.zeros(d_sae), 0
+    for x, x_hat, f, mask in batches:
+        flat_mask = mask.flatten()
+        xs = x.flatten(0, 1)[flat_mask]
+        fs = f.flatten(0, 1)[flat_mask]
+        xh = x_hat.flatten(0, 1)[flat_mask]
+        l2_in, l2_out = torch.norm(xs, dim=-1), torch.norm(xh, dim=-1)  # main.py:539-543
+        div = l2_in.clone()
+        div[torch.abs(div) < 0.0001] = 1
+        metric["l2_norm_in"].append(l2_in)
+        metric["l2_norm_out"].append(l2_out)
+        metric["l2_ratio"].append(l2_out / div)
+        metric["relative_reconstruction_bias"].append(  # main.py:547-551
+            ((torch.norm(xh, dim=-1) ** 2).mean() / (xs * xh).sum(dim=-1).mean()).unsqueeze(0))
+        metric["l0"].append((fs != 0).sum(dim=-1).float())  # main.py:561-562
+        metric["l1"].append(fs.sum(dim=-1))
+        rss = (xs - xh).pow(2).sum(dim=-1)  # main.py:567-578
+        metric["mse"].append(rss / flat_mask.sum())
+        metric["explained_variance_legacy"].append(1 - rss / (xs - xs.mean(dim=0)).pow(2).sum(dim=-1))
+        mean_sum_of_squares.append(xs.pow(2).sum(dim=-1).mean(dim=0))  # main.py:582-590
+        mean_act_per_dimension.append(xs.pow(2).mean(dim=0))
+        mean_sum_of_resid_squared.append(rss.mean(dim=0))
+        metric["cossim"].append(  # main.py:592-598
+            (xs / torch.norm(xs, dim=-1, keepdim=True) * (xh / torch.norm(xh, dim=-1, keepdim=True))).sum(dim=-1))
+        fired = ((f * mask.unsqueeze(-1)) > 0).float()  # main.py:603-609
+        total_feature_acts += fired.sum(dim=1).sum(dim=0)
+        total_feature_prompts += (fired.sum(dim=1) > 0).sum(dim=0)
+        total_tokens += mask.sum()
+    out = {k: torch.cat(v).mean().item() for k, v in metric.items()}  # main.py:612-627
+    total_variance = torch.stack(mean_sum_of_squares).mean(dim=0) - torch.cat(mean_act_per_dimension).mean(dim=0) ** 2
+    out["explained_variance"] = (1 - torch.stack(mean_sum_of_resid_squared).mean(dim=0) / total_variance).item()
+    return out, total_feature_acts / total_tokens, total_feature_acts / total_feature_prompts
+
+
+def test_sparsity_and_variance_metrics_match_saebench_transcription():
+    # 3 batches of different sizes, random activations with a non-zero mean (so centred and SAEBench EV
+    # differ), reconstructions with error, TopK-like latents, and a few ignored (special) positions.
+    g = torch.Generator().manual_seed(5)
+    d_in, d_sae = 8, 12
+    batches, acc = [], CoreAccumulator()
+    for b, t in ((4, 6), (4, 6), (2, 6)):
+        x = torch.randn(b, t, d_in, generator=g) * 3 + 1.5
+        x_hat = x * 0.8 + 0.3 * torch.randn(b, t, d_in, generator=g)
+        f = torch.relu(torch.randn(b, t, d_sae, generator=g) - 0.5)
+        mask = torch.rand(b, t, generator=g) > 0.15
+        mask[:, 0] = False  # BOS
+        batches.append((x, x_hat, f, mask))
+        acc.update_reconstruction(x, x_hat, f, mask)
+    ref, density, cah = _saebench_sparsity_and_variance(batches, d_sae)
+    m = acc.compute()
+    ours = {**m["reconstruction_quality"], **m["shrinkage"], **m["sparsity"]}
+    assert abs(ours["explained_variance"] - ours["explained_variance_centred"]) > 0.01  # the test can tell them apart
+    assert abs(ours["relative_reconstruction_bias"] - ours["relative_reconstruction_bias_global"]) > 1e-4
+    for name, value in ref.items():
+        assert ours[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    assert acc.feature_density().tolist() == pytest.approx(density.tolist(), rel=1e-6)
+    assert acc.consistent_activation_heuristic().tolist() == pytest.approx(cah.tolist(), rel=1e-6)
+
+
+def test_kl_ce_aggregation_matches_saebench_transcription():
+    # SAEBench 0.6.0 get_downstream_reconstruction_metrics (sae_bench/evals/core/main.py:404-432): each
+    # per-position tensor is masked by `tokens not in ignore_tokens`; for CE ([B, T-1]) the mask is
+    # truncated as mask[:, :-1]; every metric is torch.cat(...).mean() over batches; then the scores.
+    g = torch.Generator().manual_seed(6)
+    ignore = {0, 1}
+    ref = {k: [] for k in ("kl_div_with_sae", "kl_div_with_ablation", "ce_loss_without_sae", "ce_loss_with_sae",
+                           "ce_loss_with_ablation")}
+    acc = CoreAccumulator()
+    for b in (3, 2):
+        tokens = torch.randint(0, 6, (b, 7), generator=g)
+        tokens[:, 0] = 0
+        vals = {"kl_div_with_sae": torch.rand(b, 7, generator=g), "kl_div_with_ablation": 2 + torch.rand(b, 7, generator=g),
+                "ce_loss_without_sae": torch.rand(b, 6, generator=g), "ce_loss_with_sae": 1 + torch.rand(b, 6, generator=g),
+                "ce_loss_with_ablation": 3 + torch.rand(b, 6, generator=g)}
+        mask = torch.logical_not(torch.any(torch.stack([tokens == t for t in ignore], dim=0), dim=0))
+        for name, v in vals.items():
+            m = mask[:, :-1] if v.shape[1] != mask.shape[1] else mask
+            ref[name].append(v[m])
+        acc.update_downstream(core.keep_mask(tokens, ignore), vals["kl_div_with_sae"], vals["kl_div_with_ablation"],
+                              vals["ce_loss_without_sae"], vals["ce_loss_with_sae"], vals["ce_loss_with_ablation"])
+        acc.update_reconstruction(torch.ones(b, 7, 2), torch.ones(b, 7, 2), torch.ones(b, 7, 2), torch.ones(b, 7, dtype=torch.bool))
+    ref = {k: torch.cat(v).mean().item() for k, v in ref.items()}
+    ref["kl_div_score"] = (ref["kl_div_with_ablation"] - ref["kl_div_with_sae"]) / ref["kl_div_with_ablation"]
+    ref["ce_loss_score"] = (ref["ce_loss_with_ablation"] - ref["ce_loss_with_sae"]) / (
+        ref["ce_loss_with_ablation"] - ref["ce_loss_without_sae"])
+    m = acc.compute()
+    ours = {**m["model_behavior_preservation"], **m["model_performance_preservation"]}
+    for name, value in ref.items():
+        assert ours[name] == pytest.approx(value, rel=1e-6), name
+
+
+def test_splice_option_reconstructs_special_positions_too(lm, tokens):
+    # SAEBench's default exclude_special_tokens_from_reconstruction=False reconstructs EVERY position;
+    # an SAE whose error is a fixed offset then also changes the BOS position, which later positions
+    # attend to, so KL with the SAE grows. (A pure rescaling would be undone by the next LayerNorm.)
+    class OffsetSAE(LinearSAE):
+        def forward(self, x):
+            offset = torch.linspace(-1.0, 1.0, x.shape[-1], dtype=x.dtype)
+            return x + offset, torch.relu(x @ self.W_enc + self.b_enc)
+
+    toks = tokens.clone()
+    toks[:, 0] = 0
+    keep = run_core_eval(lm, OffsetSAE(), toks, 0, "resid_post", 6, {0}, progress=False)
+    every = run_core_eval(lm, OffsetSAE(), toks, 0, "resid_post", 6, {0}, progress=False,
+                          exclude_special_tokens_from_reconstruction=False)
+    assert every.config["exclude_special_tokens_from_reconstruction"] is False
+    kl_keep = keep.metrics["model_behavior_preservation"]["kl_div_with_sae"]
+    kl_every = every.metrics["model_behavior_preservation"]["kl_div_with_sae"]
+    assert kl_every > kl_keep * 1.01
+    # reconstruction metrics do not depend on the splice
+    assert every.metrics["reconstruction_quality"] == keep.metrics["reconstruction_quality"]
+
+
+def test_saebench_special_ids_are_bos_eos_pad():
+    class Tok:
+        bos_token_id, eos_token_id, pad_token_id = 1, 2, None
+        all_special_ids = [0, 1, 2, 7]
+
+    assert core.saebench_special_ids(Tok()) == [1, 2]

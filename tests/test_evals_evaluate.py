@@ -64,7 +64,7 @@ def finished_run(tmp_path_factory, session_cache_dir):
 
 def test_evaluate_adds_metrics_to_finished_run(finished_run):
     tracker, run_id = finished_run
-    rc = evaluate.main([run_id, "eval.run=[fake_features]", "eval.fake_features.n_sequences=16",
+    rc = evaluate.main([run_id, "eval.run=[fake_features]", "eval.fake_features.n_tokens=512",
                         "--tracking-uri", tracker.uri])
     assert rc == 0
     run = tracker.get_run(run_id)
@@ -76,7 +76,7 @@ def test_evaluate_adds_metrics_to_finished_run(finished_run):
     assert "evals/fake_features.json" in arts
     with tempfile.TemporaryDirectory() as d:
         doc = json.loads(tracker.download(run_id, "evals/fake_features.json", Path(d)).read_text())
-    assert doc["eval_type_id"] == "fake_features" and doc["eval_config"]["n_sequences"] == 16
+    assert doc["eval_type_id"] == "fake_features" and doc["eval_config"]["n_tokens"] == 512
 
 
 def test_evaluate_refuses_training_overrides_and_unknown_evals(finished_run):

@@ -40,7 +40,41 @@ def test_one_to_one_matching_versus_top1(method):
     res = shared_feature_ratio(a, b, 0.7, method=method)
     assert res["shared_feature_ratio"] == pytest.approx(1 / 3)
     assert res["top1_ratio_a"] == pytest.approx(2 / 3) and res["top1_ratio_b"] == pytest.approx(1 / 3)
-    assert res["top1_ratio"] == pytest.approx(0.5)
+    assert res["top1_ratio"] == pytest.approx(1 / 3)  # FaithfulSAE's direction: B's latents -> A
+    assert res["top1_ratio_symmetric"] == pytest.approx(0.5)
+
+
+def _faithfulsae_feat_match(w_dec1, w_dec2, threshold=0.7):
+    """FaithfulSAE's SFR and top-1 ratio, written out from scripts/feat_match.py
+    (github.com/seonglae/FaithfulSAE @486a874, lines 32-36 `weight_sim`, 47-68
+    `compute_similarity_matrix`, 162-179 in `feat_match`; SAE1 = seed 42, SAE2 = seed 49)."""
+    from scipy.optimize import linear_sum_assignment
+
+    top4 = torch.stack([torch.nn.functional.cosine_similarity(w_dec1, w_dec2[i, :], dim=1).topk(4).values
+                        for i in range(w_dec2.shape[0])]).to(torch.float32)
+    top1_ratio = (top4[:, 0] > threshold).float().mean().item()
+    s = (w_dec1 / w_dec1.norm(dim=1, keepdim=True)) @ (w_dec2 / w_dec2.norm(dim=1, keepdim=True)).T
+    rows, cols = linear_sum_assignment(-s.numpy())
+    matched = s[rows, cols]
+    margin = min((matched - threshold).abs().min().item(), (top4[:, 0] - threshold).abs().min().item())
+    return {"shared_feature_ratio": (matched > threshold).float().mean().item(), "top1_ratio": top1_ratio,
+            "margin": margin}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_faithfulsae_transcription(seed):
+    # decoders that share about half their directions, with noise so cosines spread around 0.7
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(120, 24, generator=g)
+    w1 = torch.cat([base[:60] + 0.35 * torch.randn(60, 24, generator=g), torch.randn(60, 24, generator=g)])
+    w2 = torch.cat([base[:60], torch.randn(70, 24, generator=g)])[torch.randperm(130, generator=g)]
+    ref = _faithfulsae_feat_match(w1, w2)
+    ours = shared_feature_ratio(w1, w2, 0.7, method="dense")
+    assert 0.1 < ref["shared_feature_ratio"] < 0.6 and 0.1 < ref["top1_ratio"] < 0.6  # not a trivial case
+    # a cosine within rounding of 0.7 could flip between float32 and float64; none is that close here
+    assert ref["margin"] > 1e-5
+    assert ours["shared_feature_ratio"] == pytest.approx(ref["shared_feature_ratio"], abs=1e-6)
+    assert ours["top1_ratio"] == pytest.approx(ref["top1_ratio"], abs=1e-6)
 
 
 def test_different_widths_and_half_shared():

@@ -1,27 +1,46 @@
 """SAEBench's ``absorption_first_letter`` eval (Chanin et al.'s feature absorption, with Till's
-absorption fraction), written from SAEBench's published definition.
+absorption fraction).
 
-1. Vocabulary: single tokens that decode to an ASCII alphabetic word (leading space allowed).
-2. Prompts: ``n_icl_examples`` in-context examples ``"{word} has the first letter: X"`` joined by
-   newlines, then the target ``"{word} has the first letter:"``; the LM activation is read AT THE
-   WORD TOKEN. Prompts are assembled from token ids, so the word position is exact for any
-   tokenizer (SAEBench hard-codes position -6, which only holds for some tokenizers).
-3. Ground truth: a one-vs-rest logistic-regression probe per letter on the LM activations (train
-   split of the vocabulary); its F1 on the test split decides which letters the LM represents.
-   Letters with F1 < ``min_GT_probe_f1`` are excluded; fewer than ``min_feats_for_eval`` letters
-   left -> the eval is "skipped" with the per-letter F1s as the reason (small models).
-4. k-sparse probes: an L1-regularised multi-letter probe on the SAE latents ranks latents per
-   letter; for k = 1..``max_k_value`` a logistic regression on that letter's top-k latents is
-   scored by test F1. The main ("split") features are the top-k set reached while F1 keeps
-   jumping by more than ``f1_jump_threshold``; ``num_split_features`` is their count.
-5. For each test word the probe detects (probe true positive), with probe direction u and decoder
-   projections p_i = f_i * (W_dec[i] . u):
-   * absorption fraction: the share of the activation's probe projection carried by up to
-     ``absorption_fraction_max_absorbing_latents`` non-main latents aligned with u (cos >=
-     ``absorption_fraction_probe_cos_sim_threshold``) instead of by the main latents;
-   * full absorption: no main latent fires, the top projecting latent is aligned with u
-     (cos >= ``full_absorption_probe_cos_sim_threshold``) and carries at least
-     ``probe_projection_proportion_threshold`` of the probe projection.
+Reference: SAEBench 0.6.0 ``sae_bench/evals/absorption/`` (``main.py``, ``probing.py``,
+``k_sparse_probing.py``, ``feature_absorption_calculator.py``, ``vocab.py``, ``prompting.py``;
+github.com/adamkarvonen/SAEBench @8042bb38). By default each step is SAEBench's:
+
+1. Vocabulary (``vocab.get_alpha_tokens``): every token that decodes to ASCII letters after at most
+   one leading space -- no minimum length, no cap (``min_word_length``, ``max_words`` can change
+   that); 80 / 20 train / test split.
+2. Prompts: ``"\n"`` then ``n_icl_examples`` (10) examples ``"{word} has the first letter: X"``
+   joined by newlines, then ``"\n{word} has the first letter:"``; train words take their examples
+   from the train words, test words from the test words. The LM activation is read AT THE WORD
+   TOKEN (prompts are assembled from token ids; SAEBench's position -6 is that token when the text
+   after the word is 5 tokens, as for GPT-2, Gemma and SmolLM2 tokenizers), at the SAE's hook
+   (SAEBench: always ``hook_resid_post``, i.e. the same for resid_post SAEs).
+3. Ground truth (``gt_probe="saebench"``): one 26-output linear probe (``train_multi_probe``): BCE
+   with ``pos_weight = n_neg / n_pos`` per letter, Adam lr 1e-2 with weight decay 1e-4, decayed
+   exponentially per epoch to 1e-5, batch 64, 50 epochs; test F1 per letter at logit > 0. A letter
+   counts when F1 ``>`` ``min_GT_probe_f1`` (strict); fewer than ``min_feats_for_eval`` letters ->
+   "skipped" with the per-letter F1s (SAEBench stops there).
+4. k-sparse probes: the same multi-probe on SAE latents with ``+ 0.01 * mean_letter(sum|w|)``, weight
+   decay 1e-6, batch 4096, 50 epochs ranks latents (largest SIGNED weight); for k = 1..10 an sklearn
+   ``LogisticRegression(max_iter=500, class_weight="balanced")`` (lbfgs) on the RAW latents of the
+   top k, test F1; the main ("split") latents are the top-k set reached while F1 jumps by more than
+   ``f1_jump_threshold``.
+5. Absorption for each test word the probe detects (true positive), on a NEW prompt whose examples
+   come from the whole vocabulary: u = unit probe direction, cos_i = cos(W_dec[i], u), projection of
+   latent i p_i = f_i * cos_i (``projection="cosine"``), a = x . u;
+   * absorption fraction: 0 if main >= a or A / a < 0.4; 1 if main <= 0; else
+     min(A, a - main) / (min(A, a - main) + main), with A = the sum of the top 3 p_i of non-main
+     latents with cos_i >= 0.1 and p_i > 0;
+   * full absorption: every main latent < 1e-8, the top projecting latent has cos >= 0.025, a >= 0
+     and p_top / a >= 0.4.
+   Per letter: sums over true positives / their count; across letters: mean and sample std.
+
+Named options beside the reference: ``gt_probe="sklearn"`` (per-letter balanced sklearn logistic
+regression on x / mean||x||), ``k_sparse_probe="standardised"`` (standardised newton-cholesky fits),
+``projection="decoder_dot"`` (p_i = f_i * (W_dec[i] . u), the true share of a's projection for
+non-unit decoder rows). Remaining differences: prompts, splits and probe inits are seeded (SAEBench
+seeds nothing here); probes stay float32 (SAEBench reloads the LM probe in bf16 on CUDA); a letter
+with no training word gets pos_weight 1 instead of SAEBench's infinite weight; a == 0 gives
+fraction 0 and no full absorption (SAEBench divides by zero).
 
 Metrics (category ``mean``, SAEBench names): ``mean_absorption_fraction_score``,
 ``mean_full_absorption_score``, ``mean_num_split_features`` and their ``std_dev_*``; details: one
@@ -36,12 +55,12 @@ import math
 import string
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from sae_sweep.config import setting
+from sae_sweep.config import choice, setting
 from sae_sweep.evals.probes import few_threads, stable_seed
 from sae_sweep.evals.registry import register_eval, settings_dict
 from sae_sweep.evals.schema import EvalOutput
@@ -67,16 +86,24 @@ class AbsorptionSettings:
     min_feats_for_eval: int = setting(20, allowed="an integer in [1, 26] (letters that must pass the F1 threshold)",
                                       check=lambda v: 1 <= v <= 26)
     llm_batch_size: int = setting(32, allowed="an integer >= 1", check=lambda v: v >= 1)
-    n_icl_examples: int = setting(10, allowed="an integer >= 0", check=lambda v: v >= 0)
+    n_icl_examples: int = setting(10, allowed="an integer >= 0 (SAEBench: 10)", check=lambda v: v >= 0)
+    gt_probe: str = choice("saebench", ("saebench", "sklearn"))
+    gt_probe_batch_size: int = setting(64, allowed="an integer >= 1 (SAEBench: 64)", check=lambda v: v >= 1)
+    gt_probe_num_epochs: int = setting(50, allowed="an integer >= 1 (SAEBench: 50)", check=lambda v: v >= 1)
+    gt_probe_lr: float = setting(1e-2, allowed="a float > 0 (SAEBench: 0.01)", check=lambda v: v > 0)
+    gt_probe_weight_decay: float = setting(1e-4, allowed="a float >= 0 (SAEBench: 1e-4)", check=lambda v: v >= 0)
+    k_sparse_probe_l2_decay: float = setting(1e-6, allowed="a float >= 0 (SAEBench: 1e-6)", check=lambda v: v >= 0)
+    k_sparse_probe: str = choice("saebench", ("saebench", "standardised"))
+    projection: str = choice("cosine", ("cosine", "decoder_dot"))
     full_absorption_probe_cos_sim_threshold: float = 0.025
     absorption_fraction_probe_cos_sim_threshold: float = 0.1
     probe_projection_proportion_threshold: float = 0.4
     absorption_fraction_max_absorbing_latents: int = setting(3, allowed="an integer >= 1", check=lambda v: v >= 1)
-    max_words: int = setting(3000, allowed="an integer >= 26 (vocabulary words used, a seeded random subset)",
-                             check=lambda v: v >= 26)
+    max_words: Optional[int] = setting(None, allowed="null (every alphabetic token, SAEBench) or an integer >= 26 "
+                                                     "(a seeded random subset)", check=lambda v: v >= 26)
     test_fraction: float = setting(0.2, allowed="a float in (0, 1)", check=lambda v: 0 < v < 1)
-    min_word_length: int = setting(2, allowed="an integer >= 1", check=lambda v: v >= 1)
-    min_letter_examples: int = setting(4, allowed="an integer >= 1 (train examples a letter needs to get a probe)",
+    min_word_length: int = setting(1, allowed="an integer >= 1 (SAEBench: 1)", check=lambda v: v >= 1)
+    min_letter_examples: int = setting(1, allowed="an integer >= 1 (train words a letter needs to be probed)",
                                        check=lambda v: v >= 1)
 
 
@@ -121,10 +148,11 @@ def prompt_parts(tokenizer: Any, template: str) -> PromptParts:
 
 def build_prompts(word_ids: Sequence[int], words: Sequence[str], pool: Sequence[Tuple[int, str]], parts: PromptParts,
                   n_examples: int, bos: int, rng: np.random.Generator) -> Tuple[List[List[int]], List[int]]:
-    """ICL prompts as id lists (BOS first) and the index of the target word token in each."""
+    """ICL prompts as id lists and the index of the target word token in each: BOS, "\n" (SAEBench's
+    ``prepend_separator_to_first_example``), the examples each followed by "\n", the target."""
     prompts, positions = [], []
     for wid, _w in zip(word_ids, words):
-        ids = [int(bos)]
+        ids = [int(bos)] + parts.sep
         candidates = rng.choice(len(pool), size=min(len(pool), n_examples + 1), replace=False)
         examples = [pool[i] for i in candidates if pool[i][0] != wid][:n_examples]
         for eid, eword in examples:
@@ -173,7 +201,7 @@ def _logreg(x: np.ndarray, y: np.ndarray, seed: int, max_iter: int = 1000, stand
         clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, class_weight="balanced",
                                                                  solver="newton-cholesky", random_state=seed))
     else:
-        clf = LogisticRegression(max_iter=max_iter, class_weight="balanced", random_state=seed)
+        clf = LogisticRegression(max_iter=max_iter, class_weight="balanced")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         clf.fit(x, y)
@@ -195,44 +223,77 @@ def letter_probes(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np
     return out
 
 
-def rank_latents_l1(f_tr: torch.Tensor, y_tr: np.ndarray, n_classes: int, *, l1_decay: float, num_epochs: int,
-                    batch_size: int, seed: int, lr: float = 0.01, end_lr: float = 1e-5) -> torch.Tensor:
-    """SAEBench's latent ranking: one L1-penalised logistic probe per letter on the SAE latents
-    (BCE on one-hot targets + ``l1_decay * mean_letter(sum |w|)``), Adam with a decaying LR.
-    Returns the weights ``[n_classes, d_sae]``; a letter's top-k latents are its k largest weights."""
-    g = torch.Generator().manual_seed(seed)
-    x = f_tr.float().clone()  # a plain tensor: inputs made under inference_mode cannot join autograd
-    y = torch.nn.functional.one_hot(torch.as_tensor(y_tr, dtype=torch.long), n_classes).float()
-    w = torch.zeros(n_classes, x.shape[1], requires_grad=True)
-    b = torch.zeros(n_classes, requires_grad=True)
-    opt = torch.optim.Adam([w, b], lr=lr)
-    steps_per_epoch = max(1, math.ceil(x.shape[0] / batch_size))
-    total = num_epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (end_lr / lr) ** (s / max(1, total)))
-    with torch.enable_grad(), few_threads():
+def train_multi_probe(x: torch.Tensor, y: np.ndarray, n_classes: int, *, batch_size: int, num_epochs: int, lr: float,
+                      weight_decay: float, seed: int, l1_decay: float = 0.0, end_lr: float = 1e-5
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SAEBench's ``train_multi_probe`` (absorption/probing.py:56-114, 163-244): ``nn.Linear(d, n_classes)``
+    with default init on one-hot targets, ``BCEWithLogitsLoss(pos_weight = n_neg / n_pos)`` per class
+    (``+ l1_decay * mean_class(sum|w|)`` for the k-sparse ranking probe, k_sparse_probing.py:57-92),
+    ``Adam(lr, weight_decay)``, shuffled batches, the LR decayed by ``(end_lr / lr)^(1 / num_epochs)``
+    after every EPOCH. Returns (weight ``[n_classes, d]``, bias ``[n_classes]``). Seeded; a class
+    without positives gets pos_weight 1 (SAEBench: infinite, which makes the loss NaN)."""
+    with torch.inference_mode(False), torch.enable_grad(), few_threads():
+        g = torch.Generator().manual_seed(int(seed))
+        x = x.float().clone()  # a plain tensor: inputs made under inference_mode cannot join autograd
+        yy = torch.nn.functional.one_hot(torch.as_tensor(y, dtype=torch.long), n_classes).float()
+        n_pos = yy.sum(0)
+        pos_weight = torch.where(n_pos > 0, (len(yy) - n_pos) / n_pos.clamp_min(1), torch.ones_like(n_pos))
+        bound = 1.0 / math.sqrt(x.shape[1])
+        w = ((torch.rand(n_classes, x.shape[1], generator=g) * 2 - 1) * bound).requires_grad_()
+        b = ((torch.rand(n_classes, generator=g) * 2 - 1) * bound).requires_grad_()
+        opt = torch.optim.Adam([w, b], lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=math.exp(math.log(end_lr / lr) / num_epochs))
         for _ in range(num_epochs):
             order = torch.randperm(x.shape[0], generator=g)
             for s in range(0, x.shape[0], batch_size):
                 idx = order[s:s + batch_size]
                 logits = x[idx] @ w.T + b
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[idx])
-                loss = loss + l1_decay * w.abs().sum(-1).mean()
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, yy[idx], pos_weight=pos_weight)
+                if l1_decay:
+                    loss = loss + l1_decay * w.abs().sum(dim=-1).mean()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                sched.step()
-    return w.detach()
+            sched.step()
+    return w.detach(), b.detach()
+
+
+def gt_probes_saebench(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray,
+                       letters: Sequence[int], s: Dict[str, Any], seed: int) -> Dict[int, Dict[str, Any]]:
+    """Ground-truth probes the SAEBench way: one 26-output multi-probe (``train_linear_probe_for_task``
+    via ``train_and_save_probes``' batch 64, 50 epochs, lr 1e-2, weight decay 1e-4); per letter its
+    row (direction), test F1 of logit > 0 (``build_metrics_df``) and test logits."""
+    w, b = train_multi_probe(torch.as_tensor(x_tr, dtype=torch.float32), y_tr, 26,
+                             batch_size=int(s["gt_probe_batch_size"]), num_epochs=int(s["gt_probe_num_epochs"]),
+                             lr=float(s["gt_probe_lr"]), weight_decay=float(s["gt_probe_weight_decay"]), seed=seed)
+    logits = (torch.as_tensor(x_te, dtype=torch.float32) @ w.T + b).numpy()
+    return {li: {"direction": w[li].double().numpy(), "f1": _f1(y_te == li, logits[:, li] > 0.0),
+                 "test_scores": logits[:, li]} for li in letters}
+
+
+def rank_latents_l1(f_tr: torch.Tensor, y_tr: np.ndarray, n_classes: int, *, l1_decay: float, num_epochs: int,
+                    batch_size: int, seed: int, lr: float = 0.01, end_lr: float = 1e-5,
+                    l2_decay: float = 1e-6) -> torch.Tensor:
+    """SAEBench's latent ranking (``train_sparse_multi_probe``): the L1-penalised multi-probe on the SAE
+    latents. Returns the weights ``[n_classes, d_sae]``; a letter's top-k latents are its k largest
+    (signed) weights."""
+    return train_multi_probe(f_tr, y_tr, n_classes, batch_size=batch_size, num_epochs=num_epochs, lr=lr,
+                             end_lr=end_lr, weight_decay=l2_decay, seed=seed, l1_decay=l1_decay)[0]
 
 
 def k_sparse_probes(f_tr: np.ndarray, y_tr: np.ndarray, f_te: np.ndarray, y_te: np.ndarray, ranking: np.ndarray,
-                    ks: Sequence[int], seed: int) -> List[Dict[str, Any]]:
-    """For each k: logistic regression on the top-k ranked latents; test F1 (decision > 0)."""
+                    ks: Sequence[int], seed: int, mode: str = "saebench") -> List[Dict[str, Any]]:
+    """For each k: logistic regression on the top-k ranked latents; test F1 (decision > 0).
+    ``saebench`` (k_sparse_probing.py:160-179): ``LogisticRegression(max_iter=500,
+    class_weight="balanced")``, lbfgs, on the raw float32 latents; ``standardised``: standardised
+    inputs and newton-cholesky."""
     out = []
     order = np.argsort(-ranking, kind="stable")
     for k in ks:
         feats = order[:k]
-        clf = _logreg(f_tr[:, feats], y_tr.astype(int), seed, max_iter=500, standardize=True)
-        pred = clf.decision_function(f_te[:, feats]) > 0
+        x_k = np.asarray(f_tr[:, feats], np.float32)
+        clf = _logreg(x_k, y_tr.astype(int), seed, max_iter=500, standardize=mode == "standardised")
+        pred = clf.decision_function(np.asarray(f_te[:, feats], np.float32)) > 0
         out.append({"k": int(k), "feats": feats.tolist(), "f1": _f1(y_te.astype(bool), pred)})
     return out
 
@@ -253,8 +314,9 @@ def word_absorption(act_probe_proj: float, sae_acts: torch.Tensor, dec_probe_pro
     """(absorption fraction, full absorption) for one word, SAEBench's FeatureAbsorptionCalculator rules.
 
     ``act_probe_proj``: the activation's projection on the unit probe direction u; ``sae_acts``
-    ``[d_sae]``; ``dec_probe_proj``: ``W_dec @ u`` (equals the cosine for unit decoder rows);
-    ``cos_sims``: cosine of each decoder row with u.
+    ``[d_sae]``; ``dec_probe_proj``: what each latent's activation is multiplied by -- SAEBench's
+    ``cos(W_dec[i], u)`` (``FeatureScore.probe_projection``, feature_absorption_calculator.py:26-28,
+    157-159) or ``W_dec[i] . u``; ``cos_sims``: cosine of each decoder row with u.
     """
     proj = sae_acts * dec_probe_proj  # each latent's contribution to the probe projection
     main = torch.zeros_like(proj, dtype=torch.bool)
@@ -297,29 +359,42 @@ def run_absorption(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings
     if len(vocab) < 26 * 4:
         return EvalOutput.skipped(EVAL_TYPE_ID, config, f"the tokenizer has only {len(vocab)} single-token "
                                   "alphabetic words; the first-letter task needs a few per letter")
-    if len(vocab) > int(s["max_words"]):
+    if s["max_words"] is not None and len(vocab) > int(s["max_words"]):
         vocab = [vocab[i] for i in sorted(rng.choice(len(vocab), int(s["max_words"]), replace=False))]
     perm = rng.permutation(len(vocab))
     n_test = max(1, int(round(len(vocab) * float(s["test_fraction"]))))
-    test_idx, train_idx = perm[:n_test], perm[n_test:]
-    train_pool = [vocab[i] for i in train_idx]
+    test_idx, train_idx = np.sort(perm[:n_test]), np.sort(perm[n_test:])
 
     parts = prompt_parts(tok, s["prompt_template"])
     ids = [v[0] for v in vocab]
     words = [v[1] for v in vocab]
-    prompts, positions = build_prompts(ids, words, train_pool, parts, int(s["n_icl_examples"]), lm.bos_token_id, rng)
     pad = tok.pad_token_id if tok.pad_token_id is not None else lm.bos_token_id
-    acts = word_activations(lm, prompts, positions, layer, hook, int(s["llm_batch_size"]), pad)
+    n_icl = int(s["n_icl_examples"])
+
+    def activations_for(idx: np.ndarray, pool: List[Tuple[int, str]]) -> torch.Tensor:
+        prompts, positions = build_prompts([ids[i] for i in idx], [words[i] for i in idx], pool, parts, n_icl,
+                                           lm.bos_token_id, rng)
+        return word_activations(lm, prompts, positions, layer, hook, int(s["llm_batch_size"]), pad)
+
+    # SAEBench: train words take their ICL examples from the train words, test words from the test words
+    acts = torch.zeros(len(vocab), int(sae.W_dec.shape[1]))  # [words, d_in]
+    acts[train_idx] = activations_for(train_idx, [vocab[i] for i in train_idx])
+    acts[test_idx] = activations_for(test_idx, [vocab[i] for i in test_idx])
     y = np.array([LETTERS.index(w[0].lower()) for w in words])
     x = acts.numpy().astype(np.float64)
 
+    def absorption_acts(word_idx: np.ndarray) -> torch.Tensor:
+        # SAEBench scores absorption on new prompts whose examples come from the whole vocabulary
+        return activations_for(word_idx, vocab)
+
     with few_threads():  # many small probe fits: one thread is faster on a shared CPU
-        return _probe_and_score(sae, acts, x, y, train_idx, test_idx, s, config, seed, layer, len(vocab))
+        return _probe_and_score(sae, acts, x, y, train_idx, test_idx, s, config, seed, layer, len(vocab),
+                                absorption_acts)
 
 
 def _probe_and_score(sae: Any, acts: torch.Tensor, x: np.ndarray, y: np.ndarray, train_idx: np.ndarray,
                      test_idx: np.ndarray, s: Dict[str, Any], config: Dict[str, Any], seed: int, layer: int,
-                     n_words: int) -> EvalOutput:
+                     n_words: int, absorption_acts: Any = None) -> EvalOutput:
     x_tr, y_tr, x_te, y_te = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
     n_test = len(test_idx)
 
@@ -327,13 +402,16 @@ def _probe_and_score(sae: Any, acts: torch.Tensor, x: np.ndarray, y: np.ndarray,
     counts_tr = np.bincount(y_tr, minlength=26)
     counts_te = np.bincount(y_te, minlength=26)
     probed = [li for li in range(26) if counts_tr[li] >= int(s["min_letter_examples"]) and counts_te[li] >= 1]
-    gt = letter_probes(x_tr, y_tr, x_te, y_te, probed, seed)
+    if s["gt_probe"] == "saebench":
+        gt = gt_probes_saebench(x_tr, y_tr, x_te, y_te, probed, s, stable_seed(seed, "gt_probe"))
+    else:
+        gt = letter_probes(x_tr, y_tr, x_te, y_te, probed, seed)
     probe_f1 = {LETTERS[li]: round(gt[li]["f1"], 4) for li in probed}
-    passing = [li for li in probed if gt[li]["f1"] >= float(s["min_GT_probe_f1"])]
+    passing = [li for li in probed if gt[li]["f1"] > float(s["min_GT_probe_f1"])]  # SAEBench main.py:111-118: >
     if len(passing) < int(s["min_feats_for_eval"]):
         out = EvalOutput.skipped(
             EVAL_TYPE_ID, config,
-            f"only {len(passing)} of 26 letters have a ground-truth probe with F1 >= {s['min_GT_probe_f1']} "
+            f"only {len(passing)} of 26 letters have a ground-truth probe with F1 > {s['min_GT_probe_f1']} "
             f"(need {s['min_feats_for_eval']}): the LM does not represent first letters linearly at "
             f"layer {layer}. Probe F1 per letter: {probe_f1}")
         out.unstructured = {"probe_f1": probe_f1, "n_words": n_words}
@@ -345,34 +423,51 @@ def _probe_and_score(sae: Any, acts: torch.Tensor, x: np.ndarray, y: np.ndarray,
     f_tr, f_te = f_all[train_idx], f_all[test_idx]
     weights = rank_latents_l1(f_tr, y_tr, 26, l1_decay=float(s["k_sparse_probe_l1_decay"]),
                               num_epochs=int(s["k_sparse_probe_num_epochs"]),
-                              batch_size=int(s["k_sparse_probe_batch_size"]), seed=stable_seed(seed, "l1"))
+                              batch_size=int(s["k_sparse_probe_batch_size"]), seed=stable_seed(seed, "l1"),
+                              l2_decay=float(s["k_sparse_probe_l2_decay"]))
     ks = list(range(1, int(s["max_k_value"]) + 1))
     W_dec = sae.W_dec.detach().float().cpu()
     dec_unit = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(EPS)
 
-    details, chance_letters = [], []
+    # 3. absorption words: the probe's true positives among the test words, re-prompted with examples
+    # from the whole vocabulary (SAEBench feature_absorption.py:116-153, 206-219)
+    tps = {li: test_idx[(y_te == li) & (gt[li]["test_scores"] > 0)] for li in passing}
+    all_tp = np.unique(np.concatenate([v for v in tps.values()] + [np.zeros(0, int)])).astype(int)
+    if absorption_acts is not None and len(all_tp):
+        new_x = absorption_acts(all_tp)
+    else:
+        new_x = acts[all_tp]
+    abs_x = dict(zip(all_tp.tolist(), new_x))
+    new_f = sae.encode(new_x.to(device=p.device, dtype=p.dtype)).float().cpu() if len(all_tp) else new_x
+    abs_f = dict(zip(all_tp.tolist(), new_f))
+    tps = {li: v.tolist() for li, v in tps.items()}
+
+    details, chance_letters, no_tp_letters = [], [], []
     for li in passing:
         letter = LETTERS[li]
-        kres = k_sparse_probes(f_tr.numpy(), y_tr == li, f_te.numpy(), y_te == li, weights[li].numpy(), ks, seed)
+        kres = k_sparse_probes(f_tr.numpy(), y_tr == li, f_te.numpy(), y_te == li, weights[li].numpy(), ks, seed,
+                               s["k_sparse_probe"])
         main_ids = split_features(kres, float(s["f1_jump_threshold"]))
         prevalence = float(np.mean(y_te == li))
         trivial_f1 = 2 * prevalence / (1 + prevalence)  # F1 of answering "yes" for every word
         if all(r["f1"] <= trivial_f1 for r in kres):
             chance_letters.append(letter)
 
-        # 3. absorption on the probe's true positives in the test split
         u = torch.tensor(gt[li]["direction"], dtype=torch.float32)
         u = u / u.norm().clamp_min(EPS)
-        dec_proj = W_dec @ u
         cos = dec_unit @ u
-        tp = np.flatnonzero((y_te == li) & (gt[li]["test_scores"] > 0))
+        dec_proj = cos if s["projection"] == "cosine" else W_dec @ u
+        tp = tps[li]
         fractions, fulls = [], []
         for j in tp:
-            act_proj = float(acts[test_idx[j]] @ u)
-            frac, full = word_absorption(act_proj, f_te[j], dec_proj, cos, main_ids, s)
+            act_proj = float(abs_x[j] @ u)
+            frac, full = word_absorption(act_proj, abs_f[j], dec_proj, cos, main_ids, s)
             fractions.append(frac)
             fulls.append(full)
         n_tp = len(tp)
+        if n_tp == 0:  # SAEBench: a letter without probe true positives has no absorption row
+            no_tp_letters.append(letter)
+            continue
         details.append({
             "first_letter": letter,
             "mean_absorption_fraction": float(np.sum(fractions) / n_tp) if n_tp else 0.0,
@@ -384,6 +479,11 @@ def _probe_and_score(sae: Any, acts: torch.Tensor, x: np.ndarray, y: np.ndarray,
             "probe_f1": gt[li]["f1"],
             "sparse_probe_f1": [r["f1"] for r in kres],
         })
+
+    if not details:
+        out = EvalOutput.skipped(EVAL_TYPE_ID, config, "no letter has a probe true positive among the test words")
+        out.unstructured = {"probe_f1": probe_f1, "n_words": n_words}
+        return out
 
     def stats(key: str) -> Tuple[float, float]:
         vals = [d[key] for d in details]
@@ -412,7 +512,8 @@ def _probe_and_score(sae: Any, acts: torch.Tensor, x: np.ndarray, y: np.ndarray,
         status, reason = "failed", "the k-sparse SAE probes are at chance level for every k on every scored letter"
     return EvalOutput(eval_type_id=EVAL_TYPE_ID, config=config, metrics=metrics, details=details, status=status,
                       skip_reason=reason, flags=flags,
-                      unstructured={"probe_f1": probe_f1, "n_words": n_words, "n_test_words": int(n_test)})
+                      unstructured={"probe_f1": probe_f1, "n_words": n_words, "n_test_words": int(n_test),
+                                    "letters_without_true_positives": no_tp_letters})
 
 
 @register_eval("absorption", AbsorptionSettings)

@@ -5,22 +5,30 @@ Metric and category names are SAEBench's (``sae_bench/evals/core/main.py`` and i
 Everything is streamed over batches of contexts and accumulated as float64 sums, so every mean is
 a mean over scored TOKENS of the whole eval set, never a mean of per-batch means.
 
-Scored tokens: positions whose token id is in ``special_token_ids`` (BOS/EOS/PAD) are left out of
-every average, and the SAE splice keeps their original activation (SAEBench's
-``exclude_special_tokens_from_reconstruction``). Zero ablation zeroes every position, as SAEBench does.
+Reference: SAEBench 0.6.0 ``sae_bench/evals/core/main.py`` (``get_downstream_reconstruction_metrics``
+lines 367-434, ``get_recons_loss`` 639-788, ``get_sparsity_and_variance_metrics`` 437-636). Every
+metric under a SAEBench name is SAEBench's formula on the same tokens, batched as SAEBench batches
+(``batch_size`` contexts = its ``batch_size_prompts``), including the two formulas SAELens fixed in
+2026 and SAEBench 0.6.0 still has:
 
-Where we deliberately differ from SAEBench v0.6 (each documented at the function):
+* ``explained_variance``: SAEBench's ``1 - R / (S - m^2)`` (R, S: means over batches of the per-batch
+  mean squared residual / squared norm; m = S / d_in). Close to the UNCENTRED explained variance.
+  The centred ``1 - E||x - x_hat||^2 / E||x - E[x]||^2`` over the whole eval set (SAELens 6.54.12,
+  PR #665) is ``explained_variance_centred``; the per-token form of SAEBench's paper is
+  ``explained_variance_legacy``.
+* ``mse``: SAEBench's per-token squared error divided by the number of scored tokens in its batch
+  (it scales as 1 / tokens per batch). ``mse_per_token`` is SAELens 6.54.12's (PR #711:
+  ``E||x - x_hat||^2``); ``mse_per_element`` is that divided by ``d_in``.
+* ``relative_reconstruction_bias``: the mean over batches of per-batch ratios, as SAEBench;
+  ``relative_reconstruction_bias_global`` is one ratio of sums over all tokens.
 
-* ``explained_variance`` is the correct centred ``1 - E||x - x_hat||^2 / E||x - E[x]||^2`` over the
-  whole eval set. SAEBench's version subtracts the mean of squares squared, which makes it close
-  to the uncentred ``1 - E||x-x_hat||^2 / E||x||^2``. The per-token form SAEBench's paper used is
-  reported beside it as ``explained_variance_legacy``.
-* ``mse`` is the mean over tokens and dimensions of ``(x - x_hat)^2``. SAEBench divides each token's
-  squared error by the number of tokens in its batch, which depends on the batch size.
-* CE is scored at positions whose input AND target are both non-special (SAEBench checks only the
-  input position), so a model is not scored on predicting a document separator.
-* ``cossim`` is 0 (not NaN) for a zero reconstruction; ``relative_reconstruction_bias`` is one
-  ratio of sums over all tokens instead of a mean of per-batch ratios.
+Other means are over scored tokens of the whole eval set (SAEBench ``torch.cat(...).mean()``), in
+float64. Scored tokens: positions whose token is in SAEBench's ignore set {BOS, EOS, PAD}
+(``special_tokens="saebench"``) are left out of every average; CE position t (predicting t+1) is
+scored when its INPUT token is scored (``ce_positions="saebench"``). The SAE splice keeps special
+positions' original activation (``exclude_special_tokens_from_reconstruction``, on in SAEBench's
+published runs); zero ablation zeroes every position. Named options beside these are in
+:class:`CoreSettings`.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sae_sweep.config import parse, setting
+from sae_sweep.config import choice, parse, setting
 from sae_sweep.evals.registry import register_eval
 from sae_sweep.evals.schema import EvalOutput
 
@@ -47,6 +55,7 @@ __all__ = [
     "density_metrics",
     "explained_variance_centred",
     "explained_variance_legacy_per_token",
+    "explained_variance_saebench",
     "keep_mask",
     "kl_div_score",
     "l2_ratio_per_token",
@@ -90,9 +99,21 @@ def keep_mask(tokens: torch.Tensor, special_token_ids: Iterable[int | None]) -> 
     return ~torch.isin(tokens, torch.tensor(ids, dtype=tokens.dtype, device=tokens.device))
 
 
-def ce_keep_mask(keep: torch.Tensor) -> torch.Tensor:
-    """Mask ``[B, T-1]`` for next-token CE: position t predicts t+1; both must be scored tokens."""
-    return keep[:, :-1] & keep[:, 1:]
+CE_POSITIONS = ("saebench", "both_non_special")
+
+
+def ce_keep_mask(keep: torch.Tensor, mode: str = "saebench") -> torch.Tensor:
+    """Mask ``[B, T-1]`` for next-token CE (position t predicts t+1).
+
+    ``saebench``: t is scored when its INPUT token is scored (SAEBench ``main.py:404-416`` truncates
+    the token mask as ``mask[:, :-1]``; SAELens ``evals.py:363-391`` does the same), so predicting a
+    BOS separator or an EOS counts. ``both_non_special``: the input AND the target must be scored.
+    """
+    if mode == "saebench":
+        return keep[:, :-1]
+    if mode == "both_non_special":
+        return keep[:, :-1] & keep[:, 1:]
+    raise ValueError(f"ce_positions={mode!r}: allowed values are {', '.join(CE_POSITIONS)}")
 
 
 def kl_div_from_logprobs(clean_logp: torch.Tensor, patched_logp: torch.Tensor) -> torch.Tensor:
@@ -164,12 +185,12 @@ def explained_variance_legacy_per_token(x: torch.Tensor, x_hat: torch.Tensor) ->
     return 1.0 - resid / spread
 
 
-def cosine_sim_per_token(x: torch.Tensor, x_hat: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """``cos(x_t, x_hat_t)`` per token; 0 when either vector is zero (SAEBench yields NaN there)."""
+def cosine_sim_per_token(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """``cos(x_t, x_hat_t)`` per token, SAEBench's ``x/||x|| . x_hat/||x_hat||`` (``main.py:592-598``):
+    NaN when either vector is zero (SAEBench then reports the metric as NaN, written as -1)."""
     x = x.to(torch.float64)
     x_hat = x_hat.to(torch.float64)
-    dot = (x * x_hat).sum(-1)
-    return dot / (x.norm(dim=-1) * x_hat.norm(dim=-1)).clamp_min(eps)
+    return (x / x.norm(dim=-1, keepdim=True) * (x_hat / x_hat.norm(dim=-1, keepdim=True))).sum(-1)
 
 
 def l2_ratio_per_token(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -180,14 +201,31 @@ def l2_ratio_per_token(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 
 
 def relative_reconstruction_bias(sum_xhat_sq: float, sum_dot: float) -> float:
-    """``E||x_hat||^2 / E[x . x_hat]`` (Gated SAE paper, eq. 10; SAEBench's definition).
+    """``E||x_hat||^2 / E[x . x_hat]`` (Gated SAE paper, eq. 10) from sums over one set of tokens.
 
     It is the ``1/gamma`` minimising ``E||x_hat / gamma - x||^2``: 1 means no systematic shrinkage,
     < 1 means the SAE shrinks its output. NaN when the reconstruction is orthogonal/zero on average.
+    SAEBench computes it per batch and averages the batches' ratios (``main.py:547-551``); over all
+    tokens at once it is ``relative_reconstruction_bias_global``.
     """
     if sum_dot == 0:
         return math.nan
     return float(sum_xhat_sq) / float(sum_dot)
+
+
+def explained_variance_saebench(batch_sq_norm: list[float], batch_resid_sq: list[float], d_in: int) -> float:
+    """SAEBench 0.6.0's ``explained_variance`` (``main.py:565-591, 616-627``), from per-batch means.
+
+    ``batch_sq_norm[b]`` = mean over the batch's scored tokens of ``||x_t||^2`` (its ``x.pow(2).sum(-1)
+    .mean(0)``), ``batch_resid_sq[b]`` = the same of ``||x_t - x_hat_t||^2``. SAEBench stacks these,
+    and ``torch.cat`` of the per-dimension second moments ``x.pow(2).mean(0)`` flattens them to one
+    scalar m = mean_b(batch_sq_norm) / d_in, so the result is ``1 - R / (S - m^2)``: not centred
+    (the comment in SAEBench intends ``S - ||E x||^2``; SAELens PR #665 fixed the same code).
+    """
+    S = sum(batch_sq_norm) / len(batch_sq_norm)
+    R = sum(batch_resid_sq) / len(batch_resid_sq)
+    total = S - (S / d_in) ** 2
+    return 1.0 - R / total if total != 0 else math.nan
 
 
 def density_metrics(density: torch.Tensor) -> dict[str, float]:
@@ -245,7 +283,9 @@ class CoreAccumulator:
     different sizes; all means are over scored tokens.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ce_positions: str = "saebench") -> None:
+        ce_keep_mask(torch.ones(1, 2, dtype=torch.bool), ce_positions)  # a bad mode fails here, not mid-eval
+        self.ce_positions = ce_positions
         self.n_tokens = 0  # scored tokens seen by the reconstruction metrics
         self.n_sequences = 0
         self.d_in: int | None = None
@@ -261,6 +301,11 @@ class CoreAccumulator:
         self.sum_l2_ratio = 0.0
         self.sum_xhat_sq = 0.0
         self.sum_dot = 0.0
+        # SAEBench's per-batch quantities (one entry per update_reconstruction call)
+        self.sum_mse_saebench = 0.0  # sum_t ||x_t - x_hat_t||^2 / n_b
+        self.batch_sq_norm: list[float] = []  # mean_t ||x_t||^2 per batch
+        self.batch_resid_sq: list[float] = []  # mean_t ||x_t - x_hat_t||^2 per batch
+        self.batch_rrb: list[float] = []  # mean_t ||x_hat||^2 / mean_t x . x_hat per batch
         self.sum_l0 = 0.0
         self.sum_l1 = 0.0
         self.fire_counts: torch.Tensor | None = None  # [d_sae] scored tokens each latent fired on
@@ -278,7 +323,8 @@ class CoreAccumulator:
     def update_reconstruction(
         self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor, keep: torch.Tensor
     ) -> None:
-        """``x, x_hat [B, T, d_in]``, ``f [B, T, d_sae]``, ``keep [B, T]`` (True = scored)."""
+        """One batch (SAEBench: ``batch_size_prompts`` contexts): ``x, x_hat [B, T, d_in]``,
+        ``f [B, T, d_sae]``, ``keep [B, T]`` (True = scored)."""
         if x.shape != x_hat.shape or x.shape[:2] != keep.shape or f.shape[:2] != keep.shape:
             raise ValueError(
                 f"shape mismatch: x {tuple(x.shape)}, x_hat {tuple(x_hat.shape)}, "
@@ -290,15 +336,17 @@ class CoreAccumulator:
             self.fire_counts = torch.zeros(self.d_sae, dtype=torch.int64, device=f.device)
             self.fire_seqs = torch.zeros(self.d_sae, dtype=torch.int64, device=f.device)
         # Latent statistics straight from the [B, T, d_sae] tensor: no float copy of f is made.
+        # l0 counts f != 0; SAEBench's densities count f > 0 (main.py:561, 603-609).
         f_keep = keep.to(f.device)
-        fired = (f != 0) & f_keep[..., None]
+        self.sum_l0 += float(((f != 0) & f_keep[..., None]).sum())
+        fired = (f > 0) & f_keep[..., None]
         self.fire_counts += fired.sum(dim=(0, 1))
         self.fire_seqs += fired.any(dim=1).sum(dim=0)
-        self.sum_l0 += float(fired.sum())
         del fired
-        # per-token L1 summed in >= float32 (bf16 latents would round it), then over tokens in float64
+        # per-token L1 = sum_i f_i WITHOUT abs, as SAEBench (main.py:562; the same for non-negative
+        # latents), summed in >= float32 (bf16 latents would round it), then over tokens in float64
         l1_dtype = torch.promote_types(f.dtype, torch.float32)
-        self.sum_l1 += float(f.abs().sum(-1, dtype=l1_dtype)[f_keep].sum(dtype=torch.float64))
+        self.sum_l1 += float(f.sum(-1, dtype=l1_dtype)[f_keep].sum(dtype=torch.float64))
         self.n_sequences += x.shape[0]
 
         xs = x[keep].to(torch.float64)  # [n, d_in], scored tokens only
@@ -312,7 +360,13 @@ class CoreAccumulator:
         centred = xs - self._shift
         self.sum_x += centred.sum(0)
         self.sum_sq += float(centred.pow(2).sum())
-        self.sum_resid_sq += float((xs - xh).pow(2).sum())
+        resid = (xs - xh).pow(2).sum(-1)  # [n] per-token squared error
+        self.sum_resid_sq += float(resid.sum())
+        self.sum_mse_saebench += float(resid.sum()) / n
+        self.batch_sq_norm.append(float(xs.pow(2).sum(-1).mean()))
+        self.batch_resid_sq.append(float(resid.mean()))
+        dot = float((xs * xh).sum())
+        self.batch_rrb.append(float(xh.pow(2).sum()) / dot if dot != 0 else math.nan)
         if n > 1:
             self.sum_ev_legacy += float(explained_variance_legacy_per_token(xs, xh).sum())
         else:
@@ -323,7 +377,7 @@ class CoreAccumulator:
         self.sum_norm_out += float(xh.norm(dim=-1).sum())
         self.sum_l2_ratio += float(l2_ratio_per_token(xs, xh).sum())
         self.sum_xhat_sq += float(xh.pow(2).sum())
-        self.sum_dot += float((xs * xh).sum())
+        self.sum_dot += dot
         self.n_tokens += n
 
     @torch.no_grad()
@@ -341,7 +395,7 @@ class CoreAccumulator:
         self.n_kl += int(kl_keep.sum())
         self.sum_kl_sae += float(kl_sae[kl_keep].sum(dtype=torch.float64))
         self.sum_kl_abl += float(kl_abl[kl_keep].sum(dtype=torch.float64))
-        ce_keep = ce_keep_mask(keep).to(ce_clean.device)
+        ce_keep = ce_keep_mask(keep, self.ce_positions).to(ce_clean.device)
         self.n_ce += int(ce_keep.sum())
         self.sum_ce_clean += float(ce_clean[ce_keep].sum(dtype=torch.float64))
         self.sum_ce_sae += float(ce_sae[ce_keep].sum(dtype=torch.float64))
@@ -387,16 +441,21 @@ class CoreAccumulator:
                 "ce_loss_without_sae": ce_clean,
             },
             "reconstruction_quality": {
-                "explained_variance": explained_variance_centred(self.sum_x, self.sum_sq, self.sum_resid_sq, n),
+                "explained_variance": explained_variance_saebench(self.batch_sq_norm, self.batch_resid_sq, self.d_in),
+                "explained_variance_centred": explained_variance_centred(self.sum_x, self.sum_sq,
+                                                                         self.sum_resid_sq, n),
                 "explained_variance_legacy": self.sum_ev_legacy / n,
-                "mse": self.sum_resid_sq / (n * self.d_in),
+                "mse": self.sum_mse_saebench / n,
+                "mse_per_token": self.sum_resid_sq / n,
+                "mse_per_element": self.sum_resid_sq / (n * self.d_in),
                 "cossim": self.sum_cossim / n,
             },
             "shrinkage": {
                 "l2_norm_in": self.sum_norm_in / n,
                 "l2_norm_out": self.sum_norm_out / n,
                 "l2_ratio": self.sum_l2_ratio / n,
-                "relative_reconstruction_bias": relative_reconstruction_bias(self.sum_xhat_sq, self.sum_dot),
+                "relative_reconstruction_bias": sum(self.batch_rrb) / len(self.batch_rrb),
+                "relative_reconstruction_bias_global": relative_reconstruction_bias(self.sum_xhat_sq, self.sum_dot),
             },
             "sparsity": {"l0": self.sum_l0 / n, "l1": self.sum_l1 / n},
             "misc_metrics": density_metrics(self.feature_density()),
@@ -469,6 +528,8 @@ def run_core_eval(
     *,
     feature_details: bool = True,
     weight_metrics: bool = True,
+    ce_positions: str = "saebench",
+    exclude_special_tokens_from_reconstruction: bool = True,
 ) -> EvalOutput:
     """Run SAEBench's core eval of ``sae`` at ``(layer, hook)`` of ``lm`` on ``tokens [N, ctx]``.
 
@@ -478,7 +539,10 @@ def run_core_eval(
     activation zeroed, for the KL and CE metrics.
 
     ``special_token_ids`` (BOS/EOS/PAD) are excluded from every average; ``None`` means the LM's
-    ``special_token_ids`` attribute if it has one. ``feature_details`` adds SAEBench's per-latent
+    ``special_token_ids`` attribute if it has one. ``ce_positions``: see :func:`ce_keep_mask`.
+    ``exclude_special_tokens_from_reconstruction`` (SAEBench's flag, on in its published runs):
+    special positions keep their activation in the splice; off, every position is reconstructed
+    (SAEBench's default ``main.py:658-684``). ``feature_details`` adds SAEBench's per-latent
     list to ``details``; ``weight_metrics`` adds the encoder/decoder cosine metrics when the SAE
     exposes ``W_enc``/``W_dec``. Returns an :class:`EvalOutput` with ``eval_type_id="core"``.
     """
@@ -500,7 +564,7 @@ def run_core_eval(
     def run_sae(act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return sae(act.to(sae_dtype) if sae_dtype is not None else act)
 
-    acc = CoreAccumulator()
+    acc = CoreAccumulator(ce_positions)
     starts = range(0, n_seqs, batch_size)
     for start in tqdm(starts, desc="core eval", unit="batch", disable=None if progress else True):
         batch = tokens[start : start + batch_size]
@@ -522,6 +586,8 @@ def run_core_eval(
         ce_clean = ce_from_logprobs(clean_logp, batch)
 
         def splice_sae(act: torch.Tensor, keep=keep) -> torch.Tensor:
+            if not exclude_special_tokens_from_reconstruction:
+                return run_sae(act)[0].to(act.dtype)
             return splice_keep_special(act, keep.to(act.device), run_sae(act)[0])
 
         sae_logits = lm.logits_with_splice(batch, layer, hook, splice_sae)
@@ -581,12 +647,12 @@ def run_core_eval(
         "exclude_special": True,
         "special_token_ids": special,
         "ablation": "zero",
-        "explained_variance": "centred",
+        "ce_positions": ce_positions,
         # SAEBench's CoreEvalConfig names for the same settings.
         "batch_size_prompts": batch_size,
         "n_eval_reconstruction_batches": len(starts),
         "n_eval_sparsity_variance_batches": len(starts),
-        "exclude_special_tokens_from_reconstruction": True,
+        "exclude_special_tokens_from_reconstruction": bool(exclude_special_tokens_from_reconstruction),
         "compute_featurewise_density_statistics": True,
         "compute_featurewise_weight_based_metrics": bool(averages),
     }
@@ -600,15 +666,29 @@ def run_core_eval(
     )
 
 
+def saebench_special_ids(tokenizer: Any) -> list[int]:
+    """SAEBench's ``ignore_tokens`` = {pad, eos, bos} ids of the tokenizer (``main.py:1101-1105``)."""
+    ids = (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
+           getattr(tokenizer, "bos_token_id", None))
+    return sorted({int(i) for i in ids if i is not None})
+
+
 @dataclass
 class CoreSettings:
-    """``eval.core``."""
+    """``eval.core``. Defaults give SAEBench 0.6.0's numbers with its published CLI settings
+    (``--batch_size_prompts 16 --exclude_special_tokens_from_reconstruction``)."""
 
-    batch_size: int = setting(16, allowed="an integer >= 1 (contexts per forward pass)", check=lambda v: v >= 1)
+    batch_size: int = setting(16, allowed="an integer >= 1 (contexts per batch; SAEBench's batch_size_prompts: "
+                                          "16; the per-batch metrics depend on it)", check=lambda v: v >= 1)
     n_tokens: Optional[int] = setting(None, allowed="null (every held-out window) or an integer >= 1",
                                       check=lambda v: v >= 1)
     feature_details: bool = True  # per-latent densities in the JSON (large at big d_sae)
     weight_metrics: bool = True  # max encoder/decoder cosine sims (an O(d_sae^2) pass)
+    # saebench: {BOS, EOS, PAD} of the tokenizer; all_special: also every other special token the
+    # tokenizer declares (unk, mask, chat-template tokens)
+    special_tokens: str = choice("saebench", ("saebench", "all_special"))
+    ce_positions: str = choice("saebench", CE_POSITIONS)
+    exclude_special_tokens_from_reconstruction: bool = True
 
 
 @register_eval("core", CoreSettings)
@@ -617,6 +697,9 @@ def run(ctx: Any) -> EvalOutput:
     tokens = ctx.tokens
     if s.n_tokens:  # the first ceil(n_tokens / ctx) held-out windows
         tokens = tokens[:max(1, -(-s.n_tokens // tokens.shape[1]))]
+    special = saebench_special_ids(ctx.lm.tokenizer) if s.special_tokens == "saebench" else ctx.lm.special_token_ids
     return run_core_eval(ctx.lm, ctx.sae, tokens, ctx.layer, ctx.hook, batch_size=s.batch_size,
-                         special_token_ids=ctx.lm.special_token_ids, progress=ctx.progress,
-                         feature_details=s.feature_details, weight_metrics=s.weight_metrics)
+                         special_token_ids=special, progress=ctx.progress,
+                         feature_details=s.feature_details, weight_metrics=s.weight_metrics,
+                         ce_positions=s.ce_positions,
+                         exclude_special_tokens_from_reconstruction=s.exclude_special_tokens_from_reconstruction)

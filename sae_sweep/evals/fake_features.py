@@ -1,23 +1,40 @@
 """FaithfulSAE's fake-feature ratio: latents that fire on meaningless input.
 
-The LM reads sequences of uniformly random (non-special) tokens after a BOS, drawn from a seeded
-generator. A latent is *fake* when it fires on more than ``threshold`` (default 5%) of them. "Them"
-is configurable with ``unit``:
+Reference: FaithfulSAE ``scripts/feat_match.py`` ``get_fake_features`` (github.com/seonglae/FaithfulSAE
+at a98b2637), called from ``feat_match(fake=True)`` with ``n_tokens=1_000_000, threshold=0.1`` -- the
+code that produced the fake-feature ratios FaithfulSAE reports (0.003-0.15 by model). Its procedure,
+which the headline ``fake_feature_ratio`` follows by default:
 
-* ``token`` (default): the fraction of random-token positions where the latent fires. This is
-  comparable across context lengths and to the latent's density on real text.
-* ``sequence``: the fraction of random sequences in which it fires at least once. With long
-  sequences nearly every live latent fires somewhere, so this is stricter; both are reported.
+* ``n_tokens // context_size`` sequences of ``context_size`` tokens (the SAE's context size), every
+  token uniform over the tokenizer's FULL vocabulary (``get_vocab().values()``, special tokens
+  included), position 0 overwritten with BOS;
+* per sequence, position 0 is dropped, the rest encoded by the SAE; a latent *fires* at a token
+  when its activation is ``> activation_threshold`` (1.0);
+* proportion = firings / ``n_tokens`` (the nominal count, not the positions processed); a latent
+  is fake when its proportion is ``> threshold`` (0.1). ``fake_feature_ratio`` = fake / d_sae.
 
-Metrics (category ``fake_features``): ``fake_feature_count``, ``fake_feature_ratio`` (by ``unit``),
-``fake_feature_count_token`` / ``_ratio_token``, ``fake_feature_count_sequence`` / ``_ratio_sequence``,
-``mean_random_token_l0``.
+Differences that remain: the random tokens come from a seeded torch generator (FaithfulSAE uses
+unseeded ``random.choice``), and ids past the model's embedding table are not drawn (FaithfulSAE
+would fail on them). The LM runs in the model's dtype (FaithfulSAE: bf16 except fp32 for GPT-2).
+
+Two other published definitions, reported beside it on the same sequences under their own names:
+
+* ``fake_feature_ratio_sequence`` -- the FaithfulSAE research notes' design: per sequence the
+  latent's activations are SUMMED over tokens, F = sum_t f_t; it fires in the sequence when
+  F > ``sequence_activation_threshold`` (1); fake when it fires in > ``sequence_threshold`` (5%)
+  of the sequences (the notes use 1,000 random-token sentences). Nearly every live latent passes on
+  long sequences (0.95 on SmolLM2-135M), which is why the published numbers are not this one.
+* ``fake_feature_ratio_nonzero`` -- sae_sweep's earlier definition: token level, fires = ``f != 0``,
+  fake when it fires on > ``nonzero_threshold`` (5%) of the random-token positions processed.
+
+Metrics (category ``fake_features``): ``fake_feature_count``, ``fake_feature_ratio``, the
+``_sequence`` and ``_nonzero`` counts and ratios, ``mean_random_token_l0``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable
+from typing import Any, Dict, Iterable, Optional
 
 import torch
 
@@ -27,91 +44,129 @@ from sae_sweep.evals.schema import EvalOutput
 
 EVAL_TYPE_ID = "fake_features"
 
+
 @dataclass
 class FakeFeatureSettings:
-    """``eval.fake_features``."""
+    """``eval.fake_features``. Defaults: FaithfulSAE's ``get_fake_features`` as called for its tables."""
 
-    n_sequences: int = setting(256, allowed="an integer >= 1", check=lambda v: v >= 1)
-    context_size: int = setting(64, allowed="an integer >= 2 (BOS + random tokens)", check=lambda v: v >= 2)
-    threshold: float = setting(0.05, allowed="a float in [0, 1] (fires on more than this fraction: fake)",
+    n_tokens: int = setting(1_000_000, allowed="an integer >= 2 (FaithfulSAE: 1,000,000; n_tokens // "
+                                               "context_size sequences)", check=lambda v: v >= 2)
+    context_size: Optional[int] = setting(None, allowed="null (the SAE's context size, else the held-out window "
+                                                        "length) or an integer >= 2",
+                                          check=lambda v: v >= 2)
+    threshold: float = setting(0.1, allowed="a float in [0, 1] (FaithfulSAE: 0.1; fake above this proportion)",
                                check=lambda v: 0 <= v <= 1)
-    unit: str = choice("token", ("token", "sequence"))
+    activation_threshold: float = setting(1.0, allowed="a float (FaithfulSAE: fires when activation > 1.0)")
+    token_pool: str = choice("full_vocab", ("full_vocab", "non_special"))
+    denominator: str = choice("nominal", ("nominal", "processed"))
+    sequence_threshold: float = setting(0.05, allowed="a float in [0, 1] (notes' design: 5% of sequences)",
+                                        check=lambda v: 0 <= v <= 1)
+    sequence_activation_threshold: float = setting(1.0, allowed="a float (notes' design: sum over the sequence > 1)")
+    nonzero_threshold: float = setting(0.05, allowed="a float in [0, 1] (fires = f != 0, 5% of positions)",
+                                       check=lambda v: 0 <= v <= 1)
     batch_size: int = setting(32, allowed="an integer >= 1", check=lambda v: v >= 1)
     per_latent_details: bool = True
 
 
 def random_token_sequences(vocab_size: int, special_ids: Iterable[int], n: int, context_size: int, bos: int,
-                           seed: int) -> torch.Tensor:
-    """``[n, context_size]``: BOS, then tokens uniform over the non-special vocabulary (seeded)."""
-    special = torch.tensor(sorted({int(t) for t in special_ids if t is not None and 0 <= int(t) < vocab_size}),
-                           dtype=torch.long)
+                           seed: int, pool: str = "full_vocab") -> torch.Tensor:
+    """``[n, context_size]``: BOS, then tokens uniform over ids ``0..vocab_size-1`` (``full_vocab``,
+    FaithfulSAE) or over the non-special ones (``non_special``); seeded."""
     allowed = torch.ones(vocab_size, dtype=torch.bool)
-    allowed[special] = False
-    pool = allowed.nonzero().squeeze(1)
+    if pool == "non_special":
+        special = [int(t) for t in special_ids if t is not None and 0 <= int(t) < vocab_size]
+        allowed[torch.tensor(sorted(set(special)), dtype=torch.long)] = False
+    elif pool != "full_vocab":
+        raise ValueError(f"token_pool={pool!r}: allowed values are full_vocab, non_special")
+    ids_pool = allowed.nonzero().squeeze(1)
     g = torch.Generator().manual_seed(int(seed))
-    ids = pool[torch.randint(len(pool), (n, context_size), generator=g)]
+    ids = ids_pool[torch.randint(len(ids_pool), (n, context_size), generator=g)]
     ids[:, 0] = int(bos)
     return ids
 
 
-def fake_feature_metrics(token_fire_freq: torch.Tensor, seq_fire_freq: torch.Tensor, threshold: float,
-                         unit: str) -> Dict[str, float]:
-    """Counts and ratios from per-latent firing frequencies (each ``[d_sae]`` in [0, 1])."""
-    d = token_fire_freq.numel()
-    n_tok = int((token_fire_freq > threshold).sum())
-    n_seq = int((seq_fire_freq > threshold).sum())
-    main = n_tok if unit == "token" else n_seq
+@dataclass
+class FiringCounts:
+    """Per-latent counts over the random sequences (BOS positions excluded)."""
+
+    above: torch.Tensor      # tokens with f > activation_threshold
+    nonzero: torch.Tensor    # tokens with f != 0
+    seq_sum_above: torch.Tensor  # sequences with sum_t f_t > sequence_activation_threshold
+    n_positions: int
+    n_sequences: int
+    l0_sum: float
+
+
+def fake_feature_metrics(c: FiringCounts, s: Dict[str, Any], n_tokens_nominal: int) -> Dict[str, float]:
+    """Counts and ratios of the three definitions (module docstring) from firing counts."""
+    d = c.above.numel()
+    denom = n_tokens_nominal if s["denominator"] == "nominal" else c.n_positions
+    n_fs = int((c.above.double() / denom > s["threshold"]).sum())
+    n_seq = int((c.seq_sum_above.double() / c.n_sequences > s["sequence_threshold"]).sum())
+    n_nz = int((c.nonzero.double() / c.n_positions > s["nonzero_threshold"]).sum())
     return {
-        "fake_feature_count": float(main),
-        "fake_feature_ratio": main / d,
-        "fake_feature_count_token": float(n_tok),
-        "fake_feature_ratio_token": n_tok / d,
+        "fake_feature_count": float(n_fs),
+        "fake_feature_ratio": n_fs / d,
         "fake_feature_count_sequence": float(n_seq),
         "fake_feature_ratio_sequence": n_seq / d,
+        "fake_feature_count_nonzero": float(n_nz),
+        "fake_feature_ratio_nonzero": n_nz / d,
+        "mean_random_token_l0": c.l0_sum / max(1, c.n_positions),
     }
 
 
 @torch.no_grad()
-def firing_frequencies(lm: Any, sae: torch.nn.Module, ids: torch.Tensor, layer: int, hook: str, batch_size: int):
-    """Per-latent fraction of scored positions (all but BOS) and of sequences where it fires; mean L0."""
+def firing_counts(lm: Any, sae: torch.nn.Module, ids: torch.Tensor, layer: int, hook: str, batch_size: int,
+                  activation_threshold: float, sequence_activation_threshold: float) -> FiringCounts:
     p = next(iter(sae.parameters()))
-    tok_counts = seq_counts = None
+    above = nonzero = seq_above = None
     l0_sum, n_pos = 0.0, 0
     for start in range(0, ids.shape[0], batch_size):
         batch = ids[start:start + batch_size]
-        acts = lm.activations(batch.to(lm.device), layer, hook)[:, 1:]  # BOS is not a random token
+        acts = lm.activations(batch.to(lm.device), layer, hook)[:, 1:]  # FaithfulSAE: hidden_states[seq, 1:]
         b, t, d = acts.shape
         _, f = sae(acts.reshape(b * t, d).to(device=p.device, dtype=p.dtype))  # SAEs take [N, d_in]
-        fired = (f != 0).reshape(b, t, -1)
-        if tok_counts is None:
-            tok_counts = torch.zeros(fired.shape[-1], dtype=torch.int64, device=fired.device)
-            seq_counts = torch.zeros_like(tok_counts)
-        tok_counts += fired.sum(dim=(0, 1))
-        seq_counts += fired.any(dim=1).sum(0)
-        l0_sum += float(fired.sum())
-        n_pos += fired.shape[0] * fired.shape[1]
-    return (tok_counts.double() / n_pos).cpu(), (seq_counts.double() / ids.shape[0]).cpu(), l0_sum / n_pos
+        f = f.reshape(b, t, -1)
+        if above is None:
+            above = torch.zeros(f.shape[-1], dtype=torch.int64, device=f.device)
+            nonzero, seq_above = torch.zeros_like(above), torch.zeros_like(above)
+        above += (f > activation_threshold).sum(dim=(0, 1))
+        nz = f != 0
+        nonzero += nz.sum(dim=(0, 1))
+        l0_sum += float(nz.sum())
+        seq_above += (f.sum(dim=1, dtype=torch.float32) > sequence_activation_threshold).sum(0)
+        n_pos += b * t
+    return FiringCounts(above.cpu(), nonzero.cpu(), seq_above.cpu(), n_pos, int(ids.shape[0]), l0_sum)
 
 
-def run_fake_features(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings: Dict[str, Any]) -> EvalOutput:
+def run_fake_features(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings: Dict[str, Any],
+                      sae_context_size: Optional[int] = None) -> EvalOutput:
     s = settings_dict(FakeFeatureSettings, settings, "eval.fake_features")
+    ctx_size = int(s["context_size"] or sae_context_size or 128)
     vocab = len(lm.tokenizer)
     emb = getattr(lm.model, "get_input_embeddings", None)
     if emb is not None and emb() is not None:
         vocab = min(vocab, emb().num_embeddings)  # ids past the embedding table cannot be fed
-    ids = random_token_sequences(vocab, lm.special_token_ids, int(s["n_sequences"]), int(s["context_size"]),
-                                 lm.bos_token_id, seed)
-    tok_freq, seq_freq, l0 = firing_frequencies(lm, sae, ids, layer, hook, int(s["batch_size"]))
-    m = fake_feature_metrics(tok_freq, seq_freq, float(s["threshold"]), s["unit"])
-    m["mean_random_token_l0"] = l0
+    n_seqs = max(1, int(s["n_tokens"]) // ctx_size)  # FaithfulSAE: max(1, n_tokens // seq_len)
+    ids = random_token_sequences(vocab, lm.special_token_ids, n_seqs, ctx_size, lm.bos_token_id, seed,
+                                 s["token_pool"])
+    c = firing_counts(lm, sae, ids, layer, hook, int(s["batch_size"]), float(s["activation_threshold"]),
+                      float(s["sequence_activation_threshold"]))
+    m = fake_feature_metrics(c, s, int(s["n_tokens"]))
     details = []
     if s["per_latent_details"]:
-        details = [{"index": i, "random_token_freq": a, "random_sequence_freq": b}
-                   for i, (a, b) in enumerate(zip(tok_freq.tolist(), seq_freq.tolist()))]
-    config = {**s, "layer": layer, "hook": hook, "random_seed": seed, "vocab_size": vocab}
+        denom = int(s["n_tokens"]) if s["denominator"] == "nominal" else c.n_positions
+        details = [{"index": i, "proportion_above_activation_threshold": a / denom,
+                    "random_token_freq_nonzero": nz / c.n_positions, "random_sequence_freq_sum_above": q / n_seqs}
+                   for i, (a, nz, q) in enumerate(zip(c.above.tolist(), c.nonzero.tolist(), c.seq_sum_above.tolist()))]
+    config = {**s, "context_size": ctx_size, "n_sequences": n_seqs, "n_positions_scored": c.n_positions,
+              "layer": layer, "hook": hook, "random_seed": seed, "vocab_size": vocab,
+              "reference": "FaithfulSAE scripts/feat_match.py get_fake_features (a98b2637)"}
     return EvalOutput(eval_type_id=EVAL_TYPE_ID, config=config, metrics={"fake_features": m}, details=details)
 
 
 @register_eval("fake_features", FakeFeatureSettings)
 def run(ctx: Any) -> EvalOutput:
-    return run_fake_features(ctx.lm, ctx.sae, ctx.layer, ctx.hook, ctx.seed, ctx.settings)
+    # FaithfulSAE reads the SAE's context size; without one, the length of the held-out windows
+    ctx_size = (ctx.sae_cfg or {}).get("context_size") or (ctx.tokens.shape[1] if ctx.tokens is not None else None)
+    return run_fake_features(ctx.lm, ctx.sae, ctx.layer, ctx.hook, ctx.seed, ctx.settings, ctx_size)

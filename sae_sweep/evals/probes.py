@@ -49,8 +49,10 @@ __all__ = [
     "load_task",
     "pooled_features",
     "stable_seed",
+    "fit_sklearn_probe_raw",
     "stdlib_labelled_docs",
     "top_k_by_mean_diff",
+    "train_probe_torch",
 ]
 
 
@@ -382,12 +384,98 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_te
             "n_test": int(len(y_test))}
 
 
-def top_k_by_mean_diff(x: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` columns whose mean on positives minus mean on negatives is largest
-    (SAEBench's selection for sparse probing: latents that fire MORE on the class)."""
+def top_k_by_mean_diff(x: np.ndarray, y: np.ndarray, k: int, mode: str = "abs") -> np.ndarray:
+    """Indices of the ``k`` columns with the largest mean difference between positives and negatives.
+
+    ``abs`` (SAEBench ``probe_training.get_top_k_mean_diff_mask``, sae_bench/evals/sparse_probing/
+    probe_training.py:91-108): ``|mean(x | y=1) - mean(x | y=0)|``, descending, so a latent that fires
+    LESS on the class ranks as high as one that fires more. ``signed``: ``mean(x | y=1) - mean(x | y=0)``
+    only (latents that fire more on the class). Ties keep column order (stable sort)."""
     diff = x[y == 1].mean(0) - x[y == 0].mean(0)
+    if mode == "abs":
+        diff = np.abs(diff)
+    elif mode != "signed":
+        raise ValueError(f"top-k selection {mode!r}: allowed values are abs, signed")
     k = min(k, x.shape[1])
     return np.argsort(-diff, kind="stable")[:k]
+
+
+def fit_sklearn_probe_raw(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+                          *, C: float = 1.0, max_iter: int = 1000) -> Dict[str, float]:
+    """SAEBench's ``train_sklearn_probe`` (probe_training.py:134-182): ``LogisticRegression(penalty="l2",
+    C=1, max_iter=1000)`` with sklearn's default solver (lbfgs), on the RAW float32 features (no
+    standardisation); test accuracy of ``predict``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score
+
+    clf = LogisticRegression(C=C, max_iter=max_iter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning, as SAEBench's runs print and ignore
+        clf.fit(np.asarray(x_train, np.float32), y_train)
+    pred = clf.predict(np.asarray(x_test, np.float32))
+    return {"acc": float(accuracy_score(y_test, pred)), "f1": float(f1_score(y_test, pred, average="macro")),
+            "n_test": int(len(y_test))}
+
+
+def _linear_init(d_in: int, d_out: int, g: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``nn.Linear``'s default init (U(-1/sqrt(d_in), 1/sqrt(d_in)) for weight and bias), seeded."""
+    bound = 1.0 / math.sqrt(d_in)
+    w = (torch.rand(d_out, d_in, generator=g) * 2 - 1) * bound
+    b = (torch.rand(d_out, generator=g) * 2 - 1) * bound
+    return w, b
+
+
+def train_probe_torch(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, *,
+                      batch_size: int, epochs: int, lr: float, seed: int, l1_penalty: Optional[float] = None,
+                      early_stopping_patience: int = 10) -> Dict[str, Any]:
+    """SAEBench's ``train_probe_gpu`` (probe_training.py:234-304): a binary ``nn.Linear(dim, 1)`` with
+    default init, ``AdamW(lr)`` (weight decay 0.01), ``BCEWithLogitsLoss`` (+ ``l1_penalty * sum|w|``),
+    fresh shuffling each epoch; after every epoch the TEST accuracy (logit > 0) is measured and the
+    probe with the best one so far is kept; stops after ``early_stopping_patience`` epochs without
+    improvement. Returns ``acc`` (that best test accuracy), ``weight [dim]``, ``bias``. Seeded (SAEBench
+    draws from torch's global generator)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        return _train_probe_torch(x_train, y_train, x_test, y_test, batch_size, epochs, lr, seed, l1_penalty,
+                                  early_stopping_patience)
+
+
+def _train_probe_torch(x_train, y_train, x_test, y_test, batch_size, epochs, lr, seed, l1_penalty,
+                       early_stopping_patience) -> Dict[str, Any]:
+    g = torch.Generator().manual_seed(int(seed))
+    xtr = torch.as_tensor(np.asarray(x_train, np.float32))
+    ytr = torch.as_tensor(np.asarray(y_train)).float()
+    xte = torch.as_tensor(np.asarray(x_test, np.float32))
+    yte = torch.as_tensor(np.asarray(y_test)).long()
+    w0, b0 = _linear_init(xtr.shape[1], 1, g)
+    w, b = w0.requires_grad_(), b0.requires_grad_()
+    opt = torch.optim.AdamW([w, b], lr=lr)
+    best_acc, best, patience = 0.0, None, 0
+
+    def accuracy(x: torch.Tensor, y: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(((x @ w.T + b).squeeze(-1) > 0.0).long().eq(y).float().mean())
+
+    for _epoch in range(epochs):
+        order = torch.randperm(len(xtr), generator=g)
+        for i in range(0, len(xtr), batch_size):
+            idx = order[i:i + batch_size]
+            logits = (xtr[idx] @ w.T + b).squeeze(-1)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, ytr[idx])
+            if l1_penalty is not None:
+                loss = loss + l1_penalty * w.abs().sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        acc = accuracy(xte, yte)
+        if acc > best_acc:
+            best_acc, best, patience = acc, (w.detach().clone(), b.detach().clone()), 0
+        else:
+            patience += 1
+        if patience >= early_stopping_patience:
+            break
+    if best is None:  # SAEBench asserts here (test accuracy never above 0)
+        best = (w.detach().clone(), b.detach().clone())
+    return {"acc": best_acc, "weight": best[0][0], "bias": float(best[1][0]), "n_test": int(len(yte))}
 
 
 def chance_bound(n_test: int, chance: float, z: float = 2.0) -> float:

@@ -4,7 +4,17 @@ Decoder rows of the two SAEs are matched one-to-one by cosine similarity (Hungar
 maximising the total cosine); the *shared-feature ratio* is the fraction of matched pairs whose
 cosine exceeds ``threshold`` (0.7, as in Paulo & Belrose 2025 and FaithfulSAE). The *top-1 ratio*
 is the fraction of latents whose best cosine to ANY latent of the other SAE exceeds the threshold
-(no one-to-one constraint), averaged over both directions.
+(no one-to-one constraint).
+
+Reference: FaithfulSAE ``scripts/feat_match.py`` (github.com/seonglae/FaithfulSAE, ``feat_match``,
+``weight_sim``, ``compute_similarity_matrix``; lines 32-68 and 162-179 at 486a874). There SAE1 is the
+seed-42 SAE and SAE2 the seed-49 one:
+
+* ``shared_feature_ratio``: ``linear_sum_assignment`` on the full cosine matrix, pairs with cos > 0.7
+  over min(n1, n2) -- the ``dense`` method here, exactly.
+* ``top1_ratio``: FaithfulSAE's ONE direction, SAE2 -> SAE1: the fraction of the SECOND SAE's latents
+  whose best partner in the FIRST SAE has cos > 0.7 (``top1_ratio_b`` with ``a`` = the lower seed,
+  as the sweep orders runs). ``top1_ratio_symmetric`` (ours) averages both directions.
 
 Matching, efficiently for d_sae up to ~16k:
 
@@ -116,8 +126,10 @@ def shared_feature_ratio(W_dec_a: Any, W_dec_b: Any, threshold: float = DEFAULT_
     """Compare two decoders ``[d_sae, d_in]`` (rows = latent directions; any scale).
 
     Returns ``shared_feature_ratio`` (matched pairs with cos > threshold / min(d_sae_a, d_sae_b)),
-    ``top1_ratio`` (mean of ``top1_ratio_a`` and ``top1_ratio_b``), ``mean_matched_cos``,
-    ``n_shared`` and ``n_latents``.
+    ``top1_ratio`` (FaithfulSAE's: the fraction of ``b``'s latents whose best ``a`` partner has
+    cos > threshold, = ``top1_ratio_b``), ``top1_ratio_a`` (the other direction),
+    ``top1_ratio_symmetric`` (their mean), ``mean_matched_cos``, ``n_shared`` and ``n_latents``.
+    Pass the first seed's decoder (FaithfulSAE: seed 42) as ``a``.
     """
     if method not in ("auto", "dense", "sparse"):
         raise ValueError(f"method={method!r}: allowed values are auto, dense, sparse")
@@ -137,7 +149,8 @@ def shared_feature_ratio(W_dec_a: Any, W_dec_b: Any, threshold: float = DEFAULT_
     top1_b = float((best_b > threshold).double().mean())
     return {
         "shared_feature_ratio": n_shared / n,
-        "top1_ratio": (top1_a + top1_b) / 2,
+        "top1_ratio": top1_b,
+        "top1_ratio_symmetric": (top1_a + top1_b) / 2,
         "top1_ratio_a": top1_a,
         "top1_ratio_b": top1_b,
         # unmatched latents (sparse method) count as cosine 0

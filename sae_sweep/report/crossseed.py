@@ -119,7 +119,7 @@ def crossseed_hook(tracker: Any, parent_run_id: str, points: Sequence[Any], resu
                     log.exception("crossseed: %s vs %s failed: %s", a_id, b_id, e)
                     continue
                 table.append({"seed_group": g, "run_a": a_id, "run_b": b_id, "seed_a": sa, "seed_b": sb, **res})
-                for k in ("shared_feature_ratio", "top1_ratio", "mean_matched_cos"):
+                for k in ("shared_feature_ratio", "top1_ratio", "top1_ratio_symmetric", "mean_matched_cos"):
                     parent_metrics[f"crossseed/{gk}/seed_{sa}_vs_{sb}/{k}"] = res[k]
                     group_vals[k].append(res[k])
                     all_pairs[k].append(res[k])
