@@ -36,14 +36,19 @@ Each difference is a key (null = the mode's value; an explicit value overrides e
 
 - `base` `topk` (published `relu`): L0 is set by k instead of found by an L1 coefficient that the
   write-up never trained (0 steps); AuxK revives dead latents. `l1_coeff` null means 0.04 with
-  `base=relu`, 0 with `base=topk`.
+  `base=relu`, 0 with `base=topk`. Measured on the planted dictionary of `sae_sweep.bench.trainers`
+  (d 32, 64 features, d_sae 128, 600 steps): the published design comes out dense (L0 56.6 of 128,
+  no planted feature recovered); published with `base=topk` recovers all of them. On the tiny
+  model (default budget) the published SAE has L0 222 of 512.
 - `recon` `sum_sq` (published `l2_norm`): sum_d (x - x_hat)^2, the loss of every other trainer here;
   the unsquared norm's gradient has unit size whatever the error.
-- `sharing` 0.3 (published 0): decoder cosines below `sharing` are not penalised. With d_sae > d_in
-  the rows cannot all be orthogonal: the mean of cos^2 over pairs is at least (d_sae - d_in) /
-  (d_in (d_sae - 1)) (the Welch bound; 0.11 at d_sae = 8 d_in), so the published O never reaches 0
-  and keeps pushing every pair. Note the direction: a larger `sharing` allows more sharing, while
-  in the write-up a smaller alpha does (L24).
+- `sharing` 0.3 (published 0): decoder cosines below `sharing` are not penalised, so the term acts
+  on near-duplicates only. With d_sae > d_in the rows cannot all be orthogonal: the mean of cos^2
+  over pairs is at least (d_sae - d_in) / (d_in (d_sae - 1)) (the Welch bound, about 1/d_in, which
+  random directions already nearly meet), so the published O mostly pushes on the many small
+  overlaps that features in superposition need. Note the direction: a larger `sharing` allows more
+  sharing, while in the write-up a smaller alpha does (L24). Planted: corrected with `sharing=0`
+  recovers 95 % of the features and explains 0.83 of the variance, against 100 % and 0.87 with 0.3.
 - `ortho_coeff` 1.0 (published alpha = 0.1): the weight of the project's penalty, on its own scale.
 - `grouping` true (published false): a full d_sae x d_sae Gram matrix is 16 GiB at d_sae 65,536
   (`grouping=false` is refused above d_sae 8,192). Latents are grouped by decoder direction (a few
@@ -88,8 +93,8 @@ CORRECTIONS = {
     "base": Correction("relu", "topk", "L0 set by k instead of an L1 coefficient the write-up never trained"),
     "recon": Correction("l2_norm", "sum_sq", "the squared error of every other trainer; the norm's gradient has "
                                              "unit size whatever the error"),
-    "sharing": Correction(0.0, 0.3, "with d_sae > d_in rows cannot all be orthogonal (Welch bound): penalise only "
-                                    "cosines above a free band"),
+    "sharing": Correction(0.0, 0.3, "with d_sae > d_in rows cannot all be orthogonal (Welch bound): penalise "
+                                    "near-duplicates only"),
     "ortho_coeff": Correction(0.1, 1.0, "the weight of the project's penalty, on its own scale"),
     "grouping": Correction(False, True, "a full Gram matrix is 16 GiB at d_sae 65,536"),
     "batchwise": Correction(False, True, "do not move latents that get no reconstruction gradient"),
