@@ -61,15 +61,6 @@ overrides either mode):
 - `include_diag` false (published true): the i == j term w_ii (sum_b f_bi^2 / B)^2 is a
   frequency-weighted penalty on activation size, not a co-activation.
 - `ortho_coeff` 1.0 (published 0.1): the two forms' scales differ by orders of magnitude.
-
-Measured. On the planted dictionary of `sae_sweep.bench.trainers` (d_sae 128, batch 256, 600 steps)
-both modes recover every planted feature, and reverting any single correction changes recovery,
-explained variance and L0 by less than 0.01: there the published penalty is ~1e-8 of the
-reconstruction loss (0.1 x O / MSE), so published Run 1 is, in effect, a plain TopK SAE. On the
-tiny model at its default budget (d_sae 512, batch 1024 >= the 1000-sample window, 195 steps) the
-published run logs stab_zero_frac 1.0 and stab_mean 0 (the bug), with 0.1 x O ~ 2 % of the MSE;
-the corrected penalty is larger than the MSE there (O 43,500 vs 22,200 at the end; explained
-variance 0.93 vs 0.997), so `ortho_coeff` needs tuning per model.
 - `tracker` `table` (published `dense`): dense F x F state is infeasible at large widths (16 GiB per
   fp32 matrix at d_sae 65,536; `tracker=dense` is refused above d_sae 16,384). The table keeps, per
   latent, `cap` partner slots (partner id, current count, running average, windows co-fired,
@@ -78,6 +69,17 @@ variance 0.93 vs 0.997), so `ortho_coeff` needs tuning per model.
   (expected count this window) only if it co-fired more often in the batch; untracked pairs have
   weight 0. With `cap >= d_sae` nothing is evicted and the table reproduces the dense tracker
   under any rules (tested).
+
+Measured. On the planted dictionary of `sae_sweep.bench.trainers` (d_sae 128, batch 256, 600 steps)
+both modes recover every planted feature, and reverting any single correction changes recovery
+and explained variance by less than 0.01 (`include_diag=true` raises L0 from 3.63 to 3.83, the
+largest effect; `python -m sae_sweep.bench trainers --corrections --only temporal_ortho`); the
+published penalty is ~1e-8 of the reconstruction loss (0.1 x O / MSE), so published Run 1 is,
+in effect, a plain TopK SAE (identical figures to `topk`). On the tiny model at its default budget
+(d_sae 512, batch 1024 >= the 1000-sample window, 195 steps) the published run logs stab_zero_frac
+1.0 and stab_mean 0 (the bug), with 0.1 x O ~ 2 % of the MSE; the corrected penalty is larger than
+the MSE there (O 43,500 vs 22,200 at the end; explained variance 0.93 vs 0.997), so `ortho_coeff`
+needs tuning per model.
 
 Logged (`train/<name>`), the write-up's planned "feature stability metrics" and "memory tracking
 metrics" (L9-10, L16, L62), over pairs with a signal (max(c, c̄) > 0) as of the weights in use:
