@@ -468,7 +468,8 @@ def test_published_recipe_keeps_plain_keys_and_leaves_corrections_to_the_mode():
     from sae_sweep.bench.trainers import RECIPES, published_recipe
 
     r = published_recipe("hierarchical")
-    assert r.overrides["mode"] == "published" and r.overrides["l1_start"] == RECIPES["hierarchical"].overrides["l1_start"]
+    assert r.overrides["mode"] == "published"
+    assert r.overrides["l1_start"] == RECIPES["hierarchical"].overrides["l1_start"]
     assert "l1_end_frac" not in r.overrides
 
 

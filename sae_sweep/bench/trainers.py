@@ -107,7 +107,8 @@ def correction_rows(name: str, setup: PlantedSetup, data: tuple, seed: int = 0) 
             base, overrides={**base.overrides, key: c.published})
     runs["published"] = pub
     for key, c in table.items():
-        runs[f"published, {key}={c.corrected}"] = dataclasses.replace(pub, overrides={**pub.overrides, key: c.corrected})
+        runs[f"published, {key}={c.corrected}"] = dataclasses.replace(
+            pub, overrides={**pub.overrides, key: c.corrected})
     return {label: train_planted(name, recipe, setup, seed=seed, data=data)[1] for label, recipe in runs.items()}
 
 

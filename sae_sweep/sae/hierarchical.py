@@ -160,8 +160,8 @@ class HierarchicalParams(TrainerParams):
     mode: str = mode_setting()
     l1_start: float = setting(0.0, allowed="a float >= 0 (0: 1/sqrt(d_sae))", check=lambda v: v >= 0)
     l1_decay: bool = setting(True, allowed="true or false")
-    l1_end_frac: Optional[float] = by_mode(CORRECTIONS, "l1_end_frac", "a float in [0, 1] (final coefficient / l1_start)",
-                                           check=lambda v: 0 <= v <= 1)
+    l1_end_frac: Optional[float] = by_mode(CORRECTIONS, "l1_end_frac",
+                                           "a float in [0, 1] (final coefficient / l1_start)", check=lambda v: 0 <= v <= 1)
     l1_warmup: Optional[float] = by_mode(CORRECTIONS, "l1_warmup", "a float in [0, 1] (fraction of training)",
                                          check=lambda v: 0 <= v <= 1)
     rate_window: int = setting(100, allowed="an integer >= 1 (steps)", check=lambda v: v >= 1)

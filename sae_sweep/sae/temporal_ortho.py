@@ -99,7 +99,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from sae_sweep.config import ConfigError, d_sae_for, parse, setting
+from sae_sweep.config import d_sae_for, parse, setting
 
 from .autoencoder import SparseAutoencoder
 from .modes import Correction, by_mode, mode_setting, resolve
@@ -347,7 +347,8 @@ class TemporalOrthoParams(TopKParams):
     alpha_rule: Optional[str] = by_mode(CORRECTIONS, "alpha_rule", "", options=("rate", "windows"))
     count: Optional[str] = by_mode(CORRECTIONS, "count", "", options=("selected", "active"))
     tracker: Optional[str] = by_mode(CORRECTIONS, "tracker", "", options=("dense", "table"))
-    cap: int = setting(32, allowed="an integer >= 1 (tracker=table: tracked partners per latent)", check=lambda v: v >= 1)
+    cap: int = setting(32, allowed="an integer >= 1 (tracker=table: tracked partners per latent)",
+                       check=lambda v: v >= 1)
 
 
 @register_trainer("temporal_ortho")
