@@ -312,7 +312,8 @@ def test_temporal_ortho_memory_is_linear_in_d_sae():
     cap = 16
     small, large = CoactivationTable(4096, cap), CoactivationTable(65536, cap)
     per_slot = 4 + 4 + 4 + 4 + 4 + 8 + 8  # partner, cur, avg, freq, weight + sorted key, index
-    assert large.nbytes() == 65536 * cap * per_slot  # 36 MiB, vs 16 GiB for one dense fp32 matrix
+    per_latent = 4  # this window's firing count
+    assert large.nbytes() == 65536 * (cap * per_slot + per_latent)  # 36 MiB, vs 16 GiB for one dense fp32 matrix
     assert large.nbytes() == 16 * small.nbytes()
     # updates do not grow it, however many pairs they see
     g = torch.Generator().manual_seed(0)
@@ -320,7 +321,7 @@ def test_temporal_ortho_memory_is_linear_in_d_sae():
         idx = torch.randint(0, 65536, (256, 16), generator=g)
         large.observe(idx, torch.ones_like(idx, dtype=torch.bool))
         large.end_window()
-    assert large.nbytes() == 65536 * cap * per_slot
+    assert large.nbytes() == 65536 * (cap * per_slot + per_latent)
     assert int((large.partner[idx[0, 0]] >= 0).sum()) <= cap
 
 
@@ -330,7 +331,7 @@ def test_temporal_ortho_trainer_penalises_tracked_pairs():
     ortho = [float(trainer.step(x)["ortho"]) for _ in range(20)]
     assert ortho[0] == 0.0  # no completed window yet: no weights
     assert max(ortho[5:]) > 0  # pairs tracked after the first window are penalised
-    assert trainer.table.nbytes() == 64 * 32 * 36
+    assert trainer.table.nbytes() == 64 * (32 * 36 + 4)
 
 
 def test_adaptive_ortho_loss_respects_sharing_and_falls_when_separated():

@@ -5,10 +5,17 @@ codes, correlated groups, noise). Each trainer gets a recipe (its `trainer.*` ov
 after training, the decoder is scored against the true dictionary (mean max cosine, fraction
 recovered above 0.9) and the SAE on held-out samples (explained variance, L0, dead fraction).
 
-    python -m sae_sweep.bench trainers [--only relu,topk] [--out table.json]
+    python -m sae_sweep.bench trainers [--only relu,topk] [--mode published] [--out table.json]
+    python -m sae_sweep.bench trainers --corrections [--only hierarchical]
 
 also prints temporal_ortho's co-activation tracking memory at d_sae 65536 (see `memory_figure`).
 `tests/test_trainers.py` pins a floor per trainer on the same recipes.
+
+`--mode published` runs the research trainers (those with `trainer.mode`) as their write-ups
+published them (`published_recipe`: the recipe without its correction keys). `--corrections`
+measures each correction on its own: for every research trainer, the corrected recipe with each
+correction reverted to its published value, and the published recipe with each one applied (the
+figures quoted in the trainers' docstrings and README "Trainers").
 """
 from __future__ import annotations
 
@@ -70,6 +77,39 @@ RECIPES: dict[str, Recipe] = {
     "temporal_ortho": Recipe(),
     "adaptive_ortho": Recipe(overrides={"group_size": 64}),
 }
+
+
+def corrections(name: str) -> dict[str, Any]:
+    """The trainer's `trainer.mode` corrections table ({} for a trainer without modes)."""
+    import importlib
+
+    return getattr(importlib.import_module(get_trainer(name).__module__), "CORRECTIONS", {})
+
+
+def published_recipe(name: str) -> Recipe:
+    """The trainer's recipe in `trainer.mode=published`: its plain keys (e.g. hierarchical's
+    `l1_start`, set for this data's scale) kept, its correction keys left to the mode."""
+    recipe = RECIPES.get(name, Recipe())
+    table = corrections(name)
+    overrides = {k: v for k, v in recipe.overrides.items() if k not in table}
+    return dataclasses.replace(recipe, overrides={**overrides, "mode": "published"})
+
+
+def correction_rows(name: str, setup: PlantedSetup, data: tuple, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Each correction measured alone: the corrected recipe with it reverted, the published recipe
+    with it applied."""
+    table = corrections(name)
+    base = RECIPES.get(name, Recipe())
+    pub = published_recipe(name)
+    runs = {"corrected": base}
+    for key, c in table.items():
+        runs[f"corrected, {key}={c.published}"] = dataclasses.replace(
+            base, overrides={**base.overrides, key: c.published})
+    runs["published"] = pub
+    for key, c in table.items():
+        runs[f"published, {key}={c.corrected}"] = dataclasses.replace(
+            pub, overrides={**pub.overrides, key: c.corrected})
+    return {label: train_planted(name, recipe, setup, seed=seed, data=data)[1] for label, recipe in runs.items()}
 
 
 def trainer_cfg(name: str, recipe: Recipe, setup: PlantedSetup) -> dict[str, Any]:
@@ -136,11 +176,11 @@ def train_planted(name: str, recipe: Recipe | None = None, setup: PlantedSetup |
 COLUMNS = ("mean_max_cos", "frac_recovered_0.9", "explained_variance", "l0", "dead_frac", "seconds")
 
 
-def format_table(rows: dict[str, dict[str, float]]) -> str:
-    head = f"{'trainer':<16}" + "".join(f"{c:>20}" for c in COLUMNS)
+def format_table(rows: dict[str, dict[str, float]], width: int = 16) -> str:
+    head = f"{'trainer':<{width}}" + "".join(f"{c:>20}" for c in COLUMNS)
     lines = [head, "-" * len(head)]
     for name, m in rows.items():
-        lines.append(f"{name:<16}" + "".join(f"{m[c]:>20.3f}" for c in COLUMNS))
+        lines.append(f"{name:<{width}}" + "".join(f"{m[c]:>20.3f}" for c in COLUMNS))
     return "\n".join(lines)
 
 
@@ -160,6 +200,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write the table (and memory figure) as JSON here")
     p.add_argument("--no-memory", action="store_true", help="skip the temporal_ortho memory figure")
     p.add_argument("--memory-d-sae", type=int, default=65536)
+    p.add_argument("--mode", choices=("corrected", "published"), default="corrected",
+                   help="trainer.mode of the research trainers (others have none)")
+    p.add_argument("--corrections", action="store_true",
+                   help="measure each research trainer's corrections one at a time (see the module docstring)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -168,12 +212,24 @@ def main(args: argparse.Namespace) -> int:
     data = planted_data(setup)
     print(f"planted dictionary: d={setup.d}, n_features={setup.n_features}, l0={setup.l0}, "
           f"groups={setup.correlated_groups}, noise={setup.noise}; d_sae={setup.d_sae}")
+    if args.corrections:
+        result: dict[str, Any] = {"setup": dataclasses.asdict(setup), "corrections": {}}
+        for name in (n for n in names if corrections(n)):
+            rows = correction_rows(name, setup, data, seed=args.seed)
+            result["corrections"][name] = rows
+            print(f"\n{name}\n" + format_table(rows, width=44), flush=True)
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(result, fh, indent=2)
+            print(f"wrote {args.out}")
+        return 0
     rows = {}
     for name in names:
-        _, rows[name] = train_planted(name, setup=setup, seed=args.seed, data=data)
+        recipe = published_recipe(name) if args.mode == "published" and corrections(name) else None
+        _, rows[name] = train_planted(name, recipe=recipe, setup=setup, seed=args.seed, data=data)
         print(f"  {name}: done in {rows[name]['seconds']:.1f}s", flush=True)
     print(format_table(rows))
-    result: dict[str, Any] = {"setup": dataclasses.asdict(setup), "trainers": rows}
+    result = {"setup": dataclasses.asdict(setup), "mode": args.mode, "trainers": rows}
     if not args.no_memory and "temporal_ortho" in trainer_names():
         mem = memory_figure(d_sae=args.memory_d_sae)
         result["temporal_ortho_memory"] = mem

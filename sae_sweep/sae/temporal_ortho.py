@@ -1,74 +1,189 @@
 """`temporal_ortho`: TopK SAE with a co-activation penalty weighted by how stable each pair is.
 
-loss = ||x - x_hat||^2 + auxk_alpha * AuxK + l1_coeff * L1(f) + ortho_coeff * sum_{i != j} w_ij |f_i^T f_j| / B
+Write-up: `shared/seeds/001_09d1b6f66c15dfbf.txt` ("Memory-Efficient Temporal Analysis for Feature
+Separation"; `001:L81` is its line 81 as `cat -n` numbers it), an aider log with the code it ran
+(tracker L79-136, device fixes L262-271 and L321, loss L195-200) and one reported run (Run 1, L339).
 
-where f_i is latent i's activations over the batch. Per pair, c_ij is the co-activation rate in
-the current window of `window` steps and c̄_ij a running average updated at each window's end with
-rate alpha_ij = min(0.1, freq_ij / 1000) (freq_ij: windows in which the pair co-fired). The pair
-weight is w_ij = c_ij (1 + |c_ij - c̄_ij| / max(c_ij, c̄_ij)): frequent pairs are discouraged,
-more so when their co-activation is unstable.
+Shared by both modes. Per pair (i, j), c_ij is the pair's co-activation rate in the current window
+(co-firing tokens / tokens) and c̄_ij its running average, updated when a window closes:
+c̄ <- (1 - alpha) c̄ + alpha c. The pair weight is w_ij = c_ij (1 + |c_ij - c̄_ij| / max(c_ij, c̄_ij))
+("higher weight = more unstable = needs more orthogonality pressure", L134). Weights carry no
+gradient. loss = ||x - x_hat||^2 + auxk_alpha * AuxK + l1_coeff * L1 + ortho_coeff * O.
 
-Memory. The original keeps dense d_sae x d_sae matrices (16 GiB each at d_sae 65536, fp32). Here
-`CoactivationTable` keeps, per latent, a fixed number `cap` of partner slots (partner id, current
-count, running average, frequency, weight): O(d_sae * cap) whatever d_sae is. When a latent's
-slots are full, a new partner evicts the weakest resident (expected count this window) only if it
-co-fired more often in the batch. Pairs never tracked have weight 0 (not penalised).
+`trainer.mode=published` is the code that produced Run 1:
 
-Fixes to the original description:
-- i == j is excluded (f_i^T f_i is an L2 penalty on activations, not a co-activation);
-- the penalty is divided by the batch size (otherwise its scale changes with batch_size);
-- weights are statistics (no gradient) and come from the last completed window, so the penalty
-  does not move while a window fills;
-- a pair's first observed rate initialises c̄ (with c̄ = 0 and alpha ~ 1/1000, every new pair
-  would look maximally unstable and c̄ would take thousands of windows to mean anything).
+- O = mean over all F^2 pairs (i, j), the diagonal included, of w_ij (f_i^T f_j / B)^2, where f is the
+  dense [B, F] TopK code (L197-200: `feature_dots = einsum('bi,bj->ij', f, f) / B`,
+  `(stability_weights * feature_dots.pow(2)).mean()`), with ortho_coeff = `ortho_weight` 0.1 (L339).
+- Dense F x F tracker (`running_avg`, `current_window`, L87-88), c̄ starting at 0; window of 1000
+  *samples* (`window_count += B`, L102; `window_size=1000`, L81); a token counts a pair when both
+  latents are among its top k, whatever their values (`masks.scatter_(1, top_indices, 1)`, L96-100).
+- alpha_i = min(0.1, p_i / 1000) per row, p_i latent i's firing rate in the closing window
+  (`freq = diag(norm_coact)`, L110-111, L321): at most 1e-3, so the 0.1 cap never binds, and c̄ is
+  asymmetric (row i moves at latent i's rate).
+- The tracker's `update` runs inside the loss, before the penalty (L196), and the weights are
+  recomputed from the state it leaves (L120-136): from the partial window if it has samples,
+  else from c̄ itself.
+- That last rule is the published tracker's bug. When the batch is at least the window (the
+  write-up's 2048 >= 1000, and Run 2's planned 2000, L464), every update closes the window and
+  resets it to empty, so `get_stability_weights` compares c̄ with itself: stability is exactly 0
+  and w = c̄ at every step. c̄ is a lagged rate (after n windows of a steady rate c it is
+  c (1 - (1 - alpha)^n): 8 % of c after Run 1's 2,441 steps at its mean firing rate 160/4608), so
+  Run 1's penalty was weighted by a small fraction of each pair's co-activation rate, with no
+  stability term at all. Below the window size the weights jump between the partial window's and
+  c̄ every ceil(window / B) steps. `trainer.mode=published` reproduces this (tests pin it);
+  `train/stab_zero_frac` = 1 in the logs shows it.
+
+The idea text states a different loss, "L = L_recon + lambda_1 L_sparse + lambda_2 sum_(i,j) w_ij
+|f_i^T f_j|" with "alpha_ij = min(0.1, freq_ij / 1000)" (L19); the code above is what ran.
+
+The default `trainer.mode=corrected` changes these keys (null = the mode's value; an explicit value
+overrides either mode):
+
+- `weights_from` `closed` (published `live`): weights come from the window that just closed, compared
+  with c̄ *before* that window updates it, and are held until the next window closes. Fixes the bug
+  above (measured: tests/test_trainers.py reproduces w = c̄, stability 0 at B >= window, and the
+  pulsing below it).
+- `cbar_init` `first` (published `zero`): a pair's first observed rate initialises c̄. With c̄ = 0 and
+  alpha <= 1e-3, every pair looks maximally unstable (stability ~ 1, w ~ 2c) for thousands of
+  windows, so the stability factor is a constant 2 carrying no information.
+- `alpha_rule` `windows` (published `rate`): alpha_ij = min(0.1, n_ij / 1000), n_ij the number of
+  windows in which the pair co-fired: per pair, as the idea text writes it, so c̄ stays symmetric,
+  and reaching its 0.1 cap after 100 windows instead of never.
+- `window` / `window_unit` 20 `steps` (published 1000 `samples`): a window of 1000 samples is shorter
+  than one batch at the write-up's batch of 2048, so there is no "window" to compare with history.
+- `count` `active` (published `selected`): a pair counts on a token when both latents are active
+  (value > 0), not merely selected by the top k with value 0.
+- `ortho_form` `linear` (published `squared`): O = sum_{i != j} w_ij f_i^T f_j / B, the idea text's
+  sum of w |f_i^T f_j| (|.| is the identity: f >= 0) divided by the batch size. The published mean
+  over F^2 of squared dots shrinks with d_sae^2 and the batch size squared, so its coefficient does
+  not transfer between widths or batch sizes.
+- `include_diag` false (published true): the i == j term w_ii (sum_b f_bi^2 / B)^2 is a
+  frequency-weighted penalty on activation size, not a co-activation.
+- `ortho_coeff` 1.0 (published 0.1): the two forms' scales differ by orders of magnitude.
+- `tracker` `table` (published `dense`): dense F x F state is infeasible at large widths (16 GiB per
+  fp32 matrix at d_sae 65,536; `tracker=dense` is refused above d_sae 16,384). The table keeps, per
+  latent, `cap` partner slots (partner id, current count, running average, windows co-fired,
+  weight): O(d_sae * cap) whatever d_sae is (72 MiB at 65,536 with cap 32, measured by
+  `measure_memory`). When a latent's slots are full, a new partner evicts the weakest resident
+  (expected count this window) only if it co-fired more often in the batch; untracked pairs have
+  weight 0. With `cap >= d_sae` nothing is evicted and the table reproduces the dense tracker
+  under any rules (tested).
+
+Measured. On the planted dictionary of `sae_sweep.bench.trainers` (d_sae 128, batch 256, 600 steps)
+both modes recover every planted feature, and reverting any single correction changes recovery
+and explained variance by less than 0.01 (`include_diag=true` raises L0 from 3.63 to 3.83, the
+largest effect; `python -m sae_sweep.bench trainers --corrections --only temporal_ortho`); the
+published penalty is ~1e-8 of the reconstruction loss (0.1 x O / MSE), so published Run 1 is,
+in effect, a plain TopK SAE (identical figures to `topk`). On the tiny model at its default budget
+(d_sae 512, batch 1024 >= the 1000-sample window, 195 steps) the published run logs stab_zero_frac
+1.0 and stab_mean 0 (the bug), with 0.1 x O ~ 2 % of the MSE; the corrected penalty is larger than
+the MSE there (O 43,500 vs 22,200 at the end; explained variance 0.93 vs 0.997), so `ortho_coeff`
+needs tuning per model.
+
+Logged (`train/<name>`), the write-up's planned "feature stability metrics" and "memory tracking
+metrics" (L9-10, L16, L62), over pairs with a signal (max(c, c̄) > 0) as of the weights in use:
+stab_mean (mean |c - c̄| / max(c, c̄)), stab_zero_frac (share with stability exactly 0: 1.0 under the
+published tracker's bug), w_mean, cbar_mean, alpha_mean (at the last window close), plus ortho, l1,
+auxk, tracked_pairs, windows_closed and tracker_MiB (the tracking state's size).
+
 Pairs are found by binary search in a sorted key index (row * d_sae + partner), rebuilt when
-partners change, so per-step transients are O(B k^2) and the index O(d_sae * cap). Tracking needs
-host syncs (boolean indexing, unique) once per step.
+partners change, so per-step transients are O(B k^2) and the index O(d_sae * cap). Tracking with
+the table needs host syncs (boolean indexing, unique) once per step; the dense tracker none.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from sae_sweep.config import setting
+from sae_sweep.config import d_sae_for, parse, setting
 
 from .autoencoder import SparseAutoencoder
-from .trainer import StepOutput, mse_loss
+from .modes import Correction, by_mode, mode_setting, resolve
 from .registry import register_sae, register_trainer
 from .topk import TopKParams, TopKSAE, TopKTrainer
+from .trainer import StepOutput, mse_loss
+
+DENSE_MAX_D_SAE = 16384  # tracker=dense: 5 fp32/int32 d_sae x d_sae tensors = 5 GiB here
+
+CORRECTIONS = {
+    "weights_from": Correction("live", "closed", "the published order compares c̄ with itself once a window "
+                                                 "closes: at batch >= window, stability is 0 and w = c̄ at every step"),
+    "cbar_init": Correction("zero", "first", "from c̄ = 0 with alpha <= 1e-3 every pair looks maximally unstable for "
+                                            "thousands of windows (w ~ 2c)"),
+    "alpha_rule": Correction("rate", "windows", "per pair as the idea text writes it: c̄ stays symmetric and can "
+                                                "reach its 0.1 cap"),
+    "window": Correction(1000, 20, "1000 samples is less than one batch of 2048: no window to compare"),
+    "window_unit": Correction("samples", "steps", "see window"),
+    "count": Correction("selected", "active", "count pairs that fire, not top-k members with value 0"),
+    "ortho_form": Correction("squared", "linear", "the idea text's sum of w |f_i^T f_j| / B; the squared mean over "
+                                                  "F^2 shrinks with d_sae^2 and B^2"),
+    "include_diag": Correction(True, False, "f_i^T f_i is an activation-size penalty, not a co-activation"),
+    "ortho_coeff": Correction(0.1, 1.0, "the forms' scales differ by orders of magnitude"),
+    "tracker": Correction("dense", "table", "dense F x F state is 16 GiB per matrix at d_sae 65,536"),
+}
 
 
 class CoactivationTable:
-    """Bounded per-latent table of co-activating partners (see module docstring)."""
+    """Per-latent co-activation partners and their statistics, dense or bounded (module docstring).
+
+    Storage: `dense=True` keeps every pair (slot j of row i is partner j: d_sae x d_sae); else
+    `cap` partner slots per latent. Rules (the module docstring's keys): `weights_from` (`closed`:
+    weights set when a window closes; `live`: recomputed by `live_weights` after every update, the
+    published order), `cbar_init` (`first` | `zero`), `alpha_rule` (`windows` | `rate`),
+    `include_diag` (track and weight i == j).
+    """
 
     FIELDS = ("partner", "cur", "avg", "freq", "weight")
 
-    def __init__(self, d_sae: int, cap: int, device: Any = "cpu"):
-        self.d_sae, self.cap = int(d_sae), int(cap)
+    def __init__(self, d_sae: int, cap: int | None = 32, device: Any = "cpu", *, dense: bool = False,
+                 weights_from: str = "closed", cbar_init: str = "first", alpha_rule: str = "windows",
+                 include_diag: bool = False):
+        self.d_sae = int(d_sae)
+        self.dense = bool(dense)
+        self.cap = self.d_sae if self.dense else int(cap)
+        self.weights_from, self.cbar_init, self.alpha_rule = weights_from, cbar_init, alpha_rule
+        self.include_diag = bool(include_diag)
         shape = (self.d_sae, self.cap)
-        self.partner = torch.full(shape, -1, dtype=torch.int32, device=device)  # -1: empty slot
+        if self.dense:
+            self.partner = torch.arange(self.d_sae, dtype=torch.int32, device=device).repeat(self.d_sae, 1)
+        else:
+            self.partner = torch.full(shape, -1, dtype=torch.int32, device=device)  # -1: empty slot
         self.cur = torch.zeros(shape, dtype=torch.float32, device=device)  # co-fire count, this window
         self.avg = torch.zeros(shape, dtype=torch.float32, device=device)  # c̄: running average rate
         self.freq = torch.zeros(shape, dtype=torch.int32, device=device)  # windows the pair co-fired
-        self.weight = torch.zeros(shape, dtype=torch.float32, device=device)  # w from the last window
+        self.weight = torch.zeros(shape, dtype=torch.float32, device=device)  # w in use
+        self.fires = torch.zeros(self.d_sae, dtype=torch.float32, device=device)  # per-latent count, this window
         self.window_tokens = 0
+        self.windows_closed = 0
+        # logged: stab_mean, stab_zero_frac, w_mean, cbar_mean, alpha_mean (see `_stats`)
+        self.stats = torch.zeros(5, device=device)
+        self._alpha_mean = torch.zeros((), device=device)
         self._rebuild_index()
 
     def nbytes(self) -> int:
-        """Persistent tracking state: the slot fields plus the sorted lookup index."""
-        return sum(getattr(self, f).nbytes for f in self.FIELDS) + self._sorted.nbytes + self._perm.nbytes
+        """Persistent tracking state: the slot fields (plus the sorted lookup index of the table)."""
+        n = sum(getattr(self, f).nbytes for f in self.FIELDS) + self.fires.nbytes
+        return n if self.dense else n + self._sorted.nbytes + self._perm.nbytes
 
     @torch.no_grad()
     def observe(self, idx: Tensor, active: Tensor) -> None:
-        """Count co-activations of a batch's codes: idx [B, k] latent ids, active [B, k] bool."""
+        """Count co-activations of a batch's codes: idx [B, k] latent ids, active [B, k] bool
+        (which of a token's k latents count)."""
         B, k = idx.shape
         self.window_tokens += B
-        eye = torch.eye(k, dtype=torch.bool, device=idx.device)
-        ok = active[:, :, None] & active[:, None, :] & ~eye
-        keys = (idx[:, :, None].long() * self.d_sae + idx[:, None, :].long())[ok]
+        self.fires.index_add_(0, idx.reshape(-1), active.reshape(-1).float())
+        ok = active[:, :, None] & active[:, None, :]
+        if not self.include_diag:
+            ok = ok & ~torch.eye(k, dtype=torch.bool, device=idx.device)
+        keys = idx[:, :, None].long() * self.d_sae + idx[:, None, :].long()
+        if self.dense:  # every pair has its slot: no lookup, no host sync
+            self.cur.view(-1).index_add_(0, keys.reshape(-1), ok.reshape(-1).float())
+            return
+        keys = keys[ok]
         if keys.numel() == 0:
             return
         uniq, counts = keys.unique(return_counts=True)
@@ -80,7 +195,9 @@ class CoactivationTable:
 
     def _rebuild_index(self) -> None:
         """Sorted pair keys (row * d_sae + partner) -> flat slot, for O(log) lookups without a
-        d_sae x d_sae structure. Rebuilt whenever partners change."""
+        d_sae x d_sae structure. Rebuilt whenever partners change. (Dense: slot = key.)"""
+        if self.dense:
+            return
         rows = torch.arange(self.d_sae, device=self.partner.device, dtype=torch.long)[:, None]
         keys = torch.where(self.partner >= 0, rows * self.d_sae + self.partner.long(),
                            torch.full_like(rows, self.d_sae * self.d_sae))  # sentinel: past any key
@@ -88,6 +205,8 @@ class CoactivationTable:
 
     def _lookup(self, keys: Tensor) -> tuple[Tensor, Tensor]:
         """(tracked? bool, flat slot index) for pair keys of any shape."""
+        if self.dense:
+            return torch.ones_like(keys, dtype=torch.bool), keys
         pos = torch.searchsorted(self._sorted, keys).clamp_max(self._sorted.numel() - 1)
         return self._sorted[pos] == keys, self._perm[pos]
 
@@ -119,42 +238,93 @@ class CoactivationTable:
 
     @torch.no_grad()
     def end_window(self, max_alpha: float = 0.1, alpha_div: float = 1000.0) -> None:
-        """Close the window: weights from this window's rates, then update the running averages."""
+        """Close the window: (`closed`) weights from this window's rates against c̄, then update c̄."""
         valid = self.partner >= 0
-        c = self.cur / max(1, self.window_tokens)
+        n = max(1, self.window_tokens)
+        c = self.cur / n
         seen = self.cur > 0
-        first = valid & seen & (self.freq == 0)
+        first = valid & seen & (self.freq == 0) if self.cbar_init == "first" else torch.zeros_like(valid)
         c_bar = torch.where(first, c, self.avg)
-        denom = torch.maximum(c, c_bar).clamp_min(1e-12)
-        self.weight = torch.where(valid, c * (1 + (c - c_bar).abs() / denom), torch.zeros_like(c))
         self.freq += (valid & seen).int()
-        alpha = (self.freq.float() / alpha_div).clamp(max=max_alpha)
+        if self.alpha_rule == "windows":
+            alpha = (self.freq.float() / alpha_div).clamp(max=max_alpha)
+        else:  # row i at latent i's firing rate in this window
+            alpha = (self.fires / n / alpha_div).clamp(max=max_alpha)[:, None].expand_as(c)
+        sig = (valid & (torch.maximum(c, self.avg) > 0)).float()
+        self._alpha_mean = (alpha * sig).sum() / sig.sum().clamp_min(1)
+        if self.weights_from == "closed":
+            stab = (c - c_bar).abs() / torch.maximum(c, c_bar).clamp_min(1e-12)
+            self.weight = torch.where(valid, c * (1 + stab), torch.zeros_like(c))
+            self.stats = self._stats(valid, c, c_bar, stab)
         self.avg = torch.where(first, c, torch.where(valid, (1 - alpha) * self.avg + alpha * c, self.avg))
         self.cur.zero_()
+        self.fires.zero_()
         self.window_tokens = 0
+        self.windows_closed += 1
+
+    @torch.no_grad()
+    def live_weights(self) -> None:
+        """`weights_from=live` (the published order): weights from the partial window against c̄,
+        or from c̄ itself when the window is empty (just closed) -- then stability is exactly 0."""
+        valid = self.partner >= 0
+        c = self.cur / self.window_tokens if self.window_tokens > 0 else self.avg
+        stab = (c - self.avg).abs() / (torch.maximum(c, self.avg) + 1e-8)
+        self.weight = torch.where(valid, c * (1 + stab), torch.zeros_like(c))
+        self.stats = self._stats(valid, c, self.avg, stab)
+
+    def _stats(self, valid: Tensor, c: Tensor, c_bar: Tensor, stab: Tensor) -> Tensor:
+        """[stab_mean, stab_zero_frac, w_mean, cbar_mean, alpha_mean] over pairs with a signal."""
+        sig = (valid & (torch.maximum(c, c_bar) > 0)).float()
+        n = sig.sum().clamp_min(1)
+        return torch.stack([(stab * sig).sum() / n, ((stab == 0).float() * sig).sum() / n,
+                            (self.weight * sig).sum() / n, (c_bar * sig).sum() / n, self._alpha_mean])
 
     def pair_weights(self, idx: Tensor) -> Tensor:
-        """w for every ordered pair of a token's latents: idx [B, k] -> [B, k, k] (0 if untracked, i==j)."""
+        """w for every ordered pair of a token's latents: idx [B, k] -> [B, k, k] (0 if untracked,
+        and on i == j unless include_diag)."""
         keys = idx[:, :, None].long() * self.d_sae + idx[:, None, :].long()
         hit, flat = self._lookup(keys)
         w = torch.where(hit, self.weight.view(-1)[flat], torch.zeros((), device=idx.device))
+        if self.include_diag:
+            return w
         return w * ~torch.eye(idx.shape[1], dtype=torch.bool, device=idx.device)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**{f: getattr(self, f).clone() for f in self.FIELDS}, "window_tokens": self.window_tokens}
+        return {**{f: getattr(self, f).clone() for f in self.FIELDS}, "fires": self.fires.clone(),
+                "window_tokens": self.window_tokens, "windows_closed": self.windows_closed,
+                "stats": self.stats.clone(), "alpha_mean": self._alpha_mean.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for f in self.FIELDS:
             setattr(self, f, state[f].to(getattr(self, f).device))
         self.window_tokens = int(state["window_tokens"])
+        for key, attr in (("fires", "fires"), ("stats", "stats"), ("alpha_mean", "_alpha_mean")):
+            if key in state:
+                setattr(self, attr, state[key].to(self.cur.device))
+        self.windows_closed = int(state.get("windows_closed", 0))
         self._rebuild_index()
 
 
-def ortho_penalty(vals: Tensor, idx: Tensor, table: CoactivationTable) -> Tensor:
-    """sum_{i != j} w_ij f_i^T f_j / B over a TopK code (vals, idx [B, k]); grads flow into vals."""
-    w = table.pair_weights(idx)
+def ortho_penalty(vals: Tensor, idx: Tensor, table: CoactivationTable, form: str = "linear") -> Tensor:
+    """The co-activation penalty of a TopK code (vals, idx [B, k]); grads flow into vals.
+
+    `linear`: sum_{i != j} w_ij f_i^T f_j / B (i == j included when table.include_diag).
+    `squared` (published): sum_{i,j} w_ij (f_i^T f_j / B)^2 / d_sae^2 -- the mean over all d_sae^2
+    pairs of the dense formula, computed from the k active latents per token (pairs that never
+    co-fire in the batch have f_i^T f_j = 0)."""
+    B = vals.shape[0]
     v = vals.float()
-    return (w * v[:, :, None] * v[:, None, :]).sum() / vals.shape[0]
+    prod = v[:, :, None] * v[:, None, :]  # [B, k, k]
+    if form == "linear":
+        return (table.pair_weights(idx) * prod).sum() / B
+    keys = idx[:, :, None].long() * table.d_sae + idx[:, None, :].long()
+    hit, flat = table._lookup(keys)
+    if not table.include_diag:
+        hit = hit & ~torch.eye(idx.shape[1], dtype=torch.bool, device=idx.device)
+    # untracked pairs carry weight 0; their slot index is arbitrary, so add 0 there
+    dots = torch.zeros(table.weight.numel(), device=v.device).index_add(0, flat.reshape(-1),
+                                                                         (prod * hit).reshape(-1))
+    return (table.weight.view(-1) * (dots / B).pow(2)).sum() / float(table.d_sae) ** 2
 
 
 @register_sae("temporal_ortho")
@@ -164,10 +334,21 @@ class TemporalOrthoSAE(TopKSAE):
 
 @dataclass
 class TemporalOrthoParams(TopKParams):
-    ortho_coeff: float = setting(1.0, allowed="a float >= 0 (lambda2, co-activation penalty)", check=lambda v: v >= 0)
+    mode: str = mode_setting()
+    ortho_coeff: Optional[float] = by_mode(CORRECTIONS, "ortho_coeff", "a float >= 0 (lambda2, co-activation penalty)",
+                                           check=lambda v: v >= 0)
+    ortho_form: Optional[str] = by_mode(CORRECTIONS, "ortho_form", "", options=("squared", "linear"))
+    include_diag: Optional[bool] = by_mode(CORRECTIONS, "include_diag", "true or false")
     l1_coeff: float = setting(0.0, allowed="a float >= 0 (lambda1, L1 on activations)", check=lambda v: v >= 0)
-    window: int = setting(20, allowed="an integer >= 1 (steps per co-activation window)", check=lambda v: v >= 1)
-    cap: int = setting(32, allowed="an integer >= 1 (tracked partners per latent)", check=lambda v: v >= 1)
+    window: Optional[int] = by_mode(CORRECTIONS, "window", "an integer >= 1 (in window_unit)", check=lambda v: v >= 1)
+    window_unit: Optional[str] = by_mode(CORRECTIONS, "window_unit", "", options=("samples", "steps"))
+    weights_from: Optional[str] = by_mode(CORRECTIONS, "weights_from", "", options=("live", "closed"))
+    cbar_init: Optional[str] = by_mode(CORRECTIONS, "cbar_init", "", options=("zero", "first"))
+    alpha_rule: Optional[str] = by_mode(CORRECTIONS, "alpha_rule", "", options=("rate", "windows"))
+    count: Optional[str] = by_mode(CORRECTIONS, "count", "", options=("selected", "active"))
+    tracker: Optional[str] = by_mode(CORRECTIONS, "tracker", "", options=("dense", "table"))
+    cap: int = setting(32, allowed="an integer >= 1 (tracker=table: tracked partners per latent)",
+                       check=lambda v: v >= 1)
 
 
 @register_trainer("temporal_ortho")
@@ -176,33 +357,63 @@ class TemporalOrthoTrainer(TopKTrainer):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.table = CoactivationTable(self.d_sae, self.params.cap, self.device)
+        o = self.opt = resolve(self.params, CORRECTIONS)
+        self.table = CoactivationTable(self.d_sae, self.params.cap, self.device, dense=o.tracker == "dense",
+                                       weights_from=o.weights_from, cbar_init=o.cbar_init, alpha_rule=o.alpha_rule,
+                                       include_diag=o.include_diag)
+        self._tracker_mib = torch.full((), self.table.nbytes() / 2**20, device=self.device)
+
+    @classmethod
+    def problems(cls, trainer_cfg: Any, sae_cfg: Any = None, d_in: int | None = None) -> list[str]:
+        errors = super().problems(trainer_cfg, sae_cfg, d_in)
+        if errors or sae_cfg is None or d_in is None:
+            return errors
+        params = parse(cls.params_cls, trainer_cfg, "trainer")
+        d_sae = d_sae_for(sae_cfg, d_in)
+        if resolve(params, CORRECTIONS).tracker == "dense" and d_sae > DENSE_MAX_D_SAE:
+            errors.append(f"trainer.tracker={params.tracker!r} (mode={params.mode}: dense) at d_sae={d_sae}: "
+                          f"the dense tracker keeps d_sae x d_sae state ({20 * d_sae ** 2 / 2**30:.1f} GiB); "
+                          f"allowed: d_sae <= {DENSE_MAX_D_SAE}, or trainer.tracker=table")
+        return errors
 
     def build_sae(self, generator: torch.Generator) -> SparseAutoencoder:
         return TemporalOrthoSAE(self.d_in, self.d_sae, int(self.sae_cfg["k"]), generator=generator)
 
+    def window_closes(self) -> bool:
+        o = self.opt
+        if o.window_unit == "samples":
+            return self.table.window_tokens >= o.window
+        return (self.step_count + 1) % o.window == 0
+
     def compute_loss(self, x: Tensor) -> StepOutput:
         sae: TemporalOrthoSAE = self.sae  # type: ignore[assignment]
+        o, p = self.opt, self.params
         vals, idx, pre = sae.encode_sparse(x)
         active = vals > 0
-        self.table.observe(idx, active)
-        if (self.step_count + 1) % self.params.window == 0:
+        self.table.observe(idx, torch.ones_like(active) if o.count == "selected" else active)
+        if self.window_closes():
             self.table.end_window()
+        if o.weights_from == "live":
+            self.table.live_weights()
         x_hat = sae.decode_sparse(vals, idx)
         mse = mse_loss(x, x_hat)
         l1 = vals.float().sum(-1).mean()
-        ortho = ortho_penalty(vals, idx, self.table)
+        ortho = ortho_penalty(vals, idx, self.table, o.ortho_form)
         fired = torch.zeros(self.d_sae, device=x.device).scatter_add_(
             0, idx.reshape(-1), active.float().reshape(-1)) > 0
-        if self.params.auxk_alpha > 0 and self.tokens_seen >= self.params.dead_tokens:
+        if p.auxk_alpha > 0 and self.tokens_seen >= p.dead_tokens:
             auxk = self.auxk_loss(x - x_hat.detach(), pre, self.dead_mask())
         else:
             auxk = torch.zeros((), device=x.device)
-        p = self.params
-        loss = mse + p.auxk_alpha * auxk + p.l1_coeff * l1 + p.ortho_coeff * ortho
+        loss = mse + p.auxk_alpha * auxk + p.l1_coeff * l1 + o.ortho_coeff * ortho
+        s = self.table.stats
         return StepOutput(loss=loss, x_hat=x_hat, l0=active.float().sum(-1).mean(), fired=fired,
                           parts={"auxk": auxk, "l1": l1, "ortho": ortho,
-                                 "tracked_pairs": (self.table.partner >= 0).float().sum()})
+                                 "tracked_pairs": (self.table.partner >= 0).float().sum(),
+                                 "stab_mean": s[0], "stab_zero_frac": s[1], "w_mean": s[2], "cbar_mean": s[3],
+                                 "alpha_mean": s[4],
+                                 "windows_closed": torch.full((), float(self.table.windows_closed), device=x.device),
+                                 "tracker_MiB": self._tracker_mib})
 
     def extra_state(self) -> dict[str, Any]:
         return {"table": self.table.state_dict()}
