@@ -75,7 +75,8 @@ def test_eval_presets(preset):
 def test_experiment_presets(experiment):
     cfg = compose_job(f"experiment={experiment}")
     validate_point(job_view(cfg), check_availability=False)
-    assert cfg.sweep.name == experiment  # results land in an experiment named after the preset
+    # results land in an experiment of their own, named after the preset (runs of one write-up share one)
+    assert cfg.sweep.name != "default" and experiment.startswith(cfg.sweep.name)
 
 
 @pytest.mark.parametrize("launcher", options("hydra/launcher"))
@@ -90,7 +91,7 @@ def test_launcher_presets(launcher):
 def test_a_bad_value_in_any_group_is_one_kind_of_message():
     """A bad value in the job, a trainer or an eval: the same message shape (key=value: why; allowed)."""
     for override, key in (("hook=mid", "hook='mid'"), ("trainer.lr=-1", "trainer.lr=-1.0"),
-                          ("eval.fake_features.unit=word", "eval.fake_features.unit='word'"),
+                          ("eval.fake_features.token_pool=words", "eval.fake_features.token_pool='words'"),
                           ("dataset.tokens=0", "dataset.tokens=0")):
         with pytest.raises(ConfigError) as e:
             validate_point(job_view(compose_job(override)), check_availability=False)
