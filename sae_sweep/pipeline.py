@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -54,7 +55,7 @@ def cache_spec(cfg: DictConfig, lm: Any, device: torch.device) -> Dict[str, Any]
         "hook": cfg.hook,
         "dataset": dataset_fingerprint(cfg.dataset, lm),
         "context_size": int(cfg.dataset.context_size),
-        "tokens": int(cfg.dataset.tokens),
+        "tokens": C.cache_tokens(cfg),
         "storage_dtype": _storage_dtype(device),
         "split": "train",
     }
@@ -70,8 +71,9 @@ def open_cache(cfg: DictConfig, device: torch.device) -> Tuple[Any, Any, bool, f
     if cfg.dataset.kind == "synthetic":  # planted-dictionary activations: no LM, same cache and reader
         from sae_sweep import synthetic_data
 
-        cache, built = get_or_build(synthetic_data.cache_spec(cfg.dataset), C.cache_dir(cfg),
-                                    synthetic_data.build_fn(cfg.dataset), special_token_ids=[],
+        n = C.cache_tokens(cfg)
+        cache, built = get_or_build(synthetic_data.cache_spec(cfg.dataset, n), C.cache_dir(cfg),
+                                    synthetic_data.build_fn(cfg.dataset, n), special_token_ids=[],
                                     storage_dtype="float32", verify=cfg.cache.verify)
         return None, cache, built, time.perf_counter() - t0
     from sae_sweep.lm import load_lm
@@ -90,7 +92,7 @@ def build_activation_cache(cfg: DictConfig, lm: Any, device: torch.device) -> Tu
     cache_root = C.cache_dir(cfg)
 
     def build() -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        windows = token_windows(cfg.dataset, lm, "train", int(cfg.dataset.tokens), cache_root)
+        windows = token_windows(cfg.dataset, lm, "train", C.cache_tokens(cfg), cache_root)
         for i in range(0, windows.shape[0], CACHE_BUILD_BATCH):
             ids = windows[i:i + CACHE_BUILD_BATCH]
             acts = lm.activations(ids.to(lm.device), int(cfg.layer), cfg.hook)
@@ -145,21 +147,38 @@ def execute(points: Sequence[Point], device: torch.device) -> List[Any]:
             p.run.set_tags({"pack.size": len(points), "pack.leader": points[0].key})
     members = [make_member(p, cache, device) for p in points]
     reader = ShuffledReader(cache, int(cfg0.trainer.batch_size), int(cfg0.seed), device=device)
+    repeats = {id(m): _repeats_data(p.cfg, m, reader) for p, m in zip(points, members)}
     try:
-        train_members(members, reader)
+        train_members([m for m in members if repeats[id(m)] is None], reader)
         _blame_cache_for_nan(members, reader, cache)
     finally:
         reader.close()
     outcomes: List[Any] = []
     for p, m in zip(points, members):
+        if repeats[id(m)] is not None:
+            outcomes.append(repeats[id(m)])
+            continue
         if m.error is not None:
             outcomes.append(m.error)
             continue
         try:
-            outcomes.append(finish(p, lm, m.trainer, m.result, device))
+            outcomes.append(finish(p, lm, m.trainer, m.result, device, passes=m.total_steps / reader.batches_per_epoch))
         except Exception as e:  # one point's eval failure fails that point only
             outcomes.append(e)
     return outcomes
+
+
+def _repeats_data(cfg: DictConfig, member: Any, reader: Any) -> Optional[RunFailed]:
+    """A point whose training would pass over the cache more often than ``train.epochs`` allows
+    (the cache's BOS/EOS positions are not trained on, so it can hold fewer usable tokens than
+    its budget): the reason it fails before training, else None after recording the passes."""
+    passes = member.total_steps / reader.batches_per_epoch
+    if passes > int(cfg.train.epochs) + 1e-9:
+        return RunFailed(
+            f"train.tokens={cfg.train.tokens}: {passes:.2f} passes over the cache's {reader.n_positions} usable "
+            f"tokens (after BOS/EOS), but train.epochs={cfg.train.epochs}: training would repeat data. Set "
+            f"train.epochs={math.ceil(passes)} to repeat it on purpose, or raise dataset.tokens")
+    return None
 
 
 class CacheCorrupt(RuntimeError):
@@ -189,12 +208,15 @@ def _blame_cache_for_nan(members: Sequence[Any], reader: Any, cache: Any) -> Non
         return
 
 
-def finish(p: Point, lm: Any, trainer: Any, result: Any, device: torch.device) -> Dict[str, float]:
-    """Log the training result, save the SAE as an artifact, run the evals."""
+def finish(p: Point, lm: Any, trainer: Any, result: Any, device: torch.device, passes: float) -> Dict[str, float]:
+    """Log the training result (``passes``: over the cache's usable tokens), save the SAE as an
+    artifact, run the evals."""
     from sae_sweep.lm import hook_name
 
     cfg, run = p.cfg, p.run
-    run.log_metrics({"train/steps": result.steps, "train/tokens": result.tokens, "train/seconds": result.seconds})
+    run.log_metrics({"train/steps": result.steps, "train/tokens": result.tokens, "train/seconds": result.seconds,
+                     "train/epochs": passes})
+    run.set_tags({"train.epochs": p.cfg.train.epochs})
     if result.resumed_from_step is not None:  # a requeued / re-run job continued a checkpoint
         run.set_tags({"resumed_from_step": result.resumed_from_step})
     if result.checkpoint_fallback:  # latest.pt was damaged: training went on from previous.pt

@@ -98,6 +98,8 @@ def compose_points(load: Callable[[List[str]], DictConfig], batches: Sequence[Se
                 log.warning("grid point #%d [%s] is the same run as #%d (same run key); it will be skipped",
                             idx, shown, seen[key])
             seen.setdefault(key, idx)
+            if job.model.get("weights") in ("hub", "gguf") and not any(o.startswith("model.weights=") for o in overrides):
+                overrides = overrides + [f"model.weights={job.model.weights}"]  # jobs load what was validated
             points.append(GridPoint(idx, overrides, key, C.seed_group_key(job), job))
             idx += 1
     if errors:

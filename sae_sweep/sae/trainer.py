@@ -15,7 +15,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from sae_sweep.config import DEAD_TOKENS, ConfigError, SAEConfig, d_sae_for, parse, problems, sae_problems, setting
+from sae_sweep.config import (DEAD_TOKENS, ConfigError, SAEConfig, d_sae_for, parse, problems, sae_problems, setting,
+                              shape_problems)
 
 from .autoencoder import SparseAutoencoder
 
@@ -151,6 +152,8 @@ class Trainer:
             errors.append(f"trainer.name={name!r}: this is trainer {cls.name!r}")
         if sae_cfg is not None:
             errors += sae_problems(sae_cfg, d_in)
+        if not errors and sae_cfg is not None and d_in is not None:
+            errors += shape_problems(parse(cls.params_cls, trainer_cfg, "trainer"), d_in, d_sae_for(sae_cfg, d_in))
         return errors
 
     @torch.no_grad()
