@@ -102,6 +102,8 @@ def _wait_for(predicate, timeout_s: float, what: str, job=None):
     detail = ""
     if job is not None:
         detail = f"\njob {job.job_id} state {job.state}\nstdout:\n{job.stdout()}\nstderr:\n{job.stderr()}"
+    queue = subprocess.run(["squeue", "-o", "%i %P %T %R %C"], capture_output=True, text=True)
+    detail += f"\nsqueue:\n{queue.stdout}{queue.stderr}"
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}{detail}")
 
 
@@ -194,7 +196,7 @@ def test_checkpointable_job_is_requeued_and_resumes(tmp_path):
         state = json.loads(state_path.read_text())
         return state if state["step"] >= 3 else None
 
-    _wait_for(progressed, 120, "the job to make 3 steps", job=job)
+    _wait_for(progressed, 600, "the job to make 3 steps", job=job)  # the node may be busy with other tests' jobs
     # what submitit does on preemption: SIGUSR2 -> checkpoint() -> scontrol requeue
     job._interrupt()
 
@@ -232,7 +234,8 @@ def test_preempted_job_gets_signal_is_requeued_and_resumes(tmp_path):
         state = json.loads(state_path.read_text())
         return state if state["step"] >= 3 else None
 
-    _wait_for(progressed, 120, "the victim to make 3 steps", job=job)
+    # It fills the node, so it starts only when the other test worker's SLURM jobs have ended.
+    _wait_for(progressed, 600, "the victim to make 3 steps", job=job)
 
     urgent = _executor(tmp_path / "urgent")
     urgent.update_parameters(slurm_partition=PREEMPT_PARTITION)
