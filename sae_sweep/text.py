@@ -563,6 +563,29 @@ def token_windows(dataset_cfg: Any, lm: Any, split: str, n_tokens: int,
     return windows
 
 
+def iter_windows(dataset_cfg: Any, lm: Any, split: str, cache_dir: str | os.PathLike,
+                 chunk: int = 256) -> Iterator[torch.Tensor]:
+    """The windows of ``split`` as a stream: LongTensors of ``chunk`` windows (the last may be
+    shorter) until the source runs out. The same windows, in the same order, as ``token_windows``
+    (which packs a fixed budget at once): the packer's leftover tokens carry over between chunks."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: allowed values are {', '.join(SPLITS)}")
+    ctx = int(_get(dataset_cfg, "context_size"))
+    packer = WindowPacker(lm.bos_token_id, lm.eos_token_id, ctx, chunk)
+    docs = iter_split_documents(dataset_cfg, lm, split, cache_dir)
+    try:
+        for ids in docs:
+            packer.add(ids)
+            while packer.full:  # a long document can fill more than one chunk
+                yield packer.result()
+                full, packer = packer, WindowPacker(lm.bos_token_id, lm.eos_token_id, ctx, chunk)
+                packer.continue_from(full)
+    finally:
+        docs.close()
+    if packer.row:
+        yield packer.out[:packer.row]
+
+
 # Windows files found damaged (checksum mismatch, unreadable) and rebuilt by this process: a job
 # reports them in its run's tags.
 REPAIRED: List[str] = []

@@ -11,8 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sae_sweep"
 ORDER = [
     "files", "locks", "hub",
     "config",
-    "corpus", "lm", "text", "synthetic_data",
-    "shards", "cache", "reader",
+    "corpus", "gguf", "lm", "text", "synthetic_data",
+    "shards", "cache", "reader", "stream",
     "sae", "train",
     "evals",
     "tracking",

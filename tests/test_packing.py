@@ -73,9 +73,9 @@ def test_packed_members_equal_solo_runs_and_resume_alone(cache, tmp_path):
         assert torch.equal(again.sae.W_dec, m.trainer.sae.W_dec)
 
 
-def test_stream_key_groups_points_that_read_the_same_batches():
-    """Points differing in trainer, SAE size or lr share a batch stream; seed, batch size or the
-    activations (layer, dataset) give another one."""
+def test_stream_key_groups_points_that_read_the_same_activations():
+    """Points differing in trainer, SAE size, lr or seed read the same activations (each in its
+    own seed's order); batch size or the activations themselves (layer, dataset, hook) differ."""
     from hydra import compose, initialize_config_dir
 
     from sae_sweep.app import CONF_DIR
@@ -86,8 +86,8 @@ def test_stream_key_groups_points_that_read_the_same_batches():
             return stream_key(compose("config", overrides=list(overrides)))
 
         base = key()
-        assert key("trainer=relu") == key("sae.expansion_factor=8") == key("trainer.lr=0.01") == base
-        for other in ("seed=49", "trainer.batch_size=512", "layer=1", "dataset=faithful", "hook=mlp_out"):
+        assert key("trainer=relu") == key("sae.expansion_factor=8") == key("trainer.lr=0.01") == key("seed=49") == base
+        for other in ("trainer.batch_size=512", "layer=1", "dataset=faithful", "hook=mlp_out", "cache.mode=stream"):
             assert key(other) != base, other
 
 
