@@ -178,3 +178,28 @@ def test_a_pack_of_seeds_on_one_disk_cache_equals_the_solo_runs_and_resumes(cach
         assert m.result.resumed_from_step is not None
         for a, b in zip(alone.sae.parameters(), m.trainer.sae.parameters()):
             assert torch.equal(a, b), p
+
+
+def test_caches_that_do_not_fit_are_refused_before_any_work_with_the_numbers(tmp_path):
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+
+    from sae_sweep.app import CONF_DIR, disk_problems, model_shape, validate_point
+    from sae_sweep.config import ConfigError
+
+    free = shutil.disk_usage(tmp_path).free
+    tokens = int(free / (128 * 4 + 4) * 1.5)  # tiny: d_model 128, fp32: 1.5x what the disk holds
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        big = compose("config", overrides=[f"dataset.tokens={tokens}", f"paths.cache_dir={tmp_path}"])
+        streamed = compose("config", overrides=[f"dataset.tokens={tokens}", f"paths.cache_dir={tmp_path}",
+                                                "cache.mode=stream", "train.epochs=1"])
+        seeds = [compose("config", overrides=[f"dataset.tokens={tokens // 2}", f"paths.cache_dir={tmp_path}",
+                                              f"seed={s}"]) for s in (1, 2)]
+    with pytest.raises(ConfigError) as e:
+        validate_point(big, check_availability=True, memory_gb=1e6)
+    msg = str(e.value)
+    assert f"paths.cache_dir={tmp_path}" in msg and "GB are free" in msg and "cache.mode=stream" in msg
+    assert disk_problems([streamed], [model_shape(streamed)]) == []  # a stream needs no disk
+    # two seeds of one dataset share one cache: counted once (3/4 of the disk fits)
+    assert disk_problems(seeds, [model_shape(c) for c in seeds]) == []
