@@ -138,6 +138,9 @@ class PreemptionGuard:
         first = self.signum is None
         self.signum = self.signum or signum
         self.requeue = self.requeue or signum == self.usr
+        if STOP.seen:  # the loop has stopped and checkpointed: run_points records that, then hands over
+            log.warning("got %s: handing over once the runs are recorded", signal_name(signum))
+            return
         if self.force or STOP.loops == 0:
             self.hand_over(frame)  # raises
         log.warning("got %s: stopping training at the next step to checkpoint", signal_name(signum))
