@@ -564,8 +564,11 @@ def _budget_problems(cfg: Any) -> List[str]:
         errors.append(f"train.tokens={cfg.train.tokens}: less than one batch; allowed: at least "
                       f"trainer.batch_size={batch} (or lower trainer.batch_size)")
     if cache_tokens(cfg) < batch:
-        errors.append(f"dataset.tokens={cfg.dataset.tokens}: the activation cache would not hold one batch; "
-                      f"allowed: at least trainer.batch_size={batch} (plus the BOS/EOS positions it skips)")
+        size = (f"dataset.tokens={cfg.dataset.tokens}" if cfg.dataset.tokens is not None else
+                f"dataset.tokens=null (train.tokens={cfg.train.tokens} / train.epochs={cfg.train.epochs} + 5 % = "
+                f"{cache_tokens(cfg)})")
+        errors.append(f"{size}: the activation cache would not hold one batch; allowed: at least "
+                      f"trainer.batch_size={batch} (plus the BOS/EOS positions it skips)")
     if cfg.cache.mode == "stream" and int(cfg.train.epochs) != 1:
         errors.append(f"train.epochs={cfg.train.epochs}: cache.mode=stream trains on each streamed token once; "
                       f"allowed: 1 (or cache.mode=disk to repeat cached tokens)")

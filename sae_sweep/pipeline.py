@@ -303,7 +303,7 @@ def finish(p: Point, lm: Any, trainer: Any, result: Any, device: torch.device, p
     sae.save(sae_dir, sae_cfg_dict)
     run.log_artifact_dir(sae_dir, "sae")
     metrics = run_evals(cfg, run, lm, sae, sae_cfg_dict, device)
-    from sae_sweep.text import REPAIRED
+    from sae_sweep.files import REPAIRED
 
     if REPAIRED:  # damaged token windows / generated chunks this process found and rebuilt
         run.set_tags({"text_repaired": "; ".join(REPAIRED)[:4900]})

@@ -5,7 +5,8 @@ context_size]``, ``n_seqs = ceil(n_tokens / context_size)``, drawn from one of t
 (``dataset.kind``):
 
 * ``builtin``  the standard-library docstring corpus (offline, see ``corpus.py``);
-* ``faithful`` text the model generates itself from BOS-only prompts, cached on disk in chunks;
+* ``faithful`` text the model generates itself from BOS-only prompts, cached on disk in chunks
+               (``faithful.py``);
 * ``hub``      a Hugging Face dataset, streamed until the budget is met (``hf_id`` may also be a local
                directory holding a copy of the dataset's files: the same loading code, offline);
 * ``local``    jsonl/json/parquet/csv/txt files through the matching ``datasets`` builder.
@@ -28,7 +29,6 @@ import json
 import logging
 import math
 import os
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional
 
@@ -36,7 +36,9 @@ import numpy as np
 import torch
 
 from sae_sweep.config import stable_hash
-from sae_sweep.files import atomic_write
+from sae_sweep.faithful import GENERATION_DEFAULTS, Generations
+from sae_sweep.faithful import VERSION as FAITHFUL_VERSION
+from sae_sweep.files import REPAIRED, atomic_write
 from sae_sweep.hub import hub_offline
 from sae_sweep.corpus import (
     EVAL_FRACTION_PERCENT,
@@ -54,7 +56,7 @@ __all__ = [
     "dataset_fingerprint",
     "token_windows",
     "iter_split_documents",
-    "faithful_dir",
+    "generations",
 ]
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,6 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "eval")
 # Bump when packing or the split rule changes: window caches and fingerprints follow it.
 PACKING = f"bos+(ctx-1) stream tokens, eos after each doc, no sep at window start; split sha1%100<{EVAL_FRACTION_PERCENT}=eval; v1"
-FAITHFUL_VERSION = "faithful-v1"
 
 # Builders of the `datasets` library by file extension (compression suffixes are ignored).
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
@@ -101,10 +102,11 @@ def _plain(node: Any) -> Any:
     return node
 
 
-def _generation_settings(dataset_cfg: Any) -> Dict[str, Any]:
+def generations(dataset_cfg: Any, lm: Any, cache_dir: str | os.PathLike) -> Generations:
+    """The chunks of model-generated text a ``faithful`` dataset reads (see ``faithful.py``)."""
     gen = _get(dataset_cfg, "generation", {}) or {}
-    defaults = dict(max_new_tokens=128, temperature=1.0, top_p=0.9, repetition_penalty=1.1, batch_size=64, seed=0)
-    return {k: _plain(_get(gen, k, v)) for k, v in defaults.items()}
+    settings = {k: _plain(_get(gen, k, v)) for k, v in GENERATION_DEFAULTS.items()}
+    return Generations(lm, settings, cache_dir)
 
 
 def _data_files(dataset_cfg: Any) -> List[str]:
@@ -300,7 +302,8 @@ def dataset_fingerprint(dataset_cfg: Any, lm: Any = None) -> Dict[str, Any]:
     elif kind == "faithful":
         if lm is None:
             raise ValueError("dataset_fingerprint of a faithful dataset needs the LanguageModel")
-        fp.update(model=dict(lm.fingerprint), generation=_generation_settings(dataset_cfg), version=FAITHFUL_VERSION)
+        gens = generations(dataset_cfg, lm, ".")
+        fp.update(model=dict(lm.fingerprint), generation=gens.settings, version=FAITHFUL_VERSION)
     else:
         raise ValueError(f"dataset.kind={kind!r} is not a text source (builtin, faithful, hub, local)")
     if lm is not None:
@@ -365,7 +368,7 @@ def iter_split_documents(dataset_cfg: Any, lm: Any, split: str, cache_dir: str |
         raise ValueError(f"split={split!r}: allowed values are {', '.join(SPLITS)}")
     kind = _get(dataset_cfg, "kind")
     if kind == "faithful":
-        yield from _faithful_documents(dataset_cfg, lm, split, cache_dir, progress)
+        yield from generations(dataset_cfg, lm, cache_dir).documents(split, progress)
         return
     if kind == "builtin":
         texts: Iterable[Any] = builtin_documents(cache_dir)
@@ -382,123 +385,6 @@ def iter_split_documents(dataset_cfg: Any, lm: Any, split: str, cache_dir: str |
             if progress is not None:
                 progress.update(len(ids) + 1)
             yield ids
-
-
-# Faithful: the model's own generations, cached in resumable chunks
-def faithful_dir(dataset_cfg: Any, lm: Any, cache_dir: str | os.PathLike) -> Path:
-    """Where the generations for this model + generation settings live.
-
-    Not keyed by the number of sequences: chunk ``i`` depends only on (model, settings, i), so a
-    larger budget extends the same directory and a smaller one reads a prefix of it.
-    """
-    key = stable_hash({"model": lm.fingerprint, "generation": _generation_settings(dataset_cfg),
-                        "version": FAITHFUL_VERSION})
-    name = str(lm.fingerprint.get("name", "model")).replace("/", "_")
-    return Path(os.path.expanduser(str(cache_dir))) / "faithful" / f"{name}-{key}"
-
-
-def _chunk_path(root: Path, i: int) -> Path:
-    return root / f"chunk_{i:06d}.npz"
-
-
-def _read_chunk(path: Path) -> Optional[List[np.ndarray]]:
-    """A chunk's documents; None (after a warning) when the file is damaged (the zip's CRC checks
-    every byte), so the caller generates it again -- chunk i is a function of (model, settings, i)."""
-    try:
-        with np.load(path) as z:
-            tokens, lengths = z["tokens"], z["lengths"]
-    except Exception as e:  # BadZipFile, CRC error, truncated file
-        log.warning("generated chunk %s is damaged (%s: %s); generating it again", path, type(e).__name__, e)
-        REPAIRED.append(f"{path.name}: {type(e).__name__}")
-        path.unlink(missing_ok=True)
-        return None
-    return np.split(tokens, np.cumsum(lengths)[:-1]) if len(lengths) else []
-
-
-def _generate_chunk(lm: Any, settings: Dict[str, Any], i: int) -> List[np.ndarray]:
-    """``batch_size`` samples from BOS-only prompts; each cut at its first EOS."""
-    torch.manual_seed(int(settings["seed"]) * 1_000_003 + i)  # chunk i is reproducible on its own
-    bs = int(settings["batch_size"])
-    prompt = torch.full((bs, 1), lm.bos_token_id, dtype=torch.long, device=lm.device)
-    with torch.inference_mode():
-        out = lm.model.generate(
-            input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
-            temperature=float(settings["temperature"]), top_p=float(settings["top_p"]), top_k=0,
-            repetition_penalty=float(settings["repetition_penalty"]),
-            max_new_tokens=int(settings["max_new_tokens"]), min_new_tokens=0,
-            eos_token_id=lm.eos_token_id, pad_token_id=lm.pad_token_id, use_cache=True,
-        )
-    docs = []
-    for row in out[:, 1:].cpu().numpy():
-        stop = np.nonzero(row == lm.eos_token_id)[0]
-        row = row[: stop[0]] if len(stop) else row
-        docs.append(row.astype(np.int32))
-    return docs
-
-
-def _write_chunk(root: Path, i: int, docs: List[np.ndarray]) -> None:
-    lengths = np.array([len(d) for d in docs], dtype=np.int32)
-    tokens = np.concatenate(docs).astype(np.int32) if docs else np.zeros(0, dtype=np.int32)
-    buf = io.BytesIO()
-    np.savez(buf, tokens=tokens, lengths=lengths)
-    atomic_write(_chunk_path(root, i), buf.getvalue())
-
-
-def _write_manifest(root: Path, lm: Any, settings: Dict[str, Any], n_chunks: int) -> None:
-    manifest = {
-        "version": FAITHFUL_VERSION,
-        "model": lm.fingerprint,
-        "generation": settings,
-        "prompt": "BOS only",
-        "chunks": n_chunks,
-        "sequences": n_chunks * int(settings["batch_size"]),
-    }
-    atomic_write(root / "manifest.json", json.dumps(manifest, indent=2, default=str).encode())
-
-
-def _faithful_documents(dataset_cfg: Any, lm: Any, split: str, cache_dir: str | os.PathLike,
-                        progress: Any = None) -> Iterator[List[int]]:
-    """Documents of ``split`` from chunk 0 on; missing chunks are generated under a lock.
-
-    A killed generation leaves only whole chunk files (atomic writes), so the next run continues
-    at the first missing chunk.
-    """
-    from tqdm.auto import tqdm
-
-    settings = _generation_settings(dataset_cfg)
-    root = faithful_dir(dataset_cfg, lm, cache_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    with ExitStack() as stack:
-        locked = False
-        gen_bar = None
-        i = empty_chunks = 0
-        while True:
-            path = _chunk_path(root, i)
-            if not path.exists():
-                if not locked:
-                    from sae_sweep.locks import OwnedLock  # noqa: PLC0415
-
-                    stack.enter_context(OwnedLock(root / ".lock"))
-                    locked = True
-                    gen_bar = stack.enter_context(
-                        tqdm(desc=f"generating {root.name}", unit="seq", initial=i * int(settings["batch_size"]),
-                             disable=None))
-                if not path.exists():  # another process may have written it while we waited
-                    _write_chunk(root, i, _generate_chunk(lm, settings, i))
-                    _write_manifest(root, lm, settings, i + 1)
-                    gen_bar.update(int(settings["batch_size"]))
-            docs = _read_chunk(path)
-            if docs is None:  # damaged: deleted by _read_chunk, generated again on the next pass
-                continue
-            empty_chunks = 0 if any(len(d) for d in docs) else empty_chunks + 1
-            if empty_chunks >= 3:
-                raise NotEnoughText(f"{root}: the model generated only empty sequences (EOS right after BOS)")
-            for doc in docs:
-                if len(doc) and doc_split(doc.astype("<i4").tobytes()) == split:
-                    if progress is not None:
-                        progress.update(len(doc) + 1)
-                    yield doc.tolist()
-            i += 1
 
 
 # Windows
@@ -584,11 +470,6 @@ def iter_windows(dataset_cfg: Any, lm: Any, split: str, cache_dir: str | os.Path
         docs.close()
     if packer.row:
         yield packer.out[:packer.row]
-
-
-# Windows files found damaged (checksum mismatch, unreadable) and rebuilt by this process: a job
-# reports them in its run's tags.
-REPAIRED: List[str] = []
 
 
 def _load_windows(path: Path) -> Optional[torch.Tensor]:

@@ -18,7 +18,7 @@ from sae_sweep.text import (
     NotEnoughText,
     check_dataset_available,
     dataset_fingerprint,
-    faithful_dir,
+    generations,
     iter_split_documents,
     token_windows,
 )
@@ -182,12 +182,12 @@ def test_faithful_generation_is_cached_resumable_and_text_like(tiny_lm, tiny_cac
     ev = token_windows(cfg, tiny_lm, "eval", 32 * 6, cache)
     _assert_bos_windows(ev, tiny_lm, 32, strict=False)
 
-    root = faithful_dir(cfg, tiny_lm, cache)
+    root = generations(cfg, tiny_lm, cache).root
     chunks = sorted(root.glob("chunk_*.npz"))
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["generation"] == gen and manifest["chunks"] == len(chunks) >= 2
     assert manifest["model"]["tokenizer_hash"] == tiny_lm.fingerprint["tokenizer_hash"]
-    assert not (root / ".lock").exists() and not list(root.glob(".*.tmp"))
+    assert not list(root.glob("locks/*.lock")) and not list(root.glob(".*.tmp"))
 
     # Text-like: mostly words, not byte soup.
     docs = list(zip(range(20), iter_split_documents(cfg, tiny_lm, "train", cache)))
@@ -214,7 +214,7 @@ def test_faithful_generation_is_cached_resumable_and_text_like(tiny_lm, tiny_cac
 
     # Different generation settings: a different directory and fingerprint.
     other = {**cfg, "generation": {**gen, "seed": 1}}
-    assert faithful_dir(other, tiny_lm, cache) != root
+    assert generations(other, tiny_lm, cache).root != root
     assert dataset_fingerprint(other, tiny_lm) != dataset_fingerprint(cfg, tiny_lm)
 
 
@@ -262,11 +262,12 @@ def test_faithful_generation_killed_midway_resumes_to_the_same_text(llama_lm, tm
     proc.wait()
     (root,) = list(chunks_dir.iterdir())
     before = {p.name: p.stat().st_mtime_ns for p in root.glob("chunk_*.npz")}
-    assert (root / ".lock").exists()  # the dead owner's lock is still there
+    dead_locks = list(root.glob("locks/*.lock"))  # the chunk (or manifest) lock it held, if any
     assert not list((killed_cache / "tokens").glob("*.npy"))  # it was killed before finishing
 
     subprocess.run([*cmd, str(killed_cache), str(n)], env=env, check=True, capture_output=True, timeout=600)
     after = {p.name: p.stat().st_mtime_ns for p in root.glob("chunk_*.npz")}
+    assert not any(p.exists() for p in dead_locks)  # taken over and released
     assert len(after) > len(before) and all(after[name] == t for name, t in before.items())
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["chunks"] == len(after) and manifest["generation"]["seed"] == 3
