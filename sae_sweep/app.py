@@ -342,10 +342,12 @@ def disk_problems(cfgs: Sequence[DictConfig], shapes: Sequence[C.ModelShape]) ->
         free = shutil.disk_usage(probe).free
         total = sum(caches.values())
         if total > free:
+            wide = any(str(cfg.cache.dtype) == "float32" for cfg in cfgs)
             problems.append(
                 f"paths.cache_dir={root}: the {len(caches)} activation cache(s) to build need {total / 1e9:,.1f} GB "
                 f"(tokens x d_model x cache.dtype), {free / 1e9:,.1f} GB are free. Use cache.mode=stream (nothing "
-                f"on disk), a smaller train.tokens / dataset.tokens, cache.dtype=bfloat16, or another paths.cache_dir")
+                f"on disk), a smaller train.tokens / dataset.tokens, {'cache.dtype=bfloat16, ' if wide else ''}"
+                f"or another paths.cache_dir")
     return problems
 
 

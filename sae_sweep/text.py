@@ -232,8 +232,11 @@ def check_local_documents(dataset_cfg: Any, files: List[str]) -> None:
         except Exception as e:  # empty file (StopIteration inside the reader), malformed json/csv/parquet
             raise DatasetUnavailable(f"dataset.data_files: cannot read {f} as {_builder_for(f)} "
                                      f"({type(e).__name__}: {e or 'no rows'})") from None
-        if seen == 0:
+        if seen == 0 and _builder_for(f) != "html":  # an HTML page without prose paragraphs is normal
             raise DatasetUnavailable(f"dataset.data_files: {f} holds no text (no non-empty {column!r} values)")
+    if not any(docs.values()):
+        raise DatasetUnavailable(f"dataset.data_files: {', '.join(files)} hold no text (HTML: no paragraph reads "
+                                 f"as prose, see sae_sweep/html_prose.py)")
     if docs["eval"] == 0 or docs["train"] == 0:
         missing = "held-out (eval)" if docs["eval"] == 0 else "training"
         raise DatasetUnavailable(

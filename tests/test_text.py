@@ -170,6 +170,7 @@ def test_local_html_pages_give_one_document_per_prose_paragraph(llama_lm, tmp_pa
             "w(x) y.z a_b c(d) e.f g_h</p></body></html>")
     (tmp_path / "a.html").write_text(page)
     (tmp_path / "b.htm").write_text("<p>" + "</p><p>".join(prose[150:]) + "</p><p>Too short to count.</p>")
+    (tmp_path / "c.html").write_text("<html><body><table><tr><td>an index page: no prose</td></tr></table></body></html>")
     cfg = {"name": "docs", "kind": "local", "data_files": [str(tmp_path / "*.htm*")], "context_size": 16,
            "eval_tokens": 64}
     check_dataset_available(cfg)
@@ -187,6 +188,10 @@ def test_local_html_pages_give_one_document_per_prose_paragraph(llama_lm, tmp_pa
     missing = {**cfg, "data_files": ["/nonexistent/doc-*/html/*.html"], "how_to_get": "apt-get install the-docs"}
     with pytest.raises(DatasetUnavailable, match=r"no file matches; apt-get install the-docs"):
         check_dataset_available(missing)
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "i.html").write_text("<p>Index</p>")
+    with pytest.raises(DatasetUnavailable, match="no paragraph reads as prose"):
+        check_dataset_available({**cfg, "data_files": [str(tmp_path / "none" / "i.html")]})
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.html").write_bytes(b"<p>\xff\xfe caf\xe9</p>")
     with pytest.raises(DatasetUnavailable, match="not UTF-8"):
