@@ -2,8 +2,10 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
 # 2 test workers (pytest-xdist): much of the suite waits on SLURM and job subprocesses. TEST_WORKERS=0: one process.
+# --max-worker-restart=0: a worker that dies ends the run with its test named; replaced, xdist 3.8's
+# loadgroup scheduler re-queues that group and can wait forever (a CI run hung until its time limit).
 TEST_WORKERS ?= 2
-PYTEST := $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --max-worker-restart=0
 
 .PHONY: install test test-fast demo demo-real prose-docs bench slurm-up slurm-down clean
 
