@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -220,6 +221,8 @@ def validate_point(cfg: DictConfig, check_availability: bool = True, runs_here: 
             problems += _unavailable(cfg)
         if not problems:
             problems += _store_problems(C.tracking_uri(cfg))
+        if not problems and shape is not None:
+            problems += disk_problems([cfg], [shape])
     C.fail_if(problems)
 
 
@@ -298,6 +301,61 @@ def memory_use() -> Dict[str, str]:
             log.warning("peak memory %.2f GB is within 20%% of the job's %.2f GB limit: raise hydra.launcher.mem_gb",
                         peak, limit)
     return tags
+
+
+def cache_bytes(cfg: DictConfig, d_model: int) -> int:
+    """Disk a point's activation cache takes: tokens x d_model x the storage dtype's size, plus its
+    int32 token ids."""
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[str(cfg.cache.dtype)]
+    tokens = C.cache_tokens(cfg)
+    return tokens * int(d_model) * itemsize + tokens * 4
+
+
+def _built(cfg: DictConfig) -> bool:
+    """Whether a cache for these activations is already on disk (matched on what the manifest
+    records: model, layer, hook, dataset kind, context size, budget, dtype -- a cheap test that
+    never loads the model; the real key is checked when the job opens it)."""
+    root = C.cache_dir(cfg) / "activations"
+    want = (int(cfg.layer), str(cfg.hook), int(cfg.dataset.context_size), C.cache_tokens(cfg), str(cfg.cache.dtype),
+            str(cfg.dataset.kind))
+    for manifest in root.glob("*/manifest.json"):
+        try:
+            spec = json.loads(manifest.read_text())["spec"]
+        except (OSError, ValueError, KeyError):
+            continue
+        got = (spec.get("layer"), spec.get("hook"), spec.get("context_size"), spec.get("tokens"),
+               spec.get("storage_dtype"), (spec.get("dataset") or {}).get("kind"))
+        model = spec.get("model") or {}
+        if got == want and model.get("name") == cfg.model.name:
+            return True
+    return False
+
+
+def disk_problems(cfgs: Sequence[DictConfig], shapes: Sequence[C.ModelShape]) -> List[str]:
+    """The disk caches a grid still has to build, summed per cache directory, against its free
+    space: refused before any work with the numbers and the ways out."""
+    need: Dict[Path, Dict[tuple, int]] = {}
+    for cfg, shape in zip(cfgs, shapes):
+        if cfg.cache.mode == "stream" or cfg.dataset.kind == "synthetic" or _built(cfg):
+            continue
+        ident = (cfg.model.name, str(cfg.model.get("weights")), cfg.layer, cfg.hook, cfg.dataset.name,
+                 C.cache_tokens(cfg), cfg.dataset.context_size, cfg.cache.dtype)
+        need.setdefault(C.cache_dir(cfg), {})[ident] = cache_bytes(cfg, shape.d_model)
+    problems = []
+    for root, caches in need.items():
+        probe = root
+        while not probe.exists():
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        total = sum(caches.values())
+        if total > free:
+            wide = any(str(cfg.cache.dtype) == "float32" for cfg in cfgs)
+            problems.append(
+                f"paths.cache_dir={root}: the {len(caches)} activation cache(s) to build need {total / 1e9:,.1f} GB "
+                f"(tokens x d_model x cache.dtype), {free / 1e9:,.1f} GB are free. Use cache.mode=stream (nothing "
+                f"on disk), a smaller train.tokens / dataset.tokens, {'cache.dtype=bfloat16, ' if wide else ''}"
+                f"or another paths.cache_dir")
+    return problems
 
 
 def _store_problems(uri: str) -> List[str]:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sae_sweep import config as C
-from sae_sweep.app import pack_file, validate_point, write_pack
+from sae_sweep.app import disk_problems, model_shape, pack_file, validate_point, write_pack
 
 log = logging.getLogger("sae_sweep.sweep")
 
@@ -105,6 +105,9 @@ def compose_points(load: Callable[[List[str]], DictConfig], batches: Sequence[Se
     if errors:
         raise C.ConfigError(f"{len(errors)} of {idx} grid points are invalid; nothing was launched:\n"
                             + "\n".join(errors))
+    unique = list({p.run_key: p for p in points}.values())
+    C.fail_if(disk_problems([p.cfg for p in unique], [model_shape(p.cfg) for p in unique]),
+              "the grid's activation caches do not fit; nothing was launched")
     return points
 
 
