@@ -678,6 +678,9 @@ def stable_hash(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:n]
 
 
+DATASET_LABELS = ("name", "how_to_get")
+
+
 def run_identity(cfg: Any) -> Dict[str, Any]:
     """Everything that changes a trained SAE (not paths, launcher, tracking, logging, evals).
 
@@ -691,7 +694,8 @@ def run_identity(cfg: Any) -> Dict[str, Any]:
         "model": model,
         "layer": cfg.layer,
         "hook": cfg.hook,
-        "dataset": {k: v for k, v in _plain(cfg.dataset).items() if k != "name"},
+        # name and how_to_get are labels for people: renaming a dataset or rewording its hint is no new run
+        "dataset": {k: v for k, v in _plain(cfg.dataset).items() if k not in DATASET_LABELS},
         "sae": _plain(cfg.sae),
         "trainer": _plain(cfg.trainer),
         "train_tokens": cfg.train.tokens,

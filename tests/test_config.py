@@ -71,7 +71,8 @@ def test_unknown_key_rejected_by_schema():
 
 def test_run_key_ignores_paths_and_tracking_but_not_seed():
     a = _compose()
-    b = _compose("paths.output_dir=/elsewhere", "tracking.uri=sqlite:////x.db", "train.log_every=3")
+    b = _compose("paths.output_dir=/elsewhere", "tracking.uri=sqlite:////x.db", "train.log_every=3",
+                 "dataset.how_to_get='a reworded hint'")
     c = _compose("seed=49")
     assert C.run_key(a) == C.run_key(b)
     assert C.run_key(a) != C.run_key(c)
