@@ -111,6 +111,7 @@ def make_member(p: Point, cache: Any, device: torch.device) -> Any:
     torch.manual_seed(int(cfg.seed))  # as if the point were alone in its process
     steps = C.total_steps(cfg)
     trainer = get_trainer(cfg.trainer.name)(cache.d_in, cfg.sae, cfg.trainer, steps, int(cfg.seed), device)
+    p.run.set_tags({"trainer.precision": trainer.precision})  # what trainer.autocast_bf16 resolved to
     ckpt_dir = C.output_dir(cfg) / "checkpoints" / p.key
     if not checkpoint_path(ckpt_dir).exists():
         # Initialisation sample from its own stream so the training order is untouched.
@@ -194,6 +195,7 @@ def finish(p: Point, lm: Any, trainer: Any, result: Any, device: torch.device) -
     from sae_sweep.lm import hook_name
 
     cfg, run = p.cfg, p.run
+    run.set_tags({"trainer.precision": trainer.precision})  # a resumed run keeps its checkpoint's
     run.log_metrics({"train/steps": result.steps, "train/tokens": result.tokens, "train/seconds": result.seconds})
     if result.resumed_from_step is not None:  # a requeued / re-run job continued a checkpoint
         run.set_tags({"resumed_from_step": result.resumed_from_step})
