@@ -1,7 +1,5 @@
 """The fast TopK paths compute the same step as straightforward dense autograd; the precision
-default; the bench's TopK harness (no timings asserted)."""
-import sys
-
+default. (The bench's TopK harness: test_bench_protocol.py.)"""
 import pytest
 import torch
 
@@ -109,37 +107,3 @@ def test_auto_precision_is_the_explicit_setting_it_resolves_to(native, monkeypat
     torch.testing.assert_close(auto_losses, explicit_losses, rtol=0, atol=0)
     for name, p in explicit.sae.named_parameters():
         torch.testing.assert_close(dict(auto.sae.named_parameters())[name], p, rtol=0, atol=0, msg=name)
-
-
-def test_bench_step_worker_runs_our_step_and_reports_each_step(tmp_path):
-    """The bench's TopK harness (no timing asserted: benchmarks print figures, tests check the
-    harness): a worker process sets up our step at tiny dims, warms up, answers blocks of steps."""
-    from sae_sweep.bench import perf
-
-    python, env = perf.ours_python()
-    worker = perf.StepWorker(python, "sae_sweep", "fp32", threads=1, warmup=1, env=env, dims=(16, 64, 4, 32))
-    try:
-        worker.run(2)
-        worker.run(1)
-    finally:
-        worker.close()
-    assert worker.proc.returncode == 0
-    assert worker.ready["impl"] == "sae_sweep" and worker.ready["precision"] == "fp32"
-    summary = worker.summary(tokens=32)
-    assert summary["steps_timed"] == 3 and [t["in_block"] for t in summary["steps"]] == [0, 1, 0]
-    assert summary["tokens_per_s"] == 32 / summary["best_seconds"] and summary["best_seconds"] > 0
-    assert {"cpu", "runq_wait", "minflt"} <= set(summary["steps"][0])
-
-
-def test_bench_says_a_peer_without_its_venv_is_not_measured(tmp_path):
-    from sae_sweep.bench import perf
-
-    with pytest.raises(RuntimeError, match="exited"):
-        perf.StepWorker(perf.ours_python()[0], "no_such_impl", "fp32", threads=1, warmup=0)
-    assert perf.peer_python("sparsify", tmp_path) is None
-    (tmp_path / "sparsify" / "bin").mkdir(parents=True)
-    (tmp_path / "sparsify" / "bin" / "python").symlink_to(sys.executable)
-    assert perf.peer_python("sparsify", tmp_path) == tmp_path / "sparsify" / "bin" / "python"
-    why = {"dictionary_learning": "not measured: no venv at x (`make bench-peers` creates it)"}
-    text = perf.table({"machine": perf.machine(), "topk": {"not_run": why}})
-    assert "| TopK train vs dictionary_learning | not measured: no venv at x (`make bench-peers` creates it) |" in text

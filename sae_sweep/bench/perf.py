@@ -41,6 +41,7 @@ from typing import Any, Callable
 import torch
 
 D_IN, D_SAE, K, BATCH = 768, 12288, 16, 4096
+SMOKE_DIMS = (64, 512, 8, 256)  # --smoke: (d_in, d_sae, k, batch)
 
 
 # timing helpers
@@ -110,6 +111,51 @@ OURS_LABEL = "sae_sweep {version}: trainer=topk step (sparse backward)"
 QUIET = 0.05  # a step is quiet when its threads waited for a core less than 5 % of its time
 
 
+def quiet_steps(times: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The steps during which the worker's threads waited for a core less than QUIET of the wall time."""
+    return [t for t in times if t["runq_wait"] < QUIET * t["wall"]]
+
+
+def round_order(keys: list[str], r: int, rounds: int, has_quiet: Callable[[str], bool]) -> list[str]:
+    """The variants that run in round `r` (0-based), in their order: every variant in the first
+    `rounds` rounds, then only those without a quiet step yet ([] = no more rounds needed); the
+    order rotates by one from round to round, so no variant always runs right after the same one."""
+    todo = list(keys) if r < rounds else [k for k in keys if not has_quiet(k)]
+    if not todo:
+        return []
+    shift = r % len(todo)
+    return todo[shift:] + todo[:shift]
+
+
+def summarize(ready: dict[str, Any], times: list[dict[str, float]], peak_rss_mib: float | None,
+              tokens: int) -> dict[str, Any]:
+    """One variant's figures from its worker's ready message and timed steps (each step a dict of
+    wall, cpu, runq_wait, minflt and in_block: its position in its block of consecutive steps)."""
+    best = min(times, key=lambda t: t["wall"])
+    quiet = quiet_steps(times)
+    walls = sorted(t["wall"] for t in (quiet or times))
+    base = ready.get("rss_before_setup_mib")
+
+    def median(ts: list[float]) -> float | None:
+        return sorted(ts)[len(ts) // 2] if ts else None
+    return {"version": ready["version"], "torch": ready["torch"], "steps_timed": len(times),
+            "quiet_steps": len(quiet), "best_seconds": best["wall"],
+            # the median of the quiet steps (of all steps where none was quiet)
+            "median_seconds": walls[len(walls) // 2],
+            "tokens_per_s": tokens / best["wall"], "median_tokens_per_s": tokens / walls[len(walls) // 2],
+            # average number of this process's threads waiting for a core during its best step
+            # (0 on a machine of its own)
+            "best_step_waiting_threads": best["runq_wait"] / best["wall"],
+            "best_step_cpu_seconds": best["cpu"], "best_step_minflt": best["minflt"],
+            "warmup_seconds": [w["wall"] for w in ready["warmup"]],
+            # a step right after the other variants ran vs one right after its own last step
+            "median_seconds_first_in_block": median([t["wall"] for t in times if t["in_block"] == 0]),
+            "median_seconds_later_in_block": median([t["wall"] for t in times if t["in_block"] > 0]),
+            "steps": times,
+            "peak_rss_mib": peak_rss_mib,
+            "peak_rss_above_imports_mib": None if peak_rss_mib is None or base is None else peak_rss_mib - base}
+
+
 class StepWorker:
     """One (implementation, precision) in its own process: set up and warmed up once, then asked
     for blocks of consecutive timed steps (see step_worker.py for the protocol)."""
@@ -165,33 +211,10 @@ class StepWorker:
         self.stderr.close()
 
     def quiet_steps(self) -> list[dict[str, float]]:
-        return [t for t in self.times if t["runq_wait"] < QUIET * t["wall"]]
+        return quiet_steps(self.times)
 
     def summary(self, tokens: int) -> dict[str, Any]:
-        best = min(self.times, key=lambda t: t["wall"])
-        quiet = self.quiet_steps()
-        walls = sorted(t["wall"] for t in (quiet or self.times))
-        base = self.ready.get("rss_before_setup_mib")
-
-        def median(ts: list[float]) -> float | None:
-            return sorted(ts)[len(ts) // 2] if ts else None
-        return {"version": self.ready["version"], "torch": self.ready["torch"], "steps_timed": len(self.times),
-                "quiet_steps": len(quiet), "best_seconds": best["wall"],
-                # the median of the quiet steps (of all steps where none was quiet)
-                "median_seconds": walls[len(walls) // 2],
-                "tokens_per_s": tokens / best["wall"], "median_tokens_per_s": tokens / walls[len(walls) // 2],
-                # average number of this process's threads waiting for a core during its best step
-                # (0 on a machine of its own)
-                "best_step_waiting_threads": best["runq_wait"] / best["wall"],
-                "best_step_cpu_seconds": best["cpu"], "best_step_minflt": best["minflt"],
-                "warmup_seconds": [w["wall"] for w in self.ready["warmup"]],
-                # a step right after the other variants ran vs one right after its own last step
-                "median_seconds_first_in_block": median([t["wall"] for t in self.times if t["in_block"] == 0]),
-                "median_seconds_later_in_block": median([t["wall"] for t in self.times if t["in_block"] > 0]),
-                "steps": self.times,
-                "peak_rss_mib": self.peak_rss_mib,
-                "peak_rss_above_imports_mib": None if self.peak_rss_mib is None or base is None
-                else self.peak_rss_mib - base}
+        return summarize(self.ready, self.times, self.peak_rss_mib, tokens)
 
 
 def ours_python() -> tuple[str, dict[str, str]]:
@@ -218,8 +241,10 @@ def cpu_pressure() -> float | None:
 
 
 def fig_topk(device: torch.device, probe: dict[str, Any], venvs: Path, peers: list[str], rounds: int,
-             block: int, warmup: int, threads: int, max_rounds: int | None = None) -> dict[str, Any]:
-    """Tokens/s of one TopK training step at d_in 768, d_sae 12288, k 16, batch 4096: ours, each
+             block: int, warmup: int, threads: int, max_rounds: int | None = None,
+             dims: tuple[int, int, int, int] = (D_IN, D_SAE, K, BATCH)) -> dict[str, Any]:
+    """Tokens/s of one TopK training step at `dims` = (d_in, d_sae, k, batch), by default d_in 768,
+    d_sae 12288, k 16, batch 4096 (`--smoke`: tiny dims, to check that every worker runs): ours, each
     peer's own code (from its venv) and the encoder matmul (the roofline), fp32 and bf16 autocast.
 
     Each variant runs in its own process, set up and warmed up (`warmup` steps) before any timing.
@@ -253,17 +278,17 @@ def fig_topk(device: torch.device, probe: dict[str, Any], venvs: Path, peers: li
     try:
         for key, py, impl, wenv, prec in plan:  # one at a time: warm-ups do not compete
             try:
-                workers[key] = StepWorker(py, impl, prec, threads, warmup, wenv)
+                workers[key] = StepWorker(py, impl, prec, threads, warmup, wenv, dims)
+                print(f"    {key}: ready", flush=True)
             except RuntimeError as e:
                 not_run[key] = f"not measured: {e}"
-            print(f"    {key}: ready", flush=True)
+                print(f"    {key}: {not_run[key]}", flush=True)
         order, done = list(workers), 0
         for r in range(max(rounds, max_rounds or rounds)):
-            todo = order if r < rounds else [k for k in order if not workers[k].quiet_steps()]
+            todo = round_order(order, r, rounds, lambda key: bool(workers[key].quiet_steps()))
             if not todo:
                 break
-            shift = r % len(todo)
-            for key in todo[shift:] + todo[:shift]:
+            for key in todo:
                 workers[key].run(block)
             done += 1
             load.append(os.getloadavg()[0])
@@ -272,11 +297,13 @@ def fig_topk(device: torch.device, probe: dict[str, Any], venvs: Path, peers: li
     finally:
         for w in workers.values():
             w.close()
-    res = {key: w.summary(BATCH) for key, w in workers.items()}
-    out: dict[str, Any] = {"variants": res, "not_run": not_run, "precisions": precisions, "rounds": done,
+    d_in, d_sae, _, batch = dims
+    res = {key: w.summary(batch) for key, w in workers.items()}
+    out: dict[str, Any] = {"variants": res, "not_run": not_run, "precisions": precisions, "dims": list(dims),
+                           "rounds": done,
                            "block": block, "warmup": warmup, "threads": threads, "load_avg_1m": load,
                            "cpu_pressure_some_avg10": pressure}
-    flops = {prec: 2 * BATCH * D_IN * D_SAE / res[f"matmul/{prec}"]["best_seconds"]
+    flops = {prec: 2 * batch * d_in * d_sae / res[f"matmul/{prec}"]["best_seconds"]
              for prec in precisions if f"matmul/{prec}" in res}
     out["matmul_flops"] = flops
     if flops:
@@ -535,7 +562,8 @@ def machine() -> dict[str, Any]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="bench_results/bench.json", help="JSON results (default: %(default)s)")
+    p.add_argument("--out", default=None, help="JSON results (default: bench_results/bench.json; "
+                   "bench_results/bench_smoke.json with --smoke)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--reps", type=int, default=2, help="timed repetitions per measurement (best is kept)")
     p.add_argument("--cache-dir", default=os.environ.get("SAE_SWEEP_CACHE", "~/.cache/sae_sweep"),
@@ -554,6 +582,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="more rounds, for the variants without a quiet step, up to this many (default: %(default)s)")
     p.add_argument("--topk-block", type=int, default=3, help="consecutive steps per variant and round")
     p.add_argument("--topk-warmup", type=int, default=2, help="untimed steps per variant before the rounds")
+    p.add_argument("--smoke", action="store_true",
+                   help="a check, not a measurement (seconds): the TopK figure only, at tiny dims "
+                   f"{SMOKE_DIMS}, one round of one step, every worker (ours and each peer venv's) must run; "
+                   "writes bench_results/bench_smoke.json unless --out is given")
 
 
 def _row(name: str, value: str, target: str, ok: bool | None) -> str:
@@ -561,10 +593,15 @@ def _row(name: str, value: str, target: str, ok: bool | None) -> str:
     return f"| {name} | {value} | {target} | {mark} |"
 
 
+def _dims_text(t: dict[str, Any]) -> str:
+    d_in, d_sae, k, batch = t.get("dims", (D_IN, D_SAE, K, BATCH))
+    return f"d_in {d_in}, d_sae {d_sae}, k {k}, batch {batch}"
+
+
 def topk_table(t: dict[str, Any]) -> str:
     """Every implementation's own TopK step, measured in the same run (fig_topk)."""
     v = t["variants"]
-    head = "| TopK step, d_in 768, d_sae 12288, k 16, batch 4096 | " + " | ".join(
+    head = f"| TopK step, {_dims_text(t)} | " + " | ".join(
         f"{p} tok/s: best (median of quiet steps; quiet/timed)" for p in t["precisions"]) + " | peak RSS above imports |"
     lines = [f"TopK training step, each implementation's own code in its own process, {t['threads']} threads; "
              f"{t['warmup']} warm-up steps each, then {t['rounds']} interleaved rounds of {t['block']} consecutive "
@@ -597,37 +634,44 @@ def topk_table(t: dict[str, Any]) -> str:
 
 def table(r: dict[str, Any]) -> str:
     m = r["machine"]
+
+    def row(name: str, value: str, target: str, ok: bool | None) -> str:  # a smoke run has no verdicts
+        return _row(name, value, target, None if r.get("smoke") else ok)
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, flags {' '.join(m.get('cpu_flags') or []) or '-'}, "
              f"torch {m['torch']} ({m['cpu_capability']}), 1-min load average at start {m['load_avg_1m']:.1f}"
              + (f", at end {r['load_avg_1m_end']:.1f}" if "load_avg_1m_end" in r else "") + "; "
              + (f"GPU: {m['gpu']}" if m["gpu"] else "no GPU available: GPU figures not measured"),
              "", "| figure | measured | target | |", "|---|---|---|---|"]
+    if r.get("smoke"):
+        lines[1:1] = ["", "SMOKE RUN (--smoke): tiny dims, one step per variant; it checks that every worker "
+                      "runs, its figures measure nothing."]
     t = r.get("topk", {})
     if t.get("matmul_flops"):
-        lines.append(_row("matmul 4096x768x12288 (timed in the TopK rounds)",
+        d_in, d_sae, _, batch = t.get("dims", (D_IN, D_SAE, K, BATCH))
+        lines.append(row(f"matmul {batch}x{d_in}x{d_sae} (timed in the TopK rounds)",
                           ", ".join(f"{p} {f / 1e12:.3f} TFLOP/s" for p, f in t["matmul_flops"].items())
                           + f" -> roofline dtype {t['roofline_dtype']}", "-", None))
     elif "probe" in r and not r["probe"]["run_bf16"]:
-        lines.append(_row("bf16 vs fp32 matmul (small shape)", f"{r['probe']['bf16_vs_fp32_small']:.3f}x: bf16 "
+        lines.append(row("bf16 vs fp32 matmul (small shape)", f"{r['probe']['bf16_vs_fp32_small']:.3f}x: bf16 "
                           "emulated here, bf16 steps not run", "-", None))
     if "cache" in r:
         c = r["cache"]
         tps = c["tokens_per_s"]
-        lines.append(_row(f"cache build vs bare forward to layer {c['layer']} ({c['model']}, {c['tokens']} tok)",
+        lines.append(row(f"cache build vs bare forward to layer {c['layer']} ({c['model']}, {c['tokens']} tok)",
                           f"{c['build_vs_bare']:.2f}x ({tps['cache_build']:,.0f} vs {tps['bare_forward']:,.0f} tok/s)",
                           ">= 0.9x", c["build_vs_bare"] >= 0.9))
-        lines.append(_row(f"early exit (layer {c['layer']} of {c['n_layers']}) vs full forward",
+        lines.append(row(f"early exit (layer {c['layer']} of {c['n_layers']}) vs full forward",
                           f"{c['early_exit_vs_full']:.2f}x", "> 1x", c["early_exit_vs_full"] > 1))
     if "reader" in r:
         rd = r["reader"]
-        lines.append(_row("shuffled reader vs training consumption (batch 4096, d_in 768)",
+        lines.append(row("shuffled reader vs training consumption (batch 4096, d_in 768)",
                           f"{rd['ratio']:.1f}x ({rd['batches_per_s']:.2f} vs {rd['train_steps_per_s']:.3f} batches/s)",
                           ">= 5x", rd["ratio"] >= 5))
     if "vs_roofline" in t:
         v, best = t["variants"], t["ours_best_precision"]
         ours = v[f"sae_sweep/{best}"]
         loaded = [k for k, c in v.items() if not c["quiet_steps"]]
-        lines.append(_row("TopK train d_in 768 d_sae 12288 k 16 B 4096 vs encoder-only roofline",
+        lines.append(row(f"TopK train {_dims_text(t)} vs encoder-only roofline",
                           f"{t['vs_roofline']:.0%} ({ours['tokens_per_s']:,.0f} vs {t['roofline_tokens_per_s']:,.0f} "
                           f"tok/s, {best} step vs {t['roofline_dtype']} matmul)"
                           + (f"; LOADED, no quiet step: {', '.join(loaded)}" if loaded else ""),
@@ -635,40 +679,40 @@ def table(r: dict[str, Any]) -> str:
         for peer in PEERS:
             ratios = {k.split("/")[1]: x for k, x in t["vs_peers"].items() if k.startswith(peer + "/")}
             if ratios:
-                lines.append(_row(f"TopK train vs {peer}'s own step, same precision (same run)",
+                lines.append(row(f"TopK train vs {peer}'s own step, same precision (same run)",
                                   ", ".join(f"{p} {x:.1f}x" for p, x in ratios.items()), "> 1x",
                                   min(ratios.values()) > 1))
     for name, why in t.get("not_run", {}).items():
-        lines.append(_row(f"TopK train vs {name}", why, "> 1x", None))
+        lines.append(row(f"TopK train vs {name}", why, "> 1x", None))
     if "quality" in r:
         q = r["quality"]
-        lines.append(_row("explained variance, planted dictionary: sparse vs dense backward (fp32)",
+        lines.append(row("explained variance, planted dictionary: sparse vs dense backward (fp32)",
                           " / ".join(f"{a:.4f} vs {b:.4f}" for a, b in zip(q["sparse"], q["dense"])),
                           "equal within noise", q["max_abs_diff"] < 0.01))
         if "sparse_bf16" in q:
-            lines.append(_row("explained variance, planted dictionary: bf16 autocast vs fp32 (sparse)",
+            lines.append(row("explained variance, planted dictionary: bf16 autocast vs fp32 (sparse)",
                               " / ".join(f"{a:.4f} vs {b:.4f}" for a, b in zip(q["sparse_bf16"], q["sparse"])),
                               "equal within noise", q["bf16_max_abs_diff"] < 0.01))
     if "sweep" in r:
         s = r["sweep"]
-        lines.append(_row("LM forward tokens, 2 seeds x 2 trainers: one cache per job vs shared cache",
+        lines.append(row("LM forward tokens, 2 seeds x 2 trainers: one cache per job vs shared cache",
                           f"{s['ratio']:.1f}x ({s['forward_tokens_one_cache_per_job']:,} vs {s['forward_tokens']:,}; "
                           f"{s['cache_builds']} build)", f"{s['points']}x", s["ratio"] >= s["points"]))
     if "packing" in r:
         p = r["packing"]
-        lines.append(_row(f"packing: {len(p['members'])} SAEs in one pack vs one at a time (train loops)",
+        lines.append(row(f"packing: {len(p['members'])} SAEs in one pack vs one at a time (train loops)",
                           f"{p['speedup']:.2f}x ({p['seconds_one_at_a_time']:.1f} s vs {p['seconds_packed']:.1f} s)",
                           "> 1x", p["speedup"] > 1))
     if "packing_jobs" in r:
         pj = r["packing_jobs"]
-        lines.append(_row(f"packing: {pj['points']} grid points as one packed job vs one job per point (CLI "
+        lines.append(row(f"packing: {pj['points']} grid points as one packed job vs one job per point (CLI "
                           "processes, tiny model, core eval)",
                           f"{pj['speedup']:.2f}x ({pj['seconds_one_job_per_point']:.0f} s vs "
                           f"{pj['seconds_packed_job']:.0f} s)", "> 1x", pj["speedup"] > 1))
     if "memory" in r:
         to = r["memory"]["temporal_ortho"]
         peak = to.get("peak_rss_growth_mib", to.get("rss_growth_mib"))
-        lines.append(_row(f"temporal_ortho tracking memory at d_sae {to['d_sae']}",
+        lines.append(row(f"temporal_ortho tracking memory at d_sae {to['d_sae']}",
                           ", ".join(f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v:,}"
                                     for k, v in to.items() if k != "d_sae") if peak is None else f"{peak:,.1f} MiB",
                           "bounded", None))
@@ -682,8 +726,13 @@ def main(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     skip = {s for s in args.skip.split(",") if s}
+    dims = (D_IN, D_SAE, K, BATCH)
+    if args.smoke:  # only the TopK figure (the others are fixed-size), tiny, once
+        dims, device = SMOKE_DIMS, torch.device("cpu")
+        skip |= {"memory", "reader", "packing", "quality", "cache", "sweep", "packing_jobs"}
+        args.topk_rounds, args.topk_max_rounds, args.topk_block, args.topk_warmup = 1, 1, 1, 1
     cache_dir = Path(os.path.expanduser(args.cache_dir))
-    r: dict[str, Any] = {"machine": machine(), "device": str(device)}
+    r: dict[str, Any] = {"machine": machine(), "device": str(device), "smoke": args.smoke}
     print(f"perf bench on {r['machine']['cpu']} ({device}); "
           + ("" if r["machine"]["gpu"] else "no GPU available: CPU figures only"), flush=True)
 
@@ -701,7 +750,7 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"--peers: unknown {sorted(unknown)}; known: {', '.join(PEERS)}")
     stage("probe", lambda: bf16_probe(device, args.reps))
     stage("topk", lambda: fig_topk(device, r["probe"], Path(args.peer_venvs), peers, args.topk_rounds,
-                                   args.topk_block, args.topk_warmup, args.threads, args.topk_max_rounds))
+                                   args.topk_block, args.topk_warmup, args.threads, args.topk_max_rounds, dims))
     stage("memory", lambda: fig_memory(args.temporal_d_sae))
     with tempfile.TemporaryDirectory(prefix="sae_sweep_bench_") as tmp:
         t = r.get("topk", {})
@@ -718,8 +767,12 @@ def main(args: argparse.Namespace) -> int:
     text = table(r)
     print()
     print(text)
-    out = Path(args.out)
+    out = Path(args.out or ("bench_results/bench_smoke.json" if args.smoke else "bench_results/bench.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**r, "table": text}, indent=2, default=str))
     print(f"\nwrote {out}")
+    if args.smoke and r.get("topk", {}).get("not_run"):
+        print("smoke: not every TopK worker ran: " + "; ".join(f"{k}: {v}" for k, v in r["topk"]["not_run"].items()),
+              file=sys.stderr)
+        return 1
     return 0
