@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import sae_sweep.evals  # noqa: F401  (registers every eval's settings schema before Hydra composes)
 import sae_sweep.sae  # noqa: F401  (registers every trainer's schema)
@@ -62,6 +65,9 @@ def job_tags(cfg: DictConfig, key: str) -> Dict[str, str]:
         "model": cfg.model.name, "layer": str(cfg.layer), "hook": cfg.hook, "dataset": cfg.dataset.name,
         "seed": str(cfg.seed), "trainer": cfg.trainer.name, "config_hash": key,
         "seed_group": C.seed_group_key(cfg), "git_commit": _git_commit(),
+        # which weights ran: the hub's, a local copy, the built-in model, or a GGUF stand-in (its label)
+        "model_weights": str(cfg.model.gguf.label) if cfg.model.get("weights") == "gguf" else
+        str(cfg.model.get("weights", "auto")),
     }
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -103,6 +109,8 @@ class PreemptionGuard:
         self.lingering = False  # handing over without a requeue, waiting for a USR2
         self.requeuing = False  # submitit's handler called: later signals (SLURM's kill after the
         #                         requeue) must not requeue a second time
+        self.timer: Optional[Any] = None  # the resend of the first signal; cancelled on exit
+        self.installed = threading.Lock()  # held while handlers are restored or a signal resent
 
     def __enter__(self) -> "PreemptionGuard":
         import signal
@@ -118,13 +126,16 @@ class PreemptionGuard:
     def __exit__(self, *exc: Any) -> bool:
         import signal
 
-        for sig, handler in self.saved.items():
-            signal.signal(sig, handler)
+        # A resend outliving the guard would hit a process whose handler is restored, and kill it.
+        with self.installed:
+            if self.timer is not None:
+                self.timer.cancel()
+            for sig, handler in self.saved.items():
+                signal.signal(sig, handler)
+            self.saved.clear()
         return False
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        import threading
-
         from sae_sweep.train import STOP
 
         if self.requeuing or (self.lingering and signum != self.usr):
@@ -133,21 +144,25 @@ class PreemptionGuard:
         first = self.signum is None
         self.signum = self.signum or signum
         self.requeue = self.requeue or signum == self.usr
+        if STOP.seen:  # the loop has stopped and checkpointed: run_points records that, then hands over
+            log.warning("got %s: handing over once the runs are recorded", signal_name(signum))
+            return
         if self.force or STOP.loops == 0:
             self.hand_over(frame)  # raises
         log.warning("got %s: stopping training at the next step to checkpoint", signal_name(signum))
         STOP.request()
         if first:
-            timer = threading.Timer(self.ACT_WITHIN_S, self._resend_if_unseen, (signum,))
-            timer.daemon = True
-            timer.start()
+            self.timer = threading.Timer(self.ACT_WITHIN_S, self._resend_if_unseen, (signum,))
+            self.timer.daemon = True
+            self.timer.start()
 
     def _resend_if_unseen(self, signum: int) -> None:
         from sae_sweep.train import STOP
 
-        if not STOP.seen:
-            self.force = True
-            os.kill(os.getpid(), signum)
+        with self.installed:
+            if self.saved and not STOP.seen:  # still installed: our handler gets it
+                self.force = True
+                os.kill(os.getpid(), signum)
 
     def hand_over(self, frame: Any = None) -> None:
         """Let submitit requeue (after USR2) or just exit; raises SystemExit or submitit's error."""
@@ -206,6 +221,8 @@ def validate_point(cfg: DictConfig, check_availability: bool = True, runs_here: 
             problems += _unavailable(cfg)
         if not problems:
             problems += _store_problems(C.tracking_uri(cfg))
+        if not problems and shape is not None:
+            problems += disk_problems([cfg], [shape])
     C.fail_if(problems)
 
 
@@ -242,7 +259,7 @@ def memory_needed_gb(cfg: DictConfig, d_in: int) -> Dict[str, float]:
     framework come on top): its token windows (int64 while packed, plus the int32 file buffer),
     and the SAE with its gradients and Adam moments plus the [batch, d_sae] pre-activations."""
     d_sae = C.d_sae_for(cfg.sae, d_in)
-    return {"token windows": (int(cfg.dataset.tokens) + int(cfg.dataset.eval_tokens)) * 12 / 2**30,
+    return {"token windows": (C.cache_tokens(cfg) + int(cfg.dataset.eval_tokens)) * 12 / 2**30,
             "SAE training": (2 * d_in * d_sae * 4 * 4 + int(cfg.trainer.batch_size) * d_sae * 4) / 2**30}
 
 
@@ -253,7 +270,7 @@ def _memory_problems(cfg: DictConfig, shape: Optional[C.ModelShape], limit_gb: O
     if sum(need.values()) <= limit_gb:
         return []
     parts = ", ".join(f"{k} {v:,.1f} GB" for k, v in need.items())
-    key = (f"dataset.tokens={cfg.dataset.tokens}" if need["token windows"] >= need["SAE training"] else
+    key = (f"dataset.tokens={C.cache_tokens(cfg)}" if need["token windows"] >= need["SAE training"] else
            f"sae.d_sae={C.d_sae_for(cfg.sae, shape.d_model)} (trainer.batch_size={cfg.trainer.batch_size})")
     return [f"{key}: the job needs at least {sum(need.values()):,.1f} GB of memory ({parts}); it may use "
             f"{limit_gb:,.1f} GB (hydra.launcher.mem_gb, or what this machine has free); lower the budget or "
@@ -286,6 +303,61 @@ def memory_use() -> Dict[str, str]:
     return tags
 
 
+def cache_bytes(cfg: DictConfig, d_model: int) -> int:
+    """Disk a point's activation cache takes: tokens x d_model x the storage dtype's size, plus its
+    int32 token ids."""
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[str(cfg.cache.dtype)]
+    tokens = C.cache_tokens(cfg)
+    return tokens * int(d_model) * itemsize + tokens * 4
+
+
+def _built(cfg: DictConfig) -> bool:
+    """Whether a cache for these activations is already on disk (matched on what the manifest
+    records: model, layer, hook, dataset kind, context size, budget, dtype -- a cheap test that
+    never loads the model; the real key is checked when the job opens it)."""
+    root = C.cache_dir(cfg) / "activations"
+    want = (int(cfg.layer), str(cfg.hook), int(cfg.dataset.context_size), C.cache_tokens(cfg), str(cfg.cache.dtype),
+            str(cfg.dataset.kind))
+    for manifest in root.glob("*/manifest.json"):
+        try:
+            spec = json.loads(manifest.read_text())["spec"]
+        except (OSError, ValueError, KeyError):
+            continue
+        got = (spec.get("layer"), spec.get("hook"), spec.get("context_size"), spec.get("tokens"),
+               spec.get("storage_dtype"), (spec.get("dataset") or {}).get("kind"))
+        model = spec.get("model") or {}
+        if got == want and model.get("name") == cfg.model.name:
+            return True
+    return False
+
+
+def disk_problems(cfgs: Sequence[DictConfig], shapes: Sequence[C.ModelShape]) -> List[str]:
+    """The disk caches a grid still has to build, summed per cache directory, against its free
+    space: refused before any work with the numbers and the ways out."""
+    need: Dict[Path, Dict[tuple, int]] = {}
+    for cfg, shape in zip(cfgs, shapes):
+        if cfg.cache.mode == "stream" or cfg.dataset.kind == "synthetic" or _built(cfg):
+            continue
+        ident = (cfg.model.name, str(cfg.model.get("weights")), cfg.layer, cfg.hook, cfg.dataset.name,
+                 C.cache_tokens(cfg), cfg.dataset.context_size, cfg.cache.dtype)
+        need.setdefault(C.cache_dir(cfg), {})[ident] = cache_bytes(cfg, shape.d_model)
+    problems = []
+    for root, caches in need.items():
+        probe = root
+        while not probe.exists():
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        total = sum(caches.values())
+        if total > free:
+            wide = any(str(cfg.cache.dtype) == "float32" for cfg in cfgs)
+            problems.append(
+                f"paths.cache_dir={root}: the {len(caches)} activation cache(s) to build need {total / 1e9:,.1f} GB "
+                f"(tokens x d_model x cache.dtype), {free / 1e9:,.1f} GB are free. Use cache.mode=stream (nothing "
+                f"on disk), a smaller train.tokens / dataset.tokens, {'cache.dtype=bfloat16, ' if wide else ''}"
+                f"or another paths.cache_dir")
+    return problems
+
+
 def _store_problems(uri: str) -> List[str]:
     from sae_sweep.tracking import TrackingStoreError, check_store
 
@@ -301,7 +373,12 @@ def _unavailable(cfg: DictConfig) -> List[str]:
 
     found = []
     try:
-        _model_check(str(cfg.model.hf_id), cfg.model.revision, str(C.cache_dir(cfg)))
+        weights = _model_check(str(cfg.model.hf_id), cfg.model.revision, str(cfg.model.get("weights", "auto")),
+                               json.dumps(OmegaConf.to_container(cfg.model.gguf, resolve=True)
+                                          if cfg.model.get("gguf") else None), str(C.cache_dir(cfg)))
+        if cfg.model.get("weights", "auto") == "auto":
+            with open_dict(cfg):  # resolved once, so the run key and every job agree on it
+                cfg.model.weights = weights
     except Exception as e:
         found.append(str(e))
     if not found and cfg.dataset.kind in ("hub", "local"):
@@ -313,11 +390,13 @@ def _unavailable(cfg: DictConfig) -> List[str]:
 
 
 @functools.lru_cache(maxsize=64)
-def _model_check(hf_id: str, revision: Optional[str], cache_root: str) -> None:
-    """Whether a model can be loaded here (checked once per id per process: a grid asks often)."""
-    from sae_sweep.lm import check_model_available
+def _model_check(hf_id: str, revision: Optional[str], weights: str, gguf: str, cache_root: str) -> str:
+    """Which weights of a model can be loaded here ("builtin", "local", "hub", "gguf"; checked once
+    per model per process: a grid asks often); ModelUnavailable when none."""
+    from sae_sweep.lm import resolve_weights
 
-    check_model_available(OmegaConf.create({"hf_id": hf_id, "revision": revision}), cache_root)
+    return resolve_weights(OmegaConf.create({"hf_id": hf_id, "revision": revision, "weights": weights,
+                                             "gguf": json.loads(gguf)}), cache_root)
 
 
 GROUPS = ("model", "dataset", "trainer", "eval", "experiment")

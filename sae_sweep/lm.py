@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from sae_sweep import gguf
 from sae_sweep.config import resolve_device
 from sae_sweep.corpus import WindowPacker, builtin_corpus_id, builtin_documents, doc_split
 from sae_sweep.hub import hub_offline
@@ -447,15 +448,46 @@ def model_shape(model_cfg: Any, cache_dir: str | os.PathLike) -> Tuple[int, int]
     return shape
 
 
+def resolve_weights(model_cfg: Any, cache_dir: str | os.PathLike, timeout: float = 10.0) -> str:
+    """Which weights ``load_lm`` will load: "builtin", "local", "hub" or "gguf" (``model.gguf``,
+    a package's GGUF file: see gguf.py). ``model.weights=auto`` takes the hub's when the HF cache
+    or the hub has them, else the GGUF stand-in when its package is installed; ModelUnavailable
+    (with how to get either) when neither can be had."""
+    kind, ident = _source(model_cfg)
+    if kind != "hub":
+        return kind
+    want = str(_cfg_get(model_cfg, "weights", "auto"))
+    spec = _cfg_get(model_cfg, "gguf")
+    if want == "gguf":
+        if not spec:
+            raise ModelUnavailable(f"model.weights=gguf but model {ident!r} names no model.gguf package")
+        if gguf.gguf_path(spec) is None:
+            raise ModelUnavailable(f"model.weights=gguf: {gguf.install_hint(spec)}")
+        return "gguf"
+    try:
+        _check_hub_model(model_cfg, ident, timeout)
+        return "hub"
+    except ModelUnavailable as e:
+        if want == "auto" and spec and gguf.gguf_path(spec) is not None:
+            log.info("model %s: the hub's weights are not available here; using the installed GGUF stand-in (%s)",
+                     ident, _cfg_get(spec, "label"))
+            return "gguf"
+        if spec and want == "auto":
+            raise ModelUnavailable(f"{e}. Or, offline: {gguf.install_hint(spec)}") from None
+        raise
+
+
 def check_model_available(model_cfg: Any, cache_dir: str | os.PathLike, timeout: float = 10.0) -> None:
     """Raise ModelUnavailable quickly if ``load_lm`` could not get the model here.
 
     builtin and local models are always available (tiny is built on demand); a hub model is if it
-    is in the HF cache, or if the hub answers (not when HF_HUB_OFFLINE is set).
+    is in the HF cache, or if the hub answers (not when HF_HUB_OFFLINE is set), or if its GGUF
+    stand-in is installed (``model.weights`` auto or gguf).
     """
-    kind, ident = _source(model_cfg)
-    if kind != "hub":
-        return
+    resolve_weights(model_cfg, cache_dir, timeout)
+
+
+def _check_hub_model(model_cfg: Any, ident: str, timeout: float) -> None:
     revision = _cfg_get(model_cfg, "revision")
     if _hub_cached_config(ident, revision) is not None:
         return
@@ -478,6 +510,8 @@ def load_lm(model_cfg: Any, cache_dir: str | os.PathLike, device: Any = "auto") 
     dtype = resolve_dtype(_cfg_get(model_cfg, "dtype", "auto"), dev)
     kind, ident = _source(model_cfg)
     revision = _cfg_get(model_cfg, "revision")
+    if kind == "hub" and resolve_weights(model_cfg, cache_dir) == "gguf":
+        kind = "gguf"
     fingerprint: Dict[str, Any] = {"name": str(_cfg_get(model_cfg, "name", ident)), "source": kind}
 
     if kind == "builtin":
@@ -490,6 +524,14 @@ def load_lm(model_cfg: Any, cache_dir: str | os.PathLike, device: Any = "auto") 
         path = Path(ident)
         fingerprint.update(path=ident)
         load_from, load_kwargs = ident, {}
+    elif kind == "gguf":
+        spec = _cfg_get(model_cfg, "gguf")
+        path = gguf.ensure_model_dir(spec, cache_dir)
+        info = gguf.build_info(path)
+        # The stand-in's identity: which file (by content), not where the cache lives.
+        fingerprint.update(hf_id=ident, weights=_cfg_get(spec, "label"), gguf_sha256=info.get("sha256"),
+                           conversion=info.get("conversion"))
+        load_from, load_kwargs = str(path), {}
     else:
         path = None
         fingerprint.update(hf_id=ident, revision=revision)

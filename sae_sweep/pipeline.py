@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -40,11 +41,6 @@ class Point:
     run: Any  # set_tags, log_params, log_metrics, log_json, log_artifact_dir
 
 
-def _storage_dtype(device: torch.device) -> str:
-    # bf16 halves cache size on GPU runs; on CPU keep fp32 so small-model tests stay exact.
-    return "bfloat16" if device.type == "cuda" else "float32"
-
-
 def cache_spec(cfg: DictConfig, lm: Any, device: torch.device) -> Dict[str, Any]:
     from sae_sweep.text import dataset_fingerprint
 
@@ -54,8 +50,8 @@ def cache_spec(cfg: DictConfig, lm: Any, device: torch.device) -> Dict[str, Any]
         "hook": cfg.hook,
         "dataset": dataset_fingerprint(cfg.dataset, lm),
         "context_size": int(cfg.dataset.context_size),
-        "tokens": int(cfg.dataset.tokens),
-        "storage_dtype": _storage_dtype(device),
+        "tokens": C.cache_tokens(cfg),
+        "storage_dtype": str(cfg.cache.dtype),
         "split": "train",
     }
 
@@ -70,8 +66,9 @@ def open_cache(cfg: DictConfig, device: torch.device) -> Tuple[Any, Any, bool, f
     if cfg.dataset.kind == "synthetic":  # planted-dictionary activations: no LM, same cache and reader
         from sae_sweep import synthetic_data
 
-        cache, built = get_or_build(synthetic_data.cache_spec(cfg.dataset), C.cache_dir(cfg),
-                                    synthetic_data.build_fn(cfg.dataset), special_token_ids=[],
+        n = C.cache_tokens(cfg)
+        cache, built = get_or_build(synthetic_data.cache_spec(cfg.dataset, n), C.cache_dir(cfg),
+                                    synthetic_data.build_fn(cfg.dataset, n), special_token_ids=[],
                                     storage_dtype="float32", verify=cfg.cache.verify)
         return None, cache, built, time.perf_counter() - t0
     from sae_sweep.lm import load_lm
@@ -90,7 +87,7 @@ def build_activation_cache(cfg: DictConfig, lm: Any, device: torch.device) -> Tu
     cache_root = C.cache_dir(cfg)
 
     def build() -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        windows = token_windows(cfg.dataset, lm, "train", int(cfg.dataset.tokens), cache_root)
+        windows = token_windows(cfg.dataset, lm, "train", C.cache_tokens(cfg), cache_root)
         for i in range(0, windows.shape[0], CACHE_BUILD_BATCH):
             ids = windows[i:i + CACHE_BUILD_BATCH]
             acts = lm.activations(ids.to(lm.device), int(cfg.layer), cfg.hook)
@@ -100,74 +97,167 @@ def build_activation_cache(cfg: DictConfig, lm: Any, device: torch.device) -> Tu
                         storage_dtype=spec["storage_dtype"], verify=cfg.cache.verify)
 
 
-def make_member(p: Point, cache: Any, device: torch.device) -> Any:
+@dataclass
+class Activations:
+    """Where a job's training batches come from: a disk cache (``cache``) or the LM's stream
+    (``stream``); ``reader(seed)`` gives one seed's batch stream."""
+
+    lm: Any
+    d_in: int
+    batch_size: int
+    device: torch.device
+    cache: Any = None
+    stream: Any = None
+    block_tokens: int = 1 << 17
+    reader_kind: str = "blocks"
+    built: bool = False
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._blocks = None
+
+    def reader(self, seed: int) -> Any:
+        from sae_sweep.reader import BlockReader, DiskBlocks, ShuffledReader
+        from sae_sweep.stream import StreamReader
+
+        if self.stream is not None:
+            return StreamReader(self.stream, self.batch_size, seed, device=self.device)
+        if self.reader_kind == "random":
+            return ShuffledReader(self.cache, self.batch_size, seed, device=self.device)
+        if self._blocks is None:  # the blocks' usable counts are read once for every seed
+            self._blocks = DiskBlocks(self.cache, self.block_tokens)
+        return BlockReader(self._blocks, self.batch_size, seed, device=self.device)
+
+    def init_sample(self, seed: int) -> torch.Tensor:
+        """Rows for data-dependent initialisation, from a stream of their own (seed + 7919), so
+        the training order is untouched."""
+        from sae_sweep.reader import ShuffledReader
+        from sae_sweep.stream import StreamReader
+
+        if self.stream is not None:
+            first = self.stream.block(0)
+            if first is None:
+                raise RuntimeError("the dataset gave no windows to stream")
+            return next(StreamReader(self.stream, min(4096, len(first)), seed + 7919, device=self.device))
+        # Specials are excluded from batches, so a small cache has fewer usable tokens than n_tokens.
+        init_reader = ShuffledReader(self.cache, min(4096, self.cache.n_tokens - self.cache.n_special), seed + 7919,
+                                     device=self.device, prefetch=0)
+        return next(iter(init_reader))
+
+
+def open_activations(cfg: DictConfig, device: torch.device) -> Activations:
+    """The job's activations: its disk cache (built once, shared by every job with its cache key)
+    or, with ``cache.mode=stream``, the LM's stream over the training split."""
+    batch = int(cfg.trainer.batch_size)
+    if cfg.cache.mode != "stream" or cfg.dataset.kind == "synthetic":
+        lm, cache, built, seconds = open_cache(cfg, device)
+        return Activations(lm, cache.d_in, batch, device, cache=cache, block_tokens=int(cfg.cache.block_tokens),
+                           reader_kind=str(cfg.cache.reader), built=built, seconds=seconds)
+    from sae_sweep.lm import load_lm
+    from sae_sweep.stream import StreamBlocks
+    from sae_sweep.text import iter_windows
+
+    t0 = time.perf_counter()
+    lm = load_lm(cfg.model, C.cache_dir(cfg), device)
+    ctx = int(cfg.dataset.context_size)
+    source = StreamBlocks(lm, lambda: iter_windows(cfg.dataset, lm, "train", C.cache_dir(cfg), chunk=CACHE_BUILD_BATCH),
+                          int(cfg.layer), cfg.hook, block_windows=max(1, int(cfg.cache.block_tokens) // ctx),
+                          forward_batch=CACHE_BUILD_BATCH)
+    return Activations(lm, lm.d_model, batch, device, stream=source, seconds=time.perf_counter() - t0)
+
+
+def make_member(p: Point, acts: Activations, device: torch.device) -> Any:
     """The point's trainer (data-initialised unless resuming) as a training-loop member. Its
     checkpoints are keyed by run key, so a requeued or re-run job resumes them."""
-    from sae_sweep.reader import ShuffledReader
     from sae_sweep.sae.registry import get_trainer
     from sae_sweep.train import Member, checkpoint_path, rng_state
 
     cfg = p.cfg
     torch.manual_seed(int(cfg.seed))  # as if the point were alone in its process
     steps = C.total_steps(cfg)
-    trainer = get_trainer(cfg.trainer.name)(cache.d_in, cfg.sae, cfg.trainer, steps, int(cfg.seed), device)
+    trainer = get_trainer(cfg.trainer.name)(acts.d_in, cfg.sae, cfg.trainer, steps, int(cfg.seed), device)
     p.run.set_tags({"trainer.precision": trainer.precision})  # what trainer.autocast_bf16 resolved to
     ckpt_dir = C.output_dir(cfg) / "checkpoints" / p.key
     if not checkpoint_path(ckpt_dir).exists():
-        # Initialisation sample from its own stream so the training order is untouched.
-        # Specials are excluded from batches, so a small cache has fewer usable tokens than n_tokens.
-        init_reader = ShuffledReader(cache, min(4096, cache.n_tokens - cache.n_special), int(cfg.seed) + 7919,
-                                     device=device)
-        trainer.init_from_data(next(iter(init_reader)))
-        init_reader.close()
+        trainer.init_from_data(acts.init_sample(int(cfg.seed)))
 
     def on_log(step: int, metrics: Dict[str, float]) -> None:
         p.run.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
 
     return Member(trainer, steps, ckpt_dir, int(cfg.train.checkpoint_every), int(cfg.train.log_every), on_log,
-                  rng=rng_state())
+                  rng=rng_state(), stream=int(cfg.seed))
 
 
 def execute(points: Sequence[Point], device: torch.device) -> List[Any]:
-    """Train and evaluate ``points`` (one stream key) in this process from one reader. Returns per
+    """Train and evaluate ``points`` (one stream key) in this process: one cache opened (or one
+    LM stream run) for all of them, each point fed in the order its own seed gives it. Returns per
     point its eval metrics or the exception that failed it; shared failures (the cache build, an
     interrupt) raise."""
-    from sae_sweep.reader import ShuffledReader
     from sae_sweep.train import train_members
 
     cfg0 = points[0].cfg
-    lm, cache, built, seconds = open_cache(cfg0, device)
+    acts = open_activations(cfg0, device)
     for i, p in enumerate(points):
-        p.run.set_tags({"cache_key": cache.key, "cache_built": str(built and i == 0).lower(), "device": str(device)})
-        if built and cache.replaced:  # a corrupt or incomplete cache was quarantined and rebuilt
-            p.run.set_tags({"cache_replaced": cache.replaced[:4900]})
-        p.run.log_metrics({"cache/n_tokens": cache.n_tokens, "cache/seconds": seconds})
+        tags: Dict[str, Any] = {"device": str(device), "cache_mode": str(cfg0.cache.mode)}
+        if acts.cache is not None:
+            tags.update(cache_key=acts.cache.key, cache_built=str(acts.built and i == 0).lower())
+            if acts.built and acts.cache.replaced:  # a corrupt or incomplete cache was quarantined and rebuilt
+                tags["cache_replaced"] = acts.cache.replaced[:4900]
+            p.run.log_metrics({"cache/n_tokens": acts.cache.n_tokens})
+        p.run.set_tags(tags)
+        p.run.log_metrics({"cache/seconds": acts.seconds})
         if len(points) > 1:
             p.run.set_tags({"pack.size": len(points), "pack.leader": points[0].key})
-    members = [make_member(p, cache, device) for p in points]
-    reader = ShuffledReader(cache, int(cfg0.trainer.batch_size), int(cfg0.seed), device=device)
+    members = [make_member(p, acts, device) for p in points]
+    readers = {seed: acts.reader(seed) for seed in dict.fromkeys(m.stream for m in members)}
+    repeats = {id(m): _repeats_data(p.cfg, m, readers[m.stream]) for p, m in zip(points, members)}
     try:
-        train_members(members, reader)
-        _blame_cache_for_nan(members, reader, cache)
+        train_members([m for m in members if repeats[id(m)] is None], readers)
+        if acts.cache is not None:
+            _blame_cache_for_nan(members, readers, acts.cache)
     finally:
-        reader.close()
+        for r in readers.values():
+            r.close()
+    if acts.stream is not None:  # LM work paid for every SAE of this job together
+        for p in points:
+            p.run.log_metrics({"stream/forward_tokens": acts.stream.forward_tokens})
     outcomes: List[Any] = []
     for p, m in zip(points, members):
+        if repeats[id(m)] is not None:
+            outcomes.append(repeats[id(m)])
+            continue
         if m.error is not None:
             outcomes.append(m.error)
             continue
+        per_epoch = getattr(readers[m.stream], "batches_per_epoch", None)
         try:
-            outcomes.append(finish(p, lm, m.trainer, m.result, device))
+            outcomes.append(finish(p, acts.lm, m.trainer, m.result, device,
+                                   passes=m.total_steps / per_epoch if per_epoch else 1.0))
         except Exception as e:  # one point's eval failure fails that point only
             outcomes.append(e)
     return outcomes
+
+
+def _repeats_data(cfg: DictConfig, member: Any, reader: Any) -> Optional[RunFailed]:
+    """A point whose training would pass over the cache more often than ``train.epochs`` allows
+    (the cache's BOS/EOS positions are not trained on, so it can hold fewer usable tokens than
+    its budget): the reason it fails before training, else None after recording the passes."""
+    if not hasattr(reader, "batches_per_epoch"):
+        return None  # a stream: one pass by construction (it fails if the data runs out)
+    passes = member.total_steps / reader.batches_per_epoch
+    if passes > int(cfg.train.epochs) + 1e-9:
+        return RunFailed(
+            f"train.tokens={cfg.train.tokens}: {passes:.2f} passes over the cache's {reader.n_positions} usable "
+            f"tokens (after BOS/EOS), but train.epochs={cfg.train.epochs}: training would repeat data. Set "
+            f"train.epochs={math.ceil(passes)} to repeat it on purpose, or raise dataset.tokens")
+    return None
 
 
 class CacheCorrupt(RuntimeError):
     """The activation cache itself holds bad values; it was quarantined and will be rebuilt."""
 
 
-def _blame_cache_for_nan(members: Sequence[Any], reader: Any, cache: Any) -> None:
+def _blame_cache_for_nan(members: Sequence[Any], readers: Dict[Any, Any], cache: Any) -> None:
     """A NaN/inf loss from a batch that itself holds NaN/inf is the cache's fault, not the SAE's:
     quarantine the cache (the next run rebuilds it) and say so instead of failing every rerun."""
     from sae_sweep.cache import quarantine
@@ -177,8 +267,7 @@ def _blame_cache_for_nan(members: Sequence[Any], reader: Any, cache: Any) -> Non
         step = getattr(m.error, "nonfinite_step", None) if isinstance(m.error, TrainingFailed) else None
         if step is None:
             continue
-        epoch, batch = divmod(step - 1, reader.batches_per_epoch)
-        if bool(torch.isfinite(reader.batch(epoch, batch)).all()):
+        if bool(torch.isfinite(readers[m.stream].batch_at(step - 1)).all()):
             continue  # the data was fine: the SAE diverged
         reason = f"activation cache {cache.key} holds NaN/inf values (in the batch of step {step})"
         if cache.path.exists():
@@ -190,13 +279,16 @@ def _blame_cache_for_nan(members: Sequence[Any], reader: Any, cache: Any) -> Non
         return
 
 
-def finish(p: Point, lm: Any, trainer: Any, result: Any, device: torch.device) -> Dict[str, float]:
-    """Log the training result, save the SAE as an artifact, run the evals."""
+def finish(p: Point, lm: Any, trainer: Any, result: Any, device: torch.device, passes: float) -> Dict[str, float]:
+    """Log the training result (``passes``: over the cache's usable tokens), save the SAE as an
+    artifact, run the evals."""
     from sae_sweep.lm import hook_name
 
     cfg, run = p.cfg, p.run
     run.set_tags({"trainer.precision": trainer.precision})  # a resumed run keeps its checkpoint's
-    run.log_metrics({"train/steps": result.steps, "train/tokens": result.tokens, "train/seconds": result.seconds})
+    run.log_metrics({"train/steps": result.steps, "train/tokens": result.tokens, "train/seconds": result.seconds,
+                     "train/epochs": passes})
+    run.set_tags({"train.epochs": p.cfg.train.epochs})
     if result.resumed_from_step is not None:  # a requeued / re-run job continued a checkpoint
         run.set_tags({"resumed_from_step": result.resumed_from_step})
     if result.checkpoint_fallback:  # latest.pt was damaged: training went on from previous.pt
@@ -213,7 +305,7 @@ def finish(p: Point, lm: Any, trainer: Any, result: Any, device: torch.device) -
     sae.save(sae_dir, sae_cfg_dict)
     run.log_artifact_dir(sae_dir, "sae")
     metrics = run_evals(cfg, run, lm, sae, sae_cfg_dict, device)
-    from sae_sweep.text import REPAIRED
+    from sae_sweep.files import REPAIRED
 
     if REPAIRED:  # damaged token windows / generated chunks this process found and rebuilt
         run.set_tags({"text_repaired": "; ".join(REPAIRED)[:4900]})

@@ -127,6 +127,10 @@ class ShuffledReader:
         """Batch ``batch`` of ``epoch`` on the CPU, without moving the iterator."""
         return self._read(self.positions(epoch, batch))
 
+    def batch_at(self, step: int) -> torch.Tensor:
+        """The batch handed out at 0-based ``step`` (CPU), without moving the iterator."""
+        return self.batch(*divmod(step, self.batches_per_epoch))
+
     def _advance(self, slot: tuple[int, int]) -> tuple[int, int]:
         e, b = slot
         return (e + 1, 0) if b + 1 == self.batches_per_epoch else (e, b + 1)
@@ -210,3 +214,183 @@ class ShuffledReader:
                              f"(batches_per_epoch={self.batches_per_epoch})")
         self.close()
         self.epoch, self.batch_in_epoch = epoch, batch
+
+
+class DiskBlocks:
+    """An activation cache as consecutive blocks of ``block_rows`` token positions, each read with
+    one large sequential read (instead of per-row gathers over the whole cache) and kept in its
+    storage dtype; BOS/EOS/PAD positions are left out."""
+
+    def __init__(self, cache: ActivationCache, block_rows: int, exclude_special: bool = True):
+        self.cache, self.block_rows, self.d_in = cache, int(block_rows), cache.d_in
+        self._flat = [a.reshape(-1, cache.d_in) for a in cache.shard_activations()]
+        self._bounds = np.asarray(cache._seq_bounds, dtype=np.int64) * cache.context_size
+        self.n_tokens = cache.n_tokens
+        self.n_blocks = -(-self.n_tokens // self.block_rows)
+        self._keep = ~cache.special_mask().reshape(-1) if exclude_special and cache.n_special else None
+        self.valid = np.array([self._slice_keep(b).sum() if self._keep is not None else self._span(b)[1] - self._span(b)[0]
+                               for b in range(self.n_blocks)], dtype=np.int64)
+
+    def _span(self, b: int) -> tuple[int, int]:
+        return b * self.block_rows, min(self.n_tokens, (b + 1) * self.block_rows)
+
+    def _slice_keep(self, b: int) -> np.ndarray:
+        lo, hi = self._span(b)
+        return self._keep[lo:hi]
+
+    def block(self, b: int) -> np.ndarray:
+        """Raw rows (storage dtype) of block ``b``, special positions removed."""
+        lo, hi = self._span(b)
+        parts = []
+        for s, flat in enumerate(self._flat):  # a block may straddle a shard boundary
+            a, z = max(lo, self._bounds[s]), min(hi, self._bounds[s + 1])
+            if a < z:
+                parts.append(np.asarray(flat[a - self._bounds[s]:z - self._bounds[s]]))
+        raw = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return raw[self._slice_keep(b)] if self._keep is not None else raw
+
+    def decode(self, raw: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return to_torch(np.ascontiguousarray(raw), self.cache.storage_dtype, dtype)
+
+
+class BlockReader:
+    """Endless iterator of ``[batch_size, d_in]`` batches in a seed-fixed, block-shuffled order,
+    with large sequential reads: epoch ``e`` visits the source's blocks in a permutation drawn from
+    ``(seed, e)`` and each block's rows in a permutation drawn from ``(seed, e, block)``; batch j of
+    a block is rows ``[j*B, (j+1)*B)`` of that permutation, and a block's last partial batch is
+    dropped. The next block is read on a background thread while this one is trained on. The
+    order depends only on the seed and the cache, never on timing; ``state_dict()`` /
+    ``load_state_dict()`` resume exactly. (``ShuffledReader`` is the random-gather alternative:
+    one global permutation, a read per row.)"""
+
+    def __init__(self, source: DiskBlocks, batch_size: int, seed: int, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, prefetch: bool = True):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        self.source, self.batch_size, self.seed = source, int(batch_size), int(seed)
+        self.device, self.dtype, self.prefetch = torch.device(device), dtype, prefetch
+        self.d_in = source.d_in
+        self.per_block = source.valid // self.batch_size
+        self.batches_per_epoch = int(self.per_block.sum())
+        self.n_positions = int(source.valid.sum())
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"activation cache {source.cache.key}: no block of {source.block_rows} positions holds "
+                             f"batch_size={self.batch_size} usable tokens; lower the batch size or raise cache.block_tokens")
+        self._pin = self.device.type == "cuda" and torch.cuda.is_available()
+        self._lock = threading.Lock()
+        self._orders: dict[int, np.ndarray] = {}
+        self.epoch = self.block_pos = self.batch_in_block = 0
+        self._current: tuple[tuple[int, int], np.ndarray, torch.Tensor] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._next: tuple[tuple[int, int], Future] | None = None
+        self._skip_empty()
+
+    def _order(self, epoch: int) -> np.ndarray:
+        with self._lock:  # the prefetch thread asks too
+            order = self._orders.get(epoch)
+            if order is None:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                order = self._orders[epoch] = torch.randperm(self.source.n_blocks, generator=g).numpy()
+                for old in [e for e in self._orders if e < epoch - 1]:
+                    del self._orders[old]
+            return order
+
+    def _block_id(self, epoch: int, pos: int) -> int:
+        return int(self._order(epoch)[pos])
+
+    def _rows_perm(self, epoch: int, block: int, n: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_033 + block)
+        return torch.randperm(n, generator=g)
+
+    def _skip_empty(self) -> None:
+        """Move past blocks too small for one batch (and past the end of an epoch)."""
+        while True:
+            if self.block_pos >= self.source.n_blocks:
+                self.epoch, self.block_pos, self.batch_in_block = self.epoch + 1, 0, 0
+            if self.per_block[self._block_id(self.epoch, self.block_pos)] > self.batch_in_block:
+                return
+            self.block_pos, self.batch_in_block = self.block_pos + 1, 0
+
+    def _load(self, slot: tuple[int, int]) -> tuple[np.ndarray, torch.Tensor]:
+        epoch, pos = slot
+        b = self._block_id(epoch, pos)
+        raw = self.source.block(b)
+        return raw, self._rows_perm(epoch, b, len(raw))
+
+    def _following(self, slot: tuple[int, int]) -> tuple[int, int]:
+        epoch, pos = slot
+        while True:
+            pos += 1
+            if pos >= self.source.n_blocks:
+                epoch, pos = epoch + 1, 0
+            if self.per_block[self._block_id(epoch, pos)] > 0:
+                return epoch, pos
+
+    def _block(self) -> tuple[np.ndarray, torch.Tensor]:
+        slot = (self.epoch, self.block_pos)
+        if self._current is not None and self._current[0] == slot:
+            return self._current[1], self._current[2]
+        if self._next is not None and self._next[0] == slot:
+            raw, perm = self._next[1].result()
+        else:
+            raw, perm = self._load(slot)
+        self._current = (slot, raw, perm)
+        if self.prefetch:  # read the block after this one while this one is trained on
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="block-reader")
+            nxt = self._following(slot)
+            self._next = (nxt, self._executor.submit(self._load, nxt))
+        return raw, perm
+
+    def __iter__(self) -> "BlockReader":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        raw, perm = self._block()
+        rows = perm[self.batch_in_block * self.batch_size:(self.batch_in_block + 1) * self.batch_size]
+        x = self.source.decode(raw[np.sort(rows.numpy())], self.dtype)
+        self.batch_in_block += 1
+        self._skip_empty()
+        if self.device.type != "cpu":
+            x = (x.pin_memory() if self._pin else x).to(self.device, non_blocking=self._pin)
+        return x
+
+    def batch_at(self, step: int) -> torch.Tensor:
+        """The batch handed out at 0-based ``step`` (CPU), without moving the iterator."""
+        epoch, rest = divmod(step, self.batches_per_epoch)
+        order = self._order(epoch)
+        for pos, b in enumerate(order):
+            if rest < self.per_block[b]:
+                raw = self.source.block(int(b))
+                rows = self._rows_perm(epoch, int(b), len(raw))[rest * self.batch_size:(rest + 1) * self.batch_size]
+                return self.source.decode(raw[np.sort(rows.numpy())], self.dtype)
+            rest -= self.per_block[b]
+        raise IndexError(step)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "block_pos": self.block_pos, "batch_in_block": self.batch_in_block,
+                "seed": self.seed, "batch_size": self.batch_size, "block_rows": self.source.block_rows,
+                "n_positions": self.n_positions}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for name, mine in (("seed", self.seed), ("batch_size", self.batch_size),
+                           ("block_rows", self.source.block_rows), ("n_positions", self.n_positions)):
+            if name in state and int(state[name]) != mine:
+                raise ValueError(f"reader state has {name}={state[name]}, this reader has {mine}: "
+                                 f"it cannot resume the same batch sequence")
+        self.epoch, self.block_pos, self.batch_in_block = (int(state["epoch"]), int(state["block_pos"]),
+                                                           int(state["batch_in_block"]))
+        self._current = self._next = None
+        self._skip_empty()
+
+    def close(self, wait: bool = True) -> None:
+        executor, self._executor = self._executor, None
+        self._next = None
+        if executor is not None:
+            executor.shutdown(wait=wait, cancel_futures=True)
+
+    def __enter__(self) -> "BlockReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sae_sweep import config as C
-from sae_sweep.app import pack_file, validate_point, write_pack
+from sae_sweep.app import disk_problems, model_shape, pack_file, validate_point, write_pack
 
 log = logging.getLogger("sae_sweep.sweep")
 
@@ -98,11 +98,16 @@ def compose_points(load: Callable[[List[str]], DictConfig], batches: Sequence[Se
                 log.warning("grid point #%d [%s] is the same run as #%d (same run key); it will be skipped",
                             idx, shown, seen[key])
             seen.setdefault(key, idx)
+            if job.model.get("weights") in ("hub", "gguf") and not any(o.startswith("model.weights=") for o in overrides):
+                overrides = overrides + [f"model.weights={job.model.weights}"]  # jobs load what was validated
             points.append(GridPoint(idx, overrides, key, C.seed_group_key(job), job))
             idx += 1
     if errors:
         raise C.ConfigError(f"{len(errors)} of {idx} grid points are invalid; nothing was launched:\n"
                             + "\n".join(errors))
+    unique = list({p.run_key: p for p in points}.values())
+    C.fail_if(disk_problems([p.cfg for p in unique], [model_shape(p.cfg) for p in unique]),
+              "the grid's activation caches do not fit; nothing was launched")
     return points
 
 

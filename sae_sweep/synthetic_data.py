@@ -85,16 +85,16 @@ def sample(dataset_cfg: DictConfig, split: str, n: int) -> torch.Tensor:
                                        correlation=float(p["correlation"]), noise=float(p["noise"]), generator=g)
 
 
-def cache_spec(dataset_cfg: DictConfig) -> Dict[str, Any]:
+def cache_spec(dataset_cfg: DictConfig, n_tokens: int) -> Dict[str, Any]:
     return {"source": "synthetic", "params": synthetic_params(dataset_cfg),
-            "context_size": int(dataset_cfg.context_size), "tokens": int(dataset_cfg.tokens),
+            "context_size": int(dataset_cfg.context_size), "tokens": int(n_tokens),
             "storage_dtype": "float32", "split": "train"}
 
 
-def build_fn(dataset_cfg: DictConfig, chunk_seqs: int = 256):
+def build_fn(dataset_cfg: DictConfig, n_tokens: int, chunk_seqs: int = 256):
     """Chunks of (token_ids, acts) for the cache: `context_size` samples form one 'sequence'."""
     ctx = int(dataset_cfg.context_size)
-    n_seqs = max(1, -(-int(dataset_cfg.tokens) // ctx))
+    n_seqs = max(1, -(-int(n_tokens) // ctx))
 
     def build() -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         x = sample(dataset_cfg, "train", n_seqs * ctx).view(n_seqs, ctx, -1)

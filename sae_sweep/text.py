@@ -5,10 +5,12 @@ context_size]``, ``n_seqs = ceil(n_tokens / context_size)``, drawn from one of t
 (``dataset.kind``):
 
 * ``builtin``  the standard-library docstring corpus (offline, see ``corpus.py``);
-* ``faithful`` text the model generates itself from BOS-only prompts, cached on disk in chunks;
+* ``faithful`` text the model generates itself from BOS-only prompts, cached on disk in chunks
+               (``faithful.py``);
 * ``hub``      a Hugging Face dataset, streamed until the budget is met (``hf_id`` may also be a local
                directory holding a copy of the dataset's files: the same loading code, offline);
-* ``local``    jsonl/json/parquet/csv/txt files through the matching ``datasets`` builder.
+* ``local``    jsonl/json/parquet/csv/txt files through the matching ``datasets`` builder, or HTML
+               pages (one document per prose paragraph, ``html_prose.py``).
 
 BOS handling (recorded in every fingerprint as ``packing``): documents are tokenized without
 special tokens and joined into one stream with EOS after each document; the stream is cut into
@@ -28,7 +30,6 @@ import json
 import logging
 import math
 import os
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional
 
@@ -36,7 +37,11 @@ import numpy as np
 import torch
 
 from sae_sweep.config import stable_hash
-from sae_sweep.files import atomic_write
+from sae_sweep.faithful import GENERATION_DEFAULTS, Generations
+from sae_sweep.faithful import VERSION as FAITHFUL_VERSION
+from sae_sweep.files import REPAIRED, atomic_write
+from sae_sweep.html_prose import RULES as HTML_RULES
+from sae_sweep.html_prose import read_paragraphs
 from sae_sweep.hub import hub_offline
 from sae_sweep.corpus import (
     EVAL_FRACTION_PERCENT,
@@ -54,7 +59,7 @@ __all__ = [
     "dataset_fingerprint",
     "token_windows",
     "iter_split_documents",
-    "faithful_dir",
+    "generations",
 ]
 
 log = logging.getLogger(__name__)
@@ -62,10 +67,11 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "eval")
 # Bump when packing or the split rule changes: window caches and fingerprints follow it.
 PACKING = f"bos+(ctx-1) stream tokens, eos after each doc, no sep at window start; split sha1%100<{EVAL_FRACTION_PERCENT}=eval; v1"
-FAITHFUL_VERSION = "faithful-v1"
 
 # Builders of the `datasets` library by file extension (compression suffixes are ignored).
-_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+# "html" is ours (html_prose.py: one document per prose paragraph); the others are `datasets` builders.
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
+             ".html": "html", ".htm": "html"}
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 
 _TOKENIZE_BATCH = 128
@@ -101,10 +107,11 @@ def _plain(node: Any) -> Any:
     return node
 
 
-def _generation_settings(dataset_cfg: Any) -> Dict[str, Any]:
+def generations(dataset_cfg: Any, lm: Any, cache_dir: str | os.PathLike) -> Generations:
+    """The chunks of model-generated text a ``faithful`` dataset reads (see ``faithful.py``)."""
     gen = _get(dataset_cfg, "generation", {}) or {}
-    defaults = dict(max_new_tokens=128, temperature=1.0, top_p=0.9, repetition_penalty=1.1, batch_size=64, seed=0)
-    return {k: _plain(_get(gen, k, v)) for k, v in defaults.items()}
+    settings = {k: _plain(_get(gen, k, v)) for k, v in GENERATION_DEFAULTS.items()}
+    return Generations(lm, settings, cache_dir)
 
 
 def _data_files(dataset_cfg: Any) -> List[str]:
@@ -170,11 +177,15 @@ def check_dataset_available(dataset_cfg: Any, timeout: float = 10.0, documents: 
                 f"{_local_help()}") from e
     elif kind == "local":
         files = _data_files(dataset_cfg)
+        hint = _get(dataset_cfg, "how_to_get")
+        hint = f"; {hint}" if hint else ""
+        if not files and _plain(_get(dataset_cfg, "data_files")):
+            raise DatasetUnavailable(f"dataset.data_files={_plain(_get(dataset_cfg, 'data_files'))}: no file matches{hint}")
         if not files:
-            raise DatasetUnavailable("dataset.kind=local needs dataset.data_files=[...] (jsonl, json, parquet, csv, txt)")
+            raise DatasetUnavailable(f"dataset.kind=local needs dataset.data_files=[...] ({', '.join(_BUILDERS)})")
         missing = [f for f in files if not os.path.isfile(f)]
         if missing:
-            raise DatasetUnavailable(f"dataset.data_files: no such file(s): {', '.join(missing)}")
+            raise DatasetUnavailable(f"dataset.data_files: no such file(s): {', '.join(missing)}{hint}")
         builders = {f: _builder_for(f) for f in files}
         bad = [f for f, b in builders.items() if b is None]
         if bad:
@@ -193,8 +204,6 @@ def check_local_documents(dataset_cfg: Any, files: List[str]) -> None:
     everything in one split is refused now, before any LM work. Reading stops once the held-out
     split has ``dataset.eval_tokens`` characters (a token is at least one character), so a large
     corpus is not read to its end."""
-    import datasets
-
     column = _get(dataset_cfg, "text_column", "text")
     need_eval = int(_get(dataset_cfg, "eval_tokens", 1))
     chars = {"train": 0, "eval": 0}
@@ -204,8 +213,7 @@ def check_local_documents(dataset_cfg: Any, files: List[str]) -> None:
             raise DatasetUnavailable(f"dataset.data_files: {f} is empty")
         seen = 0
         try:
-            rows = datasets.load_dataset(_builder_for(f), data_files=[f], split="train", streaming=True)
-            for text in _rows_text(rows, column, f"dataset.data_files: {f}"):
+            for text in _rows_text(_read_files([f]), column, f"dataset.data_files: {f}"):
                 if not isinstance(text, str) or not text.strip():
                     continue
                 seen += 1
@@ -224,8 +232,11 @@ def check_local_documents(dataset_cfg: Any, files: List[str]) -> None:
         except Exception as e:  # empty file (StopIteration inside the reader), malformed json/csv/parquet
             raise DatasetUnavailable(f"dataset.data_files: cannot read {f} as {_builder_for(f)} "
                                      f"({type(e).__name__}: {e or 'no rows'})") from None
-        if seen == 0:
+        if seen == 0 and _builder_for(f) != "html":  # an HTML page without prose paragraphs is normal
             raise DatasetUnavailable(f"dataset.data_files: {f} holds no text (no non-empty {column!r} values)")
+    if not any(docs.values()):
+        raise DatasetUnavailable(f"dataset.data_files: {', '.join(files)} hold no text (HTML: no paragraph reads "
+                                 f"as prose, see sae_sweep/html_prose.py)")
     if docs["eval"] == 0 or docs["train"] == 0:
         missing = "held-out (eval)" if docs["eval"] == 0 else "training"
         raise DatasetUnavailable(
@@ -297,10 +308,13 @@ def dataset_fingerprint(dataset_cfg: Any, lm: Any = None) -> Dict[str, Any]:
         files = _data_files(dataset_cfg)
         fp.update(text_column=_get(dataset_cfg, "text_column", "text"),
                   data_files=[_file_hash(f) if os.path.isfile(f) else f"missing:{f}" for f in files])
+        if files and _builder_for(files[0]) == "html":
+            fp["html"] = HTML_RULES
     elif kind == "faithful":
         if lm is None:
             raise ValueError("dataset_fingerprint of a faithful dataset needs the LanguageModel")
-        fp.update(model=dict(lm.fingerprint), generation=_generation_settings(dataset_cfg), version=FAITHFUL_VERSION)
+        gens = generations(dataset_cfg, lm, ".")
+        fp.update(model=dict(lm.fingerprint), generation=gens.settings, version=FAITHFUL_VERSION)
     else:
         raise ValueError(f"dataset.kind={kind!r} is not a text source (builtin, faithful, hub, local)")
     if lm is not None:
@@ -350,12 +364,19 @@ def _hub_rows(dataset_cfg: Any) -> Iterable[dict]:
 
 
 def _local_rows(dataset_cfg: Any) -> Iterable[dict]:
+    check_dataset_available(dataset_cfg, documents=False)  # the documents were checked at validation
+    return _read_files(_data_files(dataset_cfg))
+
+
+def _read_files(files: List[str]) -> Iterable[dict]:
+    """Rows of local files of one format. Streaming: reads only as far as the budget needs and
+    writes nothing to the HF cache."""
+    builder = _builder_for(files[0])
+    if builder == "html":
+        return ({"text": p} for f in files for p in read_paragraphs(f))
     import datasets
 
-    check_dataset_available(dataset_cfg, documents=False)  # the documents were checked at validation
-    files = _data_files(dataset_cfg)
-    # Streaming: reads only as far as the budget needs and writes nothing to the HF cache.
-    return datasets.load_dataset(_builder_for(files[0]), data_files=files, split="train", streaming=True)
+    return datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
 
 
 def iter_split_documents(dataset_cfg: Any, lm: Any, split: str, cache_dir: str | os.PathLike,
@@ -365,7 +386,7 @@ def iter_split_documents(dataset_cfg: Any, lm: Any, split: str, cache_dir: str |
         raise ValueError(f"split={split!r}: allowed values are {', '.join(SPLITS)}")
     kind = _get(dataset_cfg, "kind")
     if kind == "faithful":
-        yield from _faithful_documents(dataset_cfg, lm, split, cache_dir, progress)
+        yield from generations(dataset_cfg, lm, cache_dir).documents(split, progress)
         return
     if kind == "builtin":
         texts: Iterable[Any] = builtin_documents(cache_dir)
@@ -382,123 +403,6 @@ def iter_split_documents(dataset_cfg: Any, lm: Any, split: str, cache_dir: str |
             if progress is not None:
                 progress.update(len(ids) + 1)
             yield ids
-
-
-# Faithful: the model's own generations, cached in resumable chunks
-def faithful_dir(dataset_cfg: Any, lm: Any, cache_dir: str | os.PathLike) -> Path:
-    """Where the generations for this model + generation settings live.
-
-    Not keyed by the number of sequences: chunk ``i`` depends only on (model, settings, i), so a
-    larger budget extends the same directory and a smaller one reads a prefix of it.
-    """
-    key = stable_hash({"model": lm.fingerprint, "generation": _generation_settings(dataset_cfg),
-                        "version": FAITHFUL_VERSION})
-    name = str(lm.fingerprint.get("name", "model")).replace("/", "_")
-    return Path(os.path.expanduser(str(cache_dir))) / "faithful" / f"{name}-{key}"
-
-
-def _chunk_path(root: Path, i: int) -> Path:
-    return root / f"chunk_{i:06d}.npz"
-
-
-def _read_chunk(path: Path) -> Optional[List[np.ndarray]]:
-    """A chunk's documents; None (after a warning) when the file is damaged (the zip's CRC checks
-    every byte), so the caller generates it again -- chunk i is a function of (model, settings, i)."""
-    try:
-        with np.load(path) as z:
-            tokens, lengths = z["tokens"], z["lengths"]
-    except Exception as e:  # BadZipFile, CRC error, truncated file
-        log.warning("generated chunk %s is damaged (%s: %s); generating it again", path, type(e).__name__, e)
-        REPAIRED.append(f"{path.name}: {type(e).__name__}")
-        path.unlink(missing_ok=True)
-        return None
-    return np.split(tokens, np.cumsum(lengths)[:-1]) if len(lengths) else []
-
-
-def _generate_chunk(lm: Any, settings: Dict[str, Any], i: int) -> List[np.ndarray]:
-    """``batch_size`` samples from BOS-only prompts; each cut at its first EOS."""
-    torch.manual_seed(int(settings["seed"]) * 1_000_003 + i)  # chunk i is reproducible on its own
-    bs = int(settings["batch_size"])
-    prompt = torch.full((bs, 1), lm.bos_token_id, dtype=torch.long, device=lm.device)
-    with torch.inference_mode():
-        out = lm.model.generate(
-            input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
-            temperature=float(settings["temperature"]), top_p=float(settings["top_p"]), top_k=0,
-            repetition_penalty=float(settings["repetition_penalty"]),
-            max_new_tokens=int(settings["max_new_tokens"]), min_new_tokens=0,
-            eos_token_id=lm.eos_token_id, pad_token_id=lm.pad_token_id, use_cache=True,
-        )
-    docs = []
-    for row in out[:, 1:].cpu().numpy():
-        stop = np.nonzero(row == lm.eos_token_id)[0]
-        row = row[: stop[0]] if len(stop) else row
-        docs.append(row.astype(np.int32))
-    return docs
-
-
-def _write_chunk(root: Path, i: int, docs: List[np.ndarray]) -> None:
-    lengths = np.array([len(d) for d in docs], dtype=np.int32)
-    tokens = np.concatenate(docs).astype(np.int32) if docs else np.zeros(0, dtype=np.int32)
-    buf = io.BytesIO()
-    np.savez(buf, tokens=tokens, lengths=lengths)
-    atomic_write(_chunk_path(root, i), buf.getvalue())
-
-
-def _write_manifest(root: Path, lm: Any, settings: Dict[str, Any], n_chunks: int) -> None:
-    manifest = {
-        "version": FAITHFUL_VERSION,
-        "model": lm.fingerprint,
-        "generation": settings,
-        "prompt": "BOS only",
-        "chunks": n_chunks,
-        "sequences": n_chunks * int(settings["batch_size"]),
-    }
-    atomic_write(root / "manifest.json", json.dumps(manifest, indent=2, default=str).encode())
-
-
-def _faithful_documents(dataset_cfg: Any, lm: Any, split: str, cache_dir: str | os.PathLike,
-                        progress: Any = None) -> Iterator[List[int]]:
-    """Documents of ``split`` from chunk 0 on; missing chunks are generated under a lock.
-
-    A killed generation leaves only whole chunk files (atomic writes), so the next run continues
-    at the first missing chunk.
-    """
-    from tqdm.auto import tqdm
-
-    settings = _generation_settings(dataset_cfg)
-    root = faithful_dir(dataset_cfg, lm, cache_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    with ExitStack() as stack:
-        locked = False
-        gen_bar = None
-        i = empty_chunks = 0
-        while True:
-            path = _chunk_path(root, i)
-            if not path.exists():
-                if not locked:
-                    from sae_sweep.locks import OwnedLock  # noqa: PLC0415
-
-                    stack.enter_context(OwnedLock(root / ".lock"))
-                    locked = True
-                    gen_bar = stack.enter_context(
-                        tqdm(desc=f"generating {root.name}", unit="seq", initial=i * int(settings["batch_size"]),
-                             disable=None))
-                if not path.exists():  # another process may have written it while we waited
-                    _write_chunk(root, i, _generate_chunk(lm, settings, i))
-                    _write_manifest(root, lm, settings, i + 1)
-                    gen_bar.update(int(settings["batch_size"]))
-            docs = _read_chunk(path)
-            if docs is None:  # damaged: deleted by _read_chunk, generated again on the next pass
-                continue
-            empty_chunks = 0 if any(len(d) for d in docs) else empty_chunks + 1
-            if empty_chunks >= 3:
-                raise NotEnoughText(f"{root}: the model generated only empty sequences (EOS right after BOS)")
-            for doc in docs:
-                if len(doc) and doc_split(doc.astype("<i4").tobytes()) == split:
-                    if progress is not None:
-                        progress.update(len(doc) + 1)
-                    yield doc.tolist()
-            i += 1
 
 
 # Windows
@@ -563,9 +467,27 @@ def token_windows(dataset_cfg: Any, lm: Any, split: str, n_tokens: int,
     return windows
 
 
-# Windows files found damaged (checksum mismatch, unreadable) and rebuilt by this process: a job
-# reports them in its run's tags.
-REPAIRED: List[str] = []
+def iter_windows(dataset_cfg: Any, lm: Any, split: str, cache_dir: str | os.PathLike,
+                 chunk: int = 256) -> Iterator[torch.Tensor]:
+    """The windows of ``split`` as a stream: LongTensors of ``chunk`` windows (the last may be
+    shorter) until the source runs out. The same windows, in the same order, as ``token_windows``
+    (which packs a fixed budget at once): the packer's leftover tokens carry over between chunks."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: allowed values are {', '.join(SPLITS)}")
+    ctx = int(_get(dataset_cfg, "context_size"))
+    packer = WindowPacker(lm.bos_token_id, lm.eos_token_id, ctx, chunk)
+    docs = iter_split_documents(dataset_cfg, lm, split, cache_dir)
+    try:
+        for ids in docs:
+            packer.add(ids)
+            while packer.full:  # a long document can fill more than one chunk
+                yield packer.result()
+                full, packer = packer, WindowPacker(lm.bos_token_id, lm.eos_token_id, ctx, chunk)
+                packer.continue_from(full)
+    finally:
+        docs.close()
+    if packer.row:
+        yield packer.out[:packer.row]
 
 
 def _load_windows(path: Path) -> Optional[torch.Tensor]:

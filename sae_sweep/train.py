@@ -19,7 +19,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -171,6 +171,7 @@ class Member:
     log_every: int = 10
     on_log: Optional[Callable[[int, dict[str, float]], None]] = None
     rng: Optional[dict[str, Any]] = None
+    stream: Any = None  # which batch stream feeds it (its seed, when a pack mixes seeds)
     result: Optional[TrainResult] = None
     error: Optional[BaseException] = None
 
@@ -279,13 +280,16 @@ class Member:
 
 
 # The loop
-def train_members(members: Sequence[Member], reader: Iterator[torch.Tensor], progress: bool = True,
+def train_members(members: Sequence[Member], reader: Any, progress: bool = True,
                   should_stop: Optional[Callable[[], bool]] = None) -> list[Member]:
-    """Train every member on batches from `reader` (an iterator of [B, d_in] tensors with
-    state_dict()/load_state_dict(), positioned at its start). Members resume from their checkpoints;
-    the stream starts at the least advanced one and members ahead of it skip the batches they saw.
+    """Train every member on batches from its stream. ``reader`` is one batch stream for every
+    member (an iterator of [B, d_in] tensors with state_dict()/load_state_dict(), at its start), or
+    a mapping {stream key: such a reader} for members whose ``stream`` differs (one per seed: each
+    member keeps the data order its seed gives it). Each stream starts at its least advanced member
+    (from that member's checkpoint) and members ahead of it skip the batches they saw. Streams
+    advance in lockstep, so streams that share a source (one LM pass) ask it for the same block.
 
-    `should_stop()` (and the process-wide `STOP.requested`) is polled before each batch; when true
+    `should_stop()` (and the process-wide `STOP.requested`) is polled before each step; when true
     every member's checkpoint is brought up to date and `Interrupted` is raised. A member that fails
     records `error` (TrainingFailed: a non-finite loss naming its first step, zero steps, an
     exhausted reader, all latents dead) and drops out. Returns the members.
@@ -293,6 +297,7 @@ def train_members(members: Sequence[Member], reader: Iterator[torch.Tensor], pro
     t_start = time.perf_counter()
     if not members:
         return []
+    readers = reader if isinstance(reader, Mapping) else {m.stream: reader for m in members}
     states = []
     for m in members:
         try:
@@ -300,50 +305,38 @@ def train_members(members: Sequence[Member], reader: Iterator[torch.Tensor], pro
         except CheckpointUnreadable as e:  # this member cannot resume; the others can
             m.error = e
             states.append(None)
-    for m in members:
         if m.total_steps <= 0:
             m.error = TrainingFailed(f"zero steps trained: total_steps={m.total_steps} "
                                      f"(too few training tokens for one batch?)")
-    if all(m.error is not None for m in members):
+    streams = {}
+    for key in dict.fromkeys(m.stream for m in members if m.error is None):
+        group = [(m, s) for m, s in zip(members, states) if m.error is None and m.stream == key]
+        start = min(m.trainer.step_count for m, _ in group)
+        lead = next((s for m, s in group if s is not None and m.trainer.step_count == start), None)
+        if lead is not None:
+            readers[key].load_state_dict(lead["reader"])
+        streams[key] = _Stream(readers[key], [m for m, _ in group], start)
+    if not streams:
         return list(members)
-    position = min(m.trainer.step_count for m in members if m.error is None)
-    lead = next((s for m, s in zip(members, states)
-                 if s is not None and m.error is None and m.trainer.step_count == position), None)
-    if lead is not None:
-        reader.load_state_dict(lead["reader"])
+    start = min(st.position for st in streams.values())
     end = max(m.total_steps for m in members)
     desc = "train" if len(members) == 1 else f"train x{len(members)}"
-    bar = tqdm(total=end, initial=position, desc=desc, unit="step", dynamic_ncols=True,
+    bar = tqdm(total=end, initial=start, desc=desc, unit="step", dynamic_ncols=True,
                disable=None if progress else True)
     STOP.loops += 1
     try:
-        batches = iter(reader)
         while any(m.active for m in members):
             if STOP.requested or (should_stop is not None and should_stop()):
                 STOP.seen = True
-                raise Interrupted(position, _checkpoint_in_step(members, position, reader))
-            try:
-                x = next(batches)
-            except StopIteration:
-                for m in members:
-                    if m.active:
-                        m.error = TrainingFailed(f"reader exhausted after {m.trainer.step_count} of "
-                                                 f"{m.total_steps} steps")
-                break
-            position += 1
-            for m in members:
-                if not m.active or m.trainer.step_count >= position:
-                    continue  # done, failed, or ahead of the stream (resumed further)
-                try:
-                    m.step(x)
-                    step = m.trainer.step_count
-                    if step == m.total_steps:
-                        m.finish(reader.state_dict())
-                    elif m.checkpoint_every > 0 and step % m.checkpoint_every == 0:
-                        m.checkpoint(reader.state_dict())
-                except TrainingFailed as e:
-                    m.error = e
-            bar.update(1)
+                first = None
+                for st in streams.values():
+                    first = _checkpoint_in_step(st) or first
+                raise Interrupted(min(st.position for st in streams.values()), first)
+            advanced = False
+            for st in streams.values():
+                advanced = st.advance() or advanced
+            if advanced:
+                bar.update(1)
             if len(members) == 1 and members[0]._last:
                 bar.set_postfix({k: f"{members[0]._last[k]:.4g}" for k in ("loss", "l0", "explained_variance")
                                  if k in members[0]._last}, refresh=False)
@@ -359,15 +352,50 @@ def train_members(members: Sequence[Member], reader: Iterator[torch.Tensor], pro
     return list(members)
 
 
-def _checkpoint_in_step(members: Sequence[Member], position: int, reader: Any) -> Optional[Path]:
-    """On interrupt: members in step with the stream save now (the others' checkpoints on disk are
-    current); returns the first checkpoint path."""
+class _Stream:
+    """One batch stream and the members it feeds: ``position`` batches handed out so far."""
+
+    def __init__(self, reader: Any, members: list[Member], position: int):
+        self.reader, self.members, self.position = reader, members, position
+        self.batches = iter(reader)
+
+    def advance(self) -> bool:
+        """Hand the next batch to the members in step with the stream; False when none needs one."""
+        if not any(m.active for m in self.members):
+            return False
+        try:
+            x = next(self.batches)
+        except StopIteration:
+            for m in self.members:
+                if m.active:
+                    m.error = TrainingFailed(f"reader exhausted after {m.trainer.step_count} of "
+                                             f"{m.total_steps} steps")
+            return False
+        self.position += 1
+        for m in self.members:
+            if not m.active or m.trainer.step_count >= self.position:
+                continue  # done, failed, or ahead of the stream (resumed further)
+            try:
+                m.step(x)
+                step = m.trainer.step_count
+                if step == m.total_steps:
+                    m.finish(self.reader.state_dict())
+                elif m.checkpoint_every > 0 and step % m.checkpoint_every == 0:
+                    m.checkpoint(self.reader.state_dict())
+            except TrainingFailed as e:
+                m.error = e
+        return True
+
+
+def _checkpoint_in_step(stream: _Stream) -> Optional[Path]:
+    """On interrupt: members in step with their stream save now (the others' checkpoints on disk
+    are current); returns the first checkpoint path."""
     first = None
-    for m in members:
-        if m.active and m.trainer.step_count == position:
+    for m in stream.members:
+        if m.active and m.trainer.step_count == stream.position:
             try:
                 m.flush()
-                path = m.checkpoint(reader.state_dict())
+                path = m.checkpoint(stream.reader.state_dict())
             except TrainingFailed as e:
                 m.error = e
                 continue

@@ -1,6 +1,7 @@
 """Shared test set-up: offline Hugging Face, one model/cache directory per test session."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +103,29 @@ def fresh_cache(session_cache_dir):
         return cache
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_model_cfg():
+    """conf/model/smollm2-135m.yaml: the real pretrained model of the test suite (its offline
+    stand-in, a GGUF that `make install` installs from PyPI). Under CI=true a missing package fails."""
+    from omegaconf import OmegaConf
+
+    from sae_sweep.app import CONF_DIR
+    from sae_sweep.gguf import gguf_path, install_hint
+
+    cfg = OmegaConf.load(Path(CONF_DIR) / "model" / "smollm2-135m.yaml")
+    if gguf_path(cfg.gguf) is None:
+        msg = f"the real-weights tests need the smollm2 stand-in: {install_hint(cfg.gguf)} (make install does)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_model_cfg, session_cache_dir):
+    """The stand-in converted once per test run into the session cache (both xdist workers share it)."""
+    from sae_sweep.gguf import ensure_model_dir
+
+    return ensure_model_dir(smollm2_model_cfg.gguf, session_cache_dir)

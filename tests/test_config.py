@@ -104,3 +104,20 @@ def test_single_run_bad_value_exits_2_without_traceback(tmp_path):
     assert r.returncode == 2
     assert "layer=7" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out" / "mlflow.db").exists()
+
+
+def test_a_real_model_config_that_would_repeat_data_is_refused_naming_the_keys():
+    # gpt2 trains 100M tokens; a 1M-token cache would be cycled 100 times
+    with pytest.raises(C.ConfigError) as e:
+        validate_point(_compose("model=gpt2", "dataset=builtin", "dataset.tokens=1000000"), check_availability=False)
+    msg = str(e.value)
+    assert "train.tokens=100000000" in msg and "dataset.tokens=1000000" in msg and "train.epochs=" in msg
+    # by default the cache follows the training budget: every training token distinct
+    cfg = _compose("model=gpt2", "dataset=builtin")
+    validate_point(cfg, check_availability=False)
+    assert C.cache_tokens(cfg) >= cfg.train.tokens
+    # repeating is allowed when asked for, and is part of the run's identity
+    again = _compose("model=gpt2", "dataset=builtin", "dataset.tokens=1000000", "train.epochs=100")
+    validate_point(again, check_availability=False)
+    assert C.run_key(again) != C.run_key(_compose("model=gpt2", "dataset=builtin", "dataset.tokens=1000000",
+                                                  "train.epochs=200"))

@@ -16,7 +16,8 @@ from sae_sweep.cache import read_builds_log
 pytestmark = pytest.mark.slow
 
 # Small budgets: each job trains ~40 steps on a 20k-token cache and evaluates on 2k held-out tokens.
-SMALL = ["dataset.tokens=20000", "dataset.eval_tokens=2048", "train.tokens=40000", "trainer.batch_size=1000",
+# Small caches trained over many times, on purpose: train.epochs says so (the default refuses repeated data).
+SMALL = ["dataset.tokens=20000", "train.epochs=50", "dataset.eval_tokens=2048", "train.tokens=40000", "trainer.batch_size=1000",
          "train.checkpoint_every=5", "sweep.name=e2e"]
 
 

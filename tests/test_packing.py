@@ -73,9 +73,9 @@ def test_packed_members_equal_solo_runs_and_resume_alone(cache, tmp_path):
         assert torch.equal(again.sae.W_dec, m.trainer.sae.W_dec)
 
 
-def test_stream_key_groups_points_that_read_the_same_batches():
-    """Points differing in trainer, SAE size or lr share a batch stream; seed, batch size or the
-    activations (layer, dataset) give another one."""
+def test_stream_key_groups_points_that_read_the_same_activations():
+    """Points differing in trainer, SAE size, lr or seed read the same activations (each in its
+    own seed's order); batch size or the activations themselves (layer, dataset, hook) differ."""
     from hydra import compose, initialize_config_dir
 
     from sae_sweep.app import CONF_DIR
@@ -86,8 +86,8 @@ def test_stream_key_groups_points_that_read_the_same_batches():
             return stream_key(compose("config", overrides=list(overrides)))
 
         base = key()
-        assert key("trainer=relu") == key("sae.expansion_factor=8") == key("trainer.lr=0.01") == base
-        for other in ("seed=49", "trainer.batch_size=512", "layer=1", "dataset=faithful", "hook=mlp_out"):
+        assert key("trainer=relu") == key("sae.expansion_factor=8") == key("trainer.lr=0.01") == key("seed=49") == base
+        for other in ("trainer.batch_size=512", "layer=1", "dataset=faithful", "hook=mlp_out", "cache.mode=stream"):
             assert key(other) != base, other
 
 
@@ -141,3 +141,36 @@ def test_packed_sweep_equals_one_job_per_point(tmp_path):
         b = torch.load(tmp_path / "packed" / "checkpoints" / key / "latest.pt", weights_only=False)
         for name, t in a["trainer"]["sae"].items():
             assert torch.equal(t, b["trainer"]["sae"][name]), (key, name)
+
+
+STREAM_GRID = ["cache.mode=stream", "train.tokens=12288", "train.epochs=1", "trainer.batch_size=512",
+               "cache.block_tokens=4096", "dataset.eval_tokens=1024", "train.checkpoint_every=8", "sweep.name=pack",
+               "eval=core_only"]
+
+
+@pytest.mark.slow
+def test_stream_pack_of_seeds_and_trainers_pays_one_lm_pass_and_equals_solo_runs(tmp_path):
+    """2 seeds x 2 trainers streamed in one packed job: the LM forward work is that of one stream
+    (not four), and an SAE of the second seed (its own block order) equals its solo stream run's."""
+    def sweep(out, *grid):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        r = subprocess.run([sys.executable, "-m", "sae_sweep", "-m", *STREAM_GRID, *grid, f"paths.output_dir={out}"],
+                           capture_output=True, text=True, env=env, timeout=900, cwd=out.parent)
+        assert r.returncode == 0, r.stderr[-4000:]
+        client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("pack").experiment_id], max_results=100)
+        return {r.data.tags["run_key"]: r for r in runs if r.data.tags.get("sae_sweep.kind") == "job"}
+
+    packed = sweep(tmp_path / "packed", "trainer=topk,relu", "seed=3,4", "sweep.pack=true")
+    alone = sweep(tmp_path / "alone", "trainer=relu", "seed=4")
+    assert len(packed) == 4 and len(alone) == 1 and set(alone) <= set(packed)
+    forward = {r.data.metrics["stream/forward_tokens"] for r in packed.values()}
+    (solo,) = alone.values()
+    assert forward == {solo.data.metrics["stream/forward_tokens"]}  # one LM pass for all four
+    for run in packed.values():
+        assert run.info.status == "FINISHED" and run.data.tags["pack.size"] == "4"
+    (key,) = alone
+    a = torch.load(tmp_path / "alone" / "checkpoints" / key / "latest.pt", weights_only=False)
+    b = torch.load(tmp_path / "packed" / "checkpoints" / key / "latest.pt", weights_only=False)
+    for name, t in a["trainer"]["sae"].items():
+        assert torch.equal(t, b["trainer"]["sae"][name]), name

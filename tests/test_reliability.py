@@ -322,3 +322,40 @@ def test_eight_sweeps_of_one_grid_started_at_once_train_each_point_once(tmp_path
     assert sum(p.data.metrics["sweep/finished"] for p in parents) == 4
     assert all(p.data.metrics["sweep/finished"] + p.data.metrics["sweep/skipped"] == 4 for p in parents)
     assert all(p.data.metrics["sweep/failed"] == 0 for p in parents)
+
+
+def test_a_usr2_that_arrives_while_the_stopped_runs_are_recorded_waits_for_the_hand_over(monkeypatch):
+    """submitit's preemption is SIGTERM then USR2 a few ms later: the USR2 may land after the loop
+    has stopped but while the runs are being tagged. It must not cut that short; hand_over requeues."""
+    import signal
+
+    from sae_sweep.app import PreemptionGuard
+    from sae_sweep.train import STOP
+
+    calls = []
+
+    def submitit_handler(signum, frame):
+        calls.append(signum)
+        raise SystemExit(0)
+
+    monkeypatch.setenv("SUBMITIT_FOLDER", "/nonexistent")
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        with PreemptionGuard() as guard:
+            assert guard.active
+            STOP.loops += 1  # a training loop is running
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert STOP.requested and guard.signum == signal.SIGTERM and not calls
+            STOP.seen, STOP.loops = True, STOP.loops - 1  # it stopped and checkpointed
+            os.kill(os.getpid(), signal.SIGUSR2)  # ... while the runs are being recorded
+            assert guard.requeue and calls == []
+            with pytest.raises(SystemExit):
+                guard.hand_over()
+            assert calls == [signal.SIGUSR2]
+        # The guard's resend of an unacted signal dies with it: left running, it would SIGTERM this
+        # process (handler restored) 20 s later, a pytest worker in the middle of another test.
+        guard.timer.join(5)
+        assert not guard.timer.is_alive() and not guard.saved
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+        STOP.clear()

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["dataset.tokens=20000", "dataset.eval_tokens=2048", "train.tokens=40000", "trainer.batch_size=1000",
+# Small caches trained over many times, on purpose: train.epochs says so (the default refuses repeated data).
+SMALL = ["dataset.tokens=20000", "train.epochs=50", "dataset.eval_tokens=2048", "train.tokens=40000", "trainer.batch_size=1000",
          "train.checkpoint_every=5", "sweep.name=resilience", "eval=core_only"]
 
 

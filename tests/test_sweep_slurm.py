@@ -30,7 +30,8 @@ if shutil.which("sinfo") is None and not IN_CI:
 
 pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm"), pytest.mark.slow, pytest.mark.timeout(900)]
 
-SMALL = ["dataset.tokens=20000", "dataset.eval_tokens=2048", "train.tokens=40000", "trainer.batch_size=1000",
+# Small caches trained over many times, on purpose: train.epochs says so (the default refuses repeated data).
+SMALL = ["dataset.tokens=20000", "train.epochs=50", "dataset.eval_tokens=2048", "train.tokens=40000", "trainer.batch_size=1000",
          "train.checkpoint_every=5", "sweep.name=slurm", "hydra/launcher=slurm_local", "eval=core_only"]
 
 

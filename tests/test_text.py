@@ -18,7 +18,7 @@ from sae_sweep.text import (
     NotEnoughText,
     check_dataset_available,
     dataset_fingerprint,
-    faithful_dir,
+    generations,
     iter_split_documents,
     token_windows,
 )
@@ -157,6 +157,47 @@ def test_local_bad_text_column(llama_lm, tmp_path):
         token_windows(cfg, llama_lm, "train", 64, tmp_path)
 
 
+def test_local_html_pages_give_one_document_per_prose_paragraph(llama_lm, tmp_path):
+    """HTML documentation as a dataset: paragraphs that read as prose, nothing from code, tables,
+    navigation or scripts; the same documents as a jsonl of those paragraphs."""
+    prose = [f"Paragraph {i} explains, in plain words that any reader can follow, how the system keeps "
+             f"its records safe when many people change them at the same time and why that matters." for i in range(300)]
+    page = ("<html><head><script>var p = '<p>not text</p>';</script><style>p {}</style></head><body>"
+            "<div class='navheader'><p>Prev Up Next</p></div>"
+            + "".join(f"<p>{p} See <em>VACUUM</em>\n  too.</p>" if i % 2 else f"<div class='para'>{p}</div>"
+                      for i, p in enumerate(prose[:150]))
+            + "<pre>SELECT * FROM t WHERE a = b;</pre><p>x = f(a.b, c[d]) / g_h(i) { j } k.l m_n o(p) q.r s_t u=v "
+            "w(x) y.z a_b c(d) e.f g_h</p></body></html>")
+    (tmp_path / "a.html").write_text(page)
+    (tmp_path / "b.htm").write_text("<p>" + "</p><p>".join(prose[150:]) + "</p><p>Too short to count.</p>")
+    (tmp_path / "c.html").write_text("<html><body><table><tr><td>an index page: no prose</td></tr></table></body></html>")
+    cfg = {"name": "docs", "kind": "local", "data_files": [str(tmp_path / "*.htm*")], "context_size": 16,
+           "eval_tokens": 64}
+    check_dataset_available(cfg)
+    docs = [llama_lm.tokenizer.decode(d) for d in iter_split_documents(cfg, llama_lm, "train", tmp_path / "c")]
+    want = [f"{p} See VACUUM too." if i < 150 and i % 2 else p for i, p in enumerate(prose)]
+    assert docs == [w for w in want if doc_split(w) == "train"]
+
+    jsonl = tmp_path / "same.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": w}) + "\n" for w in want))
+    from_jsonl = {"name": "docs", "kind": "local", "data_files": [str(jsonl)], "context_size": 16}
+    assert torch.equal(token_windows(cfg, llama_lm, "train", 16 * 30, tmp_path / "c"),
+                       token_windows(from_jsonl, llama_lm, "train", 16 * 30, tmp_path / "c"))
+    assert dataset_fingerprint(cfg, llama_lm)["html"].startswith("html-paragraphs-v1")
+
+    missing = {**cfg, "data_files": ["/nonexistent/doc-*/html/*.html"], "how_to_get": "apt-get install the-docs"}
+    with pytest.raises(DatasetUnavailable, match=r"no file matches; apt-get install the-docs"):
+        check_dataset_available(missing)
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "i.html").write_text("<p>Index</p>")
+    with pytest.raises(DatasetUnavailable, match="no paragraph reads as prose"):
+        check_dataset_available({**cfg, "data_files": [str(tmp_path / "none" / "i.html")]})
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.html").write_bytes(b"<p>\xff\xfe caf\xe9</p>")
+    with pytest.raises(DatasetUnavailable, match="not UTF-8"):
+        check_dataset_available({**cfg, "data_files": [str(tmp_path / "bad" / "x.html")]})
+
+
 # hub, offline
 def test_offline_hub_dataset_fails_fast(llama_lm, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -182,12 +223,12 @@ def test_faithful_generation_is_cached_resumable_and_text_like(tiny_lm, tiny_cac
     ev = token_windows(cfg, tiny_lm, "eval", 32 * 6, cache)
     _assert_bos_windows(ev, tiny_lm, 32, strict=False)
 
-    root = faithful_dir(cfg, tiny_lm, cache)
+    root = generations(cfg, tiny_lm, cache).root
     chunks = sorted(root.glob("chunk_*.npz"))
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["generation"] == gen and manifest["chunks"] == len(chunks) >= 2
     assert manifest["model"]["tokenizer_hash"] == tiny_lm.fingerprint["tokenizer_hash"]
-    assert not (root / ".lock").exists() and not list(root.glob(".*.tmp"))
+    assert not list(root.glob("locks/*.lock")) and not list(root.glob(".*.tmp"))
 
     # Text-like: mostly words, not byte soup.
     docs = list(zip(range(20), iter_split_documents(cfg, tiny_lm, "train", cache)))
@@ -214,7 +255,7 @@ def test_faithful_generation_is_cached_resumable_and_text_like(tiny_lm, tiny_cac
 
     # Different generation settings: a different directory and fingerprint.
     other = {**cfg, "generation": {**gen, "seed": 1}}
-    assert faithful_dir(other, tiny_lm, cache) != root
+    assert generations(other, tiny_lm, cache).root != root
     assert dataset_fingerprint(other, tiny_lm) != dataset_fingerprint(cfg, tiny_lm)
 
 
@@ -262,11 +303,12 @@ def test_faithful_generation_killed_midway_resumes_to_the_same_text(llama_lm, tm
     proc.wait()
     (root,) = list(chunks_dir.iterdir())
     before = {p.name: p.stat().st_mtime_ns for p in root.glob("chunk_*.npz")}
-    assert (root / ".lock").exists()  # the dead owner's lock is still there
+    dead_locks = list(root.glob("locks/*.lock"))  # the chunk (or manifest) lock it held, if any
     assert not list((killed_cache / "tokens").glob("*.npy"))  # it was killed before finishing
 
     subprocess.run([*cmd, str(killed_cache), str(n)], env=env, check=True, capture_output=True, timeout=600)
     after = {p.name: p.stat().st_mtime_ns for p in root.glob("chunk_*.npz")}
+    assert not any(p.exists() for p in dead_locks)  # taken over and released
     assert len(after) > len(before) and all(after[name] == t for name, t in before.items())
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["chunks"] == len(after) and manifest["generation"]["seed"] == 3

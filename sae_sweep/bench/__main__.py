@@ -12,6 +12,7 @@ import sys
 SUBCOMMANDS = {
     "trainers": "Train every registered trainer on planted-dictionary data and print recovery.",
     "perf": "Throughput figures (the default): cache build, reader, TopK training, sweeps, memory.",
+    "readers": "Disk-cache readers (random vs blocks), cold and warm, on a cache the page cache does not hold.",
 }
 
 

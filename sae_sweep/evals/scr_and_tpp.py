@@ -47,7 +47,6 @@ classes take ``size / 2`` texts per class without SAEBench's gender / rating bal
 from __future__ import annotations
 
 import logging
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple

@@ -78,7 +78,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sae_sweep.config import d_sae_for, parse, setting
+from sae_sweep.config import setting
 
 from .autoencoder import SparseAutoencoder
 from .modes import Correction, by_mode, mode_setting, resolve
@@ -212,6 +212,13 @@ class AdaptiveOrthoParams(TopKParams):
     adaptive: Optional[bool] = by_mode(CORRECTIONS, "adaptive", "true or false")
     rate_beta: float = setting(0.99, allowed="a float in [0, 1) (EMA decay of firing rates)", check=lambda v: 0 <= v < 1)
 
+    def shape_problems(self, d_in: int, d_sae: int) -> list[str]:
+        if not resolve(self, CORRECTIONS).grouping and d_sae > UNGROUPED_MAX_D_SAE:
+            return [f"trainer.grouping={self.grouping!r} (mode={self.mode}: false) at d_sae={d_sae}: the loss then "
+                    f"needs d_sae x d_sae decoder cosines ({4 * d_sae ** 2 / 2**30:.1f} GiB each); allowed: "
+                    f"d_sae <= {UNGROUPED_MAX_D_SAE}, or trainer.grouping=true"]
+        return []
+
 
 @register_trainer("adaptive_ortho")
 class AdaptiveOrthoTrainer(TopKTrainer):
@@ -237,19 +244,6 @@ class AdaptiveOrthoTrainer(TopKTrainer):
             self._opt.l1_coeff = self.params.l1_coeff if self.params.l1_coeff is not None else (
                 0.04 if self._opt.base == "relu" else 0.0)
         return self._opt
-
-    @classmethod
-    def problems(cls, trainer_cfg: Any, sae_cfg: Any = None, d_in: int | None = None) -> list[str]:
-        errors = super().problems(trainer_cfg, sae_cfg, d_in)
-        if errors or sae_cfg is None or d_in is None:
-            return errors
-        params = parse(cls.params_cls, trainer_cfg, "trainer")
-        d_sae = d_sae_for(sae_cfg, d_in)
-        if not resolve(params, CORRECTIONS).grouping and d_sae > UNGROUPED_MAX_D_SAE:
-            errors.append(f"trainer.grouping={params.grouping!r} (mode={params.mode}: false) at d_sae={d_sae}: "
-                          f"the loss then needs d_sae x d_sae decoder cosines ({4 * d_sae ** 2 / 2**30:.1f} GiB each); "
-                          f"allowed: d_sae <= {UNGROUPED_MAX_D_SAE}, or trainer.grouping=true")
-        return errors
 
     def build_sae(self, generator: torch.Generator) -> SparseAutoencoder:
         return AdaptiveOrthoSAE(self.d_in, self.d_sae, int(self.sae_cfg["k"]), base=self.opt.base, generator=generator)

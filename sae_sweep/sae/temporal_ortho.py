@@ -99,7 +99,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from sae_sweep.config import d_sae_for, parse, setting
+from sae_sweep.config import setting
 
 from .autoencoder import SparseAutoencoder
 from .modes import Correction, by_mode, mode_setting, resolve
@@ -350,6 +350,13 @@ class TemporalOrthoParams(TopKParams):
     cap: int = setting(32, allowed="an integer >= 1 (tracker=table: tracked partners per latent)",
                        check=lambda v: v >= 1)
 
+    def shape_problems(self, d_in: int, d_sae: int) -> list[str]:
+        if resolve(self, CORRECTIONS).tracker == "dense" and d_sae > DENSE_MAX_D_SAE:
+            return [f"trainer.tracker={self.tracker!r} (mode={self.mode}: dense) at d_sae={d_sae}: the dense "
+                    f"tracker keeps d_sae x d_sae state ({20 * d_sae ** 2 / 2**30:.1f} GiB); allowed: "
+                    f"d_sae <= {DENSE_MAX_D_SAE}, or trainer.tracker=table"]
+        return []
+
 
 @register_trainer("temporal_ortho")
 class TemporalOrthoTrainer(TopKTrainer):
@@ -362,19 +369,6 @@ class TemporalOrthoTrainer(TopKTrainer):
                                        weights_from=o.weights_from, cbar_init=o.cbar_init, alpha_rule=o.alpha_rule,
                                        include_diag=o.include_diag)
         self._tracker_mib = torch.full((), self.table.nbytes() / 2**20, device=self.device)
-
-    @classmethod
-    def problems(cls, trainer_cfg: Any, sae_cfg: Any = None, d_in: int | None = None) -> list[str]:
-        errors = super().problems(trainer_cfg, sae_cfg, d_in)
-        if errors or sae_cfg is None or d_in is None:
-            return errors
-        params = parse(cls.params_cls, trainer_cfg, "trainer")
-        d_sae = d_sae_for(sae_cfg, d_in)
-        if resolve(params, CORRECTIONS).tracker == "dense" and d_sae > DENSE_MAX_D_SAE:
-            errors.append(f"trainer.tracker={params.tracker!r} (mode={params.mode}: dense) at d_sae={d_sae}: "
-                          f"the dense tracker keeps d_sae x d_sae state ({20 * d_sae ** 2 / 2**30:.1f} GiB); "
-                          f"allowed: d_sae <= {DENSE_MAX_D_SAE}, or trainer.tracker=table")
-        return errors
 
     def build_sae(self, generator: torch.Generator) -> SparseAutoencoder:
         return TemporalOrthoSAE(self.d_in, self.d_sae, int(self.sae_cfg["k"]), generator=generator)

@@ -71,6 +71,7 @@ class FastTopKParams(TopKParams):
 
 @register_trainer("topk")
 class TopKTrainer(Trainer):
+    uses_k = True
     params_cls = FastTopKParams  # variants that subclass keep TopKParams and the dense path
 
     @property

