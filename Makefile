@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 PYTEST := $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --max-worker-restart=0
 
-.PHONY: install test test-fast demo demo-real prose-docs bench slurm-up slurm-down clean
+.PHONY: install test test-fast demo demo-real prose-docs bench bench-peers bench-smoke slurm-up slurm-down clean
 
 # torch first, pinned: the CPU wheel is on disk here; an unpinned torch would pull GBs of CUDA.
 # editable_mode=compat keeps hydra_plugins/ visible to Hydra's plugin discovery.
@@ -41,8 +41,36 @@ prose-docs:
 	  { echo "demo-real reads the PostgreSQL manual (Debian/Ubuntu: apt-get install postgresql-doc); or run"; \
 	    echo "  python -m sae_sweep -m experiment=demo_real dataset=local,faithful 'dataset.data_files=[<your text>]'"; exit 2; }
 
-bench:
-	$(PYTHON) -m sae_sweep.bench
+# The perf bench times the peers' own training steps beside ours, each peer from its own venv
+# (their dependencies conflict with ours and with each other: dictionary_learning imports nnsight,
+# sparsify asks for any torch). torch==2.13.0 goes in first in each (the CPU wheel on disk), so both
+# peers run on the same torch as sae_sweep and nothing pulls the CUDA build.
+BENCH_VENVS ?= bench_results/venvs
+PEER_TORCH ?= torch==2.13.0
+
+bench: bench-peers
+	$(PYTHON) -m sae_sweep.bench --peer-venvs $(BENCH_VENVS)
+
+# A check, not a measurement (seconds): every worker, ours and each peer's, runs one step at tiny dims.
+bench-smoke: bench-peers
+	$(PYTHON) -m sae_sweep.bench --smoke --peer-venvs $(BENCH_VENVS)
+
+bench-peers: $(BENCH_VENVS)/dictionary_learning/.installed $(BENCH_VENVS)/sparsify/.installed
+
+$(BENCH_VENVS)/dictionary_learning/.installed:
+	rm -rf $(@D) && $(PYTHON) -m venv $(@D)
+	$(@D)/bin/pip install -q $(PEER_TORCH)
+	$(@D)/bin/pip install -q $(PEER_TORCH) dictionary-learning==0.1.0
+	# nnsight asks for torchvision; the index's build is for the CUDA torch and cannot load its ops
+	# with the CPU one, and transformers then fails to import. Nothing on the bench's path uses it.
+	$(@D)/bin/pip uninstall -y -q torchvision
+	touch $@
+
+$(BENCH_VENVS)/sparsify/.installed:
+	rm -rf $(@D) && $(PYTHON) -m venv $(@D)
+	$(@D)/bin/pip install -q $(PEER_TORCH)
+	$(@D)/bin/pip install -q $(PEER_TORCH) eai-sparsify==1.3.3
+	touch $@
 
 slurm-up:
 	bash launchers/slurm_local.sh start

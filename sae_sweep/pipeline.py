@@ -176,6 +176,7 @@ def make_member(p: Point, acts: Activations, device: torch.device) -> Any:
     torch.manual_seed(int(cfg.seed))  # as if the point were alone in its process
     steps = C.total_steps(cfg)
     trainer = get_trainer(cfg.trainer.name)(acts.d_in, cfg.sae, cfg.trainer, steps, int(cfg.seed), device)
+    p.run.set_tags({"trainer.precision": trainer.precision})  # what trainer.autocast_bf16 resolved to
     ckpt_dir = C.output_dir(cfg) / "checkpoints" / p.key
     if not checkpoint_path(ckpt_dir).exists():
         trainer.init_from_data(acts.init_sample(int(cfg.seed)))
@@ -284,6 +285,7 @@ def finish(p: Point, lm: Any, trainer: Any, result: Any, device: torch.device, p
     from sae_sweep.lm import hook_name
 
     cfg, run = p.cfg, p.run
+    run.set_tags({"trainer.precision": trainer.precision})  # a resumed run keeps its checkpoint's
     run.log_metrics({"train/steps": result.steps, "train/tokens": result.tokens, "train/seconds": result.seconds,
                      "train/epochs": passes})
     run.set_tags({"train.epochs": p.cfg.train.epochs})

@@ -10,6 +10,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+# trainer.autocast_bf16=auto picks bf16 on CPUs with native bf16 (AVX512_BF16/AMX) and fp32 on the
+# others: the suite (and the jobs it starts) resolves auto as on a CPU without it, so that every
+# result is the same on every CPU. Tests of auto's bf16 side set the variable themselves.
+os.environ.setdefault("SAE_SWEEP_NATIVE_BF16", "0")
 
 
 # Under pytest-xdist (`make test` runs 2 workers) each worker is its own process: one torch thread

@@ -1,4 +1,5 @@
-"""The fast TopK paths compute the same step as straightforward dense autograd."""
+"""The fast TopK paths compute the same step as straightforward dense autograd; the precision
+default. (The bench's TopK harness: test_bench_protocol.py.)"""
 import pytest
 import torch
 
@@ -82,3 +83,27 @@ def test_fast_trainer_steps_equal_dense_steps(dead_tokens):
         torch.testing.assert_close(dict(fast.sae.named_parameters())[name], p, rtol=1e-4, atol=1e-5, msg=name)
     if dead_tokens == 128:  # AuxK actually contributed
         assert auxk_seen > 0
+
+
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_auto_precision_is_the_explicit_setting_it_resolves_to(native, monkeypatch):
+    """trainer.autocast_bf16=auto trains bit for bit as false where the device has no native bf16
+    (so runs on such CPUs are unchanged by the auto default) and as true where it has."""
+    monkeypatch.setenv("SAE_SWEEP_NATIVE_BF16", native)
+    g = torch.Generator().manual_seed(5)
+    data = torch.randn(6, 64, 16, generator=g) * torch.linspace(0.2, 2.0, 16)
+
+    def run(setting):
+        cfg = {"name": "topk", "lr": 3e-3, "batch_size": 64, "warmup_steps": 2, "dead_tokens": 128,
+               "autocast_bf16": setting}
+        t = TopKTrainer(16, {"d_sae": 256, "k": 4}, cfg, total_steps=6, seed=3)
+        t.init_from_data(data[0])
+        losses = [t.step(x)["loss"] for x in data]
+        return t, torch.stack(losses)
+
+    auto, auto_losses = run("auto")
+    explicit, explicit_losses = run(native == "1")
+    assert auto.precision == ("bf16" if native == "1" else "fp32")
+    torch.testing.assert_close(auto_losses, explicit_losses, rtol=0, atol=0)
+    for name, p in explicit.sae.named_parameters():
+        torch.testing.assert_close(dict(auto.sae.named_parameters())[name], p, rtol=0, atol=0, msg=name)

@@ -1,21 +1,27 @@
 """Throughput benchmarks: every figure is a ratio of two things measured in the same run.
 
-    python -m sae_sweep.bench perf [--out bench_results/bench.json] [--steps 3] [--device auto]
-    python -m sae_sweep.bench            # the same (perf is the default subcommand); `make bench`
+    python -m sae_sweep.bench perf [--out bench_results/bench.json] [--peer-venvs bench_results/venvs]
+    python -m sae_sweep.bench            # the same (perf is the default subcommand)
+    make bench                           # creates the peers' venvs first (make bench-peers), then the above
 
-1. cache build: tokens/s building an activation cache (pipeline.build_activation_cache, the job's
+1. TopK training at d_in 768, d_sae 12288, k 16, batch 4096, fp32 and bf16 autocast (bf16 where
+   the machine runs it natively): our step, the peers' own code installed from the index
+   (dictionary_learning 0.1.0's `TopKTrainer.update`, sparsify 1.3.3's `SparseCoder` trained as
+   their trainer does) and the encoder matmul (the roofline: tokens/s if a step were one encoder
+   matmul in the best dtype), each in its own process (`step_worker.py`), warmed up, then timed in
+   interleaved rounds of consecutive steps (see `fig_topk`). Plus quality: explained variance on
+   the planted dictionary, sparse vs dense backward and bf16 vs fp32.
+2. cache build: tokens/s building an activation cache (pipeline.build_activation_cache, the job's
    own code) vs a bare forward to the hooked layer on the same windows; early exit vs full forward.
    Model: the offline `builtin:tiny` (4-layer GPT-2 architecture, d_model 128), built once into
    the cache dir -- small, so write overhead weighs more than it would on a real model.
-2. cache reader: shuffled batches/s from a d_in 768 cache on disk vs TopK training steps/s.
-3. TopK training at d_in 768, d_sae 12288, k 16, batch 4096: tokens/s vs the encoder-only
-   roofline (one [B, d_in] x [d_in, d_sae] matmul per step at this machine's best measured matmul
-   throughput) and vs a re-implementation of dictionary_learning's reference TopKTrainer step.
-   Plus quality: explained variance of the fast and the dense step on the planted dictionary.
+3. cache reader: shuffled batches/s from a d_in 768 cache on disk vs TopK training steps/s.
 4. sweep amortization: LM forward tokens of a 2 seeds x 2 trainers sweep (builds.log) vs one
    cache per job; packing: the same sweep's training loop packed vs one point at a time.
-5. memory: peak RSS of one training step (fresh process) and of temporal_ortho's tracking.
-6. GPU: the same figures run on CUDA when one is available (`--device auto`).
+5. memory: peak RSS of each TopK implementation's step (from its worker) and of temporal_ortho's
+   tracking.
+6. GPU: the same figures run on CUDA when one is available (`--device auto`), except the TopK
+   peer comparison, which runs on CPU.
 """
 from __future__ import annotations
 
@@ -28,13 +34,14 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn as nn
 
 D_IN, D_SAE, K, BATCH = 768, 12288, 16, 4096
+SMOKE_DIMS = (64, 512, 8, 256)  # --smoke: (d_in, d_sae, k, batch)
 
 
 # timing helpers
@@ -66,143 +73,273 @@ def matmul_flops(dtype: torch.dtype, device: torch.device, m: int, k: int, n: in
     return 2 * m * k * n / best_seconds(lambda: torch.mm(a, b, out=out), device, reps)
 
 
-def best_matmul(device: torch.device, reps: int) -> dict[str, Any]:
-    """Measured matmul throughput at the encoder's shape, fp32 and bf16. bf16 is first probed on a
-    small shape: without native support (e.g. AVX2-only CPUs) it runs orders of magnitude slower,
-    and the full-size measurement would take minutes."""
-    out: dict[str, Any] = {"fp32_flops": matmul_flops(torch.float32, device, BATCH, D_IN, D_SAE, reps)}
+def bf16_probe(device: torch.device, reps: int) -> dict[str, Any]:
+    """bf16 vs fp32 matmul on a small shape. Without native bf16 (e.g. AVX2-only CPUs) bf16 runs
+    orders of magnitude slower, and the bf16 steps at full size would take minutes: they are run
+    only where this ratio is >= 0.5. The roofline itself is timed in the TopK rounds (fig_topk)."""
+    from sae_sweep.sae.trainer import detect_bf16
+
     probe32 = matmul_flops(torch.float32, device, 256, D_IN, 1024, reps)
     probe16 = matmul_flops(torch.bfloat16, device, 256, D_IN, 1024, reps)
-    out["bf16_probe_ratio"] = probe16 / probe32
-    if probe16 >= 0.5 * probe32:
-        out["bf16_flops"] = matmul_flops(torch.bfloat16, device, BATCH, D_IN, D_SAE, reps)
-    else:
-        out["bf16_flops"] = probe16  # measured on the probe shape; far below fp32 either way
-    out["best_dtype"] = "bf16" if out["bf16_flops"] > out["fp32_flops"] else "fp32"
-    out["best_flops"] = max(out["bf16_flops"], out["fp32_flops"])
+    support = detect_bf16(device)
+    return {"bf16_vs_fp32_small": probe16 / probe32, "run_bf16": probe16 >= 0.5 * probe32,
+            "native_bf16": support.native, "native_bf16_why": support.why}
+
+
+# The TopK step of every implementation, each in its own worker process (step_worker.py)
+
+WORKER = Path(__file__).with_name("step_worker.py")
+
+
+@dataclass
+class Peer:
+    """A peer's own code, installed from the index into a venv that `make bench-peers` creates."""
+
+    venv: str  # directory under --peer-venvs
+    label: str  # what is timed ({version} filled in)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+PEERS = {
+    "dictionary_learning": Peer("dictionary_learning", "dictionary_learning {version}: TopKTrainer.update"),
+    "sparsify": Peer("sparsify", "sparsify {version}: SparseCoder fwd + bwd + Adam + decoder renorm",
+                     {"SPARSIFY_DISABLE_TRITON": "1"}),
+}
+OURS_LABEL = "sae_sweep {version}: trainer=topk step (sparse backward)"
+
+
+QUIET = 0.05  # a step is quiet when its threads waited for a core less than 5 % of its time
+
+
+def quiet_steps(times: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The steps during which the worker's threads waited for a core less than QUIET of the wall time."""
+    return [t for t in times if t["runq_wait"] < QUIET * t["wall"]]
+
+
+def round_order(keys: list[str], r: int, rounds: int, has_quiet: Callable[[str], bool]) -> list[str]:
+    """The variants that run in round `r` (0-based), in their order: every variant in the first
+    `rounds` rounds, then only those without a quiet step yet ([] = no more rounds needed); the
+    order rotates by one from round to round, so no variant always runs right after the same one."""
+    todo = list(keys) if r < rounds else [k for k in keys if not has_quiet(k)]
+    if not todo:
+        return []
+    shift = r % len(todo)
+    return todo[shift:] + todo[:shift]
+
+
+def summarize(ready: dict[str, Any], times: list[dict[str, float]], peak_rss_mib: float | None,
+              tokens: int) -> dict[str, Any]:
+    """One variant's figures from its worker's ready message and timed steps (each step a dict of
+    wall, cpu, runq_wait, minflt and in_block: its position in its block of consecutive steps)."""
+    best = min(times, key=lambda t: t["wall"])
+    quiet = quiet_steps(times)
+    walls = sorted(t["wall"] for t in (quiet or times))
+    base = ready.get("rss_before_setup_mib")
+
+    def median(ts: list[float]) -> float | None:
+        return sorted(ts)[len(ts) // 2] if ts else None
+    return {"version": ready["version"], "torch": ready["torch"], "steps_timed": len(times),
+            "quiet_steps": len(quiet), "best_seconds": best["wall"],
+            # the median of the quiet steps (of all steps where none was quiet)
+            "median_seconds": walls[len(walls) // 2],
+            "tokens_per_s": tokens / best["wall"], "median_tokens_per_s": tokens / walls[len(walls) // 2],
+            # average number of this process's threads waiting for a core during its best step
+            # (0 on a machine of its own)
+            "best_step_waiting_threads": best["runq_wait"] / best["wall"],
+            "best_step_cpu_seconds": best["cpu"], "best_step_minflt": best["minflt"],
+            "warmup_seconds": [w["wall"] for w in ready["warmup"]],
+            # a step right after the other variants ran vs one right after its own last step
+            "median_seconds_first_in_block": median([t["wall"] for t in times if t["in_block"] == 0]),
+            "median_seconds_later_in_block": median([t["wall"] for t in times if t["in_block"] > 0]),
+            "steps": times,
+            "peak_rss_mib": peak_rss_mib,
+            "peak_rss_above_imports_mib": None if peak_rss_mib is None or base is None else peak_rss_mib - base}
+
+
+class StepWorker:
+    """One (implementation, precision) in its own process: set up and warmed up once, then asked
+    for blocks of consecutive timed steps (see step_worker.py for the protocol)."""
+
+    def __init__(self, python: str, impl: str, precision: str, threads: int, warmup: int,
+                 env: dict[str, str] | None = None, dims: tuple[int, int, int, int] = (D_IN, D_SAE, K, BATCH)):
+        from sae_sweep.bench.step_worker import MARK
+
+        self.mark, self.name = MARK, f"{impl}/{precision}"
+        child_env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})}
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        d_in, d_sae, k, batch = dims
+        self.proc = subprocess.Popen(
+            [python, str(WORKER), "--impl", impl, "--precision", precision, "--threads", str(threads),
+             "--d-in", str(d_in), "--d-sae", str(d_sae), "--k", str(k), "--batch", str(batch), "--warmup", str(warmup)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=child_env)
+        self.ready = self._read()
+        if "error" in self.ready:
+            raise RuntimeError(self.ready["error"])
+        self.ready = self.ready["ready"]
+        self.times: list[dict[str, float]] = []
+        self.peak_rss_mib: float | None = None
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(self.mark):
+                return json.loads(line[len(self.mark):])
+        self.proc.wait()
+        self.stderr.seek(0)
+        raise RuntimeError(f"{self.name} worker exited {self.proc.returncode}: {self.stderr.read()[-1500:]}")
+
+    def run(self, steps: int) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"steps": steps}) + "\n")
+        self.proc.stdin.flush()
+        answer = self._read()
+        for i, t in enumerate(answer["steps"]):
+            t["in_block"] = i  # 0: the first step after other variants ran
+        self.times += answer["steps"]
+        self.peak_rss_mib = answer.get("peak_rss_mib")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self.stderr.close()
+
+    def quiet_steps(self) -> list[dict[str, float]]:
+        return quiet_steps(self.times)
+
+    def summary(self, tokens: int) -> dict[str, Any]:
+        return summarize(self.ready, self.times, self.peak_rss_mib, tokens)
+
+
+def ours_python() -> tuple[str, dict[str, str]]:
+    """This interpreter, with the sae_sweep that this bench imported first on its path."""
+    import sae_sweep
+
+    root = str(Path(sae_sweep.__file__).resolve().parents[1])
+    return sys.executable, {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+
+
+def peer_python(name: str, venvs: Path) -> Path | None:
+    """The Python of the peer's venv, None where `make bench-peers` has not created it."""
+    py = venvs / PEERS[name].venv / "bin" / "python"
+    return py if py.exists() else None
+
+
+def cpu_pressure() -> float | None:
+    """Linux PSI: % of the last 10 s in which some runnable task waited for a CPU (None if unknown)."""
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+        return float(line.split("avg10=")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def fig_topk(device: torch.device, probe: dict[str, Any], venvs: Path, peers: list[str], rounds: int,
+             block: int, warmup: int, threads: int, max_rounds: int | None = None,
+             dims: tuple[int, int, int, int] = (D_IN, D_SAE, K, BATCH)) -> dict[str, Any]:
+    """Tokens/s of one TopK training step at `dims` = (d_in, d_sae, k, batch), by default d_in 768,
+    d_sae 12288, k 16, batch 4096 (`--smoke`: tiny dims, to check that every worker runs): ours, each
+    peer's own code (from its venv) and the encoder matmul (the roofline), fp32 and bf16 autocast.
+
+    Each variant runs in its own process, set up and warmed up (`warmup` steps) before any timing.
+    Then `rounds` rounds; in each, every variant runs `block` consecutive steps, in an order that
+    rotates from round to round. So every variant is timed as training runs it (step after step in
+    a process that does nothing else) and all see the same background load. A step during which a
+    thread of the worker waited for a core (another process was running) is not what training on
+    a machine of its own gets: with 2 threads on 2 cores, one busy neighbour makes a step several
+    times slower (see README "Performance"). So after `rounds`, the variants without a quiet step
+    (waiting threads < QUIET) get more rounds, up to `max_rounds`. Reported per variant: the best
+    step, the median of its quiet steps, and how many were quiet.
+    """
+    if device.type != "cpu":
+        return {"skipped": f"the peer workers run on CPU; device {device} not measured here"}
+    precisions = ["fp32", "bf16"] if probe["run_bf16"] else ["fp32"]
+    python, env = ours_python()
+    plan: list[tuple[str, str, str, dict[str, str], str]] = []  # (key, python, impl, env, precision)
+    for prec in precisions:
+        plan.append((f"matmul/{prec}", python, "matmul", env, prec))
+        plan.append((f"sae_sweep/{prec}", python, "sae_sweep", env, prec))
+    not_run: dict[str, str] = {}
+    for name in peers:
+        py = peer_python(name, venvs)
+        if py is None:
+            not_run[name] = f"not measured: no venv at {venvs / PEERS[name].venv} (`make bench-peers` creates it)"
+            continue
+        for prec in precisions:
+            plan.append((f"{name}/{prec}", str(py), name, PEERS[name].env, prec))
+    workers: dict[str, StepWorker] = {}
+    load, pressure = [os.getloadavg()[0]], [cpu_pressure()]
+    try:
+        for key, py, impl, wenv, prec in plan:  # one at a time: warm-ups do not compete
+            try:
+                workers[key] = StepWorker(py, impl, prec, threads, warmup, wenv, dims)
+                print(f"    {key}: ready", flush=True)
+            except RuntimeError as e:
+                not_run[key] = f"not measured: {e}"
+                print(f"    {key}: {not_run[key]}", flush=True)
+        order, done = list(workers), 0
+        for r in range(max(rounds, max_rounds or rounds)):
+            todo = round_order(order, r, rounds, lambda key: bool(workers[key].quiet_steps()))
+            if not todo:
+                break
+            for key in todo:
+                workers[key].run(block)
+            done += 1
+            load.append(os.getloadavg()[0])
+            pressure.append(cpu_pressure())
+            print(f"    round {r + 1} done ({len(todo)} variants; 1-min load {load[-1]:.1f})", flush=True)
+    finally:
+        for w in workers.values():
+            w.close()
+    d_in, d_sae, _, batch = dims
+    res = {key: w.summary(batch) for key, w in workers.items()}
+    out: dict[str, Any] = {"variants": res, "not_run": not_run, "precisions": precisions, "dims": list(dims),
+                           "rounds": done,
+                           "block": block, "warmup": warmup, "threads": threads, "load_avg_1m": load,
+                           "cpu_pressure_some_avg10": pressure}
+    flops = {prec: 2 * batch * d_in * d_sae / res[f"matmul/{prec}"]["best_seconds"]
+             for prec in precisions if f"matmul/{prec}" in res}
+    out["matmul_flops"] = flops
+    if flops:
+        roof_dtype = max(flops, key=flops.get)
+        out["roofline_dtype"] = roof_dtype
+        out["roofline_tokens_per_s"] = res[f"matmul/{roof_dtype}"]["tokens_per_s"]  # one matmul per step
+        ours = {prec: res[f"sae_sweep/{prec}"]["tokens_per_s"] for prec in precisions if f"sae_sweep/{prec}" in res}
+        if ours:
+            best = max(ours, key=ours.get)
+            out["ours_best_precision"] = best
+            out["vs_roofline"] = ours[best] / out["roofline_tokens_per_s"]
+            out["vs_peers"] = {f"{name}/{prec}": ours[prec] / res[f"{name}/{prec}"]["tokens_per_s"]
+                               for name in peers for prec in precisions
+                               if prec in ours and f"{name}/{prec}" in res}
     return out
 
 
-# the baseline: dictionary_learning's reference TopK step, re-implemented
-
-
-class ReferenceTopK:
-    """A re-implementation (not their code) of saprmarks/dictionary_learning's
-    `trainers/top_k.py` TopKTrainer.update, as that trainer runs on CPU (fp32):
-    nn.Linear encoder/decoder, dense [B, d_sae] code (scatter of the top-k ReLU'd
-    pre-activations) decoded by a dense matmul, AuxK over dead latents (top d_in/2 dead
-    pre-activations, normalised by the residual's variance; a host sync to count dead latents),
-    gradient component parallel to decoder columns removed, grad-norm clip 1.0, Adam,
-    decoder columns renormalised, and `loss.item()` each step."""
-
-    def __init__(self, d_in: int, d_sae: int, k: int, device: torch.device, lr: float = 1e-4, seed: int = 0):
-        torch.manual_seed(seed)
-        self.k, self.d_in, self.d_sae = k, d_in, d_sae
-        self.decoder = nn.Linear(d_sae, d_in, bias=False).to(device)
-        with torch.no_grad():
-            self.decoder.weight.div_(self.decoder.weight.norm(dim=0, keepdim=True))
-        self.encoder = nn.Linear(d_in, d_sae).to(device)
-        with torch.no_grad():
-            self.encoder.weight.copy_(self.decoder.weight.T)
-            self.encoder.bias.zero_()
-        self.b_dec = nn.Parameter(torch.zeros(d_in, device=device))
-        self.params = [*self.encoder.parameters(), *self.decoder.parameters(), self.b_dec]
-        self.optimizer = torch.optim.Adam(self.params, lr=lr, betas=(0.9, 0.999))
-        self.num_tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
-        self.dead_feature_threshold = 10_000_000
-        self.top_k_aux = d_in // 2
-        self.auxk_alpha = 1 / 32
-
-    def _auxk(self, residual: torch.Tensor, post_relu: torch.Tensor) -> torch.Tensor:
-        dead = self.num_tokens_since_fired >= self.dead_feature_threshold
-        n_dead = int(dead.sum())  # host sync, as in the reference
-        if n_dead == 0:
-            return torch.tensor(0.0, device=residual.device)
-        acts, idx = torch.where(dead[None], post_relu, -torch.inf).topk(min(self.top_k_aux, n_dead), sorted=False)
-        aux = self.decoder(torch.zeros_like(post_relu).scatter_(-1, idx, acts))
-        l2 = (residual - aux).pow(2).sum(-1).mean()
-        denom = (residual - residual.mean(0)).pow(2).sum(-1).mean()
-        return (l2 / denom).nan_to_num(0.0)
-
-    def step(self, x: torch.Tensor) -> float:
-        post_relu = torch.relu(self.encoder(x - self.b_dec))
-        top = post_relu.topk(self.k, sorted=False, dim=-1)
-        f = torch.zeros_like(post_relu).scatter_(-1, top.indices, top.values)
-        x_hat = self.decoder(f) + self.b_dec
-        e = x - x_hat
-        fired = torch.zeros_like(self.num_tokens_since_fired, dtype=torch.bool)
-        fired[top.indices.flatten()] = True
-        self.num_tokens_since_fired += x.shape[0]
-        self.num_tokens_since_fired[fired] = 0
-        loss = e.pow(2).sum(-1).mean() + self.auxk_alpha * self._auxk(e.detach(), post_relu)
-        loss.backward()
-        W, g = self.decoder.weight, self.decoder.weight.grad
-        normed = W / W.norm(dim=0, keepdim=True)
-        g.sub_((g * normed).sum(0, keepdim=True) * normed)
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        with torch.no_grad():
-            W.div_(W.norm(dim=0, keepdim=True))
-        return loss.item()
-
-
-def fast_trainer(device: torch.device, bf16: bool = False, sparse: bool = True, seed: int = 0):
-    from sae_sweep.sae.topk import TopKTrainer
-
-    cfg = {"name": "topk", "batch_size": BATCH, "lr": 1e-4, "autocast_bf16": bf16, "sparse_backward": sparse}
-    return TopKTrainer(D_IN, {"d_sae": D_SAE, "k": K}, cfg, total_steps=10_000, seed=seed, device=device)
-
-
-# figures
-
-
-def fig_topk(device: torch.device, reps: int, mm: dict[str, Any]) -> dict[str, Any]:
-    """Fast trainer vs the roofline and vs the reference step; steps interleaved per repetition so
-    that both see the same background load."""
-    g = torch.Generator().manual_seed(0)
-    x = (torch.randn(BATCH, D_IN, generator=g) * torch.linspace(0.2, 2.0, D_IN)).to(device)
-    variants: dict[str, Callable[[], Any]] = {}
-    fast = fast_trainer(device, bf16=False)
-    fast.init_from_data(x[:1024])
-    variants["fast_fp32"] = lambda: fast.step(x)["loss"].item()
-    if mm["best_dtype"] == "bf16":
-        fast16 = fast_trainer(device, bf16=True)
-        fast16.init_from_data(x[:1024])
-        variants["fast_bf16"] = lambda: fast16.step(x)["loss"].item()
-    ref = ReferenceTopK(D_IN, D_SAE, K, device)
-    variants["reference"] = lambda: ref.step(x)
-    for fn in variants.values():  # warm-up step each
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(reps):
-        for name, fn in variants.items():
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    tok = {name: BATCH / min(ts) for name, ts in times.items()}
-    best = max((n for n in tok if n.startswith("fast")), key=tok.get)
-    roofline = mm["best_flops"] / (2 * D_IN * D_SAE)  # tokens/s if the step were one encoder matmul
-    return {"tokens_per_s": tok, "fast_variant": best, "roofline_tokens_per_s": roofline,
-            "roofline_dtype": mm["best_dtype"], "vs_roofline": tok[best] / roofline,
-            "vs_reference": tok[best] / tok["reference"], "step_seconds": {n: min(t) for n, t in times.items()}}
-
-
-def fig_quality(seeds: int = 2) -> dict[str, Any]:
-    """Explained variance on the planted dictionary (bench.trainers' topk recipe), sparse vs dense
-    backward, over `seeds` seeds: the fast step must not cost quality."""
+def fig_quality(seeds: int = 2, bf16: bool = True) -> dict[str, Any]:
+    """Explained variance on the planted dictionary (bench.trainers' topk recipe) over `seeds`
+    seeds: sparse vs dense backward (fp32), and bf16 autocast vs fp32 (sparse; where bf16 runs):
+    neither the fast step nor trainer.autocast_bf16=auto's bf16 may cost quality."""
     from sae_sweep.bench.trainers import RECIPES, PlantedSetup, planted_data, train_planted
     from dataclasses import replace
 
     setup = PlantedSetup()
     data = planted_data(setup)
     out: dict[str, Any] = {}
-    for sparse in (True, False):
-        recipe = replace(RECIPES["topk"], overrides={**RECIPES["topk"].overrides, "sparse_backward": sparse})
-        evs = [train_planted("topk", recipe, setup, seed=s, data=data)[1]["explained_variance"] for s in range(seeds)]
-        out["sparse" if sparse else "dense"] = evs
+    runs = {"sparse": (True, False), "dense": (False, False), **({"sparse_bf16": (True, True)} if bf16 else {})}
+    for label, (sparse, b16) in runs.items():
+        recipe = replace(RECIPES["topk"], overrides={**RECIPES["topk"].overrides, "sparse_backward": sparse,
+                                                     "autocast_bf16": b16})
+        out[label] = [train_planted("topk", recipe, setup, seed=s, data=data)[1]["explained_variance"]
+                      for s in range(seeds)]
     out["max_abs_diff"] = max(abs(a - b) for a, b in zip(out["sparse"], out["dense"]))
+    if bf16:
+        out["bf16_max_abs_diff"] = max(abs(a - b) for a, b in zip(out["sparse_bf16"], out["sparse"]))
     return out
 
 
@@ -388,32 +525,11 @@ def fig_packing_jobs(cache_dir: Path, device: torch.device, train_tokens: int = 
             "seconds_packed_job": packed, "speedup": alone / packed}
 
 
-_MEM_CODE = """
-import json, sys, torch
-from sae_sweep.bench import perf
-device = torch.device(sys.argv[2])
-x = torch.randn(perf.BATCH, perf.D_IN, device=device)
-t = perf.fast_trainer(device) if sys.argv[1] == "fast" else perf.ReferenceTopK(perf.D_IN, perf.D_SAE, perf.K, device)
-for _ in range(2):
-    t.step(x)
-# VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec, so a child of a big parent reports
-# the parent's peak
-hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
-print(json.dumps({"peak_rss_mib": int(hwm.split()[1]) / 1024}))
-"""
-
-
-def fig_memory(device: torch.device, temporal_d_sae: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name in ("fast", "reference"):
-        res = subprocess.run([sys.executable, "-c", _MEM_CODE, name, str(device)], check=True,
-                             capture_output=True, text=True)
-        out[f"{name}_peak_rss_mib"] = json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mib"]
-    out["fast_vs_reference"] = out["fast_peak_rss_mib"] / out["reference_peak_rss_mib"]
+def fig_memory(temporal_d_sae: int) -> dict[str, Any]:
+    """temporal_ortho's tracking memory (the TopK steps' peak RSS comes from their workers)."""
     from sae_sweep.bench.trainers import memory_figure
 
-    out["temporal_ortho"] = memory_figure(d_sae=temporal_d_sae)
-    return out
+    return {"temporal_ortho": memory_figure(d_sae=temporal_d_sae)}
 
 
 # CLI
@@ -428,8 +544,17 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    flags: list[str] = []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in have]
+                break
+    except OSError:
+        pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_flags": flags, "torch": torch.__version__,
             "load_avg_1m": os.getloadavg()[0], "gpu": None}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -437,7 +562,8 @@ def machine() -> dict[str, Any]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="bench_results/bench.json", help="JSON results (default: %(default)s)")
+    p.add_argument("--out", default=None, help="JSON results (default: bench_results/bench.json; "
+                   "bench_results/bench_smoke.json with --smoke)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--reps", type=int, default=2, help="timed repetitions per measurement (best is kept)")
     p.add_argument("--cache-dir", default=os.environ.get("SAE_SWEEP_CACHE", "~/.cache/sae_sweep"),
@@ -447,6 +573,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temporal-d-sae", type=int, default=65536)
     p.add_argument("--skip", default="", help="comma-separated figures to skip: cache,reader,topk,quality,sweep,"
                    "packing,packing_jobs,memory")
+    p.add_argument("--peer-venvs", default="bench_results/venvs",
+                   help="where `make bench-peers` put the peers' venvs (default: %(default)s)")
+    p.add_argument("--peers", default=",".join(PEERS), help="peers to time beside ours (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of every TopK worker (default: %(default)s)")
+    p.add_argument("--topk-rounds", type=int, default=3, help="interleaved rounds of the TopK figure")
+    p.add_argument("--topk-max-rounds", type=int, default=8,
+                   help="more rounds, for the variants without a quiet step, up to this many (default: %(default)s)")
+    p.add_argument("--topk-block", type=int, default=3, help="consecutive steps per variant and round")
+    p.add_argument("--topk-warmup", type=int, default=2, help="untimed steps per variant before the rounds")
+    p.add_argument("--smoke", action="store_true",
+                   help="a check, not a measurement (seconds): the TopK figure only, at tiny dims "
+                   f"{SMOKE_DIMS}, one round of one step, every worker (ours and each peer venv's) must run; "
+                   "writes bench_results/bench_smoke.json unless --out is given")
 
 
 def _row(name: str, value: str, target: str, ok: bool | None) -> str:
@@ -454,73 +593,131 @@ def _row(name: str, value: str, target: str, ok: bool | None) -> str:
     return f"| {name} | {value} | {target} | {mark} |"
 
 
+def _dims_text(t: dict[str, Any]) -> str:
+    d_in, d_sae, k, batch = t.get("dims", (D_IN, D_SAE, K, BATCH))
+    return f"d_in {d_in}, d_sae {d_sae}, k {k}, batch {batch}"
+
+
+def topk_table(t: dict[str, Any]) -> str:
+    """Every implementation's own TopK step, measured in the same run (fig_topk)."""
+    v = t["variants"]
+    head = f"| TopK step, {_dims_text(t)} | " + " | ".join(
+        f"{p} tok/s: best (median of quiet steps; quiet/timed)" for p in t["precisions"]) + " | peak RSS above imports |"
+    lines = [f"TopK training step, each implementation's own code in its own process, {t['threads']} threads; "
+             f"{t['warmup']} warm-up steps each, then {t['rounds']} interleaved rounds of {t['block']} consecutive "
+             f"steps. A step is quiet when its threads waited for a core < {QUIET:.0%} of its time (1-min load "
+             f"average during the rounds {min(t['load_avg_1m']):.1f}-{max(t['load_avg_1m']):.1f}):", "", head,
+             "|---|" + "---|" * (len(t["precisions"]) + 1)]
+    labels = {"sae_sweep": OURS_LABEL, **{n: p.label for n, p in PEERS.items()}, "matmul": "roofline: torch {version} torch.mm"}
+    for impl in ["sae_sweep", *PEERS, "matmul"]:
+        keys = [f"{impl}/{p}" for p in t["precisions"]]
+        if not any(k in v for k in keys):
+            continue
+        version = next(v[k]["version"] for k in keys if k in v)
+        cells = []
+        for k in keys:
+            if k not in v:
+                cells.append(t["not_run"].get(k, "not run"))
+                continue
+            c = v[k]
+            if c["quiet_steps"]:
+                cells.append(f"{c['tokens_per_s']:,.0f} ({c['median_tokens_per_s']:,.0f}; "
+                             f"{c['quiet_steps']}/{c['steps_timed']} quiet)")
+            else:
+                cells.append(f"{c['tokens_per_s']:,.0f} (LOADED: no quiet step; "
+                             f"{c['best_step_waiting_threads']:.1f} threads waiting in the best)")
+        rss = [v[k]["peak_rss_above_imports_mib"] for k in keys if k in v and v[k]["peak_rss_above_imports_mib"]]
+        lines.append(f"| {labels[impl].format(version=version)} | " + " | ".join(cells) + " | "
+                     + (f"{max(rss):,.0f} MiB" if rss and impl != "matmul" else "-") + " |")
+    return "\n".join(lines)
+
+
 def table(r: dict[str, Any]) -> str:
     m = r["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['cpu_capability']}), "
-             f"{m['torch_threads']} threads, 1-min load average at start {m['load_avg_1m']:.1f}; "
+
+    def row(name: str, value: str, target: str, ok: bool | None) -> str:  # a smoke run has no verdicts
+        return _row(name, value, target, None if r.get("smoke") else ok)
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, flags {' '.join(m.get('cpu_flags') or []) or '-'}, "
+             f"torch {m['torch']} ({m['cpu_capability']}), 1-min load average at start {m['load_avg_1m']:.1f}"
+             + (f", at end {r['load_avg_1m_end']:.1f}" if "load_avg_1m_end" in r else "") + "; "
              + (f"GPU: {m['gpu']}" if m["gpu"] else "no GPU available: GPU figures not measured"),
              "", "| figure | measured | target | |", "|---|---|---|---|"]
-    if "matmul" in r:
-        mm = r["matmul"]
-        lines.append(_row("matmul 4096x768x12288", f"fp32 {mm['fp32_flops'] / 1e12:.3f} TFLOP/s, bf16 "
-                          f"{mm['bf16_flops'] / 1e12:.4f} TFLOP/s -> roofline dtype {mm['best_dtype']}", "-", None))
+    if r.get("smoke"):
+        lines[1:1] = ["", "SMOKE RUN (--smoke): tiny dims, one step per variant; it checks that every worker "
+                      "runs, its figures measure nothing."]
+    t = r.get("topk", {})
+    if t.get("matmul_flops"):
+        d_in, d_sae, _, batch = t.get("dims", (D_IN, D_SAE, K, BATCH))
+        lines.append(row(f"matmul {batch}x{d_in}x{d_sae} (timed in the TopK rounds)",
+                          ", ".join(f"{p} {f / 1e12:.3f} TFLOP/s" for p, f in t["matmul_flops"].items())
+                          + f" -> roofline dtype {t['roofline_dtype']}", "-", None))
+    elif "probe" in r and not r["probe"]["run_bf16"]:
+        lines.append(row("bf16 vs fp32 matmul (small shape)", f"{r['probe']['bf16_vs_fp32_small']:.3f}x: bf16 "
+                          "emulated here, bf16 steps not run", "-", None))
     if "cache" in r:
         c = r["cache"]
         tps = c["tokens_per_s"]
-        lines.append(_row(f"cache build vs bare forward to layer {c['layer']} ({c['model']}, {c['tokens']} tok)",
+        lines.append(row(f"cache build vs bare forward to layer {c['layer']} ({c['model']}, {c['tokens']} tok)",
                           f"{c['build_vs_bare']:.2f}x ({tps['cache_build']:,.0f} vs {tps['bare_forward']:,.0f} tok/s)",
                           ">= 0.9x", c["build_vs_bare"] >= 0.9))
-        lines.append(_row(f"early exit (layer {c['layer']} of {c['n_layers']}) vs full forward",
+        lines.append(row(f"early exit (layer {c['layer']} of {c['n_layers']}) vs full forward",
                           f"{c['early_exit_vs_full']:.2f}x", "> 1x", c["early_exit_vs_full"] > 1))
     if "reader" in r:
         rd = r["reader"]
-        lines.append(_row("shuffled reader vs training consumption (batch 4096, d_in 768)",
+        lines.append(row("shuffled reader vs training consumption (batch 4096, d_in 768)",
                           f"{rd['ratio']:.1f}x ({rd['batches_per_s']:.2f} vs {rd['train_steps_per_s']:.3f} batches/s)",
                           ">= 5x", rd["ratio"] >= 5))
-    if "topk" in r:
-        t = r["topk"]
-        tok = t["tokens_per_s"]
-        lines.append(_row("TopK train d_in 768 d_sae 12288 k 16 B 4096 vs encoder-only roofline",
-                          f"{t['vs_roofline']:.0%} ({tok[t['fast_variant']]:,.0f} vs {t['roofline_tokens_per_s']:,.0f} "
-                          f"tok/s, {t['roofline_dtype']})", ">= 50%", t["vs_roofline"] >= 0.5))
-        lines.append(_row("TopK train vs dictionary_learning reference step (our re-implementation, fp32)",
-                          f"{t['vs_reference']:.1f}x ({tok[t['fast_variant']]:,.0f} vs {tok['reference']:,.0f} tok/s)",
-                          ">= 5x", t["vs_reference"] >= 5))
+    if "vs_roofline" in t:
+        v, best = t["variants"], t["ours_best_precision"]
+        ours = v[f"sae_sweep/{best}"]
+        loaded = [k for k, c in v.items() if not c["quiet_steps"]]
+        lines.append(row(f"TopK train {_dims_text(t)} vs encoder-only roofline",
+                          f"{t['vs_roofline']:.0%} ({ours['tokens_per_s']:,.0f} vs {t['roofline_tokens_per_s']:,.0f} "
+                          f"tok/s, {best} step vs {t['roofline_dtype']} matmul)"
+                          + (f"; LOADED, no quiet step: {', '.join(loaded)}" if loaded else ""),
+                          ">= 50%", t["vs_roofline"] >= 0.5))
+        for peer in PEERS:
+            ratios = {k.split("/")[1]: x for k, x in t["vs_peers"].items() if k.startswith(peer + "/")}
+            if ratios:
+                lines.append(row(f"TopK train vs {peer}'s own step, same precision (same run)",
+                                  ", ".join(f"{p} {x:.1f}x" for p, x in ratios.items()), "> 1x",
+                                  min(ratios.values()) > 1))
+    for name, why in t.get("not_run", {}).items():
+        lines.append(row(f"TopK train vs {name}", why, "> 1x", None))
     if "quality" in r:
         q = r["quality"]
-        lines.append(_row("explained variance, planted dictionary: sparse vs dense backward",
+        lines.append(row("explained variance, planted dictionary: sparse vs dense backward (fp32)",
                           " / ".join(f"{a:.4f} vs {b:.4f}" for a, b in zip(q["sparse"], q["dense"])),
                           "equal within noise", q["max_abs_diff"] < 0.01))
+        if "sparse_bf16" in q:
+            lines.append(row("explained variance, planted dictionary: bf16 autocast vs fp32 (sparse)",
+                              " / ".join(f"{a:.4f} vs {b:.4f}" for a, b in zip(q["sparse_bf16"], q["sparse"])),
+                              "equal within noise", q["bf16_max_abs_diff"] < 0.01))
     if "sweep" in r:
         s = r["sweep"]
-        lines.append(_row("LM forward tokens, 2 seeds x 2 trainers: one cache per job vs shared cache",
+        lines.append(row("LM forward tokens, 2 seeds x 2 trainers: one cache per job vs shared cache",
                           f"{s['ratio']:.1f}x ({s['forward_tokens_one_cache_per_job']:,} vs {s['forward_tokens']:,}; "
                           f"{s['cache_builds']} build)", f"{s['points']}x", s["ratio"] >= s["points"]))
     if "packing" in r:
         p = r["packing"]
-        lines.append(_row(f"packing: {len(p['members'])} SAEs in one pack vs one at a time (train loops)",
+        lines.append(row(f"packing: {len(p['members'])} SAEs in one pack vs one at a time (train loops)",
                           f"{p['speedup']:.2f}x ({p['seconds_one_at_a_time']:.1f} s vs {p['seconds_packed']:.1f} s)",
                           "> 1x", p["speedup"] > 1))
     if "packing_jobs" in r:
         pj = r["packing_jobs"]
-        lines.append(_row(f"packing: {pj['points']} grid points as one packed job vs one job per point (CLI "
+        lines.append(row(f"packing: {pj['points']} grid points as one packed job vs one job per point (CLI "
                           "processes, tiny model, core eval)",
                           f"{pj['speedup']:.2f}x ({pj['seconds_one_job_per_point']:.0f} s vs "
                           f"{pj['seconds_packed_job']:.0f} s)", "> 1x", pj["speedup"] > 1))
     if "memory" in r:
-        mem = r["memory"]
-        lines.append(_row("peak RSS (VmHWM), 2 TopK steps at the size above: fast vs reference",
-                          f"{mem['fast_peak_rss_mib']:,.0f} MiB vs {mem['reference_peak_rss_mib']:,.0f} MiB", "<= 1x",
-                          mem["fast_vs_reference"] <= 1))
-        to = mem["temporal_ortho"]
+        to = r["memory"]["temporal_ortho"]
         peak = to.get("peak_rss_growth_mib", to.get("rss_growth_mib"))
-        lines.append(_row(f"temporal_ortho tracking memory at d_sae {to['d_sae']}",
+        lines.append(row(f"temporal_ortho tracking memory at d_sae {to['d_sae']}",
                           ", ".join(f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v:,}"
                                     for k, v in to.items() if k != "d_sae") if peak is None else f"{peak:,.1f} MiB",
                           "bounded", None))
-    lines.append("")
-    lines.append("The reference is a re-implementation of dictionary_learning's TopKTrainer step (fp32, dense "
-                 "decode, their AuxK and decoder-norm handling), not their code.")
+    if "variants" in t:
+        lines += ["", topk_table(t)]
     return "\n".join(lines)
 
 
@@ -529,8 +726,13 @@ def main(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     skip = {s for s in args.skip.split(",") if s}
+    dims = (D_IN, D_SAE, K, BATCH)
+    if args.smoke:  # only the TopK figure (the others are fixed-size), tiny, once
+        dims, device = SMOKE_DIMS, torch.device("cpu")
+        skip |= {"memory", "reader", "packing", "quality", "cache", "sweep", "packing_jobs"}
+        args.topk_rounds, args.topk_max_rounds, args.topk_block, args.topk_warmup = 1, 1, 1, 1
     cache_dir = Path(os.path.expanduser(args.cache_dir))
-    r: dict[str, Any] = {"machine": machine(), "device": str(device)}
+    r: dict[str, Any] = {"machine": machine(), "device": str(device), "smoke": args.smoke}
     print(f"perf bench on {r['machine']['cpu']} ({device}); "
           + ("" if r["machine"]["gpu"] else "no GPU available: CPU figures only"), flush=True)
 
@@ -541,24 +743,36 @@ def main(args: argparse.Namespace) -> int:
         r[name] = fn()
         print(f"  {name}: {time.perf_counter() - t0:.0f}s", flush=True)
 
-    # memory first: its fresh processes then start from a small parent (see _MEM_CODE)
-    stage("memory", lambda: fig_memory(device, args.temporal_d_sae))
-    stage("matmul", lambda: best_matmul(device, args.reps))
-    stage("topk", lambda: fig_topk(device, max(args.reps, 3), r["matmul"]))  # the headline ratio: 3+ reps
+    # the TopK rounds first: their workers then start from a small parent
+    peers = [p for p in args.peers.split(",") if p]
+    unknown = set(peers) - set(PEERS)
+    if unknown:
+        raise SystemExit(f"--peers: unknown {sorted(unknown)}; known: {', '.join(PEERS)}")
+    stage("probe", lambda: bf16_probe(device, args.reps))
+    stage("topk", lambda: fig_topk(device, r["probe"], Path(args.peer_venvs), peers, args.topk_rounds,
+                                   args.topk_block, args.topk_warmup, args.threads, args.topk_max_rounds, dims))
+    stage("memory", lambda: fig_memory(args.temporal_d_sae))
     with tempfile.TemporaryDirectory(prefix="sae_sweep_bench_") as tmp:
-        steps_per_s = r["topk"]["tokens_per_s"][r["topk"]["fast_variant"]] / BATCH if "topk" in r else 1.0
+        t = r.get("topk", {})
+        steps_per_s = (t["variants"][f"sae_sweep/{t['ours_best_precision']}"]["tokens_per_s"] / BATCH
+                       if "ours_best_precision" in t else 1.0)
         stage("reader", lambda: fig_reader(Path(tmp), device, steps_per_s, n_batches=20))
         stage("packing", lambda: fig_packing(Path(tmp), device, args.packing_steps, args.reps))
-    stage("quality", fig_quality)
+    stage("quality", lambda: fig_quality(bf16=r.get("probe", {}).get("run_bf16", False)))
     stage("cache", lambda: fig_cache_build(cache_dir, device, args.cache_tokens, max(args.reps, 5)))
     stage("sweep", lambda: fig_sweep(cache_dir, device, 8192))
     stage("packing_jobs", lambda: fig_packing_jobs(cache_dir, device))
 
+    r["load_avg_1m_end"] = os.getloadavg()[0]
     text = table(r)
     print()
     print(text)
-    out = Path(args.out)
+    out = Path(args.out or ("bench_results/bench_smoke.json" if args.smoke else "bench_results/bench.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**r, "table": text}, indent=2, default=str))
     print(f"\nwrote {out}")
+    if args.smoke and r.get("topk", {}).get("not_run"):
+        print("smoke: not every TopK worker ran: " + "; ".join(f"{k}: {v}" for k, v in r["topk"]["not_run"].items()),
+              file=sys.stderr)
+        return 1
     return 0

@@ -94,7 +94,7 @@ class TopKTrainer(Trainer):
         auxk_on = self.params.auxk_alpha > 0 and self.tokens_seen >= self.params.dead_tokens
         dead = self.dead_mask() if auxk_on else None
         if getattr(self.params, "sparse_backward", False):
-            compute_dtype = torch.bfloat16 if self.params.autocast_bf16 else torch.float32
+            compute_dtype = torch.bfloat16 if self.bf16 else torch.float32
             # CPU: reuse the pre-activation buffer across steps (CUDA's caching allocator already does)
             workspace = self._workspace if x.device.type == "cpu" else None
             vals, idx, aux_vals, aux_idx = TopKEncode.apply(

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -32,7 +34,65 @@ class TrainerParams:
     decay_start: float = setting(0.8, allowed="a float in [0, 1] (fraction of training)", check=lambda v: 0 <= v <= 1)
     grad_clip: float = setting(1.0, allowed="a float >= 0 (0 disables clipping)", check=lambda v: v >= 0)
     dead_tokens: int = setting(DEAD_TOKENS, allowed="an integer >= 1", check=lambda v: v >= 1)
-    autocast_bf16: bool = setting(False, allowed="true or false")
+    # auto: bf16 where the device multiplies bf16 natively (resolve_bf16), fp32 elsewhere
+    autocast_bf16: Any = setting("auto", allowed="auto, true or false",
+                                 check=lambda v: v == "auto" or isinstance(v, bool))
+
+
+NATIVE_BF16_ENV = "SAE_SWEEP_NATIVE_BF16"
+
+
+@dataclass(frozen=True)
+class Bf16Support:
+    """Whether a device multiplies bf16 natively, and what says so (for the record)."""
+
+    native: bool
+    why: str
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_bf16_flags() -> tuple[str, ...]:
+    """The CPU's native-bf16 matmul features: AVX512_BF16 and AMX-BF16 (torch's own checks where
+    this torch has them, else /proc/cpuinfo's flags)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = {"avx512_bf16": getattr(cpu, "_is_avx512_bf16_supported", None),
+              "amx_bf16": getattr(cpu, "_is_amx_tile_supported", None)}
+    if all(callable(c) for c in checks.values()):
+        return tuple(name for name, check in checks.items() if check())
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return tuple(name for name in ("avx512_bf16", "amx_bf16") if name in flags)
+
+
+def detect_bf16(device: torch.device, cpu_flags: Sequence[str] | None = None, cuda_bf16: bool | None = None,
+                env: Mapping[str, str] = os.environ) -> Bf16Support:
+    """Native bf16 matmul on `device`: CUDA where torch says the GPU supports bf16 (Ampere and
+    later), CPU with AVX512_BF16 or AMX-BF16. Without them (e.g. AVX2-only CPUs) bf16 is emulated
+    and a matmul runs ~100x slower than fp32. `SAE_SWEEP_NATIVE_BF16=0|1` overrides the detection
+    (the test suite sets 0, so that its results do not depend on the CPU it runs on).
+    `cpu_flags` / `cuda_bf16` replace what the machine says (for tests)."""
+    forced = env.get(NATIVE_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return Bf16Support(forced == "1", f"{NATIVE_BF16_ENV}={forced}")
+    if device.type == "cuda":
+        ok = cuda_bf16 if cuda_bf16 is not None else torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return Bf16Support(bool(ok), "torch.cuda.is_bf16_supported()" + ("" if ok else " is false"))
+    if device.type == "cpu":
+        flags = [f for f in (_cpu_bf16_flags() if cpu_flags is None else cpu_flags)
+                 if f in ("avx512_bf16", "amx_bf16")]
+        return Bf16Support(bool(flags), ", ".join(flags) if flags else "no AVX512_BF16 or AMX-BF16")
+    return Bf16Support(False, f"device type {device.type}: bf16 support not checked")
+
+
+def resolve_bf16(setting_value: Any, device: torch.device, support: Bf16Support | None = None) -> bool:
+    """`trainer.autocast_bf16` as a decision: true/false as given; auto = bf16 where the device
+    multiplies bf16 natively (`support`, detected when not given)."""
+    if setting_value != "auto":
+        return bool(setting_value)
+    return (support or detect_bf16(device)).native
 
 
 def geometric_median(x: Tensor, max_iter: int = 200, tol: float = 1e-6, eps: float = 1e-8) -> Tensor:
@@ -107,6 +167,9 @@ class Trainer:
         self.total_steps = int(total_steps)
         self.seed = int(seed)
         self.device = torch.device(device)
+        # the precision this trainer computes in ("bf16" autocast or "fp32"): auto is resolved
+        # once, here; a checkpoint keeps the precision it was trained in (load_state_dict)
+        self.bf16 = resolve_bf16(self.params.autocast_bf16, self.device)
 
         gen = torch.Generator().manual_seed(self.seed)  # init independent of the global RNG
         self.sae: SparseAutoencoder = self.build_sae(gen).to(self.device)
@@ -163,8 +226,13 @@ class Trainer:
         self.sae.b_dec.copy_(geometric_median(x.to(self.device)).to(self.sae.b_dec.dtype))
         self.data_initialized = True
 
+    @property
+    def precision(self) -> str:
+        """"bf16" (matmuls in bf16 under autocast, weights and optimizer state fp32) or "fp32"."""
+        return "bf16" if self.bf16 else "fp32"
+
     def autocast(self) -> contextlib.AbstractContextManager:
-        if not self.params.autocast_bf16:
+        if not self.bf16:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
@@ -224,6 +292,7 @@ class Trainer:
             "step_count": self.step_count,
             "tokens_seen": self.tokens_seen,
             "data_initialized": self.data_initialized,
+            "precision": self.precision,
             "extra": self.extra_state(),
         }
 
@@ -239,6 +308,10 @@ class Trainer:
         self.step_count = int(state["step_count"])
         self.tokens_seen = int(state["tokens_seen"])
         self.data_initialized = bool(state["data_initialized"])
+        if self.params.autocast_bf16 == "auto":
+            # auto is decided once per run: resumed on a machine that decides otherwise, the run
+            # goes on in the precision it started in
+            self.bf16 = state.get("precision", "fp32") == "bf16"
         self.load_extra_state(state.get("extra", {}))
 
 

@@ -1,0 +1,141 @@
+"""The perf bench's TopK protocol without the peers' venvs: which steps count as quiet, which
+variants run in which round, what a variant's summary says, the report, and what a missing peer
+venv gives (a message naming `make bench-peers`, not a crash). Nothing here asserts a timing:
+the step times that the workers measure are only checked for consistency with the protocol."""
+import json
+import sys
+
+import pytest
+
+from sae_sweep.bench import perf
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = (16, 64, 4, 32)  # d_in, d_sae, k, batch
+
+
+def step(wall, waiting_share, in_block=0, cpu=None):
+    """A timed step: `waiting_share` of its wall time its threads waited for a core."""
+    return {"wall": wall, "cpu": wall if cpu is None else cpu, "runq_wait": waiting_share * wall, "minflt": 7,
+            "in_block": in_block}
+
+
+def test_a_step_is_quiet_when_its_threads_waited_for_a_core_less_than_the_threshold():
+    assert perf.QUIET == 0.05
+    times = [step(2.0, 0.0), step(1.0, 0.04), step(1.0, 0.06), step(0.5, 1.5)]
+    assert perf.quiet_steps(times) == times[:2]
+    assert perf.quiet_steps([]) == []
+
+
+def test_rounds_run_every_variant_then_only_those_without_a_quiet_step_in_a_rotating_order():
+    keys = ["a", "b", "c"]
+    quiet: set[str] = set()
+    has_quiet = quiet.__contains__
+    # the first `rounds` rounds: every variant, rotated by one each round
+    assert perf.round_order(keys, 0, 2, has_quiet) == ["a", "b", "c"]
+    assert perf.round_order(keys, 1, 2, has_quiet) == ["b", "c", "a"]
+    quiet.add("a")  # a quiet step does not take a variant out of the first rounds
+    assert perf.round_order(keys, 1, 2, has_quiet) == ["b", "c", "a"]
+    # then only the variants without a quiet step, still rotating
+    assert perf.round_order(keys, 2, 2, has_quiet) == ["b", "c"]
+    assert perf.round_order(keys, 3, 2, has_quiet) == ["c", "b"]
+    quiet.add("c")
+    assert perf.round_order(keys, 3, 2, has_quiet) == ["b"]
+    quiet.add("b")
+    assert perf.round_order(keys, 4, 2, has_quiet) == []  # nothing left: the rounds end
+    assert perf.round_order([], 0, 2, has_quiet) == []
+
+
+def test_summary_reports_the_best_step_and_the_median_of_the_quiet_ones():
+    ready = {"version": "9.9", "torch": "2.x", "warmup": [{"wall": 5.0}, {"wall": 3.0}], "rss_before_setup_mib": 100.0}
+    times = [step(1.0, 0.0, 0), step(0.8, 0.5, 1), step(1.2, 0.01, 2),  # block 1: the best step is a loaded one
+             step(1.6, 0.0, 0), step(1.4, 0.0, 1)]
+    s = perf.summarize(ready, times, peak_rss_mib=160.0, tokens=4)
+    assert s["steps_timed"] == 5 and s["quiet_steps"] == 4
+    assert s["best_seconds"] == 0.8 and s["tokens_per_s"] == 4 / 0.8
+    assert s["best_step_waiting_threads"] == pytest.approx(0.5)
+    assert s["median_seconds"] == 1.4  # quiet walls 1.0, 1.2, 1.4, 1.6: the upper middle
+    assert s["median_tokens_per_s"] == 4 / 1.4
+    assert s["median_seconds_first_in_block"] == 1.6 and s["median_seconds_later_in_block"] == 1.2
+    assert s["warmup_seconds"] == [5.0, 3.0] and s["version"] == "9.9" and s["steps"] is times
+    assert s["peak_rss_above_imports_mib"] == 60.0
+    # no quiet step: the median is over all steps; no memory figure where the worker gave none
+    loaded = perf.summarize({**ready, "rss_before_setup_mib": None}, [step(2.0, 1.0), step(3.0, 1.0, 1)], 50.0, 4)
+    assert loaded["quiet_steps"] == 0 and loaded["median_seconds"] == 3.0
+    assert loaded["peak_rss_above_imports_mib"] is None
+
+
+def test_a_worker_that_cannot_start_is_an_error_not_a_hang():
+    with pytest.raises(RuntimeError, match="exited"):
+        perf.StepWorker(perf.ours_python()[0], "no_such_impl", "fp32", threads=1, warmup=0)
+
+
+def test_peer_python_is_the_venv_that_make_bench_peers_creates(tmp_path):
+    assert perf.peer_python("sparsify", tmp_path) is None
+    (tmp_path / "sparsify" / "bin").mkdir(parents=True)
+    (tmp_path / "sparsify" / "bin" / "python").symlink_to(sys.executable)
+    assert perf.peer_python("sparsify", tmp_path) == tmp_path / "sparsify" / "bin" / "python"
+
+
+def test_topk_figure_without_peer_venvs_times_ours_and_says_how_to_get_the_peers(tmp_path):
+    """fig_topk at tiny dims with an empty venv dir: ours and the roofline are timed in rounds of
+    `block` steps (more rounds only for a variant without a quiet step), each missing peer is named
+    with `make bench-peers`, and the report renders both."""
+    block, rounds, max_rounds = 2, 1, 3
+    t = perf.fig_topk(perf.torch.device("cpu"), {"run_bf16": False}, tmp_path, ["dictionary_learning", "sparsify"],
+                      rounds=rounds, block=block, warmup=1, threads=1, max_rounds=max_rounds, dims=TINY)
+    assert set(t["variants"]) == {"matmul/fp32", "sae_sweep/fp32"} and t["precisions"] == ["fp32"]
+    for name in ("dictionary_learning", "sparsify"):
+        assert "`make bench-peers`" in t["not_run"][name] and str(tmp_path / name) in t["not_run"][name]
+    assert rounds <= t["rounds"] <= max_rounds and t["dims"] == list(TINY)
+    for key, v in t["variants"].items():
+        assert v["steps_timed"] % block == 0 and v["steps_timed"] <= block * t["rounds"]
+        # a variant ran another round only while it had no quiet step
+        assert not perf.quiet_steps(v["steps"][:v["steps_timed"] - block] if v["steps_timed"] > block * rounds else [])
+        assert [s["in_block"] for s in v["steps"]] == list(range(block)) * (v["steps_timed"] // block)
+        assert all({"wall", "cpu", "runq_wait", "minflt"} <= set(s) and s["wall"] > 0 for s in v["steps"])
+        assert len(v["warmup_seconds"]) == 1 and v["version"]
+        assert v["tokens_per_s"] == TINY[3] / v["best_seconds"]
+    assert t["roofline_dtype"] == "fp32" and t["ours_best_precision"] == "fp32" and t["vs_peers"] == {}
+    assert t["vs_roofline"] == t["variants"]["sae_sweep/fp32"]["tokens_per_s"] / t["roofline_tokens_per_s"]
+
+    text = perf.table({"machine": perf.machine(), "topk": t})
+    lines = text.splitlines()
+    for name in ("dictionary_learning", "sparsify"):
+        assert f"| TopK train vs {name} | {t['not_run'][name]} | > 1x |  |" in lines
+    assert any(line.startswith("| TopK train d_in 16, d_sae 64, k 4, batch 32 vs encoder-only roofline |")
+               for line in lines)
+    assert any(line.startswith("| sae_sweep ") and "trainer=topk step" in line for line in lines)
+    assert any(line.startswith("| roofline: torch ") for line in lines)
+    assert "| TopK step, d_in 16, d_sae 64, k 4, batch 32 |" in text
+
+
+@pytest.mark.slow  # the CLI end to end: up to 4 worker processes
+def test_smoke_run_without_peer_venvs_fails_with_the_make_target_to_run(tmp_path, capsys):
+    out = tmp_path / "smoke.json"
+    rc = perf.main(_args(["--smoke", "--threads", "1", "--peer-venvs", str(tmp_path / "venvs"), "--out", str(out)]))
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "not every TopK worker ran" in err and err.count("`make bench-peers`") == 2
+    r = json.loads(out.read_text())
+    assert r["smoke"] is True and r["topk"]["dims"] == list(perf.SMOKE_DIMS)
+    assert {"memory", "reader", "packing", "quality", "cache", "sweep", "packing_jobs"}.isdisjoint(r)
+    assert {"sae_sweep/fp32", "matmul/fp32"} <= set(r["topk"]["variants"])
+    assert all(v["steps_timed"] == 1 for v in r["topk"]["variants"].values())
+    assert "SMOKE RUN" in r["table"]
+    # a smoke run gives no verdicts: its figures measure nothing
+    assert not any(line.endswith(("| ok |", "| BELOW |")) for line in r["table"].splitlines())
+
+
+def test_an_unknown_peer_is_refused_by_name():
+    with pytest.raises(SystemExit, match="unknown \\['saelens'\\]; known: dictionary_learning, sparsify"):
+        perf.main(_args(["--peers", "saelens", "--skip", "probe,topk,memory,reader,packing,quality,cache,sweep,"
+                         "packing_jobs"]))
+
+
+def _args(argv):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    perf.add_arguments(p)
+    return p.parse_args(argv)
