@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sae_sweep"
 # import each other (checked for cycles below).
 ORDER = [
     "files", "locks", "hub",
-    "config",
+    "config", "devices",
     "corpus", "faithful", "gguf", "lm", "text", "synthetic_data",
     "shards", "cache", "reader", "stream",
     "sae", "train",
