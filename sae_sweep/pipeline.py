@@ -90,8 +90,9 @@ def build_activation_cache(cfg: DictConfig, lm: Any, device: torch.device) -> Tu
         windows = token_windows(cfg.dataset, lm, "train", C.cache_tokens(cfg), cache_root)
         for i in range(0, windows.shape[0], CACHE_BUILD_BATCH):
             ids = windows[i:i + CACHE_BUILD_BATCH]
-            acts = lm.activations(ids.to(lm.device), int(cfg.layer), cfg.hook)
-            yield ids, acts.float().cpu()
+            # as the LM gives them (its dtype, its device): the cache casts to the storage dtype and
+            # checks for NaN on that device, so only the stored bytes cross to the host
+            yield ids, lm.activations(ids.to(lm.device), int(cfg.layer), cfg.hook)
 
     return get_or_build(spec, cache_root, build, special_token_ids=sorted(lm.special_token_ids),
                         storage_dtype=spec["storage_dtype"], verify=cfg.cache.verify)
