@@ -193,12 +193,15 @@ def execute(points: Sequence[Point], device: torch.device) -> List[Any]:
     LM stream run) for all of them, each point fed in the order its own seed gives it. Returns per
     point its eval metrics or the exception that failed it; shared failures (the cache build, an
     interrupt) raise."""
+    from sae_sweep.devices import fast_matmul
     from sae_sweep.train import train_members
 
     cfg0 = points[0].cfg
     acts = open_activations(cfg0, device)
     for i, p in enumerate(points):
-        tags: Dict[str, Any] = {"device": str(device), "cache_mode": str(cfg0.cache.mode)}
+        # matmul_fp32: tf32 where training runs on CUDA (devices.fast_matmul), ieee elsewhere
+        tags: Dict[str, Any] = {"device": str(device), "cache_mode": str(cfg0.cache.mode),
+                                "matmul_fp32": fast_matmul(device)}
         if acts.cache is not None:
             tags.update(cache_key=acts.cache.key, cache_built=str(acts.built and i == 0).lower())
             if acts.built and acts.cache.replaced:  # a corrupt or incomplete cache was quarantined and rebuilt

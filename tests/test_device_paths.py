@@ -120,3 +120,21 @@ def test_training_loop_syncs_only_at_log_windows():
         return ops.count
 
     assert syncs(6) == syncs(12)
+
+
+def test_fp32_matmuls_use_tf32_only_where_training_runs_on_cuda():
+    """The precision default (issue 17, item 3): a trainer on CUDA turns on TF32 for fp32 matmuls and
+    records it ("tf32", a run tag); on the CPU nothing global changes and the record says "ieee"."""
+    from sae_sweep.devices import fast_matmul
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        t = get_trainer("topk")(16, {"d_sae": 64, "k": 4}, _cfg("topk"), total_steps=4, seed=0)
+        assert t.matmul_fp32 == "ieee"
+        assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is False
+        assert fast_matmul("cpu") == "ieee" and torch.backends.cuda.matmul.allow_tf32 is False
+        assert fast_matmul(torch.device("cuda", 0)) == "tf32"
+        assert torch.backends.cuda.matmul.allow_tf32 is True and torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

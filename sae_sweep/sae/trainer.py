@@ -17,6 +17,7 @@ from torch import Tensor
 
 from sae_sweep.config import (DEAD_TOKENS, ConfigError, SAEConfig, d_sae_for, parse, problems, sae_problems, setting,
                               shape_problems)
+from sae_sweep.devices import fast_matmul
 
 from .autoencoder import SparseAutoencoder
 
@@ -107,6 +108,8 @@ class Trainer:
         self.total_steps = int(total_steps)
         self.seed = int(seed)
         self.device = torch.device(device)
+        # fp32 matmuls on TF32 tensor cores where training runs on CUDA ("tf32"), else "ieee"
+        self.matmul_fp32 = fast_matmul(self.device)
 
         gen = torch.Generator().manual_seed(self.seed)  # init independent of the global RNG
         self.sae: SparseAutoencoder = self.build_sae(gen).to(self.device)
