@@ -185,7 +185,8 @@ def make_member(p: Point, acts: Activations, device: torch.device) -> Any:
         p.run.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
 
     return Member(trainer, steps, ckpt_dir, int(cfg.train.checkpoint_every), int(cfg.train.log_every), on_log,
-                  rng=rng_state(), stream=int(cfg.seed))
+                  rng=rng_state(), stream=int(cfg.seed),
+                  checkpoint_every_s=float(cfg.train.get("checkpoint_every_s", 0.0)))
 
 
 def execute(points: Sequence[Point], device: torch.device) -> List[Any]:
