@@ -11,13 +11,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sae_sweep"
 ORDER = [
     "files", "locks", "hub",
     "config", "devices",
-    "corpus", "faithful", "gguf", "lm", "text", "synthetic_data",
+    "corpus", "faithful", "gguf", "html_prose", "lm", "text", "synthetic_data",
     "shards", "cache", "reader", "stream",
     "sae", "train",
     "evals",
     "tracking",
     "report", "export",
-    "pipeline", "app", "sweep", "evaluate", "generate", "bench", "__main__",
+    "pipeline", "app", "sweep", "evaluate", "generate", "gpucheck", "bench", "__main__",
 ]
 
 
