@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 PYTEST := $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --max-worker-restart=0
 
-.PHONY: install test test-fast demo demo-real prose-docs bench bench-peers bench-smoke slurm-up slurm-down clean
+.PHONY: install test test-fast demo demo-real prose-docs bench bench-peers bench-smoke gpu-check slurm-up slurm-down clean
 
 # torch first, pinned: the CPU wheel is on disk here; an unpinned torch would pull GBs of CUDA.
 # editable_mode=compat keeps hydra_plugins/ visible to Hydra's plugin discovery.
@@ -71,6 +71,11 @@ $(BENCH_VENVS)/sparsify/.installed:
 	$(@D)/bin/pip install -q $(PEER_TORCH)
 	$(@D)/bin/pip install -q $(PEER_TORCH) eai-sparsify==1.3.3
 	touch $@
+
+# The CUDA path on one GPU (issue 17): CUDA-marked tests, TopK steps at GPT-2/Gemma-2-2B/Llama-3.1-8B
+# widths (ms/step, peak memory, host syncs), two identical runs, bench perf. On CPU: a smoke run.
+gpu-check:
+	$(PYTHON) -m sae_sweep.gpucheck --out bench_results/gpucheck.json
 
 slurm-up:
 	bash launchers/slurm_local.sh start

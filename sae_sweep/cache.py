@@ -299,8 +299,9 @@ def _build(tmp: Path, spec: Mapping, key: str, build_fn: BuildFn, storage_dtype:
             elif (acts.shape[1], acts.shape[2]) != (ctx, d):
                 raise ValueError(f"build_fn chunk {i}: shape {list(acts.shape)} differs from "
                                  f"the first chunk's [*, {ctx}, {d}]")
-            # Convert on the source device (less to transfer), then check what will be stored:
-            # fp16 overflows to inf on models with large residual norms.
+            # Convert on the source device (a GPU's chunk crosses to the host in the storage dtype,
+            # not widened), then check what will be stored there: fp16 overflows to inf on models
+            # with large residual norms.
             a = acts.detach().to(torch_dtype)
             if not bool(torch.isfinite(a).all()):
                 hint = " (fp16 overflow? use storage_dtype=bfloat16)" if storage_dtype == "float16" else ""

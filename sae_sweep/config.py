@@ -356,7 +356,13 @@ class TrainConfig:
     # Passes over the cached tokens training may make: 1 (the default) means every training token
     # is distinct, as in the research this serves; more repeats data, on purpose and on record.
     epochs: int = setting(1, **_positive)
-    checkpoint_every: int = setting(50, **_positive)
+    # Resumable checkpoints: every checkpoint_every_s seconds of training (the default: a
+    # Llama-size SAE's checkpoint with Adam state is ~1.6 GB, so a step interval either writes TBs
+    # or leaves long gaps on a fast GPU), and/or every checkpoint_every steps; 0 turns either off.
+    # A SLURM preemption signal and the end of training always save one.
+    checkpoint_every: int = setting(0, allowed="an integer >= 0 (0: no step interval)", check=lambda v: v >= 0)
+    checkpoint_every_s: float = setting(600.0, allowed="a number of seconds >= 0 (0: no time interval)",
+                                        check=lambda v: v >= 0)
     log_every: int = setting(10, **_positive)
 
 

@@ -90,8 +90,9 @@ def build_activation_cache(cfg: DictConfig, lm: Any, device: torch.device) -> Tu
         windows = token_windows(cfg.dataset, lm, "train", C.cache_tokens(cfg), cache_root)
         for i in range(0, windows.shape[0], CACHE_BUILD_BATCH):
             ids = windows[i:i + CACHE_BUILD_BATCH]
-            acts = lm.activations(ids.to(lm.device), int(cfg.layer), cfg.hook)
-            yield ids, acts.float().cpu()
+            # as the LM gives them (its dtype, its device): the cache casts to the storage dtype and
+            # checks for NaN on that device, so only the stored bytes cross to the host
+            yield ids, lm.activations(ids.to(lm.device), int(cfg.layer), cfg.hook)
 
     return get_or_build(spec, cache_root, build, special_token_ids=sorted(lm.special_token_ids),
                         storage_dtype=spec["storage_dtype"], verify=cfg.cache.verify)
@@ -185,7 +186,8 @@ def make_member(p: Point, acts: Activations, device: torch.device) -> Any:
         p.run.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
 
     return Member(trainer, steps, ckpt_dir, int(cfg.train.checkpoint_every), int(cfg.train.log_every), on_log,
-                  rng=rng_state(), stream=int(cfg.seed))
+                  rng=rng_state(), stream=int(cfg.seed),
+                  checkpoint_every_s=float(cfg.train.get("checkpoint_every_s", 0.0)))
 
 
 def execute(points: Sequence[Point], device: torch.device) -> List[Any]:
@@ -193,12 +195,15 @@ def execute(points: Sequence[Point], device: torch.device) -> List[Any]:
     LM stream run) for all of them, each point fed in the order its own seed gives it. Returns per
     point its eval metrics or the exception that failed it; shared failures (the cache build, an
     interrupt) raise."""
+    from sae_sweep.devices import fast_matmul
     from sae_sweep.train import train_members
 
     cfg0 = points[0].cfg
     acts = open_activations(cfg0, device)
     for i, p in enumerate(points):
-        tags: Dict[str, Any] = {"device": str(device), "cache_mode": str(cfg0.cache.mode)}
+        # matmul_fp32: tf32 where training runs on CUDA (devices.fast_matmul), ieee elsewhere
+        tags: Dict[str, Any] = {"device": str(device), "cache_mode": str(cfg0.cache.mode),
+                                "matmul_fp32": fast_matmul(device)}
         if acts.cache is not None:
             tags.update(cache_key=acts.cache.key, cache_built=str(acts.built and i == 0).lower())
             if acts.built and acts.cache.replaced:  # a corrupt or incomplete cache was quarantined and rebuilt

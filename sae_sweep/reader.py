@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from sae_sweep.cache import ActivationCache
-from sae_sweep.shards import to_torch
+from sae_sweep.shards import storage, to_torch
 
 __all__ = ["ShuffledReader"]
 
@@ -34,7 +34,11 @@ class ShuffledReader:
       prefetching or thread timing. ``prefetch=0`` reads inline.
     * ``state_dict()`` records the position of the next batch the consumer gets (not of the
       prefetcher); ``load_state_dict()`` resumes with exactly the same subsequent batches.
-    * On CUDA devices batches are pinned and copied with ``non_blocking=True``.
+    * On CUDA devices batches are pinned and copied with ``non_blocking=True`` in the cache's
+      storage dtype (a bf16 cache moves half the bytes of fp32 over PCIe), and widened to ``dtype``
+      on the device (exact: bf16 and fp16 are subsets of fp32). ``widen_on_device`` (default: on
+      any device but the CPU) forces either way; ``batch``/``batch_at`` always give ``dtype`` on
+      the CPU.
     """
 
     def __init__(
@@ -47,6 +51,7 @@ class ShuffledReader:
         dtype: torch.dtype = torch.float32,
         prefetch: int = 4,
         num_workers: int = 2,
+        widen_on_device: bool | None = None,
     ):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
@@ -60,6 +65,7 @@ class ShuffledReader:
         self.num_workers = max(1, int(num_workers))
         self.d_in = cache.d_in
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
+        self._wire = _wire_dtype(cache.storage_dtype, dtype, self.device, widen_on_device)
 
         # Global position p = seq * ctx + t; shard s holds positions [bounds[s], bounds[s+1]).
         ctx = cache.context_size
@@ -108,7 +114,7 @@ class ShuffledReader:
         pos = self._pool[idx] if self._pool is not None else idx
         return np.sort(pos.astype(np.int64, copy=False))
 
-    def _read(self, pos: np.ndarray) -> torch.Tensor:
+    def _read(self, pos: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
         # Fancy indexing with sorted rows touches each page of the memmap at most once
         # (measured faster than np.take(..., out=) here).
         if len(self._flat) == 1:
@@ -120,12 +126,16 @@ class ShuffledReader:
                 lo, hi = cuts[s], cuts[s + 1]
                 if lo < hi:
                     raw[lo:hi] = flat[pos[lo:hi] - self._bounds[s]]
-        t = to_torch(raw, self.cache.storage_dtype, self.dtype)
-        return t.pin_memory() if self._pin else t
+        t = to_torch(raw, self.cache.storage_dtype, dtype or self.dtype)
+        return t.pin_memory() if self._pin and dtype is not None else t
 
     def batch(self, epoch: int, batch: int) -> torch.Tensor:
-        """Batch ``batch`` of ``epoch`` on the CPU, without moving the iterator."""
+        """Batch ``batch`` of ``epoch`` on the CPU (in ``dtype``), without moving the iterator."""
         return self._read(self.positions(epoch, batch))
+
+    def _fetch(self, epoch: int, batch: int) -> torch.Tensor:
+        """A batch as it travels to the device (pinned, in the transfer dtype)."""
+        return self._read(self.positions(epoch, batch), self._wire)
 
     def batch_at(self, step: int) -> torch.Tensor:
         """The batch handed out at 0-based ``step`` (CPU), without moving the iterator."""
@@ -144,7 +154,7 @@ class ShuffledReader:
             self._next_slot = (self.epoch, self.batch_in_epoch)
         while len(self._pending) < self.prefetch:
             slot = self._next_slot
-            self._pending.append((slot, self._executor.submit(self.batch, *slot)))
+            self._pending.append((slot, self._executor.submit(self._fetch, *slot)))
             self._next_slot = self._advance(slot)
 
     def close(self, wait: bool = True) -> None:
@@ -174,7 +184,7 @@ class ShuffledReader:
     def __next__(self) -> torch.Tensor:
         slot = (self.epoch, self.batch_in_epoch)
         if self.prefetch == 0:
-            x = self.batch(*slot)
+            x = self._fetch(*slot)
         else:
             self._fill()
             got, fut = self._pending.popleft()
@@ -187,9 +197,7 @@ class ShuffledReader:
         self.epoch, self.batch_in_epoch = self._advance(slot)
         if self.prefetch:
             self._fill()  # start the replacement read before handing out this batch
-        if self.device.type != "cpu":
-            x = x.to(self.device, non_blocking=self._pin)
-        return x
+        return _to_device(x, self.device, self.dtype, self._pin)
 
     @property
     def tokens_seen(self) -> int:
@@ -214,6 +222,25 @@ class ShuffledReader:
                              f"(batches_per_epoch={self.batches_per_epoch})")
         self.close()
         self.epoch, self.batch_in_epoch = epoch, batch
+
+
+def _wire_dtype(storage_dtype: str, dtype: torch.dtype, device: torch.device, widen_on_device: bool | None
+                ) -> torch.dtype:
+    """The dtype a batch crosses to its device in: the storage dtype when it widens exactly to
+    ``dtype`` there (and the device is not the CPU, unless forced), else ``dtype``."""
+    if widen_on_device is None:
+        widen_on_device = device.type != "cpu"
+    narrow = storage(storage_dtype)[0]
+    exact = narrow in (torch.bfloat16, torch.float16) and dtype == torch.float32
+    return narrow if widen_on_device and exact else dtype
+
+
+def _to_device(x: torch.Tensor, device: torch.device, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
+    """A host batch (pinned when ``pinned``) onto ``device`` (asynchronously when pinned), then
+    widened to ``dtype`` there."""
+    if device.type != "cpu":
+        x = x.to(device, non_blocking=pinned)
+    return x.to(dtype)
 
 
 class DiskBlocks:
@@ -264,7 +291,7 @@ class BlockReader:
     one global permutation, a read per row.)"""
 
     def __init__(self, source: DiskBlocks, batch_size: int, seed: int, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, prefetch: bool = True):
+                 dtype: torch.dtype = torch.float32, prefetch: bool = True, widen_on_device: bool | None = None):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         self.source, self.batch_size, self.seed = source, int(batch_size), int(seed)
@@ -277,6 +304,7 @@ class BlockReader:
             raise ValueError(f"activation cache {source.cache.key}: no block of {source.block_rows} positions holds "
                              f"batch_size={self.batch_size} usable tokens; lower the batch size or raise cache.block_tokens")
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
+        self._wire = _wire_dtype(source.cache.storage_dtype, dtype, self.device, widen_on_device)
         self._lock = threading.Lock()
         self._orders: dict[int, np.ndarray] = {}
         self.epoch = self.block_pos = self.batch_in_block = 0
@@ -348,12 +376,10 @@ class BlockReader:
     def __next__(self) -> torch.Tensor:
         raw, perm = self._block()
         rows = perm[self.batch_in_block * self.batch_size:(self.batch_in_block + 1) * self.batch_size]
-        x = self.source.decode(raw[np.sort(rows.numpy())], self.dtype)
+        x = self.source.decode(raw[np.sort(rows.numpy())], self._wire)
         self.batch_in_block += 1
         self._skip_empty()
-        if self.device.type != "cpu":
-            x = (x.pin_memory() if self._pin else x).to(self.device, non_blocking=self._pin)
-        return x
+        return _to_device(x.pin_memory() if self._pin else x, self.device, self.dtype, self._pin)
 
     def batch_at(self, step: int) -> torch.Tensor:
         """The batch handed out at 0-based ``step`` (CPU), without moving the iterator."""

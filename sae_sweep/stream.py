@@ -89,6 +89,16 @@ class StreamBlocks:
         return rows
 
 
+def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; a host tensor goes to CUDA from pinned memory without blocking the host
+    (a pageable copy would wait for the device: a sync per batch)."""
+    if t.device == device or device.type == "cpu":
+        return t.to(device)
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class StreamReader:
     """Batches of one seed from a ``StreamBlocks``: blocks in stream order (one pass), each block's
     rows in a permutation drawn from ``(seed, block)``; batch j of a block is rows ``[j*B, (j+1)*B)``
@@ -113,15 +123,16 @@ class StreamReader:
             raise StopIteration
         if (j + 1) * self.batch_size > len(rows):
             return None  # past this block's last whole batch
-        pick = self._perm(b, len(rows))[j * self.batch_size:(j + 1) * self.batch_size]
-        return rows[pick.sort().values.to(rows.device)]
+        pick = self._perm(b, len(rows))[j * self.batch_size:(j + 1) * self.batch_size].sort().values
+        return rows[_upload(pick, rows.device)]
 
     def __next__(self) -> torch.Tensor:
         while True:
             x = self._rows(self.block_pos, self.batch_in_block)
             if x is not None:
                 self.batch_in_block += 1
-                return x.to(self.device, self.dtype)
+                # in the LM's dtype to the training device (a no-op when the LM is there), widened there
+                return _upload(x, self.device).to(self.dtype)
             self.block_pos, self.batch_in_block = self.block_pos + 1, 0
 
     def batch_at(self, step: int) -> torch.Tensor:

@@ -156,8 +156,11 @@ def load_checkpoint(ckpt_dir: str | os.PathLike) -> Optional[dict[str, Any]]:
 class Member:
     """One SAE of a pack: its trainer, step budget, checkpoint dir and metric sink.
 
-    - Checkpoints (ckpt_dir/latest.pt: trainer, reader position, RNG) every `checkpoint_every`
-      steps (0: only at the end and on interrupt) and at the end; none when ckpt_dir is None.
+    - Checkpoints (ckpt_dir/latest.pt: trainer, reader position, RNG) after the first step at
+      least `checkpoint_every_s` seconds after the last checkpoint (or the start), and every
+      `checkpoint_every` steps (0 turns either off; both off: only at the end and on interrupt),
+      and at the end; none when ckpt_dir is None. Where a checkpoint falls changes nothing a
+      resume gives (it restores the exact state), so a time interval keeps runs reproducible.
     - `on_log(step, metrics)` every `log_every` steps and for the final partial window, with
       averages since the last log plus `lr` and `tokens_per_s`.
     - `rng`: the random state its training starts from (default: the process's when the loop starts).
@@ -174,6 +177,7 @@ class Member:
     stream: Any = None  # which batch stream feeds it (its seed, when a pack mixes seeds)
     result: Optional[TrainResult] = None
     error: Optional[BaseException] = None
+    checkpoint_every_s: float = 0.0
 
     def __post_init__(self) -> None:
         self.log_every = max(1, int(self.log_every))
@@ -182,7 +186,7 @@ class Member:
         self._last: dict[str, float] = {}
         self._acc: dict[str, torch.Tensor] = {}
         self._window = self._window_tokens = 0
-        self._t0 = self._start = 0.0
+        self._t0 = self._start = self._ckpt_t = 0.0
         self._lr = 0.0
         self._step_t: Optional[torch.Tensor] = None
         self._bad_step: Optional[torch.Tensor] = None  # first step with a non-finite loss (no sync)
@@ -210,8 +214,14 @@ class Member:
         self._bad_step = torch.full((), self._never, dtype=torch.long, device=device)
         self._step_t = torch.full((), self.trainer.step_count, dtype=torch.long, device=device)
         self._lr = self.trainer.current_lr()
-        self._t0 = time.perf_counter()
+        self._t0 = self._ckpt_t = time.perf_counter()
         return state
+
+    def checkpoint_due(self, step: int) -> bool:
+        """Whether the step just taken ends a checkpoint interval (steps or seconds)."""
+        if self.checkpoint_every > 0 and step % self.checkpoint_every == 0:
+            return True
+        return self.checkpoint_every_s > 0 and time.perf_counter() - self._ckpt_t >= self.checkpoint_every_s
 
     def step(self, x: torch.Tensor) -> None:
         trainer = self.trainer
@@ -256,6 +266,7 @@ class Member:
         if self.ckpt_dir is None:
             return None
         self.check_finite()  # never persist NaN weights
+        self._ckpt_t = time.perf_counter()
         return save_checkpoint(self.ckpt_dir, self.trainer, reader_state, self.rng,
                                {"tokens": self.trainer.tokens_seen, "last_metrics": self._last})
 
@@ -380,7 +391,7 @@ class _Stream:
                 step = m.trainer.step_count
                 if step == m.total_steps:
                     m.finish(self.reader.state_dict())
-                elif m.checkpoint_every > 0 and step % m.checkpoint_every == 0:
+                elif m.checkpoint_due(step):
                     m.checkpoint(self.reader.state_dict())
             except TrainingFailed as e:
                 m.error = e
@@ -406,10 +417,10 @@ def _checkpoint_in_step(stream: _Stream) -> Optional[Path]:
 def train(trainer: Any, reader: Iterator[torch.Tensor], total_steps: int, ckpt_dir: str | os.PathLike | None = None,
           checkpoint_every: int = 0, log_every: int = 10,
           on_log: Optional[Callable[[int, dict[str, float]], None]] = None, progress: bool = True,
-          should_stop: Optional[Callable[[], bool]] = None) -> TrainResult:
+          should_stop: Optional[Callable[[], bool]] = None, checkpoint_every_s: float = 0.0) -> TrainResult:
     """Train one SAE (a pack of one): its TrainResult, or its TrainingFailed raised."""
     member = Member(trainer, total_steps, Path(ckpt_dir) if ckpt_dir is not None else None, checkpoint_every,
-                    log_every, on_log)
+                    log_every, on_log, checkpoint_every_s=checkpoint_every_s)
     train_members([member], reader, progress=progress, should_stop=should_stop)
     if member.error is not None:
         raise member.error

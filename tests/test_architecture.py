@@ -10,14 +10,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sae_sweep"
 # import each other (checked for cycles below).
 ORDER = [
     "files", "locks", "hub",
-    "config",
+    "config", "devices",
     "corpus", "faithful", "gguf", "html_prose", "lm", "text", "synthetic_data",
     "shards", "cache", "reader", "stream",
     "sae", "train",
     "evals",
     "tracking",
     "report", "export",
-    "pipeline", "app", "sweep", "evaluate", "generate", "bench", "__main__",
+    "pipeline", "app", "sweep", "evaluate", "generate", "gpucheck", "bench", "__main__",
 ]
 
 

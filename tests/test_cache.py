@@ -394,3 +394,43 @@ def test_reader_bf16_dtype_and_cleanup(tmp_path):
     for t in threads:
         t.join(timeout=5)
     assert not any(t.is_alive() for t in threads)  # dropping the reader stops its workers
+
+
+@pytest.mark.parametrize("storage_dtype", ["bfloat16", "float16", "float32"])
+def test_chunks_in_the_lm_dtype_store_what_the_widened_route_stored(tmp_path, storage_dtype):
+    """The job's build yields activations as the LM gives them (bf16 on a GPU), not widened to
+    fp32 first: the cache casts to the storage dtype where the chunk is, and stores the same bits
+    as the fp32 route did."""
+    tokens, acts = make_data()
+    acts16 = acts.to(torch.bfloat16)
+    spec = {**SPEC, "storage_dtype": storage_dtype}
+    direct, _ = get_or_build({**spec, "route": "direct"}, tmp_path, chunks(tokens, acts16), special_token_ids=[BOS])
+    wide, _ = get_or_build({**spec, "route": "wide"}, tmp_path, chunks(tokens, acts16.float()), special_token_ids=[BOS])
+    assert np.array_equal(np.asarray(direct.activations()), np.asarray(wide.activations()))
+    bad = acts16.clone()
+    bad[3, 2, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        get_or_build({**spec, "route": "nan"}, tmp_path, chunks(tokens, bad), special_token_ids=[BOS])
+
+
+@pytest.mark.parametrize("kind", ["shuffled", "blocks"])
+def test_readers_send_bf16_and_widen_on_the_device(tmp_path, kind):
+    """On a GPU a bf16 cache's batches cross PCIe in bf16 (half the bytes) and are widened there;
+    forced on the CPU, that route gives exactly the batches of the host-widening one."""
+    from sae_sweep.reader import BlockReader, DiskBlocks
+
+    cache = build(tmp_path, {**SPEC, "storage_dtype": "bfloat16"})[0]
+
+    def make(widen):
+        if kind == "shuffled":
+            return ShuffledReader(cache, 64, seed=2, widen_on_device=widen)
+        return BlockReader(DiskBlocks(cache, 256), 64, seed=2, widen_on_device=widen)
+
+    host, device = make(False), make(True)
+    assert device._wire == torch.bfloat16 and host._wire == torch.float32
+    for _ in range(6):
+        a, b = next(host), next(device)
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+    for r in (host, device):
+        r.close()
+    assert make(None)._wire == torch.float32  # on the CPU: widened on the host (no transfer)

@@ -643,3 +643,62 @@ def test_saebench_special_ids_are_bos_eos_pad():
         all_special_ids = [0, 1, 2, 7]
 
     assert core.saebench_special_ids(Tok()) == [1, 2]
+
+
+def test_downstream_in_chunks_equals_whole_batch_log_probs(monkeypatch):
+    """KL and CE from chunks of positions (any chunk size) are the whole-batch fp32 log-prob values."""
+    g = torch.Generator().manual_seed(3)
+    clean = (torch.randn(3, 7, 50, generator=g) * 3).to(torch.bfloat16)
+    patched = (clean.float() + torch.randn(3, 7, 50, generator=g)).to(torch.bfloat16)
+    toks = torch.randint(0, 50, (3, 7), generator=g)
+    lc, lp = clean.float().log_softmax(-1), patched.float().log_softmax(-1)
+    want = (core.kl_div_from_logprobs(lc, lp), core.ce_from_logprobs(lc, toks), core.ce_from_logprobs(lp, toks))
+    assert want[0].shape == (3, 7) and want[1].shape == (3, 6) and float(want[0].mean()) > 0.01
+    # one position, 4 (chunks across contexts, a short last one), 7 (one context), an odd size, everything
+    for chunk in (50, 4 * 50, 7 * 50, 5 * 50 + 13, 1 << 24):
+        monkeypatch.setattr(core, "LOGIT_CHUNK_ELEMS", chunk)
+        got = core.downstream_per_position(clean, patched, toks)
+        for a, b in zip(got, want):
+            assert a.dtype == torch.float32 and a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+class _BigVocabLM:
+    """A stand-in with Gemma-2's 256k vocabulary: bf16 logits from a fixed unembedding."""
+
+    vocab = 256_000
+
+    def __init__(self, d=8):
+        g = torch.Generator().manual_seed(0)
+        self.embed = torch.randn(self.vocab, d, generator=g).to(torch.bfloat16)
+        self.unembed = torch.randn(d, self.vocab, generator=g).to(torch.bfloat16)
+        self.device = torch.device("cpu")
+
+    def activations(self, ids, layer, hook):
+        return self.embed[ids]
+
+    def logits_with_splice(self, ids, layer, hook, fn):
+        act = self.embed[ids]
+        if fn is not None:
+            act = fn(act).to(act.dtype)
+        return act @ self.unembed
+
+
+def test_core_eval_memory_at_gemma_vocabulary(monkeypatch):
+    """No fp32 [B, T, vocab] log-probs: the downstream part holds the clean and one patched bf16
+    logits tensor and chunk-sized fp32 temporaries. (The old form kept fp32 log-probs of the clean
+    and the patched forward plus the patched logits: >= 5 bf16 logits' worth; 59 GB for Gemma-2 at
+    16 x 1024 tokens.) Peak bytes counted per allocation (devices.LiveBytes)."""
+    from sae_sweep.devices import LiveBytes
+
+    monkeypatch.setattr(core, "LOGIT_CHUNK_ELEMS", 1 << 20)
+    lm = _BigVocabLM()
+    B, Tn = 2, 32
+    toks = torch.randint(3, 1000, (B, Tn), generator=torch.Generator().manual_seed(1))
+    toks[:, 0] = 0
+    logits_bytes = B * Tn * lm.vocab * 2
+    with LiveBytes() as mem:
+        run_core_eval(lm, LinearSAE(d_in=8, d_sae=16, scale=0.5), toks, layer=0, hook="resid_post",
+                      batch_size=B, special_token_ids={0}, progress=False, weight_metrics=False,
+                      feature_details=False)
+    assert mem.peak <= 2 * logits_bytes + 8 * (1 << 20) * 4, f"peak {mem.peak / 2**20:.0f} MiB"

@@ -322,3 +322,19 @@ def test_tiny_has_learned_text(tiny_lm, tiny_cache_dir):
     vocab = {w.strip(".,:;()[]'\"`").lower() for d in builtin_documents(tiny_cache_dir) for w in d.split()}
     known = sum(w.strip(".,:;()[]'\"`").lower() in vocab for w in words) / len(words)
     assert known > 0.5, (known, text[:500])
+
+
+def test_weights_load_straight_onto_the_device(tiny_cache_dir, monkeypatch):
+    """On a GPU from_pretrained places the weights as it reads them (device_map), so a model never
+    passes through host memory; forced on the CPU, that route loads the same model."""
+    import sae_sweep.lm as lm_mod
+
+    assert lm_mod.placement(torch.device("cpu")) == {}
+    assert lm_mod.placement(torch.device("cuda")) == {"device_map": {"": "cuda:0"}}
+    assert lm_mod.placement(torch.device("cuda:1")) == {"device_map": {"": "cuda:1"}}
+    cfg = {"name": "tiny", "hf_id": "builtin:tiny"}
+    plain = load_lm(cfg, tiny_cache_dir, "cpu")
+    monkeypatch.setattr(lm_mod, "placement", lambda dev: {"device_map": {"": "cpu"}})
+    mapped = load_lm(cfg, tiny_cache_dir, "cpu")
+    ids = torch.tensor([[plain.bos_token_id, 5, 6, 7, 8]])
+    assert torch.equal(plain.logits_with_splice(ids, 1, "resid_post"), mapped.logits_with_splice(ids, 1, "resid_post"))

@@ -181,3 +181,35 @@ def test_bf16_autocast_trains():
     res = train(t, TensorReader(data, 64), 30, progress=False)
     assert res.steps == 30 and t.sae.W_enc.dtype == torch.float32
     assert res.metrics["l0"] == 4.0
+
+
+@pytest.mark.parametrize("every_steps,want", [(0, [3, 6, 9, 10]), (4, [3, 4, 7, 8, 10])])
+def test_checkpoints_on_a_time_interval(tmp_path, monkeypatch, every_steps, want):
+    """train.checkpoint_every_s: a checkpoint after the first step at least that long after the last
+    one (or the start); a step interval beside it also restarts the clock; the end always saves.
+    The clock is faked: each batch takes 10 s."""
+    import types
+
+    import sae_sweep.train as train_mod
+
+    clock = [0.0]
+    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    class SlowReader(TensorReader):
+        def __next__(self):
+            clock[0] += 10.0
+            return super().__next__()
+
+    saved = []
+    real_save = train_mod.save_checkpoint
+
+    def recording_save(ckpt_dir, trainer, *args, **kwargs):
+        saved.append(trainer.step_count)
+        return real_save(ckpt_dir, trainer, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", recording_save)
+    t = topk_trainer(16, 10)
+    train(t, SlowReader(torch.randn(400, 16), 16), 10, ckpt_dir=tmp_path, checkpoint_every=every_steps,
+          checkpoint_every_s=25.0, log_every=5, progress=False)
+    assert saved == want
+    assert load_checkpoint(tmp_path)["step"] == 10

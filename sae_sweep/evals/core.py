@@ -124,12 +124,34 @@ def kl_div_from_logprobs(clean_logp: torch.Tensor, patched_logp: torch.Tensor) -
     return terms.sum(-1)
 
 
-def _kl_rows(clean_logp: torch.Tensor, patched_logp: torch.Tensor) -> torch.Tensor:
-    """:func:`kl_div_from_logprobs` one context at a time, so the ``[T, vocab]`` temporaries
-    (probabilities, terms) exist for one row only; big-vocab models would otherwise need several
-    extra copies of the whole batch's logits."""
-    rows = range(clean_logp.shape[0])
-    return torch.cat([kl_div_from_logprobs(clean_logp[i : i + 1], patched_logp[i : i + 1]) for i in rows])
+# Positions whose log-probs are computed at once (x vocab elements): 64 MiB per fp32 temporary.
+LOGIT_CHUNK_ELEMS = 1 << 24
+
+
+def downstream_per_position(
+    clean: torch.Tensor, patched: torch.Tensor, tokens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(KL(clean || patched) [B, T], clean CE [B, T-1], patched CE [B, T-1]) from two forwards'
+    logits [B, T, vocab] as the model gives them (bf16 on a GPU).
+
+    Log-probs are taken in >= fp32 a chunk of positions at a time (``LOGIT_CHUNK_ELEMS``), so no
+    fp32 copy of the batch's logits exists: for Gemma-2's 256k vocabulary at 16 x 1024 tokens the
+    batch's bf16 logits are 8.4 GB each, an fp32 log-prob copy 17 GB."""
+    B, T, V = clean.shape
+    dtype = torch.promote_types(clean.dtype, torch.float32)
+    flat_c, flat_p = clean.reshape(B * T, V), patched.reshape(B * T, V)
+    # the next token of each position; a row's last position has none (a placeholder, dropped)
+    target = torch.cat([tokens[:, 1:], tokens[:, :1]], 1).reshape(B * T, 1).to(clean.device)
+    kl = torch.empty(B * T, dtype=dtype, device=clean.device)
+    ce_c, ce_p = torch.empty_like(kl), torch.empty_like(kl)
+    rows = max(1, LOGIT_CHUNK_ELEMS // V)
+    for s in range(0, B * T, rows):
+        lc = F.log_softmax(flat_c[s : s + rows].to(dtype), dim=-1)
+        lp = F.log_softmax(flat_p[s : s + rows].to(dtype), dim=-1)
+        kl[s : s + rows] = kl_div_from_logprobs(lc, lp)
+        ce_c[s : s + rows] = -lc.gather(-1, target[s : s + rows]).squeeze(-1)
+        ce_p[s : s + rows] = -lp.gather(-1, target[s : s + rows]).squeeze(-1)
+    return kl.view(B, T), ce_c.view(B, T)[:, :-1], ce_p.view(B, T)[:, :-1]
 
 
 def ce_from_logprobs(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -578,12 +600,9 @@ def run_core_eval(
         acc.update_reconstruction(x, x_hat, f, keep)
         del x, x_hat, f
 
-        # Downstream: compare the spliced forwards against the clean one, position by position.
+        # Downstream: compare the spliced forwards against the clean one, position by position,
+        # from logits in the model's dtype (log-probs a chunk at a time: downstream_per_position).
         clean = lm.logits_with_splice(batch, layer, hook, None)
-        clean_dtype = torch.promote_types(clean.dtype, torch.float32)
-        clean_logp = F.log_softmax(clean.to(clean_dtype), dim=-1)
-        del clean
-        ce_clean = ce_from_logprobs(clean_logp, batch)
 
         def splice_sae(act: torch.Tensor, keep=keep) -> torch.Tensor:
             if not exclude_special_tokens_from_reconstruction:
@@ -591,15 +610,11 @@ def run_core_eval(
             return splice_keep_special(act, keep.to(act.device), run_sae(act)[0])
 
         sae_logits = lm.logits_with_splice(batch, layer, hook, splice_sae)
-        sae_logp = F.log_softmax(sae_logits.to(clean_dtype), dim=-1)
+        kl_sae, ce_clean, ce_sae = downstream_per_position(clean, sae_logits, batch)
         del sae_logits
-        kl_sae, ce_sae = _kl_rows(clean_logp, sae_logp), ce_from_logprobs(sae_logp, batch)
-        del sae_logp
         abl_logits = lm.logits_with_splice(batch, layer, hook, torch.zeros_like)
-        abl_logp = F.log_softmax(abl_logits.to(clean_dtype), dim=-1)
-        del abl_logits
-        kl_abl, ce_abl = _kl_rows(clean_logp, abl_logp), ce_from_logprobs(abl_logp, batch)
-        del abl_logp, clean_logp
+        kl_abl, _, ce_abl = downstream_per_position(clean, abl_logits, batch)
+        del abl_logits, clean
         acc.update_downstream(keep, kl_sae, kl_abl, ce_clean, ce_sae, ce_abl)
 
     if acc.n_tokens == 0:

@@ -140,7 +140,8 @@ def reset_adam_state_(optimizer: torch.optim.Optimizer, param: Tensor, index: Te
 @torch.no_grad()
 def high_cosine_pairs(W: Tensor, threshold: float, chunk: int = 4096) -> tuple[list[tuple[int, int, float]], float]:
     """(pairs (i < j) of rows of W [n, d] with cosine > threshold, best first; the largest cosine
-    between two distinct rows), chunked (no n x n matrix)."""
+    between two distinct rows), chunked (no n x n matrix). One transfer to the host per chunk,
+    whatever the number of pairs (on CUDA each element read alone would sync)."""
     Wn = W.float() / W.float().norm(dim=1, keepdim=True).clamp_min(1e-8)
     n = Wn.shape[0]
     found = []
@@ -149,9 +150,12 @@ def high_cosine_pairs(W: Tensor, threshold: float, chunk: int = 4096) -> tuple[l
         cos = Wn[start:start + chunk] @ Wn.T
         rows = torch.arange(start, min(start + chunk, n), device=W.device)
         cos = cos.masked_fill(torch.arange(n, device=W.device)[None, :] <= rows[:, None], -2.0)  # j > i only
-        best = max(best, float(cos.max()))
         i, j = (cos > threshold).nonzero(as_tuple=True)
-        found += [(int(a) + start, int(b), float(c)) for a, b, c in zip(i, j, cos[i, j])]
+        c = cos[i, j]
+        host = torch.cat([cos.max().reshape(1).double(), (i + start).double(), j.double(), c.double()]).tolist()
+        best = max(best, host[0])
+        m = i.numel()
+        found += [(int(a), int(b), float(v)) for a, b, v in zip(host[1:1 + m], host[1 + m:1 + 2 * m], host[1 + 2 * m:])]
     return sorted(found, key=lambda t: -t[2]), best
 
 
@@ -340,27 +344,29 @@ class HierarchicalTrainer(Trainer):
         used: set[int] = set()
         merged: list[tuple[int, int]] = []
         pairs, max_cos = high_cosine_pairs(sae.W_dec, self.params.merge_threshold)
+        rates = self.rates.tolist() if pairs and o.merge_keep == "busier" else None  # one transfer
         for i, j, _ in pairs:
             if i in used or j in used:
                 continue
             used.update((i, j))
-            if o.merge_keep == "busier":
-                keep, drop = (i, j) if self.rates[i] >= self.rates[j] else (j, i)
+            if rates is not None:
+                keep, drop = (i, j) if rates[i] >= rates[j] else (j, i)
             else:
                 keep, drop = i, j  # i < j
-            d = sae.W_dec[keep] + sae.W_dec[drop]
-            sae.W_dec[keep] = d / d.norm().clamp_min(1e-8)  # the average's direction
-            if o.merge_op == "sum":
-                sae.W_enc[:, keep] += sae.W_enc[:, drop]
-                sae.b_enc[keep] += sae.b_enc[drop]
-            else:
-                sae.W_enc[:, keep] = 0.5 * (sae.W_enc[:, keep] + sae.W_enc[:, drop])
-                sae.b_enc[keep] = 0.5 * (sae.b_enc[keep] + sae.b_enc[drop])
             merged.append((keep, drop))
         if not merged:
             return merged, max_cos
-        keep_idx = torch.tensor([k for k, _ in merged], device=self.device)
-        drop_idx = torch.tensor([d for _, d in merged], device=self.device)
+        # the pairs are disjoint: every merge at once, one upload of the indices
+        both = torch.tensor(merged, device=self.device)
+        keep_idx, drop_idx = both[:, 0], both[:, 1]
+        d = sae.W_dec[keep_idx] + sae.W_dec[drop_idx]
+        sae.W_dec[keep_idx] = d / d.norm(dim=1, keepdim=True).clamp_min(1e-8)  # the average's direction
+        if o.merge_op == "sum":
+            sae.W_enc[:, keep_idx] += sae.W_enc[:, drop_idx]
+            sae.b_enc[keep_idx] += sae.b_enc[drop_idx]
+        else:
+            sae.W_enc[:, keep_idx] = 0.5 * (sae.W_enc[:, keep_idx] + sae.W_enc[:, drop_idx])
+            sae.b_enc[keep_idx] = 0.5 * (sae.b_enc[keep_idx] + sae.b_enc[drop_idx])
         self.reset_optimizer_rows_(keep_idx)
         if o.merge_drop == "resample" and self.params.resample:
             n = self.resample_(drop_idx, x, resid, loss_per_token, count=False)  # counted as merges

@@ -125,6 +125,6 @@ class JumpReLUTrainer(Trainer):
         active = f > 0
         return StepOutput(
             loss=mse + coeff * sparsity, x_hat=x_hat, l0=l0.detach(), fired=active.any(0),
-            parts={"sparsity": sparsity, "sparsity_coeff": torch.tensor(coeff, device=x.device),
+            parts={"sparsity": sparsity, "sparsity_coeff": torch.full((), coeff, device=x.device),
                    "mean_threshold": sae.threshold.detach().mean()},
         )

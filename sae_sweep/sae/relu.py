@@ -95,5 +95,5 @@ class ReLUTrainer(Trainer):
         active = f > 0
         return StepOutput(
             loss=mse + coeff * l1, x_hat=x_hat, l0=active.float().sum(-1).mean(), fired=active.any(0),
-            parts={"l1": l1, "l1_coeff": torch.tensor(coeff, device=x.device)},
+            parts={"l1": l1, "l1_coeff": torch.full((), coeff, device=x.device)},  # a fill: no upload
         )

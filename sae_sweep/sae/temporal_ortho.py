@@ -88,8 +88,10 @@ published tracker's bug), w_mean, cbar_mean, alpha_mean (at the last window clos
 auxk, tracked_pairs, windows_closed and tracker_MiB (the tracking state's size).
 
 Pairs are found by binary search in a sorted key index (row * d_sae + partner), rebuilt when
-partners change, so per-step transients are O(B k^2) and the index O(d_sae * cap). Tracking with
-the table needs host syncs (boolean indexing, unique) once per step; the dense tracker none.
+partners change, so per-step transients are O(B k^2) and the index O(d_sae * cap). On CPU the
+table's update selects the batch's pairs with boolean indexing and `unique`; on CUDA (and under
+`kernels.force_path("device")`) the same update runs on fixed-size tensors (sentinel keys, sort,
+run lengths), so a step never waits for the host; tests check that both give the same table.
 """
 from __future__ import annotations
 
@@ -102,6 +104,7 @@ from torch import Tensor
 from sae_sweep.config import setting
 
 from .autoencoder import SparseAutoencoder
+from .kernels import cpu_path
 from .modes import Correction, by_mode, mode_setting, resolve
 from .registry import register_sae, register_trainer
 from .topk import TopKParams, TopKSAE, TopKTrainer
@@ -183,6 +186,9 @@ class CoactivationTable:
         if self.dense:  # every pair has its slot: no lookup, no host sync
             self.cur.view(-1).index_add_(0, keys.reshape(-1), ok.reshape(-1).float())
             return
+        if not cpu_path(self.cur):
+            self._observe_fixed(keys.reshape(-1), ok.reshape(-1), B)
+            return
         keys = keys[ok]
         if keys.numel() == 0:
             return
@@ -192,6 +198,52 @@ class CoactivationTable:
         self.cur.view(-1).index_add_(0, flat[found], counts[found])
         new = ~found
         self._insert(uniq[new] // self.d_sae, (uniq[new] % self.d_sae).to(torch.int32), counts[new])
+
+    def _observe_fixed(self, keys: Tensor, ok: Tensor, batch: int) -> None:
+        """`observe` for CUDA: the same table with fixed-size tensors only (no unique, no boolean
+        indexing, no host sync). Entries that do not take part carry a sentinel key / zero weight.
+        Every count is an integer in fp32, so the sums are exact whatever their order."""
+        n_lat, cap = self.d_sae, self.cap
+        found, flat = self._lookup(keys)
+        self.cur.view(-1).index_add_(0, flat, (ok & found).float())  # untracked entries add 0
+        # the new pairs, each once with its count, as `_insert` gets them from `unique`
+        sentinel = n_lat * n_lat
+        sk = torch.where(ok & ~found, keys, torch.full_like(keys, sentinel)).sort().values
+        first = torch.ones_like(sk, dtype=torch.bool)
+        first[1:] = sk[1:] != sk[:-1]
+        run = first.cumsum(0) - 1
+        counts = torch.zeros(sk.numel(), device=sk.device).index_add_(0, run, torch.ones_like(sk, dtype=torch.float))
+        counts = counts[run]
+        rep = first & (sk != sentinel)
+        rows, cols = sk // n_lat, sk % n_lat
+        # by row, then count descending, then key (a count is at most the batch size)
+        big = (n_lat + 1) * (batch + 1)
+        comp = torch.where(rep, rows * (batch + 1) + (batch - counts.long()), torch.full_like(rows, big))
+        order = comp.argsort(stable=True)
+        rows, cols, counts, rep = rows[order], cols[order], counts[order], rep[order]
+        pos = torch.arange(rows.numel(), device=rows.device)
+        row_start = torch.ones_like(rep)
+        row_start[1:] = rows[1:] != rows[:-1]
+        rank = pos - torch.where(row_start, pos, torch.zeros_like(pos)).cummax(0).values
+        strength = torch.where(self.partner < 0, torch.full_like(self.cur, -1.0), self.cur + self.avg * self.window_tokens)
+        weakest = strength.argsort(dim=1, stable=True)
+        r, k = rows.clamp(max=n_lat - 1), rank.clamp(max=cap - 1)
+        slot = weakest[r, k]
+        win = rep & (rank < cap) & (counts > strength[r, slot])
+        # winners land in distinct slots ((row, rank) distinct): write them with sums of one term
+        target = r * cap + slot
+        hit = torch.zeros(n_lat * cap, dtype=torch.int32, device=rows.device).index_add_(0, target, win.int())
+        new_col = torch.zeros(n_lat * cap, dtype=torch.long, device=rows.device).index_add_(
+            0, target, torch.where(win, cols, torch.zeros_like(cols)))
+        new_cnt = torch.zeros(n_lat * cap, device=rows.device).index_add_(
+            0, target, torch.where(win, counts, torch.zeros_like(counts)))
+        m = (hit > 0).view(n_lat, cap)
+        self.partner = torch.where(m, new_col.view(n_lat, cap).to(self.partner.dtype), self.partner)
+        self.cur = torch.where(m, new_cnt.view(n_lat, cap), self.cur)
+        self.avg = self.avg.masked_fill(m, 0.0)
+        self.freq = self.freq.masked_fill(m, 0)
+        self.weight = self.weight.masked_fill(m, 0.0)
+        self._rebuild_index()
 
     def _rebuild_index(self) -> None:
         """Sorted pair keys (row * d_sae + partner) -> flat slot, for O(log) lookups without a
@@ -215,7 +267,7 @@ class CoactivationTable:
         if rows.numel() == 0:
             return
         # sort by row, then count descending; rank = position within the row's run
-        order = torch.argsort(rows * (counts.max().long() + 1) + (counts.max().long() - counts.long()))
+        order = torch.argsort(rows * (counts.max().long() + 1) + (counts.max().long() - counts.long()), stable=True)
         rows, cols, counts = rows[order], cols[order], counts[order]
         urows, inverse, per_row = rows.unique_consecutive(return_inverse=True, return_counts=True)
         first = torch.cumsum(per_row, 0) - per_row
@@ -225,7 +277,7 @@ class CoactivationTable:
         # resident strength: expected count this window; empty slots lose to anything
         strength = torch.where(self.partner[urows] < 0, torch.full_like(self.cur[urows], -1.0),
                                self.cur[urows] + self.avg[urows] * self.window_tokens)
-        weakest = strength.argsort(dim=1)  # [R, cap], weakest first
+        weakest = strength.argsort(dim=1, stable=True)  # [R, cap], weakest first
         slot = weakest[inverse, rank]
         win = counts > strength[inverse, slot]
         rows, cols, counts, slot = rows[win], cols[win], counts[win], slot[win]

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from sae_sweep.config import (DEAD_TOKENS, ConfigError, SAEConfig, d_sae_for, parse, problems, sae_problems, setting,
                               shape_problems)
+from sae_sweep.devices import fast_matmul
 
 from .autoencoder import SparseAutoencoder
 
@@ -170,6 +171,8 @@ class Trainer:
         # the precision this trainer computes in ("bf16" autocast or "fp32"): auto is resolved
         # once, here; a checkpoint keeps the precision it was trained in (load_state_dict)
         self.bf16 = resolve_bf16(self.params.autocast_bf16, self.device)
+        # what stays fp32 runs on TF32 tensor cores where training runs on CUDA ("tf32"), else "ieee"
+        self.matmul_fp32 = fast_matmul(self.device)
 
         gen = torch.Generator().manual_seed(self.seed)  # init independent of the global RNG
         self.sae: SparseAutoencoder = self.build_sae(gen).to(self.device)
