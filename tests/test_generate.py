@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sae_sweep.faithful import chunks_needed, generate_shard
+from sae_sweep.faithful import GENERATION_DEFAULTS, chunks_needed, generate_shard
 from sae_sweep.text import generations, token_windows
+
+SAMPLER = GENERATION_DEFAULTS["sampler"]  # the manifest records the sampler the settings left at its default
 
 GEN = {"max_new_tokens": 16, "temperature": 1.0, "top_p": 0.9, "repetition_penalty": 1.1, "batch_size": 8, "seed": 5}
 DATASET = {"name": "faithful", "kind": "faithful", "context_size": 32, "generation": GEN}
@@ -47,7 +49,7 @@ def test_shards_write_disjoint_chunks_that_together_are_one_processs_text(tiny_l
     token_windows(DATASET, tiny_lm, "eval", 100, tmp_path / "sharded")
     assert _chunks(sharded.root) == before
     manifest = json.loads((sharded.root / "manifest.json").read_text())
-    assert manifest["chunks"] == len(before) and manifest["generation"] == GEN
+    assert manifest["chunks"] == len(before) and manifest["generation"] == {**GEN, "sampler": SAMPLER}
 
 
 def test_chunks_needed_covers_both_splits():
