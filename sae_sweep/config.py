@@ -311,7 +311,7 @@ class GenerationConfig:
     seed: int = 0
     # hf: transformers' generate (sorts the whole vocabulary for top-p at every step);
     # exact_topk_first: the same distribution from torch.topk candidates (sampling.py).
-    sampler: str = choice("hf", GENERATION_SAMPLERS)
+    sampler: str = choice("exact_topk_first", GENERATION_SAMPLERS)
 
 
 @dataclass

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 VERSION = "faithful-v1"
 GENERATION_DEFAULTS = dict(max_new_tokens=128, temperature=1.0, top_p=0.9, repetition_penalty=1.1, batch_size=64,
-                           seed=0, sampler="hf")
+                           seed=0, sampler="exact_topk_first")
 
 
 class NoText(ValueError):
