@@ -242,6 +242,12 @@ HOOK_TYPES = ("resid_pre", "resid_post", "mlp_out", "attn_out")
 DATASET_KINDS = ("builtin", "faithful", "hub", "local", "synthetic")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
+# dataset.generation.sampler: both draw from the same distribution (sampling.py's module doc), but
+# with different random streams, so the sampler is part of the text's identity.
+GENERATION_SAMPLERS = ("hf", "exact_topk_first")
+# Generation settings added after text had been generated without them: at these values (the text of
+# before) they are left out of identities, so earlier chunk directories, caches and run keys stay valid.
+GENERATION_KEYED_ONLY_IF_NOT = {"sampler": "hf"}
 
 # Gao et al.'s dead-latent window: a latent that has not fired for this many tokens is dead.
 DEAD_TOKENS = 10_000_000
@@ -302,11 +308,14 @@ class ModelConfig:
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = setting(128, **_positive)
-    temperature: float = setting(1.0, allowed="a float >= 0", check=lambda v: v >= 0)
+    temperature: float = setting(1.0, allowed="a float > 0", check=lambda v: v > 0)  # sampling: HF refuses 0
     top_p: float = setting(0.9, allowed="a float in (0, 1]", check=lambda v: 0 < v <= 1)
     repetition_penalty: float = setting(1.1, allowed="a float > 0", check=lambda v: v > 0)
     batch_size: int = setting(64, **_positive)
     seed: int = 0
+    # hf: transformers' generate (sorts the whole vocabulary for top-p at every step);
+    # exact_topk_first: the same distribution from torch.topk candidates (sampling.py).
+    sampler: str = choice("exact_topk_first", GENERATION_SAMPLERS)
 
 
 @dataclass
@@ -687,6 +696,21 @@ def stable_hash(obj: Any, n: int = 16) -> str:
 DATASET_LABELS = ("name", "how_to_get")
 
 
+def generation_identity(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``dataset.generation`` settings that decide a faithful dataset's text (see
+    ``GENERATION_KEYED_ONLY_IF_NOT``)."""
+    missing = object()
+    return {k: v for k, v in settings.items() if GENERATION_KEYED_ONLY_IF_NOT.get(k, missing) != v}
+
+
+def _dataset_identity(dataset: Dict[str, Any]) -> Dict[str, Any]:
+    gen = dataset.get("generation")
+    if isinstance(gen, dict):  # settings added later apply to faithful text only: no other dataset's key moves
+        dataset["generation"] = (generation_identity(gen) if dataset.get("kind") == "faithful" else
+                                 {k: v for k, v in gen.items() if k not in GENERATION_KEYED_ONLY_IF_NOT})
+    return dataset
+
+
 def run_identity(cfg: Any) -> Dict[str, Any]:
     """Everything that changes a trained SAE (not paths, launcher, tracking, logging, evals).
 
@@ -701,7 +725,7 @@ def run_identity(cfg: Any) -> Dict[str, Any]:
         "layer": cfg.layer,
         "hook": cfg.hook,
         # name and how_to_get are labels for people: renaming a dataset or rewording its hint is no new run
-        "dataset": {k: v for k, v in _plain(cfg.dataset).items() if k not in DATASET_LABELS},
+        "dataset": _dataset_identity({k: v for k, v in _plain(cfg.dataset).items() if k not in DATASET_LABELS}),
         "sae": _plain(cfg.sae),
         "trainer": _plain(cfg.trainer),
         "train_tokens": cfg.train.tokens,

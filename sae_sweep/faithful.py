@@ -22,7 +22,9 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from sae_sweep.config import stable_hash
+from sae_sweep import sampling
+from sae_sweep.config import GENERATION_SAMPLERS as SAMPLERS
+from sae_sweep.config import generation_identity, stable_hash
 from sae_sweep.corpus import EVAL_FRACTION_PERCENT, doc_split
 from sae_sweep.files import REPAIRED, atomic_write
 from sae_sweep.locks import OwnedLock
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 
 VERSION = "faithful-v1"
 GENERATION_DEFAULTS = dict(max_new_tokens=128, temperature=1.0, top_p=0.9, repetition_penalty=1.1, batch_size=64,
-                           seed=0)
+                           seed=0, sampler="exact_topk_first")
 
 
 class NoText(ValueError):
@@ -47,9 +49,17 @@ class Generations:
     def __init__(self, lm: Any, settings: Dict[str, Any], cache_dir: str | os.PathLike):
         self.lm = lm
         self.settings = {k: settings.get(k, v) for k, v in GENERATION_DEFAULTS.items()}
-        key = stable_hash({"model": lm.fingerprint, "generation": self.settings, "version": VERSION})
+        if self.settings["sampler"] not in SAMPLERS:
+            raise ValueError(f"dataset.generation.sampler={self.settings['sampler']!r}: allowed values are "
+                             + ", ".join(SAMPLERS))
+        key = stable_hash({"model": lm.fingerprint, "generation": self.identity, "version": VERSION})
         name = str(lm.fingerprint.get("name", "model")).replace("/", "_")
         self.root = Path(os.path.expanduser(str(cache_dir))) / "faithful" / f"{name}-{key}"
+
+    @property
+    def identity(self) -> Dict[str, Any]:
+        """The settings that decide the text (the directory key, and the dataset fingerprint)."""
+        return generation_identity(self.settings)
 
     def path(self, i: int) -> Path:
         return self.root / f"chunk_{i:06d}.npz"
@@ -94,22 +104,34 @@ class Generations:
     # -- one chunk
     def _generate(self, i: int) -> List[np.ndarray]:
         s, lm = self.settings, self.lm
-        torch.manual_seed(int(s["seed"]) * 1_000_003 + i)  # chunk i is reproducible on its own
+        seed = int(s["seed"]) * 1_000_003 + i  # chunk i is reproducible on its own
         bs = int(s["batch_size"])
         prompt = torch.full((bs, 1), lm.bos_token_id, dtype=torch.long, device=lm.device)
+        if s["sampler"] == "exact_topk_first":
+            out = sampling.generate(
+                lm.model, prompt, max_new_tokens=int(s["max_new_tokens"]), temperature=float(s["temperature"]),
+                top_p=float(s["top_p"]), repetition_penalty=float(s["repetition_penalty"]),
+                eos_token_id=lm.eos_token_id, pad_token_id=lm.pad_token_id,
+                generator=torch.Generator(device=lm.device).manual_seed(seed))
+        else:
+            out = self._hf_generate(prompt, seed)
+        docs = []
+        for row in out[:, 1:].cpu().numpy():
+            stop = np.nonzero(row == lm.eos_token_id)[0]
+            docs.append((row[: stop[0]] if len(stop) else row).astype(np.int32))
+        return docs
+
+    def _hf_generate(self, prompt: torch.Tensor, seed: int) -> torch.Tensor:
+        s, lm = self.settings, self.lm
+        torch.manual_seed(seed)
         with torch.inference_mode():
-            out = lm.model.generate(
+            return lm.model.generate(
                 input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
                 temperature=float(s["temperature"]), top_p=float(s["top_p"]), top_k=0,
                 repetition_penalty=float(s["repetition_penalty"]),
                 max_new_tokens=int(s["max_new_tokens"]), min_new_tokens=0,
                 eos_token_id=lm.eos_token_id, pad_token_id=lm.pad_token_id, use_cache=True,
             )
-        docs = []
-        for row in out[:, 1:].cpu().numpy():
-            stop = np.nonzero(row == lm.eos_token_id)[0]
-            docs.append((row[: stop[0]] if len(stop) else row).astype(np.int32))
-        return docs
 
     def _write(self, i: int, docs: List[np.ndarray]) -> None:
         lengths = np.array([len(d) for d in docs], dtype=np.int32)

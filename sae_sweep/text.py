@@ -314,7 +314,7 @@ def dataset_fingerprint(dataset_cfg: Any, lm: Any = None) -> Dict[str, Any]:
         if lm is None:
             raise ValueError("dataset_fingerprint of a faithful dataset needs the LanguageModel")
         gens = generations(dataset_cfg, lm, ".")
-        fp.update(model=dict(lm.fingerprint), generation=gens.settings, version=FAITHFUL_VERSION)
+        fp.update(model=dict(lm.fingerprint), generation=gens.identity, version=FAITHFUL_VERSION)
     else:
         raise ValueError(f"dataset.kind={kind!r} is not a text source (builtin, faithful, hub, local)")
     if lm is not None:

@@ -42,6 +42,9 @@ def test_defaults_are_valid():
     (["sae.d_sae=64", "sae.k=64"], ["sae.k=64", "d_sae (64)"]),
     (["device=tpu"], ["device='tpu'", "auto, cpu, cuda"]),
     (["trainer.lr=-1"], ["trainer.lr"]),
+    (["dataset=faithful", "dataset.generation.sampler=fast"], ["dataset.generation.sampler", "fast",
+                                                               "hf, exact_topk_first"]),
+    (["dataset=faithful", "dataset.generation.temperature=0"], ["dataset.generation.temperature", "> 0"]),
 ])
 def test_invalid_values_name_key_value_and_allowed(overrides, needles):
     msg = _errors(*overrides)
@@ -77,6 +80,21 @@ def test_run_key_ignores_paths_and_tracking_but_not_seed():
     assert C.run_key(a) == C.run_key(b)
     assert C.run_key(a) != C.run_key(c)
     assert C.seed_group_key(a) == C.seed_group_key(c)
+
+
+def test_generation_sampler_is_in_the_run_key_only_where_it_changes_the_text():
+    """exact_topk_first draws other tokens than hf for the same seed (another random stream), so a
+    faithful run's key follows it; at hf the key is the one of before the setting existed, and a
+    dataset that generates nothing keeps its key whatever the sampler."""
+    hf = _compose("dataset=faithful", "dataset.generation.sampler=hf")
+    fast = _compose("dataset=faithful", "dataset.generation.sampler=exact_topk_first")
+    assert C.run_key(hf) != C.run_key(fast)
+    assert "sampler" not in C.run_identity(hf)["dataset"]["generation"]
+    assert C.run_identity(fast)["dataset"]["generation"]["sampler"] == "exact_topk_first"
+    assert C.stream_key(hf) != C.stream_key(fast) and C.seed_group_key(hf) != C.seed_group_key(fast)
+    builtin = [_compose("dataset=builtin", f"dataset.generation.sampler={s}") for s in C.GENERATION_SAMPLERS]
+    assert C.run_key(builtin[0]) == C.run_key(builtin[1])
+    assert "sampler" not in C.run_identity(builtin[1])["dataset"]["generation"]
 
 
 def _cli(tmp_path: Path, *args, timeout=300):

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from sae_sweep.corpus import WindowPacker, doc_split
+from sae_sweep.faithful import GENERATION_DEFAULTS
 from sae_sweep.lm import load_lm
 from sae_sweep.text import (
     DatasetUnavailable,
@@ -22,6 +23,8 @@ from sae_sweep.text import (
     iter_split_documents,
     token_windows,
 )
+
+SAMPLER = GENERATION_DEFAULTS["sampler"]  # the manifest records the sampler the settings left at its default
 
 
 @pytest.fixture(scope="session")
@@ -226,7 +229,7 @@ def test_faithful_generation_is_cached_resumable_and_text_like(tiny_lm, tiny_cac
     root = generations(cfg, tiny_lm, cache).root
     chunks = sorted(root.glob("chunk_*.npz"))
     manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest["generation"] == gen and manifest["chunks"] == len(chunks) >= 2
+    assert manifest["generation"] == {**gen, "sampler": SAMPLER} and manifest["chunks"] == len(chunks) >= 2
     assert manifest["model"]["tokenizer_hash"] == tiny_lm.fingerprint["tokenizer_hash"]
     assert not list(root.glob("locks/*.lock")) and not list(root.glob(".*.tmp"))
 

@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "trainers": "Train every registered trainer on planted-dictionary data and print recovery.",
     "perf": "Throughput figures (the default): cache build, reader, TopK training, sweeps, memory.",
     "readers": "Disk-cache readers (random vs blocks), cold and warm, on a cache the page cache does not hold.",
+    "generation": "Faithful generation tokens/s: dataset.generation.sampler=hf against exact_topk_first.",
 }
 
 
