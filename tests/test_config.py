@@ -42,6 +42,8 @@ def test_defaults_are_valid():
     (["sae.d_sae=64", "sae.k=64"], ["sae.k=64", "d_sae (64)"]),
     (["device=tpu"], ["device='tpu'", "auto, cpu, cuda"]),
     (["trainer.lr=-1"], ["trainer.lr"]),
+    (["tracking.system_metrics_interval_s=0"], ["tracking.system_metrics_interval_s=0", "a number of seconds > 0"]),
+    (["tracking.system_metrics_interval_s=-2.5"], ["tracking.system_metrics_interval_s=-2.5", "a number of seconds > 0"]),
 ])
 def test_invalid_values_name_key_value_and_allowed(overrides, needles):
     msg = _errors(*overrides)
@@ -69,9 +71,18 @@ def test_unknown_key_rejected_by_schema():
         _compose("sae.kk=3")
 
 
+def test_system_metrics_interval_must_be_a_number():
+    from hydra.errors import ConfigCompositionException as HCE
+
+    with pytest.raises(HCE) as e:  # the schema's float type, at compose time
+        _compose("tracking.system_metrics_interval_s=often")
+    assert "system_metrics_interval_s" in str(e.value) and "often" in str(e.value)
+
+
 def test_run_key_ignores_paths_and_tracking_but_not_seed():
     a = _compose()
-    b = _compose("paths.output_dir=/elsewhere", "tracking.uri=sqlite:////x.db", "train.log_every=3")
+    b = _compose("paths.output_dir=/elsewhere", "tracking.uri=sqlite:////x.db", "train.log_every=3",
+                 "tracking.system_metrics=false", "tracking.system_metrics_interval_s=0.5")
     c = _compose("seed=49")
     assert C.run_key(a) == C.run_key(b)
     assert C.run_key(a) != C.run_key(c)
