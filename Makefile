@@ -2,10 +2,12 @@
 PYTHON ?= python3
 PYTEST_ARGS ?=
 # 2 test workers (pytest-xdist): much of the suite waits on SLURM and job subprocesses. TEST_WORKERS=0: one process.
+# --max-worker-restart=0: a worker that dies ends the run with its test named; replaced, xdist 3.8's
+# loadgroup scheduler re-queues that group and can wait forever (a CI run hung until its time limit).
 TEST_WORKERS ?= 2
-PYTEST := $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --max-worker-restart=0
 
-.PHONY: install test test-fast demo bench slurm-up slurm-down clean
+.PHONY: install test test-fast demo demo-real prose-docs bench slurm-up slurm-down clean
 
 # torch first, pinned: the CPU wheel is on disk here; an unpinned torch would pull GBs of CUDA.
 # editable_mode=compat keeps hydra_plugins/ visible to Hydra's plugin discovery.
@@ -24,6 +26,20 @@ test-fast:
 # The quickstart: 2 seeds x 2 datasets on the offline tiny model, tracked in ./outputs/mlflow.db.
 demo:
 	$(PYTHON) -m sae_sweep -m seed=42,49 dataset=builtin,faithful
+
+# The research question on a real pretrained model, offline: SmolLM2-135M, 2 seeds x {real English
+# prose, its own generations} (conf/experiment/demo_real.yaml; README "The real-model demo").
+demo-real: prose-docs
+	$(PYTHON) -m sae_sweep -m experiment=demo_real
+
+# Real English prose that installs offline: the PostgreSQL manual's HTML (Debian/Ubuntu package).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+prose-docs:
+	@ls /usr/share/doc/postgresql-doc-*/html/index.html >/dev/null 2>&1 || \
+	  $(SUDO) apt-get install -y --no-install-recommends postgresql-doc || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends postgresql-doc; } || \
+	  { echo "demo-real reads the PostgreSQL manual (Debian/Ubuntu: apt-get install postgresql-doc); or run"; \
+	    echo "  python -m sae_sweep -m experiment=demo_real dataset=local,faithful 'dataset.data_files=[<your text>]'"; exit 2; }
 
 bench:
 	$(PYTHON) -m sae_sweep.bench

@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -108,6 +109,8 @@ class PreemptionGuard:
         self.lingering = False  # handing over without a requeue, waiting for a USR2
         self.requeuing = False  # submitit's handler called: later signals (SLURM's kill after the
         #                         requeue) must not requeue a second time
+        self.timer: Optional[Any] = None  # the resend of the first signal; cancelled on exit
+        self.installed = threading.Lock()  # held while handlers are restored or a signal resent
 
     def __enter__(self) -> "PreemptionGuard":
         import signal
@@ -123,13 +126,16 @@ class PreemptionGuard:
     def __exit__(self, *exc: Any) -> bool:
         import signal
 
-        for sig, handler in self.saved.items():
-            signal.signal(sig, handler)
+        # A resend outliving the guard would hit a process whose handler is restored, and kill it.
+        with self.installed:
+            if self.timer is not None:
+                self.timer.cancel()
+            for sig, handler in self.saved.items():
+                signal.signal(sig, handler)
+            self.saved.clear()
         return False
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        import threading
-
         from sae_sweep.train import STOP
 
         if self.requeuing or (self.lingering and signum != self.usr):
@@ -146,16 +152,17 @@ class PreemptionGuard:
         log.warning("got %s: stopping training at the next step to checkpoint", signal_name(signum))
         STOP.request()
         if first:
-            timer = threading.Timer(self.ACT_WITHIN_S, self._resend_if_unseen, (signum,))
-            timer.daemon = True
-            timer.start()
+            self.timer = threading.Timer(self.ACT_WITHIN_S, self._resend_if_unseen, (signum,))
+            self.timer.daemon = True
+            self.timer.start()
 
     def _resend_if_unseen(self, signum: int) -> None:
         from sae_sweep.train import STOP
 
-        if not STOP.seen:
-            self.force = True
-            os.kill(os.getpid(), signum)
+        with self.installed:
+            if self.saved and not STOP.seen:  # still installed: our handler gets it
+                self.force = True
+                os.kill(os.getpid(), signum)
 
     def hand_over(self, frame: Any = None) -> None:
         """Let submitit requeue (after USR2) or just exit; raises SystemExit or submitit's error."""
@@ -342,10 +349,12 @@ def disk_problems(cfgs: Sequence[DictConfig], shapes: Sequence[C.ModelShape]) ->
         free = shutil.disk_usage(probe).free
         total = sum(caches.values())
         if total > free:
+            wide = any(str(cfg.cache.dtype) == "float32" for cfg in cfgs)
             problems.append(
                 f"paths.cache_dir={root}: the {len(caches)} activation cache(s) to build need {total / 1e9:,.1f} GB "
                 f"(tokens x d_model x cache.dtype), {free / 1e9:,.1f} GB are free. Use cache.mode=stream (nothing "
-                f"on disk), a smaller train.tokens / dataset.tokens, cache.dtype=bfloat16, or another paths.cache_dir")
+                f"on disk), a smaller train.tokens / dataset.tokens, {'cache.dtype=bfloat16, ' if wide else ''}"
+                f"or another paths.cache_dir")
     return problems
 
 

@@ -272,6 +272,10 @@ class GGUFWeights:
     file: str = MISSING  # the .gguf file inside it
     label: str = MISSING  # e.g. gguf-q4_1-instruct: in tags, params and the run key
     version: Optional[str] = None  # the package version the install hint pins
+    # Document boundary tokens to use instead of the GGUF tokenizer's (an instruct export's BOS is its
+    # chat token): null keeps the tokenizer's.
+    bos_token: Optional[str] = None
+    eos_token: Optional[str] = None
 
 
 WEIGHTS = ("auto", "hub", "gguf")
@@ -327,6 +331,7 @@ class DatasetConfig:
     split: str = "train"
     text_column: str = "text"
     data_files: Optional[List[str]] = None
+    how_to_get: Optional[str] = None  # said when data_files are missing (e.g. the package that installs them)
     streaming: bool = True
     context_size: int = setting(128, allowed="an integer >= 2 (BOS + at least one token)", check=lambda v: v >= 2)
     tokens: Optional[int] = setting(None, allowed="null (follows train.tokens / train.epochs) or a positive integer",

@@ -28,6 +28,8 @@ from sae_sweep.files import atomic_write_json, sha256_file
 log = logging.getLogger(__name__)
 
 BUILD_INFO = "build_info.json"
+# Bump when the conversion changes what it writes: the directory name follows it.
+CONVERSION = "c2"
 
 
 def _get(node: Any, key: str) -> Any:
@@ -57,7 +59,8 @@ def install_hint(spec: Any) -> str:
 
 
 def model_dir(spec: Any, cache_dir: str | os.PathLike) -> Path:
-    return Path(os.path.expanduser(str(cache_dir))) / "models" / f"{_get(spec, 'package')}-{_get(spec, 'label')}"
+    return (Path(os.path.expanduser(str(cache_dir))) / "models"
+            / f"{_get(spec, 'package')}-{_get(spec, 'label')}-{CONVERSION}")
 
 
 def _complete(path: Path) -> bool:
@@ -102,7 +105,19 @@ def _convert(source: Path, out: Path, spec: Any) -> None:
     log.info("converting %s (package %s) into %s, once", source.name, _get(spec, "package"), out.name)
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
-    model = AutoModelForCausalLM.from_config(loaded.config)
+    config = loaded.config
+    # Left in, the saved config.json says "gguf" and every later load attaches a GGUF quantizer.
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    for role in ("bos", "eos"):  # e.g. the base model's <|endoftext|> instead of an instruct chat token
+        token = _get(spec, f"{role}_token")
+        if token:
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is None or token_id == tokenizer.unk_token_id and token != tokenizer.unk_token:
+                raise ValueError(f"model.gguf.{role}_token={token!r} is not a token of {source.name}")
+            setattr(tokenizer, f"{role}_token", token)
+            setattr(config, f"{role}_token_id", token_id)
+    model = AutoModelForCausalLM.from_config(config)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     # tied embeddings: lm_head.weight may be absent from the state dict and tied back by the model
     missing = [k for k in missing if not (k == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False))]
@@ -110,13 +125,17 @@ def _convert(source: Path, out: Path, spec: Any) -> None:
         raise RuntimeError(f"{source}: weights do not match the model built from its config "
                            f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.tie_weights()
+    for role in ("bos", "eos"):
+        if _get(spec, f"{role}_token"):
+            setattr(model.generation_config, f"{role}_token_id", getattr(config, f"{role}_token_id"))
     out.mkdir(parents=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     atomic_write_json(out / BUILD_INFO, {
         "source": str(source), "package": _get(spec, "package"),
         "package_version": importlib.metadata.version(str(_get(spec, "package"))),
-        "file": source.name, "sha256": sha256_file(source), "label": _get(spec, "label"),
+        "file": source.name, "sha256": sha256_file(source), "label": _get(spec, "label"), "conversion": CONVERSION,
+        "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
         "seconds": round(time.time() - t0, 1), "host": socket.gethostname(),
     })
 

@@ -529,7 +529,8 @@ def load_lm(model_cfg: Any, cache_dir: str | os.PathLike, device: Any = "auto") 
         path = gguf.ensure_model_dir(spec, cache_dir)
         info = gguf.build_info(path)
         # The stand-in's identity: which file (by content), not where the cache lives.
-        fingerprint.update(hf_id=ident, weights=_cfg_get(spec, "label"), gguf_sha256=info.get("sha256"))
+        fingerprint.update(hf_id=ident, weights=_cfg_get(spec, "label"), gguf_sha256=info.get("sha256"),
+                           conversion=info.get("conversion"))
         load_from, load_kwargs = str(path), {}
     else:
         path = None

@@ -9,7 +9,8 @@ context_size]``, ``n_seqs = ceil(n_tokens / context_size)``, drawn from one of t
                (``faithful.py``);
 * ``hub``      a Hugging Face dataset, streamed until the budget is met (``hf_id`` may also be a local
                directory holding a copy of the dataset's files: the same loading code, offline);
-* ``local``    jsonl/json/parquet/csv/txt files through the matching ``datasets`` builder.
+* ``local``    jsonl/json/parquet/csv/txt files through the matching ``datasets`` builder, or HTML
+               pages (one document per prose paragraph, ``html_prose.py``).
 
 BOS handling (recorded in every fingerprint as ``packing``): documents are tokenized without
 special tokens and joined into one stream with EOS after each document; the stream is cut into
@@ -39,6 +40,8 @@ from sae_sweep.config import stable_hash
 from sae_sweep.faithful import GENERATION_DEFAULTS, Generations
 from sae_sweep.faithful import VERSION as FAITHFUL_VERSION
 from sae_sweep.files import REPAIRED, atomic_write
+from sae_sweep.html_prose import RULES as HTML_RULES
+from sae_sweep.html_prose import read_paragraphs
 from sae_sweep.hub import hub_offline
 from sae_sweep.corpus import (
     EVAL_FRACTION_PERCENT,
@@ -66,7 +69,9 @@ SPLITS = ("train", "eval")
 PACKING = f"bos+(ctx-1) stream tokens, eos after each doc, no sep at window start; split sha1%100<{EVAL_FRACTION_PERCENT}=eval; v1"
 
 # Builders of the `datasets` library by file extension (compression suffixes are ignored).
-_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+# "html" is ours (html_prose.py: one document per prose paragraph); the others are `datasets` builders.
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
+             ".html": "html", ".htm": "html"}
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 
 _TOKENIZE_BATCH = 128
@@ -172,11 +177,15 @@ def check_dataset_available(dataset_cfg: Any, timeout: float = 10.0, documents: 
                 f"{_local_help()}") from e
     elif kind == "local":
         files = _data_files(dataset_cfg)
+        hint = _get(dataset_cfg, "how_to_get")
+        hint = f"; {hint}" if hint else ""
+        if not files and _plain(_get(dataset_cfg, "data_files")):
+            raise DatasetUnavailable(f"dataset.data_files={_plain(_get(dataset_cfg, 'data_files'))}: no file matches{hint}")
         if not files:
-            raise DatasetUnavailable("dataset.kind=local needs dataset.data_files=[...] (jsonl, json, parquet, csv, txt)")
+            raise DatasetUnavailable(f"dataset.kind=local needs dataset.data_files=[...] ({', '.join(_BUILDERS)})")
         missing = [f for f in files if not os.path.isfile(f)]
         if missing:
-            raise DatasetUnavailable(f"dataset.data_files: no such file(s): {', '.join(missing)}")
+            raise DatasetUnavailable(f"dataset.data_files: no such file(s): {', '.join(missing)}{hint}")
         builders = {f: _builder_for(f) for f in files}
         bad = [f for f, b in builders.items() if b is None]
         if bad:
@@ -195,8 +204,6 @@ def check_local_documents(dataset_cfg: Any, files: List[str]) -> None:
     everything in one split is refused now, before any LM work. Reading stops once the held-out
     split has ``dataset.eval_tokens`` characters (a token is at least one character), so a large
     corpus is not read to its end."""
-    import datasets
-
     column = _get(dataset_cfg, "text_column", "text")
     need_eval = int(_get(dataset_cfg, "eval_tokens", 1))
     chars = {"train": 0, "eval": 0}
@@ -206,8 +213,7 @@ def check_local_documents(dataset_cfg: Any, files: List[str]) -> None:
             raise DatasetUnavailable(f"dataset.data_files: {f} is empty")
         seen = 0
         try:
-            rows = datasets.load_dataset(_builder_for(f), data_files=[f], split="train", streaming=True)
-            for text in _rows_text(rows, column, f"dataset.data_files: {f}"):
+            for text in _rows_text(_read_files([f]), column, f"dataset.data_files: {f}"):
                 if not isinstance(text, str) or not text.strip():
                     continue
                 seen += 1
@@ -226,8 +232,11 @@ def check_local_documents(dataset_cfg: Any, files: List[str]) -> None:
         except Exception as e:  # empty file (StopIteration inside the reader), malformed json/csv/parquet
             raise DatasetUnavailable(f"dataset.data_files: cannot read {f} as {_builder_for(f)} "
                                      f"({type(e).__name__}: {e or 'no rows'})") from None
-        if seen == 0:
+        if seen == 0 and _builder_for(f) != "html":  # an HTML page without prose paragraphs is normal
             raise DatasetUnavailable(f"dataset.data_files: {f} holds no text (no non-empty {column!r} values)")
+    if not any(docs.values()):
+        raise DatasetUnavailable(f"dataset.data_files: {', '.join(files)} hold no text (HTML: no paragraph reads "
+                                 f"as prose, see sae_sweep/html_prose.py)")
     if docs["eval"] == 0 or docs["train"] == 0:
         missing = "held-out (eval)" if docs["eval"] == 0 else "training"
         raise DatasetUnavailable(
@@ -299,6 +308,8 @@ def dataset_fingerprint(dataset_cfg: Any, lm: Any = None) -> Dict[str, Any]:
         files = _data_files(dataset_cfg)
         fp.update(text_column=_get(dataset_cfg, "text_column", "text"),
                   data_files=[_file_hash(f) if os.path.isfile(f) else f"missing:{f}" for f in files])
+        if files and _builder_for(files[0]) == "html":
+            fp["html"] = HTML_RULES
     elif kind == "faithful":
         if lm is None:
             raise ValueError("dataset_fingerprint of a faithful dataset needs the LanguageModel")
@@ -381,12 +392,19 @@ def _hub_rows(dataset_cfg: Any) -> Iterable[dict]:
 
 
 def _local_rows(dataset_cfg: Any) -> Iterable[dict]:
+    check_dataset_available(dataset_cfg, documents=False)  # the documents were checked at validation
+    return _read_files(_data_files(dataset_cfg))
+
+
+def _read_files(files: List[str]) -> Iterable[dict]:
+    """Rows of local files of one format. Streaming: reads only as far as the budget needs and
+    writes nothing to the HF cache."""
+    builder = _builder_for(files[0])
+    if builder == "html":
+        return ({"text": p} for f in files for p in read_paragraphs(f))
     import datasets
 
-    check_dataset_available(dataset_cfg, documents=False)  # the documents were checked at validation
-    files = _data_files(dataset_cfg)
-    # Streaming: reads only as far as the budget needs and writes nothing to the HF cache.
-    return datasets.load_dataset(_builder_for(files[0]), data_files=files, split="train", streaming=True)
+    return datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
 
 
 def iter_split_documents(dataset_cfg: Any, lm: Any, split: str, cache_dir: str | os.PathLike,

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sae_sweep"
 ORDER = [
     "files", "locks", "hub",
     "config",
-    "corpus", "faithful", "gguf", "lm", "text", "synthetic_data",
+    "corpus", "faithful", "gguf", "html_prose", "lm", "text", "synthetic_data",
     "shards", "cache", "reader", "stream",
     "sae", "train",
     "evals",

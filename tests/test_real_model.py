@@ -31,6 +31,10 @@ def test_offline_the_hub_model_resolves_to_its_named_stand_in(smollm2_model_cfg,
         resolve_weights(missing, tmp_path)
     info = __import__("json").loads((smollm2_dir / "build_info.json").read_text())
     assert info["label"] == "gguf-q4_1-instruct" and len(info["sha256"]) == 64
+    # a plain HF directory (no GGUF quantizer on load), with the base model's document token
+    config = __import__("json").loads((smollm2_dir / "config.json").read_text())
+    assert "quantization_config" not in config and config["bos_token_id"] == config["eos_token_id"] == 0
+    assert info["bos_token"] == info["eos_token"] == "<|endoftext|>"
 
 
 def test_real_weights_have_learned_english(smollm2):
@@ -41,6 +45,7 @@ def test_real_weights_have_learned_english(smollm2):
         loss = smollm2.model(ids, labels=ids).loss.item()
     assert loss < 5.0, loss  # random weights: ~ln(49152) = 10.8 nats
     assert (smollm2.n_layers, smollm2.d_model, smollm2.family) == (30, 576, "llama")
+    assert smollm2.bos_token_id == smollm2.eos_token_id == 0  # <|endoftext|>, as the base SmolLM2
 
 
 @pytest.mark.parametrize("layer", [0, 14, 29])

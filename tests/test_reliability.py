@@ -352,6 +352,10 @@ def test_a_usr2_that_arrives_while_the_stopped_runs_are_recorded_waits_for_the_h
             with pytest.raises(SystemExit):
                 guard.hand_over()
             assert calls == [signal.SIGUSR2]
+        # The guard's resend of an unacted signal dies with it: left running, it would SIGTERM this
+        # process (handler restored) 20 s later, a pytest worker in the middle of another test.
+        guard.timer.join(5)
+        assert not guard.timer.is_alive() and not guard.saved
     finally:
         signal.signal(signal.SIGUSR2, previous)
         STOP.clear()

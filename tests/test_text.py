@@ -157,6 +157,47 @@ def test_local_bad_text_column(llama_lm, tmp_path):
         token_windows(cfg, llama_lm, "train", 64, tmp_path)
 
 
+def test_local_html_pages_give_one_document_per_prose_paragraph(llama_lm, tmp_path):
+    """HTML documentation as a dataset: paragraphs that read as prose, nothing from code, tables,
+    navigation or scripts; the same documents as a jsonl of those paragraphs."""
+    prose = [f"Paragraph {i} explains, in plain words that any reader can follow, how the system keeps "
+             f"its records safe when many people change them at the same time and why that matters." for i in range(300)]
+    page = ("<html><head><script>var p = '<p>not text</p>';</script><style>p {}</style></head><body>"
+            "<div class='navheader'><p>Prev Up Next</p></div>"
+            + "".join(f"<p>{p} See <em>VACUUM</em>\n  too.</p>" if i % 2 else f"<div class='para'>{p}</div>"
+                      for i, p in enumerate(prose[:150]))
+            + "<pre>SELECT * FROM t WHERE a = b;</pre><p>x = f(a.b, c[d]) / g_h(i) { j } k.l m_n o(p) q.r s_t u=v "
+            "w(x) y.z a_b c(d) e.f g_h</p></body></html>")
+    (tmp_path / "a.html").write_text(page)
+    (tmp_path / "b.htm").write_text("<p>" + "</p><p>".join(prose[150:]) + "</p><p>Too short to count.</p>")
+    (tmp_path / "c.html").write_text("<html><body><table><tr><td>an index page: no prose</td></tr></table></body></html>")
+    cfg = {"name": "docs", "kind": "local", "data_files": [str(tmp_path / "*.htm*")], "context_size": 16,
+           "eval_tokens": 64}
+    check_dataset_available(cfg)
+    docs = [llama_lm.tokenizer.decode(d) for d in iter_split_documents(cfg, llama_lm, "train", tmp_path / "c")]
+    want = [f"{p} See VACUUM too." if i < 150 and i % 2 else p for i, p in enumerate(prose)]
+    assert docs == [w for w in want if doc_split(w) == "train"]
+
+    jsonl = tmp_path / "same.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": w}) + "\n" for w in want))
+    from_jsonl = {"name": "docs", "kind": "local", "data_files": [str(jsonl)], "context_size": 16}
+    assert torch.equal(token_windows(cfg, llama_lm, "train", 16 * 30, tmp_path / "c"),
+                       token_windows(from_jsonl, llama_lm, "train", 16 * 30, tmp_path / "c"))
+    assert dataset_fingerprint(cfg, llama_lm)["html"].startswith("html-paragraphs-v1")
+
+    missing = {**cfg, "data_files": ["/nonexistent/doc-*/html/*.html"], "how_to_get": "apt-get install the-docs"}
+    with pytest.raises(DatasetUnavailable, match=r"no file matches; apt-get install the-docs"):
+        check_dataset_available(missing)
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "i.html").write_text("<p>Index</p>")
+    with pytest.raises(DatasetUnavailable, match="no paragraph reads as prose"):
+        check_dataset_available({**cfg, "data_files": [str(tmp_path / "none" / "i.html")]})
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.html").write_bytes(b"<p>\xff\xfe caf\xe9</p>")
+    with pytest.raises(DatasetUnavailable, match="not UTF-8"):
+        check_dataset_available({**cfg, "data_files": [str(tmp_path / "bad" / "x.html")]})
+
+
 # hub, offline
 def test_offline_hub_dataset_fails_fast(llama_lm, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -9,6 +9,7 @@ in memory).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shutil
 import subprocess
@@ -81,30 +82,35 @@ def resident_fraction(cache) -> float | None:
     return res / size if size else None
 
 
-def measure(reader, seconds: float, batch: int, d_in: int) -> Dict[str, Any]:
+def measure(reader, seconds: float, batch: int, d_in: int, max_batches: int) -> Dict[str, Any]:
+    """Batches/s for ``seconds`` or ``max_batches`` (less than one pass over the cache: a second
+    pass would read pages the first one brought in), whichever ends first."""
     next(reader)  # first batch: opens files, starts prefetching
     n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    while time.perf_counter() - t0 < seconds and n < max_batches:
         next(reader)
         n += 1
     dt = time.perf_counter() - t0
     return {"batches": n, "tokens_per_s": n * batch / dt, "mb_per_s": n * batch * d_in * 2 / dt / 1e6}
 
 
-def run(cache, args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
+def run(root: Path, args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     from sae_sweep.reader import BlockReader, DiskBlocks, ShuffledReader
 
     readers = {
-        "random": lambda: ShuffledReader(cache, args.batch, seed=0),
-        "blocks": lambda: BlockReader(DiskBlocks(cache, args.block_tokens), args.batch, seed=0),
+        "random": lambda cache: ShuffledReader(cache, args.batch, seed=0),
+        "blocks": lambda cache: BlockReader(DiskBlocks(cache, args.block_tokens), args.batch, seed=0),
     }
     out: Dict[str, Dict[str, Any]] = {}
     for state in ("cold", "warm"):
         for name, make in readers.items():
+            gc.collect()  # the previous reader's memory maps: pages still mapped cannot be dropped
+            cache = build_cache(root, args.d_in, args.gb)  # opened afresh (built on the first call only)
             drop_pages(cache) if state == "cold" else load_pages(cache)
             before = resident_fraction(cache)
-            with make() as reader:
-                fig = measure(reader, args.seconds, args.batch, cache.d_in)
+            with make(cache) as reader:
+                fig = measure(reader, args.seconds, args.batch, cache.d_in, int(0.8 * cache.n_tokens / args.batch))
+            del reader, cache
             fig["resident_before"] = before
             out[f"{name}/{state}"] = fig
             print(f"  {name:6s} {state}: {fig['tokens_per_s']:>12,.0f} tok/s  {fig['mb_per_s']:>8,.0f} MB/s "
@@ -123,7 +129,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"cache: {cache.n_tokens:,} tokens x d_in {cache.d_in}, bfloat16, {size:.2f} GB "
               f"({time.perf_counter() - t0:.0f} s to build or open); batch {args.batch}, "
               f"blocks of {args.block_tokens:,} tokens, {args.seconds:.0f} s per figure")
-        figs = run(cache, args)
+        del cache
+        figs = run(root, args)
         for state in ("cold", "warm"):
             r, b = figs[f"random/{state}"], figs[f"blocks/{state}"]
             print(f"{state}: blocks / random = {b['tokens_per_s'] / r['tokens_per_s']:.1f}x")
