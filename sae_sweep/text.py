@@ -336,9 +336,14 @@ def dataset_source(dataset_cfg: Any, lm: Any = None) -> tuple:
         return "hugging_face", {"path": _get(dataset_cfg, "hf_id"), "config_name": _get(dataset_cfg, "hf_config"),
                                 "split": _get(dataset_cfg, "split", "train"), "revision": _get(dataset_cfg, "revision")}
     if kind == "local":
+        # The configured paths/globs, not every file they match: MLflow refuses a source over 64 kB
+        # (the PostgreSQL manual is ~1,200 pages). Which files, and their contents, are in the digest.
         files = [os.path.abspath(f) for f in _data_files(dataset_cfg)]
         uri = files[0] if len(files) == 1 else os.path.commonpath(files) if files else ""
-        return "local", {"uri": uri, "data_files": files}
+        patterns = _plain(_get(dataset_cfg, "data_files", None)) or []
+        patterns = [patterns] if isinstance(patterns, (str, os.PathLike)) else patterns
+        return "local", {"uri": uri, "data_files": [os.path.abspath(os.path.expanduser(str(f))) for f in patterns],
+                         "n_files": len(files)}
     if kind == "builtin":
         return "code", {"tags": {"sae_sweep.dataset": "builtin", "corpus": builtin_corpus_id()}}
     if kind == "faithful":

@@ -191,3 +191,25 @@ def test_a_dataset_input_that_fails_is_a_warning_and_a_tag_and_the_job_goes_on(t
     with caplog.at_level(logging.WARNING, logger="sae_sweep"):
         assert log_dataset_input(gone, lambda: _dataset("builtin", "1a2b3c4d")) is False
     assert any(gone.run_id in m.getMessage() for m in caplog.records if m.levelno == logging.WARNING)
+
+
+def test_a_local_dataset_of_many_files_is_logged_with_its_patterns(tmp_path, tracker):
+    """The PostgreSQL manual is ~1,200 HTML pages: listing each in the source would pass MLflow's
+    64 kB limit on a dataset source and lose the input. The source names the configured glob."""
+    from mlflow.utils.validation import MAX_DATASET_SOURCE_SIZE
+
+    from sae_sweep.text import dataset_source
+
+    pages = tmp_path / "a_rather_long_directory_name_like_usr_share_doc_postgresql_doc_15_html"
+    pages.mkdir()
+    for i in range(1500):
+        (pages / f"sql-createtable-page-number-{i:05d}.html").write_text(f"<p>Page {i}.</p>")
+    cfg = OmegaConf.create({"name": "manual", "kind": "local", "data_files": [str(pages / "*.html")]})
+    kind, source = dataset_source(cfg)
+    assert kind == "local" and source == {"uri": str(pages), "data_files": [str(pages / "*.html")], "n_files": 1500}
+    assert len(json.dumps(source)) < MAX_DATASET_SOURCE_SIZE
+    with tracker.child("datasets_local", "manual", "key-manual", None) as run:
+        run.log_dataset({"name": "manual", "digest": "abcdef12", "source_type": kind, "source": source,
+                         "schema": None, "profile": {}, "context": "train"})
+    (got,) = MlflowClient(tracker.uri).get_run(run.run_id).inputs.dataset_inputs
+    assert json.loads(got.dataset.source)["n_files"] == 1500
