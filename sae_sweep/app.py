@@ -557,7 +557,8 @@ def _run_locked(cfgs: Sequence[DictConfig], tracker: Any, held: contextlib.ExitS
             for cfg, key, resume_id in todo:
                 steps = C.total_steps(cfg)
                 name = run_name(cfg, C.d_sae_for(cfg.sae, d_in), steps)
-                run = tracker.child(cfg.tracking.experiment, name, key, cfg.tracking.parent_run_id, resume_id)
+                run = tracker.child(cfg.tracking.experiment, name, key, cfg.tracking.parent_run_id, resume_id,
+                                    system_metrics_s=_system_metrics_s(cfg))
                 names[key] = name
                 points.append(Point(cfg, key, run))
                 run.set_tags(job_tags(cfg, key))
@@ -573,30 +574,52 @@ def _run_locked(cfgs: Sequence[DictConfig], tracker: Any, held: contextlib.ExitS
             stop = SystemExit(128 + guard.signum)
             for p in points:  # KILLED: the requeued job continues every point
                 p.run.set_tags({"interrupted_at_step": e.step})
-                p.run.close(stop)
+                p.run.close(stop)  # stops its system-metrics monitor first
+                log.warning("%s KILLED for the requeue: %s", names[p.key], _url(p.run))
             guard.hand_over()  # SystemExit
             raise
         except BaseException as e:  # a shared failure (cache build, LM load): every point FAILED
             _close_all(points, e)
             raise
     memory = memory_use()
-    for p, outcome in zip(points, outcomes):
-        p.run.set_tags(memory)
-        if isinstance(outcome, BaseException):
-            p.run.close(outcome)  # this point FAILED, with the reason
-            log.error("%s FAILED (run %s): %s: %s", names[p.key], p.run.run_id, type(outcome).__name__, outcome)
-            results[p.key] = {"status": "failed", "run_id": p.run.run_id, "run_key": p.key,
-                              "error": f"{type(outcome).__name__}: {outcome}", "exception": outcome}
-        else:
-            p.run.close()
-            log.info("%s FINISHED (run %s)", names[p.key], p.run.run_id)
-            results[p.key] = {"status": "finished", "run_id": p.run.run_id, "run_key": p.key}
+    try:
+        for p, outcome in zip(points, outcomes):
+            p.run.set_tags(memory)
+            if isinstance(outcome, BaseException):
+                p.run.close(outcome)  # this point FAILED, with the reason
+                log.error("%s FAILED (run %s): %s: %s\n  %s", names[p.key], p.run.run_id, type(outcome).__name__,
+                          outcome, _url(p.run))
+                results[p.key] = {"status": "failed", "run_id": p.run.run_id, "run_key": p.key,
+                                  "error": f"{type(outcome).__name__}: {outcome}", "exception": outcome}
+            else:
+                p.run.close()
+                log.info("%s FINISHED (run %s): %s", names[p.key], p.run.run_id, _url(p.run))
+                results[p.key] = {"status": "finished", "run_id": p.run.run_id, "run_key": p.key}
+    except BaseException as e:  # the store failed mid-way: no run (nor its monitor) is left open
+        _close_all([p for p in points if not p.run.closed], e)
+        raise
     return results
 
 
 def _close_all(points: Sequence[Any], error: BaseException) -> None:
+    """Close every point's run with ``error`` (each stops its system-metrics monitor first); a run
+    the store refuses to close does not keep the others open or hide ``error``."""
     for p in points:
-        p.run.close(error)
+        try:
+            p.run.close(error)
+        except Exception as e:
+            log.error("could not close run %s: %s: %s", p.run.run_id, type(e).__name__, e)
+
+
+def _system_metrics_s(cfg: DictConfig) -> Optional[float]:
+    """The system-metrics sampling interval of a job's runs, None when ``tracking.system_metrics`` is off."""
+    return float(cfg.tracking.system_metrics_interval_s) if cfg.tracking.system_metrics else None
+
+
+def _url(run: Any) -> str:
+    """Where a person opens the run (``ChildRun.url``: a link that cannot be made is a warning,
+    never the failure of the job that logs it)."""
+    return run.url
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")

@@ -408,6 +408,10 @@ class TrackingConfig:
     experiment: str = "default"
     parent_run_id: Optional[str] = None
     skip_finished: bool = True
+    # MLflow system metrics of each job run (system/*: CPU, memory, disk, network; GPU utilisation
+    # and memory when nvidia-ml-py is installed), one sample every system_metrics_interval_s
+    system_metrics: bool = True
+    system_metrics_interval_s: float = setting(10.0, allowed="a number of seconds > 0", check=lambda v: v > 0)
 
 
 @dataclass

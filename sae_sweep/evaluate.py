@@ -176,11 +176,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             log.exception("run %s: evals failed: %s", run_id, e)
             failed.append(run_id)
             continue
-        print(f"run {run_id}: {len(metrics)} metrics")
+        print(f"run {run_id}: {len(metrics)} metrics ({tracker.ui_link(run_id)})")
         for k in sorted(metrics):
             print(f"  {k} = {metrics[k]:.6g}")
     if parent:
-        print(f"sweep {parent}: evaluated {len(run_ids) - len(failed)} of {len(run_ids)} runs")
+        print(f"sweep {parent}: evaluated {len(run_ids) - len(failed)} of {len(run_ids)} runs ({tracker.ui_link(parent)})")
     if failed:
         print(f"sae_sweep.evaluate: evals failed for {len(failed)} run(s): {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -54,6 +54,73 @@ def cache_spec(cfg: DictConfig, lm: Any, device: torch.device) -> Dict[str, Any]
         "storage_dtype": str(cfg.cache.dtype),
         "split": "train",
     }
+
+
+DIGEST_CHARS = 8  # MLflow's own dataset digests are 8 hex characters
+
+
+def dataset_record(cfg: DictConfig, lm: Any, split: str, n_tokens: Optional[int],
+                   profile: Dict[str, Any]) -> Dict[str, Any]:
+    """A split's data as an MLflow dataset input (``run.log_dataset``): the dataset's name, a
+    digest that identifies exactly the windows used (``text.windows_key``: source, tokenizer,
+    split, budget, context size; ``n_tokens`` None for a stream), where it comes from, the
+    windows' shape and ``profile`` (token counts). The runs table shows "name (digest) Train"."""
+    ctx = int(cfg.dataset.context_size)
+    if cfg.dataset.kind == "synthetic":  # planted activations: no tokens, a [n, d] float stream
+        from sae_sweep.synthetic_data import synthetic_params
+
+        params = synthetic_params(cfg.dataset)
+        digest = C.stable_hash({"synthetic": params, "split": split, "n_tokens": n_tokens, "context_size": ctx})
+        source_type, source = "code", {"tags": {"sae_sweep.dataset": "synthetic",
+                                                **{k: str(v) for k, v in params.items()}}}
+        schema = _tensor_schema("activations", "float32", [-1, int(params["d"])])
+    else:
+        from sae_sweep.text import dataset_source, windows_key
+
+        digest = windows_key(cfg.dataset, lm, split, n_tokens)
+        source_type, source = dataset_source(cfg.dataset, lm)
+        schema = _tensor_schema("input_ids", "int32", [-1, ctx])
+    return {"name": str(cfg.dataset.name), "digest": digest[:DIGEST_CHARS], "source_type": source_type,
+            "source": source, "schema": schema, "context": split,
+            "profile": {"split": split, "context_size": ctx, **profile}}
+
+
+def log_dataset_input(run: Any, make_record: Callable[[], Dict[str, Any]]) -> bool:
+    """Log the dataset input ``make_record()`` describes. Never fails the job that calls it: a
+    record that cannot be made or a store that refuses it is a warning in the job's log and a
+    ``dataset_input_error`` tag on the run (where the store takes it), so it is not hidden.
+    Returns whether the input was logged."""
+    try:
+        run.log_dataset(make_record())
+        return True
+    except Exception as e:
+        msg = f"{type(e).__name__}: {e}"
+        log.warning("run %s: dataset input not logged (the job goes on): %s", run.run_id, msg)
+        try:
+            run.set_tags({"dataset_input_error": msg[:4900]})
+        except Exception as e2:
+            log.warning("run %s: could not tag the dataset-input error either: %s: %s", run.run_id,
+                        type(e2).__name__, e2)
+        return False
+
+
+def _tensor_schema(name: str, dtype: str, shape: List[int]) -> Dict[str, Any]:
+    """MLflow's tensor-spec schema JSON (what ``mlflow.data`` datasets of arrays log)."""
+    return {"mlflow_tensorspec": {"features": json.dumps([{"name": name, "type": "tensor",
+                                                           "tensor-spec": {"dtype": dtype, "shape": shape}}]),
+                                  "targets": None}}
+
+
+def train_dataset_record(cfg: DictConfig, acts: "Activations") -> Dict[str, Any]:
+    """The training split of a job's activations as a dataset input: the windows its disk cache
+    holds (with their BOS/EOS/PAD positions, not trained on), or the streamed split."""
+    if acts.cache is None:
+        return dataset_record(cfg, acts.lm, "train", None, {"streamed": True})
+    cache = acts.cache
+    return dataset_record(cfg, acts.lm, "train", C.cache_tokens(cfg),
+                          {"tokens": int(cache.n_tokens), "windows": int(cache.n_seqs),
+                           "special_tokens": int(cache.n_special),
+                           "trainable_tokens": int(cache.n_tokens) - int(cache.n_special)})
 
 
 def open_cache(cfg: DictConfig, device: torch.device) -> Tuple[Any, Any, bool, float]:
@@ -211,6 +278,7 @@ def execute(points: Sequence[Point], device: torch.device) -> List[Any]:
             p.run.log_metrics({"cache/n_tokens": acts.cache.n_tokens})
         p.run.set_tags(tags)
         p.run.log_metrics({"cache/seconds": acts.seconds})
+        log_dataset_input(p.run, lambda: train_dataset_record(p.cfg, acts))
         if len(points) > 1:
             p.run.set_tags({"pack.size": len(points), "pack.leader": points[0].key})
     members = [make_member(p, acts, device) for p in points]
@@ -338,8 +406,14 @@ def run_evals(cfg: DictConfig, run: Any, lm: Any, sae: torch.nn.Module, sae_cfg:
         names = ["recovery"]
         activations = synthetic_data.sample(cfg.dataset, "eval", int(cfg.dataset.eval_tokens)).to(device)
         planted = synthetic_data.planted(cfg.dataset)
+        n_eval = int(activations.shape[0])
+        log_dataset_input(run, lambda: dataset_record(cfg, lm, "eval", int(cfg.dataset.eval_tokens),
+                                                      {"tokens": n_eval}))
     elif names:
         tokens = token_windows(cfg.dataset, lm, "eval", int(cfg.dataset.eval_tokens), C.cache_dir(cfg))
+        shape = tuple(tokens.shape)
+        log_dataset_input(run, lambda: dataset_record(cfg, lm, "eval", int(cfg.dataset.eval_tokens),
+                                                      {"tokens": shape[0] * shape[1], "windows": shape[0]}))
     all_metrics: Dict[str, float] = {}
     failed = []
     for name in names:

@@ -130,6 +130,14 @@ def _job_view(cfg: DictConfig) -> DictConfig:
     return job
 
 
+def _ui_hint(tracker: Any) -> str:
+    """How to serve a local store's UI at the printed address (nothing for a server)."""
+    from sae_sweep.tracking import ui_command
+
+    cmd = ui_command(tracker.uri)
+    return f" (serve it with: {cmd})" if cmd else ""
+
+
 class GridSweep:
     def __init__(self, master_config: DictConfig, load: Callable[[List[str]], DictConfig],
                  launch: Callable[[List[List[str]], int], Sequence[Any]], launcher: Any = None):
@@ -162,6 +170,7 @@ class GridSweep:
         })
         (sweep_dir / "parent_run_id").write_text(parent)
         log.info("sweep parent run %s in experiment %r (store %s)", parent, experiment, tracker.uri)
+        log.info("MLflow UI: %s%s", tracker.experiment_url(tracker.experiment_id(experiment)), _ui_hint(tracker))
 
         summary = SweepSummary()
         results: List[Any] = [None] * len(points)
@@ -185,6 +194,10 @@ class GridSweep:
         finally:
             status = "FINISHED" if summary.failed == 0 else "FAILED"
             tracker.log_metrics(parent, summary.as_metrics())
+            try:  # the parent's row names the sweep's training datasets (its children fold under it)
+                tracker.log_child_datasets(parent)
+            except Exception as e:
+                log.warning("could not log the sweep's datasets to its parent run: %s: %s", type(e).__name__, e)
             tracker.set_tags(parent, {"sweep.finished": summary.finished, "sweep.failed": summary.failed,
                                       "sweep.skipped": summary.skipped})
             for hook in SWEEP_END_HOOKS:
@@ -194,7 +207,8 @@ class GridSweep:
                     log.exception("sweep-end hook %s failed: %s", getattr(hook, "__name__", hook), e)
             tracker.end(parent, status)
         msg = (f"sweep {sweep_dir}: {summary.finished} finished, {summary.failed} failed, "
-               f"{summary.skipped} skipped (parent run {parent})")
+               f"{summary.skipped} skipped (parent run {parent})\n  MLflow UI: {tracker.ui_link(parent)}"
+               f"{_ui_hint(tracker)}")
         log.info(msg)
         if summary.failed:
             raise SweepFailed(msg + "\n" + "\n".join(summary.failures)

@@ -323,6 +323,39 @@ def dataset_fingerprint(dataset_cfg: Any, lm: Any = None) -> Dict[str, Any]:
     return fp
 
 
+def dataset_source(dataset_cfg: Any, lm: Any = None) -> tuple:
+    """(source_type, source) of a text dataset in MLflow's dataset-source vocabulary, for the run
+    page's dataset view: ``hugging_face`` (hub id, config, split, revision), ``local`` (a mirror
+    directory or the data files), ``code`` (text this package makes: the built-in corpus, the
+    model's own generations)."""
+    kind = _get(dataset_cfg, "kind")
+    if kind == "hub":
+        local = _hub_local_dir(dataset_cfg)
+        if local:
+            return "local", {"uri": os.path.abspath(local)}
+        return "hugging_face", {"path": _get(dataset_cfg, "hf_id"), "config_name": _get(dataset_cfg, "hf_config"),
+                                "split": _get(dataset_cfg, "split", "train"), "revision": _get(dataset_cfg, "revision")}
+    if kind == "local":
+        # The configured paths/globs, not every file they match: MLflow refuses a source over 64 kB
+        # (the PostgreSQL manual is ~1,200 pages). Which files, and their contents, are in the digest.
+        files = [os.path.abspath(f) for f in _data_files(dataset_cfg)]
+        uri = files[0] if len(files) == 1 else os.path.commonpath(files) if files else ""
+        patterns = _plain(_get(dataset_cfg, "data_files", None)) or []
+        patterns = [patterns] if isinstance(patterns, (str, os.PathLike)) else patterns
+        return "local", {"uri": uri, "data_files": [os.path.abspath(os.path.expanduser(str(f))) for f in patterns],
+                         "n_files": len(files)}
+    if kind == "builtin":
+        return "code", {"tags": {"sae_sweep.dataset": "builtin", "corpus": builtin_corpus_id()}}
+    if kind == "faithful":
+        gen = _get(dataset_cfg, "generation") or {}
+        tags = {"sae_sweep.dataset": "faithful", "version": str(FAITHFUL_VERSION),
+                **{f"generation.{k}": str(_plain(_get(gen, k, v))) for k, v in GENERATION_DEFAULTS.items()}}
+        if lm is not None:
+            tags["model"] = str(lm.fingerprint.get("name", ""))
+        return "code", {"tags": tags}
+    raise ValueError(f"dataset.kind={kind!r} is not a text source (builtin, faithful, hub, local)")
+
+
 # Documents of one split, as token ids
 def _tokenize(lm: Any, texts: List[str]) -> List[List[int]]:
     if not texts:
@@ -406,10 +439,16 @@ def iter_split_documents(dataset_cfg: Any, lm: Any, split: str, cache_dir: str |
 
 
 # Windows
-def _windows_path(dataset_cfg: Any, lm: Any, split: str, n_tokens: int, ctx: int,
-                  cache_dir: str | os.PathLike) -> Path:
-    key = stable_hash({"dataset": dataset_fingerprint(dataset_cfg, lm), "split": split,
-                        "n_tokens": n_tokens, "context_size": ctx})
+def windows_key(dataset_cfg: Any, lm: Any, split: str, n_tokens: Optional[int]) -> str:
+    """The identity of a split's token windows: dataset fingerprint (source, tokenizer), split,
+    budget (None: the whole split, streamed) and context size. It names the windows' file under
+    ``<cache_dir>/tokens/``; its first 8 characters are the dataset digest shown in MLflow."""
+    return stable_hash({"dataset": dataset_fingerprint(dataset_cfg, lm), "split": split,
+                        "n_tokens": n_tokens, "context_size": int(_get(dataset_cfg, "context_size"))})
+
+
+def _windows_path(dataset_cfg: Any, lm: Any, split: str, n_tokens: int, cache_dir: str | os.PathLike) -> Path:
+    key = windows_key(dataset_cfg, lm, split, n_tokens)
     name = str(_get(dataset_cfg, "name", _get(dataset_cfg, "kind"))).replace("/", "_")
     return Path(os.path.expanduser(str(cache_dir))) / "tokens" / f"{name}-{split}-{key}.npy"
 
@@ -430,7 +469,7 @@ def token_windows(dataset_cfg: Any, lm: Any, split: str, n_tokens: int,
     n_tokens = int(n_tokens)
     if n_tokens <= 0:
         raise ValueError(f"n_tokens must be positive, got {n_tokens}")
-    path = _windows_path(dataset_cfg, lm, split, n_tokens, ctx, cache_dir)
+    path = _windows_path(dataset_cfg, lm, split, n_tokens, cache_dir)
     if path.exists():
         windows = _load_windows(path)
         if windows is not None:

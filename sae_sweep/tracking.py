@@ -6,7 +6,12 @@ can write one store. Metrics and params are sent in batches: each call is a data
 
 Idempotency: every child run carries its ``run_key`` tag; ``find_runs`` looks runs up by it.
 A run is closed FINISHED only by ``ChildRun.close()``; any exception closes it FAILED with the
-error as a tag, so no run is ever left RUNNING by a job that stopped.
+error as a tag, so no run is ever left RUNNING by a job that stopped. A job run's system-metrics
+monitor (a thread) is stopped and flushed by that same ``close()``, before the run ends.
+
+What a person sees in the MLflow UI: experiments are tagged as model-training ones, each job run
+logs its token windows as dataset inputs (the runs table's Dataset column), and every link this
+package prints goes through ``ui_url`` (MLflow 3.17's UI opens the GenAI pages otherwise).
 
 A sqlite store is checked and initialised once, under a lock: MLflow creates and migrates its
 schema on first use, and two processes doing that at once on a fresh file corrupt it (measured:
@@ -20,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -30,15 +36,49 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 # Artifact downloads (sweep-end cross-seed, report, export) are small and quick: a progress bar per
 # download would be most of a sweep's console output.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow prints "View run ... at http://..." on every set_terminated against a server, with links
+# that open the GenAI pages; the links this package logs (``ui_url``) replace them.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
+# The monitor says "Started / Stopping / Successfully terminated" for every run at INFO.
+logging.getLogger("mlflow.system_metrics.system_metrics_monitor").setLevel(logging.WARNING)
+_GPU_HINT_GIVEN: List[bool] = []  # said once per process
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 BATCH = 900  # MLflow allows 1000 entities per log_batch call
+
+# MLflow 3.x reads this experiment tag to open an experiment on its runs table rather than the
+# GenAI overview; 3.17.2's UI ignores it (the sidebar's GenAI / Model training switch decides), so
+# the links below also carry the switch's URL form.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+UI_QUERY = "workflowType=machine_learning"
+# Where `mlflow ui` serves a local (sqlite) store by default: links to such a store assume it.
+LOCAL_UI = "http://127.0.0.1:5000"
+
+
+def ui_url(tracking_uri: str, experiment_id: str, run_id: Optional[str] = None, page: Optional[str] = None) -> str:
+    """The MLflow UI address of an experiment's runs table, or of one run (``page``: a run's tab,
+    e.g. ``system-metrics``, ``artifacts``), in the form that opens the model-training view. For a
+    server store it is the server's own address; for a sqlite store, `mlflow ui`'s default
+    (``ui_command`` says how to start it)."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else LOCAL_UI
+    path = f"#/experiments/{experiment_id}/runs"
+    if run_id:
+        path += f"/{run_id}" + (f"/{page}" if page else "")
+    return f"{base}/{path}?{UI_QUERY}"
+
+
+def ui_command(tracking_uri: str) -> Optional[str]:
+    """The command that serves a local store at ``LOCAL_UI``; None for a server (it is the UI)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
 
 
 def slurm_tags() -> Dict[str, str]:
@@ -124,7 +164,8 @@ class Tracker:
             return None
         try:
             location = f"{self.artifact_root}/{name}" if self.artifact_root else None
-            return self.client.create_experiment(name, artifact_location=location)
+            return self.client.create_experiment(name, artifact_location=location,
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except mlflow.exceptions.MlflowException:
             # Another job created it between our look-up and create.
             exp = self.client.get_experiment_by_name(name)
@@ -155,12 +196,18 @@ class Tracker:
 
     def start_parent(self, experiment: str, name: str, tags: Mapping[str, str]) -> str:
         exp_id = self.experiment_id(experiment)
+        exp = self.client.get_experiment(exp_id)
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # created before experiments were tagged
+            self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         run = self.client.create_run(exp_id, run_name=name,
                                      tags={"sae_sweep.kind": "sweep", **{k: str(v) for k, v in tags.items()}})
         return run.info.run_id
 
     def child(self, experiment: str, run_name: str, run_key: str, parent_run_id: Optional[str],
-              resume_run_id: Optional[str] = None) -> "ChildRun":
+              resume_run_id: Optional[str] = None, system_metrics_s: Optional[float] = None) -> "ChildRun":
+        """A job's run, new or continued (``resume_run_id``). ``system_metrics_s``: sample the
+        machine (CPU, memory, disk, network; GPUs with nvidia-ml-py) every that many seconds into
+        ``system/*`` metrics until the run is closed; None: no monitor."""
         exp_id = self.experiment_id(experiment)
         tags = {"run_key": run_key, "sae_sweep.kind": "job", "host": socket.gethostname(), **slurm_tags()}
         if parent_run_id:
@@ -177,7 +224,79 @@ class Tracker:
             self.set_tags(run_id, tags)
         else:
             run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
-        return ChildRun(self, run_id)
+        run = ChildRun(self, run_id)
+        if system_metrics_s is not None:
+            run.monitor = self.system_monitor(run_id, system_metrics_s, resume=resume_run_id is not None)
+        return run
+
+    def system_monitor(self, run_id: str, interval_s: float, resume: bool = False) -> Optional[Any]:
+        """A started SystemMetricsMonitor for ``run_id`` (its ``finish()`` must come before the
+        run ends: it buffers), or None where it cannot run (psutil missing): the run goes on
+        without system metrics."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            # resume_logging: a continued run's samples go on after its earlier steps
+            monitor = SystemMetricsMonitor(run_id=run_id, sampling_interval=float(interval_s),
+                                           samples_before_logging=1, resume_logging=resume,
+                                           tracking_uri=self.uri)
+        except Exception as e:  # ImportError (psutil), or a monitor MLflow cannot build here
+            log.warning("no system metrics for run %s: %s: %s", run_id, type(e).__name__, e)
+            return None
+        if not any(type(m).__name__ in ("GPUMonitor", "ROCMMonitor") for m in monitor.monitors) \
+                and shutil.which("nvidia-smi") and not _GPU_HINT_GIVEN:
+            _GPU_HINT_GIVEN.append(True)
+            log.warning("system metrics without GPU utilisation/memory: `pip install nvidia-ml-py` adds them")
+        monitor.start()
+        return monitor
+
+    def log_dataset(self, run_id: str, dataset: Mapping[str, Any]) -> None:
+        """One dataset input of a run, as the runs table's Dataset column shows it ("name (digest)"
+        and a badge with ``context``). ``dataset``: name, digest, source_type, source (a dict),
+        schema (a dict or None), profile (a dict), context ("train", "eval"). MLflow keeps one
+        dataset per (name, digest) in an experiment and one input per dataset and run: logging it
+        again (a resumed run) changes nothing."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        ds = Dataset(name=str(dataset["name"]), digest=str(dataset["digest"]),
+                     source_type=str(dataset["source_type"]), source=json.dumps(dataset["source"], default=str),
+                     schema=json.dumps(dataset["schema"]) if dataset.get("schema") else None,
+                     profile=json.dumps(dataset.get("profile") or {}, default=str))
+        self.client.log_inputs(run_id, datasets=[
+            DatasetInput(ds, tags=[InputTag("mlflow.data.context", str(dataset["context"]))])])
+
+    def log_child_datasets(self, parent_run_id: str, context: str = "train") -> int:
+        """Give a sweep's parent run the ``context`` datasets its child runs logged (each once), so
+        the parent's row, under which the UI collapses the children, names the sweep's datasets.
+        Returns how many."""
+        from mlflow.entities import DatasetInput
+
+        exp_id = self.client.get_run(parent_run_id).info.experiment_id
+        found: Dict[tuple, Any] = {}
+        for run in self.find_runs(exp_id, parent_run_id=parent_run_id):
+            for di in run.inputs.dataset_inputs if run.inputs else ():
+                if any(t.key == "mlflow.data.context" and t.value == context for t in di.tags):
+                    found.setdefault((di.dataset.name, di.dataset.digest), di)
+        inputs = [DatasetInput(di.dataset, tags=list(di.tags)) for _, di in sorted(found.items())]
+        if inputs:
+            self.client.log_inputs(parent_run_id, datasets=inputs)
+        return len(inputs)
+
+    def experiment_url(self, experiment_id: str) -> str:
+        return ui_url(self.uri, experiment_id)
+
+    def run_url(self, run_id: str, page: Optional[str] = None) -> str:
+        return ui_url(self.uri, self.client.get_run(run_id).info.experiment_id, run_id, page)
+
+    def ui_link(self, run_id: str, page: Optional[str] = None) -> str:
+        """``run_url`` for a message a job, sweep or command prints: a link that cannot be made
+        (the store refuses the look-up) is a warning and a "(no UI link: ...)" text in its place,
+        never the failure of the work it reports on."""
+        try:
+            return self.run_url(run_id, page)
+        except Exception as e:
+            log.warning("no MLflow UI link for run %s: %s: %s", run_id, type(e).__name__, e)
+            return f"(no UI link: {type(e).__name__}: {e})"
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
@@ -240,10 +359,11 @@ class ChildRun:
     a SystemExit/KeyboardInterrupt: SLURM preemption, so a requeue can continue it). As a context
     manager it always ends one way or the other."""
 
-    def __init__(self, tracker: Tracker, run_id: str):
+    def __init__(self, tracker: Tracker, run_id: str, monitor: Any = None):
         self.tracker = tracker
         self.run_id = run_id
         self.closed = False
+        self.monitor = monitor  # system metrics: stopped and flushed before the run ends
 
     def __enter__(self) -> "ChildRun":
         return self
@@ -253,7 +373,23 @@ class ChildRun:
             self.close(exc)
         return False
 
+    def stop_monitor(self) -> None:
+        """Stop the system-metrics thread and send what it buffered (the run must still be open
+        for that). Never raises: a lost sample must not keep a run from being closed."""
+        monitor, self.monitor = self.monitor, None
+        if monitor is not None:
+            try:
+                monitor.finish()
+            except Exception as e:
+                log.warning("system metrics of run %s: %s: %s", self.run_id, type(e).__name__, e)
+
     def close(self, error: Optional[BaseException] = None) -> None:
+        try:
+            self.stop_monitor()  # first: its last samples need the run still RUNNING
+        finally:  # even when a signal's SystemExit lands in the monitor's join
+            self._end(error)
+
+    def _end(self, error: Optional[BaseException]) -> None:
         if error is None:
             self.tracker.end(self.run_id, "FINISHED")
             self.closed = True
@@ -278,6 +414,14 @@ class ChildRun:
 
     def log_json(self, obj: Any, artifact_file: str) -> None:
         self.tracker.log_json(self.run_id, obj, artifact_file)
+
+    def log_dataset(self, dataset: Mapping[str, Any]) -> None:
+        self.tracker.log_dataset(self.run_id, dataset)
+
+    @property
+    def url(self) -> str:
+        """The run's UI link (``Tracker.ui_link``: never raises)."""
+        return self.tracker.ui_link(self.run_id)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.tracker.log_text(self.run_id, text, artifact_file)

@@ -45,6 +45,8 @@ def test_defaults_are_valid():
     (["dataset=faithful", "dataset.generation.sampler=fast"], ["dataset.generation.sampler", "fast",
                                                                "hf, exact_topk_first"]),
     (["dataset=faithful", "dataset.generation.temperature=0"], ["dataset.generation.temperature", "> 0"]),
+    (["tracking.system_metrics_interval_s=0"], ["tracking.system_metrics_interval_s=0", "a number of seconds > 0"]),
+    (["tracking.system_metrics_interval_s=-2.5"], ["tracking.system_metrics_interval_s=-2.5", "a number of seconds > 0"]),
 ])
 def test_invalid_values_name_key_value_and_allowed(overrides, needles):
     msg = _errors(*overrides)
@@ -72,10 +74,19 @@ def test_unknown_key_rejected_by_schema():
         _compose("sae.kk=3")
 
 
+def test_system_metrics_interval_must_be_a_number():
+    from hydra.errors import ConfigCompositionException as HCE
+
+    with pytest.raises(HCE) as e:  # the schema's float type, at compose time
+        _compose("tracking.system_metrics_interval_s=often")
+    assert "system_metrics_interval_s" in str(e.value) and "often" in str(e.value)
+
+
 def test_run_key_ignores_paths_and_tracking_but_not_seed():
     a = _compose()
     b = _compose("paths.output_dir=/elsewhere", "tracking.uri=sqlite:////x.db", "train.log_every=3",
-                 "dataset.how_to_get='a reworded hint'")
+                 "dataset.how_to_get='a reworded hint'",
+                 "tracking.system_metrics=false", "tracking.system_metrics_interval_s=0.5")
     c = _compose("seed=49")
     assert C.run_key(a) == C.run_key(b)
     assert C.run_key(a) != C.run_key(c)

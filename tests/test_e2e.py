@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 # Small budgets: each job trains ~40 steps on a 20k-token cache and evaluates on 2k held-out tokens.
 # Small caches trained over many times, on purpose: train.epochs says so (the default refuses repeated data).
 SMALL = ["dataset.tokens=20000", "train.epochs=50", "dataset.eval_tokens=2048", "train.tokens=40000", "trainer.batch_size=1000",
-         "train.checkpoint_every=5", "sweep.name=e2e"]
+         "train.checkpoint_every=5", "sweep.name=e2e", "tracking.system_metrics_interval_s=0.5"]
 
 
 def _cli(out: Path, *args, timeout=900, env_extra=None):
@@ -41,6 +41,7 @@ def sweep_out(tmp_path_factory, fresh_cache):
     cache = fresh_cache(out.parent)
     r = _cli(out, "-m", "seed=42,49", *SMALL, env_extra={"SAE_SWEEP_CACHE": str(cache)})
     assert r.returncode == 0, r.stderr[-4000:]
+    (out.parent / "cli.log").write_text(r.stdout + r.stderr)
     return out, cache
 
 
@@ -74,6 +75,32 @@ def test_two_seed_sweep_finishes_with_core_metrics(sweep_out):
         assert {t["seed"] for _ in [0]} <= {"42", "49"} and t["model"] == "tiny" and t["trainer"] == "topk"
         assert t["config_hash"] and t["git_commit"] and t["hook"] == "resid_post"
         assert c.data.params["trainer.lr"] == "0.001"
+
+
+def test_the_ui_shows_datasets_system_metrics_and_links(sweep_out):
+    """What a person sees in the MLflow UI: each run's training and held-out windows in the Dataset
+    column (the parent names the sweep's training set), system metrics, and links printed to open."""
+    out, _ = sweep_out
+    client, runs = _runs(out)
+    exp = client.get_experiment_by_name("e2e")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    parent = next(r for r in runs if r.data.tags.get("sae_sweep.kind") == "sweep")
+    digests = set()
+    for c in (r for r in runs if r.data.tags.get("sae_sweep.kind") == "job"):
+        inputs = client.get_run(c.info.run_id).inputs.dataset_inputs
+        ctx = {[t.value for t in d.tags if t.key == "mlflow.data.context"][0]: d.dataset for d in inputs}
+        assert sorted(ctx) == ["eval", "train"] and {d.name for d in ctx.values()} == {"builtin"}
+        assert all(len(d.digest) == 8 for d in ctx.values()) and ctx["train"].digest != ctx["eval"].digest
+        digests.add(ctx["train"].digest)
+        assert "dataset_input_error" not in c.data.tags
+        assert "system/cpu_utilization_percentage" in c.data.metrics  # sampled every 0.5 s
+        assert "system/system_memory_usage_megabytes" in c.data.metrics
+    assert len(digests) == 1  # both seeds trained on the same cached windows
+    got = client.get_run(parent.info.run_id).inputs.dataset_inputs
+    assert [(d.dataset.name, d.dataset.digest) for d in got] == [("builtin", digests.pop())]
+    log = (out.parent / "cli.log").read_text()
+    link = f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}?workflowType=machine_learning"
+    assert link in log and f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}" in log
 
 
 def test_cache_built_once_across_seeds(sweep_out):

@@ -59,7 +59,8 @@ def report_hook(tracker: Any, parent_run_id: str, points: Sequence[Any], results
     try:
         ids = [r["run_id"] for r in results or () if isinstance(r, dict) and r.get("run_id")]
         res = build_report(tracker, parent_run_id, Path(sweep_dir) / "report", extra_run_ids=ids)
-        log.info("sweep report: %s (logged to run %s under report/)", res.markdown, parent_run_id)
+        log.info("sweep report: %s (logged to run %s under report/: %s)", res.markdown, parent_run_id,
+                 tracker.ui_link(parent_run_id, "artifacts"))
         return res
     except Exception as e:  # the report must never turn a finished sweep into a failed one
         log.exception("sweep report failed: %s", e)
@@ -95,7 +96,8 @@ def build_report(tracker: Any, parent_run_id: str, out_dir: Path, *, extra_run_i
                                                      indent=1))
 
     made, skipped = _make_plots(tracker, runs, variants, shared, out_dir / "plots")
-    md = _markdown(data, runs, variants, specs, stats, shared, comparisons, made, skipped, out_dir)
+    md = _markdown(data, runs, variants, specs, stats, shared, comparisons, made, skipped, out_dir,
+                   ui=tracker.ui_link(parent_run_id))
     (out_dir / "report.md").write_text(md)
     result = ReportResult(out_dir, out_dir / "report.md", csvs, made, skipped)
     if log_to_mlflow:
@@ -245,12 +247,13 @@ def _findings(comparisons: Dict[str, pd.DataFrame]) -> List[str]:
 
 def _markdown(data: SweepData, runs: pd.DataFrame, variants: List[str], specs, stats: pd.DataFrame,
               shared: pd.DataFrame, comparisons: Dict[str, pd.DataFrame], made: Dict[str, Path],
-              skipped: Dict[str, str], out_dir: Path) -> str:
+              skipped: Dict[str, str], out_dir: Path, ui: str = "") -> str:
     t = data.parent_tags
     all_runs = data.runs
     counts = all_runs["status"].value_counts().to_dict() if not all_runs.empty else {}
     L: List[str] = [f"# Sweep report: {data.experiment} / {data.parent_name}", ""]
     L += [line for line in [f"- parent run: `{data.parent_run_id}` (experiment `{data.experiment}`)",
+          (f"- MLflow UI: <{ui}>" if ui.startswith("http") else f"- MLflow UI: {ui}") if ui else "",
           f"- overrides: `{t.get('overrides', '')}`" if t.get("overrides") else "",
           f"- sweep directory: `{t.get('sweep_dir', '')}`" if t.get("sweep_dir") else "",
           "- runs: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"),

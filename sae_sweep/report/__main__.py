@@ -85,7 +85,8 @@ def main(argv=None) -> int:
         print(f"sae_sweep.report: {e}", file=sys.stderr)
         return 2
     out = args.out or (sweep_dir / "report" if sweep_dir else Path(DEFAULT_OUTPUT_DIR) / "reports" / parent)
-    res = build_report(Tracker(uri), parent, out, log_to_mlflow=not args.no_log)
+    tracker = Tracker(uri)
+    res = build_report(tracker, parent, out, log_to_mlflow=not args.no_log)
     print(f"report: {res.markdown}")
     for name, p in res.plots.items():
         print(f"plot {name}: {p}")
@@ -93,6 +94,11 @@ def main(argv=None) -> int:
         print(f"plot {name} skipped: {why}")
     if res.logged:
         print(f"logged to run {parent} under report/ ({uri})")
+    from sae_sweep.tracking import ui_command
+
+    cmd = ui_command(uri)
+    print(f"MLflow UI: {tracker.ui_link(parent, 'artifacts' if res.logged else None)}"
+          + (f" (serve it with: {cmd})" if cmd else ""))
     return 0
 
 
