@@ -197,8 +197,10 @@ def test_checkpointable_job_is_requeued_and_resumes(tmp_path):
         return state if state["step"] >= 3 else None
 
     _wait_for(progressed, 600, "the job to make 3 steps", job=job)  # the node may be busy with other tests' jobs
-    # what submitit does on preemption: SIGUSR2 -> checkpoint() -> scontrol requeue
-    job._interrupt()
+    # What submitit does when a job's time runs out: USR2 -> checkpoint() -> scontrol requeue. (Its
+    # preemption interrupt sends SIGTERM first, from a separate scancel: when that SIGTERM is delivered
+    # after the USR2, it kills the `scontrol requeue` child; real preemption is the next test's.)
+    job._interrupt(timeout=True)
 
     result = job.result()  # requeued jobs start again after cred_expire (30 s on the local cluster)
     assert result["step"] == total
