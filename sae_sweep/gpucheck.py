@@ -2,7 +2,8 @@
 path (issue 17), in one command of a few minutes, no network.
 
 1. the CUDA-marked tests (``pytest -m cuda``: device placement, the bf16 reader, AuxK steps equal
-   to the CPU's, no host sync in a step, two identical runs bit-identical);
+   to the CPU's, no host sync in a step, two identical runs bit-identical, stream mode on the GPU,
+   faithful generation on the GPU);
 2. synthetic TopK steps with AuxK on at GPT-2 (768), Gemma-2-2B (2304) and Llama-3.1-8B (4096)
    widths, each with its model config's expansion factor and k: ms/step, tokens/s, peak memory and
    the host syncs ``torch.cuda.set_sync_debug_mode`` reports inside the timed steps;
