@@ -2,16 +2,21 @@
 path (issue 17), in one command of a few minutes, no network.
 
 1. the CUDA-marked tests (``pytest -m cuda``: device placement, the bf16 reader, AuxK steps equal
-   to the CPU's, no host sync in a step, two identical runs bit-identical);
+   to the CPU's, no host sync in a step, two identical runs bit-identical, stream mode on the GPU,
+   faithful generation on the GPU);
 2. synthetic TopK steps with AuxK on at GPT-2 (768), Gemma-2-2B (2304) and Llama-3.1-8B (4096)
    widths, each with its model config's expansion factor and k: ms/step, tokens/s, peak memory and
    the host syncs ``torch.cuda.set_sync_debug_mode`` reports inside the timed steps;
 3. two identical 20-step runs compared (bit-identical or the largest difference);
-4. ``python -m sae_sweep.bench perf --device cuda`` (absolute tokens/s, TF32 quality on the
-   planted dictionary).
+4. the core eval's KL/CE (``evals.core.downstream_per_position``) on random bf16 logits at
+   Gemma-2's 256,000-token vocabulary, 16 x 1024 positions: peak GPU memory above the two logit
+   tensors, against the fp32 log-prob copies it avoids, and its values at a sample of positions
+   against whole-row fp32 log-probs;
+5. ``python -m sae_sweep.bench perf --device cuda --d-in 768 --d-sae 24576 --k 32`` (absolute
+   TopK tokens/s at the issue's dims, TF32 quality on the planted dictionary).
 
-On a machine without CUDA it runs small CPU versions of 2 and 3 (a smoke test of the script) and
-reports the CUDA parts as "not run (no CUDA)". Prints a table; ``--out`` also writes it as JSON.
+On a machine without CUDA it runs small CPU versions of 2, 3 and 4 (a smoke test of the script)
+and reports the CUDA parts as "not run (no CUDA)". Prints a table; ``--out`` also writes it as JSON.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ import torch
 WIDTHS = [("gpt2", 768, 16, 16), ("gemma-2-2b", 2304, 8, 64), ("llama-3.1-8b", 4096, 4, 80)]
 REPO = Path(__file__).resolve().parents[1]
 NOT_RUN = "not run (no CUDA)"
+GEMMA2_VOCAB = 256_000
+BENCH_DIMS = (768, 24_576, 32)  # the issue's target: d_in, d_sae, k
 
 
 def _trainer(device: torch.device, d_in: int, d_sae: int, k: int, batch: int, steps: int, seed: int = 0):
@@ -99,6 +106,45 @@ def identical_runs(device: torch.device, d_in: int, d_sae: int, k: int, batch: i
     return {"steps": steps, "bit_identical": all(torch.equal(a[n], b[n]) for n in a), "max_abs_diff": diff}
 
 
+def core_eval_memory(device: torch.device, batch: int, seq: int, vocab: int, sample: int = 64) -> dict[str, Any]:
+    """``downstream_per_position`` on random bf16 logits ``[batch, seq, vocab]``: seconds, peak
+    memory above the inputs (CUDA), and the largest difference from whole-row fp32 log-probs at
+    ``sample`` positions spread over the batch."""
+    from sae_sweep.evals import core
+
+    g = torch.Generator(device=device).manual_seed(0)
+    clean = (torch.randn(batch, seq, vocab, generator=g, device=device, dtype=torch.bfloat16) * 3)
+    patched = clean + torch.randn(batch, seq, vocab, generator=g, device=device, dtype=torch.bfloat16)
+    tokens = torch.randint(0, vocab, (batch, seq), generator=g, device=device)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    t0 = time.perf_counter()
+    kl, ce_c, ce_p = core.downstream_per_position(clean, patched, tokens)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    row: dict[str, Any] = {"batch": batch, "seq": seq, "vocab": vocab, "seconds": round(seconds, 3),
+                           "logits_gib": round(2 * clean.numel() * clean.element_size() / 2**30, 3),
+                           "fp32_logprob_copies_avoided_gib": round(2 * clean.numel() * 4 / 2**30, 3)}
+    if device.type == "cuda":
+        row["peak_above_inputs_gib"] = round((torch.cuda.max_memory_allocated(device) - base) / 2**30, 3)
+    # the reference at `sample` positions (not the last of a context: CE has none there)
+    pos = torch.linspace(0, batch * (seq - 1) - 1, sample, device=device).long().unique()
+    b, t = pos // (seq - 1), pos % (seq - 1)
+    lc, lp = clean[b, t].float().log_softmax(-1), patched[b, t].float().log_softmax(-1)
+    want = (core.kl_div_from_logprobs(lc, lp), -lc.gather(-1, tokens[b, t + 1, None]).squeeze(-1),
+            -lp.gather(-1, tokens[b, t + 1, None]).squeeze(-1))
+    got = (kl[b, t], ce_c[b, t], ce_p[b, t])
+    diff = max(float((x.float() - y).abs().max()) for x, y in zip(got, want))
+    row.update(positions_checked=len(pos), max_abs_diff_vs_fp32=diff, matches=diff <= 1e-3 * max(
+        1.0, max(float(y.abs().max()) for y in want)), mean_kl=round(float(kl.mean()), 4))
+    del clean, patched, kl, ce_c, ce_p
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
 def cuda_tests() -> dict[str, Any]:
     tests = REPO / "tests" / "test_cuda.py"
     if not tests.is_file():
@@ -112,8 +158,9 @@ def cuda_tests() -> dict[str, Any]:
 
 def bench(device: torch.device, timeout: float) -> dict[str, Any]:
     out = REPO / "bench_results" / "gpucheck_bench.json"
+    d_in, d_sae, k = BENCH_DIMS
     cmd = [sys.executable, "-m", "sae_sweep.bench", "perf", "--device", str(device), "--out", str(out),
-           "--skip", "cache,sweep,packing,packing_jobs,memory"]
+           "--d-in", str(d_in), "--d-sae", str(d_sae), "--k", str(k), "--skip", "cache,sweep,packing,packing_jobs,memory"]
     try:
         r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -122,6 +169,10 @@ def bench(device: torch.device, timeout: float) -> dict[str, Any]:
                            "output_tail": (r.stdout + r.stderr)[-2000:]}
     if out.is_file():
         res["results"] = str(out)
+        topk = json.loads(out.read_text()).get("topk", {})
+        res["topk_dims"] = topk.get("dims")
+        res["topk_tokens_per_s"] = {name: round(v["tokens_per_s"]) for name, v in topk.get("variants", {}).items()
+                                    if v.get("tokens_per_s")}
     return res
 
 
@@ -130,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto: cuda when available)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per width on CUDA")
     p.add_argument("--batch", type=int, default=4096, help="batch size of the synthetic steps on CUDA")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: tests,steps,runs,bench")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: tests,steps,runs,eval,bench")
+    p.add_argument("--eval-shape", default="16,1024", help="batch,seq of the core-eval logits on CUDA "
+                   f"(vocabulary {GEMMA2_VOCAB:,}; default %(default)s)")
     p.add_argument("--bench-timeout", type=float, default=300.0)
     p.add_argument("--out", default=None, help="also write the results here as JSON")
     a = p.parse_args(argv)
@@ -187,9 +240,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[two identical {r['steps']}-step runs] bit-identical: {r['bit_identical']} "
               f"(max |diff| {r['max_abs_diff']:.3g}){' ' + r['note'] if 'note' in r else ''}", flush=True)
 
+    if "eval" not in skip:
+        if cuda:
+            eb, es = (int(v) for v in a.eval_shape.split(","))
+            try:
+                report["core_eval"] = core_eval_memory(device, eb, es, GEMMA2_VOCAB)
+            except torch.cuda.OutOfMemoryError as e:
+                report["core_eval"] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
+                torch.cuda.empty_cache()
+        else:
+            report["core_eval"] = {**core_eval_memory(device, 2, 32, 8192), "note": "CPU smoke; CUDA " + NOT_RUN}
+        r = report["core_eval"]
+        if "error" in r:
+            print(f"[core eval, vocab {GEMMA2_VOCAB:,}] {r['error']}", flush=True)
+        else:
+            print(f"[core eval KL/CE, bf16 logits {r['batch']} x {r['seq']} x {r['vocab']:,}] {r['seconds']} s, "
+                  f"peak above the logits {r.get('peak_above_inputs_gib', 'n/a')} GiB (logits {r['logits_gib']} GiB; "
+                  f"fp32 log-prob copies avoided {r['fp32_logprob_copies_avoided_gib']} GiB); vs fp32 at "
+                  f"{r['positions_checked']} positions: max |diff| {r['max_abs_diff_vs_fp32']:.2g} "
+                  f"({'ok' if r['matches'] else 'MISMATCH'}){' ' + r['note'] if 'note' in r else ''}", flush=True)
+
     if "bench" not in skip:
         report["bench"] = bench(device, a.bench_timeout) if cuda else {"status": NOT_RUN}
-        print(f"[bench perf --device {device}] {report['bench']['status']}", flush=True)
+        print(f"[bench perf --device {device} --d-in {BENCH_DIMS[0]} --d-sae {BENCH_DIMS[1]} --k {BENCH_DIMS[2]}] "
+              f"{report['bench']['status']}", flush=True)
+        for name, tps in report["bench"].get("topk_tokens_per_s", {}).items():
+            print(f"  TopK {name}: {tps:,d} tok/s at {report['bench'].get('topk_dims')}", flush=True)
         if cuda and report["bench"].get("output_tail"):
             print(report["bench"]["output_tail"], flush=True)
 
@@ -199,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(report, indent=2, default=str))
     failed = (report.get("cuda_tests", {}).get("status", "").startswith("FAILED")
-              or any("error" in r for r in report.get("topk_steps", {}).values()))
+              or any("error" in r for r in report.get("topk_steps", {}).values())
+              or "error" in report.get("core_eval", {}) or report.get("core_eval", {}).get("matches") is False
+              or report.get("bench", {}).get("status", "").startswith(("FAILED", "timed out")))
     return 1 if failed else 0
 
 

@@ -139,3 +139,25 @@ def _args(argv):
     p = argparse.ArgumentParser()
     perf.add_arguments(p)
     return p.parse_args(argv)
+
+
+def test_topk_dims_default_to_the_figure_s_and_take_the_command_line_s():
+    assert perf.topk_dims(_args([])) == (perf.D_IN, perf.D_SAE, perf.K, perf.BATCH) == (768, 12288, 16, 4096)
+    assert perf.topk_dims(_args(["--d-in", "768", "--d-sae", "24576", "--k", "32"])) == (768, 24576, 32, perf.BATCH)
+    assert perf.topk_dims(_args(["--k", "32"])) == (perf.D_IN, perf.D_SAE, 32, perf.BATCH)
+    assert perf.topk_dims(_args(["--smoke"])) == perf.SMOKE_DIMS
+    with pytest.raises(SystemExit, match="--smoke runs at SMOKE_DIMS"):
+        perf.topk_dims(_args(["--smoke", "--d-sae", "24576"]))
+    with pytest.raises(SystemExit, match="--k=64 is more than --d-sae=32"):
+        perf.topk_dims(_args(["--d-sae", "32", "--k", "64"]))
+
+
+def test_a_peer_step_refuses_a_gpu_device_before_any_import(capsys):
+    """Only ours and the matmul run off the CPU: a peer worker asked for CUDA answers an error
+    (which fig_topk reports in place of the figure), never a CPU timing under a GPU label."""
+    from sae_sweep.bench import step_worker
+
+    assert step_worker.main(["--impl", "sparsify", "--device", "cuda", "--d-in", "8", "--d-sae", "16", "--k", "2",
+                             "--batch", "4"]) == 1
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(step_worker.MARK)][-1]
+    assert "only sae_sweep and matmul run off the CPU" in json.loads(line[len(step_worker.MARK):])["error"]

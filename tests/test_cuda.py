@@ -106,3 +106,171 @@ def test_two_identical_runs_are_bit_identical():
 
     a, b = run(), run()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+# -- stream mode (cache.mode=stream) on the GPU ----------------------------------------------------
+
+
+def _lm(cache_dir, device, dtype="float32"):
+    from sae_sweep.lm import load_lm
+
+    return load_lm({"name": "tiny", "hf_id": "builtin:tiny", "dtype": dtype}, cache_dir, device)
+
+
+def _windows(lm, n_chunks=6, chunk=4, ctx=32, seed=0):
+    """Token windows as text.iter_windows gives them (BOS first), from ids the tiny model knows."""
+    vocab = lm.model.config.vocab_size
+
+    def make():
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(n_chunks):
+            w = torch.randint(3, vocab, (chunk, ctx), generator=g)
+            w[:, 0] = lm.bos_token_id
+            yield w
+    return make
+
+
+def _stream(lm, windows):
+    from sae_sweep.stream import StreamBlocks
+
+    return StreamBlocks(lm, windows, 2, "resid_post", block_windows=8, forward_batch=4)
+
+
+def test_stream_from_a_gpu_lm_gives_the_cpu_s_batches_without_host_syncs(tiny_cache_dir):
+    """The LM's stream on the GPU: blocks stay on the GPU, each seed's batches are the CPU stream's
+    (same rows, same order; activations within the GPU/CPU tolerance), the LM work is the same, and
+    a batch of an already computed block is handed out without a host sync."""
+    from sae_sweep.devices import cuda_syncs
+    from sae_sweep.stream import StreamReader
+
+    gpu_lm, cpu_lm = _lm(tiny_cache_dir, "cuda"), _lm(tiny_cache_dir, "cpu")
+    windows = _windows(cpu_lm)
+    gpu_src, cpu_src = _stream(gpu_lm, windows), _stream(cpu_lm, windows)
+    assert gpu_src.block(0).device.type == "cuda"
+    for seed in (1, 2):
+        gpu, cpu = list(StreamReader(gpu_src, 64, seed, device="cuda")), list(StreamReader(cpu_src, 64, seed))
+        assert len(gpu) == len(cpu) >= 8  # both end where the data does
+        for a, b in zip(gpu, cpu):
+            assert a.device.type == "cuda" and a.dtype == torch.float32 and a.shape == b.shape
+            torch.testing.assert_close(a.cpu(), b, rtol=2e-2, atol=2e-2)
+    assert gpu_src.forward_tokens == cpu_src.forward_tokens
+    reader = StreamReader(gpu_src, 16, 3, device="cuda")
+    next(reader)  # computes block 0 (its NaN check waits for the GPU once per block)
+    torch.cuda.synchronize()
+    with cuda_syncs() as found:
+        batches = [next(reader) for _ in range(4)]
+    torch.cuda.synchronize()
+    assert reader.block_pos == 0 and found == [], "\n".join(found)
+    assert all(torch.isfinite(x).all() for x in batches)
+
+
+def test_stream_from_a_cpu_lm_reaches_the_gpu_exactly():
+    """A CPU LM's stream read on the GPU (through pinned memory, non-blocking): the same bits."""
+    from sae_sweep.stream import StreamBlocks, StreamReader
+
+    class EmbedLM:  # activations = a fixed embedding of the ids (a host LM)
+        d_model, device, special_token_ids = 48, torch.device("cpu"), {1}
+        table = torch.randn(1000, 48, generator=torch.Generator().manual_seed(0))
+
+        def activations(self, ids, layer, hook):
+            return self.table[ids]
+
+    def windows():
+        g = torch.Generator().manual_seed(0)
+        for _ in range(6):
+            w = torch.randint(2, 1000, (4, 32), generator=g)
+            w[:, 0] = 1
+            yield w
+
+    src = StreamBlocks(EmbedLM(), windows, 0, "resid_post", block_windows=8)
+    gpu, cpu = StreamReader(src, 32, 5, device="cuda"), StreamReader(src, 32, 5)
+    pairs = list(zip(gpu, cpu))
+    assert len(pairs) >= 10
+    assert all(a.device.type == "cuda" and torch.equal(a.cpu(), b) for a, b in pairs)
+
+
+def test_a_pack_on_one_gpu_stream_equals_its_solo_runs(tiny_cache_dir, tmp_path):
+    """2 seeds x TopK/ReLU trained on the GPU from one stream of the GPU LM: one LM pass for the
+    pack, and each SAE bit-identical to its solo run (the determinism decision, stream mode)."""
+    from sae_sweep.sae.registry import get_trainer
+    from sae_sweep.stream import StreamReader
+    from sae_sweep.train import Member, train_members
+
+    lm = _lm(tiny_cache_dir, "cuda")
+    points, steps = [("topk", 256, 8, 1), ("relu", 256, None, 1), ("topk", 256, 8, 2)], 12
+
+    def run(selected, root):
+        src = _stream(lm, _windows(lm, n_chunks=12))
+        readers = {seed: StreamReader(src, 64, seed, device="cuda") for seed in {p[3] for p in selected}}
+        members = []
+        for i, (name, d_sae, k, seed) in enumerate(selected):
+            cfg = {"name": name, "batch_size": 64, "lr": 3e-3, "warmup_steps": 2, "dead_tokens": 640}
+            t = get_trainer(name)(lm.d_model, {"d_sae": d_sae, **({"k": k} if k else {})}, cfg, steps, seed,
+                                       device="cuda")
+            t.init_from_data(next(StreamReader(src, 128, seed + 7919, device="cuda")))
+            members.append(Member(t, steps, root / f"m{i}", checkpoint_every=5, stream=seed))
+        train_members(members, readers, progress=False)
+        return members, src.forward_tokens
+
+    packed, forwarded = run(points, tmp_path / "packed")
+    assert all(m.error is None and m.result.steps == steps for m in packed)
+    for point, m in zip(points, packed):
+        (alone,), alone_forwarded = run([point], tmp_path / f"alone-{point[0]}-{point[3]}")
+        assert forwarded == alone_forwarded
+        for (name, p), q in zip(alone.trainer.sae.named_parameters(), m.trainer.sae.parameters()):
+            assert p.device.type == "cuda" and torch.isfinite(p).all()
+            assert torch.equal(p, q), f"{point}: {name} differs from its solo run"
+
+
+# -- faithful generation on the GPU ----------------------------------------------------------------
+
+
+def test_faithful_generation_on_the_gpu_is_text_and_reproducible(tiny_cache_dir, tmp_path):
+    """Generations with the exact_topk_first sampler on the GPU (bf16, as dtype=auto loads it there):
+    rows cut at EOS, within max_new_tokens, ids of the vocabulary, word-like text, the same chunk
+    for the same (seed, chunk) and another for another chunk."""
+    import numpy as np
+
+    from sae_sweep.faithful import Generations
+
+    lm = _lm(tiny_cache_dir, "cuda", dtype="auto")
+    assert next(lm.model.parameters()).dtype == torch.bfloat16
+    settings = {"max_new_tokens": 32, "temperature": 1.0, "top_p": 0.9, "repetition_penalty": 1.1,
+                "batch_size": 16, "seed": 4, "sampler": "exact_topk_first"}
+    gens = Generations(lm, settings, tmp_path)
+    first, other = gens._generate(0), gens._generate(1)
+    vocab = lm.model.config.vocab_size
+    for doc in first + other:
+        assert doc.dtype == np.int32 and len(doc) <= 32 and lm.eos_token_id not in doc
+        assert ((doc >= 0) & (doc < vocab)).all()
+    assert len(first) == 16 and all(np.array_equal(x, y) for x, y in zip(first, gens._generate(0)))
+    assert not all(len(x) == len(y) and np.array_equal(x, y) for x, y in zip(first, other))
+    words = " ".join(lm.tokenizer.decode(d) for d in first + other).split()
+    alpha = sum(w.strip(".,:;()[]'\"`").isalpha() for w in words) / len(words)
+    assert len(words) > 50 and alpha > 0.5, " ".join(words)[:400]
+
+
+def test_sampler_steps_equal_hf_processors_on_the_gpu(tiny_cache_dir):
+    """HF generate's processed scores at every step on the GPU against ours (sampling.nucleus_probs)
+    on the same raw logits, on the GPU: same kept tokens and probabilities within tolerance."""
+    from test_sampling import _compare
+
+    from sae_sweep import sampling
+
+    lm, bs, steps = _lm(tiny_cache_dir, "cuda"), 16, 12
+    prompt = torch.full((bs, 1), lm.bos_token_id, dtype=torch.long, device="cuda")
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        out = lm.model.generate(
+            input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0,
+            top_p=0.9, top_k=0, repetition_penalty=1.1, max_new_tokens=steps, min_new_tokens=0,
+            eos_token_id=lm.eos_token_id, pad_token_id=lm.pad_token_id, use_cache=True,
+            output_scores=True, output_logits=True, return_dict_in_generate=True)
+    same = 0
+    for t, (raw, processed) in enumerate(zip(out.logits, out.scores)):
+        assert raw.device.type == "cuda"
+        scores = sampling.process(raw, out.sequences[:, : 1 + t], 1.0, 1.1)
+        ours = sampling.nucleus_probs(scores, 0.9, candidates=16)  # 16: the full-sort fallback runs too
+        assert ours.device.type == "cuda"
+        same += _compare(ours.cpu(), torch.softmax(processed, -1).cpu(), scores.cpu(), 0.9)
+    assert same >= 0.9 * bs * len(out.scores)

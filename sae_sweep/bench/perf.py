@@ -20,8 +20,9 @@
    cache per job; packing: the same sweep's training loop packed vs one point at a time.
 5. memory: peak RSS of each TopK implementation's step (from its worker) and of temporal_ortho's
    tracking.
-6. GPU: the same figures run on CUDA when one is available (`--device auto`), except the TopK
-   peer comparison, which runs on CPU.
+6. GPU: the same figures run on CUDA when one is available (`--device auto`); the TopK figure
+   there times ours and the roofline matmul on the GPU (absolute tokens/s; `--d-in/--d-sae/--k`
+   set its dims), the peer comparison runs on CPU.
 """
 from __future__ import annotations
 
@@ -161,7 +162,8 @@ class StepWorker:
     for blocks of consecutive timed steps (see step_worker.py for the protocol)."""
 
     def __init__(self, python: str, impl: str, precision: str, threads: int, warmup: int,
-                 env: dict[str, str] | None = None, dims: tuple[int, int, int, int] = (D_IN, D_SAE, K, BATCH)):
+                 env: dict[str, str] | None = None, dims: tuple[int, int, int, int] = (D_IN, D_SAE, K, BATCH),
+                 device: str = "cpu"):
         from sae_sweep.bench.step_worker import MARK
 
         self.mark, self.name = MARK, f"{impl}/{precision}"
@@ -170,7 +172,8 @@ class StepWorker:
         d_in, d_sae, k, batch = dims
         self.proc = subprocess.Popen(
             [python, str(WORKER), "--impl", impl, "--precision", precision, "--threads", str(threads),
-             "--d-in", str(d_in), "--d-sae", str(d_sae), "--k", str(k), "--batch", str(batch), "--warmup", str(warmup)],
+             "--d-in", str(d_in), "--d-sae", str(d_sae), "--k", str(k), "--batch", str(batch), "--warmup", str(warmup)]
+            + (["--device", device] if device != "cpu" else []),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=child_env)
         self.ready = self._read()
         if "error" in self.ready:
@@ -256,9 +259,12 @@ def fig_topk(device: torch.device, probe: dict[str, Any], venvs: Path, peers: li
     times slower (see README "Performance"). So after `rounds`, the variants without a quiet step
     (waiting threads < QUIET) get more rounds, up to `max_rounds`. Reported per variant: the best
     step, the median of its quiet steps, and how many were quiet.
+
+    On a GPU (``device`` cuda) only ours and the roofline matmul run, on the GPU (each step timed
+    until the GPU has finished it; fp32 is TF32 there): absolute tokens/s at ``dims``. The peers'
+    steps are timed on CPU (``--device cpu``).
     """
-    if device.type != "cpu":
-        return {"skipped": f"the peer workers run on CPU; device {device} not measured here"}
+    on_gpu = device.type != "cpu"
     precisions = ["fp32", "bf16"] if probe["run_bf16"] else ["fp32"]
     python, env = ours_python()
     plan: list[tuple[str, str, str, dict[str, str], str]] = []  # (key, python, impl, env, precision)
@@ -267,6 +273,9 @@ def fig_topk(device: torch.device, probe: dict[str, Any], venvs: Path, peers: li
         plan.append((f"sae_sweep/{prec}", python, "sae_sweep", env, prec))
     not_run: dict[str, str] = {}
     for name in peers:
+        if on_gpu:
+            not_run[name] = f"not measured on {device}: the peers' steps are timed on CPU (`--device cpu`)"
+            continue
         py = peer_python(name, venvs)
         if py is None:
             not_run[name] = f"not measured: no venv at {venvs / PEERS[name].venv} (`make bench-peers` creates it)"
@@ -278,7 +287,7 @@ def fig_topk(device: torch.device, probe: dict[str, Any], venvs: Path, peers: li
     try:
         for key, py, impl, wenv, prec in plan:  # one at a time: warm-ups do not compete
             try:
-                workers[key] = StepWorker(py, impl, prec, threads, warmup, wenv, dims)
+                workers[key] = StepWorker(py, impl, prec, threads, warmup, wenv, dims, str(device))
                 print(f"    {key}: ready", flush=True)
             except RuntimeError as e:
                 not_run[key] = f"not measured: {e}"
@@ -300,7 +309,7 @@ def fig_topk(device: torch.device, probe: dict[str, Any], venvs: Path, peers: li
     d_in, d_sae, _, batch = dims
     res = {key: w.summary(batch) for key, w in workers.items()}
     out: dict[str, Any] = {"variants": res, "not_run": not_run, "precisions": precisions, "dims": list(dims),
-                           "rounds": done,
+                           "device": str(device), "rounds": done,
                            "block": block, "warmup": warmup, "threads": threads, "load_avg_1m": load,
                            "cpu_pressure_some_avg10": pressure}
     flops = {prec: 2 * batch * d_in * d_sae / res[f"matmul/{prec}"]["best_seconds"]
@@ -582,10 +591,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="more rounds, for the variants without a quiet step, up to this many (default: %(default)s)")
     p.add_argument("--topk-block", type=int, default=3, help="consecutive steps per variant and round")
     p.add_argument("--topk-warmup", type=int, default=2, help="untimed steps per variant before the rounds")
+    p.add_argument("--d-in", type=int, default=None, help=f"the TopK figure's d_in (default: {D_IN})")
+    p.add_argument("--d-sae", type=int, default=None, help=f"the TopK figure's d_sae (default: {D_SAE})")
+    p.add_argument("--k", type=int, default=None, help=f"the TopK figure's k (default: {K})")
     p.add_argument("--smoke", action="store_true",
                    help="a check, not a measurement (seconds): the TopK figure only, at tiny dims "
                    f"{SMOKE_DIMS}, one round of one step, every worker (ours and each peer venv's) must run; "
                    "writes bench_results/bench_smoke.json unless --out is given")
+
+
+def topk_dims(args: argparse.Namespace) -> tuple[int, int, int, int]:
+    """The TopK figure's (d_in, d_sae, k, batch): the defaults, ``--d-in/--d-sae/--k`` where given,
+    or ``SMOKE_DIMS`` with ``--smoke`` (which refuses them: a smoke run is not a measurement)."""
+    given = {name: getattr(args, name, None) for name in ("d_in", "d_sae", "k")}
+    if getattr(args, "smoke", False):
+        if any(v is not None for v in given.values()):
+            raise SystemExit("--smoke runs at SMOKE_DIMS " + str(SMOKE_DIMS) + ": drop --d-in/--d-sae/--k, or --smoke")
+        return SMOKE_DIMS
+    d_in, d_sae, k = (given[n] if given[n] is not None else dflt for n, dflt in zip(given, (D_IN, D_SAE, K)))
+    for name, v in (("--d-in", d_in), ("--d-sae", d_sae), ("--k", k)):
+        if v < 1:
+            raise SystemExit(f"{name}={v}: must be >= 1")
+    if k > d_sae:
+        raise SystemExit(f"--k={k} is more than --d-sae={d_sae}")
+    return d_in, d_sae, k, BATCH
 
 
 def _row(name: str, value: str, target: str, ok: bool | None) -> str:
@@ -726,9 +755,9 @@ def main(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     skip = {s for s in args.skip.split(",") if s}
-    dims = (D_IN, D_SAE, K, BATCH)
+    dims = topk_dims(args)
     if args.smoke:  # only the TopK figure (the others are fixed-size), tiny, once
-        dims, device = SMOKE_DIMS, torch.device("cpu")
+        device = torch.device("cpu")
         skip |= {"memory", "reader", "packing", "quality", "cache", "sweep", "packing_jobs"}
         args.topk_rounds, args.topk_max_rounds, args.topk_block, args.topk_warmup = 1, 1, 1, 1
     cache_dir = Path(os.path.expanduser(args.cache_dir))
@@ -754,7 +783,7 @@ def main(args: argparse.Namespace) -> int:
     stage("memory", lambda: fig_memory(args.temporal_d_sae))
     with tempfile.TemporaryDirectory(prefix="sae_sweep_bench_") as tmp:
         t = r.get("topk", {})
-        steps_per_s = (t["variants"][f"sae_sweep/{t['ours_best_precision']}"]["tokens_per_s"] / BATCH
+        steps_per_s = (t["variants"][f"sae_sweep/{t['ours_best_precision']}"]["tokens_per_s"] / dims[3]
                        if "ours_best_precision" in t else 1.0)
         stage("reader", lambda: fig_reader(Path(tmp), device, steps_per_s, n_batches=20))
         stage("packing", lambda: fig_packing(Path(tmp), device, args.packing_steps, args.reps))

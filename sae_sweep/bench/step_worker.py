@@ -2,6 +2,10 @@
 
     <python> step_worker.py --impl sae_sweep|dictionary_learning|sparsify --precision fp32|bf16
 
+`--device cuda[:N]` (ours and the matmul only; the peers' steps are written for the CPU): the
+batch and the SAE on the GPU, each timed step ending when the GPU has finished it (ours reads its
+loss back, the matmul synchronizes), fp32 matmuls on TF32 as sae_sweep's trainer runs them.
+
 `perf.fig_topk` starts one worker per (implementation, precision), each with the Python of the
 environment that has that implementation installed (sae_sweep's own for ours; the venvs that
 `make bench-peers` creates for the peers), so every step is timed by the same harness at the same
@@ -82,7 +86,8 @@ def sae_sweep_step(args, x):
     from sae_sweep.sae.topk import TopKTrainer
 
     cfg = {"name": "topk", "batch_size": args.batch, "lr": 1e-4, "autocast_bf16": args.precision == "bf16"}
-    trainer = TopKTrainer(args.d_in, {"d_sae": args.d_sae, "k": args.k}, cfg, total_steps=100_000, seed=0)
+    trainer = TopKTrainer(args.d_in, {"d_sae": args.d_sae, "k": args.k}, cfg, total_steps=100_000, seed=0,
+                          device=args.device)
     trainer.init_from_data(x[:1024])
     try:
         v = version("sae_sweep")
@@ -155,14 +160,23 @@ def sparsify_step(args, x):
 
 def matmul_step(args, x):
     """The roofline's operation: the encoder's forward matmul [batch, d_in] x [d_in, d_sae] in the
-    given precision, into a preallocated output (compute only), timed in the same rounds."""
+    given precision, into a preallocated output (compute only), timed in the same rounds. On CUDA
+    fp32 is TF32 (as the trainer's ``devices.fast_matmul`` sets it) and each step synchronizes."""
     import torch
 
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     g = torch.Generator().manual_seed(1)
-    a, w = x.to(dtype), torch.randn(args.d_in, args.d_sae, generator=g).to(dtype)
-    out = torch.empty(args.batch, args.d_sae, dtype=dtype)
-    return torch.__version__, lambda: torch.mm(a, w, out=out)
+    a, w = x.to(dtype), torch.randn(args.d_in, args.d_sae, generator=g).to(x.device, dtype)
+    out = torch.empty(args.batch, args.d_sae, dtype=dtype, device=x.device)
+    if x.device.type != "cuda":
+        return torch.__version__, lambda: torch.mm(a, w, out=out)
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+    def step():
+        torch.mm(a, w, out=out)
+        torch.cuda.synchronize(x.device)
+
+    return torch.__version__, step
 
 
 IMPLS = {"sae_sweep": sae_sweep_step, "dictionary_learning": dictionary_learning_step, "sparsify": sparsify_step,
@@ -200,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu | cuda[:N] (sae_sweep and matmul only)")
     args = p.parse_args(argv)
 
     import torch
@@ -207,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     x = data(args.batch, args.d_in)
     try:
+        if args.device != "cpu":
+            if args.impl not in ("sae_sweep", "matmul"):
+                raise ValueError(f"--device {args.device}: only sae_sweep and matmul run off the CPU here")
+            x = x.to(args.device)
         if args.impl == "sparsify":
             os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # read at import
         if args.impl in MODULES:
@@ -217,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # reported to the bench, which prints it in place of the figure
         reply({"error": f"{type(e).__name__}: {e}"})
         return 1
-    reply({"ready": {"impl": args.impl, "version": impl_version, "precision": args.precision,
+    reply({"ready": {"impl": args.impl, "version": impl_version, "precision": args.precision, "device": args.device,
                      "torch": torch.__version__, "threads": torch.get_num_threads(),
                      "cpu_capability": torch.backends.cpu.get_cpu_capability(), "warmup": warmup,
                      "rss_before_setup_mib": base.get("VmRSS")}})
