@@ -150,7 +150,11 @@ class MetricSpec:
 # The headline metrics, in report order. Patterns, not keys: evals may nest categories differently
 # and sparse probing's k values come from its config. A pattern with (?P<k>..) yields one spec per k.
 HEADLINE_PATTERNS: Sequence[tuple] = (
-    (r"core/reconstruction_quality/explained_variance", "explained variance", +1, "fraction of variance"),
+    # SAEBench's formula subtracts (S/d_in)^2, not ||E x||^2: above 1 when the mean squared norm exceeds
+    # d_in^2 (Llama-family layers with massive activations). The centred one is beside it (evals/core.py).
+    (r"core/reconstruction_quality/explained_variance", "explained variance", +1, "fraction of variance (SAEBench's formula)"),
+    (r"core/reconstruction_quality/explained_variance_centred", "explained variance (centred)", +1,
+     "fraction of variance about the mean"),
     (r"core/model_behavior_preservation/kl_div_score", "KL score", +1, "fraction of KL recovered"),
     (r"core/model_performance_preservation/ce_loss_score", "CE score", +1, "fraction of CE recovered"),
     (r"core/sparsity/l0", "L0", 0, "active latents per token"),
