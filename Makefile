@@ -1,10 +1,11 @@
 # sae_sweep developer commands. PYTHON is the interpreter the package is installed into.
 PYTHON ?= python3
 PYTEST_ARGS ?=
-# 2 test workers (pytest-xdist): much of the suite waits on SLURM and job subprocesses. TEST_WORKERS=0: one process.
+# 3 test workers (pytest-xdist) on 2 cores: much of the suite waits on SLURM and job subprocesses
+# (measured on 2 cores: 10 min with 3 workers, 15 min with 2). TEST_WORKERS=0: one process.
 # --max-worker-restart=0: a worker that dies ends the run with its test named; replaced, xdist 3.8's
 # loadgroup scheduler re-queues that group and can wait forever (a CI run hung until its time limit).
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 PYTEST := $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --max-worker-restart=0
 
 .PHONY: install test test-fast demo demo-real prose-docs bench bench-peers bench-smoke gpu-check slurm-up slurm-down clean
