@@ -253,24 +253,7 @@ def test_faithful_generation_on_the_gpu_is_text_and_reproducible(tiny_cache_dir,
 def test_sampler_steps_equal_hf_processors_on_the_gpu(tiny_cache_dir):
     """HF generate's processed scores at every step on the GPU against ours (sampling.nucleus_probs)
     on the same raw logits, on the GPU: same kept tokens and probabilities within tolerance."""
-    from test_sampling import _compare
+    from test_sampling import hf_generate_agreement
 
-    from sae_sweep import sampling
-
-    lm, bs, steps = _lm(tiny_cache_dir, "cuda"), 16, 12
-    prompt = torch.full((bs, 1), lm.bos_token_id, dtype=torch.long, device="cuda")
-    torch.manual_seed(0)
-    with torch.inference_mode():
-        out = lm.model.generate(
-            input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0,
-            top_p=0.9, top_k=0, repetition_penalty=1.1, max_new_tokens=steps, min_new_tokens=0,
-            eos_token_id=lm.eos_token_id, pad_token_id=lm.pad_token_id, use_cache=True,
-            output_scores=True, output_logits=True, return_dict_in_generate=True)
-    same = 0
-    for t, (raw, processed) in enumerate(zip(out.logits, out.scores)):
-        assert raw.device.type == "cuda"
-        scores = sampling.process(raw, out.sequences[:, : 1 + t], 1.0, 1.1)
-        ours = sampling.nucleus_probs(scores, 0.9, candidates=16)  # 16: the full-sort fallback runs too
-        assert ours.device.type == "cuda"
-        same += _compare(ours.cpu(), torch.softmax(processed, -1).cpu(), scores.cpu(), 0.9)
-    assert same >= 0.9 * bs * len(out.scores)
+    same, total = hf_generate_agreement(_lm(tiny_cache_dir, "cuda"), "cuda")
+    assert same >= 0.9 * total

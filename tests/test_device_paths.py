@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+from test_train import ListReader  # a finite reader with the readers' state_dict protocol
 
 from sae_sweep.devices import SyncOps
 from sae_sweep.sae.kernels import force_path
@@ -85,26 +86,6 @@ def test_coactivation_table_device_update_equals_cpu_update(cap, cbar_init):
             assert a[key] == b[key], key
 
 
-class _Batches:
-    def __init__(self, batches):
-        self.batches, self.i = batches, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self.i >= len(self.batches):
-            raise StopIteration
-        self.i += 1
-        return self.batches[self.i - 1]
-
-    def state_dict(self):
-        return {"i": self.i}
-
-    def load_state_dict(self, state):
-        self.i = state["i"]
-
-
 def test_training_loop_syncs_only_at_log_windows():
     """The loop's syncs (a log window's flush, the end-of-training checks) do not grow with the
     number of steps between them."""
@@ -116,7 +97,7 @@ def test_training_loop_syncs_only_at_log_windows():
         t = get_trainer("topk")(16, {"d_sae": 128, "k": 4}, _cfg("topk"), total_steps=steps, seed=0)
         t.init_from_data(data[0])
         with force_path("device"), SyncOps() as ops:
-            train(t, _Batches(list(data)), steps, log_every=1000, progress=False)
+            train(t, ListReader(list(data)), steps, log_every=1000, progress=False)
         return ops.count
 
     assert syncs(6) == syncs(12)

@@ -110,11 +110,10 @@ def test_sample_next_draws_the_nucleus_distribution():
         assert (freq - probs[r]).abs().max() < 0.02  # ~6 standard errors of the largest probability
 
 
-def test_generate_steps_equal_hf_generate_processors_on_the_tiny_model(tiny_lm):
-    """HF generate's own processed scores (output_scores) at every step, against ours on the raw
-    logits of the same step: this checks HF's processor list and order for the faithful settings."""
-    lm, bs, steps = tiny_lm, 16, 12
-    prompt = torch.full((bs, 1), lm.bos_token_id, dtype=torch.long)
+def hf_generate_agreement(lm, device="cpu", bs=16, steps=12):
+    """(rows x steps agreeing, rows x steps): HF generate's own processed scores (output_scores) at
+    every step against ours on the raw logits of the same step, on ``device``."""
+    prompt = torch.full((bs, 1), lm.bos_token_id, dtype=torch.long, device=device)
     torch.manual_seed(0)
     with torch.inference_mode():
         out = lm.model.generate(
@@ -124,10 +123,19 @@ def test_generate_steps_equal_hf_generate_processors_on_the_tiny_model(tiny_lm):
             output_scores=True, output_logits=True, return_dict_in_generate=True)
     same = 0
     for t, (raw, processed) in enumerate(zip(out.logits, out.scores)):
+        assert raw.device.type == torch.device(device).type
         scores = sampling.process(raw, out.sequences[:, : 1 + t], 1.0, 1.1)
-        ours = sampling.nucleus_probs(scores, 0.9, candidates=16)  # 16: the fallback runs too
-        same += _compare(ours, torch.softmax(processed, -1), scores, 0.9)
-    assert same >= 0.9 * bs * len(out.scores)
+        ours = sampling.nucleus_probs(scores, 0.9, candidates=16)  # 16: the full-sort fallback runs too
+        assert ours.device.type == torch.device(device).type
+        same += _compare(ours.cpu(), torch.softmax(processed, -1).cpu(), scores.cpu(), 0.9)
+    return same, bs * len(out.scores)
+
+
+def test_generate_steps_equal_hf_generate_processors_on_the_tiny_model(tiny_lm):
+    """HF generate's own processed scores at every step, against ours on the raw logits of the same
+    step: this checks HF's processor list and order for the faithful settings."""
+    same, total = hf_generate_agreement(tiny_lm)
+    assert same >= 0.9 * total
 
 
 def test_generate_loop_semantics(tiny_lm):
