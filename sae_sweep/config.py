@@ -734,8 +734,24 @@ def run_identity(cfg: Any) -> Dict[str, Any]:
         "trainer": _plain(cfg.trainer),
         "train_tokens": cfg.train.tokens,
         **({"epochs": cfg.train.epochs} if cfg.train.get("epochs", 1) != 1 else {}),  # 1 keeps older keys
+        "batches": batch_source(cfg),
         "seed": cfg.seed,
     }
+
+
+def batch_source(cfg: Any) -> Dict[str, Any]:
+    """The cache settings that decide which batches, in which order, an SAE trains on: the mode, and
+    for a disk cache its storage dtype (the values) and reader (the order; blocks: with the block
+    size); for a stream its buffer size. Settings a mode does not read are left out, so they do not
+    split runs that train on the same batches."""
+    cache = cfg.get("cache") or {}
+    mode = str(cache.get("mode", "disk"))
+    if mode == "stream":
+        return {"mode": mode, "block_tokens": int(cache.get("block_tokens"))}
+    out = {"mode": mode, "dtype": str(cache.get("dtype")), "reader": str(cache.get("reader"))}
+    if out["reader"] == "blocks":
+        out["block_tokens"] = int(cache.get("block_tokens"))
+    return out
 
 
 def run_key(cfg: Any) -> str:

@@ -93,6 +93,24 @@ def test_run_key_ignores_paths_and_tracking_but_not_seed():
     assert C.seed_group_key(a) == C.seed_group_key(c)
 
 
+def test_the_cache_settings_that_change_the_batches_are_in_the_run_key_and_only_those():
+    """A stream, another reader, storage dtype or block size trains on other batches: another run,
+    never "already FINISHED" as the disk run (that hid a stream run behind a disk run's key)."""
+    base = _compose()
+    for other in ("cache.mode=stream", "cache.reader=random", "cache.dtype=bfloat16", "cache.block_tokens=65536"):
+        assert C.run_key(_compose(other)) != C.run_key(base), other
+    # settings a mode does not read do not split runs
+    assert C.run_key(_compose("cache.reader=random")) == C.run_key(_compose("cache.reader=random",
+                                                                           "cache.block_tokens=65536"))
+    stream = _compose("cache.mode=stream")
+    assert C.run_key(stream) == C.run_key(_compose("cache.mode=stream", "cache.reader=random",
+                                                   "cache.dtype=bfloat16"))
+    assert C.run_key(stream) != C.run_key(_compose("cache.mode=stream", "cache.block_tokens=65536"))
+    assert C.run_identity(stream)["batches"] == {"mode": "stream", "block_tokens": 131072}
+    # the cache verification policy changes nothing trained
+    assert C.run_key(_compose("cache.verify=full")) == C.run_key(base)
+
+
 def test_generation_sampler_is_in_the_run_key_only_where_it_changes_the_text():
     """exact_topk_first draws other tokens than hf for the same seed (another random stream), so a
     faithful run's key follows it; at hf the key is the one of before the setting existed, and a
