@@ -13,7 +13,10 @@ path (issue 17), in one command of a few minutes, no network.
    tensors, against the fp32 log-prob copies it avoids, and its values at a sample of positions
    against whole-row fp32 log-probs;
 5. ``python -m sae_sweep.bench perf --device cuda --d-in 768 --d-sae 24576 --k 32`` (absolute
-   TopK tokens/s at the issue's dims, TF32 quality on the planted dictionary).
+   TopK tokens/s at the issue's dims, TF32 quality on the planted dictionary);
+6. ``python -m sae_sweep.bench generation --device cuda --model smollm2-135m --dtypes bfloat16
+   --batches 256,1024``: faithful generation tokens/s on the GPU with both samplers, and the
+   GPU-hours 100M generated tokens would take at that rate (issue 16).
 
 On a machine without CUDA it runs small CPU versions of 2, 3 and 4 (a smoke test of the script)
 and reports the CUDA parts as "not run (no CUDA)". Prints a table; ``--out`` also writes it as JSON.
@@ -36,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 NOT_RUN = "not run (no CUDA)"
 GEMMA2_VOCAB = 256_000
 BENCH_DIMS = (768, 24_576, 32)  # the issue's target: d_in, d_sae, k
+GENERATION_ARGS = ["--model", "smollm2-135m", "--dtypes", "bfloat16", "--batches", "256,1024", "--new-tokens", "128"]
 
 
 def _trainer(device: torch.device, d_in: int, d_sae: int, k: int, batch: int, steps: int, seed: int = 0):
@@ -176,15 +180,32 @@ def bench(device: torch.device, timeout: float) -> dict[str, Any]:
     return res
 
 
+def generation(device: torch.device, timeout: float) -> dict[str, Any]:
+    out = REPO / "bench_results" / "gpucheck_generation.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "sae_sweep.bench", "generation", "--device", str(device), "--out", str(out),
+           *GENERATION_ARGS]
+    try:
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": f"timed out after {timeout:.0f} s"}
+    res: dict[str, Any] = {"status": "ok" if r.returncode == 0 else f"FAILED (exit {r.returncode})",
+                           "command": " ".join(cmd[1:]), "output_tail": (r.stdout + r.stderr)[-2000:]}
+    if r.returncode == 0 and out.is_file():
+        res["summary"] = json.loads(out.read_text())["summary"]
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sae_sweep.gpucheck", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto: cuda when available)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per width on CUDA")
     p.add_argument("--batch", type=int, default=4096, help="batch size of the synthetic steps on CUDA")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: tests,steps,runs,eval,bench")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: tests,steps,runs,eval,bench,generation")
     p.add_argument("--eval-shape", default="16,1024", help="batch,seq of the core-eval logits on CUDA "
                    f"(vocabulary {GEMMA2_VOCAB:,}; default %(default)s)")
     p.add_argument("--bench-timeout", type=float, default=300.0)
+    p.add_argument("--generation-timeout", type=float, default=300.0)
     p.add_argument("--out", default=None, help="also write the results here as JSON")
     a = p.parse_args(argv)
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
@@ -269,6 +290,17 @@ def main(argv: list[str] | None = None) -> int:
         if cuda and report["bench"].get("output_tail"):
             print(report["bench"]["output_tail"], flush=True)
 
+    if "generation" not in skip:
+        report["generation"] = generation(device, a.generation_timeout) if cuda else {"status": NOT_RUN}
+        print(f"[bench generation --device {device} {' '.join(GENERATION_ARGS)}] {report['generation']['status']}",
+              flush=True)
+        for row in report["generation"].get("summary", []):
+            rates = ", ".join(f"{s} {m['tok_s']:,.0f} tok/s" for s, m in row["medians"].items())
+            print(f"  {row['dtype']} batch {row['batch']}: {rates}; 100M tokens: "
+                  f"{row['hours_per_100M_tokens']:.2f} GPU-hours", flush=True)
+        if report["generation"]["status"].startswith("FAILED"):
+            print(report["generation"]["output_tail"], flush=True)
+
     report["seconds"] = round(time.perf_counter() - t0, 1)
     print(f"gpu-check done in {report['seconds']} s", flush=True)
     if a.out:
@@ -277,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = (report.get("cuda_tests", {}).get("status", "").startswith("FAILED")
               or any("error" in r for r in report.get("topk_steps", {}).values())
               or "error" in report.get("core_eval", {}) or report.get("core_eval", {}).get("matches") is False
-              or report.get("bench", {}).get("status", "").startswith(("FAILED", "timed out")))
+              or any(report.get(part, {}).get("status", "").startswith(("FAILED", "timed out"))
+                     for part in ("bench", "generation")))
     return 1 if failed else 0
 
 

@@ -161,3 +161,31 @@ def test_a_peer_step_refuses_a_gpu_device_before_any_import(capsys):
                              "--batch", "4"]) == 1
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(step_worker.MARK)][-1]
     assert "only sae_sweep and matmul run off the CPU" in json.loads(line[len(step_worker.MARK):])["error"]
+
+
+def test_generation_bench_projects_the_hours_for_100m_tokens_from_its_own_median_rate(tiny_cache_dir, tmp_path):
+    """`bench generation --out` records every run and, per combination, the hours 100M tokens take
+    at the faster sampler's median wall rate (what the README's GPU-hours projection is read from)."""
+    import argparse
+
+    from sae_sweep.bench import generation
+
+    p = argparse.ArgumentParser()
+    generation.add_arguments(p)
+    out = tmp_path / "gen.json"
+    args = p.parse_args(["--model", "tiny", "--batches", "2", "--new-tokens", "4", "--cache-dir", str(tiny_cache_dir),
+                         "--out", str(out)])
+    assert generation.main(args) == 0
+    res = json.loads(out.read_text())
+    assert res["device"] == "cpu" and {r["sampler"] for r in res["runs"]} == set(generation.SAMPLERS)
+    (row,) = res["summary"]
+    best = max(m["tok_s"] for m in row["medians"].values())
+    assert row["hours_per_100M_tokens"] == pytest.approx(100_000_000 / best / 3600)
+
+
+def test_gpucheck_without_cuda_reports_the_generation_figure_as_not_run(capsys):
+    from sae_sweep import gpucheck
+
+    assert gpucheck.main(["--device", "cpu", "--skip", "tests,steps,runs,eval,bench"]) == 0
+    line = f"[bench generation --device cpu {' '.join(gpucheck.GENERATION_ARGS)}] {gpucheck.NOT_RUN}"
+    assert line in capsys.readouterr().out

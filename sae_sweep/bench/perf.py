@@ -14,7 +14,8 @@
 2. cache build: tokens/s building an activation cache (pipeline.build_activation_cache, the job's
    own code) vs a bare forward to the hooked layer on the same windows; early exit vs full forward.
    Model: the offline `builtin:tiny` (4-layer GPT-2 architecture, d_model 128), built once into
-   the cache dir -- small, so write overhead weighs more than it would on a real model.
+   the cache dir -- small, so write overhead weighs more than it would on a real model;
+   `--cache-model smollm2-135m` (with `--cache-dataset postgres_manual`) times a real one.
 3. cache reader: shuffled batches/s from a d_in 768 cache on disk vs TopK training steps/s.
 4. sweep amortization: LM forward tokens of a 2 seeds x 2 trainers sweep (builds.log) vs one
    cache per job; packing: the same sweep's training loop packed vs one point at a time.
@@ -406,13 +407,15 @@ def _compose(overrides: list[str]):
     return cfg
 
 
-def fig_cache_build(cache_dir: Path, device: torch.device, n_tokens: int, reps: int) -> dict[str, Any]:
+def fig_cache_build(cache_dir: Path, device: torch.device, n_tokens: int, reps: int,
+                    model: str = "tiny", dataset: str = "builtin") -> dict[str, Any]:
     from sae_sweep.lm import load_lm
     from sae_sweep.pipeline import CACHE_BUILD_BATCH, build_activation_cache
     from sae_sweep.text import token_windows
 
     with _cache_root(cache_dir / "models") as root:
-        cfg = _compose([f"paths.cache_dir={root}", f"dataset.tokens={n_tokens}", f"device={device.type}"])
+        cfg = _compose([f"model={model}", f"dataset={dataset}", f"paths.cache_dir={root}",
+                        f"dataset.tokens={n_tokens}", f"device={device.type}"])
         lm = load_lm(cfg.model, root, str(device))
         windows = token_windows(cfg.dataset, lm, "train", n_tokens, root)  # tokenised once, cached on disk
         layer, hook = int(cfg.layer), str(cfg.hook)
@@ -444,7 +447,8 @@ def fig_cache_build(cache_dir: Path, device: torch.device, n_tokens: int, reps: 
                 _sync(device)
                 t[name] = min(t.get(name, float("inf")), time.perf_counter() - t0)
     tps = {k: tokens / v for k, v in t.items()}
-    return {"model": "builtin:tiny", "layer": layer, "n_layers": lm.n_layers, "d_model": lm.d_model,
+    label = "builtin:tiny" if model == "tiny" else f"{model}, {dataset}"
+    return {"model": label, "layer": layer, "n_layers": lm.n_layers, "d_model": lm.d_model,
             "tokens": tokens, "tokens_per_s": tps, "build_vs_bare": tps["cache_build"] / tps["bare_forward"],
             "early_exit_vs_full": tps["bare_forward"] / tps["full_forward"]}
 
@@ -578,6 +582,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=os.environ.get("SAE_SWEEP_CACHE", "~/.cache/sae_sweep"),
                    help="where the tiny model is (built there once if missing)")
     p.add_argument("--cache-tokens", type=int, default=65536, help="tokens for the cache-build figure")
+    p.add_argument("--cache-model", default="tiny", help="model= of the cache-build figure (default: %(default)s)")
+    p.add_argument("--cache-dataset", default="builtin", help="dataset= of the cache-build figure (default: %(default)s)")
     p.add_argument("--packing-steps", type=int, default=4)
     p.add_argument("--temporal-d-sae", type=int, default=65536)
     p.add_argument("--skip", default="", help="comma-separated figures to skip: cache,reader,topk,quality,sweep,"
@@ -788,7 +794,8 @@ def main(args: argparse.Namespace) -> int:
         stage("reader", lambda: fig_reader(Path(tmp), device, steps_per_s, n_batches=20))
         stage("packing", lambda: fig_packing(Path(tmp), device, args.packing_steps, args.reps))
     stage("quality", lambda: fig_quality(bf16=r.get("probe", {}).get("run_bf16", False)))
-    stage("cache", lambda: fig_cache_build(cache_dir, device, args.cache_tokens, max(args.reps, 5)))
+    stage("cache", lambda: fig_cache_build(cache_dir, device, args.cache_tokens, max(args.reps, 5),
+                                                   args.cache_model, args.cache_dataset))
     stage("sweep", lambda: fig_sweep(cache_dir, device, 8192))
     stage("packing_jobs", lambda: fig_packing_jobs(cache_dir, device))
 
