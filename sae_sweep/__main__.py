@@ -1,10 +1,21 @@
 """`python -m sae_sweep ...` — the Hydra app lives in sae_sweep.app (Hydra names jobs after its module)."""
 
+import signal
 import sys
 
 from sae_sweep.app import main, unknown_key_problems
 
+
+def _terminated(signum, frame):
+    # Python's default for SIGTERM (kill, timeout, a batch script's scancel) ends the process at once:
+    # its MLflow runs stayed RUNNING and its locks waited for a heartbeat timeout. Raised as an exit,
+    # it unwinds like Ctrl-C: open runs end KILLED (a rerun continues them), locks are released.
+    # Jobs that submitit starts do not come through here: app.PreemptionGuard handles their signals.
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminated)
     # A mistyped key gets the allowed keys and the nearest one, before Hydra's terser refusal.
     problems = unknown_key_problems(sys.argv[1:])
     if problems:

@@ -160,3 +160,30 @@ def test_eight_processes_writing_one_sqlite_store_lose_nothing(tmp_path):
             assert sorted(m.step for m in history) == list(range(N_STEPS)), key
         assert {m.step: m.value for m in client.get_metric_history(r.info.run_id, "train/loss")}[N_STEPS - 1] == \
             pytest.approx(i + (N_STEPS - 1) / N_STEPS)
+
+
+@pytest.mark.parametrize("multirun", [False, True], ids=["run", "sweep"])
+def test_a_local_job_sent_sigterm_leaves_no_run_running(tmp_path, multirun):
+    """`kill <pid>` (or `timeout`, or scancel of a batch script running the CLI) mid-training: the job's
+    run ends KILLED, and a sweep's parent run is closed too, not left RUNNING; the rerun continues."""
+    out = tmp_path / "out"
+    args = [*(["-m"] if multirun else []), *SMALL, "train.tokens=300000", "seed=11"]
+    proc = subprocess.Popen([sys.executable, "-m", "sae_sweep", *args, f"paths.output_dir={out}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 600
+    while time.time() < deadline and not list((out / "checkpoints").glob("*/latest.pt")):
+        assert proc.poll() is None, "job ended before its first checkpoint"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, err[-3000:]
+    (job,) = _runs(out, "job")
+    assert job.info.status == "KILLED", err[-3000:]
+    for parent in _runs(out, "sweep"):
+        assert parent.info.status != "RUNNING", err[-3000:]
+
+    r = _cli(out, *args)  # the rerun continues the killed run to FINISHED
+    assert r.returncode == 0, r.stderr[-3000:]
+    (again,) = _runs(out, "job")
+    assert again.info.run_id == job.info.run_id and again.info.status == "FINISHED"
