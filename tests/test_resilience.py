@@ -45,6 +45,18 @@ def _sae_tensors(out: Path) -> dict:
     return load_file(str(path))
 
 
+def _start_until_first_checkpoint(out: Path, args) -> subprocess.Popen:
+    """The CLI started in the background on `out`, returned once its first checkpoint is on disk."""
+    proc = subprocess.Popen([sys.executable, "-m", "sae_sweep", *args, f"paths.output_dir={out}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=out.parent,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 600
+    while time.time() < deadline and not list((out / "checkpoints").glob("*/latest.pt")):
+        assert proc.poll() is None, "job ended before its first checkpoint"
+        time.sleep(0.2)
+    return proc
+
+
 def test_job_killed_and_rerun_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
     # 300 steps, a checkpoint every 5: the kill lands mid-training, the rerun resumes there.
     args = [*SMALL, "train.tokens=300000", "seed=7"]
@@ -52,15 +64,9 @@ def test_job_killed_and_rerun_ends_bit_identical_to_an_uninterrupted_one(tmp_pat
     whole.parent.mkdir()
     cut.parent.mkdir()
 
-    proc = subprocess.Popen([sys.executable, "-m", "sae_sweep", *args, f"paths.output_dir={cut}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cut.parent,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.time() + 600
-    while time.time() < deadline and not list((cut / "checkpoints").glob("*/latest.pt")):
-        assert proc.poll() is None, "job ended before its first checkpoint"
-        time.sleep(0.2)
+    proc = _start_until_first_checkpoint(cut, args)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     (ckpt,) = (cut / "checkpoints").glob("*/latest.pt")
     step = torch.load(ckpt, map_location="cpu", weights_only=False)["step"]
     assert 0 < step < 300, f"the kill did not land mid-training (checkpoint at step {step})"
@@ -168,13 +174,7 @@ def test_a_local_job_sent_sigterm_leaves_no_run_running(tmp_path, multirun):
     run ends KILLED, and a sweep's parent run is closed too, not left RUNNING; the rerun continues."""
     out = tmp_path / "out"
     args = [*(["-m"] if multirun else []), *SMALL, "train.tokens=300000", "seed=11"]
-    proc = subprocess.Popen([sys.executable, "-m", "sae_sweep", *args, f"paths.output_dir={out}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.time() + 600
-    while time.time() < deadline and not list((out / "checkpoints").glob("*/latest.pt")):
-        assert proc.poll() is None, "job ended before its first checkpoint"
-        time.sleep(0.2)
+    proc = _start_until_first_checkpoint(out, args)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0, err[-3000:]
