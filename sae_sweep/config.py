@@ -771,7 +771,7 @@ def stream_key(cfg: Any) -> str:
     in the order its own seed gives it (one LM pass for all of them in stream mode)."""
     ident = run_identity(cfg)
     return stable_hash({**{k: ident[k] for k in ("model", "layer", "hook", "dataset")},
-                        "cache": {k: cfg.cache.get(k) for k in ("mode", "dtype", "reader", "block_tokens")},
+                        "cache": ident["batches"],
                         "cache_tokens": cache_tokens(cfg), "device": str(cfg.device),
                         "batch_size": int(cfg.trainer.batch_size)})
 

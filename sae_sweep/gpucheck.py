@@ -160,18 +160,23 @@ def cuda_tests() -> dict[str, Any]:
             "output_tail": r.stdout[-3000:] if r.returncode else ""}
 
 
+def _bench_command(cmd: list[str], timeout: float) -> tuple[Any, dict[str, Any]]:
+    """Run a bench subcommand from the checkout: (the finished process or None, its status record)."""
+    try:
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, {"status": f"timed out after {timeout:.0f} s"}
+    return r, {"status": "ok" if r.returncode == 0 else f"FAILED (exit {r.returncode})",
+               "command": " ".join(cmd[1:]), "output_tail": (r.stdout + r.stderr)[-2000:]}
+
+
 def bench(device: torch.device, timeout: float) -> dict[str, Any]:
     out = REPO / "bench_results" / "gpucheck_bench.json"
     d_in, d_sae, k = BENCH_DIMS
     cmd = [sys.executable, "-m", "sae_sweep.bench", "perf", "--device", str(device), "--out", str(out),
            "--d-in", str(d_in), "--d-sae", str(d_sae), "--k", str(k), "--skip", "cache,sweep,packing,packing_jobs,memory"]
-    try:
-        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": f"timed out after {timeout:.0f} s"}
-    res: dict[str, Any] = {"status": "ok" if r.returncode == 0 else f"FAILED (exit {r.returncode})",
-                           "output_tail": (r.stdout + r.stderr)[-2000:]}
-    if out.is_file():
+    r, res = _bench_command(cmd, timeout)
+    if r is not None and out.is_file():
         res["results"] = str(out)
         topk = json.loads(out.read_text()).get("topk", {})
         res["topk_dims"] = topk.get("dims")
@@ -185,13 +190,8 @@ def generation(device: torch.device, timeout: float) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "sae_sweep.bench", "generation", "--device", str(device), "--out", str(out),
            *GENERATION_ARGS]
-    try:
-        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": f"timed out after {timeout:.0f} s"}
-    res: dict[str, Any] = {"status": "ok" if r.returncode == 0 else f"FAILED (exit {r.returncode})",
-                           "command": " ".join(cmd[1:]), "output_tail": (r.stdout + r.stderr)[-2000:]}
-    if r.returncode == 0 and out.is_file():
+    r, res = _bench_command(cmd, timeout)
+    if r is not None and r.returncode == 0 and out.is_file():
         res["summary"] = json.loads(out.read_text())["summary"]
     return res
 
