@@ -524,3 +524,64 @@ def test_eval_forward_accepts_batch_by_context_input(name):
     assert x_hat.shape == (4, 16, 16) and f.shape == (4, 16, 64)
     torch.testing.assert_close(x_hat.reshape(64, 16), flat_hat, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(f.reshape(64, 64), flat_f, rtol=1e-5, atol=1e-5)
+
+
+def _random_codes(g, B, k, d):
+    """TopK-like codes: k distinct latents per token, skewed so that counts differ and slots get contested."""
+    weights = torch.linspace(3.0, 0.1, d)
+    idx = torch.stack([torch.multinomial(weights, k, generator=g) for _ in range(B)])
+    vals = torch.rand(B, k, generator=g) * (torch.rand(B, k, generator=g) > 0.2)
+    return vals, idx
+
+
+@pytest.mark.parametrize("kind", ["dense", "table-evicting", "table-roomy"])
+@pytest.mark.parametrize("include_diag", [False, True])
+@pytest.mark.parametrize("path", ["cpu", "device"])
+def test_temporal_ortho_gram_route_equals_pair_route(monkeypatch, kind, include_diag, path):
+    """Dense codes (B·k² > d_sae²) go through d_sae x d_sae products (`dense_products`): the tracker
+    ends in the same state, bit for bit (integer counts), and the penalty and its gradient agree."""
+    from sae_sweep.sae import temporal_ortho as to
+    from sae_sweep.sae.kernels import force_path
+
+    d, B, k = 24, 48, 6  # B·k² = 1,728 > d² = 576: the gram route is the automatic one here
+    assert to.dense_products(B, k, d)
+
+    def build():
+        return CoactivationTable(d, {"table-evicting": 4, "table-roomy": 64}.get(kind, 32), dense=kind == "dense",
+                                 include_diag=include_diag)
+
+    tables = {route: build() for route in ("pairs", "gram")}
+    g = torch.Generator().manual_seed(3)
+    penalties = {route: [] for route in tables}
+    for step in range(9):
+        vals, idx = _random_codes(g, B, k, d)
+        for route, table in tables.items():
+            monkeypatch.setattr(to, "dense_products", lambda *_a, _r=route: _r == "gram")
+            with force_path(path):
+                table.observe(idx, vals > 0)
+                if step % 3 == 2:
+                    table.end_window()
+            for form in ("linear", "squared"):
+                v = vals.clone().requires_grad_(True)
+                out = ortho_penalty(v, idx, table, form)
+                (grad,) = torch.autograd.grad(out, v)
+                penalties[route].append((out.detach(), grad))
+    a, b = tables["pairs"].state_dict(), tables["gram"].state_dict()
+    assert int((a["partner"] >= 0).sum()) > 0 and float(a["weight"].sum()) > 0
+    for key in a:
+        assert (torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key]), key
+    assert any(float(p) > 0 for p, _ in penalties["pairs"])
+    for (p1, g1), (p2, g2) in zip(penalties["pairs"], penalties["gram"]):
+        torch.testing.assert_close(p2, p1, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-9)
+
+
+def test_temporal_ortho_gram_route_counts_exactly_under_bf16_autocast():
+    """Counts are integers: the gram route keeps them in fp32 even when training autocasts to bf16
+    (bf16 holds integers exactly only up to 256)."""
+    d, B = 8, 601  # 601 needs 10 significant bits; bf16 has 8
+    idx = torch.tensor([[0, 1]] * B)
+    table = CoactivationTable(d, dense=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        table.observe(idx, torch.ones_like(idx, dtype=torch.bool))
+    assert float(table.cur[0, 1]) == float(B) and float(table.fires[0]) == float(B)
