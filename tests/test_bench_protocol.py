@@ -189,3 +189,17 @@ def test_gpucheck_without_cuda_reports_the_generation_figure_as_not_run(capsys):
     assert gpucheck.main(["--device", "cpu", "--skip", "tests,steps,runs,eval,bench"]) == 0
     line = f"[bench generation --device cpu {' '.join(gpucheck.GENERATION_ARGS)}] {gpucheck.NOT_RUN}"
     assert line in capsys.readouterr().out
+
+
+def test_temporal_routes_figure_times_both_routes_and_names_the_automatic_one():
+    from sae_sweep.bench.trainers import routes_table
+    from sae_sweep.sae.temporal_ortho import CoactivationTable, measure_routes
+
+    rows = measure_routes(shapes=((64, 8, 16), (8, 2, 64)), reps=1)
+    assert [(r["batch"], r["setup"], r["auto"]) for r in rows] == [
+        (64, "published", "gram"), (64, "corrected", "gram"), (8, "published", "pairs"), (8, "corrected", "pairs")]
+    assert all(r["pairs_s"] > 0 and r["gram_s"] > 0 for r in rows)
+    lines = routes_table(rows).splitlines()
+    assert "auto vs other" in lines[0] and len(lines) == 2 + len(rows)
+    with pytest.raises(ValueError, match="route='dense'.*'auto', 'pairs', 'gram'"):
+        CoactivationTable(4, route="dense")

@@ -537,7 +537,7 @@ def _random_codes(g, B, k, d):
 @pytest.mark.parametrize("kind", ["dense", "table-evicting", "table-roomy"])
 @pytest.mark.parametrize("include_diag", [False, True])
 @pytest.mark.parametrize("path", ["cpu", "device"])
-def test_temporal_ortho_gram_route_equals_pair_route(monkeypatch, kind, include_diag, path):
+def test_temporal_ortho_gram_route_equals_pair_route(kind, include_diag, path):
     """Dense codes (B·k² > d_sae²) go through d_sae x d_sae products (`dense_products`): the tracker
     ends in the same state, bit for bit (integer counts), and the penalty and its gradient agree."""
     from sae_sweep.sae import temporal_ortho as to
@@ -546,17 +546,14 @@ def test_temporal_ortho_gram_route_equals_pair_route(monkeypatch, kind, include_
     d, B, k = 24, 48, 6  # B·k² = 1,728 > d² = 576: the gram route is the automatic one here
     assert to.dense_products(B, k, d)
 
-    def build():
-        return CoactivationTable(d, {"table-evicting": 4, "table-roomy": 64}.get(kind, 32), dense=kind == "dense",
-                                 include_diag=include_diag)
-
-    tables = {route: build() for route in ("pairs", "gram")}
+    tables = {route: CoactivationTable(d, {"table-evicting": 4, "table-roomy": 64}.get(kind, 32),
+                                       dense=kind == "dense", include_diag=include_diag, route=route)
+              for route in ("pairs", "gram")}
     g = torch.Generator().manual_seed(3)
     penalties = {route: [] for route in tables}
     for step in range(9):
         vals, idx = _random_codes(g, B, k, d)
         for route, table in tables.items():
-            monkeypatch.setattr(to, "dense_products", lambda *_a, _r=route: _r == "gram")
             with force_path(path):
                 table.observe(idx, vals > 0)
                 if step % 3 == 2:

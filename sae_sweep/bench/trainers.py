@@ -202,11 +202,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-d-sae", type=int, default=65536)
     p.add_argument("--mode", choices=("corrected", "published"), default="corrected",
                    help="trainer.mode of the research trainers (others have none)")
+    p.add_argument("--temporal-routes", action="store_true",
+                   help="only time temporal_ortho's two co-activation routes (pairs vs gram) at a few shapes")
     p.add_argument("--corrections", action="store_true",
                    help="measure each research trainer's corrections one at a time (see the module docstring)")
 
 
+def routes_table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'batch':>6} {'k':>4} {'d_sae':>6} {'setup':<10} {'pairs ms':>9} {'gram ms':>9} {'auto':>6} {'auto vs other':>14}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        mine, other = (r["gram_s"], r["pairs_s"]) if r["auto"] == "gram" else (r["pairs_s"], r["gram_s"])
+        lines.append(f"{r['batch']:>6} {r['k']:>4} {r['d_sae']:>6} {r['setup']:<10} {r['pairs_s'] * 1e3:>9.0f} "
+                     f"{r['gram_s'] * 1e3:>9.0f} {r['auto']:>6} {other / mine:>13.2f}x")
+    return "\n".join(lines)
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.temporal_routes:
+        from sae_sweep.sae.temporal_ortho import measure_routes
+
+        rows = measure_routes()
+        print("temporal_ortho: observe + weights + penalty + backward per step, best of 3 "
+              "(auto: the route `dense_products` picks; 'auto vs other': how much faster it is)")
+        print(routes_table(rows))
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump({"temporal_routes": rows}, fh, indent=2)
+            print(f"wrote {args.out}")
+        return 0
     names = [n for n in args.only.split(",") if n] or trainer_names()
     setup = PlantedSetup()
     data = planted_data(setup)

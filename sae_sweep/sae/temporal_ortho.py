@@ -93,15 +93,16 @@ rebuilt when partners change, so per-step transients are O(B k^2) and the index 
 for dense codes (B k^2 > d_sae^2, e.g. the write-up's k 160 of 4,608), through d_sae x d_sae
 products: pair counts MᵀM of the batch's 0/1 code and the penalty from the Gram matrix fᵀf. The
 table ends bit-identical either way (integer counts in fp32, autocast off) and the penalty agrees to
-rounding (tests). Measured on this CPU (observe + penalty + backward, `count` active): B 2,048,
-k 160, d_sae 1,152: published 1,547 -> 158 ms, corrected (table) 6,882 -> 167 ms; at B 4,096, k 32,
-d_sae 4,096 the pair route stays (816 vs 3,670 ms dense). On CPU the
+rounding (tests). `python -m sae_sweep.bench trainers --temporal-routes` times both (`measure_routes`;
+README table): at B 2,048, k 160, d_sae 1,152 the gram route is 12x (published) / 34x (table)
+faster; at B 4,096, k 32, d_sae 4,096 the pair route stays, 2.5-3x faster there. `route` forces one. On CPU the
 table's update selects the batch's pairs with boolean indexing and `unique`; on CUDA (and under
 `kernels.force_path("device")`) the same update runs on fixed-size tensors (sentinel keys, sort,
 run lengths), so a step never waits for the host; tests check that both give the same table.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -151,7 +152,10 @@ class CoactivationTable:
 
     def __init__(self, d_sae: int, cap: int | None = 32, device: Any = "cpu", *, dense: bool = False,
                  weights_from: str = "closed", cbar_init: str = "first", alpha_rule: str = "windows",
-                 include_diag: bool = False):
+                 include_diag: bool = False, route: str = "auto"):
+        if route not in ("auto", "pairs", "gram"):
+            raise ValueError(f"CoactivationTable route={route!r}: allowed 'auto', 'pairs', 'gram'")
+        self.route = route
         self.d_sae = int(d_sae)
         self.dense = bool(dense)
         self.cap = self.d_sae if self.dense else int(cap)
@@ -185,7 +189,7 @@ class CoactivationTable:
         (which of a token's k latents count)."""
         B, k = idx.shape
         self.window_tokens += B
-        if dense_products(B, k, self.d_sae):
+        if self.uses_gram(B, k):
             self._observe_counts(idx, active)
             return
         self.fires.index_add_(0, idx.reshape(-1), active.reshape(-1).float())
@@ -208,6 +212,10 @@ class CoactivationTable:
         self.cur.view(-1).index_add_(0, flat[found], counts[found])
         new = ~found
         self._insert(uniq[new] // self.d_sae, (uniq[new] % self.d_sae).to(torch.int32), counts[new])
+
+    def uses_gram(self, batch: int, k: int) -> bool:
+        """Whether a batch's statistics go through d_sae x d_sae products (`route`; auto: `dense_products`)."""
+        return self.route == "gram" or self.route == "auto" and dense_products(batch, k, self.d_sae)
 
     def _observe_counts(self, idx: Tensor, active: Tensor) -> None:
         """`observe` through the batch's dense pair counts C = MᵀM (M [B, d_sae]: 1 where a token's
@@ -407,9 +415,9 @@ def ortho_penalty(vals: Tensor, idx: Tensor, table: CoactivationTable, form: str
 
     Two routes to the same number: per token over its k x k active pairs (B·k² terms: small k), or
     through the dense Gram matrix fᵀf of the [B, d_sae] code (d_sae² cells: dense codes such as the
-    write-up's k 160), chosen by `dense_products`."""
+    write-up's k 160), chosen by `table.uses_gram`."""
     B, k = idx.shape
-    if dense_products(B, k, table.d_sae):
+    if table.uses_gram(B, k):
         return _ortho_penalty_gram(vals, idx, table, form)
     v = vals.float()
     prod = v[:, :, None] * v[:, None, :]  # [B, k, k]
@@ -573,3 +581,38 @@ def measure_memory(d_sae: int = 65536, cap: int = 32, batch: int = 1024, k: int 
         "peak_rss_MiB": after,
         "dense_one_matrix_MiB": d_sae * d_sae * 4 / 2**20,
     }
+
+
+ROUTE_SHAPES = ((2048, 160, 1152), (1024, 32, 512), (1024, 64, 1024), (4096, 32, 4096))  # (batch, k, d_sae)
+
+
+def measure_routes(shapes: tuple[tuple[int, int, int], ...] = ROUTE_SHAPES, reps: int = 3,
+                   seed: int = 0) -> list[dict[str, Any]]:
+    """Seconds per step (best of `reps`) of observe + weights + penalty + backward through each route
+    (`pairs`, `gram`) at each (batch, k, d_sae), for the published setup (dense tracker, squared,
+    live weights) and the corrected one (table, linear), on random TopK codes; `auto` is what
+    `dense_products` picks. No SAE is built or trained."""
+    rows = []
+    for batch, k, d_sae in shapes:
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.rand(batch, d_sae, generator=g).topk(k).indices
+        vals = torch.rand(batch, k, generator=g).requires_grad_(True)
+        for setup, dense, form in (("published", True, "squared"), ("corrected", False, "linear")):
+            row = {"batch": batch, "k": k, "d_sae": d_sae, "setup": setup,
+                   "auto": "gram" if dense_products(batch, k, d_sae) else "pairs"}
+            for route in ("pairs", "gram"):
+                table = CoactivationTable(d_sae, dense=dense, include_diag=dense,
+                                          weights_from="live" if dense else "closed", route=route)
+                table.observe(idx, vals > 0)
+                table.end_window()
+                best = float("inf")
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    table.observe(idx, vals > 0)
+                    if dense:
+                        table.live_weights()
+                    ortho_penalty(vals, idx, table, form).backward()
+                    best = min(best, time.perf_counter() - t0)
+                row[f"{route}_s"] = best
+            rows.append(row)
+    return rows
