@@ -119,3 +119,25 @@ def test_fp32_matmuls_use_tf32_only_where_training_runs_on_cuda():
         assert torch.backends.cuda.matmul.allow_tf32 is True and torch.backends.cudnn.allow_tf32 is True
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_coactivation_gram_route_makes_no_host_sync(dense):
+    """The gram route (dense codes) on the device path: counts, table update and penalty queue
+    without a host sync, like the pair route."""
+    from sae_sweep.sae.temporal_ortho import ortho_penalty
+
+    g = torch.Generator().manual_seed(0)
+    table = CoactivationTable(32, 4, dense=dense, route="gram")
+    codes = [torch.stack([torch.randperm(32, generator=g)[:8] for _ in range(64)]) for _ in range(3)]
+    with force_path("device"):
+        table.observe(codes[0], torch.ones(64, 8, dtype=torch.bool))
+        table.end_window()
+        with SyncOps() as ops:
+            for idx in codes[1:]:
+                vals = torch.rand(64, 8, generator=g, requires_grad=True)
+                table.observe(idx, vals > 0.1)
+                table.end_window()
+                ortho_penalty(vals, idx, table, "linear").backward()
+    assert ops.count == 0, ops.report()
+    assert float(table.weight.sum()) > 0

@@ -95,10 +95,12 @@ products: pair counts MᵀM of the batch's 0/1 code and the penalty from the Gra
 table ends bit-identical either way (integer counts in fp32, autocast off) and the penalty agrees to
 rounding (tests). `python -m sae_sweep.bench trainers --temporal-routes` times both (`measure_routes`;
 README table): at B 2,048, k 160, d_sae 1,152 the gram route is 12x (published) / 34x (table)
-faster; at B 4,096, k 32, d_sae 4,096 the pair route stays, 2.5-3x faster there. `route` forces one. On CPU the
-table's update selects the batch's pairs with boolean indexing and `unique`; on CUDA (and under
-`kernels.force_path("device")`) the same update runs on fixed-size tensors (sentinel keys, sort,
-run lengths), so a step never waits for the host; tests check that both give the same table.
+faster; at B 4,096, k 32, d_sae 4,096 the pair route stays, 2.5-3x faster there. `route` forces one.
+
+On CPU the table's update selects the batch's new pairs with boolean indexing (`unique`, or the
+nonzero counts); on CUDA (and under `kernels.force_path("device")`) the same update runs on
+fixed-size tensors (sentinel keys, sort, run lengths), so a step never waits for the host; tests
+check that both give the same table.
 """
 from __future__ import annotations
 
@@ -447,9 +449,13 @@ def _ortho_penalty_gram(vals: Tensor, idx: Tensor, table: CoactivationTable, for
     with torch.autocast(vals.device.type, enabled=False):
         f = torch.zeros(B, d, device=vals.device).scatter(1, idx, vals.float())
         gram = f.T @ f
-    valid = table.partner >= 0
-    keys = torch.arange(d, device=vals.device)[:, None] * d + table.partner.long().clamp_min(0)
-    w = torch.zeros(d * d, device=vals.device).index_put_((keys[valid],), table.weight[valid]).view(d, d)
+    if table.dense:  # slot j of row i is partner j
+        w = table.weight.clone()
+    else:  # a row's partners are distinct, and empty slots add 0 (no boolean indexing: no host sync)
+        valid = table.partner >= 0
+        keys = torch.arange(d, device=vals.device)[:, None] * d + table.partner.long().clamp_min(0)
+        w = torch.zeros(d * d, device=vals.device).index_add_(
+            0, keys.reshape(-1), torch.where(valid, table.weight, torch.zeros_like(table.weight)).reshape(-1)).view(d, d)
     if not table.include_diag:
         w.fill_diagonal_(0)
     if form == "linear":
