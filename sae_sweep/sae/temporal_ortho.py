@@ -94,8 +94,9 @@ for dense codes (B k^2 > d_sae^2, e.g. the write-up's k 160 of 4,608), through d
 products: pair counts MᵀM of the batch's 0/1 code and the penalty from the Gram matrix fᵀf. The
 table ends bit-identical either way (integer counts in fp32, autocast off) and the penalty agrees to
 rounding (tests). `python -m sae_sweep.bench trainers --temporal-routes` times both (`measure_routes`;
-README table): at B 2,048, k 160, d_sae 1,152 the gram route is 12x (published) / 34x (table)
-faster; at B 4,096, k 32, d_sae 4,096 the pair route stays, 2.5-3x faster there. `route` forces one.
+README table): at B 2,048, k 160, d_sae 1,152 the gram route is 12-14x (published) / 34-37x
+(table) faster; at B 4,096, k 32, d_sae 4,096 the pair route stays, 2.5-3.3x faster there.
+`CoactivationTable(route=...)` forces one.
 
 On CPU the table's update selects the batch's new pairs with boolean indexing (`unique`, or the
 nonzero counts); on CUDA (and under `kernels.force_path("device")`) the same update runs on
