@@ -538,13 +538,13 @@ def _random_codes(g, B, k, d):
 @pytest.mark.parametrize("include_diag", [False, True])
 @pytest.mark.parametrize("path", ["cpu", "device"])
 def test_temporal_ortho_gram_route_equals_pair_route(kind, include_diag, path):
-    """Dense codes (B·k² > d_sae²) go through d_sae x d_sae products (`dense_products`): the tracker
+    """Dense codes (B·k² > d_sae²) go through d_sae x d_sae products (`prefers_gram`): the tracker
     ends in the same state, bit for bit (integer counts), and the penalty and its gradient agree."""
     from sae_sweep.sae import temporal_ortho as to
     from sae_sweep.sae.kernels import force_path
 
     d, B, k = 24, 48, 6  # B·k² = 1,728 > d² = 576: the gram route is the automatic one here
-    assert to.dense_products(B, k, d)
+    assert to.prefers_gram(B, k, d)
 
     tables = {route: CoactivationTable(d, {"table-evicting": 4, "table-roomy": 64}.get(kind, 32),
                                        dense=kind == "dense", include_diag=include_diag, route=route)

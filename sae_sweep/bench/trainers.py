@@ -224,7 +224,7 @@ def main(args: argparse.Namespace) -> int:
 
         rows = measure_routes()
         print("temporal_ortho: observe + weights + penalty + backward per step, best of 3 "
-              "(auto: the route `dense_products` picks; 'auto vs other': how much faster it is)")
+              "(auto: the route `prefers_gram` picks; 'auto vs other': how much faster it is)")
         print(routes_table(rows))
         if args.out:
             with open(args.out, "w") as fh:

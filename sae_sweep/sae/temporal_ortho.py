@@ -87,7 +87,7 @@ stab_mean (mean |c - c̄| / max(c, c̄)), stab_zero_frac (share with stability e
 published tracker's bug), w_mean, cbar_mean, alpha_mean (at the last window close), plus ortho, l1,
 auxk, tracked_pairs, windows_closed and tracker_MiB (the tracking state's size).
 
-Two routes to the same statistics, chosen per step by `dense_products`: for sparse codes, per token
+Two routes to the same statistics, chosen per step by `prefers_gram`: for sparse codes, per token
 over its k x k active pairs, found by binary search in a sorted key index (row * d_sae + partner),
 rebuilt when partners change, so per-step transients are O(B k^2) and the index O(d_sae * cap);
 for dense codes (B k^2 > d_sae^2, e.g. the write-up's k 160 of 4,608), through d_sae x d_sae
@@ -217,8 +217,8 @@ class CoactivationTable:
         self._insert(uniq[new] // self.d_sae, (uniq[new] % self.d_sae).to(torch.int32), counts[new])
 
     def uses_gram(self, batch: int, k: int) -> bool:
-        """Whether a batch's statistics go through d_sae x d_sae products (`route`; auto: `dense_products`)."""
-        return self.route == "gram" or self.route == "auto" and dense_products(batch, k, self.d_sae)
+        """Whether a batch's statistics go through d_sae x d_sae products (`route`; auto: `prefers_gram`)."""
+        return self.route == "gram" or self.route == "auto" and prefers_gram(batch, k, self.d_sae)
 
     def _observe_counts(self, idx: Tensor, active: Tensor) -> None:
         """`observe` through the batch's dense pair counts C = MᵀM (M [B, d_sae]: 1 where a token's
@@ -436,7 +436,7 @@ def ortho_penalty(vals: Tensor, idx: Tensor, table: CoactivationTable, form: str
     return (table.weight.view(-1) * (dots / B).pow(2)).sum() / float(table.d_sae) ** 2
 
 
-def dense_products(batch: int, k: int, d_sae: int) -> bool:
+def prefers_gram(batch: int, k: int, d_sae: int) -> bool:
     """Whether the co-activation statistics go through d_sae x d_sae products instead of the batch's
     B·k² pairs: when the pairs are more (never more memory than the pair route would take)."""
     return batch * k * k > d_sae * d_sae
@@ -598,7 +598,7 @@ def measure_routes(shapes: tuple[tuple[int, int, int], ...] = ROUTE_SHAPES, reps
     """Seconds per step (best of `reps`) of observe + weights + penalty + backward through each route
     (`pairs`, `gram`) at each (batch, k, d_sae), for the published setup (dense tracker, squared,
     live weights) and the corrected one (table, linear), on random TopK codes; `auto` is what
-    `dense_products` picks. No SAE is built or trained."""
+    `prefers_gram` picks. No SAE is built or trained."""
     rows = []
     for batch, k, d_sae in shapes:
         g = torch.Generator().manual_seed(seed)
@@ -606,7 +606,7 @@ def measure_routes(shapes: tuple[tuple[int, int, int], ...] = ROUTE_SHAPES, reps
         vals = torch.rand(batch, k, generator=g).requires_grad_(True)
         for setup, dense, form in (("published", True, "squared"), ("corrected", False, "linear")):
             row = {"batch": batch, "k": k, "d_sae": d_sae, "setup": setup,
-                   "auto": "gram" if dense_products(batch, k, d_sae) else "pairs"}
+                   "auto": "gram" if prefers_gram(batch, k, d_sae) else "pairs"}
             for route in ("pairs", "gram"):
                 table = CoactivationTable(d_sae, dense=dense, include_diag=dense,
                                           weights_from="live" if dense else "closed", route=route)
