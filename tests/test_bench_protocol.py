@@ -184,7 +184,7 @@ def test_generation_bench_projects_the_hours_for_100m_tokens_from_its_own_median
 
 
 def test_gpucheck_without_cuda_reports_the_generation_figure_as_not_run(capsys):
-    from sae_sweep import gpucheck
+    from sae_sweep.bench import gpucheck
 
     assert gpucheck.main(["--device", "cpu", "--skip", "tests,steps,runs,eval,bench"]) == 0
     line = f"[bench generation --device cpu {' '.join(gpucheck.GENERATION_ARGS)}] {gpucheck.NOT_RUN}"

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from sae_sweep.cache import (
+from sae_sweep.activations.cache import (
     ActivationCache,
     CacheError,
     cache_key,
     get_or_build,
     read_builds_log,
 )
-from sae_sweep.reader import ShuffledReader
+from sae_sweep.activations.reader import ShuffledReader
 
 CTX, D = 16, 8
 BOS, PAD = 0, 1
@@ -417,7 +417,7 @@ def test_chunks_in_the_lm_dtype_store_what_the_widened_route_stored(tmp_path, st
 def test_readers_send_bf16_and_widen_on_the_device(tmp_path, kind):
     """On a GPU a bf16 cache's batches cross PCIe in bf16 (half the bytes) and are widened there;
     forced on the CPU, that route gives exactly the batches of the host-widening one."""
-    from sae_sweep.reader import BlockReader, DiskBlocks
+    from sae_sweep.activations.reader import BlockReader, DiskBlocks
 
     cache = build(tmp_path, {**SPEC, "storage_dtype": "bfloat16"})[0]
 

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from sae_sweep import config as C
-from sae_sweep.app import CONF_DIR, validate_point
+from sae_sweep.job.app import CONF_DIR, validate_point
 
 
 def _compose(*overrides):

@@ -330,7 +330,7 @@ def test_saebench_json_schema(tmp_path):
 
 class HFResidPostLM:
     """Minimal test adapter: ``activations`` / ``logits_with_splice`` at resid_post of a HF GPT-2,
-    via forward hooks on ``transformer.h[layer]`` (the real one lives in sae_sweep.lm)."""
+    via forward hooks on ``transformer.h[layer]`` (the real one lives in sae_sweep.models.lm)."""
 
     def __init__(self, model: GPT2LMHeadModel):
         self.model = model.eval()  # no dropout
@@ -689,7 +689,7 @@ def test_core_eval_memory_at_gemma_vocabulary(monkeypatch):
     logits tensor and chunk-sized fp32 temporaries. (The old form kept fp32 log-probs of the clean
     and the patched forward plus the patched logits: >= 5 bf16 logits' worth; 59 GB for Gemma-2 at
     16 x 1024 tokens.) Peak bytes counted per allocation (devices.LiveBytes)."""
-    from sae_sweep.devices import LiveBytes
+    from sae_sweep.util.devices import LiveBytes
 
     monkeypatch.setattr(core, "LOGIT_CHUNK_ELEMS", 1 << 20)
     lm = _BigVocabLM()

@@ -27,7 +27,7 @@ def _data(steps=20, batch=128, d_in=64):
 
 def test_lm_weights_load_onto_the_gpu(tiny_cache_dir):
     """device_map placement: every weight is on the GPU, and the hooked activations match the CPU's."""
-    from sae_sweep.lm import load_lm
+    from sae_sweep.models.lm import load_lm
 
     cfg = {"name": "tiny", "hf_id": "builtin:tiny", "dtype": "float32"}
     gpu, cpu = load_lm(cfg, tiny_cache_dir, "cuda"), load_lm(cfg, tiny_cache_dir, "cpu")
@@ -39,8 +39,8 @@ def test_lm_weights_load_onto_the_gpu(tiny_cache_dir):
 
 def test_bf16_reader_widens_on_the_gpu(tmp_path):
     """A bf16 cache's batches cross to the GPU in bf16 and are widened there: exactly the host batches."""
-    from sae_sweep.cache import get_or_build
-    from sae_sweep.reader import ShuffledReader
+    from sae_sweep.activations.cache import get_or_build
+    from sae_sweep.activations.reader import ShuffledReader
 
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(2, 50, (16, 32), generator=g)
@@ -79,7 +79,7 @@ def test_topk_steps_with_auxk_match_the_cpu():
 
 def test_training_steps_do_not_sync_the_host():
     """torch.cuda.set_sync_debug_mode: a TopK step with AuxK on queues its work and returns."""
-    from sae_sweep.devices import cuda_syncs
+    from sae_sweep.util.devices import cuda_syncs
 
     t = _topk("cuda")
     data = _data(8).cuda()
@@ -112,7 +112,7 @@ def test_two_identical_runs_are_bit_identical():
 
 
 def _lm(cache_dir, device, dtype="float32"):
-    from sae_sweep.lm import load_lm
+    from sae_sweep.models.lm import load_lm
 
     return load_lm({"name": "tiny", "hf_id": "builtin:tiny", "dtype": dtype}, cache_dir, device)
 
@@ -131,7 +131,7 @@ def _windows(lm, n_chunks=6, chunk=4, ctx=32, seed=0):
 
 
 def _stream(lm, windows):
-    from sae_sweep.stream import StreamBlocks
+    from sae_sweep.activations.stream import StreamBlocks
 
     return StreamBlocks(lm, windows, 2, "resid_post", block_windows=8, forward_batch=4)
 
@@ -140,8 +140,8 @@ def test_stream_from_a_gpu_lm_gives_the_cpu_s_batches_without_host_syncs(tiny_ca
     """The LM's stream on the GPU: blocks stay on the GPU, each seed's batches are the CPU stream's
     (same rows, same order; activations within the GPU/CPU tolerance), the LM work is the same, and
     a batch of an already computed block is handed out without a host sync."""
-    from sae_sweep.devices import cuda_syncs
-    from sae_sweep.stream import StreamReader
+    from sae_sweep.util.devices import cuda_syncs
+    from sae_sweep.activations.stream import StreamReader
 
     gpu_lm, cpu_lm = _lm(tiny_cache_dir, "cuda"), _lm(tiny_cache_dir, "cpu")
     windows = _windows(cpu_lm)
@@ -166,7 +166,7 @@ def test_stream_from_a_gpu_lm_gives_the_cpu_s_batches_without_host_syncs(tiny_ca
 
 def test_stream_from_a_cpu_lm_reaches_the_gpu_exactly():
     """A CPU LM's stream read on the GPU (through pinned memory, non-blocking): the same bits."""
-    from sae_sweep.stream import StreamBlocks, StreamReader
+    from sae_sweep.activations.stream import StreamBlocks, StreamReader
 
     class EmbedLM:  # activations = a fixed embedding of the ids (a host LM)
         d_model, device, special_token_ids = 48, torch.device("cpu"), {1}
@@ -193,8 +193,8 @@ def test_a_pack_on_one_gpu_stream_equals_its_solo_runs(tiny_cache_dir, tmp_path)
     """2 seeds x TopK/ReLU trained on the GPU from one stream of the GPU LM: one LM pass for the
     pack, and each SAE bit-identical to its solo run (the determinism decision, stream mode)."""
     from sae_sweep.sae.registry import get_trainer
-    from sae_sweep.stream import StreamReader
-    from sae_sweep.train import Member, train_members
+    from sae_sweep.activations.stream import StreamReader
+    from sae_sweep.training.loop import Member, train_members
 
     lm = _lm(tiny_cache_dir, "cuda")
     points, steps = [("topk", 256, 8, 1), ("relu", 256, None, 1), ("topk", 256, 8, 2)], 12
@@ -231,7 +231,7 @@ def test_faithful_generation_on_the_gpu_is_text_and_reproducible(tiny_cache_dir,
     for the same (seed, chunk) and another for another chunk."""
     import numpy as np
 
-    from sae_sweep.faithful import Generations
+    from sae_sweep.data.faithful import Generations
 
     lm = _lm(tiny_cache_dir, "cuda", dtype="auto")
     assert next(lm.model.parameters()).dtype == torch.bfloat16

@@ -18,9 +18,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from sae_sweep import config as C
-from sae_sweep.app import CONF_DIR, validate_point
-from sae_sweep.lm import load_lm
-from sae_sweep.text import DatasetUnavailable, check_dataset_available, dataset_fingerprint, token_windows
+from sae_sweep.job.app import CONF_DIR, validate_point
+from sae_sweep.models.lm import load_lm
+from sae_sweep.data.text import DatasetUnavailable, check_dataset_available, dataset_fingerprint, token_windows
 from test_families import build_family_dir
 
 CTX = 32
@@ -33,7 +33,7 @@ def _compose(*overrides):
 
 @pytest.fixture(scope="module")
 def corpus(session_cache_dir):
-    from sae_sweep.corpus import builtin_documents
+    from sae_sweep.data.corpus import builtin_documents
 
     return builtin_documents(session_cache_dir)
 

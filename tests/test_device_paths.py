@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_train import ListReader  # a finite reader with the readers' state_dict protocol
 
-from sae_sweep.devices import SyncOps
+from sae_sweep.util.devices import SyncOps
 from sae_sweep.sae.kernels import force_path
 from sae_sweep.sae.registry import get_trainer, trainer_names
 from sae_sweep.sae.temporal_ortho import CoactivationTable
@@ -89,7 +89,7 @@ def test_coactivation_table_device_update_equals_cpu_update(cap, cbar_init):
 def test_training_loop_syncs_only_at_log_windows():
     """The loop's syncs (a log window's flush, the end-of-training checks) do not grow with the
     number of steps between them."""
-    from sae_sweep.train import train
+    from sae_sweep.training.loop import train
 
     def syncs(steps):
         g = torch.Generator().manual_seed(0)
@@ -106,7 +106,7 @@ def test_training_loop_syncs_only_at_log_windows():
 def test_fp32_matmuls_use_tf32_only_where_training_runs_on_cuda():
     """The precision default (issue 17, item 3): a trainer on CUDA turns on TF32 for fp32 matmuls and
     records it ("tf32", a run tag); on the CPU nothing global changes and the record says "ieee"."""
-    from sae_sweep.devices import fast_matmul
+    from sae_sweep.util.devices import fast_matmul
 
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sae_sweep.cache import read_builds_log
+from sae_sweep.activations.cache import read_builds_log
 
 pytestmark = pytest.mark.slow
 

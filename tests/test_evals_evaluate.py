@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from sae_sweep import evaluate
-from sae_sweep.app import CONF_DIR
+from sae_sweep.cli import evaluate
+from sae_sweep.job.app import CONF_DIR
 from sae_sweep.sae import get_sae_class
 
 
@@ -39,7 +39,7 @@ def _local_model(path):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, session_cache_dir):
-    from sae_sweep.tracking import Tracker
+    from sae_sweep.tracking.runs import Tracker
 
     tmp_path = tmp_path_factory.mktemp("evaluate")
     model_dir = _local_model(tmp_path / "model")

@@ -100,7 +100,7 @@ def _save_sae(w_dec: torch.Tensor, path):
 
 
 def test_crossseed_hook_logs_groups_pairs_and_children(tmp_path, monkeypatch):
-    from sae_sweep.tracking import Tracker
+    from sae_sweep.tracking.runs import Tracker
 
     monkeypatch.chdir(tmp_path)  # the sqlite store's artifacts land under ./mlruns
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")

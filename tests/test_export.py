@@ -7,15 +7,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae_sweep.export import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, export_dir, export_run
-from sae_sweep.export import main as export_main
+from sae_sweep.cli.export import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, export_dir, export_run
+from sae_sweep.cli.export import main as export_main
 from sae_sweep.sae import SparseAutoencoder
 from sae_sweep.sae.batchtopk import BatchTopKSAE
 from sae_sweep.sae.jumprelu import JumpReLUSAE
 from sae_sweep.sae.matryoshka import MatryoshkaSAE
 from sae_sweep.sae.relu import ReLUSAE
 from sae_sweep.sae.topk import TopKSAE
-from sae_sweep.tracking import Tracker
+from sae_sweep.tracking.runs import Tracker
 
 D_IN, D_SAE, K = 12, 48, 4
 RUN_CFG = {"model_name": "tiny", "model_hf_id": "builtin:tiny", "hook_name": "blocks.2.hook_resid_post",

@@ -15,8 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network in tests
 import pytest
 import torch
 
-from sae_sweep.lm import LanguageModel, load_lm
-from sae_sweep.text import token_windows
+from sae_sweep.models.lm import LanguageModel, load_lm
+from sae_sweep.data.text import token_windows
 
 # Tokenizer styles, as the hub models ship them:
 #   gpt2   GPT-2 / Pythia (GPT-NeoX BPE): BOS == EOS == <|endoftext|>, no pad, adds nothing itself;
@@ -104,7 +104,7 @@ def build_family_dir(family: str, root: Path, docs) -> Path:
 
 @pytest.fixture(scope="module")
 def corpus(session_cache_dir):
-    from sae_sweep.corpus import builtin_documents
+    from sae_sweep.data.corpus import builtin_documents
 
     return builtin_documents(session_cache_dir)
 
@@ -206,7 +206,7 @@ def test_local_dir_shallower_than_its_yaml_needs_an_explicit_layer(family_dirs):
     from hydra import compose, initialize_config_dir
 
     from sae_sweep import config as C
-    from sae_sweep.app import CONF_DIR, validate_point
+    from sae_sweep.job.app import CONF_DIR, validate_point
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose("config", overrides=["model=gpt2", f"model.hf_id={family_dirs['gpt2']}"])
@@ -234,7 +234,7 @@ def test_run_name_is_faithfulsae_style():
     from hydra import compose, initialize_config_dir
 
     from sae_sweep import config as C
-    from sae_sweep.app import CONF_DIR, run_name
+    from sae_sweep.job.app import CONF_DIR, run_name
     from sae_sweep.config import total_steps
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sae_sweep.faithful import GENERATION_DEFAULTS, chunks_needed, generate_shard
-from sae_sweep.text import generations, token_windows
+from sae_sweep.data.faithful import GENERATION_DEFAULTS, chunks_needed, generate_shard
+from sae_sweep.data.text import generations, token_windows
 
 SAMPLER = GENERATION_DEFAULTS["sampler"]  # the manifest records the sampler the settings left at its default
 

@@ -11,9 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network in tests
 import pytest
 import torch
 
-from sae_sweep import lm as lm_mod
-from sae_sweep.locks import read_owner
-from sae_sweep.lm import (
+from sae_sweep.models import lm as lm_mod
+from sae_sweep.util.locks import read_owner
+from sae_sweep.models.lm import (
     HOOK_TYPES,
     ModelUnavailable,
     hook_name,
@@ -323,7 +323,7 @@ def test_tiny_has_learned_text(tiny_lm, tiny_cache_dir):
     words = text.split()
     assert len(words) > 80
     # Mostly real words from the corpus vocabulary (a random-weight model scores near 0 here).
-    from sae_sweep.corpus import builtin_documents
+    from sae_sweep.data.corpus import builtin_documents
 
     vocab = {w.strip(".,:;()[]'\"`").lower() for d in builtin_documents(tiny_cache_dir) for w in d.split()}
     known = sum(w.strip(".,:;()[]'\"`").lower() in vocab for w in words) / len(words)
@@ -333,7 +333,7 @@ def test_tiny_has_learned_text(tiny_lm, tiny_cache_dir):
 def test_weights_load_straight_onto_the_device(tiny_cache_dir, monkeypatch):
     """On a GPU from_pretrained places the weights as it reads them (device_map), so a model never
     passes through host memory; forced on the CPU, that route loads the same model."""
-    import sae_sweep.lm as lm_mod
+    import sae_sweep.models.lm as lm_mod
 
     assert lm_mod.placement(torch.device("cpu")) == {}
     assert lm_mod.placement(torch.device("cuda")) == {"device_map": {"": "cuda:0"}}

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from sae_sweep.locks import LockTimeout, OwnedLock, read_owner
+from sae_sweep.util.locks import LockTimeout, OwnedLock, read_owner
 
 HOST = socket.gethostname()
 
@@ -73,7 +73,7 @@ def test_owner_info_and_release(tmp_path, monkeypatch):
 def test_dead_owner_on_same_host_is_taken_over(tmp_path, caplog):
     path = tmp_path / "a.lock"
     _write_lock(path, host=HOST, pid=_dead_pid(), slurm_job_id=None, started=time.time())
-    caplog.set_level(logging.WARNING, logger="sae_sweep.locks")
+    caplog.set_level(logging.WARNING, logger="sae_sweep.util.locks")
     t0 = time.monotonic()
     with OwnedLock(path, timeout=5, stale_after=600) as lock:  # mtime is fresh: pid check decides
         assert lock.is_held and read_owner(path)["pid"] == os.getpid()
@@ -131,7 +131,7 @@ def test_timeout_names_owner(tmp_path):
 
 def test_waiter_gets_lock_after_release_and_logs(tmp_path, caplog):
     path = tmp_path / "a.lock"
-    caplog.set_level(logging.INFO, logger="sae_sweep.locks")
+    caplog.set_level(logging.INFO, logger="sae_sweep.util.locks")
     holder = OwnedLock(path).acquire()
     threading.Timer(0.3, holder.release).start()
     with OwnedLock(path, timeout=5, poll_interval=0.02) as waiter:

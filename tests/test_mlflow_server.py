@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import pytest
 
 from sae_sweep.report import build_report
-from sae_sweep.tracking import Tracker
+from sae_sweep.tracking.runs import Tracker
 from test_report import EV, KL, SEEDS, make_sweep
 
 START_TIMEOUT = 180  # first start migrates a fresh sqlite schema; 2 slow cores

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from sae_sweep.cache import get_or_build
-from sae_sweep.reader import ShuffledReader
-from sae_sweep.train import Member, train_members
+from sae_sweep.activations.cache import get_or_build
+from sae_sweep.activations.reader import ShuffledReader
+from sae_sweep.training.loop import Member, train_members
 from sae_sweep.sae.registry import get_trainer
-from sae_sweep.train import train
+from sae_sweep.training.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,7 +78,7 @@ def test_stream_key_groups_points_that_read_the_same_activations():
     own seed's order); batch size or the activations themselves (layer, dataset, hook) differ."""
     from hydra import compose, initialize_config_dir
 
-    from sae_sweep.app import CONF_DIR
+    from sae_sweep.job.app import CONF_DIR
     from sae_sweep.config import stream_key
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):

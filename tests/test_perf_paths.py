@@ -111,7 +111,7 @@ def test_auto_precision_is_the_explicit_setting_it_resolves_to(native, monkeypat
 
 # The CUDA implementation of the backward products (dense code blocks + matmuls), forced on CPU:
 # it must give what the CPU implementation and dense autograd give.
-from sae_sweep.devices import LiveBytes  # noqa: E402
+from sae_sweep.util.devices import LiveBytes  # noqa: E402
 from sae_sweep.sae import kernels  # noqa: E402
 from sae_sweep.sae.kernels import force_path, sparse_decode  # noqa: E402
 

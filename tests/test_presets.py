@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class
 from omegaconf import OmegaConf, open_dict
 
-from sae_sweep.app import CONF_DIR, validate_point
+from sae_sweep.job.app import CONF_DIR, validate_point
 from sae_sweep.config import ConfigError
 
 # Presets of models and datasets that live on the Hugging Face Hub cannot be loaded offline; they

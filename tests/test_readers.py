@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from sae_sweep.cache import get_or_build
-from sae_sweep.reader import BlockReader, DiskBlocks
+from sae_sweep.activations.cache import get_or_build
+from sae_sweep.activations.reader import BlockReader, DiskBlocks
 from sae_sweep.sae.registry import get_trainer
-from sae_sweep.stream import StreamBlocks, StreamReader
-from sae_sweep.train import Member, train, train_members
+from sae_sweep.activations.stream import StreamBlocks, StreamReader
+from sae_sweep.training.loop import Member, train, train_members
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -185,7 +185,7 @@ def test_caches_that_do_not_fit_are_refused_before_any_work_with_the_numbers(tmp
 
     from hydra import compose, initialize_config_dir
 
-    from sae_sweep.app import CONF_DIR, disk_problems, model_shape, validate_point
+    from sae_sweep.job.app import CONF_DIR, disk_problems, model_shape, validate_point
     from sae_sweep.config import ConfigError
 
     free = shutil.disk_usage(tmp_path).free

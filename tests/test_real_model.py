@@ -11,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from sae_sweep.lm import HOOK_TYPES, ModelUnavailable, load_lm, resolve_weights
+from sae_sweep.models.lm import HOOK_TYPES, ModelUnavailable, load_lm, resolve_weights
 
 pytestmark = pytest.mark.xdist_group("real_model")  # one worker converts and loads it once
 

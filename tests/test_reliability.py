@@ -18,9 +18,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from sae_sweep.cache import ActivationCache, get_or_build
-from sae_sweep.locks import OwnedLock
-from sae_sweep.train import CheckpointUnreadable, Interrupted, load_checkpoint, train
+from sae_sweep.activations.cache import ActivationCache, get_or_build
+from sae_sweep.util.locks import OwnedLock
+from sae_sweep.training.loop import CheckpointUnreadable, Interrupted, load_checkpoint, train
 
 SYNTH = ["dataset=synthetic", "dataset.tokens=16384", "dataset.eval_tokens=2048", "train.tokens=16384",
          "trainer.batch_size=512", "sae.d_sae=128", "sae.k=4", "eval=core_only", "sweep.name=rel"]
@@ -110,8 +110,8 @@ def test_nan_in_a_batch_blames_the_cache_not_the_sae(tmp_path):
 
 
 def test_corrupt_token_windows_are_rebuilt_and_reported(tiny_lm, tmp_path):
-    from sae_sweep import text
-    from sae_sweep.text import token_windows
+    from sae_sweep.data import text
+    from sae_sweep.data.text import token_windows
 
     cfg = {"name": "builtin", "kind": "builtin", "context_size": 32}
     first = token_windows(cfg, tiny_lm, "eval", 32 * 20, tmp_path)
@@ -178,7 +178,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
 
 
 def _tracker_at(uri, start, queue):
-    from sae_sweep.tracking import Tracker
+    from sae_sweep.tracking.runs import Tracker
 
     while time.time() < start:
         time.sleep(0.001)
@@ -209,7 +209,7 @@ def test_concurrent_first_use_of_a_store_does_not_corrupt_it(tmp_path):
 def test_a_half_migrated_store_is_refused_with_the_reason(tmp_path):
     import sqlite3
 
-    from sae_sweep.tracking import Tracker, TrackingStoreError
+    from sae_sweep.tracking.runs import Tracker, TrackingStoreError
 
     db = tmp_path / "mlflow.db"
     with sqlite3.connect(db) as con:
@@ -223,7 +223,7 @@ def test_a_point_running_elsewhere_is_not_started_again(tmp_path):
     touch the run; a multirun counts it as skipped."""
     from hydra import compose, initialize_config_dir
 
-    from sae_sweep.app import CONF_DIR, point_lock
+    from sae_sweep.job.app import CONF_DIR, point_lock
     from sae_sweep.config import run_key
 
     out = tmp_path / "out"
@@ -329,8 +329,8 @@ def test_a_usr2_that_arrives_while_the_stopped_runs_are_recorded_waits_for_the_h
     has stopped but while the runs are being tagged. It must not cut that short; hand_over requeues."""
     import signal
 
-    from sae_sweep.app import PreemptionGuard
-    from sae_sweep.train import STOP
+    from sae_sweep.job.app import PreemptionGuard
+    from sae_sweep.training.loop import STOP
 
     calls = []
 

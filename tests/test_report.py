@@ -13,7 +13,7 @@ import pytest
 
 from sae_sweep.report import build_report, report_hook
 from sae_sweep.report.__main__ import main as report_main
-from sae_sweep.tracking import Tracker
+from sae_sweep.tracking.runs import Tracker
 
 EV = "core/reconstruction_quality/explained_variance"
 KL = "core/model_behavior_preservation/kl_div_score"

@@ -126,7 +126,7 @@ N_WRITERS, N_PARAMS, N_STEPS = 8, 150, 20
 
 
 def _writer(uri: str, i: int, go) -> None:
-    from sae_sweep.tracking import Tracker
+    from sae_sweep.tracking.runs import Tracker
 
     tracker = Tracker(uri)
     go.wait()  # all at once, experiment creation included
@@ -138,7 +138,7 @@ def _writer(uri: str, i: int, go) -> None:
 
 
 def test_eight_processes_writing_one_sqlite_store_lose_nothing(tmp_path):
-    from sae_sweep.tracking import Tracker
+    from sae_sweep.tracking.runs import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     Tracker(uri).client.search_experiments()  # create the schema first: migrations are not concurrent

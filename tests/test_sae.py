@@ -17,7 +17,7 @@ from sae_sweep.sae import (
     trainer_names,
 )
 from sae_sweep.evals.recovery import recovery_metrics
-from sae_sweep.synthetic_data import PlantedDictionary
+from sae_sweep.activations.synthetic import PlantedDictionary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,10 +13,10 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from sae_sweep import sampling
+from sae_sweep.data import sampling
 from sae_sweep.config import stable_hash
-from sae_sweep.faithful import VERSION, Generations
-from sae_sweep.text import dataset_fingerprint
+from sae_sweep.data.faithful import VERSION, Generations
+from sae_sweep.data.text import dataset_fingerprint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -216,9 +216,9 @@ def test_exact_topk_first_chunks_are_deterministic_per_seed_and_chunk_and_text_l
 def test_the_sampler_default_is_the_same_everywhere():
     from omegaconf import OmegaConf
 
-    from sae_sweep.app import CONF_DIR
+    from sae_sweep.job.app import CONF_DIR
     from sae_sweep.config import GenerationConfig
-    from sae_sweep.faithful import GENERATION_DEFAULTS
+    from sae_sweep.data.faithful import GENERATION_DEFAULTS
 
     yaml = OmegaConf.load(f"{CONF_DIR}/dataset/faithful.yaml")
     assert GenerationConfig().sampler == GENERATION_DEFAULTS["sampler"] == yaml.generation.sampler

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sae_sweep.cache import read_builds_log
+from sae_sweep.activations.cache import read_builds_log
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 if shutil.which("sinfo") is None and not IN_CI:

@@ -11,10 +11,10 @@ import pytest
 import numpy as np
 import torch
 
-from sae_sweep.corpus import WindowPacker, doc_split
-from sae_sweep.faithful import GENERATION_DEFAULTS
-from sae_sweep.lm import load_lm
-from sae_sweep.text import (
+from sae_sweep.data.corpus import WindowPacker, doc_split
+from sae_sweep.data.faithful import GENERATION_DEFAULTS
+from sae_sweep.models.lm import load_lm
+from sae_sweep.data.text import (
     DatasetUnavailable,
     NotEnoughText,
     check_dataset_available,
@@ -69,7 +69,7 @@ def test_packer_windows_start_with_one_bos():
 # builtin
 def test_builtin_windows(llama_lm, tmp_path):
     cfg = {"name": "builtin", "kind": "builtin", "context_size": 32}
-    from sae_sweep.corpus import builtin_documents
+    from sae_sweep.data.corpus import builtin_documents
 
     docs = builtin_documents(tmp_path)
     assert sum(len(d) for d in docs) > 1_000_000
@@ -274,8 +274,8 @@ def _take(it, n):
 
 FAITHFUL_KILL_SCRIPT = """
 import sys
-from sae_sweep.lm import load_lm
-from sae_sweep.text import token_windows
+from sae_sweep.models.lm import load_lm
+from sae_sweep.data.text import token_windows
 model_dir, cache, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 lm = load_lm({"name": "llama-rand", "hf_id": model_dir, "dtype": "float32"}, cache, "cpu")
 gen = {"max_new_tokens": 32, "temperature": 1.0, "top_p": 0.9, "repetition_penalty": 1.1, "batch_size": 8, "seed": 3}

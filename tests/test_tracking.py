@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from sae_sweep.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, Tracker, ui_command, ui_url
+from sae_sweep.tracking.runs import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, Tracker, ui_command, ui_url
 
 CPU = "system/cpu_utilization_percentage"
 
@@ -49,7 +49,7 @@ def test_a_link_that_cannot_be_made_is_a_warning_not_an_error(tracker, caplog):
     missing = "0" * 32  # the store has no such run: get_run raises
     with pytest.raises(Exception):
         tracker.run_url(missing)
-    with caplog.at_level(logging.WARNING, logger="sae_sweep.tracking"):
+    with caplog.at_level(logging.WARNING, logger="sae_sweep.tracking.runs"):
         text = tracker.ui_link(missing)
     assert text.startswith("(no UI link: ") and missing in text
     assert any(missing in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
@@ -131,8 +131,8 @@ def test_datasets_are_run_inputs_and_the_parent_names_the_sweeps_training_sets(t
 def test_a_datasets_digest_is_its_token_windows_key(tiny_lm, tmp_path):
     """The digest the UI shows names the windows a run used: the key in their file name under
     <cache>/tokens/, different for the held-out split and for another budget."""
-    from sae_sweep.pipeline import dataset_record
-    from sae_sweep.text import token_windows
+    from sae_sweep.job.execute import dataset_record
+    from sae_sweep.data.text import token_windows
 
     cfg = OmegaConf.create({"dataset": {"name": "builtin", "kind": "builtin", "context_size": 32}})
     windows = token_windows(cfg.dataset, tiny_lm, "eval", 512, tmp_path)
@@ -147,7 +147,7 @@ def test_a_datasets_digest_is_its_token_windows_key(tiny_lm, tmp_path):
 
 def test_a_runs_dataset_inputs_as_mlflow_gives_them_back(tiny_lm, tmp_path, tracker):
     """What the runs table's Dataset column reads: the inputs of the run, through a client of its own."""
-    from sae_sweep.pipeline import dataset_record, log_dataset_input
+    from sae_sweep.job.execute import dataset_record, log_dataset_input
 
     cfg = OmegaConf.create({"dataset": {"name": "builtin", "kind": "builtin", "context_size": 32}})
     train = dataset_record(cfg, tiny_lm, "train", 2048, {"tokens": 2048, "windows": 64})
@@ -169,7 +169,7 @@ def test_a_runs_dataset_inputs_as_mlflow_gives_them_back(tiny_lm, tmp_path, trac
 
 
 def test_a_dataset_input_that_fails_is_a_warning_and_a_tag_and_the_job_goes_on(tracker, caplog):
-    from sae_sweep.pipeline import dataset_record, log_dataset_input
+    from sae_sweep.job.execute import dataset_record, log_dataset_input
 
     # a record that cannot be made: a faithful dataset's identity needs the LM that generated it
     cfg = OmegaConf.create({"dataset": {"name": "faithful", "kind": "faithful", "context_size": 32}})
@@ -198,7 +198,7 @@ def test_a_local_dataset_of_many_files_is_logged_with_its_patterns(tmp_path, tra
     64 kB limit on a dataset source and lose the input. The source names the configured glob."""
     from mlflow.utils.validation import MAX_DATASET_SOURCE_SIZE
 
-    from sae_sweep.text import dataset_source
+    from sae_sweep.data.text import dataset_source
 
     pages = tmp_path / "a_rather_long_directory_name_like_usr_share_doc_postgresql_doc_15_html"
     pages.mkdir()

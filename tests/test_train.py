@@ -4,8 +4,8 @@ import torch
 
 from sae_sweep.sae import get_trainer
 from sae_sweep.evals.recovery import recovery_metrics
-from sae_sweep.synthetic_data import PlantedDictionary
-from sae_sweep.train import Interrupted, TrainingFailed, load_checkpoint, train
+from sae_sweep.activations.synthetic import PlantedDictionary
+from sae_sweep.training.loop import Interrupted, TrainingFailed, load_checkpoint, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -190,7 +190,7 @@ def test_checkpoints_on_a_time_interval(tmp_path, monkeypatch, every_steps, want
     The clock is faked: each batch takes 10 s."""
     import types
 
-    import sae_sweep.train as train_mod
+    import sae_sweep.training.loop as train_mod
 
     clock = [0.0]
     monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))

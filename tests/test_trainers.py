@@ -23,12 +23,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from sae_sweep.app import CONF_DIR
+from sae_sweep.job.app import CONF_DIR
 from sae_sweep.bench.trainers import RECIPES, PlantedSetup, Recipe, planted_data, train_planted, trainer_cfg
 from sae_sweep.sae import SparseAutoencoder, get_trainer, trainer_names
 from sae_sweep.sae.adaptive_ortho import grouped_ortho_loss
 from sae_sweep.sae.trainer import NATIVE_BF16_ENV, detect_bf16, resolve_bf16
-from sae_sweep.synthetic_data import PlantedDictionary
+from sae_sweep.activations.synthetic import PlantedDictionary
 from sae_sweep.sae.temporal_ortho import CoactivationTable, ortho_penalty
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -492,7 +492,7 @@ class _PlantedReader:
 
 @pytest.mark.parametrize("name", ALL)
 def test_train_loop_logs_every_loss_part_and_resumes(name, tmp_path):
-    from sae_sweep.train import train
+    from sae_sweep.training.loop import train
 
     overrides = {"hierarchical": {"merge_every": 5, "resample_every": 5, "resample_after": 3},
                  "temporal_ortho": {"window": 3}, "adaptive_ortho": {"regroup_every": 5}}.get(name, {})

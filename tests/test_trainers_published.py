@@ -422,7 +422,7 @@ PRESETS = {  # preset: (model, layer, d_sae at the write-up's d_in 2304, k, trai
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from sae_sweep.app import CONF_DIR
+    from sae_sweep.job.app import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return compose("config", overrides=overrides, return_hydra_config=True)

@@ -4,7 +4,7 @@ hydra-submitit-launcher 1.2.0 ends ``launch()`` with ``[j.results()[0] for j in 
 job that produced no result (scancel, OOM kill, node failure → ``UncompletedJobError``) raises out
 of the list, so the results of the batch are lost and nobody waits for the jobs after it. Here each
 job is waited for separately and a lost job becomes a FAILED ``JobReturn`` carrying the reason;
-the sweep (``sae_sweep.sweep.GridSweep``) counts it, closes its MLflow run and keeps going.
+the sweep (``sae_sweep.job.sweep.GridSweep``) counts it, closes its MLflow run and keeps going.
 
 Everything else (the executor's parameters, the job body, ``checkpoint()`` for requeues) is the
 plugin's own, so the presets keep ``defaults: [submitit_slurm]`` and every plugin key validates.

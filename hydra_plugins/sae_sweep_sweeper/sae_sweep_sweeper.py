@@ -1,5 +1,5 @@
 """Hydra sweeper plugin (``hydra/sweeper=sae_sweep``): Hydra only instantiates plugins from the
-``hydra_plugins`` namespace, so this is a thin shell; the logic is in ``sae_sweep.sweep``."""
+``hydra_plugins`` namespace, so this is a thin shell; the logic is in ``sae_sweep.job.sweep``."""
 
 import sys
 from dataclasses import dataclass
@@ -31,7 +31,7 @@ class SaeSweepSweeper(BasicSweeper):
 
     def sweep(self, arguments: List[str]) -> Any:
         from sae_sweep.config import ConfigError
-        from sae_sweep.sweep import GridSweep, SweepFailed
+        from sae_sweep.job.sweep import GridSweep, SweepFailed
 
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         # Config-level axes first, command-line overrides after (they win), as BasicSweeper does.

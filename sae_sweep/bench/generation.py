@@ -53,8 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _load(model: str, dtype: str, cache_dir: str, device: str):
     from omegaconf import OmegaConf
 
-    from sae_sweep.app import CONF_DIR
-    from sae_sweep.lm import load_lm
+    from sae_sweep.job.app import CONF_DIR
+    from sae_sweep.models.lm import load_lm
 
     cfg = OmegaConf.load(os.path.join(CONF_DIR, "model", f"{model}.yaml"))
     cfg.dtype = dtype
@@ -62,7 +62,7 @@ def _load(model: str, dtype: str, cache_dir: str, device: str):
 
 
 def measure(lm: Any, sampler: str, batch: int, new_tokens: int, chunk: int = 0) -> Dict[str, float]:
-    from sae_sweep.faithful import Generations
+    from sae_sweep.data.faithful import Generations
 
     settings = {"batch_size": batch, "max_new_tokens": new_tokens, "sampler": sampler}
     gens = Generations(lm, settings, tempfile.gettempdir())  # _generate writes nothing

@@ -354,7 +354,7 @@ def fig_quality(seeds: int = 2, bf16: bool = True) -> dict[str, Any]:
 
 
 def _synthetic_cache(root: Path, d: int, n_tokens: int, ctx: int = 128):
-    from sae_sweep.cache import get_or_build
+    from sae_sweep.activations.cache import get_or_build
 
     n_seqs = n_tokens // ctx
 
@@ -369,7 +369,7 @@ def _synthetic_cache(root: Path, d: int, n_tokens: int, ctx: int = 128):
 
 
 def fig_reader(root: Path, device: torch.device, train_steps_per_s: float, n_batches: int) -> dict[str, Any]:
-    from sae_sweep.reader import ShuffledReader
+    from sae_sweep.activations.reader import ShuffledReader
 
     cache = _synthetic_cache(root, D_IN, 16 * BATCH)
     with ShuffledReader(cache, BATCH, seed=0, device=device) as reader:
@@ -396,7 +396,7 @@ def _cache_root(shared_models: Path):
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from sae_sweep.app import CONF_DIR
+    from sae_sweep.job.app import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose("config", overrides=overrides)
@@ -409,9 +409,9 @@ def _compose(overrides: list[str]):
 
 def fig_cache_build(cache_dir: Path, device: torch.device, n_tokens: int, reps: int,
                     model: str = "tiny", dataset: str = "builtin") -> dict[str, Any]:
-    from sae_sweep.lm import load_lm
-    from sae_sweep.pipeline import CACHE_BUILD_BATCH, build_activation_cache
-    from sae_sweep.text import token_windows
+    from sae_sweep.models.lm import load_lm
+    from sae_sweep.job.execute import CACHE_BUILD_BATCH, build_activation_cache
+    from sae_sweep.data.text import token_windows
 
     with _cache_root(cache_dir / "models") as root:
         cfg = _compose([f"model={model}", f"dataset={dataset}", f"paths.cache_dir={root}",
@@ -455,9 +455,9 @@ def fig_cache_build(cache_dir: Path, device: torch.device, n_tokens: int, reps: 
 
 def fig_sweep(cache_dir: Path, device: torch.device, n_tokens: int) -> dict[str, Any]:
     """2 seeds x 2 trainers through the job's own cache code; LM forward tokens from builds.log."""
-    from sae_sweep.cache import ActivationCache, read_builds_log
-    from sae_sweep.lm import load_lm
-    from sae_sweep.pipeline import build_activation_cache
+    from sae_sweep.activations.cache import ActivationCache, read_builds_log
+    from sae_sweep.models.lm import load_lm
+    from sae_sweep.job.execute import build_activation_cache
 
     points = [(s, t) for s in (1, 2) for t in ("topk", "relu")]
     with _cache_root(cache_dir / "models") as root:
@@ -477,10 +477,10 @@ def fig_sweep(cache_dir: Path, device: torch.device, n_tokens: int) -> dict[str,
 def fig_packing(root: Path, device: torch.device, steps: int, reps: int, d_sae: int = 1536) -> dict[str, Any]:
     """One pack (shared seed and batch size) of 2 topk sizes + relu + batchtopk at d_in 768 vs the
     same four trained one after another, each with its own reader (as separate jobs read)."""
-    from sae_sweep.reader import ShuffledReader
-    from sae_sweep.train import Member, train_members
+    from sae_sweep.activations.reader import ShuffledReader
+    from sae_sweep.training.loop import Member, train_members
     from sae_sweep.sae.registry import get_trainer
-    from sae_sweep.train import train
+    from sae_sweep.training.loop import train
 
     cache = _synthetic_cache(root, D_IN, 16 * BATCH)
     specs = [("topk", d_sae, 16), ("topk", d_sae // 2, 16), ("relu", d_sae, None), ("batchtopk", d_sae, 16)]
@@ -514,8 +514,8 @@ def fig_packing_jobs(cache_dir: Path, device: torch.device, train_tokens: int = 
     MLflow set-up, training, core eval each) vs one `-m ... sweep.pack=true` process. The cache is
     built beforehand, so neither side pays for it; the packed side also pays the sweep-end work
     (cross-seed check, report), so the ratio is conservative."""
-    from sae_sweep.lm import load_lm
-    from sae_sweep.pipeline import build_activation_cache
+    from sae_sweep.models.lm import load_lm
+    from sae_sweep.job.execute import build_activation_cache
 
     grid = {"trainer": ["topk", "batchtopk"], "sae.expansion_factor": ["4", "8"]}
     with _cache_root(cache_dir / "models") as root:

@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_cache(root: Path, d_in: int, gb: float, ctx: int = 128):
     """A bfloat16 activation cache of ~``gb`` GB through the real build path (shards, checksums)."""
-    from sae_sweep.cache import get_or_build
+    from sae_sweep.activations.cache import get_or_build
 
     n_seqs = int(gb * 1e9 / (ctx * d_in * 2))
 
@@ -95,7 +95,7 @@ def measure(reader, seconds: float, batch: int, d_in: int, max_batches: int) -> 
 
 
 def run(root: Path, args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
-    from sae_sweep.reader import BlockReader, DiskBlocks, ShuffledReader
+    from sae_sweep.activations.reader import BlockReader, DiskBlocks, ShuffledReader
 
     readers = {
         "random": lambda cache: ShuffledReader(cache, args.batch, seed=0),

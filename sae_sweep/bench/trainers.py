@@ -33,7 +33,7 @@ import torch
 from sae_sweep.sae import get_trainer, trainer_names
 from sae_sweep.sae.trainer import explained_variance
 from sae_sweep.evals.recovery import recovery_metrics
-from sae_sweep.synthetic_data import PlantedDictionary
+from sae_sweep.activations.synthetic import PlantedDictionary
 
 
 @dataclass

@@ -75,7 +75,7 @@ _TINY_CE_GAP = 1e-9
 
 
 class SpliceLM(Protocol):
-    """What the core eval needs from a language model (``sae_sweep.lm.LanguageModel`` has it)."""
+    """What the core eval needs from a language model (``sae_sweep.models.lm.LanguageModel`` has it)."""
 
     def activations(self, input_ids: torch.Tensor, layer: int, hook: str) -> torch.Tensor: ...
 

@@ -175,7 +175,7 @@ def stdlib_labelled_docs(packages: Sequence[str] = DEFAULT_PACKAGES,
         return [tuple(r) for r in json.loads(path.read_text())]
     rows = _collect(packages)
     if path is not None:
-        from sae_sweep.files import atomic_write
+        from sae_sweep.util.files import atomic_write
 
         atomic_write(path, json.dumps(rows))
     return rows

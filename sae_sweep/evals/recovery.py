@@ -14,7 +14,7 @@ from torch import Tensor
 
 from sae_sweep.evals.registry import register_eval
 from sae_sweep.evals.schema import EvalOutput
-from sae_sweep.synthetic_data import PlantedDictionary
+from sae_sweep.activations.synthetic import PlantedDictionary
 
 
 @dataclass

@@ -31,7 +31,7 @@ class TargetError(RuntimeError):
 def resolve(target: str, tracking_uri: Optional[str]) -> Tuple[str, str, Optional[Path]]:
     """(tracking uri, parent run id, sweep dir or None) for a CLI target."""
     from sae_sweep.config import find_tracking_uri
-    from sae_sweep.tracking import Tracker
+    from sae_sweep.tracking.runs import Tracker
 
     path = Path(target).expanduser()
     if path.is_dir():
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from sae_sweep.report import build_report
-    from sae_sweep.tracking import Tracker
+    from sae_sweep.tracking.runs import Tracker
 
     try:
         uri, parent, sweep_dir = resolve(args.target, args.tracking_uri)
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         print(f"plot {name} skipped: {why}")
     if res.logged:
         print(f"logged to run {parent} under report/ ({uri})")
-    from sae_sweep.tracking import ui_command
+    from sae_sweep.tracking.runs import ui_command
 
     cmd = ui_command(uri)
     print(f"MLflow UI: {tracker.ui_link(parent, 'artifacts' if res.logged else None)}"

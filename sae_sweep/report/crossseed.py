@@ -73,7 +73,7 @@ def _settings(points: Sequence[Any]) -> CrossSeedSettings:
 
 def crossseed_hook(tracker: Any, parent_run_id: str, points: Sequence[Any], results: Sequence[Any],
                    sweep_dir: Any) -> Dict[str, Any]:
-    """Sweep-end hook (``sae_sweep.sweep.SWEEP_END_HOOKS``): every pair of FINISHED runs that differ
+    """Sweep-end hook (``sae_sweep.job.sweep.SWEEP_END_HOOKS``): every pair of FINISHED runs that differ
     only in seed is compared. Settings from ``eval.crossseed`` (threshold, method, candidates,
     enabled). Logged to the parent: ``crossseed/<group[:8]>/seed_<a>_vs_<b>/<metric>`` per pair,
     ``crossseed/<group[:8]>/<metric>_mean`` per group, ``crossseed/<metric>_mean`` overall; to each

@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 from torch import Tensor, nn
 
-from sae_sweep.files import atomic_write
+from sae_sweep.util.files import atomic_write
 
 from .registry import get_sae_class
 

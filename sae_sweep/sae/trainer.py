@@ -19,7 +19,7 @@ from torch import Tensor
 
 from sae_sweep.config import (DEAD_TOKENS, ConfigError, SAEConfig, d_sae_for, parse, problems, sae_problems, setting,
                               shape_problems)
-from sae_sweep.devices import fast_matmul
+from sae_sweep.util.devices import fast_matmul
 
 from .autoencoder import SparseAutoencoder
 

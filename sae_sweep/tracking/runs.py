@@ -139,7 +139,7 @@ def _damaged(db: Path) -> Optional[str]:
 
 class Tracker:
     def __init__(self, uri: str):
-        from sae_sweep.locks import OwnedLock
+        from sae_sweep.util.locks import OwnedLock
 
         self.uri = uri
         check_store(uri)

@@ -1,4 +1,4 @@
-"""``make gpu-check`` (``python -m sae_sweep.gpucheck``): what only a GPU can settle about the CUDA
+"""``make gpu-check`` (``python -m sae_sweep.bench.gpucheck``): what only a GPU can settle about the CUDA
 path (issue 17), in one command of a few minutes, no network.
 
 1. the CUDA-marked tests (``pytest -m cuda``: device placement, the bf16 reader, AuxK steps equal
@@ -35,7 +35,7 @@ import torch
 
 # (name, d_in, expansion_factor, k) from conf/model/<name>.yaml
 WIDTHS = [("gpt2", 768, 16, 16), ("gemma-2-2b", 2304, 8, 64), ("llama-3.1-8b", 4096, 4, 80)]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NOT_RUN = "not run (no CUDA)"
 GEMMA2_VOCAB = 256_000
 BENCH_DIMS = (768, 24_576, 32)  # the issue's target: d_in, d_sae, k
@@ -61,7 +61,7 @@ def _sync(device: torch.device) -> None:
 
 def synthetic_steps(device: torch.device, d_in: int, d_sae: int, k: int, batch: int, steps: int) -> dict[str, Any]:
     """Time ``steps`` TopK steps (AuxK on) after two warm-up steps; peak memory and host syncs."""
-    from sae_sweep.devices import cuda_syncs
+    from sae_sweep.util.devices import cuda_syncs
 
     t = _trainer(device, d_in, d_sae, k, batch, steps)
     g = torch.Generator(device=device).manual_seed(0)
@@ -197,7 +197,7 @@ def generation(device: torch.device, timeout: float) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sae_sweep.gpucheck", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m sae_sweep.bench.gpucheck", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto: cuda when available)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per width on CUDA")
     p.add_argument("--batch", type=int, default=4096, help="batch size of the synthetic steps on CUDA")
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if cuda else "cpu",
                               "torch": torch.__version__, "cuda": torch.version.cuda}
     if cuda:
-        from sae_sweep.devices import fast_matmul
+        from sae_sweep.util.devices import fast_matmul
 
         report["matmul_fp32"] = fast_matmul(device)
     print(f"gpu-check on {report['device']} (torch {torch.__version__}, CUDA {torch.version.cuda})", flush=True)

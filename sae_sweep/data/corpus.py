@@ -28,7 +28,7 @@ from typing import Iterable, Iterator, List, Sequence
 
 import torch
 
-from sae_sweep.files import atomic_write
+from sae_sweep.util.files import atomic_write
 
 __all__ = [
     "CORPUS_VERSION",

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sae_sweep.cache import ActivationCache
-from sae_sweep.shards import storage, to_torch
+from sae_sweep.activations.cache import ActivationCache
+from sae_sweep.activations.shards import storage, to_torch
 
 __all__ = ["ShuffledReader"]
 

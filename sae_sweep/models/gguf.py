@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from sae_sweep.files import atomic_write_json, sha256_file
+from sae_sweep.util.files import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def ensure_model_dir(spec: Any, cache_dir: str | os.PathLike) -> Path:
     if source is None:
         raise FileNotFoundError(f"{_get(spec, 'file')} from package {_get(spec, 'package')!r} is not installed: "
                                 f"{install_hint(spec)}")
-    from sae_sweep.locks import OwnedLock
+    from sae_sweep.util.locks import OwnedLock
 
     final.parent.mkdir(parents=True, exist_ok=True)
     with OwnedLock(final.parent / f"{final.name}.lock"):

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from sae_sweep.files import sha256_file
+from sae_sweep.util.files import sha256_file
 
 # storage dtype name -> (torch dtype used for conversion, numpy dtype on disk)
 STORAGE_DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {

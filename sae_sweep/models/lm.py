@@ -36,10 +36,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from sae_sweep import gguf
+from sae_sweep.models import gguf
 from sae_sweep.config import resolve_device
-from sae_sweep.corpus import WindowPacker, builtin_corpus_id, builtin_documents, doc_split
-from sae_sweep.hub import hub_offline
+from sae_sweep.data.corpus import WindowPacker, builtin_corpus_id, builtin_documents, doc_split
+from sae_sweep.util.hub import hub_offline
 
 __all__ = [
     "HOOK_TYPES",
@@ -261,7 +261,7 @@ def ensure_tiny(cache_dir: str | os.PathLike) -> Path:
     final = tiny_model_dir(cache_dir)
     if _tiny_complete(final):
         return final
-    from sae_sweep.locks import OwnedLock  # noqa: PLC0415  (written alongside; imported lazily)
+    from sae_sweep.util.locks import OwnedLock  # noqa: PLC0415  (written alongside; imported lazily)
 
     final.parent.mkdir(parents=True, exist_ok=True)
     with OwnedLock(final.parent / f"{TINY_VERSION}.lock"):

@@ -12,7 +12,7 @@ Layout under ``<cache_root>/activations/``::
 The key is a hash of everything that changes the activations (``cache_key``); the same key is
 reused, never recomputed. Builds write into a private temp directory that is renamed into place
 only when complete, so a killed build never leaves something that looks like a cache. Batches for
-training come from ``sae_sweep.reader``.
+training come from ``sae_sweep.activations.reader``.
 
 This module knows nothing about SAEs; it only stores (token ids, activations) pairs.
 """
@@ -36,9 +36,9 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_sweep.config import canonical, stable_hash
-from sae_sweep.files import atomic_write_json, fsync_dir
-from sae_sweep.locks import OwnedLock
-from sae_sweep.shards import STORAGE_DTYPES, ShardWriter, decode, shard_digest_ok, storage
+from sae_sweep.util.files import atomic_write_json, fsync_dir
+from sae_sweep.util.locks import OwnedLock
+from sae_sweep.activations.shards import STORAGE_DTYPES, ShardWriter, decode, shard_digest_ok, storage
 
 __all__ = ["ActivationCache", "CacheError", "SHARD_BYTES", "cache_key", "get_or_build", "read_builds_log"]
 

@@ -31,11 +31,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import sae_sweep.evals  # noqa: F401  (registers every eval's settings schema before Hydra composes)
 import sae_sweep.sae  # noqa: F401  (registers every trainer's schema)
 from sae_sweep import config as C
-from sae_sweep.files import atomic_write
+from sae_sweep.util.files import atomic_write
 
 log = logging.getLogger("sae_sweep")
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from sae_sweep.config import CONF_DIR  # noqa: E402
 
 
 def _git_commit() -> str:
@@ -48,7 +48,7 @@ def _git_commit() -> str:
 
 def run_name(cfg: DictConfig, d_sae: int, steps: int) -> str:
     """FaithfulSAE-style name, readable in the MLflow UI."""
-    from sae_sweep.lm import hook_name
+    from sae_sweep.models.lm import hook_name
 
     lr = cfg.trainer.get("lr")
     k = cfg.sae.k
@@ -116,7 +116,7 @@ class PreemptionGuard:
         import signal
 
         if self.active:
-            from sae_sweep.train import STOP
+            from sae_sweep.training.loop import STOP
 
             STOP.clear()
             for sig in (self.usr, signal.SIGTERM):
@@ -136,7 +136,7 @@ class PreemptionGuard:
         return False
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        from sae_sweep.train import STOP
+        from sae_sweep.training.loop import STOP
 
         if self.requeuing or (self.lingering and signum != self.usr):
             log.warning("got %s while handing over: ignored", signal_name(signum))
@@ -157,7 +157,7 @@ class PreemptionGuard:
             self.timer.start()
 
     def _resend_if_unseen(self, signum: int) -> None:
-        from sae_sweep.train import STOP
+        from sae_sweep.training.loop import STOP
 
         with self.installed:
             if self.saved and not STOP.seen:  # still installed: our handler gets it
@@ -187,10 +187,10 @@ def model_shape(cfg: DictConfig) -> C.ModelShape:
     """The real depth and width of the point's model (config.json or the built-in model's recipe;
     no weights loaded); for ``dataset=synthetic``, no layers and the planted dimension."""
     if cfg.dataset.kind == "synthetic":
-        from sae_sweep.synthetic_data import synthetic_params
+        from sae_sweep.activations.synthetic import synthetic_params
 
         return C.ModelShape(None, int(synthetic_params(cfg.dataset)["d"]))
-    from sae_sweep.lm import model_shape as lm_shape
+    from sae_sweep.models.lm import model_shape as lm_shape
 
     return C.ModelShape(*lm_shape(cfg.model, C.cache_dir(cfg)))
 
@@ -359,7 +359,7 @@ def disk_problems(cfgs: Sequence[DictConfig], shapes: Sequence[C.ModelShape]) ->
 
 
 def _store_problems(uri: str) -> List[str]:
-    from sae_sweep.tracking import TrackingStoreError, check_store
+    from sae_sweep.tracking.runs import TrackingStoreError, check_store
 
     try:
         check_store(uri)
@@ -369,7 +369,7 @@ def _store_problems(uri: str) -> List[str]:
 
 
 def _unavailable(cfg: DictConfig) -> List[str]:
-    from sae_sweep.text import check_dataset_available
+    from sae_sweep.data.text import check_dataset_available
 
     found = []
     try:
@@ -393,7 +393,7 @@ def _unavailable(cfg: DictConfig) -> List[str]:
 def _model_check(hf_id: str, revision: Optional[str], weights: str, gguf: str, cache_root: str) -> str:
     """Which weights of a model can be loaded here ("builtin", "local", "hub", "gguf"; checked once
     per model per process: a grid asks often); ModelUnavailable when none."""
-    from sae_sweep.lm import resolve_weights
+    from sae_sweep.models.lm import resolve_weights
 
     return resolve_weights(OmegaConf.create({"hf_id": hf_id, "revision": revision, "weights": weights,
                                              "gguf": json.loads(gguf)}), cache_root)
@@ -509,7 +509,7 @@ def _run_mode() -> bool:
 def run_points(cfgs: Sequence[DictConfig]) -> Dict[str, Dict[str, Any]]:
     """The job lifecycle for points that read one batch stream; {run_key: result}. A point that
     another process is running is reported "busy" and left alone."""
-    from sae_sweep.tracking import Tracker
+    from sae_sweep.tracking.runs import Tracker
 
     for cfg in cfgs:
         validate_point(cfg)
@@ -519,9 +519,9 @@ def run_points(cfgs: Sequence[DictConfig]) -> Dict[str, Dict[str, Any]]:
 
 
 def _run_locked(cfgs: Sequence[DictConfig], tracker: Any, held: contextlib.ExitStack) -> Dict[str, Dict[str, Any]]:
-    from sae_sweep.locks import LockTimeout, OwnedLock, describe_owner
-    from sae_sweep.pipeline import Point, execute
-    from sae_sweep.train import Interrupted
+    from sae_sweep.util.locks import LockTimeout, OwnedLock, describe_owner
+    from sae_sweep.job.execute import Point, execute
+    from sae_sweep.training.loop import Interrupted
 
     results: Dict[str, Dict[str, Any]] = {}
     todo = []

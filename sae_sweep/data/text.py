@@ -37,13 +37,13 @@ import numpy as np
 import torch
 
 from sae_sweep.config import stable_hash
-from sae_sweep.faithful import GENERATION_DEFAULTS, Generations
-from sae_sweep.faithful import VERSION as FAITHFUL_VERSION
-from sae_sweep.files import REPAIRED, atomic_write
-from sae_sweep.html_prose import RULES as HTML_RULES
-from sae_sweep.html_prose import read_paragraphs
-from sae_sweep.hub import hub_offline
-from sae_sweep.corpus import (
+from sae_sweep.data.faithful import GENERATION_DEFAULTS, Generations
+from sae_sweep.data.faithful import VERSION as FAITHFUL_VERSION
+from sae_sweep.util.files import REPAIRED, atomic_write
+from sae_sweep.data.html_prose import RULES as HTML_RULES
+from sae_sweep.data.html_prose import read_paragraphs
+from sae_sweep.util.hub import hub_offline
+from sae_sweep.data.corpus import (
     EVAL_FRACTION_PERCENT,
     WindowPacker,
     builtin_corpus_id,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae_sweep.files import atomic_write
+from sae_sweep.util.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,12 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from sae_sweep import sampling
+from sae_sweep.data import sampling
 from sae_sweep.config import GENERATION_SAMPLERS as SAMPLERS
 from sae_sweep.config import generation_identity, stable_hash
-from sae_sweep.corpus import EVAL_FRACTION_PERCENT, doc_split
-from sae_sweep.files import REPAIRED, atomic_write
-from sae_sweep.locks import OwnedLock
+from sae_sweep.data.corpus import EVAL_FRACTION_PERCENT, doc_split
+from sae_sweep.util.files import REPAIRED, atomic_write
+from sae_sweep.util.locks import OwnedLock
 
 log = logging.getLogger(__name__)
 

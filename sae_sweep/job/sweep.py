@@ -16,9 +16,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sae_sweep import config as C
-from sae_sweep.app import disk_problems, model_shape, pack_file, validate_point, write_pack
+from sae_sweep.job.app import disk_problems, model_shape, pack_file, validate_point, write_pack
 
-log = logging.getLogger("sae_sweep.sweep")
+log = logging.getLogger("sae_sweep.job.sweep")
 
 
 class SweepFailed(RuntimeError):
@@ -132,7 +132,7 @@ def _job_view(cfg: DictConfig) -> DictConfig:
 
 def _ui_hint(tracker: Any) -> str:
     """How to serve a local store's UI at the printed address (nothing for a server)."""
-    from sae_sweep.tracking import ui_command
+    from sae_sweep.tracking.runs import ui_command
 
     cmd = ui_command(tracker.uri)
     return f" (serve it with: {cmd})" if cmd else ""
@@ -147,7 +147,7 @@ class GridSweep:
         self.launcher = launcher  # its resources() and preflight(), when it has them
 
     def run(self, batches: Sequence[Sequence[Sequence[str]]], arguments: List[str]) -> List[Any]:
-        from sae_sweep.tracking import Tracker
+        from sae_sweep.tracking.runs import Tracker
 
         t0 = time.perf_counter()
         resources = getattr(self.launcher, "resources", lambda: None)()

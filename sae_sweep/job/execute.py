@@ -42,7 +42,7 @@ class Point:
 
 
 def cache_spec(cfg: DictConfig, lm: Any, device: torch.device) -> Dict[str, Any]:
-    from sae_sweep.text import dataset_fingerprint
+    from sae_sweep.data.text import dataset_fingerprint
 
     return {
         "model": lm.fingerprint,
@@ -67,7 +67,7 @@ def dataset_record(cfg: DictConfig, lm: Any, split: str, n_tokens: Optional[int]
     windows' shape and ``profile`` (token counts). The runs table shows "name (digest) Train"."""
     ctx = int(cfg.dataset.context_size)
     if cfg.dataset.kind == "synthetic":  # planted activations: no tokens, a [n, d] float stream
-        from sae_sweep.synthetic_data import synthetic_params
+        from sae_sweep.activations.synthetic import synthetic_params
 
         params = synthetic_params(cfg.dataset)
         digest = C.stable_hash({"synthetic": params, "split": split, "n_tokens": n_tokens, "context_size": ctx})
@@ -75,7 +75,7 @@ def dataset_record(cfg: DictConfig, lm: Any, split: str, n_tokens: Optional[int]
                                                 **{k: str(v) for k, v in params.items()}}}
         schema = _tensor_schema("activations", "float32", [-1, int(params["d"])])
     else:
-        from sae_sweep.text import dataset_source, windows_key
+        from sae_sweep.data.text import dataset_source, windows_key
 
         digest = windows_key(cfg.dataset, lm, split, n_tokens)
         source_type, source = dataset_source(cfg.dataset, lm)
@@ -127,18 +127,18 @@ def open_cache(cfg: DictConfig, device: torch.device) -> Tuple[Any, Any, bool, f
     """The LM (None for synthetic data) and the activation cache of this job's (model, layer,
     hook, dataset), built once and shared by every job with the same cache key:
     (lm, cache, built_now, seconds)."""
-    from sae_sweep.cache import get_or_build
+    from sae_sweep.activations.cache import get_or_build
 
     t0 = time.perf_counter()
     if cfg.dataset.kind == "synthetic":  # planted-dictionary activations: no LM, same cache and reader
-        from sae_sweep import synthetic_data
+        from sae_sweep.activations import synthetic as synthetic_data
 
         n = C.cache_tokens(cfg)
         cache, built = get_or_build(synthetic_data.cache_spec(cfg.dataset, n), C.cache_dir(cfg),
                                     synthetic_data.build_fn(cfg.dataset, n), special_token_ids=[],
                                     storage_dtype="float32", verify=cfg.cache.verify)
         return None, cache, built, time.perf_counter() - t0
-    from sae_sweep.lm import load_lm
+    from sae_sweep.models.lm import load_lm
 
     lm = load_lm(cfg.model, C.cache_dir(cfg), device)
     cache, built = build_activation_cache(cfg, lm, device)
@@ -147,8 +147,8 @@ def open_cache(cfg: DictConfig, device: torch.device) -> Tuple[Any, Any, bool, f
 
 def build_activation_cache(cfg: DictConfig, lm: Any, device: torch.device) -> Tuple[Any, bool]:
     """(ActivationCache, built_now) for this job's (model, layer, hook, dataset)."""
-    from sae_sweep.cache import get_or_build
-    from sae_sweep.text import token_windows
+    from sae_sweep.activations.cache import get_or_build
+    from sae_sweep.data.text import token_windows
 
     spec = cache_spec(cfg, lm, device)
     cache_root = C.cache_dir(cfg)
@@ -185,8 +185,8 @@ class Activations:
         self._blocks = None
 
     def reader(self, seed: int) -> Any:
-        from sae_sweep.reader import BlockReader, DiskBlocks, ShuffledReader
-        from sae_sweep.stream import StreamReader
+        from sae_sweep.activations.reader import BlockReader, DiskBlocks, ShuffledReader
+        from sae_sweep.activations.stream import StreamReader
 
         if self.stream is not None:
             return StreamReader(self.stream, self.batch_size, seed, device=self.device)
@@ -199,8 +199,8 @@ class Activations:
     def init_sample(self, seed: int) -> torch.Tensor:
         """Rows for data-dependent initialisation, from a stream of their own (seed + 7919), so
         the training order is untouched."""
-        from sae_sweep.reader import ShuffledReader
-        from sae_sweep.stream import StreamReader
+        from sae_sweep.activations.reader import ShuffledReader
+        from sae_sweep.activations.stream import StreamReader
 
         if self.stream is not None:
             first = self.stream.block(0)
@@ -221,9 +221,9 @@ def open_activations(cfg: DictConfig, device: torch.device) -> Activations:
         lm, cache, built, seconds = open_cache(cfg, device)
         return Activations(lm, cache.d_in, batch, device, cache=cache, block_tokens=int(cfg.cache.block_tokens),
                            reader_kind=str(cfg.cache.reader), built=built, seconds=seconds)
-    from sae_sweep.lm import load_lm
-    from sae_sweep.stream import StreamBlocks
-    from sae_sweep.text import iter_windows
+    from sae_sweep.models.lm import load_lm
+    from sae_sweep.activations.stream import StreamBlocks
+    from sae_sweep.data.text import iter_windows
 
     t0 = time.perf_counter()
     lm = load_lm(cfg.model, C.cache_dir(cfg), device)
@@ -238,7 +238,7 @@ def make_member(p: Point, acts: Activations, device: torch.device) -> Any:
     """The point's trainer (data-initialised unless resuming) as a training-loop member. Its
     checkpoints are keyed by run key, so a requeued or re-run job resumes them."""
     from sae_sweep.sae.registry import get_trainer
-    from sae_sweep.train import Member, checkpoint_path, rng_state
+    from sae_sweep.training.loop import Member, checkpoint_path, rng_state
 
     cfg = p.cfg
     torch.manual_seed(int(cfg.seed))  # as if the point were alone in its process
@@ -262,8 +262,8 @@ def execute(points: Sequence[Point], device: torch.device) -> List[Any]:
     LM stream run) for all of them, each point fed in the order its own seed gives it. Returns per
     point its eval metrics or the exception that failed it; shared failures (the cache build, an
     interrupt) raise."""
-    from sae_sweep.devices import fast_matmul
-    from sae_sweep.train import train_members
+    from sae_sweep.util.devices import fast_matmul
+    from sae_sweep.training.loop import train_members
 
     cfg0 = points[0].cfg
     acts = open_activations(cfg0, device)
@@ -333,8 +333,8 @@ class CacheCorrupt(RuntimeError):
 def _blame_cache_for_nan(members: Sequence[Any], readers: Dict[Any, Any], cache: Any) -> None:
     """A NaN/inf loss from a batch that itself holds NaN/inf is the cache's fault, not the SAE's:
     quarantine the cache (the next run rebuilds it) and say so instead of failing every rerun."""
-    from sae_sweep.cache import quarantine
-    from sae_sweep.train import TrainingFailed
+    from sae_sweep.activations.cache import quarantine
+    from sae_sweep.training.loop import TrainingFailed
 
     for m in members:
         step = getattr(m.error, "nonfinite_step", None) if isinstance(m.error, TrainingFailed) else None
@@ -355,7 +355,7 @@ def _blame_cache_for_nan(members: Sequence[Any], readers: Dict[Any, Any], cache:
 def finish(p: Point, lm: Any, trainer: Any, result: Any, device: torch.device, passes: float) -> Dict[str, float]:
     """Log the training result (``passes``: over the cache's usable tokens), save the SAE as an
     artifact, run the evals."""
-    from sae_sweep.lm import hook_name
+    from sae_sweep.models.lm import hook_name
 
     cfg, run = p.cfg, p.run
     run.set_tags({"trainer.precision": trainer.precision})  # a resumed run keeps its checkpoint's
@@ -378,7 +378,7 @@ def finish(p: Point, lm: Any, trainer: Any, result: Any, device: torch.device, p
     sae.save(sae_dir, sae_cfg_dict)
     run.log_artifact_dir(sae_dir, "sae")
     metrics = run_evals(cfg, run, lm, sae, sae_cfg_dict, device)
-    from sae_sweep.files import REPAIRED
+    from sae_sweep.util.files import REPAIRED
 
     if REPAIRED:  # damaged token windows / generated chunks this process found and rebuilt
         run.set_tags({"text_repaired": "; ".join(REPAIRED)[:4900]})
@@ -391,14 +391,14 @@ def run_evals(cfg: DictConfig, run: Any, lm: Any, sae: torch.nn.Module, sae_cfg:
     """The evals of ``eval.run`` on the point's held-out data, logged to ``run``."""
     from sae_sweep.evals.registry import EvalContext, get_eval
     from sae_sweep.evals.schema import flatten_metrics, to_saebench_json
-    from sae_sweep.lm import hook_name
-    from sae_sweep.text import token_windows
+    from sae_sweep.models.lm import hook_name
+    from sae_sweep.data.text import token_windows
 
     names = list(cfg.eval.get("run", []) or [])
     tokens = activations = planted = None
     if cfg.dataset.kind == "synthetic":
         # LM evals do not apply to planted activations; the known-answer eval does.
-        from sae_sweep import synthetic_data
+        from sae_sweep.activations import synthetic as synthetic_data
 
         skipped = [n for n in names if n != "recovery"]
         if skipped:

@@ -1,0 +1,1 @@
+"""Command-line tools beside the Hydra app: evaluate, export, generate."""

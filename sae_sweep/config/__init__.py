@@ -1,0 +1,31 @@
+"""Job configuration: schema (typed nodes, one checker), derived values, validation, identity.
+
+Every configurable thing -- the job itself, each trainer's hyperparameters, each eval's settings --
+is a dataclass whose fields carry their type, their default and, where a type is not enough, what
+is allowed: ``choice(default, options)`` for enumerations (OmegaConf cannot hold ``Literal``) and
+``setting(default, allowed=..., check=...)`` for ranges.
+``register_schema(group, name, cls)`` puts it in Hydra's ConfigStore as ``schema/<group>/<name>``
+(the yaml presets in ``conf/`` extend it and set only what differs), and ``problems`` / ``parse``
+check a config node against it. Every bad value, in any node, gets the same kind of message:
+the key, the value and what is allowed (for an unknown key: the allowed keys and the nearest one).
+
+``validate(cfg, shape)`` checks a whole composed job: its own keys, its trainer's and evals'
+settings (looked up among the registered schemas) and the values that depend on each other or
+on the model's shape (``shape`` is passed in: this package loads no model).
+
+Identity: ``run_key`` hashes everything that changes a trained SAE (not paths, launcher, tracking,
+logging or evals); runs that differ only in seed share a ``seed_group_key``.
+"""
+
+from pathlib import Path
+
+from sae_sweep.config.schema import ConfigError, fail_if, setting, choice, nearest, problems, parse, register_schema, schema, schema_names  # noqa: F401
+from sae_sweep.config.job import HOOK_TYPES, DATASET_KINDS, MODEL_DTYPES, CACHE_DTYPES, GENERATION_SAMPLERS, GENERATION_KEYED_ONLY_IF_NOT, DEAD_TOKENS, ModelSAEDefaults, GGUFWeights, WEIGHTS, ModelConfig, GenerationConfig, SyntheticConfig, DatasetConfig, SAEConfig, TrainConfig, CacheConfig, PathsConfig, TrackingConfig, SweepConfig, JobConfig  # noqa: F401
+from sae_sweep.config.derived import output_dir, cache_dir, default_tracking_uri, tracking_uri, find_tracking_uri, d_sae_for, total_steps, SPECIAL_MARGIN, cache_tokens, resolve_device  # noqa: F401
+from sae_sweep.config.checks import ModelShape, validate, eval_problems, shape_problems, sae_problems  # noqa: F401
+from sae_sweep.config.identity import canonical, stable_hash, DATASET_LABELS, generation_identity, run_identity, batch_source, run_key, seed_group_key, stream_key, flat_params  # noqa: F401
+
+# The presets: inside an installed wheel they are package data (sae_sweep/conf); in a source checkout
+# they are the repository's top-level conf/.
+_PACKAGED = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[2] / "conf"

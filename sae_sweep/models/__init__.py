@@ -1,0 +1,1 @@
+"""Language models: loading weights (tiny, local dir, hub, GGUF stand-in), families and hook points."""

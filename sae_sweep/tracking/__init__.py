@@ -1,0 +1,1 @@
+"""MLflow, and only here: runs, records, dataset inputs, UI links."""

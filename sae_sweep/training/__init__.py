@@ -1,0 +1,1 @@
+"""The one training loop over N members fed from one batch stream."""
