@@ -37,6 +37,7 @@ import sae_sweep.evals  # noqa: F401  (registers the evals' settings schemas)
 log = logging.getLogger("sae_sweep.evaluate")
 
 from sae_sweep.config import CONF_DIR  # noqa: E402
+from sae_sweep.tracking.status import RunStatus  # noqa: E402
 RUN_EVAL = "_evaluated_run_"  # the run's own eval node, as a temporary option of the eval group
 
 
@@ -103,11 +104,11 @@ def resolve_runs(tracker: Any, target: str) -> Tuple[List[str], Optional[str]]:
     except Exception as e:
         raise EvaluateError(f"no run {target!r} in tracking store {tracker.uri} ({type(e).__name__}: {e})") from None
     if run.data.tags.get("sae_sweep.kind") == "sweep":
-        children = tracker.find_runs(run.info.experiment_id, parent_run_id=target, statuses=["FINISHED"])
+        children = tracker.find_runs(run.info.experiment_id, parent_run_id=target, statuses=[RunStatus.FINISHED])
         if not children:
             raise EvaluateError(f"sweep run {target} has no FINISHED child runs to evaluate")
         return sorted(r.info.run_id for r in children), target
-    if run.info.status != "FINISHED":
+    if run.info.status != RunStatus.FINISHED:
         raise EvaluateError(f"run {target} is {run.info.status}; only FINISHED runs have a trained SAE to evaluate")
     return [target], None
 

@@ -36,6 +36,7 @@ from sae_sweep.util.files import atomic_write
 log = logging.getLogger("sae_sweep")
 
 from sae_sweep.config import CONF_DIR  # noqa: E402
+from sae_sweep.tracking.status import RunStatus
 
 
 def _git_commit() -> str:
@@ -467,9 +468,9 @@ def read_pack(path: Path) -> List[DictConfig]:
 
 def run_job(cfg: DictConfig) -> Dict[str, Any]:
     """Run one grid point, or (``sweep.pack=true``, a pack file left by the sweeper) the pack the
-    point leads. One point: {"status": "finished"|"skipped", "run_id", "run_key"}, and a failure
-    raises. A pack: {"status": "packed", "members": {run_key: that dict, or status "failed" with
-    "error"}}: each member ends FINISHED or FAILED on its own."""
+    point leads. One point: {"status": RunStatus.FINISHED|SKIPPED|BUSY, "run_id", "run_key"}, and a
+    failure raises. A pack: {"members": {run_key: that dict, or status FAILED with "error"}}: each
+    member ends FINISHED or FAILED on its own."""
     cfgs = [cfg]
     if cfg.sweep.pack and cfg.tracking.parent_run_id:
         path = pack_file(C.output_dir(cfg), cfg.tracking.parent_run_id, C.run_key(cfg))
@@ -477,12 +478,12 @@ def run_job(cfg: DictConfig) -> Dict[str, Any]:
             cfgs = read_pack(path)
     results = run_points(cfgs)
     if len(cfgs) > 1:  # the job's return value travels back pickled: reasons as text only
-        return {"status": "packed", "members": {k: {n: v for n, v in r.items() if n != "exception"}
+        return {"members": {k: {n: v for n, v in r.items() if n != "exception"}
                                                 for k, r in results.items()}}
     (result,) = results.values()
-    if result["status"] == "failed":
+    if result["status"] == RunStatus.FAILED:
         raise result["exception"]
-    if result["status"] == "busy" and _run_mode():
+    if result["status"] == RunStatus.BUSY and _run_mode():
         raise PointBusy(result["reason"])
     return result
 
@@ -508,7 +509,7 @@ def _run_mode() -> bool:
 
 def run_points(cfgs: Sequence[DictConfig]) -> Dict[str, Dict[str, Any]]:
     """The job lifecycle for points that read one batch stream; {run_key: result}. A point that
-    another process is running is reported "busy" and left alone."""
+    another process is running is reported BUSY and left alone."""
     from sae_sweep.tracking.runs import Tracker
 
     for cfg in cfgs:
@@ -534,16 +535,16 @@ def _run_locked(cfgs: Sequence[DictConfig], tracker: Any, held: contextlib.ExitS
                       f"here. If that process is gone, its lock ({e.path}) expires at once on the same host, "
                       f"else two minutes after its last heartbeat")
             log.warning("%s", reason)
-            results[key] = {"status": "busy", "run_key": key, "reason": reason}
+            results[key] = {"status": RunStatus.BUSY, "run_key": key, "reason": reason}
             continue
         exp_id = tracker.experiment_id(cfg.tracking.experiment)
-        done = tracker.find_runs(exp_id, run_key=key, statuses=["FINISHED"]) if cfg.tracking.skip_finished else []
+        done = tracker.find_runs(exp_id, run_key=key, statuses=[RunStatus.FINISHED]) if cfg.tracking.skip_finished else []
         if done:
             log.info("skipping: run key %s already FINISHED as run %s", key, done[0].info.run_id)
-            results[key] = {"status": "skipped", "run_id": done[0].info.run_id, "run_key": key}
+            results[key] = {"status": RunStatus.SKIPPED, "run_id": done[0].info.run_id, "run_key": key}
             continue
         # A run of this key that did not finish (preempted, crashed) is continued, not duplicated.
-        prior = tracker.find_runs(exp_id, run_key=key, statuses=["RUNNING", "KILLED", "FAILED"])
+        prior = tracker.find_runs(exp_id, run_key=key, statuses=[RunStatus.RUNNING, RunStatus.KILLED, RunStatus.FAILED])
         todo.append((cfg, key, prior[0].info.run_id if prior else None))
     if not todo:
         return results
@@ -589,12 +590,12 @@ def _run_locked(cfgs: Sequence[DictConfig], tracker: Any, held: contextlib.ExitS
                 p.run.close(outcome)  # this point FAILED, with the reason
                 log.error("%s FAILED (run %s): %s: %s\n  %s", names[p.key], p.run.run_id, type(outcome).__name__,
                           outcome, _url(p.run))
-                results[p.key] = {"status": "failed", "run_id": p.run.run_id, "run_key": p.key,
+                results[p.key] = {"status": RunStatus.FAILED, "run_id": p.run.run_id, "run_key": p.key,
                                   "error": f"{type(outcome).__name__}: {outcome}", "exception": outcome}
             else:
                 p.run.close()
                 log.info("%s FINISHED (run %s): %s", names[p.key], p.run.run_id, _url(p.run))
-                results[p.key] = {"status": "finished", "run_id": p.run.run_id, "run_key": p.key}
+                results[p.key] = {"status": RunStatus.FINISHED, "run_id": p.run.run_id, "run_key": p.key}
     except BaseException as e:  # the store failed mid-way: no run (nor its monitor) is left open
         _close_all([p for p in points if not p.run.closed], e)
         raise

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sae_sweep import config as C
 from sae_sweep.job.app import disk_problems, model_shape, pack_file, validate_point, write_pack
+from sae_sweep.tracking.status import RunStatus
 
 log = logging.getLogger("sae_sweep.job.sweep")
 
@@ -192,7 +193,7 @@ class GridSweep:
                     results[p.index] = self._classify(tracker, experiment, parent, p, ret, summary)
                 start += n
         finally:
-            status = "FINISHED" if summary.failed == 0 else "FAILED"
+            status = RunStatus.FINISHED if summary.failed == 0 else RunStatus.FAILED
             tracker.log_metrics(parent, summary.as_metrics())
             try:  # the parent's row names the sweep's training datasets (its children fold under it)
                 tracker.log_child_datasets(parent)
@@ -250,7 +251,7 @@ class GridSweep:
                 r = per_member.get(p.run_key)
                 if r is None:
                     member_ret = ret  # the pack's job failed or was lost: so did each member
-                elif r["status"] == "failed":
+                elif r["status"] == RunStatus.FAILED:
                     member_ret = SimpleNamespace(status=JobStatus.FAILED, _return_value=r["error"])
                 else:
                     member_ret = SimpleNamespace(status=JobStatus.COMPLETED, return_value=r)
@@ -263,7 +264,7 @@ class GridSweep:
         shown = " ".join(p.overrides) or "(defaults)"
         if ret is not None and getattr(ret, "status", None) == JobStatus.COMPLETED:
             value = ret.return_value
-            if isinstance(value, dict) and value.get("status") in ("skipped", "busy"):
+            if isinstance(value, dict) and value.get("status") in (RunStatus.SKIPPED, RunStatus.BUSY):
                 summary.skipped += 1  # FINISHED before, or being run right now by another process
             else:
                 summary.finished += 1
@@ -279,7 +280,7 @@ class GridSweep:
         # A job killed from outside never closed its run (RUNNING), or left it KILLED for a requeue
         # that did not come (scancel): close it FAILED with the reason.
         exp_id = tracker.experiment_id(experiment)
-        for r in tracker.find_runs(exp_id, run_key=p.run_key, statuses=["RUNNING", "KILLED"]):
+        for r in tracker.find_runs(exp_id, run_key=p.run_key, statuses=[RunStatus.RUNNING, RunStatus.KILLED]):
             tracker.set_tags(r.info.run_id, {"error": reason[:4900]})
-            tracker.end(r.info.run_id, "FAILED")
+            tracker.end(r.info.run_id, RunStatus.FAILED)
         return None

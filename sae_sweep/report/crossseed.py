@@ -21,6 +21,7 @@ import torch
 
 from sae_sweep.config import parse
 from sae_sweep.evals.shared_features import CrossSeedSettings, shared_feature_ratio
+from sae_sweep.tracking.status import RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def crossseed_groups(runs: Sequence[Any]) -> Dict[str, List[Any]]:
     groups: Dict[str, List[Any]] = defaultdict(list)
     for r in runs:
         g = r.data.tags.get("seed_group")
-        if g and r.info.status == "FINISHED":
+        if g and r.info.status == RunStatus.FINISHED:
             groups[g].append(r)
 
     def order(r: Any) -> Tuple[int, str]:
@@ -87,7 +88,7 @@ def crossseed_hook(tracker: Any, parent_run_id: str, points: Sequence[Any], resu
 
     exp_id = tracker.get_run(parent_run_id).info.experiment_id
     ids = {r["run_id"] for r in results if isinstance(r, dict) and r.get("run_id")}
-    ids |= {r.info.run_id for r in tracker.find_runs(exp_id, parent_run_id=parent_run_id, statuses=["FINISHED"])}
+    ids |= {r.info.run_id for r in tracker.find_runs(exp_id, parent_run_id=parent_run_id, statuses=[RunStatus.FINISHED])}
     runs = [tracker.get_run(i) for i in sorted(ids)]
     groups = {g: rs for g, rs in crossseed_groups(runs).items() if len(rs) >= 2}
     if not groups:

@@ -16,6 +16,8 @@ from typing import Any, Dict, Iterable, List, Sequence
 
 import pandas as pd
 
+from sae_sweep.tracking.status import RunStatus
+
 log = logging.getLogger(__name__)
 
 GRID_TAGS = ("model", "layer", "hook", "dataset", "trainer", "seed", "seed_group")
@@ -39,11 +41,11 @@ class SweepData:
 
     @property
     def finished(self) -> pd.DataFrame:
-        return self.runs[self.runs["status"] == "FINISHED"]
+        return self.runs[self.runs["status"] == RunStatus.FINISHED]
 
     @property
     def not_finished(self) -> pd.DataFrame:
-        return self.runs[self.runs["status"] != "FINISHED"]
+        return self.runs[self.runs["status"] != RunStatus.FINISHED]
 
 
 def collect(tracker: Any, parent_run_id: str, extra_run_ids: Iterable[str] = ()) -> SweepData:
@@ -117,7 +119,7 @@ def _label_variants(df: pd.DataFrame) -> pd.DataFrame:
         base = base + "/L" + df["layer"].astype(str) + "." + df["hook"].astype(str)
     df["extra"] = ""
     # Only FINISHED runs tell variants apart: a crashed run (no params yet) must not rename them.
-    done = df["status"] == "FINISHED"
+    done = df["status"] == RunStatus.FINISHED
     for label, idx in df[done].groupby(base[done]).groups.items():
         sub = df.loc[idx]
         if sub["seed_group"].nunique() < 2:

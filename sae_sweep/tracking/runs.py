@@ -44,6 +44,8 @@ import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from sae_sweep.tracking.status import RunStatus  # noqa: E402
+
 log = logging.getLogger(__name__)
 # The monitor says "Started / Stopping / Successfully terminated" for every run at INFO.
 logging.getLogger("mlflow.system_metrics.system_metrics_monitor").setLevel(logging.WARNING)
@@ -213,7 +215,7 @@ class Tracker:
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         if resume_run_id:
-            self.client.update_run(resume_run_id, status="RUNNING")
+            self.client.update_run(resume_run_id, status=RunStatus.RUNNING.value)
             # The previous attempt's error no longer describes this run.
             stale = self.client.get_run(resume_run_id).data.tags
             for t in ("error", "error_type"):
@@ -332,8 +334,8 @@ class Tracker:
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
 
-    def end(self, run_id: str, status: str) -> None:
-        self.client.set_terminated(run_id, status=status)
+    def end(self, run_id: str, status: RunStatus) -> None:
+        self.client.set_terminated(run_id, status=RunStatus(status).value)
 
     def download(self, run_id: str, artifact_path: str, dst: Path) -> Path:
         return Path(self.client.download_artifacts(run_id, artifact_path, str(dst)))
@@ -391,7 +393,7 @@ class ChildRun:
 
     def _end(self, error: Optional[BaseException]) -> None:
         if error is None:
-            self.tracker.end(self.run_id, "FINISHED")
+            self.tracker.end(self.run_id, RunStatus.FINISHED)
             self.closed = True
             return
         reason = f"{type(error).__name__}: {error}"
@@ -400,7 +402,7 @@ class ChildRun:
             self.tracker.log_text(self.run_id, "".join(traceback.format_exception(type(error), error,
                                                                                  error.__traceback__)), "error.txt")
         finally:
-            self.tracker.end(self.run_id, "FAILED" if isinstance(error, Exception) else "KILLED")
+            self.tracker.end(self.run_id, RunStatus.FAILED if isinstance(error, Exception) else RunStatus.KILLED)
             self.closed = True
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
