@@ -3,7 +3,7 @@
 import signal
 import sys
 
-from sae_sweep.job.app import main, unknown_key_problems
+from sae_sweep.job.app import main, scope_to_swept_groups, unknown_key_problems
 
 
 def _terminated(signum, frame):
@@ -21,4 +21,5 @@ if __name__ == "__main__":
     if problems:
         print("sae_sweep: invalid configuration:\n  - " + "\n  - ".join(problems), file=sys.stderr)
         sys.exit(2)
+    sys.argv[1:] = scope_to_swept_groups(sys.argv[1:])
     main()

@@ -488,3 +488,45 @@ def test_published_methods_on_the_planted_dictionary(name, dense, planted):
         assert m["l0"] >= 40 and m["frac_recovered_0.9"] <= 0.2, summary
     else:
         assert m["mean_max_cos"] >= 0.95 and m["frac_recovered_0.9"] >= 0.9 and m["l0"] <= 4, summary
+
+
+# --- a single value of a key only the swept trainers have ----------------------------------------
+
+def test_a_single_value_under_a_swept_group_applies_per_point():
+    from sae_sweep.job.app import scope_to_swept_groups
+
+    argv = ["-m", "trainer=hierarchical,adaptive_ortho", "trainer.mode=published", "seed=1", "dataset.tokens=5"]
+    assert scope_to_swept_groups(argv) == ["-m", "trainer=hierarchical,adaptive_ortho",
+                                           "trainer.mode=choice(published)", "seed=1", "dataset.tokens=5"]
+    single = ["trainer=hierarchical", "trainer.mode=published"]  # not a multirun: Hydra composes it as is
+    assert scope_to_swept_groups(single) == single
+
+
+def test_a_key_one_swept_trainer_lacks_is_refused_naming_that_trainer():
+    from sae_sweep.job.app import unknown_key_problems
+
+    problems = unknown_key_problems(["-m", "trainer=hierarchical,topk", "trainer.mode=published"])
+    assert len(problems) == 1 and "trainer.mode" in problems[0] and "trainer=topk" in problems[0]
+
+
+@pytest.mark.slow
+def test_research_trainers_sweep_with_one_published_mode(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "out"
+    grid = ["-m", "trainer=hierarchical,temporal_ortho,adaptive_ortho", "trainer.mode=published",
+            "dataset=synthetic", "dataset.tokens=8192", "dataset.eval_tokens=1024", "train.tokens=8192",
+            "trainer.batch_size=512", "sae.d_sae=128", "sae.k=4", "eval=core_only", "sweep.name=modes",
+            f"paths.output_dir={out}"]
+    r = subprocess.run([sys.executable, "-m", "sae_sweep", *grid], capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("modes")
+    jobs = [x for x in client.search_runs([exp.experiment_id]) if x.data.tags.get("sae_sweep.kind") == "job"]
+    assert sorted(x.data.params["trainer.name"] for x in jobs) == ["adaptive_ortho", "hierarchical", "temporal_ortho"]
+    assert all(x.info.status == "FINISHED" and x.data.params["trainer.mode"] == "published" for x in jobs)

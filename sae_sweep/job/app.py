@@ -440,6 +440,34 @@ def unknown_key_problems(argv: Sequence[str]) -> List[str]:
     return problems
 
 
+def scope_to_swept_groups(argv: Sequence[str]) -> List[str]:
+    """``argv`` with each single value of a key inside a swept config group made a one-value sweep:
+    ``-m trainer=hierarchical,adaptive_ortho trainer.mode=published`` becomes ``... trainer.mode=choice(published)``.
+    Hydra composes a multirun's master config from the non-sweep overrides on the group's DEFAULT
+    option (topk has no ``mode``: "Key 'mode' not in 'FastTopKParams'"); a sweep override is applied
+    per point instead, where the swept option is chosen. Keys a swept option lacks are refused before
+    this by ``unknown_key_problems``, naming the option."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if not any(a in ("-m", "--multirun") for a in argv):
+        return list(argv)
+    try:
+        parsed = {a: OverridesParser.create().parse_overrides([a])[0] for a in argv if "=" in a and not a.startswith("-")}
+    except HydraException:
+        return list(argv)  # Hydra's parser reports syntax errors itself
+    swept = {o.key_or_group for o in parsed.values() if o.key_or_group in GROUPS and o.is_sweep_override()}
+    out = []
+    for a in argv:
+        o = parsed.get(a)
+        if (o is not None and o.type.name == "CHANGE" and not o.is_sweep_override()
+                and o.key_or_group.split(".", 1)[0] in swept and "." in o.key_or_group):
+            key, value = a.split("=", 1)
+            a = f"{key}=choice({value})"
+        out.append(a)
+    return out
+
+
 def _missing_key(cfg: DictConfig, key: str) -> Optional[str]:
     node, path = cfg, []
     for part in key.split("."):

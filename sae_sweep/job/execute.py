@@ -254,7 +254,7 @@ def make_member(p: Point, acts: Activations, device: torch.device) -> Any:
 
     return Member(trainer, steps, ckpt_dir, int(cfg.train.checkpoint_every), int(cfg.train.log_every), on_log,
                   rng=rng_state(), stream=int(cfg.seed),
-                  checkpoint_every_s=float(cfg.train.get("checkpoint_every_s", 0.0)))
+                  checkpoint_every_s=float(cfg.train.checkpoint_every_s))
 
 
 def execute(points: Sequence[Point], device: torch.device) -> List[Any]:
