@@ -3,7 +3,7 @@
 import signal
 import sys
 
-from sae_sweep.job.app import main, scope_to_swept_groups, unknown_key_problems
+from sae_sweep.job.app import integral_numbers, main, scope_to_swept_groups, unknown_key_problems
 
 
 def _terminated(signum, frame):
@@ -16,6 +16,7 @@ def _terminated(signum, frame):
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _terminated)
+    sys.argv[1:] = integral_numbers(sys.argv[1:])
     # A mistyped key gets the allowed keys and the nearest one, before Hydra's terser refusal.
     problems = unknown_key_problems(sys.argv[1:])
     if problems:

@@ -34,6 +34,8 @@ def test_defaults_are_valid():
     (["sae.k=0"], ["sae.k=0", "0 < k < d_sae (512)"]),
     (["sae.k=512"], ["sae.k=512", "0 < k < d_sae (512)"]),
     (["layer=4"], ["layer=4", "allowed values are 0..3"]),
+    (["seed=99999999999999999999"], ["seed=99999999999999999999", "out of range", "[0, 2**63)"]),
+    (["seed=-1"], ["seed=-1", "[0, 2**63)"]),
     (["layer=-1"], ["layer=-1", "0..3"]),
     (["hook=resid_mid"], ["hook='resid_mid'", "resid_pre, resid_post, mlp_out, attn_out"]),
     (["train.tokens=0"], ["train.tokens=0", "positive integer"]),

@@ -53,6 +53,17 @@ def test_block_reader_visits_every_usable_position_once_per_epoch_in_a_seed_fixe
         assert max(b) - min(b) < 100
 
 
+def test_any_valid_seed_orders_the_data(cache):
+    """Seeds up to the schema's limit (2**63) give an order: the derived per-epoch and per-block seeds
+    are reduced into torch's range (they overflowed it from seed ~9e6 on)."""
+    from sae_sweep.config.job import SEED_LIMIT
+
+    src = DiskBlocks(cache, block_rows=100)
+    for seed in (SEED_LIMIT - 1, 10**12):
+        r = BlockReader(src, 32, seed=seed)
+        assert positions(next(r)) == positions(BlockReader(src, 32, seed=seed).batch_at(0))
+
+
 def test_block_reader_resumes_exactly_and_finds_any_step(cache):
     src = DiskBlocks(cache, block_rows=100)
     r = BlockReader(src, 32, seed=5)

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sae_sweep.config.job import SEED_LIMIT
+
 from sae_sweep.activations.cache import ActivationCache
 from sae_sweep.activations.shards import storage, to_torch
 
@@ -99,7 +101,7 @@ class ShuffledReader:
         with self._perm_lock:  # workers straddling an epoch boundary share one draw
             perm = self._perms.get(epoch)
             if perm is None:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % SEED_LIMIT)
                 perm = torch.randperm(self.n_positions, generator=g, dtype=self._perm_dtype)
                 self._perms[epoch] = perm
                 for old in [e for e in self._perms if e < epoch - 1]:
@@ -317,7 +319,7 @@ class BlockReader:
         with self._lock:  # the prefetch thread asks too
             order = self._orders.get(epoch)
             if order is None:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % SEED_LIMIT)
                 order = self._orders[epoch] = torch.randperm(self.source.n_blocks, generator=g).numpy()
                 for old in [e for e in self._orders if e < epoch - 1]:
                     del self._orders[old]
@@ -327,7 +329,7 @@ class BlockReader:
         return int(self._order(epoch)[pos])
 
     def _rows_perm(self, epoch: int, block: int, n: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_000_033 + block)
+        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_033 + block) % SEED_LIMIT)
         return torch.randperm(n, generator=g)
 
     def _skip_empty(self) -> None:

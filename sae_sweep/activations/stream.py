@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 
+from sae_sweep.config.job import SEED_LIMIT
+
 __all__ = ["StreamBlocks", "StreamReader"]
 
 
@@ -111,7 +113,7 @@ class StreamReader:
         self.block_pos = self.batch_in_block = 0
 
     def _perm(self, b: int, n: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + b)
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + b) % SEED_LIMIT)
         return torch.randperm(n, generator=g)
 
     def __iter__(self) -> "StreamReader":

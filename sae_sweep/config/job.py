@@ -25,6 +25,8 @@ GENERATION_KEYED_ONLY_IF_NOT = {"sampler": "hf"}
 # Gao et al.'s dead-latent window: a latent that has not fired for this many tokens is dead.
 DEAD_TOKENS = 10_000_000
 
+SEED_LIMIT = 2**63
+
 _positive = dict(allowed="a positive integer", check=lambda v: v > 0)
 
 
@@ -198,7 +200,8 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 @dataclass
 class JobConfig:
-    seed: int = 42
+    # torch's generators take 64-bit seeds; the data order's derived seeds are reduced into that range
+    seed: int = setting(42, allowed="an integer in [0, 2**63)", check=lambda v: 0 <= v < SEED_LIMIT)
     layer: int = MISSING
     hook: str = choice("resid_post", HOOK_TYPES)
     device: str = setting("auto", allowed="auto, cpu, cuda, cuda:N", check=lambda v: bool(_DEVICE.fullmatch(v)))

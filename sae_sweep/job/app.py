@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -438,6 +439,24 @@ def unknown_key_problems(argv: Sequence[str]) -> List[str]:
                     problems.append(problem + (f" (with {group}={value})" if value else ""))
                     break
     return problems
+
+
+_SCIENTIFIC = re.compile(r"(?<![\w.])([+-]?\d+(?:\.\d+)?[eE]\+?\d+)(?![\w.])")
+
+
+def integral_numbers(argv: Sequence[str]) -> List[str]:
+    """``argv`` with whole numbers written in scientific notation spelled as integers
+    (``train.tokens=2e11`` -> ``train.tokens=200000000000``, sweeps too): Hydra reads ``2e11`` as a
+    float, which an integer key refuses with OmegaConf's raw type error. Fractions (``1e-3``) and
+    quoted values are left as they are; the schema then checks each value as usual."""
+    from decimal import Decimal
+
+    def whole(m: "re.Match[str]") -> str:
+        d = Decimal(m.group(1))
+        return str(int(d)) if d == d.to_integral_value() else m.group(1)
+
+    return [a if "=" not in a or a.startswith("-") or "'" in a or '"' in a
+            else a.split("=", 1)[0] + "=" + _SCIENTIFIC.sub(whole, a.split("=", 1)[1]) for a in argv]
 
 
 def scope_to_swept_groups(argv: Sequence[str]) -> List[str]:
