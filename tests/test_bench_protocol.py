@@ -165,7 +165,7 @@ def test_a_peer_step_refuses_a_gpu_device_before_any_import(capsys):
 
 def test_generation_bench_projects_the_hours_for_100m_tokens_from_its_own_median_rate(tiny_cache_dir, tmp_path):
     """`bench generation --out` records every run and, per combination, the hours 100M tokens take
-    at the faster sampler's median wall rate (what the README's GPU-hours projection is read from)."""
+    at the faster sampler's median wall rate (docs/performance.md's GPU-hours projection is read from it)."""
     import argparse
 
     from sae_sweep.bench import generation

@@ -1,4 +1,4 @@
-"""The CUDA path on a real GPU (issue 17): marked ``cuda`` and skipped where CUDA is absent, so
+"""The CUDA path on a real GPU (docs/cuda.md): marked ``cuda`` and skipped where CUDA is absent, so
 ``pytest -m cuda`` (``make gpu-check`` runs it) is the one command that settles them on a GPU node.
 Their CPU counterparts (the CUDA branches forced on CPU) are in test_device_paths.py."""
 import dataclasses
@@ -95,7 +95,7 @@ def test_training_steps_do_not_sync_the_host():
 
 
 def test_two_identical_runs_are_bit_identical():
-    """The determinism decision (README "The CUDA path"): same seed, same batches -> the same bits."""
+    """The determinism decision (docs/cuda.md, "Determinism"): same seed, same batches -> the same bits."""
     def run():
         t = _topk("cuda")
         data = _data().cuda()

@@ -104,7 +104,7 @@ def test_training_loop_syncs_only_at_log_windows():
 
 
 def test_fp32_matmuls_use_tf32_only_where_training_runs_on_cuda():
-    """The precision default (issue 17, item 3): a trainer on CUDA turns on TF32 for fp32 matmuls and
+    """The precision default (docs/cuda.md): a trainer on CUDA turns on TF32 for fp32 matmuls and
     records it ("tf32", a run tag); on the CPU nothing global changes and the record says "ieee"."""
     from sae_sweep.util.devices import fast_matmul
 

@@ -1,7 +1,7 @@
-"""`trainer.mode=published`: each research trainer pinned to its write-up (shared/seeds/), on
+"""`trainer.mode=published`: each research trainer pinned to its write-up (docs/research-variants.md), on
 hand-computed cases: its loss, its schedule at given steps, its tracker on constructed activation
 sequences (including the published temporal tracker's degenerate case), and the corrections'
-bookkeeping (every correction key documented, with both values, in the module and the README)."""
+bookkeeping (every correction key documented, with both values, in the module and the docs)."""
 from __future__ import annotations
 
 import math
@@ -19,7 +19,7 @@ from sae_sweep.sae.temporal_ortho import CoactivationTable, ortho_penalty
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODULES = {"hierarchical": hierarchical, "temporal_ortho": temporal_ortho, "adaptive_ortho": adaptive_ortho}
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "research-variants.md"
 
 
 def build(name: str, d_in: int = 16, d_sae: int = 64, k: int = 4, steps: int = 100, batch: int = 64, **cfg):
@@ -43,10 +43,10 @@ def test_modes_resolve_every_correction_and_an_explicit_value_wins(name):
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_every_correction_is_documented_with_both_values(name):
     """Each correction key is named, with its corrected and published values, in the module
-    docstring and in the README's trainer section."""
+    docstring and in the trainer's section of docs/research-variants.md."""
     doc = MODULES[name].__doc__
     readme = README.read_text()
-    start = readme.index(f"#### `{name}`")
+    start = readme.index(f"## `{name}`")
     section = readme[start:readme.index("\n#", start + 1)]
     for key, c in MODULES[name].CORRECTIONS.items():
         for text, where in ((doc, "docstring"), (section, "README")):
@@ -454,7 +454,7 @@ def test_adaptive_preset_sweeps_runs_1_and_2():
     assert str(cfg.hydra.sweeper.params["trainer.ortho_coeff"]) == "0.1,0.05"
 
 
-# --- the published methods on the planted dictionary (README "Trainers" quotes these) -------------
+# --- the published methods on the planted dictionary (docs/research-variants.md quotes these) ----
 
 @pytest.fixture(scope="module")
 def planted():
@@ -475,7 +475,7 @@ def test_published_recipe_keeps_plain_keys_and_leaves_corrections_to_the_mode():
 
 @pytest.mark.parametrize("name, dense", [("hierarchical", True), ("temporal_ortho", False), ("adaptive_ortho", True)])
 def test_published_methods_on_the_planted_dictionary(name, dense, planted):
-    """Measured (README): published hierarchical (its loss-ratio factor pinned at 0.1 by a raw target
+    """Measured (docs/research-variants.md): published hierarchical (its loss-ratio factor pinned at 0.1 by a raw target
     of 2.5) and published adaptive_ortho (ReLU + L1 0.04 on an unsquared norm) come out dense and
     recover no planted feature (L0 ~60 and ~57 of 128); published temporal_ortho recovers like TopK."""
     from sae_sweep.bench.trainers import published_recipe, train_planted

@@ -1,5 +1,5 @@
 """``make gpu-check`` (``python -m sae_sweep.bench.gpucheck``): what only a GPU can settle about the CUDA
-path (issue 17), in one command of a few minutes, no network.
+path (docs/cuda.md), in one command of a few minutes, no network.
 
 1. the CUDA-marked tests (``pytest -m cuda``: device placement, the bf16 reader, AuxK steps equal
    to the CPU's, no host sync in a step, two identical runs bit-identical, stream mode on the GPU,
@@ -13,10 +13,10 @@ path (issue 17), in one command of a few minutes, no network.
    tensors, against the fp32 log-prob copies it avoids, and its values at a sample of positions
    against whole-row fp32 log-probs;
 5. ``python -m sae_sweep.bench perf --device cuda --d-in 768 --d-sae 24576 --k 32`` (absolute
-   TopK tokens/s at the issue's dims, TF32 quality on the planted dictionary);
+   TopK tokens/s at the target dims, TF32 quality on the planted dictionary);
 6. ``python -m sae_sweep.bench generation --device cuda --model smollm2-135m --dtypes bfloat16
    --batches 256,1024``: faithful generation tokens/s on the GPU with both samplers, and the
-   GPU-hours 100M generated tokens would take at that rate (issue 16).
+   GPU-hours 100M generated tokens would take at that rate.
 
 On a machine without CUDA it runs small CPU versions of 2, 3 and 4 (a smoke test of the script)
 and reports the CUDA parts as "not run (no CUDA)". Prints a table; ``--out`` also writes it as JSON.
@@ -38,7 +38,7 @@ WIDTHS = [("gpt2", 768, 16, 16), ("gemma-2-2b", 2304, 8, 64), ("llama-3.1-8b", 4
 REPO = Path(__file__).resolve().parents[2]
 NOT_RUN = "not run (no CUDA)"
 GEMMA2_VOCAB = 256_000
-BENCH_DIMS = (768, 24_576, 32)  # the issue's target: d_in, d_sae, k
+BENCH_DIMS = (768, 24_576, 32)  # the target dims: d_in, d_sae, k
 GENERATION_ARGS = ["--model", "smollm2-135m", "--dtypes", "bfloat16", "--batches", "256,1024", "--new-tokens", "128"]
 
 

@@ -257,7 +257,7 @@ def fig_topk(device: torch.device, probe: dict[str, Any], venvs: Path, peers: li
     a process that does nothing else) and all see the same background load. A step during which a
     thread of the worker waited for a core (another process was running) is not what training on
     a machine of its own gets: with 2 threads on 2 cores, one busy neighbour makes a step several
-    times slower (see README "Performance"). So after `rounds`, the variants without a quiet step
+    times slower (see docs/performance.md). So after `rounds`, the variants without a quiet step
     (waiting threads < QUIET) get more rounds, up to `max_rounds`. Reported per variant: the best
     step, the median of its quiet steps, and how many were quiet.
 

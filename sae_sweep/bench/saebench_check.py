@@ -2,7 +2,7 @@
 tensors, one process, printing each metric from both and their difference.
 
 It needs SAEBench installed next to sae_sweep's dependencies, which pull different versions than
-the project's, so it runs in its own virtual environment (the README says how)::
+the project's, so it runs in its own virtual environment (docs/evals.md says how)::
 
     /tmp/saebench-venv/bin/python -m sae_sweep.bench.saebench_check      # from the repository root
 

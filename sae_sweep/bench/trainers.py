@@ -15,7 +15,7 @@ also prints temporal_ortho's co-activation tracking memory at d_sae 65536 (see `
 published them (`published_recipe`: the recipe without its correction keys). `--corrections`
 measures each correction on its own: for every research trainer, the corrected recipe with each
 correction reverted to its published value, and the published recipe with each one applied (the
-figures quoted in the trainers' docstrings and README "Trainers").
+figures quoted in the trainers' docstrings and docs/research-variants.md).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """`adaptive_ortho`: an SAE with a decoder orthogonality loss that allows controlled sharing.
 
-Write-up: `shared/seeds/002_8c5849b69a55af62.txt` ("Adaptive Orthogonal Feature Learning for
-Optimal Knowledge Separation"; `002:L24` is its line 24 as `cat -n` numbers it). It has no code
+Write-up 002: "Adaptive Orthogonal Feature Learning for Optimal Knowledge Separation" (not part
+of the repository; `002:L24` is its line 24 as `cat -n` numbers it). It has no code
 and no formula, and none of its runs trained: every result, the baseline's included, logs
 `'training_steps': 0, 'final_loss': None` (L10, L14, L23, L32, L34, L44, L54, L64, L74, L84), yet
 the prose reports training and its effects (L18, L26-27). What it does fix is the design of Runs

@@ -1,7 +1,7 @@
 """`hierarchical`: a ReLU SAE with a scheduled + adaptive L1 and dictionary maintenance.
 
-Write-up: `shared/seeds/000_81df208c3d87bac0.txt` ("Simple Hierarchical Learning for Feature
-Absorption Prevention"; `000:L75` is its line 75 as `cat -n` numbers it). It has no code listing;
+Write-up 000: "Simple Hierarchical Learning for Feature Absorption Prevention" (not part of the
+repository; `000:L75` is its line 75 as `cat -n` numbers it). It has no code listing;
 its method is Runs 1-5, each adding one mechanism to the last:
 
 - Run 1 (L73-78): L1 coefficient "decreases linearly from initial value (1/sqrt(dict_size)) to near

@@ -1,7 +1,7 @@
 """`trainer.mode`: a research variant as its write-up published it, or with the project's corrections.
 
 The research trainers (`hierarchical`, `temporal_ortho`, `adaptive_ortho`) each follow one experiment
-write-up (`shared/seeds/`, see README "Trainers"). Each has
+write-up (see docs/research-variants.md). Each has
 
 - ``trainer.mode=published``: the write-up's method as written (formula, coefficients, units,
   schedule, base SAE); where the write-up is silent or ambiguous, the module docstring says which
@@ -11,7 +11,7 @@ write-up (`shared/seeds/`, see README "Trainers"). Each has
 Every correction is its own trainer key whose default is null. Null takes the mode's value; an
 explicit value overrides it, so ``trainer.mode=published trainer.l1_end_frac=0.1`` is the
 published method with one correction. Each key's `Correction` holds both values and the reason;
-the module docstring and README say what was broken or infeasible and how that was measured.
+the module docstring and docs/research-variants.md say what was broken or infeasible, and how measured.
 """
 from __future__ import annotations
 

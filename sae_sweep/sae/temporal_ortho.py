@@ -1,7 +1,7 @@
 """`temporal_ortho`: TopK SAE with a co-activation penalty weighted by how stable each pair is.
 
-Write-up: `shared/seeds/001_09d1b6f66c15dfbf.txt` ("Memory-Efficient Temporal Analysis for Feature
-Separation"; `001:L81` is its line 81 as `cat -n` numbers it), an aider log with the code it ran
+Write-up 001: "Memory-Efficient Temporal Analysis for Feature Separation" (not part of the
+repository; `001:L81` is its line 81 as `cat -n` numbers it), an aider log with the code it ran
 (tracker L79-136, device fixes L262-271 and L321, loss L195-200) and one reported run (Run 1, L339).
 
 Shared by both modes. Per pair (i, j), c_ij is the pair's co-activation rate in the current window
@@ -94,7 +94,7 @@ for dense codes (B k^2 > d_sae^2, e.g. the write-up's k 160 of 4,608), through d
 products: pair counts MᵀM of the batch's 0/1 code and the penalty from the Gram matrix fᵀf. The
 table ends bit-identical either way (integer counts in fp32, autocast off) and the penalty agrees to
 rounding (tests). `python -m sae_sweep.bench trainers --temporal-routes` times both (`measure_routes`;
-README table): at B 2,048, k 160, d_sae 1,152 the gram route is 12-14x (published) / 34-37x
+docs/research-variants.md): at B 2,048, k 160, d_sae 1,152 the gram route is 12-14x (published) / 34-37x
 (table) faster; at B 4,096, k 32, d_sae 4,096 the pair route stays, 2.5-3.3x faster there.
 `CoactivationTable(route=...)` forces one.
 

@@ -20,7 +20,7 @@ invisible to a person looking for who holds it; ``filelock.SoftFileLock`` (an ``
 this one) never recovers a lock whose owner was killed, which on a cluster (SLURM kills, node
 failures) would block a cache build forever; ``flufl.lock`` recovers only after a fixed lifetime,
 does not notice at once that an owner on the same host is gone, and records no SLURM job id. The
-owner record is what the error messages and the README's troubleshooting point people at.
+owner record is what the error messages and the docs (docs/reliability.md) point people at.
 """
 from __future__ import annotations
 
