@@ -151,7 +151,18 @@ def test_absorption_skips_with_reason_when_letters_are_not_represented():
     out = A.run_absorption(lm, _ReLUSAE(dirs), 0, "resid_post", 0, {"n_icl_examples": 2})
     assert out.status == "skipped"
     assert "F1" in out.skip_reason and "letters" in out.skip_reason
+    assert "full vocabulary" in out.skip_reason  # max_words=null: SAEBench's sample decided it
     assert out.metrics == {}
+
+
+def test_a_skip_on_a_word_sample_says_the_sample_decided_not_the_model():
+    lm, dirs = _planted_lm(signal=0.0)
+    n_vocab = len(A.alpha_vocab(lm.tokenizer, lm.special_token_ids, 1))
+    out = A.run_absorption(lm, _ReLUSAE(dirs), 0, "resid_post", 0, {"n_icl_examples": 2, "max_words": 52})
+    assert out.status == "skipped" and n_vocab > 52
+    assert f"random sample of 52 of the tokenizer's {n_vocab}" in out.skip_reason
+    assert "max_words=null" in out.skip_reason and "cannot tell" in out.skip_reason
+    assert "does not represent" not in out.skip_reason
 
 
 def test_absorption_rejects_unknown_settings():

@@ -359,6 +359,7 @@ def run_absorption(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings
     if len(vocab) < 26 * 4:
         return EvalOutput.skipped(EVAL_TYPE_ID, config, f"the tokenizer has only {len(vocab)} single-token "
                                   "alphabetic words; the first-letter task needs a few per letter")
+    n_vocab = len(vocab)  # every single-token alphabetic word: SAEBench's sample
     if s["max_words"] is not None and len(vocab) > int(s["max_words"]):
         vocab = [vocab[i] for i in sorted(rng.choice(len(vocab), int(s["max_words"]), replace=False))]
     perm = rng.permutation(len(vocab))
@@ -388,13 +389,29 @@ def run_absorption(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings
         return activations_for(word_idx, vocab)
 
     with few_threads():  # many small probe fits: one thread is faster on a shared CPU
-        return _probe_and_score(sae, acts, x, y, train_idx, test_idx, s, config, seed, layer, len(vocab),
+        return _probe_and_score(sae, acts, x, y, train_idx, test_idx, s, config, seed, layer, n_vocab,
                                 absorption_acts)
+
+
+def _word_sample(n_words: int, n_vocab: int, n_test: int) -> str:
+    """What a skip decided: on SAEBench's full vocabulary, that the probes do not find first letters
+    at this layer; on a smaller sample, only that this sample does not (too few test words per letter
+    to tell), never a property of the model it did not test."""
+    per_letter = n_test / 26
+    if n_words >= n_vocab:
+        return (f"probed on SAEBench's full vocabulary ({n_words} single-token alphabetic words, "
+                f"~{per_letter:.0f} test words per letter): the LM's activations here do not separate first "
+                f"letters linearly for enough letters")
+    return (f"probed on a random sample of {n_words} of the tokenizer's {n_vocab} single-token alphabetic words "
+            f"(eval.absorption.max_words; ~{per_letter:.1f} test words per letter): this sample cannot tell "
+            f"whether the LM represents first letters here; SAEBench's full vocabulary "
+            f"(eval.absorption.max_words=null, as in eval=full) can, and may pass the gate")
 
 
 def _probe_and_score(sae: Any, acts: torch.Tensor, x: np.ndarray, y: np.ndarray, train_idx: np.ndarray,
                      test_idx: np.ndarray, s: Dict[str, Any], config: Dict[str, Any], seed: int, layer: int,
-                     n_words: int, absorption_acts: Any = None) -> EvalOutput:
+                     n_vocab: int, absorption_acts: Any = None) -> EvalOutput:
+    n_words = len(y)
     x_tr, y_tr, x_te, y_te = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
     n_test = len(test_idx)
 
@@ -412,8 +429,8 @@ def _probe_and_score(sae: Any, acts: torch.Tensor, x: np.ndarray, y: np.ndarray,
         out = EvalOutput.skipped(
             EVAL_TYPE_ID, config,
             f"only {len(passing)} of 26 letters have a ground-truth probe with F1 > {s['min_GT_probe_f1']} "
-            f"(need {s['min_feats_for_eval']}): the LM does not represent first letters linearly at "
-            f"layer {layer}. Probe F1 per letter: {probe_f1}")
+            f"(need {s['min_feats_for_eval']}) at layer {layer}, {_word_sample(n_words, n_vocab, n_test)}. "
+            f"Probe F1 per letter: {probe_f1}")
         out.unstructured = {"probe_f1": probe_f1, "n_words": n_words}
         return out
 
