@@ -134,6 +134,27 @@ CMD=(mlflow server
     --allowed-hosts "$ALLOWED_HOSTS"
     "${EXTRA[@]}")
 
+# The port must be free: another process answering /health there would pass for this server.
+port_free() {
+    python3 - "$1" "$2" <<'PY'
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(family, socket.SOCK_STREAM)
+try:
+    s.bind((host, port))
+except OSError as e:
+    print(e.strerror or e, file=sys.stderr)
+    sys.exit(1)
+finally:
+    s.close()
+PY
+}
+if ! why="$(port_free "$HOST" "$PORT" 2>&1)"; then
+    holder="$(ss -Hltnp "sport = :$PORT" 2>/dev/null | grep -o 'users:(.*)' | head -n 1 || true)"
+    die "port $PORT on $HOST is not free ($why${holder:+; held by $holder}): pick another with --port"
+fi
+
 URI="http://$ADVERTISE:$PORT"
 cat >&2 <<EOF
 [mlflow_server] backend:   $BACKEND_URI
@@ -156,11 +177,13 @@ if ((BACKGROUND)); then
     [[ "$HOST" == 0.0.0.0 || "$HOST" == :: ]] || probe="http://$HOST:$PORT/health"
     for ((i = 0; i < 360; i++)); do
         if python3 -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" "$probe" 2>/dev/null; then
+            # the port was free when we started, so the answer is ours only while our server lives
+            kill -0 "$(cat "$pidfile")" 2>/dev/null || { tail -n 30 "$logfile" >&2; rm -f "$pidfile"; die "mlflow server exited"; }
             log "up (pid $(cat "$pidfile"), log $logfile); stop with: $0 stop --state-dir $STATE_DIR"
             echo "tracking.uri=$URI"
             exit 0
         fi
-        kill -0 "$(cat "$pidfile")" 2>/dev/null || { tail -n 30 "$logfile" >&2; die "mlflow server exited"; }
+        kill -0 "$(cat "$pidfile")" 2>/dev/null || { tail -n 30 "$logfile" >&2; rm -f "$pidfile"; die "mlflow server exited"; }
         sleep 0.5
     done
     tail -n 30 "$logfile" >&2

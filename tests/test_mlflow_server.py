@@ -137,3 +137,49 @@ def test_sweep_as_the_ui_shows_it(tmp_path):
         assert md == res.markdown.read_text()
         png = _get(base, "/get-artifact", path="report/plots/metrics_grid.png", run_uuid=parent)
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- launchers/mlflow_server.sh: it reports up only for its own server --------------------------------
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "launchers", "mlflow_server.sh")
+
+
+def _script(*args, state_dir):
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    return subprocess.run(["bash", SCRIPT, *args, "--state-dir", str(state_dir)], capture_output=True, text=True,
+                          env=env, timeout=START_TIMEOUT + 60)
+
+
+def test_server_script_refuses_a_port_another_process_answers_on(tmp_path):
+    """Another HTTP server answers /health on the port: the script must not print 'up' and a
+    tracking.uri for a server that is not its own."""
+    import http.server
+    import threading
+
+    other = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        port = other.server_address[1]
+        r = _script("--background", "--host", "127.0.0.1", "--port", str(port), str(tmp_path / "db.db"),
+                    state_dir=tmp_path)
+    finally:
+        other.shutdown()
+    assert r.returncode != 0
+    assert f"port {port} on 127.0.0.1 is not free" in r.stderr and "tracking.uri" not in r.stdout + r.stderr
+    assert not (tmp_path / "mlflow_server.pid").exists()
+
+
+@pytest.mark.slow
+def test_server_script_starts_and_stops_its_own_server(tmp_path):
+    port = _free_port()
+    r = _script("--background", "--host", "127.0.0.1", "--port", str(port), "--artifacts", str(tmp_path / "art"),
+                "--workers", "1", str(tmp_path / "db.db"), state_dir=tmp_path)
+    try:
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.strip() == f"tracking.uri=http://127.0.0.1:{port}"
+        assert _get(f"http://127.0.0.1:{port}", "/health")
+    finally:
+        stop = _script("stop", state_dir=tmp_path)
+    assert stop.returncode == 0 and "stopping mlflow server" in stop.stderr
+    with pytest.raises(urllib.error.URLError):
+        _get(f"http://127.0.0.1:{port}", "/health")
