@@ -171,3 +171,13 @@ def test_a_real_model_config_that_would_repeat_data_is_refused_naming_the_keys()
     validate_point(again, check_availability=False)
     assert C.run_key(again) != C.run_key(_compose("model=gpt2", "dataset=builtin", "dataset.tokens=1000000",
                                                   "train.epochs=200"))
+
+
+def test_whole_numbers_in_scientific_notation_are_read_as_integers():
+    from sae_sweep.job.app import integral_numbers
+
+    argv = integral_numbers(["-m", "train.tokens=2e5", "dataset.tokens=1.5e5,3e5", "trainer.lr=3e-4", "sweep.name=a1e5"])
+    assert argv == ["-m", "train.tokens=200000", "dataset.tokens=150000,300000", "trainer.lr=3e-4", "sweep.name=a1e5"]
+    cfg = _compose(*integral_numbers(["train.tokens=2e5", "trainer.lr=3e-4"]))
+    validate_point(cfg)
+    assert cfg.train.tokens == 200_000 and cfg.trainer.lr == 3e-4
