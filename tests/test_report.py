@@ -256,3 +256,14 @@ def test_cli_module_entry_point(store, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "report:" in out.stdout and (tmp_path / "r" / "summary.csv").exists()
     assert "report/report.md" in tracker.list_artifacts(parent, "report")
+
+
+def test_an_interrupted_sweep_gets_a_report_that_says_it_is_partial(store):
+    tracker, d = store
+    parent, _ = make_sweep(tracker, "report_interrupted", full=False, failed=False)
+    tracker.set_tags(parent, {"sweep.interrupted": "SystemExit with 2 of 6 points unfinished"})
+    md = build_report(tracker, parent, d / "interrupted", log_to_mlflow=False).markdown.read_text()
+    assert "Partial report: the sweep was interrupted (SystemExit with 2 of 6 points unfinished)" in md
+    whole = build_report(tracker, make_sweep(tracker, "report_whole", full=False, failed=False)[0], d / "whole",
+                         log_to_mlflow=False).markdown.read_text()
+    assert "Partial report" not in whole

@@ -180,8 +180,10 @@ def test_a_local_job_sent_sigterm_leaves_no_run_running(tmp_path, multirun):
     assert proc.returncode != 0, err[-3000:]
     (job,) = _runs(out, "job")
     assert job.info.status == "KILLED", err[-3000:]
-    for parent in _runs(out, "sweep"):
-        assert parent.info.status != "RUNNING", err[-3000:]
+    for parent in _runs(out, "sweep"):  # KILLED, with the count of points it left unfinished
+        assert parent.info.status == "KILLED", err[-3000:]
+        assert parent.data.tags["sweep.interrupted"].endswith("1 of 1 points unfinished")
+        assert parent.data.metrics["sweep/interrupted"] == 1 and parent.data.metrics["sweep/finished"] == 0
 
     r = _cli(out, *args)  # the rerun continues the killed run to FINISHED
     assert r.returncode == 0, r.stderr[-3000:]

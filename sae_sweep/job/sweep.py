@@ -40,11 +40,13 @@ class SweepSummary:
     finished: int = 0
     failed: int = 0
     skipped: int = 0
+    interrupted: int = 0  # points without a result when the sweep itself was interrupted
     failures: List[str] = field(default_factory=list)
 
     def as_metrics(self) -> Dict[str, float]:
         return {"sweep/finished": self.finished, "sweep/failed": self.failed, "sweep/skipped": self.skipped,
-                "sweep/points": self.finished + self.failed + self.skipped}
+                "sweep/interrupted": self.interrupted,
+                "sweep/points": self.finished + self.failed + self.skipped + self.interrupted}
 
 
 # Work that runs once at the end of a sweep. Each hook gets
@@ -175,6 +177,7 @@ class GridSweep:
 
         summary = SweepSummary()
         results: List[Any] = [None] * len(points)
+        interrupted: Optional[BaseException] = None
         try:
             start = 0
             if bool(job0.sweep.get("pack", False)):
@@ -192,15 +195,23 @@ class GridSweep:
                 for p, ret in zip(chunk, rets):
                     results[p.index] = self._classify(tracker, experiment, parent, p, ret, summary)
                 start += n
+        except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or SIGTERM raised as an exit by __main__
+            interrupted = e
+            raise
         finally:
             status = RunStatus.FINISHED if summary.failed == 0 else RunStatus.FAILED
+            if interrupted is not None:  # the points without a result never ran to the end
+                status = RunStatus.KILLED
+                summary.interrupted = len(points) - (summary.finished + summary.failed + summary.skipped)
+                tracker.set_tags(parent, {"sweep.interrupted": f"{type(interrupted).__name__} with "
+                                                               f"{summary.interrupted} of {len(points)} points unfinished"})
             tracker.log_metrics(parent, summary.as_metrics())
             try:  # the parent's row names the sweep's training datasets (its children fold under it)
                 tracker.log_child_datasets(parent)
             except Exception as e:
                 log.warning("could not log the sweep's datasets to its parent run: %s: %s", type(e).__name__, e)
             tracker.set_tags(parent, {"sweep.finished": summary.finished, "sweep.failed": summary.failed,
-                                      "sweep.skipped": summary.skipped})
+                                      "sweep.skipped": summary.skipped, "sweep.interrupted_points": summary.interrupted})
             for hook in SWEEP_END_HOOKS:
                 try:
                     hook(tracker, parent, points, results, sweep_dir)

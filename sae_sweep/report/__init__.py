@@ -252,6 +252,9 @@ def _markdown(data: SweepData, runs: pd.DataFrame, variants: List[str], specs, s
     all_runs = data.runs
     counts = all_runs["status"].value_counts().to_dict() if not all_runs.empty else {}
     L: List[str] = [f"# Sweep report: {data.experiment} / {data.parent_name}", ""]
+    if t.get("sweep.interrupted"):
+        L += [f"**Partial report: the sweep was interrupted ({t['sweep.interrupted']}).** Its numbers cover "
+              "only the runs that ended before that; run the same command again to finish the sweep.", ""]
     L += [line for line in [f"- parent run: `{data.parent_run_id}` (experiment `{data.experiment}`)",
           (f"- MLflow UI: <{ui}>" if ui.startswith("http") else f"- MLflow UI: {ui}") if ui else "",
           f"- overrides: `{t.get('overrides', '')}`" if t.get("overrides") else "",
