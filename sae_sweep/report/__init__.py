@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 import pandas as pd
 
 from sae_sweep.report import plots, tables
-from sae_sweep.report.data import SweepData, collect, eval_metric_keys, headline_specs
+from sae_sweep.report.data import SweepData, collect, eval_metric_keys, headline_specs, spec_for
 
 log = logging.getLogger("sae_sweep.report")
 
@@ -282,7 +282,9 @@ def _markdown(data: SweepData, runs: pd.DataFrame, variants: List[str], specs, s
         rows = [[r.variant, r.seed_group[:8], "—" if pd.isna(r.n_pairs) else int(r.n_pairs),
                  tables.mean_std(r.shared_feature_ratio_mean, r.shared_feature_ratio_std), r.pairs or r.source]
                 for r in shared.itertuples()]
-        L += [tables.md_table(["variant", "seed group", "pairs", "shared-feature ratio ↑", "per pair"], rows), ""]
+        shared_spec = spec_for("crossseed/shared_feature_ratio")
+        header = f"{shared_spec.label}{tables.arrow(shared_spec.direction)}"
+        L += [tables.md_table(["variant", "seed group", "pairs", header, "per pair"], rows), ""]
 
     for factor in ("dataset", "trainer"):
         L += [f"## {factor.capitalize()} comparison (pairwise, over matching cells)", ""]
