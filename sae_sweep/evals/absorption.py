@@ -542,7 +542,8 @@ METRICS = (
     Metric("absorption/mean/mean_absorption_fraction_score", "absorption", "lower", "fraction",
            "Mean over scored letters of the letter's mean absorption fraction over the test words its "
            "ground-truth probe detects: the share of the word's projection on the probe direction carried by up "
-           "to 3 aligned non-main latents instead of the letter's main latents (module docstring, step 5). "
+           "to 3 aligned non-main latents instead of the letter's main latents (the rules: this module's "
+           "docstring, step 5). "
            "Lower: the letter feature is not absorbed into other latents.", _SB),
     Metric("absorption/mean/mean_full_absorption_score", "full absorption", "lower", "fraction of words",
            "Mean over scored letters of the fraction of the letter's true-positive test words on which every "

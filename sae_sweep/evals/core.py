@@ -737,8 +737,7 @@ METRICS = (
            "of the LM and layer.", _SB),
     Metric("core/model_performance_preservation/ce_loss_with_sae", "CE with SAE", "lower", "nats per token",
            "Mean next-token cross-entropy with the SAE's reconstruction spliced in, over scored CE positions. "
-           "Lower: closer to the LM's own loss (ce_loss_without_sae), which bounds it from below in "
-           "expectation.", _SB),
+           "Lower: the SAE costs less of the LM's next-token performance (compare ce_loss_without_sae).", _SB),
     Metric("core/model_performance_preservation/ce_loss_without_sae", "CE clean", None, "nats per token",
            "The LM's own mean next-token cross-entropy on the held-out windows, over scored CE positions. A "
            "property of the LM and data, not of the SAE.", _SB),
@@ -771,9 +770,9 @@ METRICS = (
     Metric("core/reconstruction_quality/cossim", "cosine(x, x_hat)", "higher", "cosine",
            "Mean over scored tokens of the cosine similarity between the activation and its reconstruction; "
            "not logged when some token has a zero activation or reconstruction.", _SB),
-    Metric("core/shrinkage/l2_norm_in", "||x||", None, "activation norm",
+    Metric("core/shrinkage/l2_norm_in", "input norm", None, "activation norm",
            "Mean over scored tokens of the activation's L2 norm (the scale the other numbers are in).", _SB),
-    Metric("core/shrinkage/l2_norm_out", "||x_hat||", None, "activation norm",
+    Metric("core/shrinkage/l2_norm_out", "reconstruction norm", None, "activation norm",
            "Mean over scored tokens of the reconstruction's L2 norm.", _SB),
     Metric("core/shrinkage/l2_ratio", "norm ratio", None, "ratio",
            "Mean over scored tokens of ||x_hat_t|| / ||x_t|| (inputs with norm < 1e-4 divide by 1). 1 is ideal: "

@@ -317,19 +317,20 @@ def run_downstream(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings
 # with characters other than letters, digits, '_', '.', '-' replaced by '_'), their mean, and flags.
 # Accuracies and macro F1 are on the task's held-out texts; the three probes see the same texts.
 _FS = "FaithfulSAE prove_performance"
-_REP = {"baseline": ("LM activation", None, "the mean-pooled LM activation at the SAE's hook: the reference the "
+_REP = {"baseline": ("LM", None, "the mean-pooled LM activation at the SAE's hook: the reference the "
                      "other two are read against; it does not depend on the SAE, so no better direction"),
-        "sae": ("SAE latents", "higher", "the mean-pooled SAE latents: higher keeps more of the task's information "
+        "sae": ("SAE", "higher", "the mean-pooled SAE latents: higher keeps more of the task's information "
                 "in the latents"),
-        "recon": ("reconstruction", "higher", "the mean-pooled SAE reconstruction: higher keeps more of the task's "
+        "recon": ("recon", "higher", "the mean-pooled SAE reconstruction: higher keeps more of the task's "
                   "information in what the SAE writes back to the model")}
 
 
 def _downstream_metrics() -> tuple:
+    stats = (("acc", "acc", "test accuracy", "accuracy"), ("f1", "F1", "macro F1", "macro F1"))
     out = []
     for rep, (what, better, why) in _REP.items():
-        for stat, unit, name in (("acc", "test accuracy", "accuracy"), ("f1", "macro F1", "macro F1")):
-            out.append(Metric(f"downstream/{{task}}/{rep}_{stat}", f"{what} probe {name} ({{task}})", better, unit,
+        for stat, short, unit, name in stats:
+            out.append(Metric(f"downstream/{{task}}/{rep}_{stat}", f"{what} probe {short} ({{task}})", better, unit,
                               f"Test {name} of a linear probe (procedure=faithfulsae: one epoch of Adam on a "
                               f"linear layer; standardised: converged standardised logistic regression) on {why}.",
                               _FS))
@@ -337,12 +338,10 @@ def _downstream_metrics() -> tuple:
                       "Accuracy of always answering the test split's most frequent class: the chance level the "
                       "probe accuracies of this task are read against.", "this project"))
     for rep, (what, better, why) in _REP.items():
-        for stat, unit, name in (("acc", "test accuracy", "accuracy"), ("f1", "macro F1", "macro F1")):
-            label = {"sae_acc": "downstream SAE acc", "recon_acc": "downstream recon acc"}.get(
-                f"{rep}_{stat}", f"downstream {what} {name}")
-            out.append(Metric(f"downstream/mean/{rep}_{stat}", label, better, unit,
-                              f"Mean over the available tasks of the {what} probe's test {name} (one value per "
-                              f"task, unweighted).", _FS))
+        for stat, short, unit, name in stats:
+            out.append(Metric(f"downstream/mean/{rep}_{stat}", f"downstream {what} {short}", better, unit,
+                              f"Mean over the available tasks of the per-task {rep}_{stat} (the {what} probe's test "
+                              f"{name}; one value per task, unweighted).", _FS))
     out.append(Metric("downstream/flags/sae_at_chance_fraction", "SAE tasks at chance", "lower", "fraction of tasks",
                       "Fraction of tasks whose SAE-latent probe accuracy is at most the majority-class rate plus "
                       "chance_z binomial standard errors.", "this project"))
