@@ -250,6 +250,23 @@ def test_report_takes_label_direction_and_unit_from_the_declarations():
         "sparse_probing/sae/sae_top_20_test_accuracy", "downstream/mean/sae_acc"]
 
 
+def test_report_defines_its_headline_metrics_from_the_declarations(tmp_path, monkeypatch):
+    from test_report import EV, L0, make_sweep
+
+    from sae_sweep.report import build_report
+    from sae_sweep.tracking.runs import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent, _ = make_sweep(tracker, "defs", full=False, failed=False)
+    md = build_report(tracker, parent, tmp_path / "report", log_to_mlflow=False).markdown.read_text()
+    section = md.split("## Metric definitions", 1)[1].split("\n## ", 1)[0]
+    ev, l0 = lookup(EV), lookup(L0)
+    assert f"| {ev.label} | `{EV}` | higher | {ev.unit} | {ev.meaning.replace('|', chr(92) + '|')} |" in section
+    assert f"| {l0.label} | `{L0}` | — | {l0.unit} |" in section
+    assert "absorption" not in section  # only the headline metrics the runs have
+
+
 # docs/metrics.md
 
 

@@ -31,6 +31,7 @@ import pandas as pd
 
 from sae_sweep.report import plots, tables
 from sae_sweep.report.data import SweepData, collect, eval_metric_keys, headline_specs, spec_for
+from sae_sweep.report.metrics import lookup
 
 log = logging.getLogger("sae_sweep.report")
 
@@ -325,6 +326,17 @@ def _markdown(data: SweepData, runs: pd.DataFrame, variants: List[str], specs, s
         L += [tables.md_table(["run", "status", "variant", "seed", "error"],
                               [[r.run_name, r.status, r.variant, r.seed, (r.error or "")[:200]]
                                for r in bad.itertuples()]), ""]
+
+    if specs:  # what the headline numbers are, from the declarations beside the code that logs them
+        L += ["## Metric definitions", "",
+              "The headline metrics as their evals declare them (every declared metric: the project's "
+              "docs/metrics.md).", ""]
+        rows = []
+        for s in specs:
+            m = lookup(s.key)
+            rows.append([s.label, f"`{s.key}`", {1: "higher", -1: "lower"}.get(s.direction, "—"), s.unit,
+                         m.meaning if m else "", m.reference if m else ""])
+        L += [tables.md_table(["metric", "key", "better", "unit", "meaning", "reference"], rows), ""]
 
     L += ["## Files", "",
           "- `summary.csv`: every result metric per variant (n, mean, std, min, max, seeds, run ids)",
