@@ -89,7 +89,7 @@ def _crossseed_metrics() -> Tuple[Metric, ...]:
                             "Logged on both runs by compare_runs: the value for this run and the run whose id "
                             "starts with {run}"))
     out.append(Metric("crossseed/n_pairs", "seed pairs compared", None, "pairs",
-                      "On the sweep's parent run: the number of seed pairs the sweep-end hook compared (every pair "
+                      "Logged on the sweep's parent run: the number of seed pairs the sweep-end hook compared (every pair "
                       "of FINISHED runs that differ only in seed).", "this project"))
     return tuple(out)
 
