@@ -45,7 +45,7 @@ class EvalSpec:
     name: str
     run: Callable[[EvalContext], Any]  # -> EvalOutput
     settings: type
-    metrics: Tuple[Metric, ...] = ()  # what the eval logs, flattened with prefix ``name``
+    metrics: Tuple[Metric, ...]  # what the eval logs, flattened with prefix ``name``
 
 
 _EVALS: Dict[str, EvalSpec] = {}
