@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 3
 PYTEST := $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --max-worker-restart=0
 
-.PHONY: install test test-fast docs demo demo-real prose-docs bench bench-peers bench-smoke gpu-check slurm-up slurm-down clean
+.PHONY: install test test-fast docs demo demo-real prose-docs metrics-doc bench bench-peers bench-smoke gpu-check slurm-up slurm-down clean
 
 # torch first, pinned: the CPU wheel is on disk here; an unpinned torch would pull GBs of CUDA.
 # editable_mode=compat keeps hydra_plugins/ visible to Hydra's plugin discovery.
@@ -47,6 +47,11 @@ prose-docs:
 	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends postgresql-doc; } || \
 	  { echo "demo-real reads the PostgreSQL manual (Debian/Ubuntu: apt-get install postgresql-doc); or run"; \
 	    echo "  python -m sae_sweep -m experiment=demo_real dataset=local,faithful 'dataset.data_files=[<your text>]'"; exit 2; }
+
+# docs/metrics.md from the metric declarations beside the code that logs each metric (a test fails
+# when the committed page is out of date).
+metrics-doc:
+	$(PYTHON) -m sae_sweep.report.metrics_doc --write docs/metrics.md
 
 # The perf bench times the peers' own training steps beside ours, each peer from its own venv
 # (their dependencies conflict with ours and with each other: dictionary_learning imports nnsight,

@@ -64,6 +64,7 @@ from sae_sweep.config import choice, setting
 from sae_sweep.evals.probes import few_threads, stable_seed
 from sae_sweep.evals.registry import register_eval, settings_dict
 from sae_sweep.evals.schema import EvalOutput
+from sae_sweep.util.metrics import Metric
 
 log = logging.getLogger(__name__)
 
@@ -533,6 +534,42 @@ def _probe_and_score(sae: Any, acts: torch.Tensor, x: np.ndarray, y: np.ndarray,
                                     "letters_without_true_positives": no_tp_letters})
 
 
-@register_eval("absorption", AbsorptionSettings)
+# What the eval logs (flattened as absorption/<category>/<metric>). A letter is scored when its
+# ground-truth probe has test F1 > min_GT_probe_f1 and it has at least one probe true positive among
+# the test words; per-letter values are in the SAEBench JSON's details.
+_SB = "SAEBench 0.6.0 absorption_first_letter"
+METRICS = (
+    Metric("absorption/mean/mean_absorption_fraction_score", "absorption", "lower", "fraction",
+           "Mean over scored letters of the letter's mean absorption fraction over the test words its "
+           "ground-truth probe detects: the share of the word's projection on the probe direction carried by up "
+           "to 3 aligned non-main latents instead of the letter's main latents (the rules: this module's "
+           "docstring, step 5). "
+           "Lower: the letter feature is not absorbed into other latents.", _SB),
+    Metric("absorption/mean/mean_full_absorption_score", "full absorption", "lower", "fraction of words",
+           "Mean over scored letters of the fraction of the letter's true-positive test words on which every "
+           "main latent is silent while one aligned latent carries at least 40% of the probe projection.", _SB),
+    Metric("absorption/mean/mean_num_split_features", "split features", None, "latents",
+           "Mean over scored letters of the number of main latents: the top-k set of the k-sparse probe, grown "
+           "while test F1 jumps by more than f1_jump_threshold. Describes feature splitting; no better "
+           "direction.", _SB),
+    Metric("absorption/mean/std_dev_absorption_fraction_score", "absorption (std over letters)", None,
+           "fraction", "Sample standard deviation over scored letters of the per-letter absorption fraction (0 "
+           "with one letter).", _SB),
+    Metric("absorption/mean/std_dev_full_absorption_score", "full absorption (std over letters)", None,
+           "fraction of words", "Sample standard deviation over scored letters of the per-letter full absorption "
+           "rate (0 with one letter).", _SB),
+    Metric("absorption/mean/std_dev_num_split_features", "split features (std over letters)", None, "latents",
+           "Sample standard deviation over scored letters of the number of main latents (0 with one letter).",
+           _SB),
+    Metric("absorption/flags/sparse_probe_at_chance_fraction", "letters at chance", "lower", "fraction of letters",
+           "Fraction of scored letters whose k-sparse SAE probe has test F1 no better than answering 'yes' for "
+           "every word, for every k. 1 fails the eval: the absorption numbers then do not measure the SAE.",
+           "this project"),
+    Metric("absorption/flags/n_letters_scored", "letters scored", None, "letters",
+           "Number of letters the means are over (at most 26).", "this project"),
+)
+
+
+@register_eval("absorption", AbsorptionSettings, METRICS)
 def run(ctx: Any) -> EvalOutput:
     return run_absorption(ctx.lm, ctx.sae, ctx.layer, ctx.hook, ctx.seed, ctx.settings)

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from sae_sweep.config import choice, parse, setting
 from sae_sweep.evals.registry import register_eval
 from sae_sweep.evals.schema import EvalOutput
+from sae_sweep.util.metrics import Metric
 
 __all__ = [
     "EVAL_TYPE_ID",
@@ -706,7 +707,127 @@ class CoreSettings:
     exclude_special_tokens_from_reconstruction: bool = True
 
 
-@register_eval("core", CoreSettings)
+# What the core eval logs (flattened as core/<category>/<metric>). "Scored tokens": positions whose
+# token is not BOS/EOS/PAD (``special_tokens``); every mean is over the scored tokens of the whole
+# held-out set (``eval.core.n_tokens``), unless it says per batch (``batch_size`` contexts).
+_SB = "SAEBench 0.6.0 core"
+METRICS = (
+    Metric("core/model_behavior_preservation/kl_div_score", "KL score", "higher", "fraction of KL recovered",
+           "(KL_abl - KL_sae) / KL_abl, with KL_sae and KL_abl the kl_div_with_sae and kl_div_with_ablation "
+           "below. 1: splicing in the SAE's reconstruction leaves the next-token distribution unchanged; 0: it "
+           "is as bad as zeroing the activation; negative: worse. Not logged when ablation changes nothing "
+           "(KL_abl = 0).", _SB),
+    Metric("core/model_behavior_preservation/kl_div_with_ablation", "KL with ablation", None, "nats per token",
+           "Mean over scored positions of KL(clean || ablated) between the LM's next-token distributions without "
+           "and with the hooked activation zeroed at every position. A property of the LM and layer (the "
+           "denominator of the KL score), not of the SAE.", _SB),
+    Metric("core/model_behavior_preservation/kl_div_with_sae", "KL with SAE", "lower", "nats per token",
+           "Mean over scored positions of KL(clean || spliced), the spliced forward replacing the hooked "
+           "activation by the SAE's reconstruction at scored positions (special positions keep their "
+           "activation unless exclude_special_tokens_from_reconstruction is off). Lower: the SAE changes the "
+           "LM's predictions less.", _SB),
+    Metric("core/model_performance_preservation/ce_loss_score", "CE score", "higher", "fraction of CE recovered",
+           "(CE_abl - CE_sae) / (CE_abl - CE_clean): the share of the next-token loss increase caused by zeroing "
+           "the activation that the SAE's reconstruction avoids. 1: no loss increase; 0: as bad as ablation. Not "
+           "logged when ablation costs nothing (CE_abl = CE_clean).", _SB),
+    Metric("core/model_performance_preservation/ce_loss_with_ablation", "CE with ablation", None,
+           "nats per token",
+           "Mean next-token cross-entropy with the hooked activation zeroed at every position, over scored CE "
+           "positions (ce_positions: saebench scores position t when its input token is scored). A property "
+           "of the LM and layer.", _SB),
+    Metric("core/model_performance_preservation/ce_loss_with_sae", "CE with SAE", "lower", "nats per token",
+           "Mean next-token cross-entropy with the SAE's reconstruction spliced in, over scored CE positions. "
+           "Lower: the SAE costs less of the LM's next-token performance (compare ce_loss_without_sae).", _SB),
+    Metric("core/model_performance_preservation/ce_loss_without_sae", "CE clean", None, "nats per token",
+           "The LM's own mean next-token cross-entropy on the held-out windows, over scored CE positions. A "
+           "property of the LM and data, not of the SAE.", _SB),
+    Metric("core/reconstruction_quality/explained_variance", "explained variance", "higher",
+           "fraction of variance (SAEBench's formula)",
+           "SAEBench 0.6.0's formula 1 - R / (S - m^2): R and S are the means over batches of each batch's mean "
+           "||x - x_hat||^2 and mean ||x||^2 over scored tokens, m = S / d_in. Close to the UNCENTRED explained "
+           "variance; above 1 when S exceeds d_in^2 (layers with massive activations). "
+           "explained_variance_centred is the variance about the mean.", _SB),
+    Metric("core/reconstruction_quality/explained_variance_centred", "explained variance (centred)", "higher",
+           "fraction of variance about the mean",
+           "1 - sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2 over every scored token of the eval set "
+           "(one global mean). 1: perfect reconstruction; 0: no better than the mean activation (a run at or "
+           "below 0 fails).", "this project (named option; SAELens 6.54.12's centred formula)"),
+    Metric("core/reconstruction_quality/explained_variance_legacy", "explained variance (legacy)", "higher",
+           "fraction of variance (per token)",
+           "Mean over scored tokens of 1 - ||x_t - x_hat_t||^2 / ||x_t - mean_batch(x)||^2, the mean taken over "
+           "the scored tokens of the token's batch. SAEBench's per-token form from its paper: it depends on the "
+           "batch size and is dominated by tokens near the batch mean.", _SB),
+    Metric("core/reconstruction_quality/mse", "MSE (SAEBench)", "lower", "squared norm / tokens per batch",
+           "SAEBench's mse: the sum over batches of (mean over the batch's scored tokens of ||x_t - x_hat_t||^2) "
+           "divided by the number of scored tokens, i.e. about mse_per_token / scored tokens per batch. Compare "
+           "it only at equal batch sizes; mse_per_token does not depend on them.", _SB),
+    Metric("core/reconstruction_quality/mse_per_token", "MSE per token", "lower", "squared activation norm",
+           "Mean over scored tokens of ||x_t - x_hat_t||^2 (summed over d_in).",
+           "this project (named option; SAELens 6.54.12's mse)"),
+    Metric("core/reconstruction_quality/mse_per_element", "MSE per element", "lower", "squared activation",
+           "mse_per_token / d_in: the mean squared error of one activation dimension.",
+           "this project (named option)"),
+    Metric("core/reconstruction_quality/cossim", "cosine(x, x_hat)", "higher", "cosine",
+           "Mean over scored tokens of the cosine similarity between the activation and its reconstruction; "
+           "not logged when some token has a zero activation or reconstruction.", _SB),
+    Metric("core/shrinkage/l2_norm_in", "input norm", None, "activation norm",
+           "Mean over scored tokens of the activation's L2 norm (the scale the other numbers are in).", _SB),
+    Metric("core/shrinkage/l2_norm_out", "reconstruction norm", None, "activation norm",
+           "Mean over scored tokens of the reconstruction's L2 norm.", _SB),
+    Metric("core/shrinkage/l2_ratio", "norm ratio", None, "ratio",
+           "Mean over scored tokens of ||x_hat_t|| / ||x_t|| (inputs with norm < 1e-4 divide by 1). 1 is ideal: "
+           "below 1 the SAE shrinks its output, above 1 it inflates it; neither side is better.", _SB),
+    Metric("core/shrinkage/relative_reconstruction_bias", "relative reconstruction bias", None, "ratio",
+           "Mean over batches of E||x_hat||^2 / E[x . x_hat] over the batch's scored tokens (Gated SAE paper, "
+           "eq. 10): 1/gamma for the gamma minimising E||x_hat / gamma - x||^2. 1 is ideal (no systematic "
+           "shrinkage); below 1 the SAE shrinks its output.", _SB),
+    Metric("core/shrinkage/relative_reconstruction_bias_global", "relative reconstruction bias (global)", None,
+           "ratio",
+           "The same ratio computed once over every scored token of the eval set instead of averaged over "
+           "batches. 1 is ideal.", "this project (named option)"),
+    Metric("core/sparsity/l0", "L0", None, "active latents per token",
+           "Mean over scored tokens of the number of latents with a non-zero activation. A budget (TopK sets it "
+           "to k), not a score: compare other metrics at equal L0.", _SB),
+    Metric("core/sparsity/l1", "L1", None, "sum of latent activations per token",
+           "Mean over scored tokens of the sum of the latent activations (without absolute values, as SAEBench; "
+           "the same as L1 for non-negative latents). Scale-dependent; no better direction.", _SB),
+    Metric("core/misc_metrics/frac_alive", "alive latents", "higher", "fraction of latents",
+           "Fraction of latents that fire (activation > 0) on at least one scored token of the eval set. Dead "
+           "latents are wasted capacity (a run with 0 fails).", _SB),
+    Metric("core/misc_metrics/freq_over_1_percent", "latents > 1% density", None, "fraction of latents",
+           "Fraction of latents that fire on more than 1% of scored tokens. Descriptive: dense latents may be "
+           "legitimate or a sign of poorly separated features.", _SB),
+    Metric("core/misc_metrics/freq_over_10_percent", "latents > 10% density", None, "fraction of latents",
+           "Fraction of latents that fire on more than 10% of scored tokens (very dense latents).", _SB),
+    Metric("core/misc_metrics/normalized_freq_over_1_percent", "firings from latents > 1% density", None,
+           "fraction of firings",
+           "Share of all latent firings on scored tokens that come from latents firing on more than 1% of "
+           "tokens (0 when nothing fired).", _SB),
+    Metric("core/misc_metrics/normalized_freq_over_10_percent", "firings from latents > 10% density", None,
+           "fraction of firings",
+           "Share of all latent firings on scored tokens that come from latents firing on more than 10% of "
+           "tokens (0 when nothing fired).", _SB),
+    Metric("core/misc_metrics/average_max_encoder_cosine_sim", "mean max encoder cosine", None, "cosine",
+           "Mean over latents of the largest cosine similarity between the latent's encoder direction (column of "
+           "W_enc) and any other latent's. Logged when weight_metrics is on and the SAE exposes W_enc/W_dec. "
+           "High values mean near-duplicate encoders; no better direction is declared.", _SB),
+    Metric("core/misc_metrics/average_max_decoder_cosine_sim", "mean max decoder cosine", None, "cosine",
+           "Mean over latents of the largest cosine similarity between the latent's decoder row and any other "
+           "latent's (weight_metrics on). High values mean redundant dictionary directions.", _SB),
+    Metric("core/token_stats/total_tokens_eval_reconstruction", "tokens fed (reconstruction)", None, "tokens",
+           "Tokens fed through the LM for the reconstruction metrics: windows x context size, special tokens "
+           "included (SAEBench's meaning).", _SB),
+    Metric("core/token_stats/total_tokens_eval_sparsity_variance", "tokens fed (sparsity)", None, "tokens",
+           "Tokens fed through the LM for the sparsity and variance metrics (the same windows here).", _SB),
+    Metric("core/token_stats/scored_tokens", "scored tokens", None, "tokens",
+           "Tokens every reconstruction and sparsity mean is over (special tokens left out).",
+           "this project"),
+    Metric("core/token_stats/scored_ce_positions", "scored CE positions", None, "positions",
+           "Next-token predictions the KL and CE means are over (ce_positions decides which).", "this project"),
+)
+
+
+@register_eval("core", CoreSettings, METRICS)
 def run(ctx: Any) -> EvalOutput:
     s = parse(CoreSettings, ctx.settings, "eval.core")
     tokens = ctx.tokens

@@ -55,6 +55,7 @@ from sae_sweep.evals.probes import (
 from sae_sweep.config import choice, setting
 from sae_sweep.evals.registry import register_eval, settings_dict
 from sae_sweep.evals.schema import EvalOutput
+from sae_sweep.util.metrics import Metric
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +313,48 @@ def run_downstream(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings
                       skip_reason=reason, flags=flags, unstructured={"unavailable": unavailable})
 
 
-@register_eval("downstream", DownstreamSettings)
+# What the eval logs (flattened as downstream/<category>/<metric>): one category per task (its name
+# with characters other than letters, digits, '_', '.', '-' replaced by '_'), their mean, and flags.
+# Accuracies and macro F1 are on the task's held-out texts; the three probes see the same texts.
+_FS = "FaithfulSAE prove_performance"
+_REP = {"baseline": ("LM", None, "the mean-pooled LM activation at the SAE's hook: the reference the "
+                     "other two are read against; it does not depend on the SAE, so no better direction"),
+        "sae": ("SAE", "higher", "the mean-pooled SAE latents: higher keeps more of the task's information "
+                "in the latents"),
+        "recon": ("recon", "higher", "the mean-pooled SAE reconstruction: higher keeps more of the task's "
+                  "information in what the SAE writes back to the model")}
+
+
+def _downstream_metrics() -> tuple:
+    stats = (("acc", "acc", "test accuracy", "accuracy"), ("f1", "F1", "macro F1", "macro F1"))
+    out = []
+    for rep, (what, better, why) in _REP.items():
+        for stat, short, unit, name in stats:
+            out.append(Metric(f"downstream/{{task}}/{rep}_{stat}", f"{what} probe {short} ({{task}})", better, unit,
+                              f"Test {name} of a linear probe (procedure=faithfulsae: one epoch of Adam on a "
+                              f"linear layer; standardised: converged standardised logistic regression) on {why}.",
+                              _FS))
+    out.append(Metric("downstream/{task}/chance_acc", "majority-class rate ({task})", None, "test accuracy",
+                      "Accuracy of always answering the test split's most frequent class: the chance level the "
+                      "probe accuracies of this task are read against.", "this project"))
+    for rep, (what, better, why) in _REP.items():
+        for stat, short, unit, name in stats:
+            out.append(Metric(f"downstream/mean/{rep}_{stat}", f"downstream {what} {short}", better, unit,
+                              f"Mean over the available tasks of the per-task {rep}_{stat} (the {what} probe's test "
+                              f"{name}; one value per task, unweighted).", _FS))
+    out.append(Metric("downstream/flags/sae_at_chance_fraction", "SAE tasks at chance", "lower", "fraction of tasks",
+                      "Fraction of tasks whose SAE-latent probe accuracy is at most the majority-class rate plus "
+                      "chance_z binomial standard errors.", "this project"))
+    out.append(Metric("downstream/flags/baseline_at_chance_fraction", "LM tasks at chance", None,
+                      "fraction of tasks",
+                      "The same for the LM-activation probe: tasks the probe procedure learns nothing on at all.",
+                      "this project"))
+    return tuple(out)
+
+
+METRICS = _downstream_metrics()
+
+
+@register_eval("downstream", DownstreamSettings, METRICS)
 def run(ctx: Any) -> EvalOutput:
     return run_downstream(ctx.lm, ctx.sae, ctx.layer, ctx.hook, ctx.seed, ctx.settings, ctx.cache_dir)

@@ -41,6 +41,7 @@ import torch
 from sae_sweep.config import choice, setting
 from sae_sweep.evals.registry import register_eval, settings_dict
 from sae_sweep.evals.schema import EvalOutput
+from sae_sweep.util.metrics import Metric
 
 EVAL_TYPE_ID = "fake_features"
 
@@ -165,7 +166,40 @@ def run_fake_features(lm: Any, sae: Any, layer: int, hook: str, seed: int, setti
     return EvalOutput(eval_type_id=EVAL_TYPE_ID, config=config, metrics={"fake_features": m}, details=details)
 
 
-@register_eval("fake_features", FakeFeatureSettings)
+# What the eval logs (flattened as fake_features/fake_features/<metric>). Every count is over the
+# SAE's latents; the random-token sequences are the module docstring's (BOS, then tokens uniform
+# over the vocabulary, seeded), BOS positions left out.
+_FS = "FaithfulSAE get_fake_features"
+METRICS = (
+    Metric("fake_features/fake_features/fake_feature_ratio", "fake-feature ratio", "lower", "fraction of latents",
+           "fake_feature_count / d_sae: the fraction of latents that fire (activation > activation_threshold, "
+           "1.0) on more than threshold (10%) of n_tokens random-token positions (denominator=nominal: the "
+           "nominal n_tokens). Lower: fewer latents respond to meaningless input.", _FS),
+    Metric("fake_features/fake_features/fake_feature_count", "fake features", None, "latents",
+           "The number of latents the fake-feature ratio counts. It grows with d_sae; compare the ratio across "
+           "widths.", _FS),
+    Metric("fake_features/fake_features/fake_feature_ratio_sequence", "fake-feature ratio (sequence)", "lower",
+           "fraction of latents",
+           "Fraction of latents whose activation summed over a random sequence exceeds "
+           "sequence_activation_threshold (1) in more than sequence_threshold (5%) of the sequences. Nearly every "
+           "live latent passes on long sequences.", "FaithfulSAE research notes (named option)"),
+    Metric("fake_features/fake_features/fake_feature_count_sequence", "fake features (sequence)", None, "latents",
+           "The number of latents fake_feature_ratio_sequence counts.", "FaithfulSAE research notes (named option)"),
+    Metric("fake_features/fake_features/fake_feature_ratio_nonzero", "fake-feature ratio (nonzero)", "lower",
+           "fraction of latents",
+           "Fraction of latents with a non-zero activation on more than nonzero_threshold (5%) of the random-token "
+           "positions processed.", "this project (earlier definition, named option)"),
+    Metric("fake_features/fake_features/fake_feature_count_nonzero", "fake features (nonzero)", None, "latents",
+           "The number of latents fake_feature_ratio_nonzero counts.",
+           "this project (earlier definition, named option)"),
+    Metric("fake_features/fake_features/mean_random_token_l0", "L0 on random tokens", None,
+           "active latents per token",
+           "Mean over random-token positions of the number of latents with a non-zero activation: the SAE's L0 "
+           "on meaningless input, to read beside core/sparsity/l0.", "this project"),
+)
+
+
+@register_eval("fake_features", FakeFeatureSettings, METRICS)
 def run(ctx: Any) -> EvalOutput:
     # FaithfulSAE reads the SAE's context size; without one, the length of the held-out windows
     ctx_size = (ctx.sae_cfg or {}).get("context_size") or (ctx.tokens.shape[1] if ctx.tokens is not None else None)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from sae_sweep.evals.registry import register_eval
 from sae_sweep.evals.schema import EvalOutput
+from sae_sweep.util.metrics import Metric
 from sae_sweep.activations.synthetic import PlantedDictionary
 
 
@@ -22,7 +23,36 @@ class RecoverySettings:
     """``eval.recovery`` (no settings: held-out samples come from ``dataset.eval_tokens``)."""
 
 
-@register_eval("recovery", RecoverySettings)
+# What the eval logs (flattened as recovery/<category>/<metric>), on dataset.eval_tokens held-out
+# samples of the planted (synthetic) distribution.
+_THIS = "this project (known-answer eval)"
+METRICS = (
+    Metric("recovery/recovery/mean_max_cos", "planted recovery (mean max cos)", "higher", "cosine",
+           "Mean over the planted dictionary's features of the best cosine similarity with any learned decoder "
+           "row. 1: every planted feature has a matching latent.", _THIS),
+    Metric("recovery/recovery/frac_recovered_0_9", "planted features recovered (cos > 0.9)", "higher",
+           "fraction of planted features",
+           "Fraction of planted features whose best decoder-row cosine exceeds 0.9.", _THIS),
+    Metric("recovery/recovery/frac_recovered_0_7", "planted features recovered (cos > 0.7)", "higher",
+           "fraction of planted features",
+           "Fraction of planted features whose best decoder-row cosine exceeds 0.7.", _THIS),
+    Metric("recovery/reconstruction_quality/explained_variance", "explained variance (centred)", "higher",
+           "fraction of variance about the mean",
+           "1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the held-out samples (a run at or below 0 "
+           "fails).", _THIS),
+    Metric("recovery/reconstruction_quality/mse", "MSE per element", "lower", "squared activation",
+           "Mean over samples and dimensions of (x - x_hat)^2.", _THIS),
+    Metric("recovery/sparsity/l0", "L0", None, "active latents per sample",
+           "Mean over held-out samples of the number of latents with activation > 0. Compare with the planted "
+           "L0 (dataset.l0).", _THIS),
+    Metric("recovery/misc_metrics/frac_alive", "alive latents", "higher", "fraction of latents",
+           "Fraction of latents with activation > 0 on at least one held-out sample.", _THIS),
+    Metric("recovery/misc_metrics/dead_fraction", "dead latents", "lower", "fraction of latents",
+           "1 - frac_alive: latents that never fire on the held-out samples.", _THIS),
+)
+
+
+@register_eval("recovery", RecoverySettings, METRICS)
 def run(ctx: Any) -> EvalOutput:
     x = ctx.activations
     if x is None or ctx.planted is None:

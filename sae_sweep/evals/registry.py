@@ -1,20 +1,23 @@
 """Which evals exist, their settings, and the one signature a job calls them with.
 
-Each eval module decorates its entry point with ``@register_eval(name, SettingsDataclass)``: the
-name users put in ``eval.run``, and the schema of ``eval.<name>`` (registered with
-``sae_sweep.config.register_schema``, so a bad setting fails at validation like any other key).
-The package ``__init__`` imports every eval module so that the decorators run.
+Each eval module decorates its entry point with ``@register_eval(name, SettingsDataclass, METRICS)``:
+the name users put in ``eval.run``, the schema of ``eval.<name>`` (registered with
+``sae_sweep.config.register_schema``, so a bad setting fails at validation like any other key), and
+the metrics the eval logs, declared beside its code (:class:`sae_sweep.util.metrics.Metric`; keys
+are the flattened ``<name>/<category>/<metric>`` names a job logs). The package ``__init__`` imports
+every eval module so that the decorators run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from sae_sweep.config import parse, register_schema
+from sae_sweep.util.metrics import Metric
 
 
 @dataclass
@@ -42,17 +45,40 @@ class EvalSpec:
     name: str
     run: Callable[[EvalContext], Any]  # -> EvalOutput
     settings: type
+    metrics: Tuple[Metric, ...]  # what the eval logs, flattened with prefix ``name``
 
 
 _EVALS: Dict[str, EvalSpec] = {}
 
 
-def register_eval(name: str, settings: type) -> Callable:
+def check_eval_metrics(name: str, metrics: Sequence[Metric]) -> Tuple[Metric, ...]:
+    """The declarations of eval ``name`` as a tuple, after checking that each is a
+    ``<name>/<category>/<metric>`` key (what ``flatten_metrics(output, prefix=name)`` logs) and
+    that no key is declared twice."""
+    metrics = tuple(metrics)
+    if not metrics:
+        raise ValueError(f"eval {name!r} declares no metrics: list what it logs (sae_sweep.util.metrics.Metric)")
+    seen = set()
+    for m in metrics:
+        if not isinstance(m, Metric):
+            raise TypeError(f"eval {name!r}: {m!r} is not a Metric")
+        parts = m.key.split("/")
+        if parts[0] != name or len(parts) != 3 or not all(parts):
+            raise ValueError(f"eval {name!r}: metric key {m.key!r} must read '{name}/<category>/<metric>'")
+        if m.key in seen:
+            raise ValueError(f"eval {name!r}: metric {m.key!r} is declared twice")
+        seen.add(m.key)
+    return metrics
+
+
+def register_eval(name: str, settings: type, metrics: Sequence[Metric]) -> Callable:
     """Function decorator: make ``fn(EvalContext) -> EvalOutput`` available as ``eval.run: [name]``
-    with ``settings`` (a dataclass) as the schema of ``eval.<name>``."""
+    with ``settings`` (a dataclass) as the schema of ``eval.<name>`` and ``metrics`` as the
+    declarations of what it logs."""
+    declared = check_eval_metrics(name, metrics)
 
     def deco(fn: Callable) -> Callable:
-        _EVALS[name] = EvalSpec(name, fn, settings)
+        _EVALS[name] = EvalSpec(name, fn, settings, declared)
         register_schema("eval", name, settings)
         return fn
 
@@ -61,6 +87,11 @@ def register_eval(name: str, settings: type) -> Callable:
 
 def eval_names() -> List[str]:
     return sorted(_EVALS)
+
+
+def eval_metrics(name: str) -> Tuple[Metric, ...]:
+    """The metrics eval ``name`` declares."""
+    return get_eval(name).metrics
 
 
 def get_eval(name: str) -> EvalSpec:

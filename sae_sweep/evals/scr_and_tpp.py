@@ -61,6 +61,7 @@ from sae_sweep.evals.probes import (
 )
 from sae_sweep.evals.registry import register_eval, settings_dict
 from sae_sweep.evals.schema import EvalOutput
+from sae_sweep.util.metrics import Metric
 from sae_sweep.evals.sparse_probing import class_splits, prepare_probe_data
 
 log = logging.getLogger(__name__)
@@ -485,11 +486,48 @@ def run_scr_or_tpp(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings
                       unstructured={"unavailable": unavailable})
 
 
-@register_eval("scr", ScrTppSettings)
+# What the evals log (flattened as scr/scr_metrics/<metric> and tpp/tpp_metrics/<metric>); {n} runs
+# over n_values, the number of latents ablated. Every value is the mean over the runs that have it:
+# SCR runs are (dataset, class pair), TPP runs are datasets (each already a mean over its classes).
+_SB = "SAEBench 0.6.0 scr_and_tpp"
+SCR_METRICS = (
+    Metric("scr/scr_metrics/scr_metric_threshold_{n}", "SCR top-{n}", "higher", "normalised accuracy gain",
+           "SAEBench's SCR score: scr_dir1_threshold_n when the biased probe's clean accuracy on the class data is "
+           "below its accuracy on the spurious data, scr_dir2_threshold_n when above (absent from a run when "
+           "equal). 1: ablating n latents removes the spurious correlation as well as a probe trained on the "
+           "class alone; 0: no change.", _SB),
+    Metric("scr/scr_metrics/scr_dir1_threshold_{n}", "SCR dir 1 top-{n}", "higher", "normalised accuracy gain",
+           "(A_ablated - A_biased) / (A_class - A_biased): the accuracy on the class-only data (both spurious "
+           "values) of the probe trained on perfectly biased data, after ablating the n latents with the "
+           "largest |effect| on the spurious-attribute probe (A_ablated) and before (A_biased), normalised by "
+           "the class probe's own clean accuracy A_class; 0 when the denominator is below 0.001.", _SB),
+    Metric("scr/scr_metrics/scr_dir2_threshold_{n}", "SCR dir 2 top-{n}", "higher", "normalised accuracy gain",
+           "Direction 1 with the roles swapped: the biased probe's accuracy on the spurious-attribute data after "
+           "ablating the n latents with the largest |effect| on the class probe, normalised by the spurious "
+           "probe's clean accuracy.", _SB),
+)
+TPP_METRICS = (
+    Metric("tpp/tpp_metrics/tpp_threshold_{n}_total_metric", "TPP top-{n}", "higher", "accuracy drop",
+           "intended_diff_only - unintended_diff_only: ablating a class's n latents should hurt its own probe "
+           "and no other. Mean over classes, then datasets.", _SB),
+    Metric("tpp/tpp_metrics/tpp_threshold_{n}_intended_diff_only", "TPP intended top-{n}", "higher",
+           "accuracy drop",
+           "Clean minus ablated test accuracy of class i's one-vs-rest probe after ablating the n latents with "
+           "the largest positive effect on it (mean over classes i). Higher: the latents really carry the "
+           "class.", _SB),
+    Metric("tpp/tpp_metrics/tpp_threshold_{n}_unintended_diff_only", "TPP unintended top-{n}", "lower",
+           "accuracy drop",
+           "Mean over the other classes j of the clean minus ablated accuracy of probe j (on its own data) after "
+           "ablating class i's n latents (mean over classes i). Lower: the ablation leaves other concepts "
+           "alone.", _SB),
+)
+
+
+@register_eval("scr", ScrTppSettings, SCR_METRICS)
 def run_scr(ctx: Any) -> EvalOutput:
     return run_scr_or_tpp(ctx.lm, ctx.sae, ctx.layer, ctx.hook, ctx.seed, ctx.settings, True, ctx.cache_dir)
 
 
-@register_eval("tpp", ScrTppSettings)
+@register_eval("tpp", ScrTppSettings, TPP_METRICS)
 def run_tpp(ctx: Any) -> EvalOutput:
     return run_scr_or_tpp(ctx.lm, ctx.sae, ctx.layer, ctx.hook, ctx.seed, ctx.settings, False, ctx.cache_dir)

@@ -47,6 +47,7 @@ from sae_sweep.evals.probes import (
 from sae_sweep.config import choice, setting
 from sae_sweep.evals.registry import register_eval, settings_dict
 from sae_sweep.evals.schema import EvalOutput
+from sae_sweep.util.metrics import Metric
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +239,35 @@ def run_sparse_probing(lm: Any, sae: Any, layer: int, hook: str, seed: int, sett
                       unstructured={"per_class": per_class, "unavailable": unavailable})
 
 
-@register_eval("sparse_probing", SparseProbingSettings)
+# What the eval logs (flattened as sparse_probing/<category>/<metric>); {k} runs over k_values (a k
+# larger than the representation's width is left out). Every accuracy is on the held-out texts of a
+# balanced one-vs-rest class task, averaged over the dataset's classes, then over datasets.
+_SB = "SAEBench 0.6.0 sparse_probing"
+METRICS = (
+    Metric("sparse_probing/llm/llm_test_accuracy", "LM probe", None, "test accuracy",
+           "Probe on every dimension of the mean-pooled LM activation (probe=saebench: SAEBench's torch probe, "
+           "the best test accuracy over its epochs). The ceiling the SAE probes are read against; it does not "
+           "depend on the SAE, so no better direction is declared.", _SB),
+    Metric("sparse_probing/llm/llm_top_{k}_test_accuracy", "LM probe top-{k}", None, "test accuracy",
+           "Logistic regression on the k LM-activation dimensions with the largest absolute mean difference "
+           "between the task's classes (training texts). A reference for the SAE's top-k; independent of the "
+           "SAE.", _SB),
+    Metric("sparse_probing/sae/sae_test_accuracy", "SAE probe", "higher", "test accuracy",
+           "The full-width probe on the mean-pooled SAE latents: how much of the labels all latents together "
+           "keep.", _SB),
+    Metric("sparse_probing/sae/sae_top_{k}_test_accuracy", "SAE probe top-{k}", "higher", "test accuracy",
+           "Logistic regression on the k latents with the largest absolute mean difference between the task's "
+           "classes (top_k_selection=signed: latents that fire more on the class). Higher: a few latents "
+           "already carry the label, i.e. the SAE has latents for these concepts.", _SB),
+    Metric("sparse_probing/flags/sae_at_chance_fraction", "SAE tasks at chance", "lower", "fraction of tasks",
+           "Fraction of class tasks on which the full SAE probe and every top-k SAE probe score at most 0.5 "
+           "plus chance_z binomial standard errors (luck on a balanced task). 1 fails the eval.", "this project"),
+    Metric("sparse_probing/flags/llm_at_chance_fraction", "LM tasks at chance", None, "fraction of tasks",
+           "The same for the LM-activation probes: tasks that are not decodable at this layer at all.",
+           "this project"),
+)
+
+
+@register_eval("sparse_probing", SparseProbingSettings, METRICS)
 def run(ctx: Any) -> EvalOutput:
     return run_sparse_probing(ctx.lm, ctx.sae, ctx.layer, ctx.hook, ctx.seed, ctx.settings, ctx.cache_dir)

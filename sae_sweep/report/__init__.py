@@ -30,7 +30,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 import pandas as pd
 
 from sae_sweep.report import plots, tables
-from sae_sweep.report.data import SweepData, collect, eval_metric_keys, headline_specs
+from sae_sweep.report.data import SweepData, collect, eval_metric_keys, headline_specs, spec_for
+from sae_sweep.report.metrics import lookup
 
 log = logging.getLogger("sae_sweep.report")
 
@@ -285,7 +286,9 @@ def _markdown(data: SweepData, runs: pd.DataFrame, variants: List[str], specs, s
         rows = [[r.variant, r.seed_group[:8], "—" if pd.isna(r.n_pairs) else int(r.n_pairs),
                  tables.mean_std(r.shared_feature_ratio_mean, r.shared_feature_ratio_std), r.pairs or r.source]
                 for r in shared.itertuples()]
-        L += [tables.md_table(["variant", "seed group", "pairs", "shared-feature ratio ↑", "per pair"], rows), ""]
+        shared_spec = spec_for("crossseed/shared_feature_ratio")
+        header = f"{shared_spec.label}{tables.arrow(shared_spec.direction)}"
+        L += [tables.md_table(["variant", "seed group", "pairs", header, "per pair"], rows), ""]
 
     for factor in ("dataset", "trainer"):
         L += [f"## {factor.capitalize()} comparison (pairwise, over matching cells)", ""]
@@ -326,6 +329,17 @@ def _markdown(data: SweepData, runs: pd.DataFrame, variants: List[str], specs, s
         L += [tables.md_table(["run", "status", "variant", "seed", "error"],
                               [[r.run_name, r.status, r.variant, r.seed, (r.error or "")[:200]]
                                for r in bad.itertuples()]), ""]
+
+    if specs:  # what the headline numbers are, from the declarations beside the code that logs them
+        L += ["## Metric definitions", "",
+              "The headline metrics as their evals declare them (every declared metric: the project's "
+              "docs/metrics.md).", ""]
+        rows = []
+        for s in specs:
+            m = lookup(s.key)
+            rows.append([s.label, f"`{s.key}`", {1: "higher", -1: "lower"}.get(s.direction, "—"), s.unit,
+                         m.meaning if m else "", m.reference if m else ""])
+        L += [tables.md_table(["metric", "key", "better", "unit", "meaning", "reference"], rows), ""]
 
     L += ["## Files", "",
           "- `summary.csv`: every result metric per variant (n, mean, std, min, max, seeds, run ids)",

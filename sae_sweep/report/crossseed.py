@@ -22,8 +22,79 @@ import torch
 from sae_sweep.config import parse
 from sae_sweep.evals.shared_features import CrossSeedSettings, shared_feature_ratio
 from sae_sweep.tracking.status import RunStatus
+from sae_sweep.util.metrics import Metric
 
 log = logging.getLogger(__name__)
+
+# What this module logs. ``shared_feature_ratio`` (evals/shared_features.py) compares the decoders of
+# two SAEs A and B (A: the lower seed), each matched pair counted once; its results, by name:
+_FS = "FaithfulSAE feat_match"
+_PAIR = {
+    "shared_feature_ratio": (
+        "shared-feature ratio", "higher", "fraction of latents", _FS,
+        "Decoder rows of the two SAEs are matched one-to-one to maximise the total cosine (Hungarian; sparse "
+        "candidate matching above eval.crossseed.dense_max latents); the ratio is the number of matched pairs "
+        "with cosine > eval.crossseed.threshold (0.7) over min(d_sae_A, d_sae_B). Higher: the seeds learn the "
+        "same features"),
+    "top1_ratio": (
+        "top-1 ratio", "higher", "fraction of latents", _FS,
+        "The fraction of B's latents whose most similar decoder row in A has cosine > threshold (no one-to-one "
+        "constraint; FaithfulSAE's direction)"),
+    "top1_ratio_symmetric": (
+        "top-1 ratio (symmetric)", "higher", "fraction of latents", "this project (named option)",
+        "The mean of the top-1 ratios in both directions (A->B and B->A)"),
+    "mean_matched_cos": (
+        "mean matched cosine", "higher", "cosine", "this project",
+        "The sum of the matched pairs' decoder cosines over min(d_sae_A, d_sae_B) (latents left unmatched by the "
+        "sparse method count as 0)"),
+}
+# compare_runs also logs the rest of shared_feature_ratio's result
+_PAIR_EXTRA = {
+    "top1_ratio_a": ("top-1 ratio A->B", "higher", "fraction of latents", "this project",
+                     "The fraction of A's latents whose best decoder row in B has cosine > threshold"),
+    "top1_ratio_b": ("top-1 ratio B->A", "higher", "fraction of latents", _FS,
+                     "The fraction of B's latents whose best decoder row in A has cosine > threshold (= top1_ratio)"),
+    "n_shared": ("shared latents", None, "latents", _FS,
+                 "The number of matched pairs with cosine > threshold (grows with d_sae)"),
+    "n_latents": ("latents compared", None, "latents", _FS, "min(d_sae_A, d_sae_B)"),
+    "threshold": ("cosine threshold", None, "cosine", _FS, "The cosine threshold the counts used (a setting)"),
+}
+
+
+def _declare(key: str, label: str, spec: tuple, scope: str) -> Metric:
+    base_label, better, unit, ref, what = spec
+    return Metric(key, f"{base_label}{label}", better, unit, f"{what}. {scope}.", ref)
+
+
+def _crossseed_metrics() -> Tuple[Metric, ...]:
+    out: List[Metric] = []
+    for name, spec in _PAIR.items():
+        out += [
+            _declare(f"crossseed/{name}", "", spec,
+                     "Logged on each run by the sweep-end hook: the mean over the pairs the run is in (the run and "
+                     "each other FINISHED run of its seed group)"),
+            _declare(f"crossseed/vs_seed_{{seed}}/{name}", " (vs seed {seed})", spec,
+                     "Logged on each run: the value for the run and the run of its seed group with seed {seed}"),
+            _declare(f"crossseed/{{group}}/seed_{{a}}_vs_{{b}}/{name}", " ({group}, seed {a} vs {b})", spec,
+                     "Logged on the sweep's parent run: the value for seeds {a} < {b} of the seed group whose id "
+                     "starts with {group}"),
+            _declare(f"crossseed/{{group}}/{name}_mean", " ({group} mean)", spec,
+                     "Logged on the sweep's parent run: the mean over the seed pairs of the seed group whose id "
+                     "starts with {group}"),
+            _declare(f"crossseed/{name}_mean", " (sweep mean)", spec,
+                     "Logged on the sweep's parent run: the mean over every pair the sweep compared"),
+        ]
+    for name, spec in {**_PAIR, **_PAIR_EXTRA}.items():
+        out.append(_declare(f"crossseed/vs_{{run}}/{name}", " (vs run {run})", spec,
+                            "Logged on both runs by compare_runs: the value for this run and the run whose id "
+                            "starts with {run}"))
+    out.append(Metric("crossseed/n_pairs", "seed pairs compared", None, "pairs",
+                      "Logged on the sweep's parent run: the number of seed pairs the sweep-end hook compared (every pair "
+                      "of FINISHED runs that differ only in seed).", "this project"))
+    return tuple(out)
+
+
+METRICS = _crossseed_metrics()
 
 
 def _load_decoder(tracker: Any, run_id: str, workdir: Path) -> torch.Tensor:

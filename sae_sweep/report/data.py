@@ -9,13 +9,13 @@ listed here, so evals added later appear without a change.
 from __future__ import annotations
 
 import logging
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Sequence
 
 import pandas as pd
 
+from sae_sweep.report.metrics import declared_metrics, lookup
 from sae_sweep.tracking.status import RunStatus
 
 log = logging.getLogger(__name__)
@@ -139,70 +139,52 @@ def _label_variants(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-# Metric discovery
+# Metric labels, directions and units: from the declarations beside the code that logs each metric
+# (sae_sweep.report.metrics gathers them).
 
 @dataclass(frozen=True)
 class MetricSpec:
     key: str          # the MLflow metric key
     label: str        # short name for tables and plots
-    direction: int    # +1 higher is better, -1 lower is better, 0 neither (e.g. L0)
+    direction: int    # +1 higher is better, -1 lower is better, 0 neither (e.g. L0) or undeclared
     unit: str
 
 
-# The headline metrics, in report order. Patterns, not keys: evals may nest categories differently
-# and sparse probing's k values come from its config. A pattern with (?P<k>..) yields one spec per k.
-HEADLINE_PATTERNS: Sequence[tuple] = (
-    # SAEBench's formula subtracts (S/d_in)^2, not ||E x||^2: above 1 when the mean squared norm exceeds
-    # d_in^2 (Llama-family layers with massive activations). The centred one is beside it (evals/core.py).
-    (r"core/reconstruction_quality/explained_variance", "explained variance", +1, "fraction of variance (SAEBench's formula)"),
-    (r"core/reconstruction_quality/explained_variance_centred", "explained variance (centred)", +1,
-     "fraction of variance about the mean"),
-    (r"core/model_behavior_preservation/kl_div_score", "KL score", +1, "fraction of KL recovered"),
-    (r"core/model_performance_preservation/ce_loss_score", "CE score", +1, "fraction of CE recovered"),
-    (r"core/sparsity/l0", "L0", 0, "active latents per token"),
-    (r"core/sparsity/l1", "L1", 0, "sum of latent activations per token"),
-    (r"absorption/(?:.+/)?mean_absorption_fraction_score", "absorption", -1, "mean absorption fraction"),
-    (r"absorption/(?:.+/)?mean_full_absorption_score", "full absorption", -1, "fraction of words"),
-    (r"sparse_probing/(?:.+/)?sae_top_(?P<k>\d+)_test_accuracy", "SAE probe top-{k}", +1, "test accuracy"),
-    (r"fake_features/(?:.+/)?fake_feature_ratio", "fake-feature ratio", -1, "fraction of latents"),
-    (r"downstream/mean/sae_acc", "downstream SAE acc", +1, "test accuracy"),
-    (r"downstream/mean/recon_acc", "downstream recon acc", +1, "test accuracy"),
-    (r"crossseed/shared_feature_ratio", "shared-feature ratio", +1, "fraction of latents"),
+# The headline metrics, in report order: declared keys (a family, such as sparse probing's per-k
+# accuracy, gives one headline per member it has in the runs, in order of its number).
+HEADLINE: Sequence[str] = (
+    "core/reconstruction_quality/explained_variance",
+    "core/reconstruction_quality/explained_variance_centred",
+    "core/model_behavior_preservation/kl_div_score",
+    "core/model_performance_preservation/ce_loss_score",
+    "core/sparsity/l0",
+    "core/sparsity/l1",
+    "absorption/mean/mean_absorption_fraction_score",
+    "absorption/mean/mean_full_absorption_score",
+    "sparse_probing/sae/sae_top_{k}_test_accuracy",
+    "fake_features/fake_features/fake_feature_ratio",
+    "downstream/mean/sae_acc",
+    "downstream/mean/recon_acc",
+    "crossseed/shared_feature_ratio",
 )
 
 
+def _member_order(values: Dict[str, str]) -> tuple:
+    return tuple((0, int(v), "") if v.isdigit() else (1, 0, v) for _, v in sorted(values.items()))
+
+
 def headline_specs(keys: Iterable[str]) -> List[MetricSpec]:
+    """Specs of the headline metrics present in ``keys``, in :data:`HEADLINE` order."""
     keys = sorted(set(keys))
+    declared = {m.key: m for m in declared_metrics()}
     out: List[MetricSpec] = []
-    for pattern, label, direction, unit in HEADLINE_PATTERNS:
-        found = []
-        for key in keys:
-            m = re.fullmatch(pattern, key)
-            if m:
-                k = m.groupdict().get("k")
-                found.append((int(k) if k else 0, MetricSpec(key, label.format(k=k), direction, unit)))
-        seen_labels = set()
-        for _, spec in sorted(found, key=lambda kv: kv[0]):
-            if spec.label not in seen_labels:  # one key per label (first in sorted order)
-                seen_labels.add(spec.label)
-                out.append(spec)
+    for headline in HEADLINE:
+        metric = declared[headline]
+        # members of a family that no exact declaration claims (lookup prefers the exact one)
+        members = [(values, k) for values, k in ((metric.match(k), k) for k in keys)
+                   if values is not None and lookup(k) is metric]
+        out += [spec_for(k) for _, k in sorted(members, key=lambda vk: _member_order(vk[0]))]
     return out
-
-
-_LOWER = ("absorption", "fake_feature", "mse", "kl_div_with_sae", "ce_loss_with_sae", "dead", "at_chance",
-          "relative_reconstruction_bias")
-_HIGHER = ("score", "accuracy", "_acc", "explained_variance", "cossim", "shared_feature_ratio", "top1_ratio",
-           "_f1", "frac_alive", "mean_matched_cos")
-
-
-def direction_of(key: str) -> int:
-    """Best guess at which way is better for a discovered metric (0: no preference)."""
-    name = key.lower()
-    if any(s in name for s in _LOWER):
-        return -1
-    if any(s in name for s in _HIGHER):
-        return +1
-    return 0
 
 
 def eval_metric_keys(keys: Iterable[str]) -> List[str]:
@@ -214,6 +196,9 @@ def eval_metric_keys(keys: Iterable[str]) -> List[str]:
 
 
 def spec_for(key: str) -> MetricSpec:
-    for s in headline_specs([key]):
-        return s
-    return MetricSpec(key, key, direction_of(key), "")
+    """Label, direction and unit of a logged key from its declaration. An undeclared key (an older
+    run's, or one logged outside the declared stages) is shown by its name, with no direction."""
+    metric = lookup(key)
+    if metric is None:
+        return MetricSpec(key, key, 0, "")
+    return MetricSpec(key, metric.label_for(key), metric.direction, metric.unit)

@@ -17,6 +17,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from sae_sweep.report.data import spec_for
+
 DPI = 110
 
 
@@ -58,23 +60,40 @@ def _bars(ax, runs: pd.DataFrame, key: str, variants: Sequence[str], colors: Map
     return True
 
 
+def better_text(key: str) -> str:
+    """"↑ better" / "↓ better" from the metric's declaration; "" when neither way is better."""
+    return {1: "↑ better", -1: "↓ better"}.get(spec_for(key).direction, "")
+
+
+def axis_label(key: str, fallback: str = "") -> str:
+    """A y-axis label from the metric's declaration: its unit and which way is better."""
+    spec = spec_for(key)
+    unit, better = spec.unit or fallback or spec.label, better_text(key)
+    return f"{unit} ({better})" if better else unit
+
+
+ABSORPTION_SCORE = "absorption/mean/mean_absorption_fraction_score"
+SHARED_RATIO = "crossseed/shared_feature_ratio"
+
+
 GRID_PANELS = (
-    ("core/reconstruction_quality/explained_variance", "Explained variance", "fraction of variance (↑ better)"),
-    ("core/model_behavior_preservation/kl_div_score", "KL divergence score", "fraction of KL recovered (↑ better)"),
-    ("core/sparsity/l0", "L0", "active latents per token"),
-    ("core/sparsity/l1", "L1", "sum of latent activations per token"),
+    "core/reconstruction_quality/explained_variance",
+    "core/model_behavior_preservation/kl_div_score",
+    "core/sparsity/l0",
+    "core/sparsity/l1",
 )
 
 
 def metrics_grid(runs: pd.DataFrame, variants: Sequence[str], colors: Mapping[str, tuple], path: Path) -> Path:
-    if not any(k in runs and runs[k].notna().any() for k, _, _ in GRID_PANELS):
+    if not any(k in runs and runs[k].notna().any() for k in GRID_PANELS):
         raise NoData("no core eval metrics (core/reconstruction_quality/explained_variance, ...) in the runs")
     fig = Figure(figsize=(max(9.0, 1.2 * len(variants) + 5), 8.5))
     axes = fig.subplots(2, 2)
-    for ax, (key, title, ylabel) in zip(axes.flat, GRID_PANELS):
+    for ax, key in zip(axes.flat, GRID_PANELS):
         _bars(ax, runs, key, variants, colors)
-        ax.set_title(title)
-        ax.set_ylabel(ylabel)
+        label = spec_for(key).label
+        ax.set_title(label[:1].upper() + label[1:])
+        ax.set_ylabel(axis_label(key))
     fig.suptitle("Core metrics per variant (bar: mean over seeds, whisker: std, dots: seeds)")
     fig.tight_layout()
     return _save(fig, path)
@@ -104,7 +123,8 @@ def absorption_per_letter(per_variant: Mapping[str, Mapping[str, List[float]]], 
     ax.set_xticks(range(len(letters)))
     ax.set_xticklabels(letters)
     ax.set_xlabel("first letter")
-    ax.set_ylabel("mean absorption fraction (↓ better)")
+    better = better_text(ABSORPTION_SCORE)  # the per-letter values it averages point the same way
+    ax.set_ylabel("mean absorption fraction" + (f" ({better})" if better else ""))
     ax.set_title("Feature absorption per first letter (mean over seeds ± std)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never covers bars
     ax.grid(axis="y", alpha=0.3)
@@ -176,7 +196,8 @@ def shared_features(shared: pd.DataFrame, variants: Sequence[str], colors: Mappi
     ax.set_xticks([t for t, _ in ticks])
     ax.set_xticklabels([l for _, l in ticks], fontsize=8)
     ax.set_ylim(0, min(1.05, max(0.1, float(shared["shared_feature_ratio_mean"].max()) * 1.25 + 0.05)))
-    ax.set_ylabel("shared-feature ratio (fraction of latents, ↑ better)")
+    spec, better = spec_for(SHARED_RATIO), better_text(SHARED_RATIO)
+    ax.set_ylabel(f"{spec.label} ({spec.unit}" + (f", {better})" if better else ")"))
     ax.set_xlabel("dataset (model/trainer)")
     ax.set_title("Cross-seed shared-feature ratio per dataset (decoder cos > threshold after matching)")
     ax.grid(axis="y", alpha=0.3)
@@ -213,7 +234,7 @@ def training_curves(histories: Mapping[str, Mapping[str, List[Tuple[int, float]]
             ax.plot(steps, vals, color=colors.get(v, "grey"), alpha=0.8, linewidth=1.2, label=label)
         ax.set_title(key)
         ax.set_xlabel("training step")
-        ax.set_ylabel(key.split("/", 1)[1].replace("_", " "))
+        ax.set_ylabel(axis_label(key, fallback=key.split("/", 1)[1].replace("_", " ")))
         if key in ("train/loss", "train/mse"):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_sweep.util.files import atomic_write
+from sae_sweep.util.metrics import Metric
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,38 @@ def load_checkpoint(ckpt_dir: str | os.PathLike) -> Optional[dict[str, Any]]:
         raise CheckpointUnreadable(f"no readable checkpoint: {'; '.join(errors)}. Delete {latest.parent} to train "
                                    f"this point from the start")
     return None
+
+
+# What every member's ``on_log`` receives, declared with the keys a job logs them under
+# (``train/<name>``, at the window's last step). Each value is the mean over the steps of one log
+# window (``train.log_every`` steps) of the per-step value on that step's training batch, except lr
+# and tokens_per_s. Trainer variants add their own loss terms (auxk, l1, ortho, ...: the ``parts``
+# of their ``StepOutput``), which are logged beside these and not declared here.
+_THIS = "this project (training loop)"
+METRICS = (
+    Metric("train/loss", "training loss", "lower", "loss (variant-specific)",
+           "The trainer variant's objective on the training batch: reconstruction error plus its sparsity and "
+           "auxiliary terms (AuxK, L1, ...). Not comparable across trainer variants.", _THIS),
+    Metric("train/mse", "training MSE", "lower", "squared activation norm",
+           "Mean over the batch's tokens of ||x - x_hat||^2 (summed over d_in) on the training batch, the SAE in "
+           "training mode.", _THIS),
+    Metric("train/explained_variance", "training explained variance", "higher", "fraction of variance about the mean",
+           "1 - sum ||x - x_hat||^2 / sum ||x - mean_batch(x)||^2 over the training batch (centred on the "
+           "batch's mean).", _THIS),
+    Metric("train/l0", "training L0", None, "active latents per token",
+           "Mean over the batch's tokens of the number of active latents, as the trainer variant counts them "
+           "(TopK: k). A budget, not a score.", _THIS),
+    Metric("train/dead_frac", "dead latents (training)", "lower", "fraction of latents",
+           "Fraction of latents that have not fired in the last trainer.dead_tokens training tokens, after "
+           "the step. Dead latents are wasted capacity; a run whose latents are all dead at the end fails.",
+           _THIS),
+    Metric("train/lr", "learning rate", None, "learning rate",
+           "The learning rate of the window's last step (warmup and decay schedule).", _THIS),
+    Metric("train/tokens_per_s", "training throughput", "higher", "tokens per second",
+           "This member's training tokens in the window divided by the wall-clock time since its previous "
+           "log (in a pack, the other members' steps in between count too). Depends on the machine and the "
+           "pack; not a property of the SAE.", _THIS),
+)
 
 
 # Members
