@@ -64,7 +64,11 @@ def test_two_seed_sweep_finishes_with_core_metrics(sweep_out):
         assert m["core/reconstruction_quality/explained_variance"] > 0.3
         assert m["core/sparsity/l0"] == pytest.approx(16, abs=1e-6)  # TopK: exactly k per token
         assert any(k.startswith("sparse_probing/sae/sae_top_1_test_accuracy") for k in m)
-        assert "fake_features/fake_features/fake_feature_ratio" in m and "downstream/mean/sae_acc" in m
+        assert "fake_features/fake_features/fake_feature_ratio" in m and "downstream_standardised/mean/sae_acc" in m
+        # eval=default probes with its own procedure, under its own name: no metric carries FaithfulSAE's
+        # downstream name from another procedure
+        assert not any(k.startswith("downstream/") for k in m)
+        assert c.data.params.get("eval.downstream_standardised.procedure") == "standardised"
         assert "absorption/mean/mean_absorption_fraction_score" in m or c.data.tags.get("eval.absorption.status") == "skipped"
         for key in ("core/model_behavior_preservation/kl_div_score",
                     "core/model_performance_preservation/ce_loss_score",

@@ -131,8 +131,9 @@ def eval_keys(tiny_lm, tmp_path_factory):
         "sparse_probing": EvalContext(**lm_ctx, settings={
             **probing, "datasets": ["stdlib_package"], "k_values": [1, 2], "probe_train_set_size": 80,
             "probe_test_set_size": 40, "full_probe_epochs": 20}),
-        "downstream": EvalContext(**lm_ctx, settings={**probing, "procedure": "standardised",
+        "downstream": EvalContext(**lm_ctx, settings={**probing, "dataset_limit": 60, "max_length": 32,
                                                       "tasks": ["stdlib_package"]}),
+        "downstream_standardised": EvalContext(**lm_ctx, settings={**probing, "tasks": ["stdlib_package"]}),
         "scr": EvalContext(**lm_ctx, settings=scr_tpp),
         "tpp": EvalContext(**lm_ctx, settings=scr_tpp),
         # the known-answer absorption set-up of test_evals_absorption (letters the LM represents linearly)

@@ -155,8 +155,15 @@ def test_generate_loop_semantics(tiny_lm):
         ends = torch.nonzero(row == lm.eos_token_id).flatten()
         if len(ends):
             assert (row[ends[0] + 1:] == lm.pad_token_id).all()
-    ended_all = run(0, new=400)  # the tiny model ends every row long before 400 tokens
-    assert ended_all.shape[1] < 401 and (ended_all[:, 1:] == lm.eos_token_id).any(1).all()
+    # Stops at max_new_tokens unless every row has ended, then at once. Which case a 400-token run
+    # reaches depends on the tiny model's weights, which its build on each CPU rounds differently.
+    long = run(0, new=400)
+    ended = (long[:, 1:] == lm.eos_token_id).any(1)
+    if ended.all():
+        last_end = max(int(torch.nonzero(row == lm.eos_token_id)[0]) for row in long[:, 1:]) + 1
+        assert long.shape[1] == 1 + last_end  # no step after the last row ended
+    else:
+        assert long.shape[1] == 401
 
 
 def _old_generate(lm, settings, i):

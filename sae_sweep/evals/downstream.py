@@ -52,14 +52,15 @@ from sae_sweep.evals.probes import (
     DEFAULT_PACKAGES, HUB_TASKS, OFFLINE_TASKS, TaskUnavailable, TextTask, at_chance, encode_texts, few_threads,
     fit_probe, load_task, pooled_features, stable_seed,
 )
-from sae_sweep.config import choice, setting
+from sae_sweep.config import parse, setting
 from sae_sweep.evals.registry import register_eval, settings_dict
 from sae_sweep.evals.schema import EvalOutput
 from sae_sweep.util.metrics import Metric
 
 log = logging.getLogger(__name__)
 
-EVAL_TYPE_ID = "downstream"
+EVAL_TYPE_ID = "downstream"  # FaithfulSAE's procedure, under FaithfulSAE's metric names
+STANDARDISED_TYPE_ID = "downstream_standardised"  # ours, under its own names
 
 # FaithfulSAE's test split per task (prove_performance's test_split arguments in feat_match)
 HUB_TEST_SPLIT = {"sst2": "validation", "cola": "validation", "ag_news": "test", "fancyzhx/ag_news": "test",
@@ -73,7 +74,10 @@ class DownstreamSettings:
     tasks: List[str] = setting(default_factory=lambda: ["stdlib_package", "stdlib_kind"],
                                allowed="a list of task names (stdlib_package, stdlib_kind; hub: sst2, cola, ag_news, "
                                        "yelp_polarity)")
-    procedure: str = choice("faithfulsae", ("faithfulsae", "standardised"))
+    # eval.downstream is FaithfulSAE's procedure only, so its metric names mean FaithfulSAE's numbers;
+    # the standardised procedure is the eval downstream_standardised
+    procedure: str = setting("faithfulsae", allowed="faithfulsae (the standardised procedure is the eval "
+                             "downstream_standardised)", check=lambda v: v == "faithfulsae")
     # faithfulsae
     dataset_limit: int = setting(10000, allowed="an integer >= 2 (texts per split; FaithfulSAE: 10,000)",
                                  check=lambda v: v >= 2)
@@ -91,6 +95,20 @@ class DownstreamSettings:
     C: float = setting(1.0, allowed="a float > 0", check=lambda v: v > 0)
     max_iter: int = setting(1000, allowed="an integer >= 1", check=lambda v: v >= 1)
     chance_z: float = setting(2.0, allowed="a float >= 0", check=lambda v: v >= 0)
+
+
+@dataclass
+class StandardisedDownstreamSettings(DownstreamSettings):
+    """``eval.downstream_standardised``: the same tasks and representations, probed with converged
+    standardised logistic regression on mean-pooled features (the procedure that learns the small
+    offline tasks, where FaithfulSAE's one epoch of batch-4 Adam stays near chance)."""
+
+    procedure: str = setting("standardised", allowed="standardised (FaithfulSAE's procedure is the eval "
+                             "downstream)", check=lambda v: v == "standardised")
+
+
+_SETTINGS = {"faithfulsae": (DownstreamSettings, EVAL_TYPE_ID), "standardised": (StandardisedDownstreamSettings,
+                                                                                STANDARDISED_TYPE_ID)}
 
 
 _REPS = (("baseline", "llm"), ("sae", "sae"), ("recon", "recon"))
@@ -257,7 +275,9 @@ def faithfulsae_probe_task(lm: Any, sae: Any, train: TextTask, test: TextTask, l
 
 def run_downstream(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings: Dict[str, Any],
                    cache_dir: str | None = None) -> EvalOutput:
-    s = settings_dict(DownstreamSettings, settings, "eval.downstream")
+    procedure = (settings.get("procedure") if isinstance(settings, dict) else getattr(settings, "procedure", None))
+    cls, type_id = _SETTINGS.get(procedure or "faithfulsae", (DownstreamSettings, EVAL_TYPE_ID))
+    s = settings_dict(cls, settings, f"eval.{type_id}")
     config = {**s, "layer": layer, "hook": hook, "random_seed": seed,
               "reference": "FaithfulSAE scripts/feat_match.py prove_performance (a98b2637)"}
     metrics: Dict[str, Dict[str, float]] = {}
@@ -288,7 +308,7 @@ def run_downstream(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings
                                      "chance_acc")}
         details.append({"task": name, "source": source, **res})
     if not details:
-        return EvalOutput.skipped(EVAL_TYPE_ID, config, "no downstream task available: " + "; ".join(
+        return EvalOutput.skipped(type_id, config, "no downstream task available: " + "; ".join(
             f"{k}: {v}" for k, v in unavailable.items()))
     keys = ("baseline_acc", "sae_acc", "recon_acc", "baseline_f1", "sae_f1", "recon_f1")
     metrics["mean"] = {k: float(np.mean([d[k] for d in details])) for k in keys}
@@ -309,7 +329,7 @@ def run_downstream(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings
                                         f"({', '.join(baseline_learned)})")
         else:  # the probes learned nothing from any representation: a probing result, not a broken SAE
             flags["all_probes_at_chance"] = True
-    return EvalOutput(eval_type_id=EVAL_TYPE_ID, config=config, metrics=metrics, details=details, status=status,
+    return EvalOutput(eval_type_id=type_id, config=config, metrics=metrics, details=details, status=status,
                       skip_reason=reason, flags=flags, unstructured={"unavailable": unavailable})
 
 
@@ -325,36 +345,53 @@ _REP = {"baseline": ("LM", None, "the mean-pooled LM activation at the SAE's hoo
                   "information in what the SAE writes back to the model")}
 
 
-def _downstream_metrics() -> tuple:
+_PROBES = {EVAL_TYPE_ID: ("one epoch of batch-4 Adam on a linear layer over the raw features (FaithfulSAE's "
+                          "procedure)", _FS),
+           STANDARDISED_TYPE_ID: ("converged logistic regression on standardised mean-pooled features (this "
+                                  "project's procedure: it learns the small offline tasks)", "this project")}
+
+
+def _downstream_metrics(ev: str) -> tuple:
     stats = (("acc", "acc", "test accuracy", "accuracy"), ("f1", "F1", "macro F1", "macro F1"))
+    probe, ref = _PROBES[ev]
     out = []
     for rep, (what, better, why) in _REP.items():
         for stat, short, unit, name in stats:
-            out.append(Metric(f"downstream/{{task}}/{rep}_{stat}", f"{what} probe {short} ({{task}})", better, unit,
-                              f"Test {name} of a linear probe (procedure=faithfulsae: one epoch of Adam on a "
-                              f"linear layer; standardised: converged standardised logistic regression) on {why}.",
-                              _FS))
-    out.append(Metric("downstream/{task}/chance_acc", "majority-class rate ({task})", None, "test accuracy",
+            out.append(Metric(f"{ev}/{{task}}/{rep}_{stat}", f"{what} probe {short} ({{task}})", better, unit,
+                              f"Test {name} of a linear probe, {probe}, on {why}.", ref))
+    out.append(Metric(f"{ev}/{{task}}/chance_acc", "majority-class rate ({task})", None, "test accuracy",
                       "Accuracy of always answering the test split's most frequent class: the chance level the "
                       "probe accuracies of this task are read against.", "this project"))
     for rep, (what, better, why) in _REP.items():
         for stat, short, unit, name in stats:
-            out.append(Metric(f"downstream/mean/{rep}_{stat}", f"downstream {what} {short}", better, unit,
+            out.append(Metric(f"{ev}/mean/{rep}_{stat}", f"{ev} {what} {short}", better, unit,
                               f"Mean over the available tasks of the per-task {rep}_{stat} (the {what} probe's test "
-                              f"{name}; one value per task, unweighted).", _FS))
-    out.append(Metric("downstream/flags/sae_at_chance_fraction", "SAE tasks at chance", "lower", "fraction of tasks",
+                              f"{name}; one value per task, unweighted).", ref))
+    out.append(Metric(f"{ev}/flags/sae_at_chance_fraction", "SAE tasks at chance", "lower", "fraction of tasks",
                       "Fraction of tasks whose SAE-latent probe accuracy is at most the majority-class rate plus "
                       "chance_z binomial standard errors.", "this project"))
-    out.append(Metric("downstream/flags/baseline_at_chance_fraction", "LM tasks at chance", None,
+    out.append(Metric(f"{ev}/flags/baseline_at_chance_fraction", "LM tasks at chance", None,
                       "fraction of tasks",
                       "The same for the LM-activation probe: tasks the probe procedure learns nothing on at all.",
                       "this project"))
     return tuple(out)
 
 
-METRICS = _downstream_metrics()
+METRICS = _downstream_metrics(EVAL_TYPE_ID)
+STANDARDISED_METRICS = _downstream_metrics(STANDARDISED_TYPE_ID)
 
 
-@register_eval("downstream", DownstreamSettings, METRICS)
+def _settings(ctx: Any, cls: type) -> Any:
+    return ctx.settings if isinstance(ctx.settings, cls) else parse(cls, ctx.settings or {}, "eval")
+
+
+@register_eval(EVAL_TYPE_ID, DownstreamSettings, METRICS)
 def run(ctx: Any) -> EvalOutput:
-    return run_downstream(ctx.lm, ctx.sae, ctx.layer, ctx.hook, ctx.seed, ctx.settings, ctx.cache_dir)
+    return run_downstream(ctx.lm, ctx.sae, ctx.layer, ctx.hook, ctx.seed, _settings(ctx, DownstreamSettings),
+                          ctx.cache_dir)
+
+
+@register_eval(STANDARDISED_TYPE_ID, StandardisedDownstreamSettings, STANDARDISED_METRICS)
+def run_standardised(ctx: Any) -> EvalOutput:
+    return run_downstream(ctx.lm, ctx.sae, ctx.layer, ctx.hook, ctx.seed,
+                          _settings(ctx, StandardisedDownstreamSettings), ctx.cache_dir)

@@ -165,6 +165,8 @@ HEADLINE: Sequence[str] = (
     "fake_features/fake_features/fake_feature_ratio",
     "downstream/mean/sae_acc",
     "downstream/mean/recon_acc",
+    "downstream_standardised/mean/sae_acc",
+    "downstream_standardised/mean/recon_acc",
     "crossseed/shared_feature_ratio",
 )
 
