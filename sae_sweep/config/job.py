@@ -113,8 +113,9 @@ class DatasetConfig:
     module of your own); each source reads the settings it declares and ignores the others."""
 
     name: str = MISSING
-    kind: str = setting(MISSING, allowed="a registered source (builtin, faithful, hub, local, synthetic) or "
-                                         "module:kind for one registered by your own module")
+    # checked against the registry at validation (data.sources.dataset_problems lists the kinds)
+    kind: str = setting(MISSING, allowed="a kind registered in sae_sweep.data.sources, or module:kind for one "
+                                         "registered by your own module")
     hf_id: Optional[str] = None
     # hub: the dataset's commit sha, tag or branch (null: the newest); pinned, a live dataset reads
     # the same text in every job. Part of the identity only when set.
