@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sae_sweep.data.faithful import GENERATION_DEFAULTS, chunks_needed, generate_shard
+from sae_sweep.config import GenerationConfig
+from sae_sweep.data.faithful import chunks_needed, generate_shard
 from sae_sweep.data.text import generations, token_windows
 
-SAMPLER = GENERATION_DEFAULTS["sampler"]  # the manifest records the sampler the settings left at its default
+SAMPLER = GenerationConfig().sampler  # the manifest records the sampler the settings left at its default
 
 GEN = {"max_new_tokens": 16, "temperature": 1.0, "top_p": 0.9, "repetition_penalty": 1.1, "batch_size": 8, "seed": 5}
 DATASET = {"name": "faithful", "kind": "faithful", "context_size": 32, "generation": GEN}

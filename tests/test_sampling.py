@@ -199,7 +199,7 @@ def test_sampler_hf_keeps_the_chunks_and_directories_of_before(tiny_lm, tmp_path
     fast = Generations(tiny_lm, {**OLD, "sampler": "exact_topk_first"}, tmp_path)
     assert fast.root != gens.root and fast.identity["sampler"] == "exact_topk_first"
     # The activation cache's dataset fingerprint follows the text: unchanged at hf, another at exact_topk_first.
-    fingerprint = {s: dataset_fingerprint({"kind": "faithful", "generation": {**OLD, "sampler": s}}, tiny_lm)
+    fingerprint = {s: dataset_fingerprint({"name": "faithful", "kind": "faithful", "generation": {**OLD, "sampler": s}}, tiny_lm)
                    for s in ("hf", "exact_topk_first")}
     assert fingerprint["hf"]["generation"] == OLD
     assert fingerprint["exact_topk_first"]["generation"] == {**OLD, "sampler": "exact_topk_first"}
@@ -220,12 +220,24 @@ def test_exact_topk_first_chunks_are_deterministic_per_seed_and_chunk_and_text_l
     assert len(words) > 50 and alpha > 0.5, text[:400]
 
 
-def test_the_sampler_default_is_the_same_everywhere():
+def test_the_generation_defaults_live_in_the_schema_once(tiny_lm, tmp_path):
+    """GenerationConfig holds every default; the faithful preset states only what it means
+    differently (batch_size 256: its demo budgets) and settings without a key get the schema's."""
+    import dataclasses
+
+    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from sae_sweep.job.app import CONF_DIR
     from sae_sweep.config import GenerationConfig
-    from sae_sweep.data.faithful import GENERATION_DEFAULTS
 
-    yaml = OmegaConf.load(f"{CONF_DIR}/dataset/faithful.yaml")
-    assert GenerationConfig().sampler == GENERATION_DEFAULTS["sampler"] == yaml.generation.sampler
+    defaults = dataclasses.asdict(GenerationConfig())
+    assert defaults["batch_size"] == 64 and defaults["sampler"] == "exact_topk_first"
+    assert OmegaConf.to_container(OmegaConf.load(f"{CONF_DIR}/dataset/faithful.yaml").generation) == {"batch_size": 256}
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        preset = compose("config", overrides=["dataset=faithful"]).dataset.generation
+    assert OmegaConf.to_container(preset) == {**defaults, "batch_size": 256}
+    assert Generations(tiny_lm, {"seed": 3}, tmp_path).settings == {**defaults, "seed": 3}
+    with pytest.raises(ValueError, match=r"dataset.generation.sampler='greedy': not allowed; allowed: one of: hf, "
+                                         r"exact_topk_first"):
+        Generations(tiny_lm, {"sampler": "greedy"}, tmp_path)

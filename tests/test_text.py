@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from sae_sweep.data.corpus import WindowPacker, doc_split
-from sae_sweep.data.faithful import GENERATION_DEFAULTS
+from sae_sweep.config import GenerationConfig
 from sae_sweep.models.lm import load_lm
 from sae_sweep.data.text import (
     DatasetUnavailable,
@@ -24,7 +24,7 @@ from sae_sweep.data.text import (
     token_windows,
 )
 
-SAMPLER = GENERATION_DEFAULTS["sampler"]  # the manifest records the sampler the settings left at its default
+SAMPLER = GenerationConfig().sampler  # the manifest records the sampler the settings left at its default
 
 
 @pytest.fixture(scope="session")
@@ -122,7 +122,8 @@ def test_local_files_jsonl_parquet_txt_csv(llama_lm, tmp_path):
 
     results = {}
     for path, column in ((jsonl, "body"), (parquet, "body"), (csv, "body"), (txt, "text")):
-        cfg = {"name": "local", "kind": "local", "data_files": [str(path)], "text_column": column, "context_size": 16}
+        cfg = {"name": "local", "kind": "local", "data_files": [str(path)], "text_column": column, "context_size": 16,
+               "eval_tokens": 16 * 4}
         check_dataset_available(cfg)
         train = token_windows(cfg, llama_lm, "train", 16 * 20, tmp_path / "cache")
         ev = token_windows(cfg, llama_lm, "eval", 16 * 4, tmp_path / "cache")
@@ -139,7 +140,7 @@ def test_local_files_jsonl_parquet_txt_csv(llama_lm, tmp_path):
         assert torch.equal(results[suffix][0], results[".jsonl"][0])
 
     # Fingerprints follow file content.
-    cfg = {"kind": "local", "data_files": [str(jsonl)], "text_column": "body"}
+    cfg = {"name": "local", "kind": "local", "data_files": [str(jsonl)], "text_column": "body"}
     fp = dataset_fingerprint(cfg, llama_lm)
     jsonl.write_text(jsonl.read_text() + json.dumps({"body": "one more"}) + "\n")
     assert dataset_fingerprint(cfg, llama_lm) != fp
@@ -147,9 +148,9 @@ def test_local_files_jsonl_parquet_txt_csv(llama_lm, tmp_path):
     with pytest.raises(NotEnoughText, match="requested"):
         token_windows({**cfg, "name": "local", "context_size": 16}, llama_lm, "eval", 100_000, tmp_path / "cache")
     with pytest.raises(DatasetUnavailable, match="no such file"):
-        check_dataset_available({"kind": "local", "data_files": [str(tmp_path / "missing.jsonl")]})
+        check_dataset_available({"name": "local", "kind": "local", "data_files": [str(tmp_path / "missing.jsonl")]})
     with pytest.raises(DatasetUnavailable, match="unsupported extension"):
-        check_dataset_available({"kind": "local", "data_files": [str(tmp_path / "a.jsonl"), __file__]})
+        check_dataset_available({"name": "local", "kind": "local", "data_files": [str(tmp_path / "a.jsonl"), __file__]})
 
 
 def test_local_bad_text_column(llama_lm, tmp_path):

@@ -43,9 +43,6 @@ def validate(cfg: Any, shape: Optional[ModelShape]) -> None:
     else:
         errors += problems(schema("trainer", name), trainer, "trainer")
     errors += eval_problems(job_node.get("eval") or {})
-    if job_node.get("dataset", {}).get("kind") == "local" and not job_node["dataset"].get("data_files"):
-        errors.append("dataset.data_files is required for dataset=local: a list of jsonl/json/parquet/csv/txt "
-                      "paths, e.g. 'dataset.data_files=[/data/a.jsonl]'")
     if not errors:
         errors += _budget_problems(cfg)
     if shape is not None:

@@ -10,7 +10,7 @@ from typing import Any, Dict, Mapping
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sae_sweep.config.derived import cache_tokens
-from sae_sweep.config.job import GENERATION_KEYED_ONLY_IF_NOT
+from sae_sweep.config.job import DATASET_KEYED_ONLY_IF_NOT, GENERATION_KEYED_ONLY_IF_NOT
 from sae_sweep.config.schema import _plain
 
 
@@ -56,6 +56,10 @@ def generation_identity(settings: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _dataset_identity(dataset: Dict[str, Any]) -> Dict[str, Any]:
+    missing = object()
+    for key, unset in DATASET_KEYED_ONLY_IF_NOT.items():  # e.g. a revision only once one is pinned
+        if dataset.get(key, missing) == unset:
+            del dataset[key]
     gen = dataset.get("generation")
     if isinstance(gen, dict):  # settings added later apply to faithful text only: no other dataset's key moves
         dataset["generation"] = (generation_identity(gen) if dataset.get("kind") == "faithful" else

@@ -12,12 +12,14 @@ from omegaconf import MISSING
 from sae_sweep.config.schema import choice, setting
 
 HOOK_TYPES = ("resid_pre", "resid_post", "mlp_out", "attn_out")
-DATASET_KINDS = ("builtin", "faithful", "hub", "local", "synthetic")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
 # dataset.generation.sampler: both draw from the same distribution (sampling.py's module doc), but
 # with different random streams, so the sampler is part of the text's identity.
 GENERATION_SAMPLERS = ("hf", "exact_topk_first")
+# Dataset settings added after runs had been keyed without them: at these values (what every earlier
+# config meant) they are left out of identities, so earlier run keys stay valid.
+DATASET_KEYED_ONLY_IF_NOT = {"revision": None, "options": {}}
 # Generation settings added after text had been generated without them: at these values (the text of
 # before) they are left out of identities, so earlier chunk directories, caches and run keys stay valid.
 GENERATION_KEYED_ONLY_IF_NOT = {"sampler": "hf"}
@@ -108,9 +110,18 @@ class SyntheticConfig:
 
 @dataclass
 class DatasetConfig:
+    """``dataset.*``: which text (or planted activations) a job reads. ``kind`` names a source in
+    the registry of ``sae_sweep.data.sources`` (or ``module:kind`` for a source registered by a
+    module of your own); each source reads the settings it declares and ignores the others."""
+
     name: str = MISSING
-    kind: str = choice(MISSING, DATASET_KINDS)
+    # checked against the registry at validation (data.sources.dataset_problems lists the kinds)
+    kind: str = setting(MISSING, allowed="a kind registered in sae_sweep.data.sources, or module:kind for one "
+                                         "registered by your own module")
     hf_id: Optional[str] = None
+    # hub: the dataset's commit sha, tag or branch (null: the newest); pinned, a live dataset reads
+    # the same text in every job. Part of the identity only when set.
+    revision: Optional[str] = None
     hf_config: Optional[str] = None
     split: str = "train"
     text_column: str = "text"
@@ -123,6 +134,9 @@ class DatasetConfig:
     eval_tokens: int = setting(8192, **_positive)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     synthetic: Optional[SyntheticConfig] = None
+    # Settings of a source registered outside this package (``module:kind``), checked by that
+    # source's own settings dataclass. Part of the identity only when not empty.
+    options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

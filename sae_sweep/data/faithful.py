@@ -10,6 +10,7 @@ damaged chunk (the zip's CRC checks every byte) is generated again.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -23,8 +24,7 @@ import numpy as np
 import torch
 
 from sae_sweep.data import sampling
-from sae_sweep.config import GENERATION_SAMPLERS as SAMPLERS
-from sae_sweep.config import generation_identity, stable_hash
+from sae_sweep.config import GenerationConfig, generation_identity, parse, stable_hash
 from sae_sweep.data.corpus import EVAL_FRACTION_PERCENT, doc_split
 from sae_sweep.util.files import REPAIRED, atomic_write
 from sae_sweep.util.locks import OwnedLock
@@ -32,8 +32,6 @@ from sae_sweep.util.locks import OwnedLock
 log = logging.getLogger(__name__)
 
 VERSION = "faithful-v1"
-GENERATION_DEFAULTS = dict(max_new_tokens=128, temperature=1.0, top_p=0.9, repetition_penalty=1.1, batch_size=64,
-                           seed=0, sampler="exact_topk_first")
 
 
 class NoText(ValueError):
@@ -46,12 +44,11 @@ class Generations:
     Not keyed by a budget: a larger budget extends the same directory and a smaller one reads a
     prefix of it."""
 
-    def __init__(self, lm: Any, settings: Dict[str, Any], cache_dir: str | os.PathLike):
+    def __init__(self, lm: Any, settings: GenerationConfig | Dict[str, Any], cache_dir: str | os.PathLike):
+        """``settings``: ``dataset.generation`` (a mapping is checked against ``GenerationConfig``,
+        whose defaults fill in what it leaves out)."""
         self.lm = lm
-        self.settings = {k: settings.get(k, v) for k, v in GENERATION_DEFAULTS.items()}
-        if self.settings["sampler"] not in SAMPLERS:
-            raise ValueError(f"dataset.generation.sampler={self.settings['sampler']!r}: allowed values are "
-                             + ", ".join(SAMPLERS))
+        self.settings = dataclasses.asdict(parse(GenerationConfig, settings, "dataset.generation"))
         key = stable_hash({"model": lm.fingerprint, "generation": self.identity, "version": VERSION})
         name = str(lm.fingerprint.get("name", "model")).replace("/", "_")
         self.root = Path(os.path.expanduser(str(cache_dir))) / "faithful" / f"{name}-{key}"

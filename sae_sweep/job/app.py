@@ -29,9 +29,11 @@ from typing import Any, Dict, List, Optional, Sequence
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+import sae_sweep.data.sources  # noqa: F401  (registers every text source: the allowed dataset.kind values)
 import sae_sweep.evals  # noqa: F401  (registers every eval's settings schema before Hydra composes)
 import sae_sweep.sae  # noqa: F401  (registers every trainer's schema)
 from sae_sweep import config as C
+from sae_sweep.data.sources import dataset_problems, is_text, source_for
 from sae_sweep.util.files import atomic_write
 
 log = logging.getLogger("sae_sweep")
@@ -215,11 +217,12 @@ def validate_point(cfg: DictConfig, check_availability: bool = True, runs_here: 
         C.validate(cfg, shape)
     except C.ConfigError as e:
         problems = e.problems + problems
+    problems += dataset_problems(cfg.dataset)  # its kind (registered sources) and the settings that kind needs
     if check_availability and not problems:
         problems += _device_problems(cfg, runs_here, gpus_per_node)
         problems += _memory_problems(cfg, shape, memory_gb if memory_gb is not None or not runs_here
                                      else available_memory_gb())
-        if not problems and cfg.dataset.kind != "synthetic":
+        if not problems and is_text(cfg.dataset.kind):  # synthetic: no LM, no text
             problems += _unavailable(cfg)
         if not problems:
             problems += _store_problems(C.tracking_uri(cfg))
@@ -371,8 +374,6 @@ def _store_problems(uri: str) -> List[str]:
 
 
 def _unavailable(cfg: DictConfig) -> List[str]:
-    from sae_sweep.data.text import check_dataset_available
-
     found = []
     try:
         weights = _model_check(str(cfg.model.hf_id), cfg.model.revision, str(cfg.model.get("weights", "auto")),
@@ -383,11 +384,11 @@ def _unavailable(cfg: DictConfig) -> List[str]:
                 cfg.model.weights = weights
     except Exception as e:
         found.append(str(e))
-    if not found and cfg.dataset.kind in ("hub", "local"):
+    if not found:
         try:
-            check_dataset_available(cfg.dataset)
-        except Exception as e:
-            found.append(str(e))
+            found += source_for(cfg.dataset).availability()
+        except Exception as e:  # a source whose check itself fails: its reason, not a traceback
+            found.append(f"dataset={cfg.dataset.name}: {type(e).__name__}: {e}")
     return found
 
 

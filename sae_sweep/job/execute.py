@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sae_sweep import config as C
+from sae_sweep.data.sources import dataset_config, is_text
 
 log = logging.getLogger("sae_sweep")
 
@@ -44,12 +45,13 @@ class Point:
 def cache_spec(cfg: DictConfig, lm: Any, device: torch.device) -> Dict[str, Any]:
     from sae_sweep.data.text import dataset_fingerprint
 
+    ds = dataset_config(cfg.dataset)
     return {
         "model": lm.fingerprint,
         "layer": int(cfg.layer),
         "hook": cfg.hook,
-        "dataset": dataset_fingerprint(cfg.dataset, lm),
-        "context_size": int(cfg.dataset.context_size),
+        "dataset": dataset_fingerprint(ds, lm),
+        "context_size": ds.context_size,
         "tokens": C.cache_tokens(cfg),
         "storage_dtype": str(cfg.cache.dtype),
         "split": "train",
@@ -66,7 +68,7 @@ def dataset_record(cfg: DictConfig, lm: Any, split: str, n_tokens: Optional[int]
     split, budget, context size; ``n_tokens`` None for a stream), where it comes from, the
     windows' shape and ``profile`` (token counts). The runs table shows "name (digest) Train"."""
     ctx = int(cfg.dataset.context_size)
-    if cfg.dataset.kind == "synthetic":  # planted activations: no tokens, a [n, d] float stream
+    if not is_text(cfg.dataset.kind):  # planted activations: no tokens, a [n, d] float stream
         from sae_sweep.activations.synthetic import synthetic_params
 
         params = synthetic_params(cfg.dataset)
@@ -77,8 +79,9 @@ def dataset_record(cfg: DictConfig, lm: Any, split: str, n_tokens: Optional[int]
     else:
         from sae_sweep.data.text import dataset_source, windows_key
 
-        digest = windows_key(cfg.dataset, lm, split, n_tokens)
-        source_type, source = dataset_source(cfg.dataset, lm)
+        ds = dataset_config(cfg.dataset)
+        digest = windows_key(ds, lm, split, n_tokens)
+        source_type, source = dataset_source(ds, lm)
         schema = _tensor_schema("input_ids", "int32", [-1, ctx])
     return {"name": str(cfg.dataset.name), "digest": digest[:DIGEST_CHARS], "source_type": source_type,
             "source": source, "schema": schema, "context": split,
@@ -153,8 +156,10 @@ def build_activation_cache(cfg: DictConfig, lm: Any, device: torch.device) -> Tu
     spec = cache_spec(cfg, lm, device)
     cache_root = C.cache_dir(cfg)
 
+    ds = dataset_config(cfg.dataset)
+
     def build() -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        windows = token_windows(cfg.dataset, lm, "train", C.cache_tokens(cfg), cache_root)
+        windows = token_windows(ds, lm, "train", C.cache_tokens(cfg), cache_root)
         for i in range(0, windows.shape[0], CACHE_BUILD_BATCH):
             ids = windows[i:i + CACHE_BUILD_BATCH]
             # as the LM gives them (its dtype, its device): the cache casts to the storage dtype and
@@ -227,8 +232,9 @@ def open_activations(cfg: DictConfig, device: torch.device) -> Activations:
 
     t0 = time.perf_counter()
     lm = load_lm(cfg.model, C.cache_dir(cfg), device)
-    ctx = int(cfg.dataset.context_size)
-    source = StreamBlocks(lm, lambda: iter_windows(cfg.dataset, lm, "train", C.cache_dir(cfg), chunk=CACHE_BUILD_BATCH),
+    ds = dataset_config(cfg.dataset)
+    ctx = ds.context_size
+    source = StreamBlocks(lm, lambda: iter_windows(ds, lm, "train", C.cache_dir(cfg), chunk=CACHE_BUILD_BATCH),
                           int(cfg.layer), cfg.hook, block_windows=max(1, int(cfg.cache.block_tokens) // ctx),
                           forward_batch=CACHE_BUILD_BATCH)
     return Activations(lm, lm.d_model, batch, device, stream=source, seconds=time.perf_counter() - t0)
@@ -410,7 +416,7 @@ def run_evals(cfg: DictConfig, run: Any, lm: Any, sae: torch.nn.Module, sae_cfg:
         log_dataset_input(run, lambda: dataset_record(cfg, lm, "eval", int(cfg.dataset.eval_tokens),
                                                       {"tokens": n_eval}))
     elif names:
-        tokens = token_windows(cfg.dataset, lm, "eval", int(cfg.dataset.eval_tokens), C.cache_dir(cfg))
+        tokens = token_windows(dataset_config(cfg.dataset), lm, "eval", int(cfg.dataset.eval_tokens), C.cache_dir(cfg))
         shape = tuple(tokens.shape)
         log_dataset_input(run, lambda: dataset_record(cfg, lm, "eval", int(cfg.dataset.eval_tokens),
                                                       {"tokens": shape[0] * shape[1], "windows": shape[0]}))
