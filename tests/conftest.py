@@ -129,3 +129,11 @@ def smollm2_dir(smollm2_model_cfg, session_cache_dir):
     from sae_sweep.models.gguf import ensure_model_dir
 
     return ensure_model_dir(smollm2_model_cfg.gguf, session_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def corpus(session_cache_dir):
+    """The built-in corpus's documents (the tiny model's training text), read once per session."""
+    from sae_sweep.data.corpus import builtin_documents
+
+    return builtin_documents(session_cache_dir)

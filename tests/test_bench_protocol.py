@@ -88,7 +88,7 @@ def test_topk_figure_without_peer_venvs_times_ours_and_says_how_to_get_the_peers
     for name in ("dictionary_learning", "sparsify"):
         assert "`make bench-peers`" in t["not_run"][name] and str(tmp_path / name) in t["not_run"][name]
     assert rounds <= t["rounds"] <= max_rounds and t["dims"] == list(TINY)
-    for key, v in t["variants"].items():
+    for v in t["variants"].values():
         assert v["steps_timed"] % block == 0 and v["steps_timed"] <= block * t["rounds"]
         # a variant ran another round only while it had no quiet step
         assert not perf.quiet_steps(v["steps"][:v["steps_timed"] - block] if v["steps_timed"] > block * rounds else [])

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.processes import dead_pid
 from sae_sweep.activations.cache import (
     ActivationCache,
     CacheError,
@@ -60,13 +61,6 @@ def build(tmp_path, spec=SPEC, n_seqs=40, **kw):
     kw.setdefault("special_token_ids", [BOS, PAD])
     cache, built = get_or_build(spec, tmp_path, chunks(tokens, acts), **kw)
     return cache, built, tokens, acts
-
-
-def _dead_pid() -> int:
-    proc = mp.get_context("spawn").Process(target=int)
-    proc.start()
-    proc.join()
-    return proc.pid
 
 
 def test_key_stable_and_sensitive():
@@ -199,7 +193,7 @@ def test_leftover_tmp_dir_and_dead_lock_are_recovered(tmp_path):
     leftover.mkdir(parents=True)
     (leftover / "acts-00000.npy").write_bytes(b"half a shard")
     (root / f"{key}.lock").write_text(json.dumps(
-        {"host": socket.gethostname(), "pid": _dead_pid(), "slurm_job_id": "12", "started": 0}))
+        {"host": socket.gethostname(), "pid": dead_pid(), "slurm_job_id": "12", "started": 0}))
     cache, built, _, _ = build(tmp_path, lock_timeout=10)
     assert built and not leftover.exists()
     assert sorted(p.name for p in root.iterdir()) == sorted([key, "builds.log"])

@@ -1,25 +1,21 @@
 """The CUDA branches, forced on CPU (`kernels.force_path("device")`): training steps that never make
 the host wait for the device (checked op by op with `devices.SyncOps`), and CUDA-only code paths
 that give what the CPU paths give."""
-import dataclasses
-
 import pytest
 import torch
-from test_train import ListReader  # a finite reader with the readers' state_dict protocol
 
-from sae_sweep.util.devices import SyncOps
+from helpers.config import trainer_params
+from helpers.readers import ListReader  # a finite reader with the readers' state_dict protocol
 from sae_sweep.sae.kernels import force_path
 from sae_sweep.sae.registry import get_trainer, trainer_names
 from sae_sweep.sae.temporal_ortho import CoactivationTable
+from sae_sweep.util.devices import SyncOps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(name, **over):
-    cls = get_trainer(name)
-    cfg = {f.name: f.default for f in dataclasses.fields(cls.params_cls)}
-    cfg.update(name=name, batch_size=64, warmup_steps=2, dead_tokens=128, **over)  # AuxK on from step 3
-    return cfg
+    return trainer_params(name, batch_size=64, warmup_steps=2, dead_tokens=128, **over)  # AuxK on from step 3
 
 
 VARIANTS = [(n, {}) for n in trainer_names()] + [("temporal_ortho", {"tracker": "dense"}),
@@ -104,7 +100,7 @@ def test_training_loop_syncs_only_at_log_windows():
 
 
 def test_fp32_matmuls_use_tf32_only_where_training_runs_on_cuda():
-    """The precision default (issue 17, item 3): a trainer on CUDA turns on TF32 for fp32 matmuls and
+    """The precision default: a trainer on CUDA turns on TF32 for fp32 matmuls and
     records it ("tf32", a run tag); on the CPU nothing global changes and the record says "ieee"."""
     from sae_sweep.util.devices import fast_matmul
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from helpers.config import compose_config
+from helpers.mlflow_store import tracker_at
 from sae_sweep.cli import evaluate
-from sae_sweep.job.app import CONF_DIR
 from sae_sweep.sae import get_sae_class
 
 
@@ -39,18 +39,15 @@ def _local_model(path):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, session_cache_dir):
-    from sae_sweep.tracking.runs import Tracker
-
     tmp_path = tmp_path_factory.mktemp("evaluate")
     model_dir = _local_model(tmp_path / "model")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=[
-            f"model.hf_id={model_dir}", "model.name=local", "model.d_model=32", "model.n_layers=2",
-            "model.default_layer=1", "dataset.eval_tokens=512", "dataset.context_size=32",
-            f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={session_cache_dir}", "device=cpu",
-            "eval.run=[core]"])
+    cfg = compose_config(
+        f"model.hf_id={model_dir}", "model.name=local", "model.d_model=32", "model.n_layers=2",
+        "model.default_layer=1", "dataset.eval_tokens=512", "dataset.context_size=32",
+        f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={session_cache_dir}", "device=cpu",
+        "eval.run=[core]")
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker = tracker_at(tmp_path)
     # an explicit artifact root: the sqlite store's default is ./mlruns in whatever the cwd is
     tracker.client.create_experiment("ev", artifact_location=str(tmp_path / "artifacts"))
     run = tracker.child("ev", "run", "key-1", None)

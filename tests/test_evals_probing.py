@@ -405,7 +405,9 @@ def _faithfulsae_prove_performance(lm, sae, train, test, n_labels, g, max_length
         acts = lm.activations(enc.input_ids, 0, "resid_post")
         recon, feats = sae(acts)
         n = enc.attention_mask.sum(dim=1) - minus
-        pool = lambda a: torch.stack([a[i, -n[i]:].mean(dim=0) for i in range(a.shape[0])])
+        def pool(a):
+            return torch.stack([a[i, -n[i]:].mean(dim=0) for i in range(a.shape[0])])
+
         return {"baseline": pool(acts), "sae": pool(feats), "recon": pool(recon)}
 
     texts, labels = train

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers.cli import cli_env
 from sae_sweep.data.faithful import GENERATION_DEFAULTS, chunks_needed, generate_shard
 from sae_sweep.data.text import generations, token_windows
 
@@ -62,9 +63,9 @@ def test_chunks_needed_covers_both_splits():
     assert chunks_needed(1, 1, tokens_per_chunk=1e9) == 1
 
 
-def _generate(*args, cwd, env=None):
+def _generate(*args, cwd):
     return subprocess.run([sys.executable, "-m", "sae_sweep.generate", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+                          cwd=cwd, timeout=600, env=cli_env())
 
 
 CLI = ["dataset.generation.batch_size=8", "dataset.generation.max_new_tokens=16", "dataset.generation.seed=77",

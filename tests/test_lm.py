@@ -174,7 +174,7 @@ def test_early_exit_and_splice(family_dirs, tmp_path, name):
                 assert all(calls[i] == 0 for i in range(layer + 1, lm.n_layers)), (hook, layer, calls)
 
                 seen = []
-                ident = lm.logits_with_splice(ids, layer, hook, lambda a: seen.append(a.clone()) or a)
+                ident = lm.logits_with_splice(ids, layer, hook, lambda a: seen.append(a.clone()) or a)  # noqa: B023
                 assert torch.equal(early, seen[0]), f"early exit differs from full forward at {hook_name(layer, hook)}"
                 assert torch.equal(ident, clean), f"identity splice changed logits at {hook_name(layer, hook)}"
 

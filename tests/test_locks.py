@@ -11,17 +11,10 @@ import time
 
 import pytest
 
+from helpers.processes import dead_pid
 from sae_sweep.util.locks import LockTimeout, OwnedLock, read_owner
 
 HOST = socket.gethostname()
-
-
-def _dead_pid() -> int:
-    """A pid that certainly existed and is now gone (a finished child we reaped)."""
-    proc = mp.get_context("spawn").Process(target=int)
-    proc.start()
-    proc.join()
-    return proc.pid
 
 
 def _write_lock(path, **owner) -> None:
@@ -72,7 +65,7 @@ def test_owner_info_and_release(tmp_path, monkeypatch):
 
 def test_dead_owner_on_same_host_is_taken_over(tmp_path, caplog):
     path = tmp_path / "a.lock"
-    _write_lock(path, host=HOST, pid=_dead_pid(), slurm_job_id=None, started=time.time())
+    _write_lock(path, host=HOST, pid=dead_pid(), slurm_job_id=None, started=time.time())
     caplog.set_level(logging.WARNING, logger="sae_sweep.util.locks")
     t0 = time.monotonic()
     with OwnedLock(path, timeout=5, stale_after=600) as lock:  # mtime is fresh: pid check decides
@@ -151,7 +144,7 @@ def test_release_does_not_remove_someone_elses_lock(tmp_path):
 def test_concurrent_takeover_of_one_stale_lock(tmp_path):
     """Several threads race to take over one dead lock: exactly one holds it at any time."""
     path = tmp_path / "a.lock"
-    _write_lock(path, host=HOST, pid=_dead_pid(), slurm_job_id=None, started=0)
+    _write_lock(path, host=HOST, pid=dead_pid(), slurm_job_id=None, started=0)
     inside, overlaps = [0], []
     guard = threading.Lock()
 

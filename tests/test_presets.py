@@ -5,13 +5,13 @@ that only composes on its author's machine, or a default that drifted from its s
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class
 from omegaconf import OmegaConf, open_dict
 
-from sae_sweep.job.app import CONF_DIR, validate_point
+from helpers.config import compose_config
 from sae_sweep.config import ConfigError
+from sae_sweep.job.app import CONF_DIR, validate_point
 
 # Presets of models and datasets that live on the Hugging Face Hub cannot be loaded offline; they
 # are checked for everything but availability (the offline message itself is tested elsewhere).
@@ -23,8 +23,7 @@ def options(group: str) -> list[str]:
 
 
 def compose_job(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    cfg = compose_config(*overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # the ${hydra:...} interpolations resolve as in a run
     return cfg
 

@@ -8,17 +8,19 @@ import threading
 import time
 
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from sae_sweep.tracking.runs import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, Tracker, ui_command, ui_url
+from helpers.mlflow_store import tracker_at
+from sae_sweep.tracking.runs import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ui_command, ui_url
 
 CPU = "system/cpu_utilization_percentage"
 
 
 @pytest.fixture(scope="module")
 def tracker(tmp_path_factory):
-    return Tracker(f"sqlite:///{tmp_path_factory.mktemp('tracking') / 'mlflow.db'}")
+    return tracker_at(tmp_path_factory.mktemp("tracking"))
 
 
 def _monitor_threads():
@@ -47,7 +49,7 @@ def test_a_link_that_cannot_be_made_is_a_warning_not_an_error(tracker, caplog):
         assert run.url == tracker.run_url(run.run_id) == ui_url(
             tracker.uri, tracker.get_run(run.run_id).info.experiment_id, run.run_id)
     missing = "0" * 32  # the store has no such run: get_run raises
-    with pytest.raises(Exception):
+    with pytest.raises(MlflowException):
         tracker.run_url(missing)
     with caplog.at_level(logging.WARNING, logger="sae_sweep.tracking.runs"):
         text = tracker.ui_link(missing)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.config import compose_config
 from sae_sweep.config import ConfigError
 from sae_sweep.sae import SparseAutoencoder, get_trainer
 from sae_sweep.sae import adaptive_ortho, hierarchical, temporal_ortho
@@ -420,12 +421,7 @@ PRESETS = {  # preset: (model, layer, d_sae at the write-up's d_in 2304, k, trai
 
 
 def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    from sae_sweep.job.app import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return compose("config", overrides=overrides, return_hydra_config=True)
+    return compose_config(*overrides, return_hydra_config=True)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
