@@ -23,8 +23,12 @@ install:
 test: prose-docs
 	$(PYTEST) $(PYTEST_ARGS)
 
+# The unit tier (tests/README.md): in-process, no jobs, servers, cluster or LM built from disk. CPU-bound,
+# so one xdist worker per core.
+# FAST_WORKERS=0: one process.
+FAST_WORKERS ?= 2
 test-fast:
-	$(PYTEST) -m "not slow and not slurm" $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q -n $(FAST_WORKERS) --dist loadgroup --max-worker-restart=0 -m unit $(PYTEST_ARGS)
 
 # The quickstart: 2 seeds x 2 datasets on the offline tiny model, tracked in ./outputs/mlflow.db.
 demo:

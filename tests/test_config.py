@@ -15,6 +15,7 @@ def _errors(*overrides) -> str:
     return str(e.value)
 
 
+@pytest.mark.unit
 def test_defaults_are_valid():
     cfg = compose_config()
     validate_point(cfg)
@@ -39,17 +40,20 @@ def test_defaults_are_valid():
     (["tracking.system_metrics_interval_s=0"], ["tracking.system_metrics_interval_s=0", "a number of seconds > 0"]),
     (["tracking.system_metrics_interval_s=-2.5"], ["tracking.system_metrics_interval_s=-2.5", "a number of seconds > 0"]),
 ])
+@pytest.mark.unit
 def test_invalid_values_name_key_value_and_allowed(overrides, needles):
     msg = _errors(*overrides)
     for n in needles:
         assert n in msg, msg
 
 
+@pytest.mark.unit
 def test_all_problems_reported_at_once():
     msg = _errors("sae.k=0", "layer=9", "hook=x")
     assert "sae.k=0" in msg and "layer=9" in msg and "hook='x'" in msg
 
 
+@pytest.mark.unit
 def test_unknown_option_lists_choices():
     from hydra.errors import MissingConfigException
 
@@ -58,6 +62,7 @@ def test_unknown_option_lists_choices():
     assert "tiny" in str(e.value)  # Hydra lists the available options
 
 
+@pytest.mark.unit
 def test_unknown_key_rejected_by_schema():
     from hydra.errors import ConfigCompositionException as HCE
 
@@ -65,6 +70,7 @@ def test_unknown_key_rejected_by_schema():
         compose_config("sae.kk=3")
 
 
+@pytest.mark.unit
 def test_system_metrics_interval_must_be_a_number():
     from hydra.errors import ConfigCompositionException as HCE
 
@@ -73,6 +79,7 @@ def test_system_metrics_interval_must_be_a_number():
     assert "system_metrics_interval_s" in str(e.value) and "often" in str(e.value)
 
 
+@pytest.mark.unit
 def test_run_key_ignores_paths_and_tracking_but_not_seed():
     a = compose_config()
     b = compose_config("paths.output_dir=/elsewhere", "tracking.uri=sqlite:////x.db", "train.log_every=3",
@@ -84,6 +91,7 @@ def test_run_key_ignores_paths_and_tracking_but_not_seed():
     assert C.seed_group_key(a) == C.seed_group_key(c)
 
 
+@pytest.mark.unit
 def test_the_cache_settings_that_change_the_batches_are_in_the_run_key_and_only_those():
     """A stream, another reader, storage dtype or block size trains on other batches: another run,
     never "already FINISHED" as the disk run (that hid a stream run behind a disk run's key)."""
@@ -102,6 +110,7 @@ def test_the_cache_settings_that_change_the_batches_are_in_the_run_key_and_only_
     assert C.run_key(compose_config("cache.verify=full")) == C.run_key(base)
 
 
+@pytest.mark.unit
 def test_generation_sampler_is_in_the_run_key_only_where_it_changes_the_text():
     """exact_topk_first draws other tokens than hf for the same seed (another random stream), so a
     faithful run's key follows it; at hf the key is the one of before the setting existed, and a
@@ -122,6 +131,7 @@ def _cli(tmp_path, *args):
     return run_cli(tmp_path / "out", *args, cache=tmp_path / "cache", timeout=300)
 
 
+@pytest.mark.integration
 def test_multirun_with_one_invalid_point_runs_nothing(tmp_path):
     r = _cli(tmp_path, "-m", "sae.k=0,16")
     assert r.returncode != 0
@@ -130,6 +140,7 @@ def test_multirun_with_one_invalid_point_runs_nothing(tmp_path):
     assert not (tmp_path / "cache" / "activations").exists()
 
 
+@pytest.mark.integration
 def test_offline_hub_dataset_fails_fast_with_local_files_hint(tmp_path):
     r = _cli(tmp_path, "-m", "dataset=fineweb")
     assert r.returncode != 0
@@ -137,6 +148,7 @@ def test_offline_hub_dataset_fails_fast_with_local_files_hint(tmp_path):
     assert not (tmp_path / "out" / "mlflow.db").exists()
 
 
+@pytest.mark.integration
 def test_single_run_bad_value_exits_2_without_traceback(tmp_path):
     r = _cli(tmp_path, "layer=7")
     assert r.returncode == 2
@@ -144,6 +156,7 @@ def test_single_run_bad_value_exits_2_without_traceback(tmp_path):
     assert not (tmp_path / "out" / "mlflow.db").exists()
 
 
+@pytest.mark.unit
 def test_a_real_model_config_that_would_repeat_data_is_refused_naming_the_keys():
     # gpt2 trains 100M tokens; a 1M-token cache would be cycled 100 times
     with pytest.raises(C.ConfigError) as e:

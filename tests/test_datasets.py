@@ -65,6 +65,7 @@ def _windows(cfg, lm, cache, split="train", n=CTX * 60):
     return w
 
 
+@pytest.mark.integration
 def test_local_files_of_every_format_give_the_same_windows(lm, files, tmp_path):
     results = {}
     for fmt, path in files.items():
@@ -79,6 +80,7 @@ def test_local_files_of_every_format_give_the_same_windows(lm, files, tmp_path):
     assert not (set(map(tuple, results["jsonl"][0].tolist())) & set(map(tuple, results["jsonl"][1].tolist())))
 
 
+@pytest.mark.unit
 def test_local_yaml_requires_data_files_and_checks_them(files, tmp_path):
     with pytest.raises(C.ConfigError, match="dataset.data_files is required"):
         validate_point(compose_config("dataset=local"))
@@ -90,6 +92,7 @@ def test_local_yaml_requires_data_files_and_checks_them(files, tmp_path):
         validate_point(compose_config("dataset=local", f"dataset.data_files=[{bad}]"))
 
 
+@pytest.mark.integration
 def test_streaming_stops_at_the_token_budget(lm, files, tmp_path):
     """The second file is not JSON at all: reading it would fail, so the budget was met before it."""
     junk = tmp_path / "zz_junk.jsonl"
@@ -105,6 +108,7 @@ def test_streaming_stops_at_the_token_budget(lm, files, tmp_path):
         token_windows(cfg.dataset, lm, "train", 10_000_000, tmp_path)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name, fmt", [("fineweb", "parquet"), ("pile-uncopyrighted", "jsonl.gz"),
                                        ("openwebtext", "parquet")])
 def test_hub_yaml_reads_a_local_mirror_of_the_dataset(lm, files, tmp_path, name, fmt):
@@ -128,6 +132,7 @@ def test_hub_yaml_reads_a_local_mirror_of_the_dataset(lm, files, tmp_path, name,
         check_dataset_available(compose_config(f"dataset={name}", f"dataset.hf_id={empty}").dataset)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name, hf_id", [("fineweb", "HuggingFaceFW/fineweb"),
                                          ("pile-uncopyrighted", "monology/pile-uncopyrighted"),
                                          ("openwebtext", "Skylion007/openwebtext")])
@@ -139,6 +144,7 @@ def test_hub_yaml_offline_fails_fast_with_the_local_alternative(name, hf_id, mon
     assert hf_id in msg and "dataset=local dataset.data_files=[" in msg
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_full_job_on_local_files(llama_dir, files, tmp_path):
     out = tmp_path / "out"

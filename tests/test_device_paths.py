@@ -11,7 +11,7 @@ from sae_sweep.sae.registry import get_trainer, trainer_names
 from sae_sweep.sae.temporal_ortho import CoactivationTable
 from sae_sweep.util.devices import SyncOps
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 
 def _cfg(name, **over):

@@ -10,7 +10,7 @@ from helpers.cli import run_cli, start_cli_until_checkpoint
 from helpers.mlflow_store import store_client, store_runs
 from sae_sweep.activations.cache import read_builds_log
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # Small budgets: each job trains ~40 steps on a 20k-token cache and evaluates on 2k held-out tokens.
 # Small caches trained over many times, on purpose: train.epochs says so (the default refuses repeated data).

@@ -59,6 +59,7 @@ def finished_run(tmp_path_factory, session_cache_dir):
     return tracker, run.run_id
 
 
+@pytest.mark.integration
 def test_evaluate_adds_metrics_to_finished_run(finished_run):
     tracker, run_id = finished_run
     rc = evaluate.main([run_id, "eval.run=[fake_features]", "eval.fake_features.n_tokens=512",
@@ -76,6 +77,7 @@ def test_evaluate_adds_metrics_to_finished_run(finished_run):
     assert doc["eval_type_id"] == "fake_features" and doc["eval_config"]["n_tokens"] == 512
 
 
+@pytest.mark.integration
 def test_evaluate_refuses_training_overrides_and_unknown_evals(finished_run):
     tracker, run_id = finished_run
     assert evaluate.main([run_id, "sae.k=8", "--tracking-uri", tracker.uri]) == 2
@@ -84,6 +86,7 @@ def test_evaluate_refuses_training_overrides_and_unknown_evals(finished_run):
     assert evaluate.main(["0123456789abcdef", "--tracking-uri", tracker.uri]) == 2
 
 
+@pytest.mark.unit
 def test_apply_overrides_loads_an_eval_preset():
     base = OmegaConf.create({"dataset": {"eval_tokens": 100, "context_size": 16}, "eval": {"run": ["core"]}})
     cfg = evaluate.apply_overrides(base, ["eval=full", "eval.absorption.max_words=50"])

@@ -15,6 +15,8 @@ from transformers import PreTrainedTokenizerFast
 from sae_sweep.evals import downstream, fake_features, probes, sparse_probing
 from sae_sweep.evals.schema import flatten_metrics, to_saebench_json
 
+pytestmark = pytest.mark.unit
+
 PACKAGES = ["asyncio", "email", "logging"]
 
 

@@ -11,6 +11,8 @@ from sae_sweep.evals.shared_features import shared_feature_ratio
 from sae_sweep.report.crossseed import compare_runs, crossseed_hook
 from sae_sweep.sae import get_sae_class
 
+pytestmark = pytest.mark.unit
+
 METHODS = ["dense", "sparse"]
 
 

@@ -17,6 +17,8 @@ from sae_sweep.sae.matryoshka import MatryoshkaSAE
 from sae_sweep.sae.relu import ReLUSAE
 from sae_sweep.sae.topk import TopKSAE
 
+pytestmark = pytest.mark.unit
+
 D_IN, D_SAE, K = 12, 48, 4
 RUN_CFG = {"model_name": "tiny", "model_hf_id": "builtin:tiny", "hook_name": "blocks.2.hook_resid_post",
            "hook_layer": 2, "hook_type": "resid_post", "context_size": 64, "dataset_path": "builtin", "seed": 42,

@@ -27,6 +27,7 @@ def family_dirs(tmp_path_factory, corpus):
 
 
 # Tokenizer quirks: BOS exactly once, whoever adds it
+@pytest.mark.integration
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_windows_start_with_exactly_one_bos(family_dirs, family, tmp_path):
     lm = load_lm({"name": family, "hf_id": str(family_dirs[family]), "dtype": "float32"}, tmp_path, "cpu")
@@ -50,6 +51,7 @@ def test_windows_start_with_exactly_one_bos(family_dirs, family, tmp_path):
         assert (w[:, 1:] == lm.eos_token_id).any()
 
 
+@pytest.mark.integration
 def test_gemma2_logits_are_soft_capped(family_dirs):
     """The splice returns the logits Gemma-2 samples from: cap * tanh(raw / cap)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -78,6 +80,7 @@ TINY_BUDGET = ["dataset.context_size=32", "dataset.tokens=8192", "dataset.eval_t
                "train.checkpoint_every=5", "train.log_every=5", "sweep.name=families"]
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_full_job_on_local_family_dir(family_dirs, family, tmp_path):
@@ -103,6 +106,7 @@ def test_full_job_on_local_family_dir(family_dirs, family, tmp_path):
     assert run.info.run_name.startswith(f"{yaml_name}_blocks.1.hook_{hook}_256_topk_8_")
 
 
+@pytest.mark.integration
 def test_local_dir_shallower_than_its_yaml_needs_an_explicit_layer(family_dirs):
     """gpt2's yaml default_layer=8 does not exist in a 2-layer local copy: the error says so."""
     from sae_sweep import config as C
@@ -117,6 +121,7 @@ def test_local_dir_shallower_than_its_yaml_needs_an_explicit_layer(family_dirs):
     validate_point(ok)
 
 
+@pytest.mark.integration
 def test_offline_hub_model_fails_fast_naming_the_local_dir_override(tmp_path):
     out = tmp_path / "out"
     t0 = time.time()
@@ -129,6 +134,7 @@ def test_offline_hub_model_fails_fast_naming_the_local_dir_override(tmp_path):
 
 
 # Run names
+@pytest.mark.unit
 def test_run_name_is_faithfulsae_style():
     from sae_sweep import config as C
     from sae_sweep.config import total_steps

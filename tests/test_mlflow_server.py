@@ -19,6 +19,8 @@ from helpers.sweeps import EV, KL, SEEDS, make_sweep
 from sae_sweep.report import build_report
 from sae_sweep.tracking.runs import Tracker
 
+pytestmark = pytest.mark.integration
+
 START_TIMEOUT = 180  # first start migrates a fresh sqlite schema; 2 slow cores
 
 

@@ -48,6 +48,7 @@ def solo(cache, tmp_path, i, point):
     return trainer, logs
 
 
+@pytest.mark.unit
 def test_packed_members_equal_solo_runs_and_resume_alone(cache, tmp_path):
     members, logs = [], []
     for i, point in enumerate(POINTS):
@@ -75,6 +76,7 @@ def test_packed_members_equal_solo_runs_and_resume_alone(cache, tmp_path):
         assert torch.equal(again.sae.W_dec, m.trainer.sae.W_dec)
 
 
+@pytest.mark.unit
 def test_stream_key_groups_points_that_read_the_same_activations():
     """Points differing in trainer, SAE size, lr or seed read the same activations (each in its
     own seed's order); batch size or the activations themselves (layer, dataset, hook) differ."""
@@ -89,6 +91,7 @@ def test_stream_key_groups_points_that_read_the_same_activations():
         assert key(other) != base, other
 
 
+@pytest.mark.unit
 def test_packed_resume_from_mixed_positions(cache, tmp_path):
     """Members interrupted at different steps resume in one pack and end as if never stopped."""
     point_a, point_b = POINTS[0], POINTS[2]
@@ -116,6 +119,7 @@ def _sweep(out, *extra):
     return _jobs_by_key(out)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_packed_sweep_equals_one_job_per_point(tmp_path):
     alone = _sweep(tmp_path / "alone")
@@ -139,6 +143,7 @@ STREAM_GRID = ["cache.mode=stream", "train.tokens=12288", "train.epochs=1", "tra
                "eval=core_only"]
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_stream_pack_of_seeds_and_trainers_pays_one_lm_pass_and_equals_solo_runs(tmp_path):
     """2 seeds x 2 trainers streamed in one packed job: the LM forward work is that of one stream

@@ -6,7 +6,7 @@ import torch
 from sae_sweep.sae.kernels import SparseDecode, TopKEncode
 from sae_sweep.sae.topk import TopKTrainer
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 
 def dense_topk(x, W_enc, b_enc, b_dec, k):

@@ -12,7 +12,7 @@ from sae_sweep.sae.registry import get_trainer
 from sae_sweep.activations.stream import StreamBlocks, StreamReader
 from sae_sweep.training.loop import Interrupted, Member, train, train_members
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 D, CTX, N_SEQS, BOS = 8, 16, 80, 1
 

@@ -10,7 +10,7 @@ from helpers.cli import run_cli
 from helpers.mlflow_store import store_runs
 from sae_sweep.models.lm import HOOK_TYPES, ModelUnavailable, load_lm, resolve_weights
 
-pytestmark = pytest.mark.xdist_group("real_model")  # one worker converts and loads it once
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("real_model")]  # one worker converts and loads it once
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,7 @@ def _small_cache(root, seed=0):
     return get_or_build({"test": "corrupt", "seed": seed}, root, build, special_token_ids=[])
 
 
+@pytest.mark.unit
 def test_overwritten_cache_rows_are_detected_quarantined_and_rebuilt(tmp_path):
     cache, built = _small_cache(tmp_path)
     assert built and cache.replaced is None
@@ -61,6 +62,7 @@ def test_overwritten_cache_rows_are_detected_quarantined_and_rebuilt(tmp_path):
     assert not built and third.replaced is None
 
 
+@pytest.mark.unit
 def test_full_verification_on_demand_catches_a_change_that_kept_size_and_mtime(tmp_path):
     cache, _ = _small_cache(tmp_path, seed=1)
     shard = cache.path / "acts-00000.npy"
@@ -74,6 +76,7 @@ def test_full_verification_on_demand_catches_a_change_that_kept_size_and_mtime(t
         ActivationCache.open(cache.path, verify="full")
 
 
+@pytest.mark.integration
 def test_nan_in_a_batch_blames_the_cache_not_the_sae(tmp_path):
     """NaN bytes written so that size and mtime still match: the stat check passes, training hits
     the NaN at step 1, and the job says the cache is bad and quarantines it -- the next run
@@ -98,6 +101,7 @@ def test_nan_in_a_batch_blames_the_cache_not_the_sae(tmp_path):
     assert run.info.status == "FINISHED" and run.data.tags["cache_built"] == "true"
 
 
+@pytest.mark.integration
 def test_corrupt_token_windows_are_rebuilt_and_reported(tiny_lm, tmp_path):
     from sae_sweep.data import text
     from sae_sweep.data.text import token_windows
@@ -114,6 +118,7 @@ def test_corrupt_token_windows_are_rebuilt_and_reported(tiny_lm, tmp_path):
     assert len(text.REPAIRED) == before + 1 and "checksum mismatch" in text.REPAIRED[-1]
 
 
+@pytest.mark.unit
 def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
     from sae_sweep.sae import get_trainer
 
@@ -177,6 +182,7 @@ def _tracker_at(uri, start, queue):
         queue.put(("error", f"{type(e).__name__}: {e}"))
 
 
+@pytest.mark.integration
 def test_concurrent_first_use_of_a_store_does_not_corrupt_it(tmp_path):
     import multiprocessing as mp
 
@@ -195,6 +201,7 @@ def test_concurrent_first_use_of_a_store_does_not_corrupt_it(tmp_path):
         assert len({exp for _, exp in got}) == 1
 
 
+@pytest.mark.unit
 def test_a_half_migrated_store_is_refused_with_the_reason(tmp_path):
     import sqlite3
 
@@ -207,6 +214,7 @@ def test_a_half_migrated_store_is_refused_with_the_reason(tmp_path):
         Tracker(f"sqlite:///{db}")
 
 
+@pytest.mark.integration
 def test_a_point_running_elsewhere_is_not_started_again(tmp_path):
     """While another process holds a point's lock, a second start says who runs it and does not
     touch the run; a multirun counts it as skipped."""
@@ -227,6 +235,7 @@ def test_a_point_running_elsewhere_is_not_started_again(tmp_path):
     assert parents[0].data.metrics["sweep/skipped"] == 1 and parents[0].data.metrics["sweep/finished"] == 1
 
 
+@pytest.mark.integration
 def test_artifacts_live_under_the_output_dir_not_the_launch_dir(tmp_path):
     launch, out = tmp_path / "launch", tmp_path / "out"
     launch.mkdir()
@@ -248,6 +257,7 @@ def test_artifacts_live_under_the_output_dir_not_the_launch_dir(tmp_path):
     (["trainer.lrr=1e-3"], ["trainer.lrr: unknown setting", "did you mean 'lr'?"], ([], ["-m"])),
     (["tracking.uri=sqlite:////proc/nowhere/mlflow.db"], ["/proc/nowhere", "cannot create"], ([],)),
 ], ids=["budget", "device", "memory", "typo", "store"])
+@pytest.mark.integration
 def test_bad_input_is_refused_in_seconds_naming_key_and_reason(tmp_path, args, needles, modes):
     t0 = time.time()
     for mode in modes:
@@ -265,6 +275,7 @@ def test_bad_input_is_refused_in_seconds_naming_key_and_reason(tmp_path, args, n
     (b"hello \xff\xfe world\nsecond line\n", "is not UTF-8 text"),
     (b"x" * 2_000_000 + b"\n", "all fall in one split"),  # one long line: one document
 ], ids=["empty", "not-utf8", "one-long-line"])
+@pytest.mark.integration
 def test_local_files_that_cannot_give_both_splits_are_refused_naming_the_file(tmp_path, content, needle):
     f = tmp_path / "data.txt"
     f.write_bytes(content)
@@ -276,6 +287,7 @@ def test_local_files_that_cannot_give_both_splits_are_refused_naming_the_file(tm
 # -- the stress check: many sweeps of one grid started at once on a fresh output dir ---------------
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_eight_sweeps_of_one_grid_started_at_once_train_each_point_once(tmp_path):
     out = tmp_path / "out"
@@ -308,6 +320,7 @@ def test_eight_sweeps_of_one_grid_started_at_once_train_each_point_once(tmp_path
     assert all(p.data.metrics["sweep/failed"] == 0 for p in parents)
 
 
+@pytest.mark.unit
 def test_a_usr2_that_arrives_while_the_stopped_runs_are_recorded_waits_for_the_hand_over(monkeypatch):
     """submitit's preemption is SIGTERM then USR2 a few ms later: the USR2 may land after the loop
     has stopped but while the runs are being tagged. It must not cut that short; hand_over requeues."""

@@ -29,6 +29,7 @@ def built(store):
     return tracker, parent, children, res
 
 
+@pytest.mark.unit
 def test_summary_numbers_equal_hand_computed(built):
     tracker, parent, children, res = built
     summary = pd.read_csv(res.csvs["summary"])
@@ -54,6 +55,7 @@ def test_summary_numbers_equal_hand_computed(built):
         assert rid in row["run_ids"].split(",")
 
 
+@pytest.mark.unit
 def test_runs_csv_and_failed_runs(built):
     _, _, children, res = built
     runs = pd.read_csv(res.csvs["runs"])
@@ -64,6 +66,7 @@ def test_runs_csv_and_failed_runs(built):
     assert "Runs not included" in md and "boom" in md
 
 
+@pytest.mark.unit
 def test_dataset_comparison_wins_and_direction(built):
     _, _, _, res = built
     cmp = pd.read_csv(res.csvs["compare_dataset"])
@@ -86,6 +89,7 @@ def test_dataset_comparison_wins_and_direction(built):
     assert "builtin better on fake-feature ratio (1/1)" in line
 
 
+@pytest.mark.unit
 def test_shared_features_table(built):
     _, _, _, res = built
     sh = pd.read_csv(res.csvs["shared_features"]).set_index("dataset")
@@ -94,6 +98,7 @@ def test_shared_features_table(built):
     assert sh.loc["faithful", "n_pairs"] == 1 and sh.loc["faithful", "source"] == "parent pairs"
 
 
+@pytest.mark.unit
 def test_report_files_plots_and_parent_artifacts(built):
     tracker, parent, _, res = built
     assert set(res.plots) == {"metrics_grid", "absorption_per_letter", "probing_vs_k", "shared_features",
@@ -113,6 +118,7 @@ def test_report_files_plots_and_parent_artifacts(built):
     assert len(tracker.list_artifacts(parent, "report/plots")) == 5
 
 
+@pytest.mark.unit
 def test_two_trainers_pairwise(store):
     tracker, d = store
     parent, _ = make_sweep(tracker, "report_trainers", trainers=("topk", "relu"), failed=False)
@@ -125,6 +131,7 @@ def test_two_trainers_pairwise(store):
     assert ds[(ds["scope"] == "all models") & (ds["metric"] == EV)].iloc[0]["n_cells"] == 2
 
 
+@pytest.mark.unit
 def test_absent_metrics_skip_plots_with_notes(store):
     tracker, d = store
     parent, _ = make_sweep(tracker, "report_core_only", full=False, failed=False)
@@ -136,6 +143,7 @@ def test_absent_metrics_skip_plots_with_notes(store):
     assert "no cross-seed metrics" in md
 
 
+@pytest.mark.unit
 def test_hook_never_raises_and_uses_results(store, tmp_path):
     tracker, _ = store
     assert report_hook(tracker, "0" * 32, [], [], tmp_path) is None  # unknown parent: logged, not raised
@@ -152,6 +160,7 @@ def test_hook_never_raises_and_uses_results(store, tmp_path):
     assert set(pd.read_csv(res2.csvs["runs"])["run_id"]) == set(children)
 
 
+@pytest.mark.unit
 def test_cli_targets(store, tmp_path, capsys):
     tracker, d = store
     parent, _ = make_sweep(tracker, "report_cli", full=False, failed=False)
@@ -170,6 +179,7 @@ def test_cli_targets(store, tmp_path, capsys):
     assert "neither a directory" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_cli_module_entry_point(store, tmp_path):
     tracker, _ = store
     parent, _ = make_sweep(tracker, "report_subprocess", full=False, failed=False)

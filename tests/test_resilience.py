@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from helpers.cli import run_cli, start_cli_until_checkpoint
 from helpers.mlflow_store import store_runs, store_uri
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # Small caches trained over many times, on purpose: train.epochs says so (the default refuses repeated data).
 SMALL = ["dataset.tokens=20000", "train.epochs=50", "dataset.eval_tokens=2048", "train.tokens=40000", "trainer.batch_size=1000",

@@ -19,7 +19,7 @@ from sae_sweep.sae import (
 from sae_sweep.evals.recovery import recovery_metrics
 from sae_sweep.activations.synthetic import PlantedDictionary
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 SAE_CFG = {"d_sae": None, "expansion_factor": 4, "k": 4}
 

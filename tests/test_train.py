@@ -8,7 +8,7 @@ from sae_sweep.evals.recovery import recovery_metrics
 from sae_sweep.activations.synthetic import PlantedDictionary
 from sae_sweep.training.loop import Interrupted, TrainingFailed, load_checkpoint, train
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 
 def topk_trainer(d_in, total_steps, sae_cfg=None, seed=0, **trainer_cfg):

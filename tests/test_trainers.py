@@ -31,7 +31,7 @@ from sae_sweep.sae.trainer import NATIVE_BF16_ENV, detect_bf16, resolve_bf16
 from sae_sweep.activations.synthetic import PlantedDictionary
 from sae_sweep.sae.temporal_ortho import CoactivationTable, ortho_penalty
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 ALL = ["topk", "batchtopk", "relu", "jumprelu", "matryoshka", "hierarchical", "temporal_ortho", "adaptive_ortho"]
 

@@ -17,7 +17,7 @@ from sae_sweep.sae import SparseAutoencoder, get_trainer
 from sae_sweep.sae import adaptive_ortho, hierarchical, temporal_ortho
 from sae_sweep.sae.temporal_ortho import CoactivationTable, ortho_penalty
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 MODULES = {"hierarchical": hierarchical, "temporal_ortho": temporal_ortho, "adaptive_ortho": adaptive_ortho}
 README = Path(__file__).resolve().parents[1] / "README.md"
