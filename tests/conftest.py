@@ -1,6 +1,11 @@
-"""Shared test set-up: offline Hugging Face, one model/cache directory per test session."""
+"""Shared test set-up: offline Hugging Face, one model/cache directory per test session, the test
+tiers (tests/README.md) and the unit tier's guard. Helpers shared by test files: tests/helpers/."""
 
+import contextlib
 import os
+import socket
+import subprocess
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import pytest
@@ -30,10 +35,28 @@ if XDIST_WORKER:
 LONG_GROUPS_FIRST = ("slurm", "test_e2e", "test_resilience", "test_families", "test_packing")
 
 
+# Every test is in exactly one tier (a marker, registered in pyproject.toml): a file-level
+# `pytestmark` where a file is homogeneous, a marker on the test (or its parameter) otherwise.
+TIERS = ("unit", "integration", "slurm", "cuda")
+
+
+def _check_tiers(items) -> None:
+    problems = []
+    for item in items:
+        tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
+        if len(tiers) != 1:
+            problems.append(f"{item.nodeid}: {'no tier' if not tiers else 'tiers ' + ', '.join(tiers)}")
+    if problems:
+        raise pytest.UsageError("each test needs exactly one tier marker (" + ", ".join(TIERS) + "; see "
+                                "tests/README.md):\n  " + "\n  ".join(problems))
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """One xdist group per test file (module fixtures then run once, on one worker) unless a file
-    names its group (the SLURM files share "slurm": one cluster, one worker); long groups first."""
+    """Every test has one tier (before `-m` deselects any). One xdist group per test file (module
+    fixtures then run once, on one worker) unless a file names its group (the SLURM files share
+    "slurm": one cluster, one worker); long groups first."""
+    _check_tiers(items)
     group = {}
     for item in items:
         mark = item.get_closest_marker("xdist_group")
@@ -42,6 +65,66 @@ def pytest_collection_modifyitems(config, items):
         group[item.nodeid] = mark.args[0] if mark else item.path.stem
     rank = {name: i for i, name in enumerate(LONG_GROUPS_FIRST)}
     items.sort(key=lambda item: rank.get(group[item.nodeid], len(rank)))  # stable: file order otherwise
+
+
+class UnitTierViolation(AssertionError):
+    """A unit-tier test did what only the integration tier may do."""
+
+
+@contextlib.contextmanager
+def _unit_guard(item):
+    """While a unit test (and its fixtures) runs: starting a process, connecting to a network
+    address, or building/loading the tiny LM fails the test, naming what it did (also where the
+    code under test caught the error). Yields the list of what it refused."""
+    refused: list[str] = []
+    if item.get_closest_marker("unit") is None:
+        yield refused
+        return
+
+    def refuse(what):
+        refused.append(f"a unit test {what}: mark it integration (tests/README.md)")
+        raise UnitTierViolation(refused[-1])
+
+    def popen(self, args, *a, **k):
+        refuse(f"started a process ({args!r})")
+
+    def start(self):
+        refuse(f"started a process ({self!r})")
+
+    connect = socket.socket.connect
+
+    def inet_connect(self, address):
+        if self.family != socket.AF_UNIX:
+            refuse(f"connected to {address!r}")
+        return connect(self, address)
+
+    def ensure_tiny(*a, **k):
+        refuse("built or loaded the tiny LM")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(subprocess.Popen, "__init__", popen)
+        mp.setattr(BaseProcess, "start", start)
+        mp.setattr(socket.socket, "connect", inet_connect)
+        mp.setattr("sae_sweep.models.lm.ensure_tiny", ensure_tiny)
+        yield refused
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    with _unit_guard(item) as refused:
+        result = yield
+    if refused:
+        raise UnitTierViolation(refused[0])
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    with _unit_guard(item) as refused:
+        result = yield
+    if refused:
+        raise UnitTierViolation(refused[0])
+    return result
 
 
 @pytest.fixture
@@ -129,3 +212,11 @@ def smollm2_dir(smollm2_model_cfg, session_cache_dir):
     from sae_sweep.models.gguf import ensure_model_dir
 
     return ensure_model_dir(smollm2_model_cfg.gguf, session_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def corpus(session_cache_dir):
+    """The built-in corpus's documents (the tiny model's training text), read once per session."""
+    from sae_sweep.data.corpus import builtin_documents
+
+    return builtin_documents(session_cache_dir)

@@ -4,6 +4,10 @@ and there are no import cycles. A new import that points right fails here with t
 import ast
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 PACKAGE = Path(__file__).resolve().parents[1] / "sae_sweep"
 
 # Left to right: the stage packages in the order data flows through them. A package is one place in

@@ -20,6 +20,7 @@ def step(wall, waiting_share, in_block=0, cpu=None):
             "in_block": in_block}
 
 
+@pytest.mark.unit
 def test_a_step_is_quiet_when_its_threads_waited_for_a_core_less_than_the_threshold():
     assert perf.QUIET == 0.05
     times = [step(2.0, 0.0), step(1.0, 0.04), step(1.0, 0.06), step(0.5, 1.5)]
@@ -27,6 +28,7 @@ def test_a_step_is_quiet_when_its_threads_waited_for_a_core_less_than_the_thresh
     assert perf.quiet_steps([]) == []
 
 
+@pytest.mark.unit
 def test_rounds_run_every_variant_then_only_those_without_a_quiet_step_in_a_rotating_order():
     keys = ["a", "b", "c"]
     quiet: set[str] = set()
@@ -46,6 +48,7 @@ def test_rounds_run_every_variant_then_only_those_without_a_quiet_step_in_a_rota
     assert perf.round_order([], 0, 2, has_quiet) == []
 
 
+@pytest.mark.unit
 def test_summary_reports_the_best_step_and_the_median_of_the_quiet_ones():
     ready = {"version": "9.9", "torch": "2.x", "warmup": [{"wall": 5.0}, {"wall": 3.0}], "rss_before_setup_mib": 100.0}
     times = [step(1.0, 0.0, 0), step(0.8, 0.5, 1), step(1.2, 0.01, 2),  # block 1: the best step is a loaded one
@@ -65,11 +68,13 @@ def test_summary_reports_the_best_step_and_the_median_of_the_quiet_ones():
     assert loaded["peak_rss_above_imports_mib"] is None
 
 
+@pytest.mark.integration
 def test_a_worker_that_cannot_start_is_an_error_not_a_hang():
     with pytest.raises(RuntimeError, match="exited"):
         perf.StepWorker(perf.ours_python()[0], "no_such_impl", "fp32", threads=1, warmup=0)
 
 
+@pytest.mark.unit
 def test_peer_python_is_the_venv_that_make_bench_peers_creates(tmp_path):
     assert perf.peer_python("sparsify", tmp_path) is None
     (tmp_path / "sparsify" / "bin").mkdir(parents=True)
@@ -77,6 +82,7 @@ def test_peer_python_is_the_venv_that_make_bench_peers_creates(tmp_path):
     assert perf.peer_python("sparsify", tmp_path) == tmp_path / "sparsify" / "bin" / "python"
 
 
+@pytest.mark.integration
 def test_topk_figure_without_peer_venvs_times_ours_and_says_how_to_get_the_peers(tmp_path):
     """fig_topk at tiny dims with an empty venv dir: ours and the roofline are timed in rounds of
     `block` steps (more rounds only for a variant without a quiet step), each missing peer is named
@@ -88,7 +94,7 @@ def test_topk_figure_without_peer_venvs_times_ours_and_says_how_to_get_the_peers
     for name in ("dictionary_learning", "sparsify"):
         assert "`make bench-peers`" in t["not_run"][name] and str(tmp_path / name) in t["not_run"][name]
     assert rounds <= t["rounds"] <= max_rounds and t["dims"] == list(TINY)
-    for key, v in t["variants"].items():
+    for v in t["variants"].values():
         assert v["steps_timed"] % block == 0 and v["steps_timed"] <= block * t["rounds"]
         # a variant ran another round only while it had no quiet step
         assert not perf.quiet_steps(v["steps"][:v["steps_timed"] - block] if v["steps_timed"] > block * rounds else [])
@@ -110,6 +116,7 @@ def test_topk_figure_without_peer_venvs_times_ours_and_says_how_to_get_the_peers
     assert "| TopK step, d_in 16, d_sae 64, k 4, batch 32 |" in text
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # the CLI end to end: up to 4 worker processes
 def test_smoke_run_without_peer_venvs_fails_with_the_make_target_to_run(tmp_path, capsys):
     out = tmp_path / "smoke.json"
@@ -127,6 +134,7 @@ def test_smoke_run_without_peer_venvs_fails_with_the_make_target_to_run(tmp_path
     assert not any(line.endswith(("| ok |", "| BELOW |")) for line in r["table"].splitlines())
 
 
+@pytest.mark.unit
 def test_an_unknown_peer_is_refused_by_name():
     with pytest.raises(SystemExit, match="unknown \\['saelens'\\]; known: dictionary_learning, sparsify"):
         perf.main(_args(["--peers", "saelens", "--skip", "probe,topk,memory,reader,packing,quality,cache,sweep,"
@@ -141,6 +149,7 @@ def _args(argv):
     return p.parse_args(argv)
 
 
+@pytest.mark.unit
 def test_topk_dims_default_to_the_figure_s_and_take_the_command_line_s():
     assert perf.topk_dims(_args([])) == (perf.D_IN, perf.D_SAE, perf.K, perf.BATCH) == (768, 12288, 16, 4096)
     assert perf.topk_dims(_args(["--d-in", "768", "--d-sae", "24576", "--k", "32"])) == (768, 24576, 32, perf.BATCH)
@@ -152,6 +161,7 @@ def test_topk_dims_default_to_the_figure_s_and_take_the_command_line_s():
         perf.topk_dims(_args(["--d-sae", "32", "--k", "64"]))
 
 
+@pytest.mark.unit
 def test_a_peer_step_refuses_a_gpu_device_before_any_import(capsys):
     """Only ours and the matmul run off the CPU: a peer worker asked for CUDA answers an error
     (which fig_topk reports in place of the figure), never a CPU timing under a GPU label."""
@@ -163,6 +173,7 @@ def test_a_peer_step_refuses_a_gpu_device_before_any_import(capsys):
     assert "only sae_sweep and matmul run off the CPU" in json.loads(line[len(step_worker.MARK):])["error"]
 
 
+@pytest.mark.integration
 def test_generation_bench_projects_the_hours_for_100m_tokens_from_its_own_median_rate(tiny_cache_dir, tmp_path):
     """`bench generation --out` records every run and, per combination, the hours 100M tokens take
     at the faster sampler's median wall rate (docs/performance.md's GPU-hours projection is read from it)."""
@@ -183,6 +194,7 @@ def test_generation_bench_projects_the_hours_for_100m_tokens_from_its_own_median
     assert row["hours_per_100M_tokens"] == pytest.approx(100_000_000 / best / 3600)
 
 
+@pytest.mark.unit
 def test_gpucheck_without_cuda_reports_the_generation_figure_as_not_run(capsys):
     from sae_sweep.bench import gpucheck
 
@@ -191,6 +203,7 @@ def test_gpucheck_without_cuda_reports_the_generation_figure_as_not_run(capsys):
     assert line in capsys.readouterr().out
 
 
+@pytest.mark.unit
 def test_temporal_routes_figure_times_both_routes_and_names_the_automatic_one():
     from sae_sweep.bench.trainers import routes_table
     from sae_sweep.sae.temporal_ortho import CoactivationTable, measure_routes

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.processes import dead_pid
 from sae_sweep.activations.cache import (
     ActivationCache,
     CacheError,
@@ -62,13 +63,7 @@ def build(tmp_path, spec=SPEC, n_seqs=40, **kw):
     return cache, built, tokens, acts
 
 
-def _dead_pid() -> int:
-    proc = mp.get_context("spawn").Process(target=int)
-    proc.start()
-    proc.join()
-    return proc.pid
-
-
+@pytest.mark.unit
 def test_key_stable_and_sensitive():
     k = cache_key(SPEC)
     assert len(k) == 16 and set(k) <= set("0123456789abcdef")
@@ -86,6 +81,7 @@ def test_key_stable_and_sensitive():
     assert len(keys) == len(changes) and k not in keys
 
 
+@pytest.mark.unit
 def test_round_trip_float32(tmp_path):
     cache, built, tokens, acts = build(tmp_path)
     assert built
@@ -120,6 +116,7 @@ def test_round_trip_float32(tmp_path):
     assert len(read_builds_log(tmp_path)) == 1
 
 
+@pytest.mark.unit
 def test_round_trip_bf16_multi_shard(tmp_path):
     spec = {**SPEC, "storage_dtype": "bfloat16"}
     # 7 sequences of ctx*d*2 bytes per shard -> 6 shards, the last one short
@@ -139,6 +136,7 @@ def test_round_trip_bf16_multi_shard(tmp_path):
     ActivationCache.open(cache.path, verify=True)
 
 
+@pytest.mark.unit
 def test_float16_and_progress_total_sizing(tmp_path):
     spec = {**SPEC, "storage_dtype": "float16"}
     cache, built, _, acts = build(tmp_path, spec, progress_total=40)
@@ -146,6 +144,7 @@ def test_float16_and_progress_total_sizing(tmp_path):
     assert torch.equal(cache.to_tensor(cache.activations()), acts.half().float())
 
 
+@pytest.mark.unit
 def test_architecture_meta_form(tmp_path):
     """get_or_build(spec, root, build_fn, meta) with settings passed in meta."""
     tokens, acts = make_data(10)
@@ -154,6 +153,7 @@ def test_architecture_meta_form(tmp_path):
     assert built and cache.special_token_ids == [BOS] and cache.manifest["meta"] == {"lm": "tiny"}
 
 
+@pytest.mark.unit
 def test_bad_inputs(tmp_path):
     tokens, acts = make_data(4)
     with pytest.raises(TypeError, match="special_token_ids"):
@@ -180,6 +180,7 @@ def test_bad_inputs(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == []  # nothing half-built left behind
 
 
+@pytest.mark.unit
 def test_interrupted_build_leaves_nothing_and_next_call_builds(tmp_path):
     tokens, acts = make_data(40)
     with pytest.raises(RuntimeError, match="boom"):
@@ -192,6 +193,7 @@ def test_interrupted_build_leaves_nothing_and_next_call_builds(tmp_path):
     assert built and cache.n_seqs == 40 and len(read_builds_log(tmp_path)) == 1
 
 
+@pytest.mark.integration
 def test_leftover_tmp_dir_and_dead_lock_are_recovered(tmp_path):
     key = cache_key(SPEC)
     root = tmp_path / "activations"
@@ -199,12 +201,13 @@ def test_leftover_tmp_dir_and_dead_lock_are_recovered(tmp_path):
     leftover.mkdir(parents=True)
     (leftover / "acts-00000.npy").write_bytes(b"half a shard")
     (root / f"{key}.lock").write_text(json.dumps(
-        {"host": socket.gethostname(), "pid": _dead_pid(), "slurm_job_id": "12", "started": 0}))
+        {"host": socket.gethostname(), "pid": dead_pid(), "slurm_job_id": "12", "started": 0}))
     cache, built, _, _ = build(tmp_path, lock_timeout=10)
     assert built and not leftover.exists()
     assert sorted(p.name for p in root.iterdir()) == sorted([key, "builds.log"])
 
 
+@pytest.mark.unit
 def test_incomplete_and_corrupt_caches_are_detected(tmp_path):
     cache, _, tokens, acts = build(tmp_path)
     shard = cache.path / cache.manifest["shards"][0]["file"]
@@ -228,6 +231,7 @@ def test_incomplete_and_corrupt_caches_are_detected(tmp_path):
                                   acts.numpy())
 
 
+@pytest.mark.unit
 def test_caches_with_whole_file_checksums_still_verify(tmp_path):
     """Caches written before data_sha256 carry sha256 of the whole file; verify still checks them."""
     import hashlib
@@ -259,6 +263,7 @@ def _concurrent_builder(root: str, barrier, out: str) -> None:
                    "sum": float(torch.cat([a for _, a in cache.iter_sequences(64)]).sum())}, fh)
 
 
+@pytest.mark.integration
 def test_concurrent_builders_build_once(tmp_path):
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(2)
@@ -291,6 +296,7 @@ def _killed_builder(root: str, started) -> None:
     get_or_build(SPEC, root, build_fn, special_token_ids=[BOS, PAD])
 
 
+@pytest.mark.integration
 def test_builder_killed_mid_build_is_recovered(tmp_path):
     """SIGKILL leaves a lock and a temp dir behind; the next caller takes over and rebuilds."""
     ctx = mp.get_context("spawn")
@@ -324,6 +330,7 @@ def cache(tmp_path):
     return build(tmp_path, shard_bytes=9 * CTX * D * 4)[0]
 
 
+@pytest.mark.unit
 def test_reader_excludes_special_and_covers_each_token_once_per_epoch(cache):
     special = cache.special_mask().reshape(-1)
     usable = np.flatnonzero(~special)
@@ -340,6 +347,7 @@ def test_reader_excludes_special_and_covers_each_token_once_per_epoch(cache):
     assert torch.equal(b, flat[positions_of(b)])  # rows are the real stored rows
 
 
+@pytest.mark.unit
 def test_reader_partial_batch_dropped_and_include_special(cache):
     r = ShuffledReader(cache, batch_size=100, seed=0, exclude_special=False, prefetch=0)
     assert r.n_positions == 640 and r.batches_per_epoch == 6
@@ -351,6 +359,7 @@ def test_reader_partial_batch_dropped_and_include_special(cache):
         ShuffledReader(cache, batch_size=1000, seed=0)
 
 
+@pytest.mark.unit
 def test_reader_determinism(cache):
     a = take(ShuffledReader(cache, 31, seed=1), 25)
     b = take(ShuffledReader(cache, 31, seed=1, prefetch=0), 25)
@@ -361,6 +370,7 @@ def test_reader_determinism(cache):
     assert set(positions_of(a[0])) != set(positions_of(a[18]))
 
 
+@pytest.mark.unit
 def test_reader_resume_from_state_dict(cache):
     r = ShuffledReader(cache, 31, seed=5)
     take(r, 15)
@@ -380,6 +390,7 @@ def test_reader_resume_from_state_dict(cache):
         ShuffledReader(cache, 31, seed=6).load_state_dict(state)
 
 
+@pytest.mark.unit
 def test_reader_bf16_dtype_and_cleanup(tmp_path):
     cache = build(tmp_path, {**SPEC, "storage_dtype": "bfloat16"})[0]
     r = ShuffledReader(cache, 64, seed=0, dtype=torch.float32, num_workers=2)
@@ -396,6 +407,7 @@ def test_reader_bf16_dtype_and_cleanup(tmp_path):
     assert not any(t.is_alive() for t in threads)  # dropping the reader stops its workers
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("storage_dtype", ["bfloat16", "float16", "float32"])
 def test_chunks_in_the_lm_dtype_store_what_the_widened_route_stored(tmp_path, storage_dtype):
     """The job's build yields activations as the LM gives them (bf16 on a GPU), not widened to
@@ -413,6 +425,7 @@ def test_chunks_in_the_lm_dtype_store_what_the_widened_route_stored(tmp_path, st
         get_or_build({**spec, "route": "nan"}, tmp_path, chunks(tokens, bad), special_token_ids=[BOS])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", ["shuffled", "blocks"])
 def test_readers_send_bf16_and_widen_on_the_device(tmp_path, kind):
     """On a GPU a bf16 cache's batches cross PCIe in bf16 (half the bytes) and are widened there;

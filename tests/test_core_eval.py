@@ -14,6 +14,8 @@ from sae_sweep.evals import core
 from sae_sweep.evals.core import CoreAccumulator, run_core_eval
 from sae_sweep.evals.schema import EvalOutput, flatten_metrics, to_saebench_json, write_json
 
+pytestmark = pytest.mark.unit
+
 T = torch.tensor
 
 

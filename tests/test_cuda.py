@@ -1,10 +1,10 @@
 """The CUDA path on a real GPU (docs/cuda.md): marked ``cuda`` and skipped where CUDA is absent, so
 ``pytest -m cuda`` (``make gpu-check`` runs it) is the one command that settles them on a GPU node.
 Their CPU counterparts (the CUDA branches forced on CPU) are in test_device_paths.py."""
-import dataclasses
-
 import pytest
 import torch
+
+from helpers.config import trainer_params
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by make gpu-check on a GPU)")]
@@ -13,11 +13,9 @@ pytestmark = [pytest.mark.cuda,
 def _topk(device, d_in=64, d_sae=512, k=8, batch=128, steps=20):
     from sae_sweep.sae.registry import get_trainer
 
-    cls = get_trainer("topk")
-    cfg = {f.name: f.default for f in dataclasses.fields(cls.params_cls)}
     # AuxK on from the second step (dead_tokens = one batch)
-    cfg.update(name="topk", batch_size=batch, warmup_steps=2, dead_tokens=batch)
-    return cls(d_in, {"d_sae": d_sae, "k": k}, cfg, total_steps=steps, seed=0, device=device)
+    cfg = trainer_params("topk", batch_size=batch, warmup_steps=2, dead_tokens=batch)
+    return get_trainer("topk")(d_in, {"d_sae": d_sae, "k": k}, cfg, total_steps=steps, seed=0, device=device)
 
 
 def _data(steps=20, batch=128, d_in=64):

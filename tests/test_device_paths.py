@@ -1,25 +1,21 @@
 """The CUDA branches, forced on CPU (`kernels.force_path("device")`): training steps that never make
 the host wait for the device (checked op by op with `devices.SyncOps`), and CUDA-only code paths
 that give what the CPU paths give."""
-import dataclasses
-
 import pytest
 import torch
-from test_train import ListReader  # a finite reader with the readers' state_dict protocol
 
-from sae_sweep.util.devices import SyncOps
+from helpers.config import trainer_params
+from helpers.readers import ListReader  # a finite reader with the readers' state_dict protocol
 from sae_sweep.sae.kernels import force_path
 from sae_sweep.sae.registry import get_trainer, trainer_names
 from sae_sweep.sae.temporal_ortho import CoactivationTable
+from sae_sweep.util.devices import SyncOps
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 
 def _cfg(name, **over):
-    cls = get_trainer(name)
-    cfg = {f.name: f.default for f in dataclasses.fields(cls.params_cls)}
-    cfg.update(name=name, batch_size=64, warmup_steps=2, dead_tokens=128, **over)  # AuxK on from step 3
-    return cfg
+    return trainer_params(name, batch_size=64, warmup_steps=2, dead_tokens=128, **over)  # AuxK on from step 3
 
 
 VARIANTS = [(n, {}) for n in trainer_names()] + [("temporal_ortho", {"tracker": "dense"}),

@@ -1,19 +1,16 @@
 """End-to-end jobs on the offline defaults, through the real CLI, a real MLflow store and the
 real tiny model: the backbone's done-when list, at small token budgets."""
 
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
+from helpers.cli import run_cli, start_cli_until_checkpoint
+from helpers.mlflow_store import store_client, store_runs
 from sae_sweep.activations.cache import read_builds_log
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # Small budgets: each job trains ~40 steps on a 20k-token cache and evaluates on 2k held-out tokens.
 # Small caches trained over many times, on purpose: train.epochs says so (the default refuses repeated data).
@@ -21,16 +18,13 @@ SMALL = ["dataset.tokens=20000", "train.epochs=50", "dataset.eval_tokens=2048", 
          "train.checkpoint_every=5", "sweep.name=e2e", "tracking.system_metrics_interval_s=0.5"]
 
 
-def _cli(out: Path, *args, timeout=900, env_extra=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "sae_sweep", *args, f"paths.output_dir={out}"],
-                          capture_output=True, text=True, env=env, timeout=timeout, cwd=out.parent)
+def _cli(out: Path, *args, cache=None):
+    return run_cli(out, *args, cache=cache, timeout=900)
 
 
-def _runs(out: Path, experiment="e2e"):
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(experiment)
-    return client, (client.search_runs([exp.experiment_id], max_results=1000) if exp else [])
+def _runs(out: Path):
+    client = store_client(out)
+    return client, store_runs(out, "e2e", client=client)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +33,7 @@ def sweep_out(tmp_path_factory, fresh_cache):
     out = tmp_path_factory.mktemp("e2e") / "out"
     out.parent.mkdir(exist_ok=True)
     cache = fresh_cache(out.parent)
-    r = _cli(out, "-m", "seed=42,49", *SMALL, env_extra={"SAE_SWEEP_CACHE": str(cache)})
+    r = _cli(out, "-m", "seed=42,49", *SMALL, cache=cache)
     assert r.returncode == 0, r.stderr[-4000:]
     (out.parent / "cli.log").write_text(r.stdout + r.stderr)
     return out, cache
@@ -121,7 +115,7 @@ def test_cache_built_once_across_seeds(sweep_out):
 def test_second_run_of_the_sweep_trains_nothing(sweep_out):
     out, cache = sweep_out
     _, before = _runs(out)
-    r = _cli(out, "-m", "seed=42,49", *SMALL, env_extra={"SAE_SWEEP_CACHE": str(cache)})
+    r = _cli(out, "-m", "seed=42,49", *SMALL, cache=cache)
     assert r.returncode == 0, r.stderr[-3000:]
     _, after = _runs(out)
     new_children = [r for r in after if r.data.tags.get("sae_sweep.kind") == "job"
@@ -143,15 +137,8 @@ def test_nan_training_ends_run_failed_with_reason(tmp_path):
 
 def test_killed_job_resumes_the_same_run(tmp_path):
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "sae_sweep", *SMALL, "eval=core_only", "train.tokens=200000",
-            "train.checkpoint_every=5", f"paths.output_dir={out}"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    ckpts = out / "checkpoints"
-    deadline = time.time() + 600
-    while time.time() < deadline and not list(ckpts.glob("*/latest.pt")):
-        assert proc.poll() is None, "job ended before its first checkpoint"
-        time.sleep(0.5)
+    proc = start_cli_until_checkpoint(out, *SMALL, "eval=core_only", "train.tokens=200000", "train.checkpoint_every=5",
+                                      poll_s=0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     _, runs = _runs(out)
@@ -164,3 +151,16 @@ def test_killed_job_resumes_the_same_run(tmp_path):
     assert len(runs) == 1 and runs[0].info.run_id == killed_id and runs[0].info.status == "FINISHED"
     assert int(runs[0].data.tags["resumed_from_step"]) > 0
     assert runs[0].data.metrics["train/steps"] == 200
+
+
+def test_research_trainers_sweep_with_one_published_mode(tmp_path):
+    """`-m trainer=a,b,c trainer.mode=published`: the single value applies to each swept trainer."""
+    out = tmp_path / "out"
+    grid = ["-m", "trainer=hierarchical,temporal_ortho,adaptive_ortho", "trainer.mode=published",
+            "dataset=synthetic", "dataset.tokens=8192", "dataset.eval_tokens=1024", "train.tokens=8192",
+            "trainer.batch_size=512", "sae.d_sae=128", "sae.k=4", "eval=core_only", "sweep.name=modes"]
+    r = run_cli(out, *grid)
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs = store_runs(out, "modes", "job")
+    assert sorted(x.data.params["trainer.name"] for x in jobs) == ["adaptive_ortho", "hierarchical", "temporal_ortho"]
+    assert all(x.info.status == "FINISHED" and x.data.params["trainer.mode"] == "published" for x in jobs)

@@ -14,6 +14,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from sae_sweep.evals import absorption as A
 
+pytestmark = pytest.mark.unit
+
 S = dataclasses.asdict(A.AbsorptionSettings())
 
 

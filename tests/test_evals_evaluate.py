@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from helpers.config import compose_config
+from helpers.mlflow_store import tracker_at
 from sae_sweep.cli import evaluate
-from sae_sweep.job.app import CONF_DIR
 from sae_sweep.sae import get_sae_class
 
 
@@ -39,18 +39,15 @@ def _local_model(path):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, session_cache_dir):
-    from sae_sweep.tracking.runs import Tracker
-
     tmp_path = tmp_path_factory.mktemp("evaluate")
     model_dir = _local_model(tmp_path / "model")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=[
-            f"model.hf_id={model_dir}", "model.name=local", "model.d_model=32", "model.n_layers=2",
-            "model.default_layer=1", "dataset.eval_tokens=512", "dataset.context_size=32",
-            f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={session_cache_dir}", "device=cpu",
-            "eval.run=[core]"])
+    cfg = compose_config(
+        f"model.hf_id={model_dir}", "model.name=local", "model.d_model=32", "model.n_layers=2",
+        "model.default_layer=1", "dataset.eval_tokens=512", "dataset.context_size=32",
+        f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={session_cache_dir}", "device=cpu",
+        "eval.run=[core]")
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker = tracker_at(tmp_path)
     # an explicit artifact root: the sqlite store's default is ./mlruns in whatever the cwd is
     tracker.client.create_experiment("ev", artifact_location=str(tmp_path / "artifacts"))
     run = tracker.child("ev", "run", "key-1", None)
@@ -62,6 +59,7 @@ def finished_run(tmp_path_factory, session_cache_dir):
     return tracker, run.run_id
 
 
+@pytest.mark.integration
 def test_evaluate_adds_metrics_to_finished_run(finished_run):
     tracker, run_id = finished_run
     rc = evaluate.main([run_id, "eval.run=[fake_features]", "eval.fake_features.n_tokens=512",
@@ -79,6 +77,7 @@ def test_evaluate_adds_metrics_to_finished_run(finished_run):
     assert doc["eval_type_id"] == "fake_features" and doc["eval_config"]["n_tokens"] == 512
 
 
+@pytest.mark.integration
 def test_evaluate_refuses_training_overrides_and_unknown_evals(finished_run):
     tracker, run_id = finished_run
     assert evaluate.main([run_id, "sae.k=8", "--tracking-uri", tracker.uri]) == 2
@@ -87,6 +86,7 @@ def test_evaluate_refuses_training_overrides_and_unknown_evals(finished_run):
     assert evaluate.main(["0123456789abcdef", "--tracking-uri", tracker.uri]) == 2
 
 
+@pytest.mark.unit
 def test_apply_overrides_loads_an_eval_preset():
     base = OmegaConf.create({"dataset": {"eval_tokens": 100, "context_size": 16}, "eval": {"run": ["core"]}})
     cfg = evaluate.apply_overrides(base, ["eval=full", "eval.absorption.max_words=50"])

@@ -15,6 +15,8 @@ from transformers import PreTrainedTokenizerFast
 from sae_sweep.evals import downstream, fake_features, probes, sparse_probing
 from sae_sweep.evals.schema import flatten_metrics, to_saebench_json
 
+pytestmark = pytest.mark.unit
+
 PACKAGES = ["asyncio", "email", "logging"]
 
 
@@ -405,7 +407,9 @@ def _faithfulsae_prove_performance(lm, sae, train, test, n_labels, g, max_length
         acts = lm.activations(enc.input_ids, 0, "resid_post")
         recon, feats = sae(acts)
         n = enc.attention_mask.sum(dim=1) - minus
-        pool = lambda a: torch.stack([a[i, -n[i]:].mean(dim=0) for i in range(a.shape[0])])
+        def pool(a):
+            return torch.stack([a[i, -n[i]:].mean(dim=0) for i in range(a.shape[0])])
+
         return {"baseline": pool(acts), "sae": pool(feats), "recon": pool(recon)}
 
     texts, labels = train

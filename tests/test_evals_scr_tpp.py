@@ -15,6 +15,8 @@ from transformers import PreTrainedTokenizerFast
 from sae_sweep.evals import probes
 from sae_sweep.evals import scr_and_tpp as ST
 
+pytestmark = pytest.mark.unit
+
 PACKAGES = ["asyncio", "email", "logging", "xml"]  # TPP classes
 B = ST.BIASED
 

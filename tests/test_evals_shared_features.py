@@ -6,9 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers.mlflow_store import tracker_at
 from sae_sweep.evals.shared_features import shared_feature_ratio
 from sae_sweep.report.crossseed import compare_runs, crossseed_hook
 from sae_sweep.sae import get_sae_class
+
+pytestmark = pytest.mark.unit
 
 METHODS = ["dense", "sparse"]
 
@@ -100,10 +103,8 @@ def _save_sae(w_dec: torch.Tensor, path):
 
 
 def test_crossseed_hook_logs_groups_pairs_and_children(tmp_path, monkeypatch):
-    from sae_sweep.tracking.runs import Tracker
-
     monkeypatch.chdir(tmp_path)  # the sqlite store's artifacts land under ./mlruns
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker = tracker_at(tmp_path)
     parent = tracker.start_parent("xs", "sweep", {"sweep_name": "xs"})
     g = torch.Generator().manual_seed(3)
     w = torch.randn(64, 16, generator=g)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers.mlflow_store import tracker_at
 from sae_sweep.cli.export import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME, export_dir, export_run
 from sae_sweep.cli.export import main as export_main
 from sae_sweep.sae import SparseAutoencoder
@@ -15,7 +16,8 @@ from sae_sweep.sae.jumprelu import JumpReLUSAE
 from sae_sweep.sae.matryoshka import MatryoshkaSAE
 from sae_sweep.sae.relu import ReLUSAE
 from sae_sweep.sae.topk import TopKSAE
-from sae_sweep.tracking.runs import Tracker
+
+pytestmark = pytest.mark.unit
 
 D_IN, D_SAE, K = 12, 48, 4
 RUN_CFG = {"model_name": "tiny", "model_hf_id": "builtin:tiny", "hook_name": "blocks.2.hook_resid_post",
@@ -139,7 +141,7 @@ def test_export_dir_round_trip(tmp_path, name):
 
 
 def test_export_from_mlflow_run_and_cli(tmp_path):
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker = tracker_at(tmp_path)
     sae, arch = make_saes()["topk"]
     src = sae.save(tmp_path / "sae", RUN_CFG)
     with tracker.child("export_test", "tiny_topk_run", "key-export", None) as run:

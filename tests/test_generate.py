@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers.cli import cli_env
 from sae_sweep.config import GenerationConfig
 from sae_sweep.data.faithful import chunks_needed, generate_shard
 from sae_sweep.data.text import generations, token_windows
@@ -26,6 +27,7 @@ def _chunks(root: Path):
     return {p.name: p.stat().st_mtime_ns for p in root.glob("chunk_*.npz")}
 
 
+@pytest.mark.integration
 def test_shards_write_disjoint_chunks_that_together_are_one_processs_text(tiny_lm, tmp_path):
     sharded = generations(DATASET, tiny_lm, tmp_path / "sharded")
     first = generate_shard(sharded, 0, 2, train_tokens=1500, eval_tokens=200)
@@ -56,6 +58,7 @@ def test_shards_write_disjoint_chunks_that_together_are_one_processs_text(tiny_l
     assert manifest["chunks"] == len(before) and manifest["generation"] == {**GEN, "sampler": SAMPLER}
 
 
+@pytest.mark.unit
 def test_chunks_needed_covers_both_splits():
     # 10 % of documents go to eval: 900 train tokens need 1000 tokens; 200 eval tokens need 2000.
     assert chunks_needed(900, 10, tokens_per_chunk=100, margin=1.0) == 10
@@ -63,15 +66,16 @@ def test_chunks_needed_covers_both_splits():
     assert chunks_needed(1, 1, tokens_per_chunk=1e9) == 1
 
 
-def _generate(*args, cwd, env=None):
+def _generate(*args, cwd):
     return subprocess.run([sys.executable, "-m", "sae_sweep.generate", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+                          cwd=cwd, timeout=600, env=cli_env())
 
 
 CLI = ["dataset.generation.batch_size=8", "dataset.generation.max_new_tokens=16", "dataset.generation.seed=77",
        "train.tokens=3000", "train.epochs=1", "dataset.eval_tokens=256"]
 
 
+@pytest.mark.integration
 def test_cli_generates_its_shard_and_refuses_bad_input_naming_the_key(tmp_path):
     r = _generate("--shard", "1", "--shards", "2", *CLI, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

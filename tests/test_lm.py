@@ -101,6 +101,7 @@ def _load_family(family_dirs, name, cache_dir):
 
 
 # Hook points on each architecture
+@pytest.mark.integration
 @pytest.mark.parametrize("name", list(FAMILY_CONFIGS))
 def test_hook_points_match_hf_hidden_states(family_dirs, tmp_path, name):
     lm = _load_family(family_dirs, name, tmp_path)
@@ -153,6 +154,7 @@ def test_hook_points_match_hf_hidden_states(family_dirs, tmp_path, name):
         torch.testing.assert_close(_get(lm.model, FINAL_NORM[name])(last), hs[-1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", list(FAMILY_CONFIGS))
 def test_early_exit_and_splice(family_dirs, tmp_path, name):
     lm = _load_family(family_dirs, name, tmp_path)
@@ -174,7 +176,7 @@ def test_early_exit_and_splice(family_dirs, tmp_path, name):
                 assert all(calls[i] == 0 for i in range(layer + 1, lm.n_layers)), (hook, layer, calls)
 
                 seen = []
-                ident = lm.logits_with_splice(ids, layer, hook, lambda a: seen.append(a.clone()) or a)
+                ident = lm.logits_with_splice(ids, layer, hook, lambda a: seen.append(a.clone()) or a)  # noqa: B023
                 assert torch.equal(early, seen[0]), f"early exit differs from full forward at {hook_name(layer, hook)}"
                 assert torch.equal(ident, clean), f"identity splice changed logits at {hook_name(layer, hook)}"
 
@@ -185,6 +187,7 @@ def test_early_exit_and_splice(family_dirs, tmp_path, name):
             h.remove()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", list(FAMILY_CONFIGS))
 def test_sae_splice_changes_only_downstream(family_dirs, tmp_path, name):
     """Splicing an SAE's reconstruction in at layer L leaves every block input up to L as it was
@@ -223,6 +226,7 @@ def test_sae_splice_changes_only_downstream(family_dirs, tmp_path, name):
             assert torch.equal(lm.logits_with_splice(ids, layer, hook, lambda a: a.clone()), clean)
 
 
+@pytest.mark.integration
 def test_bad_hook_and_layer(family_dirs, tmp_path):
     lm = _load_family(family_dirs, "gpt2", tmp_path)
     ids = torch.zeros(1, 4, dtype=torch.long)
@@ -232,6 +236,7 @@ def test_bad_hook_and_layer(family_dirs, tmp_path):
         lm.activations(ids, 3, "resid_post")
 
 
+@pytest.mark.integration
 def test_fingerprint_and_shape_of_local_dir(family_dirs, tmp_path):
     cfg = {"name": "llama-rand", "hf_id": str(family_dirs["llama"]), "dtype": "float32", "n_layers": 99, "d_model": 1}
     assert model_shape(cfg, tmp_path) == (3, 32)  # from config.json, not the yaml values
@@ -247,6 +252,7 @@ def test_fingerprint_and_shape_of_local_dir(family_dirs, tmp_path):
     assert lm16.fingerprint["tokenizer_hash"] == fp["tokenizer_hash"]
 
 
+@pytest.mark.unit
 def test_dtype_resolution():
     assert resolve_dtype("auto", "cpu") == torch.float32
     assert resolve_dtype("auto", "cuda") == torch.bfloat16
@@ -255,6 +261,7 @@ def test_dtype_resolution():
         resolve_dtype("int8", "cpu")
 
 
+@pytest.mark.unit
 def test_offline_hub_model_is_unavailable(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty HF cache
@@ -273,6 +280,7 @@ def test_offline_hub_model_is_unavailable(tmp_path, monkeypatch):
 
 
 # The tiny model
+@pytest.mark.integration
 def test_tiny_is_built_once_and_loads_like_a_hub_model(tiny_lm, tiny_cache_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
@@ -310,6 +318,7 @@ def test_tiny_is_built_once_and_loads_like_a_hub_model(tiny_lm, tiny_cache_dir):
         assert torch.equal(a, b)
 
 
+@pytest.mark.integration
 def test_tiny_has_learned_text(tiny_lm, tiny_cache_dir):
     info = json.loads((lm_mod.tiny_model_dir(tiny_cache_dir) / "build_info.json").read_text())
     # Held-out loss well below the unigram entropy: it uses context, not just token frequencies.
@@ -330,6 +339,7 @@ def test_tiny_has_learned_text(tiny_lm, tiny_cache_dir):
     assert known > 0.5, (known, text[:500])
 
 
+@pytest.mark.integration
 def test_weights_load_straight_onto_the_device(tiny_cache_dir, monkeypatch):
     """On a GPU from_pretrained places the weights as it reads them (device_map), so a model never
     passes through host memory; forced on the CPU, that route loads the same model."""

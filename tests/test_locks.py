@@ -11,17 +11,10 @@ import time
 
 import pytest
 
+from helpers.processes import dead_pid
 from sae_sweep.util.locks import LockTimeout, OwnedLock, read_owner
 
 HOST = socket.gethostname()
-
-
-def _dead_pid() -> int:
-    """A pid that certainly existed and is now gone (a finished child we reaped)."""
-    proc = mp.get_context("spawn").Process(target=int)
-    proc.start()
-    proc.join()
-    return proc.pid
 
 
 def _write_lock(path, **owner) -> None:
@@ -41,6 +34,7 @@ def _critical_section(lock_path: str, log_path: str, n: int) -> None:
                 fh.flush()
 
 
+@pytest.mark.integration
 def test_mutual_exclusion_across_processes(tmp_path):
     lock_path, log_path = tmp_path / "x.lock", tmp_path / "log.txt"
     ctx = mp.get_context("spawn")
@@ -58,6 +52,7 @@ def test_mutual_exclusion_across_processes(tmp_path):
     assert not lock_path.exists()
 
 
+@pytest.mark.unit
 def test_owner_info_and_release(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     path = tmp_path / "sub" / "a.lock"
@@ -70,9 +65,10 @@ def test_owner_info_and_release(tmp_path, monkeypatch):
     assert not path.exists() and not lock.is_held
 
 
+@pytest.mark.integration
 def test_dead_owner_on_same_host_is_taken_over(tmp_path, caplog):
     path = tmp_path / "a.lock"
-    _write_lock(path, host=HOST, pid=_dead_pid(), slurm_job_id=None, started=time.time())
+    _write_lock(path, host=HOST, pid=dead_pid(), slurm_job_id=None, started=time.time())
     caplog.set_level(logging.WARNING, logger="sae_sweep.util.locks")
     t0 = time.monotonic()
     with OwnedLock(path, timeout=5, stale_after=600) as lock:  # mtime is fresh: pid check decides
@@ -82,6 +78,7 @@ def test_dead_owner_on_same_host_is_taken_over(tmp_path, caplog):
     assert not list(tmp_path.iterdir())  # no stale-aside or guard files left behind
 
 
+@pytest.mark.unit
 def test_silent_owner_on_other_host_is_taken_over(tmp_path):
     path = tmp_path / "a.lock"
     _write_lock(path, host="some-other-node", pid=1, slurm_job_id="77", started=0)
@@ -91,6 +88,7 @@ def test_silent_owner_on_other_host_is_taken_over(tmp_path):
         assert lock.is_held
 
 
+@pytest.mark.unit
 def test_live_owner_on_other_host_is_not_taken_over(tmp_path):
     path = tmp_path / "a.lock"
     _write_lock(path, host="some-other-node", pid=1, slurm_job_id="77", started=time.time())
@@ -99,6 +97,7 @@ def test_live_owner_on_other_host_is_not_taken_over(tmp_path):
     assert read_owner(path)["host"] == "some-other-node"
 
 
+@pytest.mark.unit
 def test_heartbeat_keeps_live_lock(tmp_path):
     path = tmp_path / "a.lock"
     stale_after = 1.0  # heartbeat every 0.25 s; generous for a loaded 2-core machine
@@ -117,6 +116,7 @@ def test_heartbeat_keeps_live_lock(tmp_path):
     assert not path.exists()
 
 
+@pytest.mark.unit
 def test_timeout_names_owner(tmp_path):
     path = tmp_path / "a.lock"
     _write_lock(path, host="node17", pid=31337, slurm_job_id="999", started=time.time())
@@ -129,6 +129,7 @@ def test_timeout_names_owner(tmp_path):
     assert err.value.owner["host"] == "node17"
 
 
+@pytest.mark.unit
 def test_waiter_gets_lock_after_release_and_logs(tmp_path, caplog):
     path = tmp_path / "a.lock"
     caplog.set_level(logging.INFO, logger="sae_sweep.util.locks")
@@ -139,6 +140,7 @@ def test_waiter_gets_lock_after_release_and_logs(tmp_path, caplog):
     assert "waiting for lock" in caplog.text
 
 
+@pytest.mark.unit
 def test_release_does_not_remove_someone_elses_lock(tmp_path):
     path = tmp_path / "a.lock"
     lock = OwnedLock(path).acquire()
@@ -148,10 +150,11 @@ def test_release_does_not_remove_someone_elses_lock(tmp_path):
     assert read_owner(path)["host"] == "elsewhere"
 
 
+@pytest.mark.integration
 def test_concurrent_takeover_of_one_stale_lock(tmp_path):
     """Several threads race to take over one dead lock: exactly one holds it at any time."""
     path = tmp_path / "a.lock"
-    _write_lock(path, host=HOST, pid=_dead_pid(), slurm_job_id=None, started=0)
+    _write_lock(path, host=HOST, pid=dead_pid(), slurm_job_id=None, started=0)
     inside, overlaps = [0], []
     guard = threading.Lock()
 

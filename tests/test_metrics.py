@@ -23,6 +23,8 @@ from sae_sweep.report.metrics_doc import COMMAND, render
 from sae_sweep.training import loop
 from sae_sweep.util.metrics import Metric, find_metric
 
+pytestmark = pytest.mark.integration  # runs every eval on the trained tiny LM
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ["asyncio", "email", "logging", "xml"]
 

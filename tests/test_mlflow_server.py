@@ -15,9 +15,11 @@ from contextlib import contextmanager
 
 import pytest
 
+from helpers.sweeps import EV, KL, SEEDS, make_sweep
 from sae_sweep.report import build_report
 from sae_sweep.tracking.runs import Tracker
-from test_report import EV, KL, SEEDS, make_sweep
+
+pytestmark = pytest.mark.integration
 
 START_TIMEOUT = 180  # first start migrates a fresh sqlite schema; 2 slow cores
 

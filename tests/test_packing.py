@@ -2,11 +2,13 @@
 import pytest
 import torch
 
+from helpers.cli import run_cli
+from helpers.config import compose_config
+from helpers.mlflow_store import store_runs
 from sae_sweep.activations.cache import get_or_build
 from sae_sweep.activations.reader import ShuffledReader
-from sae_sweep.training.loop import Member, train_members
 from sae_sweep.sae.registry import get_trainer
-from sae_sweep.training.loop import train
+from sae_sweep.training.loop import Member, train, train_members
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,6 +48,7 @@ def solo(cache, tmp_path, i, point):
     return trainer, logs
 
 
+@pytest.mark.unit
 def test_packed_members_equal_solo_runs_and_resume_alone(cache, tmp_path):
     members, logs = [], []
     for i, point in enumerate(POINTS):
@@ -73,24 +76,22 @@ def test_packed_members_equal_solo_runs_and_resume_alone(cache, tmp_path):
         assert torch.equal(again.sae.W_dec, m.trainer.sae.W_dec)
 
 
+@pytest.mark.unit
 def test_stream_key_groups_points_that_read_the_same_activations():
     """Points differing in trainer, SAE size, lr or seed read the same activations (each in its
     own seed's order); batch size or the activations themselves (layer, dataset, hook) differ."""
-    from hydra import compose, initialize_config_dir
-
-    from sae_sweep.job.app import CONF_DIR
     from sae_sweep.config import stream_key
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        def key(*overrides):
-            return stream_key(compose("config", overrides=list(overrides)))
+    def key(*overrides):
+        return stream_key(compose_config(*overrides))
 
-        base = key()
-        assert key("trainer=relu") == key("sae.expansion_factor=8") == key("trainer.lr=0.01") == key("seed=49") == base
-        for other in ("trainer.batch_size=512", "layer=1", "dataset=faithful", "hook=mlp_out", "cache.mode=stream"):
-            assert key(other) != base, other
+    base = key()
+    assert key("trainer=relu") == key("sae.expansion_factor=8") == key("trainer.lr=0.01") == key("seed=49") == base
+    for other in ("trainer.batch_size=512", "layer=1", "dataset=faithful", "hook=mlp_out", "cache.mode=stream"):
+        assert key(other) != base, other
 
 
+@pytest.mark.unit
 def test_packed_resume_from_mixed_positions(cache, tmp_path):
     """Members interrupted at different steps resume in one pack and end as if never stopped."""
     point_a, point_b = POINTS[0], POINTS[2]
@@ -103,28 +104,22 @@ def test_packed_resume_from_mixed_positions(cache, tmp_path):
     assert torch.equal(alone_b.sae.W_enc, b2.trainer.sae.W_enc)
 
 
-import os
-import subprocess
-import sys
-
-from mlflow.tracking import MlflowClient
-
 GRID = ["-m", "dataset=synthetic", "trainer=topk,relu", "sae.d_sae=128,96", "seed=3", "dataset.tokens=8192",
         "dataset.eval_tokens=1024", "train.tokens=8192", "trainer.batch_size=512", "train.checkpoint_every=8",
         "sweep.name=pack", "eval=core_only"]
 
 
+def _jobs_by_key(out):
+    return {r.data.tags["run_key"]: r for r in store_runs(out, "pack", "job")}
+
+
 def _sweep(out, *extra):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "sae_sweep", *GRID, *extra, f"paths.output_dir={out}"],
-                       capture_output=True, text=True, env=env, timeout=900, cwd=out.parent)
+    r = run_cli(out, *GRID, *extra, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("pack")
-    runs = client.search_runs([exp.experiment_id], max_results=100)
-    return {r.data.tags["run_key"]: r for r in runs if r.data.tags.get("sae_sweep.kind") == "job"}
+    return _jobs_by_key(out)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_packed_sweep_equals_one_job_per_point(tmp_path):
     alone = _sweep(tmp_path / "alone")
@@ -148,18 +143,15 @@ STREAM_GRID = ["cache.mode=stream", "train.tokens=12288", "train.epochs=1", "tra
                "eval=core_only"]
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_stream_pack_of_seeds_and_trainers_pays_one_lm_pass_and_equals_solo_runs(tmp_path):
     """2 seeds x 2 trainers streamed in one packed job: the LM forward work is that of one stream
     (not four), and an SAE of the second seed (its own block order) equals its solo stream run's."""
     def sweep(out, *grid):
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        r = subprocess.run([sys.executable, "-m", "sae_sweep", "-m", *STREAM_GRID, *grid, f"paths.output_dir={out}"],
-                           capture_output=True, text=True, env=env, timeout=900, cwd=out.parent)
+        r = run_cli(out, "-m", *STREAM_GRID, *grid, timeout=900)
         assert r.returncode == 0, r.stderr[-4000:]
-        client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-        runs = client.search_runs([client.get_experiment_by_name("pack").experiment_id], max_results=100)
-        return {r.data.tags["run_key"]: r for r in runs if r.data.tags.get("sae_sweep.kind") == "job"}
+        return _jobs_by_key(out)
 
     packed = sweep(tmp_path / "packed", "trainer=topk,relu", "seed=3,4", "sweep.pack=true")
     alone = sweep(tmp_path / "alone", "trainer=relu", "seed=4")

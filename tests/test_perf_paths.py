@@ -6,7 +6,7 @@ import torch
 from sae_sweep.sae.kernels import SparseDecode, TopKEncode
 from sae_sweep.sae.topk import TopKTrainer
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 
 def dense_topk(x, W_enc, b_enc, b_dec, k):
@@ -48,7 +48,9 @@ def test_topk_encode_gradcheck():
     W = torch.randn(4, 9, generator=g, dtype=torch.float64, requires_grad=True)
     be = torch.randn(9, generator=g, dtype=torch.float64, requires_grad=True)
     bd = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
-    fn = lambda x, W, be, bd: TopKEncode.apply(x, W, be, bd, 2, None, 0, torch.float64)[0]
+    def fn(x, W, be, bd):
+        return TopKEncode.apply(x, W, be, bd, 2, None, 0, torch.float64)[0]
+
     assert torch.autograd.gradcheck(fn, (x, W, be, bd))
 
 

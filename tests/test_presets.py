@@ -5,13 +5,13 @@ that only composes on its author's machine, or a default that drifted from its s
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class
 from omegaconf import OmegaConf, open_dict
 
-from sae_sweep.job.app import CONF_DIR, validate_point
+from helpers.config import compose_config
 from sae_sweep.config import ConfigError
+from sae_sweep.job.app import CONF_DIR, validate_point
 
 # Presets of models and datasets that live on the Hugging Face Hub cannot be loaded offline; they
 # are checked for everything but availability (the offline message itself is tested elsewhere).
@@ -23,8 +23,7 @@ def options(group: str) -> list[str]:
 
 
 def compose_job(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    cfg = compose_config(*overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # the ${hydra:...} interpolations resolve as in a run
     return cfg
 
@@ -36,11 +35,13 @@ def job_view(cfg):
     return job
 
 
+@pytest.mark.unit
 def test_every_group_has_options():
     for group in ("model", "dataset", "trainer", "eval", "experiment", "hydra/launcher"):
         assert options(group), group
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("model", options("model"))
 def test_model_presets(model):
     cfg = compose_job(f"model={model}")
@@ -48,7 +49,9 @@ def test_model_presets(model):
     assert cfg.model.name == model and 0 <= cfg.layer < cfg.model.n_layers
 
 
-@pytest.mark.parametrize("dataset", options("dataset"))
+# postgres_manual reads the PostgreSQL manual's HTML, a system package (`make test` installs it)
+@pytest.mark.parametrize("dataset", [pytest.param(d, marks=pytest.mark.integration if d == "postgres_manual"
+                                                  else pytest.mark.unit) for d in options("dataset")])
 def test_dataset_presets(dataset, tmp_path):
     extra = []
     if dataset == "local":  # needs its files: enough lines (documents) for both splits
@@ -59,11 +62,13 @@ def test_dataset_presets(dataset, tmp_path):
     validate_point(job_view(cfg), check_availability=dataset not in HUB_DATASETS)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("trainer", options("trainer"))
 def test_trainer_presets(trainer):
     validate_point(job_view(compose_job(f"trainer={trainer}")), check_availability=False)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("preset", options("eval"))
 def test_eval_presets(preset):
     cfg = compose_job(f"eval={preset}")
@@ -71,6 +76,7 @@ def test_eval_presets(preset):
     assert set(cfg.eval.run) <= set(cfg.eval.keys())  # every eval that runs has its settings node
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_experiment_presets(experiment):
     cfg = compose_job(f"experiment={experiment}")
@@ -79,6 +85,7 @@ def test_experiment_presets(experiment):
     assert cfg.sweep.name != "default" and experiment.startswith(cfg.sweep.name)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("launcher", options("hydra/launcher"))
 def test_launcher_presets(launcher):
     cfg = compose_job(f"hydra/launcher={launcher}")
@@ -88,6 +95,7 @@ def test_launcher_presets(launcher):
     assert OmegaConf.to_container(cfg.hydra.launcher, resolve=True)["timeout_min"] > 0
 
 
+@pytest.mark.unit
 def test_a_bad_value_in_any_group_is_one_kind_of_message():
     """A bad value in the job, a trainer or an eval: the same message shape (key=value: why; allowed)."""
     for override, key in (("hook=mid", "hook='mid'"), ("trainer.lr=-1", "trainer.lr=-1.0"),

@@ -2,17 +2,17 @@
 disk, one LM pass for every seed of a pack), and packs that mix seeds -- each SAE exactly the SAE
 it would be alone."""
 
-import numpy as np
 import pytest
 import torch
 
+from helpers.config import compose_config
 from sae_sweep.activations.cache import get_or_build
 from sae_sweep.activations.reader import BlockReader, DiskBlocks
 from sae_sweep.sae.registry import get_trainer
 from sae_sweep.activations.stream import StreamBlocks, StreamReader
-from sae_sweep.training.loop import Member, train, train_members
+from sae_sweep.training.loop import Interrupted, Member, train, train_members
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 D, CTX, N_SEQS, BOS = 8, 16, 80, 1
 
@@ -178,7 +178,7 @@ def test_a_pack_of_seeds_on_one_disk_cache_equals_the_solo_runs_and_resumes(cach
     members = [Member(make(*p), steps, tmp_path / f"p{i}", checkpoint_every=9, stream=p[3])
                for i, p in enumerate(points)]
     readers = {7: BlockReader(src, 32, 7), 8: BlockReader(src, 32, 8)}
-    with pytest.raises(Exception):  # interrupted mid-way ...
+    with pytest.raises(Interrupted):  # interrupted mid-way ...
         train_members(members, readers, progress=False, should_stop=lambda: members[0].trainer.step_count >= 13)
     again = [Member(make(*p), steps, tmp_path / f"p{i}", checkpoint_every=9, stream=p[3])
              for i, p in enumerate(points)]
@@ -194,19 +194,16 @@ def test_a_pack_of_seeds_on_one_disk_cache_equals_the_solo_runs_and_resumes(cach
 def test_caches_that_do_not_fit_are_refused_before_any_work_with_the_numbers(tmp_path):
     import shutil
 
-    from hydra import compose, initialize_config_dir
-
-    from sae_sweep.job.app import CONF_DIR, disk_problems, model_shape, validate_point
     from sae_sweep.config import ConfigError
+    from sae_sweep.job.app import disk_problems, model_shape, validate_point
 
     free = shutil.disk_usage(tmp_path).free
     tokens = int(free / (128 * 4 + 4) * 1.5)  # tiny: d_model 128, fp32: 1.5x what the disk holds
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        big = compose("config", overrides=[f"dataset.tokens={tokens}", f"paths.cache_dir={tmp_path}"])
-        streamed = compose("config", overrides=[f"dataset.tokens={tokens}", f"paths.cache_dir={tmp_path}",
-                                                "cache.mode=stream", "train.epochs=1"])
-        seeds = [compose("config", overrides=[f"dataset.tokens={tokens // 2}", f"paths.cache_dir={tmp_path}",
-                                              f"seed={s}"]) for s in (1, 2)]
+    big = compose_config(f"dataset.tokens={tokens}", f"paths.cache_dir={tmp_path}")
+    streamed = compose_config(f"dataset.tokens={tokens}", f"paths.cache_dir={tmp_path}", "cache.mode=stream",
+                              "train.epochs=1")
+    seeds = [compose_config(f"dataset.tokens={tokens // 2}", f"paths.cache_dir={tmp_path}", f"seed={s}")
+             for s in (1, 2)]
     with pytest.raises(ConfigError) as e:
         validate_point(big, check_availability=True, memory_gb=1e6)
     msg = str(e.value)

@@ -2,18 +2,15 @@
 paths as every model -- weights resolution and its record, hook points, early exit and splicing,
 and one full job on the CLI (cache -> train -> core eval -> MLflow) at a shallow layer."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
+from helpers.cli import run_cli
+from helpers.mlflow_store import store_runs
 from sae_sweep.models.lm import HOOK_TYPES, ModelUnavailable, load_lm, resolve_weights
 
-pytestmark = pytest.mark.xdist_group("real_model")  # one worker converts and loads it once
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("real_model")]  # one worker converts and loads it once
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +69,9 @@ def test_full_job_on_real_weights(smollm2_dir, session_cache_dir, tmp_path):
     args = ["model=smollm2-135m", "layer=3", "dataset=builtin", "dataset.context_size=64", "dataset.eval_tokens=2048",
             "train.tokens=16384", "trainer.batch_size=512", "sae.expansion_factor=2", "sae.k=16",
             "eval=core_only", "sweep.name=real"]
-    r = subprocess.run([sys.executable, "-m", "sae_sweep", *args, f"paths.output_dir={out}"], capture_output=True,
-                       text=True, timeout=900, cwd=tmp_path,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1", "SAE_SWEEP_CACHE": str(session_cache_dir)})
+    r = run_cli(out, *args, cache=session_cache_dir, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    (run,) = [x for x in client.search_runs([client.get_experiment_by_name("real").experiment_id])
-              if x.data.tags.get("sae_sweep.kind") == "job"]
+    (run,) = store_runs(out, "real", "job")
     assert run.info.status == "FINISHED"
     t, p, m = run.data.tags, run.data.params, run.data.metrics
     assert t["model_weights"] == "gguf-q4_1-instruct" and p["model.weights"] == "gguf"

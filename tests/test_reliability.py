@@ -6,18 +6,18 @@ before any work with the real reason. Real MLflow stores, real CLI processes, pl
 or tiny-model data.
 """
 
-import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
+from helpers.cli import cli_argv, cli_env, run_cli
+from helpers.config import compose_config
+from helpers.mlflow_store import store_client, store_runs
 from sae_sweep.activations.cache import ActivationCache, get_or_build
 from sae_sweep.util.locks import OwnedLock
 from sae_sweep.training.loop import CheckpointUnreadable, Interrupted, load_checkpoint, train
@@ -26,19 +26,8 @@ SYNTH = ["dataset=synthetic", "dataset.tokens=16384", "dataset.eval_tokens=2048"
          "trainer.batch_size=512", "sae.d_sae=128", "sae.k=4", "eval=core_only", "sweep.name=rel"]
 
 
-def _cli(out: Path, *args, cache=None, timeout=600, cwd=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if cache is not None:
-        env["SAE_SWEEP_CACHE"] = str(cache)
-    return subprocess.run([sys.executable, "-m", "sae_sweep", *args, f"paths.output_dir={out}"],
-                          capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd or out.parent)
-
-
-def _jobs(out: Path, experiment="rel"):
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], max_results=1000) if exp else []
-    return [r for r in runs if r.data.tags.get("sae_sweep.kind") == "job"]
+def _jobs(out: Path):
+    return store_runs(out, "rel", "job")
 
 
 # -- corrupted files are detected, set aside, rebuilt, and the run says so ---------------------------
@@ -52,6 +41,7 @@ def _small_cache(root, seed=0):
     return get_or_build({"test": "corrupt", "seed": seed}, root, build, special_token_ids=[])
 
 
+@pytest.mark.unit
 def test_overwritten_cache_rows_are_detected_quarantined_and_rebuilt(tmp_path):
     cache, built = _small_cache(tmp_path)
     assert built and cache.replaced is None
@@ -72,6 +62,7 @@ def test_overwritten_cache_rows_are_detected_quarantined_and_rebuilt(tmp_path):
     assert not built and third.replaced is None
 
 
+@pytest.mark.unit
 def test_full_verification_on_demand_catches_a_change_that_kept_size_and_mtime(tmp_path):
     cache, _ = _small_cache(tmp_path, seed=1)
     shard = cache.path / "acts-00000.npy"
@@ -85,12 +76,13 @@ def test_full_verification_on_demand_catches_a_change_that_kept_size_and_mtime(t
         ActivationCache.open(cache.path, verify="full")
 
 
+@pytest.mark.integration
 def test_nan_in_a_batch_blames_the_cache_not_the_sae(tmp_path):
     """NaN bytes written so that size and mtime still match: the stat check passes, training hits
     the NaN at step 1, and the job says the cache is bad and quarantines it -- the next run
     rebuilds it and finishes, tagged with why."""
     out, cache = tmp_path / "out", tmp_path / "cache"
-    assert _cli(out, *SYNTH, "seed=1", cache=cache).returncode == 0
+    assert run_cli(out, *SYNTH, "seed=1", cache=cache).returncode == 0
     (shard,) = (cache / "activations").glob("*/acts-00000.npy")
     st = shard.stat()
     arr = np.load(shard, mmap_mode="r+")
@@ -98,17 +90,18 @@ def test_nan_in_a_batch_blames_the_cache_not_the_sae(tmp_path):
     arr.flush()
     del arr
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
-    bad = _cli(out, *SYNTH, "seed=2", cache=cache)
+    bad = run_cli(out, *SYNTH, "seed=2", cache=cache)
     assert bad.returncode != 0
     failed = [r for r in _jobs(out) if r.data.tags["seed"] == "2"]
     assert failed[0].info.status == "FAILED"
     assert "holds NaN/inf values" in failed[0].data.tags["error"] and "quarantine" in failed[0].data.tags["error"]
-    good = _cli(out, *SYNTH, "seed=2", cache=cache)
+    good = run_cli(out, *SYNTH, "seed=2", cache=cache)
     assert good.returncode == 0, good.stderr[-3000:]
     run = [r for r in _jobs(out) if r.data.tags["seed"] == "2"][0]
     assert run.info.status == "FINISHED" and run.data.tags["cache_built"] == "true"
 
 
+@pytest.mark.integration
 def test_corrupt_token_windows_are_rebuilt_and_reported(tiny_lm, tmp_path):
     from sae_sweep.data import text
     from sae_sweep.data.text import token_windows
@@ -125,6 +118,7 @@ def test_corrupt_token_windows_are_rebuilt_and_reported(tiny_lm, tmp_path):
     assert len(text.REPAIRED) == before + 1 and "checksum mismatch" in text.REPAIRED[-1]
 
 
+@pytest.mark.unit
 def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
     from sae_sweep.sae import get_trainer
 
@@ -188,6 +182,7 @@ def _tracker_at(uri, start, queue):
         queue.put(("error", f"{type(e).__name__}: {e}"))
 
 
+@pytest.mark.integration
 def test_concurrent_first_use_of_a_store_does_not_corrupt_it(tmp_path):
     import multiprocessing as mp
 
@@ -206,6 +201,7 @@ def test_concurrent_first_use_of_a_store_does_not_corrupt_it(tmp_path):
         assert len({exp for _, exp in got}) == 1
 
 
+@pytest.mark.unit
 def test_a_half_migrated_store_is_refused_with_the_reason(tmp_path):
     import sqlite3
 
@@ -218,34 +214,32 @@ def test_a_half_migrated_store_is_refused_with_the_reason(tmp_path):
         Tracker(f"sqlite:///{db}")
 
 
+@pytest.mark.integration
 def test_a_point_running_elsewhere_is_not_started_again(tmp_path):
     """While another process holds a point's lock, a second start says who runs it and does not
     touch the run; a multirun counts it as skipped."""
-    from hydra import compose, initialize_config_dir
-
-    from sae_sweep.job.app import CONF_DIR, point_lock
     from sae_sweep.config import run_key
+    from sae_sweep.job.app import point_lock
 
     out = tmp_path / "out"
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=[*SYNTH, "seed=3", f"paths.output_dir={out}"])
+    cfg = compose_config(*SYNTH, "seed=3", f"paths.output_dir={out}")
     with OwnedLock(point_lock(cfg, run_key(cfg))):
-        single = _cli(out, *SYNTH, "seed=3")
-        multi = _cli(out, "-m", *SYNTH, "seed=3,4")
+        single = run_cli(out, *SYNTH, "seed=3")
+        multi = run_cli(out, "-m", *SYNTH, "seed=3,4")
     assert single.returncode == 3
     assert f"pid={os.getpid()}" in single.stderr and "running in another process" in single.stderr
     assert multi.returncode == 0, multi.stderr[-3000:]
     runs = _jobs(out)
     assert [r.data.tags["seed"] for r in runs] == ["4"]  # seed 3 was never started here
-    parents = [r for r in MlflowClient(f"sqlite:///{out / 'mlflow.db'}").search_runs(
-        [runs[0].info.experiment_id]) if r.data.tags.get("sae_sweep.kind") == "sweep"]
+    parents = store_runs(out, "rel", "sweep")
     assert parents[0].data.metrics["sweep/skipped"] == 1 and parents[0].data.metrics["sweep/finished"] == 1
 
 
+@pytest.mark.integration
 def test_artifacts_live_under_the_output_dir_not_the_launch_dir(tmp_path):
     launch, out = tmp_path / "launch", tmp_path / "out"
     launch.mkdir()
-    r = _cli(out, *SYNTH, "seed=5", cwd=launch)
+    r = run_cli(out, *SYNTH, "seed=5", cwd=launch)
     assert r.returncode == 0, r.stderr[-3000:]
     assert not (launch / "mlruns").exists()
     (run,) = _jobs(out)
@@ -263,10 +257,11 @@ def test_artifacts_live_under_the_output_dir_not_the_launch_dir(tmp_path):
     (["trainer.lrr=1e-3"], ["trainer.lrr: unknown setting", "did you mean 'lr'?"], ([], ["-m"])),
     (["tracking.uri=sqlite:////proc/nowhere/mlflow.db"], ["/proc/nowhere", "cannot create"], ([],)),
 ], ids=["budget", "device", "memory", "typo", "store"])
+@pytest.mark.integration
 def test_bad_input_is_refused_in_seconds_naming_key_and_reason(tmp_path, args, needles, modes):
     t0 = time.time()
     for mode in modes:
-        r = _cli(tmp_path / "out", *mode, *SYNTH, *args, "seed=6")
+        r = run_cli(tmp_path / "out", *mode, *SYNTH, *args, "seed=6")
         assert r.returncode == 2, (args, r.stderr[-2000:])
         for n in needles:
             assert n in r.stderr, (n, r.stderr[-2000:])
@@ -280,10 +275,11 @@ def test_bad_input_is_refused_in_seconds_naming_key_and_reason(tmp_path, args, n
     (b"hello \xff\xfe world\nsecond line\n", "is not UTF-8 text"),
     (b"x" * 2_000_000 + b"\n", "all fall in one split"),  # one long line: one document
 ], ids=["empty", "not-utf8", "one-long-line"])
+@pytest.mark.integration
 def test_local_files_that_cannot_give_both_splits_are_refused_naming_the_file(tmp_path, content, needle):
     f = tmp_path / "data.txt"
     f.write_bytes(content)
-    r = _cli(tmp_path / "out", "dataset=local", f"dataset.data_files=[{f}]", "sweep.name=rel", "seed=7")
+    r = run_cli(tmp_path / "out", "dataset=local", f"dataset.data_files=[{f}]", "sweep.name=rel", "seed=7")
     assert r.returncode == 2 and needle in r.stderr and str(f) in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "out" / "mlflow.db").exists()
 
@@ -291,13 +287,13 @@ def test_local_files_that_cannot_give_both_splits_are_refused_naming_the_file(tm
 # -- the stress check: many sweeps of one grid started at once on a fresh output dir ---------------
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_eight_sweeps_of_one_grid_started_at_once_train_each_point_once(tmp_path):
     out = tmp_path / "out"
     grid = ["-m", *SYNTH, "seed=11,12", "sae.d_sae=96,128"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "sae_sweep", *grid, f"paths.output_dir={out}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    procs = [subprocess.Popen(cli_argv(out, *grid), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=cli_env(), cwd=tmp_path)
              for _ in range(8)]
     errs = [p.communicate(timeout=900)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(e[-1500:] for e in errs)
@@ -307,7 +303,7 @@ def test_eight_sweeps_of_one_grid_started_at_once_train_each_point_once(tmp_path
     with sqlite3.connect(out / "mlflow.db") as con:
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert not con.execute("SELECT name FROM sqlite_master WHERE name LIKE '_alembic_tmp_%'").fetchall()
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    client = store_client(out)
     jobs = _jobs(out)
     keys = [r.data.tags["run_key"] for r in jobs]
     assert len(keys) == len(set(keys)) == 4, keys  # one run per point, none started twice
@@ -324,6 +320,7 @@ def test_eight_sweeps_of_one_grid_started_at_once_train_each_point_once(tmp_path
     assert all(p.data.metrics["sweep/failed"] == 0 for p in parents)
 
 
+@pytest.mark.unit
 def test_a_usr2_that_arrives_while_the_stopped_runs_are_recorded_waits_for_the_hand_over(monkeypatch):
     """submitit's preemption is SIGTERM then USR2 a few ms later: the USR2 may land after the loop
     has stopped but while the runs are being tagged. It must not cut that short; hand_over requeues."""

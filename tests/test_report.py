@@ -1,8 +1,6 @@
 """Sweep report against a real sqlite MLflow store filled through Tracker with known values:
 the numbers in the CSVs must be the hand-computed mean/std of the children's metrics."""
 
-import json
-import math
 import statistics
 import subprocess
 import sys
@@ -11,91 +9,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from helpers.mlflow_store import tracker_at
+from helpers.sweeps import ABS, CE, DATASETS, EV, FAKE, KL, L0, L1, SEEDS, SHARED, known_metrics, make_sweep
 from sae_sweep.report import build_report, report_hook
 from sae_sweep.report.__main__ import main as report_main
-from sae_sweep.tracking.runs import Tracker
-
-EV = "core/reconstruction_quality/explained_variance"
-KL = "core/model_behavior_preservation/kl_div_score"
-CE = "core/model_performance_preservation/ce_loss_score"
-L0 = "core/sparsity/l0"
-L1 = "core/sparsity/l1"
-ABS = "absorption/mean/mean_absorption_fraction_score"
-FAKE = "fake_features/fake_features/fake_feature_ratio"
-SHARED = "crossseed/shared_feature_ratio"
-
-SEEDS = (42, 49)
-DATASETS = ("builtin", "faithful")
-SEED_GROUP = {("builtin", "topk"): "aaaa1111deadbeef", ("faithful", "topk"): "bbbb2222deadbeef",
-              ("builtin", "relu"): "cccc3333deadbeef", ("faithful", "relu"): "dddd4444deadbeef"}
-
-
-def known_metrics(dataset: str, seed: int, trainer: str = "topk", full: bool = True) -> dict:
-    """Distinct, hand-checkable values: faithful is better on EV/KL/CE, lower absorption."""
-    s = SEEDS.index(seed)
-    d = DATASETS.index(dataset)
-    t = 0.0 if trainer == "topk" else -0.05
-    m = {EV: 0.80 + 0.10 * d + 0.04 * s + t, KL: 0.70 + 0.20 * d - 0.03 * s + t, CE: 0.60 + 0.05 * d + 0.02 * s,
-         L0: 32.0 - 2 * s + d, L1: 50.0 + 10 * s - 5 * d}
-    if full:
-        m.update({
-            ABS: 0.30 - 0.15 * d + 0.05 * s,
-            "absorption/mean/mean_full_absorption_score": 0.1 - 0.05 * d,
-            FAKE: 0.02 + 0.01 * d + 0.005 * s,
-            SHARED: 0.40 + 0.30 * d,
-            "downstream/mean/sae_acc": 0.7 + 0.05 * d,
-            **{f"sparse_probing/sae/sae_top_{k}_test_accuracy": 0.55 + 0.1 * math.log2(k) / 5 + 0.02 * d for k in (1, 5, 20)},
-            **{f"sparse_probing/llm/llm_top_{k}_test_accuracy": 0.6 + 0.1 * math.log2(k) / 5 for k in (1, 5, 20)},
-        })
-    return m
-
-
-def make_sweep(tracker: Tracker, experiment: str, trainers=("topk",), full: bool = True, failed: bool = True):
-    """A parent and one child per (dataset, trainer, seed) with the app's tags, params, metrics,
-    training history and (full) the absorption JSON and cross-seed parent metrics."""
-    parent = tracker.start_parent(experiment, "sweep-test", {"sweep_name": experiment, "overrides": "seed=42,49"})
-    children = []
-    for trainer in trainers:
-        for dataset in DATASETS:
-            for seed in SEEDS:
-                name = f"tiny_blocks.2.hook_resid_post_512_{trainer}_8_0.001_{seed}_{dataset}_64_100"
-                with tracker.child(experiment, name, f"key-{dataset}-{trainer}-{seed}", parent) as run:
-                    run.set_tags({"model": "tiny", "layer": "2", "hook": "resid_post", "dataset": dataset,
-                                  "seed": str(seed), "trainer": trainer, "seed_group": SEED_GROUP[(dataset, trainer)]})
-                    run.log_params({"seed": seed, "sae.k": 8, "trainer.lr": 0.001, "dataset.name": dataset})
-                    for step in range(0, 60, 10):
-                        run.log_metrics({"train/loss": 10.0 / (step + 1) + seed * 1e-3,
-                                         "train/explained_variance": 1 - 1 / (step + 2),
-                                         "train/l0": 8.0}, step=step)
-                    m = known_metrics(dataset, seed, trainer, full)
-                    run.log_metrics({**m, "core/seconds": 1.0})
-                    if full:
-                        details = [{"first_letter": c, "mean_absorption_fraction": m[ABS] + 0.01 * i}
-                                   for i, c in enumerate("abcdef")]
-                        run.log_json({"eval_type_id": "absorption_first_letter", "eval_result_details": details},
-                                     "evals/absorption_first_letter.json")
-                children.append(run.run_id)
-    if full:
-        pm = {}
-        for (dataset, trainer), g in SEED_GROUP.items():
-            if trainer in trainers:
-                pm[f"crossseed/{g[:8]}/seed_42_vs_49/shared_feature_ratio"] = 0.40 + 0.30 * DATASETS.index(dataset)
-        tracker.log_metrics(parent, pm)
-    if failed:
-        with pytest.raises(RuntimeError):
-            with tracker.child(experiment, "broken", "key-broken", parent) as run:
-                run.set_tags({"model": "tiny", "layer": "2", "hook": "resid_post", "dataset": "builtin",
-                              "seed": "51", "trainer": trainers[0], "seed_group": "eeee5555"})
-                run.log_metrics({EV: -5.0})  # must not leak into the statistics
-                raise RuntimeError("boom")
-    tracker.end(parent, "FINISHED")
-    return parent, children
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     d = tmp_path_factory.mktemp("mlstore")
-    return Tracker(f"sqlite:///{d / 'mlflow.db'}"), d
+    return tracker_at(d), d
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +29,7 @@ def built(store):
     return tracker, parent, children, res
 
 
+@pytest.mark.unit
 def test_summary_numbers_equal_hand_computed(built):
     tracker, parent, children, res = built
     summary = pd.read_csv(res.csvs["summary"])
@@ -131,6 +55,7 @@ def test_summary_numbers_equal_hand_computed(built):
         assert rid in row["run_ids"].split(",")
 
 
+@pytest.mark.unit
 def test_runs_csv_and_failed_runs(built):
     _, _, children, res = built
     runs = pd.read_csv(res.csvs["runs"])
@@ -141,6 +66,7 @@ def test_runs_csv_and_failed_runs(built):
     assert "Runs not included" in md and "boom" in md
 
 
+@pytest.mark.unit
 def test_dataset_comparison_wins_and_direction(built):
     _, _, _, res = built
     cmp = pd.read_csv(res.csvs["compare_dataset"])
@@ -158,11 +84,12 @@ def test_dataset_comparison_wins_and_direction(built):
     # L0 has no better direction: a difference, no wins
     assert pd.isna(cmp.loc[L0, "wins_a"]) and cmp.loc[L0, "mean_diff"] == pytest.approx(-1.0)
     md = res.markdown.read_text()
-    line = next(l for l in md.splitlines() if "**builtin vs faithful**" in l)
+    line = next(ln for ln in md.splitlines() if "**builtin vs faithful**" in ln)
     assert "faithful better on explained variance (1/1)" in line and "shared-feature ratio (1/1)" in line
     assert "builtin better on fake-feature ratio (1/1)" in line
 
 
+@pytest.mark.unit
 def test_shared_features_table(built):
     _, _, _, res = built
     sh = pd.read_csv(res.csvs["shared_features"]).set_index("dataset")
@@ -171,6 +98,7 @@ def test_shared_features_table(built):
     assert sh.loc["faithful", "n_pairs"] == 1 and sh.loc["faithful", "source"] == "parent pairs"
 
 
+@pytest.mark.unit
 def test_report_files_plots_and_parent_artifacts(built):
     tracker, parent, _, res = built
     assert set(res.plots) == {"metrics_grid", "absorption_per_letter", "probing_vs_k", "shared_features",
@@ -190,6 +118,7 @@ def test_report_files_plots_and_parent_artifacts(built):
     assert len(tracker.list_artifacts(parent, "report/plots")) == 5
 
 
+@pytest.mark.unit
 def test_two_trainers_pairwise(store):
     tracker, d = store
     parent, _ = make_sweep(tracker, "report_trainers", trainers=("topk", "relu"), failed=False)
@@ -202,6 +131,7 @@ def test_two_trainers_pairwise(store):
     assert ds[(ds["scope"] == "all models") & (ds["metric"] == EV)].iloc[0]["n_cells"] == 2
 
 
+@pytest.mark.unit
 def test_absent_metrics_skip_plots_with_notes(store):
     tracker, d = store
     parent, _ = make_sweep(tracker, "report_core_only", full=False, failed=False)
@@ -213,6 +143,7 @@ def test_absent_metrics_skip_plots_with_notes(store):
     assert "no cross-seed metrics" in md
 
 
+@pytest.mark.unit
 def test_hook_never_raises_and_uses_results(store, tmp_path):
     tracker, _ = store
     assert report_hook(tracker, "0" * 32, [], [], tmp_path) is None  # unknown parent: logged, not raised
@@ -229,6 +160,7 @@ def test_hook_never_raises_and_uses_results(store, tmp_path):
     assert set(pd.read_csv(res2.csvs["runs"])["run_id"]) == set(children)
 
 
+@pytest.mark.unit
 def test_cli_targets(store, tmp_path, capsys):
     tracker, d = store
     parent, _ = make_sweep(tracker, "report_cli", full=False, failed=False)
@@ -247,6 +179,7 @@ def test_cli_targets(store, tmp_path, capsys):
     assert "neither a directory" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_cli_module_entry_point(store, tmp_path):
     tracker, _ = store
     parent, _ = make_sweep(tracker, "report_subprocess", full=False, failed=False)
@@ -258,6 +191,7 @@ def test_cli_module_entry_point(store, tmp_path):
     assert "report/report.md" in tracker.list_artifacts(parent, "report")
 
 
+@pytest.mark.unit
 def test_an_interrupted_sweep_gets_a_report_that_says_it_is_partial(store):
     tracker, d = store
     parent, _ = make_sweep(tracker, "report_interrupted", full=False, failed=False)

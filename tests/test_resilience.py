@@ -8,10 +8,8 @@
 """
 
 import multiprocessing as mp
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,24 +18,23 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.slow
+from helpers.cli import run_cli, start_cli_until_checkpoint
+from helpers.mlflow_store import store_runs, store_uri
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # Small caches trained over many times, on purpose: train.epochs says so (the default refuses repeated data).
 SMALL = ["dataset.tokens=20000", "train.epochs=50", "dataset.eval_tokens=2048", "train.tokens=40000", "trainer.batch_size=1000",
          "train.checkpoint_every=5", "sweep.name=resilience", "eval=core_only"]
 
 
-def _cli(out: Path, *args, timeout=900):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "sae_sweep", *args, f"paths.output_dir={out}"],
-                          capture_output=True, text=True, env=env, timeout=timeout, cwd=out.parent)
+def _cli(out: Path, *args):
+    return run_cli(out, *args, timeout=900)
 
 
-def _runs(out: Path, kind: str, experiment="resilience"):
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], max_results=1000) if exp else []
-    return sorted((r for r in runs if r.data.tags.get("sae_sweep.kind") == kind), key=lambda r: r.info.start_time)
+def _runs(out: Path, kind: str):
+    """The store's runs of ``kind``, oldest first."""
+    return sorted(store_runs(out, "resilience", kind), key=lambda r: r.info.start_time)
 
 
 def _sae_tensors(out: Path) -> dict:
@@ -46,15 +43,8 @@ def _sae_tensors(out: Path) -> dict:
 
 
 def _start_until_first_checkpoint(out: Path, args) -> subprocess.Popen:
-    """The CLI started in the background on `out`, returned once its first checkpoint is on disk."""
-    proc = subprocess.Popen([sys.executable, "-m", "sae_sweep", *args, f"paths.output_dir={out}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=out.parent,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.time() + 600
-    while time.time() < deadline and not list((out / "checkpoints").glob("*/latest.pt")):
-        assert proc.poll() is None, "job ended before its first checkpoint"
-        time.sleep(0.2)
-    return proc
+    """The CLI started in the background on `out` (stderr piped), returned once its first checkpoint is on disk."""
+    return start_cli_until_checkpoint(out, *args, stderr=subprocess.PIPE)
 
 
 def test_job_killed_and_rerun_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
@@ -140,7 +130,7 @@ def _writer(uri: str, i: int, go) -> None:
 def test_eight_processes_writing_one_sqlite_store_lose_nothing(tmp_path):
     from sae_sweep.tracking.runs import Tracker
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = store_uri(tmp_path)
     Tracker(uri).client.search_experiments()  # create the schema first: migrations are not concurrent
     ctx = mp.get_context("spawn")
     go = ctx.Event()

@@ -1,12 +1,12 @@
 """SAE modules, registry, validation, TopK trainer pieces (fast, CPU, fp32)."""
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from helpers.config import compose_config
 from sae_sweep.sae import (
     SparseAutoencoder,
     TopKSAE,
@@ -19,9 +19,8 @@ from sae_sweep.sae import (
 from sae_sweep.evals.recovery import recovery_metrics
 from sae_sweep.activations.synthetic import PlantedDictionary
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 SAE_CFG = {"d_sae": None, "expansion_factor": 4, "k": 4}
 
 
@@ -126,7 +125,9 @@ def test_geometric_median_known_answers():
     # Minimiser check: sum of distances is lower than at the mean and at nearby points.
     x = torch.randn(300, 4, generator=g) ** 3
     m = geometric_median(x)
-    obj = lambda y: (x - y).norm(dim=1).sum()
+    def obj(y):
+        return (x - y).norm(dim=1).sum()
+
     assert obj(m) <= obj(x.mean(0))
     for _ in range(20):
         assert obj(m) <= obj(m + 1e-2 * torch.randn(4, generator=g)) + 1e-4
@@ -166,10 +167,7 @@ def test_register_conflicting_name_fails():
 def test_composed_trainer_node_is_the_params_dataclass():
     """conf/trainer/topk.yaml extends the dataclass's schema: the composed node has exactly its
     keys, the dataclass's defaults where the yaml is silent, and the model's values it interpolates."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        node = compose("config", overrides=["trainer=topk"]).trainer
+    node = compose_config("trainer=topk").trainer
     fields = {f.name for f in dataclasses.fields(TopKTrainer.params_cls)}
     assert set(node.keys()) == fields
     assert node.auxk_alpha == TopKTrainer.params_cls.auxk_alpha and node.lr == 1e-3  # default; tiny's lr
@@ -237,6 +235,8 @@ def test_sparse_decode_paths_agree_with_grads():
     idx = torch.stack([torch.randperm(32)[:3] for _ in range(3)])
     dense = torch.zeros(3, 32, dtype=torch.double).scatter(-1, idx, vals.detach()) @ W.detach()
     for dense_above in (1.0, 0.0):  # embedding_bag path, then dense scatter + matmul path
-        fn = lambda v, w: sparse_decode(v, idx, w, dense_above=dense_above)
+        def fn(v, w, dense_above=dense_above):
+            return sparse_decode(v, idx, w, dense_above=dense_above)
+
         torch.testing.assert_close(fn(vals, W), dense)
         assert torch.autograd.gradcheck(fn, (vals, W))

@@ -69,6 +69,7 @@ def _random_logits(gen, rows, vocab):
     (1.5, 0.95, 1.0),  # no penalty
     (1.0, 1.0, 1.1),   # no top-p: the whole distribution
 ])
+@pytest.mark.unit
 def test_nucleus_equals_hf_processors_on_random_logits(temperature, top_p, penalty):
     gen = torch.Generator().manual_seed(0)
     rows, vocab, candidates = 64, 3000, 64
@@ -87,12 +88,14 @@ def test_nucleus_equals_hf_processors_on_random_logits(temperature, top_p, penal
     assert _compare(sampling.nucleus_probs(scores, top_p, vocab), hf, scores, top_p) >= rows - 4
 
 
+@pytest.mark.unit
 def test_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():
     logits = torch.tensor([[2.0, -2.0, 1.0, -1.0]])
     history = torch.tensor([[0, 1, 1]])
     assert torch.equal(sampling.penalize_repeats(logits, history, 2.0), torch.tensor([[1.0, -4.0, 1.0, -1.0]]))
 
 
+@pytest.mark.unit
 def test_sample_next_draws_the_nucleus_distribution():
     """Frequencies of 20k draws match the nucleus probabilities (fallback rows included)."""
     gen = torch.Generator().manual_seed(1)
@@ -131,6 +134,7 @@ def hf_generate_agreement(lm, device="cpu", bs=16, steps=12):
     return same, bs * len(out.scores)
 
 
+@pytest.mark.integration
 def test_generate_steps_equal_hf_generate_processors_on_the_tiny_model(tiny_lm):
     """HF generate's own processed scores at every step, against ours on the raw logits of the same
     step: this checks HF's processor list and order for the faithful settings."""
@@ -138,6 +142,7 @@ def test_generate_steps_equal_hf_generate_processors_on_the_tiny_model(tiny_lm):
     assert same >= 0.9 * total
 
 
+@pytest.mark.integration
 def test_generate_loop_semantics(tiny_lm):
     """Pad after EOS, stop when every row has ended or at max_new_tokens, same draw for the same seed."""
     lm = tiny_lm
@@ -190,6 +195,7 @@ def _old_generate(lm, settings, i):
 OLD = {"max_new_tokens": 24, "temperature": 1.0, "top_p": 0.9, "repetition_penalty": 1.1, "batch_size": 8, "seed": 4}
 
 
+@pytest.mark.integration
 def test_sampler_hf_keeps_the_chunks_and_directories_of_before(tiny_lm, tmp_path):
     gens = Generations(tiny_lm, {**OLD, "sampler": "hf"}, tmp_path)
     old_key = stable_hash({"model": tiny_lm.fingerprint, "generation": OLD, "version": VERSION})
@@ -205,6 +211,7 @@ def test_sampler_hf_keeps_the_chunks_and_directories_of_before(tiny_lm, tmp_path
     assert fingerprint["exact_topk_first"]["generation"] == {**OLD, "sampler": "exact_topk_first"}
 
 
+@pytest.mark.integration
 def test_exact_topk_first_chunks_are_deterministic_per_seed_and_chunk_and_text_like(tiny_lm, tmp_path):
     gens = Generations(tiny_lm, {**OLD, "max_new_tokens": 32, "batch_size": 16, "sampler": "exact_topk_first"},
                        tmp_path)
@@ -220,6 +227,7 @@ def test_exact_topk_first_chunks_are_deterministic_per_seed_and_chunk_and_text_l
     assert len(words) > 50 and alpha > 0.5, text[:400]
 
 
+@pytest.mark.integration
 def test_the_generation_defaults_live_in_the_schema_once(tiny_lm, tmp_path):
     """GenerationConfig holds every default; the faithful preset states only what it means
     differently (batch_size 256: its demo budgets) and settings without a key get the schema's."""

@@ -19,6 +19,8 @@ from sae_sweep.data.sources import DatasetUnavailable, dataset_problems, source_
 from sae_sweep.data.text import dataset_fingerprint, dataset_source, token_windows, windows_key
 from sae_sweep.job.app import CONF_DIR, validate_point
 
+pytestmark = pytest.mark.integration  # runs jobs and reads the PostgreSQL manual
+
 TESTS = Path(__file__).resolve().parent
 SHA = "9b5a1c0e6f2d4b7a8c3e5f1d2a4b6c8e0f1a2b3c"
 

@@ -14,13 +14,13 @@ fails instead of skipping. The cluster makes a requeued job wait ~30 s before it
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
+from helpers.cli import cli_argv, cli_env
+from helpers.mlflow_store import store_runs
 from sae_sweep.activations.cache import read_builds_log
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -46,8 +46,8 @@ def cluster():
 
 
 def _sweep(out: Path, *args, wait=True, timeout=800):
-    cmd = [sys.executable, "-m", "sae_sweep", "-m", *SMALL, *args, f"paths.output_dir={out}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = cli_argv(out, "-m", *SMALL, *args)
+    env = cli_env()
     if wait:
         return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=out.parent)
     # A file, not a pipe: nobody reads a pipe while the driver waits for its jobs, and a full one blocks it.
@@ -62,10 +62,7 @@ def _driver_log(proc) -> str:
 
 
 def _runs(out: Path, kind: str):
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("slurm")
-    runs = client.search_runs([exp.experiment_id], max_results=1000) if exp else []
-    return [r for r in runs if r.data.tags.get("sae_sweep.kind") == kind]
+    return store_runs(out, "slurm", kind)
 
 
 def _job_dirs(out: Path):

@@ -59,6 +59,7 @@ def _assert_bos_windows(w: torch.Tensor, lm, ctx: int, strict: bool) -> None:
 
 
 # Packing
+@pytest.mark.unit
 def test_packer_windows_start_with_one_bos():
     p = WindowPacker(bos_id=0, sep_id=0, context_size=4, n_seqs=3)
     p.add_many([[5, 6, 7], [8], [9, 10, 11, 12]])
@@ -67,6 +68,7 @@ def test_packer_windows_start_with_one_bos():
 
 
 # builtin
+@pytest.mark.integration
 def test_builtin_windows(llama_lm, tmp_path):
     cfg = {"name": "builtin", "kind": "builtin", "context_size": 32}
     from sae_sweep.data.corpus import builtin_documents
@@ -93,6 +95,7 @@ def test_builtin_windows(llama_lm, tmp_path):
     assert tr and ev_docs and not (tr & ev_docs)
 
 
+@pytest.mark.integration
 def test_builtin_windows_tiny(tiny_lm, tiny_cache_dir):
     cfg = {"name": "builtin", "kind": "builtin", "context_size": 64}
     w = token_windows(cfg, tiny_lm, "eval", 8192, tiny_cache_dir)
@@ -107,6 +110,7 @@ def _docs(n: int, tag: str):
     return [f"{tag} document number {i}: the quick brown fox jumps over the lazy dog {i * 7}." for i in range(n)]
 
 
+@pytest.mark.integration
 def test_local_files_jsonl_parquet_txt_csv(llama_lm, tmp_path):
     import pandas as pd
 
@@ -153,6 +157,7 @@ def test_local_files_jsonl_parquet_txt_csv(llama_lm, tmp_path):
         check_dataset_available({"name": "local", "kind": "local", "data_files": [str(tmp_path / "a.jsonl"), __file__]})
 
 
+@pytest.mark.integration
 def test_local_bad_text_column(llama_lm, tmp_path):
     f = tmp_path / "b.jsonl"
     f.write_text("".join(json.dumps({"body": d}) + "\n" for d in _docs(50, "x")))
@@ -161,6 +166,7 @@ def test_local_bad_text_column(llama_lm, tmp_path):
         token_windows(cfg, llama_lm, "train", 64, tmp_path)
 
 
+@pytest.mark.integration
 def test_local_html_pages_give_one_document_per_prose_paragraph(llama_lm, tmp_path):
     """HTML documentation as a dataset: paragraphs that read as prose, nothing from code, tables,
     navigation or scripts; the same documents as a jsonl of those paragraphs."""
@@ -203,6 +209,7 @@ def test_local_html_pages_give_one_document_per_prose_paragraph(llama_lm, tmp_pa
 
 
 # hub, offline
+@pytest.mark.integration
 def test_offline_hub_dataset_fails_fast(llama_lm, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = {"name": "fineweb", "kind": "hub", "hf_id": "HuggingFaceFW/fineweb", "hf_config": "sample-10BT",
@@ -219,6 +226,7 @@ def test_offline_hub_dataset_fails_fast(llama_lm, tmp_path, monkeypatch):
 
 
 # faithful
+@pytest.mark.integration
 def test_faithful_generation_is_cached_resumable_and_text_like(tiny_lm, tiny_cache_dir, tmp_path):
     gen = {"max_new_tokens": 32, "temperature": 1.0, "top_p": 0.9, "repetition_penalty": 1.1,
            "batch_size": 16, "seed": 0}
@@ -284,6 +292,7 @@ token_windows({"name": "faithful", "kind": "faithful", "context_size": 32, "gene
 """
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_faithful_generation_killed_midway_resumes_to_the_same_text(llama_lm, tmp_path):
     """SIGKILL a generating process (no cleanup at all), rerun: the chunks it finished are reused as

@@ -8,17 +8,19 @@ import threading
 import time
 
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from sae_sweep.tracking.runs import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, Tracker, ui_command, ui_url
+from helpers.mlflow_store import tracker_at
+from sae_sweep.tracking.runs import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ui_command, ui_url
 
 CPU = "system/cpu_utilization_percentage"
 
 
 @pytest.fixture(scope="module")
 def tracker(tmp_path_factory):
-    return Tracker(f"sqlite:///{tmp_path_factory.mktemp('tracking') / 'mlflow.db'}")
+    return tracker_at(tmp_path_factory.mktemp("tracking"))
 
 
 def _monitor_threads():
@@ -30,6 +32,7 @@ def _dataset(name, digest, context="train", tokens=100):
             "schema": None, "profile": {"tokens": tokens}, "context": context}
 
 
+@pytest.mark.unit
 def test_links_open_the_model_training_view():
     # MLflow 3.17's UI opens experiments on the GenAI pages unless the link picks "Model training"
     assert ui_url("http://login01:5000/", "7") == "http://login01:5000/#/experiments/7/runs?workflowType=machine_learning"
@@ -42,12 +45,13 @@ def test_links_open_the_model_training_view():
     assert ui_command("http://h:1") is None
 
 
+@pytest.mark.unit
 def test_a_link_that_cannot_be_made_is_a_warning_not_an_error(tracker, caplog):
     with tracker.child("links", "linked", "key-link", None) as run:
         assert run.url == tracker.run_url(run.run_id) == ui_url(
             tracker.uri, tracker.get_run(run.run_id).info.experiment_id, run.run_id)
     missing = "0" * 32  # the store has no such run: get_run raises
-    with pytest.raises(Exception):
+    with pytest.raises(MlflowException):
         tracker.run_url(missing)
     with caplog.at_level(logging.WARNING, logger="sae_sweep.tracking.runs"):
         text = tracker.ui_link(missing)
@@ -55,6 +59,7 @@ def test_a_link_that_cannot_be_made_is_a_warning_not_an_error(tracker, caplog):
     assert any(missing in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
 
 
+@pytest.mark.unit
 def test_experiments_are_marked_as_model_training(tracker):
     exp_id = tracker.experiment_id("made_here")
     assert tracker.client.get_experiment(exp_id).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
@@ -67,6 +72,7 @@ def test_experiments_are_marked_as_model_training(tracker):
     tracker.end(parent, "FINISHED")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("error, status", [(None, "FINISHED"), (RuntimeError("boom"), "FAILED"),
                                            (SystemExit(143), "KILLED")])
 def test_every_close_stops_the_system_metrics_monitor_first(tracker, error, status):
@@ -87,6 +93,7 @@ def test_every_close_stops_the_system_metrics_monitor_first(tracker, error, stat
     assert len(tracker.metric_history(run.run_id, CPU)) == len(history)
 
 
+@pytest.mark.unit
 def test_a_continued_run_goes_on_with_its_system_metric_steps(tracker):
     run = tracker.child("sysmetrics", "resumed", "key-resumed", None, system_metrics_s=0.2)
     time.sleep(1.0)
@@ -101,6 +108,7 @@ def test_a_continued_run_goes_on_with_its_system_metric_steps(tracker):
     assert len(steps) > len(first) and len(set(steps)) == len(steps), steps  # no step logged twice
 
 
+@pytest.mark.unit
 def test_no_monitor_when_system_metrics_are_off(tracker):
     before = len(_monitor_threads())
     with tracker.child("sysmetrics", "off", "key-off", None) as run:
@@ -108,6 +116,7 @@ def test_no_monitor_when_system_metrics_are_off(tracker):
     assert not any(k.startswith("system/") for k in tracker.get_run(run.run_id).data.metrics)
 
 
+@pytest.mark.unit
 def test_datasets_are_run_inputs_and_the_parent_names_the_sweeps_training_sets(tracker):
     parent = tracker.start_parent("datasets", "sweep-d", {})
     kids = []
@@ -128,6 +137,7 @@ def test_datasets_are_run_inputs_and_the_parent_names_the_sweeps_training_sets(t
     tracker.end(parent, "FINISHED")
 
 
+@pytest.mark.integration
 def test_a_datasets_digest_is_its_token_windows_key(tiny_lm, tmp_path):
     """The digest the UI shows names the windows a run used: the key in their file name under
     <cache>/tokens/, different for the held-out split and for another budget."""
@@ -145,6 +155,7 @@ def test_a_datasets_digest_is_its_token_windows_key(tiny_lm, tmp_path):
     assert dataset_record(cfg, tiny_lm, "eval", 1024, {})["digest"] != rec["digest"]
 
 
+@pytest.mark.integration
 def test_a_runs_dataset_inputs_as_mlflow_gives_them_back(tiny_lm, tmp_path, tracker):
     """What the runs table's Dataset column reads: the inputs of the run, through a client of its own."""
     from sae_sweep.job.execute import dataset_record, log_dataset_input
@@ -168,6 +179,7 @@ def test_a_runs_dataset_inputs_as_mlflow_gives_them_back(tiny_lm, tmp_path, trac
     assert by_context["train"].digest != by_context["eval"].digest
 
 
+@pytest.mark.unit
 def test_a_dataset_input_that_fails_is_a_warning_and_a_tag_and_the_job_goes_on(tracker, caplog):
     from sae_sweep.job.execute import dataset_record, log_dataset_input
 
@@ -193,6 +205,7 @@ def test_a_dataset_input_that_fails_is_a_warning_and_a_tag_and_the_job_goes_on(t
     assert any(gone.run_id in m.getMessage() for m in caplog.records if m.levelno == logging.WARNING)
 
 
+@pytest.mark.unit
 def test_a_local_dataset_of_many_files_is_logged_with_its_patterns(tmp_path, tracker):
     """The PostgreSQL manual is ~1,200 HTML pages: listing each in the source would pass MLflow's
     64 kB limit on a dataset source and lose the input. The source names the configured glob."""

@@ -23,7 +23,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from sae_sweep.job.app import CONF_DIR
+from helpers.config import compose_config
 from sae_sweep.bench.trainers import RECIPES, PlantedSetup, Recipe, planted_data, train_planted, trainer_cfg
 from sae_sweep.sae import SparseAutoencoder, get_trainer, trainer_names
 from sae_sweep.sae.adaptive_ortho import grouped_ortho_loss
@@ -31,7 +31,7 @@ from sae_sweep.sae.trainer import NATIVE_BF16_ENV, detect_bf16, resolve_bf16
 from sae_sweep.activations.synthetic import PlantedDictionary
 from sae_sweep.sae.temporal_ortho import CoactivationTable, ortho_penalty
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 ALL = ["topk", "batchtopk", "relu", "jumprelu", "matryoshka", "hierarchical", "temporal_ortho", "adaptive_ortho"]
 
@@ -92,10 +92,7 @@ def test_every_variant_is_registered():
 
 @pytest.mark.parametrize("name", ALL)
 def test_composed_trainer_node_matches_params_dataclass(name):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        node = compose("config", overrides=[f"trainer={name}"]).trainer
+    node = compose_config(f"trainer={name}").trainer
     fields = [f.name for f in dataclasses.fields(get_trainer(name).params_cls)]
     assert sorted(node.keys()) == sorted(fields)
     assert node.name == name

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.config import compose_config
 from sae_sweep.config import ConfigError
 from sae_sweep.sae import SparseAutoencoder, get_trainer
 from sae_sweep.sae import adaptive_ortho, hierarchical, temporal_ortho
 from sae_sweep.sae.temporal_ortho import CoactivationTable, ortho_penalty
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 MODULES = {"hierarchical": hierarchical, "temporal_ortho": temporal_ortho, "adaptive_ortho": adaptive_ortho}
 README = Path(__file__).resolve().parents[1] / "docs" / "research-variants.md"
@@ -420,12 +421,7 @@ PRESETS = {  # preset: (model, layer, d_sae at the write-up's d_in 2304, k, trai
 
 
 def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    from sae_sweep.job.app import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return compose("config", overrides=overrides, return_hydra_config=True)
+    return compose_config(*overrides, return_hydra_config=True)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -507,26 +503,3 @@ def test_a_key_one_swept_trainer_lacks_is_refused_naming_that_trainer():
 
     problems = unknown_key_problems(["-m", "trainer=hierarchical,topk", "trainer.mode=published"])
     assert len(problems) == 1 and "trainer.mode" in problems[0] and "trainer=topk" in problems[0]
-
-
-@pytest.mark.slow
-def test_research_trainers_sweep_with_one_published_mode(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from mlflow.tracking import MlflowClient
-
-    out = tmp_path / "out"
-    grid = ["-m", "trainer=hierarchical,temporal_ortho,adaptive_ortho", "trainer.mode=published",
-            "dataset=synthetic", "dataset.tokens=8192", "dataset.eval_tokens=1024", "train.tokens=8192",
-            "trainer.batch_size=512", "sae.d_sae=128", "sae.k=4", "eval=core_only", "sweep.name=modes",
-            f"paths.output_dir={out}"]
-    r = subprocess.run([sys.executable, "-m", "sae_sweep", *grid], capture_output=True, text=True,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("modes")
-    jobs = [x for x in client.search_runs([exp.experiment_id]) if x.data.tags.get("sae_sweep.kind") == "job"]
-    assert sorted(x.data.params["trainer.name"] for x in jobs) == ["adaptive_ortho", "hierarchical", "temporal_ortho"]
-    assert all(x.info.status == "FINISHED" and x.data.params["trainer.mode"] == "published" for x in jobs)

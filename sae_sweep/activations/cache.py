@@ -153,7 +153,9 @@ class ActivationCache:
         ctx, d = manifest["context_size"], manifest["d_in"]
         stamps = _read_stamps(path) if verify == "changed" else {}
         verified: dict[str, list[int]] = {}
-        acts, tokens, total = [], [], 0
+        acts: list[np.memmap] = []
+        tokens: list[np.memmap] = []
+        total = 0
         for shard in manifest["shards"]:
             n = shard["n_seqs"]
             for fname, dtype, shape, is_tokens in (
@@ -315,6 +317,7 @@ def _build(tmp: Path, spec: Mapping, key: str, build_fn: BuildFn, storage_dtype:
             off, b = 0, len(tokens_np)
             while off < b:
                 if writer is None:
+                    assert ctx is not None and d is not None  # set by the first chunk
                     cap = per_shard
                     if progress_total:  # an exactly-sized last shard when the size is known
                         cap = min(cap, max(1, progress_total - n_seqs - off))
@@ -338,6 +341,7 @@ def _build(tmp: Path, spec: Mapping, key: str, build_fn: BuildFn, storage_dtype:
         shards = [f.result() for f in finishing]  # re-raises a failed finish
     if n_seqs == 0:
         raise ValueError("build_fn yielded no activations; refusing to write an empty cache")
+    assert ctx is not None  # set by the first chunk
     manifest = {
         "format_version": FORMAT_VERSION,
         "key": key,

@@ -264,6 +264,7 @@ class DiskBlocks:
         return b * self.block_rows, min(self.n_tokens, (b + 1) * self.block_rows)
 
     def _slice_keep(self, b: int) -> np.ndarray:
+        assert self._keep is not None  # only called when special positions are left out
         lo, hi = self._span(b)
         return self._keep[lo:hi]
 

@@ -88,7 +88,8 @@ class ShardWriter:
     def append(self, tokens: np.ndarray, acts: np.ndarray) -> None:
         """Write rows reserved by ``take`` (I/O thread; file writes and hashing release the GIL)."""
         for (_, _, fh, _, _, h), arr in zip(self.files, (acts, tokens)):
-            buf = memoryview(np.ascontiguousarray(arr)).cast("B")
+            # numpy's stubs give ndarray __buffer__ only for Python >= 3.12 (it has the buffer protocol on all)
+            buf = memoryview(np.ascontiguousarray(arr)).cast("B")  # type: ignore[arg-type]
             fh.write(buf)
             h.update(buf)
 

@@ -42,6 +42,7 @@ class StreamBlocks:
 
     def _take_windows(self, n: int) -> Optional[torch.Tensor]:
         """The next ``n`` windows of the stream (fewer at its end; None when it has ended)."""
+        assert self._iter is not None, "block() restarts the window iterator first"
         parts, have = ([self._pending] if self._pending.numel() else []), len(self._pending)
         while have < n:
             try:
@@ -146,7 +147,9 @@ class StreamReader:
                 raise IndexError(step)
             per = len(rows) // self.batch_size
             if j < per:
-                return self._rows(b, j).to("cpu", self.dtype)
+                x = self._rows(b, j)
+                assert x is not None  # j is one of the block's whole batches
+                return x.to("cpu", self.dtype)
             b, j = b + 1, j - per
 
     def state_dict(self) -> dict[str, int]:

@@ -286,9 +286,9 @@ def fig_topk(device: torch.device, probe: dict[str, Any], venvs: Path, peers: li
     workers: dict[str, StepWorker] = {}
     load, pressure = [os.getloadavg()[0]], [cpu_pressure()]
     try:
-        for key, py, impl, wenv, prec in plan:  # one at a time: warm-ups do not compete
+        for key, worker_py, impl, wenv, prec in plan:  # one at a time: warm-ups do not compete
             try:
-                workers[key] = StepWorker(py, impl, prec, threads, warmup, wenv, dims, str(device))
+                workers[key] = StepWorker(worker_py, impl, prec, threads, warmup, wenv, dims, str(device))
                 print(f"    {key}: ready", flush=True)
             except RuntimeError as e:
                 not_run[key] = f"not measured: {e}"
@@ -317,12 +317,12 @@ def fig_topk(device: torch.device, probe: dict[str, Any], venvs: Path, peers: li
              for prec in precisions if f"matmul/{prec}" in res}
     out["matmul_flops"] = flops
     if flops:
-        roof_dtype = max(flops, key=flops.get)
+        roof_dtype = max(flops, key=lambda prec: flops[prec])
         out["roofline_dtype"] = roof_dtype
         out["roofline_tokens_per_s"] = res[f"matmul/{roof_dtype}"]["tokens_per_s"]  # one matmul per step
         ours = {prec: res[f"sae_sweep/{prec}"]["tokens_per_s"] for prec in precisions if f"sae_sweep/{prec}" in res}
         if ours:
-            best = max(ours, key=ours.get)
+            best = max(ours, key=lambda prec: ours[prec])
             out["ours_best_precision"] = best
             out["vs_roofline"] = ours[best] / out["roofline_tokens_per_s"]
             out["vs_peers"] = {f"{name}/{prec}": ours[prec] / res[f"{name}/{prec}"]["tokens_per_s"]
@@ -439,7 +439,7 @@ def fig_cache_build(cache_dir: Path, device: torch.device, n_tokens: int, reps: 
             assert built
 
         tokens = windows.numel()
-        t = {}
+        t: dict[str, float] = {}
         for _ in range(reps):  # interleaved, best of each
             for name, fn in (("bare_forward", bare), ("cache_build", build), ("full_forward", full)):
                 t0 = time.perf_counter()
@@ -614,7 +614,7 @@ def topk_dims(args: argparse.Namespace) -> tuple[int, int, int, int]:
         if any(v is not None for v in given.values()):
             raise SystemExit("--smoke runs at SMOKE_DIMS " + str(SMOKE_DIMS) + ": drop --d-in/--d-sae/--k, or --smoke")
         return SMOKE_DIMS
-    d_in, d_sae, k = (given[n] if given[n] is not None else dflt for n, dflt in zip(given, (D_IN, D_SAE, K)))
+    d_in, d_sae, k = (dflt if (v := given[n]) is None else int(v) for n, dflt in zip(given, (D_IN, D_SAE, K)))
     for name, v in (("--d-in", d_in), ("--d-sae", d_sae), ("--k", k)):
         if v < 1:
             raise SystemExit(f"{name}={v}: must be >= 1")

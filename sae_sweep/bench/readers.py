@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 import torch
 
@@ -97,7 +97,7 @@ def measure(reader, seconds: float, batch: int, d_in: int, max_batches: int) -> 
 def run(root: Path, args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     from sae_sweep.activations.reader import BlockReader, DiskBlocks, ShuffledReader
 
-    readers = {
+    readers: Dict[str, Callable[[Any], Any]] = {
         "random": lambda cache: ShuffledReader(cache, args.batch, seed=0),
         "blocks": lambda cache: BlockReader(DiskBlocks(cache, args.block_tokens), args.batch, seed=0),
     }

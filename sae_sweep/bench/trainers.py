@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from sae_sweep.sae import get_trainer, trainer_names
+from sae_sweep.sae import SparseAutoencoder, get_trainer, trainer_names
 from sae_sweep.sae.trainer import explained_variance
 from sae_sweep.evals.recovery import recovery_metrics
 from sae_sweep.activations.synthetic import PlantedDictionary
@@ -124,15 +124,15 @@ def trainer_cfg(name: str, recipe: Recipe, setup: PlantedSetup) -> dict[str, Any
 
 def planted_data(setup: PlantedSetup) -> tuple[PlantedDictionary, torch.Tensor, torch.Tensor]:
     pd = PlantedDictionary(setup.d, setup.n_features, seed=setup.data_seed)
-    kw = dict(l0=setup.l0, correlated_groups=setup.correlated_groups, correlation=setup.correlation,
-              noise=setup.noise)
+    kw: dict[str, Any] = dict(l0=setup.l0, correlated_groups=setup.correlated_groups,
+                              correlation=setup.correlation, noise=setup.noise)
     train = pd.sample(setup.pool, **kw)
     held_out = pd.sample(setup.eval_samples, **kw)
     return pd, train, held_out
 
 
 @torch.no_grad()
-def score(sae: torch.nn.Module, pd: PlantedDictionary, x: torch.Tensor) -> dict[str, float]:
+def score(sae: SparseAutoencoder, pd: PlantedDictionary, x: torch.Tensor) -> dict[str, float]:
     """Recovery of the planted dictionary + reconstruction/sparsity on held-out samples (eval mode)."""
     sae.eval()
     x_hat, f = sae(x)
@@ -222,13 +222,13 @@ def main(args: argparse.Namespace) -> int:
     if args.temporal_routes:
         from sae_sweep.sae.temporal_ortho import measure_routes
 
-        rows = measure_routes()
+        route_rows = measure_routes()
         print("temporal_ortho: observe + weights + penalty + backward per step, best of 3 "
               "(auto: the route `prefers_gram` picks; 'auto vs other': how much faster it is)")
-        print(routes_table(rows))
+        print(routes_table(route_rows))
         if args.out:
             with open(args.out, "w") as fh:
-                json.dump({"temporal_routes": rows}, fh, indent=2)
+                json.dump({"temporal_routes": route_rows}, fh, indent=2)
             print(f"wrote {args.out}")
         return 0
     names = [n for n in args.only.split(",") if n] or trainer_names()

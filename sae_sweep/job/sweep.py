@@ -155,7 +155,7 @@ class GridSweep:
         t0 = time.perf_counter()
         resources = getattr(self.launcher, "resources", lambda: None)()
         points = compose_points(self.load, batches, resources)
-        problems = getattr(self.launcher, "preflight", lambda: [])()
+        problems: List[str] = getattr(self.launcher, "preflight", lambda: [])()
         if problems:
             C.fail_if(problems, "the launcher's request cannot be met; nothing was launched")
         log.info("validated %d grid points in %.1fs", len(points), time.perf_counter() - t0)

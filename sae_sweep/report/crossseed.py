@@ -155,7 +155,7 @@ def crossseed_hook(tracker: Any, parent_run_id: str, points: Sequence[Any], resu
     if not s.enabled:
         return {}
     threshold = s.threshold
-    kwargs = {"method": s.method, "candidates": s.candidates, "dense_max": s.dense_max}
+    kwargs: Dict[str, Any] = {"method": s.method, "candidates": s.candidates, "dense_max": s.dense_max}
 
     exp_id = tracker.get_run(parent_run_id).info.experiment_id
     ids = {r["run_id"] for r in results if isinstance(r, dict) and r.get("run_id")}

@@ -48,7 +48,7 @@ class SparseAutoencoder(nn.Module):
     """
 
     architecture: ClassVar[str] = "base"
-    activation_fn_str: ClassVar[str] = "relu"
+    activation_fn_str: str = "relu"  # a class default; an instance may set its own (adaptive_ortho's base)
     extra_cfg_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, d_in: int, d_sae: int, *, generator: torch.Generator | None = None,

@@ -34,6 +34,7 @@ def batch_topk(pre: Tensor, k: int) -> Tensor:
 @register_sae("batchtopk")
 class BatchTopKSAE(TopKSAE):
     activation_fn_str = "batchtopk"
+    threshold: Tensor  # a registered buffer (saved with the weights)
 
     def __init__(self, d_in: int, d_sae: int, k: int, **kwargs: Any):
         super().__init__(d_in, d_sae, k, **kwargs)
@@ -79,6 +80,7 @@ class BatchTopKParams(TopKParams):
 class BatchTopKTrainer(TopKTrainer):
     params_cls = BatchTopKParams
     sae_cls: type = BatchTopKSAE
+    sae: BatchTopKSAE  # built by build_sae
 
     def build_sae(self, generator: torch.Generator) -> SparseAutoencoder:
         return self.sae_cls(self.d_in, self.d_sae, int(self.sae_cfg["k"]), generator=generator)
@@ -89,7 +91,7 @@ class BatchTopKTrainer(TopKTrainer):
 
     def encode_train(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(pre [B, d_sae], f [B, d_sae]) under the batch top-k rule; updates the threshold."""
-        sae: BatchTopKSAE = self.sae  # type: ignore[assignment]
+        sae: BatchTopKSAE = self.sae
         pre = sae.pre_acts(x)
         f = batch_topk(pre, sae.k)
         if self.threshold_active():

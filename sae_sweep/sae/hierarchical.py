@@ -274,8 +274,10 @@ class HierarchicalTrainer(Trainer):
         resample_now = self.params.resample and done % o.resample_every == 0
         log = self.check_log.tolist() if merge_now or resample_now else None  # host sync at checks only
         if merge_now:
+            assert log is not None
             _, log[3] = self.merge_duplicates(x, resid, loss_per_token, fired)
         if resample_now:
+            assert log is not None
             dead = (self.steps_since_fired > o.resample_after).nonzero().flatten()
             log[2] = float(dead.numel())
             if dead.numel():

@@ -129,7 +129,9 @@ class Codes:
             # into an uninitialised output (beta=0 ignores it): `csr @ x` zero-fills, then copies
             out = x.new_empty(self.n_latents, x.shape[-1])
             return torch.addmm(out, self.rows_t(values.to(x.dtype)), x, beta=0, out=out)
-        return dense_code_matmul([(self.idx, values)], x, self.n_latents, transpose=True)[0]
+        res, _ = dense_code_matmul([(self.idx, values)], x, self.n_latents, transpose=True)
+        assert res is not None  # x is given
+        return res
 
 
 def dense_code_matmul(parts: list[tuple[Tensor, Tensor]], x: Tensor | None, n_latents: int, transpose: bool,
@@ -263,8 +265,10 @@ class TopKEncode(torch.autograd.Function):
         else:
             # grad W_enc [d_in, d_sae] = xc^T @ G, G the dense code gradient [B, d_sae] in row
             # blocks: no [B*(k+k_aux), d_in] tensor (36 GB at Llama-3.1-8B width, B 1024, AuxK on)
-            grad_W, col_sum = dense_code_matmul(parts, xc.to(W_enc.dtype) if ctx.needs_input_grad[1] else None,
-                                                d_sae, transpose=False, col_sum=True, dtype=W_enc.dtype)
+            grad_W, sums = dense_code_matmul(parts, xc.to(W_enc.dtype) if ctx.needs_input_grad[1] else None,
+                                             d_sae, transpose=False, col_sum=True, dtype=W_enc.dtype)
+            assert sums is not None  # col_sum=True
+            col_sum = sums
         if ctx.needs_input_grad[2]:
             grad_b_enc = col_sum
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[0]:

@@ -161,7 +161,9 @@ class CoactivationTable:
         self.route = route
         self.d_sae = int(d_sae)
         self.dense = bool(dense)
-        self.cap = self.d_sae if self.dense else int(cap)
+        if not self.dense and cap is None:
+            raise ValueError("CoactivationTable: cap=None needs dense=True (one slot per latent)")
+        self.cap = self.d_sae if self.dense or cap is None else int(cap)
         self.weights_from, self.cbar_init, self.alpha_rule = weights_from, cbar_init, alpha_rule
         self.include_diag = bool(include_diag)
         shape = (self.d_sae, self.cap)

@@ -7,7 +7,7 @@ x - x_hat; its squared error is normalised by the residual's variance, so it is 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -23,7 +23,7 @@ from .registry import register_sae, register_trainer
 @register_sae("topk")
 class TopKSAE(SparseAutoencoder):
     activation_fn_str = "topk"
-    extra_cfg_keys = ("k",)
+    extra_cfg_keys: ClassVar[tuple[str, ...]] = ("k",)
 
     def __init__(self, d_in: int, d_sae: int, k: int, **kwargs: Any):
         super().__init__(d_in, d_sae, **kwargs)
@@ -72,7 +72,7 @@ class FastTopKParams(TopKParams):
 @register_trainer("topk")
 class TopKTrainer(Trainer):
     uses_k = True
-    params_cls = FastTopKParams  # variants that subclass keep TopKParams and the dense path
+    params_cls: ClassVar[type] = FastTopKParams  # variants that subclass keep TopKParams and the dense path
 
     @property
     def _workspace(self) -> Workspace:
@@ -111,7 +111,7 @@ class TopKTrainer(Trainer):
         # which latents fired in this batch, via scatter-add (boolean indexing would sync)
         fired = torch.zeros(self.d_sae, device=x.device).scatter_add_(0, idx.reshape(-1), active.reshape(-1)) > 0
 
-        if not auxk_on:
+        if dead is None:  # AuxK off
             auxk = torch.zeros((), device=x.device)
         elif pre is None:
             auxk = self.auxk_from_codes(x - x_hat.detach(), aux_vals, aux_idx, dead)

@@ -59,7 +59,7 @@ def _cpu_bf16_flags() -> tuple[str, ...]:
     checks = {"avx512_bf16": getattr(cpu, "_is_avx512_bf16_supported", None),
               "amx_bf16": getattr(cpu, "_is_amx_tile_supported", None)}
     if all(callable(c) for c in checks.values()):
-        return tuple(name for name, check in checks.items() if check())
+        return tuple(name for name, check in checks.items() if callable(check) and check())
     try:
         with open("/proc/cpuinfo") as fh:
             flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
@@ -153,7 +153,8 @@ class Trainer:
 
     name: ClassVar[str] = "base"
     params_cls: ClassVar[type] = TrainerParams
-    unit_norm_decoder: ClassVar[bool] = True  # renormalise W_dec rows + project their grads
+    # renormalise W_dec rows + project their grads; a class default, an instance may set its own (relu)
+    unit_norm_decoder: bool = True
     uses_k: ClassVar[bool] = False  # whether sae.k means anything to it (TopK-style trainers)
 
     def __init__(self, d_in: int, sae_cfg: Any, trainer_cfg: Any, total_steps: int,

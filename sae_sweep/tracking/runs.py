@@ -31,7 +31,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, overload
 
 # Artifact downloads (sweep-end cross-seed, report, export) are small and quick: a progress bar per
 # download would be most of a sweep's console output.
@@ -158,7 +158,14 @@ class Tracker:
             self.client.search_experiments(max_results=1)  # forces the store's set-up now
         self.artifact_root = (db.parent / "mlartifacts").resolve().as_uri()
 
+    @overload
+    def experiment_id(self, name: str, create: Literal[True] = True) -> str: ...
+
+    @overload
+    def experiment_id(self, name: str, create: bool) -> Optional[str]: ...
+
     def experiment_id(self, name: str, create: bool = True) -> Optional[str]:
+        """The experiment's id; created when missing (None instead with ``create=False``)."""
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
@@ -185,7 +192,8 @@ class Tracker:
             clauses.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
         if extra_filter:
             clauses.append(extra_filter)
-        runs, token = [], None
+        runs: List[Any] = []
+        token = None
         while True:
             page = self.client.search_runs([experiment_id], " and ".join(clauses), max_results=1000,
                                            order_by=["attributes.start_time DESC"], page_token=token)
@@ -370,7 +378,7 @@ class ChildRun:
     def __enter__(self) -> "ChildRun":
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         if not self.closed:
             self.close(exc)
         return False

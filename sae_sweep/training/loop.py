@@ -258,6 +258,7 @@ class Member:
 
     def step(self, x: torch.Tensor) -> None:
         trainer = self.trainer
+        assert self.rng is not None and self._step_t is not None and self._bad_step is not None, "start() first"
         set_rng_state(self.rng)
         if not trainer.data_initialized:
             trainer.init_from_data(x)
@@ -275,6 +276,7 @@ class Member:
             self.flush()
 
     def check_finite(self) -> None:
+        assert self._bad_step is not None, "start() first"
         first = int(self._bad_step.item())
         if first != self._never:
             raise TrainingFailed(f"non-finite loss (NaN/inf) at step {first}", nonfinite_step=first)
@@ -299,6 +301,7 @@ class Member:
         if self.ckpt_dir is None:
             return None
         self.check_finite()  # never persist NaN weights
+        assert self.rng is not None, "start() first"
         self._ckpt_t = time.perf_counter()
         return save_checkpoint(self.ckpt_dir, self.trainer, reader_state, self.rng,
                                {"tokens": self.trainer.tokens_seen, "last_metrics": self._last})
@@ -457,4 +460,5 @@ def train(trainer: Any, reader: Iterator[torch.Tensor], total_steps: int, ckpt_d
     train_members([member], reader, progress=progress, should_stop=should_stop)
     if member.error is not None:
         raise member.error
+    assert member.result is not None  # a member that ends without an error has its result
     return member.result

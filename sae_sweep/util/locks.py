@@ -124,7 +124,7 @@ class OwnedLock:
         if self._token is None:
             return False
         owner = read_owner(self.path)
-        return bool(owner) and owner.get("token") == self._token
+        return owner is not None and bool(owner) and owner.get("token") == self._token
 
     def acquire(self) -> "OwnedLock":
         if self._token is not None:
