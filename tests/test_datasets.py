@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network in tests
 
@@ -19,6 +18,7 @@ from hydra import compose, initialize_config_dir
 
 from sae_sweep import config as C
 from sae_sweep.job.app import CONF_DIR, validate_point
+from sae_sweep.config import ModelConfig
 from sae_sweep.models.lm import load_lm
 from sae_sweep.data.text import DatasetUnavailable, check_dataset_available, dataset_fingerprint, token_windows
 from test_families import build_family_dir
@@ -46,7 +46,7 @@ def llama_dir(tmp_path_factory, corpus):
 
 @pytest.fixture(scope="module")
 def lm(llama_dir, tmp_path_factory):
-    return load_lm({"name": "llama-rand", "hf_id": str(llama_dir), "dtype": "float32"},
+    return load_lm(ModelConfig(name="llama-rand", hf_id=str(llama_dir), dtype="float32"),
                    tmp_path_factory.mktemp("lm_cache"), "cpu")
 
 

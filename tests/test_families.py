@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network in tests
 import pytest
 import torch
 
+from sae_sweep.config import ModelConfig
 from sae_sweep.models.lm import LanguageModel, load_lm
 from sae_sweep.data.text import token_windows
 
@@ -118,7 +119,7 @@ def family_dirs(tmp_path_factory, corpus):
 # Tokenizer quirks: BOS exactly once, whoever adds it
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_windows_start_with_exactly_one_bos(family_dirs, family, tmp_path):
-    lm = load_lm({"name": family, "hf_id": str(family_dirs[family]), "dtype": "float32"}, tmp_path, "cpu")
+    lm = load_lm(ModelConfig(name=family, hf_id=str(family_dirs[family]), dtype="float32"), tmp_path, "cpu")
     style = TOKENIZER_STYLES[FAMILIES[family][1]]
     tok = lm.tokenizer
     assert lm.bos_token_id == tok.convert_tokens_to_ids(style["bos"])
