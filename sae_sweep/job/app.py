@@ -65,7 +65,7 @@ def job_tags(cfg: DictConfig, key: str, weights: Optional[Any] = None) -> Dict[s
     tags = {
         "model": cfg.model.name, "layer": str(cfg.layer), "hook": cfg.hook, "dataset": cfg.dataset.name,
         "seed": str(cfg.seed), "trainer": cfg.trainer.name, "config_hash": key,
-        "seed_group": C.seed_group_key(cfg, weights_identity(weights)), "git_commit": _git_commit(),
+        "seed_group": C.seed_group_key(cfg, point_identity(cfg, weights)), "git_commit": _git_commit(),
         # which weights ran: the hub's, a local copy, the built-in model, or a GGUF stand-in (its label)
         "model_weights": weights.label if weights is not None else str(cfg.model.get("weights", "auto")),
     }
@@ -195,8 +195,13 @@ def model_shape(cfg: DictConfig, weights: Optional[Any] = None) -> C.ModelShape:
     return C.ModelShape(*lm_shape(cfg.model, C.cache_dir(cfg), weights))
 
 
-def weights_identity(weights: Optional[Any]) -> Optional[Dict[str, Any]]:
-    """What a point's weights add to its run key (None: no LM is loaded, the config says all)."""
+def point_identity(cfg: DictConfig, weights: Optional[Any]) -> Optional[Dict[str, Any]]:
+    """What a point's weights add to its run key: those of the weights it loads (``weights``, from
+    ``validate_point``); for ``dataset=synthetic`` (no LM loaded) those its config names."""
+    if weights is None and cfg.dataset.kind == "synthetic":
+        from sae_sweep.models.weights import resolve
+
+        return resolve(cfg.model, C.cache_dir(cfg), check=False).identity
     return None if weights is None else weights.identity
 
 
@@ -231,6 +236,8 @@ def validate_point(cfg: DictConfig, check_availability: bool = True, runs_here: 
     weights = None
     try:
         shape: Optional[C.ModelShape] = model_shape(cfg)
+    except C.ConfigError:  # a bad model node: config.validate names each bad key
+        shape = None
     except Exception as e:  # an unavailable model: lm.py's message says how to point at local files
         shape = None
         problems.append(str(e))
@@ -493,7 +500,7 @@ def run_job(cfg: DictConfig) -> Dict[str, Any]:
     cfgs = [cfg]
     if cfg.sweep.pack and cfg.tracking.parent_run_id:
         weights = None if cfg.dataset.kind == "synthetic" else point_weights(cfg)
-        path = pack_file(C.output_dir(cfg), cfg.tracking.parent_run_id, C.run_key(cfg, weights_identity(weights)))
+        path = pack_file(C.output_dir(cfg), cfg.tracking.parent_run_id, C.run_key(cfg, point_identity(cfg, weights)))
         if path.exists():
             cfgs = read_pack(path)
     results = run_points(cfgs)
@@ -547,7 +554,7 @@ def _run_locked(cfgs: Sequence[DictConfig], weights: Sequence[Optional[Any]], tr
     results: Dict[str, Dict[str, Any]] = {}
     todo = []
     for cfg, w in zip(cfgs, weights):
-        key = C.run_key(cfg, weights_identity(w))
+        key = C.run_key(cfg, point_identity(cfg, w))
         try:
             held.enter_context(OwnedLock(point_lock(cfg, key), timeout=0))
         except LockTimeout as e:

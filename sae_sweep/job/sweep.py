@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sae_sweep import config as C
-from sae_sweep.job.app import disk_problems, model_shape, pack_file, pinned, validate_point, weights_identity, write_pack
+from sae_sweep.job.app import disk_problems, model_shape, pack_file, pinned, point_identity, validate_point, write_pack
 
 log = logging.getLogger("sae_sweep.job.sweep")
 
@@ -90,7 +90,7 @@ def compose_points(load: Callable[[List[str]], DictConfig], batches: Sequence[Se
                 cfg = load(overrides)
                 job = _job_view(cfg)
                 weights = validate_point(job, **resources)
-                key = C.run_key(job, weights_identity(weights))
+                key = C.run_key(job, point_identity(job, weights))
             except C.ConfigError as e:
                 errors.append(f"  grid point #{idx} [{shown}]: " + "; ".join(e.problems))
                 idx += 1
@@ -102,7 +102,8 @@ def compose_points(load: Callable[[List[str]], DictConfig], batches: Sequence[Se
             if weights is not None and weights.source in ("hub", "gguf") and \
                     not any(o.startswith("model.weights=") for o in overrides):
                 overrides = overrides + [f"model.weights={weights.source}"]  # jobs load what was validated
-            points.append(GridPoint(idx, overrides, key, C.seed_group_key(job, weights_identity(weights)), job, weights))
+            seed_group = C.seed_group_key(job, point_identity(job, weights))
+            points.append(GridPoint(idx, overrides, key, seed_group, job, weights))
             idx += 1
     if errors:
         raise C.ConfigError(f"{len(errors)} of {idx} grid points are invalid; nothing was launched:\n"
@@ -228,7 +229,7 @@ class GridSweep:
 
         packs: Dict[str, List[GridPoint]] = {}
         for p in points:
-            packs.setdefault(C.stream_key(p.cfg, weights_identity(p.weights)), []).append(p)
+            packs.setdefault(C.stream_key(p.cfg, point_identity(p.cfg, p.weights)), []).append(p)
         for members in packs.values():
             unique = {p.run_key: p for p in reversed(members)}  # a repeated point trains once
             cfgs = []
