@@ -11,8 +11,8 @@ Layout under ``<cache_root>/activations/``::
 
 The key is a hash of everything that changes the activations (``cache_key``); the same key is
 reused, never recomputed. Builds (``util.build.build_once``) write into a private temp directory
-that is renamed into place only when complete, so a killed build never leaves something that looks like a cache. Batches for
-training come from ``sae_sweep.activations.reader``.
+that is renamed into place only when complete, so a killed build never leaves something that looks
+like a cache. Batches for training come from ``sae_sweep.activations.reader``.
 
 This module knows nothing about SAEs; it only stores (token ids, activations) pairs.
 """
