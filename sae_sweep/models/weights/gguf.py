@@ -138,7 +138,9 @@ class GGUFStandIn(WeightsSource):
 
     def check(self, model: ModelConfig, where: str, cache_dir: Path, timeout: float) -> None:
         if gguf_path(model.gguf) is None:
-            raise ModelUnavailable(install_hint(model.gguf))
+            rev = f" (revision {model.revision})" if model.revision else ""
+            raise ModelUnavailable(f"the GGUF stand-in for model {where!r}{rev} ({model.gguf.label}) is not "
+                                   f"installed: {install_hint(model.gguf)}")
 
     def identity(self, model: ModelConfig) -> Dict[str, Any]:
         return {"weights": str(model.gguf.label)}  # a GGUF stand-in is another model than the hub's
