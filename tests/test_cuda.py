@@ -25,9 +25,10 @@ def _data(steps=20, batch=128, d_in=64):
 
 def test_lm_weights_load_onto_the_gpu(tiny_cache_dir):
     """device_map placement: every weight is on the GPU, and the hooked activations match the CPU's."""
+    from sae_sweep.config import ModelConfig
     from sae_sweep.models.lm import load_lm
 
-    cfg = {"name": "tiny", "hf_id": "builtin:tiny", "dtype": "float32"}
+    cfg = ModelConfig(name="tiny", hf_id="builtin:tiny", dtype="float32")
     gpu, cpu = load_lm(cfg, tiny_cache_dir, "cuda"), load_lm(cfg, tiny_cache_dir, "cpu")
     assert all(p.device.type == "cuda" for p in gpu.model.parameters())
     ids = torch.tensor([[cpu.bos_token_id, 5, 6, 7, 8, 9]])
@@ -110,9 +111,10 @@ def test_two_identical_runs_are_bit_identical():
 
 
 def _lm(cache_dir, device, dtype="float32"):
+    from sae_sweep.config import ModelConfig
     from sae_sweep.models.lm import load_lm
 
-    return load_lm({"name": "tiny", "hf_id": "builtin:tiny", "dtype": dtype}, cache_dir, device)
+    return load_lm(ModelConfig(name="tiny", hf_id="builtin:tiny", dtype=dtype), cache_dir, device)
 
 
 def _windows(lm, n_chunks=6, chunk=4, ctx=32, seed=0):

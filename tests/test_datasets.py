@@ -18,6 +18,7 @@ from helpers.config import compose_config
 from helpers.mlflow_store import store_runs
 from helpers.models import build_family_dir
 from sae_sweep import config as C
+from sae_sweep.config import ModelConfig
 from sae_sweep.data.text import DatasetUnavailable, check_dataset_available, dataset_fingerprint, token_windows
 from sae_sweep.job.app import validate_point
 from sae_sweep.models.lm import load_lm
@@ -33,7 +34,7 @@ def llama_dir(tmp_path_factory, corpus):
 
 @pytest.fixture(scope="module")
 def lm(llama_dir, tmp_path_factory):
-    return load_lm({"name": "llama-rand", "hf_id": str(llama_dir), "dtype": "float32"},
+    return load_lm(ModelConfig(name="llama-rand", hf_id=str(llama_dir), dtype="float32"),
                    tmp_path_factory.mktemp("lm_cache"), "cpu")
 
 

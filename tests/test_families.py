@@ -16,6 +16,7 @@ from helpers.cli import run_cli
 from helpers.config import compose_config
 from helpers.mlflow_store import store_runs
 from helpers.models import FAMILIES, TOKENIZER_STYLES, build_family_dir
+from sae_sweep.config import ModelConfig
 from sae_sweep.data.text import token_windows
 from sae_sweep.models.lm import LanguageModel, load_lm
 
@@ -30,7 +31,7 @@ def family_dirs(tmp_path_factory, corpus):
 @pytest.mark.integration
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_windows_start_with_exactly_one_bos(family_dirs, family, tmp_path):
-    lm = load_lm({"name": family, "hf_id": str(family_dirs[family]), "dtype": "float32"}, tmp_path, "cpu")
+    lm = load_lm(ModelConfig(name=family, hf_id=str(family_dirs[family]), dtype="float32"), tmp_path, "cpu")
     style = TOKENIZER_STYLES[FAMILIES[family][1]]
     tok = lm.tokenizer
     assert lm.bos_token_id == tok.convert_tokens_to_ids(style["bos"])

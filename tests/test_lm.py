@@ -1,6 +1,7 @@
 """lm.py: the offline tiny model and hook points on real HF architectures (tiny random configs)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -11,7 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network in tests
 import pytest
 import torch
 
-from sae_sweep.models import lm as lm_mod
+from sae_sweep.config import ModelConfig
+from sae_sweep.models import tiny
+from sae_sweep.models.weights import builtin, resolve
 from sae_sweep.util.locks import read_owner
 from sae_sweep.models.lm import (
     HOOK_TYPES,
@@ -97,7 +100,7 @@ def _get(obj, dotted):
 
 
 def _load_family(family_dirs, name, cache_dir):
-    return load_lm({"name": name, "hf_id": str(family_dirs[name]), "dtype": "float32"}, cache_dir, "cpu")
+    return load_lm(ModelConfig(name=name, hf_id=str(family_dirs[name]), dtype="float32"), cache_dir, "cpu")
 
 
 # Hook points on each architecture
@@ -238,7 +241,7 @@ def test_bad_hook_and_layer(family_dirs, tmp_path):
 
 @pytest.mark.integration
 def test_fingerprint_and_shape_of_local_dir(family_dirs, tmp_path):
-    cfg = {"name": "llama-rand", "hf_id": str(family_dirs["llama"]), "dtype": "float32", "n_layers": 99, "d_model": 1}
+    cfg = ModelConfig(name="llama-rand", hf_id=str(family_dirs["llama"]), dtype="float32", n_layers=99, d_model=1)
     assert model_shape(cfg, tmp_path) == (3, 32)  # from config.json, not the yaml values
     lm = load_lm(cfg, tmp_path, "cpu")
     fp = lm.fingerprint
@@ -247,7 +250,7 @@ def test_fingerprint_and_shape_of_local_dir(family_dirs, tmp_path):
     assert len(fp["config_hash"]) == 16 and len(fp["tokenizer_hash"]) == 16
     assert lm.bos_token_id != lm.eos_token_id
     assert {lm.bos_token_id, lm.eos_token_id, lm.pad_token_id} <= set(lm.special_token_ids)
-    lm16 = load_lm({**cfg, "dtype": "bfloat16"}, tmp_path, "cpu")
+    lm16 = load_lm(dataclasses.replace(cfg, dtype="bfloat16"), tmp_path, "cpu")
     assert lm16.dtype == torch.bfloat16 and lm16.fingerprint["dtype"] == "bfloat16"
     assert lm16.fingerprint["tokenizer_hash"] == fp["tokenizer_hash"]
 
@@ -265,8 +268,8 @@ def test_dtype_resolution():
 def test_offline_hub_model_is_unavailable(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty HF cache
-    cfg = {"name": "pythia-70m", "hf_id": "EleutherAI/pythia-70m", "revision": "step143000",
-           "n_layers": 6, "d_model": 512, "dtype": "auto"}
+    cfg = ModelConfig(name="pythia-70m", hf_id="EleutherAI/pythia-70m", revision="step143000",
+                      n_layers=6, d_model=512, dtype="auto")
     assert model_shape(cfg, tmp_path) == (6, 512)  # falls back to the yaml values
     t0 = time.time()
     with pytest.raises(ModelUnavailable) as err:
@@ -274,9 +277,9 @@ def test_offline_hub_model_is_unavailable(tmp_path, monkeypatch):
     assert time.time() - t0 < 30
     assert "EleutherAI/pythia-70m" in str(err.value) and "model.hf_id=/path/to/local/dir" in str(err.value)
     with pytest.raises(ModelUnavailable):
-        lm_mod.check_model_available(cfg, tmp_path)
+        resolve(cfg, tmp_path)
     with pytest.raises(ModelUnavailable, match="no such local directory"):
-        load_lm({"name": "x", "hf_id": str(tmp_path / "missing")}, tmp_path, "cpu")
+        load_lm(ModelConfig(name="x", hf_id=str(tmp_path / "missing")), tmp_path, "cpu")
 
 
 # The tiny model
@@ -284,13 +287,13 @@ def test_offline_hub_model_is_unavailable(tmp_path, monkeypatch):
 def test_tiny_is_built_once_and_loads_like_a_hub_model(tiny_lm, tiny_cache_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
-    path = lm_mod.tiny_model_dir(tiny_cache_dir)
-    assert path.name == lm_mod.TINY_VERSION
+    path = builtin.tiny_model_dir(tiny_cache_dir)
+    assert path.name == tiny.TINY_VERSION
     info = json.loads((path / "build_info.json").read_text())
     assert (tiny_lm.n_layers, tiny_lm.d_model) == (4, 128)  # conf/model/tiny.yaml
-    assert model_shape({"hf_id": "builtin:tiny"}, tiny_cache_dir) == (4, 128)
+    assert model_shape(ModelConfig(hf_id="builtin:tiny"), tiny_cache_dir) == (4, 128)
     assert isinstance(tiny_lm.model, GPT2LMHeadModel)
-    assert 0.9 * lm_mod.TINY_VOCAB <= len(tiny_lm.tokenizer) <= lm_mod.TINY_VOCAB + 2
+    assert 0.9 * tiny.TINY_VOCAB <= len(tiny_lm.tokenizer) <= tiny.TINY_VOCAB + 2
     assert tiny_lm.tokenizer.eos_token == "<|endoftext|>" and tiny_lm.tokenizer.bos_token == "<|endoftext|>"
     assert tiny_lm.tokenizer.pad_token is not None and tiny_lm.pad_token_id != tiny_lm.eos_token_id
     assert tiny_lm.fingerprint["weights_hash"] == info["weights_hash"]
@@ -299,14 +302,14 @@ def test_tiny_is_built_once_and_loads_like_a_hub_model(tiny_lm, tiny_cache_dir):
     # The second load reuses the build (no rebuild: same directory, same files).
     mtime = (path / "model.safetensors").stat().st_mtime_ns
     t0 = time.time()
-    again = load_lm({"name": "tiny", "hf_id": "builtin:tiny", "dtype": "auto"}, tiny_cache_dir, "cpu")
+    again = load_lm(ModelConfig(name="tiny", hf_id="builtin:tiny", dtype="auto"), tiny_cache_dir, "cpu")
     assert time.time() - t0 < 20
     assert (path / "model.safetensors").stat().st_mtime_ns == mtime
     assert again.fingerprint == tiny_lm.fingerprint
     # Nothing of ours is left behind. Other xdist workers share this cache and may hold the lock
     # for a moment (a waiter takes it, sees the build complete, releases it), so only our pid counts.
-    v = lm_mod.TINY_VERSION
-    assert not list(path.parent.glob(f".{v}.tmp-{socket.gethostname()}-{os.getpid()}"))
+    v = tiny.TINY_VERSION
+    assert not list(path.parent.glob(f".{v}.tmp-{socket.gethostname()}-{os.getpid()}-*"))
     owner = read_owner(path.parent / f"{v}.lock")
     assert owner is None or owner.get("pid") != os.getpid(), owner
 
@@ -320,7 +323,7 @@ def test_tiny_is_built_once_and_loads_like_a_hub_model(tiny_lm, tiny_cache_dir):
 
 @pytest.mark.integration
 def test_tiny_has_learned_text(tiny_lm, tiny_cache_dir):
-    info = json.loads((lm_mod.tiny_model_dir(tiny_cache_dir) / "build_info.json").read_text())
+    info = json.loads((builtin.tiny_model_dir(tiny_cache_dir) / "build_info.json").read_text())
     # Held-out loss well below the unigram entropy: it uses context, not just token frequencies.
     assert info["eval_loss"] < info["unigram_entropy"] - 0.5, info
 
@@ -348,7 +351,7 @@ def test_weights_load_straight_onto_the_device(tiny_cache_dir, monkeypatch):
     assert lm_mod.placement(torch.device("cpu")) == {}
     assert lm_mod.placement(torch.device("cuda")) == {"device_map": {"": "cuda:0"}}
     assert lm_mod.placement(torch.device("cuda:1")) == {"device_map": {"": "cuda:1"}}
-    cfg = {"name": "tiny", "hf_id": "builtin:tiny"}
+    cfg = ModelConfig(name="tiny", hf_id="builtin:tiny")
     plain = load_lm(cfg, tiny_cache_dir, "cpu")
     monkeypatch.setattr(lm_mod, "placement", lambda dev: {"device_map": {"": "cpu"}})
     mapped = load_lm(cfg, tiny_cache_dir, "cpu")

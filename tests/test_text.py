@@ -7,13 +7,12 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network in tests
 
-import pytest
 import numpy as np
+import pytest
 import torch
 
+from sae_sweep.config import GenerationConfig, ModelConfig
 from sae_sweep.data.corpus import WindowPacker, doc_split
-from sae_sweep.config import GenerationConfig
-from sae_sweep.models.lm import load_lm
 from sae_sweep.data.text import (
     DatasetUnavailable,
     NotEnoughText,
@@ -23,6 +22,7 @@ from sae_sweep.data.text import (
     iter_split_documents,
     token_windows,
 )
+from sae_sweep.models.lm import load_lm
 
 SAMPLER = GenerationConfig().sampler  # the manifest records the sampler the settings left at its default
 
@@ -47,7 +47,7 @@ def llama_lm(tmp_path_factory):
     d = tmp_path_factory.mktemp("llama_text")
     model.save_pretrained(d)
     tokenizer.save_pretrained(d)
-    return load_lm({"name": "llama-rand", "hf_id": str(d), "dtype": "float32"}, d, "cpu")
+    return load_lm(ModelConfig(name="llama-rand", hf_id=str(d), dtype="float32"), d, "cpu")
 
 
 def _assert_bos_windows(w: torch.Tensor, lm, ctx: int, strict: bool) -> None:
@@ -283,10 +283,11 @@ def _take(it, n):
 
 FAITHFUL_KILL_SCRIPT = """
 import sys
+from sae_sweep.config import ModelConfig
 from sae_sweep.models.lm import load_lm
 from sae_sweep.data.text import token_windows
 model_dir, cache, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-lm = load_lm({"name": "llama-rand", "hf_id": model_dir, "dtype": "float32"}, cache, "cpu")
+lm = load_lm(ModelConfig(name="llama-rand", hf_id=model_dir, dtype="float32"), cache, "cpu")
 gen = {"max_new_tokens": 32, "temperature": 1.0, "top_p": 0.9, "repetition_penalty": 1.1, "batch_size": 8, "seed": 3}
 token_windows({"name": "faithful", "kind": "faithful", "context_size": 32, "generation": gen}, lm, "train", n, cache)
 """

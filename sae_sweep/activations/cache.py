@@ -6,13 +6,13 @@ Layout under ``<cache_root>/activations/``::
     <key>/acts-00000.npy         [n_seqs_in_shard, context_size, d_in], storage dtype (see shards.py)
     <key>/tokens-00000.npy       [n_seqs_in_shard, context_size], int32 token ids
     <key>.lock                   OwnedLock held while <key> is being built
-    .tmp-<key>-<pid>-<uuid>/     a build in progress (renamed to <key>/ when complete)
+    .tmp-<key>-<host>-<pid>-<random>/  a build in progress (renamed to <key>/ when complete)
     builds.log                   one JSON line per completed build (key, host, pid, job id, time)
 
 The key is a hash of everything that changes the activations (``cache_key``); the same key is
-reused, never recomputed. Builds write into a private temp directory that is renamed into place
-only when complete, so a killed build never leaves something that looks like a cache. Batches for
-training come from ``sae_sweep.activations.reader``.
+reused, never recomputed. Builds (``util.build.build_once``) write into a private temp directory
+that is renamed into place only when complete, so a killed build never leaves something that looks
+like a cache. Batches for training come from ``sae_sweep.activations.reader``.
 
 This module knows nothing about SAEs; it only stores (token ids, activations) pairs.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import socket
 import time
 import uuid
@@ -37,7 +36,7 @@ from tqdm.auto import tqdm
 
 from sae_sweep.config import canonical, stable_hash
 from sae_sweep.util.files import atomic_write_json, fsync_dir
-from sae_sweep.util.locks import OwnedLock
+from sae_sweep.util.build import build_once
 from sae_sweep.activations.shards import STORAGE_DTYPES, ShardWriter, decode, shard_digest_ok, storage
 
 __all__ = ["ActivationCache", "CacheError", "SHARD_BYTES", "cache_key", "get_or_build", "read_builds_log"]
@@ -451,43 +450,30 @@ def get_or_build(
     root = Path(cache_root).expanduser().absolute() / "activations"
     final = root / key
 
-    def _reuse(cache: ActivationCache) -> tuple[ActivationCache, bool]:
+    def _reuse(cache: ActivationCache) -> ActivationCache:
         if cache.special_token_ids != special:
             log.warning("activation cache %s was built with special_token_ids=%s, caller has %s; "
                         "using the cache's", key, cache.special_token_ids, special)
         log.info("reusing activation cache %s", final)
-        return cache, False
+        return cache
 
-    cache, _ = _try_open(final, verify)
-    if cache is not None:
-        return _reuse(cache)
-    root.mkdir(parents=True, exist_ok=True)
-    with OwnedLock(root / f"{key}.lock", timeout=lock_timeout):
-        # Someone may have finished (or quarantined) it while we waited.
-        cache, unusable = _try_open(final, verify)
-        if cache is not None:
-            return _reuse(cache)
-        # We hold the lock, so any temp dir for this key is left over from a dead build.
-        for stale in [*root.glob(f".tmp-{key}-*"), *root.glob(f".trash-{key}-*")]:
-            log.info("removing leftover build directory %s", stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        replaced = None
-        if final.exists():
-            replaced = unusable or "incomplete (no manifest)"
-            _quarantine(final, replaced)
-        tmp = root / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+    found: dict[str, Any] = {}
+
+    def ready(path: Path) -> ActivationCache | None:
+        cache, found["unusable"] = _try_open(path, verify)
+        return _reuse(cache) if cache is not None else None
+
+    def discard(path: Path) -> None:  # an unusable or incomplete cache is kept aside, with why
+        found["replaced"] = found.get("unusable") or "incomplete (no manifest)"
+        _quarantine(path, found["replaced"])
+
+    def build(tmp: Path) -> None:
         log.info("building activation cache %s (%s)", key, storage_dtype)
-        t0 = time.time()
-        try:
-            _build(tmp, spec, key, build_fn, storage_dtype, special, progress_total,
-                   shard_bytes, meta)
-            os.rename(tmp, final)  # atomic: the cache appears complete or not at all
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        fsync_dir(root)
-        seconds = round(time.time() - t0, 3)
+        found["t0"] = time.time()
+        _build(tmp, spec, key, build_fn, storage_dtype, special, progress_total, shard_bytes, meta)
+
+    def finish(path: Path) -> ActivationCache:
+        seconds = round(time.time() - found["t0"], 3)
         entry = {"key": key, **_host_info(), "seconds": seconds,
                  "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         # One short O_APPEND write per build: lines from concurrent builders never interleave.
@@ -496,12 +482,15 @@ def get_or_build(
             os.write(fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
         finally:
             os.close(fd)
-        _write_stamps(final, {name: _stamp(final / name) for name in _shard_files(final)})
-        cache = ActivationCache.open(final)
-        cache.replaced = replaced
+        _write_stamps(path, {name: _stamp(path / name) for name in _shard_files(path)})
+        cache = ActivationCache.open(path)
+        cache.replaced = found.get("replaced")
         log.info("built activation cache %s: %d tokens x %d in %.1fs",
                  key, cache.n_tokens, cache.d_in, seconds)
-        return cache, True
+        return cache
+
+    return build_once(final, build, ready=ready, finish=finish, discard=discard, lock_timeout=lock_timeout,
+                      temp_prefix=f".tmp-{key}-", leftovers=[f".trash-{key}-*"])
 
 
 def _shard_files(path: Path) -> list[str]:

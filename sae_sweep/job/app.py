@@ -64,14 +64,14 @@ def run_name(cfg: DictConfig, d_sae: int, steps: int) -> str:
             f"{cfg.seed}_{cfg.dataset.name}_{cfg.dataset.context_size}_{steps}")
 
 
-def job_tags(cfg: DictConfig, key: str) -> Dict[str, str]:
+def job_tags(cfg: DictConfig, key: str, weights: Optional[Any] = None) -> Dict[str, str]:
+    """The run's tags; ``weights``: the point's ``ResolvedWeights`` (None: no LM, dataset=synthetic)."""
     tags = {
         "model": cfg.model.name, "layer": str(cfg.layer), "hook": cfg.hook, "dataset": cfg.dataset.name,
         "seed": str(cfg.seed), "trainer": cfg.trainer.name, "config_hash": key,
-        "seed_group": C.seed_group_key(cfg), "git_commit": _git_commit(),
+        "seed_group": C.seed_group_key(cfg, point_identity(cfg, weights)), "git_commit": _git_commit(),
         # which weights ran: the hub's, a local copy, the built-in model, or a GGUF stand-in (its label)
-        "model_weights": str(cfg.model.gguf.label) if cfg.model.get("weights") == "gguf" else
-        str(cfg.model.get("weights", "auto")),
+        "model_weights": weights.label if weights is not None else str(cfg.model.get("weights", "auto")),
     }
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -187,7 +187,7 @@ def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
-def model_shape(cfg: DictConfig) -> C.ModelShape:
+def model_shape(cfg: DictConfig, weights: Optional[Any] = None) -> C.ModelShape:
     """The real depth and width of the point's model (config.json or the built-in model's recipe;
     no weights loaded); for ``dataset=synthetic``, no layers and the planted dimension."""
     if cfg.dataset.kind == "synthetic":
@@ -196,20 +196,52 @@ def model_shape(cfg: DictConfig) -> C.ModelShape:
         return C.ModelShape(None, int(synthetic_params(cfg.dataset)["d"]))
     from sae_sweep.models.lm import model_shape as lm_shape
 
-    return C.ModelShape(*lm_shape(cfg.model, C.cache_dir(cfg)))
+    return C.ModelShape(*lm_shape(cfg.model, C.cache_dir(cfg), weights))
+
+
+def point_identity(cfg: DictConfig, weights: Optional[Any]) -> Optional[Dict[str, Any]]:
+    """What a point's weights add to its run key: those of the weights it loads (``weights``, from
+    ``validate_point``); for ``dataset=synthetic`` (no LM loaded) those its config names."""
+    if weights is None and cfg.dataset.kind == "synthetic":
+        from sae_sweep.models.weights import resolve
+
+        return resolve(cfg.model, C.cache_dir(cfg), check=False).identity
+    return None if weights is None else weights.identity
+
+
+def point_weights(cfg: DictConfig) -> Any:
+    """The weights a point's job loads (``models.weights.ResolvedWeights``), checked to be available
+    here; resolved once per model per process (a grid asks often). ModelUnavailable when none."""
+    return _model_check(json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True),
+                        str(C.cache_dir(cfg)))
+
+
+def pinned(cfg: DictConfig, weights: Optional[Any]) -> DictConfig:
+    """A copy of ``cfg`` naming the weights source it was validated with (``model.weights``): what a
+    job records (config artifact, params) and what a job started elsewhere loads."""
+    if weights is None:
+        return cfg
+    out = cfg.copy()
+    with open_dict(out):
+        out.model.weights = weights.source
+    return out
 
 
 def validate_point(cfg: DictConfig, check_availability: bool = True, runs_here: bool = True,
-                   memory_gb: Optional[float] = None, gpus_per_node: Optional[int] = None) -> None:
+                   memory_gb: Optional[float] = None, gpus_per_node: Optional[int] = None) -> Optional[Any]:
     """Raise ConfigError listing every problem of a grid point: its values (``config.validate``,
     given the model's real shape) and, with ``check_availability``, whether its model, dataset and
     tracking store can be used, and whether the job can have what it asks for: a GPU for
     ``device=cuda`` (on this machine when ``runs_here``, else ``gpus_per_node`` from the launcher)
     and the memory its budgets need (``memory_gb``: the launcher's; default, when it runs here:
-    what this machine has available)."""
+    what this machine has available). Returns the point's ``ResolvedWeights`` when availability
+    was checked and the point loads a model, else None."""
     problems: List[str] = []
+    weights = None
     try:
         shape: Optional[C.ModelShape] = model_shape(cfg)
+    except C.ConfigError:  # a bad model node: config.validate names each bad key
+        shape = None
     except Exception as e:  # an unavailable model: lm.py's message says how to point at local files
         shape = None
         problems.append(str(e))
@@ -223,12 +255,18 @@ def validate_point(cfg: DictConfig, check_availability: bool = True, runs_here: 
         problems += _memory_problems(cfg, shape, memory_gb if memory_gb is not None or not runs_here
                                      else available_memory_gb())
         if not problems and is_text(cfg.dataset.kind):  # synthetic: no LM, no text
+            try:
+                weights = point_weights(cfg)
+            except Exception as e:  # the weights source's message says how to get them
+                problems.append(str(e))
+        if not problems and is_text(cfg.dataset.kind):
             problems += _unavailable(cfg)
         if not problems:
             problems += _store_problems(C.tracking_uri(cfg))
         if not problems and shape is not None:
             problems += disk_problems([cfg], [shape])
     C.fail_if(problems)
+    return weights
 
 
 def _device_problems(cfg: DictConfig, runs_here: bool, gpus_per_node: Optional[int]) -> List[str]:
@@ -374,32 +412,18 @@ def _store_problems(uri: str) -> List[str]:
 
 
 def _unavailable(cfg: DictConfig) -> List[str]:
-    found = []
     try:
-        weights = _model_check(str(cfg.model.hf_id), cfg.model.revision, str(cfg.model.get("weights", "auto")),
-                               json.dumps(OmegaConf.to_container(cfg.model.gguf, resolve=True)
-                                          if cfg.model.get("gguf") else None), str(C.cache_dir(cfg)))
-        if cfg.model.get("weights", "auto") == "auto":
-            with open_dict(cfg):  # resolved once, so the run key and every job agree on it
-                cfg.model.weights = weights
-    except Exception as e:
-        found.append(str(e))
-    if not found:
-        try:
-            found += source_for(cfg.dataset).availability()
-        except Exception as e:  # a source whose check itself fails: its reason, not a traceback
-            found.append(f"dataset={cfg.dataset.name}: {type(e).__name__}: {e}")
-    return found
+        return list(source_for(cfg.dataset).availability())
+    except Exception as e:  # a source whose check itself fails: its reason, not a traceback
+        return [f"dataset={cfg.dataset.name}: {type(e).__name__}: {e}"]
 
 
 @functools.lru_cache(maxsize=64)
-def _model_check(hf_id: str, revision: Optional[str], weights: str, gguf: str, cache_root: str) -> str:
-    """Which weights of a model can be loaded here ("builtin", "local", "hub", "gguf"; checked once
-    per model per process: a grid asks often); ModelUnavailable when none."""
-    from sae_sweep.models.lm import resolve_weights
+def _model_check(model: str, cache_root: str) -> Any:
+    """``point_weights`` for one model node (JSON) and cache root."""
+    from sae_sweep.models.weights import resolve
 
-    return resolve_weights(OmegaConf.create({"hf_id": hf_id, "revision": revision, "weights": weights,
-                                             "gguf": json.loads(gguf)}), cache_root)
+    return resolve(json.loads(model), cache_root)
 
 
 GROUPS = ("model", "dataset", "trainer", "eval", "experiment")
@@ -521,7 +545,8 @@ def run_job(cfg: DictConfig) -> Dict[str, Any]:
     member ends FINISHED or FAILED on its own."""
     cfgs = [cfg]
     if cfg.sweep.pack and cfg.tracking.parent_run_id:
-        path = pack_file(C.output_dir(cfg), cfg.tracking.parent_run_id, C.run_key(cfg))
+        weights = None if cfg.dataset.kind == "synthetic" else point_weights(cfg)
+        path = pack_file(C.output_dir(cfg), cfg.tracking.parent_run_id, C.run_key(cfg, point_identity(cfg, weights)))
         if path.exists():
             cfgs = read_pack(path)
     results = run_points(cfgs)
@@ -560,22 +585,22 @@ def run_points(cfgs: Sequence[DictConfig]) -> Dict[str, Dict[str, Any]]:
     another process is running is reported BUSY and left alone."""
     from sae_sweep.tracking.runs import Tracker
 
-    for cfg in cfgs:
-        validate_point(cfg)
+    weights = [validate_point(cfg) for cfg in cfgs]
     tracker = Tracker(C.tracking_uri(cfgs[0]))
     with contextlib.ExitStack() as held:  # one process per run key at a time, until its run is closed
-        return _run_locked(cfgs, tracker, held)
+        return _run_locked(cfgs, weights, tracker, held)
 
 
-def _run_locked(cfgs: Sequence[DictConfig], tracker: Any, held: contextlib.ExitStack) -> Dict[str, Dict[str, Any]]:
-    from sae_sweep.util.locks import LockTimeout, OwnedLock, describe_owner
+def _run_locked(cfgs: Sequence[DictConfig], weights: Sequence[Optional[Any]], tracker: Any,
+                held: contextlib.ExitStack) -> Dict[str, Dict[str, Any]]:
     from sae_sweep.job.execute import Point, execute
     from sae_sweep.training.loop import Interrupted
+    from sae_sweep.util.locks import LockTimeout, OwnedLock, describe_owner
 
     results: Dict[str, Dict[str, Any]] = {}
     todo = []
-    for cfg in cfgs:
-        key = C.run_key(cfg)
+    for cfg, w in zip(cfgs, weights):
+        key = C.run_key(cfg, point_identity(cfg, w))
         try:
             held.enter_context(OwnedLock(point_lock(cfg, key), timeout=0))
         except LockTimeout as e:
@@ -593,27 +618,28 @@ def _run_locked(cfgs: Sequence[DictConfig], tracker: Any, held: contextlib.ExitS
             continue
         # A run of this key that did not finish (preempted, crashed) is continued, not duplicated.
         prior = tracker.find_runs(exp_id, run_key=key, statuses=[RunStatus.RUNNING, RunStatus.KILLED, RunStatus.FAILED])
-        todo.append((cfg, key, prior[0].info.run_id if prior else None))
+        todo.append((cfg, w, key, prior[0].info.run_id if prior else None))
     if not todo:
         return results
 
     device = C.resolve_device(todo[0][0].device)
-    d_in = model_shape(todo[0][0]).d_model
+    d_in = model_shape(todo[0][0], todo[0][1]).d_model
     points: List[Point] = []
     names: Dict[str, str] = {}
     with PreemptionGuard() as guard:
         try:
-            for cfg, key, resume_id in todo:
+            for cfg, w, key, resume_id in todo:
                 steps = C.total_steps(cfg)
                 name = run_name(cfg, C.d_sae_for(cfg.sae, d_in), steps)
                 run = tracker.child(cfg.tracking.experiment, name, key, cfg.tracking.parent_run_id, resume_id,
                                     system_metrics_s=_system_metrics_s(cfg))
                 names[key] = name
-                points.append(Point(cfg, key, run))
-                run.set_tags(job_tags(cfg, key))
-                run.log_params({**C.flat_params(cfg), "derived.d_sae": C.d_sae_for(cfg.sae, d_in),
+                points.append(Point(cfg, key, run, w))
+                run.set_tags(job_tags(cfg, key, w))
+                ran = pinned(cfg, w)  # the config as it ran: the weights source it loads, named
+                run.log_params({**C.flat_params(ran), "derived.d_sae": C.d_sae_for(cfg.sae, d_in),
                                 "derived.total_steps": steps})
-                run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
+                run.log_text(OmegaConf.to_yaml(ran, resolve=True), "config/config.yaml")
             outcomes = execute(points, device)
         except Interrupted as e:
             if guard.signum is None:

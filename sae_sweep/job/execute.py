@@ -35,11 +35,12 @@ class RunFailed(RuntimeError):
 
 @dataclass
 class Point:
-    """A grid point inside a job: its config, run key and (tracking) run."""
+    """A grid point inside a job: its config, run key, (tracking) run and the weights its LM loads."""
 
     cfg: DictConfig
     key: str
     run: Any  # set_tags, log_params, log_metrics, log_json, log_artifact_dir
+    weights: Any = None  # models.weights.ResolvedWeights (None: no LM, or resolved when loaded)
 
 
 def cache_spec(cfg: DictConfig, lm: Any, device: torch.device) -> Dict[str, Any]:
@@ -126,9 +127,9 @@ def train_dataset_record(cfg: DictConfig, acts: "Activations") -> Dict[str, Any]
                            "trainable_tokens": int(cache.n_tokens) - int(cache.n_special)})
 
 
-def open_cache(cfg: DictConfig, device: torch.device) -> Tuple[Any, Any, bool, float]:
-    """The LM (None for synthetic data) and the activation cache of this job's (model, layer,
-    hook, dataset), built once and shared by every job with the same cache key:
+def open_cache(cfg: DictConfig, device: torch.device, weights: Any = None) -> Tuple[Any, Any, bool, float]:
+    """The LM (None for synthetic data; loaded from ``weights``) and the activation cache of this
+    job's (model, layer, hook, dataset), built once and shared by every job with the same cache key:
     (lm, cache, built_now, seconds)."""
     from sae_sweep.activations.cache import get_or_build
 
@@ -143,7 +144,7 @@ def open_cache(cfg: DictConfig, device: torch.device) -> Tuple[Any, Any, bool, f
         return None, cache, built, time.perf_counter() - t0
     from sae_sweep.models.lm import load_lm
 
-    lm = load_lm(cfg.model, C.cache_dir(cfg), device)
+    lm = load_lm(cfg.model, C.cache_dir(cfg), device, weights)
     cache, built = build_activation_cache(cfg, lm, device)
     return lm, cache, built, time.perf_counter() - t0
 
@@ -218,20 +219,21 @@ class Activations:
         return next(iter(init_reader))
 
 
-def open_activations(cfg: DictConfig, device: torch.device) -> Activations:
+def open_activations(cfg: DictConfig, device: torch.device, weights: Any = None) -> Activations:
     """The job's activations: its disk cache (built once, shared by every job with its cache key)
-    or, with ``cache.mode=stream``, the LM's stream over the training split."""
+    or, with ``cache.mode=stream``, the LM's stream over the training split. ``weights``: the
+    ``ResolvedWeights`` the LM loads (None: resolved here)."""
     batch = int(cfg.trainer.batch_size)
     if cfg.cache.mode != "stream" or cfg.dataset.kind == "synthetic":
-        lm, cache, built, seconds = open_cache(cfg, device)
+        lm, cache, built, seconds = open_cache(cfg, device, weights)
         return Activations(lm, cache.d_in, batch, device, cache=cache, block_tokens=int(cfg.cache.block_tokens),
                            reader_kind=str(cfg.cache.reader), built=built, seconds=seconds)
-    from sae_sweep.models.lm import load_lm
     from sae_sweep.activations.stream import StreamBlocks
     from sae_sweep.data.text import iter_windows
+    from sae_sweep.models.lm import load_lm
 
     t0 = time.perf_counter()
-    lm = load_lm(cfg.model, C.cache_dir(cfg), device)
+    lm = load_lm(cfg.model, C.cache_dir(cfg), device, weights)
     ds = dataset_config(cfg.dataset)
     ctx = ds.context_size
     source = StreamBlocks(lm, lambda: iter_windows(ds, lm, "train", C.cache_dir(cfg), chunk=CACHE_BUILD_BATCH),
@@ -268,11 +270,11 @@ def execute(points: Sequence[Point], device: torch.device) -> List[Any]:
     LM stream run) for all of them, each point fed in the order its own seed gives it. Returns per
     point its eval metrics or the exception that failed it; shared failures (the cache build, an
     interrupt) raise."""
-    from sae_sweep.util.devices import fast_matmul
     from sae_sweep.training.loop import train_members
+    from sae_sweep.util.devices import fast_matmul
 
     cfg0 = points[0].cfg
-    acts = open_activations(cfg0, device)
+    acts = open_activations(cfg0, device, points[0].weights)
     for i, p in enumerate(points):
         # matmul_fp32: tf32 where training runs on CUDA (devices.fast_matmul), ieee elsewhere
         tags: Dict[str, Any] = {"device": str(device), "cache_mode": str(cfg0.cache.mode),
@@ -395,10 +397,10 @@ def finish(p: Point, lm: Any, trainer: Any, result: Any, device: torch.device, p
 def run_evals(cfg: DictConfig, run: Any, lm: Any, sae: torch.nn.Module, sae_cfg: Dict[str, Any],
               device: torch.device) -> Dict[str, float]:
     """The evals of ``eval.run`` on the point's held-out data, logged to ``run``."""
+    from sae_sweep.data.text import token_windows
     from sae_sweep.evals.registry import EvalContext, get_eval
     from sae_sweep.evals.schema import flatten_metrics, to_saebench_json
     from sae_sweep.models.lm import hook_name
-    from sae_sweep.data.text import token_windows
 
     names = list(cfg.eval.get("run", []) or [])
     tokens = activations = planted = None

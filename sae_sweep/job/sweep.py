@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sae_sweep import config as C
-from sae_sweep.job.app import disk_problems, model_shape, pack_file, validate_point, write_pack
+from sae_sweep.job.app import disk_problems, model_shape, pack_file, pinned, point_identity, validate_point, write_pack
 from sae_sweep.tracking.status import RunStatus
 
 log = logging.getLogger("sae_sweep.job.sweep")
@@ -33,6 +33,7 @@ class GridPoint:
     run_key: str
     seed_group: str
     cfg: DictConfig
+    weights: Any = None  # models.weights.ResolvedWeights it was validated with (None: no LM)
 
 
 @dataclass
@@ -91,8 +92,8 @@ def compose_points(load: Callable[[List[str]], DictConfig], batches: Sequence[Se
             try:
                 cfg = load(overrides)
                 job = _job_view(cfg)
-                validate_point(job, **resources)
-                key = C.run_key(job)
+                weights = validate_point(job, **resources)
+                key = C.run_key(job, point_identity(job, weights))
             except C.ConfigError as e:
                 errors.append(f"  grid point #{idx} [{shown}]: " + "; ".join(e.problems))
                 idx += 1
@@ -101,15 +102,17 @@ def compose_points(load: Callable[[List[str]], DictConfig], batches: Sequence[Se
                 log.warning("grid point #%d [%s] is the same run as #%d (same run key); it will be skipped",
                             idx, shown, seen[key])
             seen.setdefault(key, idx)
-            if job.model.get("weights") in ("hub", "gguf") and not any(o.startswith("model.weights=") for o in overrides):
-                overrides = overrides + [f"model.weights={job.model.weights}"]  # jobs load what was validated
-            points.append(GridPoint(idx, overrides, key, C.seed_group_key(job), job))
+            if weights is not None and weights.source in ("hub", "gguf") and \
+                    not any(o.startswith("model.weights=") for o in overrides):
+                overrides = overrides + [f"model.weights={weights.source}"]  # jobs load what was validated
+            seed_group = C.seed_group_key(job, point_identity(job, weights))
+            points.append(GridPoint(idx, overrides, key, seed_group, job, weights))
             idx += 1
     if errors:
         raise C.ConfigError(f"{len(errors)} of {idx} grid points are invalid; nothing was launched:\n"
                             + "\n".join(errors))
     unique = list({p.run_key: p for p in points}.values())
-    C.fail_if(disk_problems([p.cfg for p in unique], [model_shape(p.cfg) for p in unique]),
+    C.fail_if(disk_problems([p.cfg for p in unique], [model_shape(p.cfg, p.weights) for p in unique]),
               "the grid's activation caches do not fit; nothing was launched")
     return points
 
@@ -238,12 +241,12 @@ class GridSweep:
 
         packs: Dict[str, List[GridPoint]] = {}
         for p in points:
-            packs.setdefault(C.stream_key(p.cfg), []).append(p)
+            packs.setdefault(C.stream_key(p.cfg, point_identity(p.cfg, p.weights)), []).append(p)
         for members in packs.values():
             unique = {p.run_key: p for p in reversed(members)}  # a repeated point trains once
             cfgs = []
             for p in sorted(unique.values(), key=lambda q: q.index):
-                cfg = p.cfg.copy()
+                cfg = pinned(p.cfg, p.weights).copy()  # jobs load what was validated
                 with open_dict(cfg):
                     cfg.tracking.parent_run_id = parent
                 cfgs.append(cfg)

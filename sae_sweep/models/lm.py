@@ -1,12 +1,8 @@
-"""Causal LMs and tokenizers, hook points per architecture, and the offline ``tiny`` model.
+"""Causal LMs and tokenizers, and hook points per architecture.
 
-``load_lm(model_cfg, cache_dir, device)`` resolves ``model.hf_id``:
-
-* ``builtin:tiny``: a 4-layer GPT-2 (d_model 128) with a byte-level BPE tokenizer, both trained
-  on the built-in corpus; built once per machine into ``<cache_dir>/models/tiny-v2/`` and then
-  loaded through ``AutoModelForCausalLM`` / ``AutoTokenizer`` exactly like a hub model;
-* an existing local directory: loaded from it;
-* anything else: a hub id, loaded at ``model.revision`` (from the HF cache when it is there).
+``load_lm(model, cache_dir, device)`` loads the weights ``models.weights.resolve`` picks for the
+model (the built-in tiny model, a local directory, a hub id at ``model.revision``, or a hub model's
+GGUF stand-in: one module per source in ``models/weights/``) and wraps them in a ``LanguageModel``.
 
 Hook points (``blocks.{L}.hook_{hook}``, TransformerLens-style names):
 
@@ -25,57 +21,31 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
-import shutil
-import socket
-import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from sae_sweep.models import gguf
-from sae_sweep.config import resolve_device
-from sae_sweep.data.corpus import WindowPacker, builtin_corpus_id, builtin_documents, doc_split
-from sae_sweep.util.hub import hub_offline
+from sae_sweep.config import ModelConfig, resolve_device
+from sae_sweep.models.weights import ModelUnavailable, ResolvedWeights, model_config, resolve
+from sae_sweep.util.files import sha1_file
 
 __all__ = [
     "HOOK_TYPES",
     "FAMILIES",
-    "TINY_HF_ID",
-    "TINY_VERSION",
     "ModelUnavailable",
     "UnsupportedModel",
     "LanguageModel",
     "hook_name",
     "load_lm",
     "model_shape",
-    "check_model_available",
     "resolve_dtype",
-    "ensure_tiny",
-    "tiny_model_dir",
 ]
 
 log = logging.getLogger(__name__)
 
 HOOK_TYPES = ("resid_pre", "resid_post", "mlp_out", "attn_out")
-
-TINY_HF_ID = "builtin:tiny"
-# Bump when the tiny model's recipe changes: a new directory is built, old caches stay valid.
-TINY_VERSION = "tiny-v2"
-# Must match conf/model/tiny.yaml (n_layers, d_model).
-TINY_ARCH = dict(n_layer=4, n_embd=128, n_head=4, n_positions=512)
-TINY_VOCAB = 2048
-TINY_SPECIAL = {"eos": "<|endoftext|>", "pad": "<|pad|>"}
-# Training recipe: fixed step count (never time-based) so the build is deterministic. The loop is
-# most of the build, and its cost is matmul FLOPs per token: a small vocabulary makes the LM head
-# cheap, context 128 keeps attention cheap (and covers faithful's BOS + 128 new tokens but one).
-# One thread: on a busy 2-core machine a second torch thread mostly spin-waits (measured 3.5x the
-# CPU time per step under load), and the thread count is part of the recipe (reduction order).
-TINY_TRAIN = dict(seed=0, context=128, batch=16, steps=240, lr=1e-2, warmup=20, weight_decay=0.01,
-                  grad_clip=1.0, threads=1)
 
 
 class _RightPaddingIsFine(logging.Filter):
@@ -94,10 +64,6 @@ logging.getLogger("transformers.modeling_utils").addFilter(_RightPaddingIsFine()
 def hook_name(layer: int, hook: str) -> str:
     """TransformerLens-style name of a hook point, e.g. ``blocks.3.hook_resid_post``."""
     return f"blocks.{layer}.hook_{hook}"
-
-
-class ModelUnavailable(RuntimeError):
-    """The model cannot be loaded here (offline, not cached, missing directory)."""
 
 
 class UnsupportedModel(ValueError):
@@ -158,18 +124,7 @@ def _with_first(output: Any, new: torch.Tensor) -> Any:
     return (new,) + tuple(output[1:])
 
 
-# Small helpers: config access, device, dtype, hashing
-def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-    """Read a key from a DictConfig, dict or object, with a default when absent or None."""
-    if cfg is None:
-        return default
-    try:
-        value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-    except Exception:  # OmegaConf struct mode / missing value
-        value = default
-    return default if value is None else value
-
-
+# Small helpers: dtype, hashing
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -181,14 +136,6 @@ def resolve_dtype(dtype: Any, device: Any) -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"model.dtype={dtype!r}: allowed values are auto, {', '.join(_DTYPES)}")
     return _DTYPES[name]
-
-
-def _sha1_file(path: Path, n: int = 16) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:n]
 
 
 def _tokenizer_hash(tokenizer: Any) -> str:
@@ -204,14 +151,6 @@ def _tokenizer_hash(tokenizer: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        with open(path, "r", encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def _shape_from_config(cfg: dict) -> Optional[Tuple[int, int]]:
     """(n_layers, d_model) from a config.json dict (nested text_config for multimodal models)."""
     if isinstance(cfg.get("text_config"), dict):
@@ -225,280 +164,26 @@ def _shape_from_config(cfg: dict) -> Optional[Tuple[int, int]]:
     return None
 
 
-def _unavailable_message(hf_id: str, revision: Any, reason: str) -> str:
-    rev = f" (revision {revision})" if revision else ""
-    return (
-        f"model {hf_id!r}{rev} is not available here: {reason}. "
-        f"Download it on a machine with network access (e.g. `huggingface-cli download {hf_id}` into "
-        f"the shared HF cache, or `save_pretrained` into a directory) and point the config at it "
-        f"with model.hf_id=/path/to/local/dir"
-    )
-
-
-def _hub_cached_config(hf_id: str, revision: Any) -> Optional[Path]:
-    """config.json of a hub model if it is in the local HF cache (no network)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        path = try_to_load_from_cache(hf_id, "config.json", revision=revision or None)
-    except Exception:
-        return None
-    return Path(path) if isinstance(path, str) else None
-
-
-# The tiny model
-def tiny_model_dir(cache_dir: str | os.PathLike) -> Path:
-    return Path(os.path.expanduser(str(cache_dir))) / "models" / TINY_VERSION
-
-
-def _tiny_complete(path: Path) -> bool:
-    # build_info.json is written last, and the directory only appears by an atomic rename.
-    return (path / "build_info.json").is_file()
-
-
-def ensure_tiny(cache_dir: str | os.PathLike) -> Path:
-    """Return the tiny model directory, building it once per machine under an OwnedLock."""
-    final = tiny_model_dir(cache_dir)
-    if _tiny_complete(final):
-        return final
-    from sae_sweep.util.locks import OwnedLock  # noqa: PLC0415  (written alongside; imported lazily)
-
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with OwnedLock(final.parent / f"{TINY_VERSION}.lock"):
-        if _tiny_complete(final):  # another process built it while we waited
-            return final
-        # We hold the lock: leftovers of builders that died are safe to remove.
-        for stale in final.parent.glob(f".{TINY_VERSION}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp = final.parent / f".{TINY_VERSION}.tmp-{socket.gethostname()}-{os.getpid()}"
-        try:
-            _build_tiny(tmp, cache_dir)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _train_tiny_tokenizer(train_docs: List[str]):
-    """Byte-level BPE (GPT-2 style) with ``<|endoftext|>`` (BOS/EOS/UNK) and ``<|pad|>``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB,
-        min_frequency=2,
-        special_tokens=[TINY_SPECIAL["eos"], TINY_SPECIAL["pad"]],  # ids 0 and 1
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(train_docs, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=TINY_SPECIAL["eos"],
-        eos_token=TINY_SPECIAL["eos"],
-        unk_token=TINY_SPECIAL["eos"],
-        pad_token=TINY_SPECIAL["pad"],
-        model_max_length=TINY_ARCH["n_positions"],
-    )
-
-
-def _pack(token_lists: Sequence[Sequence[int]], eos_id: int, context: int) -> torch.Tensor:
-    n_tok = sum(len(t) + 1 for t in token_lists)
-    packer = WindowPacker(eos_id, eos_id, context, max(1, n_tok // (context - 1) - 1))
-    packer.add_many(token_lists)
-    return packer.result()
-
-
-def _build_tiny(out_dir: Path, cache_dir: str | os.PathLike) -> None:
-    """Corpus -> tokenizer -> GPT-2 -> a short deterministic training run -> save_pretrained."""
-    from tqdm.auto import tqdm
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    t0 = time.time()
-    prev_threads = torch.get_num_threads()
-    # Fixed thread count: CPU reductions are chunked by thread count, so it is part of the recipe.
-    torch.set_num_threads(TINY_TRAIN["threads"])
-    try:
-        docs = builtin_documents(cache_dir)
-        timings = {"corpus": time.time() - t0}
-        train_docs = [d for d in docs if doc_split(d) == "train"]
-        eval_docs = [d for d in docs if doc_split(d) == "eval"]
-        tokenizer = _train_tiny_tokenizer(train_docs)
-        timings["tokenizer"] = time.time() - t0 - sum(timings.values())
-        eos = tokenizer.eos_token_id
-        enc = lambda ds: [e.ids for e in tokenizer.backend_tokenizer.encode_batch(ds, add_special_tokens=False)]  # noqa: E731
-        train_ids, eval_ids = enc(train_docs), enc(eval_docs)
-        ctx = TINY_TRAIN["context"]
-        data, eval_data = _pack(train_ids, eos, ctx), _pack(eval_ids, eos, ctx)
-
-        # Entropy of the unigram distribution: the loss a context-free model would reach.
-        counts = torch.bincount(data[:, 1:].reshape(-1), minlength=len(tokenizer)).double()
-        p = counts[counts > 0] / counts.sum()
-        unigram_entropy = float(-(p * p.log()).sum())
-
-        torch.manual_seed(TINY_TRAIN["seed"])
-        config = GPT2Config(
-            vocab_size=len(tokenizer), **TINY_ARCH,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # one short epoch: nothing to regularise
-            bos_token_id=eos, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-        )
-        model = GPT2LMHeadModel(config)
-        model.loss_type = "ForCausalLM"  # the loss HF falls back to, named (no "unrecognized" warning)
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=TINY_TRAIN["lr"], betas=(0.9, 0.95),
-                                weight_decay=TINY_TRAIN["weight_decay"])
-        steps, warmup, lr = TINY_TRAIN["steps"], TINY_TRAIN["warmup"], TINY_TRAIN["lr"]
-        gen = torch.Generator().manual_seed(TINY_TRAIN["seed"])
-        losses: List[float] = []
-        timings["tokenize_and_pack"] = time.time() - t0 - sum(timings.values())
-        bar = tqdm(range(steps), desc=f"building {TINY_VERSION}", disable=None)
-        for step in bar:
-            # Linear warmup, cosine decay to 10%.
-            scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
-            for group in opt.param_groups:
-                group["lr"] = lr * scale
-            batch = data[torch.randint(0, data.shape[0], (TINY_TRAIN["batch"],), generator=gen)]
-            loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), TINY_TRAIN["grad_clip"])
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        bar.close()
-        timings["train"] = time.time() - t0 - sum(timings.values())
-
-        model.eval()
-        with torch.inference_mode():
-            eval_loss = float(model(input_ids=eval_data[:64], labels=eval_data[:64]).loss)
-
-        out_dir.mkdir(parents=True)
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
-        info = {
-            "version": TINY_VERSION,
-            "corpus": builtin_corpus_id(),
-            "n_train_docs": len(train_docs),
-            "n_train_tokens": int(sum(len(t) for t in train_ids)),
-            "train": TINY_TRAIN,
-            "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
-            "eval_loss": eval_loss,
-            "unigram_entropy": unigram_entropy,
-            "weights_hash": _sha1_file(out_dir / "model.safetensors"),
-            "build_seconds": round(time.time() - t0, 1),
-            "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
-            "torch": torch.__version__,
-        }
-        with open(out_dir / "build_info.json", "w", encoding="utf-8") as fh:
-            json.dump(info, fh, indent=2)
-        log.info("built %s in %.1fs: eval loss %.3f (unigram entropy %.3f)",
-                 TINY_VERSION, info["build_seconds"], eval_loss, unigram_entropy)
-    finally:
-        torch.set_num_threads(prev_threads)
-
-
-# Resolution, shape, availability
-def _source(model_cfg: Any) -> Tuple[str, str]:
-    """("builtin" | "local" | "hub", id-or-path)."""
-    hf_id = str(_cfg_get(model_cfg, "hf_id", ""))
-    if hf_id.startswith("builtin:"):
-        if hf_id != TINY_HF_ID:
-            raise ModelUnavailable(f"model.hf_id={hf_id!r}: the only built-in model is {TINY_HF_ID!r}")
-        return "builtin", hf_id
-    local = os.path.expanduser(hf_id)
-    if os.path.isdir(local):
-        return "local", str(Path(local).resolve())
-    if hf_id.startswith(("/", "./", "../", "~")) or hf_id.count("/") > 1:
-        # Looks like a path (hub ids are "name" or "org/name") but is not a directory.
-        raise ModelUnavailable(f"model.hf_id={hf_id!r}: no such local directory")
-    return "hub", hf_id
-
-
-def model_shape(model_cfg: Any, cache_dir: str | os.PathLike) -> Tuple[int, int]:
+# Shape
+def model_shape(model: Any, cache_dir: str | os.PathLike,
+                weights: Optional[ResolvedWeights] = None) -> Tuple[int, int]:
     """(n_layers, d_model) without loading weights, for validation.
 
-    Reads config.json of a local directory, the built tiny model or the HF cache; falls back to
-    ``model.n_layers`` / ``model.d_model`` from the config when the model is not on disk yet.
+    Reads the config.json of the weights ``weights`` (default: ``resolve(model, cache_dir,
+    check=False)``) where it is on disk: a local directory, the built tiny model (its recipe
+    before that), the converted GGUF stand-in, the HF cache; falls back to ``model.n_layers`` /
+    ``model.d_model`` from the config when the model is not on disk yet.
     """
-    kind, ident = _source(model_cfg)
-    cfg_json: Optional[dict] = None
-    if kind == "builtin":
-        cfg_json = _read_json(tiny_model_dir(cache_dir) / "config.json")
-        if cfg_json is None:  # not built yet: the recipe is fixed
-            return TINY_ARCH["n_layer"], TINY_ARCH["n_embd"]
-    elif kind == "local":
-        cfg_json = _read_json(Path(ident) / "config.json")
-        if cfg_json is None:
-            raise ModelUnavailable(f"model.hf_id={ident!r}: directory has no readable config.json")
-    else:
-        path = _hub_cached_config(ident, _cfg_get(model_cfg, "revision"))
-        cfg_json = _read_json(path) if path else None
+    weights = weights or resolve(model, cache_dir, check=False)
+    cfg_json = weights.config_json()
     shape = _shape_from_config(cfg_json) if cfg_json else None
     if shape is None:
-        n, d = _cfg_get(model_cfg, "n_layers"), _cfg_get(model_cfg, "d_model")
-        if n is None or d is None:
-            raise ModelUnavailable(f"cannot tell the shape of model {ident!r}: set model.n_layers and model.d_model")
-        return int(n), int(d)
+        n, d = weights.model.n_layers, weights.model.d_model
+        if not isinstance(n, int) or not isinstance(d, int):
+            raise ModelUnavailable(f"cannot tell the shape of model {weights.where!r}: set model.n_layers and "
+                                   f"model.d_model")
+        return n, d
     return shape
-
-
-def resolve_weights(model_cfg: Any, cache_dir: str | os.PathLike, timeout: float = 10.0) -> str:
-    """Which weights ``load_lm`` will load: "builtin", "local", "hub" or "gguf" (``model.gguf``,
-    a package's GGUF file: see gguf.py). ``model.weights=auto`` takes the hub's when the HF cache
-    or the hub has them, else the GGUF stand-in when its package is installed; ModelUnavailable
-    (with how to get either) when neither can be had."""
-    kind, ident = _source(model_cfg)
-    if kind != "hub":
-        return kind
-    want = str(_cfg_get(model_cfg, "weights", "auto"))
-    spec = _cfg_get(model_cfg, "gguf")
-    if want == "gguf":
-        if not spec:
-            raise ModelUnavailable(f"model.weights=gguf but model {ident!r} names no model.gguf package")
-        if gguf.gguf_path(spec) is None:
-            raise ModelUnavailable(f"model.weights=gguf: {gguf.install_hint(spec)}")
-        return "gguf"
-    try:
-        _check_hub_model(model_cfg, ident, timeout)
-        return "hub"
-    except ModelUnavailable as e:
-        if want == "auto" and spec and gguf.gguf_path(spec) is not None:
-            log.info("model %s: the hub's weights are not available here; using the installed GGUF stand-in (%s)",
-                     ident, _cfg_get(spec, "label"))
-            return "gguf"
-        if spec and want == "auto":
-            raise ModelUnavailable(f"{e}. Or, offline: {gguf.install_hint(spec)}") from None
-        raise
-
-
-def check_model_available(model_cfg: Any, cache_dir: str | os.PathLike, timeout: float = 10.0) -> None:
-    """Raise ModelUnavailable quickly if ``load_lm`` could not get the model here.
-
-    builtin and local models are always available (tiny is built on demand); a hub model is if it
-    is in the HF cache, or if the hub answers (not when HF_HUB_OFFLINE is set), or if its GGUF
-    stand-in is installed (``model.weights`` auto or gguf).
-    """
-    resolve_weights(model_cfg, cache_dir, timeout)
-
-
-def _check_hub_model(model_cfg: Any, ident: str, timeout: float) -> None:
-    revision = _cfg_get(model_cfg, "revision")
-    if _hub_cached_config(ident, revision) is not None:
-        return
-    if hub_offline("model"):
-        raise ModelUnavailable(_unavailable_message(ident, revision, "HF_HUB_OFFLINE is set and it is not in the HF cache"))
-    try:
-        from huggingface_hub import HfApi
-
-        HfApi().model_info(ident, revision=revision or None, timeout=timeout)
-    except Exception as e:  # network errors, repository not found, gated
-        raise ModelUnavailable(_unavailable_message(ident, revision, f"{type(e).__name__}: {e}")) from e
 
 
 # Loading
@@ -511,69 +196,24 @@ def placement(device: torch.device) -> Dict[str, Any]:
     return {"device_map": {"": str(device) if device.index is not None else f"{device.type}:0"}}
 
 
-def load_lm(model_cfg: Any, cache_dir: str | os.PathLike, device: Any = "auto") -> "LanguageModel":
-    """Load the configured causal LM and tokenizer (see module docstring for how hf_id resolves)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def load_lm(model: Any, cache_dir: str | os.PathLike, device: Any = "auto",
+            weights: Optional[ResolvedWeights] = None) -> "LanguageModel":
+    """Load the model's causal LM and tokenizer from ``weights`` (default: ``resolve(model,
+    cache_dir)``, which checks that they can be had here). ``model`` is a ModelConfig (or a
+    ``model`` config node, parsed into one)."""
+    weights = weights or resolve(model_config(model), cache_dir)
+    model_cfg: ModelConfig = weights.model
     dev = resolve_device(device)
-    dtype = resolve_dtype(_cfg_get(model_cfg, "dtype", "auto"), dev)
-    kind, ident = _source(model_cfg)
-    revision = _cfg_get(model_cfg, "revision")
-    if kind == "hub" and resolve_weights(model_cfg, cache_dir) == "gguf":
-        kind = "gguf"
-    fingerprint: Dict[str, Any] = {"name": str(_cfg_get(model_cfg, "name", ident)), "source": kind}
-
-    if kind == "builtin":
-        path = ensure_tiny(cache_dir)
-        info = _read_json(path / "build_info.json") or {}
-        # No path in the fingerprint: a moved cache_dir must not change cache keys.
-        fingerprint.update(hf_id=ident, build=TINY_VERSION, weights_hash=info.get("weights_hash"))
-        load_from, load_kwargs = str(path), {}
-    elif kind == "local":
-        path = Path(ident)
-        fingerprint.update(path=ident)
-        load_from, load_kwargs = ident, {}
-    elif kind == "gguf":
-        spec = _cfg_get(model_cfg, "gguf")
-        path = gguf.ensure_model_dir(spec, cache_dir)
-        info = gguf.build_info(path)
-        # The stand-in's identity: which file (by content), not where the cache lives.
-        fingerprint.update(hf_id=ident, weights=_cfg_get(spec, "label"), gguf_sha256=info.get("sha256"),
-                           conversion=info.get("conversion"))
-        load_from, load_kwargs = str(path), {}
-    else:
-        path = None
-        fingerprint.update(hf_id=ident, revision=revision)
-        load_from, load_kwargs = ident, {"revision": revision}
-
-    def _load(**extra):
-        tok = AutoTokenizer.from_pretrained(load_from, **load_kwargs, **extra)
-        mdl = AutoModelForCausalLM.from_pretrained(load_from, dtype=dtype, **load_kwargs, **placement(dev), **extra)
-        return tok, mdl
-
-    if kind == "hub":
-        # Cache first (fast, no network); then the hub unless we are offline.
-        try:
-            tokenizer, model = _load(local_files_only=True)
-        except Exception as cached_err:
-            if hub_offline("model"):
-                raise ModelUnavailable(_unavailable_message(
-                    ident, revision, "HF_HUB_OFFLINE is set and it is not in the HF cache")) from cached_err
-            try:
-                tokenizer, model = _load()
-            except Exception as e:
-                raise ModelUnavailable(_unavailable_message(ident, revision, f"{type(e).__name__}: {e}")) from e
-        cfg_path = _hub_cached_config(ident, revision)
-        fingerprint["commit"] = getattr(model.config, "_commit_hash", None)
-    else:
-        tokenizer, model = _load()
-        cfg_path = path / "config.json"
-
-    fingerprint["config_hash"] = _sha1_file(cfg_path) if cfg_path and cfg_path.is_file() else \
-        hashlib.sha1(model.config.to_json_string().encode()).hexdigest()[:16]
+    dtype = resolve_dtype(model_cfg.dtype, dev)
+    loaded = weights.load(dtype=dtype, **placement(dev))
+    fingerprint: Dict[str, Any] = {"name": str(model_cfg.name or weights.where), "source": weights.source,
+                                   **loaded.fingerprint}
+    cfg_path = loaded.config_path
+    fingerprint["config_hash"] = sha1_file(cfg_path) if cfg_path and cfg_path.is_file() else \
+        hashlib.sha1(loaded.model.config.to_json_string().encode()).hexdigest()[:16]
     fingerprint["dtype"] = str(dtype).replace("torch.", "")
-    fingerprint["tokenizer_hash"] = _tokenizer_hash(tokenizer)
-    return LanguageModel(model, tokenizer, dev, fingerprint, family=_cfg_get(model_cfg, "family"))
+    fingerprint["tokenizer_hash"] = _tokenizer_hash(loaded.tokenizer)
+    return LanguageModel(loaded.model, loaded.tokenizer, dev, fingerprint, family=model_cfg.family)
 
 
 # The wrapper

@@ -74,3 +74,12 @@ def sha256_file(path: str | os.PathLike, block: int = 8 * 2**20) -> str:
         while chunk := fh.read(block):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sha1_file(path: str | os.PathLike, n: int = 16) -> str:
+    """First ``n`` hex characters of a file's sha1 (model and config fingerprints)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:n]

