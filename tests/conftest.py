@@ -105,7 +105,7 @@ def _unit_guard(item):
         mp.setattr(subprocess.Popen, "__init__", popen)
         mp.setattr(BaseProcess, "start", start)
         mp.setattr(socket.socket, "connect", inet_connect)
-        mp.setattr("sae_sweep.models.lm.ensure_tiny", ensure_tiny)
+        mp.setattr("sae_sweep.models.weights.builtin.ensure_tiny", ensure_tiny)
         yield refused
 
 

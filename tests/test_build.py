@@ -12,6 +12,8 @@ import pytest
 
 from sae_sweep.util.build import build_once
 
+pytestmark = pytest.mark.integration  # a dead builder is a real, finished process
+
 
 def _ready(path):
     return path if (path / "done").is_file() else None

@@ -15,6 +15,8 @@ from sae_sweep.models.lm import load_lm
 from sae_sweep.models.weights import ModelUnavailable, ResolvedWeights, model_config, resolve, weights_sources
 from sae_sweep.models.weights.builtin import tiny_model_dir
 
+pytestmark = pytest.mark.integration  # loads the tiny LM and the SmolLM2 stand-in
+
 # The expected keys below were computed with the code before the weights registry (the commit this
 # change started from: weights resolved by `app._model_check` and written into `cfg.model.weights`,
 # keys from `config.run_key(cfg)` and `cache_key(pipeline-style cache_spec(cfg, load_lm(cfg.model)))`),
