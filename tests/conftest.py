@@ -47,8 +47,10 @@ def _check_tiers(items) -> None:
         if len(tiers) != 1:
             problems.append(f"{item.nodeid}: {'no tier' if not tiers else 'tiers ' + ', '.join(tiers)}")
     if problems:
-        raise pytest.UsageError("each test needs exactly one tier marker (" + ", ".join(TIERS) + "; see "
-                                "tests/README.md):\n  " + "\n  ".join(problems))
+        raise pytest.UsageError(
+            "each test needs exactly one tier marker (" + ", ".join(TIERS) + "; see "
+            "tests/README.md):\n  " + "\n  ".join(problems)
+        )
 
 
 @pytest.hookimpl(tryfirst=True)

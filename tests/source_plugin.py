@@ -1,6 +1,7 @@
 """A text source from outside the package (tests/test_sources.py): markdown notes, one document per
 section. It registers itself the way a user's module would; a dataset yaml names it as
 ``kind: source_plugin:sections`` and its settings live under ``dataset.options``."""
+
 from __future__ import annotations
 
 import hashlib

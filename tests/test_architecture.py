@@ -13,9 +13,23 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sae_sweep"
 # Left to right: the stage packages in the order data flows through them. A package is one place in
 # the order; its modules may import each other (checked for cycles below).
 ORDER = [
-    "util", "config", "data", "models", "activations", "sae", "training", "evals", "tracking", "report",
-    "job", "cli", "bench",
-    "evaluate", "export", "generate", "__main__",  # the `python -m sae_sweep.<tool>` entry points
+    "util",
+    "config",
+    "data",
+    "models",
+    "activations",
+    "sae",
+    "training",
+    "evals",
+    "tracking",
+    "report",
+    "job",
+    "cli",
+    "bench",
+    "evaluate",
+    "export",
+    "generate",
+    "__main__",  # the `python -m sae_sweep.<tool>` entry points
 ]
 
 
@@ -93,7 +107,7 @@ def test_no_import_cycles():
             if nxt == node or (node.startswith(nxt + ".") and nxt.count(".") == 1):
                 continue
             if state.get(nxt) == "open":
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(stack[stack.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, stack + [nxt])
         state[node] = "done"

@@ -2,6 +2,7 @@
 variants run in which round, what a variant's summary says, the report, and what a missing peer
 venv gives (a message naming `make bench-peers`, not a crash). Nothing here asserts a timing:
 the step times that the workers measure are only checked for consistency with the protocol."""
+
 import json
 import sys
 
@@ -16,8 +17,13 @@ TINY = (16, 64, 4, 32)  # d_in, d_sae, k, batch
 
 def step(wall, waiting_share, in_block=0, cpu=None):
     """A timed step: `waiting_share` of its wall time its threads waited for a core."""
-    return {"wall": wall, "cpu": wall if cpu is None else cpu, "runq_wait": waiting_share * wall, "minflt": 7,
-            "in_block": in_block}
+    return {
+        "wall": wall,
+        "cpu": wall if cpu is None else cpu,
+        "runq_wait": waiting_share * wall,
+        "minflt": 7,
+        "in_block": in_block,
+    }
 
 
 @pytest.mark.unit
@@ -51,8 +57,13 @@ def test_rounds_run_every_variant_then_only_those_without_a_quiet_step_in_a_rota
 @pytest.mark.unit
 def test_summary_reports_the_best_step_and_the_median_of_the_quiet_ones():
     ready = {"version": "9.9", "torch": "2.x", "warmup": [{"wall": 5.0}, {"wall": 3.0}], "rss_before_setup_mib": 100.0}
-    times = [step(1.0, 0.0, 0), step(0.8, 0.5, 1), step(1.2, 0.01, 2),  # block 1: the best step is a loaded one
-             step(1.6, 0.0, 0), step(1.4, 0.0, 1)]
+    times = [
+        step(1.0, 0.0, 0),
+        step(0.8, 0.5, 1),
+        step(1.2, 0.01, 2),  # block 1: the best step is a loaded one
+        step(1.6, 0.0, 0),
+        step(1.4, 0.0, 1),
+    ]
     s = perf.summarize(ready, times, peak_rss_mib=160.0, tokens=4)
     assert s["steps_timed"] == 5 and s["quiet_steps"] == 4
     assert s["best_seconds"] == 0.8 and s["tokens_per_s"] == 4 / 0.8
@@ -88,8 +99,18 @@ def test_topk_figure_without_peer_venvs_times_ours_and_says_how_to_get_the_peers
     `block` steps (more rounds only for a variant without a quiet step), each missing peer is named
     with `make bench-peers`, and the report renders both."""
     block, rounds, max_rounds = 2, 1, 3
-    t = perf.fig_topk(perf.torch.device("cpu"), {"run_bf16": False}, tmp_path, ["dictionary_learning", "sparsify"],
-                      rounds=rounds, block=block, warmup=1, threads=1, max_rounds=max_rounds, dims=TINY)
+    t = perf.fig_topk(
+        perf.torch.device("cpu"),
+        {"run_bf16": False},
+        tmp_path,
+        ["dictionary_learning", "sparsify"],
+        rounds=rounds,
+        block=block,
+        warmup=1,
+        threads=1,
+        max_rounds=max_rounds,
+        dims=TINY,
+    )
     assert set(t["variants"]) == {"matmul/fp32", "sae_sweep/fp32"} and t["precisions"] == ["fp32"]
     for name in ("dictionary_learning", "sparsify"):
         assert "`make bench-peers`" in t["not_run"][name] and str(tmp_path / name) in t["not_run"][name]
@@ -97,7 +118,7 @@ def test_topk_figure_without_peer_venvs_times_ours_and_says_how_to_get_the_peers
     for v in t["variants"].values():
         assert v["steps_timed"] % block == 0 and v["steps_timed"] <= block * t["rounds"]
         # a variant ran another round only while it had no quiet step
-        assert not perf.quiet_steps(v["steps"][:v["steps_timed"] - block] if v["steps_timed"] > block * rounds else [])
+        assert not perf.quiet_steps(v["steps"][: v["steps_timed"] - block] if v["steps_timed"] > block * rounds else [])
         assert [s["in_block"] for s in v["steps"]] == list(range(block)) * (v["steps_timed"] // block)
         assert all({"wall", "cpu", "runq_wait", "minflt"} <= set(s) and s["wall"] > 0 for s in v["steps"])
         assert len(v["warmup_seconds"]) == 1 and v["version"]
@@ -109,8 +130,9 @@ def test_topk_figure_without_peer_venvs_times_ours_and_says_how_to_get_the_peers
     lines = text.splitlines()
     for name in ("dictionary_learning", "sparsify"):
         assert f"| TopK train vs {name} | {t['not_run'][name]} | > 1x |  |" in lines
-    assert any(line.startswith("| TopK train d_in 16, d_sae 64, k 4, batch 32 vs encoder-only roofline |")
-               for line in lines)
+    assert any(
+        line.startswith("| TopK train d_in 16, d_sae 64, k 4, batch 32 vs encoder-only roofline |") for line in lines
+    )
     assert any(line.startswith("| sae_sweep ") and "trainer=topk step" in line for line in lines)
     assert any(line.startswith("| roofline: torch ") for line in lines)
     assert "| TopK step, d_in 16, d_sae 64, k 4, batch 32 |" in text
@@ -137,8 +159,9 @@ def test_smoke_run_without_peer_venvs_fails_with_the_make_target_to_run(tmp_path
 @pytest.mark.unit
 def test_an_unknown_peer_is_refused_by_name():
     with pytest.raises(SystemExit, match="unknown \\['saelens'\\]; known: dictionary_learning, sparsify"):
-        perf.main(_args(["--peers", "saelens", "--skip", "probe,topk,memory,reader,packing,quality,cache,sweep,"
-                         "packing_jobs"]))
+        perf.main(
+            _args(["--peers", "saelens", "--skip", "probe,topk,memory,reader,packing,quality,cache,sweep,packing_jobs"])
+        )
 
 
 def _args(argv):
@@ -167,10 +190,14 @@ def test_a_peer_step_refuses_a_gpu_device_before_any_import(capsys):
     (which fig_topk reports in place of the figure), never a CPU timing under a GPU label."""
     from sae_sweep.bench import step_worker
 
-    assert step_worker.main(["--impl", "sparsify", "--device", "cuda", "--d-in", "8", "--d-sae", "16", "--k", "2",
-                             "--batch", "4"]) == 1
+    assert (
+        step_worker.main(
+            ["--impl", "sparsify", "--device", "cuda", "--d-in", "8", "--d-sae", "16", "--k", "2", "--batch", "4"]
+        )
+        == 1
+    )
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(step_worker.MARK)][-1]
-    assert "only sae_sweep and matmul run off the CPU" in json.loads(line[len(step_worker.MARK):])["error"]
+    assert "only sae_sweep and matmul run off the CPU" in json.loads(line[len(step_worker.MARK) :])["error"]
 
 
 @pytest.mark.integration
@@ -184,8 +211,20 @@ def test_generation_bench_projects_the_hours_for_100m_tokens_from_its_own_median
     p = argparse.ArgumentParser()
     generation.add_arguments(p)
     out = tmp_path / "gen.json"
-    args = p.parse_args(["--model", "tiny", "--batches", "2", "--new-tokens", "4", "--cache-dir", str(tiny_cache_dir),
-                         "--out", str(out)])
+    args = p.parse_args(
+        [
+            "--model",
+            "tiny",
+            "--batches",
+            "2",
+            "--new-tokens",
+            "4",
+            "--cache-dir",
+            str(tiny_cache_dir),
+            "--out",
+            str(out),
+        ]
+    )
     assert generation.main(args) == 0
     res = json.loads(out.read_text())
     assert res["device"] == "cpu" and {r["sampler"] for r in res["runs"]} == set(generation.SAMPLERS)
@@ -210,7 +249,11 @@ def test_temporal_routes_figure_times_both_routes_and_names_the_automatic_one():
 
     rows = measure_routes(shapes=((64, 8, 16), (8, 2, 64)), reps=1)
     assert [(r["batch"], r["setup"], r["auto"]) for r in rows] == [
-        (64, "published", "gram"), (64, "corrected", "gram"), (8, "published", "pairs"), (8, "corrected", "pairs")]
+        (64, "published", "gram"),
+        (64, "corrected", "gram"),
+        (8, "published", "pairs"),
+        (8, "corrected", "pairs"),
+    ]
     assert all(r["pairs_s"] > 0 and r["gram_s"] > 0 for r in rows)
     lines = routes_table(rows).splitlines()
     assert "auto vs other" in lines[0] and len(lines) == 2 + len(rows)

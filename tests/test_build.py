@@ -66,12 +66,19 @@ def test_dead_builders_lock_and_leftovers_are_recovered(tmp_path):
     (leftover / "half").write_text("x")
     aside = tmp_path / ".trash-thing-1"
     aside.mkdir()
-    (tmp_path / "thing.lock").write_text(json.dumps(
-        {"host": socket.gethostname(), "pid": _dead_pid(), "slurm_job_id": "12", "started": 0}))
+    (tmp_path / "thing.lock").write_text(
+        json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "slurm_job_id": "12", "started": 0})
+    )
     final.mkdir()  # a directory without its completion marker: not ready, replaced
     seen = []
-    path, built = build_once(final, _builder([]), ready=_ready, lock_timeout=10, leftovers=[".trash-thing-*"],
-                             discard=lambda p: (seen.append(p), os.rename(p, tmp_path / "kept")))
+    path, built = build_once(
+        final,
+        _builder([]),
+        ready=_ready,
+        lock_timeout=10,
+        leftovers=[".trash-thing-*"],
+        discard=lambda p: (seen.append(p), os.rename(p, tmp_path / "kept")),
+    )
     assert built and (path / "done").is_file() and seen == [final]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "thing"]
 

@@ -1,4 +1,5 @@
 """Activation cache: keys, atomic locked builds, round trips, and the shuffled reader."""
+
 from __future__ import annotations
 
 import json
@@ -52,7 +53,8 @@ def chunks(tokens, acts, b=7, fail_after=None, delay=0.0):
             if fail_after is not None and i == fail_after:
                 raise RuntimeError("boom: build interrupted")
             time.sleep(delay)
-            yield tokens[start:start + b], acts[start:start + b]
+            yield tokens[start : start + b], acts[start : start + b]
+
     return build_fn
 
 
@@ -72,11 +74,18 @@ def test_key_stable_and_sensitive():
     assert cache_key(reordered) == k
     assert cache_key(json.loads(json.dumps(SPEC))) == k
     from omegaconf import OmegaConf
+
     assert cache_key(OmegaConf.create(SPEC)) == k
-    changes = [("layer", 3), ("hook", "mlp_out"), ("context_size", 32), ("tokens", 2048),
-               ("storage_dtype", "bfloat16"), ("tokenizer", "other"),
-               ("model", {**SPEC["model"], "revision": "main"}),
-               ("dataset", {**SPEC["dataset"], "hash": "abd"})]
+    changes = [
+        ("layer", 3),
+        ("hook", "mlp_out"),
+        ("context_size", 32),
+        ("tokens", 2048),
+        ("storage_dtype", "bfloat16"),
+        ("tokenizer", "other"),
+        ("model", {**SPEC["model"], "revision": "main"}),
+        ("dataset", {**SPEC["dataset"], "hash": "abd"}),
+    ]
     keys = {cache_key({**SPEC, name: value}) for name, value in changes}
     assert len(keys) == len(changes) and k not in keys
 
@@ -111,6 +120,7 @@ def test_round_trip_float32(tmp_path):
     def never():
         raise AssertionError("build_fn must not run for an existing cache")
         yield
+
     cache2, built2 = get_or_build(SPEC, tmp_path, never, special_token_ids=[BOS, PAD])
     assert not built2 and cache2.path == cache.path
     assert len(read_builds_log(tmp_path)) == 1
@@ -159,15 +169,12 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(TypeError, match="special_token_ids"):
         get_or_build(SPEC, tmp_path, chunks(tokens, acts))
     with pytest.raises(ValueError, match="storage_dtype"):
-        get_or_build(SPEC, tmp_path, chunks(tokens, acts), special_token_ids=[],
-                     storage_dtype="int8")
+        get_or_build(SPEC, tmp_path, chunks(tokens, acts), special_token_ids=[], storage_dtype="int8")
     with pytest.raises(ValueError, match="disagrees"):
-        get_or_build(SPEC, tmp_path, chunks(tokens, acts), special_token_ids=[],
-                     storage_dtype="bfloat16")
+        get_or_build(SPEC, tmp_path, chunks(tokens, acts), special_token_ids=[], storage_dtype="bfloat16")
     no_dtype = {k: v for k, v in SPEC.items() if k != "storage_dtype"}
     with pytest.raises(ValueError, match="cache key"):
-        get_or_build(no_dtype, tmp_path, chunks(tokens, acts), special_token_ids=[],
-                     storage_dtype="float16")
+        get_or_build(no_dtype, tmp_path, chunks(tokens, acts), special_token_ids=[], storage_dtype="float16")
     with pytest.raises(ValueError, match=r"\[b, ctx, d\]"):
         get_or_build(SPEC, tmp_path, lambda: iter([(tokens, acts[:, :-1])]), special_token_ids=[])
     with pytest.raises(ValueError, match="no activations"):
@@ -200,8 +207,9 @@ def test_leftover_tmp_dir_and_dead_lock_are_recovered(tmp_path):
     leftover = root / f".tmp-{key}-99999-deadbeef"
     leftover.mkdir(parents=True)
     (leftover / "acts-00000.npy").write_bytes(b"half a shard")
-    (root / f"{key}.lock").write_text(json.dumps(
-        {"host": socket.gethostname(), "pid": dead_pid(), "slurm_job_id": "12", "started": 0}))
+    (root / f"{key}.lock").write_text(
+        json.dumps({"host": socket.gethostname(), "pid": dead_pid(), "slurm_job_id": "12", "started": 0})
+    )
     cache, built, _, _ = build(tmp_path, lock_timeout=10)
     assert built and not leftover.exists()
     assert sorted(p.name for p in root.iterdir()) == sorted([key, "builds.log"])
@@ -227,8 +235,7 @@ def test_incomplete_and_corrupt_caches_are_detected(tmp_path):
     # get_or_build replaces the unusable directory with a fresh build
     cache, built = get_or_build(SPEC, tmp_path, chunks(tokens, acts), special_token_ids=[BOS, PAD])
     assert built
-    np.testing.assert_array_equal(ActivationCache.open(cache.path, verify=True).activations(),
-                                  acts.numpy())
+    np.testing.assert_array_equal(ActivationCache.open(cache.path, verify=True).activations(), acts.numpy())
 
 
 @pytest.mark.unit
@@ -256,11 +263,16 @@ def test_caches_with_whole_file_checksums_still_verify(tmp_path):
 def _concurrent_builder(root: str, barrier, out: str) -> None:
     tokens, acts = make_data(40)
     barrier.wait(timeout=60)  # both children have imported torch: start together
-    cache, built = get_or_build(SPEC, root, chunks(tokens, acts, delay=0.25),
-                                special_token_ids=[BOS, PAD])
+    cache, built = get_or_build(SPEC, root, chunks(tokens, acts, delay=0.25), special_token_ids=[BOS, PAD])
     with open(out, "w") as fh:
-        json.dump({"built": built, "path": str(cache.path),
-                   "sum": float(torch.cat([a for _, a in cache.iter_sequences(64)]).sum())}, fh)
+        json.dump(
+            {
+                "built": built,
+                "path": str(cache.path),
+                "sum": float(torch.cat([a for _, a in cache.iter_sequences(64)]).sum()),
+            },
+            fh,
+        )
 
 
 @pytest.mark.integration
@@ -268,8 +280,7 @@ def test_concurrent_builders_build_once(tmp_path):
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(2)
     outs = [tmp_path / f"out{i}.json" for i in range(2)]
-    procs = [ctx.Process(target=_concurrent_builder, args=(str(tmp_path), barrier, str(o)))
-             for o in outs]
+    procs = [ctx.Process(target=_concurrent_builder, args=(str(tmp_path), barrier, str(o))) for o in outs]
     for p in procs:
         p.start()
     for p in procs:

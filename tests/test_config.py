@@ -22,26 +22,34 @@ def test_defaults_are_valid():
     assert cfg.model.name == "tiny" and cfg.trainer.name == "topk"
 
 
-@pytest.mark.parametrize("overrides, needles", [
-    (["sae.k=0"], ["sae.k=0", "0 < k < d_sae (512)"]),
-    (["sae.k=512"], ["sae.k=512", "0 < k < d_sae (512)"]),
-    (["layer=4"], ["layer=4", "allowed values are 0..3"]),
-    (["seed=99999999999999999999"], ["seed=99999999999999999999", "out of range", "[0, 2**63)"]),
-    (["seed=-1"], ["seed=-1", "[0, 2**63)"]),
-    (["layer=-1"], ["layer=-1", "0..3"]),
-    (["hook=resid_mid"], ["hook='resid_mid'", "resid_pre, resid_post, mlp_out, attn_out"]),
-    (["train.tokens=0"], ["train.tokens=0", "positive integer"]),
-    (["dataset.tokens=-5"], ["dataset.tokens=-5", "positive integer"]),
-    (["dataset.context_size=1"], ["dataset.context_size=1", ">= 2"]),
-    (["sae.d_sae=64", "sae.k=64"], ["sae.k=64", "d_sae (64)"]),
-    (["device=tpu"], ["device='tpu'", "auto, cpu, cuda"]),
-    (["trainer.lr=-1"], ["trainer.lr"]),
-    (["dataset=faithful", "dataset.generation.sampler=fast"], ["dataset.generation.sampler", "fast",
-                                                               "hf, exact_topk_first"]),
-    (["dataset=faithful", "dataset.generation.temperature=0"], ["dataset.generation.temperature", "> 0"]),
-    (["tracking.system_metrics_interval_s=0"], ["tracking.system_metrics_interval_s=0", "a number of seconds > 0"]),
-    (["tracking.system_metrics_interval_s=-2.5"], ["tracking.system_metrics_interval_s=-2.5", "a number of seconds > 0"]),
-])
+@pytest.mark.parametrize(
+    "overrides, needles",
+    [
+        (["sae.k=0"], ["sae.k=0", "0 < k < d_sae (512)"]),
+        (["sae.k=512"], ["sae.k=512", "0 < k < d_sae (512)"]),
+        (["layer=4"], ["layer=4", "allowed values are 0..3"]),
+        (["seed=99999999999999999999"], ["seed=99999999999999999999", "out of range", "[0, 2**63)"]),
+        (["seed=-1"], ["seed=-1", "[0, 2**63)"]),
+        (["layer=-1"], ["layer=-1", "0..3"]),
+        (["hook=resid_mid"], ["hook='resid_mid'", "resid_pre, resid_post, mlp_out, attn_out"]),
+        (["train.tokens=0"], ["train.tokens=0", "positive integer"]),
+        (["dataset.tokens=-5"], ["dataset.tokens=-5", "positive integer"]),
+        (["dataset.context_size=1"], ["dataset.context_size=1", ">= 2"]),
+        (["sae.d_sae=64", "sae.k=64"], ["sae.k=64", "d_sae (64)"]),
+        (["device=tpu"], ["device='tpu'", "auto, cpu, cuda"]),
+        (["trainer.lr=-1"], ["trainer.lr"]),
+        (
+            ["dataset=faithful", "dataset.generation.sampler=fast"],
+            ["dataset.generation.sampler", "fast", "hf, exact_topk_first"],
+        ),
+        (["dataset=faithful", "dataset.generation.temperature=0"], ["dataset.generation.temperature", "> 0"]),
+        (["tracking.system_metrics_interval_s=0"], ["tracking.system_metrics_interval_s=0", "a number of seconds > 0"]),
+        (
+            ["tracking.system_metrics_interval_s=-2.5"],
+            ["tracking.system_metrics_interval_s=-2.5", "a number of seconds > 0"],
+        ),
+    ],
+)
 @pytest.mark.unit
 def test_invalid_values_name_key_value_and_allowed(overrides, needles):
     msg = _errors(*overrides)
@@ -84,9 +92,14 @@ def test_system_metrics_interval_must_be_a_number():
 @pytest.mark.unit
 def test_run_key_ignores_paths_and_tracking_but_not_seed():
     a = compose_config()
-    b = compose_config("paths.output_dir=/elsewhere", "tracking.uri=sqlite:////x.db", "train.log_every=3",
-                       "dataset.how_to_get='a reworded hint'",
-                       "tracking.system_metrics=false", "tracking.system_metrics_interval_s=0.5")
+    b = compose_config(
+        "paths.output_dir=/elsewhere",
+        "tracking.uri=sqlite:////x.db",
+        "train.log_every=3",
+        "dataset.how_to_get='a reworded hint'",
+        "tracking.system_metrics=false",
+        "tracking.system_metrics_interval_s=0.5",
+    )
     c = compose_config("seed=49")
     assert C.run_key(a) == C.run_key(b)
     assert C.run_key(a) != C.run_key(c)
@@ -102,10 +115,12 @@ def test_the_cache_settings_that_change_the_batches_are_in_the_run_key_and_only_
         assert C.run_key(compose_config(other)) != C.run_key(base), other
     # settings a mode does not read do not split runs
     assert C.run_key(compose_config("cache.reader=random")) == C.run_key(
-        compose_config("cache.reader=random", "cache.block_tokens=65536"))
+        compose_config("cache.reader=random", "cache.block_tokens=65536")
+    )
     stream = compose_config("cache.mode=stream")
-    assert C.run_key(stream) == C.run_key(compose_config("cache.mode=stream", "cache.reader=random",
-                                                         "cache.dtype=bfloat16"))
+    assert C.run_key(stream) == C.run_key(
+        compose_config("cache.mode=stream", "cache.reader=random", "cache.dtype=bfloat16")
+    )
     assert C.run_key(stream) != C.run_key(compose_config("cache.mode=stream", "cache.block_tokens=65536"))
     assert C.run_identity(stream)["batches"] == {"mode": "stream", "block_tokens": 131072}
     # the cache verification policy changes nothing trained
@@ -162,8 +177,9 @@ def test_single_run_bad_value_exits_2_without_traceback(tmp_path):
 def test_a_real_model_config_that_would_repeat_data_is_refused_naming_the_keys():
     # gpt2 trains 100M tokens; a 1M-token cache would be cycled 100 times
     with pytest.raises(C.ConfigError) as e:
-        validate_point(compose_config("model=gpt2", "dataset=builtin", "dataset.tokens=1000000"),
-                       check_availability=False)
+        validate_point(
+            compose_config("model=gpt2", "dataset=builtin", "dataset.tokens=1000000"), check_availability=False
+        )
     msg = str(e.value)
     assert "train.tokens=100000000" in msg and "dataset.tokens=1000000" in msg and "train.epochs=" in msg
     # by default the cache follows the training budget: every training token distinct
@@ -173,15 +189,18 @@ def test_a_real_model_config_that_would_repeat_data_is_refused_naming_the_keys()
     # repeating is allowed when asked for, and is part of the run's identity
     again = compose_config("model=gpt2", "dataset=builtin", "dataset.tokens=1000000", "train.epochs=100")
     validate_point(again, check_availability=False)
-    assert C.run_key(again) != C.run_key(compose_config("model=gpt2", "dataset=builtin", "dataset.tokens=1000000",
-                                                        "train.epochs=200"))
+    assert C.run_key(again) != C.run_key(
+        compose_config("model=gpt2", "dataset=builtin", "dataset.tokens=1000000", "train.epochs=200")
+    )
 
 
 @pytest.mark.unit
 def test_whole_numbers_in_scientific_notation_are_read_as_integers():
     from sae_sweep.job.app import integral_numbers
 
-    argv = integral_numbers(["-m", "train.tokens=2e5", "dataset.tokens=1.5e5,3e5", "trainer.lr=3e-4", "sweep.name=a1e5"])
+    argv = integral_numbers(
+        ["-m", "train.tokens=2e5", "dataset.tokens=1.5e5,3e5", "trainer.lr=3e-4", "sweep.name=a1e5"]
+    )
     assert argv == ["-m", "train.tokens=200000", "dataset.tokens=150000,300000", "trainer.lr=3e-4", "sweep.name=a1e5"]
     cfg = compose_config(*integral_numbers(["train.tokens=2e5", "trainer.lr=3e-4"]))
     validate_point(cfg)

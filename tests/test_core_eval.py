@@ -123,8 +123,9 @@ def test_mse_three_normalisations():
     acc = CoreAccumulator()
     for xs in ([[1.0, 2.0], [0.0, 0.0], [0.0, 1.0]], [[2.0, 0.0]]):
         x = T(xs)[None]
-        acc.update_reconstruction(x, torch.zeros_like(x), torch.zeros(1, len(xs), 3),
-                                  torch.ones(1, len(xs), dtype=torch.bool))
+        acc.update_reconstruction(
+            x, torch.zeros_like(x), torch.zeros(1, len(xs), 3), torch.ones(1, len(xs), dtype=torch.bool)
+        )
     m = acc.compute()["reconstruction_quality"]
     assert m["mse"] == pytest.approx(1.5)
     assert m["mse_per_token"] == pytest.approx(2.5)
@@ -163,8 +164,9 @@ def test_relative_reconstruction_bias_hand_computed():
     # global (11 + 1)/(5 + 1) = 2.0
     acc = CoreAccumulator()
     for xs, xh in (([[2.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [0.0, 3.0]]), ([[1.0, 0.0]], [[1.0, 0.0]])):
-        acc.update_reconstruction(T(xs)[None], T(xh)[None], torch.zeros(1, len(xs), 2),
-                                  torch.ones(1, len(xs), dtype=torch.bool))
+        acc.update_reconstruction(
+            T(xs)[None], T(xh)[None], torch.zeros(1, len(xs), 2), torch.ones(1, len(xs), dtype=torch.bool)
+        )
     m = acc.compute()["shrinkage"]
     assert m["relative_reconstruction_bias"] == pytest.approx(1.6)
     assert m["relative_reconstruction_bias_global"] == pytest.approx(2.0)
@@ -178,7 +180,9 @@ def test_l0_l1_hand_computed_and_token_weighted():
     # (a mean of batch means would give l0 = (1.5 + 4)/2 = 2.75)
     acc = CoreAccumulator()
     acc.update_reconstruction(
-        torch.ones(1, 2, 2), torch.ones(1, 2, 2), T([[[0.0, 2.0, -1.0, 0.0], [0.0, 0.0, 0.0, 3.0]]]),
+        torch.ones(1, 2, 2),
+        torch.ones(1, 2, 2),
+        T([[[0.0, 2.0, -1.0, 0.0], [0.0, 0.0, 0.0, 3.0]]]),
         torch.ones(1, 2, dtype=torch.bool),
     )
     acc.update_reconstruction(
@@ -523,8 +527,20 @@ def _saebench_sparsity_and_variance(batches, d_sae):
     sae_bench/evals/core/main.py:437-636 (pip sae-bench==0.6.0; github.com/adamkarvonen/SAEBench
     @8042bb38): per batch, flatten, keep non-ignored tokens, append per-token values (and the
     three per-batch EV pieces), then ``torch.cat(...).mean()`` -- float32 as in its runs."""
-    metric = {k: [] for k in ("l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias", "l0", "l1",
-                              "explained_variance_legacy", "mse", "cossim")}
+    metric = {
+        k: []
+        for k in (
+            "l2_norm_in",
+            "l2_norm_out",
+            "l2_ratio",
+            "relative_reconstruction_bias",
+            "l0",
+            "l1",
+            "explained_variance_legacy",
+            "mse",
+            "cossim",
+        )
+    }
     mean_sum_of_squares, mean_act_per_dimension, mean_sum_of_resid_squared = [], [], []
     total_feature_acts, total_feature_prompts, total_tokens = torch.zeros(d_sae), torch.zeros(d_sae), 0
     for x, x_hat, f, mask in batches:
@@ -539,7 +555,8 @@ def _saebench_sparsity_and_variance(batches, d_sae):
         metric["l2_norm_out"].append(l2_out)
         metric["l2_ratio"].append(l2_out / div)
         metric["relative_reconstruction_bias"].append(  # main.py:547-551
-            ((torch.norm(xh, dim=-1) ** 2).mean() / (xs * xh).sum(dim=-1).mean()).unsqueeze(0))
+            ((torch.norm(xh, dim=-1) ** 2).mean() / (xs * xh).sum(dim=-1).mean()).unsqueeze(0)
+        )
         metric["l0"].append((fs != 0).sum(dim=-1).float())  # main.py:561-562
         metric["l1"].append(fs.sum(dim=-1))
         rss = (xs - xh).pow(2).sum(dim=-1)  # main.py:567-578
@@ -549,7 +566,8 @@ def _saebench_sparsity_and_variance(batches, d_sae):
         mean_act_per_dimension.append(xs.pow(2).mean(dim=0))
         mean_sum_of_resid_squared.append(rss.mean(dim=0))
         metric["cossim"].append(  # main.py:592-598
-            (xs / torch.norm(xs, dim=-1, keepdim=True) * (xh / torch.norm(xh, dim=-1, keepdim=True))).sum(dim=-1))
+            (xs / torch.norm(xs, dim=-1, keepdim=True) * (xh / torch.norm(xh, dim=-1, keepdim=True))).sum(dim=-1)
+        )
         fired = ((f * mask.unsqueeze(-1)) > 0).float()  # main.py:603-609
         total_feature_acts += fired.sum(dim=1).sum(dim=0)
         total_feature_prompts += (fired.sum(dim=1) > 0).sum(dim=0)
@@ -591,26 +609,47 @@ def test_kl_ce_aggregation_matches_saebench_transcription():
     # truncated as mask[:, :-1]; every metric is torch.cat(...).mean() over batches; then the scores.
     g = torch.Generator().manual_seed(6)
     ignore = {0, 1}
-    ref = {k: [] for k in ("kl_div_with_sae", "kl_div_with_ablation", "ce_loss_without_sae", "ce_loss_with_sae",
-                           "ce_loss_with_ablation")}
+    ref = {
+        k: []
+        for k in (
+            "kl_div_with_sae",
+            "kl_div_with_ablation",
+            "ce_loss_without_sae",
+            "ce_loss_with_sae",
+            "ce_loss_with_ablation",
+        )
+    }
     acc = CoreAccumulator()
     for b in (3, 2):
         tokens = torch.randint(0, 6, (b, 7), generator=g)
         tokens[:, 0] = 0
-        vals = {"kl_div_with_sae": torch.rand(b, 7, generator=g), "kl_div_with_ablation": 2 + torch.rand(b, 7, generator=g),
-                "ce_loss_without_sae": torch.rand(b, 6, generator=g), "ce_loss_with_sae": 1 + torch.rand(b, 6, generator=g),
-                "ce_loss_with_ablation": 3 + torch.rand(b, 6, generator=g)}
+        vals = {
+            "kl_div_with_sae": torch.rand(b, 7, generator=g),
+            "kl_div_with_ablation": 2 + torch.rand(b, 7, generator=g),
+            "ce_loss_without_sae": torch.rand(b, 6, generator=g),
+            "ce_loss_with_sae": 1 + torch.rand(b, 6, generator=g),
+            "ce_loss_with_ablation": 3 + torch.rand(b, 6, generator=g),
+        }
         mask = torch.logical_not(torch.any(torch.stack([tokens == t for t in ignore], dim=0), dim=0))
         for name, v in vals.items():
             m = mask[:, :-1] if v.shape[1] != mask.shape[1] else mask
             ref[name].append(v[m])
-        acc.update_downstream(core.keep_mask(tokens, ignore), vals["kl_div_with_sae"], vals["kl_div_with_ablation"],
-                              vals["ce_loss_without_sae"], vals["ce_loss_with_sae"], vals["ce_loss_with_ablation"])
-        acc.update_reconstruction(torch.ones(b, 7, 2), torch.ones(b, 7, 2), torch.ones(b, 7, 2), torch.ones(b, 7, dtype=torch.bool))
+        acc.update_downstream(
+            core.keep_mask(tokens, ignore),
+            vals["kl_div_with_sae"],
+            vals["kl_div_with_ablation"],
+            vals["ce_loss_without_sae"],
+            vals["ce_loss_with_sae"],
+            vals["ce_loss_with_ablation"],
+        )
+        acc.update_reconstruction(
+            torch.ones(b, 7, 2), torch.ones(b, 7, 2), torch.ones(b, 7, 2), torch.ones(b, 7, dtype=torch.bool)
+        )
     ref = {k: torch.cat(v).mean().item() for k, v in ref.items()}
     ref["kl_div_score"] = (ref["kl_div_with_ablation"] - ref["kl_div_with_sae"]) / ref["kl_div_with_ablation"]
     ref["ce_loss_score"] = (ref["ce_loss_with_ablation"] - ref["ce_loss_with_sae"]) / (
-        ref["ce_loss_with_ablation"] - ref["ce_loss_without_sae"])
+        ref["ce_loss_with_ablation"] - ref["ce_loss_without_sae"]
+    )
     m = acc.compute()
     ours = {**m["model_behavior_preservation"], **m["model_performance_preservation"]}
     for name, value in ref.items():
@@ -629,8 +668,9 @@ def test_splice_option_reconstructs_special_positions_too(lm, tokens):
     toks = tokens.clone()
     toks[:, 0] = 0
     keep = run_core_eval(lm, OffsetSAE(), toks, 0, "resid_post", 6, {0}, progress=False)
-    every = run_core_eval(lm, OffsetSAE(), toks, 0, "resid_post", 6, {0}, progress=False,
-                          exclude_special_tokens_from_reconstruction=False)
+    every = run_core_eval(
+        lm, OffsetSAE(), toks, 0, "resid_post", 6, {0}, progress=False, exclude_special_tokens_from_reconstruction=False
+    )
     assert every.config["exclude_special_tokens_from_reconstruction"] is False
     kl_keep = keep.metrics["model_behavior_preservation"]["kl_div_with_sae"]
     kl_every = every.metrics["model_behavior_preservation"]["kl_div_with_sae"]
@@ -700,7 +740,16 @@ def test_core_eval_memory_at_gemma_vocabulary(monkeypatch):
     toks[:, 0] = 0
     logits_bytes = B * Tn * lm.vocab * 2
     with LiveBytes() as mem:
-        run_core_eval(lm, LinearSAE(d_in=8, d_sae=16, scale=0.5), toks, layer=0, hook="resid_post",
-                      batch_size=B, special_token_ids={0}, progress=False, weight_metrics=False,
-                      feature_details=False)
+        run_core_eval(
+            lm,
+            LinearSAE(d_in=8, d_sae=16, scale=0.5),
+            toks,
+            layer=0,
+            hook="resid_post",
+            batch_size=B,
+            special_token_ids={0},
+            progress=False,
+            weight_metrics=False,
+            feature_details=False,
+        )
     assert mem.peak <= 2 * logits_bytes + 8 * (1 << 20) * 4, f"peak {mem.peak / 2**20:.0f} MiB"

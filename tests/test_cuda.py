@@ -1,13 +1,16 @@
 """The CUDA path on a real GPU (docs/cuda.md): marked ``cuda`` and skipped where CUDA is absent, so
 ``pytest -m cuda`` (``make gpu-check`` runs it) is the one command that settles them on a GPU node.
 Their CPU counterparts (the CUDA branches forced on CPU) are in test_device_paths.py."""
+
 import pytest
 import torch
 
 from helpers.config import trainer_params
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by make gpu-check on a GPU)")]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by make gpu-check on a GPU)"),
+]
 
 
 def _topk(device, d_in=64, d_sae=512, k=8, batch=128, steps=20):
@@ -45,8 +48,9 @@ def test_bf16_reader_widens_on_the_gpu(tmp_path):
     tokens = torch.randint(2, 50, (16, 32), generator=g)
     acts = torch.randn(16, 32, 48, generator=g).cuda().to(torch.bfloat16)  # a GPU LM's chunk
     spec = {"model": "gpu-test", "context_size": 32, "storage_dtype": "bfloat16"}
-    cache, _ = get_or_build(spec, tmp_path, lambda: iter([(tokens, acts)]), special_token_ids=[],
-                            storage_dtype="bfloat16")
+    cache, _ = get_or_build(
+        spec, tmp_path, lambda: iter([(tokens, acts)]), special_token_ids=[], storage_dtype="bfloat16"
+    )
     reader = ShuffledReader(cache, 64, seed=1, device="cuda")
     try:
         assert reader._wire == torch.bfloat16
@@ -95,6 +99,7 @@ def test_training_steps_do_not_sync_the_host():
 
 def test_two_identical_runs_are_bit_identical():
     """The determinism decision (docs/cuda.md, "Determinism"): same seed, same batches -> the same bits."""
+
     def run():
         t = _topk("cuda")
         data = _data().cuda()
@@ -127,6 +132,7 @@ def _windows(lm, n_chunks=6, chunk=4, ctx=32, seed=0):
             w = torch.randint(3, vocab, (chunk, ctx), generator=g)
             w[:, 0] = lm.bos_token_id
             yield w
+
     return make
 
 
@@ -140,8 +146,8 @@ def test_stream_from_a_gpu_lm_gives_the_cpu_s_batches_without_host_syncs(tiny_ca
     """The LM's stream on the GPU: blocks stay on the GPU, each seed's batches are the CPU stream's
     (same rows, same order; activations within the GPU/CPU tolerance), the LM work is the same, and
     a batch of an already computed block is handed out without a host sync."""
-    from sae_sweep.util.devices import cuda_syncs
     from sae_sweep.activations.stream import StreamReader
+    from sae_sweep.util.devices import cuda_syncs
 
     gpu_lm, cpu_lm = _lm(tiny_cache_dir, "cuda"), _lm(tiny_cache_dir, "cpu")
     windows = _windows(cpu_lm)
@@ -192,8 +198,8 @@ def test_stream_from_a_cpu_lm_reaches_the_gpu_exactly():
 def test_a_pack_on_one_gpu_stream_equals_its_solo_runs(tiny_cache_dir, tmp_path):
     """2 seeds x TopK/ReLU trained on the GPU from one stream of the GPU LM: one LM pass for the
     pack, and each SAE bit-identical to its solo run (the determinism decision, stream mode)."""
-    from sae_sweep.sae.registry import get_trainer
     from sae_sweep.activations.stream import StreamReader
+    from sae_sweep.sae.registry import get_trainer
     from sae_sweep.training.loop import Member, train_members
 
     lm = _lm(tiny_cache_dir, "cuda")
@@ -205,8 +211,9 @@ def test_a_pack_on_one_gpu_stream_equals_its_solo_runs(tiny_cache_dir, tmp_path)
         members = []
         for i, (name, d_sae, k, seed) in enumerate(selected):
             cfg = {"name": name, "batch_size": 64, "lr": 3e-3, "warmup_steps": 2, "dead_tokens": 640}
-            t = get_trainer(name)(lm.d_model, {"d_sae": d_sae, **({"k": k} if k else {})}, cfg, steps, seed,
-                                       device="cuda")
+            t = get_trainer(name)(
+                lm.d_model, {"d_sae": d_sae, **({"k": k} if k else {})}, cfg, steps, seed, device="cuda"
+            )
             t.init_from_data(next(StreamReader(src, 128, seed + 7919, device="cuda")))
             members.append(Member(t, steps, root / f"m{i}", checkpoint_every=5, stream=seed))
         train_members(members, readers, progress=False)
@@ -235,8 +242,15 @@ def test_faithful_generation_on_the_gpu_is_text_and_reproducible(tiny_cache_dir,
 
     lm = _lm(tiny_cache_dir, "cuda", dtype="auto")
     assert next(lm.model.parameters()).dtype == torch.bfloat16
-    settings = {"max_new_tokens": 32, "temperature": 1.0, "top_p": 0.9, "repetition_penalty": 1.1,
-                "batch_size": 16, "seed": 4, "sampler": "exact_topk_first"}
+    settings = {
+        "max_new_tokens": 32,
+        "temperature": 1.0,
+        "top_p": 0.9,
+        "repetition_penalty": 1.1,
+        "batch_size": 16,
+        "seed": 4,
+        "sampler": "exact_topk_first",
+    }
     gens = Generations(lm, settings, tmp_path)
     first, other = gens._generate(0), gens._generate(1)
     vocab = lm.model.config.vocab_size

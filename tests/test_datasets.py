@@ -2,6 +2,7 @@
 each format stand in for the hub (jsonl, jsonl.gz, parquet, csv, txt), hub yamls read a local mirror
 directory through the same ``load_dataset(hf_id, ...)`` call, streaming stops at the token budget,
 and a full job runs with ``dataset=local dataset.data_files=[...]`` through the CLI."""
+
 from __future__ import annotations
 
 import gzip
@@ -34,8 +35,11 @@ def llama_dir(tmp_path_factory, corpus):
 
 @pytest.fixture(scope="module")
 def lm(llama_dir, tmp_path_factory):
-    return load_lm(ModelConfig(name="llama-rand", hf_id=str(llama_dir), dtype="float32"),
-                   tmp_path_factory.mktemp("lm_cache"), "cpu")
+    return load_lm(
+        ModelConfig(name="llama-rand", hf_id=str(llama_dir), dtype="float32"),
+        tmp_path_factory.mktemp("lm_cache"),
+        "cpu",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +74,12 @@ def _windows(cfg, lm, cache, split="train", n=CTX * 60):
 def test_local_files_of_every_format_give_the_same_windows(lm, files, tmp_path):
     results = {}
     for fmt, path in files.items():
-        cfg = compose_config("dataset=local", f"dataset.data_files=[{path}]", f"dataset.context_size={CTX}",
-                             f"dataset.eval_tokens={CTX * 8}")  # what this corpus's held-out split can give
+        cfg = compose_config(
+            "dataset=local",
+            f"dataset.data_files=[{path}]",
+            f"dataset.context_size={CTX}",
+            f"dataset.eval_tokens={CTX * 8}",
+        )  # what this corpus's held-out split can give
         validate_point(cfg)  # the job's own validation, including check_dataset_available
         results[fmt] = (_windows(cfg, lm, tmp_path), _windows(cfg, lm, tmp_path, "eval", CTX * 8))
         assert dataset_fingerprint(cfg.dataset, lm)["kind"] == "local"
@@ -98,27 +106,39 @@ def test_streaming_stops_at_the_token_budget(lm, files, tmp_path):
     """The second file is not JSON at all: reading it would fail, so the budget was met before it."""
     junk = tmp_path / "zz_junk.jsonl"
     junk.write_text("this is not json\n" * 100)
-    cfg = compose_config("dataset=local", f"dataset.data_files=[{files['jsonl']},{junk}]",
-                         f"dataset.context_size={CTX}")
+    cfg = compose_config(
+        "dataset=local", f"dataset.data_files=[{files['jsonl']},{junk}]", f"dataset.context_size={CTX}"
+    )
     w = _windows(cfg, lm, tmp_path)
-    assert torch.equal(w, token_windows(compose_config("dataset=local", f"dataset.data_files=[{files['jsonl']}]",
-                                                       f"dataset.context_size={CTX}").dataset, lm, "train", CTX * 60,
-                                        tmp_path / "other"))
+    assert torch.equal(
+        w,
+        token_windows(
+            compose_config(
+                "dataset=local", f"dataset.data_files=[{files['jsonl']}]", f"dataset.context_size={CTX}"
+            ).dataset,
+            lm,
+            "train",
+            CTX * 60,
+            tmp_path / "other",
+        ),
+    )
     # Asking for more than the first file holds reaches the junk, which the json reader rejects.
     with pytest.raises(Exception):  # noqa: B017 -- the datasets library's error, whose type varies by version
         token_windows(cfg.dataset, lm, "train", 10_000_000, tmp_path)
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("name, fmt", [("fineweb", "parquet"), ("pile-uncopyrighted", "jsonl.gz"),
-                                       ("openwebtext", "parquet")])
+@pytest.mark.parametrize(
+    "name, fmt", [("fineweb", "parquet"), ("pile-uncopyrighted", "jsonl.gz"), ("openwebtext", "parquet")]
+)
 def test_hub_yaml_reads_a_local_mirror_of_the_dataset(lm, files, tmp_path, name, fmt):
     """dataset.hf_id=<directory with the dataset's files>: the hub code path, no network."""
     mirror = tmp_path / name / "data"
     mirror.mkdir(parents=True)
     (mirror / f"train-00000-of-00001.{fmt}").write_bytes(files[fmt].read_bytes())
-    cfg = compose_config(f"dataset={name}", f"dataset.hf_id={mirror.parent}", "dataset.hf_config=null",
-                         f"dataset.context_size={CTX}")
+    cfg = compose_config(
+        f"dataset={name}", f"dataset.hf_id={mirror.parent}", "dataset.hf_config=null", f"dataset.context_size={CTX}"
+    )
     assert cfg.dataset.kind == "hub"
     validate_point(cfg)
     w = _windows(cfg, lm, tmp_path)
@@ -134,9 +154,14 @@ def test_hub_yaml_reads_a_local_mirror_of_the_dataset(lm, files, tmp_path, name,
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("name, hf_id", [("fineweb", "HuggingFaceFW/fineweb"),
-                                         ("pile-uncopyrighted", "monology/pile-uncopyrighted"),
-                                         ("openwebtext", "Skylion007/openwebtext")])
+@pytest.mark.parametrize(
+    "name, hf_id",
+    [
+        ("fineweb", "HuggingFaceFW/fineweb"),
+        ("pile-uncopyrighted", "monology/pile-uncopyrighted"),
+        ("openwebtext", "Skylion007/openwebtext"),
+    ],
+)
 def test_hub_yaml_offline_fails_fast_with_the_local_alternative(name, hf_id, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(C.ConfigError) as err:
@@ -149,10 +174,22 @@ def test_hub_yaml_offline_fails_fast_with_the_local_alternative(name, hf_id, mon
 @pytest.mark.slow
 def test_full_job_on_local_files(llama_dir, files, tmp_path):
     out = tmp_path / "out"
-    args = ["model=llama-3.2-1b", f"model.hf_id={llama_dir}", "layer=1", "dataset=local",
-            f"dataset.data_files=[{files['parquet']}]", f"dataset.context_size={CTX}", "dataset.tokens=8192",
-            "dataset.eval_tokens=512", "train.tokens=2560", "trainer.batch_size=256", "sae.expansion_factor=4",
-            "sae.k=8", "eval=core_only", "sweep.name=datasets"]
+    args = [
+        "model=llama-3.2-1b",
+        f"model.hf_id={llama_dir}",
+        "layer=1",
+        "dataset=local",
+        f"dataset.data_files=[{files['parquet']}]",
+        f"dataset.context_size={CTX}",
+        "dataset.tokens=8192",
+        "dataset.eval_tokens=512",
+        "train.tokens=2560",
+        "trainer.batch_size=256",
+        "sae.expansion_factor=4",
+        "sae.k=8",
+        "eval=core_only",
+        "sweep.name=datasets",
+    ]
     r = run_cli(out, *args, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     (run,) = store_runs(out, "datasets")

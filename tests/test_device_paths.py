@@ -1,6 +1,7 @@
 """The CUDA branches, forced on CPU (`kernels.force_path("device")`): training steps that never make
 the host wait for the device (checked op by op with `devices.SyncOps`), and CUDA-only code paths
 that give what the CPU paths give."""
+
 import pytest
 import torch
 
@@ -18,12 +19,15 @@ def _cfg(name, **over):
     return trainer_params(name, batch_size=64, warmup_steps=2, dead_tokens=128, **over)  # AuxK on from step 3
 
 
-VARIANTS = [(n, {}) for n in trainer_names()] + [("temporal_ortho", {"tracker": "dense"}),
-                                                 ("temporal_ortho", {"mode": "published"})]
+VARIANTS = [(n, {}) for n in trainer_names()] + [
+    ("temporal_ortho", {"tracker": "dense"}),
+    ("temporal_ortho", {"mode": "published"}),
+]
 
 
-@pytest.mark.parametrize("name,over", VARIANTS, ids=[f"{n}{'-' + '-'.join(map(str, o.values())) if o else ''}"
-                                                      for n, o in VARIANTS])
+@pytest.mark.parametrize(
+    "name,over", VARIANTS, ids=[f"{n}{'-' + '-'.join(map(str, o.values())) if o else ''}" for n, o in VARIANTS]
+)
 def test_training_steps_make_no_host_sync(name, over):
     """Every trainer's step (AuxK on where it has one) runs none of the ops that sync on CUDA, so a
     step queues its work and returns; the host waits only at log windows (train.Member.flush)."""
@@ -41,11 +45,13 @@ def test_training_steps_make_no_host_sync(name, over):
 
 def test_hierarchical_checks_sync_a_bounded_number_of_times():
     """At a merge check the host reads the duplicate pairs once (not once per pair)."""
+
     def syncs_at_check(n_dups):
-        t = get_trainer("hierarchical")(16, {"d_sae": 128}, _cfg("hierarchical", merge_every=2, resample=False),
-                                        total_steps=40, seed=0)
+        t = get_trainer("hierarchical")(
+            16, {"d_sae": 128}, _cfg("hierarchical", merge_every=2, resample=False), total_steps=40, seed=0
+        )
         with torch.no_grad():  # n_dups exact duplicate decoder rows
-            t.sae.W_dec[64:64 + n_dups] = t.sae.W_dec[:n_dups]
+            t.sae.W_dec[64 : 64 + n_dups] = t.sae.W_dec[:n_dups]
         x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
         t.init_from_data(x)
         with force_path("device"):

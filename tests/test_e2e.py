@@ -14,8 +14,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # Small budgets: each job trains ~40 steps on a 20k-token cache and evaluates on 2k held-out tokens.
 # Small caches trained over many times, on purpose: train.epochs says so (the default refuses repeated data).
-SMALL = ["dataset.tokens=20000", "train.epochs=50", "dataset.eval_tokens=2048", "train.tokens=40000", "trainer.batch_size=1000",
-         "train.checkpoint_every=5", "sweep.name=e2e", "tracking.system_metrics_interval_s=0.5"]
+SMALL = [
+    "dataset.tokens=20000",
+    "train.epochs=50",
+    "dataset.eval_tokens=2048",
+    "train.tokens=40000",
+    "trainer.batch_size=1000",
+    "train.checkpoint_every=5",
+    "sweep.name=e2e",
+    "tracking.system_metrics_interval_s=0.5",
+]
 
 
 def _cli(out: Path, *args, cache=None):
@@ -63,11 +71,18 @@ def test_two_seed_sweep_finishes_with_core_metrics(sweep_out):
         # downstream name from another procedure
         assert not any(k.startswith("downstream/") for k in m)
         assert c.data.params.get("eval.downstream_standardised.procedure") == "standardised"
-        assert "absorption/mean/mean_absorption_fraction_score" in m or c.data.tags.get("eval.absorption.status") == "skipped"
-        for key in ("core/model_behavior_preservation/kl_div_score",
-                    "core/model_performance_preservation/ce_loss_score",
-                    "core/reconstruction_quality/explained_variance_legacy", "core/shrinkage/l2_ratio",
-                    "core/misc_metrics/frac_alive", "train/loss"):
+        assert (
+            "absorption/mean/mean_absorption_fraction_score" in m
+            or c.data.tags.get("eval.absorption.status") == "skipped"
+        )
+        for key in (
+            "core/model_behavior_preservation/kl_div_score",
+            "core/model_performance_preservation/ce_loss_score",
+            "core/reconstruction_quality/explained_variance_legacy",
+            "core/shrinkage/l2_ratio",
+            "core/misc_metrics/frac_alive",
+            "train/loss",
+        ):
             assert key in m, key
         t = c.data.tags
         assert {t["seed"] for _ in [0]} <= {"42", "49"} and t["model"] == "tiny" and t["trainer"] == "topk"
@@ -118,11 +133,15 @@ def test_second_run_of_the_sweep_trains_nothing(sweep_out):
     r = _cli(out, "-m", "seed=42,49", *SMALL, cache=cache)
     assert r.returncode == 0, r.stderr[-3000:]
     _, after = _runs(out)
-    new_children = [r for r in after if r.data.tags.get("sae_sweep.kind") == "job"
-                    and r.info.run_id not in {b.info.run_id for b in before}]
+    new_children = [
+        r
+        for r in after
+        if r.data.tags.get("sae_sweep.kind") == "job" and r.info.run_id not in {b.info.run_id for b in before}
+    ]
     assert new_children == []
-    parents = sorted((r for r in after if r.data.tags.get("sae_sweep.kind") == "sweep"),
-                     key=lambda r: r.info.start_time)
+    parents = sorted(
+        (r for r in after if r.data.tags.get("sae_sweep.kind") == "sweep"), key=lambda r: r.info.start_time
+    )
     assert parents[-1].data.metrics["sweep/skipped"] == 2 and parents[-1].data.metrics["sweep/finished"] == 0
 
 
@@ -137,8 +156,9 @@ def test_nan_training_ends_run_failed_with_reason(tmp_path):
 
 def test_killed_job_resumes_the_same_run(tmp_path):
     out = tmp_path / "out"
-    proc = start_cli_until_checkpoint(out, *SMALL, "eval=core_only", "train.tokens=200000", "train.checkpoint_every=5",
-                                      poll_s=0.5)
+    proc = start_cli_until_checkpoint(
+        out, *SMALL, "eval=core_only", "train.tokens=200000", "train.checkpoint_every=5", poll_s=0.5
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     _, runs = _runs(out)
@@ -156,9 +176,20 @@ def test_killed_job_resumes_the_same_run(tmp_path):
 def test_research_trainers_sweep_with_one_published_mode(tmp_path):
     """`-m trainer=a,b,c trainer.mode=published`: the single value applies to each swept trainer."""
     out = tmp_path / "out"
-    grid = ["-m", "trainer=hierarchical,temporal_ortho,adaptive_ortho", "trainer.mode=published",
-            "dataset=synthetic", "dataset.tokens=8192", "dataset.eval_tokens=1024", "train.tokens=8192",
-            "trainer.batch_size=512", "sae.d_sae=128", "sae.k=4", "eval=core_only", "sweep.name=modes"]
+    grid = [
+        "-m",
+        "trainer=hierarchical,temporal_ortho,adaptive_ortho",
+        "trainer.mode=published",
+        "dataset=synthetic",
+        "dataset.tokens=8192",
+        "dataset.eval_tokens=1024",
+        "train.tokens=8192",
+        "trainer.batch_size=512",
+        "sae.d_sae=128",
+        "sae.k=4",
+        "eval=core_only",
+        "sweep.name=modes",
+    ]
     r = run_cli(out, *grid)
     assert r.returncode == 0, r.stderr[-3000:]
     jobs = store_runs(out, "modes", "job")

@@ -52,8 +52,12 @@ def test_weak_absorber_below_proportion_threshold_is_not_absorption():
 
 
 def test_split_features_follow_f1_jumps():
-    ks = [{"k": 1, "feats": [5], "f1": 0.5}, {"k": 2, "feats": [5, 9], "f1": 0.7},
-          {"k": 3, "feats": [5, 9, 1], "f1": 0.72}, {"k": 4, "feats": [5, 9, 1, 2], "f1": 0.9}]
+    ks = [
+        {"k": 1, "feats": [5], "f1": 0.5},
+        {"k": 2, "feats": [5, 9], "f1": 0.7},
+        {"k": 3, "feats": [5, 9, 1], "f1": 0.72},
+        {"k": 4, "feats": [5, 9, 1, 2], "f1": 0.9},
+    ]
     assert A.split_features(ks, 0.03) == [5, 9]  # stops at the first jump below 0.03
 
 
@@ -77,15 +81,19 @@ def _planted_lm(n_per_letter=12, d=32, signal=4.0, seed=0):
     rng = np.random.default_rng(seed)
     specials = ["<bos>", "<pad>"]
     template = ["has", "the", "first", "letter:"] + [c.upper() for c in string.ascii_lowercase] + ["\n"]
-    words = sorted({c + "".join(rng.choice(list("aeioulnrst"), 4)) for c in string.ascii_lowercase
-                    for _ in range(n_per_letter)})
+    words = sorted(
+        {c + "".join(rng.choice(list("aeioulnrst"), 4)) for c in string.ascii_lowercase for _ in range(n_per_letter)}
+    )
     vocab = {t: i for i, t in enumerate(specials + template + words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>")
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=d, n_head=4, vocab_size=len(vocab), n_positions=128,
-                                       bos_token_id=0, eos_token_id=0)).eval()
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            n_layer=1, n_embd=d, n_head=4, vocab_size=len(vocab), n_positions=128, bos_token_id=0, eos_token_id=0
+        )
+    ).eval()
     letter_dirs = torch.nn.functional.normalize(torch.randn(26, d), dim=-1)
     with torch.no_grad():
         for w in words:
@@ -105,7 +113,8 @@ class _LM:
     def activations(self, input_ids, layer, hook):
         seen = {}
         h = self.model.transformer.h[layer].register_forward_hook(
-            lambda m, i, o: seen.__setitem__("a", o[0] if isinstance(o, tuple) else o))
+            lambda m, i, o: seen.__setitem__("a", o[0] if isinstance(o, tuple) else o)
+        )
         try:
             self.model(input_ids)
         finally:
@@ -134,9 +143,20 @@ def test_absorption_end_to_end_on_planted_letters():
     # give 5 / 1 Adam steps per epoch, too few to move the probes off their random init.
     lm, dirs = _planted_lm(n_per_letter=16, d=64, signal=5.0)
     sae = _ReLUSAE(dirs)
-    out = A.run_absorption(lm, sae, 0, "resid_post", 0, {"min_feats_for_eval": 20, "n_icl_examples": 3,
-                                                          "max_k_value": 4, "gt_probe_batch_size": 16,
-                                                          "k_sparse_probe_batch_size": 32})
+    out = A.run_absorption(
+        lm,
+        sae,
+        0,
+        "resid_post",
+        0,
+        {
+            "min_feats_for_eval": 20,
+            "n_icl_examples": 3,
+            "max_k_value": 4,
+            "gt_probe_batch_size": 16,
+            "k_sparse_probe_batch_size": 32,
+        },
+    )
     assert out.status == "ok", out.skip_reason
     m = out.metrics["mean"]
     # each letter has one dedicated latent: about one split feature, no absorption
@@ -192,8 +212,12 @@ def _saebench_word_absorption(act_probe_proj, sae_act_probe_proj, sae_acts, cos_
         absorbed = min(top, act_probe_proj - main_feats_probe_proj)
         fraction = float(np.clip(absorbed / (absorbed + main_feats_probe_proj), 0.0, 1.0))
     top_id = int(sae_act_probe_proj.topk(10).indices[0])
-    full = (all(sae_acts[i] < 1e-8 for i in main_feature_ids) and not cos_sims[top_id] < 0.025
-            and not act_probe_proj < 0 and not sae_act_probe_proj[top_id] / act_probe_proj < 0.4)
+    full = (
+        all(sae_acts[i] < 1e-8 for i in main_feature_ids)
+        and not cos_sims[top_id] < 0.025
+        and not act_probe_proj < 0
+        and not sae_act_probe_proj[top_id] / act_probe_proj < 0.4
+    )
     return fraction, bool(full)
 
 
@@ -219,8 +243,7 @@ def test_word_absorption_matches_saebench_transcription():
     assert len(seen) >= 4  # zero, partial, full fractions and full absorption all occurred
 
 
-def _saebench_train_multi_probe(x, y_onehot, batch_size, num_epochs, lr, weight_decay, g, l1_decay=None,
-                                end_lr=1e-5):
+def _saebench_train_multi_probe(x, y_onehot, batch_size, num_epochs, lr, weight_decay, g, l1_decay=None, end_lr=1e-5):
     """SAEBench train_multi_probe / _run_probe_training (sae_bench/evals/absorption/probing.py:50-114,
     163-244) and train_sparse_multi_probe's L1 term (k_sparse_probing.py:57-92), written out; the init
     and the DataLoader's shuffle draw from generator ``g``."""
@@ -238,7 +261,7 @@ def _saebench_train_multi_probe(x, y_onehot, batch_size, num_epochs, lr, weight_
     for _epoch in range(num_epochs):
         order = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), batch_size):
-            idx = order[i:i + batch_size]
+            idx = order[i : i + batch_size]
             optimizer.zero_grad()
             loss = loss_fn(probe(x[idx]), y_onehot[idx].float())
             if l1_decay is not None:
@@ -255,8 +278,10 @@ def test_multi_probe_matches_saebench_transcription(l1):
     y = np.r_[np.arange(4), rng.integers(0, 4, 196)]  # every class present
     x = torch.tensor(rng.normal(size=(200, 10)) + np.eye(4, 10)[y] * 2, dtype=torch.float32)
     wd = 1e-4 if l1 is None else 1e-6
-    ref_w, ref_b = _saebench_train_multi_probe(x, torch.nn.functional.one_hot(torch.tensor(y), 4), 32, 5, 1e-2, wd,
-                                               torch.Generator().manual_seed(3), l1)
-    w, b = A.train_multi_probe(x, y, 4, batch_size=32, num_epochs=5, lr=1e-2, weight_decay=wd, seed=3,
-                               l1_decay=l1 or 0.0)
+    ref_w, ref_b = _saebench_train_multi_probe(
+        x, torch.nn.functional.one_hot(torch.tensor(y), 4), 32, 5, 1e-2, wd, torch.Generator().manual_seed(3), l1
+    )
+    w, b = A.train_multi_probe(
+        x, y, 4, batch_size=32, num_epochs=5, lr=1e-2, weight_decay=wd, seed=3, l1_decay=l1 or 0.0
+    )
     assert torch.allclose(w, ref_w, atol=1e-5) and torch.allclose(b, ref_b, atol=1e-5)

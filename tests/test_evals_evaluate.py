@@ -21,17 +21,20 @@ from sae_sweep.sae import get_sae_class
 
 
 def _local_model(path):
-    words = ("the of and to a in is it for that this with as on be by are returns value object "
-             "list string file module class function method argument default none true false").split()
+    words = (
+        "the of and to a in is it for that this with as on be by are returns value object "
+        "list string file module class function method argument default none true false"
+    ).split()
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([" ".join(words)] * 3, trainers.WordLevelTrainer(
-        special_tokens=["<|endoftext|>", "<unk>"]))
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                 unk_token="<unk>")
+    tok.train_from_iterator([" ".join(words)] * 3, trainers.WordLevelTrainer(special_tokens=["<|endoftext|>", "<unk>"]))
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<unk>"
+    )
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=len(hf), n_positions=64,
-                                       bos_token_id=0, eos_token_id=0))
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=len(hf), n_positions=64, bos_token_id=0, eos_token_id=0)
+    )
     model.save_pretrained(path)
     hf.save_pretrained(path)
     return path
@@ -42,10 +45,18 @@ def finished_run(tmp_path_factory, session_cache_dir):
     tmp_path = tmp_path_factory.mktemp("evaluate")
     model_dir = _local_model(tmp_path / "model")
     cfg = compose_config(
-        f"model.hf_id={model_dir}", "model.name=local", "model.d_model=32", "model.n_layers=2",
-        "model.default_layer=1", "dataset.eval_tokens=512", "dataset.context_size=32",
-        f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={session_cache_dir}", "device=cpu",
-        "eval.run=[core]")
+        f"model.hf_id={model_dir}",
+        "model.name=local",
+        "model.d_model=32",
+        "model.n_layers=2",
+        "model.default_layer=1",
+        "dataset.eval_tokens=512",
+        "dataset.context_size=32",
+        f"paths.output_dir={tmp_path / 'out'}",
+        f"paths.cache_dir={session_cache_dir}",
+        "device=cpu",
+        "eval.run=[core]",
+    )
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     tracker = tracker_at(tmp_path)
     # an explicit artifact root: the sqlite store's default is ./mlruns in whatever the cwd is
@@ -62,8 +73,9 @@ def finished_run(tmp_path_factory, session_cache_dir):
 @pytest.mark.integration
 def test_evaluate_adds_metrics_to_finished_run(finished_run):
     tracker, run_id = finished_run
-    rc = evaluate.main([run_id, "eval.run=[fake_features]", "eval.fake_features.n_tokens=512",
-                        "--tracking-uri", tracker.uri])
+    rc = evaluate.main(
+        [run_id, "eval.run=[fake_features]", "eval.fake_features.n_tokens=512", "--tracking-uri", tracker.uri]
+    )
     assert rc == 0
     run = tracker.get_run(run_id)
     assert run.info.status == "FINISHED"

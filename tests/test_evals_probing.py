@@ -24,8 +24,8 @@ def test_top_k_by_mean_diff_abs_and_signed():
     rng = np.random.default_rng(0)
     y = np.r_[np.ones(50, int), np.zeros(50, int)]
     x = rng.normal(size=(100, 20))
-    x[:, 13] += 3 * y      # fires more on positives
-    x[:, 4] -= 4 * y       # fires LESS on positives: SAEBench's |difference| ranks it first
+    x[:, 13] += 3 * y  # fires more on positives
+    x[:, 4] -= 4 * y  # fires LESS on positives: SAEBench's |difference| ranks it first
     assert probes.top_k_by_mean_diff(x, y, 1).tolist() == [4]
     assert sorted(probes.top_k_by_mean_diff(x, y, 2).tolist()) == [4, 13]
     assert probes.top_k_by_mean_diff(x, y, 1, "signed").tolist() == [13]
@@ -66,7 +66,7 @@ def _saebench_train_probe_gpu(xtr, ytr, xte, yte, dim, batch_size, epochs, lr, g
     """SAEBench train_probe_gpu / test_probe_gpu (probe_training.py:199-304) written out; the only change
     is that the init and the epoch permutations draw from generator ``g`` instead of the global one."""
     probe = torch.nn.Linear(dim, 1, bias=True)
-    bound = 1.0 / dim ** 0.5
+    bound = 1.0 / dim**0.5
     with torch.no_grad():  # nn.Linear's default init distribution, drawn from g
         probe.weight.copy_((torch.rand(1, dim, generator=g) * 2 - 1) * bound)
         probe.bias.copy_((torch.rand(1, generator=g) * 2 - 1) * bound)
@@ -76,7 +76,7 @@ def _saebench_train_probe_gpu(xtr, ytr, xte, yte, dim, batch_size, epochs, lr, g
     for _epoch in range(epochs):
         indices = torch.randperm(len(xtr), generator=g)
         for i in range(0, len(xtr), batch_size):
-            b = indices[i:i + batch_size]
+            b = indices[i : i + batch_size]
             loss = criterion(probe(xtr[b]).squeeze(-1), ytr[b].float())
             if l1_penalty is not None:
                 loss += l1_penalty * torch.sum(torch.abs(probe.weight))
@@ -100,10 +100,21 @@ def test_torch_probe_matches_saebench_transcription(l1):
     y = rng.integers(0, 2, 400)
     x = rng.normal(size=(400, 16)).astype(np.float32)
     x[:, 3] += 0.7 * y
-    ref = _saebench_train_probe_gpu(torch.tensor(x[:300]), torch.tensor(y[:300]), torch.tensor(x[300:]),
-                                    torch.tensor(y[300:]), 16, 16, 20, 1e-2, torch.Generator().manual_seed(9), l1)
-    ours = probes.train_probe_torch(x[:300], y[:300], x[300:], y[300:], batch_size=16, epochs=20, lr=1e-2, seed=9,
-                                    l1_penalty=l1)
+    ref = _saebench_train_probe_gpu(
+        torch.tensor(x[:300]),
+        torch.tensor(y[:300]),
+        torch.tensor(x[300:]),
+        torch.tensor(y[300:]),
+        16,
+        16,
+        20,
+        1e-2,
+        torch.Generator().manual_seed(9),
+        l1,
+    )
+    ours = probes.train_probe_torch(
+        x[:300], y[:300], x[300:], y[300:], batch_size=16, epochs=20, lr=1e-2, seed=9, l1_penalty=l1
+    )
     assert 0.6 < ref < 0.95  # learned something, not trivially
     assert ours["acc"] == pytest.approx(ref, abs=1e-9)
 
@@ -140,8 +151,7 @@ def test_probe_data_is_balanced_with_stratified_negatives():
         assert not set(tr) & set(te) and (labels[tr] == c).all() and (labels[te] == c).all()
     assert len(splits["a"][0]) == 20 and len(splits["a"][1]) == 10  # train/2, test/2 per class
     assert len(splits["c"][0]) + len(splits["c"][1]) == 20  # a small class shrinks in proportion
-    idx, y = sparse_probing.prepare_probe_data({c: v[0] for c, v in splits.items()}, "a",
-                                               np.random.default_rng(1))
+    idx, y = sparse_probing.prepare_probe_data({c: v[0] for c, v in splits.items()}, "a", np.random.default_rng(1))
     assert y.sum() * 2 == len(y) == 40
     neg = labels[idx[y == 0]]
     # SAEBench: ceil(20 / 2) = 10 drawn from EACH other class, then 20 of those 20
@@ -153,9 +163,14 @@ def test_fake_feature_counts_hand_computed():
     # FaithfulSAE: proportion = count(f > 1) / 128 > 0.1  -> counts 12 (0.094 no), 13 (0.102 yes), 0, 100
     # notes' design: sequences with sum_t f_t > 1 over 2 sequences > 5% -> latents 0, 1, 3 (1/2, 2/2, 2/2)
     # ours: count(f != 0) / 100 positions > 5% -> 5 (no, not MORE than 5%), 6, 0, 100
-    c = fake_features.FiringCounts(above=torch.tensor([12, 13, 0, 100]), nonzero=torch.tensor([5, 6, 0, 100]),
-                                   seq_sum_above=torch.tensor([1, 2, 0, 2]), n_positions=100, n_sequences=2,
-                                   l0_sum=111.0)
+    c = fake_features.FiringCounts(
+        above=torch.tensor([12, 13, 0, 100]),
+        nonzero=torch.tensor([5, 6, 0, 100]),
+        seq_sum_above=torch.tensor([1, 2, 0, 2]),
+        n_positions=100,
+        n_sequences=2,
+        l0_sum=111.0,
+    )
     s = dataclasses.asdict(fake_features.FakeFeatureSettings())
     m = fake_features.fake_feature_metrics(c, s, 128)
     assert m["fake_feature_count"] == 2 and m["fake_feature_ratio"] == pytest.approx(0.5)
@@ -201,10 +216,10 @@ def test_fake_features_on_constructed_latents():
     # latent 0 fires with value 2 on 10 tokens (~10% of positions: near the 0.1 cut), latent 1 with
     # value 2 on 30 (~30%: fake), latent 2 with value 0.5 on every token (never > 1.0: not fake by
     # FaithfulSAE's rule, fake by the nonzero rule), latent 3 never.
-    sae = _SetSAE([set(range(1, 11)), set(range(1, 31)), set(range(0, 101)), set()],
-                  values=[2.0, 2.0, 0.5, 1.0])
-    out = fake_features.run_fake_features(_OneHotLM(), sae, 0, "resid_post", 3,
-                                          {"n_tokens": 64 * 256, "context_size": 64})
+    sae = _SetSAE([set(range(1, 11)), set(range(1, 31)), set(range(0, 101)), set()], values=[2.0, 2.0, 0.5, 1.0])
+    out = fake_features.run_fake_features(
+        _OneHotLM(), sae, 0, "resid_post", 3, {"n_tokens": 64 * 256, "context_size": 64}
+    )
     m = out.metrics["fake_features"]
     assert m["fake_feature_ratio_nonzero"] == 0.75  # latents 0, 1, 2
     assert out.config["n_sequences"] == 256 and out.config["n_positions_scored"] == 256 * 63
@@ -235,12 +250,15 @@ def _faithfulsae_get_fake_features(lm, sae, token_batches, n_tokens, threshold):
 
 
 def test_fake_features_match_faithfulsae_transcription():
-    sae = _SetSAE([set(range(1, 11)), set(range(1, 31)), set(range(0, 101)), {5, 6, 7}, set(range(40, 52))],
-                  values=[2.0, 2.0, 0.5, 3.0, 1.5])
+    sae = _SetSAE(
+        [set(range(1, 11)), set(range(1, 31)), set(range(0, 101)), {5, 6, 7}, set(range(40, 52))],
+        values=[2.0, 2.0, 0.5, 3.0, 1.5],
+    )
     lm = _OneHotLM()
     n_tokens, ctx = 100 * 32, 32
-    out = fake_features.run_fake_features(lm, sae, 0, "resid_post", 11, {"n_tokens": n_tokens, "context_size": ctx,
-                                                                          "batch_size": 4})
+    out = fake_features.run_fake_features(
+        lm, sae, 0, "resid_post", 11, {"n_tokens": n_tokens, "context_size": ctx, "batch_size": 4}
+    )
     ids = fake_features.random_token_sequences(101, lm.special_token_ids, n_tokens // ctx, ctx, 0, seed=11)
     n_fake, props = _faithfulsae_get_fake_features(lm, sae, ids.split(4), n_tokens, 0.1)
     assert out.metrics["fake_features"]["fake_feature_count"] == n_fake
@@ -278,7 +296,9 @@ def lm(cache_dir):
     docs = [t for t, _p, _k in probes.stdlib_labelled_docs(PACKAGES, cache_dir)]
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(docs, trainers.WordLevelTrainer(vocab_size=1500, special_tokens=["<bos>", "<pad>", "<unk>"]))
+    tok.train_from_iterator(
+        docs, trainers.WordLevelTrainer(vocab_size=1500, special_tokens=["<bos>", "<pad>", "<unk>"])
+    )
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>", unk_token="<unk>")
     return _EmbeddingLM(hf)
 
@@ -321,8 +341,13 @@ def test_stdlib_tasks_have_labels_from_structure(cache_dir):
 
 
 def test_sparse_probing_end_to_end(lm, cache_dir):
-    settings = {**FAST, "datasets": ["stdlib_package"], "k_values": [1, 5], "probe_train_set_size": 150,
-                "probe_test_set_size": 50}
+    settings = {
+        **FAST,
+        "datasets": ["stdlib_package"],
+        "k_values": [1, 5],
+        "probe_train_set_size": 150,
+        "probe_test_set_size": 50,
+    }
     out = sparse_probing.run_sparse_probing(lm, _ProjSAE(), 0, "resid_post", 0, settings, cache_dir)
     assert out.status == "ok", out.skip_reason
     assert set(out.metrics["llm"]) == {"llm_test_accuracy", "llm_top_1_test_accuracy", "llm_top_5_test_accuracy"}
@@ -338,8 +363,13 @@ def test_sparse_probing_end_to_end(lm, cache_dir):
 
 
 def test_sae_at_chance_is_flagged_not_clean(lm, cache_dir):
-    settings = {**FAST, "datasets": ["stdlib_kind"], "k_values": [1, 2], "probe_train_set_size": 80,
-                "probe_test_set_size": 40}
+    settings = {
+        **FAST,
+        "datasets": ["stdlib_kind"],
+        "k_values": [1, 2],
+        "probe_train_set_size": 80,
+        "probe_test_set_size": 40,
+    }
     dead = _ProjSAE(scale=0.0)  # every latent is 0: nothing to probe
     out = sparse_probing.run_sparse_probing(lm, dead, 0, "resid_post", 0, settings, cache_dir)
     assert out.status == "failed" and "chance" in out.skip_reason
@@ -351,8 +381,7 @@ def test_sae_at_chance_is_flagged_not_clean(lm, cache_dir):
     assert ds.metrics["flags"]["sae_at_chance_fraction"] == 1.0
     assert ds.metrics["stdlib_package"]["recon_acc"] > ds.metrics["stdlib_package"]["chance_acc"]
     # ... and when the reconstruction has lost it too, the eval fails
-    ds = downstream.run_downstream(lm, _LossySAE(), 0, "resid_post", 0, {**STD, "tasks": ["stdlib_package"]},
-                                   cache_dir)
+    ds = downstream.run_downstream(lm, _LossySAE(), 0, "resid_post", 0, {**STD, "tasks": ["stdlib_package"]}, cache_dir)
     assert ds.status == "failed" and ds.flags["sae_at_chance_tasks"] == ["stdlib_package"]
     assert "reconstruction" in ds.skip_reason
 
@@ -360,8 +389,9 @@ def test_sae_at_chance_is_flagged_not_clean(lm, cache_dir):
 def test_downstream_end_to_end_and_hub_tasks_fail_clearly_offline(lm, cache_dir, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    out = downstream.run_downstream(lm, _ProjSAE(), 0, "resid_post", 0,
-                                    {**STD, "tasks": ["stdlib_package", "sst2"]}, cache_dir)
+    out = downstream.run_downstream(
+        lm, _ProjSAE(), 0, "resid_post", 0, {**STD, "tasks": ["stdlib_package", "sst2"]}, cache_dir
+    )
     assert out.status == "ok"
     m = out.metrics["stdlib_package"]
     assert set(m) >= {"baseline_acc", "sae_acc", "recon_acc", "baseline_f1", "sae_f1", "recon_f1"}
@@ -370,8 +400,9 @@ def test_downstream_end_to_end_and_hub_tasks_fail_clearly_offline(lm, cache_dir,
     assert out.flags["unavailable"] == ["sst2"] and "nyu-mll/glue" in out.unstructured["unavailable"]["sst2"]
     only_hub = downstream.run_downstream(lm, _ProjSAE(), 0, "resid_post", 0, {**FAST, "tasks": ["cola"]}, cache_dir)
     # the FaithfulSAE procedure reads the hub's own splits: offline it says which dataset and how to work offline
-    fs = downstream.run_downstream(lm, _ProjSAE(), 0, "resid_post", 0, {**FAST, "tasks": ["sst2"], "max_length": 64},
-                                   cache_dir)
+    fs = downstream.run_downstream(
+        lm, _ProjSAE(), 0, "resid_post", 0, {**FAST, "tasks": ["sst2"], "max_length": 64}, cache_dir
+    )
     assert fs.status == "skipped" and "nyu-mll/glue" in fs.skip_reason and "stdlib_package" in fs.skip_reason
     assert only_hub.status == "skipped" and "cola" in only_hub.skip_reason and "offline" in only_hub.skip_reason
 
@@ -396,7 +427,7 @@ def _faithfulsae_prove_performance(lm, sae, train, test, n_labels, g, max_length
     for name, dim in (("baseline", d_in), ("sae", d_sae), ("recon", d_in)):
         probe = torch.nn.Linear(dim, n_labels)
         with torch.no_grad():
-            bound = 1 / dim ** 0.5
+            bound = 1 / dim**0.5
             probe.weight.copy_((torch.rand(probe.weight.shape, generator=g) * 2 - 1) * bound)
             probe.bias.copy_((torch.rand(probe.bias.shape, generator=g) * 2 - 1) * bound)
         probes_[name] = probe
@@ -407,15 +438,16 @@ def _faithfulsae_prove_performance(lm, sae, train, test, n_labels, g, max_length
         acts = lm.activations(enc.input_ids, 0, "resid_post")
         recon, feats = sae(acts)
         n = enc.attention_mask.sum(dim=1) - minus
+
         def pool(a):
-            return torch.stack([a[i, -n[i]:].mean(dim=0) for i in range(a.shape[0])])
+            return torch.stack([a[i, -n[i] :].mean(dim=0) for i in range(a.shape[0])])
 
         return {"baseline": pool(acts), "sae": pool(feats), "recon": pool(recon)}
 
     texts, labels = train
     order = torch.randperm(len(texts), generator=g)
     for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
+        idx = order[i : i + batch_size]
         with torch.no_grad():
             f = features([texts[j] for j in idx], 1)
         for k, probe in probes_.items():
@@ -425,12 +457,13 @@ def _faithfulsae_prove_performance(lm, sae, train, test, n_labels, g, max_length
     preds = {k: [] for k in probes_}
     with torch.no_grad():
         for i in range(0, len(test[0]), batch_size):
-            f = features(test[0][i:i + batch_size], 0)
+            f = features(test[0][i : i + batch_size], 0)
             for k, probe in probes_.items():
                 preds[k] += torch.argmax(probe(f[k]), dim=1).tolist()
     y = np.array(test[1])
     return {f"{k}_acc": float((np.array(p) == y).mean()) for k, p in preds.items()} | {
-        f"{k}_f1": float(f1_score(y, p, average="macro")) for k, p in preds.items()}
+        f"{k}_f1": float(f1_score(y, p, average="macro")) for k, p in preds.items()
+    }
 
 
 def test_downstream_matches_faithfulsae_transcription(lm, cache_dir):
@@ -441,16 +474,23 @@ def test_downstream_matches_faithfulsae_transcription(lm, cache_dir):
     sae = _ProjSAE(scale=0.1)
     ours = downstream.faithfulsae_probe_task(lm, sae, train, test, 0, "resid_post", s, seed=5)
     ref = _faithfulsae_prove_performance(
-        lm, sae, (train.texts, [classes.index(y) for y in train.labels]),
-        (test.texts, [classes.index(y) for y in test.labels]), len(classes), torch.Generator().manual_seed(5), 48)
+        lm,
+        sae,
+        (train.texts, [classes.index(y) for y in train.labels]),
+        (test.texts, [classes.index(y) for y in test.labels]),
+        len(classes),
+        torch.Generator().manual_seed(5),
+        48,
+    )
     assert ours["n_test"] == len(test.texts) and ours["n_classes"] == 3
     for k, v in ref.items():
         assert ours[k] == pytest.approx(v, abs=1e-9), k
 
 
 def test_downstream_faithfulsae_end_to_end(lm, cache_dir):
-    out = downstream.run_downstream(lm, _ProjSAE(), 0, "resid_post", 0,
-                                    {**FAST, "tasks": ["stdlib_package"], "max_length": 64}, cache_dir)
+    out = downstream.run_downstream(
+        lm, _ProjSAE(), 0, "resid_post", 0, {**FAST, "tasks": ["stdlib_package"], "max_length": 64}, cache_dir
+    )
     m = out.metrics["stdlib_package"]
     assert out.config["procedure"] == "faithfulsae" and out.status in ("ok", "failed")
     assert set(m) >= {"baseline_acc", "sae_acc", "recon_acc", "baseline_f1", "sae_f1", "recon_f1"}
@@ -465,6 +505,7 @@ def test_downstream_fails_only_when_the_lm_had_the_information(lm, cache_dir):
     s = {**FAST, "tasks": ["stdlib_package"], "max_length": 64, "probe_lr": 1e-9}
     weak = downstream.run_downstream(lm, _LossySAE(), 0, "resid_post", 0, s, cache_dir)
     assert weak.status == "ok" and weak.flags["all_probes_at_chance"] is True
-    strong = downstream.run_downstream(lm, _LossySAE(), 0, "resid_post", 0, {**STD, "tasks": ["stdlib_package"]},
-                                       cache_dir)
+    strong = downstream.run_downstream(
+        lm, _LossySAE(), 0, "resid_post", 0, {**STD, "tasks": ["stdlib_package"]}, cache_dir
+    )
     assert strong.status == "failed" and "LM-activation probe is not" in strong.skip_reason

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -24,8 +23,12 @@ B = ST.BIASED
 def test_scr_scores_hand_computed():
     # clean: the biased probe reaches 0.6 on class data and 0.9 on spurious data (dir1 < dir2: the
     # metric follows dir 1); the class probe 0.95, the spurious probe 0.92 on their own data.
-    clean = {"professor / nurse": 0.95, "male / female": 0.92, f"{B} probe on professor / nurse data": 0.6,
-             f"{B} probe on male / female data": 0.9}
+    clean = {
+        "professor / nurse": 0.95,
+        "male / female": 0.92,
+        f"{B} probe on professor / nurse data": 0.6,
+        f"{B} probe on male / female data": 0.9,
+    }
     dir1 = {2: {f"{B} probe on professor / nurse data": 0.7}, 5: {f"{B} probe on professor / nurse data": 0.95}}
     dir2 = {2: {f"{B} probe on male / female data": 0.9005}, 5: {f"{B} probe on male / female data": 0.85}}
     out = ST.scr_scores(dir1, clean, dir2)
@@ -44,8 +47,11 @@ def test_scr_scores_hand_computed():
 
 def test_tpp_scores_hand_computed():
     clean = {"a": 0.9, "b": 0.8, "c": 0.7}
-    ablated = {"a": {2: {"a": 0.6, "b": 0.8, "c": 0.6}}, "b": {2: {"a": 0.9, "b": 0.5, "c": 0.7}},
-               "c": {2: {"a": 0.8, "b": 0.8, "c": 0.7}}}
+    ablated = {
+        "a": {2: {"a": 0.6, "b": 0.8, "c": 0.6}},
+        "b": {2: {"a": 0.9, "b": 0.5, "c": 0.7}},
+        "c": {2: {"a": 0.8, "b": 0.8, "c": 0.7}},
+    }
     overall, per_class = ST.tpp_scores(ablated, clean)
     # a: intended 0.3, unintended mean(0, 0.1) = 0.05 -> 0.25; b: 0.3, 0 -> 0.3; c: 0, mean(0.1, 0) -> -0.05
     assert per_class["a"]["tpp_threshold_2_total_metric"] == pytest.approx(0.25)
@@ -80,7 +86,7 @@ def _token_acts(n=12, L=7, d=8, seed=1):
     acts = torch.randn(n, L, d, generator=g)
     acts[:, 0] = 0.0  # BOS zeroed
     for i in range(n):
-        acts[i, 3 + i % 4:] = 0.0  # padding of different lengths
+        acts[i, 3 + i % 4 :] = 0.0  # padding of different lengths
     return acts
 
 
@@ -117,8 +123,9 @@ def test_effects_and_ablation_match_saebench_transcription(scr):
     with torch.no_grad():
         nonzero = (acts.sum(-1) != 0).float()
         f = sae.encode(acts)
-        ours_eff = ST.node_effects((f * nonzero[..., None]).sum(1) / nonzero.sum(1)[:, None], labels.numpy(), w,
-                                   sae.W_dec, scr)
+        ours_eff = ST.node_effects(
+            (f * nonzero[..., None]).sum(1) / nonzero.sum(1)[:, None], labels.numpy(), w, sae.W_dec, scr
+        )
         ref_eff = _saebench_effects(sae, w, acts, labels, scr)
         assert torch.allclose(ours_eff, ref_eff, atol=1e-5)
         for n in (1, 3, 16):
@@ -143,7 +150,7 @@ def test_select_top_n_counts_non_zero_effects():
 def test_spurious_corr_keys_structure():
     pp, pn, np_, nn = ([f"{q}{i}" for i in range(10)] for q in ("PP", "PN", "NP", "NN"))
     keys = ST.spurious_corr_keys(pp, pn, np_, nn, 3, seed=0)
-    assert sorted(keys["male / female"]) == sorted(pp[:3] + pn[:3])       # spurious 1, both classes
+    assert sorted(keys["male / female"]) == sorted(pp[:3] + pn[:3])  # spurious 1, both classes
     assert sorted(keys["female_data_only"]) == sorted(np_[:3] + nn[:3])
     assert sorted(keys["professor / nurse"]) == sorted(pp[:3] + np_[:3])  # class 1, both spurious values
     assert sorted(keys["nurse_data_only"]) == sorted(pn[:3] + nn[:3])
@@ -176,15 +183,26 @@ def lm(cache_dir):
     docs = [t for t, _p, _k in probes.stdlib_labelled_docs(PACKAGES, cache_dir)]
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(docs, trainers.WordLevelTrainer(vocab_size=1200, special_tokens=["<bos>", "<pad>", "<unk>"]))
+    tok.train_from_iterator(
+        docs, trainers.WordLevelTrainer(vocab_size=1200, special_tokens=["<bos>", "<pad>", "<unk>"])
+    )
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>", unk_token="<unk>")
     return _EmbeddingLM(hf)
 
 
 # SAEBench's probe settings except lr 1e-2 (its 1e-3 barely moves a probe in 20 epochs of ~10 steps on
 # these ~160-text tasks)
-FAST = {"dataset_names": ["stdlib"], "train_set_size": 160, "test_set_size": 80, "context_size": 48,
-        "probe_epochs": 20, "probe_lr": 1e-2, "n_values": [2, 8], "packages": PACKAGES, "stdlib_pairs": [["asyncio", "email"]]}
+FAST = {
+    "dataset_names": ["stdlib"],
+    "train_set_size": 160,
+    "test_set_size": 80,
+    "context_size": 48,
+    "probe_epochs": 20,
+    "probe_lr": 1e-2,
+    "n_values": [2, 8],
+    "packages": PACKAGES,
+    "stdlib_pairs": [["asyncio", "email"]],
+}
 
 
 def test_scr_end_to_end_offline(lm, cache_dir):
@@ -206,11 +224,13 @@ def test_tpp_end_to_end_offline_and_hub_message(lm, cache_dir):
     out = ST.run_scr_or_tpp(lm, sae, 0, "resid_post", 0, FAST, False, cache_dir)
     assert out.status == "ok" and out.eval_type_id == "tpp"
     m = out.metrics["tpp_metrics"]
-    assert set(m) == {f"tpp_threshold_{n}_{k}" for n in (2, 8)
-                      for k in ("total_metric", "intended_diff_only", "unintended_diff_only")}
+    assert set(m) == {
+        f"tpp_threshold_{n}_{k}" for n in (2, 8) for k in ("total_metric", "intended_diff_only", "unintended_diff_only")
+    }
     assert set(out.details[0]["per_class"]) == set(PACKAGES)
-    hub = ST.run_scr_or_tpp(lm, sae, 0, "resid_post", 0, {**FAST, "dataset_names": ["LabHC/bias_in_bios_class_set1"]},
-                            True, cache_dir)
+    hub = ST.run_scr_or_tpp(
+        lm, sae, 0, "resid_post", 0, {**FAST, "dataset_names": ["LabHC/bias_in_bios_class_set1"]}, True, cache_dir
+    )
     assert hub.status == "skipped" and "LabHC/bias_in_bios" in hub.skip_reason and "stdlib" in hub.skip_reason
     with pytest.raises(ValueError, match="dataset_names"):
         ST.run_scr_or_tpp(lm, sae, 0, "resid_post", 0, {**FAST, "dataset_names": ["nope"]}, True, cache_dir)

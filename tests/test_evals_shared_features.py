@@ -53,15 +53,22 @@ def _faithfulsae_feat_match(w_dec1, w_dec2, threshold=0.7):
     `compute_similarity_matrix`, 162-179 in `feat_match`; SAE1 = seed 42, SAE2 = seed 49)."""
     from scipy.optimize import linear_sum_assignment
 
-    top4 = torch.stack([torch.nn.functional.cosine_similarity(w_dec1, w_dec2[i, :], dim=1).topk(4).values
-                        for i in range(w_dec2.shape[0])]).to(torch.float32)
+    top4 = torch.stack(
+        [
+            torch.nn.functional.cosine_similarity(w_dec1, w_dec2[i, :], dim=1).topk(4).values
+            for i in range(w_dec2.shape[0])
+        ]
+    ).to(torch.float32)
     top1_ratio = (top4[:, 0] > threshold).float().mean().item()
     s = (w_dec1 / w_dec1.norm(dim=1, keepdim=True)) @ (w_dec2 / w_dec2.norm(dim=1, keepdim=True)).T
     rows, cols = linear_sum_assignment(-s.numpy())
     matched = s[rows, cols]
     margin = min((matched - threshold).abs().min().item(), (top4[:, 0] - threshold).abs().min().item())
-    return {"shared_feature_ratio": (matched > threshold).float().mean().item(), "top1_ratio": top1_ratio,
-            "margin": margin}
+    return {
+        "shared_feature_ratio": (matched > threshold).float().mean().item(),
+        "top1_ratio": top1_ratio,
+        "margin": margin,
+    }
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -108,8 +115,12 @@ def test_crossseed_hook_logs_groups_pairs_and_children(tmp_path, monkeypatch):
     parent = tracker.start_parent("xs", "sweep", {"sweep_name": "xs"})
     g = torch.Generator().manual_seed(3)
     w = torch.randn(64, 16, generator=g)
-    decoders = {("g1", 1): w, ("g1", 2): w[torch.randperm(64, generator=g)],
-                ("g1", 3): torch.randn(64, 16, generator=g), ("g2", 1): torch.randn(64, 16, generator=g)}
+    decoders = {
+        ("g1", 1): w,
+        ("g1", 2): w[torch.randperm(64, generator=g)],
+        ("g1", 3): torch.randn(64, 16, generator=g),
+        ("g2", 1): torch.randn(64, 16, generator=g),
+    }
     ids = {}
     for (group, seed), dec in decoders.items():
         run = tracker.child("xs", f"{group}-{seed}", f"key-{group}-{seed}", parent)
@@ -128,7 +139,9 @@ def test_crossseed_hook_logs_groups_pairs_and_children(tmp_path, monkeypatch):
     assert out["crossseed/shared_feature_ratio_mean"] == pytest.approx(pm["crossseed/shared_feature_ratio_mean"])
     c1 = tracker.get_run(ids[("g1", 1)]).data.metrics
     assert c1["crossseed/vs_seed_2/shared_feature_ratio"] == 1.0
-    assert c1["crossseed/shared_feature_ratio"] == pytest.approx((1.0 + c1["crossseed/vs_seed_3/shared_feature_ratio"]) / 2)
+    assert c1["crossseed/shared_feature_ratio"] == pytest.approx(
+        (1.0 + c1["crossseed/vs_seed_3/shared_feature_ratio"]) / 2
+    )
     assert "crossseed/shared_feature_ratio" not in tracker.get_run(ids[("g2", 1)]).data.metrics
 
     # later, for any two runs

@@ -20,9 +20,19 @@ from sae_sweep.sae.topk import TopKSAE
 pytestmark = pytest.mark.unit
 
 D_IN, D_SAE, K = 12, 48, 4
-RUN_CFG = {"model_name": "tiny", "model_hf_id": "builtin:tiny", "hook_name": "blocks.2.hook_resid_post",
-           "hook_layer": 2, "hook_type": "resid_post", "context_size": 64, "dataset_path": "builtin", "seed": 42,
-           "dtype": "float32", "device": "cpu", "run_key": "abc123"}
+RUN_CFG = {
+    "model_name": "tiny",
+    "model_hf_id": "builtin:tiny",
+    "hook_name": "blocks.2.hook_resid_post",
+    "hook_layer": 2,
+    "hook_type": "resid_post",
+    "context_size": 64,
+    "dataset_path": "builtin",
+    "seed": 42,
+    "dtype": "float32",
+    "device": "cpu",
+    "run_key": "abc123",
+}
 
 
 def _randomise(sae: SparseAutoencoder, seed: int) -> SparseAutoencoder:
@@ -48,9 +58,14 @@ def make_saes():
     btk.threshold.fill_(0.35)
     btk_uncal = _randomise(BatchTopKSAE(D_IN, D_SAE, K, generator=g), 5)  # threshold < 0: per-token TopK
     mat_topk = _randomise(MatryoshkaSAE(D_IN, D_SAE, K, inner="topk", generator=g), 6)
-    return {"topk": (topk, "topk"), "relu": (relu, "standard"), "jumprelu": (jump, "jumprelu"),
-            "batchtopk": (btk, "jumprelu"), "batchtopk_uncalibrated": (btk_uncal, "topk"),
-            "matryoshka_topk": (mat_topk, "topk")}
+    return {
+        "topk": (topk, "topk"),
+        "relu": (relu, "standard"),
+        "jumprelu": (jump, "jumprelu"),
+        "batchtopk": (btk, "jumprelu"),
+        "batchtopk_uncalibrated": (btk_uncal, "topk"),
+        "matryoshka_topk": (mat_topk, "topk"),
+    }
 
 
 def saelens_encode_decode(w: dict, cfg: dict, x: torch.Tensor):
@@ -97,14 +112,36 @@ def check_export(out_dir, original_dir, expected_arch):
         expected["threshold"] = (D_SAE,)
     assert {k: tuple(v.shape) for k, v in w.items()} == expected
     assert torch.allclose(w["W_dec"].norm(dim=1), torch.ones(D_SAE), atol=1e-5)
-    for field in ("d_in", "d_sae", "dtype", "device", "model_name", "hook_name", "hook_layer", "hook_head_index",
-                  "activation_fn_str", "activation_fn_kwargs", "context_size", "dataset_path", "prepend_bos",
-                  "normalize_activations", "apply_b_dec_to_input", "finetuning_scaling_factor",
-                  "sae_lens_training_version", "neuronpedia_id", "model_from_pretrained_kwargs",
-                  "dataset_trust_remote_code"):
+    for field in (
+        "d_in",
+        "d_sae",
+        "dtype",
+        "device",
+        "model_name",
+        "hook_name",
+        "hook_layer",
+        "hook_head_index",
+        "activation_fn_str",
+        "activation_fn_kwargs",
+        "context_size",
+        "dataset_path",
+        "prepend_bos",
+        "normalize_activations",
+        "apply_b_dec_to_input",
+        "finetuning_scaling_factor",
+        "sae_lens_training_version",
+        "neuronpedia_id",
+        "model_from_pretrained_kwargs",
+        "dataset_trust_remote_code",
+    ):
         assert field in cfg, field
-    assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"], cfg["hook_name"], cfg["hook_layer"]) == \
-        (D_IN, D_SAE, "float32", "blocks.2.hook_resid_post", 2)
+    assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"], cfg["hook_name"], cfg["hook_layer"]) == (
+        D_IN,
+        D_SAE,
+        "float32",
+        "blocks.2.hook_resid_post",
+        2,
+    )
     assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
     if expected_arch == "topk":
         assert cfg["activation_fn_str"] == "topk" and cfg["activation_fn_kwargs"] == {"k": K} and cfg["k"] == K

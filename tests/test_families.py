@@ -2,6 +2,7 @@
 save_pretrained next to a tokenizer in its family's style: BOS quirks, Gemma-2's soft-capped logits,
 and one full job per family (cache -> train -> core eval -> MLflow) through the real CLI with
 ``model.hf_id=<local dir>``. Also: the offline failure of a hub model, and FaithfulSAE run names."""
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,9 @@ def test_windows_start_with_exactly_one_bos(family_dirs, family, tmp_path):
     assert (plain[0] == lm.bos_token_id) == style["adds_bos"]
 
     # ... and the windows still hold exactly one BOS, at position 0.
-    w = token_windows({"name": "builtin", "kind": "builtin", "context_size": 32}, lm, "train", 32 * 40,
-                      os.environ["SAE_SWEEP_CACHE"])
+    w = token_windows(
+        {"name": "builtin", "kind": "builtin", "context_size": 32}, lm, "train", 32 * 40, os.environ["SAE_SWEEP_CACHE"]
+    )
     assert (w[:, 0] == lm.bos_token_id).all() and (w[:, 1] != lm.bos_token_id).all()
     if lm.bos_token_id != lm.eos_token_id:
         assert ((w == lm.bos_token_id).sum(dim=1) == 1).all()
@@ -76,9 +78,19 @@ def test_gemma2_logits_are_soft_capped(family_dirs):
 
 # Through the CLI
 # ~10 SAE steps on an 8k-token cache, core eval on 512 held-out tokens.
-TINY_BUDGET = ["dataset.context_size=32", "dataset.tokens=8192", "dataset.eval_tokens=512", "train.tokens=2560",
-               "trainer.batch_size=256", "sae.expansion_factor=4", "sae.k=8", "eval=core_only",
-               "train.checkpoint_every=5", "train.log_every=5", "sweep.name=families"]
+TINY_BUDGET = [
+    "dataset.context_size=32",
+    "dataset.tokens=8192",
+    "dataset.eval_tokens=512",
+    "train.tokens=2560",
+    "trainer.batch_size=256",
+    "sae.expansion_factor=4",
+    "sae.k=8",
+    "eval=core_only",
+    "train.checkpoint_every=5",
+    "train.log_every=5",
+    "sweep.name=families",
+]
 
 
 @pytest.mark.integration
@@ -87,8 +99,9 @@ TINY_BUDGET = ["dataset.context_size=32", "dataset.tokens=8192", "dataset.eval_t
 def test_full_job_on_local_family_dir(family_dirs, family, tmp_path):
     yaml_name, _, hook = FAMILIES[family]
     out = tmp_path / "out"
-    r = run_cli(out, f"model={yaml_name}", f"model.hf_id={family_dirs[family]}", "layer=1", f"hook={hook}",
-                *TINY_BUDGET)
+    r = run_cli(
+        out, f"model={yaml_name}", f"model.hf_id={family_dirs[family]}", "layer=1", f"hook={hook}", *TINY_BUDGET
+    )
     assert r.returncode == 0, r.stderr[-4000:]
 
     runs = store_runs(out, "families")
@@ -101,8 +114,12 @@ def test_full_job_on_local_family_dir(family_dirs, family, tmp_path):
     assert m["train/steps"] == 10 and m["cache/n_tokens"] > 0
     assert m["core/sparsity/l0"] == pytest.approx(8, abs=1e-6)
     assert 0 < m["core/reconstruction_quality/explained_variance"] <= 1
-    for key in ("core/model_behavior_preservation/kl_div_score", "core/model_performance_preservation/ce_loss_score",
-                "core/shrinkage/l2_ratio", "core/misc_metrics/frac_alive"):
+    for key in (
+        "core/model_behavior_preservation/kl_div_score",
+        "core/model_performance_preservation/ce_loss_score",
+        "core/shrinkage/l2_ratio",
+        "core/misc_metrics/frac_alive",
+    ):
         assert key in m, key
     assert run.info.run_name.startswith(f"{yaml_name}_blocks.1.hook_{hook}_256_topk_8_")
 
@@ -141,8 +158,14 @@ def test_run_name_is_faithfulsae_style():
     from sae_sweep.config import total_steps
     from sae_sweep.job.app import run_name
 
-    cfg = compose_config("model=gpt2", "hook=resid_pre", "seed=42", "dataset=faithful", "trainer.batch_size=4096",
-                         f"train.tokens={24413 * 4096}")
+    cfg = compose_config(
+        "model=gpt2",
+        "hook=resid_pre",
+        "seed=42",
+        "dataset=faithful",
+        "trainer.batch_size=4096",
+        f"train.tokens={24413 * 4096}",
+    )
     steps = total_steps(cfg)
     d_sae = C.d_sae_for(cfg.sae, cfg.model.d_model)
     assert run_name(cfg, d_sae, steps) == "gpt2_blocks.8.hook_resid_pre_12288_topk_16_0.0003_42_faithful_128_24413"

@@ -1,6 +1,7 @@
 """The faithful dataset generated ahead of training, in shards (`python -m sae_sweep.generate`,
 launchers/generate.sbatch): shards write disjoint chunks that together are the text one process
 writes, training then reads them without generating, and a SLURM array does it on the real cluster."""
+
 import json
 import os
 import shutil
@@ -67,23 +68,38 @@ def test_chunks_needed_covers_both_splits():
 
 
 def _generate(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "sae_sweep.generate", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600, env=cli_env())
+    return subprocess.run(
+        [sys.executable, "-m", "sae_sweep.generate", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+        env=cli_env(),
+    )
 
 
-CLI = ["dataset.generation.batch_size=8", "dataset.generation.max_new_tokens=16", "dataset.generation.seed=77",
-       "train.tokens=3000", "train.epochs=1", "dataset.eval_tokens=256"]
+CLI = [
+    "dataset.generation.batch_size=8",
+    "dataset.generation.max_new_tokens=16",
+    "dataset.generation.seed=77",
+    "train.tokens=3000",
+    "train.epochs=1",
+    "dataset.eval_tokens=256",
+]
 
 
 @pytest.mark.integration
 def test_cli_generates_its_shard_and_refuses_bad_input_naming_the_key(tmp_path):
     r = _generate("--shard", "1", "--shards", "2", *CLI, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    record = json.loads(r.stdout[r.stdout.index("{"):])
+    record = json.loads(r.stdout[r.stdout.index("{") :])
     assert record["shard"] == 1 and record["shards"] == 2 and record["train_tokens"] == 3150  # + 5 %
-    (root,) = [p for p in (Path(os.environ["SAE_SWEEP_CACHE"]) / "faithful").glob("tiny-*")
-               if (p / "shards" / "shard-1-of-2.json").exists() and json.loads(
-                   (p / "manifest.json").read_text())["generation"]["seed"] == 77]
+    (root,) = [
+        p
+        for p in (Path(os.environ["SAE_SWEEP_CACHE"]) / "faithful").glob("tiny-*")
+        if (p / "shards" / "shard-1-of-2.json").exists()
+        and json.loads((p / "manifest.json").read_text())["generation"]["seed"] == 77
+    ]
     assert all(int(p.stem.split("_")[1]) % 2 == 1 for p in root.glob("chunk_*.npz"))  # shard 1's chunks only
 
     bad = _generate("--shard", "2", "--shards", "2", *CLI, cwd=tmp_path)
@@ -97,17 +113,35 @@ def test_cli_generates_its_shard_and_refuses_bad_input_naming_the_key(tmp_path):
 @pytest.mark.slow
 @pytest.mark.slurm
 @pytest.mark.xdist_group("slurm")
-@pytest.mark.skipif(shutil.which("sbatch") is None and os.environ.get("CI", "").lower() != "true",
-                    reason="SLURM not installed (`sbatch` not on PATH): run .ci/install_slurm.sh")
+@pytest.mark.skipif(
+    shutil.which("sbatch") is None and os.environ.get("CI", "").lower() != "true",
+    reason="SLURM not installed (`sbatch` not on PATH): run .ci/install_slurm.sh",
+)
 def test_a_slurm_array_generates_the_dataset_in_shards(tmp_path):
     """launchers/generate.sbatch as a 2-task array on the real cluster: each task writes its half."""
-    r = subprocess.run(["sbatch", "--wait", "--array=0-1", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=2G",
-                        f"--chdir={tmp_path}", "--export=ALL,HF_HUB_OFFLINE=1", str(REPO / "launchers" / "generate.sbatch"),
-                        *CLI[:2], "dataset.generation.seed=78", *CLI[3:]],
-                       capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    r = subprocess.run(
+        [
+            "sbatch",
+            "--wait",
+            "--array=0-1",
+            "--gpus-per-node=0",
+            "--cpus-per-task=1",
+            "--mem=2G",
+            f"--chdir={tmp_path}",
+            "--export=ALL,HF_HUB_OFFLINE=1",
+            str(REPO / "launchers" / "generate.sbatch"),
+            *CLI[:2],
+            "dataset.generation.seed=78",
+            *CLI[3:],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
     logs = {p.name: p.read_text() for p in tmp_path.glob("sae_sweep_generate-*.out")}
     assert r.returncode == 0, (r.stderr, logs)
     assert len(logs) == 2
-    records = [json.loads(text[text.index("{"):]) for text in logs.values()]
+    records = [json.loads(text[text.index("{") :]) for text in logs.values()]
     assert sorted((x["shard"], x["shards"]) for x in records) == [(0, 2), (1, 2)]
     assert all(x["slurm_job_id"] and x["chunks_generated"] >= 1 for x in records)

@@ -1,4 +1,5 @@
 """lm.py: the offline tiny model and hook points on real HF architectures (tiny random configs)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +15,6 @@ import torch
 
 from sae_sweep.config import ModelConfig
 from sae_sweep.models import tiny
-from sae_sweep.models.weights import builtin, resolve
-from sae_sweep.util.locks import read_owner
 from sae_sweep.models.lm import (
     HOOK_TYPES,
     ModelUnavailable,
@@ -24,6 +23,9 @@ from sae_sweep.models.lm import (
     model_shape,
     resolve_dtype,
 )
+from sae_sweep.models.weights import builtin, resolve
+from sae_sweep.util.locks import read_owner
+
 
 @pytest.fixture(scope="session")
 def small_tokenizer():
@@ -34,31 +36,69 @@ def small_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="</s>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="</s>", pad_token="<pad>"
+    )
 
 
 FAMILY_CONFIGS = {
     "gpt2": lambda V: __import__("transformers").GPT2Config(
-        vocab_size=V, n_positions=64, n_embd=32, n_layer=3, n_head=4),
+        vocab_size=V, n_positions=64, n_embd=32, n_layer=3, n_head=4
+    ),
     "gpt_neox": lambda V: __import__("transformers").GPTNeoXConfig(
-        vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, use_parallel_residual=True),
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        use_parallel_residual=True,
+    ),
     "gpt_neox_sequential": lambda V: __import__("transformers").GPTNeoXConfig(
-        vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, use_parallel_residual=False),
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        use_parallel_residual=False,
+    ),
     "llama": lambda V: __import__("transformers").LlamaConfig(
-        vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=64),
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    ),
     "gemma2": lambda V: __import__("transformers").Gemma2Config(
-        vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=8, intermediate_size=64, max_position_embeddings=64, sliding_window=8),
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        sliding_window=8,
+    ),
     "mistral": lambda V: __import__("transformers").MistralConfig(
-        vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=64),
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    ),
 }
 
 
@@ -85,12 +125,22 @@ def family_dirs(tmp_path_factory, small_tokenizer):
 
 
 # The norm in front of each block's MLP, and the final norm (HF applies it to hidden_states[-1]).
-MLP_NORM = {"gpt2": "ln_2", "gpt_neox": "post_attention_layernorm",
-            "gpt_neox_sequential": "post_attention_layernorm", "llama": "post_attention_layernorm",
-            "mistral": "post_attention_layernorm", "gemma2": "pre_feedforward_layernorm"}
-FINAL_NORM = {"gpt2": "transformer.ln_f", "gpt_neox": "gpt_neox.final_layer_norm",
-              "gpt_neox_sequential": "gpt_neox.final_layer_norm", "llama": "model.norm", "mistral": "model.norm",
-              "gemma2": "model.norm"}
+MLP_NORM = {
+    "gpt2": "ln_2",
+    "gpt_neox": "post_attention_layernorm",
+    "gpt_neox_sequential": "post_attention_layernorm",
+    "llama": "post_attention_layernorm",
+    "mistral": "post_attention_layernorm",
+    "gemma2": "pre_feedforward_layernorm",
+}
+FINAL_NORM = {
+    "gpt2": "transformer.ln_f",
+    "gpt_neox": "gpt_neox.final_layer_norm",
+    "gpt_neox_sequential": "gpt_neox.final_layer_norm",
+    "llama": "model.norm",
+    "mistral": "model.norm",
+    "gemma2": "model.norm",
+}
 
 
 def _get(obj, dotted):
@@ -118,16 +168,20 @@ def test_hook_points_match_hf_hidden_states(family_dirs, tmp_path, name):
 
     # Block outputs from a plain full forward, for the last layer (HF's hidden_states[-1] is normed).
     block_out = {}
-    handles = [blk.register_forward_hook(lambda m, a, o, i=i: block_out.__setitem__(i, o if torch.is_tensor(o) else o[0]))
-               for i, blk in enumerate(lm._layers)]
+    handles = [
+        blk.register_forward_hook(lambda m, a, o, i=i: block_out.__setitem__(i, o if torch.is_tensor(o) else o[0]))
+        for i, blk in enumerate(lm._layers)
+    ]
     with torch.no_grad():
         lm.model(input_ids=ids)
     for h in handles:
         h.remove()
     # Input of the MLP's norm in each block, from a plain full forward.
     mid_in = {}
-    handles = [_get(blk, MLP_NORM[name]).register_forward_hook(
-        lambda m, a, o, i=i: mid_in.__setitem__(i, a[0])) for i, blk in enumerate(lm._layers)]
+    handles = [
+        _get(blk, MLP_NORM[name]).register_forward_hook(lambda m, a, o, i=i: mid_in.__setitem__(i, a[0]))
+        for i, blk in enumerate(lm._layers)
+    ]
     with torch.no_grad():
         lm.model(input_ids=ids)
     for h in handles:
@@ -168,8 +222,10 @@ def test_early_exit_and_splice(family_dirs, tmp_path, name):
 
     # Count calls of the layers after the hooked one: early exit must skip them.
     calls = {i: 0 for i in range(lm.n_layers)}
-    handles = [blk.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
-               for i, blk in enumerate(lm._layers)]
+    handles = [
+        blk.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, blk in enumerate(lm._layers)
+    ]
     try:
         for hook in HOOK_TYPES:
             for layer in (0, lm.n_layers - 1):
@@ -184,7 +240,9 @@ def test_early_exit_and_splice(family_dirs, tmp_path, name):
                 assert torch.equal(ident, clean), f"identity splice changed logits at {hook_name(layer, hook)}"
 
                 zeroed = lm.logits_with_splice(ids, layer, hook, torch.zeros_like)
-                assert not torch.allclose(zeroed, clean), f"zero splice left logits unchanged at {hook_name(layer, hook)}"
+                assert not torch.allclose(zeroed, clean), (
+                    f"zero splice left logits unchanged at {hook_name(layer, hook)}"
+                )
     finally:
         for h in handles:
             h.remove()
@@ -205,10 +263,16 @@ def test_sae_splice_changes_only_downstream(family_dirs, tmp_path, name):
     def block_io(fn, layer, hook):
         ins, outs = {}, {}
         # Registered before the splice, so a resid_pre splice at L shows up in block L's output only.
-        handles = [blk.register_forward_pre_hook(lambda m, a, i=i: ins.__setitem__(i, a[0].clone()))
-                   for i, blk in enumerate(lm._layers)]
-        handles += [blk.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, (o if torch.is_tensor(o) else o[0]).clone()))
-                    for i, blk in enumerate(lm._layers)]
+        handles = [
+            blk.register_forward_pre_hook(lambda m, a, i=i: ins.__setitem__(i, a[0].clone()))
+            for i, blk in enumerate(lm._layers)
+        ]
+        handles += [
+            blk.register_forward_hook(
+                lambda m, a, o, i=i: outs.__setitem__(i, (o if torch.is_tensor(o) else o[0]).clone())
+            )
+            for i, blk in enumerate(lm._layers)
+        ]
         try:
             logits = lm.logits_with_splice(ids, layer, hook, fn)
         finally:
@@ -268,8 +332,9 @@ def test_dtype_resolution():
 def test_offline_hub_model_is_unavailable(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty HF cache
-    cfg = ModelConfig(name="pythia-70m", hf_id="EleutherAI/pythia-70m", revision="step143000",
-                      n_layers=6, d_model=512, dtype="auto")
+    cfg = ModelConfig(
+        name="pythia-70m", hf_id="EleutherAI/pythia-70m", revision="step143000", n_layers=6, d_model=512, dtype="auto"
+    )
     assert model_shape(cfg, tmp_path) == (6, 512)  # falls back to the yaml values
     t0 = time.time()
     with pytest.raises(ModelUnavailable) as err:
@@ -329,8 +394,9 @@ def test_tiny_has_learned_text(tiny_lm, tiny_cache_dir):
 
     torch.manual_seed(0)
     bos = torch.full((8, 1), tiny_lm.bos_token_id, dtype=torch.long)
-    out = tiny_lm.model.generate(bos, do_sample=True, top_k=0, top_p=0.9, max_new_tokens=64,
-                                 pad_token_id=tiny_lm.pad_token_id)
+    out = tiny_lm.model.generate(
+        bos, do_sample=True, top_k=0, top_p=0.9, max_new_tokens=64, pad_token_id=tiny_lm.pad_token_id
+    )
     text = " ".join(tiny_lm.tokenizer.decode(o[1:], skip_special_tokens=True) for o in out)
     words = text.split()
     assert len(words) > 80

@@ -1,4 +1,5 @@
 """OwnedLock: mutual exclusion across processes, recovery from dead owners, heartbeat, timeouts."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,7 @@ def _critical_section(lock_path: str, log_path: str, n: int) -> None:
 def test_mutual_exclusion_across_processes(tmp_path):
     lock_path, log_path = tmp_path / "x.lock", tmp_path / "log.txt"
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_critical_section, args=(str(lock_path), str(log_path), 8))
-             for _ in range(3)]
+    procs = [ctx.Process(target=_critical_section, args=(str(lock_path), str(log_path), 8)) for _ in range(3)]
     for p in procs:
         p.start()
     for p in procs:
@@ -107,8 +107,7 @@ def test_heartbeat_keeps_live_lock(tmp_path):
         # Wait well past stale_after: without the heartbeat the (live, same-host) owner's file
         # would be old enough for a waiter to steal it.
         with pytest.raises(LockTimeout):
-            OwnedLock(path, timeout=2.5 * stale_after, stale_after=stale_after,
-                      poll_interval=0.02).acquire()
+            OwnedLock(path, timeout=2.5 * stale_after, stale_after=stale_after, poll_interval=0.02).acquire()
         assert holder.is_held
         assert os.stat(path).st_mtime > mtime0
     finally:

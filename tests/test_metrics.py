@@ -52,13 +52,16 @@ def test_family_keys_match_their_members_only():
     assert _m("a/b/c", better="lower").direction == -1
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(key="a/b/c", better="up"), "better="),
-    (dict(key="a/{nope}/c"), "unknown placeholder"),
-    (dict(key="a/b/c", label="top-{k}"), "which the key does not have"),
-    (dict(key="a/{k}/{k}"), "appears twice"),
-    (dict(key="a/b/c", meaning=" "), "meaning must not be empty"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(key="a/b/c", better="up"), "better="),
+        (dict(key="a/{nope}/c"), "unknown placeholder"),
+        (dict(key="a/b/c", label="top-{k}"), "which the key does not have"),
+        (dict(key="a/{k}/{k}"), "appears twice"),
+        (dict(key="a/b/c", meaning=" "), "meaning must not be empty"),
+    ],
+)
 def test_bad_declarations_fail_at_declaration(kwargs, message):
     args = dict(key="a/b/c", label="x", better=None, unit="u", meaning="m", reference="r") | kwargs
     with pytest.raises(ValueError, match=message):
@@ -120,31 +123,70 @@ def eval_keys(tiny_lm, tmp_path_factory):
     probing = {"context_size": 32, "max_examples": 150, "packages": PACKAGES, "batch_size": 32}
     # scr_metric_threshold_{n} is logged only when the biased probe's clean accuracies on the class and on
     # the spurious data differ: these sizes give that on the stdlib pair (smaller ones can tie)
-    scr_tpp = {"dataset_names": ["stdlib"], "train_set_size": 160, "test_set_size": 80, "context_size": 32,
-               "probe_epochs": 10, "probe_lr": 1e-2, "n_values": [2, 8], "packages": PACKAGES,
-               "stdlib_pairs": [["asyncio", "email"]]}
-    lm_ctx = dict(lm=tiny_lm, sae=sae, tokens=tokens, layer=1, hook="resid_post", seed=0, cache_dir=cache,
-                  progress=False)
+    scr_tpp = {
+        "dataset_names": ["stdlib"],
+        "train_set_size": 160,
+        "test_set_size": 80,
+        "context_size": 32,
+        "probe_epochs": 10,
+        "probe_lr": 1e-2,
+        "n_values": [2, 8],
+        "packages": PACKAGES,
+        "stdlib_pairs": [["asyncio", "email"]],
+    }
+    lm_ctx = dict(
+        lm=tiny_lm, sae=sae, tokens=tokens, layer=1, hook="resid_post", seed=0, cache_dir=cache, progress=False
+    )
     planted = PlantedDictionary(32, 64, seed=0)
     abs_lm, dirs = _planted_lm(n_per_letter=16, d=64, signal=5.0)
     contexts = {
         "core": EvalContext(**lm_ctx, settings={"batch_size": 2}),
         "fake_features": EvalContext(**lm_ctx, settings={"n_tokens": 512, "context_size": 16}),
-        "sparse_probing": EvalContext(**lm_ctx, settings={
-            **probing, "datasets": ["stdlib_package"], "k_values": [1, 2], "probe_train_set_size": 80,
-            "probe_test_set_size": 40, "full_probe_epochs": 20}),
-        "downstream": EvalContext(**lm_ctx, settings={**probing, "dataset_limit": 60, "max_length": 32,
-                                                      "tasks": ["stdlib_package"]}),
+        "sparse_probing": EvalContext(
+            **lm_ctx,
+            settings={
+                **probing,
+                "datasets": ["stdlib_package"],
+                "k_values": [1, 2],
+                "probe_train_set_size": 80,
+                "probe_test_set_size": 40,
+                "full_probe_epochs": 20,
+            },
+        ),
+        "downstream": EvalContext(
+            **lm_ctx, settings={**probing, "dataset_limit": 60, "max_length": 32, "tasks": ["stdlib_package"]}
+        ),
         "downstream_standardised": EvalContext(**lm_ctx, settings={**probing, "tasks": ["stdlib_package"]}),
         "scr": EvalContext(**lm_ctx, settings=scr_tpp),
         "tpp": EvalContext(**lm_ctx, settings=scr_tpp),
         # the known-answer absorption set-up of test_evals_absorption (letters the LM represents linearly)
-        "absorption": EvalContext(lm=abs_lm, sae=_ReLUSAE(dirs), tokens=None, layer=0, hook="resid_post", seed=0,
-                                  progress=False,
-                                  settings={"min_feats_for_eval": 20, "n_icl_examples": 3, "max_k_value": 4,
-                                            "gt_probe_batch_size": 16, "k_sparse_probe_batch_size": 32}),
-        "recovery": EvalContext(lm=None, sae=_tiny_sae(32, 64, 4), tokens=None, layer=0, hook="resid_post", seed=0,
-                                settings={}, activations=planted.sample(512, l0=4), planted=planted),
+        "absorption": EvalContext(
+            lm=abs_lm,
+            sae=_ReLUSAE(dirs),
+            tokens=None,
+            layer=0,
+            hook="resid_post",
+            seed=0,
+            progress=False,
+            settings={
+                "min_feats_for_eval": 20,
+                "n_icl_examples": 3,
+                "max_k_value": 4,
+                "gt_probe_batch_size": 16,
+                "k_sparse_probe_batch_size": 32,
+            },
+        ),
+        "recovery": EvalContext(
+            lm=None,
+            sae=_tiny_sae(32, 64, 4),
+            tokens=None,
+            layer=0,
+            hook="resid_post",
+            seed=0,
+            settings={},
+            activations=planted.sample(512, l0=4),
+            planted=planted,
+        ),
     }
     assert set(contexts) == set(eval_names()), "a new eval needs a set-up here that makes it log its metrics"
     out = {}
@@ -174,8 +216,9 @@ def test_training_loop_metrics_are_declared():
     from sae_sweep.sae import get_trainer
     from sae_sweep.training.loop import train
 
-    trainer = get_trainer("topk")(16, {"d_sae": 64, "k": 4}, {"name": "topk", "lr": 1e-3, "warmup_steps": 2}, 12,
-                                  seed=0)
+    trainer = get_trainer("topk")(
+        16, {"d_sae": 64, "k": 4}, {"name": "topk", "lr": 1e-3, "warmup_steps": 2}, 12, seed=0
+    )
     data = torch.randn(12 * 32, 16, generator=torch.Generator().manual_seed(0))
     batches = iter(data.split(32))
 
@@ -244,20 +287,28 @@ def test_report_takes_label_direction_and_unit_from_the_declarations():
     assert spec_for("core/shrinkage/relative_reconstruction_bias").direction == 0
     assert spec_for("sparse_probing/llm/llm_top_1_test_accuracy").direction == 0
     # undeclared keys: shown by name, never guessed
-    assert spec_for("some/new/accuracy_score") == type(spec)("some/new/accuracy_score", "some/new/accuracy_score",
-                                                            0, "")
-    keys = ["sparse_probing/sae/sae_top_20_test_accuracy", "sparse_probing/sae/sae_top_5_test_accuracy",
-            "core/sparsity/l0", "downstream/mean/sae_acc", "downstream/stdlib_package/sae_acc"]
+    assert spec_for("some/new/accuracy_score") == type(spec)(
+        "some/new/accuracy_score", "some/new/accuracy_score", 0, ""
+    )
+    keys = [
+        "sparse_probing/sae/sae_top_20_test_accuracy",
+        "sparse_probing/sae/sae_top_5_test_accuracy",
+        "core/sparsity/l0",
+        "downstream/mean/sae_acc",
+        "downstream/stdlib_package/sae_acc",
+    ]
     assert [s.key for s in headline_specs(keys)] == [
-        "core/sparsity/l0", "sparse_probing/sae/sae_top_5_test_accuracy",
-        "sparse_probing/sae/sae_top_20_test_accuracy", "downstream/mean/sae_acc"]
+        "core/sparsity/l0",
+        "sparse_probing/sae/sae_top_5_test_accuracy",
+        "sparse_probing/sae/sae_top_20_test_accuracy",
+        "downstream/mean/sae_acc",
+    ]
 
 
 def test_report_defines_its_headline_metrics_from_the_declarations(tmp_path, monkeypatch):
-    from test_report import EV, L0, make_sweep
-
     from sae_sweep.report import build_report
     from sae_sweep.tracking.runs import Tracker
+    from test_report import EV, L0, make_sweep
 
     monkeypatch.chdir(tmp_path)
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -277,8 +328,8 @@ def test_committed_metrics_page_is_the_generated_one():
     page = ROOT / "docs" / "metrics.md"
     expected = render()
     assert page.exists() and page.read_text() == expected, (
-        f"docs/metrics.md is not what the metric declarations give: regenerate it with `make metrics-doc` "
-        f"({COMMAND})")
+        f"docs/metrics.md is not what the metric declarations give: regenerate it with `make metrics-doc` ({COMMAND})"
+    )
     lines = expected.splitlines()
     assert lines[0] == "# Metrics" and sum(line.startswith("# ") for line in lines) == 1
     assert "generated" in expected.split("\n\n")[1]

@@ -37,8 +37,9 @@ def _get(base: str, endpoint: str, **params):
 
 
 def _post(base: str, path: str, body: dict) -> dict:
-    req = urllib.request.Request(f"{base}{path}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+    req = urllib.request.Request(
+        f"{base}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
 
@@ -48,9 +49,23 @@ def mlflow_server(tmp_path):
     port = _free_port()
     log = open(tmp_path / "server.log", "wb")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--serve-artifacts", "--artifacts-destination", str(tmp_path / "artifacts")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(tmp_path / "artifacts"),
+    ]
     # own session: the server forks workers, and the whole group is stopped in the finally
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -58,16 +73,19 @@ def mlflow_server(tmp_path):
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited ({proc.returncode}):\n"
-                            + (tmp_path / "server.log").read_text()[-3000:])
+                pytest.fail(
+                    f"mlflow server exited ({proc.returncode}):\n" + (tmp_path / "server.log").read_text()[-3000:]
+                )
             try:
                 if _get(base, "/health").strip() == b"OK":
                     break
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer /health in {START_TIMEOUT}s:\n"
-                            + (tmp_path / "server.log").read_text()[-3000:])
+                pytest.fail(
+                    f"mlflow server did not answer /health in {START_TIMEOUT}s:\n"
+                    + (tmp_path / "server.log").read_text()[-3000:]
+                )
             time.sleep(0.5)
         yield base
     finally:
@@ -92,15 +110,20 @@ def test_sweep_as_the_ui_shows_it(tmp_path):
         exp_id = exp["experiment"]["experiment_id"]
 
         # the parent: one sweep run, found by its kind tag
-        found = _post(base, "/api/2.0/mlflow/runs/search", {
-            "experiment_ids": [exp_id], "filter": "tags.`sae_sweep.kind` = 'sweep'", "max_results": 50})["runs"]
+        found = _post(
+            base,
+            "/api/2.0/mlflow/runs/search",
+            {"experiment_ids": [exp_id], "filter": "tags.`sae_sweep.kind` = 'sweep'", "max_results": 50},
+        )["runs"]
         assert [r["info"]["run_id"] for r in found] == [parent]
         assert found[0]["info"]["run_name"] == "sweep-test"
 
         # the children nest under it (the UI nests by the mlflow.parentRunId tag)
-        kids = _post(base, "/api/2.0/mlflow/runs/search", {
-            "experiment_ids": [exp_id], "filter": f"tags.`mlflow.parentRunId` = '{parent}'",
-            "max_results": 100})["runs"]
+        kids = _post(
+            base,
+            "/api/2.0/mlflow/runs/search",
+            {"experiment_ids": [exp_id], "filter": f"tags.`mlflow.parentRunId` = '{parent}'", "max_results": 100},
+        )["runs"]
         assert len(kids) == len(children) + 1  # + the FAILED one
         finished = [r for r in kids if r["info"]["status"] == "FINISHED"]
         assert sorted(r["info"]["run_id"] for r in finished) == sorted(children)
@@ -126,8 +149,9 @@ def test_sweep_as_the_ui_shows_it(tmp_path):
         assert all(s == metric_sets[0] for s in metric_sets)
 
         # a training curve as the UI's chart fetches it
-        hist = json.loads(_get(base, "/api/2.0/mlflow/metrics/get-history", run_id=children[0],
-                               metric_key="train/loss"))["metrics"]
+        hist = json.loads(
+            _get(base, "/api/2.0/mlflow/metrics/get-history", run_id=children[0], metric_key="train/loss")
+        )["metrics"]
         assert [m["step"] for m in sorted(hist, key=lambda m: m["step"])] == [0, 10, 20, 30, 40, 50]
 
         # the report, built through the server, is in the parent's artifacts (proxied)
@@ -148,8 +172,13 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "..", "launchers", "mlflow_serv
 
 def _script(*args, state_dir):
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    return subprocess.run(["bash", SCRIPT, *args, "--state-dir", str(state_dir)], capture_output=True, text=True,
-                          env=env, timeout=START_TIMEOUT + 60)
+    return subprocess.run(
+        ["bash", SCRIPT, *args, "--state-dir", str(state_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=START_TIMEOUT + 60,
+    )
 
 
 def test_server_script_refuses_a_port_another_process_answers_on(tmp_path):
@@ -162,8 +191,9 @@ def test_server_script_refuses_a_port_another_process_answers_on(tmp_path):
     threading.Thread(target=other.serve_forever, daemon=True).start()
     try:
         port = other.server_address[1]
-        r = _script("--background", "--host", "127.0.0.1", "--port", str(port), str(tmp_path / "db.db"),
-                    state_dir=tmp_path)
+        r = _script(
+            "--background", "--host", "127.0.0.1", "--port", str(port), str(tmp_path / "db.db"), state_dir=tmp_path
+        )
     finally:
         other.shutdown()
     assert r.returncode != 0
@@ -174,8 +204,19 @@ def test_server_script_refuses_a_port_another_process_answers_on(tmp_path):
 @pytest.mark.slow
 def test_server_script_starts_and_stops_its_own_server(tmp_path):
     port = _free_port()
-    r = _script("--background", "--host", "127.0.0.1", "--port", str(port), "--artifacts", str(tmp_path / "art"),
-                "--workers", "1", str(tmp_path / "db.db"), state_dir=tmp_path)
+    r = _script(
+        "--background",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--artifacts",
+        str(tmp_path / "art"),
+        "--workers",
+        "1",
+        str(tmp_path / "db.db"),
+        state_dir=tmp_path,
+    )
     try:
         assert r.returncode == 0, r.stderr[-2000:]
         assert r.stdout.strip() == f"tracking.uri=http://127.0.0.1:{port}"

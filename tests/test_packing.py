@@ -1,4 +1,5 @@
 """Packed training gives each SAE exactly the result of training it alone."""
+
 import pytest
 import torch
 
@@ -21,6 +22,7 @@ def cache(tmp_path_factory):
         g = torch.Generator().manual_seed(0)
         x = torch.randn(N_SEQS, CTX, D, generator=g) * torch.linspace(0.3, 2.0, D)
         yield torch.zeros(N_SEQS, CTX, dtype=torch.long), x
+
     c, _ = get_or_build({"test": "packing", "d": D}, tmp_path_factory.mktemp("cache"), build, special_token_ids=[])
     return c
 
@@ -42,8 +44,15 @@ def solo(cache, tmp_path, i, point):
     trainer = make(cache, *point)
     logs = []
     reader = ShuffledReader(cache, BATCH, SEED)
-    train(trainer, reader, point[3], tmp_path / f"solo{i}", log_every=5, on_log=lambda s, m: logs.append((s, m)),
-          progress=False)
+    train(
+        trainer,
+        reader,
+        point[3],
+        tmp_path / f"solo{i}",
+        log_every=5,
+        on_log=lambda s, m: logs.append((s, m)),
+        progress=False,
+    )
     reader.close()
     return trainer, logs
 
@@ -54,8 +63,16 @@ def test_packed_members_equal_solo_runs_and_resume_alone(cache, tmp_path):
     for i, point in enumerate(POINTS):
         log = []
         logs.append(log)
-        members.append(Member(make(cache, *point), point[3], tmp_path / f"packed{i}", checkpoint_every=7, log_every=5,
-                              on_log=lambda s, m, log=log: log.append((s, m))))
+        members.append(
+            Member(
+                make(cache, *point),
+                point[3],
+                tmp_path / f"packed{i}",
+                checkpoint_every=7,
+                log_every=5,
+                on_log=lambda s, m, log=log: log.append((s, m)),
+            )
+        )
     reader = ShuffledReader(cache, BATCH, SEED)
     train_members(members, reader, progress=False)
     reader.close()
@@ -67,8 +84,9 @@ def test_packed_members_equal_solo_runs_and_resume_alone(cache, tmp_path):
             assert torch.equal(p, q), f"{point}: {name} differs from the solo run"
         assert [s for s, _ in alone_logs] == [s for s, _ in logs[i]]
         for (_, a), (_, b) in zip(alone_logs, logs[i]):
-            assert {k: v for k, v in a.items() if k != "tokens_per_s"} == \
-                   {k: v for k, v in b.items() if k != "tokens_per_s"}
+            assert {k: v for k, v in a.items() if k != "tokens_per_s"} == {
+                k: v for k, v in b.items() if k != "tokens_per_s"
+            }
         # the packed checkpoint is a normal one: a solo train() sees it as complete
         again = make(cache, *point)
         res = train(again, ShuffledReader(cache, BATCH, SEED), point[3], tmp_path / f"packed{i}", progress=False)
@@ -95,18 +113,35 @@ def test_stream_key_groups_points_that_read_the_same_activations():
 def test_packed_resume_from_mixed_positions(cache, tmp_path):
     """Members interrupted at different steps resume in one pack and end as if never stopped."""
     point_a, point_b = POINTS[0], POINTS[2]
-    members = [Member(make(cache, *point_a), point_a[3], tmp_path / "a"), Member(make(cache, *point_b), point_b[3], tmp_path / "b")]
+    members = [
+        Member(make(cache, *point_a), point_a[3], tmp_path / "a"),
+        Member(make(cache, *point_b), point_b[3], tmp_path / "b"),
+    ]
     train_members(members[:1], ShuffledReader(cache, BATCH, SEED), progress=False)  # a finishes first
-    a2, b2 = Member(make(cache, *point_a), point_a[3], tmp_path / "a"), Member(make(cache, *point_b), point_b[3], tmp_path / "b")
+    a2, b2 = (
+        Member(make(cache, *point_a), point_a[3], tmp_path / "a"),
+        Member(make(cache, *point_b), point_b[3], tmp_path / "b"),
+    )
     train_members([a2, b2], ShuffledReader(cache, BATCH, SEED), progress=False)  # a skips, b trains from 0
     assert a2.result.resumed_from_step == point_a[3]
     alone_b, _ = solo(cache, tmp_path, 9, point_b)
     assert torch.equal(alone_b.sae.W_enc, b2.trainer.sae.W_enc)
 
 
-GRID = ["-m", "dataset=synthetic", "trainer=topk,relu", "sae.d_sae=128,96", "seed=3", "dataset.tokens=8192",
-        "dataset.eval_tokens=1024", "train.tokens=8192", "trainer.batch_size=512", "train.checkpoint_every=8",
-        "sweep.name=pack", "eval=core_only"]
+GRID = [
+    "-m",
+    "dataset=synthetic",
+    "trainer=topk,relu",
+    "sae.d_sae=128,96",
+    "seed=3",
+    "dataset.tokens=8192",
+    "dataset.eval_tokens=1024",
+    "train.tokens=8192",
+    "trainer.batch_size=512",
+    "train.checkpoint_every=8",
+    "sweep.name=pack",
+    "eval=core_only",
+]
 
 
 def _jobs_by_key(out):
@@ -138,9 +173,17 @@ def test_packed_sweep_equals_one_job_per_point(tmp_path):
             assert torch.equal(t, b["trainer"]["sae"][name]), (key, name)
 
 
-STREAM_GRID = ["cache.mode=stream", "train.tokens=12288", "train.epochs=1", "trainer.batch_size=512",
-               "cache.block_tokens=4096", "dataset.eval_tokens=1024", "train.checkpoint_every=8", "sweep.name=pack",
-               "eval=core_only"]
+STREAM_GRID = [
+    "cache.mode=stream",
+    "train.tokens=12288",
+    "train.epochs=1",
+    "trainer.batch_size=512",
+    "cache.block_tokens=4096",
+    "dataset.eval_tokens=1024",
+    "train.checkpoint_every=8",
+    "sweep.name=pack",
+    "eval=core_only",
+]
 
 
 @pytest.mark.integration
@@ -148,6 +191,7 @@ STREAM_GRID = ["cache.mode=stream", "train.tokens=12288", "train.epochs=1", "tra
 def test_stream_pack_of_seeds_and_trainers_pays_one_lm_pass_and_equals_solo_runs(tmp_path):
     """2 seeds x 2 trainers streamed in one packed job: the LM forward work is that of one stream
     (not four), and an SAE of the second seed (its own block order) equals its solo stream run's."""
+
     def sweep(out, *grid):
         r = run_cli(out, "-m", *STREAM_GRID, *grid, timeout=900)
         assert r.returncode == 0, r.stderr[-4000:]

@@ -1,5 +1,6 @@
 """The fast TopK paths compute the same step as straightforward dense autograd; the precision
 default. (The bench's TopK harness: test_bench_protocol.py.)"""
+
 import pytest
 import torch
 
@@ -22,7 +23,10 @@ def test_topk_encode_matches_dense_autograd_with_auxk():
     params = [torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True) for s in ((d, n), (n,), (d,))]
     dead = torch.zeros(n, dtype=torch.bool)
     dead[::3] = True
-    w_main, w_aux = torch.randn(B, k, generator=g, dtype=torch.float64), torch.randn(B, k_aux, generator=g, dtype=torch.float64)
+    w_main, w_aux = (
+        torch.randn(B, k, generator=g, dtype=torch.float64),
+        torch.randn(B, k_aux, generator=g, dtype=torch.float64),
+    )
 
     vals, idx, aux_vals, aux_idx = TopKEncode.apply(x, *params, k, dead, k_aux, torch.float64)
     ((vals * w_main).sum() + (aux_vals * w_aux).sum()).backward()
@@ -48,6 +52,7 @@ def test_topk_encode_gradcheck():
     W = torch.randn(4, 9, generator=g, dtype=torch.float64, requires_grad=True)
     be = torch.randn(9, generator=g, dtype=torch.float64, requires_grad=True)
     bd = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+
     def fn(x, W, be, bd):
         return TopKEncode.apply(x, W, be, bd, 2, None, 0, torch.float64)[0]
 
@@ -63,8 +68,14 @@ def test_sparse_decode_gradcheck():
 
 
 def make(sparse: bool, dead_tokens: int = 10_000_000):
-    cfg = {"name": "topk", "lr": 3e-3, "batch_size": 64, "warmup_steps": 2, "dead_tokens": dead_tokens,
-           "sparse_backward": sparse}
+    cfg = {
+        "name": "topk",
+        "lr": 3e-3,
+        "batch_size": 64,
+        "warmup_steps": 2,
+        "dead_tokens": dead_tokens,
+        "sparse_backward": sparse,
+    }
     return TopKTrainer(16, {"d_sae": 256, "k": 4}, cfg, total_steps=40, seed=3)
 
 
@@ -96,8 +107,14 @@ def test_auto_precision_is_the_explicit_setting_it_resolves_to(native, monkeypat
     data = torch.randn(6, 64, 16, generator=g) * torch.linspace(0.2, 2.0, 16)
 
     def run(setting):
-        cfg = {"name": "topk", "lr": 3e-3, "batch_size": 64, "warmup_steps": 2, "dead_tokens": 128,
-               "autocast_bf16": setting}
+        cfg = {
+            "name": "topk",
+            "lr": 3e-3,
+            "batch_size": 64,
+            "warmup_steps": 2,
+            "dead_tokens": 128,
+            "autocast_bf16": setting,
+        }
         t = TopKTrainer(16, {"d_sae": 256, "k": 4}, cfg, total_steps=6, seed=3)
         t.init_from_data(data[0])
         losses = [t.step(x)["loss"] for x in data]
@@ -113,9 +130,9 @@ def test_auto_precision_is_the_explicit_setting_it_resolves_to(native, monkeypat
 
 # The CUDA implementation of the backward products (dense code blocks + matmuls), forced on CPU:
 # it must give what the CPU implementation and dense autograd give.
-from sae_sweep.util.devices import LiveBytes  # noqa: E402
 from sae_sweep.sae import kernels  # noqa: E402
 from sae_sweep.sae.kernels import force_path, sparse_decode  # noqa: E402
+from sae_sweep.util.devices import LiveBytes  # noqa: E402
 
 
 def _encode_grads(path, B, d, n, k, k_aux, dtype=torch.float64, seed=0):
@@ -202,7 +219,7 @@ def test_auxk_backward_memory_at_llama_width(path):
     B, d, n, k, k_aux = 64, 4096, 16384, 32, 2048
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, d, generator=g)
-    W = (torch.randn(d, n, generator=g) / d ** 0.5).requires_grad_(True)
+    W = (torch.randn(d, n, generator=g) / d**0.5).requires_grad_(True)
     b_enc = torch.zeros(n, requires_grad=True)
     b_dec = torch.zeros(d, requires_grad=True)
     dead = torch.ones(n, dtype=torch.bool)

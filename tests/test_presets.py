@@ -50,13 +50,19 @@ def test_model_presets(model):
 
 
 # postgres_manual reads the PostgreSQL manual's HTML, a system package (`make test` installs it)
-@pytest.mark.parametrize("dataset", [pytest.param(d, marks=pytest.mark.integration if d == "postgres_manual"
-                                                  else pytest.mark.unit) for d in options("dataset")])
+@pytest.mark.parametrize(
+    "dataset",
+    [
+        pytest.param(d, marks=pytest.mark.integration if d == "postgres_manual" else pytest.mark.unit)
+        for d in options("dataset")
+    ],
+)
 def test_dataset_presets(dataset, tmp_path):
     extra = []
     if dataset == "local":  # needs its files: enough lines (documents) for both splits
-        (tmp_path / "a.txt").write_text("".join(f"document {i} says something about topic {i % 7}\n"
-                                                for i in range(2000)))
+        (tmp_path / "a.txt").write_text(
+            "".join(f"document {i} says something about topic {i % 7}\n" for i in range(2000))
+        )
         extra = [f"dataset.data_files=[{tmp_path / 'a.txt'}]", "dataset.eval_tokens=1024"]
     cfg = compose_job(f"dataset={dataset}", *extra)
     validate_point(job_view(cfg), check_availability=dataset not in HUB_DATASETS)
@@ -98,9 +104,12 @@ def test_launcher_presets(launcher):
 @pytest.mark.unit
 def test_a_bad_value_in_any_group_is_one_kind_of_message():
     """A bad value in the job, a trainer or an eval: the same message shape (key=value: why; allowed)."""
-    for override, key in (("hook=mid", "hook='mid'"), ("trainer.lr=-1", "trainer.lr=-1.0"),
-                          ("eval.fake_features.token_pool=words", "eval.fake_features.token_pool='words'"),
-                          ("dataset.tokens=0", "dataset.tokens=0")):
+    for override, key in (
+        ("hook=mid", "hook='mid'"),
+        ("trainer.lr=-1", "trainer.lr=-1.0"),
+        ("eval.fake_features.token_pool=words", "eval.fake_features.token_pool='words'"),
+        ("dataset.tokens=0", "dataset.tokens=0"),
+    ):
         with pytest.raises(ConfigError) as e:
             validate_point(job_view(compose_job(override)), check_availability=False)
         (problem,) = e.value.problems

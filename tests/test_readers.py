@@ -8,8 +8,8 @@ import torch
 from helpers.config import compose_config
 from sae_sweep.activations.cache import get_or_build
 from sae_sweep.activations.reader import BlockReader, DiskBlocks
-from sae_sweep.sae.registry import get_trainer
 from sae_sweep.activations.stream import StreamBlocks, StreamReader
+from sae_sweep.sae.registry import get_trainer
 from sae_sweep.training.loop import Interrupted, Member, train, train_members
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
@@ -104,6 +104,7 @@ def windows(n_chunks=40, chunk=4, seed=0):
             w = torch.randint(2, 1000, (chunk, CTX), generator=g)
             w[:, 0] = BOS
             yield w
+
     return make
 
 
@@ -175,13 +176,13 @@ def test_a_pack_of_seeds_on_one_disk_cache_equals_the_solo_runs_and_resumes(cach
         torch.manual_seed(seed)
         return _init(trainer(name, d_sae, k, steps, seed), BlockReader(src, 64, seed + 7919).batch_at(0))
 
-    members = [Member(make(*p), steps, tmp_path / f"p{i}", checkpoint_every=9, stream=p[3])
-               for i, p in enumerate(points)]
+    members = [
+        Member(make(*p), steps, tmp_path / f"p{i}", checkpoint_every=9, stream=p[3]) for i, p in enumerate(points)
+    ]
     readers = {7: BlockReader(src, 32, 7), 8: BlockReader(src, 32, 8)}
     with pytest.raises(Interrupted):  # interrupted mid-way ...
         train_members(members, readers, progress=False, should_stop=lambda: members[0].trainer.step_count >= 13)
-    again = [Member(make(*p), steps, tmp_path / f"p{i}", checkpoint_every=9, stream=p[3])
-             for i, p in enumerate(points)]
+    again = [Member(make(*p), steps, tmp_path / f"p{i}", checkpoint_every=9, stream=p[3]) for i, p in enumerate(points)]
     train_members(again, {7: BlockReader(src, 32, 7), 8: BlockReader(src, 32, 8)}, progress=False)  # ... resumed
     for i, (p, m) in enumerate(zip(points, again)):
         alone = make(*p)
@@ -200,10 +201,12 @@ def test_caches_that_do_not_fit_are_refused_before_any_work_with_the_numbers(tmp
     free = shutil.disk_usage(tmp_path).free
     tokens = int(free / (128 * 4 + 4) * 1.5)  # tiny: d_model 128, fp32: 1.5x what the disk holds
     big = compose_config(f"dataset.tokens={tokens}", f"paths.cache_dir={tmp_path}")
-    streamed = compose_config(f"dataset.tokens={tokens}", f"paths.cache_dir={tmp_path}", "cache.mode=stream",
-                              "train.epochs=1")
-    seeds = [compose_config(f"dataset.tokens={tokens // 2}", f"paths.cache_dir={tmp_path}", f"seed={s}")
-             for s in (1, 2)]
+    streamed = compose_config(
+        f"dataset.tokens={tokens}", f"paths.cache_dir={tmp_path}", "cache.mode=stream", "train.epochs=1"
+    )
+    seeds = [
+        compose_config(f"dataset.tokens={tokens // 2}", f"paths.cache_dir={tmp_path}", f"seed={s}") for s in (1, 2)
+    ]
     with pytest.raises(ConfigError) as e:
         validate_point(big, check_availability=True, memory_gb=1e6)
     msg = str(e.value)

@@ -37,8 +37,9 @@ def test_offline_the_hub_model_resolves_to_its_named_stand_in(smollm2_model_cfg,
 
 
 def test_real_weights_have_learned_english(smollm2):
-    ids = smollm2.tokenizer("The cat sat on the mat. It was warm and the sun was shining through the window.",
-                            return_tensors="pt").input_ids
+    ids = smollm2.tokenizer(
+        "The cat sat on the mat. It was warm and the sun was shining through the window.", return_tensors="pt"
+    ).input_ids
     ids = torch.cat([torch.tensor([[smollm2.bos_token_id]]), ids], 1)
     with torch.no_grad():
         loss = smollm2.model(ids, labels=ids).loss.item()
@@ -49,13 +50,15 @@ def test_real_weights_have_learned_english(smollm2):
 
 @pytest.mark.parametrize("layer", [0, 14, 29])
 def test_hook_points_add_up_and_early_exit_equals_the_full_forward(smollm2, layer):
-    ids = smollm2.tokenizer(["Plants need light and water to grow.", "Rivers flow down to the sea."],
-                            return_tensors="pt", padding=True).input_ids
+    ids = smollm2.tokenizer(
+        ["Plants need light and water to grow.", "Rivers flow down to the sea."], return_tensors="pt", padding=True
+    ).input_ids
     ids[:, 0] = smollm2.bos_token_id
     acts = {h: smollm2.activations(ids, layer, h) for h in HOOK_TYPES}
     # what a block adds to the residual stream is its attention plus its MLP output
-    torch.testing.assert_close(acts["resid_post"] - acts["resid_pre"], acts["attn_out"] + acts["mlp_out"],
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        acts["resid_post"] - acts["resid_pre"], acts["attn_out"] + acts["mlp_out"], rtol=1e-4, atol=1e-4
+    )
     with torch.no_grad():
         hs = smollm2.model(input_ids=ids, output_hidden_states=True).hidden_states
     torch.testing.assert_close(acts["resid_pre"], hs[layer], rtol=1e-5, atol=1e-5)
@@ -68,9 +71,19 @@ def test_hook_points_add_up_and_early_exit_equals_the_full_forward(smollm2, laye
 @pytest.mark.slow
 def test_full_job_on_real_weights(smollm2_dir, session_cache_dir, tmp_path):
     out = tmp_path / "out"
-    args = ["model=smollm2-135m", "layer=3", "dataset=builtin", "dataset.context_size=64", "dataset.eval_tokens=2048",
-            "train.tokens=16384", "trainer.batch_size=512", "sae.expansion_factor=2", "sae.k=16",
-            "eval=core_only", "sweep.name=real"]
+    args = [
+        "model=smollm2-135m",
+        "layer=3",
+        "dataset=builtin",
+        "dataset.context_size=64",
+        "dataset.eval_tokens=2048",
+        "train.tokens=16384",
+        "trainer.batch_size=512",
+        "sae.expansion_factor=2",
+        "sae.k=16",
+        "eval=core_only",
+        "sweep.name=real",
+    ]
     r = run_cli(out, *args, cache=session_cache_dir, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     (run,) = store_runs(out, "real", "job")

@@ -19,11 +19,20 @@ from helpers.cli import cli_argv, cli_env, run_cli
 from helpers.config import compose_config
 from helpers.mlflow_store import store_client, store_runs
 from sae_sweep.activations.cache import ActivationCache, get_or_build
-from sae_sweep.util.locks import OwnedLock
 from sae_sweep.training.loop import CheckpointUnreadable, Interrupted, load_checkpoint, train
+from sae_sweep.util.locks import OwnedLock
 
-SYNTH = ["dataset=synthetic", "dataset.tokens=16384", "dataset.eval_tokens=2048", "train.tokens=16384",
-         "trainer.batch_size=512", "sae.d_sae=128", "sae.k=4", "eval=core_only", "sweep.name=rel"]
+SYNTH = [
+    "dataset=synthetic",
+    "dataset.tokens=16384",
+    "dataset.eval_tokens=2048",
+    "train.tokens=16384",
+    "trainer.batch_size=512",
+    "sae.d_sae=128",
+    "sae.k=4",
+    "eval=core_only",
+    "sweep.name=rel",
+]
 
 
 def _jobs(out: Path):
@@ -132,7 +141,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
             return self
 
         def __next__(self):
-            x = data[(self.i * 32) % 3968:(self.i * 32) % 3968 + 32]
+            x = data[(self.i * 32) % 3968 : (self.i * 32) % 3968 + 32]
             self.i += 1
             return x
 
@@ -150,8 +159,15 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
     ckpt = tmp_path
     partial = trainer(30)
     with pytest.raises(Interrupted):
-        train(partial, Reader(), 30, ckpt, checkpoint_every=10, progress=False,
-              should_stop=lambda: partial.step_count >= 25)  # checkpoints at 10, 20, then 25 on the stop
+        train(
+            partial,
+            Reader(),
+            30,
+            ckpt,
+            checkpoint_every=10,
+            progress=False,
+            should_stop=lambda: partial.step_count >= 25,
+        )  # checkpoints at 10, 20, then 25 on the stop
     latest = ckpt / "latest.pt"
     latest.write_bytes(latest.read_bytes()[:1000])  # truncated, as by a full disk
     state = load_checkpoint(ckpt)
@@ -250,13 +266,17 @@ def test_artifacts_live_under_the_output_dir_not_the_launch_dir(tmp_path):
 # -- bad input: refused before any work, with the real reason -------------------------------------
 
 
-@pytest.mark.parametrize("args, needles, modes", [
-    (["train.tokens=5"], ["train.tokens=5", "less than one batch"], ([],)),
-    (["device=cuda"], ["device='cuda'", "CUDA is not available"], ([], ["-m"])),  # checked with the grid
-    (["dataset=builtin", "dataset.tokens=200000000000"], ["dataset.tokens=200000000000", "GB of memory"], ([],)),
-    (["trainer.lrr=1e-3"], ["trainer.lrr: unknown setting", "did you mean 'lr'?"], ([], ["-m"])),
-    (["tracking.uri=sqlite:////proc/nowhere/mlflow.db"], ["/proc/nowhere", "cannot create"], ([],)),
-], ids=["budget", "device", "memory", "typo", "store"])
+@pytest.mark.parametrize(
+    "args, needles, modes",
+    [
+        (["train.tokens=5"], ["train.tokens=5", "less than one batch"], ([],)),
+        (["device=cuda"], ["device='cuda'", "CUDA is not available"], ([], ["-m"])),  # checked with the grid
+        (["dataset=builtin", "dataset.tokens=200000000000"], ["dataset.tokens=200000000000", "GB of memory"], ([],)),
+        (["trainer.lrr=1e-3"], ["trainer.lrr: unknown setting", "did you mean 'lr'?"], ([], ["-m"])),
+        (["tracking.uri=sqlite:////proc/nowhere/mlflow.db"], ["/proc/nowhere", "cannot create"], ([],)),
+    ],
+    ids=["budget", "device", "memory", "typo", "store"],
+)
 @pytest.mark.integration
 def test_bad_input_is_refused_in_seconds_naming_key_and_reason(tmp_path, args, needles, modes):
     t0 = time.time()
@@ -270,11 +290,15 @@ def test_bad_input_is_refused_in_seconds_naming_key_and_reason(tmp_path, args, n
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("content, needle", [
-    (b"", "is empty"),
-    (b"hello \xff\xfe world\nsecond line\n", "is not UTF-8 text"),
-    (b"x" * 2_000_000 + b"\n", "all fall in one split"),  # one long line: one document
-], ids=["empty", "not-utf8", "one-long-line"])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b"", "is empty"),
+        (b"hello \xff\xfe world\nsecond line\n", "is not UTF-8 text"),
+        (b"x" * 2_000_000 + b"\n", "all fall in one split"),  # one long line: one document
+    ],
+    ids=["empty", "not-utf8", "one-long-line"],
+)
 @pytest.mark.integration
 def test_local_files_that_cannot_give_both_splits_are_refused_naming_the_file(tmp_path, content, needle):
     f = tmp_path / "data.txt"
@@ -292,9 +316,17 @@ def test_local_files_that_cannot_give_both_splits_are_refused_naming_the_file(tm
 def test_eight_sweeps_of_one_grid_started_at_once_train_each_point_once(tmp_path):
     out = tmp_path / "out"
     grid = ["-m", *SYNTH, "seed=11,12", "sae.d_sae=96,128"]
-    procs = [subprocess.Popen(cli_argv(out, *grid), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              env=cli_env(), cwd=tmp_path)
-             for _ in range(8)]
+    procs = [
+        subprocess.Popen(
+            cli_argv(out, *grid),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env(),
+            cwd=tmp_path,
+        )
+        for _ in range(8)
+    ]
     errs = [p.communicate(timeout=900)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(e[-1500:] for e in errs)
 
@@ -312,8 +344,9 @@ def test_eight_sweeps_of_one_grid_started_at_once_train_each_point_once(tmp_path
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")]
         assert len(steps) == len(set(steps)), f"{r.info.run_id}: train/loss logged twice"
         assert len(client.get_metric_history(r.info.run_id, "recovery/sparsity/l0")) == 1  # evals ran once
-    parents = [r for r in client.search_runs([jobs[0].info.experiment_id])
-               if r.data.tags.get("sae_sweep.kind") == "sweep"]
+    parents = [
+        r for r in client.search_runs([jobs[0].info.experiment_id]) if r.data.tags.get("sae_sweep.kind") == "sweep"
+    ]
     assert len(parents) == 8
     assert sum(p.data.metrics["sweep/finished"] for p in parents) == 4
     assert all(p.data.metrics["sweep/finished"] + p.data.metrics["sweep/skipped"] == 4 for p in parents)

@@ -101,19 +101,39 @@ def test_shared_features_table(built):
 @pytest.mark.unit
 def test_report_files_plots_and_parent_artifacts(built):
     tracker, parent, _, res = built
-    assert set(res.plots) == {"metrics_grid", "absorption_per_letter", "probing_vs_k", "shared_features",
-                              "training_curves"}, res.skipped_plots
+    assert set(res.plots) == {
+        "metrics_grid",
+        "absorption_per_letter",
+        "probing_vs_k",
+        "shared_features",
+        "training_curves",
+    }, res.skipped_plots
     for p in res.plots.values():
         assert p.exists() and p.stat().st_size > 5000
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = res.markdown.read_text()
-    for section in ("## Headline metrics per variant", "## Cross-seed shared-feature ratio", "## Dataset comparison",
-                    "## Trainer comparison", "## Per-model breakdown", "## Plots", "![", "## Key findings"):
+    for section in (
+        "## Headline metrics per variant",
+        "## Cross-seed shared-feature ratio",
+        "## Dataset comparison",
+        "## Trainer comparison",
+        "## Per-model breakdown",
+        "## Plots",
+        "![",
+        "## Key findings",
+    ):
         assert section in md
     assert "0.820 ± 0.028" in md  # builtin EV: mean 0.82, std 0.04/sqrt(2)
     logged = tracker.list_artifacts(parent, "report")
-    for name in ("report/report.md", "report/summary.csv", "report/runs.csv", "report/compare_dataset.csv",
-                 "report/shared_features.csv", "report/run_ids.json", "report/plots"):
+    for name in (
+        "report/report.md",
+        "report/summary.csv",
+        "report/runs.csv",
+        "report/compare_dataset.csv",
+        "report/shared_features.csv",
+        "report/run_ids.json",
+        "report/plots",
+    ):
         assert name in logged
     assert len(tracker.list_artifacts(parent, "report/plots")) == 5
 
@@ -183,9 +203,13 @@ def test_cli_targets(store, tmp_path, capsys):
 def test_cli_module_entry_point(store, tmp_path):
     tracker, _ = store
     parent, _ = make_sweep(tracker, "report_subprocess", full=False, failed=False)
-    out = subprocess.run([sys.executable, "-m", "sae_sweep.report", parent, "--tracking-uri", tracker.uri,
-                          "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parent.parent)
+    out = subprocess.run(
+        [sys.executable, "-m", "sae_sweep.report", parent, "--tracking-uri", tracker.uri, "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert out.returncode == 0, out.stderr
     assert "report:" in out.stdout and (tmp_path / "r" / "summary.csv").exists()
     assert "report/report.md" in tracker.list_artifacts(parent, "report")
@@ -198,6 +222,7 @@ def test_an_interrupted_sweep_gets_a_report_that_says_it_is_partial(store):
     tracker.set_tags(parent, {"sweep.interrupted": "SystemExit with 2 of 6 points unfinished"})
     md = build_report(tracker, parent, d / "interrupted", log_to_mlflow=False).markdown.read_text()
     assert "Partial report: the sweep was interrupted (SystemExit with 2 of 6 points unfinished)" in md
-    whole = build_report(tracker, make_sweep(tracker, "report_whole", full=False, failed=False)[0], d / "whole",
-                         log_to_mlflow=False).markdown.read_text()
+    whole = build_report(
+        tracker, make_sweep(tracker, "report_whole", full=False, failed=False)[0], d / "whole", log_to_mlflow=False
+    ).markdown.read_text()
     assert "Partial report" not in whole

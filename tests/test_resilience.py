@@ -24,8 +24,16 @@ from helpers.mlflow_store import store_runs, store_uri
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # Small caches trained over many times, on purpose: train.epochs says so (the default refuses repeated data).
-SMALL = ["dataset.tokens=20000", "train.epochs=50", "dataset.eval_tokens=2048", "train.tokens=40000", "trainer.batch_size=1000",
-         "train.checkpoint_every=5", "sweep.name=resilience", "eval=core_only"]
+SMALL = [
+    "dataset.tokens=20000",
+    "train.epochs=50",
+    "dataset.eval_tokens=2048",
+    "train.tokens=40000",
+    "trainer.batch_size=1000",
+    "train.checkpoint_every=5",
+    "sweep.name=resilience",
+    "eval=core_only",
+]
 
 
 def _cli(out: Path, *args):
@@ -93,7 +101,10 @@ def test_failed_point_does_not_stop_the_sweep_and_a_rerun_runs_only_failed_and_m
     (parent,) = _runs(out, "sweep")
     assert parent.info.status == "FAILED"
     assert {k: parent.data.metrics[k] for k in ("sweep/finished", "sweep/failed", "sweep/skipped")} == {
-        "sweep/finished": 1, "sweep/failed": 1, "sweep/skipped": 0}
+        "sweep/finished": 1,
+        "sweep/failed": 1,
+        "sweep/skipped": 0,
+    }
 
     # Again, with one point the first sweep did not have: the finished point is skipped, the failed
     # one runs again (continuing its own run), the missing one runs.
@@ -106,8 +117,11 @@ def test_failed_point_does_not_stop_the_sweep_and_a_rerun_runs_only_failed_and_m
     assert after["0.002"].info.status == "FINISHED"
     assert after["0.001"].info.end_time == children["0.001"].info.end_time  # not run again
     second = _runs(out, "sweep")[-1]
-    assert (second.data.metrics["sweep/finished"], second.data.metrics["sweep/failed"],
-            second.data.metrics["sweep/skipped"]) == (1, 1, 1)
+    assert (
+        second.data.metrics["sweep/finished"],
+        second.data.metrics["sweep/failed"],
+        second.data.metrics["sweep/skipped"],
+    ) == (1, 1, 1)
 
 
 # eight writers, one sqlite store
@@ -154,8 +168,9 @@ def test_eight_processes_writing_one_sqlite_store_lose_nothing(tmp_path):
         for key in ("train/loss", "train/l0"):
             history = client.get_metric_history(r.info.run_id, key)
             assert sorted(m.step for m in history) == list(range(N_STEPS)), key
-        assert {m.step: m.value for m in client.get_metric_history(r.info.run_id, "train/loss")}[N_STEPS - 1] == \
-            pytest.approx(i + (N_STEPS - 1) / N_STEPS)
+        assert {m.step: m.value for m in client.get_metric_history(r.info.run_id, "train/loss")}[
+            N_STEPS - 1
+        ] == pytest.approx(i + (N_STEPS - 1) / N_STEPS)
 
 
 @pytest.mark.parametrize("multirun", [False, True], ids=["run", "sweep"])

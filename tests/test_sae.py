@@ -1,4 +1,5 @@
 """SAE modules, registry, validation, TopK trainer pieces (fast, CPU, fp32)."""
+
 import dataclasses
 import json
 
@@ -7,6 +8,8 @@ import torch
 from omegaconf import OmegaConf
 
 from helpers.config import compose_config
+from sae_sweep.activations.synthetic import PlantedDictionary
+from sae_sweep.evals.recovery import recovery_metrics
 from sae_sweep.sae import (
     SparseAutoencoder,
     TopKSAE,
@@ -16,8 +19,6 @@ from sae_sweep.sae import (
     register_trainer,
     trainer_names,
 )
-from sae_sweep.evals.recovery import recovery_metrics
-from sae_sweep.activations.synthetic import PlantedDictionary
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
@@ -34,16 +35,33 @@ def test_save_load_round_trip(tmp_path):
     with torch.no_grad():
         sae.b_enc.normal_()
         sae.b_dec.normal_()
-    meta = {"model_name": "tiny", "hook_name": "blocks.2.hook_resid_post", "hook_layer": 2,
-            "context_size": 64, "dataset_path": "builtin", "k": 4}
+    meta = {
+        "model_name": "tiny",
+        "hook_name": "blocks.2.hook_resid_post",
+        "hook_layer": 2,
+        "context_size": 64,
+        "dataset_path": "builtin",
+        "k": 4,
+    }
     sae.save(tmp_path, meta)
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     assert (tmp_path / "sae.safetensors").exists()
-    for key, value in {"architecture": "topk", "d_in": 16, "d_sae": 64, "k": 4, "dtype": "float32",
-                       "device": "cpu", "model_name": "tiny", "hook_name": "blocks.2.hook_resid_post",
-                       "hook_layer": 2, "context_size": 64, "dataset_path": "builtin",
-                       "normalize_activations": "none", "apply_b_dec_to_input": True,
-                       "activation_fn_kwargs": {"k": 4}}.items():
+    for key, value in {
+        "architecture": "topk",
+        "d_in": 16,
+        "d_sae": 64,
+        "k": 4,
+        "dtype": "float32",
+        "device": "cpu",
+        "model_name": "tiny",
+        "hook_name": "blocks.2.hook_resid_post",
+        "hook_layer": 2,
+        "context_size": 64,
+        "dataset_path": "builtin",
+        "normalize_activations": "none",
+        "apply_b_dec_to_input": True,
+        "activation_fn_kwargs": {"k": 4},
+    }.items():
         assert cfg[key] == value, key
     loaded = SparseAutoencoder.load(tmp_path)
     assert type(loaded) is TopKSAE and loaded.k == 4
@@ -125,6 +143,7 @@ def test_geometric_median_known_answers():
     # Minimiser check: sum of distances is lower than at the mean and at nearby points.
     x = torch.randn(300, 4, generator=g) ** 3
     m = geometric_median(x)
+
     def obj(y):
         return (x - y).norm(dim=1).sum()
 
@@ -159,6 +178,7 @@ def test_registry():
 
 def test_register_conflicting_name_fails():
     with pytest.raises(ValueError, match="already registered"):
+
         @register_trainer("topk")
         class Other(TopKTrainer):
             pass
@@ -176,15 +196,18 @@ def test_composed_trainer_node_is_the_params_dataclass():
     assert t.params.dead_tokens == 50000 and t.params.auxk_alpha == pytest.approx(1 / 32)
 
 
-@pytest.mark.parametrize("override, key", [
-    ({"lr": -1.0}, "trainer.lr=-1.0"),
-    ({"lr": "fast"}, "trainer.lr='fast'"),
-    ({"decay_start": 1.5}, "trainer.decay_start=1.5"),
-    ({"batch_size": 0}, "trainer.batch_size=0"),
-    ({"autocast_bf16": "yes"}, "trainer.autocast_bf16='yes'"),
-    ({"auxk_alpha": -0.1}, "trainer.auxk_alpha=-0.1"),
-    ({"bogus": 1}, "trainer.bogus"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ({"lr": -1.0}, "trainer.lr=-1.0"),
+        ({"lr": "fast"}, "trainer.lr='fast'"),
+        ({"decay_start": 1.5}, "trainer.decay_start=1.5"),
+        ({"batch_size": 0}, "trainer.batch_size=0"),
+        ({"autocast_bf16": "yes"}, "trainer.autocast_bf16='yes'"),
+        ({"auxk_alpha": -0.1}, "trainer.auxk_alpha=-0.1"),
+        ({"bogus": 1}, "trainer.bogus"),
+    ],
+)
 def test_validation_messages_name_key_value_and_range(override, key):
     errors = TopKTrainer.problems({"name": "topk", **override}, SAE_CFG, 16)
     assert len(errors) == 1 and errors[0].startswith(key), errors
@@ -230,11 +253,13 @@ def test_recovery_metrics_known_values():
 
 def test_sparse_decode_paths_agree_with_grads():
     from sae_sweep.sae import sparse_decode
+
     W = torch.randn(32, 4, dtype=torch.double, requires_grad=True)
     vals = torch.rand(3, 3, dtype=torch.double, requires_grad=True)
     idx = torch.stack([torch.randperm(32)[:3] for _ in range(3)])
     dense = torch.zeros(3, 32, dtype=torch.double).scatter(-1, idx, vals.detach()) @ W.detach()
     for dense_above in (1.0, 0.0):  # embedding_bag path, then dense scatter + matmul path
+
         def fn(v, w, dense_above=dense_above):
             return sparse_decode(v, idx, w, dense_above=dense_above)
 

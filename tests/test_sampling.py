@@ -1,6 +1,7 @@
 """sampling.py (dataset.generation.sampler=exact_topk_first) draws from the distribution HF's own
 processors give: same kept tokens, same renormalised probabilities, on random logits (rows whose
 nucleus is wider than the candidates included) and on the tiny model's real generate() steps."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,8 +14,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from sae_sweep.data import sampling
 from sae_sweep.config import stable_hash
+from sae_sweep.data import sampling
 from sae_sweep.data.faithful import VERSION, Generations
 from sae_sweep.data.text import dataset_fingerprint
 
@@ -63,12 +64,15 @@ def _random_logits(gen, rows, vocab):
     return torch.randn(rows, vocab, generator=gen) * scale[:, None] + torch.randn(rows, 1, generator=gen)
 
 
-@pytest.mark.parametrize("temperature, top_p, penalty", [
-    (1.0, 0.9, 1.1),   # the faithful defaults
-    (0.7, 0.5, 1.3),
-    (1.5, 0.95, 1.0),  # no penalty
-    (1.0, 1.0, 1.1),   # no top-p: the whole distribution
-])
+@pytest.mark.parametrize(
+    "temperature, top_p, penalty",
+    [
+        (1.0, 0.9, 1.1),  # the faithful defaults
+        (0.7, 0.5, 1.3),
+        (1.5, 0.95, 1.0),  # no penalty
+        (1.0, 1.0, 1.1),  # no top-p: the whole distribution
+    ],
+)
 @pytest.mark.unit
 def test_nucleus_equals_hf_processors_on_random_logits(temperature, top_p, penalty):
     gen = torch.Generator().manual_seed(0)
@@ -104,11 +108,18 @@ def test_sample_next_draws_the_nucleus_distribution():
     draws = 20000
     rows = logits.repeat_interleave(draws, 0)
     history = torch.zeros(len(rows), 1, dtype=torch.long)
-    picked = sampling.sample_next(rows, history, temperature=1.0, top_p=0.9, repetition_penalty=1.1,
-                                  generator=torch.Generator().manual_seed(2), candidates=32)
+    picked = sampling.sample_next(
+        rows,
+        history,
+        temperature=1.0,
+        top_p=0.9,
+        repetition_penalty=1.1,
+        generator=torch.Generator().manual_seed(2),
+        candidates=32,
+    )
     probs = sampling.nucleus_probs(sampling.process(logits, history[:2], 1.0, 1.1), 0.9, 32)
     for r in range(2):
-        freq = torch.bincount(picked[r * draws:(r + 1) * draws], minlength=400).double() / draws
+        freq = torch.bincount(picked[r * draws : (r + 1) * draws], minlength=400).double() / draws
         assert set(torch.nonzero(freq).flatten().tolist()) <= set(torch.nonzero(probs[r]).flatten().tolist())
         assert (freq - probs[r]).abs().max() < 0.02  # ~6 standard errors of the largest probability
 
@@ -120,10 +131,22 @@ def hf_generate_agreement(lm, device="cpu", bs=16, steps=12):
     torch.manual_seed(0)
     with torch.inference_mode():
         out = lm.model.generate(
-            input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0,
-            top_p=0.9, top_k=0, repetition_penalty=1.1, max_new_tokens=steps, min_new_tokens=0,
-            eos_token_id=lm.eos_token_id, pad_token_id=lm.pad_token_id, use_cache=True,
-            output_scores=True, output_logits=True, return_dict_in_generate=True)
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=True,
+            temperature=1.0,
+            top_p=0.9,
+            top_k=0,
+            repetition_penalty=1.1,
+            max_new_tokens=steps,
+            min_new_tokens=0,
+            eos_token_id=lm.eos_token_id,
+            pad_token_id=lm.pad_token_id,
+            use_cache=True,
+            output_scores=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     same = 0
     for t, (raw, processed) in enumerate(zip(out.logits, out.scores)):
         assert raw.device.type == torch.device(device).type
@@ -149,9 +172,18 @@ def test_generate_loop_semantics(tiny_lm):
     prompt = torch.full((32, 1), lm.bos_token_id, dtype=torch.long)
 
     def run(seed, new=24, **kw):
-        return sampling.generate(lm.model, prompt, max_new_tokens=new, temperature=1.0, top_p=0.9,
-                                 repetition_penalty=1.1, eos_token_id=lm.eos_token_id, pad_token_id=lm.pad_token_id,
-                                 generator=torch.Generator().manual_seed(seed), **kw)
+        return sampling.generate(
+            lm.model,
+            prompt,
+            max_new_tokens=new,
+            temperature=1.0,
+            top_p=0.9,
+            repetition_penalty=1.1,
+            eos_token_id=lm.eos_token_id,
+            pad_token_id=lm.pad_token_id,
+            generator=torch.Generator().manual_seed(seed),
+            **kw,
+        )
 
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a, b) and not torch.equal(a, c)
@@ -159,7 +191,7 @@ def test_generate_loop_semantics(tiny_lm):
     for row in a[:, 1:]:
         ends = torch.nonzero(row == lm.eos_token_id).flatten()
         if len(ends):
-            assert (row[ends[0] + 1:] == lm.pad_token_id).all()
+            assert (row[ends[0] + 1 :] == lm.pad_token_id).all()
     # Stops at max_new_tokens unless every row has ended, then at once. Which case a 400-token run
     # reaches depends on the tiny model's weights, which its build on each CPU rounds differently.
     long = run(0, new=400)
@@ -179,11 +211,18 @@ def _old_generate(lm, settings, i):
     prompt = torch.full((bs, 1), lm.bos_token_id, dtype=torch.long, device=lm.device)
     with torch.inference_mode():
         out = lm.model.generate(
-            input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
-            temperature=float(s["temperature"]), top_p=float(s["top_p"]), top_k=0,
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=True,
+            temperature=float(s["temperature"]),
+            top_p=float(s["top_p"]),
+            top_k=0,
             repetition_penalty=float(s["repetition_penalty"]),
-            max_new_tokens=int(s["max_new_tokens"]), min_new_tokens=0,
-            eos_token_id=lm.eos_token_id, pad_token_id=lm.pad_token_id, use_cache=True,
+            max_new_tokens=int(s["max_new_tokens"]),
+            min_new_tokens=0,
+            eos_token_id=lm.eos_token_id,
+            pad_token_id=lm.pad_token_id,
+            use_cache=True,
         )
     docs = []
     for row in out[:, 1:].cpu().numpy():
@@ -205,16 +244,19 @@ def test_sampler_hf_keeps_the_chunks_and_directories_of_before(tiny_lm, tmp_path
     fast = Generations(tiny_lm, {**OLD, "sampler": "exact_topk_first"}, tmp_path)
     assert fast.root != gens.root and fast.identity["sampler"] == "exact_topk_first"
     # The activation cache's dataset fingerprint follows the text: unchanged at hf, another at exact_topk_first.
-    fingerprint = {s: dataset_fingerprint({"name": "faithful", "kind": "faithful", "generation": {**OLD, "sampler": s}}, tiny_lm)
-                   for s in ("hf", "exact_topk_first")}
+    fingerprint = {
+        s: dataset_fingerprint({"name": "faithful", "kind": "faithful", "generation": {**OLD, "sampler": s}}, tiny_lm)
+        for s in ("hf", "exact_topk_first")
+    }
     assert fingerprint["hf"]["generation"] == OLD
     assert fingerprint["exact_topk_first"]["generation"] == {**OLD, "sampler": "exact_topk_first"}
 
 
 @pytest.mark.integration
 def test_exact_topk_first_chunks_are_deterministic_per_seed_and_chunk_and_text_like(tiny_lm, tmp_path):
-    gens = Generations(tiny_lm, {**OLD, "max_new_tokens": 32, "batch_size": 16, "sampler": "exact_topk_first"},
-                       tmp_path)
+    gens = Generations(
+        tiny_lm, {**OLD, "max_new_tokens": 32, "batch_size": 16, "sampler": "exact_topk_first"}, tmp_path
+    )
     first = gens._generate(0)
     assert all(np.array_equal(x, y) for x, y in zip(first, gens._generate(0)))
     other = gens._generate(1)
@@ -236,8 +278,8 @@ def test_the_generation_defaults_live_in_the_schema_once(tiny_lm, tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from sae_sweep.job.app import CONF_DIR
     from sae_sweep.config import GenerationConfig
+    from sae_sweep.job.app import CONF_DIR
 
     defaults = dataclasses.asdict(GenerationConfig())
     assert defaults["batch_size"] == 64 and defaults["sampler"] == "exact_topk_first"
@@ -246,6 +288,9 @@ def test_the_generation_defaults_live_in_the_schema_once(tiny_lm, tmp_path):
         preset = compose("config", overrides=["dataset=faithful"]).dataset.generation
     assert OmegaConf.to_container(preset) == {**defaults, "batch_size": 256}
     assert Generations(tiny_lm, {"seed": 3}, tmp_path).settings == {**defaults, "seed": 3}
-    with pytest.raises(ValueError, match=r"dataset.generation.sampler='greedy': not allowed; allowed: one of: hf, "
-                                         r"exact_topk_first"):
+    with pytest.raises(
+        ValueError,
+        match=r"dataset.generation.sampler='greedy': not allowed; allowed: one of: hf, "
+        r"exact_topk_first",
+    ):
         Generations(tiny_lm, {"sampler": "greedy"}, tmp_path)

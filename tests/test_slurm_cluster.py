@@ -73,7 +73,7 @@ def _run(*cmd: str) -> str:
     return proc.stdout
 
 
-def _executor(folder: Path, **extra) -> "submitit.AutoExecutor":
+def _executor(folder: Path, **extra) -> submitit.AutoExecutor:
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
     params = dict(
         slurm_partition=PARTITION,
@@ -150,8 +150,7 @@ class ResumableCounter(submitit.helpers.Checkpointable):
 
 def test_cluster_is_up():
     assert HAVE_SINFO, (
-        "CI=true but `sinfo` is not on PATH: SLURM is not installed. "
-        "Run .ci/install_slurm.sh before the test suite."
+        "CI=true but `sinfo` is not on PATH: SLURM is not installed. Run .ci/install_slurm.sh before the test suite."
     )
     ping = _run("scontrol", "ping")
     assert "UP" in ping, f"slurmctld is not answering:\n{ping}\n(launchers/slurm_local.sh start)"

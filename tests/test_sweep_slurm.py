@@ -25,22 +25,35 @@ from sae_sweep.activations.cache import read_builds_log
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 if shutil.which("sinfo") is None and not IN_CI:
-    pytest.skip("SLURM not installed (`sinfo` not on PATH): run .ci/install_slurm.sh, or "
-                "apt-get install slurm-wlm munge && launchers/slurm_local.sh start", allow_module_level=True)
+    pytest.skip(
+        "SLURM not installed (`sinfo` not on PATH): run .ci/install_slurm.sh, or "
+        "apt-get install slurm-wlm munge && launchers/slurm_local.sh start",
+        allow_module_level=True,
+    )
 
 pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm"), pytest.mark.slow, pytest.mark.timeout(900)]
 
 # Small caches trained over many times, on purpose: train.epochs says so (the default refuses repeated data).
-SMALL = ["dataset.tokens=20000", "train.epochs=50", "dataset.eval_tokens=2048", "train.tokens=40000", "trainer.batch_size=1000",
-         "train.checkpoint_every=5", "sweep.name=slurm", "hydra/launcher=slurm_local", "eval=core_only"]
+SMALL = [
+    "dataset.tokens=20000",
+    "train.epochs=50",
+    "dataset.eval_tokens=2048",
+    "train.tokens=40000",
+    "trainer.batch_size=1000",
+    "train.checkpoint_every=5",
+    "sweep.name=slurm",
+    "hydra/launcher=slurm_local",
+    "eval=core_only",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster():
     """Point clients at the local cluster's config when nothing else does; fail if it is down."""
     if "SLURM_CONF" not in os.environ and not Path("/etc/slurm/slurm.conf").exists():
-        os.environ["SLURM_CONF"] = str(Path(os.environ.get("SAE_SWEEP_SLURM_DIR", "/tmp/sae_sweep_slurm"))
-                                       / "slurm.conf")
+        os.environ["SLURM_CONF"] = str(
+            Path(os.environ.get("SAE_SWEEP_SLURM_DIR", "/tmp/sae_sweep_slurm")) / "slurm.conf"
+        )
     ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
     assert "UP" in ping.stdout, f"SLURM is not up ({ping.stdout}{ping.stderr}): launchers/slurm_local.sh start"
 
@@ -152,8 +165,14 @@ def test_failed_and_cancelled_points_do_not_stop_the_sweep_and_the_cache_is_buil
     out = tmp_path / "out"
     cache = fresh_cache(tmp_path)
     # Three points, two run at once (2 CPUs): lr=1e30 gives NaN; the third is cancelled from outside.
-    proc = _sweep(out, f"paths.cache_dir={cache}", "trainer.grad_clip=0", "trainer.warmup_steps=0",
-                  "trainer.lr=1e-3,1e30,2e-3", wait=False)
+    proc = _sweep(
+        out,
+        f"paths.cache_dir={cache}",
+        "trainer.grad_clip=0",
+        "trainer.warmup_steps=0",
+        "trainer.lr=1e-3,1e30,2e-3",
+        wait=False,
+    )
     try:
         third = _wait_for(lambda: [d for d in _job_dirs(out) if d.name.endswith("_2")], 300, "the array", proc)[0]
         subprocess.run(["scancel", third.name], check=True, timeout=60)
@@ -173,8 +192,11 @@ def test_failed_and_cancelled_points_do_not_stop_the_sweep_and_the_cache_is_buil
         assert children["0.002"].info.status == "FAILED"
     (parent,) = _runs(out, "sweep")
     assert parent.info.status == "FAILED"
-    assert (parent.data.metrics["sweep/finished"], parent.data.metrics["sweep/failed"],
-            parent.data.metrics["sweep/skipped"]) == (1, 2, 0)
+    assert (
+        parent.data.metrics["sweep/finished"],
+        parent.data.metrics["sweep/failed"],
+        parent.data.metrics["sweep/skipped"],
+    ) == (1, 2, 0)
 
     # The two jobs that ran at once, in separate SLURM jobs, share one activation cache built once.
     ran = [children["0.001"], children["1e+30"]]

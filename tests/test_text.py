@@ -1,4 +1,5 @@
 """text.py: BOS-prefixed windows, disjoint splits, local files, faithful generation, offline hub."""
+
 from __future__ import annotations
 
 import json
@@ -36,14 +37,27 @@ def llama_lm(tmp_path_factory):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                        unk_token="</s>", pad_token="<pad>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="</s>", pad_token="<pad>"
+    )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+        )
+    )
     d = tmp_path_factory.mktemp("llama_text")
     model.save_pretrained(d)
     tokenizer.save_pretrained(d)
@@ -126,8 +140,14 @@ def test_local_files_jsonl_parquet_txt_csv(llama_lm, tmp_path):
 
     results = {}
     for path, column in ((jsonl, "body"), (parquet, "body"), (csv, "body"), (txt, "text")):
-        cfg = {"name": "local", "kind": "local", "data_files": [str(path)], "text_column": column, "context_size": 16,
-               "eval_tokens": 16 * 4}
+        cfg = {
+            "name": "local",
+            "kind": "local",
+            "data_files": [str(path)],
+            "text_column": column,
+            "context_size": 16,
+            "eval_tokens": 16 * 4,
+        }
         check_dataset_available(cfg)
         train = token_windows(cfg, llama_lm, "train", 16 * 20, tmp_path / "cache")
         ev = token_windows(cfg, llama_lm, "eval", 16 * 4, tmp_path / "cache")
@@ -137,7 +157,9 @@ def test_local_files_jsonl_parquet_txt_csv(llama_lm, tmp_path):
         # Windows decode to text of the requested split only.
         eval_tags = {d.split(":")[0] for d in docs if doc_split(d) == "eval"}
         decoded = llama_lm.tokenizer.decode(ev.flatten(), skip_special_tokens=True)
-        numbers = {f"local document number {s.split(':')[0].strip()}" for s in decoded.split("local document number")[1:-1]}
+        numbers = {
+            f"local document number {s.split(':')[0].strip()}" for s in decoded.split("local document number")[1:-1]
+        }
         assert numbers and numbers <= eval_tags
     # Same documents, same tokens, whatever the file format.
     for suffix in (".parquet", ".csv", ".txt"):
@@ -170,19 +192,33 @@ def test_local_bad_text_column(llama_lm, tmp_path):
 def test_local_html_pages_give_one_document_per_prose_paragraph(llama_lm, tmp_path):
     """HTML documentation as a dataset: paragraphs that read as prose, nothing from code, tables,
     navigation or scripts; the same documents as a jsonl of those paragraphs."""
-    prose = [f"Paragraph {i} explains, in plain words that any reader can follow, how the system keeps "
-             f"its records safe when many people change them at the same time and why that matters." for i in range(300)]
-    page = ("<html><head><script>var p = '<p>not text</p>';</script><style>p {}</style></head><body>"
-            "<div class='navheader'><p>Prev Up Next</p></div>"
-            + "".join(f"<p>{p} See <em>VACUUM</em>\n  too.</p>" if i % 2 else f"<div class='para'>{p}</div>"
-                      for i, p in enumerate(prose[:150]))
-            + "<pre>SELECT * FROM t WHERE a = b;</pre><p>x = f(a.b, c[d]) / g_h(i) { j } k.l m_n o(p) q.r s_t u=v "
-            "w(x) y.z a_b c(d) e.f g_h</p></body></html>")
+    prose = [
+        f"Paragraph {i} explains, in plain words that any reader can follow, how the system keeps "
+        f"its records safe when many people change them at the same time and why that matters."
+        for i in range(300)
+    ]
+    page = (
+        "<html><head><script>var p = '<p>not text</p>';</script><style>p {}</style></head><body>"
+        "<div class='navheader'><p>Prev Up Next</p></div>"
+        + "".join(
+            f"<p>{p} See <em>VACUUM</em>\n  too.</p>" if i % 2 else f"<div class='para'>{p}</div>"
+            for i, p in enumerate(prose[:150])
+        )
+        + "<pre>SELECT * FROM t WHERE a = b;</pre><p>x = f(a.b, c[d]) / g_h(i) { j } k.l m_n o(p) q.r s_t u=v "
+        "w(x) y.z a_b c(d) e.f g_h</p></body></html>"
+    )
     (tmp_path / "a.html").write_text(page)
     (tmp_path / "b.htm").write_text("<p>" + "</p><p>".join(prose[150:]) + "</p><p>Too short to count.</p>")
-    (tmp_path / "c.html").write_text("<html><body><table><tr><td>an index page: no prose</td></tr></table></body></html>")
-    cfg = {"name": "docs", "kind": "local", "data_files": [str(tmp_path / "*.htm*")], "context_size": 16,
-           "eval_tokens": 64}
+    (tmp_path / "c.html").write_text(
+        "<html><body><table><tr><td>an index page: no prose</td></tr></table></body></html>"
+    )
+    cfg = {
+        "name": "docs",
+        "kind": "local",
+        "data_files": [str(tmp_path / "*.htm*")],
+        "context_size": 16,
+        "eval_tokens": 64,
+    }
     check_dataset_available(cfg)
     docs = [llama_lm.tokenizer.decode(d) for d in iter_split_documents(cfg, llama_lm, "train", tmp_path / "c")]
     want = [f"{p} See VACUUM too." if i < 150 and i % 2 else p for i, p in enumerate(prose)]
@@ -191,8 +227,10 @@ def test_local_html_pages_give_one_document_per_prose_paragraph(llama_lm, tmp_pa
     jsonl = tmp_path / "same.jsonl"
     jsonl.write_text("".join(json.dumps({"text": w}) + "\n" for w in want))
     from_jsonl = {"name": "docs", "kind": "local", "data_files": [str(jsonl)], "context_size": 16}
-    assert torch.equal(token_windows(cfg, llama_lm, "train", 16 * 30, tmp_path / "c"),
-                       token_windows(from_jsonl, llama_lm, "train", 16 * 30, tmp_path / "c"))
+    assert torch.equal(
+        token_windows(cfg, llama_lm, "train", 16 * 30, tmp_path / "c"),
+        token_windows(from_jsonl, llama_lm, "train", 16 * 30, tmp_path / "c"),
+    )
     assert dataset_fingerprint(cfg, llama_lm)["html"].startswith("html-paragraphs-v1")
 
     missing = {**cfg, "data_files": ["/nonexistent/doc-*/html/*.html"], "how_to_get": "apt-get install the-docs"}
@@ -212,8 +250,16 @@ def test_local_html_pages_give_one_document_per_prose_paragraph(llama_lm, tmp_pa
 @pytest.mark.integration
 def test_offline_hub_dataset_fails_fast(llama_lm, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = {"name": "fineweb", "kind": "hub", "hf_id": "HuggingFaceFW/fineweb", "hf_config": "sample-10BT",
-           "split": "train", "text_column": "text", "streaming": True, "context_size": 64}
+    cfg = {
+        "name": "fineweb",
+        "kind": "hub",
+        "hf_id": "HuggingFaceFW/fineweb",
+        "hf_config": "sample-10BT",
+        "split": "train",
+        "text_column": "text",
+        "streaming": True,
+        "context_size": 64,
+    }
     t0 = time.time()
     with pytest.raises(DatasetUnavailable) as err:
         check_dataset_available(cfg)
@@ -228,8 +274,14 @@ def test_offline_hub_dataset_fails_fast(llama_lm, tmp_path, monkeypatch):
 # faithful
 @pytest.mark.integration
 def test_faithful_generation_is_cached_resumable_and_text_like(tiny_lm, tiny_cache_dir, tmp_path):
-    gen = {"max_new_tokens": 32, "temperature": 1.0, "top_p": 0.9, "repetition_penalty": 1.1,
-           "batch_size": 16, "seed": 0}
+    gen = {
+        "max_new_tokens": 32,
+        "temperature": 1.0,
+        "top_p": 0.9,
+        "repetition_penalty": 1.1,
+        "batch_size": 16,
+        "seed": 0,
+    }
     cfg = {"name": "faithful", "kind": "faithful", "context_size": 32, "generation": gen}
     cache = tmp_path / "cache"
     ev = token_windows(cfg, tiny_lm, "eval", 32 * 6, cache)

@@ -28,17 +28,28 @@ def _monitor_threads():
 
 
 def _dataset(name, digest, context="train", tokens=100):
-    return {"name": name, "digest": digest, "source_type": "code", "source": {"tags": {"sae_sweep.dataset": name}},
-            "schema": None, "profile": {"tokens": tokens}, "context": context}
+    return {
+        "name": name,
+        "digest": digest,
+        "source_type": "code",
+        "source": {"tags": {"sae_sweep.dataset": name}},
+        "schema": None,
+        "profile": {"tokens": tokens},
+        "context": context,
+    }
 
 
 @pytest.mark.unit
 def test_links_open_the_model_training_view():
     # MLflow 3.17's UI opens experiments on the GenAI pages unless the link picks "Model training"
-    assert ui_url("http://login01:5000/", "7") == "http://login01:5000/#/experiments/7/runs?workflowType=machine_learning"
+    assert (
+        ui_url("http://login01:5000/", "7") == "http://login01:5000/#/experiments/7/runs?workflowType=machine_learning"
+    )
     assert ui_url("http://h:1", "7", "abc") == "http://h:1/#/experiments/7/runs/abc?workflowType=machine_learning"
-    assert (ui_url("https://h", "7", "abc", "system-metrics")
-            == "https://h/#/experiments/7/runs/abc/system-metrics?workflowType=machine_learning")
+    assert (
+        ui_url("https://h", "7", "abc", "system-metrics")
+        == "https://h/#/experiments/7/runs/abc/system-metrics?workflowType=machine_learning"
+    )
     # a local store: `mlflow ui`'s default address, and the command that serves it there
     assert ui_url("sqlite:////x/mlflow.db", "3").startswith("http://127.0.0.1:5000/#/experiments/3/runs?")
     assert ui_command("sqlite:////x/mlflow.db") == "mlflow ui --backend-store-uri sqlite:////x/mlflow.db"
@@ -48,8 +59,11 @@ def test_links_open_the_model_training_view():
 @pytest.mark.unit
 def test_a_link_that_cannot_be_made_is_a_warning_not_an_error(tracker, caplog):
     with tracker.child("links", "linked", "key-link", None) as run:
-        assert run.url == tracker.run_url(run.run_id) == ui_url(
-            tracker.uri, tracker.get_run(run.run_id).info.experiment_id, run.run_id)
+        assert (
+            run.url
+            == tracker.run_url(run.run_id)
+            == ui_url(tracker.uri, tracker.get_run(run.run_id).info.experiment_id, run.run_id)
+        )
     missing = "0" * 32  # the store has no such run: get_run raises
     with pytest.raises(MlflowException):
         tracker.run_url(missing)
@@ -73,8 +87,9 @@ def test_experiments_are_marked_as_model_training(tracker):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("error, status", [(None, "FINISHED"), (RuntimeError("boom"), "FAILED"),
-                                           (SystemExit(143), "KILLED")])
+@pytest.mark.parametrize(
+    "error, status", [(None, "FINISHED"), (RuntimeError("boom"), "FAILED"), (SystemExit(143), "KILLED")]
+)
 def test_every_close_stops_the_system_metrics_monitor_first(tracker, error, status):
     before = len(_monitor_threads())
     run = tracker.child("sysmetrics", f"run-{status}", f"key-{status}", None, system_metrics_s=0.2)
@@ -99,8 +114,7 @@ def test_a_continued_run_goes_on_with_its_system_metric_steps(tracker):
     time.sleep(1.0)
     run.close(SystemExit(143))  # preempted: KILLED, continued by the requeued job
     first = [s for s, _ in tracker.metric_history(run.run_id, CPU)]
-    again = tracker.child("sysmetrics", "resumed", "key-resumed", None, resume_run_id=run.run_id,
-                          system_metrics_s=0.2)
+    again = tracker.child("sysmetrics", "resumed", "key-resumed", None, resume_run_id=run.run_id, system_metrics_s=0.2)
     time.sleep(1.0)
     again.close()
     steps = [s for s, _ in tracker.metric_history(run.run_id, CPU)]
@@ -128,11 +142,15 @@ def test_datasets_are_run_inputs_and_the_parent_names_the_sweeps_training_sets(t
             kids.append(run.run_id)
     inputs = tracker.get_run(kids[0]).inputs.dataset_inputs
     assert sorted((d.dataset.name, d.dataset.digest, d.tags[0].value) for d in inputs) == [
-        ("builtin", "0e0e0e0e", "eval"), ("builtin", "1a2b3c4d", "train")]
+        ("builtin", "0e0e0e0e", "eval"),
+        ("builtin", "1a2b3c4d", "train"),
+    ]
     assert tracker.log_child_datasets(parent) == 2
     got = tracker.get_run(parent).inputs.dataset_inputs
-    assert sorted((d.dataset.name, d.dataset.digest) for d in got) == [("builtin", "1a2b3c4d"),
-                                                                       ("faithful", "5e6f7a8b")]
+    assert sorted((d.dataset.name, d.dataset.digest) for d in got) == [
+        ("builtin", "1a2b3c4d"),
+        ("faithful", "5e6f7a8b"),
+    ]
     assert all([(t.key, t.value) for t in d.tags] == [("mlflow.data.context", "train")] for d in got)
     tracker.end(parent, "FINISHED")
 
@@ -141,8 +159,8 @@ def test_datasets_are_run_inputs_and_the_parent_names_the_sweeps_training_sets(t
 def test_a_datasets_digest_is_its_token_windows_key(tiny_lm, tmp_path):
     """The digest the UI shows names the windows a run used: the key in their file name under
     <cache>/tokens/, different for the held-out split and for another budget."""
-    from sae_sweep.job.execute import dataset_record
     from sae_sweep.data.text import token_windows
+    from sae_sweep.job.execute import dataset_record
 
     cfg = OmegaConf.create({"dataset": {"name": "builtin", "kind": "builtin", "context_size": 32}})
     windows = token_windows(cfg.dataset, tiny_lm, "eval", 512, tmp_path)
@@ -193,8 +211,11 @@ def test_a_dataset_input_that_fails_is_a_warning_and_a_tag_and_the_job_goes_on(t
     assert r.info.status == "FINISHED" and r.data.metrics["train/loss"] == 1.0
     assert "needs the LanguageModel" in r.data.tags["dataset_input_error"]
     assert not r.inputs.dataset_inputs
-    assert any(run.run_id in m.getMessage() and "dataset input not logged" in m.getMessage()
-               for m in caplog.records if m.levelno == logging.WARNING)
+    assert any(
+        run.run_id in m.getMessage() and "dataset input not logged" in m.getMessage()
+        for m in caplog.records
+        if m.levelno == logging.WARNING
+    )
 
     # a store that refuses the input (the run was deleted under the job): warned, not raised
     gone = tracker.child("datasets_bad", "deleted", "key-gone", None)
@@ -222,7 +243,16 @@ def test_a_local_dataset_of_many_files_is_logged_with_its_patterns(tmp_path, tra
     assert kind == "local" and source == {"uri": str(pages), "data_files": [str(pages / "*.html")], "n_files": 1500}
     assert len(json.dumps(source)) < MAX_DATASET_SOURCE_SIZE
     with tracker.child("datasets_local", "manual", "key-manual", None) as run:
-        run.log_dataset({"name": "manual", "digest": "abcdef12", "source_type": kind, "source": source,
-                         "schema": None, "profile": {}, "context": "train"})
+        run.log_dataset(
+            {
+                "name": "manual",
+                "digest": "abcdef12",
+                "source_type": kind,
+                "source": source,
+                "schema": None,
+                "profile": {},
+                "context": "train",
+            }
+        )
     (got,) = MlflowClient(tracker.uri).get_run(run.run_id).inputs.dataset_inputs
     assert json.loads(got.dataset.source)["n_files"] == 1500

@@ -1,11 +1,12 @@
 """Training loop: known-answer recovery, kill-and-resume, failure modes (fast, CPU, fp32)."""
+
 import pytest
 import torch
 
 from helpers.readers import ListReader, TensorReader
-from sae_sweep.sae import get_trainer
-from sae_sweep.evals.recovery import recovery_metrics
 from sae_sweep.activations.synthetic import PlantedDictionary
+from sae_sweep.evals.recovery import recovery_metrics
+from sae_sweep.sae import get_trainer
 from sae_sweep.training.loop import Interrupted, TrainingFailed, load_checkpoint, train
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
@@ -26,11 +27,13 @@ def test_topk_recovers_planted_dictionary():
     pd = PlantedDictionary(32, 128, seed=0)
     data = pd.sample(64_000, l0=4)
     steps = 1000
-    trainer = topk_trainer(32, steps, {"d_sae": 256, "k": 4}, lr=3e-3, warmup_steps=50,
-                           dead_tokens=5000, batch_size=256)
+    trainer = topk_trainer(
+        32, steps, {"d_sae": 256, "k": 4}, lr=3e-3, warmup_steps=50, dead_tokens=5000, batch_size=256
+    )
     logs = []
-    result = train(trainer, TensorReader(data, 256), steps, log_every=100,
-                   on_log=lambda s, m: logs.append((s, m)), progress=False)
+    result = train(
+        trainer, TensorReader(data, 256), steps, log_every=100, on_log=lambda s, m: logs.append((s, m)), progress=False
+    )
     rec = recovery_metrics(trainer.sae.W_dec, pd)
     print("planted-dictionary recovery:", rec, "final:", result.metrics)
     assert rec["mean_max_cos"] > RECOVERY_FLOOR_MEAN_MAX_COS
@@ -54,8 +57,15 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
 
     t1, r1 = fresh()
     with pytest.raises(Interrupted) as exc:
-        train(t1, r1, total, ckpt_dir=tmp_path / "b", checkpoint_every=10, progress=False,
-              should_stop=lambda: t1.step_count >= 25)  # between two periodic checkpoints
+        train(
+            t1,
+            r1,
+            total,
+            ckpt_dir=tmp_path / "b",
+            checkpoint_every=10,
+            progress=False,
+            should_stop=lambda: t1.step_count >= 25,
+        )  # between two periodic checkpoints
     assert exc.value.step == 25
     state = load_checkpoint(tmp_path / "b")
     assert state["step"] == 25 and set(state["rng"]) >= {"torch", "numpy", "python"}
@@ -71,7 +81,8 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     assert t_full.optimizer.state_dict()["state"][0]["exp_avg"].equal(t2.optimizer.state_dict()["state"][0]["exp_avg"])
     timing = {"tokens_per_s"}
     assert {k: v for k, v in resumed.metrics.items() if k not in timing} == pytest.approx(
-        {k: v for k, v in full.metrics.items() if k not in timing}, rel=1e-6)
+        {k: v for k, v in full.metrics.items() if k not in timing}, rel=1e-6
+    )
 
     # A rerun after completion resumes at the end and trains nothing more.
     t3, r3 = fresh()
@@ -161,7 +172,15 @@ def test_checkpoints_on_a_time_interval(tmp_path, monkeypatch, every_steps, want
 
     monkeypatch.setattr(train_mod, "save_checkpoint", recording_save)
     t = topk_trainer(16, 10)
-    train(t, SlowReader(torch.randn(400, 16), 16), 10, ckpt_dir=tmp_path, checkpoint_every=every_steps,
-          checkpoint_every_s=25.0, log_every=5, progress=False)
+    train(
+        t,
+        SlowReader(torch.randn(400, 16), 16),
+        10,
+        ckpt_dir=tmp_path,
+        checkpoint_every=every_steps,
+        checkpoint_every_s=25.0,
+        log_every=5,
+        progress=False,
+    )
     assert saved == want
     assert load_checkpoint(tmp_path)["step"] == 10

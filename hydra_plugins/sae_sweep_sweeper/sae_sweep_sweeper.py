@@ -18,8 +18,7 @@ class SaeSweepSweeperConf:
     params: Optional[Dict[str, str]] = None
 
 
-ConfigStore.instance().store(group="hydra/sweeper", name="sae_sweep", node=SaeSweepSweeperConf,
-                             provider="sae_sweep")
+ConfigStore.instance().store(group="hydra/sweeper", name="sae_sweep", node=SaeSweepSweeperConf, provider="sae_sweep")
 
 
 class SaeSweepSweeper(BasicSweeper):

@@ -16,6 +16,7 @@ like a cache. Batches for training come from ``sae_sweep.activations.reader``.
 
 This module knows nothing about SAEs; it only stores (token ids, activations) pairs.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,10 +35,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sae_sweep.config import canonical, stable_hash
-from sae_sweep.util.files import atomic_write_json, fsync_dir
-from sae_sweep.util.build import build_once
 from sae_sweep.activations.shards import STORAGE_DTYPES, ShardWriter, decode, shard_digest_ok, storage
+from sae_sweep.config import canonical, stable_hash
+from sae_sweep.util.build import build_once
+from sae_sweep.util.files import atomic_write_json, fsync_dir
 
 __all__ = ["ActivationCache", "CacheError", "SHARD_BYTES", "cache_key", "get_or_build", "read_builds_log"]
 
@@ -84,8 +85,7 @@ def read_builds_log(cache_root: str | os.PathLike) -> list[dict[str, Any]]:
 class ActivationCache:
     """A complete, read-only activation cache directory. Create with ``ActivationCache.open``."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], acts: list[np.memmap],
-                 tokens: list[np.memmap]):
+    def __init__(self, path: Path, manifest: dict[str, Any], acts: list[np.memmap], tokens: list[np.memmap]):
         self.path = path
         self.manifest = manifest
         self.key: str = manifest["key"]
@@ -106,7 +106,7 @@ class ActivationCache:
         self.replaced: str | None = None  # why an unusable cache of this key was replaced by this build
 
     @classmethod
-    def open(cls, path: str | os.PathLike, verify: str | bool | None = None) -> "ActivationCache":
+    def open(cls, path: str | os.PathLike, verify: str | bool | None = None) -> ActivationCache:
         """Open a complete cache, checking its files against the manifest's checksums:
         ``verify="changed"`` hashes only the files that changed (size, mtime, inode) since their
         checksum last matched (a stat per file otherwise), ``"full"`` hashes every file, None
@@ -132,9 +132,20 @@ class ActivationCache:
         try:
             manifest = json.loads(mpath.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CacheError(f"activation cache at {path}: unreadable {MANIFEST} ({exc}); {hint}")
-        required = ("format_version", "key", "spec", "n_seqs", "n_tokens", "d_in", "context_size",
-                    "storage_dtype", "shards", "special_token_ids", "n_special")
+            raise CacheError(f"activation cache at {path}: unreadable {MANIFEST} ({exc}); {hint}") from exc
+        required = (
+            "format_version",
+            "key",
+            "spec",
+            "n_seqs",
+            "n_tokens",
+            "d_in",
+            "context_size",
+            "storage_dtype",
+            "shards",
+            "special_token_ids",
+            "n_special",
+        )
         missing = [k for k in required if k not in manifest]
         if missing:
             raise CacheError(f"activation cache at {path}: manifest lacks {missing}; {hint}")
@@ -146,8 +157,7 @@ class ActivationCache:
         if cache_key(manifest["spec"]) != manifest["key"]:
             raise CacheError(f"activation cache at {path}: manifest key does not match its spec; {hint}")
         if manifest["storage_dtype"] not in STORAGE_DTYPES:
-            raise CacheError(f"activation cache at {path}: unknown storage dtype "
-                             f"{manifest['storage_dtype']!r}; {hint}")
+            raise CacheError(f"activation cache at {path}: unknown storage dtype {manifest['storage_dtype']!r}; {hint}")
         np_dtype = STORAGE_DTYPES[manifest["storage_dtype"]][1]
         ctx, d = manifest["context_size"], manifest["d_in"]
         stamps = _read_stamps(path) if verify == "changed" else {}
@@ -167,7 +177,7 @@ class ActivationCache:
                 try:
                     arr = np.load(fpath, mmap_mode="r")
                 except Exception as exc:  # truncated file, bad header, ...
-                    raise CacheError(f"activation cache at {path}: cannot map {fname} ({exc}); {hint}")
+                    raise CacheError(f"activation cache at {path}: cannot map {fname} ({exc}); {hint}") from exc
                 if arr.shape != shape or arr.dtype != dtype:
                     raise CacheError(
                         f"activation cache at {path}: {fname} is {arr.dtype}{list(arr.shape)}, "
@@ -177,21 +187,26 @@ class ActivationCache:
                     stamp = _stamp(fpath)
                     if stamps.get(fname) != stamp:
                         if not shard_digest_ok(fpath, shard, is_tokens):
-                            raise CacheError(f"activation cache at {path}: checksum mismatch in {fname} "
-                                             f"(corrupt: the file changed after the build)")
+                            raise CacheError(
+                                f"activation cache at {path}: checksum mismatch in {fname} "
+                                f"(corrupt: the file changed after the build)"
+                            )
                     verified[fname] = stamp
                 (acts if fname == shard["file"] else tokens).append(arr)
             total += n
         if total != manifest["n_seqs"] or manifest["n_tokens"] != total * ctx:
-            raise CacheError(f"activation cache at {path}: shards hold {total} sequences, "
-                             f"manifest says {manifest['n_seqs']}; {hint}")
+            raise CacheError(
+                f"activation cache at {path}: shards hold {total} sequences, manifest says {manifest['n_seqs']}; {hint}"
+            )
         if verify and verified != stamps:
             _write_stamps(path, verified)  # what matched now need not be hashed again
         return cls(path, manifest, acts, tokens)
 
     def __repr__(self) -> str:
-        return (f"ActivationCache({str(self.path)!r}, n_seqs={self.n_seqs}, ctx={self.context_size},"
-                f" d_in={self.d_in}, dtype={self.storage_dtype}, shards={len(self._acts)})")
+        return (
+            f"ActivationCache({str(self.path)!r}, n_seqs={self.n_seqs}, ctx={self.context_size},"
+            f" d_in={self.d_in}, dtype={self.storage_dtype}, shards={len(self._acts)})"
+        )
 
     @property
     def n_shards(self) -> int:
@@ -217,8 +232,7 @@ class ActivationCache:
     def token_ids(self) -> np.ndarray:
         """Token ids ``[n_seqs, ctx]`` int32 (a memmap for one shard, else loaded in memory)."""
         if self._token_ids is None:
-            self._token_ids = (self._tokens[0] if len(self._tokens) == 1
-                               else np.concatenate(self._tokens, axis=0))
+            self._token_ids = self._tokens[0] if len(self._tokens) == 1 else np.concatenate(self._tokens, axis=0)
         return self._token_ids
 
     def special_mask(self) -> np.ndarray:
@@ -228,8 +242,7 @@ class ActivationCache:
             self._special_mask = np.isin(self.token_ids(), ids)
         return self._special_mask
 
-    def sequences(self, start: int, stop: int, dtype: torch.dtype = torch.float32
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sequences(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequences ``[start, stop)`` in storage order: (LongTensor [n, ctx], Tensor [n, ctx, d])."""
         start, stop = max(0, start), min(self.n_seqs, stop)
         if stop <= start:
@@ -239,14 +252,15 @@ class ActivationCache:
             lo, hi = int(self._seq_bounds[s]), int(self._seq_bounds[s + 1])
             a, b = max(start, lo), min(stop, hi)
             if a < b:
-                toks.append(torch.from_numpy(self._tokens[s][a - lo:b - lo].astype(np.int64)))
-                acts.append(decode(self._acts[s][a - lo:b - lo], self.storage_dtype, dtype))
+                toks.append(torch.from_numpy(self._tokens[s][a - lo : b - lo].astype(np.int64)))
+                acts.append(decode(self._acts[s][a - lo : b - lo], self.storage_dtype, dtype))
         if len(toks) == 1:
             return toks[0], acts[0]
         return torch.cat(toks), torch.cat(acts)
 
-    def iter_sequences(self, batch_size: int, dtype: torch.dtype = torch.float32
-                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def iter_sequences(
+        self, batch_size: int, dtype: torch.dtype = torch.float32
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """All sequences in storage order, ``batch_size`` at a time (the last batch may be short):
         yields (token ids LongTensor [b, ctx], activations Tensor [b, ctx, d_in])."""
         if batch_size <= 0:
@@ -264,16 +278,28 @@ def _raise_failed(futures: Sequence[Future]) -> None:
 
 def _check_chunk(i: int, tokens: torch.Tensor, acts: torch.Tensor) -> None:
     if not (isinstance(tokens, torch.Tensor) and isinstance(acts, torch.Tensor)):
-        raise TypeError(f"build_fn chunk {i}: expected (token_ids, acts) tensors, "
-                        f"got ({type(tokens).__name__}, {type(acts).__name__})")
+        raise TypeError(
+            f"build_fn chunk {i}: expected (token_ids, acts) tensors, "
+            f"got ({type(tokens).__name__}, {type(acts).__name__})"
+        )
     if tokens.dim() != 2 or acts.dim() != 3 or tuple(acts.shape[:2]) != tuple(tokens.shape):
-        raise ValueError(f"build_fn chunk {i}: token_ids must be [b, ctx] and acts [b, ctx, d] with "
-                         f"matching b, ctx; got {list(tokens.shape)} and {list(acts.shape)}")
+        raise ValueError(
+            f"build_fn chunk {i}: token_ids must be [b, ctx] and acts [b, ctx, d] with "
+            f"matching b, ctx; got {list(tokens.shape)} and {list(acts.shape)}"
+        )
 
 
-def _build(tmp: Path, spec: Mapping, key: str, build_fn: BuildFn, storage_dtype: str,
-           special_ids: list[int], progress_total: int | None, shard_bytes: int,
-           meta: Mapping[str, Any]) -> None:
+def _build(
+    tmp: Path,
+    spec: Mapping,
+    key: str,
+    build_fn: BuildFn,
+    storage_dtype: str,
+    special_ids: list[int],
+    progress_total: int | None,
+    shard_bytes: int,
+    meta: Mapping[str, Any],
+) -> None:
     """Run ``build_fn`` and write shards + manifest (last) into the empty directory ``tmp``."""
     torch_dtype, np_dtype = storage(storage_dtype)
     t0 = time.time()
@@ -286,9 +312,12 @@ def _build(tmp: Path, spec: Mapping, key: str, build_fn: BuildFn, storage_dtype:
     # the next chunks are computed; shards finish in order, so the manifest lists them in order.
     finishing: list[Future] = []
     writes: deque[Future] = deque()
-    with ThreadPoolExecutor(1, thread_name_prefix="cache-shard") as io, \
-            tqdm(total=progress_total, unit="seq", desc=f"caching activations {key}",
-                 disable=None, dynamic_ncols=True) as bar:
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="cache-shard") as io,
+        tqdm(
+            total=progress_total, unit="seq", desc=f"caching activations {key}", disable=None, dynamic_ncols=True
+        ) as bar,
+    ):
         for i, chunk in enumerate(build_fn()):
             tokens, acts = chunk
             _check_chunk(i, tokens, acts)
@@ -298,8 +327,9 @@ def _build(tmp: Path, spec: Mapping, key: str, build_fn: BuildFn, storage_dtype:
                     raise ValueError(f"build_fn yields context size {ctx}, spec says {expected_ctx}")
                 per_shard = max(1, shard_bytes // (ctx * d * np_dtype.itemsize))
             elif (acts.shape[1], acts.shape[2]) != (ctx, d):
-                raise ValueError(f"build_fn chunk {i}: shape {list(acts.shape)} differs from "
-                                 f"the first chunk's [*, {ctx}, {d}]")
+                raise ValueError(
+                    f"build_fn chunk {i}: shape {list(acts.shape)} differs from the first chunk's [*, {ctx}, {d}]"
+                )
             # Convert on the source device (a GPU's chunk crosses to the host in the storage dtype,
             # not widened), then check what will be stored there: fp16 overflows to inf on models
             # with large residual norms.
@@ -322,7 +352,7 @@ def _build(tmp: Path, spec: Mapping, key: str, build_fn: BuildFn, storage_dtype:
                         cap = min(cap, max(1, progress_total - n_seqs - off))
                     writer = ShardWriter(tmp, len(finishing), cap, ctx, d, np_dtype)
                 k = writer.take(b - off)
-                writes.append(io.submit(writer.append, tokens_np[off:off + k], acts_np[off:off + k]))
+                writes.append(io.submit(writer.append, tokens_np[off : off + k], acts_np[off : off + k]))
                 off += k
                 if writer.full:
                     finishing.append(io.submit(writer.finish))
@@ -355,8 +385,11 @@ def _build(tmp: Path, spec: Mapping, key: str, build_fn: BuildFn, storage_dtype:
         "special_token_ids": special_ids,
         "n_special": n_special,
         "meta": canonical(meta),
-        "build": {**_host_info(), "seconds": round(time.time() - t0, 3),
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        "build": {
+            **_host_info(),
+            "seconds": round(time.time() - t0, 3),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
     }
     atomic_write_json(tmp / MANIFEST, manifest, sort_keys=True)  # last: marks the directory complete
     fsync_dir(tmp)
@@ -433,15 +466,16 @@ def get_or_build(
     if special_token_ids is None:
         raise TypeError("get_or_build needs special_token_ids (BOS/EOS/PAD ids; [] if none)")
     special = sorted({int(t) for t in special_token_ids})
-    storage_dtype = storage_dtype or meta.pop("storage_dtype", None) or spec.get("storage_dtype") \
-        or "float32"
+    storage_dtype = storage_dtype or meta.pop("storage_dtype", None) or spec.get("storage_dtype") or "float32"
     meta.pop("storage_dtype", None)
     storage(storage_dtype)  # validate early
     # The key must cover the stored dtype, or caches of two dtypes would share one key.
     if spec.get("storage_dtype", "float32") != storage_dtype:
-        raise ValueError(f"storage_dtype={storage_dtype!r} disagrees with the spec's "
-                         f"storage_dtype={spec.get('storage_dtype')!r}; put the storage dtype "
-                         f"in the spec so that it is part of the cache key")
+        raise ValueError(
+            f"storage_dtype={storage_dtype!r} disagrees with the spec's "
+            f"storage_dtype={spec.get('storage_dtype')!r}; put the storage dtype "
+            f"in the spec so that it is part of the cache key"
+        )
     if progress_total is None:
         progress_total = meta.pop("progress_total", None)
     meta.pop("progress_total", None)
@@ -452,8 +486,12 @@ def get_or_build(
 
     def _reuse(cache: ActivationCache) -> ActivationCache:
         if cache.special_token_ids != special:
-            log.warning("activation cache %s was built with special_token_ids=%s, caller has %s; "
-                        "using the cache's", key, cache.special_token_ids, special)
+            log.warning(
+                "activation cache %s was built with special_token_ids=%s, caller has %s; using the cache's",
+                key,
+                cache.special_token_ids,
+                special,
+            )
         log.info("reusing activation cache %s", final)
         return cache
 
@@ -474,8 +512,12 @@ def get_or_build(
 
     def finish(path: Path) -> ActivationCache:
         seconds = round(time.time() - found["t0"], 3)
-        entry = {"key": key, **_host_info(), "seconds": seconds,
-                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        entry = {
+            "key": key,
+            **_host_info(),
+            "seconds": seconds,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         # One short O_APPEND write per build: lines from concurrent builders never interleave.
         fd = os.open(root / BUILDS_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
@@ -485,12 +527,19 @@ def get_or_build(
         _write_stamps(path, {name: _stamp(path / name) for name in _shard_files(path)})
         cache = ActivationCache.open(path)
         cache.replaced = found.get("replaced")
-        log.info("built activation cache %s: %d tokens x %d in %.1fs",
-                 key, cache.n_tokens, cache.d_in, seconds)
+        log.info("built activation cache %s: %d tokens x %d in %.1fs", key, cache.n_tokens, cache.d_in, seconds)
         return cache
 
-    return build_once(final, build, ready=ready, finish=finish, discard=discard, lock_timeout=lock_timeout,
-                      temp_prefix=f".tmp-{key}-", leftovers=[f".trash-{key}-*"])
+    return build_once(
+        final,
+        build,
+        ready=ready,
+        finish=finish,
+        discard=discard,
+        lock_timeout=lock_timeout,
+        temp_prefix=f".tmp-{key}-",
+        leftovers=[f".trash-{key}-*"],
+    )
 
 
 def _shard_files(path: Path) -> list[str]:
@@ -502,5 +551,3 @@ def quarantine(cache: ActivationCache, reason: str) -> Path:
     """Take a cache found bad while in use (e.g. NaN in a batch) out of service: the next job
     that needs it rebuilds it."""
     return _quarantine(cache.path, reason)
-
-

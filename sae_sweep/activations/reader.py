@@ -1,4 +1,5 @@
 """Reading an activation cache back as training batches: a seed-fixed shuffled order, resumable."""
+
 from __future__ import annotations
 
 import threading
@@ -10,10 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from sae_sweep.config.job import SEED_LIMIT
-
 from sae_sweep.activations.cache import ActivationCache
 from sae_sweep.activations.shards import storage, to_torch
+from sae_sweep.config.job import SEED_LIMIT
 
 __all__ = ["ShuffledReader"]
 
@@ -75,8 +75,7 @@ class ShuffledReader:
         self._bounds = np.asarray(cache._seq_bounds, dtype=np.int64) * ctx
         pos_dtype = np.int32 if cache.n_tokens < 2**31 else np.int64
         if exclude_special and cache.n_special > 0:
-            self._pool: np.ndarray | None = np.flatnonzero(
-                ~cache.special_mask().reshape(-1)).astype(pos_dtype)
+            self._pool: np.ndarray | None = np.flatnonzero(~cache.special_mask().reshape(-1)).astype(pos_dtype)
             self.n_positions = int(len(self._pool))
         else:
             self._pool = None  # identity: positions are 0 .. n_tokens - 1
@@ -112,7 +111,7 @@ class ShuffledReader:
         """Sorted global token positions (``seq * ctx + t``) of batch ``batch`` of ``epoch``."""
         if not 0 <= batch < self.batches_per_epoch:
             raise IndexError(f"batch {batch} outside [0, {self.batches_per_epoch})")
-        idx = self._perm(epoch)[batch * self.batch_size:(batch + 1) * self.batch_size].numpy()
+        idx = self._perm(epoch)[batch * self.batch_size : (batch + 1) * self.batch_size].numpy()
         pos = self._pool[idx] if self._pool is not None else idx
         return np.sort(pos.astype(np.int64, copy=False))
 
@@ -151,7 +150,8 @@ class ShuffledReader:
         """Keep ``prefetch`` upcoming slots in flight, in order."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(
-                self.num_workers, thread_name_prefix=f"shuffled-reader-{self.cache.key}")
+                self.num_workers, thread_name_prefix=f"shuffled-reader-{self.cache.key}"
+            )
             self._pending.clear()
             self._next_slot = (self.epoch, self.batch_in_epoch)
         while len(self._pending) < self.prefetch:
@@ -174,13 +174,13 @@ class ShuffledReader:
         except Exception:
             pass
 
-    def __enter__(self) -> "ShuffledReader":
+    def __enter__(self) -> ShuffledReader:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __iter__(self) -> "ShuffledReader":
+    def __iter__(self) -> ShuffledReader:
         return self
 
     def __next__(self) -> torch.Tensor:
@@ -208,26 +208,35 @@ class ShuffledReader:
 
     def state_dict(self) -> dict[str, int]:
         """Position of the next batch; JSON-able. Extra keys guard against a mismatched resume."""
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "seed": self.seed,
-                "batch_size": self.batch_size, "n_positions": self.n_positions}
+        return {
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "n_positions": self.n_positions,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume at ``state`` (from ``state_dict``); the next batches equal those that followed."""
-        for name, mine in (("seed", self.seed), ("batch_size", self.batch_size),
-                           ("n_positions", self.n_positions)):
+        for name, mine in (("seed", self.seed), ("batch_size", self.batch_size), ("n_positions", self.n_positions)):
             if name in state and int(state[name]) != mine:
-                raise ValueError(f"reader state has {name}={state[name]}, this reader has {mine}: "
-                                 f"it cannot resume the same batch sequence")
+                raise ValueError(
+                    f"reader state has {name}={state[name]}, this reader has {mine}: "
+                    f"it cannot resume the same batch sequence"
+                )
         epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
         if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
-            raise ValueError(f"reader state epoch={epoch} batch_in_epoch={batch} is out of range "
-                             f"(batches_per_epoch={self.batches_per_epoch})")
+            raise ValueError(
+                f"reader state epoch={epoch} batch_in_epoch={batch} is out of range "
+                f"(batches_per_epoch={self.batches_per_epoch})"
+            )
         self.close()
         self.epoch, self.batch_in_epoch = epoch, batch
 
 
-def _wire_dtype(storage_dtype: str, dtype: torch.dtype, device: torch.device, widen_on_device: bool | None
-                ) -> torch.dtype:
+def _wire_dtype(
+    storage_dtype: str, dtype: torch.dtype, device: torch.device, widen_on_device: bool | None
+) -> torch.dtype:
     """The dtype a batch crosses to its device in: the storage dtype when it widens exactly to
     ``dtype`` there (and the device is not the CPU, unless forced), else ``dtype``."""
     if widen_on_device is None:
@@ -257,8 +266,13 @@ class DiskBlocks:
         self.n_tokens = cache.n_tokens
         self.n_blocks = -(-self.n_tokens // self.block_rows)
         self._keep = ~cache.special_mask().reshape(-1) if exclude_special and cache.n_special else None
-        self.valid = np.array([self._slice_keep(b).sum() if self._keep is not None else self._span(b)[1] - self._span(b)[0]
-                               for b in range(self.n_blocks)], dtype=np.int64)
+        self.valid = np.array(
+            [
+                self._slice_keep(b).sum() if self._keep is not None else self._span(b)[1] - self._span(b)[0]
+                for b in range(self.n_blocks)
+            ],
+            dtype=np.int64,
+        )
 
     def _span(self, b: int) -> tuple[int, int]:
         return b * self.block_rows, min(self.n_tokens, (b + 1) * self.block_rows)
@@ -275,7 +289,7 @@ class DiskBlocks:
         for s, flat in enumerate(self._flat):  # a block may straddle a shard boundary
             a, z = max(lo, self._bounds[s]), min(hi, self._bounds[s + 1])
             if a < z:
-                parts.append(np.asarray(flat[a - self._bounds[s]:z - self._bounds[s]]))
+                parts.append(np.asarray(flat[a - self._bounds[s] : z - self._bounds[s]]))
         raw = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return raw[self._slice_keep(b)] if self._keep is not None else raw
 
@@ -293,8 +307,16 @@ class BlockReader:
     ``load_state_dict()`` resume exactly. (``ShuffledReader`` is the random-gather alternative:
     one global permutation, a read per row.)"""
 
-    def __init__(self, source: DiskBlocks, batch_size: int, seed: int, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, prefetch: bool = True, widen_on_device: bool | None = None):
+    def __init__(
+        self,
+        source: DiskBlocks,
+        batch_size: int,
+        seed: int,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        prefetch: bool = True,
+        widen_on_device: bool | None = None,
+    ):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         self.source, self.batch_size, self.seed = source, int(batch_size), int(seed)
@@ -304,8 +326,10 @@ class BlockReader:
         self.batches_per_epoch = int(self.per_block.sum())
         self.n_positions = int(source.valid.sum())
         if self.batches_per_epoch == 0:
-            raise ValueError(f"activation cache {source.cache.key}: no block of {source.block_rows} positions holds "
-                             f"batch_size={self.batch_size} usable tokens; lower the batch size or raise cache.block_tokens")
+            raise ValueError(
+                f"activation cache {source.cache.key}: no block of {source.block_rows} positions holds "
+                f"batch_size={self.batch_size} usable tokens; lower the batch size or raise cache.block_tokens"
+            )
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
         self._wire = _wire_dtype(source.cache.storage_dtype, dtype, self.device, widen_on_device)
         self._lock = threading.Lock()
@@ -373,12 +397,12 @@ class BlockReader:
             self._next = (nxt, self._executor.submit(self._load, nxt))
         return raw, perm
 
-    def __iter__(self) -> "BlockReader":
+    def __iter__(self) -> BlockReader:
         return self
 
     def __next__(self) -> torch.Tensor:
         raw, perm = self._block()
-        rows = perm[self.batch_in_block * self.batch_size:(self.batch_in_block + 1) * self.batch_size]
+        rows = perm[self.batch_in_block * self.batch_size : (self.batch_in_block + 1) * self.batch_size]
         x = self.source.decode(raw[np.sort(rows.numpy())], self._wire)
         self.batch_in_block += 1
         self._skip_empty()
@@ -388,27 +412,42 @@ class BlockReader:
         """The batch handed out at 0-based ``step`` (CPU), without moving the iterator."""
         epoch, rest = divmod(step, self.batches_per_epoch)
         order = self._order(epoch)
-        for pos, b in enumerate(order):
+        for b in order:
             if rest < self.per_block[b]:
                 raw = self.source.block(int(b))
-                rows = self._rows_perm(epoch, int(b), len(raw))[rest * self.batch_size:(rest + 1) * self.batch_size]
+                rows = self._rows_perm(epoch, int(b), len(raw))[rest * self.batch_size : (rest + 1) * self.batch_size]
                 return self.source.decode(raw[np.sort(rows.numpy())], self.dtype)
             rest -= self.per_block[b]
         raise IndexError(step)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "block_pos": self.block_pos, "batch_in_block": self.batch_in_block,
-                "seed": self.seed, "batch_size": self.batch_size, "block_rows": self.source.block_rows,
-                "n_positions": self.n_positions}
+        return {
+            "epoch": self.epoch,
+            "block_pos": self.block_pos,
+            "batch_in_block": self.batch_in_block,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "block_rows": self.source.block_rows,
+            "n_positions": self.n_positions,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for name, mine in (("seed", self.seed), ("batch_size", self.batch_size),
-                           ("block_rows", self.source.block_rows), ("n_positions", self.n_positions)):
+        for name, mine in (
+            ("seed", self.seed),
+            ("batch_size", self.batch_size),
+            ("block_rows", self.source.block_rows),
+            ("n_positions", self.n_positions),
+        ):
             if name in state and int(state[name]) != mine:
-                raise ValueError(f"reader state has {name}={state[name]}, this reader has {mine}: "
-                                 f"it cannot resume the same batch sequence")
-        self.epoch, self.block_pos, self.batch_in_block = (int(state["epoch"]), int(state["block_pos"]),
-                                                           int(state["batch_in_block"]))
+                raise ValueError(
+                    f"reader state has {name}={state[name]}, this reader has {mine}: "
+                    f"it cannot resume the same batch sequence"
+                )
+        self.epoch, self.block_pos, self.batch_in_block = (
+            int(state["epoch"]),
+            int(state["block_pos"]),
+            int(state["batch_in_block"]),
+        )
         self._current = self._next = None
         self._skip_empty()
 
@@ -418,7 +457,7 @@ class BlockReader:
         if executor is not None:
             executor.shutdown(wait=wait, cancel_futures=True)
 
-    def __enter__(self) -> "BlockReader":
+    def __enter__(self) -> BlockReader:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -5,6 +5,7 @@ activations are stored as their raw 16-bit patterns (``uint16``) and turned back
 through a torch view. Each shard's manifest entry carries a sha256 of its data (the bytes after
 the .npy header), hashed as it is written.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,9 +30,7 @@ def storage(name: str) -> tuple[torch.dtype, np.dtype]:
     try:
         return STORAGE_DTYPES[name]
     except KeyError:
-        raise ValueError(
-            f"storage_dtype={name!r} is not supported; use one of {sorted(STORAGE_DTYPES)}"
-        ) from None
+        raise ValueError(f"storage_dtype={name!r} is not supported; use one of {sorted(STORAGE_DTYPES)}") from None
 
 
 def to_torch(raw: np.ndarray, storage_dtype: str, dtype: torch.dtype) -> torch.Tensor:
@@ -63,16 +62,18 @@ class ShardWriter:
     the file is never read back).
     """
 
-    def __init__(self, directory: Path, index: int, capacity: int, ctx: int, d: int,
-                 np_dtype: np.dtype):
+    def __init__(self, directory: Path, index: int, capacity: int, ctx: int, d: int, np_dtype: np.dtype):
         self.dir, self.capacity, self.n = directory, capacity, 0
         self.files = []  # (final name, partial path, handle, dtype, row shape, hasher)
-        for name, dtype, row in ((f"acts-{index:05d}.npy", np_dtype, (ctx, d)),
-                                 (f"tokens-{index:05d}.npy", np.dtype(np.int32), (ctx,))):
+        for name, dtype, row in (
+            (f"acts-{index:05d}.npy", np_dtype, (ctx, d)),
+            (f"tokens-{index:05d}.npy", np.dtype(np.int32), (ctx,)),
+        ):
             partial = directory / f".partial-{name}"
             fh = open(partial, "wb")
-            np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(dtype),
-                                                      "fortran_order": False, "shape": (capacity, *row)})
+            np.lib.format.write_array_header_1_0(
+                fh, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (capacity, *row)}
+            )
             self.files.append((name, partial, fh, dtype, row, hashlib.sha256()))
 
     @property

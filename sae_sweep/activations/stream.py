@@ -9,6 +9,7 @@ checkpoint needs: a requeued job tokenizes past the blocks it trained on (no LM 
 recomputes the block it was in, which gives the same activations, so resuming is bit-identical
 on CPU.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -24,14 +25,22 @@ __all__ = ["StreamBlocks", "StreamReader"]
 class StreamBlocks:
     """Blocks of LM activations over a window stream; the last ``keep`` blocks stay in memory."""
 
-    def __init__(self, lm: Any, windows: Callable[[], Iterator[torch.Tensor]], layer: int, hook: str,
-                 block_windows: int, forward_batch: int = 32, keep: int = 2):
+    def __init__(
+        self,
+        lm: Any,
+        windows: Callable[[], Iterator[torch.Tensor]],
+        layer: int,
+        hook: str,
+        block_windows: int,
+        forward_batch: int = 32,
+        keep: int = 2,
+    ):
         self.lm, self.windows, self.layer, self.hook = lm, windows, int(layer), hook
         self.block_windows, self.forward_batch, self.keep = int(block_windows), int(forward_batch), int(keep)
         self.d_in = lm.d_model
         self.forward_tokens = 0  # LM forward work done, in tokens (a block recomputed counts again)
         self._special = torch.tensor(sorted(lm.special_token_ids), dtype=torch.long)
-        self._blocks: "OrderedDict[int, Optional[torch.Tensor]]" = OrderedDict()
+        self._blocks: OrderedDict[int, Optional[torch.Tensor]] = OrderedDict()
         self._iter: Optional[Iterator[torch.Tensor]] = None
         self._pending = torch.zeros(0, 0, dtype=torch.long)  # windows read but not in a block yet
         self._next_block = 0  # the block the window iterator is at
@@ -82,9 +91,9 @@ class StreamBlocks:
         keep = ~torch.isin(ids, self._special)
         out = []
         for i in range(0, len(ids), self.forward_batch):
-            chunk = ids[i:i + self.forward_batch]
+            chunk = ids[i : i + self.forward_batch]
             acts = self.lm.activations(chunk.to(self.lm.device), self.layer, self.hook)
-            out.append(acts[keep[i:i + self.forward_batch].to(acts.device)])
+            out.append(acts[keep[i : i + self.forward_batch].to(acts.device)])
             self.forward_tokens += chunk.numel()
         rows = torch.cat(out)
         if not bool(torch.isfinite(rows).all()):
@@ -107,8 +116,14 @@ class StreamReader:
     rows in a permutation drawn from ``(seed, block)``; batch j of a block is rows ``[j*B, (j+1)*B)``
     of it, and its last partial batch is dropped. StopIteration when the stream ends."""
 
-    def __init__(self, source: StreamBlocks, batch_size: int, seed: int, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        source: StreamBlocks,
+        batch_size: int,
+        seed: int,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         self.source, self.batch_size, self.seed = source, int(batch_size), int(seed)
         self.device, self.dtype, self.d_in = torch.device(device), dtype, source.d_in
         self.block_pos = self.batch_in_block = 0
@@ -117,7 +132,7 @@ class StreamReader:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + b) % SEED_LIMIT)
         return torch.randperm(n, generator=g)
 
-    def __iter__(self) -> "StreamReader":
+    def __iter__(self) -> StreamReader:
         return self
 
     def _rows(self, b: int, j: int) -> Optional[torch.Tensor]:
@@ -126,7 +141,7 @@ class StreamReader:
             raise StopIteration
         if (j + 1) * self.batch_size > len(rows):
             return None  # past this block's last whole batch
-        pick = self._perm(b, len(rows))[j * self.batch_size:(j + 1) * self.batch_size].sort().values
+        pick = self._perm(b, len(rows))[j * self.batch_size : (j + 1) * self.batch_size].sort().values
         return rows[_upload(pick, rows.device)]
 
     def __next__(self) -> torch.Tensor:
@@ -153,15 +168,25 @@ class StreamReader:
             b, j = b + 1, j - per
 
     def state_dict(self) -> dict[str, int]:
-        return {"block_pos": self.block_pos, "batch_in_block": self.batch_in_block, "seed": self.seed,
-                "batch_size": self.batch_size, "block_windows": self.source.block_windows}
+        return {
+            "block_pos": self.block_pos,
+            "batch_in_block": self.batch_in_block,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "block_windows": self.source.block_windows,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for name, mine in (("seed", self.seed), ("batch_size", self.batch_size),
-                           ("block_windows", self.source.block_windows)):
+        for name, mine in (
+            ("seed", self.seed),
+            ("batch_size", self.batch_size),
+            ("block_windows", self.source.block_windows),
+        ):
             if name in state and int(state[name]) != mine:
-                raise ValueError(f"reader state has {name}={state[name]}, this reader has {mine}: "
-                                 f"it cannot resume the same batch sequence")
+                raise ValueError(
+                    f"reader state has {name}={state[name]}, this reader has {mine}: "
+                    f"it cannot resume the same batch sequence"
+                )
         self.block_pos, self.batch_in_block = int(state["block_pos"]), int(state["batch_in_block"])
 
     def close(self, wait: bool = True) -> None:

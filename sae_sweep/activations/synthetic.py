@@ -29,9 +29,18 @@ class PlantedDictionary:
         D = torch.randn(self.n_features, self.d, generator=self.generator)
         self.dictionary = D / D.norm(dim=1, keepdim=True)
 
-    def sample(self, n: int, l0: float = 4.0, *, correlated_groups: int = 0, correlation: float = 0.5,
-               noise: float = 0.0, magnitude: tuple[float, float] = (0.5, 1.5),
-               generator: torch.Generator | None = None, return_codes: bool = False) -> Any:
+    def sample(
+        self,
+        n: int,
+        l0: float = 4.0,
+        *,
+        correlated_groups: int = 0,
+        correlation: float = 0.5,
+        noise: float = 0.0,
+        magnitude: tuple[float, float] = (0.5, 1.5),
+        generator: torch.Generator | None = None,
+        return_codes: bool = False,
+    ) -> Any:
         """`n` samples [n, d] (float32), each a sparse non-negative mix of dictionary rows.
 
         - `l0`: expected number of active features per sample (each fires with p = l0 / n_features).
@@ -81,14 +90,25 @@ def sample(dataset_cfg: DictConfig, split: str, n: int) -> torch.Tensor:
     """`n` activations [n, d] of the given split (deterministic in the dataset's seed)."""
     p = synthetic_params(dataset_cfg)
     g = torch.Generator().manual_seed(int(p["seed"]) * 7919 + _SPLIT_OFFSET[split])
-    return planted(dataset_cfg).sample(n, float(p["l0"]), correlated_groups=int(p["correlated_groups"]),
-                                       correlation=float(p["correlation"]), noise=float(p["noise"]), generator=g)
+    return planted(dataset_cfg).sample(
+        n,
+        float(p["l0"]),
+        correlated_groups=int(p["correlated_groups"]),
+        correlation=float(p["correlation"]),
+        noise=float(p["noise"]),
+        generator=g,
+    )
 
 
 def cache_spec(dataset_cfg: DictConfig, n_tokens: int) -> Dict[str, Any]:
-    return {"source": "synthetic", "params": synthetic_params(dataset_cfg),
-            "context_size": int(dataset_cfg.context_size), "tokens": int(n_tokens),
-            "storage_dtype": "float32", "split": "train"}
+    return {
+        "source": "synthetic",
+        "params": synthetic_params(dataset_cfg),
+        "context_size": int(dataset_cfg.context_size),
+        "tokens": int(n_tokens),
+        "storage_dtype": "float32",
+        "split": "train",
+    }
 
 
 def build_fn(dataset_cfg: DictConfig, n_tokens: int, chunk_seqs: int = 256):
@@ -99,7 +119,7 @@ def build_fn(dataset_cfg: DictConfig, n_tokens: int, chunk_seqs: int = 256):
     def build() -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         x = sample(dataset_cfg, "train", n_seqs * ctx).view(n_seqs, ctx, -1)
         for i in range(0, n_seqs, chunk_seqs):
-            acts = x[i:i + chunk_seqs]
+            acts = x[i : i + chunk_seqs]
             # No tokens here; id 0 everywhere and no special ids, so every position is trained on.
             yield torch.zeros(acts.shape[:2], dtype=torch.long), acts
 

@@ -3,6 +3,7 @@
 A subcommand module provides `add_arguments(parser)` and `main(args) -> int | None`; register it
 by adding its name to SUBCOMMANDS.
 """
+
 from __future__ import annotations
 
 import argparse

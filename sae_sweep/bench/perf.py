@@ -25,6 +25,7 @@
    there times ours and the roofline matmul on the GPU (absolute tokens/s; `--d-in/--d-sae/--k`
    set its dims), the peer comparison runs on CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,8 +85,12 @@ def bf16_probe(device: torch.device, reps: int) -> dict[str, Any]:
     probe32 = matmul_flops(torch.float32, device, 256, D_IN, 1024, reps)
     probe16 = matmul_flops(torch.bfloat16, device, 256, D_IN, 1024, reps)
     support = detect_bf16(device)
-    return {"bf16_vs_fp32_small": probe16 / probe32, "run_bf16": probe16 >= 0.5 * probe32,
-            "native_bf16": support.native, "native_bf16_why": support.why}
+    return {
+        "bf16_vs_fp32_small": probe16 / probe32,
+        "run_bf16": probe16 >= 0.5 * probe32,
+        "native_bf16": support.native,
+        "native_bf16_why": support.why,
+    }
 
 
 # The TopK step of every implementation, each in its own worker process (step_worker.py)
@@ -104,8 +109,11 @@ class Peer:
 
 PEERS = {
     "dictionary_learning": Peer("dictionary_learning", "dictionary_learning {version}: TopKTrainer.update"),
-    "sparsify": Peer("sparsify", "sparsify {version}: SparseCoder fwd + bwd + Adam + decoder renorm",
-                     {"SPARSIFY_DISABLE_TRITON": "1"}),
+    "sparsify": Peer(
+        "sparsify",
+        "sparsify {version}: SparseCoder fwd + bwd + Adam + decoder renorm",
+        {"SPARSIFY_DISABLE_TRITON": "1"},
+    ),
 }
 OURS_LABEL = "sae_sweep {version}: trainer=topk step (sparse backward)"
 
@@ -129,8 +137,9 @@ def round_order(keys: list[str], r: int, rounds: int, has_quiet: Callable[[str],
     return todo[shift:] + todo[:shift]
 
 
-def summarize(ready: dict[str, Any], times: list[dict[str, float]], peak_rss_mib: float | None,
-              tokens: int) -> dict[str, Any]:
+def summarize(
+    ready: dict[str, Any], times: list[dict[str, float]], peak_rss_mib: float | None, tokens: int
+) -> dict[str, Any]:
     """One variant's figures from its worker's ready message and timed steps (each step a dict of
     wall, cpu, runq_wait, minflt and in_block: its position in its block of consecutive steps)."""
     best = min(times, key=lambda t: t["wall"])
@@ -140,31 +149,47 @@ def summarize(ready: dict[str, Any], times: list[dict[str, float]], peak_rss_mib
 
     def median(ts: list[float]) -> float | None:
         return sorted(ts)[len(ts) // 2] if ts else None
-    return {"version": ready["version"], "torch": ready["torch"], "steps_timed": len(times),
-            "quiet_steps": len(quiet), "best_seconds": best["wall"],
-            # the median of the quiet steps (of all steps where none was quiet)
-            "median_seconds": walls[len(walls) // 2],
-            "tokens_per_s": tokens / best["wall"], "median_tokens_per_s": tokens / walls[len(walls) // 2],
-            # average number of this process's threads waiting for a core during its best step
-            # (0 on a machine of its own)
-            "best_step_waiting_threads": best["runq_wait"] / best["wall"],
-            "best_step_cpu_seconds": best["cpu"], "best_step_minflt": best["minflt"],
-            "warmup_seconds": [w["wall"] for w in ready["warmup"]],
-            # a step right after the other variants ran vs one right after its own last step
-            "median_seconds_first_in_block": median([t["wall"] for t in times if t["in_block"] == 0]),
-            "median_seconds_later_in_block": median([t["wall"] for t in times if t["in_block"] > 0]),
-            "steps": times,
-            "peak_rss_mib": peak_rss_mib,
-            "peak_rss_above_imports_mib": None if peak_rss_mib is None or base is None else peak_rss_mib - base}
+
+    return {
+        "version": ready["version"],
+        "torch": ready["torch"],
+        "steps_timed": len(times),
+        "quiet_steps": len(quiet),
+        "best_seconds": best["wall"],
+        # the median of the quiet steps (of all steps where none was quiet)
+        "median_seconds": walls[len(walls) // 2],
+        "tokens_per_s": tokens / best["wall"],
+        "median_tokens_per_s": tokens / walls[len(walls) // 2],
+        # average number of this process's threads waiting for a core during its best step
+        # (0 on a machine of its own)
+        "best_step_waiting_threads": best["runq_wait"] / best["wall"],
+        "best_step_cpu_seconds": best["cpu"],
+        "best_step_minflt": best["minflt"],
+        "warmup_seconds": [w["wall"] for w in ready["warmup"]],
+        # a step right after the other variants ran vs one right after its own last step
+        "median_seconds_first_in_block": median([t["wall"] for t in times if t["in_block"] == 0]),
+        "median_seconds_later_in_block": median([t["wall"] for t in times if t["in_block"] > 0]),
+        "steps": times,
+        "peak_rss_mib": peak_rss_mib,
+        "peak_rss_above_imports_mib": None if peak_rss_mib is None or base is None else peak_rss_mib - base,
+    }
 
 
 class StepWorker:
     """One (implementation, precision) in its own process: set up and warmed up once, then asked
     for blocks of consecutive timed steps (see step_worker.py for the protocol)."""
 
-    def __init__(self, python: str, impl: str, precision: str, threads: int, warmup: int,
-                 env: dict[str, str] | None = None, dims: tuple[int, int, int, int] = (D_IN, D_SAE, K, BATCH),
-                 device: str = "cpu"):
+    def __init__(
+        self,
+        python: str,
+        impl: str,
+        precision: str,
+        threads: int,
+        warmup: int,
+        env: dict[str, str] | None = None,
+        dims: tuple[int, int, int, int] = (D_IN, D_SAE, K, BATCH),
+        device: str = "cpu",
+    ):
         from sae_sweep.bench.step_worker import MARK
 
         self.mark, self.name = MARK, f"{impl}/{precision}"
@@ -172,10 +197,33 @@ class StepWorker:
         self.stderr = tempfile.TemporaryFile(mode="w+")
         d_in, d_sae, k, batch = dims
         self.proc = subprocess.Popen(
-            [python, str(WORKER), "--impl", impl, "--precision", precision, "--threads", str(threads),
-             "--d-in", str(d_in), "--d-sae", str(d_sae), "--k", str(k), "--batch", str(batch), "--warmup", str(warmup)]
+            [
+                python,
+                str(WORKER),
+                "--impl",
+                impl,
+                "--precision",
+                precision,
+                "--threads",
+                str(threads),
+                "--d-in",
+                str(d_in),
+                "--d-sae",
+                str(d_sae),
+                "--k",
+                str(k),
+                "--batch",
+                str(batch),
+                "--warmup",
+                str(warmup),
+            ]
             + (["--device", device] if device != "cpu" else []),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=child_env)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            env=child_env,
+        )
         self.ready = self._read()
         if "error" in self.ready:
             raise RuntimeError(self.ready["error"])
@@ -187,7 +235,7 @@ class StepWorker:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             if line.startswith(self.mark):
-                return json.loads(line[len(self.mark):])
+                return json.loads(line[len(self.mark) :])
         self.proc.wait()
         self.stderr.seek(0)
         raise RuntimeError(f"{self.name} worker exited {self.proc.returncode}: {self.stderr.read()[-1500:]}")
@@ -244,9 +292,18 @@ def cpu_pressure() -> float | None:
         return None
 
 
-def fig_topk(device: torch.device, probe: dict[str, Any], venvs: Path, peers: list[str], rounds: int,
-             block: int, warmup: int, threads: int, max_rounds: int | None = None,
-             dims: tuple[int, int, int, int] = (D_IN, D_SAE, K, BATCH)) -> dict[str, Any]:
+def fig_topk(
+    device: torch.device,
+    probe: dict[str, Any],
+    venvs: Path,
+    peers: list[str],
+    rounds: int,
+    block: int,
+    warmup: int,
+    threads: int,
+    max_rounds: int | None = None,
+    dims: tuple[int, int, int, int] = (D_IN, D_SAE, K, BATCH),
+) -> dict[str, Any]:
     """Tokens/s of one TopK training step at `dims` = (d_in, d_sae, k, batch), by default d_in 768,
     d_sae 12288, k 16, batch 4096 (`--smoke`: tiny dims, to check that every worker runs): ours, each
     peer's own code (from its venv) and the encoder matmul (the roofline), fp32 and bf16 autocast.
@@ -309,12 +366,24 @@ def fig_topk(device: torch.device, probe: dict[str, Any], venvs: Path, peers: li
             w.close()
     d_in, d_sae, _, batch = dims
     res = {key: w.summary(batch) for key, w in workers.items()}
-    out: dict[str, Any] = {"variants": res, "not_run": not_run, "precisions": precisions, "dims": list(dims),
-                           "device": str(device), "rounds": done,
-                           "block": block, "warmup": warmup, "threads": threads, "load_avg_1m": load,
-                           "cpu_pressure_some_avg10": pressure}
-    flops = {prec: 2 * batch * d_in * d_sae / res[f"matmul/{prec}"]["best_seconds"]
-             for prec in precisions if f"matmul/{prec}" in res}
+    out: dict[str, Any] = {
+        "variants": res,
+        "not_run": not_run,
+        "precisions": precisions,
+        "dims": list(dims),
+        "device": str(device),
+        "rounds": done,
+        "block": block,
+        "warmup": warmup,
+        "threads": threads,
+        "load_avg_1m": load,
+        "cpu_pressure_some_avg10": pressure,
+    }
+    flops = {
+        prec: 2 * batch * d_in * d_sae / res[f"matmul/{prec}"]["best_seconds"]
+        for prec in precisions
+        if f"matmul/{prec}" in res
+    }
     out["matmul_flops"] = flops
     if flops:
         roof_dtype = max(flops, key=lambda prec: flops[prec])
@@ -325,9 +394,12 @@ def fig_topk(device: torch.device, probe: dict[str, Any], venvs: Path, peers: li
             best = max(ours, key=lambda prec: ours[prec])
             out["ours_best_precision"] = best
             out["vs_roofline"] = ours[best] / out["roofline_tokens_per_s"]
-            out["vs_peers"] = {f"{name}/{prec}": ours[prec] / res[f"{name}/{prec}"]["tokens_per_s"]
-                               for name in peers for prec in precisions
-                               if prec in ours and f"{name}/{prec}" in res}
+            out["vs_peers"] = {
+                f"{name}/{prec}": ours[prec] / res[f"{name}/{prec}"]["tokens_per_s"]
+                for name in peers
+                for prec in precisions
+                if prec in ours and f"{name}/{prec}" in res
+            }
     return out
 
 
@@ -335,18 +407,21 @@ def fig_quality(seeds: int = 2, bf16: bool = True) -> dict[str, Any]:
     """Explained variance on the planted dictionary (bench.trainers' topk recipe) over `seeds`
     seeds: sparse vs dense backward (fp32), and bf16 autocast vs fp32 (sparse; where bf16 runs):
     neither the fast step nor trainer.autocast_bf16=auto's bf16 may cost quality."""
-    from sae_sweep.bench.trainers import RECIPES, PlantedSetup, planted_data, train_planted
     from dataclasses import replace
+
+    from sae_sweep.bench.trainers import RECIPES, PlantedSetup, planted_data, train_planted
 
     setup = PlantedSetup()
     data = planted_data(setup)
     out: dict[str, Any] = {}
     runs = {"sparse": (True, False), "dense": (False, False), **({"sparse_bf16": (True, True)} if bf16 else {})}
     for label, (sparse, b16) in runs.items():
-        recipe = replace(RECIPES["topk"], overrides={**RECIPES["topk"].overrides, "sparse_backward": sparse,
-                                                     "autocast_bf16": b16})
-        out[label] = [train_planted("topk", recipe, setup, seed=s, data=data)[1]["explained_variance"]
-                      for s in range(seeds)]
+        recipe = replace(
+            RECIPES["topk"], overrides={**RECIPES["topk"].overrides, "sparse_backward": sparse, "autocast_bf16": b16}
+        )
+        out[label] = [
+            train_planted("topk", recipe, setup, seed=s, data=data)[1]["explained_variance"] for s in range(seeds)
+        ]
     out["max_abs_diff"] = max(abs(a - b) for a, b in zip(out["sparse"], out["dense"]))
     if bf16:
         out["bf16_max_abs_diff"] = max(abs(a - b) for a, b in zip(out["sparse_bf16"], out["sparse"]))
@@ -379,8 +454,12 @@ def fig_reader(root: Path, device: torch.device, train_steps_per_s: float, n_bat
             next(reader)
         _sync(device)
         rate = n_batches / (time.perf_counter() - t0)
-    return {"batches_per_s": rate, "train_steps_per_s": train_steps_per_s, "ratio": rate / train_steps_per_s,
-            "cache_mib": cache.n_tokens * D_IN * 4 / 2**20}
+    return {
+        "batches_per_s": rate,
+        "train_steps_per_s": train_steps_per_s,
+        "ratio": rate / train_steps_per_s,
+        "cache_mib": cache.n_tokens * D_IN * 4 / 2**20,
+    }
 
 
 @contextmanager
@@ -407,19 +486,27 @@ def _compose(overrides: list[str]):
     return cfg
 
 
-def fig_cache_build(cache_dir: Path, device: torch.device, n_tokens: int, reps: int,
-                    model: str = "tiny", dataset: str = "builtin") -> dict[str, Any]:
-    from sae_sweep.models.lm import load_lm
-    from sae_sweep.job.execute import CACHE_BUILD_BATCH, build_activation_cache
+def fig_cache_build(
+    cache_dir: Path, device: torch.device, n_tokens: int, reps: int, model: str = "tiny", dataset: str = "builtin"
+) -> dict[str, Any]:
     from sae_sweep.data.text import token_windows
+    from sae_sweep.job.execute import CACHE_BUILD_BATCH, build_activation_cache
+    from sae_sweep.models.lm import load_lm
 
     with _cache_root(cache_dir / "models") as root:
-        cfg = _compose([f"model={model}", f"dataset={dataset}", f"paths.cache_dir={root}",
-                        f"dataset.tokens={n_tokens}", f"device={device.type}"])
+        cfg = _compose(
+            [
+                f"model={model}",
+                f"dataset={dataset}",
+                f"paths.cache_dir={root}",
+                f"dataset.tokens={n_tokens}",
+                f"device={device.type}",
+            ]
+        )
         lm = load_lm(cfg.model, root, str(device))
         windows = token_windows(cfg.dataset, lm, "train", n_tokens, root)  # tokenised once, cached on disk
         layer, hook = int(cfg.layer), str(cfg.hook)
-        batches = [windows[i:i + CACHE_BUILD_BATCH].to(device) for i in range(0, len(windows), CACHE_BUILD_BATCH)]
+        batches = [windows[i : i + CACHE_BUILD_BATCH].to(device) for i in range(0, len(windows), CACHE_BUILD_BATCH)]
 
         @torch.no_grad()
         def bare():
@@ -448,39 +535,57 @@ def fig_cache_build(cache_dir: Path, device: torch.device, n_tokens: int, reps: 
                 t[name] = min(t.get(name, float("inf")), time.perf_counter() - t0)
     tps = {k: tokens / v for k, v in t.items()}
     label = "builtin:tiny" if model == "tiny" else f"{model}, {dataset}"
-    return {"model": label, "layer": layer, "n_layers": lm.n_layers, "d_model": lm.d_model,
-            "tokens": tokens, "tokens_per_s": tps, "build_vs_bare": tps["cache_build"] / tps["bare_forward"],
-            "early_exit_vs_full": tps["bare_forward"] / tps["full_forward"]}
+    return {
+        "model": label,
+        "layer": layer,
+        "n_layers": lm.n_layers,
+        "d_model": lm.d_model,
+        "tokens": tokens,
+        "tokens_per_s": tps,
+        "build_vs_bare": tps["cache_build"] / tps["bare_forward"],
+        "early_exit_vs_full": tps["bare_forward"] / tps["full_forward"],
+    }
 
 
 def fig_sweep(cache_dir: Path, device: torch.device, n_tokens: int) -> dict[str, Any]:
     """2 seeds x 2 trainers through the job's own cache code; LM forward tokens from builds.log."""
     from sae_sweep.activations.cache import ActivationCache, read_builds_log
-    from sae_sweep.models.lm import load_lm
     from sae_sweep.job.execute import build_activation_cache
+    from sae_sweep.models.lm import load_lm
 
     points = [(s, t) for s in (1, 2) for t in ("topk", "relu")]
     with _cache_root(cache_dir / "models") as root:
         lm = None
         for seed, trainer in points:
-            cfg = _compose([f"paths.cache_dir={root}", f"dataset.tokens={n_tokens}", f"seed={seed}",
-                            f"trainer={trainer}", f"device={device.type}"])
+            cfg = _compose(
+                [
+                    f"paths.cache_dir={root}",
+                    f"dataset.tokens={n_tokens}",
+                    f"seed={seed}",
+                    f"trainer={trainer}",
+                    f"device={device.type}",
+                ]
+            )
             lm = lm or load_lm(cfg.model, root, str(device))
             build_activation_cache(cfg, lm, device)
         builds = read_builds_log(root)
         spent = sum(ActivationCache.open(root / "activations" / b["key"]).n_tokens for b in builds)
         per_job = ActivationCache.open(root / "activations" / builds[0]["key"]).n_tokens * len(points)
-    return {"points": len(points), "cache_builds": len(builds), "forward_tokens": spent,
-            "forward_tokens_one_cache_per_job": per_job, "ratio": per_job / spent}
+    return {
+        "points": len(points),
+        "cache_builds": len(builds),
+        "forward_tokens": spent,
+        "forward_tokens_one_cache_per_job": per_job,
+        "ratio": per_job / spent,
+    }
 
 
 def fig_packing(root: Path, device: torch.device, steps: int, reps: int, d_sae: int = 1536) -> dict[str, Any]:
     """One pack (shared seed and batch size) of 2 topk sizes + relu + batchtopk at d_in 768 vs the
     same four trained one after another, each with its own reader (as separate jobs read)."""
     from sae_sweep.activations.reader import ShuffledReader
-    from sae_sweep.training.loop import Member, train_members
     from sae_sweep.sae.registry import get_trainer
-    from sae_sweep.training.loop import train
+    from sae_sweep.training.loop import Member, train, train_members
 
     cache = _synthetic_cache(root, D_IN, 16 * BATCH)
     specs = [("topk", d_sae, 16), ("topk", d_sae // 2, 16), ("relu", d_sae, None), ("batchtopk", d_sae, 16)]
@@ -501,11 +606,16 @@ def fig_packing(root: Path, device: torch.device, steps: int, reps: int, d_sae: 
             members = train_members([Member(make(*s), steps) for s in specs], reader, progress=False)
         packed = min(packed, time.perf_counter() - t0)
         assert all(m.error is None for m in members)
-    return {"members": [f"{n}/{d}" for n, d, _ in specs], "steps": steps, "seconds_one_at_a_time": alone,
-            "seconds_packed": packed, "speedup": alone / packed,
-            "note": "training loops only, same process: packing saves the reads (the reader is far faster "
-                    "than training here) and each job's fixed costs (process start, LM/cache open, MLflow "
-                    "set-up), not the per-SAE compute"}
+    return {
+        "members": [f"{n}/{d}" for n, d, _ in specs],
+        "steps": steps,
+        "seconds_one_at_a_time": alone,
+        "seconds_packed": packed,
+        "speedup": alone / packed,
+        "note": "training loops only, same process: packing saves the reads (the reader is far faster "
+        "than training here) and each job's fixed costs (process start, LM/cache open, MLflow "
+        "set-up), not the per-SAE compute",
+    }
 
 
 def fig_packing_jobs(cache_dir: Path, device: torch.device, train_tokens: int = 51_200) -> dict[str, Any]:
@@ -514,13 +624,19 @@ def fig_packing_jobs(cache_dir: Path, device: torch.device, train_tokens: int = 
     MLflow set-up, training, core eval each) vs one `-m ... sweep.pack=true` process. The cache is
     built beforehand, so neither side pays for it; the packed side also pays the sweep-end work
     (cross-seed check, report), so the ratio is conservative."""
-    from sae_sweep.models.lm import load_lm
     from sae_sweep.job.execute import build_activation_cache
+    from sae_sweep.models.lm import load_lm
 
     grid = {"trainer": ["topk", "batchtopk"], "sae.expansion_factor": ["4", "8"]}
     with _cache_root(cache_dir / "models") as root:
-        common = [f"paths.cache_dir={root}", f"paths.output_dir={root / 'outputs'}", "eval=core_only",
-                  f"train.tokens={train_tokens}", "dataset.tokens=20000", f"device={device.type}"]
+        common = [
+            f"paths.cache_dir={root}",
+            f"paths.output_dir={root / 'outputs'}",
+            "eval=core_only",
+            f"train.tokens={train_tokens}",
+            "dataset.tokens=20000",
+            f"device={device.type}",
+        ]
         cfg = _compose(common)
         build_activation_cache(cfg, load_lm(cfg.model, root, device), device)
 
@@ -528,14 +644,24 @@ def fig_packing_jobs(cache_dir: Path, device: torch.device, train_tokens: int = 
             t0 = time.perf_counter()
             res = subprocess.run([sys.executable, "-m", "sae_sweep", *args, *common], capture_output=True, text=True)
             if res.returncode != 0:
-                raise RuntimeError(f"`python -m sae_sweep {' '.join(args)}` exited {res.returncode}:\n{res.stderr[-2000:]}")
+                raise RuntimeError(
+                    f"`python -m sae_sweep {' '.join(args)}` exited {res.returncode}:\n{res.stderr[-2000:]}"
+                )
             return time.perf_counter() - t0
 
-        alone = sum(run([f"trainer={t}", f"sae.expansion_factor={e}", "sweep.name=alone"])
-                    for t in grid["trainer"] for e in grid["sae.expansion_factor"])
+        alone = sum(
+            run([f"trainer={t}", f"sae.expansion_factor={e}", "sweep.name=alone"])
+            for t in grid["trainer"]
+            for e in grid["sae.expansion_factor"]
+        )
         packed = run(["-m", *(f"{k}={','.join(v)}" for k, v in grid.items()), "sweep.pack=true", "sweep.name=packed"])
-    return {"points": 4, "train_tokens": train_tokens, "seconds_one_job_per_point": alone,
-            "seconds_packed_job": packed, "speedup": alone / packed}
+    return {
+        "points": 4,
+        "train_tokens": train_tokens,
+        "seconds_one_job_per_point": alone,
+        "seconds_packed_job": packed,
+        "speedup": alone / packed,
+    }
 
 
 def fig_memory(temporal_d_sae: int) -> dict[str, Any]:
@@ -566,44 +692,72 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_flags": flags, "torch": torch.__version__,
-            "load_avg_1m": os.getloadavg()[0], "gpu": None}
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": flags,
+        "torch": torch.__version__,
+        "load_avg_1m": os.getloadavg()[0],
+        "gpu": None,
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default=None, help="JSON results (default: bench_results/bench.json; "
-                   "bench_results/bench_smoke.json with --smoke)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="JSON results (default: bench_results/bench.json; bench_results/bench_smoke.json with --smoke)",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--reps", type=int, default=2, help="timed repetitions per measurement (best is kept)")
-    p.add_argument("--cache-dir", default=os.environ.get("SAE_SWEEP_CACHE", "~/.cache/sae_sweep"),
-                   help="where the tiny model is (built there once if missing)")
+    p.add_argument(
+        "--cache-dir",
+        default=os.environ.get("SAE_SWEEP_CACHE", "~/.cache/sae_sweep"),
+        help="where the tiny model is (built there once if missing)",
+    )
     p.add_argument("--cache-tokens", type=int, default=65536, help="tokens for the cache-build figure")
     p.add_argument("--cache-model", default="tiny", help="model= of the cache-build figure (default: %(default)s)")
-    p.add_argument("--cache-dataset", default="builtin", help="dataset= of the cache-build figure (default: %(default)s)")
+    p.add_argument(
+        "--cache-dataset", default="builtin", help="dataset= of the cache-build figure (default: %(default)s)"
+    )
     p.add_argument("--packing-steps", type=int, default=4)
     p.add_argument("--temporal-d-sae", type=int, default=65536)
-    p.add_argument("--skip", default="", help="comma-separated figures to skip: cache,reader,topk,quality,sweep,"
-                   "packing,packing_jobs,memory")
-    p.add_argument("--peer-venvs", default="bench_results/venvs",
-                   help="where `make bench-peers` put the peers' venvs (default: %(default)s)")
+    p.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated figures to skip: cache,reader,topk,quality,sweep,packing,packing_jobs,memory",
+    )
+    p.add_argument(
+        "--peer-venvs",
+        default="bench_results/venvs",
+        help="where `make bench-peers` put the peers' venvs (default: %(default)s)",
+    )
     p.add_argument("--peers", default=",".join(PEERS), help="peers to time beside ours (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of every TopK worker (default: %(default)s)")
     p.add_argument("--topk-rounds", type=int, default=3, help="interleaved rounds of the TopK figure")
-    p.add_argument("--topk-max-rounds", type=int, default=8,
-                   help="more rounds, for the variants without a quiet step, up to this many (default: %(default)s)")
+    p.add_argument(
+        "--topk-max-rounds",
+        type=int,
+        default=8,
+        help="more rounds, for the variants without a quiet step, up to this many (default: %(default)s)",
+    )
     p.add_argument("--topk-block", type=int, default=3, help="consecutive steps per variant and round")
     p.add_argument("--topk-warmup", type=int, default=2, help="untimed steps per variant before the rounds")
     p.add_argument("--d-in", type=int, default=None, help=f"the TopK figure's d_in (default: {D_IN})")
     p.add_argument("--d-sae", type=int, default=None, help=f"the TopK figure's d_sae (default: {D_SAE})")
     p.add_argument("--k", type=int, default=None, help=f"the TopK figure's k (default: {K})")
-    p.add_argument("--smoke", action="store_true",
-                   help="a check, not a measurement (seconds): the TopK figure only, at tiny dims "
-                   f"{SMOKE_DIMS}, one round of one step, every worker (ours and each peer venv's) must run; "
-                   "writes bench_results/bench_smoke.json unless --out is given")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a check, not a measurement (seconds): the TopK figure only, at tiny dims "
+        f"{SMOKE_DIMS}, one round of one step, every worker (ours and each peer venv's) must run; "
+        "writes bench_results/bench_smoke.json unless --out is given",
+    )
 
 
 def topk_dims(args: argparse.Namespace) -> tuple[int, int, int, int]:
@@ -636,14 +790,25 @@ def _dims_text(t: dict[str, Any]) -> str:
 def topk_table(t: dict[str, Any]) -> str:
     """Every implementation's own TopK step, measured in the same run (fig_topk)."""
     v = t["variants"]
-    head = f"| TopK step, {_dims_text(t)} | " + " | ".join(
-        f"{p} tok/s: best (median of quiet steps; quiet/timed)" for p in t["precisions"]) + " | peak RSS above imports |"
-    lines = [f"TopK training step, each implementation's own code in its own process, {t['threads']} threads; "
-             f"{t['warmup']} warm-up steps each, then {t['rounds']} interleaved rounds of {t['block']} consecutive "
-             f"steps. A step is quiet when its threads waited for a core < {QUIET:.0%} of its time (1-min load "
-             f"average during the rounds {min(t['load_avg_1m']):.1f}-{max(t['load_avg_1m']):.1f}):", "", head,
-             "|---|" + "---|" * (len(t["precisions"]) + 1)]
-    labels = {"sae_sweep": OURS_LABEL, **{n: p.label for n, p in PEERS.items()}, "matmul": "roofline: torch {version} torch.mm"}
+    head = (
+        f"| TopK step, {_dims_text(t)} | "
+        + " | ".join(f"{p} tok/s: best (median of quiet steps; quiet/timed)" for p in t["precisions"])
+        + " | peak RSS above imports |"
+    )
+    lines = [
+        f"TopK training step, each implementation's own code in its own process, {t['threads']} threads; "
+        f"{t['warmup']} warm-up steps each, then {t['rounds']} interleaved rounds of {t['block']} consecutive "
+        f"steps. A step is quiet when its threads waited for a core < {QUIET:.0%} of its time (1-min load "
+        f"average during the rounds {min(t['load_avg_1m']):.1f}-{max(t['load_avg_1m']):.1f}):",
+        "",
+        head,
+        "|---|" + "---|" * (len(t["precisions"]) + 1),
+    ]
+    labels = {
+        "sae_sweep": OURS_LABEL,
+        **{n: p.label for n, p in PEERS.items()},
+        "matmul": "roofline: torch {version} torch.mm",
+    }
     for impl in ["sae_sweep", *PEERS, "matmul"]:
         keys = [f"{impl}/{p}" for p in t["precisions"]]
         if not any(k in v for k in keys):
@@ -656,14 +821,23 @@ def topk_table(t: dict[str, Any]) -> str:
                 continue
             c = v[k]
             if c["quiet_steps"]:
-                cells.append(f"{c['tokens_per_s']:,.0f} ({c['median_tokens_per_s']:,.0f}; "
-                             f"{c['quiet_steps']}/{c['steps_timed']} quiet)")
+                cells.append(
+                    f"{c['tokens_per_s']:,.0f} ({c['median_tokens_per_s']:,.0f}; "
+                    f"{c['quiet_steps']}/{c['steps_timed']} quiet)"
+                )
             else:
-                cells.append(f"{c['tokens_per_s']:,.0f} (LOADED: no quiet step; "
-                             f"{c['best_step_waiting_threads']:.1f} threads waiting in the best)")
+                cells.append(
+                    f"{c['tokens_per_s']:,.0f} (LOADED: no quiet step; "
+                    f"{c['best_step_waiting_threads']:.1f} threads waiting in the best)"
+                )
         rss = [v[k]["peak_rss_above_imports_mib"] for k in keys if k in v and v[k]["peak_rss_above_imports_mib"]]
-        lines.append(f"| {labels[impl].format(version=version)} | " + " | ".join(cells) + " | "
-                     + (f"{max(rss):,.0f} MiB" if rss and impl != "matmul" else "-") + " |")
+        lines.append(
+            f"| {labels[impl].format(version=version)} | "
+            + " | ".join(cells)
+            + " | "
+            + (f"{max(rss):,.0f} MiB" if rss and impl != "matmul" else "-")
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -672,85 +846,166 @@ def table(r: dict[str, Any]) -> str:
 
     def row(name: str, value: str, target: str, ok: bool | None) -> str:  # a smoke run has no verdicts
         return _row(name, value, target, None if r.get("smoke") else ok)
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, flags {' '.join(m.get('cpu_flags') or []) or '-'}, "
-             f"torch {m['torch']} ({m['cpu_capability']}), 1-min load average at start {m['load_avg_1m']:.1f}"
-             + (f", at end {r['load_avg_1m_end']:.1f}" if "load_avg_1m_end" in r else "") + "; "
-             + (f"GPU: {m['gpu']}" if m["gpu"] else "no GPU available: GPU figures not measured"),
-             "", "| figure | measured | target | |", "|---|---|---|---|"]
+
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, flags {' '.join(m.get('cpu_flags') or []) or '-'}, "
+        f"torch {m['torch']} ({m['cpu_capability']}), 1-min load average at start {m['load_avg_1m']:.1f}"
+        + (f", at end {r['load_avg_1m_end']:.1f}" if "load_avg_1m_end" in r else "")
+        + "; "
+        + (f"GPU: {m['gpu']}" if m["gpu"] else "no GPU available: GPU figures not measured"),
+        "",
+        "| figure | measured | target | |",
+        "|---|---|---|---|",
+    ]
     if r.get("smoke"):
-        lines[1:1] = ["", "SMOKE RUN (--smoke): tiny dims, one step per variant; it checks that every worker "
-                      "runs, its figures measure nothing."]
+        lines[1:1] = [
+            "",
+            "SMOKE RUN (--smoke): tiny dims, one step per variant; it checks that every worker "
+            "runs, its figures measure nothing.",
+        ]
     t = r.get("topk", {})
     if t.get("matmul_flops"):
         d_in, d_sae, _, batch = t.get("dims", (D_IN, D_SAE, K, BATCH))
-        lines.append(row(f"matmul {batch}x{d_in}x{d_sae} (timed in the TopK rounds)",
-                          ", ".join(f"{p} {f / 1e12:.3f} TFLOP/s" for p, f in t["matmul_flops"].items())
-                          + f" -> roofline dtype {t['roofline_dtype']}", "-", None))
+        lines.append(
+            row(
+                f"matmul {batch}x{d_in}x{d_sae} (timed in the TopK rounds)",
+                ", ".join(f"{p} {f / 1e12:.3f} TFLOP/s" for p, f in t["matmul_flops"].items())
+                + f" -> roofline dtype {t['roofline_dtype']}",
+                "-",
+                None,
+            )
+        )
     elif "probe" in r and not r["probe"]["run_bf16"]:
-        lines.append(row("bf16 vs fp32 matmul (small shape)", f"{r['probe']['bf16_vs_fp32_small']:.3f}x: bf16 "
-                          "emulated here, bf16 steps not run", "-", None))
+        lines.append(
+            row(
+                "bf16 vs fp32 matmul (small shape)",
+                f"{r['probe']['bf16_vs_fp32_small']:.3f}x: bf16 emulated here, bf16 steps not run",
+                "-",
+                None,
+            )
+        )
     if "cache" in r:
         c = r["cache"]
         tps = c["tokens_per_s"]
-        lines.append(row(f"cache build vs bare forward to layer {c['layer']} ({c['model']}, {c['tokens']} tok)",
-                          f"{c['build_vs_bare']:.2f}x ({tps['cache_build']:,.0f} vs {tps['bare_forward']:,.0f} tok/s)",
-                          ">= 0.9x", c["build_vs_bare"] >= 0.9))
-        lines.append(row(f"early exit (layer {c['layer']} of {c['n_layers']}) vs full forward",
-                          f"{c['early_exit_vs_full']:.2f}x", "> 1x", c["early_exit_vs_full"] > 1))
+        lines.append(
+            row(
+                f"cache build vs bare forward to layer {c['layer']} ({c['model']}, {c['tokens']} tok)",
+                f"{c['build_vs_bare']:.2f}x ({tps['cache_build']:,.0f} vs {tps['bare_forward']:,.0f} tok/s)",
+                ">= 0.9x",
+                c["build_vs_bare"] >= 0.9,
+            )
+        )
+        lines.append(
+            row(
+                f"early exit (layer {c['layer']} of {c['n_layers']}) vs full forward",
+                f"{c['early_exit_vs_full']:.2f}x",
+                "> 1x",
+                c["early_exit_vs_full"] > 1,
+            )
+        )
     if "reader" in r:
         rd = r["reader"]
-        lines.append(row("shuffled reader vs training consumption (batch 4096, d_in 768)",
-                          f"{rd['ratio']:.1f}x ({rd['batches_per_s']:.2f} vs {rd['train_steps_per_s']:.3f} batches/s)",
-                          ">= 5x", rd["ratio"] >= 5))
+        lines.append(
+            row(
+                "shuffled reader vs training consumption (batch 4096, d_in 768)",
+                f"{rd['ratio']:.1f}x ({rd['batches_per_s']:.2f} vs {rd['train_steps_per_s']:.3f} batches/s)",
+                ">= 5x",
+                rd["ratio"] >= 5,
+            )
+        )
     if "vs_roofline" in t:
         v, best = t["variants"], t["ours_best_precision"]
         ours = v[f"sae_sweep/{best}"]
         loaded = [k for k, c in v.items() if not c["quiet_steps"]]
-        lines.append(row(f"TopK train {_dims_text(t)} vs encoder-only roofline",
-                          f"{t['vs_roofline']:.0%} ({ours['tokens_per_s']:,.0f} vs {t['roofline_tokens_per_s']:,.0f} "
-                          f"tok/s, {best} step vs {t['roofline_dtype']} matmul)"
-                          + (f"; LOADED, no quiet step: {', '.join(loaded)}" if loaded else ""),
-                          ">= 50%", t["vs_roofline"] >= 0.5))
+        lines.append(
+            row(
+                f"TopK train {_dims_text(t)} vs encoder-only roofline",
+                f"{t['vs_roofline']:.0%} ({ours['tokens_per_s']:,.0f} vs {t['roofline_tokens_per_s']:,.0f} "
+                f"tok/s, {best} step vs {t['roofline_dtype']} matmul)"
+                + (f"; LOADED, no quiet step: {', '.join(loaded)}" if loaded else ""),
+                ">= 50%",
+                t["vs_roofline"] >= 0.5,
+            )
+        )
         for peer in PEERS:
             ratios = {k.split("/")[1]: x for k, x in t["vs_peers"].items() if k.startswith(peer + "/")}
             if ratios:
-                lines.append(row(f"TopK train vs {peer}'s own step, same precision (same run)",
-                                  ", ".join(f"{p} {x:.1f}x" for p, x in ratios.items()), "> 1x",
-                                  min(ratios.values()) > 1))
+                lines.append(
+                    row(
+                        f"TopK train vs {peer}'s own step, same precision (same run)",
+                        ", ".join(f"{p} {x:.1f}x" for p, x in ratios.items()),
+                        "> 1x",
+                        min(ratios.values()) > 1,
+                    )
+                )
     for name, why in t.get("not_run", {}).items():
         lines.append(row(f"TopK train vs {name}", why, "> 1x", None))
     if "quality" in r:
         q = r["quality"]
-        lines.append(row("explained variance, planted dictionary: sparse vs dense backward (fp32)",
-                          " / ".join(f"{a:.4f} vs {b:.4f}" for a, b in zip(q["sparse"], q["dense"])),
-                          "equal within noise", q["max_abs_diff"] < 0.01))
+        lines.append(
+            row(
+                "explained variance, planted dictionary: sparse vs dense backward (fp32)",
+                " / ".join(f"{a:.4f} vs {b:.4f}" for a, b in zip(q["sparse"], q["dense"])),
+                "equal within noise",
+                q["max_abs_diff"] < 0.01,
+            )
+        )
         if "sparse_bf16" in q:
-            lines.append(row("explained variance, planted dictionary: bf16 autocast vs fp32 (sparse)",
-                              " / ".join(f"{a:.4f} vs {b:.4f}" for a, b in zip(q["sparse_bf16"], q["sparse"])),
-                              "equal within noise", q["bf16_max_abs_diff"] < 0.01))
+            lines.append(
+                row(
+                    "explained variance, planted dictionary: bf16 autocast vs fp32 (sparse)",
+                    " / ".join(f"{a:.4f} vs {b:.4f}" for a, b in zip(q["sparse_bf16"], q["sparse"])),
+                    "equal within noise",
+                    q["bf16_max_abs_diff"] < 0.01,
+                )
+            )
     if "sweep" in r:
         s = r["sweep"]
-        lines.append(row("LM forward tokens, 2 seeds x 2 trainers: one cache per job vs shared cache",
-                          f"{s['ratio']:.1f}x ({s['forward_tokens_one_cache_per_job']:,} vs {s['forward_tokens']:,}; "
-                          f"{s['cache_builds']} build)", f"{s['points']}x", s["ratio"] >= s["points"]))
+        lines.append(
+            row(
+                "LM forward tokens, 2 seeds x 2 trainers: one cache per job vs shared cache",
+                f"{s['ratio']:.1f}x ({s['forward_tokens_one_cache_per_job']:,} vs {s['forward_tokens']:,}; "
+                f"{s['cache_builds']} build)",
+                f"{s['points']}x",
+                s["ratio"] >= s["points"],
+            )
+        )
     if "packing" in r:
         p = r["packing"]
-        lines.append(row(f"packing: {len(p['members'])} SAEs in one pack vs one at a time (train loops)",
-                          f"{p['speedup']:.2f}x ({p['seconds_one_at_a_time']:.1f} s vs {p['seconds_packed']:.1f} s)",
-                          "> 1x", p["speedup"] > 1))
+        lines.append(
+            row(
+                f"packing: {len(p['members'])} SAEs in one pack vs one at a time (train loops)",
+                f"{p['speedup']:.2f}x ({p['seconds_one_at_a_time']:.1f} s vs {p['seconds_packed']:.1f} s)",
+                "> 1x",
+                p["speedup"] > 1,
+            )
+        )
     if "packing_jobs" in r:
         pj = r["packing_jobs"]
-        lines.append(row(f"packing: {pj['points']} grid points as one packed job vs one job per point (CLI "
-                          "processes, tiny model, core eval)",
-                          f"{pj['speedup']:.2f}x ({pj['seconds_one_job_per_point']:.0f} s vs "
-                          f"{pj['seconds_packed_job']:.0f} s)", "> 1x", pj["speedup"] > 1))
+        lines.append(
+            row(
+                f"packing: {pj['points']} grid points as one packed job vs one job per point (CLI "
+                "processes, tiny model, core eval)",
+                f"{pj['speedup']:.2f}x ({pj['seconds_one_job_per_point']:.0f} s vs {pj['seconds_packed_job']:.0f} s)",
+                "> 1x",
+                pj["speedup"] > 1,
+            )
+        )
     if "memory" in r:
         to = r["memory"]["temporal_ortho"]
         peak = to.get("peak_rss_growth_mib", to.get("rss_growth_mib"))
-        lines.append(row(f"temporal_ortho tracking memory at d_sae {to['d_sae']}",
-                          ", ".join(f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v:,}"
-                                    for k, v in to.items() if k != "d_sae") if peak is None else f"{peak:,.1f} MiB",
-                          "bounded", None))
+        lines.append(
+            row(
+                f"temporal_ortho tracking memory at d_sae {to['d_sae']}",
+                ", ".join(
+                    f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in to.items() if k != "d_sae"
+                )
+                if peak is None
+                else f"{peak:,.1f} MiB",
+                "bounded",
+                None,
+            )
+        )
     if "variants" in t:
         lines += ["", topk_table(t)]
     return "\n".join(lines)
@@ -768,8 +1023,11 @@ def main(args: argparse.Namespace) -> int:
         args.topk_rounds, args.topk_max_rounds, args.topk_block, args.topk_warmup = 1, 1, 1, 1
     cache_dir = Path(os.path.expanduser(args.cache_dir))
     r: dict[str, Any] = {"machine": machine(), "device": str(device), "smoke": args.smoke}
-    print(f"perf bench on {r['machine']['cpu']} ({device}); "
-          + ("" if r["machine"]["gpu"] else "no GPU available: CPU figures only"), flush=True)
+    print(
+        f"perf bench on {r['machine']['cpu']} ({device}); "
+        + ("" if r["machine"]["gpu"] else "no GPU available: CPU figures only"),
+        flush=True,
+    )
 
     def stage(name: str, fn: Callable[[], Any]) -> None:
         if name in skip:
@@ -784,18 +1042,38 @@ def main(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"--peers: unknown {sorted(unknown)}; known: {', '.join(PEERS)}")
     stage("probe", lambda: bf16_probe(device, args.reps))
-    stage("topk", lambda: fig_topk(device, r["probe"], Path(args.peer_venvs), peers, args.topk_rounds,
-                                   args.topk_block, args.topk_warmup, args.threads, args.topk_max_rounds, dims))
+    stage(
+        "topk",
+        lambda: fig_topk(
+            device,
+            r["probe"],
+            Path(args.peer_venvs),
+            peers,
+            args.topk_rounds,
+            args.topk_block,
+            args.topk_warmup,
+            args.threads,
+            args.topk_max_rounds,
+            dims,
+        ),
+    )
     stage("memory", lambda: fig_memory(args.temporal_d_sae))
     with tempfile.TemporaryDirectory(prefix="sae_sweep_bench_") as tmp:
         t = r.get("topk", {})
-        steps_per_s = (t["variants"][f"sae_sweep/{t['ours_best_precision']}"]["tokens_per_s"] / dims[3]
-                       if "ours_best_precision" in t else 1.0)
+        steps_per_s = (
+            t["variants"][f"sae_sweep/{t['ours_best_precision']}"]["tokens_per_s"] / dims[3]
+            if "ours_best_precision" in t
+            else 1.0
+        )
         stage("reader", lambda: fig_reader(Path(tmp), device, steps_per_s, n_batches=20))
         stage("packing", lambda: fig_packing(Path(tmp), device, args.packing_steps, args.reps))
     stage("quality", lambda: fig_quality(bf16=r.get("probe", {}).get("run_bf16", False)))
-    stage("cache", lambda: fig_cache_build(cache_dir, device, args.cache_tokens, max(args.reps, 5),
-                                                   args.cache_model, args.cache_dataset))
+    stage(
+        "cache",
+        lambda: fig_cache_build(
+            cache_dir, device, args.cache_tokens, max(args.reps, 5), args.cache_model, args.cache_dataset
+        ),
+    )
     stage("sweep", lambda: fig_sweep(cache_dir, device, 8192))
     stage("packing_jobs", lambda: fig_packing_jobs(cache_dir, device))
 
@@ -808,7 +1086,9 @@ def main(args: argparse.Namespace) -> int:
     out.write_text(json.dumps({**r, "table": text}, indent=2, default=str))
     print(f"\nwrote {out}")
     if args.smoke and r.get("topk", {}).get("not_run"):
-        print("smoke: not every TopK worker ran: " + "; ".join(f"{k}: {v}" for k, v in r["topk"]["not_run"].items()),
-              file=sys.stderr)
+        print(
+            "smoke: not every TopK worker ran: " + "; ".join(f"{k}: {v}" for k, v in r["topk"]["not_run"].items()),
+            file=sys.stderr,
+        )
         return 1
     return 0

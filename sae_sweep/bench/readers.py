@@ -6,6 +6,7 @@ in memory).
 
     python -m sae_sweep.bench readers [--gb 4] [--d-in 768] [--batch 4096] [--seconds 20] [--dir DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,13 @@ def build_cache(root: Path, d_in: int, gb: float, ctx: int = 128):
             b = min(256, n_seqs - i)
             yield torch.zeros(b, ctx, dtype=torch.long), torch.randn(b, ctx, d_in, generator=g)
 
-    cache, _ = get_or_build({"bench": "readers", "d": d_in, "n_seqs": n_seqs, "storage_dtype": "bfloat16"}, root, build, special_token_ids=[],
-                            storage_dtype="bfloat16")
+    cache, _ = get_or_build(
+        {"bench": "readers", "d": d_in, "n_seqs": n_seqs, "storage_dtype": "bfloat16"},
+        root,
+        build,
+        special_token_ids=[],
+        storage_dtype="bfloat16",
+    )
     return cache
 
 
@@ -70,8 +76,9 @@ def resident_fraction(cache) -> float | None:
     if shutil.which("fincore") is None:
         return None
     files = [str(p) for p in cache.path.glob("acts-*.npy")]
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES,SIZE", *files],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES,SIZE", *files], capture_output=True, text=True
+    )
     if out.returncode != 0:
         return None
     res = size = 0
@@ -113,9 +120,11 @@ def run(root: Path, args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
             del reader, cache
             fig["resident_before"] = before
             out[f"{name}/{state}"] = fig
-            print(f"  {name:6s} {state}: {fig['tokens_per_s']:>12,.0f} tok/s  {fig['mb_per_s']:>8,.0f} MB/s "
-                  f"({fig['batches']} batches; {'' if before is None else f'{before:.0%} in page cache before'})",
-                  flush=True)
+            print(
+                f"  {name:6s} {state}: {fig['tokens_per_s']:>12,.0f} tok/s  {fig['mb_per_s']:>8,.0f} MB/s "
+                f"({fig['batches']} batches; {'' if before is None else f'{before:.0%} in page cache before'})",
+                flush=True,
+            )
     return out
 
 
@@ -126,9 +135,11 @@ def main(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         cache = build_cache(root, args.d_in, args.gb)
         size = sum(p.stat().st_size for p in cache.path.glob("acts-*.npy")) / 1e9
-        print(f"cache: {cache.n_tokens:,} tokens x d_in {cache.d_in}, bfloat16, {size:.2f} GB "
-              f"({time.perf_counter() - t0:.0f} s to build or open); batch {args.batch}, "
-              f"blocks of {args.block_tokens:,} tokens, {args.seconds:.0f} s per figure")
+        print(
+            f"cache: {cache.n_tokens:,} tokens x d_in {cache.d_in}, bfloat16, {size:.2f} GB "
+            f"({time.perf_counter() - t0:.0f} s to build or open); batch {args.batch}, "
+            f"blocks of {args.block_tokens:,} tokens, {args.seconds:.0f} s per figure"
+        )
         del cache
         figs = run(root, args)
         for state in ("cold", "warm"):

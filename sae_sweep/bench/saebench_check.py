@@ -38,8 +38,9 @@ class RefSAE(torch.nn.Module):
         self.b_enc = torch.nn.Parameter(torch.randn(d_sae, generator=g) * 0.1 - 0.2)
         self.W_dec = torch.nn.Parameter(torch.nn.functional.normalize(self.W_enc.detach().T.clone(), dim=-1))
         self.b_dec = torch.nn.Parameter(torch.randn(d_in, generator=g) * 0.05)
-        self.cfg = SimpleNamespace(hook_name=f"blocks.{layer}.hook_resid_post", hook_layer=layer, hook_head_index=None,
-                                   d_sae=d_sae, d_in=d_in)
+        self.cfg = SimpleNamespace(
+            hook_name=f"blocks.{layer}.hook_resid_post", hook_layer=layer, hook_head_index=None, d_sae=d_sae, d_in=d_in
+        )
         self.device = torch.device("cpu")
         self.dtype = torch.float32
 
@@ -62,7 +63,7 @@ class FixedTokens:
         self.tokens, self.pos = tokens, 0
 
     def get_batch_tokens(self, n: int) -> torch.Tensor:
-        out = self.tokens[self.pos:self.pos + n]
+        out = self.tokens[self.pos : self.pos + n]
         self.pos += n
         return out
 
@@ -99,24 +100,44 @@ def check_core() -> float:
     from sae_sweep.evals.core import run_core_eval
 
     torch.manual_seed(0)
-    model = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=32, n_ctx=32, d_head=8, n_heads=4,
-                                                      d_vocab=64, act_fn="gelu", normalization_type="LN"))
+    model = HookedTransformer(
+        HookedTransformerConfig(
+            n_layers=2, d_model=32, n_ctx=32, d_head=8, n_heads=4, d_vocab=64, act_fn="gelu", normalization_type="LN"
+        )
+    )
     model.eval()
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(2, 64, (48, 32), generator=g)
-    tokens[:, 0] = 0                                  # BOS
+    tokens[:, 0] = 0  # BOS
     tokens[torch.rand(48, 32, generator=g) < 0.05] = 1  # document separators (EOS)
     sae = RefSAE(32, 96, layer=0)
     ignore = {0, 1}
     n_batches = 3  # of 16 contexts, SAEBench's batch_size_prompts
     with torch.no_grad():
         ref = sb_core.get_downstream_reconstruction_metrics(
-            sae, model, FixedTokens(tokens), compute_kl=True, compute_ce_loss=True, n_batches=n_batches,
-            eval_batch_size_prompts=16, ignore_tokens=ignore, exclude_special_tokens_from_reconstruction=True)
+            sae,
+            model,
+            FixedTokens(tokens),
+            compute_kl=True,
+            compute_ce_loss=True,
+            n_batches=n_batches,
+            eval_batch_size_prompts=16,
+            ignore_tokens=ignore,
+            exclude_special_tokens_from_reconstruction=True,
+        )
         ref_sv, ref_feat = sb_core.get_sparsity_and_variance_metrics(
-            sae, model, FixedTokens(tokens), n_batches, compute_l2_norms=True, compute_sparsity_metrics=True,
-            compute_variance_metrics=True, compute_featurewise_density_statistics=True, eval_batch_size_prompts=16,
-            model_kwargs={}, ignore_tokens=ignore)
+            sae,
+            model,
+            FixedTokens(tokens),
+            n_batches,
+            compute_l2_norms=True,
+            compute_sparsity_metrics=True,
+            compute_variance_metrics=True,
+            compute_featurewise_density_statistics=True,
+            eval_batch_size_prompts=16,
+            model_kwargs={},
+            ignore_tokens=ignore,
+        )
     ref.update(ref_sv)
     ours_out = run_core_eval(TLAdapter(model), sae, tokens, 0, "resid_post", 16, ignore, progress=False)
     ours = {k: v for group in ours_out.metrics.values() for k, v in group.items()}
@@ -127,8 +148,10 @@ def check_core() -> float:
             worst = max(worst, _row(name, float(ref[name]), float(ours[name])) / max(1e-12, abs(float(ref[name]))))
     dens = torch.tensor(ref_feat["feature_density"])
     worst = max(worst, float((dens - torch.tensor([d["feature_density"] for d in ours_out.details])).abs().max()))
-    print(f"  feature_density: max |diff| over {len(dens)} latents "
-          f"{float((dens - torch.tensor([d['feature_density'] for d in ours_out.details])).abs().max()):.2e}")
+    print(
+        f"  feature_density: max |diff| over {len(dens)} latents "
+        f"{float((dens - torch.tensor([d['feature_density'] for d in ours_out.details])).abs().max()):.2e}"
+    )
     return worst
 
 
@@ -148,15 +171,21 @@ def check_sparse_probing() -> None:
         mask = pt.get_top_k_mean_diff_mask(xt[:400], yt[:400], k)
         ref_cols = sorted(np.flatnonzero(~mask.numpy()).tolist())
         ours_cols = sorted(top_k_by_mean_diff(x[:400], y[:400], k).tolist())
-        _, ref_acc = pt.train_sklearn_probe(pt.apply_topk_mask_reduce_dim(xt[:400], mask), yt[:400],
-                                            pt.apply_topk_mask_reduce_dim(xt[400:], mask), yt[400:])
+        _, ref_acc = pt.train_sklearn_probe(
+            pt.apply_topk_mask_reduce_dim(xt[:400], mask),
+            yt[:400],
+            pt.apply_topk_mask_reduce_dim(xt[400:], mask),
+            yt[400:],
+        )
         ours_acc = fit_sklearn_probe_raw(x[:400][:, ours_cols], y[:400], x[400:][:, ours_cols], y[400:])["acc"]
         print(f"  top-{k}: columns saebench {ref_cols} sae_sweep {ours_cols}; accuracy {ref_acc:.4f} vs {ours_acc:.4f}")
     torch.manual_seed(0)
     _, ref_acc = pt.train_probe_gpu(xt[:400], yt[:400], xt[400:], yt[400:], dim=64, batch_size=250, epochs=100, lr=1e-2)
     ours = train_probe_torch(x[:400], y[:400], x[400:], y[400:], batch_size=250, epochs=100, lr=1e-2, seed=0)
-    print(f"  full-dimension probe (best test accuracy; different RNG streams): saebench {ref_acc:.4f} "
-          f"sae_sweep {ours['acc']:.4f}")
+    print(
+        f"  full-dimension probe (best test accuracy; different RNG streams): saebench {ref_acc:.4f} "
+        f"sae_sweep {ours['acc']:.4f}"
+    )
 
 
 def check_scr_tpp() -> float:
@@ -170,7 +199,7 @@ def check_scr_tpp() -> float:
     acts = torch.randn(40, 12, 16, generator=g)
     acts[:, 0] = 0.0
     for i in range(40):
-        acts[i, 4 + i % 7:] = 0.0
+        acts[i, 4 + i % 7 :] = 0.0
     probe = pt.Probe(16, torch.float32)
     print("SCR/TPP (scr_and_tpp/main.py vs sae_sweep.evals.scr_and_tpp):")
     worst = 0.0
@@ -181,8 +210,11 @@ def check_scr_tpp() -> float:
         for scr in (True, False):
             data = {"a": acts[:20], "b": acts[20:]}
             torch.manual_seed(3)
-            ref = sb.get_effects_per_class_precomputed_acts(sae, probe, "a", data, perform_scr=False,
-                                                            sae_batch_size=7) if not scr else None
+            ref = (
+                sb.get_effects_per_class_precomputed_acts(sae, probe, "a", data, perform_scr=False, sae_batch_size=7)
+                if not scr
+                else None
+            )
             if ref is not None:
                 labels = np.r_[np.ones(20, int), np.zeros(20, int)]
                 ours = node_effects(sae_mean, labels, probe.net.weight[0], sae.W_dec, scr=False)
@@ -196,10 +228,14 @@ def check_scr_tpp() -> float:
             mask = torch.zeros(48, dtype=torch.bool)
             mask[sel] = True
             ref_abl = sb.ablated_precomputed_activations(acts.clone(), sae, ref_sel, sae_batch_size=7)
-            ours_abl = acts.sum(1) / nonzero.sum(1)[:, None] - (f.sum(1)[:, sel] @ sae.W_dec[sel]) / nonzero.sum(1)[:, None]
+            ours_abl = (
+                acts.sum(1) / nonzero.sum(1)[:, None] - (f.sum(1)[:, sel] @ sae.W_dec[sel]) / nonzero.sum(1)[:, None]
+            )
             d = float((ref_abl - ours_abl).abs().max())
-            print(f"  ablation of top-{n}: same latents {bool(torch.equal(mask, ref_sel))}; meaned activations "
-                  f"max |diff| {d:.2e}")
+            print(
+                f"  ablation of top-{n}: same latents {bool(torch.equal(mask, ref_sel))}; meaned activations "
+                f"max |diff| {d:.2e}"
+            )
             worst = max(worst, d)
     return worst
 

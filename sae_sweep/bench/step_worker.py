@@ -21,6 +21,7 @@ Per step: wall seconds; CPU seconds of the process (user + sys, all threads); se
 spent runnable but waiting for a core (`/proc/self/task/*/schedstat`, Linux: a loaded machine shows
 here, not in the CPU time); minor page faults.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,12 @@ def timed(fn: Callable[[], object]) -> dict[str, float]:
     r0, w0, t0 = resource.getrusage(resource.RUSAGE_SELF), run_queue_wait(), time.perf_counter()
     fn()
     t1, w1, r1 = time.perf_counter(), run_queue_wait(), resource.getrusage(resource.RUSAGE_SELF)
-    return {"wall": t1 - t0, "cpu": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime),
-            "runq_wait": w1 - w0, "minflt": r1.ru_minflt - r0.ru_minflt}
+    return {
+        "wall": t1 - t0,
+        "cpu": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime),
+        "runq_wait": w1 - w0,
+        "minflt": r1.ru_minflt - r0.ru_minflt,
+    }
 
 
 def data(batch: int, d_in: int):
@@ -86,8 +91,9 @@ def sae_sweep_step(args, x):
     from sae_sweep.sae.topk import TopKTrainer
 
     cfg = {"name": "topk", "batch_size": args.batch, "lr": 1e-4, "autocast_bf16": args.precision == "bf16"}
-    trainer = TopKTrainer(args.d_in, {"d_sae": args.d_sae, "k": args.k}, cfg, total_steps=100_000, seed=0,
-                          device=args.device)
+    trainer = TopKTrainer(
+        args.d_in, {"d_sae": args.d_sae, "k": args.k}, cfg, total_steps=100_000, seed=0, device=args.device
+    )
     trainer.init_from_data(x[:1024])
     try:
         v = version("sae_sweep")
@@ -104,8 +110,17 @@ def dictionary_learning_step(args, x):
 
     from dictionary_learning.trainers.top_k import TopKTrainer
 
-    trainer = TopKTrainer(steps=100_000, activation_dim=args.d_in, dict_size=args.d_sae, k=args.k, layer=0,
-                          lm_name="bench", lr=1e-4, seed=0, device="cpu")
+    trainer = TopKTrainer(
+        steps=100_000,
+        activation_dim=args.d_in,
+        dict_size=args.d_sae,
+        k=args.k,
+        layer=0,
+        lm_name="bench",
+        lr=1e-4,
+        seed=0,
+        device="cpu",
+    )
     count = [0]
 
     def step():
@@ -131,8 +146,7 @@ def sparsify_step(args, x):
     from sparsify import SparseCoder, SparseCoderConfig
 
     torch.manual_seed(0)
-    sae = SparseCoder(args.d_in, SparseCoderConfig(num_latents=args.d_sae, k=args.k), device="cpu",
-                      dtype=torch.float32)
+    sae = SparseCoder(args.d_in, SparseCoderConfig(num_latents=args.d_sae, k=args.k), device="cpu", dtype=torch.float32)
     optimizer = torch.optim.Adam([{"params": sae.parameters(), "lr": 1e-4}])
     counts = torch.zeros(args.d_sae, dtype=torch.long)
     with torch.no_grad():
@@ -179,11 +193,18 @@ def matmul_step(args, x):
     return torch.__version__, step
 
 
-IMPLS = {"sae_sweep": sae_sweep_step, "dictionary_learning": dictionary_learning_step, "sparsify": sparsify_step,
-         "matmul": matmul_step}
+IMPLS = {
+    "sae_sweep": sae_sweep_step,
+    "dictionary_learning": dictionary_learning_step,
+    "sparsify": sparsify_step,
+    "matmul": matmul_step,
+}
 # imported before the memory baseline, so that a peak RSS counts the step, not the library's imports
-MODULES = {"sae_sweep": "sae_sweep.sae.topk", "dictionary_learning": "dictionary_learning.trainers.top_k",
-           "sparsify": "sparsify"}
+MODULES = {
+    "sae_sweep": "sae_sweep.sae.topk",
+    "dictionary_learning": "dictionary_learning.trainers.top_k",
+    "sparsify": "sparsify",
+}
 
 
 def memory_mib() -> dict[str, float]:
@@ -236,10 +257,21 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # reported to the bench, which prints it in place of the figure
         reply({"error": f"{type(e).__name__}: {e}"})
         return 1
-    reply({"ready": {"impl": args.impl, "version": impl_version, "precision": args.precision, "device": args.device,
-                     "torch": torch.__version__, "threads": torch.get_num_threads(),
-                     "cpu_capability": torch.backends.cpu.get_cpu_capability(), "warmup": warmup,
-                     "rss_before_setup_mib": base.get("VmRSS")}})
+    reply(
+        {
+            "ready": {
+                "impl": args.impl,
+                "version": impl_version,
+                "precision": args.precision,
+                "device": args.device,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "warmup": warmup,
+                "rss_before_setup_mib": base.get("VmRSS"),
+            }
+        }
+    )
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd.get("quit"):

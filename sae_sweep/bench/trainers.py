@@ -17,6 +17,7 @@ measures each correction on its own: for every research trainer, the corrected r
 correction reverted to its published value, and the published recipe with each one applied (the
 figures quoted in the trainers' docstrings and docs/research-variants.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,10 +31,10 @@ from typing import Any
 
 import torch
 
+from sae_sweep.activations.synthetic import PlantedDictionary
+from sae_sweep.evals.recovery import recovery_metrics
 from sae_sweep.sae import SparseAutoencoder, get_trainer, trainer_names
 from sae_sweep.sae.trainer import explained_variance
-from sae_sweep.evals.recovery import recovery_metrics
-from sae_sweep.activations.synthetic import PlantedDictionary
 
 
 @dataclass
@@ -104,11 +105,13 @@ def correction_rows(name: str, setup: PlantedSetup, data: tuple, seed: int = 0) 
     runs = {"corrected": base}
     for key, c in table.items():
         runs[f"corrected, {key}={c.published}"] = dataclasses.replace(
-            base, overrides={**base.overrides, key: c.published})
+            base, overrides={**base.overrides, key: c.published}
+        )
     runs["published"] = pub
     for key, c in table.items():
         runs[f"published, {key}={c.corrected}"] = dataclasses.replace(
-            pub, overrides={**pub.overrides, key: c.corrected})
+            pub, overrides={**pub.overrides, key: c.corrected}
+        )
     return {label: train_planted(name, recipe, setup, seed=seed, data=data)[1] for label, recipe in runs.items()}
 
 
@@ -116,16 +119,18 @@ def trainer_cfg(name: str, recipe: Recipe, setup: PlantedSetup) -> dict[str, Any
     """Defaults of the trainer's params dataclass + the recipe's overrides."""
     cls = get_trainer(name)
     cfg = {f.name: f.default for f in dataclasses.fields(cls.params_cls)}
-    cfg.update(name=name, lr=recipe.lr, batch_size=setup.batch_size, warmup_steps=20,
-               dead_tokens=setup.batch_size * 100)
+    cfg.update(
+        name=name, lr=recipe.lr, batch_size=setup.batch_size, warmup_steps=20, dead_tokens=setup.batch_size * 100
+    )
     cfg.update(recipe.overrides)
     return cfg
 
 
 def planted_data(setup: PlantedSetup) -> tuple[PlantedDictionary, torch.Tensor, torch.Tensor]:
     pd = PlantedDictionary(setup.d, setup.n_features, seed=setup.data_seed)
-    kw: dict[str, Any] = dict(l0=setup.l0, correlated_groups=setup.correlated_groups,
-                              correlation=setup.correlation, noise=setup.noise)
+    kw: dict[str, Any] = dict(
+        l0=setup.l0, correlated_groups=setup.correlated_groups, correlation=setup.correlation, noise=setup.noise
+    )
     train = pd.sample(setup.pool, **kw)
     held_out = pd.sample(setup.eval_samples, **kw)
     return pd, train, held_out
@@ -146,15 +151,17 @@ def score(sae: SparseAutoencoder, pd: PlantedDictionary, x: torch.Tensor) -> dic
     return out
 
 
-def train_planted(name: str, recipe: Recipe | None = None, setup: PlantedSetup | None = None,
-                  seed: int = 0, data: tuple | None = None) -> tuple[Any, dict[str, float]]:
+def train_planted(
+    name: str, recipe: Recipe | None = None, setup: PlantedSetup | None = None, seed: int = 0, data: tuple | None = None
+) -> tuple[Any, dict[str, float]]:
     """Train `name` on the planted problem; returns (trainer, metrics incl. seconds)."""
     setup = setup or PlantedSetup()
     recipe = recipe or RECIPES.get(name, Recipe())
     pd, train, held_out = data if data is not None else planted_data(setup)
     cls = get_trainer(name)
-    trainer = cls(setup.d, {"d_sae": setup.d_sae, "k": recipe.k}, trainer_cfg(name, recipe, setup),
-                  recipe.steps, seed=seed)
+    trainer = cls(
+        setup.d, {"d_sae": setup.d_sae, "k": recipe.k}, trainer_cfg(name, recipe, setup), recipe.steps, seed=seed
+    )
     gen = torch.Generator().manual_seed(seed)
     trainer.init_from_data(train[:4096])
     threads = torch.get_num_threads()
@@ -187,10 +194,13 @@ def format_table(rows: dict[str, dict[str, float]], width: int = 16) -> str:
 def memory_figure(d_sae: int = 65536, **kw: Any) -> dict[str, Any]:
     """temporal_ortho's co-activation tracking memory at `d_sae` (`temporal_ortho.measure_memory`),
     measured in a fresh process so the peak RSS is not the harness's own training peak."""
-    code = ("import json, sys; from sae_sweep.sae.temporal_ortho import measure_memory; "
-            "print(json.dumps(measure_memory(**json.loads(sys.argv[1]))))")
-    out = subprocess.run([sys.executable, "-c", code, json.dumps({"d_sae": d_sae, **kw})],
-                         check=True, capture_output=True, text=True)
+    code = (
+        "import json, sys; from sae_sweep.sae.temporal_ortho import measure_memory; "
+        "print(json.dumps(measure_memory(**json.loads(sys.argv[1]))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps({"d_sae": d_sae, **kw})], check=True, capture_output=True, text=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -200,12 +210,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write the table (and memory figure) as JSON here")
     p.add_argument("--no-memory", action="store_true", help="skip the temporal_ortho memory figure")
     p.add_argument("--memory-d-sae", type=int, default=65536)
-    p.add_argument("--mode", choices=("corrected", "published"), default="corrected",
-                   help="trainer.mode of the research trainers (others have none)")
-    p.add_argument("--temporal-routes", action="store_true",
-                   help="only time temporal_ortho's two co-activation routes (pairs vs gram) at a few shapes")
-    p.add_argument("--corrections", action="store_true",
-                   help="measure each research trainer's corrections one at a time (see the module docstring)")
+    p.add_argument(
+        "--mode",
+        choices=("corrected", "published"),
+        default="corrected",
+        help="trainer.mode of the research trainers (others have none)",
+    )
+    p.add_argument(
+        "--temporal-routes",
+        action="store_true",
+        help="only time temporal_ortho's two co-activation routes (pairs vs gram) at a few shapes",
+    )
+    p.add_argument(
+        "--corrections",
+        action="store_true",
+        help="measure each research trainer's corrections one at a time (see the module docstring)",
+    )
 
 
 def routes_table(rows: list[dict[str, Any]]) -> str:
@@ -213,8 +233,10 @@ def routes_table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         mine, other = (r["gram_s"], r["pairs_s"]) if r["auto"] == "gram" else (r["pairs_s"], r["gram_s"])
-        lines.append(f"{r['batch']:>6} {r['k']:>4} {r['d_sae']:>6} {r['setup']:<10} {r['pairs_s'] * 1e3:>9.0f} "
-                     f"{r['gram_s'] * 1e3:>9.0f} {r['auto']:>6} {other / mine:>13.2f}x")
+        lines.append(
+            f"{r['batch']:>6} {r['k']:>4} {r['d_sae']:>6} {r['setup']:<10} {r['pairs_s'] * 1e3:>9.0f} "
+            f"{r['gram_s'] * 1e3:>9.0f} {r['auto']:>6} {other / mine:>13.2f}x"
+        )
     return "\n".join(lines)
 
 
@@ -223,8 +245,10 @@ def main(args: argparse.Namespace) -> int:
         from sae_sweep.sae.temporal_ortho import measure_routes
 
         route_rows = measure_routes()
-        print("temporal_ortho: observe + weights + penalty + backward per step, best of 3 "
-              "(auto: the route `prefers_gram` picks; 'auto vs other': how much faster it is)")
+        print(
+            "temporal_ortho: observe + weights + penalty + backward per step, best of 3 "
+            "(auto: the route `prefers_gram` picks; 'auto vs other': how much faster it is)"
+        )
         print(routes_table(route_rows))
         if args.out:
             with open(args.out, "w") as fh:
@@ -234,8 +258,10 @@ def main(args: argparse.Namespace) -> int:
     names = [n for n in args.only.split(",") if n] or trainer_names()
     setup = PlantedSetup()
     data = planted_data(setup)
-    print(f"planted dictionary: d={setup.d}, n_features={setup.n_features}, l0={setup.l0}, "
-          f"groups={setup.correlated_groups}, noise={setup.noise}; d_sae={setup.d_sae}")
+    print(
+        f"planted dictionary: d={setup.d}, n_features={setup.n_features}, l0={setup.l0}, "
+        f"groups={setup.correlated_groups}, noise={setup.noise}; d_sae={setup.d_sae}"
+    )
     if args.corrections:
         result: dict[str, Any] = {"setup": dataclasses.asdict(setup), "corrections": {}}
         for name in (n for n in names if corrections(n)):

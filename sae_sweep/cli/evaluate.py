@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, cast
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -38,6 +38,7 @@ log = logging.getLogger("sae_sweep.evaluate")
 
 from sae_sweep.config import CONF_DIR  # noqa: E402
 from sae_sweep.tracking.status import RunStatus  # noqa: E402
+
 RUN_EVAL = "_evaluated_run_"  # the run's own eval node, as a temporary option of the eval group
 
 
@@ -67,12 +68,18 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     for o in parsed:
         key = o.key_or_group
         if not (key == "eval" or key.startswith("eval.") or key == "device"):
-            raise EvaluateError(f"override {o.input_line!r}: only eval=<preset>, eval.<key>=<value> and "
-                                f"device=<device> can change for a trained run")
+            raise EvaluateError(
+                f"override {o.input_line!r}: only eval=<preset>, eval.<key>=<value> and "
+                f"device=<device> can change for a trained run"
+            )
     picks_preset = any(o.key_or_group == "eval" for o in parsed)
     # Without a preset, the run's own eval node is the base the eval.* overrides apply to.
-    ConfigStore.instance().store(group="eval", name=RUN_EVAL, node=OmegaConf.create(
-        OmegaConf.to_container(cfg.eval, resolve=True)), provider="sae_sweep.evaluate")
+    ConfigStore.instance().store(
+        group="eval",
+        name=RUN_EVAL,
+        node=OmegaConf.create(OmegaConf.to_container(cfg.eval, resolve=True)),
+        provider="sae_sweep.evaluate",
+    )
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             composed = compose("config", overrides=([] if picks_preset else [f"eval={RUN_EVAL}"]) + list(overrides))
@@ -83,7 +90,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         # unresolved: a preset's ${dataset...} interpolations resolve against this run's config
         cfg.eval = OmegaConf.to_container(composed.eval, resolve=False)
         cfg.device = composed.device
-    problems = C.eval_problems(OmegaConf.to_container(cfg.eval, resolve=True))
+    problems = C.eval_problems(cast(Dict[str, Any], OmegaConf.to_container(cfg.eval, resolve=True)))
     if problems:
         raise EvaluateError("; ".join(problems))
     return cfg
@@ -119,8 +126,8 @@ def resolve_runs(tracker: Any, target: str) -> Tuple[List[str], Optional[str]]:
 def evaluate_run(tracker: Any, run_id: str, overrides: Sequence[str] = ()) -> Dict[str, float]:
     """Download the run's config and SAE, run the selected evals, log them to the run."""
     from sae_sweep import config as C
-    from sae_sweep.models.lm import load_lm
     from sae_sweep.job.execute import run_evals
+    from sae_sweep.models.lm import load_lm
     from sae_sweep.sae import SparseAutoencoder
     from sae_sweep.tracking.runs import ChildRun
 
@@ -129,9 +136,10 @@ def evaluate_run(tracker: Any, run_id: str, overrides: Sequence[str] = ()) -> Di
             cfg_path = tracker.download(run_id, "config/config.yaml", Path(d))
             sae_dir = tracker.download(run_id, "sae", Path(d))
         except Exception as e:
-            raise EvaluateError(f"run {run_id}: artifacts config/config.yaml and sae/ are needed "
-                                f"({type(e).__name__}: {e})") from None
-        cfg = apply_overrides(OmegaConf.load(cfg_path), overrides)
+            raise EvaluateError(
+                f"run {run_id}: artifacts config/config.yaml and sae/ are needed ({type(e).__name__}: {e})"
+            ) from None
+        cfg = apply_overrides(cast(DictConfig, OmegaConf.load(cfg_path)), overrides)
         device = C.resolve_device(cfg.get("device", "auto"))
         sae = SparseAutoencoder.load(sae_dir, device=device).eval()
         sae_cfg = json.loads((Path(sae_dir) / "cfg.json").read_text())
@@ -143,8 +151,13 @@ def evaluate_run(tracker: Any, run_id: str, overrides: Sequence[str] = ()) -> Di
     run = ChildRun(tracker, run_id)  # not entered: the run's status stays as it is
     t0 = time.perf_counter()
     metrics = run_evals(cfg, run, lm, sae, sae_cfg, device)
-    run.set_tags({"evaluate.last": time.strftime("%Y-%m-%dT%H:%M:%S"), "evaluate.evals": ",".join(names),
-                  "evaluate.overrides": " ".join(overrides)})
+    run.set_tags(
+        {
+            "evaluate.last": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "evaluate.evals": ",".join(names),
+            "evaluate.overrides": " ".join(overrides),
+        }
+    )
     log.info("run %s: %s in %.1fs", run_id, ", ".join(names), time.perf_counter() - t0)
     return metrics
 
@@ -181,7 +194,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for k in sorted(metrics):
             print(f"  {k} = {metrics[k]:.6g}")
     if parent:
-        print(f"sweep {parent}: evaluated {len(run_ids) - len(failed)} of {len(run_ids)} runs ({tracker.ui_link(parent)})")
+        print(
+            f"sweep {parent}: evaluated {len(run_ids) - len(failed)} of {len(run_ids)} runs ({tracker.ui_link(parent)})"
+        )
     if failed:
         print(f"sae_sweep.evaluate: evals failed for {len(failed)} run(s): {', '.join(failed)}", file=sys.stderr)
         return 1

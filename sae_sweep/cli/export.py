@@ -56,8 +56,10 @@ def export_sae(sae: Any, cfg: Dict[str, Any], out_dir: Path, model_name: Optiona
     norms = W_dec.float().norm(dim=1)
     if (norms - 1).abs().max() > UNIT_NORM_TOL:
         if arch == "topk":
-            raise ValueError("TopK SAE with non-unit decoder rows: rescaling them would change which latents "
-                             "are in the top k, so it cannot be exported exactly")
+            raise ValueError(
+                "TopK SAE with non-unit decoder rows: rescaling them would change which latents "
+                "are in the top k, so it cannot be exported exactly"
+            )
         n = norms.clamp_min(1e-12).to(W_dec.dtype)
         W_dec = W_dec / n[:, None]
         W_enc = W_enc * n[None, :]
@@ -95,8 +97,9 @@ def export_sae(sae: Any, cfg: Dict[str, Any], out_dir: Path, model_name: Optiona
     return out_dir
 
 
-def export_dir(sae_dir: Path, out_dir: Path, model_name: Optional[str] = None,
-               extra_cfg: Optional[Dict[str, Any]] = None) -> Path:
+def export_dir(
+    sae_dir: Path, out_dir: Path, model_name: Optional[str] = None, extra_cfg: Optional[Dict[str, Any]] = None
+) -> Path:
     """Export an SAE saved by ``SparseAutoencoder.save`` (a run's ``sae/`` artifact)."""
     from sae_sweep.sae import SparseAutoencoder
 
@@ -113,11 +116,15 @@ def export_run(tracker: Any, run_id: str, out_dir: Path, model_name: Optional[st
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sae_sweep.export", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m sae_sweep.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("source", help="MLflow run id (its sae/ artifact) or a directory saved by SparseAutoencoder.save")
     ap.add_argument("out_dir", type=Path)
-    ap.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./outputs/mlflow.db, like the app)")
+    ap.add_argument(
+        "--tracking-uri",
+        help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./outputs/mlflow.db, like the app)",
+    )
     ap.add_argument("--model-name", help="cfg.json model_name for SAELens (default: the run's model name)")
     args = ap.parse_args(argv)
     src = Path(args.source).expanduser()
@@ -128,8 +135,9 @@ def main(argv=None) -> int:
             from sae_sweep.config import find_tracking_uri
             from sae_sweep.tracking.runs import Tracker
 
-            out = export_run(Tracker(find_tracking_uri(uri=args.tracking_uri)), args.source, args.out_dir,
-                             args.model_name)
+            out = export_run(
+                Tracker(find_tracking_uri(uri=args.tracking_uri)), args.source, args.out_dir, args.model_name
+            )
     except Exception as e:
         print(f"sae_sweep.export: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -15,6 +15,7 @@ requeued shard continues where it stopped; chunks are whole or absent.
 Each shard records what it did in ``<chunks dir>/shards/shard-I-of-N.json`` (chunks and tokens it
 generated, seconds, tokens/s) and prints it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,10 +52,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sae_sweep.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="job overrides: model=..., train.tokens=..., dataset.generation.*")
     parser.add_argument("--shard", type=int, default=None, help="this shard (default: $SLURM_ARRAY_TASK_ID or 0)")
-    parser.add_argument("--shards", type=int, default=None,
-                        help="number of shards (default: $SLURM_ARRAY_TASK_COUNT or 1)")
-    parser.add_argument("--tokens", type=int, default=None,
-                        help="train-split tokens to have on disk (default: what the job's cache needs)")
+    parser.add_argument(
+        "--shards", type=int, default=None, help="number of shards (default: $SLURM_ARRAY_TASK_COUNT or 1)"
+    )
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="train-split tokens to have on disk (default: what the job's cache needs)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     shard = args.shard if args.shard is not None else _array_default("SLURM_ARRAY_TASK_ID", 0)
@@ -64,10 +70,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from tqdm.auto import tqdm
 
     from sae_sweep import config as C
-    from sae_sweep.job.app import unknown_key_problems, validate_point
     from sae_sweep.data.faithful import generate_shard
-    from sae_sweep.models.lm import load_lm
     from sae_sweep.data.text import generations
+    from sae_sweep.job.app import unknown_key_problems, validate_point
+    from sae_sweep.models.lm import load_lm
 
     problems = unknown_key_problems(args.overrides)
     if shards < 1:
@@ -79,25 +85,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = None if problems else compose_job(args.overrides)
         if cfg is not None and cfg.dataset.kind != "faithful":
-            problems.append(f"dataset={cfg.dataset.name} is a {cfg.dataset.kind} dataset: only dataset.kind=faithful "
-                            f"is generated (allowed: a dataset whose kind is faithful, e.g. dataset=faithful)")
+            problems.append(
+                f"dataset={cfg.dataset.name} is a {cfg.dataset.kind} dataset: only dataset.kind=faithful "
+                f"is generated (allowed: a dataset whose kind is faithful, e.g. dataset=faithful)"
+            )
         if cfg is not None and not problems:
             validate_point(cfg, check_availability=False)
     except (HydraException, C.ConfigError) as e:
         problems.append(str(e))
-    if problems:
+    if problems or cfg is None:
         print("sae_sweep.generate: " + "\n".join(problems), file=sys.stderr)
         return 2
 
     train_tokens = args.tokens if args.tokens is not None else C.cache_tokens(cfg)
     lm = load_lm(cfg.model, C.cache_dir(cfg), cfg.device)
     gens = generations(cfg.dataset, lm, C.cache_dir(cfg))
-    log.info("shard %d of %d: %s (%d train + %d eval tokens)", shard, shards, gens.root, train_tokens,
-             int(cfg.dataset.eval_tokens))
+    log.info(
+        "shard %d of %d: %s (%d train + %d eval tokens)",
+        shard,
+        shards,
+        gens.root,
+        train_tokens,
+        int(cfg.dataset.eval_tokens),
+    )
     with tqdm(desc=f"shard {shard}/{shards}", unit="tok", disable=None) as bar:
         record = generate_shard(gens, shard, shards, train_tokens, int(cfg.dataset.eval_tokens), progress=bar)
-    record.update(model=cfg.model.name, device=str(lm.device), train_tokens=train_tokens,
-                  eval_tokens=int(cfg.dataset.eval_tokens), slurm_job_id=os.environ.get("SLURM_JOB_ID"))
+    record.update(
+        model=cfg.model.name,
+        device=str(lm.device),
+        train_tokens=train_tokens,
+        eval_tokens=int(cfg.dataset.eval_tokens),
+        slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+    )
     from sae_sweep.util.files import atomic_write_json
 
     atomic_write_json(gens.root / "shards" / f"shard-{shard}-of-{shards}.json", record)

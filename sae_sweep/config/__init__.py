@@ -19,11 +19,66 @@ logging or evals); runs that differ only in seed share a ``seed_group_key``.
 
 from pathlib import Path
 
-from sae_sweep.config.schema import ConfigError, fail_if, setting, choice, nearest, problems, parse, register_schema, schema, schema_names  # noqa: F401
-from sae_sweep.config.job import HOOK_TYPES, MODEL_DTYPES, CACHE_DTYPES, GENERATION_SAMPLERS, GENERATION_KEYED_ONLY_IF_NOT, DATASET_KEYED_ONLY_IF_NOT, DEAD_TOKENS, ModelSAEDefaults, GGUFWeights, WEIGHTS, ModelConfig, GenerationConfig, SyntheticConfig, DatasetConfig, SAEConfig, TrainConfig, CacheConfig, PathsConfig, TrackingConfig, SweepConfig, JobConfig  # noqa: F401
-from sae_sweep.config.derived import output_dir, cache_dir, default_tracking_uri, tracking_uri, find_tracking_uri, d_sae_for, total_steps, SPECIAL_MARGIN, cache_tokens, resolve_device  # noqa: F401
-from sae_sweep.config.checks import ModelShape, validate, eval_problems, shape_problems, sae_problems  # noqa: F401
-from sae_sweep.config.identity import canonical, stable_hash, DATASET_LABELS, generation_identity, run_identity, batch_source, run_key, seed_group_key, stream_key, flat_params  # noqa: F401
+from sae_sweep.config.checks import ModelShape, eval_problems, sae_problems, shape_problems, validate  # noqa: F401
+from sae_sweep.config.derived import (  # noqa: F401
+    SPECIAL_MARGIN,
+    cache_dir,
+    cache_tokens,
+    d_sae_for,
+    default_tracking_uri,
+    find_tracking_uri,
+    output_dir,
+    resolve_device,
+    total_steps,
+    tracking_uri,
+)
+from sae_sweep.config.identity import (  # noqa: F401
+    DATASET_LABELS,
+    batch_source,
+    canonical,
+    flat_params,
+    generation_identity,
+    run_identity,
+    run_key,
+    seed_group_key,
+    stable_hash,
+    stream_key,
+)
+from sae_sweep.config.job import (  # noqa: F401
+    CACHE_DTYPES,
+    DATASET_KEYED_ONLY_IF_NOT,
+    DEAD_TOKENS,
+    GENERATION_KEYED_ONLY_IF_NOT,
+    GENERATION_SAMPLERS,
+    HOOK_TYPES,
+    MODEL_DTYPES,
+    WEIGHTS,
+    CacheConfig,
+    DatasetConfig,
+    GenerationConfig,
+    GGUFWeights,
+    JobConfig,
+    ModelConfig,
+    ModelSAEDefaults,
+    PathsConfig,
+    SAEConfig,
+    SweepConfig,
+    SyntheticConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+from sae_sweep.config.schema import (  # noqa: F401
+    ConfigError,
+    choice,
+    fail_if,
+    nearest,
+    parse,
+    problems,
+    register_schema,
+    schema,
+    schema_names,
+    setting,
+)
 
 # The presets: inside an installed wheel they are package data (sae_sweep/conf); in a source checkout
 # they are the repository's top-level conf/.

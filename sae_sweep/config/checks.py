@@ -4,7 +4,7 @@ that depend on each other or on the model's shape (passed in: this package loads
 from __future__ import annotations
 
 import math
-from typing import Any, List, Mapping, NamedTuple, Optional
+from typing import Any, List, Mapping, NamedTuple, Optional, cast
 
 from sae_sweep.config.derived import SPECIAL_MARGIN, cache_tokens, d_sae_for
 from sae_sweep.config.job import JobConfig, SAEConfig
@@ -41,7 +41,7 @@ def validate(cfg: Any, shape: Optional[ModelShape]) -> None:
     if name not in schema_names("trainer"):
         errors.append(f"trainer.name={name!r}: allowed values are {', '.join(schema_names('trainer'))}")
     else:
-        errors += problems(schema("trainer", name), trainer, "trainer")
+        errors += problems(cast(type, schema("trainer", name)), trainer, "trainer")  # in schema_names: registered
     errors += eval_problems(job_node.get("eval") or {})
     if not errors:
         errors += _budget_problems(cfg)
@@ -55,23 +55,34 @@ def _budget_problems(cfg: Any) -> List[str]:
     batch = int(cfg.trainer.batch_size)
     errors = []
     if int(cfg.train.tokens) < batch:
-        errors.append(f"train.tokens={cfg.train.tokens}: less than one batch; allowed: at least "
-                      f"trainer.batch_size={batch} (or lower trainer.batch_size)")
+        errors.append(
+            f"train.tokens={cfg.train.tokens}: less than one batch; allowed: at least "
+            f"trainer.batch_size={batch} (or lower trainer.batch_size)"
+        )
     if cache_tokens(cfg) < batch:
-        size = (f"dataset.tokens={cfg.dataset.tokens}" if cfg.dataset.tokens is not None else
-                f"dataset.tokens=null (train.tokens={cfg.train.tokens} / train.epochs={cfg.train.epochs} + 5 % = "
-                f"{cache_tokens(cfg)})")
-        errors.append(f"{size}: the activation cache would not hold one batch; allowed: at least "
-                      f"trainer.batch_size={batch} (plus the BOS/EOS positions it skips)")
+        size = (
+            f"dataset.tokens={cfg.dataset.tokens}"
+            if cfg.dataset.tokens is not None
+            else f"dataset.tokens=null (train.tokens={cfg.train.tokens} / train.epochs={cfg.train.epochs} + 5 % = "
+            f"{cache_tokens(cfg)})"
+        )
+        errors.append(
+            f"{size}: the activation cache would not hold one batch; allowed: at least "
+            f"trainer.batch_size={batch} (plus the BOS/EOS positions it skips)"
+        )
     if cfg.cache.mode == "stream" and int(cfg.train.epochs) != 1:
-        errors.append(f"train.epochs={cfg.train.epochs}: cache.mode=stream trains on each streamed token once; "
-                      f"allowed: 1 (or cache.mode=disk to repeat cached tokens)")
+        errors.append(
+            f"train.epochs={cfg.train.epochs}: cache.mode=stream trains on each streamed token once; "
+            f"allowed: 1 (or cache.mode=disk to repeat cached tokens)"
+        )
     passes = int(cfg.train.tokens) / cache_tokens(cfg)
     if cfg.dataset.tokens is not None and passes > int(cfg.train.epochs):
-        errors.append(f"train.tokens={cfg.train.tokens}: {passes:.1f} passes over the dataset.tokens={cfg.dataset.tokens} "
-                      f"cache, but train.epochs={cfg.train.epochs}: training would repeat data. Set "
-                      f"train.epochs={math.ceil(passes * (1 + SPECIAL_MARGIN))} to repeat it on purpose, or raise "
-                      f"dataset.tokens (null: it follows train.tokens)")
+        errors.append(
+            f"train.tokens={cfg.train.tokens}: {passes:.1f} passes over the dataset.tokens={cfg.dataset.tokens} "
+            f"cache, but train.epochs={cfg.train.epochs}: training would repeat data. Set "
+            f"train.epochs={math.ceil(passes * (1 + SPECIAL_MARGIN))} to repeat it on purpose, or raise "
+            f"dataset.tokens (null: it follows train.tokens)"
+        )
     return errors
 
 
@@ -87,7 +98,7 @@ def eval_problems(node: Mapping[str, Any]) -> List[str]:
             errors.append(f"eval.run contains {ev!r}: allowed values are {', '.join(runnable)}")
     for key in names:
         if key in node:
-            errors += problems(schema("eval", key), node[key], f"eval.{key}")
+            errors += problems(cast(type, schema("eval", key)), node[key], f"eval.{key}")  # in schema_names
     return errors
 
 
@@ -100,10 +111,14 @@ def _shape_problems(cfg: Any, shape: ModelShape) -> List[str]:
             hint = ""
             if n_layers != cfg.model.n_layers:
                 # A local model.hf_id shallower than its yaml: the yaml's default_layer does not fit it.
-                hint = (f" (read from {cfg.model.hf_id}; the {cfg.model.name!r} yaml says {cfg.model.n_layers} "
-                        f"layers and default_layer={cfg.model.default_layer}: pass layer=N explicitly)")
-            errors.append(f"layer={layer!r}: model {cfg.model.name!r} has {n_layers} layers, "
-                          f"allowed values are 0..{n_layers - 1}{hint}")
+                hint = (
+                    f" (read from {cfg.model.hf_id}; the {cfg.model.name!r} yaml says {cfg.model.n_layers} "
+                    f"layers and default_layer={cfg.model.default_layer}: pass layer=N explicitly)"
+                )
+            errors.append(
+                f"layer={layer!r}: model {cfg.model.name!r} has {n_layers} layers, "
+                f"allowed values are 0..{n_layers - 1}{hint}"
+            )
     errors += sae_problems(cfg.sae, d_model, report_schema=False)
     trainer_cls = schema("trainer", str(cfg.trainer.get("name")))
     if not errors and trainer_cls is not None:
@@ -134,5 +149,3 @@ def sae_problems(sae: Any, d_in: Optional[int], report_schema: bool = True, uses
     elif uses_k and not 0 < sae.k < d_sae:
         errors.append(f"sae.k={sae.k!r}: must be an integer with 0 < k < d_sae ({d_sae})")
     return errors
-
-

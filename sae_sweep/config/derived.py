@@ -107,5 +107,3 @@ def resolve_device(name: Any = "auto"):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r}: CUDA is not available on this machine; allowed here: auto, cpu")
     return torch.device(name)
-
-

@@ -62,8 +62,11 @@ def _dataset_identity(dataset: Dict[str, Any]) -> Dict[str, Any]:
             del dataset[key]
     gen = dataset.get("generation")
     if isinstance(gen, dict):  # settings added later apply to faithful text only: no other dataset's key moves
-        dataset["generation"] = (generation_identity(gen) if dataset.get("kind") == "faithful" else
-                                 {k: v for k, v in gen.items() if k not in GENERATION_KEYED_ONLY_IF_NOT})
+        dataset["generation"] = (
+            generation_identity(gen)
+            if dataset.get("kind") == "faithful"
+            else {k: v for k, v in gen.items() if k not in GENERATION_KEYED_ONLY_IF_NOT}
+        )
     return dataset
 
 
@@ -97,9 +100,11 @@ def _weights_identity(model: Any, weights: Optional[Mapping[str, Any]]) -> Dict[
         return dict(weights)
     if model.get("gguf") is None:  # only the model's own weights can be loaded: they add nothing
         return {}
-    raise ValueError(f"model {model.name!r} names a stand-in for its weights (model.gguf; model.weights="
-                     f"{model.get('weights')}): its run key needs the identity of the weights a job loads, "
-                     f"models.weights.resolve(...).identity")
+    raise ValueError(
+        f"model {model.name!r} names a stand-in for its weights (model.gguf; model.weights="
+        f"{model.get('weights')}): its run key needs the identity of the weights a job loads, "
+        f"models.weights.resolve(...).identity"
+    )
 
 
 def batch_source(cfg: Any) -> Dict[str, Any]:
@@ -107,13 +112,13 @@ def batch_source(cfg: Any) -> Dict[str, Any]:
     for a disk cache its storage dtype (the values) and reader (the order; blocks: with the block
     size); for a stream its buffer size. Settings a mode does not read are left out, so they do not
     split runs that train on the same batches."""
-    cache = cfg.get("cache") or {}
-    mode = str(cache.get("mode", "disk"))
+    cache = cfg.cache  # validated: every key is there, with the schema's defaults
+    mode = str(cache.mode)
     if mode == "stream":
-        return {"mode": mode, "block_tokens": int(cache.get("block_tokens"))}
-    out = {"mode": mode, "dtype": str(cache.get("dtype")), "reader": str(cache.get("reader"))}
+        return {"mode": mode, "block_tokens": int(cache.block_tokens)}
+    out: Dict[str, Any] = {"mode": mode, "dtype": str(cache.dtype), "reader": str(cache.reader)}
     if out["reader"] == "blocks":
-        out["block_tokens"] = int(cache.get("block_tokens"))
+        out["block_tokens"] = int(cache.block_tokens)
     return out
 
 
@@ -134,10 +139,15 @@ def stream_key(cfg: Any, weights: Optional[Mapping[str, Any]] = None) -> str:
     dataset, cache mode and budget), device and batch size. They can train in one packed job, each
     in the order its own seed gives it (one LM pass for all of them in stream mode)."""
     ident = run_identity(cfg, weights)
-    return stable_hash({**{k: ident[k] for k in ("model", "layer", "hook", "dataset")},
-                        "cache": ident["batches"],
-                        "cache_tokens": cache_tokens(cfg), "device": str(cfg.device),
-                        "batch_size": int(cfg.trainer.batch_size)})
+    return stable_hash(
+        {
+            **{k: ident[k] for k in ("model", "layer", "hook", "dataset")},
+            "cache": ident["batches"],
+            "cache_tokens": cache_tokens(cfg),
+            "device": str(cfg.device),
+            "batch_size": int(cfg.trainer.batch_size),
+        }
+    )
 
 
 def flat_params(cfg: Any) -> Dict[str, str]:
@@ -152,6 +162,7 @@ def flat_params(cfg: Any) -> Dict[str, str]:
             out[prefix] = json.dumps(node) if isinstance(node, (list, tuple)) else str(node)
 
     container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)  # a job config is a mapping
     container.pop("hydra", None)
     walk("", container)
     return out

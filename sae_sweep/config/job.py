@@ -19,7 +19,7 @@ CACHE_DTYPES = ("float32", "bfloat16", "float16")
 GENERATION_SAMPLERS = ("hf", "exact_topk_first")
 # Dataset settings added after runs had been keyed without them: at these values (what every earlier
 # config meant) they are left out of identities, so earlier run keys stay valid.
-DATASET_KEYED_ONLY_IF_NOT = {"revision": None, "options": {}}
+DATASET_KEYED_ONLY_IF_NOT: Dict[str, Any] = {"revision": None, "options": {}}
 # Generation settings added after text had been generated without them: at these values (the text of
 # before) they are left out of identities, so earlier chunk directories, caches and run keys stay valid.
 GENERATION_KEYED_ONLY_IF_NOT = {"sampler": "hf"}
@@ -29,7 +29,7 @@ DEAD_TOKENS = 10_000_000
 
 SEED_LIMIT = 2**63
 
-_positive = dict(allowed="a positive integer", check=lambda v: v > 0)
+_positive: Dict[str, Any] = dict(allowed="a positive integer", check=lambda v: v > 0)
 
 
 @dataclass
@@ -117,8 +117,10 @@ class DatasetConfig:
 
     name: str = MISSING
     # checked against the registry at validation (data.sources.dataset_problems lists the kinds)
-    kind: str = setting(MISSING, allowed="a kind registered in sae_sweep.data.sources, or module:kind for one "
-                                         "registered by your own module")
+    kind: str = setting(
+        MISSING,
+        allowed="a kind registered in sae_sweep.data.sources, or module:kind for one registered by your own module",
+    )
     hf_id: Optional[str] = None
     # hub: the dataset's commit sha, tag or branch (null: the newest); pinned, a live dataset reads
     # the same text in every job. Part of the identity only when set.
@@ -130,8 +132,9 @@ class DatasetConfig:
     how_to_get: Optional[str] = None  # said when data_files are missing (e.g. the package that installs them)
     streaming: bool = True
     context_size: int = setting(128, allowed="an integer >= 2 (BOS + at least one token)", check=lambda v: v >= 2)
-    tokens: Optional[int] = setting(None, allowed="null (follows train.tokens / train.epochs) or a positive integer",
-                                    check=lambda v: v > 0)
+    tokens: Optional[int] = setting(
+        None, allowed="null (follows train.tokens / train.epochs) or a positive integer", check=lambda v: v > 0
+    )
     eval_tokens: int = setting(8192, **_positive)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     synthetic: Optional[SyntheticConfig] = None
@@ -142,10 +145,12 @@ class DatasetConfig:
 
 @dataclass
 class SAEConfig:
-    d_sae: Optional[int] = setting(None, allowed="null (expansion_factor x d_model) or a positive integer",
-                                   check=lambda v: v > 0)
-    expansion_factor: Optional[int] = setting(8, allowed="a positive integer (or null when d_sae is set)",
-                                              check=lambda v: v > 0)
+    d_sae: Optional[int] = setting(
+        None, allowed="null (expansion_factor x d_model) or a positive integer", check=lambda v: v > 0
+    )
+    expansion_factor: Optional[int] = setting(
+        8, allowed="a positive integer (or null when d_sae is set)", check=lambda v: v > 0
+    )
     k: int = setting(32, allowed="an integer with 0 < k < d_sae")  # the range needs d_sae: sae_problems
 
 
@@ -160,8 +165,9 @@ class TrainConfig:
     # or leaves long gaps on a fast GPU), and/or every checkpoint_every steps; 0 turns either off.
     # A SLURM preemption signal and the end of training always save one.
     checkpoint_every: int = setting(0, allowed="an integer >= 0 (0: no step interval)", check=lambda v: v >= 0)
-    checkpoint_every_s: float = setting(600.0, allowed="a number of seconds >= 0 (0: no time interval)",
-                                        check=lambda v: v >= 0)
+    checkpoint_every_s: float = setting(
+        600.0, allowed="a number of seconds >= 0 (0: no time interval)", check=lambda v: v >= 0
+    )
     log_every: int = setting(10, **_positive)
 
 
@@ -240,5 +246,3 @@ def _register_job_schema() -> None:
 
 
 _register_job_schema()
-
-

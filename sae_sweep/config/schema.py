@@ -28,8 +28,13 @@ def fail_if(problems: Sequence[str], what: str = "invalid configuration") -> Non
 
 
 # The typed mechanism
-def setting(default: Any = MISSING, *, allowed: Optional[str] = None, check: Optional[Callable[[Any], bool]] = None,
-            default_factory: Optional[Callable[[], Any]] = None) -> Any:
+def setting(
+    default: Any = MISSING,
+    *,
+    allowed: Optional[str] = None,
+    check: Optional[Callable[[Any], bool]] = None,
+    default_factory: Optional[Callable[[], Any]] = None,
+) -> Any:
     """A dataclass field with its allowed range: ``allowed`` is shown in messages, ``check(value)``
     decides (after the value has the field's type)."""
     meta = {"allowed": allowed, "check": check}
@@ -41,8 +46,9 @@ def setting(default: Any = MISSING, *, allowed: Optional[str] = None, check: Opt
 def choice(default: Any, options: Sequence[Any]) -> Any:
     """A field that takes one of ``options`` (an enumeration; OmegaConf holds no ``Literal``)."""
     options = tuple(options)
-    return field(default=default, metadata={"allowed": "one of: " + ", ".join(map(str, options)),
-                                            "check": options.__contains__})
+    return field(
+        default=default, metadata={"allowed": "one of: " + ", ".join(map(str, options)), "check": options.__contains__}
+    )
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
@@ -68,7 +74,7 @@ def _coerce(value: Any, tp: Any, key: str, errors: List[str]) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         instance, problems = _parse(tp, value, key)
         errors.extend(problems)
         return instance
@@ -152,8 +158,10 @@ def _parse(cls: type, node: Any, key: str) -> tuple[Any, List[str]]:
     errors: List[str] = []
     for name in values:
         if name not in names:
-            errors.append(f"{key + '.' if key else ''}{name}: unknown setting{nearest(str(name), names)}; "
-                          f"allowed: {', '.join(names)}")
+            errors.append(
+                f"{key + '.' if key else ''}{name}: unknown setting{nearest(str(name), names)}; "
+                f"allowed: {', '.join(names)}"
+            )
     out: Dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         full = f"{key}.{f.name}" if key else f.name
@@ -170,7 +178,9 @@ def _parse(cls: type, node: Any, key: str) -> tuple[Any, List[str]]:
             continue
         check = f.metadata.get("check")
         if check is not None and value is not None and not check(value):
-            reason = "out of range" if isinstance(value, (int, float)) and not isinstance(value, bool) else "not allowed"
+            reason = (
+                "out of range" if isinstance(value, (int, float)) and not isinstance(value, bool) else "not allowed"
+            )
             errors.append(f"{full}={raw!r}: {reason}; allowed: {allowed}")
             continue
         out[f.name] = value

@@ -9,6 +9,7 @@ Python build, so the on-disk cache and all fingerprints are keyed by ``sys.versi
 This module sits below both ``lm.py`` (the tiny model is trained on the corpus) and ``text.py``
 (which serves it as a dataset), so it imports neither.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,7 +25,7 @@ import sys
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Iterable, Iterator, List, Sequence
+from typing import Any, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -51,10 +52,37 @@ EVAL_FRACTION_PERCENT = 10
 # Modules whose import has side effects (opens a browser, prints, starts a REPL), needs a
 # display, or is test scaffolding rather than documentation.
 _SKIP_TOP = {
-    "antigravity", "this", "__hello__", "__phello__", "idlelib", "tkinter", "_tkinter", "turtle",
-    "turtledemo", "test", "lib2to3", "ensurepip", "venv", "readline", "pydoc_data", "xxsubtype",
-    "xxlimited", "xxlimited_35", "msvcrt", "winreg", "winsound", "nt", "_winapi", "_overlapped",
-    "_msi", "msilib", "__future__", "encodings", "sre_compile", "sre_parse", "sre_constants",
+    "antigravity",
+    "this",
+    "__hello__",
+    "__phello__",
+    "idlelib",
+    "tkinter",
+    "_tkinter",
+    "turtle",
+    "turtledemo",
+    "test",
+    "lib2to3",
+    "ensurepip",
+    "venv",
+    "readline",
+    "pydoc_data",
+    "xxsubtype",
+    "xxlimited",
+    "xxlimited_35",
+    "msvcrt",
+    "winreg",
+    "winsound",
+    "nt",
+    "_winapi",
+    "_overlapped",
+    "_msi",
+    "msilib",
+    "__future__",
+    "encodings",
+    "sre_compile",
+    "sre_parse",
+    "sre_constants",
 }
 _SKIP_PART = re.compile(r"(^|\.)(__main__|_?tests?|_test\w*|test_\w*|idle_test)($|\.)")
 
@@ -105,7 +133,7 @@ def _module_names() -> List[str]:
     return sorted(set(names))
 
 
-def _object_docs(modname: str, module) -> Iterator[str]:
+def _object_docs(modname: str, module: Any) -> Iterator[Optional[str]]:
     """Docstrings of a module, its functions, its classes and their methods/properties.
 
     Only objects defined in this module (``__module__`` matches), so re-exports are not walked twice;
@@ -179,7 +207,7 @@ def builtin_documents(cache_dir: str | os.PathLike) -> List[str]:
     """
     path = Path(os.path.expanduser(str(cache_dir))) / "text" / f"{builtin_corpus_id()}.jsonl"
     if path.exists():
-        with open(path, "r", encoding="utf-8") as fh:
+        with open(path, encoding="utf-8") as fh:
             return [json.loads(line) for line in fh if line.strip()]
     docs = collect_stdlib_docstrings()
     n_chars = sum(len(d) for d in docs)
@@ -250,7 +278,7 @@ class WindowPacker:
             self.row += 1
         del buf[:pos]
 
-    def continue_from(self, other: "WindowPacker") -> None:
+    def continue_from(self, other: WindowPacker) -> None:
         """Continue ``other``'s stream (a full packer): its leftover tokens come first, so a stream
         cut into several packers gives the windows one large packer would."""
         self._buf = list(other._buf)

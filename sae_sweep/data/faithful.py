@@ -8,6 +8,7 @@ training job that reads chunks 0, 1, 2, ... and generates what is missing, or th
 is written atomically under its own lock (two writers never generate the same chunk at once); a
 damaged chunk (the zip's CRC checks every byte) is generated again.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from sae_sweep.data import sampling
 from sae_sweep.config import GenerationConfig, generation_identity, parse, stable_hash
+from sae_sweep.data import sampling
 from sae_sweep.data.corpus import EVAL_FRACTION_PERCENT, doc_split
 from sae_sweep.util.files import REPAIRED, atomic_write
 from sae_sweep.util.locks import OwnedLock
@@ -106,10 +107,16 @@ class Generations:
         prompt = torch.full((bs, 1), lm.bos_token_id, dtype=torch.long, device=lm.device)
         if s["sampler"] == "exact_topk_first":
             out = sampling.generate(
-                lm.model, prompt, max_new_tokens=int(s["max_new_tokens"]), temperature=float(s["temperature"]),
-                top_p=float(s["top_p"]), repetition_penalty=float(s["repetition_penalty"]),
-                eos_token_id=lm.eos_token_id, pad_token_id=lm.pad_token_id,
-                generator=torch.Generator(device=lm.device).manual_seed(seed))
+                lm.model,
+                prompt,
+                max_new_tokens=int(s["max_new_tokens"]),
+                temperature=float(s["temperature"]),
+                top_p=float(s["top_p"]),
+                repetition_penalty=float(s["repetition_penalty"]),
+                eos_token_id=lm.eos_token_id,
+                pad_token_id=lm.pad_token_id,
+                generator=torch.Generator(device=lm.device).manual_seed(seed),
+            )
         else:
             out = self._hf_generate(prompt, seed)
         docs = []
@@ -123,11 +130,18 @@ class Generations:
         torch.manual_seed(seed)
         with torch.inference_mode():
             return lm.model.generate(
-                input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
-                temperature=float(s["temperature"]), top_p=float(s["top_p"]), top_k=0,
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=True,
+                temperature=float(s["temperature"]),
+                top_p=float(s["top_p"]),
+                top_k=0,
                 repetition_penalty=float(s["repetition_penalty"]),
-                max_new_tokens=int(s["max_new_tokens"]), min_new_tokens=0,
-                eos_token_id=lm.eos_token_id, pad_token_id=lm.pad_token_id, use_cache=True,
+                max_new_tokens=int(s["max_new_tokens"]),
+                min_new_tokens=0,
+                eos_token_id=lm.eos_token_id,
+                pad_token_id=lm.pad_token_id,
+                use_cache=True,
             )
 
     def _write(self, i: int, docs: List[np.ndarray]) -> None:
@@ -153,8 +167,14 @@ class Generations:
     def _write_manifest(self) -> None:
         with OwnedLock(self.root / "locks" / "manifest.lock"):  # concurrent writers: the last one counts last
             chunks = len(self.present())
-            manifest = {"version": VERSION, "model": self.lm.fingerprint, "generation": self.settings,
-                        "prompt": "BOS only", "chunks": chunks, "sequences": chunks * int(self.settings["batch_size"])}
+            manifest = {
+                "version": VERSION,
+                "model": self.lm.fingerprint,
+                "generation": self.settings,
+                "prompt": "BOS only",
+                "chunks": chunks,
+                "sequences": chunks * int(self.settings["batch_size"]),
+            }
             atomic_write(self.root / "manifest.json", json.dumps(manifest, indent=2, default=str).encode())
 
 
@@ -167,8 +187,9 @@ def chunks_needed(train_tokens: int, eval_tokens: int, tokens_per_chunk: float, 
     return max(1, math.ceil(total / max(tokens_per_chunk, 1.0)))
 
 
-def generate_shard(gens: Generations, shard: int, shards: int, train_tokens: int, eval_tokens: int,
-                   progress: Any = None) -> Dict[str, Any]:
+def generate_shard(
+    gens: Generations, shard: int, shards: int, train_tokens: int, eval_tokens: int, progress: Any = None
+) -> Dict[str, Any]:
     """Make sure chunks ``shard, shard + shards, ...`` exist, up to the number the budgets need.
 
     That number is estimated from the chunks this shard has seen (their mean length), so shards
@@ -191,7 +212,14 @@ def generate_shard(gens: Generations, shard: int, shards: int, train_tokens: int
         if progress is not None:
             progress.update(tokens)
         i += shards
-    return {"shard": shard, "shards": shards, "chunks_needed": needed, "chunks_seen": seen,
-            "chunks_generated": made, "tokens_generated": made_tokens, "seconds": round(seconds, 3),
-            "tokens_per_s": round(made_tokens / seconds, 1) if seconds else None,
-            "mean_tokens_per_chunk": round(seen_tokens / max(seen, 1), 1)}
+    return {
+        "shard": shard,
+        "shards": shards,
+        "chunks_needed": needed,
+        "chunks_seen": seen,
+        "chunks_generated": made,
+        "tokens_generated": made_tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(made_tokens / seconds, 1) if seconds else None,
+        "mean_tokens_per_chunk": round(seen_tokens / max(seen, 1), 1),
+    }

@@ -8,6 +8,7 @@ when it reads as prose -- at least ``MIN_WORDS`` words, at least ``MIN_LETTERS``
 letters or spaces, and fewer than ``MAX_CODE_WORDS`` of its words code-like (``_ ( ) { } = < > [ ] /
 \\`` or ``a.b``). The rules are versioned (``RULES``): a dataset's fingerprint includes them.
 """
+
 from __future__ import annotations
 
 import re

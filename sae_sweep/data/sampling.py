@@ -25,6 +25,7 @@ exact nucleus boundary, where HF's own result depends on an unstable sort.
 
 ``generate`` is the decode loop: a KV cache, one token per row per step, the sampler above.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -56,8 +57,9 @@ def _keep(probs_desc: torch.Tensor, top_p: float) -> Tuple[torch.Tensor, torch.T
     return probs_desc * ((cum - probs_desc) < top_p), cum
 
 
-def nucleus(scores: torch.Tensor, top_p: float, candidates: int = CANDIDATES
-            ) -> List[Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]]:
+def nucleus(
+    scores: torch.Tensor, top_p: float, candidates: int = CANDIDATES
+) -> List[Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]]:
     """The top-p nucleus of each row of ``scores [B, V]`` (float32 logits after penalty and
     temperature), as groups ``(rows, token_ids [n, K], weights [n, K])``: the weights are the
     tokens' true probabilities, zero for tokens outside the nucleus (``multinomial`` normalises).
@@ -102,9 +104,16 @@ def process(logits: torch.Tensor, history: torch.Tensor, temperature: float, rep
     return scores / float(temperature) if temperature != 1.0 else scores
 
 
-def sample_next(logits: torch.Tensor, history: torch.Tensor, *, temperature: float, top_p: float,
-                repetition_penalty: float, generator: Optional[torch.Generator] = None,
-                candidates: int = CANDIDATES) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    history: torch.Tensor,
+    *,
+    temperature: float,
+    top_p: float,
+    repetition_penalty: float,
+    generator: Optional[torch.Generator] = None,
+    candidates: int = CANDIDATES,
+) -> torch.Tensor:
     """``[B]`` next tokens drawn from HF's distribution for these settings (see the module doc)."""
     scores = process(logits, history, temperature, repetition_penalty)
     out = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
@@ -124,22 +133,40 @@ def _cache_kwarg(model: Any) -> str:
 
 
 @torch.inference_mode()
-def generate(model: Any, prompt: torch.Tensor, *, max_new_tokens: int, temperature: float, top_p: float,
-             repetition_penalty: float, eos_token_id: int, pad_token_id: int,
-             generator: Optional[torch.Generator] = None, candidates: int = CANDIDATES) -> torch.Tensor:
+def generate(
+    model: Any,
+    prompt: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    repetition_penalty: float,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: Optional[torch.Generator] = None,
+    candidates: int = CANDIDATES,
+) -> torch.Tensor:
     """``[B, T + steps]``: ``prompt [B, T]`` (no padding) followed by sampled tokens, ``pad_token_id``
     after a row's EOS, as HF ``generate`` returns them; stops when every row has ended."""
     kwarg = _cache_kwarg(model)
-    tokens = torch.full((prompt.shape[0], prompt.shape[1] + max_new_tokens), pad_token_id, dtype=torch.long,
-                        device=prompt.device)
+    tokens = torch.full(
+        (prompt.shape[0], prompt.shape[1] + max_new_tokens), pad_token_id, dtype=torch.long, device=prompt.device
+    )
     tokens[:, : prompt.shape[1]] = prompt
     length = prompt.shape[1]
     ended = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     out = model(input_ids=prompt, use_cache=True)
     for _ in range(max_new_tokens):
         cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        nxt = sample_next(out.logits[:, -1], tokens[:, :length], temperature=temperature, top_p=top_p,
-                          repetition_penalty=repetition_penalty, generator=generator, candidates=candidates)
+        nxt = sample_next(
+            out.logits[:, -1],
+            tokens[:, :length],
+            temperature=temperature,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            generator=generator,
+            candidates=candidates,
+        )
         nxt = torch.where(ended, torch.full_like(nxt, pad_token_id), nxt)
         tokens[:, length] = nxt
         length += 1

@@ -14,6 +14,7 @@ GPT-2-style tokenizers is the same token as BOS) are special tokens that the act
 Splits: every document goes to ``train`` or ``eval`` by a stable hash of its content (~10% eval),
 so the two splits are disjoint for every source and every budget.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,7 +24,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Generator, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -80,8 +81,11 @@ def dataset_fingerprint(dataset: Any, lm: Any = None) -> Dict[str, Any]:
     source = source_for(dataset)
     fp: Dict[str, Any] = {"kind": source.ds.kind, "packing": PACKING, **source.fingerprint(lm)}
     if lm is not None:
-        fp.update(tokenizer_hash=lm.fingerprint.get("tokenizer_hash"), bos_token_id=lm.bos_token_id,
-                  sep_token_id=lm.eos_token_id)
+        fp.update(
+            tokenizer_hash=lm.fingerprint.get("tokenizer_hash"),
+            bos_token_id=lm.bos_token_id,
+            sep_token_id=lm.eos_token_id,
+        )
     return fp
 
 
@@ -93,8 +97,9 @@ def dataset_source(dataset: Any, lm: Any = None) -> tuple:
     return source_for(dataset).record_source(lm)
 
 
-def iter_split_documents(dataset: Any, lm: Any, split: str, cache_dir: str | os.PathLike,
-                         progress: Any = None) -> Iterator[List[int]]:
+def iter_split_documents(
+    dataset: Any, lm: Any, split: str, cache_dir: str | os.PathLike, progress: Any = None
+) -> Generator[List[int], None, None]:
     """Token ids (no special tokens) of the documents of ``split``, in the source's order."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: allowed values are {', '.join(SPLITS)}")
@@ -107,8 +112,9 @@ def windows_key(dataset: Any, lm: Any, split: str, n_tokens: Optional[int]) -> s
     budget (None: the whole split, streamed) and context size. It names the windows' file under
     ``<cache_dir>/tokens/``; its first 8 characters are the dataset digest shown in MLflow."""
     ds = dataset_config(dataset)
-    return stable_hash({"dataset": dataset_fingerprint(ds, lm), "split": split,
-                        "n_tokens": n_tokens, "context_size": ds.context_size})
+    return stable_hash(
+        {"dataset": dataset_fingerprint(ds, lm), "split": split, "n_tokens": n_tokens, "context_size": ds.context_size}
+    )
 
 
 def _windows_path(ds: DatasetConfig, lm: Any, split: str, n_tokens: int, cache_dir: str | os.PathLike) -> Path:
@@ -117,8 +123,7 @@ def _windows_path(ds: DatasetConfig, lm: Any, split: str, n_tokens: int, cache_d
     return Path(os.path.expanduser(str(cache_dir))) / "tokens" / f"{name}-{split}-{key}.npy"
 
 
-def token_windows(dataset: Any, lm: Any, split: str, n_tokens: int,
-                  cache_dir: str | os.PathLike) -> torch.Tensor:
+def token_windows(dataset: Any, lm: Any, split: str, n_tokens: int, cache_dir: str | os.PathLike) -> torch.Tensor:
     """``LongTensor[ceil(n_tokens / context_size), context_size]`` windows of ``split``.
 
     Each window is BOS followed by ``context_size - 1`` tokens of the split's document stream.
@@ -157,22 +162,32 @@ def token_windows(dataset: Any, lm: Any, split: str, n_tokens: int,
         raise NotEnoughText(
             f"dataset {ds.name!r} has only ~{have} tokens "
             f"in its {split!r} split ({packer.row} windows of {ctx}), {n_tokens} requested; "
-            f"lower dataset.tokens / dataset.eval_tokens or use a larger source")
+            f"lower dataset.tokens / dataset.eval_tokens or use a larger source"
+        )
     windows = packer.result()
     buf = io.BytesIO()
     np.save(buf, windows.numpy().astype(np.int32))
     data = buf.getvalue()
     # The checksum goes in first: windows without a matching one are rebuilt, never used.
-    meta = {"dataset": dataset_fingerprint(ds, lm), "split": split, "n_tokens": n_tokens,
-            "context_size": ctx, "n_seqs": n_seqs, "bos_token_id": lm.bos_token_id,
-            "sep_token_id": lm.eos_token_id, "packing": PACKING, "sha256": hashlib.sha256(data).hexdigest()}
+    meta = {
+        "dataset": dataset_fingerprint(ds, lm),
+        "split": split,
+        "n_tokens": n_tokens,
+        "context_size": ctx,
+        "n_seqs": n_seqs,
+        "bos_token_id": lm.bos_token_id,
+        "sep_token_id": lm.eos_token_id,
+        "packing": PACKING,
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
     atomic_write(path.with_suffix(".json"), json.dumps(meta, indent=2, default=str))
     atomic_write(path, data)
     return windows
 
 
-def iter_windows(dataset: Any, lm: Any, split: str, cache_dir: str | os.PathLike,
-                 chunk: int = 256) -> Iterator[torch.Tensor]:
+def iter_windows(
+    dataset: Any, lm: Any, split: str, cache_dir: str | os.PathLike, chunk: int = 256
+) -> Iterator[torch.Tensor]:
     """The windows of ``split`` as a stream: LongTensors of ``chunk`` windows (the last may be
     shorter) until the source runs out. The same windows, in the same order, as ``token_windows``
     (which packs a fixed budget at once): the packer's leftover tokens carry over between chunks."""
@@ -192,7 +207,7 @@ def iter_windows(dataset: Any, lm: Any, split: str, cache_dir: str | os.PathLike
     finally:
         docs.close()
     if packer.row:
-        yield packer.out[:packer.row]
+        yield packer.out[: packer.row]
 
 
 def _load_windows(path: Path) -> Optional[torch.Tensor]:

@@ -13,5 +13,14 @@ for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     if not _mod.startswith("_"):
         importlib.import_module(f"{__name__}.{_mod}")
 
-__all__ = ["EvalContext", "EvalOutput", "FlatMetrics", "eval_metrics", "eval_names", "flatten_metrics", "get_eval",
-           "to_saebench_json", "write_json"]
+__all__ = [
+    "EvalContext",
+    "EvalOutput",
+    "FlatMetrics",
+    "eval_metrics",
+    "eval_names",
+    "flatten_metrics",
+    "get_eval",
+    "to_saebench_json",
+    "write_json",
+]

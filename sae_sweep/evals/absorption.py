@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 EVAL_TYPE_ID = "absorption_first_letter"
 LETTERS = string.ascii_lowercase
 
+
 @dataclass
 class AbsorptionSettings:
     """``eval.absorption``: SAEBench's AbsorptionEvalConfig names and defaults, then
@@ -78,14 +79,16 @@ class AbsorptionSettings:
 
     f1_jump_threshold: float = setting(0.03, allowed="a float >= 0", check=lambda v: v >= 0)
     max_k_value: int = setting(10, allowed="an integer >= 1", check=lambda v: v >= 1)
-    prompt_template: str = setting("{word} has the first letter:", allowed="a string containing {word}",
-                                   check=lambda v: "{word}" in v)
+    prompt_template: str = setting(
+        "{word} has the first letter:", allowed="a string containing {word}", check=lambda v: "{word}" in v
+    )
     k_sparse_probe_l1_decay: float = setting(0.01, allowed="a float >= 0", check=lambda v: v >= 0)
     k_sparse_probe_batch_size: int = setting(4096, allowed="an integer >= 1", check=lambda v: v >= 1)
     k_sparse_probe_num_epochs: int = setting(50, allowed="an integer >= 1", check=lambda v: v >= 1)
     min_GT_probe_f1: float = setting(0.6, allowed="a float in [0, 1]", check=lambda v: 0 <= v <= 1)
-    min_feats_for_eval: int = setting(20, allowed="an integer in [1, 26] (letters that must pass the F1 threshold)",
-                                      check=lambda v: 1 <= v <= 26)
+    min_feats_for_eval: int = setting(
+        20, allowed="an integer in [1, 26] (letters that must pass the F1 threshold)", check=lambda v: 1 <= v <= 26
+    )
     llm_batch_size: int = setting(32, allowed="an integer >= 1", check=lambda v: v >= 1)
     n_icl_examples: int = setting(10, allowed="an integer >= 0 (SAEBench: 10)", check=lambda v: v >= 0)
     gt_probe: str = choice("saebench", ("saebench", "sklearn"))
@@ -100,12 +103,16 @@ class AbsorptionSettings:
     absorption_fraction_probe_cos_sim_threshold: float = 0.1
     probe_projection_proportion_threshold: float = 0.4
     absorption_fraction_max_absorbing_latents: int = setting(3, allowed="an integer >= 1", check=lambda v: v >= 1)
-    max_words: Optional[int] = setting(None, allowed="null (every alphabetic token, SAEBench) or an integer >= 26 "
-                                                     "(a seeded random subset)", check=lambda v: v >= 26)
+    max_words: Optional[int] = setting(
+        None,
+        allowed="null (every alphabetic token, SAEBench) or an integer >= 26 (a seeded random subset)",
+        check=lambda v: v >= 26,
+    )
     test_fraction: float = setting(0.2, allowed="a float in (0, 1)", check=lambda v: 0 < v < 1)
     min_word_length: int = setting(1, allowed="an integer >= 1 (SAEBench: 1)", check=lambda v: v >= 1)
-    min_letter_examples: int = setting(1, allowed="an integer >= 1 (train words a letter needs to be probed)",
-                                       check=lambda v: v >= 1)
+    min_letter_examples: int = setting(
+        1, allowed="an integer >= 1 (train words a letter needs to be probed)", check=lambda v: v >= 1
+    )
 
 
 EPS = 1e-8
@@ -130,9 +137,9 @@ def alpha_vocab(tokenizer: Any, special_ids: Sequence[int], min_length: int = 1)
 
 @dataclass
 class PromptParts:
-    pre: List[int]     # template text before the word
-    post: List[int]    # template text after the word
-    sep: List[int]     # between examples
+    pre: List[int]  # template text before the word
+    post: List[int]  # template text after the word
+    sep: List[int]  # between examples
     answers: Dict[str, List[int]]  # letter -> " X"
 
 
@@ -147,8 +154,15 @@ def prompt_parts(tokenizer: Any, template: str) -> PromptParts:
     return PromptParts(enc(pre), enc(post), enc("\n"), {c: enc(" " + c.upper()) for c in LETTERS})
 
 
-def build_prompts(word_ids: Sequence[int], words: Sequence[str], pool: Sequence[Tuple[int, str]], parts: PromptParts,
-                  n_examples: int, bos: int, rng: np.random.Generator) -> Tuple[List[List[int]], List[int]]:
+def build_prompts(
+    word_ids: Sequence[int],
+    words: Sequence[str],
+    pool: Sequence[Tuple[int, str]],
+    parts: PromptParts,
+    n_examples: int,
+    bos: int,
+    rng: np.random.Generator,
+) -> Tuple[List[List[int]], List[int]]:
     """ICL prompts as id lists and the index of the target word token in each: BOS, "\n" (SAEBench's
     ``prepend_separator_to_first_example``), the examples each followed by "\n", the target."""
     prompts, positions = [], []
@@ -166,18 +180,19 @@ def build_prompts(word_ids: Sequence[int], words: Sequence[str], pool: Sequence[
 
 
 @torch.no_grad()
-def word_activations(lm: Any, prompts: List[List[int]], positions: List[int], layer: int, hook: str,
-                     batch_size: int, pad_id: int) -> torch.Tensor:
+def word_activations(
+    lm: Any, prompts: List[List[int]], positions: List[int], layer: int, hook: str, batch_size: int, pad_id: int
+) -> torch.Tensor:
     """LM activation at each prompt's word position, ``[n, d]`` float32 on CPU (right padding)."""
     out = []
     for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s:s + batch_size]
+        chunk = prompts[s : s + batch_size]
         width = max(len(p) for p in chunk)
         ids = torch.full((len(chunk), width), int(pad_id), dtype=torch.long)
         for i, p in enumerate(chunk):
-            ids[i, :len(p)] = torch.tensor(p)
+            ids[i, : len(p)] = torch.tensor(p)
         acts = lm.activations(ids.to(lm.device), layer, hook)
-        pos = torch.tensor(positions[s:s + batch_size], device=acts.device)
+        pos = torch.tensor(positions[s : s + batch_size], device=acts.device)
         out.append(acts[torch.arange(len(chunk), device=acts.device), pos].float().cpu())
     return torch.cat(out)
 
@@ -199,8 +214,10 @@ def _logreg(x: np.ndarray, y: np.ndarray, seed: int, max_iter: int = 1000, stand
     from sklearn.preprocessing import StandardScaler
 
     if standardize:  # few columns: Newton steps converge in a handful of iterations
-        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, class_weight="balanced",
-                                                                 solver="newton-cholesky", random_state=seed))
+        clf = make_pipeline(
+            StandardScaler(),
+            LogisticRegression(max_iter=max_iter, class_weight="balanced", solver="newton-cholesky", random_state=seed),
+        )
     else:
         clf = LogisticRegression(max_iter=max_iter, class_weight="balanced")
     with warnings.catch_warnings():
@@ -209,8 +226,9 @@ def _logreg(x: np.ndarray, y: np.ndarray, seed: int, max_iter: int = 1000, stand
     return clf
 
 
-def letter_probes(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray, letters: Sequence[int],
-                  seed: int) -> Dict[int, Dict[str, Any]]:
+def letter_probes(
+    x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray, letters: Sequence[int], seed: int
+) -> Dict[int, Dict[str, Any]]:
     """Ground-truth one-vs-rest probes on LM activations: direction (raw activation space), test
     F1 and test decision scores per letter. Inputs are divided by one global scale (not per-dim
     standardisation) so the learned weight vector IS a direction in activation space."""
@@ -219,14 +237,27 @@ def letter_probes(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np
     for li in letters:
         clf = _logreg(x_tr / scale, (y_tr == li).astype(int), seed)
         scores = clf.decision_function(x_te / scale)
-        out[li] = {"direction": clf.coef_[0].astype(np.float64), "f1": _f1(y_te == li, scores > 0),
-                   "test_scores": scores}
+        out[li] = {
+            "direction": clf.coef_[0].astype(np.float64),
+            "f1": _f1(y_te == li, scores > 0),
+            "test_scores": scores,
+        }
     return out
 
 
-def train_multi_probe(x: torch.Tensor, y: np.ndarray, n_classes: int, *, batch_size: int, num_epochs: int, lr: float,
-                      weight_decay: float, seed: int, l1_decay: float = 0.0, end_lr: float = 1e-5
-                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+def train_multi_probe(
+    x: torch.Tensor,
+    y: np.ndarray,
+    n_classes: int,
+    *,
+    batch_size: int,
+    num_epochs: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    l1_decay: float = 0.0,
+    end_lr: float = 1e-5,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """SAEBench's ``train_multi_probe`` (absorption/probing.py:56-114, 163-244): ``nn.Linear(d, n_classes)``
     with default init on one-hot targets, ``BCEWithLogitsLoss(pos_weight = n_neg / n_pos)`` per class
     (``+ l1_decay * mean_class(sum|w|)`` for the k-sparse ranking probe, k_sparse_probing.py:57-92),
@@ -247,7 +278,7 @@ def train_multi_probe(x: torch.Tensor, y: np.ndarray, n_classes: int, *, batch_s
         for _ in range(num_epochs):
             order = torch.randperm(x.shape[0], generator=g)
             for s in range(0, x.shape[0], batch_size):
-                idx = order[s:s + batch_size]
+                idx = order[s : s + batch_size]
                 logits = x[idx] @ w.T + b
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, yy[idx], pos_weight=pos_weight)
                 if l1_decay:
@@ -259,31 +290,79 @@ def train_multi_probe(x: torch.Tensor, y: np.ndarray, n_classes: int, *, batch_s
     return w.detach(), b.detach()
 
 
-def gt_probes_saebench(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray,
-                       letters: Sequence[int], s: Dict[str, Any], seed: int) -> Dict[int, Dict[str, Any]]:
+def gt_probes_saebench(
+    x_tr: np.ndarray,
+    y_tr: np.ndarray,
+    x_te: np.ndarray,
+    y_te: np.ndarray,
+    letters: Sequence[int],
+    s: Dict[str, Any],
+    seed: int,
+) -> Dict[int, Dict[str, Any]]:
     """Ground-truth probes the SAEBench way: one 26-output multi-probe (``train_linear_probe_for_task``
     via ``train_and_save_probes``' batch 64, 50 epochs, lr 1e-2, weight decay 1e-4); per letter its
     row (direction), test F1 of logit > 0 (``build_metrics_df``) and test logits."""
-    w, b = train_multi_probe(torch.as_tensor(x_tr, dtype=torch.float32), y_tr, 26,
-                             batch_size=int(s["gt_probe_batch_size"]), num_epochs=int(s["gt_probe_num_epochs"]),
-                             lr=float(s["gt_probe_lr"]), weight_decay=float(s["gt_probe_weight_decay"]), seed=seed)
+    w, b = train_multi_probe(
+        torch.as_tensor(x_tr, dtype=torch.float32),
+        y_tr,
+        26,
+        batch_size=int(s["gt_probe_batch_size"]),
+        num_epochs=int(s["gt_probe_num_epochs"]),
+        lr=float(s["gt_probe_lr"]),
+        weight_decay=float(s["gt_probe_weight_decay"]),
+        seed=seed,
+    )
     logits = (torch.as_tensor(x_te, dtype=torch.float32) @ w.T + b).numpy()
-    return {li: {"direction": w[li].double().numpy(), "f1": _f1(y_te == li, logits[:, li] > 0.0),
-                 "test_scores": logits[:, li]} for li in letters}
+    return {
+        li: {
+            "direction": w[li].double().numpy(),
+            "f1": _f1(y_te == li, logits[:, li] > 0.0),
+            "test_scores": logits[:, li],
+        }
+        for li in letters
+    }
 
 
-def rank_latents_l1(f_tr: torch.Tensor, y_tr: np.ndarray, n_classes: int, *, l1_decay: float, num_epochs: int,
-                    batch_size: int, seed: int, lr: float = 0.01, end_lr: float = 1e-5,
-                    l2_decay: float = 1e-6) -> torch.Tensor:
+def rank_latents_l1(
+    f_tr: torch.Tensor,
+    y_tr: np.ndarray,
+    n_classes: int,
+    *,
+    l1_decay: float,
+    num_epochs: int,
+    batch_size: int,
+    seed: int,
+    lr: float = 0.01,
+    end_lr: float = 1e-5,
+    l2_decay: float = 1e-6,
+) -> torch.Tensor:
     """SAEBench's latent ranking (``train_sparse_multi_probe``): the L1-penalised multi-probe on the SAE
     latents. Returns the weights ``[n_classes, d_sae]``; a letter's top-k latents are its k largest
     (signed) weights."""
-    return train_multi_probe(f_tr, y_tr, n_classes, batch_size=batch_size, num_epochs=num_epochs, lr=lr,
-                             end_lr=end_lr, weight_decay=l2_decay, seed=seed, l1_decay=l1_decay)[0]
+    return train_multi_probe(
+        f_tr,
+        y_tr,
+        n_classes,
+        batch_size=batch_size,
+        num_epochs=num_epochs,
+        lr=lr,
+        end_lr=end_lr,
+        weight_decay=l2_decay,
+        seed=seed,
+        l1_decay=l1_decay,
+    )[0]
 
 
-def k_sparse_probes(f_tr: np.ndarray, y_tr: np.ndarray, f_te: np.ndarray, y_te: np.ndarray, ranking: np.ndarray,
-                    ks: Sequence[int], seed: int, mode: str = "saebench") -> List[Dict[str, Any]]:
+def k_sparse_probes(
+    f_tr: np.ndarray,
+    y_tr: np.ndarray,
+    f_te: np.ndarray,
+    y_te: np.ndarray,
+    ranking: np.ndarray,
+    ks: Sequence[int],
+    seed: int,
+    mode: str = "saebench",
+) -> List[Dict[str, Any]]:
     """For each k: logistic regression on the top-k ranked latents; test F1 (decision > 0).
     ``saebench`` (k_sparse_probing.py:160-179): ``LogisticRegression(max_iter=500,
     class_weight="balanced")``, lbfgs, on the raw float32 latents; ``standardised``: standardised
@@ -310,8 +389,14 @@ def split_features(k_results: Sequence[Dict[str, Any]], f1_jump_threshold: float
     return list(feats)
 
 
-def word_absorption(act_probe_proj: float, sae_acts: torch.Tensor, dec_probe_proj: torch.Tensor, cos_sims: torch.Tensor,
-                    main_ids: Sequence[int], s: Dict[str, Any]) -> Tuple[float, bool]:
+def word_absorption(
+    act_probe_proj: float,
+    sae_acts: torch.Tensor,
+    dec_probe_proj: torch.Tensor,
+    cos_sims: torch.Tensor,
+    main_ids: Sequence[int],
+    s: Dict[str, Any],
+) -> Tuple[float, bool]:
     """(absorption fraction, full absorption) for one word, SAEBench's FeatureAbsorptionCalculator rules.
 
     ``act_probe_proj``: the activation's projection on the unit probe direction u; ``sae_acts``
@@ -328,8 +413,11 @@ def word_absorption(act_probe_proj: float, sae_acts: torch.Tensor, dec_probe_pro
     vals = proj[cand]
     top = vals.topk(min(int(s["absorption_fraction_max_absorbing_latents"]), vals.numel())).values
     absorbers = float(top.sum())
-    if act_probe_proj <= 0 or main_proj >= act_probe_proj or \
-            absorbers / act_probe_proj < s["probe_projection_proportion_threshold"]:
+    if (
+        act_probe_proj <= 0
+        or main_proj >= act_probe_proj
+        or absorbers / act_probe_proj < s["probe_projection_proportion_threshold"]
+    ):
         fraction = 0.0
     elif main_proj <= 0:
         fraction = 1.0
@@ -358,8 +446,12 @@ def run_absorption(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings
     tok = lm.tokenizer
     vocab = alpha_vocab(tok, lm.special_token_ids, int(s["min_word_length"]))
     if len(vocab) < 26 * 4:
-        return EvalOutput.skipped(EVAL_TYPE_ID, config, f"the tokenizer has only {len(vocab)} single-token "
-                                  "alphabetic words; the first-letter task needs a few per letter")
+        return EvalOutput.skipped(
+            EVAL_TYPE_ID,
+            config,
+            f"the tokenizer has only {len(vocab)} single-token "
+            "alphabetic words; the first-letter task needs a few per letter",
+        )
     n_vocab = len(vocab)  # every single-token alphabetic word: SAEBench's sample
     if s["max_words"] is not None and len(vocab) > int(s["max_words"]):
         vocab = [vocab[i] for i in sorted(rng.choice(len(vocab), int(s["max_words"]), replace=False))]
@@ -374,8 +466,9 @@ def run_absorption(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings
     n_icl = int(s["n_icl_examples"])
 
     def activations_for(idx: np.ndarray, pool: List[Tuple[int, str]]) -> torch.Tensor:
-        prompts, positions = build_prompts([ids[i] for i in idx], [words[i] for i in idx], pool, parts, n_icl,
-                                           lm.bos_token_id, rng)
+        prompts, positions = build_prompts(
+            [ids[i] for i in idx], [words[i] for i in idx], pool, parts, n_icl, lm.bos_token_id, rng
+        )
         return word_activations(lm, prompts, positions, layer, hook, int(s["llm_batch_size"]), pad)
 
     # SAEBench: train words take their ICL examples from the train words, test words from the test words
@@ -390,8 +483,7 @@ def run_absorption(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings
         return activations_for(word_idx, vocab)
 
     with few_threads():  # many small probe fits: one thread is faster on a shared CPU
-        return _probe_and_score(sae, acts, x, y, train_idx, test_idx, s, config, seed, layer, n_vocab,
-                                absorption_acts)
+        return _probe_and_score(sae, acts, x, y, train_idx, test_idx, s, config, seed, layer, n_vocab, absorption_acts)
 
 
 def _word_sample(n_words: int, n_vocab: int, n_test: int) -> str:
@@ -400,18 +492,33 @@ def _word_sample(n_words: int, n_vocab: int, n_test: int) -> str:
     to tell), never a property of the model it did not test."""
     per_letter = n_test / 26
     if n_words >= n_vocab:
-        return (f"probed on SAEBench's full vocabulary ({n_words} single-token alphabetic words, "
-                f"~{per_letter:.0f} test words per letter): the LM's activations here do not separate first "
-                f"letters linearly for enough letters")
-    return (f"probed on a random sample of {n_words} of the tokenizer's {n_vocab} single-token alphabetic words "
-            f"(eval.absorption.max_words; ~{per_letter:.1f} test words per letter): this sample cannot tell "
-            f"whether the LM represents first letters here; SAEBench's full vocabulary "
-            f"(eval.absorption.max_words=null, as in eval=full) can, and may pass the gate")
+        return (
+            f"probed on SAEBench's full vocabulary ({n_words} single-token alphabetic words, "
+            f"~{per_letter:.0f} test words per letter): the LM's activations here do not separate first "
+            f"letters linearly for enough letters"
+        )
+    return (
+        f"probed on a random sample of {n_words} of the tokenizer's {n_vocab} single-token alphabetic words "
+        f"(eval.absorption.max_words; ~{per_letter:.1f} test words per letter): this sample cannot tell "
+        f"whether the LM represents first letters here; SAEBench's full vocabulary "
+        f"(eval.absorption.max_words=null, as in eval=full) can, and may pass the gate"
+    )
 
 
-def _probe_and_score(sae: Any, acts: torch.Tensor, x: np.ndarray, y: np.ndarray, train_idx: np.ndarray,
-                     test_idx: np.ndarray, s: Dict[str, Any], config: Dict[str, Any], seed: int, layer: int,
-                     n_vocab: int, absorption_acts: Any = None) -> EvalOutput:
+def _probe_and_score(
+    sae: Any,
+    acts: torch.Tensor,
+    x: np.ndarray,
+    y: np.ndarray,
+    train_idx: np.ndarray,
+    test_idx: np.ndarray,
+    s: Dict[str, Any],
+    config: Dict[str, Any],
+    seed: int,
+    layer: int,
+    n_vocab: int,
+    absorption_acts: Any = None,
+) -> EvalOutput:
     n_words = len(y)
     x_tr, y_tr, x_te, y_te = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
     n_test = len(test_idx)
@@ -428,10 +535,12 @@ def _probe_and_score(sae: Any, acts: torch.Tensor, x: np.ndarray, y: np.ndarray,
     passing = [li for li in probed if gt[li]["f1"] > float(s["min_GT_probe_f1"])]  # SAEBench main.py:111-118: >
     if len(passing) < int(s["min_feats_for_eval"]):
         out = EvalOutput.skipped(
-            EVAL_TYPE_ID, config,
+            EVAL_TYPE_ID,
+            config,
             f"only {len(passing)} of 26 letters have a ground-truth probe with F1 > {s['min_GT_probe_f1']} "
             f"(need {s['min_feats_for_eval']}) at layer {layer}, {_word_sample(n_words, n_vocab, n_test)}. "
-            f"Probe F1 per letter: {probe_f1}")
+            f"Probe F1 per letter: {probe_f1}",
+        )
         out.unstructured = {"probe_f1": probe_f1, "n_words": n_words}
         return out
 
@@ -439,10 +548,16 @@ def _probe_and_score(sae: Any, acts: torch.Tensor, x: np.ndarray, y: np.ndarray,
     p = next(iter(sae.parameters()))
     f_all = sae.encode(acts.to(device=p.device, dtype=p.dtype)).float().cpu()
     f_tr, f_te = f_all[train_idx], f_all[test_idx]
-    weights = rank_latents_l1(f_tr, y_tr, 26, l1_decay=float(s["k_sparse_probe_l1_decay"]),
-                              num_epochs=int(s["k_sparse_probe_num_epochs"]),
-                              batch_size=int(s["k_sparse_probe_batch_size"]), seed=stable_seed(seed, "l1"),
-                              l2_decay=float(s["k_sparse_probe_l2_decay"]))
+    weights = rank_latents_l1(
+        f_tr,
+        y_tr,
+        26,
+        l1_decay=float(s["k_sparse_probe_l1_decay"]),
+        num_epochs=int(s["k_sparse_probe_num_epochs"]),
+        batch_size=int(s["k_sparse_probe_batch_size"]),
+        seed=stable_seed(seed, "l1"),
+        l2_decay=float(s["k_sparse_probe_l2_decay"]),
+    )
     ks = list(range(1, int(s["max_k_value"]) + 1))
     W_dec = sae.W_dec.detach().float().cpu()
     dec_unit = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(EPS)
@@ -463,8 +578,9 @@ def _probe_and_score(sae: Any, acts: torch.Tensor, x: np.ndarray, y: np.ndarray,
     details, chance_letters, no_tp_letters = [], [], []
     for li in passing:
         letter = LETTERS[li]
-        kres = k_sparse_probes(f_tr.numpy(), y_tr == li, f_te.numpy(), y_te == li, weights[li].numpy(), ks, seed,
-                               s["k_sparse_probe"])
+        kres = k_sparse_probes(
+            f_tr.numpy(), y_tr == li, f_te.numpy(), y_te == li, weights[li].numpy(), ks, seed, s["k_sparse_probe"]
+        )
         main_ids = split_features(kres, float(s["f1_jump_threshold"]))
         prevalence = float(np.mean(y_te == li))
         trivial_f1 = 2 * prevalence / (1 + prevalence)  # F1 of answering "yes" for every word
@@ -486,17 +602,19 @@ def _probe_and_score(sae: Any, acts: torch.Tensor, x: np.ndarray, y: np.ndarray,
         if n_tp == 0:  # SAEBench: a letter without probe true positives has no absorption row
             no_tp_letters.append(letter)
             continue
-        details.append({
-            "first_letter": letter,
-            "mean_absorption_fraction": float(np.sum(fractions) / n_tp) if n_tp else 0.0,
-            "full_absorption_rate": float(np.sum(fulls) / n_tp) if n_tp else 0.0,
-            "num_full_absorption": int(np.sum(fulls)),
-            "num_probe_true_positives": n_tp,
-            "num_split_features": len(main_ids),
-            "split_feats": main_ids,
-            "probe_f1": gt[li]["f1"],
-            "sparse_probe_f1": [r["f1"] for r in kres],
-        })
+        details.append(
+            {
+                "first_letter": letter,
+                "mean_absorption_fraction": float(np.sum(fractions) / n_tp) if n_tp else 0.0,
+                "full_absorption_rate": float(np.sum(fulls) / n_tp) if n_tp else 0.0,
+                "num_full_absorption": int(np.sum(fulls)),
+                "num_probe_true_positives": n_tp,
+                "num_split_features": len(main_ids),
+                "split_feats": main_ids,
+                "probe_f1": gt[li]["f1"],
+                "sparse_probe_f1": [r["f1"] for r in kres],
+            }
+        )
 
     if not details:
         out = EvalOutput.skipped(EVAL_TYPE_ID, config, "no letter has a probe true positive among the test words")
@@ -519,8 +637,10 @@ def _probe_and_score(sae: Any, acts: torch.Tensor, x: np.ndarray, y: np.ndarray,
             "std_dev_full_absorption_score": far_sd,
             "std_dev_num_split_features": nsf_sd,
         },
-        "flags": {"sparse_probe_at_chance_fraction": len(chance_letters) / len(details),
-                  "n_letters_scored": float(len(details))},
+        "flags": {
+            "sparse_probe_at_chance_fraction": len(chance_letters) / len(details),
+            "n_letters_scored": float(len(details)),
+        },
     }
     flags: Dict[str, Any] = {}
     status, reason = "ok", None
@@ -528,10 +648,21 @@ def _probe_and_score(sae: Any, acts: torch.Tensor, x: np.ndarray, y: np.ndarray,
         flags["sparse_probe_at_chance_letters"] = chance_letters
     if len(chance_letters) == len(details):
         status, reason = "failed", "the k-sparse SAE probes are at chance level for every k on every scored letter"
-    return EvalOutput(eval_type_id=EVAL_TYPE_ID, config=config, metrics=metrics, details=details, status=status,
-                      skip_reason=reason, flags=flags,
-                      unstructured={"probe_f1": probe_f1, "n_words": n_words, "n_test_words": int(n_test),
-                                    "letters_without_true_positives": no_tp_letters})
+    return EvalOutput(
+        eval_type_id=EVAL_TYPE_ID,
+        config=config,
+        metrics=metrics,
+        details=details,
+        status=status,
+        skip_reason=reason,
+        flags=flags,
+        unstructured={
+            "probe_f1": probe_f1,
+            "n_words": n_words,
+            "n_test_words": int(n_test),
+            "letters_without_true_positives": no_tp_letters,
+        },
+    )
 
 
 # What the eval logs (flattened as absorption/<category>/<metric>). A letter is scored when its
@@ -539,34 +670,78 @@ def _probe_and_score(sae: Any, acts: torch.Tensor, x: np.ndarray, y: np.ndarray,
 # the test words; per-letter values are in the SAEBench JSON's details.
 _SB = "SAEBench 0.6.0 absorption_first_letter"
 METRICS = (
-    Metric("absorption/mean/mean_absorption_fraction_score", "absorption", "lower", "fraction",
-           "Mean over scored letters of the letter's mean absorption fraction over the test words its "
-           "ground-truth probe detects: the share of the word's projection on the probe direction carried by up "
-           "to 3 aligned non-main latents instead of the letter's main latents (the rules: this module's "
-           "docstring, step 5). "
-           "Lower: the letter feature is not absorbed into other latents.", _SB),
-    Metric("absorption/mean/mean_full_absorption_score", "full absorption", "lower", "fraction of words",
-           "Mean over scored letters of the fraction of the letter's true-positive test words on which every "
-           "main latent is silent while one aligned latent carries at least 40% of the probe projection.", _SB),
-    Metric("absorption/mean/mean_num_split_features", "split features", None, "latents",
-           "Mean over scored letters of the number of main latents: the top-k set of the k-sparse probe, grown "
-           "while test F1 jumps by more than f1_jump_threshold. Describes feature splitting; no better "
-           "direction.", _SB),
-    Metric("absorption/mean/std_dev_absorption_fraction_score", "absorption (std over letters)", None,
-           "fraction", "Sample standard deviation over scored letters of the per-letter absorption fraction (0 "
-           "with one letter).", _SB),
-    Metric("absorption/mean/std_dev_full_absorption_score", "full absorption (std over letters)", None,
-           "fraction of words", "Sample standard deviation over scored letters of the per-letter full absorption "
-           "rate (0 with one letter).", _SB),
-    Metric("absorption/mean/std_dev_num_split_features", "split features (std over letters)", None, "latents",
-           "Sample standard deviation over scored letters of the number of main latents (0 with one letter).",
-           _SB),
-    Metric("absorption/flags/sparse_probe_at_chance_fraction", "letters at chance", "lower", "fraction of letters",
-           "Fraction of scored letters whose k-sparse SAE probe has test F1 no better than answering 'yes' for "
-           "every word, for every k. 1 fails the eval: the absorption numbers then do not measure the SAE.",
-           "this project"),
-    Metric("absorption/flags/n_letters_scored", "letters scored", None, "letters",
-           "Number of letters the means are over (at most 26).", "this project"),
+    Metric(
+        "absorption/mean/mean_absorption_fraction_score",
+        "absorption",
+        "lower",
+        "fraction",
+        "Mean over scored letters of the letter's mean absorption fraction over the test words its "
+        "ground-truth probe detects: the share of the word's projection on the probe direction carried by up "
+        "to 3 aligned non-main latents instead of the letter's main latents (the rules: this module's "
+        "docstring, step 5). "
+        "Lower: the letter feature is not absorbed into other latents.",
+        _SB,
+    ),
+    Metric(
+        "absorption/mean/mean_full_absorption_score",
+        "full absorption",
+        "lower",
+        "fraction of words",
+        "Mean over scored letters of the fraction of the letter's true-positive test words on which every "
+        "main latent is silent while one aligned latent carries at least 40% of the probe projection.",
+        _SB,
+    ),
+    Metric(
+        "absorption/mean/mean_num_split_features",
+        "split features",
+        None,
+        "latents",
+        "Mean over scored letters of the number of main latents: the top-k set of the k-sparse probe, grown "
+        "while test F1 jumps by more than f1_jump_threshold. Describes feature splitting; no better "
+        "direction.",
+        _SB,
+    ),
+    Metric(
+        "absorption/mean/std_dev_absorption_fraction_score",
+        "absorption (std over letters)",
+        None,
+        "fraction",
+        "Sample standard deviation over scored letters of the per-letter absorption fraction (0 with one letter).",
+        _SB,
+    ),
+    Metric(
+        "absorption/mean/std_dev_full_absorption_score",
+        "full absorption (std over letters)",
+        None,
+        "fraction of words",
+        "Sample standard deviation over scored letters of the per-letter full absorption rate (0 with one letter).",
+        _SB,
+    ),
+    Metric(
+        "absorption/mean/std_dev_num_split_features",
+        "split features (std over letters)",
+        None,
+        "latents",
+        "Sample standard deviation over scored letters of the number of main latents (0 with one letter).",
+        _SB,
+    ),
+    Metric(
+        "absorption/flags/sparse_probe_at_chance_fraction",
+        "letters at chance",
+        "lower",
+        "fraction of letters",
+        "Fraction of scored letters whose k-sparse SAE probe has test F1 no better than answering 'yes' for "
+        "every word, for every k. 1 fails the eval: the absorption numbers then do not measure the SAE.",
+        "this project",
+    ),
+    Metric(
+        "absorption/flags/n_letters_scored",
+        "letters scored",
+        None,
+        "letters",
+        "Number of letters the means are over (at most 26).",
+        "this project",
+    ),
 )
 
 

@@ -177,9 +177,7 @@ def ce_loss_score(ce_with_ablation: float, ce_with_sae: float, ce_without_sae: f
     return (ce_with_ablation - ce_with_sae) / gap
 
 
-def explained_variance_centred(
-    sum_x: torch.Tensor, sum_sq_norm: float, sum_resid_sq: float, n: int
-) -> float:
+def explained_variance_centred(sum_x: torch.Tensor, sum_sq_norm: float, sum_resid_sq: float, n: int) -> float:
     """``1 - sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2`` from streaming sums.
 
     ``sum_x`` is ``sum_t x_t`` (a vector), ``sum_sq_norm`` is ``sum_t ||x_t||^2``; the total sum of
@@ -343,9 +341,7 @@ class CoreAccumulator:
         self.sum_ce_abl = 0.0
 
     @torch.no_grad()
-    def update_reconstruction(
-        self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor, keep: torch.Tensor
-    ) -> None:
+    def update_reconstruction(self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor, keep: torch.Tensor) -> None:
         """One batch (SAEBench: ``batch_size_prompts`` contexts): ``x, x_hat [B, T, d_in]``,
         ``f [B, T, d_sae]``, ``keep [B, T]`` (True = scored)."""
         if x.shape != x_hat.shape or x.shape[:2] != keep.shape or f.shape[:2] != keep.shape:
@@ -358,6 +354,7 @@ class CoreAccumulator:
             self.d_in, self.d_sae = x.shape[-1], f.shape[-1]
             self.fire_counts = torch.zeros(self.d_sae, dtype=torch.int64, device=f.device)
             self.fire_seqs = torch.zeros(self.d_sae, dtype=torch.int64, device=f.device)
+        assert self.fire_counts is not None and self.fire_seqs is not None  # set by the first batch
         # Latent statistics straight from the [B, T, d_sae] tensor: no float copy of f is made.
         # l0 counts f != 0; SAEBench's densities count f > 0 (main.py:561, 603-609).
         f_keep = keep.to(f.device)
@@ -380,6 +377,7 @@ class CoreAccumulator:
         if self._shift is None:
             self._shift = xs.mean(0)
             self.sum_x = torch.zeros_like(self._shift)
+        assert self.sum_x is not None  # set with the shift
         centred = xs - self._shift
         self.sum_x += centred.sum(0)
         self.sum_sq += float(centred.pow(2).sum())
@@ -432,14 +430,16 @@ class CoreAccumulator:
 
     def consistent_activation_heuristic(self) -> torch.Tensor:
         """SAEBench: firings per sequence the latent fires in (NaN for latents that never fire)."""
+        if self.fire_counts is None or self.fire_seqs is None:
+            raise ValueError("no scored tokens were accumulated")
         counts = self.fire_counts.cpu().to(torch.float64)
         seqs = self.fire_seqs.cpu().to(torch.float64)
         return torch.where(seqs > 0, counts / seqs.clamp_min(1), torch.full_like(counts, math.nan))
 
     def compute(self) -> dict[str, dict[str, float]]:
         """SAEBench's metric categories (``misc_metrics`` without the weight-based averages)."""
-        n = self.n_tokens
-        if n == 0:
+        n, d_in, sum_x = self.n_tokens, self.d_in, self.sum_x
+        if n == 0 or d_in is None or sum_x is None:
             raise ValueError("no scored tokens were accumulated")
 
         def mean(total: float, count: int) -> float:
@@ -464,13 +464,12 @@ class CoreAccumulator:
                 "ce_loss_without_sae": ce_clean,
             },
             "reconstruction_quality": {
-                "explained_variance": explained_variance_saebench(self.batch_sq_norm, self.batch_resid_sq, self.d_in),
-                "explained_variance_centred": explained_variance_centred(self.sum_x, self.sum_sq,
-                                                                         self.sum_resid_sq, n),
+                "explained_variance": explained_variance_saebench(self.batch_sq_norm, self.batch_resid_sq, d_in),
+                "explained_variance_centred": explained_variance_centred(sum_x, self.sum_sq, self.sum_resid_sq, n),
                 "explained_variance_legacy": self.sum_ev_legacy / n,
                 "mse": self.sum_mse_saebench / n,
                 "mse_per_token": self.sum_resid_sq / n,
-                "mse_per_element": self.sum_resid_sq / (n * self.d_in),
+                "mse_per_element": self.sum_resid_sq / (n * d_in),
                 "cossim": self.sum_cossim / n,
             },
             "shrinkage": {
@@ -684,8 +683,11 @@ def run_core_eval(
 
 def saebench_special_ids(tokenizer: Any) -> list[int]:
     """SAEBench's ``ignore_tokens`` = {pad, eos, bos} ids of the tokenizer (``main.py:1101-1105``)."""
-    ids = (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
-           getattr(tokenizer, "bos_token_id", None))
+    ids = (
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(tokenizer, "bos_token_id", None),
+    )
     return sorted({int(i) for i in ids if i is not None})
 
 
@@ -694,10 +696,15 @@ class CoreSettings:
     """``eval.core``. Defaults give SAEBench 0.6.0's numbers with its published CLI settings
     (``--batch_size_prompts 16 --exclude_special_tokens_from_reconstruction``)."""
 
-    batch_size: int = setting(16, allowed="an integer >= 1 (contexts per batch; SAEBench's batch_size_prompts: "
-                                          "16; the per-batch metrics depend on it)", check=lambda v: v >= 1)
-    n_tokens: Optional[int] = setting(None, allowed="null (every held-out window) or an integer >= 1",
-                                      check=lambda v: v >= 1)
+    batch_size: int = setting(
+        16,
+        allowed="an integer >= 1 (contexts per batch; SAEBench's batch_size_prompts: "
+        "16; the per-batch metrics depend on it)",
+        check=lambda v: v >= 1,
+    )
+    n_tokens: Optional[int] = setting(
+        None, allowed="null (every held-out window) or an integer >= 1", check=lambda v: v >= 1
+    )
     feature_details: bool = True  # per-latent densities in the JSON (large at big d_sae)
     weight_metrics: bool = True  # max encoder/decoder cosine sims (an O(d_sae^2) pass)
     # saebench: {BOS, EOS, PAD} of the tokenizer; all_special: also every other special token the
@@ -712,118 +719,300 @@ class CoreSettings:
 # held-out set (``eval.core.n_tokens``), unless it says per batch (``batch_size`` contexts).
 _SB = "SAEBench 0.6.0 core"
 METRICS = (
-    Metric("core/model_behavior_preservation/kl_div_score", "KL score", "higher", "fraction of KL recovered",
-           "(KL_abl - KL_sae) / KL_abl, with KL_sae and KL_abl the kl_div_with_sae and kl_div_with_ablation "
-           "below. 1: splicing in the SAE's reconstruction leaves the next-token distribution unchanged; 0: it "
-           "is as bad as zeroing the activation; negative: worse. Not logged when ablation changes nothing "
-           "(KL_abl = 0).", _SB),
-    Metric("core/model_behavior_preservation/kl_div_with_ablation", "KL with ablation", None, "nats per token",
-           "Mean over scored positions of KL(clean || ablated) between the LM's next-token distributions without "
-           "and with the hooked activation zeroed at every position. A property of the LM and layer (the "
-           "denominator of the KL score), not of the SAE.", _SB),
-    Metric("core/model_behavior_preservation/kl_div_with_sae", "KL with SAE", "lower", "nats per token",
-           "Mean over scored positions of KL(clean || spliced), the spliced forward replacing the hooked "
-           "activation by the SAE's reconstruction at scored positions (special positions keep their "
-           "activation unless exclude_special_tokens_from_reconstruction is off). Lower: the SAE changes the "
-           "LM's predictions less.", _SB),
-    Metric("core/model_performance_preservation/ce_loss_score", "CE score", "higher", "fraction of CE recovered",
-           "(CE_abl - CE_sae) / (CE_abl - CE_clean): the share of the next-token loss increase caused by zeroing "
-           "the activation that the SAE's reconstruction avoids. 1: no loss increase; 0: as bad as ablation. Not "
-           "logged when ablation costs nothing (CE_abl = CE_clean).", _SB),
-    Metric("core/model_performance_preservation/ce_loss_with_ablation", "CE with ablation", None,
-           "nats per token",
-           "Mean next-token cross-entropy with the hooked activation zeroed at every position, over scored CE "
-           "positions (ce_positions: saebench scores position t when its input token is scored). A property "
-           "of the LM and layer.", _SB),
-    Metric("core/model_performance_preservation/ce_loss_with_sae", "CE with SAE", "lower", "nats per token",
-           "Mean next-token cross-entropy with the SAE's reconstruction spliced in, over scored CE positions. "
-           "Lower: the SAE costs less of the LM's next-token performance (compare ce_loss_without_sae).", _SB),
-    Metric("core/model_performance_preservation/ce_loss_without_sae", "CE clean", None, "nats per token",
-           "The LM's own mean next-token cross-entropy on the held-out windows, over scored CE positions. A "
-           "property of the LM and data, not of the SAE.", _SB),
-    Metric("core/reconstruction_quality/explained_variance", "explained variance", "higher",
-           "fraction of variance (SAEBench's formula)",
-           "SAEBench 0.6.0's formula 1 - R / (S - m^2): R and S are the means over batches of each batch's mean "
-           "||x - x_hat||^2 and mean ||x||^2 over scored tokens, m = S / d_in. Close to the UNCENTRED explained "
-           "variance; above 1 when S exceeds d_in^2 (layers with massive activations). "
-           "explained_variance_centred is the variance about the mean.", _SB),
-    Metric("core/reconstruction_quality/explained_variance_centred", "explained variance (centred)", "higher",
-           "fraction of variance about the mean",
-           "1 - sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2 over every scored token of the eval set "
-           "(one global mean). 1: perfect reconstruction; 0: no better than the mean activation (a run at or "
-           "below 0 fails).", "this project (named option; SAELens 6.54.12's centred formula)"),
-    Metric("core/reconstruction_quality/explained_variance_legacy", "explained variance (legacy)", "higher",
-           "fraction of variance (per token)",
-           "Mean over scored tokens of 1 - ||x_t - x_hat_t||^2 / ||x_t - mean_batch(x)||^2, the mean taken over "
-           "the scored tokens of the token's batch. SAEBench's per-token form from its paper: it depends on the "
-           "batch size and is dominated by tokens near the batch mean.", _SB),
-    Metric("core/reconstruction_quality/mse", "MSE (SAEBench)", "lower", "squared norm / tokens per batch",
-           "SAEBench's mse: the sum over batches of (mean over the batch's scored tokens of ||x_t - x_hat_t||^2) "
-           "divided by the number of scored tokens, i.e. about mse_per_token / scored tokens per batch. Compare "
-           "it only at equal batch sizes; mse_per_token does not depend on them.", _SB),
-    Metric("core/reconstruction_quality/mse_per_token", "MSE per token", "lower", "squared activation norm",
-           "Mean over scored tokens of ||x_t - x_hat_t||^2 (summed over d_in).",
-           "this project (named option; SAELens 6.54.12's mse)"),
-    Metric("core/reconstruction_quality/mse_per_element", "MSE per element", "lower", "squared activation",
-           "mse_per_token / d_in: the mean squared error of one activation dimension.",
-           "this project (named option)"),
-    Metric("core/reconstruction_quality/cossim", "cosine(x, x_hat)", "higher", "cosine",
-           "Mean over scored tokens of the cosine similarity between the activation and its reconstruction; "
-           "not logged when some token has a zero activation or reconstruction.", _SB),
-    Metric("core/shrinkage/l2_norm_in", "input norm", None, "activation norm",
-           "Mean over scored tokens of the activation's L2 norm (the scale the other numbers are in).", _SB),
-    Metric("core/shrinkage/l2_norm_out", "reconstruction norm", None, "activation norm",
-           "Mean over scored tokens of the reconstruction's L2 norm.", _SB),
-    Metric("core/shrinkage/l2_ratio", "norm ratio", None, "ratio",
-           "Mean over scored tokens of ||x_hat_t|| / ||x_t|| (inputs with norm < 1e-4 divide by 1). 1 is ideal: "
-           "below 1 the SAE shrinks its output, above 1 it inflates it; neither side is better.", _SB),
-    Metric("core/shrinkage/relative_reconstruction_bias", "relative reconstruction bias", None, "ratio",
-           "Mean over batches of E||x_hat||^2 / E[x . x_hat] over the batch's scored tokens (Gated SAE paper, "
-           "eq. 10): 1/gamma for the gamma minimising E||x_hat / gamma - x||^2. 1 is ideal (no systematic "
-           "shrinkage); below 1 the SAE shrinks its output.", _SB),
-    Metric("core/shrinkage/relative_reconstruction_bias_global", "relative reconstruction bias (global)", None,
-           "ratio",
-           "The same ratio computed once over every scored token of the eval set instead of averaged over "
-           "batches. 1 is ideal.", "this project (named option)"),
-    Metric("core/sparsity/l0", "L0", None, "active latents per token",
-           "Mean over scored tokens of the number of latents with a non-zero activation. A budget (TopK sets it "
-           "to k), not a score: compare other metrics at equal L0.", _SB),
-    Metric("core/sparsity/l1", "L1", None, "sum of latent activations per token",
-           "Mean over scored tokens of the sum of the latent activations (without absolute values, as SAEBench; "
-           "the same as L1 for non-negative latents). Scale-dependent; no better direction.", _SB),
-    Metric("core/misc_metrics/frac_alive", "alive latents", "higher", "fraction of latents",
-           "Fraction of latents that fire (activation > 0) on at least one scored token of the eval set. Dead "
-           "latents are wasted capacity (a run with 0 fails).", _SB),
-    Metric("core/misc_metrics/freq_over_1_percent", "latents > 1% density", None, "fraction of latents",
-           "Fraction of latents that fire on more than 1% of scored tokens. Descriptive: dense latents may be "
-           "legitimate or a sign of poorly separated features.", _SB),
-    Metric("core/misc_metrics/freq_over_10_percent", "latents > 10% density", None, "fraction of latents",
-           "Fraction of latents that fire on more than 10% of scored tokens (very dense latents).", _SB),
-    Metric("core/misc_metrics/normalized_freq_over_1_percent", "firings from latents > 1% density", None,
-           "fraction of firings",
-           "Share of all latent firings on scored tokens that come from latents firing on more than 1% of "
-           "tokens (0 when nothing fired).", _SB),
-    Metric("core/misc_metrics/normalized_freq_over_10_percent", "firings from latents > 10% density", None,
-           "fraction of firings",
-           "Share of all latent firings on scored tokens that come from latents firing on more than 10% of "
-           "tokens (0 when nothing fired).", _SB),
-    Metric("core/misc_metrics/average_max_encoder_cosine_sim", "mean max encoder cosine", None, "cosine",
-           "Mean over latents of the largest cosine similarity between the latent's encoder direction (column of "
-           "W_enc) and any other latent's. Logged when weight_metrics is on and the SAE exposes W_enc/W_dec. "
-           "High values mean near-duplicate encoders; no better direction is declared.", _SB),
-    Metric("core/misc_metrics/average_max_decoder_cosine_sim", "mean max decoder cosine", None, "cosine",
-           "Mean over latents of the largest cosine similarity between the latent's decoder row and any other "
-           "latent's (weight_metrics on). High values mean redundant dictionary directions.", _SB),
-    Metric("core/token_stats/total_tokens_eval_reconstruction", "tokens fed (reconstruction)", None, "tokens",
-           "Tokens fed through the LM for the reconstruction metrics: windows x context size, special tokens "
-           "included (SAEBench's meaning).", _SB),
-    Metric("core/token_stats/total_tokens_eval_sparsity_variance", "tokens fed (sparsity)", None, "tokens",
-           "Tokens fed through the LM for the sparsity and variance metrics (the same windows here).", _SB),
-    Metric("core/token_stats/scored_tokens", "scored tokens", None, "tokens",
-           "Tokens every reconstruction and sparsity mean is over (special tokens left out).",
-           "this project"),
-    Metric("core/token_stats/scored_ce_positions", "scored CE positions", None, "positions",
-           "Next-token predictions the KL and CE means are over (ce_positions decides which).", "this project"),
+    Metric(
+        "core/model_behavior_preservation/kl_div_score",
+        "KL score",
+        "higher",
+        "fraction of KL recovered",
+        "(KL_abl - KL_sae) / KL_abl, with KL_sae and KL_abl the kl_div_with_sae and kl_div_with_ablation "
+        "below. 1: splicing in the SAE's reconstruction leaves the next-token distribution unchanged; 0: it "
+        "is as bad as zeroing the activation; negative: worse. Not logged when ablation changes nothing "
+        "(KL_abl = 0).",
+        _SB,
+    ),
+    Metric(
+        "core/model_behavior_preservation/kl_div_with_ablation",
+        "KL with ablation",
+        None,
+        "nats per token",
+        "Mean over scored positions of KL(clean || ablated) between the LM's next-token distributions without "
+        "and with the hooked activation zeroed at every position. A property of the LM and layer (the "
+        "denominator of the KL score), not of the SAE.",
+        _SB,
+    ),
+    Metric(
+        "core/model_behavior_preservation/kl_div_with_sae",
+        "KL with SAE",
+        "lower",
+        "nats per token",
+        "Mean over scored positions of KL(clean || spliced), the spliced forward replacing the hooked "
+        "activation by the SAE's reconstruction at scored positions (special positions keep their "
+        "activation unless exclude_special_tokens_from_reconstruction is off). Lower: the SAE changes the "
+        "LM's predictions less.",
+        _SB,
+    ),
+    Metric(
+        "core/model_performance_preservation/ce_loss_score",
+        "CE score",
+        "higher",
+        "fraction of CE recovered",
+        "(CE_abl - CE_sae) / (CE_abl - CE_clean): the share of the next-token loss increase caused by zeroing "
+        "the activation that the SAE's reconstruction avoids. 1: no loss increase; 0: as bad as ablation. Not "
+        "logged when ablation costs nothing (CE_abl = CE_clean).",
+        _SB,
+    ),
+    Metric(
+        "core/model_performance_preservation/ce_loss_with_ablation",
+        "CE with ablation",
+        None,
+        "nats per token",
+        "Mean next-token cross-entropy with the hooked activation zeroed at every position, over scored CE "
+        "positions (ce_positions: saebench scores position t when its input token is scored). A property "
+        "of the LM and layer.",
+        _SB,
+    ),
+    Metric(
+        "core/model_performance_preservation/ce_loss_with_sae",
+        "CE with SAE",
+        "lower",
+        "nats per token",
+        "Mean next-token cross-entropy with the SAE's reconstruction spliced in, over scored CE positions. "
+        "Lower: the SAE costs less of the LM's next-token performance (compare ce_loss_without_sae).",
+        _SB,
+    ),
+    Metric(
+        "core/model_performance_preservation/ce_loss_without_sae",
+        "CE clean",
+        None,
+        "nats per token",
+        "The LM's own mean next-token cross-entropy on the held-out windows, over scored CE positions. A "
+        "property of the LM and data, not of the SAE.",
+        _SB,
+    ),
+    Metric(
+        "core/reconstruction_quality/explained_variance",
+        "explained variance",
+        "higher",
+        "fraction of variance (SAEBench's formula)",
+        "SAEBench 0.6.0's formula 1 - R / (S - m^2): R and S are the means over batches of each batch's mean "
+        "||x - x_hat||^2 and mean ||x||^2 over scored tokens, m = S / d_in. Close to the UNCENTRED explained "
+        "variance; above 1 when S exceeds d_in^2 (layers with massive activations). "
+        "explained_variance_centred is the variance about the mean.",
+        _SB,
+    ),
+    Metric(
+        "core/reconstruction_quality/explained_variance_centred",
+        "explained variance (centred)",
+        "higher",
+        "fraction of variance about the mean",
+        "1 - sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2 over every scored token of the eval set "
+        "(one global mean). 1: perfect reconstruction; 0: no better than the mean activation (a run at or "
+        "below 0 fails).",
+        "this project (named option; SAELens 6.54.12's centred formula)",
+    ),
+    Metric(
+        "core/reconstruction_quality/explained_variance_legacy",
+        "explained variance (legacy)",
+        "higher",
+        "fraction of variance (per token)",
+        "Mean over scored tokens of 1 - ||x_t - x_hat_t||^2 / ||x_t - mean_batch(x)||^2, the mean taken over "
+        "the scored tokens of the token's batch. SAEBench's per-token form from its paper: it depends on the "
+        "batch size and is dominated by tokens near the batch mean.",
+        _SB,
+    ),
+    Metric(
+        "core/reconstruction_quality/mse",
+        "MSE (SAEBench)",
+        "lower",
+        "squared norm / tokens per batch",
+        "SAEBench's mse: the sum over batches of (mean over the batch's scored tokens of ||x_t - x_hat_t||^2) "
+        "divided by the number of scored tokens, i.e. about mse_per_token / scored tokens per batch. Compare "
+        "it only at equal batch sizes; mse_per_token does not depend on them.",
+        _SB,
+    ),
+    Metric(
+        "core/reconstruction_quality/mse_per_token",
+        "MSE per token",
+        "lower",
+        "squared activation norm",
+        "Mean over scored tokens of ||x_t - x_hat_t||^2 (summed over d_in).",
+        "this project (named option; SAELens 6.54.12's mse)",
+    ),
+    Metric(
+        "core/reconstruction_quality/mse_per_element",
+        "MSE per element",
+        "lower",
+        "squared activation",
+        "mse_per_token / d_in: the mean squared error of one activation dimension.",
+        "this project (named option)",
+    ),
+    Metric(
+        "core/reconstruction_quality/cossim",
+        "cosine(x, x_hat)",
+        "higher",
+        "cosine",
+        "Mean over scored tokens of the cosine similarity between the activation and its reconstruction; "
+        "not logged when some token has a zero activation or reconstruction.",
+        _SB,
+    ),
+    Metric(
+        "core/shrinkage/l2_norm_in",
+        "input norm",
+        None,
+        "activation norm",
+        "Mean over scored tokens of the activation's L2 norm (the scale the other numbers are in).",
+        _SB,
+    ),
+    Metric(
+        "core/shrinkage/l2_norm_out",
+        "reconstruction norm",
+        None,
+        "activation norm",
+        "Mean over scored tokens of the reconstruction's L2 norm.",
+        _SB,
+    ),
+    Metric(
+        "core/shrinkage/l2_ratio",
+        "norm ratio",
+        None,
+        "ratio",
+        "Mean over scored tokens of ||x_hat_t|| / ||x_t|| (inputs with norm < 1e-4 divide by 1). 1 is ideal: "
+        "below 1 the SAE shrinks its output, above 1 it inflates it; neither side is better.",
+        _SB,
+    ),
+    Metric(
+        "core/shrinkage/relative_reconstruction_bias",
+        "relative reconstruction bias",
+        None,
+        "ratio",
+        "Mean over batches of E||x_hat||^2 / E[x . x_hat] over the batch's scored tokens (Gated SAE paper, "
+        "eq. 10): 1/gamma for the gamma minimising E||x_hat / gamma - x||^2. 1 is ideal (no systematic "
+        "shrinkage); below 1 the SAE shrinks its output.",
+        _SB,
+    ),
+    Metric(
+        "core/shrinkage/relative_reconstruction_bias_global",
+        "relative reconstruction bias (global)",
+        None,
+        "ratio",
+        "The same ratio computed once over every scored token of the eval set instead of averaged over "
+        "batches. 1 is ideal.",
+        "this project (named option)",
+    ),
+    Metric(
+        "core/sparsity/l0",
+        "L0",
+        None,
+        "active latents per token",
+        "Mean over scored tokens of the number of latents with a non-zero activation. A budget (TopK sets it "
+        "to k), not a score: compare other metrics at equal L0.",
+        _SB,
+    ),
+    Metric(
+        "core/sparsity/l1",
+        "L1",
+        None,
+        "sum of latent activations per token",
+        "Mean over scored tokens of the sum of the latent activations (without absolute values, as SAEBench; "
+        "the same as L1 for non-negative latents). Scale-dependent; no better direction.",
+        _SB,
+    ),
+    Metric(
+        "core/misc_metrics/frac_alive",
+        "alive latents",
+        "higher",
+        "fraction of latents",
+        "Fraction of latents that fire (activation > 0) on at least one scored token of the eval set. Dead "
+        "latents are wasted capacity (a run with 0 fails).",
+        _SB,
+    ),
+    Metric(
+        "core/misc_metrics/freq_over_1_percent",
+        "latents > 1% density",
+        None,
+        "fraction of latents",
+        "Fraction of latents that fire on more than 1% of scored tokens. Descriptive: dense latents may be "
+        "legitimate or a sign of poorly separated features.",
+        _SB,
+    ),
+    Metric(
+        "core/misc_metrics/freq_over_10_percent",
+        "latents > 10% density",
+        None,
+        "fraction of latents",
+        "Fraction of latents that fire on more than 10% of scored tokens (very dense latents).",
+        _SB,
+    ),
+    Metric(
+        "core/misc_metrics/normalized_freq_over_1_percent",
+        "firings from latents > 1% density",
+        None,
+        "fraction of firings",
+        "Share of all latent firings on scored tokens that come from latents firing on more than 1% of "
+        "tokens (0 when nothing fired).",
+        _SB,
+    ),
+    Metric(
+        "core/misc_metrics/normalized_freq_over_10_percent",
+        "firings from latents > 10% density",
+        None,
+        "fraction of firings",
+        "Share of all latent firings on scored tokens that come from latents firing on more than 10% of "
+        "tokens (0 when nothing fired).",
+        _SB,
+    ),
+    Metric(
+        "core/misc_metrics/average_max_encoder_cosine_sim",
+        "mean max encoder cosine",
+        None,
+        "cosine",
+        "Mean over latents of the largest cosine similarity between the latent's encoder direction (column of "
+        "W_enc) and any other latent's. Logged when weight_metrics is on and the SAE exposes W_enc/W_dec. "
+        "High values mean near-duplicate encoders; no better direction is declared.",
+        _SB,
+    ),
+    Metric(
+        "core/misc_metrics/average_max_decoder_cosine_sim",
+        "mean max decoder cosine",
+        None,
+        "cosine",
+        "Mean over latents of the largest cosine similarity between the latent's decoder row and any other "
+        "latent's (weight_metrics on). High values mean redundant dictionary directions.",
+        _SB,
+    ),
+    Metric(
+        "core/token_stats/total_tokens_eval_reconstruction",
+        "tokens fed (reconstruction)",
+        None,
+        "tokens",
+        "Tokens fed through the LM for the reconstruction metrics: windows x context size, special tokens "
+        "included (SAEBench's meaning).",
+        _SB,
+    ),
+    Metric(
+        "core/token_stats/total_tokens_eval_sparsity_variance",
+        "tokens fed (sparsity)",
+        None,
+        "tokens",
+        "Tokens fed through the LM for the sparsity and variance metrics (the same windows here).",
+        _SB,
+    ),
+    Metric(
+        "core/token_stats/scored_tokens",
+        "scored tokens",
+        None,
+        "tokens",
+        "Tokens every reconstruction and sparsity mean is over (special tokens left out).",
+        "this project",
+    ),
+    Metric(
+        "core/token_stats/scored_ce_positions",
+        "scored CE positions",
+        None,
+        "positions",
+        "Next-token predictions the KL and CE means are over (ce_positions decides which).",
+        "this project",
+    ),
 )
 
 
@@ -832,10 +1021,19 @@ def run(ctx: Any) -> EvalOutput:
     s = parse(CoreSettings, ctx.settings, "eval.core")
     tokens = ctx.tokens
     if s.n_tokens:  # the first ceil(n_tokens / ctx) held-out windows
-        tokens = tokens[:max(1, -(-s.n_tokens // tokens.shape[1]))]
+        tokens = tokens[: max(1, -(-s.n_tokens // tokens.shape[1]))]
     special = saebench_special_ids(ctx.lm.tokenizer) if s.special_tokens == "saebench" else ctx.lm.special_token_ids
-    return run_core_eval(ctx.lm, ctx.sae, tokens, ctx.layer, ctx.hook, batch_size=s.batch_size,
-                         special_token_ids=special, progress=ctx.progress,
-                         feature_details=s.feature_details, weight_metrics=s.weight_metrics,
-                         ce_positions=s.ce_positions,
-                         exclude_special_tokens_from_reconstruction=s.exclude_special_tokens_from_reconstruction)
+    return run_core_eval(
+        ctx.lm,
+        ctx.sae,
+        tokens,
+        ctx.layer,
+        ctx.hook,
+        batch_size=s.batch_size,
+        special_token_ids=special,
+        progress=ctx.progress,
+        feature_details=s.feature_details,
+        weight_metrics=s.weight_metrics,
+        ce_positions=s.ce_positions,
+        exclude_special_tokens_from_reconstruction=s.exclude_special_tokens_from_reconstruction,
+    )

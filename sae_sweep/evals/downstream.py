@@ -48,11 +48,21 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from sae_sweep.evals.probes import (
-    DEFAULT_PACKAGES, HUB_TASKS, OFFLINE_TASKS, TaskUnavailable, TextTask, at_chance, encode_texts, few_threads,
-    fit_probe, load_task, pooled_features, stable_seed,
-)
 from sae_sweep.config import parse, setting
+from sae_sweep.evals.probes import (
+    DEFAULT_PACKAGES,
+    HUB_TASKS,
+    OFFLINE_TASKS,
+    TaskUnavailable,
+    TextTask,
+    at_chance,
+    encode_texts,
+    few_threads,
+    fit_probe,
+    load_task,
+    pooled_features,
+    stable_seed,
+)
 from sae_sweep.evals.registry import register_eval, settings_dict
 from sae_sweep.evals.schema import EvalOutput
 from sae_sweep.util.metrics import Metric
@@ -63,26 +73,39 @@ EVAL_TYPE_ID = "downstream"  # FaithfulSAE's procedure, under FaithfulSAE's metr
 STANDARDISED_TYPE_ID = "downstream_standardised"  # ours, under its own names
 
 # FaithfulSAE's test split per task (prove_performance's test_split arguments in feat_match)
-HUB_TEST_SPLIT = {"sst2": "validation", "cola": "validation", "ag_news": "test", "fancyzhx/ag_news": "test",
-                  "yelp_polarity": "test"}
+HUB_TEST_SPLIT = {
+    "sst2": "validation",
+    "cola": "validation",
+    "ag_news": "test",
+    "fancyzhx/ag_news": "test",
+    "yelp_polarity": "test",
+}
 
 
 @dataclass
 class DownstreamSettings:
     """``eval.downstream``."""
 
-    tasks: List[str] = setting(default_factory=lambda: ["stdlib_package", "stdlib_kind"],
-                               allowed="a list of task names (stdlib_package, stdlib_kind; hub: sst2, cola, ag_news, "
-                                       "yelp_polarity)")
+    tasks: List[str] = setting(
+        default_factory=lambda: ["stdlib_package", "stdlib_kind"],
+        allowed="a list of task names (stdlib_package, stdlib_kind; hub: sst2, cola, ag_news, yelp_polarity)",
+    )
     # eval.downstream is FaithfulSAE's procedure only, so its metric names mean FaithfulSAE's numbers;
     # the standardised procedure is the eval downstream_standardised
-    procedure: str = setting("faithfulsae", allowed="faithfulsae (the standardised procedure is the eval "
-                             "downstream_standardised)", check=lambda v: v == "faithfulsae")
+    procedure: str = setting(
+        "faithfulsae",
+        allowed="faithfulsae (the standardised procedure is the eval downstream_standardised)",
+        check=lambda v: v == "faithfulsae",
+    )
     # faithfulsae
-    dataset_limit: int = setting(10000, allowed="an integer >= 2 (texts per split; FaithfulSAE: 10,000)",
-                                 check=lambda v: v >= 2)
-    max_length: Optional[int] = setting(None, allowed="null (the model's max_position_embeddings, FaithfulSAE) or "
-                                                      "an integer >= 2", check=lambda v: v >= 2)
+    dataset_limit: int = setting(
+        10000, allowed="an integer >= 2 (texts per split; FaithfulSAE: 10,000)", check=lambda v: v >= 2
+    )
+    max_length: Optional[int] = setting(
+        None,
+        allowed="null (the model's max_position_embeddings, FaithfulSAE) or an integer >= 2",
+        check=lambda v: v >= 2,
+    )
     probe_batch_size: int = setting(4, allowed="an integer >= 1 (FaithfulSAE: 4)", check=lambda v: v >= 1)
     probe_lr: float = setting(1e-3, allowed="a float > 0 (FaithfulSAE: Adam 1e-3)", check=lambda v: v > 0)
     # standardised (and the offline tasks' split in both)
@@ -90,8 +113,9 @@ class DownstreamSettings:
     max_examples: int = setting(1000, allowed="an integer >= 2 (texts per task)", check=lambda v: v >= 2)
     test_fraction: float = setting(0.3, allowed="a float in (0, 1)", check=lambda v: 0 < v < 1)
     batch_size: int = setting(32, allowed="an integer >= 1", check=lambda v: v >= 1)
-    packages: List[str] = setting(default_factory=lambda: list(DEFAULT_PACKAGES),
-                                  allowed="a list of stdlib packages (the offline tasks)")
+    packages: List[str] = setting(
+        default_factory=lambda: list(DEFAULT_PACKAGES), allowed="a list of stdlib packages (the offline tasks)"
+    )
     C: float = setting(1.0, allowed="a float > 0", check=lambda v: v > 0)
     max_iter: int = setting(1000, allowed="an integer >= 1", check=lambda v: v >= 1)
     chance_z: float = setting(2.0, allowed="a float >= 0", check=lambda v: v >= 0)
@@ -103,12 +127,17 @@ class StandardisedDownstreamSettings(DownstreamSettings):
     standardised logistic regression on mean-pooled features (the procedure that learns the small
     offline tasks, where FaithfulSAE's one epoch of batch-4 Adam stays near chance)."""
 
-    procedure: str = setting("standardised", allowed="standardised (FaithfulSAE's procedure is the eval "
-                             "downstream)", check=lambda v: v == "standardised")
+    procedure: str = setting(
+        "standardised",
+        allowed="standardised (FaithfulSAE's procedure is the eval downstream)",
+        check=lambda v: v == "standardised",
+    )
 
 
-_SETTINGS = {"faithfulsae": (DownstreamSettings, EVAL_TYPE_ID), "standardised": (StandardisedDownstreamSettings,
-                                                                                STANDARDISED_TYPE_ID)}
+_SETTINGS = {
+    "faithfulsae": (DownstreamSettings, EVAL_TYPE_ID),
+    "standardised": (StandardisedDownstreamSettings, STANDARDISED_TYPE_ID),
+}
 
 
 _REPS = (("baseline", "llm"), ("sae", "sae"), ("recon", "recon"))
@@ -138,8 +167,15 @@ def probe_task(feats: Dict[str, np.ndarray], labels: np.ndarray, s: Dict[str, An
     majority = max(np.mean(labels[te] == c) for c in set(labels[te].tolist()))
     out["chance_acc"] = float(majority)
     for name, key in _REPS:
-        res = fit_probe(feats[key][tr], labels[tr], feats[key][te], labels[te], seed=seed, C=float(s["C"]),
-                        max_iter=int(s["max_iter"]))
+        res = fit_probe(
+            feats[key][tr],
+            labels[tr],
+            feats[key][te],
+            labels[te],
+            seed=seed,
+            C=float(s["C"]),
+            max_iter=int(s["max_iter"]),
+        )
         out[f"{name}_acc"], out[f"{name}_f1"] = res["acc"], res["f1"]
         out[f"{name}_at_chance"] = at_chance([res["acc"]], len(te), majority, float(s["chance_z"]))
     return out
@@ -153,15 +189,20 @@ def load_task_splits(name: str, s: Dict[str, Any], seed: int, cache_dir: Optiona
     ``dataset_limit`` (FaithfulSAE); an offline task split ``test_fraction`` stratified."""
     limit = int(s["dataset_limit"])
     if name in OFFLINE_TASKS:
-        task = load_task(name, seed=seed, cache_dir=cache_dir, max_examples=int(s["max_examples"]),
-                         packages=s["packages"])
+        task = load_task(
+            name, seed=seed, cache_dir=cache_dir, max_examples=int(s["max_examples"]), packages=s["packages"]
+        )
         labels = np.array(task.labels)
         tr, te = stratified_split(labels, float(s["test_fraction"]), np.random.default_rng(stable_seed(seed, name)))
-        pick = lambda idx: TextTask(name, [task.texts[i] for i in idx], [task.labels[i] for i in idx], task.source)
+
+        def pick(idx):
+            return TextTask(name, [task.texts[i] for i in idx], [task.labels[i] for i in idx], task.source)
+
         return pick(tr[:limit]), pick(te[:limit])
     if name not in HUB_TASKS:
-        raise ValueError(f"unknown downstream task {name!r}: allowed values are "
-                         f"{', '.join(list(OFFLINE_TASKS) + sorted(HUB_TASKS))}")
+        raise ValueError(
+            f"unknown downstream task {name!r}: allowed values are {', '.join(list(OFFLINE_TASKS) + sorted(HUB_TASKS))}"
+        )
     hub_id, config, text_col, label_col, _classes = HUB_TASKS[name]
     test_split = HUB_TEST_SPLIT.get(name, "test")
     try:
@@ -179,9 +220,11 @@ def load_task_splits(name: str, s: Dict[str, Any], seed: int, cache_dir: Optiona
             ds = ds.shuffle(seed=42).select(range(min(limit, len(ds))))
             out.append(TextTask(name, list(ds[text_col]), [str(y) for y in ds[label_col]], hub_id))
     except Exception as e:  # offline, gated, renamed: say which dataset and why
-        raise TaskUnavailable(f"hub dataset {hub_id}{'/' + config if config else ''} for task {name!r} "
-                              f"could not be loaded ({type(e).__name__}: {str(e)[:200]}); "
-                              f"offline, use the built-in tasks {', '.join(OFFLINE_TASKS)}") from None
+        raise TaskUnavailable(
+            f"hub dataset {hub_id}{'/' + config if config else ''} for task {name!r} "
+            f"could not be loaded ({type(e).__name__}: {str(e)[:200]}); "
+            f"offline, use the built-in tasks {', '.join(OFFLINE_TASKS)}"
+        ) from None
     return out[0], out[1]
 
 
@@ -204,12 +247,13 @@ def _tokenize_batch(tok: Any, texts: Sequence[str], max_length: int, pad_id: int
 def trailing_mean(values: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     """FaithfulSAE's pooling: row i is ``values[i, -n_i:].mean(0)`` (Python slicing: n_i = 0 takes
     the whole row)."""
-    return torch.stack([values[i, -int(n[i]):].mean(dim=0) for i in range(values.shape[0])])
+    return torch.stack([values[i, -int(n[i]) :].mean(dim=0) for i in range(values.shape[0])])
 
 
 @torch.no_grad()
-def faithfulsae_batch_features(lm: Any, sae: Any, texts: Sequence[str], layer: int, hook: str, max_length: int,
-                               train: bool) -> Dict[str, torch.Tensor]:
+def faithfulsae_batch_features(
+    lm: Any, sae: Any, texts: Sequence[str], layer: int, hook: str, max_length: int, train: bool
+) -> Dict[str, torch.Tensor]:
     """Pooled (LM activation, latents, reconstruction) of one batch, FaithfulSAE's way (module doc)."""
     p = next(iter(sae.parameters()))
     pad = getattr(lm, "eos_token_id", None)  # FaithfulSAE: tokenizer.pad_token = tokenizer.eos_token
@@ -219,12 +263,16 @@ def faithfulsae_batch_features(lm: Any, sae: Any, texts: Sequence[str], layer: i
     b, t, d = acts.shape
     x_hat, f = sae(acts.reshape(b * t, d).to(device=p.device, dtype=p.dtype))
     n = mask.sum(dim=1) - (1 if train else 0)
-    return {"llm": trailing_mean(acts.float().cpu(), n), "sae": trailing_mean(f.reshape(b, t, -1).float().cpu(), n),
-            "recon": trailing_mean(x_hat.reshape(b, t, -1).float().cpu(), n)}
+    return {
+        "llm": trailing_mean(acts.float().cpu(), n),
+        "sae": trailing_mean(f.reshape(b, t, -1).float().cpu(), n),
+        "recon": trailing_mean(x_hat.reshape(b, t, -1).float().cpu(), n),
+    }
 
 
-def faithfulsae_probe_task(lm: Any, sae: Any, train: TextTask, test: TextTask, layer: int, hook: str,
-                           s: Dict[str, Any], seed: int) -> Dict[str, Any]:
+def faithfulsae_probe_task(
+    lm: Any, sae: Any, train: TextTask, test: TextTask, layer: int, hook: str, s: Dict[str, Any], seed: int
+) -> Dict[str, Any]:
     """``prove_performance``: three probes trained in lockstep for one epoch, then scored."""
     from sklearn.metrics import f1_score
 
@@ -249,7 +297,7 @@ def faithfulsae_probe_task(lm: Any, sae: Any, train: TextTask, test: TextTask, l
         opts = {k: torch.optim.Adam(pr.parameters(), lr=float(s["probe_lr"])) for k, pr in probes.items()}
         order = torch.randperm(len(train.texts), generator=g)  # DataLoader(shuffle=True), one epoch
         for i in range(0, len(order), bs):
-            idx = order[i:i + bs]
+            idx = order[i : i + bs]
             feats = faithfulsae_batch_features(lm, sae, [train.texts[j] for j in idx], layer, hook, max_length, True)
             for k, probe in probes.items():
                 loss = torch.nn.functional.cross_entropy(probe(feats[k].clone()), y_tr[idx])
@@ -259,7 +307,7 @@ def faithfulsae_probe_task(lm: Any, sae: Any, train: TextTask, test: TextTask, l
     preds: Dict[str, List[int]] = {k: [] for k in probes}
     with torch.no_grad():
         for i in range(0, len(test.texts), bs):  # DataLoader(shuffle=False)
-            feats = faithfulsae_batch_features(lm, sae, test.texts[i:i + bs], layer, hook, max_length, False)
+            feats = faithfulsae_batch_features(lm, sae, test.texts[i : i + bs], layer, hook, max_length, False)
             for k, probe in probes.items():
                 preds[k] += probe(feats[k]).argmax(dim=1).tolist()
     out: Dict[str, Any] = {"n_train": len(train.texts), "n_test": len(test.texts), "n_classes": len(classes)}
@@ -273,13 +321,19 @@ def faithfulsae_probe_task(lm: Any, sae: Any, train: TextTask, test: TextTask, l
     return out
 
 
-def run_downstream(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings: Dict[str, Any],
-                   cache_dir: str | None = None) -> EvalOutput:
-    procedure = (settings.get("procedure") if isinstance(settings, dict) else getattr(settings, "procedure", None))
+def run_downstream(
+    lm: Any, sae: Any, layer: int, hook: str, seed: int, settings: Dict[str, Any], cache_dir: str | None = None
+) -> EvalOutput:
+    procedure = settings.get("procedure") if isinstance(settings, dict) else getattr(settings, "procedure", None)
     cls, type_id = _SETTINGS.get(procedure or "faithfulsae", (DownstreamSettings, EVAL_TYPE_ID))
     s = settings_dict(cls, settings, f"eval.{type_id}")
-    config = {**s, "layer": layer, "hook": hook, "random_seed": seed,
-              "reference": "FaithfulSAE scripts/feat_match.py prove_performance (a98b2637)"}
+    config = {
+        **s,
+        "layer": layer,
+        "hook": hook,
+        "random_seed": seed,
+        "reference": "FaithfulSAE scripts/feat_match.py prove_performance (a98b2637)",
+    }
     metrics: Dict[str, Dict[str, float]] = {}
     details: List[Dict[str, Any]] = []
     unavailable: Dict[str, str] = {}
@@ -291,8 +345,9 @@ def run_downstream(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings
                 with few_threads():
                     res = faithfulsae_probe_task(lm, sae, train, test, layer, hook, s, stable_seed(seed, name))
             else:
-                task = load_task(name, seed=seed, cache_dir=cache_dir, max_examples=int(s["max_examples"]),
-                                 packages=s["packages"])
+                task = load_task(
+                    name, seed=seed, cache_dir=cache_dir, max_examples=int(s["max_examples"]), packages=s["packages"]
+                )
                 source = task.source
                 labels = np.array(task.labels)
                 ids, keep = encode_texts(lm, task.texts, int(s["context_size"]))
@@ -303,18 +358,22 @@ def run_downstream(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings
             log.warning("downstream: %s", e)
             unavailable[name] = str(e)
             continue
-        metrics[_category(name)] = {k: res[k] for k in
-                                    ("baseline_acc", "sae_acc", "recon_acc", "baseline_f1", "sae_f1", "recon_f1",
-                                     "chance_acc")}
+        metrics[_category(name)] = {
+            k: res[k]
+            for k in ("baseline_acc", "sae_acc", "recon_acc", "baseline_f1", "sae_f1", "recon_f1", "chance_acc")
+        }
         details.append({"task": name, "source": source, **res})
     if not details:
-        return EvalOutput.skipped(type_id, config, "no downstream task available: " + "; ".join(
-            f"{k}: {v}" for k, v in unavailable.items()))
+        return EvalOutput.skipped(
+            type_id, config, "no downstream task available: " + "; ".join(f"{k}: {v}" for k, v in unavailable.items())
+        )
     keys = ("baseline_acc", "sae_acc", "recon_acc", "baseline_f1", "sae_f1", "recon_f1")
     metrics["mean"] = {k: float(np.mean([d[k] for d in details])) for k in keys}
     sae_chance = [d["task"] for d in details if d["sae_at_chance"]]
-    metrics["flags"] = {"sae_at_chance_fraction": len(sae_chance) / len(details),
-                        "baseline_at_chance_fraction": float(np.mean([d["baseline_at_chance"] for d in details]))}
+    metrics["flags"] = {
+        "sae_at_chance_fraction": len(sae_chance) / len(details),
+        "baseline_at_chance_fraction": float(np.mean([d["baseline_at_chance"] for d in details])),
+    }
     flags: Dict[str, Any] = {}
     if sae_chance:
         flags["sae_at_chance_tasks"] = sae_chance
@@ -324,31 +383,57 @@ def run_downstream(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings
     baseline_learned = [d["task"] for d in details if not d["baseline_at_chance"]]
     if len(sae_chance) == len(details) and all(d["recon_at_chance"] for d in details):
         if baseline_learned:  # the LM's activation carried the task and the SAE lost it
-            status, reason = "failed", ("SAE-latent and reconstruction probes are at chance level on every task "
-                                        f"({', '.join(sae_chance)}) while the LM-activation probe is not "
-                                        f"({', '.join(baseline_learned)})")
+            status, reason = (
+                "failed",
+                (
+                    "SAE-latent and reconstruction probes are at chance level on every task "
+                    f"({', '.join(sae_chance)}) while the LM-activation probe is not "
+                    f"({', '.join(baseline_learned)})"
+                ),
+            )
         else:  # the probes learned nothing from any representation: a probing result, not a broken SAE
             flags["all_probes_at_chance"] = True
-    return EvalOutput(eval_type_id=type_id, config=config, metrics=metrics, details=details, status=status,
-                      skip_reason=reason, flags=flags, unstructured={"unavailable": unavailable})
+    return EvalOutput(
+        eval_type_id=type_id,
+        config=config,
+        metrics=metrics,
+        details=details,
+        status=status,
+        skip_reason=reason,
+        flags=flags,
+        unstructured={"unavailable": unavailable},
+    )
 
 
 # What the eval logs (flattened as downstream/<category>/<metric>): one category per task (its name
 # with characters other than letters, digits, '_', '.', '-' replaced by '_'), their mean, and flags.
 # Accuracies and macro F1 are on the task's held-out texts; the three probes see the same texts.
 _FS = "FaithfulSAE prove_performance"
-_REP = {"baseline": ("LM", None, "the mean-pooled LM activation at the SAE's hook: the reference the "
-                     "other two are read against; it does not depend on the SAE, so no better direction"),
-        "sae": ("SAE", "higher", "the mean-pooled SAE latents: higher keeps more of the task's information "
-                "in the latents"),
-        "recon": ("recon", "higher", "the mean-pooled SAE reconstruction: higher keeps more of the task's "
-                  "information in what the SAE writes back to the model")}
+_REP = {
+    "baseline": (
+        "LM",
+        None,
+        "the mean-pooled LM activation at the SAE's hook: the reference the "
+        "other two are read against; it does not depend on the SAE, so no better direction",
+    ),
+    "sae": ("SAE", "higher", "the mean-pooled SAE latents: higher keeps more of the task's information in the latents"),
+    "recon": (
+        "recon",
+        "higher",
+        "the mean-pooled SAE reconstruction: higher keeps more of the task's "
+        "information in what the SAE writes back to the model",
+    ),
+}
 
 
-_PROBES = {EVAL_TYPE_ID: ("one epoch of batch-4 Adam on a linear layer over the raw features (FaithfulSAE's "
-                          "procedure)", _FS),
-           STANDARDISED_TYPE_ID: ("converged logistic regression on standardised mean-pooled features (this "
-                                  "project's procedure: it learns the small offline tasks)", "this project")}
+_PROBES = {
+    EVAL_TYPE_ID: ("one epoch of batch-4 Adam on a linear layer over the raw features (FaithfulSAE's procedure)", _FS),
+    STANDARDISED_TYPE_ID: (
+        "converged logistic regression on standardised mean-pooled features (this "
+        "project's procedure: it learns the small offline tasks)",
+        "this project",
+    ),
+}
 
 
 def _downstream_metrics(ev: str) -> tuple:
@@ -357,23 +442,61 @@ def _downstream_metrics(ev: str) -> tuple:
     out = []
     for rep, (what, better, why) in _REP.items():
         for stat, short, unit, name in stats:
-            out.append(Metric(f"{ev}/{{task}}/{rep}_{stat}", f"{what} probe {short} ({{task}})", better, unit,
-                              f"Test {name} of a linear probe, {probe}, on {why}.", ref))
-    out.append(Metric(f"{ev}/{{task}}/chance_acc", "majority-class rate ({task})", None, "test accuracy",
-                      "Accuracy of always answering the test split's most frequent class: the chance level the "
-                      "probe accuracies of this task are read against.", "this project"))
-    for rep, (what, better, why) in _REP.items():
+            out.append(
+                Metric(
+                    f"{ev}/{{task}}/{rep}_{stat}",
+                    f"{what} probe {short} ({{task}})",
+                    better,
+                    unit,
+                    f"Test {name} of a linear probe, {probe}, on {why}.",
+                    ref,
+                )
+            )
+    out.append(
+        Metric(
+            f"{ev}/{{task}}/chance_acc",
+            "majority-class rate ({task})",
+            None,
+            "test accuracy",
+            "Accuracy of always answering the test split's most frequent class: the chance level the "
+            "probe accuracies of this task are read against.",
+            "this project",
+        )
+    )
+    for rep, (what, better, _why) in _REP.items():
         for stat, short, unit, name in stats:
-            out.append(Metric(f"{ev}/mean/{rep}_{stat}", f"{ev} {what} {short}", better, unit,
-                              f"Mean over the available tasks of the per-task {rep}_{stat} (the {what} probe's test "
-                              f"{name}; one value per task, unweighted).", ref))
-    out.append(Metric(f"{ev}/flags/sae_at_chance_fraction", "SAE tasks at chance", "lower", "fraction of tasks",
-                      "Fraction of tasks whose SAE-latent probe accuracy is at most the majority-class rate plus "
-                      "chance_z binomial standard errors.", "this project"))
-    out.append(Metric(f"{ev}/flags/baseline_at_chance_fraction", "LM tasks at chance", None,
-                      "fraction of tasks",
-                      "The same for the LM-activation probe: tasks the probe procedure learns nothing on at all.",
-                      "this project"))
+            out.append(
+                Metric(
+                    f"{ev}/mean/{rep}_{stat}",
+                    f"{ev} {what} {short}",
+                    better,
+                    unit,
+                    f"Mean over the available tasks of the per-task {rep}_{stat} (the {what} probe's test "
+                    f"{name}; one value per task, unweighted).",
+                    ref,
+                )
+            )
+    out.append(
+        Metric(
+            f"{ev}/flags/sae_at_chance_fraction",
+            "SAE tasks at chance",
+            "lower",
+            "fraction of tasks",
+            "Fraction of tasks whose SAE-latent probe accuracy is at most the majority-class rate plus "
+            "chance_z binomial standard errors.",
+            "this project",
+        )
+    )
+    out.append(
+        Metric(
+            f"{ev}/flags/baseline_at_chance_fraction",
+            "LM tasks at chance",
+            None,
+            "fraction of tasks",
+            "The same for the LM-activation probe: tasks the probe procedure learns nothing on at all.",
+            "this project",
+        )
+    )
     return tuple(out)
 
 
@@ -387,11 +510,13 @@ def _settings(ctx: Any, cls: type) -> Any:
 
 @register_eval(EVAL_TYPE_ID, DownstreamSettings, METRICS)
 def run(ctx: Any) -> EvalOutput:
-    return run_downstream(ctx.lm, ctx.sae, ctx.layer, ctx.hook, ctx.seed, _settings(ctx, DownstreamSettings),
-                          ctx.cache_dir)
+    return run_downstream(
+        ctx.lm, ctx.sae, ctx.layer, ctx.hook, ctx.seed, _settings(ctx, DownstreamSettings), ctx.cache_dir
+    )
 
 
 @register_eval(STANDARDISED_TYPE_ID, StandardisedDownstreamSettings, STANDARDISED_METRICS)
 def run_standardised(ctx: Any) -> EvalOutput:
-    return run_downstream(ctx.lm, ctx.sae, ctx.layer, ctx.hook, ctx.seed,
-                          _settings(ctx, StandardisedDownstreamSettings), ctx.cache_dir)
+    return run_downstream(
+        ctx.lm, ctx.sae, ctx.layer, ctx.hook, ctx.seed, _settings(ctx, StandardisedDownstreamSettings), ctx.cache_dir
+    )

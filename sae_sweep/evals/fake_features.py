@@ -50,27 +50,42 @@ EVAL_TYPE_ID = "fake_features"
 class FakeFeatureSettings:
     """``eval.fake_features``. Defaults: FaithfulSAE's ``get_fake_features`` as called for its tables."""
 
-    n_tokens: int = setting(1_000_000, allowed="an integer >= 2 (FaithfulSAE: 1,000,000; n_tokens // "
-                                               "context_size sequences)", check=lambda v: v >= 2)
-    context_size: Optional[int] = setting(None, allowed="null (the SAE's context size, else the held-out window "
-                                                        "length) or an integer >= 2",
-                                          check=lambda v: v >= 2)
-    threshold: float = setting(0.1, allowed="a float in [0, 1] (FaithfulSAE: 0.1; fake above this proportion)",
-                               check=lambda v: 0 <= v <= 1)
+    n_tokens: int = setting(
+        1_000_000,
+        allowed="an integer >= 2 (FaithfulSAE: 1,000,000; n_tokens // context_size sequences)",
+        check=lambda v: v >= 2,
+    )
+    context_size: Optional[int] = setting(
+        None,
+        allowed="null (the SAE's context size, else the held-out window length) or an integer >= 2",
+        check=lambda v: v >= 2,
+    )
+    threshold: float = setting(
+        0.1, allowed="a float in [0, 1] (FaithfulSAE: 0.1; fake above this proportion)", check=lambda v: 0 <= v <= 1
+    )
     activation_threshold: float = setting(1.0, allowed="a float (FaithfulSAE: fires when activation > 1.0)")
     token_pool: str = choice("full_vocab", ("full_vocab", "non_special"))
     denominator: str = choice("nominal", ("nominal", "processed"))
-    sequence_threshold: float = setting(0.05, allowed="a float in [0, 1] (notes' design: 5% of sequences)",
-                                        check=lambda v: 0 <= v <= 1)
+    sequence_threshold: float = setting(
+        0.05, allowed="a float in [0, 1] (notes' design: 5% of sequences)", check=lambda v: 0 <= v <= 1
+    )
     sequence_activation_threshold: float = setting(1.0, allowed="a float (notes' design: sum over the sequence > 1)")
-    nonzero_threshold: float = setting(0.05, allowed="a float in [0, 1] (fires = f != 0, 5% of positions)",
-                                       check=lambda v: 0 <= v <= 1)
+    nonzero_threshold: float = setting(
+        0.05, allowed="a float in [0, 1] (fires = f != 0, 5% of positions)", check=lambda v: 0 <= v <= 1
+    )
     batch_size: int = setting(32, allowed="an integer >= 1", check=lambda v: v >= 1)
     per_latent_details: bool = True
 
 
-def random_token_sequences(vocab_size: int, special_ids: Iterable[int], n: int, context_size: int, bos: int,
-                           seed: int, pool: str = "full_vocab") -> torch.Tensor:
+def random_token_sequences(
+    vocab_size: int,
+    special_ids: Iterable[int],
+    n: int,
+    context_size: int,
+    bos: int,
+    seed: int,
+    pool: str = "full_vocab",
+) -> torch.Tensor:
     """``[n, context_size]``: BOS, then tokens uniform over ids ``0..vocab_size-1`` (``full_vocab``,
     FaithfulSAE) or over the non-special ones (``non_special``); seeded."""
     allowed = torch.ones(vocab_size, dtype=torch.bool)
@@ -90,8 +105,8 @@ def random_token_sequences(vocab_size: int, special_ids: Iterable[int], n: int, 
 class FiringCounts:
     """Per-latent counts over the random sequences (BOS positions excluded)."""
 
-    above: torch.Tensor      # tokens with f > activation_threshold
-    nonzero: torch.Tensor    # tokens with f != 0
+    above: torch.Tensor  # tokens with f > activation_threshold
+    nonzero: torch.Tensor  # tokens with f != 0
     seq_sum_above: torch.Tensor  # sequences with sum_t f_t > sequence_activation_threshold
     n_positions: int
     n_sequences: int
@@ -117,13 +132,21 @@ def fake_feature_metrics(c: FiringCounts, s: Dict[str, Any], n_tokens_nominal: i
 
 
 @torch.no_grad()
-def firing_counts(lm: Any, sae: torch.nn.Module, ids: torch.Tensor, layer: int, hook: str, batch_size: int,
-                  activation_threshold: float, sequence_activation_threshold: float) -> FiringCounts:
+def firing_counts(
+    lm: Any,
+    sae: torch.nn.Module,
+    ids: torch.Tensor,
+    layer: int,
+    hook: str,
+    batch_size: int,
+    activation_threshold: float,
+    sequence_activation_threshold: float,
+) -> FiringCounts:
     p = next(iter(sae.parameters()))
     above = nonzero = seq_above = None
     l0_sum, n_pos = 0.0, 0
     for start in range(0, ids.shape[0], batch_size):
-        batch = ids[start:start + batch_size]
+        batch = ids[start : start + batch_size]
         acts = lm.activations(batch.to(lm.device), layer, hook)[:, 1:]  # FaithfulSAE: hidden_states[seq, 1:]
         b, t, d = acts.shape
         _, f = sae(acts.reshape(b * t, d).to(device=p.device, dtype=p.dtype))  # SAEs take [N, d_in]
@@ -137,11 +160,20 @@ def firing_counts(lm: Any, sae: torch.nn.Module, ids: torch.Tensor, layer: int, 
         l0_sum += float(nz.sum())
         seq_above += (f.sum(dim=1, dtype=torch.float32) > sequence_activation_threshold).sum(0)
         n_pos += b * t
+    if above is None or nonzero is None or seq_above is None:
+        raise ValueError("no token sequences to count firings on")
     return FiringCounts(above.cpu(), nonzero.cpu(), seq_above.cpu(), n_pos, int(ids.shape[0]), l0_sum)
 
 
-def run_fake_features(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings: Dict[str, Any],
-                      sae_context_size: Optional[int] = None) -> EvalOutput:
+def run_fake_features(
+    lm: Any,
+    sae: Any,
+    layer: int,
+    hook: str,
+    seed: int,
+    settings: Dict[str, Any],
+    sae_context_size: Optional[int] = None,
+) -> EvalOutput:
     s = settings_dict(FakeFeatureSettings, settings, "eval.fake_features")
     ctx_size = int(s["context_size"] or sae_context_size or 128)
     vocab = len(lm.tokenizer)
@@ -149,20 +181,41 @@ def run_fake_features(lm: Any, sae: Any, layer: int, hook: str, seed: int, setti
     if emb is not None and emb() is not None:
         vocab = min(vocab, emb().num_embeddings)  # ids past the embedding table cannot be fed
     n_seqs = max(1, int(s["n_tokens"]) // ctx_size)  # FaithfulSAE: max(1, n_tokens // seq_len)
-    ids = random_token_sequences(vocab, lm.special_token_ids, n_seqs, ctx_size, lm.bos_token_id, seed,
-                                 s["token_pool"])
-    c = firing_counts(lm, sae, ids, layer, hook, int(s["batch_size"]), float(s["activation_threshold"]),
-                      float(s["sequence_activation_threshold"]))
+    ids = random_token_sequences(vocab, lm.special_token_ids, n_seqs, ctx_size, lm.bos_token_id, seed, s["token_pool"])
+    c = firing_counts(
+        lm,
+        sae,
+        ids,
+        layer,
+        hook,
+        int(s["batch_size"]),
+        float(s["activation_threshold"]),
+        float(s["sequence_activation_threshold"]),
+    )
     m = fake_feature_metrics(c, s, int(s["n_tokens"]))
     details = []
     if s["per_latent_details"]:
         denom = int(s["n_tokens"]) if s["denominator"] == "nominal" else c.n_positions
-        details = [{"index": i, "proportion_above_activation_threshold": a / denom,
-                    "random_token_freq_nonzero": nz / c.n_positions, "random_sequence_freq_sum_above": q / n_seqs}
-                   for i, (a, nz, q) in enumerate(zip(c.above.tolist(), c.nonzero.tolist(), c.seq_sum_above.tolist()))]
-    config = {**s, "context_size": ctx_size, "n_sequences": n_seqs, "n_positions_scored": c.n_positions,
-              "layer": layer, "hook": hook, "random_seed": seed, "vocab_size": vocab,
-              "reference": "FaithfulSAE scripts/feat_match.py get_fake_features (a98b2637)"}
+        details = [
+            {
+                "index": i,
+                "proportion_above_activation_threshold": a / denom,
+                "random_token_freq_nonzero": nz / c.n_positions,
+                "random_sequence_freq_sum_above": q / n_seqs,
+            }
+            for i, (a, nz, q) in enumerate(zip(c.above.tolist(), c.nonzero.tolist(), c.seq_sum_above.tolist()))
+        ]
+    config = {
+        **s,
+        "context_size": ctx_size,
+        "n_sequences": n_seqs,
+        "n_positions_scored": c.n_positions,
+        "layer": layer,
+        "hook": hook,
+        "random_seed": seed,
+        "vocab_size": vocab,
+        "reference": "FaithfulSAE scripts/feat_match.py get_fake_features (a98b2637)",
+    }
     return EvalOutput(eval_type_id=EVAL_TYPE_ID, config=config, metrics={"fake_features": m}, details=details)
 
 
@@ -171,31 +224,68 @@ def run_fake_features(lm: Any, sae: Any, layer: int, hook: str, seed: int, setti
 # over the vocabulary, seeded), BOS positions left out.
 _FS = "FaithfulSAE get_fake_features"
 METRICS = (
-    Metric("fake_features/fake_features/fake_feature_ratio", "fake-feature ratio", "lower", "fraction of latents",
-           "fake_feature_count / d_sae: the fraction of latents that fire (activation > activation_threshold, "
-           "1.0) on more than threshold (10%) of n_tokens random-token positions (denominator=nominal: the "
-           "nominal n_tokens). Lower: fewer latents respond to meaningless input.", _FS),
-    Metric("fake_features/fake_features/fake_feature_count", "fake features", None, "latents",
-           "The number of latents the fake-feature ratio counts. It grows with d_sae; compare the ratio across "
-           "widths.", _FS),
-    Metric("fake_features/fake_features/fake_feature_ratio_sequence", "fake-feature ratio (sequence)", "lower",
-           "fraction of latents",
-           "Fraction of latents whose activation summed over a random sequence exceeds "
-           "sequence_activation_threshold (1) in more than sequence_threshold (5%) of the sequences. Nearly every "
-           "live latent passes on long sequences.", "FaithfulSAE research notes (named option)"),
-    Metric("fake_features/fake_features/fake_feature_count_sequence", "fake features (sequence)", None, "latents",
-           "The number of latents fake_feature_ratio_sequence counts.", "FaithfulSAE research notes (named option)"),
-    Metric("fake_features/fake_features/fake_feature_ratio_nonzero", "fake-feature ratio (nonzero)", "lower",
-           "fraction of latents",
-           "Fraction of latents with a non-zero activation on more than nonzero_threshold (5%) of the random-token "
-           "positions processed.", "this project (earlier definition, named option)"),
-    Metric("fake_features/fake_features/fake_feature_count_nonzero", "fake features (nonzero)", None, "latents",
-           "The number of latents fake_feature_ratio_nonzero counts.",
-           "this project (earlier definition, named option)"),
-    Metric("fake_features/fake_features/mean_random_token_l0", "L0 on random tokens", None,
-           "active latents per token",
-           "Mean over random-token positions of the number of latents with a non-zero activation: the SAE's L0 "
-           "on meaningless input, to read beside core/sparsity/l0.", "this project"),
+    Metric(
+        "fake_features/fake_features/fake_feature_ratio",
+        "fake-feature ratio",
+        "lower",
+        "fraction of latents",
+        "fake_feature_count / d_sae: the fraction of latents that fire (activation > activation_threshold, "
+        "1.0) on more than threshold (10%) of n_tokens random-token positions (denominator=nominal: the "
+        "nominal n_tokens). Lower: fewer latents respond to meaningless input.",
+        _FS,
+    ),
+    Metric(
+        "fake_features/fake_features/fake_feature_count",
+        "fake features",
+        None,
+        "latents",
+        "The number of latents the fake-feature ratio counts. It grows with d_sae; compare the ratio across widths.",
+        _FS,
+    ),
+    Metric(
+        "fake_features/fake_features/fake_feature_ratio_sequence",
+        "fake-feature ratio (sequence)",
+        "lower",
+        "fraction of latents",
+        "Fraction of latents whose activation summed over a random sequence exceeds "
+        "sequence_activation_threshold (1) in more than sequence_threshold (5%) of the sequences. Nearly every "
+        "live latent passes on long sequences.",
+        "FaithfulSAE research notes (named option)",
+    ),
+    Metric(
+        "fake_features/fake_features/fake_feature_count_sequence",
+        "fake features (sequence)",
+        None,
+        "latents",
+        "The number of latents fake_feature_ratio_sequence counts.",
+        "FaithfulSAE research notes (named option)",
+    ),
+    Metric(
+        "fake_features/fake_features/fake_feature_ratio_nonzero",
+        "fake-feature ratio (nonzero)",
+        "lower",
+        "fraction of latents",
+        "Fraction of latents with a non-zero activation on more than nonzero_threshold (5%) of the random-token "
+        "positions processed.",
+        "this project (earlier definition, named option)",
+    ),
+    Metric(
+        "fake_features/fake_features/fake_feature_count_nonzero",
+        "fake features (nonzero)",
+        None,
+        "latents",
+        "The number of latents fake_feature_ratio_nonzero counts.",
+        "this project (earlier definition, named option)",
+    ),
+    Metric(
+        "fake_features/fake_features/mean_random_token_l0",
+        "L0 on random tokens",
+        None,
+        "active latents per token",
+        "Mean over random-token positions of the number of latents with a non-zero activation: the SAE's L0 "
+        "on meaningless input, to read beside core/sparsity/l0.",
+        "this project",
+    ),
 )
 
 

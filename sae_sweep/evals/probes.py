@@ -101,7 +101,7 @@ _SKIP = re.compile(r"(^|\.)(__main__|_?tests?|test_\w*)($|\.)")
 def _clean(doc: Any) -> Optional[str]:
     if not isinstance(doc, str):
         return None
-    text = re.sub(r"\n{3,}", "\n\n", "\n".join(l.rstrip() for l in inspect.cleandoc(doc).splitlines())).strip()
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(line.rstrip() for line in inspect.cleandoc(doc).splitlines())).strip()
     return text if len(text) >= _MIN_DOC_CHARS else None
 
 
@@ -163,8 +163,9 @@ def _collect(packages: Sequence[str]) -> List[Tuple[str, str, str]]:
     return out
 
 
-def stdlib_labelled_docs(packages: Sequence[str] = DEFAULT_PACKAGES,
-                         cache_dir: Optional[str] = None) -> List[Tuple[str, str, str]]:
+def stdlib_labelled_docs(
+    packages: Sequence[str] = DEFAULT_PACKAGES, cache_dir: Optional[str] = None
+) -> List[Tuple[str, str, str]]:
     """Labelled docstrings ``(text, package, kind)``, cached as JSON under ``<cache_dir>/text/``."""
     import sys
 
@@ -220,9 +221,11 @@ def _load_hub_task(name: str, max_examples: int, seed: int) -> TextTask:
             datasets.config.HF_DATASETS_OFFLINE = True
         ds = load_dataset(hub_id, config, split="train")
     except Exception as e:  # offline, gated, renamed: say which dataset and why
-        raise TaskUnavailable(f"hub dataset {hub_id}{'/' + config if config else ''} for task {name!r} "
-                              f"could not be loaded ({type(e).__name__}: {str(e)[:200]}); "
-                              f"offline, use the built-in tasks {', '.join(OFFLINE_TASKS)}") from None
+        raise TaskUnavailable(
+            f"hub dataset {hub_id}{'/' + config if config else ''} for task {name!r} "
+            f"could not be loaded ({type(e).__name__}: {str(e)[:200]}); "
+            f"offline, use the built-in tasks {', '.join(OFFLINE_TASKS)}"
+        ) from None
     rng = np.random.default_rng(stable_seed(seed, name))
     idx = rng.permutation(len(ds))[: max_examples * 4]
     rows = ds.select(sorted(idx.tolist()))
@@ -234,8 +237,15 @@ def _load_hub_task(name: str, max_examples: int, seed: int) -> TextTask:
     return TextTask(name, texts[:max_examples], labels[:max_examples], hub_id)
 
 
-def load_task(name: str, *, seed: int, cache_dir: Optional[str], max_examples: int,
-              packages: Sequence[str] = DEFAULT_PACKAGES, min_per_class: int = 20) -> TextTask:
+def load_task(
+    name: str,
+    *,
+    seed: int,
+    cache_dir: Optional[str],
+    max_examples: int,
+    packages: Sequence[str] = DEFAULT_PACKAGES,
+    min_per_class: int = 20,
+) -> TextTask:
     """A labelled text task by name: an offline ``stdlib_*`` task or a hub dataset from HUB_TASKS."""
     if name in OFFLINE_TASKS:
         rows = stdlib_labelled_docs(packages, cache_dir)
@@ -260,8 +270,9 @@ def load_task(name: str, *, seed: int, cache_dir: Optional[str], max_examples: i
         return TextTask(name, texts, labels, "stdlib")
     if name in HUB_TASKS:
         return _load_hub_task(name, max_examples, seed)
-    raise ValueError(f"unknown probing task {name!r}: allowed values are "
-                     f"{', '.join(list(OFFLINE_TASKS) + sorted(HUB_TASKS))}")
+    raise ValueError(
+        f"unknown probing task {name!r}: allowed values are {', '.join(list(OFFLINE_TASKS) + sorted(HUB_TASKS))}"
+    )
 
 
 # Activations
@@ -276,10 +287,13 @@ def encode_texts(lm: Any, texts: Sequence[str], context_size: int) -> Tuple[torc
     """
     tok = lm.tokenizer
     bos = lm.bos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id if tok.eos_token_id is not None else bos)
+    pad = (
+        tok.pad_token_id
+        if tok.pad_token_id is not None
+        else (tok.eos_token_id if tok.eos_token_id is not None else bos)
+    )
     special = {int(t) for t in lm.special_token_ids if t is not None}
-    body = [tok(t, add_special_tokens=False, truncation=True, max_length=context_size - 1)["input_ids"]
-            for t in texts]
+    body = [tok(t, add_special_tokens=False, truncation=True, max_length=context_size - 1)["input_ids"] for t in texts]
     width = 1 + max((len(b) for b in body), default=0)
     ids = torch.full((len(texts), width), int(pad), dtype=torch.long)
     keep = torch.zeros((len(texts), width), dtype=torch.bool)
@@ -287,8 +301,8 @@ def encode_texts(lm: Any, texts: Sequence[str], context_size: int) -> Tuple[torc
         ids[i, 0] = int(bos)
         if b:
             row = torch.tensor(b, dtype=torch.long)
-            ids[i, 1:1 + len(b)] = row
-            keep[i, 1:1 + len(b)] = ~torch.isin(row, torch.tensor(sorted(special) or [-1]))
+            ids[i, 1 : 1 + len(b)] = row
+            keep[i, 1 : 1 + len(b)] = ~torch.isin(row, torch.tensor(sorted(special) or [-1]))
     return ids, keep
 
 
@@ -297,21 +311,24 @@ def _sae_param(sae: torch.nn.Module) -> torch.Tensor:
 
 
 # sparse_probing and downstream pool the same task texts for the same SAE: keep the last few results.
-_POOL_CACHE: "Dict[Tuple, Dict[str, np.ndarray]]" = {}
+_POOL_CACHE: Dict[Tuple, Dict[str, np.ndarray]] = {}
 _POOL_CACHE_SIZE = 4
 
 
 def _pool_key(lm: Any, sae: torch.nn.Module, ids: torch.Tensor, keep: torch.Tensor, layer: int, hook: str) -> Tuple:
     # Object ids can be reused after garbage collection, so the SAE's weights are part of the key.
-    weights = tuple((n, tuple(t.shape), float(t.detach().double().sum()), float(t.detach().double().abs().sum()))
-                    for n, t in sae.named_parameters())
+    weights = tuple(
+        (n, tuple(t.shape), float(t.detach().double().sum()), float(t.detach().double().abs().sum()))
+        for n, t in sae.named_parameters()
+    )
     digest = hashlib.sha1(ids.numpy().tobytes() + keep.numpy().tobytes()).hexdigest()
     return (id(lm), id(sae), weights, layer, hook, digest)
 
 
 @torch.no_grad()
-def pooled_features(lm: Any, sae: torch.nn.Module, ids: torch.Tensor, keep: torch.Tensor, layer: int, hook: str,
-                    batch_size: int = 32) -> Dict[str, np.ndarray]:
+def pooled_features(
+    lm: Any, sae: torch.nn.Module, ids: torch.Tensor, keep: torch.Tensor, layer: int, hook: str, batch_size: int = 32
+) -> Dict[str, np.ndarray]:
     """Mean over scored tokens of the LM activation (``llm``), the SAE latents (``sae``) and the
     SAE reconstruction (``recon``), one row per text (float32 numpy). Texts are batched by length so
     padding costs little. A text with no scored token gets zeros. Recent results are reused."""
@@ -325,16 +342,20 @@ def pooled_features(lm: Any, sae: torch.nn.Module, ids: torch.Tensor, keep: torc
     return out
 
 
-def _pool(lm: Any, sae: torch.nn.Module, ids: torch.Tensor, keep: torch.Tensor, layer: int, hook: str,
-          batch_size: int) -> Dict[str, np.ndarray]:
+def _pool(
+    lm: Any, sae: Any, ids: torch.Tensor, keep: torch.Tensor, layer: int, hook: str, batch_size: int
+) -> Dict[str, np.ndarray]:
     p = _sae_param(sae)
     d_sae, d_in = sae.W_dec.shape
     n = ids.shape[0]
-    out = {"llm": np.zeros((n, d_in), np.float32), "sae": np.zeros((n, d_sae), np.float32),
-           "recon": np.zeros((n, d_in), np.float32)}
+    out = {
+        "llm": np.zeros((n, d_in), np.float32),
+        "sae": np.zeros((n, d_sae), np.float32),
+        "recon": np.zeros((n, d_in), np.float32),
+    }
     order = torch.argsort(keep.sum(1), descending=True)
     for start in range(0, n, batch_size):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         b_keep = keep[rows]
         if not b_keep.any():
             continue
@@ -358,8 +379,17 @@ def _pool(lm: Any, sae: torch.nn.Module, ids: torch.Tensor, keep: torch.Tensor, 
 NEWTON_MAX_DIM = 1024
 
 
-def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, *, seed: int,
-              C: float = 1.0, max_iter: int = 1000, class_weight: Optional[str] = None) -> Dict[str, float]:
+def fit_probe(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    seed: int,
+    C: float = 1.0,
+    max_iter: int = 1000,
+    class_weight: Optional[str] = None,
+) -> Dict[str, float]:
     """Standardised logistic regression; test accuracy and macro F1.
 
     Standardising makes one ``C`` sensible for LM activations, SAE latents and reconstructions whose
@@ -380,8 +410,11 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_te
         warnings.simplefilter("ignore")  # ConvergenceWarning on tiny, separable sets is expected
         clf.fit(scaler.transform(x_train), y_train)
     pred = clf.predict(scaler.transform(x_test))
-    return {"acc": float(accuracy_score(y_test, pred)), "f1": float(f1_score(y_test, pred, average="macro")),
-            "n_test": int(len(y_test))}
+    return {
+        "acc": float(accuracy_score(y_test, pred)),
+        "f1": float(f1_score(y_test, pred, average="macro")),
+        "n_test": int(len(y_test)),
+    }
 
 
 def top_k_by_mean_diff(x: np.ndarray, y: np.ndarray, k: int, mode: str = "abs") -> np.ndarray:
@@ -400,8 +433,15 @@ def top_k_by_mean_diff(x: np.ndarray, y: np.ndarray, k: int, mode: str = "abs") 
     return np.argsort(-diff, kind="stable")[:k]
 
 
-def fit_sklearn_probe_raw(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-                          *, C: float = 1.0, max_iter: int = 1000) -> Dict[str, float]:
+def fit_sklearn_probe_raw(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    C: float = 1.0,
+    max_iter: int = 1000,
+) -> Dict[str, float]:
     """SAEBench's ``train_sklearn_probe`` (probe_training.py:134-182): ``LogisticRegression(penalty="l2",
     C=1, max_iter=1000)`` with sklearn's default solver (lbfgs), on the RAW float32 features (no
     standardisation); test accuracy of ``predict``."""
@@ -413,8 +453,11 @@ def fit_sklearn_probe_raw(x_train: np.ndarray, y_train: np.ndarray, x_test: np.n
         warnings.simplefilter("ignore")  # ConvergenceWarning, as SAEBench's runs print and ignore
         clf.fit(np.asarray(x_train, np.float32), y_train)
     pred = clf.predict(np.asarray(x_test, np.float32))
-    return {"acc": float(accuracy_score(y_test, pred)), "f1": float(f1_score(y_test, pred, average="macro")),
-            "n_test": int(len(y_test))}
+    return {
+        "acc": float(accuracy_score(y_test, pred)),
+        "f1": float(f1_score(y_test, pred, average="macro")),
+        "n_test": int(len(y_test)),
+    }
 
 
 def _linear_init(d_in: int, d_out: int, g: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -425,9 +468,19 @@ def _linear_init(d_in: int, d_out: int, g: torch.Generator) -> Tuple[torch.Tenso
     return w, b
 
 
-def train_probe_torch(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, *,
-                      batch_size: int, epochs: int, lr: float, seed: int, l1_penalty: Optional[float] = None,
-                      early_stopping_patience: int = 10) -> Dict[str, Any]:
+def train_probe_torch(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    batch_size: int,
+    epochs: int,
+    lr: float,
+    seed: int,
+    l1_penalty: Optional[float] = None,
+    early_stopping_patience: int = 10,
+) -> Dict[str, Any]:
     """SAEBench's ``train_probe_gpu`` (probe_training.py:234-304): a binary ``nn.Linear(dim, 1)`` with
     default init, ``AdamW(lr)`` (weight decay 0.01), ``BCEWithLogitsLoss`` (+ ``l1_penalty * sum|w|``),
     fresh shuffling each epoch; after every epoch the TEST accuracy (logit > 0) is measured and the
@@ -435,12 +488,14 @@ def train_probe_torch(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarr
     improvement. Returns ``acc`` (that best test accuracy), ``weight [dim]``, ``bias``. Seeded (SAEBench
     draws from torch's global generator)."""
     with torch.inference_mode(False), torch.enable_grad():
-        return _train_probe_torch(x_train, y_train, x_test, y_test, batch_size, epochs, lr, seed, l1_penalty,
-                                  early_stopping_patience)
+        return _train_probe_torch(
+            x_train, y_train, x_test, y_test, batch_size, epochs, lr, seed, l1_penalty, early_stopping_patience
+        )
 
 
-def _train_probe_torch(x_train, y_train, x_test, y_test, batch_size, epochs, lr, seed, l1_penalty,
-                       early_stopping_patience) -> Dict[str, Any]:
+def _train_probe_torch(
+    x_train, y_train, x_test, y_test, batch_size, epochs, lr, seed, l1_penalty, early_stopping_patience
+) -> Dict[str, Any]:
     g = torch.Generator().manual_seed(int(seed))
     xtr = torch.as_tensor(np.asarray(x_train, np.float32))
     ytr = torch.as_tensor(np.asarray(y_train)).float()
@@ -458,7 +513,7 @@ def _train_probe_torch(x_train, y_train, x_test, y_test, batch_size, epochs, lr,
     for _epoch in range(epochs):
         order = torch.randperm(len(xtr), generator=g)
         for i in range(0, len(xtr), batch_size):
-            idx = order[i:i + batch_size]
+            idx = order[i : i + batch_size]
             logits = (xtr[idx] @ w.T + b).squeeze(-1)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, ytr[idx])
             if l1_penalty is not None:

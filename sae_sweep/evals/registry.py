@@ -25,7 +25,7 @@ class EvalContext:
     """What a job hands every eval. ``settings`` is the eval's node ``eval.<name>`` (a mapping or
     an instance of its settings dataclass)."""
 
-    lm: Any                      # sae_sweep.models.lm.LanguageModel (None for synthetic activations)
+    lm: Any  # sae_sweep.models.lm.LanguageModel (None for synthetic activations)
     sae: torch.nn.Module
     tokens: Optional[torch.Tensor]  # held-out token windows [N, ctx] (never training tokens)
     layer: int

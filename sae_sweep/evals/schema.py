@@ -42,7 +42,7 @@ STATUSES = ("ok", "skipped", "failed")
 
 def _is_finite_number(value: Any) -> bool:
     # bool is a Number too; treat it as 0/1 like float(True) does.
-    return isinstance(value, Number) and not isinstance(value, complex) and math.isfinite(float(value))
+    return isinstance(value, Number) and not isinstance(value, complex) and math.isfinite(float(value))  # type: ignore[arg-type]  # a real Number
 
 
 @dataclass
@@ -93,7 +93,7 @@ class EvalOutput:
             self.flags.pop("nonfinite_metrics", None)
 
     @classmethod
-    def skipped(cls, eval_type_id: str, config: dict[str, Any], reason: str) -> "EvalOutput":
+    def skipped(cls, eval_type_id: str, config: dict[str, Any], reason: str) -> EvalOutput:
         """An eval that does not apply to this SAE/model: no metrics, a reason."""
         return cls(eval_type_id=eval_type_id, config=config, metrics={}, status="skipped", skip_reason=reason)
 
@@ -157,7 +157,7 @@ def _jsonable(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
         return _jsonable(obj.tolist())
     if isinstance(obj, Number):
-        return _jsonable(float(obj))
+        return _jsonable(float(obj))  # type: ignore[arg-type]  # a real Number
     # OmegaConf containers and other mappings.
     if hasattr(obj, "items"):
         return {str(k): _jsonable(v) for k, v in obj.items()}

@@ -56,39 +56,89 @@ import torch
 
 from sae_sweep.config import setting
 from sae_sweep.evals.probes import (
-    DEFAULT_PACKAGES, TaskUnavailable, encode_texts, few_threads, load_task, stable_seed, stdlib_labelled_docs,
+    DEFAULT_PACKAGES,
+    TaskUnavailable,
+    encode_texts,
+    few_threads,
+    load_task,
+    stable_seed,
+    stdlib_labelled_docs,
     train_probe_torch,
 )
 from sae_sweep.evals.registry import register_eval, settings_dict
 from sae_sweep.evals.schema import EvalOutput
-from sae_sweep.util.metrics import Metric
 from sae_sweep.evals.sparse_probing import class_splits, prepare_probe_data
+from sae_sweep.util.metrics import Metric
 
 log = logging.getLogger(__name__)
 
 OFFLINE = "stdlib"
 _RETURN = re.compile(r"\breturn", re.IGNORECASE)  # the offline spurious attribute
 # SAEBench dataset_info.PAIRED_CLASS_KEYS: key -> the key whose texts are its negatives
-PAIRED = {"male / female": "female_data_only", "professor / nurse": "nurse_data_only",
-          "male_professor / female_nurse": "female_nurse_data_only"}
+PAIRED = {
+    "male / female": "female_data_only",
+    "professor / nurse": "nurse_data_only",
+    "male_professor / female_nurse": "female_nurse_data_only",
+}
 BIASED = "male_professor / female_nurse"
 
 # SAEBench eval_config.column1_vals_lookup / main.COLUMN2_VALS_LOOKUP, with dataset_info's id maps
-_PROFESSION = {"accountant": 0, "architect": 1, "attorney": 2, "dentist": 6, "filmmaker": 9, "journalist": 11,
-               "nurse": 13, "professor": 21, "psychologist": 22, "surgeon": 25, "teacher": 26}
-_AMAZON = {"Toys_and_Games": 1, "Cell_Phones_and_Accessories": 2, "Industrial_and_Scientific": 3,
-           "Musical_Instruments": 5, "Electronics": 6, "Office_Products": 11, "Pet_Supplies": 18, "Books": 24,
-           "CDs_and_Vinyl": 26, "Software": 30}
-HUB_SCR = {
+_PROFESSION = {
+    "accountant": 0,
+    "architect": 1,
+    "attorney": 2,
+    "dentist": 6,
+    "filmmaker": 9,
+    "journalist": 11,
+    "nurse": 13,
+    "professor": 21,
+    "psychologist": 22,
+    "surgeon": 25,
+    "teacher": 26,
+}
+_AMAZON = {
+    "Toys_and_Games": 1,
+    "Cell_Phones_and_Accessories": 2,
+    "Industrial_and_Scientific": 3,
+    "Musical_Instruments": 5,
+    "Electronics": 6,
+    "Office_Products": 11,
+    "Pet_Supplies": 18,
+    "Books": 24,
+    "CDs_and_Vinyl": 26,
+    "Software": 30,
+}
+HUB_SCR: Dict[str, Dict[str, Any]] = {
     "LabHC/bias_in_bios_class_set1": dict(
-        hub_id="LabHC/bias_in_bios", text="hard_text", col1="profession", col2="gender", col1_map=_PROFESSION,
-        col2_vals=(0, 1), pairs=[("professor", "nurse"), ("architect", "journalist"), ("surgeon", "psychologist"),
-                                 ("attorney", "teacher")], tpp_classes=[0, 1, 2, 6, 9]),
+        hub_id="LabHC/bias_in_bios",
+        text="hard_text",
+        col1="profession",
+        col2="gender",
+        col1_map=_PROFESSION,
+        col2_vals=(0, 1),
+        pairs=[
+            ("professor", "nurse"),
+            ("architect", "journalist"),
+            ("surgeon", "psychologist"),
+            ("attorney", "teacher"),
+        ],
+        tpp_classes=[0, 1, 2, 6, 9],
+    ),
     "canrager/amazon_reviews_mcauley_1and5": dict(
-        hub_id="canrager/amazon_reviews_mcauley_1and5", text="text", col1="category", col2="rating",
-        col1_map=_AMAZON, col2_vals=(1.0, 5.0),
-        pairs=[("Books", "CDs_and_Vinyl"), ("Software", "Electronics"), ("Pet_Supplies", "Office_Products"),
-               ("Industrial_and_Scientific", "Toys_and_Games")], tpp_classes=[1, 2, 3, 5, 6]),
+        hub_id="canrager/amazon_reviews_mcauley_1and5",
+        text="text",
+        col1="category",
+        col2="rating",
+        col1_map=_AMAZON,
+        col2_vals=(1.0, 5.0),
+        pairs=[
+            ("Books", "CDs_and_Vinyl"),
+            ("Software", "Electronics"),
+            ("Pet_Supplies", "Office_Products"),
+            ("Industrial_and_Scientific", "Toys_and_Games"),
+        ],
+        tpp_classes=[1, 2, 3, 5, 6],
+    ),
 }
 
 
@@ -99,27 +149,32 @@ class ScrTppSettings:
     dataset_names: List[str] = setting(
         default_factory=lambda: ["LabHC/bias_in_bios_class_set1", "canrager/amazon_reviews_mcauley_1and5"],
         allowed="a list of: LabHC/bias_in_bios_class_set1, canrager/amazon_reviews_mcauley_1and5 (hub), stdlib "
-                "(offline)", check=lambda v: len(v) > 0 and all(n in HUB_SCR or n == OFFLINE for n in v))
+        "(offline)",
+        check=lambda v: len(v) > 0 and all(n in HUB_SCR or n == OFFLINE for n in v),
+    )
     train_set_size: int = setting(4000, allowed="an integer >= 8 (SAEBench: 4000)", check=lambda v: v >= 8)
     test_set_size: int = setting(1000, allowed="an integer >= 8 (SAEBench: 1000)", check=lambda v: v >= 8)
-    context_size: int = setting(128, allowed="an integer >= 2 (SAEBench's context_length: 128)",
-                                check=lambda v: v >= 2)
+    context_size: int = setting(128, allowed="an integer >= 2 (SAEBench's context_length: 128)", check=lambda v: v >= 2)
     probe_train_batch_size: int = setting(16, allowed="an integer >= 1 (SAEBench: 16)", check=lambda v: v >= 1)
     probe_epochs: int = setting(20, allowed="an integer >= 1 (SAEBench: 20)", check=lambda v: v >= 1)
     probe_lr: float = setting(1e-3, allowed="a float > 0 (SAEBench: 1e-3)", check=lambda v: v > 0)
     probe_l1_penalty: float = setting(1e-3, allowed="a float >= 0 (SAEBench: 1e-3)", check=lambda v: v >= 0)
     early_stopping_patience: int = setting(20, allowed="an integer >= 1 (SAEBench: 20)", check=lambda v: v >= 1)
-    n_values: List[int] = setting(default_factory=lambda: [2, 5, 10, 20, 50, 100, 500],
-                                  allowed="a list of integers >= 1 (latents ablated)",
-                                  check=lambda v: len(v) > 0 and all(n >= 1 for n in v))
+    n_values: List[int] = setting(
+        default_factory=lambda: [2, 5, 10, 20, 50, 100, 500],
+        allowed="a list of integers >= 1 (latents ablated)",
+        check=lambda v: len(v) > 0 and all(n >= 1 for n in v),
+    )
     llm_batch_size: int = setting(32, allowed="an integer >= 1", check=lambda v: v >= 1)
     sae_batch_size: int = setting(125, allowed="an integer >= 1 (SAEBench: 125)", check=lambda v: v >= 1)
-    packages: List[str] = setting(default_factory=lambda: list(DEFAULT_PACKAGES),
-                                  allowed="a list of stdlib packages (the offline TPP classes)")
+    packages: List[str] = setting(
+        default_factory=lambda: list(DEFAULT_PACKAGES), allowed="a list of stdlib packages (the offline TPP classes)"
+    )
     stdlib_pairs: List[List[str]] = setting(
         default_factory=lambda: [["asyncio", "email"], ["xml", "multiprocessing"]],
         allowed="a list of [package, package] pairs (the offline SCR classes)",
-        check=lambda v: len(v) > 0 and all(len(p) == 2 and p[0] != p[1] for p in v))
+        check=lambda v: len(v) > 0 and all(len(p) == 2 and p[0] != p[1] for p in v),
+    )
 
 
 # Data
@@ -140,28 +195,33 @@ def _hub_frame(name: str, split: str):
             datasets.config.HF_DATASETS_OFFLINE = True
         return load_dataset(spec["hub_id"], split=split).to_pandas()
     except Exception as e:
-        raise TaskUnavailable(f"hub dataset {spec['hub_id']} ({name}) could not be loaded ({type(e).__name__}: "
-                              f"{str(e)[:200]}); offline, use dataset_names: [{OFFLINE}] (standard-library "
-                              "docstrings: package x docstring length)") from None
+        raise TaskUnavailable(
+            f"hub dataset {spec['hub_id']} ({name}) could not be loaded ({type(e).__name__}: "
+            f"{str(e)[:200]}); offline, use dataset_names: [{OFFLINE}] (standard-library "
+            "docstrings: package x docstring length)"
+        ) from None
 
 
-def spurious_corr_keys(pos_pos: List[str], pos_neg: List[str], neg_pos: List[str], neg_neg: List[str], m: int,
-                       seed: int) -> Dict[str, List[str]]:
+def spurious_corr_keys(
+    pos_pos: List[str], pos_neg: List[str], neg_pos: List[str], neg_neg: List[str], m: int, seed: int
+) -> Dict[str, List[str]]:
     """SAEBench's ``get_spurious_corr_data`` (dataset_creation.py:9-105) on the four quadrants, named as
     (class, spurious): pos_pos = (class 1, spurious 1), pos_neg = (class 0, spurious 1), neg_pos =
     (class 1, spurious 0), neg_neg = (class 0, spurious 0) -- SAEBench's variable names. ``m`` texts
     per quadrant; the biased keys take ``2m`` from their quadrant."""
     if min(len(pos_neg), len(neg_pos)) < m or min(len(pos_pos), len(neg_neg)) < 2 * m:
-        raise TaskUnavailable(f"a quadrant has too few texts for {m} per quadrant "
-                              f"({len(pos_pos)}, {len(pos_neg)}, {len(neg_pos)}, {len(neg_neg)})")
+        raise TaskUnavailable(
+            f"a quadrant has too few texts for {m} per quadrant "
+            f"({len(pos_pos)}, {len(pos_neg)}, {len(neg_pos)}, {len(neg_neg)})"
+        )
     rng = np.random.default_rng(seed)
     keys = {
-        "male / female": pos_pos[:m] + pos_neg[:m],          # spurious 1, both classes
-        "female_data_only": neg_pos[:m] + neg_neg[:m],       # spurious 0
-        "professor / nurse": pos_pos[:m] + neg_pos[:m],      # class 1, both spurious values
-        "nurse_data_only": pos_neg[:m] + neg_neg[:m],        # class 0
-        BIASED: pos_pos[:2 * m],
-        "female_nurse_data_only": neg_neg[:2 * m],
+        "male / female": pos_pos[:m] + pos_neg[:m],  # spurious 1, both classes
+        "female_data_only": neg_pos[:m] + neg_neg[:m],  # spurious 0
+        "professor / nurse": pos_pos[:m] + neg_pos[:m],  # class 1, both spurious values
+        "nurse_data_only": pos_neg[:m] + neg_neg[:m],  # class 0
+        BIASED: pos_pos[: 2 * m],
+        "female_nurse_data_only": neg_neg[: 2 * m],
     }
     for v in keys.values():
         rng.shuffle(v)
@@ -174,8 +234,9 @@ def _quadrant_size(size: int, quads: Sequence[int]) -> int:
     return max(0, min(size // 4, pn, np_, pp // 2, nn // 2))
 
 
-def scr_runs(name: str, s: Dict[str, Any], seed: int, cache_dir: Optional[str]
-             ) -> List[Tuple[str, Dict[str, List[str]], Dict[str, List[str]]]]:
+def scr_runs(
+    name: str, s: Dict[str, Any], seed: int, cache_dir: Optional[str]
+) -> List[Tuple[str, Dict[str, List[str]], Dict[str, List[str]]]]:
     """(run name, train keys, test keys) for every class pair of a dataset."""
     runs = []
     if name == OFFLINE:
@@ -184,7 +245,7 @@ def scr_runs(name: str, s: Dict[str, Any], seed: int, cache_dir: Optional[str]
             texts = [(t, p) for t, p, _k in rows if p in (a, b)]
             if not texts:
                 raise TaskUnavailable(f"no docstrings for packages {a!r}, {b!r}")
-            quads = {(c, sp): [] for c in (1, 0) for sp in (1, 0)}
+            quads: Dict[Tuple[int, int], List[str]] = {(c, sp): [] for c in (1, 0) for sp in (1, 0)}
             for t, p in texts:  # class 1 = the first package; spurious 1 = the docstring mentions "return"
                 quads[(int(p == a), int(bool(_RETURN.search(t))))].append(t)
             rng = np.random.default_rng(stable_seed(seed, "scr", a, b))
@@ -199,7 +260,9 @@ def scr_runs(name: str, s: Dict[str, Any], seed: int, cache_dir: Optional[str]
                 m = _quadrant_size(int(size), [len(x) for x in order])
                 if m < 2:
                     raise TaskUnavailable(f"stdlib pair {a}/{b}: quadrants too small ({[len(x) for x in order]})")
-                out.append(spurious_corr_keys(*order, m, stable_seed(seed, "scr-keys", a, b)))
+                out.append(
+                    spurious_corr_keys(order[0], order[1], order[2], order[3], m, stable_seed(seed, "scr-keys", a, b))
+                )
             runs.append((f"{OFFLINE}_scr_{a}_{b}", out[0], out[1]))
         return runs
     spec = HUB_SCR[name]
@@ -211,25 +274,25 @@ def scr_runs(name: str, s: Dict[str, Any], seed: int, cache_dir: Optional[str]
             i1, i0 = spec["col1_map"][c1], spec["col1_map"][c0]
             s1, s0 = spec["col2_vals"]  # SAEBench's (column2_pos, column2_neg)
 
-            def q(c, sp):
+            def quadrant(c: Any, sp: Any, df: Any = df) -> List[str]:
                 return df[(df[spec["col1"]] == c) & (df[spec["col2"]] == sp)][spec["text"]].tolist()
 
-            order = [q(i1, s1), q(i0, s1), q(i1, s0), q(i0, s0)]
-            out.append(spurious_corr_keys(*order, _quadrant_size(int(size), [len(x) for x in order]), seed))
+            order = [quadrant(i1, s1), quadrant(i0, s1), quadrant(i1, s0), quadrant(i0, s0)]
+            m = _quadrant_size(int(size), [len(x) for x in order])
+            out.append(spurious_corr_keys(order[0], order[1], order[2], order[3], m, seed))
         runs.append((f"{name}_scr_{c1}_{c0}", out[0], out[1]))
     return runs
 
 
-def tpp_data(name: str, s: Dict[str, Any], seed: int, cache_dir: Optional[str]
-             ) -> Tuple[Dict[str, List[str]], Dict[str, List[str]]]:
+def tpp_data(
+    name: str, s: Dict[str, Any], seed: int, cache_dir: Optional[str]
+) -> Tuple[Dict[str, List[str]], Dict[str, List[str]]]:
     """(train, test) texts per class for TPP: ``size / 2`` per class (SAEBench's sparse-probing split)."""
     if name == OFFLINE:
-        task = load_task("stdlib_package", seed=seed, cache_dir=cache_dir, max_examples=10 ** 6,
-                         packages=s["packages"])
+        task = load_task("stdlib_package", seed=seed, cache_dir=cache_dir, max_examples=10**6, packages=s["packages"])
         texts, labels = task.texts, np.array(task.labels)
     else:
         spec = HUB_SCR[name]
-        texts, labels = [], []
         frames = {split: _hub_frame(name, split) for split in ("train", "test")}
         out = []
         for split, size in (("train", s["train_set_size"]), ("test", s["test_set_size"])):
@@ -242,10 +305,17 @@ def tpp_data(name: str, s: Dict[str, Any], seed: int, cache_dir: Optional[str]
             out.append(per)
         return out[0], out[1]
     classes = sorted(set(labels.tolist()))
-    splits = class_splits(labels, classes, int(s["train_set_size"]), int(s["test_set_size"]),
-                          np.random.default_rng(stable_seed(seed, "tpp", name)))
-    return ({c: [texts[i] for i in tr] for c, (tr, _te) in splits.items()},
-            {c: [texts[i] for i in te] for c, (_tr, te) in splits.items()})
+    splits = class_splits(
+        labels,
+        classes,
+        int(s["train_set_size"]),
+        int(s["test_set_size"]),
+        np.random.default_rng(stable_seed(seed, "tpp", name)),
+    )
+    return (
+        {c: [texts[i] for i in tr] for c, (tr, _te) in splits.items()},
+        {c: [texts[i] for i in te] for c, (_tr, te) in splits.items()},
+    )
 
 
 # Activations
@@ -257,21 +327,22 @@ class KeyActs:
     sum of the latents over ALL ``context_size`` positions (zeroed ones included), and the count of
     non-zero positions."""
 
-    meaned: torch.Tensor    # [N, d_in]
+    meaned: torch.Tensor  # [N, d_in]
     sae_mean: torch.Tensor  # [N, d_sae]
     f_sum_all: torch.Tensor  # [N, d_sae]
-    count: torch.Tensor     # [N]
+    count: torch.Tensor  # [N]
 
 
 @torch.no_grad()
-def text_acts(lm: Any, sae: Any, texts: Sequence[str], layer: int, hook: str, context_size: int,
-              batch_size: int) -> KeyActs:
+def text_acts(
+    lm: Any, sae: Any, texts: Sequence[str], layer: int, hook: str, context_size: int, batch_size: int
+) -> KeyActs:
     p = next(iter(sae.parameters()))
     ids, keep = encode_texts(lm, texts, context_size)
     zero_f = sae.encode(torch.zeros(1, sae.W_dec.shape[1], device=p.device, dtype=p.dtype)).float().cpu()[0]
-    out = {k: [] for k in ("meaned", "sae_mean", "f_sum_all", "count")}
+    out: Dict[str, List[Any]] = {k: [] for k in ("meaned", "sae_mean", "f_sum_all", "count")}
     for s in range(0, len(texts), batch_size):
-        b_ids, b_keep = ids[s:s + batch_size], keep[s:s + batch_size]
+        b_ids, b_keep = ids[s : s + batch_size], keep[s : s + batch_size]
         acts = lm.activations(b_ids.to(lm.device), layer, hook).float().cpu()
         acts = acts * b_keep[..., None]  # SAEBench zeroes BOS/EOS/PAD positions
         nonzero = (acts.sum(-1) != 0).float()  # SAEBench counts rows whose sum is non-zero
@@ -298,8 +369,9 @@ def check_linear_decoder(sae: Any, d_in: int) -> None:
         b = zero_hat - f0 @ sae.W_dec
         lin = f @ sae.W_dec + b
     if not torch.allclose(x_hat.float(), lin.float(), atol=1e-4, rtol=1e-4):
-        raise ValueError("scr/tpp: the SAE's reconstruction is not f @ W_dec + b_dec; the ablation needs a linear "
-                         "decoder")
+        raise ValueError(
+            "scr/tpp: the SAE's reconstruction is not f @ W_dec + b_dec; the ablation needs a linear decoder"
+        )
 
 
 # Probes and the metrics
@@ -314,14 +386,14 @@ def build_task(sizes: Dict[str, int], cls: str, scr: bool, rng: np.random.Genera
         return prepare_probe_data(by, cls, rng)
     pair = PAIRED.get(cls) or {v: k for k, v in PAIRED.items()}[cls]
     pos, neg = by[cls], by[pair]
-    neg = neg[rng.permutation(len(neg))[:len(pos)]]
+    neg = neg[rng.permutation(len(neg))[: len(pos)]]
     idx = np.concatenate([pos, neg])
     y = np.r_[np.ones(len(pos), int), np.zeros(len(neg), int)]
     order = rng.permutation(len(idx))
     return idx[order], y[order]
 
 
-def _cat(acts: Dict[str, "KeyActs"], field: str) -> torch.Tensor:
+def _cat(acts: Dict[str, KeyActs], field: str) -> torch.Tensor:
     return torch.cat([getattr(a, field) for a in acts.values()])
 
 
@@ -330,8 +402,9 @@ def probe_accuracy(w: torch.Tensor, b: float, x: torch.Tensor, y: np.ndarray) ->
     return float((((x @ w) + b > 0.0).long().numpy() == y).mean())
 
 
-def node_effects(sae_mean: torch.Tensor, y: np.ndarray, w_probe: torch.Tensor, W_dec: torch.Tensor,
-                 scr: bool) -> torch.Tensor:
+def node_effects(
+    sae_mean: torch.Tensor, y: np.ndarray, w_probe: torch.Tensor, W_dec: torch.Tensor, scr: bool
+) -> torch.Tensor:
     """``get_effects_per_class_precomputed_acts``: (mean_pos - mean_neg of the per-text mean latents)
     * (w_probe . W_dec[i]); TPP clamps the difference at 0 first; SCR takes |effect|."""
     yt = torch.as_tensor(y)
@@ -349,8 +422,9 @@ def select_top_n(effects: torch.Tensor, n: int) -> torch.Tensor:
     return torch.topk(effects, k).indices if k > 0 else torch.zeros(0, dtype=torch.long)
 
 
-def scr_scores(ablated: Dict[int, Dict[str, float]], clean: Dict[str, float], ablated_dir2: Dict[int, Dict[str, float]]
-               ) -> Dict[str, float]:
+def scr_scores(
+    ablated: Dict[int, Dict[str, float]], clean: Dict[str, float], ablated_dir2: Dict[int, Dict[str, float]]
+) -> Dict[str, float]:
     """``get_scr_plotting_dict``: ``ablated`` = accuracies after ablating the "male / female" probe's
     latents, ``ablated_dir2`` after the "professor / nurse" probe's; both keyed by n then by
     "<probe> probe on <data> data"; ``clean`` = clean accuracies by the same names and by class."""
@@ -368,8 +442,9 @@ def scr_scores(ablated: Dict[int, Dict[str, float]], clean: Dict[str, float], ab
     return out
 
 
-def tpp_scores(ablated: Dict[str, Dict[int, Dict[str, float]]], clean: Dict[str, float]
-               ) -> Tuple[Dict[str, float], Dict[str, Dict[str, float]]]:
+def tpp_scores(
+    ablated: Dict[str, Dict[int, Dict[str, float]]], clean: Dict[str, float]
+) -> Tuple[Dict[str, float], Dict[str, Dict[str, float]]]:
     """``create_tpp_plotting_dict``: ablated[class][n][measured class] accuracies."""
     per_class: Dict[str, Dict[str, float]] = {}
     classes = list(clean)
@@ -392,8 +467,17 @@ def average_runs(results: Dict[str, Dict[str, float]]) -> Dict[str, float]:
     return {k: float(np.mean([r[k] for r in results.values() if k in r])) for k in keys}
 
 
-def _one_run(lm: Any, sae: Any, layer: int, hook: str, s: Dict[str, Any], seed: int, train: Dict[str, List[str]],
-             test: Dict[str, List[str]], scr: bool) -> Tuple[Dict[str, float], Dict[str, Any]]:
+def _one_run(
+    lm: Any,
+    sae: Any,
+    layer: int,
+    hook: str,
+    s: Dict[str, Any],
+    seed: int,
+    train: Dict[str, List[str]],
+    test: Dict[str, List[str]],
+    scr: bool,
+) -> Tuple[Dict[str, float], Dict[str, Any]]:
     ctx, lb = int(s["context_size"]), int(s["llm_batch_size"])
     tr = {k: text_acts(lm, sae, v, layer, hook, ctx, lb) for k, v in train.items()}
     te = {k: text_acts(lm, sae, v, layer, hook, ctx, lb) for k, v in test.items()}
@@ -409,11 +493,18 @@ def _one_run(lm: Any, sae: Any, layer: int, hook: str, s: Dict[str, Any], seed: 
             test_tasks[k] = build_task({c: len(v) for c, v in test.items()}, k, scr, rng)
             xtr = _cat(tr, "meaned")[train_tasks[k][0]]
             xte = _cat(te, "meaned")[test_tasks[k][0]]
-            res = train_probe_torch(xtr.numpy(), train_tasks[k][1], xte.numpy(), test_tasks[k][1],
-                                    batch_size=int(s["probe_train_batch_size"]), epochs=int(s["probe_epochs"]),
-                                    lr=float(s["probe_lr"]), seed=stable_seed(seed, "probe", k),
-                                    l1_penalty=float(s["probe_l1_penalty"]),
-                                    early_stopping_patience=int(s["early_stopping_patience"]))
+            res = train_probe_torch(
+                xtr.numpy(),
+                train_tasks[k][1],
+                xte.numpy(),
+                test_tasks[k][1],
+                batch_size=int(s["probe_train_batch_size"]),
+                epochs=int(s["probe_epochs"]),
+                lr=float(s["probe_lr"]),
+                seed=stable_seed(seed, "probe", k),
+                l1_penalty=float(s["probe_l1_penalty"]),
+                early_stopping_patience=int(s["early_stopping_patience"]),
+            )
             probes[k] = (res["weight"], res["bias"])
 
     def accuracies(meaned: torch.Tensor) -> Dict[str, float]:
@@ -440,8 +531,10 @@ def _one_run(lm: Any, sae: Any, layer: int, hook: str, s: Dict[str, Any], seed: 
             sel = select_top_n(eff, int(n))
             # x' = x - sum_{i in S} f_i W_dec[i] at every position (the linear decoder), then meaned
             ablated[c][int(n)] = accuracies(te_meaned - (te_f_sum[:, sel] @ W_dec[sel]) / te_count[:, None])
-    detail = {"clean_accuracies": clean, "ablated_accuracies": {c: {str(n): v for n, v in d.items()}
-                                                                for c, d in ablated.items()}}
+    detail = {
+        "clean_accuracies": clean,
+        "ablated_accuracies": {c: {str(n): v for n, v in d.items()} for c, d in ablated.items()},
+    }
     if scr:
         return scr_scores(ablated["male / female"], clean, ablated["professor / nurse"]), detail
     overall, per_class = tpp_scores(ablated, {c: clean[c] for c in chosen})
@@ -449,15 +542,23 @@ def _one_run(lm: Any, sae: Any, layer: int, hook: str, s: Dict[str, Any], seed: 
     return overall, detail
 
 
-def run_scr_or_tpp(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings: Any, scr: bool,
-                   cache_dir: Optional[str] = None) -> EvalOutput:
+def run_scr_or_tpp(
+    lm: Any, sae: Any, layer: int, hook: str, seed: int, settings: Any, scr: bool, cache_dir: Optional[str] = None
+) -> EvalOutput:
     name = "scr" if scr else "tpp"
     s = settings_dict(ScrTppSettings, settings, f"eval.{name}")
-    config = {**s, "layer": layer, "hook": hook, "random_seed": seed, "perform_scr": scr,
-              "reference": "SAEBench 0.6.0 sae_bench/evals/scr_and_tpp"}
+    config = {
+        **s,
+        "layer": layer,
+        "hook": hook,
+        "random_seed": seed,
+        "perform_scr": scr,
+        "reference": "SAEBench 0.6.0 sae_bench/evals/scr_and_tpp",
+    }
     if max(s["n_values"]) > sae.W_dec.shape[0]:
-        raise ValueError(f"eval.{name}.n_values: {max(s['n_values'])} latents to ablate, the SAE has "
-                         f"{sae.W_dec.shape[0]}")
+        raise ValueError(
+            f"eval.{name}.n_values: {max(s['n_values'])} latents to ablate, the SAE has {sae.W_dec.shape[0]}"
+        )
     check_linear_decoder(sae, int(sae.W_dec.shape[1]))
     results: Dict[str, Dict[str, float]] = {}
     details: List[Dict[str, Any]] = []
@@ -478,12 +579,19 @@ def run_scr_or_tpp(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings
             results[run_name] = res
             details.append({"run": run_name, "dataset_name": ds, **res, **detail})
     if not results:
-        return EvalOutput.skipped(name, config, "no dataset available: " + "; ".join(
-            f"{k}: {v}" for k, v in unavailable.items()))
+        return EvalOutput.skipped(
+            name, config, "no dataset available: " + "; ".join(f"{k}: {v}" for k, v in unavailable.items())
+        )
     metrics = {f"{name}_metrics": average_runs(results)}
     flags = {"unavailable": sorted(unavailable)} if unavailable else {}
-    return EvalOutput(eval_type_id=name, config=config, metrics=metrics, details=details, flags=flags,
-                      unstructured={"unavailable": unavailable})
+    return EvalOutput(
+        eval_type_id=name,
+        config=config,
+        metrics=metrics,
+        details=details,
+        flags=flags,
+        unstructured={"unavailable": unavailable},
+    )
 
 
 # What the evals log (flattened as scr/scr_metrics/<metric> and tpp/tpp_metrics/<metric>); {n} runs
@@ -491,35 +599,69 @@ def run_scr_or_tpp(lm: Any, sae: Any, layer: int, hook: str, seed: int, settings
 # SCR runs are (dataset, class pair), TPP runs are datasets (each already a mean over its classes).
 _SB = "SAEBench 0.6.0 scr_and_tpp"
 SCR_METRICS = (
-    Metric("scr/scr_metrics/scr_metric_threshold_{n}", "SCR top-{n}", "higher", "normalised accuracy gain",
-           "SAEBench's SCR score: scr_dir1_threshold_n when the biased probe's clean accuracy on the class data is "
-           "below its accuracy on the spurious data, scr_dir2_threshold_n when above (absent from a run when "
-           "equal). 1: ablating n latents removes the spurious correlation as well as a probe trained on the "
-           "class alone; 0: no change.", _SB),
-    Metric("scr/scr_metrics/scr_dir1_threshold_{n}", "SCR dir 1 top-{n}", "higher", "normalised accuracy gain",
-           "(A_ablated - A_biased) / (A_class - A_biased): the accuracy on the class-only data (both spurious "
-           "values) of the probe trained on perfectly biased data, after ablating the n latents with the "
-           "largest |effect| on the spurious-attribute probe (A_ablated) and before (A_biased), normalised by "
-           "the class probe's own clean accuracy A_class; 0 when the denominator is below 0.001.", _SB),
-    Metric("scr/scr_metrics/scr_dir2_threshold_{n}", "SCR dir 2 top-{n}", "higher", "normalised accuracy gain",
-           "Direction 1 with the roles swapped: the biased probe's accuracy on the spurious-attribute data after "
-           "ablating the n latents with the largest |effect| on the class probe, normalised by the spurious "
-           "probe's clean accuracy.", _SB),
+    Metric(
+        "scr/scr_metrics/scr_metric_threshold_{n}",
+        "SCR top-{n}",
+        "higher",
+        "normalised accuracy gain",
+        "SAEBench's SCR score: scr_dir1_threshold_n when the biased probe's clean accuracy on the class data is "
+        "below its accuracy on the spurious data, scr_dir2_threshold_n when above (absent from a run when "
+        "equal). 1: ablating n latents removes the spurious correlation as well as a probe trained on the "
+        "class alone; 0: no change.",
+        _SB,
+    ),
+    Metric(
+        "scr/scr_metrics/scr_dir1_threshold_{n}",
+        "SCR dir 1 top-{n}",
+        "higher",
+        "normalised accuracy gain",
+        "(A_ablated - A_biased) / (A_class - A_biased): the accuracy on the class-only data (both spurious "
+        "values) of the probe trained on perfectly biased data, after ablating the n latents with the "
+        "largest |effect| on the spurious-attribute probe (A_ablated) and before (A_biased), normalised by "
+        "the class probe's own clean accuracy A_class; 0 when the denominator is below 0.001.",
+        _SB,
+    ),
+    Metric(
+        "scr/scr_metrics/scr_dir2_threshold_{n}",
+        "SCR dir 2 top-{n}",
+        "higher",
+        "normalised accuracy gain",
+        "Direction 1 with the roles swapped: the biased probe's accuracy on the spurious-attribute data after "
+        "ablating the n latents with the largest |effect| on the class probe, normalised by the spurious "
+        "probe's clean accuracy.",
+        _SB,
+    ),
 )
 TPP_METRICS = (
-    Metric("tpp/tpp_metrics/tpp_threshold_{n}_total_metric", "TPP top-{n}", "higher", "accuracy drop",
-           "intended_diff_only - unintended_diff_only: ablating a class's n latents should hurt its own probe "
-           "and no other. Mean over classes, then datasets.", _SB),
-    Metric("tpp/tpp_metrics/tpp_threshold_{n}_intended_diff_only", "TPP intended top-{n}", "higher",
-           "accuracy drop",
-           "Clean minus ablated test accuracy of class i's one-vs-rest probe after ablating the n latents with "
-           "the largest positive effect on it (mean over classes i). Higher: the latents really carry the "
-           "class.", _SB),
-    Metric("tpp/tpp_metrics/tpp_threshold_{n}_unintended_diff_only", "TPP unintended top-{n}", "lower",
-           "accuracy drop",
-           "Mean over the other classes j of the clean minus ablated accuracy of probe j (on its own data) after "
-           "ablating class i's n latents (mean over classes i). Lower: the ablation leaves other concepts "
-           "alone.", _SB),
+    Metric(
+        "tpp/tpp_metrics/tpp_threshold_{n}_total_metric",
+        "TPP top-{n}",
+        "higher",
+        "accuracy drop",
+        "intended_diff_only - unintended_diff_only: ablating a class's n latents should hurt its own probe "
+        "and no other. Mean over classes, then datasets.",
+        _SB,
+    ),
+    Metric(
+        "tpp/tpp_metrics/tpp_threshold_{n}_intended_diff_only",
+        "TPP intended top-{n}",
+        "higher",
+        "accuracy drop",
+        "Clean minus ablated test accuracy of class i's one-vs-rest probe after ablating the n latents with "
+        "the largest positive effect on it (mean over classes i). Higher: the latents really carry the "
+        "class.",
+        _SB,
+    ),
+    Metric(
+        "tpp/tpp_metrics/tpp_threshold_{n}_unintended_diff_only",
+        "TPP unintended top-{n}",
+        "lower",
+        "accuracy drop",
+        "Mean over the other classes j of the clean minus ablated accuracy of probe j (on its own data) after "
+        "ablating class i's n latents (mean over classes i). Lower: the ablation leaves other concepts "
+        "alone.",
+        _SB,
+    ),
 )
 
 

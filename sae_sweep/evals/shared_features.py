@@ -56,12 +56,14 @@ def _unit_rows(w: Any, device: torch.device) -> torch.Tensor:
     return F.normalize(w, dim=-1)
 
 
-def _dense_match(a: torch.Tensor, b: torch.Tensor, chunk: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _dense_match(
+    a: torch.Tensor, b: torch.Tensor, chunk: int
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]:
     from scipy.optimize import linear_sum_assignment
 
     sims = np.empty((a.shape[0], b.shape[0]), dtype=np.float64)
     for s in range(0, a.shape[0], chunk):
-        sims[s:s + chunk] = (a[s:s + chunk] @ b.T).double().cpu().numpy()
+        sims[s : s + chunk] = (a[s : s + chunk] @ b.T).double().cpu().numpy()
     rows, cols = linear_sum_assignment(sims, maximize=True)
     return rows, cols, sims[rows, cols], torch.from_numpy(sims.max(1)), torch.from_numpy(sims.max(0))
 
@@ -84,7 +86,7 @@ def _sparse_match(a: torch.Tensor, b: torch.Tensor, chunk: int, candidates: int)
     col_best_v = torch.full((m_c, n_b), -math.inf, device=a.device)
     col_best_i = torch.zeros((m_c, n_b), dtype=torch.long, device=a.device)
     for s in range(0, n_a, chunk):
-        sims = a[s:s + chunk] @ b.T
+        sims = a[s : s + chunk] @ b.T
         v, j = sims.topk(m_r, dim=1)
         row_i.append((torch.arange(sims.shape[0], device=a.device)[:, None] + s).expand_as(j).reshape(-1))
         row_j.append(j.reshape(-1))
@@ -120,9 +122,17 @@ def _sparse_match(a: torch.Tensor, b: torch.Tensor, chunk: int, candidates: int)
 
 
 @torch.no_grad()
-def shared_feature_ratio(W_dec_a: Any, W_dec_b: Any, threshold: float = DEFAULT_THRESHOLD, *,
-                         method: str = "auto", dense_max: int = 2048, candidates: int = 32, chunk: int = 2048,
-                         device: Optional[str] = None) -> Dict[str, float]:
+def shared_feature_ratio(
+    W_dec_a: Any,
+    W_dec_b: Any,
+    threshold: float = DEFAULT_THRESHOLD,
+    *,
+    method: str = "auto",
+    dense_max: int = 2048,
+    candidates: int = 32,
+    chunk: int = 2048,
+    device: Optional[str] = None,
+) -> Dict[str, float]:
     """Compare two decoders ``[d_sae, d_in]`` (rows = latent directions; any scale).
 
     Returns ``shared_feature_ratio`` (matched pairs with cos > threshold / min(d_sae_a, d_sae_b)),
@@ -166,13 +176,16 @@ class CrossSeedSettings:
     """``eval.crossseed``: the sweep-end comparison of runs that differ only in seed."""
 
     enabled: bool = True
-    threshold: float = setting(DEFAULT_THRESHOLD, allowed="a float in (-1, 1) (decoder cosine)",
-                               check=lambda v: -1 < v < 1)
+    threshold: float = setting(
+        DEFAULT_THRESHOLD, allowed="a float in (-1, 1) (decoder cosine)", check=lambda v: -1 < v < 1
+    )
     method: str = choice("auto", ("auto", "dense", "sparse"))
-    dense_max: int = setting(2048, allowed="an integer >= 1 (auto: dense Hungarian up to this many latents)",
-                             check=lambda v: v >= 1)
-    candidates: int = setting(32, allowed="an integer >= 1 (sparse matching: partners kept per latent)",
-                              check=lambda v: v >= 1)
+    dense_max: int = setting(
+        2048, allowed="an integer >= 1 (auto: dense Hungarian up to this many latents)", check=lambda v: v >= 1
+    )
+    candidates: int = setting(
+        32, allowed="an integer >= 1 (sparse matching: partners kept per latent)", check=lambda v: v >= 1
+    )
 
 
 register_schema("eval", "crossseed", CrossSeedSettings, sweep_level=True)

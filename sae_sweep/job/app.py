@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -33,19 +33,22 @@ import sae_sweep.data.sources  # noqa: F401  (registers every text source: the a
 import sae_sweep.evals  # noqa: F401  (registers every eval's settings schema before Hydra composes)
 import sae_sweep.sae  # noqa: F401  (registers every trainer's schema)
 from sae_sweep import config as C
+from sae_sweep.config import CONF_DIR
 from sae_sweep.data.sources import dataset_problems, is_text, source_for
+from sae_sweep.tracking.status import RunStatus
 from sae_sweep.util.files import atomic_write
 
 log = logging.getLogger("sae_sweep")
 
-from sae_sweep.config import CONF_DIR  # noqa: E402
-from sae_sweep.tracking.status import RunStatus
-
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, timeout=5).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or "unknown"
+        )
     except Exception:
         return "unknown"
 
@@ -58,18 +61,28 @@ def run_name(cfg: DictConfig, d_sae: int, steps: int) -> str:
     k = cfg.sae.k
     if cfg.dataset.kind == "synthetic":  # no model, no hook: name the planted dictionary instead
         syn = cfg.dataset.synthetic
-        return (f"planted-d{syn.d}-n{syn.n_features}_{d_sae}_{cfg.trainer.name}_{k}_{lr}_{cfg.seed}_"
-                f"{cfg.dataset.name}_{steps}")
-    return (f"{cfg.model.name}_{hook_name(cfg.layer, cfg.hook)}_{d_sae}_{cfg.trainer.name}_{k}_{lr}_"
-            f"{cfg.seed}_{cfg.dataset.name}_{cfg.dataset.context_size}_{steps}")
+        return (
+            f"planted-d{syn.d}-n{syn.n_features}_{d_sae}_{cfg.trainer.name}_{k}_{lr}_{cfg.seed}_"
+            f"{cfg.dataset.name}_{steps}"
+        )
+    return (
+        f"{cfg.model.name}_{hook_name(cfg.layer, cfg.hook)}_{d_sae}_{cfg.trainer.name}_{k}_{lr}_"
+        f"{cfg.seed}_{cfg.dataset.name}_{cfg.dataset.context_size}_{steps}"
+    )
 
 
 def job_tags(cfg: DictConfig, key: str, weights: Optional[Any] = None) -> Dict[str, str]:
     """The run's tags; ``weights``: the point's ``ResolvedWeights`` (None: no LM, dataset=synthetic)."""
     tags = {
-        "model": cfg.model.name, "layer": str(cfg.layer), "hook": cfg.hook, "dataset": cfg.dataset.name,
-        "seed": str(cfg.seed), "trainer": cfg.trainer.name, "config_hash": key,
-        "seed_group": C.seed_group_key(cfg, point_identity(cfg, weights)), "git_commit": _git_commit(),
+        "model": cfg.model.name,
+        "layer": str(cfg.layer),
+        "hook": cfg.hook,
+        "dataset": cfg.dataset.name,
+        "seed": str(cfg.seed),
+        "trainer": cfg.trainer.name,
+        "config_hash": key,
+        "seed_group": C.seed_group_key(cfg, point_identity(cfg, weights)),
+        "git_commit": _git_commit(),
         # which weights ran: the hub's, a local copy, the built-in model, or a GGUF stand-in (its label)
         "model_weights": weights.label if weights is not None else str(cfg.model.get("weights", "auto")),
     }
@@ -77,8 +90,8 @@ def job_tags(cfg: DictConfig, key: str, weights: Optional[Any] = None) -> Dict[s
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
-        tags["hydra_job_num"] = str(hc.job.get("num", ""))
-        tags["hydra_job_id"] = str(hc.job.get("id", ""))
+        tags["hydra_job_num"] = str(getattr(hc.job, "num", ""))
+        tags["hydra_job_id"] = str(getattr(hc.job, "id", ""))
         tags["hydra_output_dir"] = str(hc.runtime.output_dir)
     except ValueError:
         pass
@@ -116,7 +129,7 @@ class PreemptionGuard:
         self.timer: Optional[Any] = None  # the resend of the first signal; cancelled on exit
         self.installed = threading.Lock()  # held while handlers are restored or a signal resent
 
-    def __enter__(self) -> "PreemptionGuard":
+    def __enter__(self) -> PreemptionGuard:
         import signal
 
         if self.active:
@@ -127,7 +140,7 @@ class PreemptionGuard:
                 self.saved[sig] = signal.signal(sig, self._on_signal)
         return self
 
-    def __exit__(self, *exc: Any) -> bool:
+    def __exit__(self, *exc: Any) -> Literal[False]:
         import signal
 
         # A resend outliving the guard would hit a process whose handler is restored, and kill it.
@@ -212,8 +225,9 @@ def point_identity(cfg: DictConfig, weights: Optional[Any]) -> Optional[Dict[str
 def point_weights(cfg: DictConfig) -> Any:
     """The weights a point's job loads (``models.weights.ResolvedWeights``), checked to be available
     here; resolved once per model per process (a grid asks often). ModelUnavailable when none."""
-    return _model_check(json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True),
-                        str(C.cache_dir(cfg)))
+    return _model_check(
+        json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True), str(C.cache_dir(cfg))
+    )
 
 
 def pinned(cfg: DictConfig, weights: Optional[Any]) -> DictConfig:
@@ -227,8 +241,13 @@ def pinned(cfg: DictConfig, weights: Optional[Any]) -> DictConfig:
     return out
 
 
-def validate_point(cfg: DictConfig, check_availability: bool = True, runs_here: bool = True,
-                   memory_gb: Optional[float] = None, gpus_per_node: Optional[int] = None) -> Optional[Any]:
+def validate_point(
+    cfg: DictConfig,
+    check_availability: bool = True,
+    runs_here: bool = True,
+    memory_gb: Optional[float] = None,
+    gpus_per_node: Optional[int] = None,
+) -> Optional[Any]:
     """Raise ConfigError listing every problem of a grid point: its values (``config.validate``,
     given the model's real shape) and, with ``check_availability``, whether its model, dataset and
     tracking store can be used, and whether the job can have what it asks for: a GPU for
@@ -252,8 +271,9 @@ def validate_point(cfg: DictConfig, check_availability: bool = True, runs_here: 
     problems += dataset_problems(cfg.dataset)  # its kind (registered sources) and the settings that kind needs
     if check_availability and not problems:
         problems += _device_problems(cfg, runs_here, gpus_per_node)
-        problems += _memory_problems(cfg, shape, memory_gb if memory_gb is not None or not runs_here
-                                     else available_memory_gb())
+        problems += _memory_problems(
+            cfg, shape, memory_gb if memory_gb is not None or not runs_here else available_memory_gb()
+        )
         if not problems and is_text(cfg.dataset.kind):  # synthetic: no LM, no text
             try:
                 weights = point_weights(cfg)
@@ -280,8 +300,10 @@ def _device_problems(cfg: DictConfig, runs_here: bool, gpus_per_node: Optional[i
             return [str(e)]
         return []
     if not gpus_per_node:
-        return [f"device={device!r}: the launcher asks for no GPU (hydra.launcher.gpus_per_node={gpus_per_node}); "
-                f"set hydra.launcher.gpus_per_node=1 or device=auto"]
+        return [
+            f"device={device!r}: the launcher asks for no GPU (hydra.launcher.gpus_per_node={gpus_per_node}); "
+            f"set hydra.launcher.gpus_per_node=1 or device=auto"
+        ]
     return []
 
 
@@ -302,8 +324,10 @@ def memory_needed_gb(cfg: DictConfig, d_in: int) -> Dict[str, float]:
     framework come on top): its token windows (int64 while packed, plus the int32 file buffer),
     and the SAE with its gradients and Adam moments plus the [batch, d_sae] pre-activations."""
     d_sae = C.d_sae_for(cfg.sae, d_in)
-    return {"token windows": (C.cache_tokens(cfg) + int(cfg.dataset.eval_tokens)) * 12 / 2**30,
-            "SAE training": (2 * d_in * d_sae * 4 * 4 + int(cfg.trainer.batch_size) * d_sae * 4) / 2**30}
+    return {
+        "token windows": (C.cache_tokens(cfg) + int(cfg.dataset.eval_tokens)) * 12 / 2**30,
+        "SAE training": (2 * d_in * d_sae * 4 * 4 + int(cfg.trainer.batch_size) * d_sae * 4) / 2**30,
+    }
 
 
 def _memory_problems(cfg: DictConfig, shape: Optional[C.ModelShape], limit_gb: Optional[float]) -> List[str]:
@@ -313,11 +337,16 @@ def _memory_problems(cfg: DictConfig, shape: Optional[C.ModelShape], limit_gb: O
     if sum(need.values()) <= limit_gb:
         return []
     parts = ", ".join(f"{k} {v:,.1f} GB" for k, v in need.items())
-    key = (f"dataset.tokens={C.cache_tokens(cfg)}" if need["token windows"] >= need["SAE training"] else
-           f"sae.d_sae={C.d_sae_for(cfg.sae, shape.d_model)} (trainer.batch_size={cfg.trainer.batch_size})")
-    return [f"{key}: the job needs at least {sum(need.values()):,.1f} GB of memory ({parts}); it may use "
-            f"{limit_gb:,.1f} GB (hydra.launcher.mem_gb, or what this machine has free); lower the budget or "
-            f"ask for more memory"]
+    key = (
+        f"dataset.tokens={C.cache_tokens(cfg)}"
+        if need["token windows"] >= need["SAE training"]
+        else f"sae.d_sae={C.d_sae_for(cfg.sae, shape.d_model)} (trainer.batch_size={cfg.trainer.batch_size})"
+    )
+    return [
+        f"{key}: the job needs at least {sum(need.values()):,.1f} GB of memory ({parts}); it may use "
+        f"{limit_gb:,.1f} GB (hydra.launcher.mem_gb, or what this machine has free); lower the budget or "
+        f"ask for more memory"
+    ]
 
 
 def memory_use() -> Dict[str, str]:
@@ -341,8 +370,11 @@ def memory_use() -> Dict[str, str]:
         tags["memory.limit_gb"] = f"{limit:.2f}"
         if peak > 0.8 * limit:
             tags["memory.near_limit"] = "true"
-            log.warning("peak memory %.2f GB is within 20%% of the job's %.2f GB limit: raise hydra.launcher.mem_gb",
-                        peak, limit)
+            log.warning(
+                "peak memory %.2f GB is within 20%% of the job's %.2f GB limit: raise hydra.launcher.mem_gb",
+                peak,
+                limit,
+            )
     return tags
 
 
@@ -359,15 +391,27 @@ def _built(cfg: DictConfig) -> bool:
     records: model, layer, hook, dataset kind, context size, budget, dtype -- a cheap test that
     never loads the model; the real key is checked when the job opens it)."""
     root = C.cache_dir(cfg) / "activations"
-    want = (int(cfg.layer), str(cfg.hook), int(cfg.dataset.context_size), C.cache_tokens(cfg), str(cfg.cache.dtype),
-            str(cfg.dataset.kind))
+    want = (
+        int(cfg.layer),
+        str(cfg.hook),
+        int(cfg.dataset.context_size),
+        C.cache_tokens(cfg),
+        str(cfg.cache.dtype),
+        str(cfg.dataset.kind),
+    )
     for manifest in root.glob("*/manifest.json"):
         try:
             spec = json.loads(manifest.read_text())["spec"]
         except (OSError, ValueError, KeyError):
             continue
-        got = (spec.get("layer"), spec.get("hook"), spec.get("context_size"), spec.get("tokens"),
-               spec.get("storage_dtype"), (spec.get("dataset") or {}).get("kind"))
+        got = (
+            spec.get("layer"),
+            spec.get("hook"),
+            spec.get("context_size"),
+            spec.get("tokens"),
+            spec.get("storage_dtype"),
+            (spec.get("dataset") or {}).get("kind"),
+        )
         model = spec.get("model") or {}
         if got == want and model.get("name") == cfg.model.name:
             return True
@@ -381,8 +425,16 @@ def disk_problems(cfgs: Sequence[DictConfig], shapes: Sequence[C.ModelShape]) ->
     for cfg, shape in zip(cfgs, shapes):
         if cfg.cache.mode == "stream" or cfg.dataset.kind == "synthetic" or _built(cfg):
             continue
-        ident = (cfg.model.name, str(cfg.model.get("weights")), cfg.layer, cfg.hook, cfg.dataset.name,
-                 C.cache_tokens(cfg), cfg.dataset.context_size, cfg.cache.dtype)
+        ident = (
+            cfg.model.name,
+            str(cfg.model.get("weights")),
+            cfg.layer,
+            cfg.hook,
+            cfg.dataset.name,
+            C.cache_tokens(cfg),
+            cfg.dataset.context_size,
+            cfg.cache.dtype,
+        )
         need.setdefault(C.cache_dir(cfg), {})[ident] = cache_bytes(cfg, shape.d_model)
     problems = []
     for root, caches in need.items():
@@ -397,7 +449,8 @@ def disk_problems(cfgs: Sequence[DictConfig], shapes: Sequence[C.ModelShape]) ->
                 f"paths.cache_dir={root}: the {len(caches)} activation cache(s) to build need {total / 1e9:,.1f} GB "
                 f"(tokens x d_model x cache.dtype), {free / 1e9:,.1f} GB are free. Use cache.mode=stream (nothing "
                 f"on disk), a smaller train.tokens / dataset.tokens, {'cache.dtype=bfloat16, ' if wide else ''}"
-                f"or another paths.cache_dir")
+                f"or another paths.cache_dir"
+            )
     return problems
 
 
@@ -443,10 +496,19 @@ def unknown_key_problems(argv: Sequence[str]) -> List[str]:
         parsed = OverridesParser.create().parse_overrides(args)
     except HydraException:
         return []  # Hydra's parser reports syntax errors itself
-    choices = {o.key_or_group: (list(o.sweep_string_iterator()) if o.is_sweep_override() else [str(o.value())])
-               for o in parsed if o.key_or_group in GROUPS}
-    keys = [o.key_or_group for o in parsed if o.type.name == "CHANGE" and o.key_or_group not in GROUPS
-            and "/" not in o.key_or_group and not o.key_or_group.startswith("hydra")]
+    choices = {
+        o.key_or_group: (list(o.sweep_string_iterator()) if o.is_sweep_override() else [str(o.value())])
+        for o in parsed
+        if o.key_or_group in GROUPS
+    }
+    keys = [
+        o.key_or_group
+        for o in parsed
+        if o.type.name == "CHANGE"
+        and o.key_or_group not in GROUPS
+        and "/" not in o.key_or_group
+        and not o.key_or_group.startswith("hydra")
+    ]
     if not keys:
         return []
     problems: List[str] = []
@@ -476,12 +538,16 @@ def integral_numbers(argv: Sequence[str]) -> List[str]:
     quoted values are left as they are; the schema then checks each value as usual."""
     from decimal import Decimal
 
-    def whole(m: "re.Match[str]") -> str:
+    def whole(m: re.Match[str]) -> str:
         d = Decimal(m.group(1))
         return str(int(d)) if d == d.to_integral_value() else m.group(1)
 
-    return [a if "=" not in a or a.startswith("-") or "'" in a or '"' in a
-            else a.split("=", 1)[0] + "=" + _SCIENTIFIC.sub(whole, a.split("=", 1)[1]) for a in argv]
+    return [
+        a
+        if "=" not in a or a.startswith("-") or "'" in a or '"' in a
+        else a.split("=", 1)[0] + "=" + _SCIENTIFIC.sub(whole, a.split("=", 1)[1])
+        for a in argv
+    ]
 
 
 def scope_to_swept_groups(argv: Sequence[str]) -> List[str]:
@@ -497,15 +563,22 @@ def scope_to_swept_groups(argv: Sequence[str]) -> List[str]:
     if not any(a in ("-m", "--multirun") for a in argv):
         return list(argv)
     try:
-        parsed = {a: OverridesParser.create().parse_overrides([a])[0] for a in argv if "=" in a and not a.startswith("-")}
+        parsed = {
+            a: OverridesParser.create().parse_overrides([a])[0] for a in argv if "=" in a and not a.startswith("-")
+        }
     except HydraException:
         return list(argv)  # Hydra's parser reports syntax errors itself
     swept = {o.key_or_group for o in parsed.values() if o.key_or_group in GROUPS and o.is_sweep_override()}
     out = []
     for a in argv:
         o = parsed.get(a)
-        if (o is not None and o.type.name == "CHANGE" and not o.is_sweep_override()
-                and o.key_or_group.split(".", 1)[0] in swept and "." in o.key_or_group):
+        if (
+            o is not None
+            and o.type.name == "CHANGE"
+            and not o.is_sweep_override()
+            and o.key_or_group.split(".", 1)[0] in swept
+            and "." in o.key_or_group
+        ):
             key, value = a.split("=", 1)
             a = f"{key}=choice({value})"
         out.append(a)
@@ -513,13 +586,16 @@ def scope_to_swept_groups(argv: Sequence[str]) -> List[str]:
 
 
 def _missing_key(cfg: DictConfig, key: str) -> Optional[str]:
-    node, path = cfg, []
+    node: Any = cfg
+    path: List[str] = []
     for part in key.split("."):
         if not isinstance(node, DictConfig) or part not in node:
             where = ".".join(path)
-            allowed = list(node.keys()) if isinstance(node, DictConfig) else []
-            return (f"{key}: unknown setting{C.nearest(part, allowed)}; allowed"
-                    f"{' under ' + where if where else ''}: {', '.join(map(str, allowed))}")
+            allowed = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+            return (
+                f"{key}: unknown setting{C.nearest(part, allowed)}; allowed"
+                f"{' under ' + where if where else ''}: {', '.join(map(str, allowed))}"
+            )
         node, path = node[part], path + [part]
     return None
 
@@ -530,8 +606,9 @@ def pack_file(output_dir: Path, parent_run_id: str, leader_key: str) -> Path:
 
 
 def write_pack(path: Path, cfgs: Sequence[DictConfig]) -> None:
-    atomic_write(path, OmegaConf.to_yaml(OmegaConf.create({"members": [OmegaConf.to_container(c, resolve=True)
-                                                                      for c in cfgs]})))
+    atomic_write(
+        path, OmegaConf.to_yaml(OmegaConf.create({"members": [OmegaConf.to_container(c, resolve=True) for c in cfgs]}))
+    )
 
 
 def read_pack(path: Path) -> List[DictConfig]:
@@ -551,8 +628,7 @@ def run_job(cfg: DictConfig) -> Dict[str, Any]:
             cfgs = read_pack(path)
     results = run_points(cfgs)
     if len(cfgs) > 1:  # the job's return value travels back pickled: reasons as text only
-        return {"members": {k: {n: v for n, v in r.items() if n != "exception"}
-                                                for k, r in results.items()}}
+        return {"members": {k: {n: v for n, v in r.items() if n != "exception"} for k, r in results.items()}}
     (result,) = results.values()
     if result["status"] == RunStatus.FAILED:
         raise result["exception"]
@@ -575,7 +651,8 @@ def _run_mode() -> bool:
     from hydra.core.hydra_config import HydraConfig
 
     try:
-        return HydraConfig.get().mode.name == "RUN"
+        mode = HydraConfig.get().mode
+        return mode is not None and mode.name == "RUN"
     except ValueError:  # not inside Hydra (tests, scripts)
         return False
 
@@ -591,8 +668,9 @@ def run_points(cfgs: Sequence[DictConfig]) -> Dict[str, Dict[str, Any]]:
         return _run_locked(cfgs, weights, tracker, held)
 
 
-def _run_locked(cfgs: Sequence[DictConfig], weights: Sequence[Optional[Any]], tracker: Any,
-                held: contextlib.ExitStack) -> Dict[str, Dict[str, Any]]:
+def _run_locked(
+    cfgs: Sequence[DictConfig], weights: Sequence[Optional[Any]], tracker: Any, held: contextlib.ExitStack
+) -> Dict[str, Dict[str, Any]]:
     from sae_sweep.job.execute import Point, execute
     from sae_sweep.training.loop import Interrupted
     from sae_sweep.util.locks import LockTimeout, OwnedLock, describe_owner
@@ -604,14 +682,18 @@ def _run_locked(cfgs: Sequence[DictConfig], weights: Sequence[Optional[Any]], tr
         try:
             held.enter_context(OwnedLock(point_lock(cfg, key), timeout=0))
         except LockTimeout as e:
-            reason = (f"grid point {key} is running in another process ({describe_owner(e.owner)}); not started "
-                      f"here. If that process is gone, its lock ({e.path}) expires at once on the same host, "
-                      f"else two minutes after its last heartbeat")
+            reason = (
+                f"grid point {key} is running in another process ({describe_owner(e.owner)}); not started "
+                f"here. If that process is gone, its lock ({e.path}) expires at once on the same host, "
+                f"else two minutes after its last heartbeat"
+            )
             log.warning("%s", reason)
             results[key] = {"status": RunStatus.BUSY, "run_key": key, "reason": reason}
             continue
         exp_id = tracker.experiment_id(cfg.tracking.experiment)
-        done = tracker.find_runs(exp_id, run_key=key, statuses=[RunStatus.FINISHED]) if cfg.tracking.skip_finished else []
+        done = (
+            tracker.find_runs(exp_id, run_key=key, statuses=[RunStatus.FINISHED]) if cfg.tracking.skip_finished else []
+        )
         if done:
             log.info("skipping: run key %s already FINISHED as run %s", key, done[0].info.run_id)
             results[key] = {"status": RunStatus.SKIPPED, "run_id": done[0].info.run_id, "run_key": key}
@@ -631,14 +713,21 @@ def _run_locked(cfgs: Sequence[DictConfig], weights: Sequence[Optional[Any]], tr
             for cfg, w, key, resume_id in todo:
                 steps = C.total_steps(cfg)
                 name = run_name(cfg, C.d_sae_for(cfg.sae, d_in), steps)
-                run = tracker.child(cfg.tracking.experiment, name, key, cfg.tracking.parent_run_id, resume_id,
-                                    system_metrics_s=_system_metrics_s(cfg))
+                run = tracker.child(
+                    cfg.tracking.experiment,
+                    name,
+                    key,
+                    cfg.tracking.parent_run_id,
+                    resume_id,
+                    system_metrics_s=_system_metrics_s(cfg),
+                )
                 names[key] = name
                 points.append(Point(cfg, key, run, w))
                 run.set_tags(job_tags(cfg, key, w))
                 ran = pinned(cfg, w)  # the config as it ran: the weights source it loads, named
-                run.log_params({**C.flat_params(ran), "derived.d_sae": C.d_sae_for(cfg.sae, d_in),
-                                "derived.total_steps": steps})
+                run.log_params(
+                    {**C.flat_params(ran), "derived.d_sae": C.d_sae_for(cfg.sae, d_in), "derived.total_steps": steps}
+                )
                 run.log_text(OmegaConf.to_yaml(ran, resolve=True), "config/config.yaml")
             outcomes = execute(points, device)
         except Interrupted as e:
@@ -662,10 +751,21 @@ def _run_locked(cfgs: Sequence[DictConfig], weights: Sequence[Optional[Any]], tr
             p.run.set_tags(memory)
             if isinstance(outcome, BaseException):
                 p.run.close(outcome)  # this point FAILED, with the reason
-                log.error("%s FAILED (run %s): %s: %s\n  %s", names[p.key], p.run.run_id, type(outcome).__name__,
-                          outcome, _url(p.run))
-                results[p.key] = {"status": RunStatus.FAILED, "run_id": p.run.run_id, "run_key": p.key,
-                                  "error": f"{type(outcome).__name__}: {outcome}", "exception": outcome}
+                log.error(
+                    "%s FAILED (run %s): %s: %s\n  %s",
+                    names[p.key],
+                    p.run.run_id,
+                    type(outcome).__name__,
+                    outcome,
+                    _url(p.run),
+                )
+                results[p.key] = {
+                    "status": RunStatus.FAILED,
+                    "run_id": p.run.run_id,
+                    "run_key": p.key,
+                    "error": f"{type(outcome).__name__}: {outcome}",
+                    "exception": outcome,
+                }
             else:
                 p.run.close()
                 log.info("%s FINISHED (run %s): %s", names[p.key], p.run.run_id, _url(p.run))

@@ -11,18 +11,22 @@ never imports MLflow; ``app.py`` owns the runs' lifecycle.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sae_sweep import config as C
 from sae_sweep.data.sources import dataset_config, is_text
+
+if TYPE_CHECKING:
+    from sae_sweep.activations.reader import DiskBlocks
 
 log = logging.getLogger("sae_sweep")
 
@@ -62,8 +66,9 @@ def cache_spec(cfg: DictConfig, lm: Any, device: torch.device) -> Dict[str, Any]
 DIGEST_CHARS = 8  # MLflow's own dataset digests are 8 hex characters
 
 
-def dataset_record(cfg: DictConfig, lm: Any, split: str, n_tokens: Optional[int],
-                   profile: Dict[str, Any]) -> Dict[str, Any]:
+def dataset_record(
+    cfg: DictConfig, lm: Any, split: str, n_tokens: Optional[int], profile: Dict[str, Any]
+) -> Dict[str, Any]:
     """A split's data as an MLflow dataset input (``run.log_dataset``): the dataset's name, a
     digest that identifies exactly the windows used (``text.windows_key``: source, tokenizer,
     split, budget, context size; ``n_tokens`` None for a stream), where it comes from, the
@@ -74,8 +79,10 @@ def dataset_record(cfg: DictConfig, lm: Any, split: str, n_tokens: Optional[int]
 
         params = synthetic_params(cfg.dataset)
         digest = C.stable_hash({"synthetic": params, "split": split, "n_tokens": n_tokens, "context_size": ctx})
-        source_type, source = "code", {"tags": {"sae_sweep.dataset": "synthetic",
-                                                **{k: str(v) for k, v in params.items()}}}
+        source_type, source = (
+            "code",
+            {"tags": {"sae_sweep.dataset": "synthetic", **{k: str(v) for k, v in params.items()}}},
+        )
         schema = _tensor_schema("activations", "float32", [-1, int(params["d"])])
     else:
         from sae_sweep.data.text import dataset_source, windows_key
@@ -84,9 +91,15 @@ def dataset_record(cfg: DictConfig, lm: Any, split: str, n_tokens: Optional[int]
         digest = windows_key(ds, lm, split, n_tokens)
         source_type, source = dataset_source(ds, lm)
         schema = _tensor_schema("input_ids", "int32", [-1, ctx])
-    return {"name": str(cfg.dataset.name), "digest": digest[:DIGEST_CHARS], "source_type": source_type,
-            "source": source, "schema": schema, "context": split,
-            "profile": {"split": split, "context_size": ctx, **profile}}
+    return {
+        "name": str(cfg.dataset.name),
+        "digest": digest[:DIGEST_CHARS],
+        "source_type": source_type,
+        "source": source,
+        "schema": schema,
+        "context": split,
+        "profile": {"split": split, "context_size": ctx, **profile},
+    }
 
 
 def log_dataset_input(run: Any, make_record: Callable[[], Dict[str, Any]]) -> bool:
@@ -103,28 +116,40 @@ def log_dataset_input(run: Any, make_record: Callable[[], Dict[str, Any]]) -> bo
         try:
             run.set_tags({"dataset_input_error": msg[:4900]})
         except Exception as e2:
-            log.warning("run %s: could not tag the dataset-input error either: %s: %s", run.run_id,
-                        type(e2).__name__, e2)
+            log.warning(
+                "run %s: could not tag the dataset-input error either: %s: %s", run.run_id, type(e2).__name__, e2
+            )
         return False
 
 
 def _tensor_schema(name: str, dtype: str, shape: List[int]) -> Dict[str, Any]:
     """MLflow's tensor-spec schema JSON (what ``mlflow.data`` datasets of arrays log)."""
-    return {"mlflow_tensorspec": {"features": json.dumps([{"name": name, "type": "tensor",
-                                                           "tensor-spec": {"dtype": dtype, "shape": shape}}]),
-                                  "targets": None}}
+    return {
+        "mlflow_tensorspec": {
+            "features": json.dumps([{"name": name, "type": "tensor", "tensor-spec": {"dtype": dtype, "shape": shape}}]),
+            "targets": None,
+        }
+    }
 
 
-def train_dataset_record(cfg: DictConfig, acts: "Activations") -> Dict[str, Any]:
+def train_dataset_record(cfg: DictConfig, acts: Activations) -> Dict[str, Any]:
     """The training split of a job's activations as a dataset input: the windows its disk cache
     holds (with their BOS/EOS/PAD positions, not trained on), or the streamed split."""
     if acts.cache is None:
         return dataset_record(cfg, acts.lm, "train", None, {"streamed": True})
     cache = acts.cache
-    return dataset_record(cfg, acts.lm, "train", C.cache_tokens(cfg),
-                          {"tokens": int(cache.n_tokens), "windows": int(cache.n_seqs),
-                           "special_tokens": int(cache.n_special),
-                           "trainable_tokens": int(cache.n_tokens) - int(cache.n_special)})
+    return dataset_record(
+        cfg,
+        acts.lm,
+        "train",
+        C.cache_tokens(cfg),
+        {
+            "tokens": int(cache.n_tokens),
+            "windows": int(cache.n_seqs),
+            "special_tokens": int(cache.n_special),
+            "trainable_tokens": int(cache.n_tokens) - int(cache.n_special),
+        },
+    )
 
 
 def open_cache(cfg: DictConfig, device: torch.device, weights: Any = None) -> Tuple[Any, Any, bool, float]:
@@ -138,9 +163,14 @@ def open_cache(cfg: DictConfig, device: torch.device, weights: Any = None) -> Tu
         from sae_sweep.activations import synthetic as synthetic_data
 
         n = C.cache_tokens(cfg)
-        cache, built = get_or_build(synthetic_data.cache_spec(cfg.dataset, n), C.cache_dir(cfg),
-                                    synthetic_data.build_fn(cfg.dataset, n), special_token_ids=[],
-                                    storage_dtype="float32", verify=cfg.cache.verify)
+        cache, built = get_or_build(
+            synthetic_data.cache_spec(cfg.dataset, n),
+            C.cache_dir(cfg),
+            synthetic_data.build_fn(cfg.dataset, n),
+            special_token_ids=[],
+            storage_dtype="float32",
+            verify=cfg.cache.verify,
+        )
         return None, cache, built, time.perf_counter() - t0
     from sae_sweep.models.lm import load_lm
 
@@ -162,13 +192,19 @@ def build_activation_cache(cfg: DictConfig, lm: Any, device: torch.device) -> Tu
     def build() -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         windows = token_windows(ds, lm, "train", C.cache_tokens(cfg), cache_root)
         for i in range(0, windows.shape[0], CACHE_BUILD_BATCH):
-            ids = windows[i:i + CACHE_BUILD_BATCH]
+            ids = windows[i : i + CACHE_BUILD_BATCH]
             # as the LM gives them (its dtype, its device): the cache casts to the storage dtype and
             # checks for NaN on that device, so only the stored bytes cross to the host
             yield ids, lm.activations(ids.to(lm.device), int(cfg.layer), cfg.hook)
 
-    return get_or_build(spec, cache_root, build, special_token_ids=sorted(lm.special_token_ids),
-                        storage_dtype=spec["storage_dtype"], verify=cfg.cache.verify)
+    return get_or_build(
+        spec,
+        cache_root,
+        build,
+        special_token_ids=sorted(lm.special_token_ids),
+        storage_dtype=spec["storage_dtype"],
+        verify=cfg.cache.verify,
+    )
 
 
 @dataclass
@@ -188,7 +224,7 @@ class Activations:
     seconds: float = 0.0
 
     def __post_init__(self) -> None:
-        self._blocks = None
+        self._blocks: Optional[DiskBlocks] = None
 
     def reader(self, seed: int) -> Any:
         from sae_sweep.activations.reader import BlockReader, DiskBlocks, ShuffledReader
@@ -214,8 +250,13 @@ class Activations:
                 raise RuntimeError("the dataset gave no windows to stream")
             return next(StreamReader(self.stream, min(4096, len(first)), seed + 7919, device=self.device))
         # Specials are excluded from batches, so a small cache has fewer usable tokens than n_tokens.
-        init_reader = ShuffledReader(self.cache, min(4096, self.cache.n_tokens - self.cache.n_special), seed + 7919,
-                                     device=self.device, prefetch=0)
+        init_reader = ShuffledReader(
+            self.cache,
+            min(4096, self.cache.n_tokens - self.cache.n_special),
+            seed + 7919,
+            device=self.device,
+            prefetch=0,
+        )
         return next(iter(init_reader))
 
 
@@ -226,8 +267,17 @@ def open_activations(cfg: DictConfig, device: torch.device, weights: Any = None)
     batch = int(cfg.trainer.batch_size)
     if cfg.cache.mode != "stream" or cfg.dataset.kind == "synthetic":
         lm, cache, built, seconds = open_cache(cfg, device, weights)
-        return Activations(lm, cache.d_in, batch, device, cache=cache, block_tokens=int(cfg.cache.block_tokens),
-                           reader_kind=str(cfg.cache.reader), built=built, seconds=seconds)
+        return Activations(
+            lm,
+            cache.d_in,
+            batch,
+            device,
+            cache=cache,
+            block_tokens=int(cfg.cache.block_tokens),
+            reader_kind=str(cfg.cache.reader),
+            built=built,
+            seconds=seconds,
+        )
     from sae_sweep.activations.stream import StreamBlocks
     from sae_sweep.data.text import iter_windows
     from sae_sweep.models.lm import load_lm
@@ -236,9 +286,14 @@ def open_activations(cfg: DictConfig, device: torch.device, weights: Any = None)
     lm = load_lm(cfg.model, C.cache_dir(cfg), device, weights)
     ds = dataset_config(cfg.dataset)
     ctx = ds.context_size
-    source = StreamBlocks(lm, lambda: iter_windows(ds, lm, "train", C.cache_dir(cfg), chunk=CACHE_BUILD_BATCH),
-                          int(cfg.layer), cfg.hook, block_windows=max(1, int(cfg.cache.block_tokens) // ctx),
-                          forward_batch=CACHE_BUILD_BATCH)
+    source = StreamBlocks(
+        lm,
+        lambda: iter_windows(ds, lm, "train", C.cache_dir(cfg), chunk=CACHE_BUILD_BATCH),
+        int(cfg.layer),
+        cfg.hook,
+        block_windows=max(1, int(cfg.cache.block_tokens) // ctx),
+        forward_batch=CACHE_BUILD_BATCH,
+    )
     return Activations(lm, lm.d_model, batch, device, stream=source, seconds=time.perf_counter() - t0)
 
 
@@ -260,9 +315,17 @@ def make_member(p: Point, acts: Activations, device: torch.device) -> Any:
     def on_log(step: int, metrics: Dict[str, float]) -> None:
         p.run.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
 
-    return Member(trainer, steps, ckpt_dir, int(cfg.train.checkpoint_every), int(cfg.train.log_every), on_log,
-                  rng=rng_state(), stream=int(cfg.seed),
-                  checkpoint_every_s=float(cfg.train.checkpoint_every_s))
+    return Member(
+        trainer,
+        steps,
+        ckpt_dir,
+        int(cfg.train.checkpoint_every),
+        int(cfg.train.log_every),
+        on_log,
+        rng=rng_state(),
+        stream=int(cfg.seed),
+        checkpoint_every_s=float(cfg.train.checkpoint_every_s),
+    )
 
 
 def execute(points: Sequence[Point], device: torch.device) -> List[Any]:
@@ -277,8 +340,11 @@ def execute(points: Sequence[Point], device: torch.device) -> List[Any]:
     acts = open_activations(cfg0, device, points[0].weights)
     for i, p in enumerate(points):
         # matmul_fp32: tf32 where training runs on CUDA (devices.fast_matmul), ieee elsewhere
-        tags: Dict[str, Any] = {"device": str(device), "cache_mode": str(cfg0.cache.mode),
-                                "matmul_fp32": fast_matmul(device)}
+        tags: Dict[str, Any] = {
+            "device": str(device),
+            "cache_mode": str(cfg0.cache.mode),
+            "matmul_fp32": fast_matmul(device),
+        }
         if acts.cache is not None:
             tags.update(cache_key=acts.cache.key, cache_built=str(acts.built and i == 0).lower())
             if acts.built and acts.cache.replaced:  # a corrupt or incomplete cache was quarantined and rebuilt
@@ -286,7 +352,7 @@ def execute(points: Sequence[Point], device: torch.device) -> List[Any]:
             p.run.log_metrics({"cache/n_tokens": acts.cache.n_tokens})
         p.run.set_tags(tags)
         p.run.log_metrics({"cache/seconds": acts.seconds})
-        log_dataset_input(p.run, lambda: train_dataset_record(p.cfg, acts))
+        log_dataset_input(p.run, functools.partial(train_dataset_record, p.cfg, acts))
         if len(points) > 1:
             p.run.set_tags({"pack.size": len(points), "pack.leader": points[0].key})
     members = [make_member(p, acts, device) for p in points]
@@ -312,8 +378,9 @@ def execute(points: Sequence[Point], device: torch.device) -> List[Any]:
             continue
         per_epoch = getattr(readers[m.stream], "batches_per_epoch", None)
         try:
-            outcomes.append(finish(p, acts.lm, m.trainer, m.result, device,
-                                   passes=m.total_steps / per_epoch if per_epoch else 1.0))
+            outcomes.append(
+                finish(p, acts.lm, m.trainer, m.result, device, passes=m.total_steps / per_epoch if per_epoch else 1.0)
+            )
         except Exception as e:  # one point's eval failure fails that point only
             outcomes.append(e)
     return outcomes
@@ -330,7 +397,8 @@ def _repeats_data(cfg: DictConfig, member: Any, reader: Any) -> Optional[RunFail
         return RunFailed(
             f"train.tokens={cfg.train.tokens}: {passes:.2f} passes over the cache's {reader.n_positions} usable "
             f"tokens (after BOS/EOS), but train.epochs={cfg.train.epochs}: training would repeat data. Set "
-            f"train.epochs={math.ceil(passes)} to repeat it on purpose, or raise dataset.tokens")
+            f"train.epochs={math.ceil(passes)} to repeat it on purpose, or raise dataset.tokens"
+        )
     return None
 
 
@@ -367,8 +435,14 @@ def finish(p: Point, lm: Any, trainer: Any, result: Any, device: torch.device, p
 
     cfg, run = p.cfg, p.run
     run.set_tags({"trainer.precision": trainer.precision})  # a resumed run keeps its checkpoint's
-    run.log_metrics({"train/steps": result.steps, "train/tokens": result.tokens, "train/seconds": result.seconds,
-                     "train/epochs": passes})
+    run.log_metrics(
+        {
+            "train/steps": result.steps,
+            "train/tokens": result.tokens,
+            "train/seconds": result.seconds,
+            "train/epochs": passes,
+        }
+    )
     run.set_tags({"train.epochs": p.cfg.train.epochs})
     if result.resumed_from_step is not None:  # a requeued / re-run job continued a checkpoint
         run.set_tags({"resumed_from_step": result.resumed_from_step})
@@ -376,11 +450,21 @@ def finish(p: Point, lm: Any, trainer: Any, result: Any, device: torch.device, p
         run.set_tags({"checkpoint_fallback": result.checkpoint_fallback[:4900]})
     sae = trainer.sae.eval()
     sae_cfg_dict = {
-        "d_in": trainer.d_in, "d_sae": trainer.d_sae, "k": int(cfg.sae.k), "architecture": cfg.trainer.name,
-        "model_name": cfg.model.name, "model_hf_id": cfg.model.hf_id, "hook_name": hook_name(cfg.layer, cfg.hook),
-        "hook_layer": int(cfg.layer), "hook_type": cfg.hook, "context_size": int(cfg.dataset.context_size),
-        "dataset_path": cfg.dataset.get("hf_id") or cfg.dataset.name, "seed": int(cfg.seed),
-        "dtype": "float32", "device": str(device), "run_key": p.key,
+        "d_in": trainer.d_in,
+        "d_sae": trainer.d_sae,
+        "k": int(cfg.sae.k),
+        "architecture": cfg.trainer.name,
+        "model_name": cfg.model.name,
+        "model_hf_id": cfg.model.hf_id,
+        "hook_name": hook_name(cfg.layer, cfg.hook),
+        "hook_layer": int(cfg.layer),
+        "hook_type": cfg.hook,
+        "context_size": int(cfg.dataset.context_size),
+        "dataset_path": cfg.dataset.get("hf_id") or cfg.dataset.name,
+        "seed": int(cfg.seed),
+        "dtype": "float32",
+        "device": str(device),
+        "run_key": p.key,
     }
     sae_dir = C.output_dir(cfg) / "saes" / p.key
     sae.save(sae_dir, sae_cfg_dict)
@@ -394,8 +478,9 @@ def finish(p: Point, lm: Any, trainer: Any, result: Any, device: torch.device, p
     return metrics
 
 
-def run_evals(cfg: DictConfig, run: Any, lm: Any, sae: torch.nn.Module, sae_cfg: Dict[str, Any],
-              device: torch.device) -> Dict[str, float]:
+def run_evals(
+    cfg: DictConfig, run: Any, lm: Any, sae: torch.nn.Module, sae_cfg: Dict[str, Any], device: torch.device
+) -> Dict[str, float]:
     """The evals of ``eval.run`` on the point's held-out data, logged to ``run``."""
     from sae_sweep.data.text import token_windows
     from sae_sweep.evals.registry import EvalContext, get_eval
@@ -415,21 +500,36 @@ def run_evals(cfg: DictConfig, run: Any, lm: Any, sae: torch.nn.Module, sae_cfg:
         activations = synthetic_data.sample(cfg.dataset, "eval", int(cfg.dataset.eval_tokens)).to(device)
         planted = synthetic_data.planted(cfg.dataset)
         n_eval = int(activations.shape[0])
-        log_dataset_input(run, lambda: dataset_record(cfg, lm, "eval", int(cfg.dataset.eval_tokens),
-                                                      {"tokens": n_eval}))
+        log_dataset_input(
+            run, lambda: dataset_record(cfg, lm, "eval", int(cfg.dataset.eval_tokens), {"tokens": n_eval})
+        )
     elif names:
         tokens = token_windows(dataset_config(cfg.dataset), lm, "eval", int(cfg.dataset.eval_tokens), C.cache_dir(cfg))
         shape = tuple(tokens.shape)
-        log_dataset_input(run, lambda: dataset_record(cfg, lm, "eval", int(cfg.dataset.eval_tokens),
-                                                      {"tokens": shape[0] * shape[1], "windows": shape[0]}))
+        log_dataset_input(
+            run,
+            lambda: dataset_record(
+                cfg, lm, "eval", int(cfg.dataset.eval_tokens), {"tokens": shape[0] * shape[1], "windows": shape[0]}
+            ),
+        )
     all_metrics: Dict[str, float] = {}
     failed = []
     for name in names:
         node = cfg.eval.get(name)
         settings = OmegaConf.to_container(node, resolve=True) if node is not None else {}
-        ctx = EvalContext(lm=lm, sae=sae, tokens=tokens, layer=int(cfg.layer), hook=cfg.hook, seed=int(cfg.seed),
-                          settings=settings, sae_cfg=sae_cfg, cache_dir=str(C.cache_dir(cfg)),
-                          activations=activations, planted=planted)
+        ctx = EvalContext(
+            lm=lm,
+            sae=sae,
+            tokens=tokens,
+            layer=int(cfg.layer),
+            hook=cfg.hook,
+            seed=int(cfg.seed),
+            settings=settings,
+            sae_cfg=sae_cfg,
+            cache_dir=str(C.cache_dir(cfg)),
+            activations=activations,
+            planted=planted,
+        )
         t0 = time.perf_counter()
         with torch.no_grad():
             output = get_eval(name).run(ctx)
@@ -439,13 +539,17 @@ def run_evals(cfg: DictConfig, run: Any, lm: Any, sae: torch.nn.Module, sae_cfg:
             run.set_tags({f"eval.{name}.nonfinite": ",".join(flat.dropped)})
         run.log_metrics({f"{name}/seconds": time.perf_counter() - t0})
         if output.status != "ok":
-            run.set_tags({f"eval.{name}.status": output.status, f"eval.{name}.reason": (output.skip_reason or "")[:4900]})
+            run.set_tags(
+                {f"eval.{name}.status": output.status, f"eval.{name}.reason": (output.skip_reason or "")[:4900]}
+            )
         if output.flags:
             run.set_tags({f"eval.{name}.flags": json.dumps(output.flags, default=str)[:4900]})
         if output.status == "failed":  # e.g. every probe at chance: logged, then the run fails
             failed.append(f"{name}: {output.skip_reason}")
-        run.log_json(to_saebench_json(output, sae_cfg, sae_id=hook_name(cfg.layer, cfg.hook),
-                                      model_name=cfg.model.name), f"evals/{output.eval_type_id}.json")
+        run.log_json(
+            to_saebench_json(output, sae_cfg, sae_id=hook_name(cfg.layer, cfg.hook), model_name=cfg.model.name),
+            f"evals/{output.eval_type_id}.json",
+        )
         all_metrics.update(flat)
     if failed:
         raise RunFailed("evals failed: " + "; ".join(failed))
@@ -458,8 +562,10 @@ def check_result(metrics: Dict[str, float]) -> None:
         if "core/sparsity/l0" in metrics and key not in metrics:
             raise RunFailed(f"{key} is NaN or inf")
     # the centred EV (SAEBench's `explained_variance` is close to the uncentred one, see evals/core.py)
-    ev = metrics.get("core/reconstruction_quality/explained_variance_centred",
-                     metrics.get("recovery/reconstruction_quality/explained_variance"))
+    ev = metrics.get(
+        "core/reconstruction_quality/explained_variance_centred",
+        metrics.get("recovery/reconstruction_quality/explained_variance"),
+    )
     if ev is not None and ev <= 0.0:
         raise RunFailed(f"explained_variance={ev:.4f}: the SAE reconstructs no better than the mean activation")
     alive = metrics.get("core/misc_metrics/frac_alive")

@@ -45,9 +45,13 @@ class SweepSummary:
     failures: List[str] = field(default_factory=list)
 
     def as_metrics(self) -> Dict[str, float]:
-        return {"sweep/finished": self.finished, "sweep/failed": self.failed, "sweep/skipped": self.skipped,
-                "sweep/interrupted": self.interrupted,
-                "sweep/points": self.finished + self.failed + self.skipped + self.interrupted}
+        return {
+            "sweep/finished": self.finished,
+            "sweep/failed": self.failed,
+            "sweep/skipped": self.skipped,
+            "sweep/interrupted": self.interrupted,
+            "sweep/points": self.finished + self.failed + self.skipped + self.interrupted,
+        }
 
 
 # Work that runs once at the end of a sweep. Each hook gets
@@ -76,8 +80,11 @@ class LaunchFailed:
     reason: str
 
 
-def compose_points(load: Callable[[List[str]], DictConfig], batches: Sequence[Sequence[Sequence[str]]],
-                   resources: Optional[Dict[str, Any]] = None) -> List[GridPoint]:
+def compose_points(
+    load: Callable[[List[str]], DictConfig],
+    batches: Sequence[Sequence[Sequence[str]]],
+    resources: Optional[Dict[str, Any]] = None,
+) -> List[GridPoint]:
     """Compose and validate every grid point (its values, and whether the jobs can have what it
     asks for: ``resources`` from the launcher); raise ConfigError naming each bad point."""
     resources = resources or {"runs_here": True, "memory_gb": None, "gpus_per_node": None}
@@ -99,21 +106,31 @@ def compose_points(load: Callable[[List[str]], DictConfig], batches: Sequence[Se
                 idx += 1
                 continue
             if key in seen:
-                log.warning("grid point #%d [%s] is the same run as #%d (same run key); it will be skipped",
-                            idx, shown, seen[key])
+                log.warning(
+                    "grid point #%d [%s] is the same run as #%d (same run key); it will be skipped",
+                    idx,
+                    shown,
+                    seen[key],
+                )
             seen.setdefault(key, idx)
-            if weights is not None and weights.source in ("hub", "gguf") and \
-                    not any(o.startswith("model.weights=") for o in overrides):
+            if (
+                weights is not None
+                and weights.source in ("hub", "gguf")
+                and not any(o.startswith("model.weights=") for o in overrides)
+            ):
                 overrides = overrides + [f"model.weights={weights.source}"]  # jobs load what was validated
             seed_group = C.seed_group_key(job, point_identity(job, weights))
             points.append(GridPoint(idx, overrides, key, seed_group, job, weights))
             idx += 1
     if errors:
-        raise C.ConfigError(f"{len(errors)} of {idx} grid points are invalid; nothing was launched:\n"
-                            + "\n".join(errors))
+        raise C.ConfigError(
+            f"{len(errors)} of {idx} grid points are invalid; nothing was launched:\n" + "\n".join(errors)
+        )
     unique = list({p.run_key: p for p in points}.values())
-    C.fail_if(disk_problems([p.cfg for p in unique], [model_shape(p.cfg, p.weights) for p in unique]),
-              "the grid's activation caches do not fit; nothing was launched")
+    C.fail_if(
+        disk_problems([p.cfg for p in unique], [model_shape(p.cfg, p.weights) for p in unique]),
+        "the grid's activation caches do not fit; nothing was launched",
+    )
     return points
 
 
@@ -145,8 +162,13 @@ def _ui_hint(tracker: Any) -> str:
 
 
 class GridSweep:
-    def __init__(self, master_config: DictConfig, load: Callable[[List[str]], DictConfig],
-                 launch: Callable[[List[List[str]], int], Sequence[Any]], launcher: Any = None):
+    def __init__(
+        self,
+        master_config: DictConfig,
+        load: Callable[[List[str]], DictConfig],
+        launch: Callable[[List[List[str]], int], Sequence[Any]],
+        launcher: Any = None,
+    ):
         self.master = master_config
         self.load = load
         self.launch = launch
@@ -169,11 +191,20 @@ class GridSweep:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.master, sweep_dir / "multirun.yaml")
         experiment = str(job0.tracking.experiment)
-        parent = tracker.start_parent(experiment, f"sweep-{job0.sweep.name}-{sweep_dir.name}", {
-            "sweep_name": str(job0.sweep.name), "sweep_dir": str(sweep_dir), "overrides": " ".join(arguments),
-            "n_points": str(len(points)), "host": socket.gethostname(),
-            "launcher": str(OmegaConf.select(self.master, "hydra.launcher._target_", default="?")).rsplit(".", 1)[-1],
-        })
+        parent = tracker.start_parent(
+            experiment,
+            f"sweep-{job0.sweep.name}-{sweep_dir.name}",
+            {
+                "sweep_name": str(job0.sweep.name),
+                "sweep_dir": str(sweep_dir),
+                "overrides": " ".join(arguments),
+                "n_points": str(len(points)),
+                "host": socket.gethostname(),
+                "launcher": str(OmegaConf.select(self.master, "hydra.launcher._target_", default="?")).rsplit(".", 1)[
+                    -1
+                ],
+            },
+        )
         (sweep_dir / "parent_run_id").write_text(parent)
         log.info("sweep parent run %s in experiment %r (store %s)", parent, experiment, tracker.uri)
         log.info("MLflow UI: %s%s", tracker.experiment_url(tracker.experiment_id(experiment)), _ui_hint(tracker))
@@ -188,7 +219,7 @@ class GridSweep:
                 batches = []  # every point went out in a pack
             for batch in batches:
                 n = len(batch)
-                chunk = points[start:start + n]
+                chunk = points[start : start + n]
                 job_overrides = [p.overrides + [f"tracking.parent_run_id={parent}"] for p in chunk]
                 try:
                     rets = self.launch(job_overrides, start)
@@ -206,38 +237,62 @@ class GridSweep:
             if interrupted is not None:  # the points without a result never ran to the end
                 status = RunStatus.KILLED
                 summary.interrupted = len(points) - (summary.finished + summary.failed + summary.skipped)
-                tracker.set_tags(parent, {"sweep.interrupted": f"{type(interrupted).__name__} with "
-                                                               f"{summary.interrupted} of {len(points)} points unfinished"})
+                tracker.set_tags(
+                    parent,
+                    {
+                        "sweep.interrupted": f"{type(interrupted).__name__} with "
+                        f"{summary.interrupted} of {len(points)} points unfinished"
+                    },
+                )
             tracker.log_metrics(parent, summary.as_metrics())
             try:  # the parent's row names the sweep's training datasets (its children fold under it)
                 tracker.log_child_datasets(parent)
             except Exception as e:
                 log.warning("could not log the sweep's datasets to its parent run: %s: %s", type(e).__name__, e)
-            tracker.set_tags(parent, {"sweep.finished": summary.finished, "sweep.failed": summary.failed,
-                                      "sweep.skipped": summary.skipped, "sweep.interrupted_points": summary.interrupted})
+            tracker.set_tags(
+                parent,
+                {
+                    "sweep.finished": summary.finished,
+                    "sweep.failed": summary.failed,
+                    "sweep.skipped": summary.skipped,
+                    "sweep.interrupted_points": summary.interrupted,
+                },
+            )
             for hook in SWEEP_END_HOOKS:
                 try:
                     hook(tracker, parent, points, results, sweep_dir)
                 except Exception as e:  # sweep-end work never hides the sweep's own outcome
                     log.exception("sweep-end hook %s failed: %s", getattr(hook, "__name__", hook), e)
             tracker.end(parent, status)
-        msg = (f"sweep {sweep_dir}: {summary.finished} finished, {summary.failed} failed, "
-               f"{summary.skipped} skipped (parent run {parent})\n  MLflow UI: {tracker.ui_link(parent)}"
-               f"{_ui_hint(tracker)}")
+        msg = (
+            f"sweep {sweep_dir}: {summary.finished} finished, {summary.failed} failed, "
+            f"{summary.skipped} skipped (parent run {parent})\n  MLflow UI: {tracker.ui_link(parent)}"
+            f"{_ui_hint(tracker)}"
+        )
         log.info(msg)
         if summary.failed:
-            raise SweepFailed(msg + "\n" + "\n".join(summary.failures)
-                              + "\nRun the same command again to run only the failed and missing points.")
+            raise SweepFailed(
+                msg
+                + "\n"
+                + "\n".join(summary.failures)
+                + "\nRun the same command again to run only the failed and missing points."
+            )
         return results
 
-    def _run_packed(self, tracker: Any, experiment: str, parent: str, points: List[GridPoint],
-                    results: List[Any], summary: SweepSummary) -> None:
+    def _run_packed(
+        self,
+        tracker: Any,
+        experiment: str,
+        parent: str,
+        points: List[GridPoint],
+        results: List[Any],
+        summary: SweepSummary,
+    ) -> None:
         """sweep.pack=true: one job per pack of points that share activation cache, seed and batch
         size (so their batch streams are identical, `packing`); each point keeps its own run."""
         from types import SimpleNamespace
 
         from hydra.core.utils import JobStatus
-
 
         packs: Dict[str, List[GridPoint]] = {}
         for p in points:
@@ -271,8 +326,9 @@ class GridSweep:
                     member_ret = SimpleNamespace(status=JobStatus.COMPLETED, return_value=r)
                 results[p.index] = self._classify(tracker, experiment, parent, p, member_ret, summary)
 
-    def _classify(self, tracker: Any, experiment: str, parent: str, p: GridPoint, ret: Any,
-                  summary: SweepSummary) -> Optional[Dict[str, Any]]:
+    def _classify(
+        self, tracker: Any, experiment: str, parent: str, p: GridPoint, ret: Any, summary: SweepSummary
+    ) -> Optional[Dict[str, Any]]:
         from hydra.core.utils import JobStatus
 
         shown = " ".join(p.overrides) or "(defaults)"

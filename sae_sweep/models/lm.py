@@ -16,6 +16,7 @@ Mistral), parallel residual (GPT-NeoX/Pythia) and Gemma-2's sandwich norms alike
 sub-block output added to the residual is the output of the post-attention / post-feed-forward
 RMSNorm, so those norms are hooked instead of ``self_attn`` / ``mlp``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -165,8 +166,7 @@ def _shape_from_config(cfg: dict) -> Optional[Tuple[int, int]]:
 
 
 # Shape
-def model_shape(model: Any, cache_dir: str | os.PathLike,
-                weights: Optional[ResolvedWeights] = None) -> Tuple[int, int]:
+def model_shape(model: Any, cache_dir: str | os.PathLike, weights: Optional[ResolvedWeights] = None) -> Tuple[int, int]:
     """(n_layers, d_model) without loading weights, for validation.
 
     Reads the config.json of the weights ``weights`` (default: ``resolve(model, cache_dir,
@@ -180,8 +180,9 @@ def model_shape(model: Any, cache_dir: str | os.PathLike,
     if shape is None:
         n, d = weights.model.n_layers, weights.model.d_model
         if not isinstance(n, int) or not isinstance(d, int):
-            raise ModelUnavailable(f"cannot tell the shape of model {weights.where!r}: set model.n_layers and "
-                                   f"model.d_model")
+            raise ModelUnavailable(
+                f"cannot tell the shape of model {weights.where!r}: set model.n_layers and model.d_model"
+            )
         return n, d
     return shape
 
@@ -196,8 +197,9 @@ def placement(device: torch.device) -> Dict[str, Any]:
     return {"device_map": {"": str(device) if device.index is not None else f"{device.type}:0"}}
 
 
-def load_lm(model: Any, cache_dir: str | os.PathLike, device: Any = "auto",
-            weights: Optional[ResolvedWeights] = None) -> "LanguageModel":
+def load_lm(
+    model: Any, cache_dir: str | os.PathLike, device: Any = "auto", weights: Optional[ResolvedWeights] = None
+) -> LanguageModel:
     """Load the model's causal LM and tokenizer from ``weights`` (default: ``resolve(model,
     cache_dir)``, which checks that they can be had here). ``model`` is a ModelConfig (or a
     ``model`` config node, parsed into one)."""
@@ -206,11 +208,17 @@ def load_lm(model: Any, cache_dir: str | os.PathLike, device: Any = "auto",
     dev = resolve_device(device)
     dtype = resolve_dtype(model_cfg.dtype, dev)
     loaded = weights.load(dtype=dtype, **placement(dev))
-    fingerprint: Dict[str, Any] = {"name": str(model_cfg.name or weights.where), "source": weights.source,
-                                   **loaded.fingerprint}
+    fingerprint: Dict[str, Any] = {
+        "name": str(model_cfg.name or weights.where),
+        "source": weights.source,
+        **loaded.fingerprint,
+    }
     cfg_path = loaded.config_path
-    fingerprint["config_hash"] = sha1_file(cfg_path) if cfg_path and cfg_path.is_file() else \
-        hashlib.sha1(loaded.model.config.to_json_string().encode()).hexdigest()[:16]
+    fingerprint["config_hash"] = (
+        sha1_file(cfg_path)
+        if cfg_path and cfg_path.is_file()
+        else hashlib.sha1(loaded.model.config.to_json_string().encode()).hexdigest()[:16]
+    )
     fingerprint["dtype"] = str(dtype).replace("torch.", "")
     fingerprint["tokenizer_hash"] = _tokenizer_hash(loaded.tokenizer)
     return LanguageModel(loaded.model, loaded.tokenizer, dev, fingerprint, family=model_cfg.family)
@@ -220,8 +228,9 @@ def load_lm(model: Any, cache_dir: str | os.PathLike, device: Any = "auto",
 class LanguageModel:
     """A loaded causal LM with hook points. Build it with ``load_lm`` (or directly from a model)."""
 
-    def __init__(self, model: Any, tokenizer: Any, device: Any, fingerprint: Dict[str, Any],
-                 family: Optional[str] = None):
+    def __init__(
+        self, model: Any, tokenizer: Any, device: Any, fingerprint: Dict[str, Any], family: Optional[str] = None
+    ):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.tokenizer = tokenizer
@@ -256,8 +265,10 @@ class LanguageModel:
         self.fingerprint.setdefault("family", self.family)
 
     def __repr__(self) -> str:
-        return (f"LanguageModel({self.fingerprint.get('name')!r}, family={self.family}, "
-                f"n_layers={self.n_layers}, d_model={self.d_model}, device={self.device})")
+        return (
+            f"LanguageModel({self.fingerprint.get('name')!r}, family={self.family}, "
+            f"n_layers={self.n_layers}, d_model={self.d_model}, device={self.device})"
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -273,6 +284,7 @@ class LanguageModel:
         """Attach ``edit`` at a hook point. It sees the activation; a tensor it returns replaces it."""
         block = self._layers[layer]
         if hook == "resid_pre":
+
             def pre_hook(_module, args, kwargs):
                 if args:
                     new = edit(args[0])
@@ -282,8 +294,11 @@ class LanguageModel:
 
             return block.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
-        module = block if hook == "resid_post" else \
-            getattr(block, self._family.attn if hook == "attn_out" else self._family.mlp)
+        module = (
+            block
+            if hook == "resid_post"
+            else getattr(block, self._family.attn if hook == "attn_out" else self._family.mlp)
+        )
 
         def post_hook(_module, _args, output):
             new = edit(_first(output))
@@ -298,8 +313,9 @@ class LanguageModel:
         return kwargs
 
     @torch.inference_mode()
-    def activations(self, input_ids: torch.Tensor, layer: int, hook: str,
-                    attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def activations(
+        self, input_ids: torch.Tensor, layer: int, hook: str, attention_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """``[B, T, d_model]`` activations at ``hook_name(layer, hook)``, in the model's dtype.
 
         The forward pass is abandoned right after the hooked module runs, so later layers, the final
@@ -324,9 +340,14 @@ class LanguageModel:
         return captured[0]
 
     @torch.inference_mode()
-    def logits_with_splice(self, input_ids: torch.Tensor, layer: int, hook: str,
-                           fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                           attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def logits_with_splice(
+        self,
+        input_ids: torch.Tensor,
+        layer: int,
+        hook: str,
+        fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """``[B, T, vocab]`` logits (model dtype) of a full forward with the activation at
         ``hook_name(layer, hook)`` replaced by ``fn(act)``; ``fn=None`` is the clean forward.
 

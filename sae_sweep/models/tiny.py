@@ -5,6 +5,7 @@ both trained on the built-in corpus by a short deterministic run and saved with 
 into ``out_dir``. Where it is built and that it is built once per machine is the builtin weights
 source's business (``sae_sweep.models.weights.builtin``).
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import List, Sequence
+from typing import Any, Dict, List, Sequence
 
 import torch
 
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 # Bump when the tiny model's recipe changes: a new directory is built, old caches stay valid.
 TINY_VERSION = "tiny-v2"
 # Must match conf/model/tiny.yaml (n_layers, d_model).
-TINY_ARCH = dict(n_layer=4, n_embd=128, n_head=4, n_positions=512)
+TINY_ARCH: Dict[str, Any] = dict(n_layer=4, n_embd=128, n_head=4, n_positions=512)
 TINY_VOCAB = 2048
 TINY_SPECIAL = {"eos": "<|endoftext|>", "pad": "<|pad|>"}
 # Training recipe: fixed step count (never time-based) so the build is deterministic. The loop is
@@ -35,8 +36,9 @@ TINY_SPECIAL = {"eos": "<|endoftext|>", "pad": "<|pad|>"}
 # cheap, context 128 keeps attention cheap (and covers faithful's BOS + 128 new tokens but one).
 # One thread: on a busy 2-core machine a second torch thread mostly spin-waits (measured 3.5x the
 # CPU time per step under load), and the thread count is part of the recipe (reduction order).
-TINY_TRAIN = dict(seed=0, context=128, batch=16, steps=240, lr=1e-2, warmup=20, weight_decay=0.01,
-                  grad_clip=1.0, threads=1)
+TINY_TRAIN: Dict[str, Any] = dict(
+    seed=0, context=128, batch=16, steps=240, lr=1e-2, warmup=20, weight_decay=0.01, grad_clip=1.0, threads=1
+)
 
 
 def _train_tokenizer(train_docs: List[str]):
@@ -101,15 +103,21 @@ def build(out_dir: Path, cache_dir: str | os.PathLike) -> None:
 
         torch.manual_seed(TINY_TRAIN["seed"])
         config = GPT2Config(
-            vocab_size=len(tokenizer), **TINY_ARCH,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # one short epoch: nothing to regularise
-            bos_token_id=eos, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+            vocab_size=len(tokenizer),
+            **TINY_ARCH,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,  # one short epoch: nothing to regularise
+            bos_token_id=eos,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
         )
         model = GPT2LMHeadModel(config)
         model.loss_type = "ForCausalLM"  # the loss HF falls back to, named (no "unrecognized" warning)
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=TINY_TRAIN["lr"], betas=(0.9, 0.95),
-                                weight_decay=TINY_TRAIN["weight_decay"])
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=TINY_TRAIN["lr"], betas=(0.9, 0.95), weight_decay=TINY_TRAIN["weight_decay"]
+        )
         steps, warmup, lr = TINY_TRAIN["steps"], TINY_TRAIN["warmup"], TINY_TRAIN["lr"]
         gen = torch.Generator().manual_seed(TINY_TRAIN["seed"])
         losses: List[float] = []
@@ -155,7 +163,12 @@ def build(out_dir: Path, cache_dir: str | os.PathLike) -> None:
         }
         with open(out_dir / "build_info.json", "w", encoding="utf-8") as fh:
             json.dump(info, fh, indent=2)
-        log.info("built %s in %.1fs: eval loss %.3f (unigram entropy %.3f)",
-                 TINY_VERSION, info["build_seconds"], eval_loss, unigram_entropy)
+        log.info(
+            "built %s in %.1fs: eval loss %.3f (unigram entropy %.3f)",
+            TINY_VERSION,
+            info["build_seconds"],
+            eval_loss,
+            unigram_entropy,
+        )
     finally:
         torch.set_num_threads(prev_threads)

@@ -39,8 +39,15 @@ __all__ = ["build_report", "report_hook", "ReportResult"]
 
 ABSORPTION_ARTIFACT = "evals/absorption_first_letter.json"
 # Files this module writes; only these are replaced when a report is rebuilt in the same folder.
-_OUTPUTS = ("report.md", "summary.csv", "runs.csv", "compare_dataset.csv", "compare_trainer.csv",
-            "shared_features.csv", "run_ids.json")
+_OUTPUTS = (
+    "report.md",
+    "summary.csv",
+    "runs.csv",
+    "compare_dataset.csv",
+    "compare_trainer.csv",
+    "shared_features.csv",
+    "run_ids.json",
+)
 
 
 @dataclass
@@ -53,23 +60,29 @@ class ReportResult:
     logged: bool = False
 
 
-def report_hook(tracker: Any, parent_run_id: str, points: Sequence[Any], results: Sequence[Any],
-                sweep_dir: Any) -> Optional[ReportResult]:
+def report_hook(
+    tracker: Any, parent_run_id: str, points: Sequence[Any], results: Sequence[Any], sweep_dir: Any
+) -> Optional[ReportResult]:
     """Sweep-end hook: write the report into ``<sweep_dir>/report`` and log it to the parent run.
     Register it after the cross-seed hook, so its metrics are in the report. Never raises."""
     try:
         ids = [r["run_id"] for r in results or () if isinstance(r, dict) and r.get("run_id")]
         res = build_report(tracker, parent_run_id, Path(sweep_dir) / "report", extra_run_ids=ids)
-        log.info("sweep report: %s (logged to run %s under report/: %s)", res.markdown, parent_run_id,
-                 tracker.ui_link(parent_run_id, "artifacts"))
+        log.info(
+            "sweep report: %s (logged to run %s under report/: %s)",
+            res.markdown,
+            parent_run_id,
+            tracker.ui_link(parent_run_id, "artifacts"),
+        )
         return res
     except Exception as e:  # the report must never turn a finished sweep into a failed one
         log.exception("sweep report failed: %s", e)
         return None
 
 
-def build_report(tracker: Any, parent_run_id: str, out_dir: Path, *, extra_run_ids: Iterable[str] = (),
-                 log_to_mlflow: bool = True) -> ReportResult:
+def build_report(
+    tracker: Any, parent_run_id: str, out_dir: Path, *, extra_run_ids: Iterable[str] = (), log_to_mlflow: bool = True
+) -> ReportResult:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear_previous(out_dir)
@@ -93,12 +106,24 @@ def build_report(tracker: Any, parent_run_id: str, out_dir: Path, *, extra_run_i
         "compare_trainer": _write_csv(comparisons["trainer"], out_dir / "compare_trainer.csv"),
         "shared_features": _write_csv(shared, out_dir / "shared_features.csv"),
     }
-    (out_dir / "run_ids.json").write_text(json.dumps(sorted(data.runs["run_id"]) if not data.runs.empty else [],
-                                                     indent=1))
+    (out_dir / "run_ids.json").write_text(
+        json.dumps(sorted(data.runs["run_id"]) if not data.runs.empty else [], indent=1)
+    )
 
     made, skipped = _make_plots(tracker, runs, variants, shared, out_dir / "plots")
-    md = _markdown(data, runs, variants, specs, stats, shared, comparisons, made, skipped, out_dir,
-                   ui=tracker.ui_link(parent_run_id))
+    md = _markdown(
+        data,
+        runs,
+        variants,
+        specs,
+        stats,
+        shared,
+        comparisons,
+        made,
+        skipped,
+        out_dir,
+        ui=tracker.ui_link(parent_run_id),
+    )
     (out_dir / "report.md").write_text(md)
     result = ReportResult(out_dir, out_dir / "report.md", csvs, made, skipped)
     if log_to_mlflow:
@@ -134,8 +159,20 @@ def _write_csv(df: pd.DataFrame, path: Path) -> Path:
 
 
 def _runs_csv(runs: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
-    meta = ["run_id", "run_name", "status", "variant", "model", "layer", "hook", "dataset", "trainer", "seed",
-            "seed_group", "error"]
+    meta = [
+        "run_id",
+        "run_name",
+        "status",
+        "variant",
+        "model",
+        "layer",
+        "hook",
+        "dataset",
+        "trainer",
+        "seed",
+        "seed_group",
+        "error",
+    ]
     return runs[[c for c in meta if c in runs] + [k for k in keys if k in runs]]
 
 
@@ -180,8 +217,7 @@ def _histories(tracker: Any, runs: pd.DataFrame) -> Dict[str, Dict[str, list]]:
     chosen = [k for k in plots.CURVE_PREFERENCE if k in keys] or sorted(keys)
     out: Dict[str, Dict[str, list]] = {}
     for r in runs.itertuples():
-        out[r.run_id] = {k: tracker.metric_history(r.run_id, k) for k in chosen[:4]
-                         if not pd.isna(runs.at[r.Index, k])}
+        out[r.run_id] = {k: tracker.metric_history(r.run_id, k) for k in chosen[:4] if not pd.isna(runs.at[r.Index, k])}
     return out
 
 
@@ -191,8 +227,9 @@ def _make_plots(tracker: Any, runs: pd.DataFrame, variants: List[str], shared: p
     skipped: Dict[str, str] = {}
     jobs = {
         "metrics_grid": lambda p: plots.metrics_grid(runs, variants, colors, p),
-        "absorption_per_letter": lambda p: plots.absorption_per_letter(_absorption_letters(tracker, runs), variants,
-                                                                       colors, p),
+        "absorption_per_letter": lambda p: plots.absorption_per_letter(
+            _absorption_letters(tracker, runs), variants, colors, p
+        ),
         "probing_vs_k": lambda p: plots.probing_vs_k(runs, variants, colors, p),
         "shared_features": lambda p: plots.shared_features(shared, variants, colors, p),
         "training_curves": lambda p: plots.training_curves(_histories(tracker, runs), runs, colors, p),
@@ -237,36 +274,62 @@ def _findings(comparisons: Dict[str, pd.DataFrame]) -> List[str]:
                 won = pair[pair["better"] == side]
                 if not won.empty:
                     wins = won["wins_a"] if side == a else won["wins_b"]
-                    parts.append(f"{side} better on " + ", ".join(
-                        f"{r.label} ({int(w)}/{r.n_cells})" for r, w in zip(won.itertuples(), wins)))
+                    parts.append(
+                        f"{side} better on "
+                        + ", ".join(f"{r.label} ({int(w)}/{r.n_cells})" for r, w in zip(won.itertuples(), wins))
+                    )
             tied = pair[pair["better"] == "tie"]
             if not tied.empty:
                 parts.append("tie on " + ", ".join(tied["label"]))
-            lines.append(f"  - **{a} vs {b}** ({int(pair['n_cells'].max())} matching cell(s)): " + "; ".join(parts) + ".")
+            lines.append(
+                f"  - **{a} vs {b}** ({int(pair['n_cells'].max())} matching cell(s)): " + "; ".join(parts) + "."
+            )
     return lines
 
 
-def _markdown(data: SweepData, runs: pd.DataFrame, variants: List[str], specs, stats: pd.DataFrame,
-              shared: pd.DataFrame, comparisons: Dict[str, pd.DataFrame], made: Dict[str, Path],
-              skipped: Dict[str, str], out_dir: Path, ui: str = "") -> str:
+def _markdown(
+    data: SweepData,
+    runs: pd.DataFrame,
+    variants: List[str],
+    specs,
+    stats: pd.DataFrame,
+    shared: pd.DataFrame,
+    comparisons: Dict[str, pd.DataFrame],
+    made: Dict[str, Path],
+    skipped: Dict[str, str],
+    out_dir: Path,
+    ui: str = "",
+) -> str:
     t = data.parent_tags
     all_runs = data.runs
     counts = all_runs["status"].value_counts().to_dict() if not all_runs.empty else {}
     L: List[str] = [f"# Sweep report: {data.experiment} / {data.parent_name}", ""]
     if t.get("sweep.interrupted"):
-        L += [f"**Partial report: the sweep was interrupted ({t['sweep.interrupted']}).** Its numbers cover "
-              "only the runs that ended before that; run the same command again to finish the sweep.", ""]
-    L += [line for line in [f"- parent run: `{data.parent_run_id}` (experiment `{data.experiment}`)",
-          (f"- MLflow UI: <{ui}>" if ui.startswith("http") else f"- MLflow UI: {ui}") if ui else "",
-          f"- overrides: `{t.get('overrides', '')}`" if t.get("overrides") else "",
-          f"- sweep directory: `{t.get('sweep_dir', '')}`" if t.get("sweep_dir") else "",
-          "- runs: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"),
-          ] if line]
+        L += [
+            f"**Partial report: the sweep was interrupted ({t['sweep.interrupted']}).** Its numbers cover "
+            "only the runs that ended before that; run the same command again to finish the sweep.",
+            "",
+        ]
+    L += [
+        line
+        for line in [
+            f"- parent run: `{data.parent_run_id}` (experiment `{data.experiment}`)",
+            (f"- MLflow UI: <{ui}>" if ui.startswith("http") else f"- MLflow UI: {ui}") if ui else "",
+            f"- overrides: `{t.get('overrides', '')}`" if t.get("overrides") else "",
+            f"- sweep directory: `{t.get('sweep_dir', '')}`" if t.get("sweep_dir") else "",
+            "- runs: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"),
+        ]
+        if line
+    ]
     if not runs.empty:
         for col in ("model", "dataset", "trainer", "layer", "hook", "seed"):
             L.append(f"- {col}: " + ", ".join(str(v) for v in dict.fromkeys(runs[col])))
-    L += ["", "Values are the mean ± sample standard deviation (ddof=1) over seeds of FINISHED runs; "
-              "↑ higher is better, ↓ lower is better. Full precision in the CSV files next to this report.", ""]
+    L += [
+        "",
+        "Values are the mean ± sample standard deviation (ddof=1) over seeds of FINISHED runs; "
+        "↑ higher is better, ↓ lower is better. Full precision in the CSV files next to this report.",
+        "",
+    ]
 
     findings = _findings(comparisons)
     if findings:
@@ -280,12 +343,22 @@ def _markdown(data: SweepData, runs: pd.DataFrame, variants: List[str], specs, s
 
     L += ["## Cross-seed shared-feature ratio per seed group", ""]
     if shared.empty:
-        L += ["_no cross-seed metrics: each seed group needs two FINISHED seeds, and the cross-seed hook must run "
-              "before the report_", ""]
+        L += [
+            "_no cross-seed metrics: each seed group needs two FINISHED seeds, and the cross-seed hook must run "
+            "before the report_",
+            "",
+        ]
     else:
-        rows = [[r.variant, r.seed_group[:8], "—" if pd.isna(r.n_pairs) else int(r.n_pairs),
-                 tables.mean_std(r.shared_feature_ratio_mean, r.shared_feature_ratio_std), r.pairs or r.source]
-                for r in shared.itertuples()]
+        rows = [
+            [
+                r.variant,
+                r.seed_group[:8],
+                "—" if pd.isna(r.n_pairs) else int(r.n_pairs),
+                tables.mean_std(r.shared_feature_ratio_mean, r.shared_feature_ratio_std),
+                r.pairs or r.source,
+            ]
+            for r in shared.itertuples()
+        ]
         shared_spec = spec_for("crossseed/shared_feature_ratio")
         header = f"{shared_spec.label}{tables.arrow(shared_spec.direction)}"
         L += [tables.md_table(["variant", "seed group", "pairs", header, "per pair"], rows), ""]
@@ -298,9 +371,12 @@ def _markdown(data: SweepData, runs: pd.DataFrame, variants: List[str], specs, s
             n = runs[factor].nunique() if not runs.empty else 0
             L += [f"_only {n} {factor}{'s' if n != 1 else ''} with finished runs: nothing to compare_", ""]
             continue
-        L += [f"Cells match on every other grid coordinate (model, layer, hook, "
-              f"{'trainer' if factor == 'dataset' else 'dataset'}, swept params); each cell is a seed mean. "
-              "Wins count cells where a side is better in the metric's direction.", ""]
+        L += [
+            f"Cells match on every other grid coordinate (model, layer, hook, "
+            f"{'trainer' if factor == 'dataset' else 'dataset'}, swept params); each cell is a seed mean. "
+            "Wins count cells where a side is better in the metric's direction.",
+            "",
+        ]
         L += [tables.pairwise_table(overall.drop(columns="scope")), ""]
 
     L += ["## Per-model breakdown", ""]
@@ -326,26 +402,45 @@ def _markdown(data: SweepData, runs: pd.DataFrame, variants: List[str], specs, s
     bad = data.not_finished
     if not bad.empty:
         L += ["## Runs not included (not FINISHED)", ""]
-        L += [tables.md_table(["run", "status", "variant", "seed", "error"],
-                              [[r.run_name, r.status, r.variant, r.seed, (r.error or "")[:200]]
-                               for r in bad.itertuples()]), ""]
+        L += [
+            tables.md_table(
+                ["run", "status", "variant", "seed", "error"],
+                [[r.run_name, r.status, r.variant, r.seed, (r.error or "")[:200]] for r in bad.itertuples()],
+            ),
+            "",
+        ]
 
     if specs:  # what the headline numbers are, from the declarations beside the code that logs them
-        L += ["## Metric definitions", "",
-              "The headline metrics as their evals declare them (every declared metric: the project's "
-              "docs/metrics.md).", ""]
+        L += [
+            "## Metric definitions",
+            "",
+            "The headline metrics as their evals declare them (every declared metric: the project's docs/metrics.md).",
+            "",
+        ]
         rows = []
         for s in specs:
             m = lookup(s.key)
-            rows.append([s.label, f"`{s.key}`", {1: "higher", -1: "lower"}.get(s.direction, "—"), s.unit,
-                         m.meaning if m else "", m.reference if m else ""])
+            rows.append(
+                [
+                    s.label,
+                    f"`{s.key}`",
+                    {1: "higher", -1: "lower"}.get(s.direction, "—"),
+                    s.unit,
+                    m.meaning if m else "",
+                    m.reference if m else "",
+                ]
+            )
         L += [tables.md_table(["metric", "key", "better", "unit", "meaning", "reference"], rows), ""]
 
-    L += ["## Files", "",
-          "- `summary.csv`: every result metric per variant (n, mean, std, min, max, seeds, run ids)",
-          "- `runs.csv`: one row per run with every result metric",
-          "- `compare_dataset.csv`, `compare_trainer.csv`: pairwise comparisons (all models and per model)",
-          "- `shared_features.csv`: cross-seed shared-feature ratio per seed group", ""]
+    L += [
+        "## Files",
+        "",
+        "- `summary.csv`: every result metric per variant (n, mean, std, min, max, seeds, run ids)",
+        "- `runs.csv`: one row per run with every result metric",
+        "- `compare_dataset.csv`, `compare_trainer.csv`: pairwise comparisons (all models and per model)",
+        "- `shared_features.csv`: cross-seed shared-feature ratio per seed group",
+        "",
+    ]
     prefixes = sorted({k.split("/", 1)[0] for k in stats["metric"]}) if not stats.empty else []
     if prefixes:
         L += ["Result metric families found: " + ", ".join(f"`{p}/…`" for p in prefixes) + ".", ""]

@@ -37,8 +37,10 @@ def resolve(target: str, tracking_uri: Optional[str]) -> Tuple[str, str, Optiona
     if path.is_dir():
         pid_file = path / "parent_run_id"
         if not pid_file.exists():
-            raise TargetError(f"{path} is not a sweep directory: it has no parent_run_id file "
-                              "(written by the sweeper at the start of a multirun)")
+            raise TargetError(
+                f"{path} is not a sweep directory: it has no parent_run_id file "
+                "(written by the sweeper at the start of a multirun)"
+            )
         uri = find_tracking_uri(str(path), tracking_uri)
         return uri, pid_file.read_text().strip(), path.resolve()
     uri = find_tracking_uri(None, tracking_uri)
@@ -51,8 +53,10 @@ def resolve(target: str, tracking_uri: Optional[str]) -> Tuple[str, str, Optiona
             pass  # not a run here: maybe an experiment that happens to look like an id
     exp_id = tracker.experiment_id(target, create=False)
     if exp_id is None:
-        raise TargetError(f"{target!r} is neither a directory, a run id nor an experiment in {uri} "
-                          "(pass --tracking-uri for another store)")
+        raise TargetError(
+            f"{target!r} is neither a directory, a run id nor an experiment in {uri} "
+            "(pass --tracking-uri for another store)"
+        )
     parents = tracker.find_runs(exp_id, extra_filter="tags.`sae_sweep.kind` = 'sweep'")
     if not parents:
         raise TargetError(f"experiment {target!r} in {uri} has no sweep (parent) run")
@@ -66,12 +70,17 @@ def _existing_dir(tracker, run_id: str) -> Optional[Path]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sae_sweep.report", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m sae_sweep.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("target", help="sweep directory, experiment name or parent run id")
-    ap.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else the sweep's, else sqlite:///./outputs/mlflow.db)")
-    ap.add_argument("--out", type=Path, help="output folder (default: <sweep dir>/report, else "
-                                             "./outputs/reports/<parent run id>)")
+    ap.add_argument(
+        "--tracking-uri",
+        help="MLflow store (default: MLFLOW_TRACKING_URI, else the sweep's, else sqlite:///./outputs/mlflow.db)",
+    )
+    ap.add_argument(
+        "--out", type=Path, help="output folder (default: <sweep dir>/report, else ./outputs/reports/<parent run id>)"
+    )
     ap.add_argument("--no-log", action="store_true", help="do not log the report to the parent MLflow run")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -97,8 +106,10 @@ def main(argv=None) -> int:
     from sae_sweep.tracking.runs import ui_command
 
     cmd = ui_command(uri)
-    print(f"MLflow UI: {tracker.ui_link(parent, 'artifacts' if res.logged else None)}"
-          + (f" (serve it with: {cmd})" if cmd else ""))
+    print(
+        f"MLflow UI: {tracker.ui_link(parent, 'artifacts' if res.logged else None)}"
+        + (f" (serve it with: {cmd})" if cmd else "")
+    )
     return 0
 
 

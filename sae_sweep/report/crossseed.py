@@ -29,33 +29,64 @@ log = logging.getLogger(__name__)
 # What this module logs. ``shared_feature_ratio`` (evals/shared_features.py) compares the decoders of
 # two SAEs A and B (A: the lower seed), each matched pair counted once; its results, by name:
 _FS = "FaithfulSAE feat_match"
-_PAIR = {
+_PAIR: Dict[str, tuple] = {
     "shared_feature_ratio": (
-        "shared-feature ratio", "higher", "fraction of latents", _FS,
+        "shared-feature ratio",
+        "higher",
+        "fraction of latents",
+        _FS,
         "Decoder rows of the two SAEs are matched one-to-one to maximise the total cosine (Hungarian; sparse "
         "candidate matching above eval.crossseed.dense_max latents); the ratio is the number of matched pairs "
         "with cosine > eval.crossseed.threshold (0.7) over min(d_sae_A, d_sae_B). Higher: the seeds learn the "
-        "same features"),
+        "same features",
+    ),
     "top1_ratio": (
-        "top-1 ratio", "higher", "fraction of latents", _FS,
+        "top-1 ratio",
+        "higher",
+        "fraction of latents",
+        _FS,
         "The fraction of B's latents whose most similar decoder row in A has cosine > threshold (no one-to-one "
-        "constraint; FaithfulSAE's direction)"),
+        "constraint; FaithfulSAE's direction)",
+    ),
     "top1_ratio_symmetric": (
-        "top-1 ratio (symmetric)", "higher", "fraction of latents", "this project (named option)",
-        "The mean of the top-1 ratios in both directions (A->B and B->A)"),
+        "top-1 ratio (symmetric)",
+        "higher",
+        "fraction of latents",
+        "this project (named option)",
+        "The mean of the top-1 ratios in both directions (A->B and B->A)",
+    ),
     "mean_matched_cos": (
-        "mean matched cosine", "higher", "cosine", "this project",
+        "mean matched cosine",
+        "higher",
+        "cosine",
+        "this project",
         "The sum of the matched pairs' decoder cosines over min(d_sae_A, d_sae_B) (latents left unmatched by the "
-        "sparse method count as 0)"),
+        "sparse method count as 0)",
+    ),
 }
 # compare_runs also logs the rest of shared_feature_ratio's result
-_PAIR_EXTRA = {
-    "top1_ratio_a": ("top-1 ratio A->B", "higher", "fraction of latents", "this project",
-                     "The fraction of A's latents whose best decoder row in B has cosine > threshold"),
-    "top1_ratio_b": ("top-1 ratio B->A", "higher", "fraction of latents", _FS,
-                     "The fraction of B's latents whose best decoder row in A has cosine > threshold (= top1_ratio)"),
-    "n_shared": ("shared latents", None, "latents", _FS,
-                 "The number of matched pairs with cosine > threshold (grows with d_sae)"),
+_PAIR_EXTRA: Dict[str, tuple] = {
+    "top1_ratio_a": (
+        "top-1 ratio A->B",
+        "higher",
+        "fraction of latents",
+        "this project",
+        "The fraction of A's latents whose best decoder row in B has cosine > threshold",
+    ),
+    "top1_ratio_b": (
+        "top-1 ratio B->A",
+        "higher",
+        "fraction of latents",
+        _FS,
+        "The fraction of B's latents whose best decoder row in A has cosine > threshold (= top1_ratio)",
+    ),
+    "n_shared": (
+        "shared latents",
+        None,
+        "latents",
+        _FS,
+        "The number of matched pairs with cosine > threshold (grows with d_sae)",
+    ),
     "n_latents": ("latents compared", None, "latents", _FS, "min(d_sae_A, d_sae_B)"),
     "threshold": ("cosine threshold", None, "cosine", _FS, "The cosine threshold the counts used (a setting)"),
 }
@@ -70,27 +101,60 @@ def _crossseed_metrics() -> Tuple[Metric, ...]:
     out: List[Metric] = []
     for name, spec in _PAIR.items():
         out += [
-            _declare(f"crossseed/{name}", "", spec,
-                     "Logged on each run by the sweep-end hook: the mean over the pairs the run is in (the run and "
-                     "each other FINISHED run of its seed group)"),
-            _declare(f"crossseed/vs_seed_{{seed}}/{name}", " (vs seed {seed})", spec,
-                     "Logged on each run: the value for the run and the run of its seed group with seed {seed}"),
-            _declare(f"crossseed/{{group}}/seed_{{a}}_vs_{{b}}/{name}", " ({group}, seed {a} vs {b})", spec,
-                     "Logged on the sweep's parent run: the value for seeds {a} < {b} of the seed group whose id "
-                     "starts with {group}"),
-            _declare(f"crossseed/{{group}}/{name}_mean", " ({group} mean)", spec,
-                     "Logged on the sweep's parent run: the mean over the seed pairs of the seed group whose id "
-                     "starts with {group}"),
-            _declare(f"crossseed/{name}_mean", " (sweep mean)", spec,
-                     "Logged on the sweep's parent run: the mean over every pair the sweep compared"),
+            _declare(
+                f"crossseed/{name}",
+                "",
+                spec,
+                "Logged on each run by the sweep-end hook: the mean over the pairs the run is in (the run and "
+                "each other FINISHED run of its seed group)",
+            ),
+            _declare(
+                f"crossseed/vs_seed_{{seed}}/{name}",
+                " (vs seed {seed})",
+                spec,
+                "Logged on each run: the value for the run and the run of its seed group with seed {seed}",
+            ),
+            _declare(
+                f"crossseed/{{group}}/seed_{{a}}_vs_{{b}}/{name}",
+                " ({group}, seed {a} vs {b})",
+                spec,
+                "Logged on the sweep's parent run: the value for seeds {a} < {b} of the seed group whose id "
+                "starts with {group}",
+            ),
+            _declare(
+                f"crossseed/{{group}}/{name}_mean",
+                " ({group} mean)",
+                spec,
+                "Logged on the sweep's parent run: the mean over the seed pairs of the seed group whose id "
+                "starts with {group}",
+            ),
+            _declare(
+                f"crossseed/{name}_mean",
+                " (sweep mean)",
+                spec,
+                "Logged on the sweep's parent run: the mean over every pair the sweep compared",
+            ),
         ]
     for name, spec in {**_PAIR, **_PAIR_EXTRA}.items():
-        out.append(_declare(f"crossseed/vs_{{run}}/{name}", " (vs run {run})", spec,
-                            "Logged on both runs by compare_runs: the value for this run and the run whose id "
-                            "starts with {run}"))
-    out.append(Metric("crossseed/n_pairs", "seed pairs compared", None, "pairs",
-                      "Logged on the sweep's parent run: the number of seed pairs the sweep-end hook compared (every pair "
-                      "of FINISHED runs that differ only in seed).", "this project"))
+        out.append(
+            _declare(
+                f"crossseed/vs_{{run}}/{name}",
+                " (vs run {run})",
+                spec,
+                "Logged on both runs by compare_runs: the value for this run and the run whose id starts with {run}",
+            )
+        )
+    out.append(
+        Metric(
+            "crossseed/n_pairs",
+            "seed pairs compared",
+            None,
+            "pairs",
+            "Logged on the sweep's parent run: the number of seed pairs the sweep-end hook compared (every pair "
+            "of FINISHED runs that differ only in seed).",
+            "this project",
+        )
+    )
     return tuple(out)
 
 
@@ -104,8 +168,14 @@ def _load_decoder(tracker: Any, run_id: str, workdir: Path) -> torch.Tensor:
     return SparseAutoencoder.load(path).W_dec.detach()
 
 
-def compare_runs(tracker: Any, run_id_a: str, run_id_b: str, threshold: float = CrossSeedSettings.threshold,
-                 log_to_runs: bool = True, **kwargs: Any) -> Dict[str, float]:
+def compare_runs(
+    tracker: Any,
+    run_id_a: str,
+    run_id_b: str,
+    threshold: float = CrossSeedSettings.threshold,
+    log_to_runs: bool = True,
+    **kwargs: Any,
+) -> Dict[str, float]:
     """Shared-feature metrics between the SAEs of two runs (artifact ``sae/``), at any time.
 
     With ``log_to_runs`` each run gets ``crossseed/vs_<other run id[:8]>/<metric>``.
@@ -143,8 +213,9 @@ def _settings(points: Sequence[Any]) -> CrossSeedSettings:
     return parse(CrossSeedSettings, node.eval.get("crossseed") if node is not None else None, "eval.crossseed")
 
 
-def crossseed_hook(tracker: Any, parent_run_id: str, points: Sequence[Any], results: Sequence[Any],
-                   sweep_dir: Any) -> Dict[str, Any]:
+def crossseed_hook(
+    tracker: Any, parent_run_id: str, points: Sequence[Any], results: Sequence[Any], sweep_dir: Any
+) -> Dict[str, Any]:
     """Sweep-end hook (``sae_sweep.job.sweep.SWEEP_END_HOOKS``): every pair of FINISHED runs that differ
     only in seed is compared. Settings from ``eval.crossseed`` (threshold, method, candidates,
     enabled). Logged to the parent: ``crossseed/<group[:8]>/seed_<a>_vs_<b>/<metric>`` per pair,
@@ -159,7 +230,9 @@ def crossseed_hook(tracker: Any, parent_run_id: str, points: Sequence[Any], resu
 
     exp_id = tracker.get_run(parent_run_id).info.experiment_id
     ids = {r["run_id"] for r in results if isinstance(r, dict) and r.get("run_id")}
-    ids |= {r.info.run_id for r in tracker.find_runs(exp_id, parent_run_id=parent_run_id, statuses=[RunStatus.FINISHED])}
+    ids |= {
+        r.info.run_id for r in tracker.find_runs(exp_id, parent_run_id=parent_run_id, statuses=[RunStatus.FINISHED])
+    }
     runs = [tracker.get_run(i) for i in sorted(ids)]
     groups = {g: rs for g, rs in crossseed_groups(runs).items() if len(rs) >= 2}
     if not groups:
@@ -206,8 +279,14 @@ def crossseed_hook(tracker: Any, parent_run_id: str, points: Sequence[Any], resu
     parent_metrics["crossseed/n_pairs"] = float(len(table))
     tracker.log_metrics(parent_run_id, parent_metrics)
     for run_id, vals in per_run.items():
-        tracker.log_metrics(run_id, {**run_metrics[run_id], **{f"crossseed/{k}": float(np.mean(v)) for k, v in vals.items()}})
+        tracker.log_metrics(
+            run_id, {**run_metrics[run_id], **{f"crossseed/{k}": float(np.mean(v)) for k, v in vals.items()}}
+        )
     tracker.log_json(parent_run_id, {"threshold": threshold, "pairs": table}, "crossseed/crossseed.json")
-    log.info("crossseed: %d pair(s) in %d seed group(s); mean shared-feature ratio %.3f", len(table), len(groups),
-             parent_metrics.get("crossseed/shared_feature_ratio_mean", float("nan")))
+    log.info(
+        "crossseed: %d pair(s) in %d seed group(s); mean shared-feature ratio %.3f",
+        len(table),
+        len(groups),
+        parent_metrics.get("crossseed/shared_feature_ratio_mean", float("nan")),
+    )
     return parent_metrics

@@ -24,8 +24,18 @@ GRID_TAGS = ("model", "layer", "hook", "dataset", "trainer", "seed", "seed_group
 # What a variant is, short of the seed (seed_group carries the rest of the run identity).
 GROUP_COLS = ("model", "layer", "hook", "dataset", "trainer", "extra", "seed_group")
 # Params that never distinguish variants: launch, paths, tracking, the seed itself, derived values.
-_IGNORED_PARAM_PREFIXES = ("seed", "tracking.", "paths.", "hydra", "derived.", "device", "sweep.", "eval.",
-                           "train.checkpoint_every", "train.log_every")
+_IGNORED_PARAM_PREFIXES = (
+    "seed",
+    "tracking.",
+    "paths.",
+    "hydra",
+    "derived.",
+    "device",
+    "sweep.",
+    "eval.",
+    "train.checkpoint_every",
+    "train.log_every",
+)
 META_COLS = ("run_id", "run_name", "status", *GRID_TAGS, "variant", "extra", "error")
 
 
@@ -36,7 +46,7 @@ class SweepData:
     experiment: str
     parent_tags: Dict[str, str]
     parent_metrics: Dict[str, float]
-    runs: pd.DataFrame                    # every child (any status), metric columns included
+    runs: pd.DataFrame  # every child (any status), metric columns included
     metric_keys: List[str] = field(default_factory=list)
 
     @property
@@ -120,7 +130,7 @@ def _label_variants(df: pd.DataFrame) -> pd.DataFrame:
     df["extra"] = ""
     # Only FINISHED runs tell variants apart: a crashed run (no params yet) must not rename them.
     done = df["status"] == RunStatus.FINISHED
-    for label, idx in df[done].groupby(base[done]).groups.items():
+    for _label, idx in df[done].groupby(base[done]).groups.items():
         sub = df.loc[idx]
         if sub["seed_group"].nunique() < 2:
             continue
@@ -142,11 +152,12 @@ def _label_variants(df: pd.DataFrame) -> pd.DataFrame:
 # Metric labels, directions and units: from the declarations beside the code that logs each metric
 # (sae_sweep.report.metrics gathers them).
 
+
 @dataclass(frozen=True)
 class MetricSpec:
-    key: str          # the MLflow metric key
-    label: str        # short name for tables and plots
-    direction: int    # +1 higher is better, -1 lower is better, 0 neither (e.g. L0) or undeclared
+    key: str  # the MLflow metric key
+    label: str  # short name for tables and plots
+    direction: int  # +1 higher is better, -1 lower is better, 0 neither (e.g. L0) or undeclared
     unit: str
 
 
@@ -183,8 +194,11 @@ def headline_specs(keys: Iterable[str]) -> List[MetricSpec]:
     for headline in HEADLINE:
         metric = declared[headline]
         # members of a family that no exact declaration claims (lookup prefers the exact one)
-        members = [(values, k) for values, k in ((metric.match(k), k) for k in keys)
-                   if values is not None and lookup(k) is metric]
+        members = [
+            (values, k)
+            for values, k in ((metric.match(k), k) for k in keys)
+            if values is not None and lookup(k) is metric
+        ]
         out += [spec_for(k) for _, k in sorted(members, key=lambda vk: _member_order(vk[0]))]
     return out
 
@@ -193,8 +207,11 @@ def eval_metric_keys(keys: Iterable[str]) -> List[str]:
     """Result metrics: everything but per-step training curves, cache stats, timings, and per-pair
     cross-seed values (``crossseed/vs_<other>/...`` differ by name between the runs of a pair; their
     group summary is ``crossseed/<metric>`` and the shared-feature table)."""
-    return sorted(k for k in keys
-                  if not k.startswith(("train/", "cache/", "sweep/", "crossseed/vs_")) and not k.endswith("/seconds"))
+    return sorted(
+        k
+        for k in keys
+        if not k.startswith(("train/", "cache/", "sweep/", "crossseed/vs_")) and not k.endswith("/seconds")
+    )
 
 
 def spec_for(key: str) -> MetricSpec:

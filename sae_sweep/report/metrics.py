@@ -19,13 +19,13 @@ __all__ = ["MetricGroup", "declared_metrics", "lookup", "metric_groups"]
 
 @dataclass(frozen=True)
 class MetricGroup:
-    name: str                   # the keys' first segment: an eval's name, "train" or "crossseed"
-    title: str                  # a heading for the docs
-    source: str                 # the module that declares (and logs) them
+    name: str  # the keys' first segment: an eval's name, "train" or "crossseed"
+    title: str  # a heading for the docs
+    source: str  # the module that declares (and logs) them
     metrics: Tuple[Metric, ...]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def metric_groups() -> Tuple[MetricGroup, ...]:
     """The evals in name order, then training, then the cross-seed comparison."""
     from sae_sweep.evals import eval_names, get_eval

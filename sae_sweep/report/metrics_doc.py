@@ -55,14 +55,18 @@ _PLACEHOLDER_TEXT = {
 }
 
 _NOTES = {
-    "train": ("Logged by the job as `train/<name>` at the last step of each log window "
-              "(`train.log_every` steps). Trainer variants also log their own loss terms "
-              "(`train/auxk`, `train/l1`, ...: the `parts` of the variant's `StepOutput` in "
-              "`sae_sweep/sae/`), which are not declared here."),
-    "crossseed": ("Logged at the end of a sweep by the cross-seed hook (settings `eval.crossseed`), "
-                  "for every pair of FINISHED runs that differ only in seed, and by `compare_runs` for "
-                  "any two runs. The comparison itself is `sae_sweep/evals/shared_features.py`. Of a pair, "
-                  "A is the run with the lower seed (in `compare_runs`, the first run given) and B the other."),
+    "train": (
+        "Logged by the job as `train/<name>` at the last step of each log window "
+        "(`train.log_every` steps). Trainer variants also log their own loss terms "
+        "(`train/auxk`, `train/l1`, ...: the `parts` of the variant's `StepOutput` in "
+        "`sae_sweep/sae/`), which are not declared here."
+    ),
+    "crossseed": (
+        "Logged at the end of a sweep by the cross-seed hook (settings `eval.crossseed`), "
+        "for every pair of FINISHED runs that differ only in seed, and by `compare_runs` for "
+        "any two runs. The comparison itself is `sae_sweep/evals/shared_features.py`. Of a pair, "
+        "A is the run with the lower seed (in `compare_runs`, the first run given) and B the other."
+    ),
 }
 
 
@@ -98,8 +102,11 @@ def render(groups: Optional[Sequence[MetricGroup]] = None) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sae_sweep.report.metrics_doc", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m sae_sweep.report.metrics_doc",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--write", type=Path, metavar="PATH", help="write the page to PATH instead of printing it")
     args = ap.parse_args(argv)
     page = render()

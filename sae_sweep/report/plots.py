@@ -61,7 +61,7 @@ def _bars(ax, runs: pd.DataFrame, key: str, variants: Sequence[str], colors: Map
 
 
 def better_text(key: str) -> str:
-    """"↑ better" / "↓ better" from the metric's declaration; "" when neither way is better."""
+    """ "↑ better" / "↓ better" from the metric's declaration; "" when neither way is better."""
     return {1: "↑ better", -1: "↓ better"}.get(spec_for(key).direction, "")
 
 
@@ -99,13 +99,17 @@ def metrics_grid(runs: pd.DataFrame, variants: Sequence[str], colors: Mapping[st
     return _save(fig, path)
 
 
-def absorption_per_letter(per_variant: Mapping[str, Mapping[str, List[float]]], variants: Sequence[str],
-                          colors: Mapping[str, tuple], path: Path) -> Path:
+def absorption_per_letter(
+    per_variant: Mapping[str, Mapping[str, List[float]]],
+    variants: Sequence[str],
+    colors: Mapping[str, tuple],
+    path: Path,
+) -> Path:
     """``per_variant``: variant -> letter -> absorption fraction of each seed."""
     per_variant = {v: d for v, d in per_variant.items() if d}
     if not per_variant:
         raise NoData("no absorption eval details (artifact evals/absorption_first_letter.json) in the runs")
-    letters = sorted({l for d in per_variant.values() for l in d})
+    letters = sorted({letter for d in per_variant.values() for letter in d})
     shown = [v for v in variants if v in per_variant]
     width = 0.8 / len(shown)
     fig = Figure(figsize=(max(10.0, 0.45 * len(letters) * max(1, len(shown) / 2)), 4.8))
@@ -118,8 +122,7 @@ def absorption_per_letter(per_variant: Mapping[str, Mapping[str, List[float]]], 
                 xs.append(i - 0.4 + width * (j + 0.5))
                 means.append(float(np.mean(vals)))
                 sds.append(float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0)
-        ax.bar(xs, means, width=width, yerr=sds, color=colors[v], label=v, capsize=2, edgecolor="black",
-               linewidth=0.3)
+        ax.bar(xs, means, width=width, yerr=sds, color=colors[v], label=v, capsize=2, edgecolor="black", linewidth=0.3)
     ax.set_xticks(range(len(letters)))
     ax.set_xticklabels(letters)
     ax.set_xlabel("first letter")
@@ -155,8 +158,15 @@ def probing_vs_k(runs: pd.DataFrame, variants: Sequence[str], colors: Mapping[st
     for model, sub in runs.groupby("model"):
         ks = sorted(k for src, k in keys if src == "llm")
         if ks:
-            ax.plot(ks, [sub[keys[("llm", k)]].mean() for k in ks], marker="s", linestyle="--", color="black",
-                    alpha=0.7, label=f"LM activations: {model}")
+            ax.plot(
+                ks,
+                [sub[keys[("llm", k)]].mean() for k in ks],
+                marker="s",
+                linestyle="--",
+                color="black",
+                alpha=0.7,
+                label=f"LM activations: {model}",
+            )
     ax.set_xscale("log")
     all_k = sorted({k for _, k in keys})
     ax.set_xticks(all_k)  # label the k values themselves, not powers of ten
@@ -171,30 +181,49 @@ def probing_vs_k(runs: pd.DataFrame, variants: Sequence[str], colors: Mapping[st
     return _save(fig, path)
 
 
-def shared_features(shared: pd.DataFrame, variants: Sequence[str], colors: Mapping[str, tuple],
-                    path: Path) -> Path:
+def shared_features(shared: pd.DataFrame, variants: Sequence[str], colors: Mapping[str, tuple], path: Path) -> Path:
     if shared.empty:
-        raise NoData("no cross-seed metrics (crossseed/...): a seed group needs two FINISHED seeds and the "
-                     "cross-seed sweep-end hook")
+        raise NoData(
+            "no cross-seed metrics (crossseed/...): a seed group needs two FINISHED seeds and the "
+            "cross-seed sweep-end hook"
+        )
     datasets = list(dict.fromkeys(shared["dataset"]))
     fig = Figure(figsize=(max(7.0, 1.6 * len(shared) + 3), 5.0))
     ax = fig.subplots()
-    x, ticks = 0, []
+    x: float = 0.0
+    ticks: list = []
     for d in datasets:
         sub = shared[shared["dataset"] == d]
         for r in sub.itertuples():
-            sd = r.shared_feature_ratio_std if isinstance(r.shared_feature_ratio_std, float) and \
-                math.isfinite(r.shared_feature_ratio_std) else 0.0
-            ax.bar(x, r.shared_feature_ratio_mean, yerr=sd, color=colors.get(r.variant, "grey"), capsize=4,
-                   edgecolor="black", linewidth=0.5, label=r.variant)
-            ax.text(x, r.shared_feature_ratio_mean + sd + 0.01, f"{r.shared_feature_ratio_mean:.2f}", ha="center",
-                    fontsize=8)
-            ticks.append((x, f"{d}\n{r.model}/{r.trainer}" + (f"\n{r.variant.split(' [')[1][:-1]}"
-                                                              if " [" in r.variant else "")))
+            sd = (
+                r.shared_feature_ratio_std
+                if isinstance(r.shared_feature_ratio_std, float) and math.isfinite(r.shared_feature_ratio_std)
+                else 0.0
+            )
+            ax.bar(
+                x,
+                r.shared_feature_ratio_mean,
+                yerr=sd,
+                color=colors.get(r.variant, "grey"),
+                capsize=4,
+                edgecolor="black",
+                linewidth=0.5,
+                label=r.variant,
+            )
+            ax.text(
+                x,
+                r.shared_feature_ratio_mean + sd + 0.01,
+                f"{r.shared_feature_ratio_mean:.2f}",
+                ha="center",
+                fontsize=8,
+            )
+            ticks.append(
+                (x, f"{d}\n{r.model}/{r.trainer}" + (f"\n{r.variant.split(' [')[1][:-1]}" if " [" in r.variant else ""))
+            )
             x += 1
         x += 0.6  # gap between datasets
     ax.set_xticks([t for t, _ in ticks])
-    ax.set_xticklabels([l for _, l in ticks], fontsize=8)
+    ax.set_xticklabels([label for _, label in ticks], fontsize=8)
     ax.set_ylim(0, min(1.05, max(0.1, float(shared["shared_feature_ratio_mean"].max()) * 1.25 + 0.05)))
     spec, better = spec_for(SHARED_RATIO), better_text(SHARED_RATIO)
     ax.set_ylabel(f"{spec.label} ({spec.unit}" + (f", {better})" if better else ")"))
@@ -209,8 +238,12 @@ def shared_features(shared: pd.DataFrame, variants: Sequence[str], colors: Mappi
 CURVE_PREFERENCE = ("train/loss", "train/mse", "train/explained_variance", "train/l0", "train/dead_frac")
 
 
-def training_curves(histories: Mapping[str, Mapping[str, List[Tuple[int, float]]]], runs: pd.DataFrame,
-                    colors: Mapping[str, tuple], path: Path) -> Path:
+def training_curves(
+    histories: Mapping[str, Mapping[str, List[Tuple[int, float]]]],
+    runs: pd.DataFrame,
+    colors: Mapping[str, tuple],
+    path: Path,
+) -> Path:
     """``histories``: run id -> metric key -> [(step, value)]."""
     keys = sorted({k for h in histories.values() for k, pts in h.items() if len(pts) > 1})
     if not keys:
@@ -238,7 +271,7 @@ def training_curves(histories: Mapping[str, Mapping[str, List[Tuple[int, float]]
         if key in ("train/loss", "train/mse"):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    for ax in axes[len(chosen):]:  # unused panels
+    for ax in axes[len(chosen) :]:  # unused panels
         ax.set_visible(False)
     first = fig.axes[0]
     first.legend(fontsize=7)

@@ -30,8 +30,22 @@ def variant_stats(runs: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     Runs missing a metric (an eval that was off or skipped) are left out of that metric's n."""
     rows = []
     if runs.empty:
-        return pd.DataFrame(columns=[*VARIANT_COLS, "metric", "label", "direction", "unit", "n", "mean", "std",
-                                     "min", "max", "seeds", "run_ids"])
+        return pd.DataFrame(
+            columns=[
+                *VARIANT_COLS,
+                "metric",
+                "label",
+                "direction",
+                "unit",
+                "n",
+                "mean",
+                "std",
+                "min",
+                "max",
+                "seeds",
+                "run_ids",
+            ]
+        )
     for vals, sub in runs.groupby(list(VARIANT_COLS), sort=False, dropna=False):
         ident = dict(zip(VARIANT_COLS, vals))
         for key in keys:
@@ -42,12 +56,22 @@ def variant_stats(runs: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
                 continue
             x = have[key].astype(float).to_numpy()
             spec = spec_for(key)
-            rows.append({
-                **ident, "metric": key, "label": spec.label, "direction": spec.direction, "unit": spec.unit,
-                "n": len(x), "mean": float(x.mean()), "std": float(x.std(ddof=1)) if len(x) > 1 else math.nan,
-                "min": float(x.min()), "max": float(x.max()), "seeds": _seed_list(have),
-                "run_ids": ",".join(have["run_id"]),
-            })
+            rows.append(
+                {
+                    **ident,
+                    "metric": key,
+                    "label": spec.label,
+                    "direction": spec.direction,
+                    "unit": spec.unit,
+                    "n": len(x),
+                    "mean": float(x.mean()),
+                    "std": float(x.std(ddof=1)) if len(x) > 1 else math.nan,
+                    "min": float(x.min()),
+                    "max": float(x.max()),
+                    "seeds": _seed_list(have),
+                    "run_ids": ",".join(have["run_id"]),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -55,8 +79,7 @@ def cell_means(stats: pd.DataFrame) -> pd.DataFrame:
     """Wide table of seed means: one row per variant, one column per metric key."""
     if stats.empty:
         return pd.DataFrame(columns=list(VARIANT_COLS))
-    wide = stats.pivot_table(index=list(VARIANT_COLS), columns="metric", values="mean", aggfunc="first",
-                             dropna=False)
+    wide = stats.pivot_table(index=list(VARIANT_COLS), columns="metric", values="mean", aggfunc="first", dropna=False)
     return wide.reset_index()
 
 
@@ -67,8 +90,20 @@ def pairwise(stats: pd.DataFrame, factor: str, specs: Sequence[MetricSpec]) -> p
     other grid coordinate (model, layer, hook, the other factor, swept params). Per metric:
     ``mean_diff`` = mean over cells of (seed-mean of a − seed-mean of b), and, when the metric has a
     direction, the number of cells each side is better in (``wins_a``, ``wins_b``, ``ties``)."""
-    cols = ["factor", "a", "b", "metric", "label", "direction", "n_cells", "mean_diff", "wins_a", "wins_b", "ties",
-            "better"]
+    cols = [
+        "factor",
+        "a",
+        "b",
+        "metric",
+        "label",
+        "direction",
+        "n_cells",
+        "mean_diff",
+        "wins_a",
+        "wins_b",
+        "ties",
+        "better",
+    ]
     wide = cell_means(stats)
     if wide.empty or factor not in wide or wide[factor].nunique() < 2:
         return pd.DataFrame(columns=cols)
@@ -85,13 +120,25 @@ def pairwise(stats: pd.DataFrame, factor: str, specs: Sequence[MetricSpec]) -> p
             if pair.empty:
                 continue
             diff = (pair[ka] - pair[kb]).to_numpy(dtype=float)
-            row = {"factor": factor, "a": a, "b": b, "metric": spec.key, "label": spec.label,
-                   "direction": spec.direction, "n_cells": len(diff), "mean_diff": float(diff.mean()),
-                   "wins_a": None, "wins_b": None, "ties": None, "better": ""}
+            row = {
+                "factor": factor,
+                "a": a,
+                "b": b,
+                "metric": spec.key,
+                "label": spec.label,
+                "direction": spec.direction,
+                "n_cells": len(diff),
+                "mean_diff": float(diff.mean()),
+                "wins_a": None,
+                "wins_b": None,
+                "ties": None,
+                "better": "",
+            }
             if spec.direction:
                 signed = diff * spec.direction  # > 0: a is better
-                row.update(wins_a=int((signed > 0).sum()), wins_b=int((signed < 0).sum()),
-                           ties=int((signed == 0).sum()))
+                row.update(
+                    wins_a=int((signed > 0).sum()), wins_b=int((signed < 0).sum()), ties=int((signed == 0).sum())
+                )
                 mean_signed = float(signed.mean())
                 row["better"] = a if mean_signed > 0 else b if mean_signed < 0 else "tie"
             rows.append(row)
@@ -109,8 +156,20 @@ def shared_features(runs: pd.DataFrame, parent_metrics: Dict[str, float]) -> pd.
 
     From the parent's per-pair metrics ``crossseed/<group[:8]>/seed_<a>_vs_<b>/<metric>`` (the
     cross-seed sweep-end hook) when present, else from each run's ``crossseed/shared_feature_ratio``."""
-    cols = ["variant", "model", "layer", "hook", "dataset", "trainer", "seed_group", "n_pairs",
-            "shared_feature_ratio_mean", "shared_feature_ratio_std", "pairs", "source"]
+    cols = [
+        "variant",
+        "model",
+        "layer",
+        "hook",
+        "dataset",
+        "trainer",
+        "seed_group",
+        "n_pairs",
+        "shared_feature_ratio_mean",
+        "shared_feature_ratio_std",
+        "pairs",
+        "source",
+    ]
     pairs: Dict[str, List[tuple]] = {}
     for key, v in parent_metrics.items():
         m = _PAIR.fullmatch(key)
@@ -119,8 +178,9 @@ def shared_features(runs: pd.DataFrame, parent_metrics: Dict[str, float]) -> pd.
     rows = []
     if runs.empty:
         return pd.DataFrame(columns=cols)
-    for vals, sub in runs.groupby(["variant", "model", "layer", "hook", "dataset", "trainer", "seed_group"],
-                                  sort=False):
+    for vals, sub in runs.groupby(
+        ["variant", "model", "layer", "hook", "dataset", "trainer", "seed_group"], sort=False
+    ):
         ident = dict(zip(["variant", "model", "layer", "hook", "dataset", "trainer", "seed_group"], vals))
         got = pairs.get(str(ident["seed_group"])[:8])
         if got:
@@ -133,13 +193,21 @@ def shared_features(runs: pd.DataFrame, parent_metrics: Dict[str, float]) -> pd.
             src, desc = "child runs", ""
         else:
             continue
-        rows.append({**ident, "n_pairs": len(got) if got else math.nan, "shared_feature_ratio_mean": float(x.mean()),
-                     "shared_feature_ratio_std": float(x.std(ddof=1)) if len(x) > 1 else math.nan,
-                     "pairs": desc, "source": src})
+        rows.append(
+            {
+                **ident,
+                "n_pairs": len(got) if got else math.nan,
+                "shared_feature_ratio_mean": float(x.mean()),
+                "shared_feature_ratio_std": float(x.std(ddof=1)) if len(x) > 1 else math.nan,
+                "pairs": desc,
+                "source": src,
+            }
+        )
     return pd.DataFrame(rows, columns=cols)
 
 
 # Markdown rendering
+
 
 def fmt(x: Optional[float]) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
@@ -171,8 +239,9 @@ def arrow(direction: int) -> str:
     return {1: " ↑", -1: " ↓"}.get(direction, "")
 
 
-def variant_table(stats: pd.DataFrame, specs: Sequence[MetricSpec], runs: pd.DataFrame,
-                  variants: Optional[Sequence[str]] = None) -> str:
+def variant_table(
+    stats: pd.DataFrame, specs: Sequence[MetricSpec], runs: pd.DataFrame, variants: Optional[Sequence[str]] = None
+) -> str:
     """Markdown: one row per variant, one ``mean ± std`` column per headline metric."""
     if stats.empty or not specs:
         return "_no finished runs with these metrics_"
@@ -195,8 +264,10 @@ def pairwise_table(cmp: pd.DataFrame) -> str:
         return ""
     rows = []
     for r in cmp.itertuples():
-        wins = f"{int(r.wins_a)}–{int(r.wins_b)}" + (f" ({int(r.ties)} ties)" if r.ties else "") \
-            if r.direction else "n/a"
-        rows.append([f"{r.a} vs {r.b}", f"{r.label}{arrow(r.direction)}", r.n_cells, fmt(r.mean_diff), wins,
-                     r.better or "—"])
+        wins = (
+            f"{int(r.wins_a)}–{int(r.wins_b)}" + (f" ({int(r.ties)} ties)" if r.ties else "") if r.direction else "n/a"
+        )
+        rows.append(
+            [f"{r.a} vs {r.b}", f"{r.label}{arrow(r.direction)}", r.n_cells, fmt(r.mean_diff), wins, r.better or "—"]
+        )
     return md_table(["pair (a vs b)", "metric", "cells", "mean diff (a − b)", "wins a–b", "better"], rows)

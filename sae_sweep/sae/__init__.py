@@ -3,6 +3,7 @@
 Every module in this package is imported here so that its `@register_trainer` / `@register_sae`
 decorators run: adding a variant means adding one file, nothing else.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -20,7 +21,20 @@ for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
 from .topk import TopKSAE, TopKTrainer  # noqa: E402  (the baseline, used by name across the project)
 
 __all__ = [
-    "SparseAutoencoder", "StepOutput", "Trainer", "TrainerParams", "explained_variance", "geometric_median",
-    "mse_loss", "sparse_decode", "get_sae_class", "get_trainer", "register_sae", "register_trainer",
-    "sae_architectures", "trainer_names", "TopKSAE", "TopKTrainer",
+    "SparseAutoencoder",
+    "StepOutput",
+    "Trainer",
+    "TrainerParams",
+    "explained_variance",
+    "geometric_median",
+    "mse_loss",
+    "sparse_decode",
+    "get_sae_class",
+    "get_trainer",
+    "register_sae",
+    "register_trainer",
+    "sae_architectures",
+    "trainer_names",
+    "TopKSAE",
+    "TopKTrainer",
 ]

@@ -68,6 +68,7 @@ Logged (`train/<name>`): ortho, alpha (the weight in use), ortho_weighted, l1 (R
 grouping; share_above, the share of pairs above `sharing`), n_groups, regroups (cumulative),
 strength_mean and strength_max.
 """
+
 from __future__ import annotations
 
 import math
@@ -91,10 +92,14 @@ BASES = ("relu", "topk")
 
 CORRECTIONS = {
     "base": Correction("relu", "topk", "L0 set by k instead of an L1 coefficient the write-up never trained"),
-    "recon": Correction("l2_norm", "sum_sq", "the squared error of every other trainer; the norm's gradient has "
-                                             "unit size whatever the error"),
-    "sharing": Correction(0.0, 0.3, "with d_sae > d_in rows cannot all be orthogonal (Welch bound): penalise "
-                                    "near-duplicates only"),
+    "recon": Correction(
+        "l2_norm",
+        "sum_sq",
+        "the squared error of every other trainer; the norm's gradient has unit size whatever the error",
+    ),
+    "sharing": Correction(
+        0.0, 0.3, "with d_sae > d_in rows cannot all be orthogonal (Welch bound): penalise near-duplicates only"
+    ),
     "ortho_coeff": Correction(0.1, 1.0, "the weight of the project's penalty, on its own scale"),
     "grouping": Correction(False, True, "a full Gram matrix is 16 GiB at d_sae 65,536"),
     "batchwise": Correction(False, True, "do not move latents that get no reconstruction gradient"),
@@ -124,8 +129,9 @@ def group_by_direction(W: Tensor, group_size: int, iters: int = 5, seed: int = 0
     return torch.argsort(assign.double() * 4 - score.double())
 
 
-def grouped_ortho_terms(W_dec: Tensor, order: Tensor, group_size: int, sharing: float, weight: Tensor,
-                        active: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def grouped_ortho_terms(
+    W_dec: Tensor, order: Tensor, group_size: int, sharing: float, weight: Tensor, active: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """(sum over ordered same-group pairs i != j of weight_ij * active_ij * relu(|cos_ij| - sharing)^2,
     number of such pairs, [mean |cos|, max |cos|, share above sharing] over them, no gradient).
 
@@ -150,13 +156,21 @@ def grouped_ortho_terms(W_dec: Tensor, order: Tensor, group_size: int, sharing: 
     n_pairs = pairs.sum()
     with torch.no_grad():
         c = cos.detach().abs() * pairs
-        stats = torch.stack([c.sum() / n_pairs.clamp_min(1), c.max(),
-                             ((c > sharing).float() * pairs).sum() / n_pairs.clamp_min(1)])
+        stats = torch.stack(
+            [c.sum() / n_pairs.clamp_min(1), c.max(), ((c > sharing).float() * pairs).sum() / n_pairs.clamp_min(1)]
+        )
     return total, n_pairs, stats
 
 
-def grouped_ortho_loss(W_dec: Tensor, order: Tensor, group_size: int, sharing: float,
-                       weight: Tensor, active: Tensor, reduce: str = "per_latent") -> Tensor:
+def grouped_ortho_loss(
+    W_dec: Tensor,
+    order: Tensor,
+    group_size: int,
+    sharing: float,
+    weight: Tensor,
+    active: Tensor,
+    reduce: str = "per_latent",
+) -> Tensor:
     """`per_latent`: the sum over same-group pairs of weight_ij * active_ij * relu(|cos_ij| - sharing)^2
     divided by d_sae (each unordered pair counted once); `pair_mean`: the mean over ordered pairs."""
     total, n_pairs, _ = grouped_ortho_terms(W_dec, order, group_size, sharing, weight, active)
@@ -180,7 +194,7 @@ class AdaptiveOrthoSAE(TopKSAE):
         self.activation_fn_str = "topk" if base == "topk" else "relu"
 
     @classmethod
-    def from_config(cls, cfg: Any, **kwargs: Any) -> "AdaptiveOrthoSAE":
+    def from_config(cls, cfg: Any, **kwargs: Any) -> AdaptiveOrthoSAE:
         return cls(int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg["k"]), base=cfg.get("base", "topk"), **kwargs)
 
     def saelens_form(self) -> tuple[str, str, dict, Tensor | None]:
@@ -198,25 +212,34 @@ class AdaptiveOrthoParams(TopKParams):
     mode: str = mode_setting()
     base: Optional[str] = by_mode(CORRECTIONS, "base", "", options=BASES)
     recon: Optional[str] = by_mode(CORRECTIONS, "recon", "", options=("l2_norm", "sum_sq"))
-    l1_coeff: Optional[float] = setting(None, allowed="null (0.04, the write-up's, with base=relu; 0 with base=topk) "
-                                                      "or a float >= 0", check=lambda v: v >= 0)
-    ortho_coeff: Optional[float] = by_mode(CORRECTIONS, "ortho_coeff", "a float >= 0 (the write-up's alpha)",
-                                           check=lambda v: v >= 0)
-    sharing: Optional[float] = by_mode(CORRECTIONS, "sharing", "a float in [0, 1) (|cos| below this is not penalised)",
-                                       check=lambda v: 0 <= v < 1)
+    l1_coeff: Optional[float] = setting(
+        None,
+        allowed="null (0.04, the write-up's, with base=relu; 0 with base=topk) or a float >= 0",
+        check=lambda v: v >= 0,
+    )
+    ortho_coeff: Optional[float] = by_mode(
+        CORRECTIONS, "ortho_coeff", "a float >= 0 (the write-up's alpha)", check=lambda v: v >= 0
+    )
+    sharing: Optional[float] = by_mode(
+        CORRECTIONS, "sharing", "a float in [0, 1) (|cos| below this is not penalised)", check=lambda v: 0 <= v < 1
+    )
     ortho_reduce: Optional[str] = by_mode(CORRECTIONS, "ortho_reduce", "", options=("pair_mean", "per_latent"))
     grouping: Optional[bool] = by_mode(CORRECTIONS, "grouping", "true or false")
     group_size: int = setting(256, allowed="an integer >= 2 (latents per group)", check=lambda v: v >= 2)
     regroup_every: int = setting(100, allowed="an integer >= 1 (steps)", check=lambda v: v >= 1)
     batchwise: Optional[bool] = by_mode(CORRECTIONS, "batchwise", "true or false")
     adaptive: Optional[bool] = by_mode(CORRECTIONS, "adaptive", "true or false")
-    rate_beta: float = setting(0.99, allowed="a float in [0, 1) (EMA decay of firing rates)", check=lambda v: 0 <= v < 1)
+    rate_beta: float = setting(
+        0.99, allowed="a float in [0, 1) (EMA decay of firing rates)", check=lambda v: 0 <= v < 1
+    )
 
     def shape_problems(self, d_in: int, d_sae: int) -> list[str]:
         if not resolve(self, CORRECTIONS).grouping and d_sae > UNGROUPED_MAX_D_SAE:
-            return [f"trainer.grouping={self.grouping!r} (mode={self.mode}: false) at d_sae={d_sae}: the loss then "
-                    f"needs d_sae x d_sae decoder cosines ({4 * d_sae ** 2 / 2**30:.1f} GiB each); allowed: "
-                    f"d_sae <= {UNGROUPED_MAX_D_SAE}, or trainer.grouping=true"]
+            return [
+                f"trainer.grouping={self.grouping!r} (mode={self.mode}: false) at d_sae={d_sae}: the loss then "
+                f"needs d_sae x d_sae decoder cosines ({4 * d_sae**2 / 2**30:.1f} GiB each); allowed: "
+                f"d_sae <= {UNGROUPED_MAX_D_SAE}, or trainer.grouping=true"
+            ]
         return []
 
 
@@ -230,8 +253,11 @@ class AdaptiveOrthoTrainer(TopKTrainer):
         dev = self.device
         self.rates = torch.full((self.d_sae,), 1.0 / self.d_sae, device=dev)
         self.group = min(self.params.group_size, self.d_sae) if o.grouping else self.d_sae
-        self.order = (group_by_direction(self.sae.W_dec, self.params.group_size, seed=self.seed) if o.grouping
-                      else torch.arange(self.d_sae, device=dev))
+        self.order = (
+            group_by_direction(self.sae.W_dec, self.params.group_size, seed=self.seed)
+            if o.grouping
+            else torch.arange(self.d_sae, device=dev)
+        )
         self.n_regroups = 0
         self._n_groups = torch.full((), float(math.ceil(self.d_sae / self.group)), device=dev)
         self._regroups = torch.zeros((), device=dev)
@@ -241,8 +267,11 @@ class AdaptiveOrthoTrainer(TopKTrainer):
         # resolved on first use: build_sae (inside Trainer.__init__) already needs `base`
         if "_opt" not in self.__dict__:
             self._opt = resolve(self.params, CORRECTIONS)
-            self._opt.l1_coeff = self.params.l1_coeff if self.params.l1_coeff is not None else (
-                0.04 if self._opt.base == "relu" else 0.0)
+            self._opt.l1_coeff = (
+                self.params.l1_coeff
+                if self.params.l1_coeff is not None
+                else (0.04 if self._opt.base == "relu" else 0.0)
+            )
         return self._opt
 
     def build_sae(self, generator: torch.Generator) -> SparseAutoencoder:
@@ -271,8 +300,9 @@ class AdaptiveOrthoTrainer(TopKTrainer):
         if g < self.d_sae:
             loss2, stats2 = one(self.order.roll(-(g // 2)))
             loss = 0.5 * (loss + loss2)
-            stats = torch.stack([0.5 * (stats[0] + stats2[0]), torch.maximum(stats[1], stats2[1]),
-                                 0.5 * (stats[2] + stats2[2])])
+            stats = torch.stack(
+                [0.5 * (stats[0] + stats2[0]), torch.maximum(stats[1], stats2[1]), 0.5 * (stats[2] + stats2[2])]
+            )
         return loss, stats
 
     def ortho_loss(self, fired: Tensor) -> Tensor:
@@ -291,7 +321,8 @@ class AdaptiveOrthoTrainer(TopKTrainer):
             x_hat = sae.decode_sparse(vals, idx)
             active = vals > 0
             counts = torch.zeros(self.d_sae, device=x.device).scatter_add_(
-                0, idx.reshape(-1), active.float().reshape(-1))
+                0, idx.reshape(-1), active.float().reshape(-1)
+            )
             l1 = vals.float().sum(-1).mean()
         else:
             x_hat, f = sae(x)
@@ -310,13 +341,26 @@ class AdaptiveOrthoTrainer(TopKTrainer):
             auxk = zero
         loss = recon + p.auxk_alpha * auxk + o.l1_coeff * l1 + o.ortho_coeff * ortho
         s = self.strength()
-        return StepOutput(loss=loss, x_hat=x_hat, l0=active.float().sum(-1).mean(), fired=fired,
-                          parts={"auxk": auxk, "l1": l1, "ortho": ortho,
-                                 "alpha": torch.full((), o.ortho_coeff, device=x.device),
-                                 "ortho_weighted": o.ortho_coeff * ortho.detach(),
-                                 "group_cos_mean": cos_stats[0], "group_cos_max": cos_stats[1],
-                                 "share_above": cos_stats[2], "n_groups": self._n_groups,
-                                 "regroups": self._regroups, "strength_mean": s.mean(), "strength_max": s.max()})
+        return StepOutput(
+            loss=loss,
+            x_hat=x_hat,
+            l0=active.float().sum(-1).mean(),
+            fired=fired,
+            parts={
+                "auxk": auxk,
+                "l1": l1,
+                "ortho": ortho,
+                "alpha": torch.full((), o.ortho_coeff, device=x.device),
+                "ortho_weighted": o.ortho_coeff * ortho.detach(),
+                "group_cos_mean": cos_stats[0],
+                "group_cos_max": cos_stats[1],
+                "share_above": cos_stats[2],
+                "n_groups": self._n_groups,
+                "regroups": self._regroups,
+                "strength_mean": s.mean(),
+                "strength_max": s.max(),
+            },
+        )
 
     def extra_state(self) -> dict[str, Any]:
         return {"rates": self.rates.clone(), "order": self.order.clone(), "n_regroups": self.n_regroups}

@@ -4,6 +4,7 @@ A variant subclasses ``SparseAutoencoder`` (``activation``, maybe ``encode``), r
 ``architecture`` name with ``@register_sae`` (the ``architecture`` field of a saved ``cfg.json``)
 and says how SAELens runs it at inference (``saelens_form``, used by ``sae_sweep.export``).
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,15 @@ class SparseAutoencoder(nn.Module):
     activation_fn_str: str = "relu"  # a class default; an instance may set its own (adaptive_ortho's base)
     extra_cfg_keys: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, d_in: int, d_sae: int, *, generator: torch.Generator | None = None,
-                 device: Any = None, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        *,
+        generator: torch.Generator | None = None,
+        device: Any = None,
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         self.d_in, self.d_sae = int(d_in), int(d_sae)
         # Random unit decoder rows, encoder tied to the decoder at init (Gao et al.; Conerly et al.)
@@ -144,12 +152,12 @@ class SparseAutoencoder(nn.Module):
         return directory
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], **kwargs: Any) -> "SparseAutoencoder":
+    def from_config(cls, cfg: Mapping[str, Any], **kwargs: Any) -> SparseAutoencoder:
         extra = {k: cfg[k] for k in cls.extra_cfg_keys}
         return cls(int(cfg["d_in"]), int(cfg["d_sae"]), **extra, **kwargs)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, device: Any = "cpu") -> "SparseAutoencoder":
+    def load(cls, directory: str | os.PathLike, device: Any = "cpu") -> SparseAutoencoder:
         """Rebuild a saved SAE; returns the subclass named by cfg.json's `architecture`."""
         from safetensors.torch import load_file
 

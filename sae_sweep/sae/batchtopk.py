@@ -7,6 +7,7 @@ activation that survived the batch top-k. In eval mode, `encode` keeps pre-activ
 (a JumpReLU with one shared threshold), which is per-token and batch independent.
 Loss = ||x - x_hat||^2 + auxk_alpha * AuxK (the TopK trainer's dead-latent auxiliary loss).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,9 +19,9 @@ from torch import Tensor
 from sae_sweep.config import setting
 
 from .autoencoder import SparseAutoencoder
-from .trainer import StepOutput, mse_loss
 from .registry import register_sae, register_trainer
 from .topk import TopKParams, TopKSAE, TopKTrainer
+from .trainer import StepOutput, mse_loss
 
 
 def batch_topk(pre: Tensor, k: int) -> Tensor:
@@ -71,9 +72,14 @@ class BatchTopKSAE(TopKSAE):
 
 @dataclass
 class BatchTopKParams(TopKParams):
-    threshold_beta: float = setting(0.99, allowed="a float in [0, 1) (EMA decay of the inference threshold)", check=lambda v: 0 <= v < 1)
-    threshold_start: float = setting(0.1, allowed="a float in [0, 1] (fraction of training before the threshold "
-                                    "estimate starts)", check=lambda v: 0 <= v <= 1)
+    threshold_beta: float = setting(
+        0.99, allowed="a float in [0, 1) (EMA decay of the inference threshold)", check=lambda v: 0 <= v < 1
+    )
+    threshold_start: float = setting(
+        0.1,
+        allowed="a float in [0, 1] (fraction of training before the threshold estimate starts)",
+        check=lambda v: 0 <= v <= 1,
+    )
 
 
 @register_trainer("batchtopk")
@@ -110,6 +116,9 @@ class BatchTopKTrainer(TopKTrainer):
         auxk = self.aux_parts(x, x_hat, pre)
         active = f > 0
         return StepOutput(
-            loss=mse + self.params.auxk_alpha * auxk, x_hat=x_hat, l0=active.float().sum(-1).mean(),
-            fired=active.any(0), parts={"auxk": auxk, "threshold": self.sae.threshold.detach().clone()},
+            loss=mse + self.params.auxk_alpha * auxk,
+            x_hat=x_hat,
+            l0=active.float().sum(-1).mean(),
+            fired=active.any(0),
+            parts={"auxk": auxk, "threshold": self.sae.threshold.detach().clone()},
         )

@@ -87,6 +87,7 @@ dead_at_check (latents dead at the last resample check), max_decoder_cos (larges
 two decoder rows at the last merge check: shows whether the threshold is ever reached); the last
 four only when their mechanism is on.
 """
+
 from __future__ import annotations
 
 import math
@@ -105,17 +106,22 @@ from .relu import ReLUSAE
 from .trainer import StepOutput, Trainer, TrainerParams, mse_loss
 
 CORRECTIONS = {
-    "l1_end_frac": Correction(0.0, 0.1, "with the L1 gone at the end a ReLU SAE turns dense (the write-up's own "
-                                        "L0 is 1,782 of 2,304)"),
+    "l1_end_frac": Correction(
+        0.0, 0.1, "with the L1 gone at the end a ReLU SAE turns dense (the write-up's own L0 is 1,782 of 2,304)"
+    ),
     "l1_warmup": Correction(0.0, 0.05, "a full penalty from step 0 kills latents before they find features"),
-    "adaptive_rule": Correction("loss_ratio", "fvu", "loss/target is positive feedback and a raw-loss target does "
-                                                     "not transfer between models (pinned at a clamp)"),
+    "adaptive_rule": Correction(
+        "loss_ratio",
+        "fvu",
+        "loss/target is positive feedback and a raw-loss target does not transfer between models (pinned at a clamp)",
+    ),
     "resample_every": Correction(1000, 100, "1000 steps exceeds the default budgets: resampling would never run"),
     "resample_after": Correction(500, 200, "scaled with resample_every"),
     "resample_source": Correction("input", "residual", "point new latents at what the SAE misses on those tokens"),
     "resample_pick": Correction("sample", "top", "deterministic, and every dead latent at once"),
-    "merge_op": Correction("average", "sum", "summing keeps a co-firing duplicate pair's joint output; "
-                                             "averaging halves it"),
+    "merge_op": Correction(
+        "average", "sum", "summing keeps a co-firing duplicate pair's joint output; averaging halves it"
+    ),
     "merge_keep": Correction("first", "busier", "keep the latent that fires more"),
     "merge_drop": Correction("silence", "resample", "reuse the freed latent at once"),
 }
@@ -147,7 +153,7 @@ def high_cosine_pairs(W: Tensor, threshold: float, chunk: int = 4096) -> tuple[l
     found = []
     best = -1.0
     for start in range(0, n, chunk):
-        cos = Wn[start:start + chunk] @ Wn.T
+        cos = Wn[start : start + chunk] @ Wn.T
         rows = torch.arange(start, min(start + chunk, n), device=W.device)
         cos = cos.masked_fill(torch.arange(n, device=W.device)[None, :] <= rows[:, None], -2.0)  # j > i only
         i, j = (cos > threshold).nonzero(as_tuple=True)
@@ -155,7 +161,9 @@ def high_cosine_pairs(W: Tensor, threshold: float, chunk: int = 4096) -> tuple[l
         host = torch.cat([cos.max().reshape(1).double(), (i + start).double(), j.double(), c.double()]).tolist()
         best = max(best, host[0])
         m = i.numel()
-        found += [(int(a), int(b), float(v)) for a, b, v in zip(host[1:1 + m], host[1 + m:1 + 2 * m], host[1 + 2 * m:])]
+        found += [
+            (int(a), int(b), float(v)) for a, b, v in zip(host[1 : 1 + m], host[1 + m : 1 + 2 * m], host[1 + 2 * m :])
+        ]
     return sorted(found, key=lambda t: -t[2]), best
 
 
@@ -164,24 +172,32 @@ class HierarchicalParams(TrainerParams):
     mode: str = mode_setting()
     l1_start: float = setting(0.0, allowed="a float >= 0 (0: 1/sqrt(d_sae))", check=lambda v: v >= 0)
     l1_decay: bool = setting(True, allowed="true or false")
-    l1_end_frac: Optional[float] = by_mode(CORRECTIONS, "l1_end_frac",
-                                           "a float in [0, 1] (final coefficient / l1_start)", check=lambda v: 0 <= v <= 1)
-    l1_warmup: Optional[float] = by_mode(CORRECTIONS, "l1_warmup", "a float in [0, 1] (fraction of training)",
-                                         check=lambda v: 0 <= v <= 1)
+    l1_end_frac: Optional[float] = by_mode(
+        CORRECTIONS, "l1_end_frac", "a float in [0, 1] (final coefficient / l1_start)", check=lambda v: 0 <= v <= 1
+    )
+    l1_warmup: Optional[float] = by_mode(
+        CORRECTIONS, "l1_warmup", "a float in [0, 1] (fraction of training)", check=lambda v: 0 <= v <= 1
+    )
     rate_window: int = setting(100, allowed="an integer >= 1 (steps)", check=lambda v: v >= 1)
     resample: bool = setting(True, allowed="true or false")
-    resample_after: Optional[int] = by_mode(CORRECTIONS, "resample_after", "an integer >= 1 (steps without firing)",
-                                            check=lambda v: v >= 1)
-    resample_every: Optional[int] = by_mode(CORRECTIONS, "resample_every", "an integer >= 1 (steps)",
-                                            check=lambda v: v >= 1)
+    resample_after: Optional[int] = by_mode(
+        CORRECTIONS, "resample_after", "an integer >= 1 (steps without firing)", check=lambda v: v >= 1
+    )
+    resample_every: Optional[int] = by_mode(
+        CORRECTIONS, "resample_every", "an integer >= 1 (steps)", check=lambda v: v >= 1
+    )
     resample_source: Optional[str] = by_mode(CORRECTIONS, "resample_source", "", options=("input", "residual"))
     resample_pick: Optional[str] = by_mode(CORRECTIONS, "resample_pick", "", options=("sample", "top"))
     adaptive_sparsity: bool = setting(True, allowed="true or false")
     adaptive_rule: Optional[str] = by_mode(CORRECTIONS, "adaptive_rule", "", options=("loss_ratio", "fvu"))
-    target_fvu: float = setting(0.1, allowed="a float in (0, 1] (adaptive_rule=fvu: target fraction of variance "
-                                             "unexplained)", check=lambda v: 0 < v <= 1)
-    recon_target: float = setting(2.5, allowed="a float > 0 (adaptive_rule=loss_ratio: target per-element MSE)",
-                                  check=lambda v: v > 0)
+    target_fvu: float = setting(
+        0.1,
+        allowed="a float in (0, 1] (adaptive_rule=fvu: target fraction of variance unexplained)",
+        check=lambda v: 0 < v <= 1,
+    )
+    recon_target: float = setting(
+        2.5, allowed="a float > 0 (adaptive_rule=loss_ratio: target per-element MSE)", check=lambda v: v > 0
+    )
     merge: bool = setting(True, allowed="true or false")
     merge_every: int = setting(100, allowed="an integer >= 1 (steps)", check=lambda v: v >= 1)
     merge_threshold: float = setting(0.9, allowed="a float in (0, 1) (decoder cosine)", check=lambda v: 0 < v < 1)
@@ -249,15 +265,23 @@ class HierarchicalTrainer(Trainer):
         with torch.no_grad():
             self.window_counts += active.float().sum(0)
             self._last = (x, resid.detach(), sq.sum(-1), fired)
-        parts = {"l1": l1, "l1_base": torch.full((), base, device=x.device), "l1_coeff": coeff,
-                 "sparsity_scale": scale, "recon_ratio": self.recon_ratio, "fvu_ema": self.fvu_ema.clone(),
-                 "mean_rate": self.rates.mean(), "active_frac": (self.rates > 0).float().mean()}
+        parts = {
+            "l1": l1,
+            "l1_base": torch.full((), base, device=x.device),
+            "l1_coeff": coeff,
+            "sparsity_scale": scale,
+            "recon_ratio": self.recon_ratio,
+            "fvu_ema": self.fvu_ema.clone(),
+            "mean_rate": self.rates.mean(),
+            "active_frac": (self.rates > 0).float().mean(),
+        }
         if self.params.resample:  # a mechanism that is off logs nothing (not a misleading 0)
             parts.update(resampled=self.check_log[0], dead_at_check=self.check_log[2])
         if self.params.merge:
             parts.update(merged=self.check_log[1], max_decoder_cos=self.check_log[3])
-        return StepOutput(loss=mse + coeff * l1, x_hat=x_hat, l0=active.float().sum(-1).mean(), fired=fired,
-                          parts=parts)
+        return StepOutput(
+            loss=mse + coeff * l1, x_hat=x_hat, l0=active.float().sum(-1).mean(), fired=fired, parts=parts
+        )
 
     def after_optimizer_step(self) -> None:
         assert self._last is not None
@@ -312,8 +336,9 @@ class HierarchicalTrainer(Trainer):
             idx = idx[:n_tokens]
             # seeded by step: reproducible, and identical after a resume
             g = torch.Generator(device=loss_per_token.device).manual_seed(self.seed * 1_000_003 + self.step_count)
-            pick = torch.multinomial(loss_per_token.sqrt().clamp_min(1e-12), idx.numel(), replacement=False,
-                                     generator=g)
+            pick = torch.multinomial(
+                loss_per_token.sqrt().clamp_min(1e-12), idx.numel(), replacement=False, generator=g
+            )
         n = idx.numel()
         src = resid if o.resample_source == "residual" else x
         dirs = src[pick].float()
@@ -333,8 +358,9 @@ class HierarchicalTrainer(Trainer):
         return n
 
     @torch.no_grad()
-    def merge_duplicates(self, x: Tensor, resid: Tensor, loss_per_token: Tensor,
-                         fired: Tensor | None = None) -> tuple[list[tuple[int, int]], float]:
+    def merge_duplicates(
+        self, x: Tensor, resid: Tensor, loss_per_token: Tensor, fired: Tensor | None = None
+    ) -> tuple[list[tuple[int, int]], float]:
         """Merge every disjoint pair with decoder cosine > merge_threshold, best first; returns
         ((kept, removed) pairs, the largest decoder cosine seen).
 
@@ -387,9 +413,16 @@ class HierarchicalTrainer(Trainer):
         return merged, max_cos
 
     def extra_state(self) -> dict[str, Any]:
-        return {"steps_since_fired": self.steps_since_fired.clone(), "window_counts": self.window_counts.clone(),
-                "window_tokens": self.window_tokens, "rates": self.rates.clone(), "fvu_ema": self.fvu_ema.clone(),
-                "n_resampled": self.n_resampled, "n_merged": self.n_merged, "check_log": self.check_log.clone()}
+        return {
+            "steps_since_fired": self.steps_since_fired.clone(),
+            "window_counts": self.window_counts.clone(),
+            "window_tokens": self.window_tokens,
+            "rates": self.rates.clone(),
+            "fvu_ema": self.fvu_ema.clone(),
+            "n_resampled": self.n_resampled,
+            "n_merged": self.n_merged,
+            "check_log": self.check_log.clone(),
+        }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if not state:

@@ -11,6 +11,7 @@ Loss = ||x - x_hat||^2 + sparsity, with sparsity either `l0_coeff * L0` (L0 = su
 or, when `target_l0 > 0`, `l0_coeff * (L0 / target_l0 - 1)^2` (drives the mean L0 to a target).
 The coefficient ramps from 0 over `sparsity_warmup` of training.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,9 +24,9 @@ from torch import Tensor, nn
 from sae_sweep.config import setting
 
 from .autoencoder import SparseAutoencoder
-from .trainer import StepOutput, Trainer, TrainerParams, mse_loss
 from .registry import register_sae, register_trainer
 from .relu import linear_ramp
+from .trainer import StepOutput, Trainer, TrainerParams, mse_loss
 
 
 def rectangle(u: Tensor) -> Tensor:
@@ -75,7 +76,8 @@ class JumpReLUSAE(SparseAutoencoder):
         super().__init__(d_in, d_sae, **kwargs)
         p = self.W_dec
         self.log_threshold = nn.Parameter(
-            torch.full((self.d_sae,), math.log(threshold_init), device=p.device, dtype=p.dtype))
+            torch.full((self.d_sae,), math.log(threshold_init), device=p.device, dtype=p.dtype)
+        )
         self.bandwidth = 1e-3  # only used by training-time gradients; set by the trainer
 
     @property
@@ -94,11 +96,19 @@ class JumpReLUSAE(SparseAutoencoder):
 
 @dataclass
 class JumpReLUParams(TrainerParams):
-    bandwidth: float = setting(0.001, allowed="a float > 0 (STE kernel width, in activation units)", check=lambda v: v > 0)
-    threshold_init: float = setting(0.1, allowed="a float > 0 (initial threshold, in activation units)", check=lambda v: v > 0)
+    bandwidth: float = setting(
+        0.001, allowed="a float > 0 (STE kernel width, in activation units)", check=lambda v: v > 0
+    )
+    threshold_init: float = setting(
+        0.1, allowed="a float > 0 (initial threshold, in activation units)", check=lambda v: v > 0
+    )
     l0_coeff: float = setting(1.0, allowed="a float >= 0", check=lambda v: v >= 0)
-    target_l0: float = setting(0.0, allowed="a float >= 0 (0: penalise L0 itself; > 0: penalise (L0/target - 1)^2)", check=lambda v: v >= 0)
-    sparsity_warmup: float = setting(0.05, allowed="a float in [0, 1] (fraction of training)", check=lambda v: 0 <= v <= 1)
+    target_l0: float = setting(
+        0.0, allowed="a float >= 0 (0: penalise L0 itself; > 0: penalise (L0/target - 1)^2)", check=lambda v: v >= 0
+    )
+    sparsity_warmup: float = setting(
+        0.05, allowed="a float in [0, 1] (fraction of training)", check=lambda v: 0 <= v <= 1
+    )
 
 
 @register_trainer("jumprelu")
@@ -124,7 +134,13 @@ class JumpReLUTrainer(Trainer):
         coeff = self.params.l0_coeff * linear_ramp(self.step_count, self.total_steps, self.params.sparsity_warmup)
         active = f > 0
         return StepOutput(
-            loss=mse + coeff * sparsity, x_hat=x_hat, l0=l0.detach(), fired=active.any(0),
-            parts={"sparsity": sparsity, "sparsity_coeff": torch.full((), coeff, device=x.device),
-                   "mean_threshold": sae.threshold.detach().mean()},
+            loss=mse + coeff * sparsity,
+            x_hat=x_hat,
+            l0=l0.detach(),
+            fired=active.any(0),
+            parts={
+                "sparsity": sparsity,
+                "sparsity_coeff": torch.full((), coeff, device=x.device),
+                "mean_threshold": sae.threshold.detach().mean(),
+            },
         )

@@ -17,6 +17,7 @@ The backward products have two implementations, picked by the tensors' device:
 ``force_path("cpu" | "device")`` runs either one on any tensors; the tests check on CPU that the
 two agree with each other and with dense autograd.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -134,9 +135,14 @@ class Codes:
         return res
 
 
-def dense_code_matmul(parts: list[tuple[Tensor, Tensor]], x: Tensor | None, n_latents: int, transpose: bool,
-                      col_sum: bool = False, dtype: torch.dtype | None = None
-                      ) -> tuple[Tensor | None, Tensor | None]:
+def dense_code_matmul(
+    parts: list[tuple[Tensor, Tensor]],
+    x: Tensor | None,
+    n_latents: int,
+    transpose: bool,
+    col_sum: bool = False,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor | None, Tensor | None]:
     """(G^T @ x [n_latents, d], or with ``transpose=False`` x^T @ G [d, n_latents]; None when x
     is None; and G's column sums [n_latents] when ``col_sum``), where G [B, n_latents] is the dense
     code sum_p scatter(idx_p, values_p) of ``parts`` (idx_p, values_p [B, k_p]; the entries of a
@@ -177,14 +183,15 @@ def _gather_dot(W: Tensor, idx: Tensor, g: Tensor) -> Tensor:
     if cpu_path(g) and W.dtype == g.dtype:
         B, k = idx.shape
         crow = torch.arange(0, B * k + 1, k, device=idx.device)
-        pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), g.new_zeros(B * k), (B, W.shape[0]),
-                                          check_invariants=False)
+        pattern = torch.sparse_csr_tensor(
+            crow, idx.reshape(-1), g.new_zeros(B * k), (B, W.shape[0]), check_invariants=False
+        )
         return torch.sparse.sampled_addmm(pattern, g, W.T, beta=0.0).values().view(B, k)
     out = torch.empty(idx.shape, dtype=g.dtype, device=g.device)
     rows = _block_rows(W.shape[0])
     Wt = W.T.to(g.dtype)
     for s in range(0, idx.shape[0], rows):
-        out[s:s + rows] = (g[s:s + rows] @ Wt).gather(1, idx[s:s + rows])
+        out[s : s + rows] = (g[s : s + rows] @ Wt).gather(1, idx[s : s + rows])
     return out
 
 
@@ -223,9 +230,18 @@ class TopKEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int,
-                dead: Tensor | None, k_aux: int, compute_dtype: torch.dtype,
-                workspace: Workspace | None = None):
+    def forward(
+        ctx,
+        x: Tensor,
+        W_enc: Tensor,
+        b_enc: Tensor,
+        b_dec: Tensor,
+        k: int,
+        dead: Tensor | None,
+        k_aux: int,
+        compute_dtype: torch.dtype,
+        workspace: Workspace | None = None,
+    ):
         xc = x - b_dec
         a, w = xc.to(compute_dtype), W_enc.to(compute_dtype)
         # pre [B, d_sae] is the step's one big tensor and is not kept for backward: written into
@@ -265,8 +281,14 @@ class TopKEncode(torch.autograd.Function):
         else:
             # grad W_enc [d_in, d_sae] = xc^T @ G, G the dense code gradient [B, d_sae] in row
             # blocks: no [B*(k+k_aux), d_in] tensor (36 GB at Llama-3.1-8B width, B 1024, AuxK on)
-            grad_W, sums = dense_code_matmul(parts, xc.to(W_enc.dtype) if ctx.needs_input_grad[1] else None,
-                                             d_sae, transpose=False, col_sum=True, dtype=W_enc.dtype)
+            grad_W, sums = dense_code_matmul(
+                parts,
+                xc.to(W_enc.dtype) if ctx.needs_input_grad[1] else None,
+                d_sae,
+                transpose=False,
+                col_sum=True,
+                dtype=W_enc.dtype,
+            )
             assert sums is not None  # col_sum=True
             col_sum = sums
         if ctx.needs_input_grad[2]:

@@ -6,6 +6,7 @@ to carry general features and later ones refine them, which counters feature abs
 The code f comes from BatchTopK (default) or per-token TopK over the whole dictionary; the
 prefix sizes grow geometrically: m_j = d_sae / prefix_ratio^(n_prefixes - 1 - j).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,9 +18,9 @@ from torch import Tensor
 from sae_sweep.config import choice, setting
 
 from .autoencoder import SparseAutoencoder
-from .trainer import StepOutput, mse_loss
 from .batchtopk import BatchTopKParams, BatchTopKSAE, BatchTopKTrainer
 from .registry import register_sae, register_trainer
+from .trainer import StepOutput, mse_loss
 
 INNER = ("batchtopk", "topk")
 
@@ -53,7 +54,9 @@ class MatryoshkaSAE(BatchTopKSAE):
 class MatryoshkaParams(BatchTopKParams):
     inner: str = choice("batchtopk", INNER)
     n_prefixes: int = setting(4, allowed="an integer >= 1 (number of nested dictionaries)", check=lambda v: v >= 1)
-    prefix_ratio: float = setting(2.0, allowed="a float > 1 (size ratio between consecutive prefixes)", check=lambda v: v > 1)
+    prefix_ratio: float = setting(
+        2.0, allowed="a float > 1 (size ratio between consecutive prefixes)", check=lambda v: v > 1
+    )
 
 
 @register_trainer("matryoshka")
@@ -65,8 +68,9 @@ class MatryoshkaTrainer(BatchTopKTrainer):
         self.prefixes = prefix_sizes(self.d_sae, self.params.n_prefixes, self.params.prefix_ratio)
 
     def build_sae(self, generator: torch.Generator) -> SparseAutoencoder:
-        return MatryoshkaSAE(self.d_in, self.d_sae, int(self.sae_cfg["k"]), inner=self.params.inner,
-                             generator=generator)
+        return MatryoshkaSAE(
+            self.d_in, self.d_sae, int(self.sae_cfg["k"]), inner=self.params.inner, generator=generator
+        )
 
     def compute_loss(self, x: Tensor) -> StepOutput:
         sae: MatryoshkaSAE = self.sae  # type: ignore[assignment]
@@ -90,5 +94,10 @@ class MatryoshkaTrainer(BatchTopKTrainer):
         parts["auxk"] = auxk
         parts["threshold"] = sae.threshold.detach().clone()
         active = f > 0
-        return StepOutput(loss=loss + self.params.auxk_alpha * auxk, x_hat=x_hat,
-                          l0=active.float().sum(-1).mean(), fired=active.any(0), parts=parts)
+        return StepOutput(
+            loss=loss + self.params.auxk_alpha * auxk,
+            x_hat=x_hat,
+            l0=active.float().sum(-1).mean(),
+            fired=active.any(0),
+            parts=parts,
+        )

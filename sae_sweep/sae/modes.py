@@ -13,6 +13,7 @@ explicit value overrides it, so ``trainer.mode=published trainer.l1_end_frac=0.1
 published method with one correction. Each key's `Correction` holds both values and the reason;
 the module docstring and docs/research-variants.md say what was broken or infeasible, and how measured.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,8 +39,13 @@ def mode_setting() -> Any:
     return choice("corrected", MODES)
 
 
-def by_mode(table: Mapping[str, Correction], name: str, allowed: str,
-            check: Optional[Callable[[Any], bool]] = None, options: Optional[Sequence[Any]] = None) -> Any:
+def by_mode(
+    table: Mapping[str, Correction],
+    name: str,
+    allowed: str,
+    check: Optional[Callable[[Any], bool]] = None,
+    options: Optional[Sequence[Any]] = None,
+) -> Any:
     """A params field whose null default takes ``trainer.mode``'s value from ``table[name]``.
 
     ``options`` makes it an enumeration (``allowed`` then lists them); ``check`` a range."""
@@ -48,8 +54,11 @@ def by_mode(table: Mapping[str, Correction], name: str, allowed: str,
         options = tuple(options)
         allowed = "one of: " + ", ".join(map(str, options))
         check = options.__contains__
-    return setting(None, allowed=f"null (trainer.mode decides: published {c.published!r}, corrected "
-                                 f"{c.corrected!r}) or {allowed}", check=check)
+    return setting(
+        None,
+        allowed=f"null (trainer.mode decides: published {c.published!r}, corrected {c.corrected!r}) or {allowed}",
+        check=check,
+    )
 
 
 def resolve(params: Any, table: Mapping[str, Correction]) -> SimpleNamespace:

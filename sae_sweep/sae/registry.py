@@ -5,6 +5,7 @@ dataclass (`params_cls`) as the schema of `trainer=topk` (Hydra's ConfigStore `s
 checked by `sae_sweep.config.validate`). SAE classes register with `@register_sae("topk")`: the
 `architecture` field of a saved `cfg.json`, used by `SparseAutoencoder.load`.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, TypeVar

@@ -6,6 +6,7 @@ penalty from step 0 kills latents before they find features) and w_i = 1, or ||W
 `decoder_norm_l1` (the April update: decoder rows are then left free and the penalty is on the
 latent's contribution to x_hat, so shrinking f while growing the row no longer dodges it).
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,8 @@ from torch import Tensor
 from sae_sweep.config import setting
 
 from .autoencoder import SparseAutoencoder
-from .trainer import StepOutput, Trainer, TrainerParams, mse_loss
 from .registry import register_sae, register_trainer
+from .trainer import StepOutput, Trainer, TrainerParams, mse_loss
 
 
 @register_sae("relu")
@@ -94,6 +95,9 @@ class ReLUTrainer(Trainer):
         coeff = self.l1_coeff()
         active = f > 0
         return StepOutput(
-            loss=mse + coeff * l1, x_hat=x_hat, l0=active.float().sum(-1).mean(), fired=active.any(0),
+            loss=mse + coeff * l1,
+            x_hat=x_hat,
+            l0=active.float().sum(-1).mean(),
+            fired=active.any(0),
             parts={"l1": l1, "l1_coeff": torch.full((), coeff, device=x.device)},  # a fill: no upload
         )

@@ -103,6 +103,7 @@ nonzero counts); on CUDA (and under `kernels.force_path("device")`) the same upd
 fixed-size tensors (sentinel keys, sort, run lengths), so a step never waits for the host; tests
 check that both give the same table.
 """
+
 from __future__ import annotations
 
 import time
@@ -124,17 +125,28 @@ from .trainer import StepOutput, mse_loss
 DENSE_MAX_D_SAE = 16384  # tracker=dense: 5 fp32/int32 d_sae x d_sae tensors = 5 GiB here
 
 CORRECTIONS = {
-    "weights_from": Correction("live", "closed", "the published order compares c̄ with itself once a window "
-                                                 "closes: at batch >= window, stability is 0 and w = c̄ at every step"),
-    "cbar_init": Correction("zero", "first", "from c̄ = 0 with alpha <= 1e-3 every pair looks maximally unstable for "
-                                            "thousands of windows (w ~ 2c)"),
-    "alpha_rule": Correction("rate", "windows", "per pair as the idea text writes it: c̄ stays symmetric and can "
-                                                "reach its 0.1 cap"),
+    "weights_from": Correction(
+        "live",
+        "closed",
+        "the published order compares c̄ with itself once a window "
+        "closes: at batch >= window, stability is 0 and w = c̄ at every step",
+    ),
+    "cbar_init": Correction(
+        "zero",
+        "first",
+        "from c̄ = 0 with alpha <= 1e-3 every pair looks maximally unstable for thousands of windows (w ~ 2c)",
+    ),
+    "alpha_rule": Correction(
+        "rate", "windows", "per pair as the idea text writes it: c̄ stays symmetric and can reach its 0.1 cap"
+    ),
     "window": Correction(1000, 20, "1000 samples is less than one batch of 2048: no window to compare"),
     "window_unit": Correction("samples", "steps", "see window"),
     "count": Correction("selected", "active", "count pairs that fire, not top-k members with value 0"),
-    "ortho_form": Correction("squared", "linear", "the idea text's sum of w |f_i^T f_j| / B; the squared mean over "
-                                                  "F^2 shrinks with d_sae^2 and B^2"),
+    "ortho_form": Correction(
+        "squared",
+        "linear",
+        "the idea text's sum of w |f_i^T f_j| / B; the squared mean over F^2 shrinks with d_sae^2 and B^2",
+    ),
     "include_diag": Correction(True, False, "f_i^T f_i is an activation-size penalty, not a co-activation"),
     "ortho_coeff": Correction(0.1, 1.0, "the forms' scales differ by orders of magnitude"),
     "tracker": Correction("dense", "table", "dense F x F state is 16 GiB per matrix at d_sae 65,536"),
@@ -153,9 +165,19 @@ class CoactivationTable:
 
     FIELDS = ("partner", "cur", "avg", "freq", "weight")
 
-    def __init__(self, d_sae: int, cap: int | None = 32, device: Any = "cpu", *, dense: bool = False,
-                 weights_from: str = "closed", cbar_init: str = "first", alpha_rule: str = "windows",
-                 include_diag: bool = False, route: str = "auto"):
+    def __init__(
+        self,
+        d_sae: int,
+        cap: int | None = 32,
+        device: Any = "cpu",
+        *,
+        dense: bool = False,
+        weights_from: str = "closed",
+        cbar_init: str = "first",
+        alpha_rule: str = "windows",
+        include_diag: bool = False,
+        route: str = "auto",
+    ):
         if route not in ("auto", "pairs", "gram"):
             raise ValueError(f"CoactivationTable route={route!r}: allowed 'auto', 'pairs', 'gram'")
         self.route = route
@@ -278,7 +300,9 @@ class CoactivationTable:
         row_start = torch.ones_like(rep)
         row_start[1:] = rows[1:] != rows[:-1]
         rank = pos - torch.where(row_start, pos, torch.zeros_like(pos)).cummax(0).values
-        strength = torch.where(self.partner < 0, torch.full_like(self.cur, -1.0), self.cur + self.avg * self.window_tokens)
+        strength = torch.where(
+            self.partner < 0, torch.full_like(self.cur, -1.0), self.cur + self.avg * self.window_tokens
+        )
         weakest = strength.argsort(dim=1, stable=True)
         r, k = rows.clamp(max=n_lat - 1), rank.clamp(max=cap - 1)
         slot = weakest[r, k]
@@ -287,9 +311,11 @@ class CoactivationTable:
         target = r * cap + slot
         hit = torch.zeros(n_lat * cap, dtype=torch.int32, device=rows.device).index_add_(0, target, win.int())
         new_col = torch.zeros(n_lat * cap, dtype=torch.long, device=rows.device).index_add_(
-            0, target, torch.where(win, cols, torch.zeros_like(cols)))
+            0, target, torch.where(win, cols, torch.zeros_like(cols))
+        )
         new_cnt = torch.zeros(n_lat * cap, device=rows.device).index_add_(
-            0, target, torch.where(win, counts, torch.zeros_like(counts)))
+            0, target, torch.where(win, counts, torch.zeros_like(counts))
+        )
         m = (hit > 0).view(n_lat, cap)
         self.partner = torch.where(m, new_col.view(n_lat, cap).to(self.partner.dtype), self.partner)
         self.cur = torch.where(m, new_cnt.view(n_lat, cap), self.cur)
@@ -304,8 +330,9 @@ class CoactivationTable:
         if self.dense:
             return
         rows = torch.arange(self.d_sae, device=self.partner.device, dtype=torch.long)[:, None]
-        keys = torch.where(self.partner >= 0, rows * self.d_sae + self.partner.long(),
-                           torch.full_like(rows, self.d_sae * self.d_sae))  # sentinel: past any key
+        keys = torch.where(
+            self.partner >= 0, rows * self.d_sae + self.partner.long(), torch.full_like(rows, self.d_sae * self.d_sae)
+        )  # sentinel: past any key
         self._sorted, self._perm = keys.flatten().sort()
 
     def _lookup(self, keys: Tensor) -> tuple[Tensor, Tensor]:
@@ -328,8 +355,11 @@ class CoactivationTable:
         keep = rank < self.cap
         rows, cols, counts, rank, inverse = rows[keep], cols[keep], counts[keep], rank[keep], inverse[keep]
         # resident strength: expected count this window; empty slots lose to anything
-        strength = torch.where(self.partner[urows] < 0, torch.full_like(self.cur[urows], -1.0),
-                               self.cur[urows] + self.avg[urows] * self.window_tokens)
+        strength = torch.where(
+            self.partner[urows] < 0,
+            torch.full_like(self.cur[urows], -1.0),
+            self.cur[urows] + self.avg[urows] * self.window_tokens,
+        )
         weakest = strength.argsort(dim=1, stable=True)  # [R, cap], weakest first
         slot = weakest[inverse, rank]
         win = counts > strength[inverse, slot]
@@ -381,8 +411,15 @@ class CoactivationTable:
         """[stab_mean, stab_zero_frac, w_mean, cbar_mean, alpha_mean] over pairs with a signal."""
         sig = (valid & (torch.maximum(c, c_bar) > 0)).float()
         n = sig.sum().clamp_min(1)
-        return torch.stack([(stab * sig).sum() / n, ((stab == 0).float() * sig).sum() / n,
-                            (self.weight * sig).sum() / n, (c_bar * sig).sum() / n, self._alpha_mean])
+        return torch.stack(
+            [
+                (stab * sig).sum() / n,
+                ((stab == 0).float() * sig).sum() / n,
+                (self.weight * sig).sum() / n,
+                (c_bar * sig).sum() / n,
+                self._alpha_mean,
+            ]
+        )
 
     def pair_weights(self, idx: Tensor) -> Tensor:
         """w for every ordered pair of a token's latents: idx [B, k] -> [B, k, k] (0 if untracked,
@@ -395,9 +432,14 @@ class CoactivationTable:
         return w * ~torch.eye(idx.shape[1], dtype=torch.bool, device=idx.device)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**{f: getattr(self, f).clone() for f in self.FIELDS}, "fires": self.fires.clone(),
-                "window_tokens": self.window_tokens, "windows_closed": self.windows_closed,
-                "stats": self.stats.clone(), "alpha_mean": self._alpha_mean.clone()}
+        return {
+            **{f: getattr(self, f).clone() for f in self.FIELDS},
+            "fires": self.fires.clone(),
+            "window_tokens": self.window_tokens,
+            "windows_closed": self.windows_closed,
+            "stats": self.stats.clone(),
+            "alpha_mean": self._alpha_mean.clone(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for f in self.FIELDS:
@@ -433,8 +475,7 @@ def ortho_penalty(vals: Tensor, idx: Tensor, table: CoactivationTable, form: str
     if not table.include_diag:
         hit = hit & ~torch.eye(idx.shape[1], dtype=torch.bool, device=idx.device)
     # untracked pairs carry weight 0; their slot index is arbitrary, so add 0 there
-    dots = torch.zeros(table.weight.numel(), device=v.device).index_add(0, flat.reshape(-1),
-                                                                         (prod * hit).reshape(-1))
+    dots = torch.zeros(table.weight.numel(), device=v.device).index_add(0, flat.reshape(-1), (prod * hit).reshape(-1))
     return (table.weight.view(-1) * (dots / B).pow(2)).sum() / float(table.d_sae) ** 2
 
 
@@ -457,8 +498,13 @@ def _ortho_penalty_gram(vals: Tensor, idx: Tensor, table: CoactivationTable, for
     else:  # a row's partners are distinct, and empty slots add 0 (no boolean indexing: no host sync)
         valid = table.partner >= 0
         keys = torch.arange(d, device=vals.device)[:, None] * d + table.partner.long().clamp_min(0)
-        w = torch.zeros(d * d, device=vals.device).index_add_(
-            0, keys.reshape(-1), torch.where(valid, table.weight, torch.zeros_like(table.weight)).reshape(-1)).view(d, d)
+        w = (
+            torch.zeros(d * d, device=vals.device)
+            .index_add_(
+                0, keys.reshape(-1), torch.where(valid, table.weight, torch.zeros_like(table.weight)).reshape(-1)
+            )
+            .view(d, d)
+        )
     if not table.include_diag:
         w.fill_diagonal_(0)
     if form == "linear":
@@ -474,8 +520,9 @@ class TemporalOrthoSAE(TopKSAE):
 @dataclass
 class TemporalOrthoParams(TopKParams):
     mode: str = mode_setting()
-    ortho_coeff: Optional[float] = by_mode(CORRECTIONS, "ortho_coeff", "a float >= 0 (lambda2, co-activation penalty)",
-                                           check=lambda v: v >= 0)
+    ortho_coeff: Optional[float] = by_mode(
+        CORRECTIONS, "ortho_coeff", "a float >= 0 (lambda2, co-activation penalty)", check=lambda v: v >= 0
+    )
     ortho_form: Optional[str] = by_mode(CORRECTIONS, "ortho_form", "", options=("squared", "linear"))
     include_diag: Optional[bool] = by_mode(CORRECTIONS, "include_diag", "true or false")
     l1_coeff: float = setting(0.0, allowed="a float >= 0 (lambda1, L1 on activations)", check=lambda v: v >= 0)
@@ -486,14 +533,17 @@ class TemporalOrthoParams(TopKParams):
     alpha_rule: Optional[str] = by_mode(CORRECTIONS, "alpha_rule", "", options=("rate", "windows"))
     count: Optional[str] = by_mode(CORRECTIONS, "count", "", options=("selected", "active"))
     tracker: Optional[str] = by_mode(CORRECTIONS, "tracker", "", options=("dense", "table"))
-    cap: int = setting(32, allowed="an integer >= 1 (tracker=table: tracked partners per latent)",
-                       check=lambda v: v >= 1)
+    cap: int = setting(
+        32, allowed="an integer >= 1 (tracker=table: tracked partners per latent)", check=lambda v: v >= 1
+    )
 
     def shape_problems(self, d_in: int, d_sae: int) -> list[str]:
         if resolve(self, CORRECTIONS).tracker == "dense" and d_sae > DENSE_MAX_D_SAE:
-            return [f"trainer.tracker={self.tracker!r} (mode={self.mode}: dense) at d_sae={d_sae}: the dense "
-                    f"tracker keeps d_sae x d_sae state ({20 * d_sae ** 2 / 2**30:.1f} GiB); allowed: "
-                    f"d_sae <= {DENSE_MAX_D_SAE}, or trainer.tracker=table"]
+            return [
+                f"trainer.tracker={self.tracker!r} (mode={self.mode}: dense) at d_sae={d_sae}: the dense "
+                f"tracker keeps d_sae x d_sae state ({20 * d_sae**2 / 2**30:.1f} GiB); allowed: "
+                f"d_sae <= {DENSE_MAX_D_SAE}, or trainer.tracker=table"
+            ]
         return []
 
 
@@ -504,9 +554,16 @@ class TemporalOrthoTrainer(TopKTrainer):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         o = self.opt = resolve(self.params, CORRECTIONS)
-        self.table = CoactivationTable(self.d_sae, self.params.cap, self.device, dense=o.tracker == "dense",
-                                       weights_from=o.weights_from, cbar_init=o.cbar_init, alpha_rule=o.alpha_rule,
-                                       include_diag=o.include_diag)
+        self.table = CoactivationTable(
+            self.d_sae,
+            self.params.cap,
+            self.device,
+            dense=o.tracker == "dense",
+            weights_from=o.weights_from,
+            cbar_init=o.cbar_init,
+            alpha_rule=o.alpha_rule,
+            include_diag=o.include_diag,
+        )
         self._tracker_mib = torch.full((), self.table.nbytes() / 2**20, device=self.device)
 
     def build_sae(self, generator: torch.Generator) -> SparseAutoencoder:
@@ -532,21 +589,34 @@ class TemporalOrthoTrainer(TopKTrainer):
         mse = mse_loss(x, x_hat)
         l1 = vals.float().sum(-1).mean()
         ortho = ortho_penalty(vals, idx, self.table, o.ortho_form)
-        fired = torch.zeros(self.d_sae, device=x.device).scatter_add_(
-            0, idx.reshape(-1), active.float().reshape(-1)) > 0
+        fired = (
+            torch.zeros(self.d_sae, device=x.device).scatter_add_(0, idx.reshape(-1), active.float().reshape(-1)) > 0
+        )
         if p.auxk_alpha > 0 and self.tokens_seen >= p.dead_tokens:
             auxk = self.auxk_loss(x - x_hat.detach(), pre, self.dead_mask())
         else:
             auxk = torch.zeros((), device=x.device)
         loss = mse + p.auxk_alpha * auxk + p.l1_coeff * l1 + o.ortho_coeff * ortho
         s = self.table.stats
-        return StepOutput(loss=loss, x_hat=x_hat, l0=active.float().sum(-1).mean(), fired=fired,
-                          parts={"auxk": auxk, "l1": l1, "ortho": ortho,
-                                 "tracked_pairs": (self.table.partner >= 0).float().sum(),
-                                 "stab_mean": s[0], "stab_zero_frac": s[1], "w_mean": s[2], "cbar_mean": s[3],
-                                 "alpha_mean": s[4],
-                                 "windows_closed": torch.full((), float(self.table.windows_closed), device=x.device),
-                                 "tracker_MiB": self._tracker_mib})
+        return StepOutput(
+            loss=loss,
+            x_hat=x_hat,
+            l0=active.float().sum(-1).mean(),
+            fired=fired,
+            parts={
+                "auxk": auxk,
+                "l1": l1,
+                "ortho": ortho,
+                "tracked_pairs": (self.table.partner >= 0).float().sum(),
+                "stab_mean": s[0],
+                "stab_zero_frac": s[1],
+                "w_mean": s[2],
+                "cbar_mean": s[3],
+                "alpha_mean": s[4],
+                "windows_closed": torch.full((), float(self.table.windows_closed), device=x.device),
+                "tracker_MiB": self._tracker_mib,
+            },
+        )
 
     def extra_state(self) -> dict[str, Any]:
         return {"table": self.table.state_dict()}
@@ -556,8 +626,9 @@ class TemporalOrthoTrainer(TopKTrainer):
             self.table.load_state_dict(state["table"])
 
 
-def measure_memory(d_sae: int = 65536, cap: int = 32, batch: int = 1024, k: int = 32, steps: int = 5,
-                   seed: int = 0) -> dict[str, Any]:
+def measure_memory(
+    d_sae: int = 65536, cap: int = 32, batch: int = 1024, k: int = 32, steps: int = 5, seed: int = 0
+) -> dict[str, Any]:
     """Tracking memory at `d_sae`: state bytes, and peak RSS growth over `steps` observe + window +
     penalty (forward and backward) updates on random TopK codes; no SAE is built or trained.
     Run it in a fresh process so the peak is not some earlier allocation's."""
@@ -583,7 +654,10 @@ def measure_memory(d_sae: int = 65536, cap: int = 32, batch: int = 1024, k: int 
     table = run(d_sae, steps)
     after = maxrss_mib()
     return {
-        "d_sae": d_sae, "cap": cap, "batch": batch, "k": k,
+        "d_sae": d_sae,
+        "cap": cap,
+        "batch": batch,
+        "k": k,
         "state_MiB": table.nbytes() / 2**20,
         "tracked_pairs": int((table.partner >= 0).sum()),
         "peak_rss_growth_MiB": after - before,
@@ -595,8 +669,9 @@ def measure_memory(d_sae: int = 65536, cap: int = 32, batch: int = 1024, k: int 
 ROUTE_SHAPES = ((2048, 160, 1152), (1024, 32, 512), (1024, 64, 1024), (4096, 32, 4096))  # (batch, k, d_sae)
 
 
-def measure_routes(shapes: tuple[tuple[int, int, int], ...] = ROUTE_SHAPES, reps: int = 3,
-                   seed: int = 0) -> list[dict[str, Any]]:
+def measure_routes(
+    shapes: tuple[tuple[int, int, int], ...] = ROUTE_SHAPES, reps: int = 3, seed: int = 0
+) -> list[dict[str, Any]]:
     """Seconds per step (best of `reps`) of observe + weights + penalty + backward through each route
     (`pairs`, `gram`) at each (batch, k, d_sae), for the published setup (dense tracker, squared,
     live weights) and the corrected one (table, linear), on random TopK codes; `auto` is what
@@ -607,11 +682,17 @@ def measure_routes(shapes: tuple[tuple[int, int, int], ...] = ROUTE_SHAPES, reps
         idx = torch.rand(batch, d_sae, generator=g).topk(k).indices
         vals = torch.rand(batch, k, generator=g).requires_grad_(True)
         for setup, dense, form in (("published", True, "squared"), ("corrected", False, "linear")):
-            row = {"batch": batch, "k": k, "d_sae": d_sae, "setup": setup,
-                   "auto": "gram" if prefers_gram(batch, k, d_sae) else "pairs"}
+            row = {
+                "batch": batch,
+                "k": k,
+                "d_sae": d_sae,
+                "setup": setup,
+                "auto": "gram" if prefers_gram(batch, k, d_sae) else "pairs",
+            }
             for route in ("pairs", "gram"):
-                table = CoactivationTable(d_sae, dense=dense, include_diag=dense,
-                                          weights_from="live" if dense else "closed", route=route)
+                table = CoactivationTable(
+                    d_sae, dense=dense, include_diag=dense, weights_from="live" if dense else "closed", route=route
+                )
                 table.observe(idx, vals > 0)
                 table.end_window()
                 best = float("inf")

@@ -4,6 +4,7 @@ f(x) = ReLU(TopK_k((x - b_dec) @ W_enc + b_enc)); loss = ||x - x_hat||^2 + auxk_
 AuxK: the k_aux = d_in // 2 largest pre-activations among dead latents reconstruct the residual
 x - x_hat; its squared error is normalised by the residual's variance, so it is scale free.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,8 +17,8 @@ from sae_sweep.config import setting
 
 from .autoencoder import SparseAutoencoder, forward_tokens
 from .kernels import TopKEncode, Workspace, sparse_decode
-from .trainer import StepOutput, Trainer, TrainerParams, mse_loss
 from .registry import register_sae, register_trainer
+from .trainer import StepOutput, Trainer, TrainerParams, mse_loss
 
 
 @register_sae("topk")
@@ -98,8 +99,8 @@ class TopKTrainer(Trainer):
             # CPU: reuse the pre-activation buffer across steps (CUDA's caching allocator already does)
             workspace = self._workspace if x.device.type == "cpu" else None
             vals, idx, aux_vals, aux_idx = TopKEncode.apply(
-                x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, dead, self.k_aux if auxk_on else 0, compute_dtype,
-                workspace)
+                x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, dead, self.k_aux if auxk_on else 0, compute_dtype, workspace
+            )
             pre = None
         else:
             vals, idx, pre = sae.encode_sparse(x)

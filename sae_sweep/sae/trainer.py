@@ -5,6 +5,7 @@ one config mechanism of ``sae_sweep.config``), ``build_sae`` and ``compute_loss`
 warmup + linear-decay schedule, gradient clipping, unit-norm decoder rows, autocast, dead-latent
 counters and checkpoint state live here so that a variant's file stays small.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +18,17 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from sae_sweep.config import (DEAD_TOKENS, ConfigError, SAEConfig, d_sae_for, parse, problems, sae_problems, setting,
-                              shape_problems)
+from sae_sweep.config import (
+    DEAD_TOKENS,
+    ConfigError,
+    SAEConfig,
+    d_sae_for,
+    parse,
+    problems,
+    sae_problems,
+    setting,
+    shape_problems,
+)
 from sae_sweep.util.devices import fast_matmul
 
 from .autoencoder import SparseAutoencoder
@@ -36,8 +46,9 @@ class TrainerParams:
     grad_clip: float = setting(1.0, allowed="a float >= 0 (0 disables clipping)", check=lambda v: v >= 0)
     dead_tokens: int = setting(DEAD_TOKENS, allowed="an integer >= 1", check=lambda v: v >= 1)
     # auto: bf16 where the device multiplies bf16 natively (resolve_bf16), fp32 elsewhere
-    autocast_bf16: Any = setting("auto", allowed="auto, true or false",
-                                 check=lambda v: v == "auto" or isinstance(v, bool))
+    autocast_bf16: Any = setting(
+        "auto", allowed="auto, true or false", check=lambda v: v == "auto" or isinstance(v, bool)
+    )
 
 
 NATIVE_BF16_ENV = "SAE_SWEEP_NATIVE_BF16"
@@ -51,13 +62,15 @@ class Bf16Support:
     why: str
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpu_bf16_flags() -> tuple[str, ...]:
     """The CPU's native-bf16 matmul features: AVX512_BF16 and AMX-BF16 (torch's own checks where
     this torch has them, else /proc/cpuinfo's flags)."""
     cpu = getattr(torch, "cpu", None)
-    checks = {"avx512_bf16": getattr(cpu, "_is_avx512_bf16_supported", None),
-              "amx_bf16": getattr(cpu, "_is_amx_tile_supported", None)}
+    checks = {
+        "avx512_bf16": getattr(cpu, "_is_avx512_bf16_supported", None),
+        "amx_bf16": getattr(cpu, "_is_amx_tile_supported", None),
+    }
     if all(callable(c) for c in checks.values()):
         return tuple(name for name, check in checks.items() if callable(check) and check())
     try:
@@ -68,8 +81,12 @@ def _cpu_bf16_flags() -> tuple[str, ...]:
     return tuple(name for name in ("avx512_bf16", "amx_bf16") if name in flags)
 
 
-def detect_bf16(device: torch.device, cpu_flags: Sequence[str] | None = None, cuda_bf16: bool | None = None,
-                env: Mapping[str, str] = os.environ) -> Bf16Support:
+def detect_bf16(
+    device: torch.device,
+    cpu_flags: Sequence[str] | None = None,
+    cuda_bf16: bool | None = None,
+    env: Mapping[str, str] = os.environ,
+) -> Bf16Support:
     """Native bf16 matmul on `device`: CUDA where torch says the GPU supports bf16 (Ampere and
     later), CPU with AVX512_BF16 or AMX-BF16. Without them (e.g. AVX2-only CPUs) bf16 is emulated
     and a matmul runs ~100x slower than fp32. `SAE_SWEEP_NATIVE_BF16=0|1` overrides the detection
@@ -82,8 +99,7 @@ def detect_bf16(device: torch.device, cpu_flags: Sequence[str] | None = None, cu
         ok = cuda_bf16 if cuda_bf16 is not None else torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return Bf16Support(bool(ok), "torch.cuda.is_bf16_supported()" + ("" if ok else " is false"))
     if device.type == "cpu":
-        flags = [f for f in (_cpu_bf16_flags() if cpu_flags is None else cpu_flags)
-                 if f in ("avx512_bf16", "amx_bf16")]
+        flags = [f for f in (_cpu_bf16_flags() if cpu_flags is None else cpu_flags) if f in ("avx512_bf16", "amx_bf16")]
         return Bf16Support(bool(flags), ", ".join(flags) if flags else "no AVX512_BF16 or AMX-BF16")
     return Bf16Support(False, f"device type {device.type}: bf16 support not checked")
 
@@ -157,8 +173,7 @@ class Trainer:
     unit_norm_decoder: bool = True
     uses_k: ClassVar[bool] = False  # whether sae.k means anything to it (TopK-style trainers)
 
-    def __init__(self, d_in: int, sae_cfg: Any, trainer_cfg: Any, total_steps: int,
-                 seed: int = 0, device: Any = "cpu"):
+    def __init__(self, d_in: int, sae_cfg: Any, trainer_cfg: Any, total_steps: int, seed: int = 0, device: Any = "cpu"):
         errors = self.problems(trainer_cfg, sae_cfg, d_in)
         if errors:
             raise ConfigError("invalid trainer/sae config:\n  - " + "\n  - ".join(errors), errors)
@@ -232,7 +247,7 @@ class Trainer:
 
     @property
     def precision(self) -> str:
-        """"bf16" (matmuls in bf16 under autocast, weights and optimizer state fp32) or "fp32"."""
+        """ "bf16" (matmuls in bf16 under autocast, weights and optimizer state fp32) or "fp32"."""
         return "bf16" if self.bf16 else "fp32"
 
     def autocast(self) -> contextlib.AbstractContextManager:

@@ -85,9 +85,12 @@ def ui_command(tracking_uri: str) -> Optional[str]:
 
 def slurm_tags() -> Dict[str, str]:
     tags = {}
-    for env, tag in (("SLURM_JOB_ID", "slurm_job_id"), ("SLURM_ARRAY_JOB_ID", "slurm_array_job_id"),
-                     ("SLURM_ARRAY_TASK_ID", "slurm_array_task_id"),
-                     ("SLURM_RESTART_COUNT", "slurm_restart_count")):
+    for env, tag in (
+        ("SLURM_JOB_ID", "slurm_job_id"),
+        ("SLURM_ARRAY_JOB_ID", "slurm_array_job_id"),
+        ("SLURM_ARRAY_TASK_ID", "slurm_array_task_id"),
+        ("SLURM_RESTART_COUNT", "slurm_restart_count"),
+    ):
         if os.environ.get(env):
             tags[tag] = os.environ[env]
     return tags
@@ -98,7 +101,7 @@ class TrackingStoreError(RuntimeError):
 
 
 def sqlite_path(uri: str) -> Optional[Path]:
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
 def check_store(uri: str, timeout: float = 5.0) -> None:
@@ -110,11 +113,15 @@ def check_store(uri: str, timeout: float = 5.0) -> None:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise TrackingStoreError(f"tracking.uri={uri}: cannot create {folder} ({e.strerror}); "
-                                     f"choose a writable place (tracking.uri or paths.output_dir)") from None
+            raise TrackingStoreError(
+                f"tracking.uri={uri}: cannot create {folder} ({e.strerror}); "
+                f"choose a writable place (tracking.uri or paths.output_dir)"
+            ) from None
         if not os.access(folder, os.W_OK | os.X_OK) or (db.exists() and not os.access(db, os.W_OK)):
-            raise TrackingStoreError(f"tracking.uri={uri}: {db if db.exists() else folder} is not writable "
-                                     f"by this user; choose a writable place (tracking.uri or paths.output_dir)")
+            raise TrackingStoreError(
+                f"tracking.uri={uri}: {db if db.exists() else folder} is not writable "
+                f"by this user; choose a writable place (tracking.uri or paths.output_dir)"
+            )
     elif uri.startswith(("http://", "https://")):
         import urllib.error
         import urllib.request
@@ -122,9 +129,11 @@ def check_store(uri: str, timeout: float = 5.0) -> None:
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
         except (urllib.error.URLError, OSError) as e:
-            raise TrackingStoreError(f"tracking.uri={uri}: the MLflow server does not answer "
-                                     f"({getattr(e, 'reason', e)}); start it (launchers/mlflow_server.sh) "
-                                     f"or point tracking.uri elsewhere") from None
+            raise TrackingStoreError(
+                f"tracking.uri={uri}: the MLflow server does not answer "
+                f"({getattr(e, 'reason', e)}); start it (launchers/mlflow_server.sh) "
+                f"or point tracking.uri elsewhere"
+            ) from None
 
 
 def _damaged(db: Path) -> Optional[str]:
@@ -134,8 +143,10 @@ def _damaged(db: Path) -> Optional[str]:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
         left = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE name LIKE '_alembic_tmp_%'")]
     if left:
-        return (f"{db} is half-migrated (tables {', '.join(left)} left by an interrupted schema migration, e.g. "
-                f"two processes creating it at once before this was locked); move it aside and start a new store")
+        return (
+            f"{db} is half-migrated (tables {', '.join(left)} left by an interrupted schema migration, e.g. "
+            f"two processes creating it at once before this was locked); move it aside and start a new store"
+        )
     return None
 
 
@@ -173,8 +184,9 @@ class Tracker:
             return None
         try:
             location = f"{self.artifact_root}/{name}" if self.artifact_root else None
-            return self.client.create_experiment(name, artifact_location=location,
-                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            return self.client.create_experiment(
+                name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
         except mlflow.exceptions.MlflowException:
             # Another job created it between our look-up and create.
             exp = self.client.get_experiment_by_name(name)
@@ -182,9 +194,15 @@ class Tracker:
                 raise
             return exp.experiment_id
 
-    def find_runs(self, experiment_id: str, *, run_key: Optional[str] = None,
-                  parent_run_id: Optional[str] = None, statuses: Iterable[str] = (),
-                  extra_filter: str = "") -> List[Any]:
+    def find_runs(
+        self,
+        experiment_id: str,
+        *,
+        run_key: Optional[str] = None,
+        parent_run_id: Optional[str] = None,
+        statuses: Iterable[str] = (),
+        extra_filter: str = "",
+    ) -> List[Any]:
         clauses = []
         if run_key:
             clauses.append(f"tags.run_key = '{run_key}'")
@@ -195,8 +213,13 @@ class Tracker:
         runs: List[Any] = []
         token = None
         while True:
-            page = self.client.search_runs([experiment_id], " and ".join(clauses), max_results=1000,
-                                           order_by=["attributes.start_time DESC"], page_token=token)
+            page = self.client.search_runs(
+                [experiment_id],
+                " and ".join(clauses),
+                max_results=1000,
+                order_by=["attributes.start_time DESC"],
+                page_token=token,
+            )
             runs.extend(page)
             token = page.token
             if not token:
@@ -209,12 +232,20 @@ class Tracker:
         exp = self.client.get_experiment(exp_id)
         if EXPERIMENT_KIND_TAG not in exp.tags:  # created before experiments were tagged
             self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        run = self.client.create_run(exp_id, run_name=name,
-                                     tags={"sae_sweep.kind": "sweep", **{k: str(v) for k, v in tags.items()}})
+        run = self.client.create_run(
+            exp_id, run_name=name, tags={"sae_sweep.kind": "sweep", **{k: str(v) for k, v in tags.items()}}
+        )
         return run.info.run_id
 
-    def child(self, experiment: str, run_name: str, run_key: str, parent_run_id: Optional[str],
-              resume_run_id: Optional[str] = None, system_metrics_s: Optional[float] = None) -> "ChildRun":
+    def child(
+        self,
+        experiment: str,
+        run_name: str,
+        run_key: str,
+        parent_run_id: Optional[str],
+        resume_run_id: Optional[str] = None,
+        system_metrics_s: Optional[float] = None,
+    ) -> ChildRun:
         """A job's run, new or continued (``resume_run_id``). ``system_metrics_s``: sample the
         machine (CPU, memory, disk, network; GPUs with nvidia-ml-py) every that many seconds into
         ``system/*`` metrics until the run is closed; None: no monitor."""
@@ -247,14 +278,21 @@ class Tracker:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             # resume_logging: a continued run's samples go on after its earlier steps
-            monitor = SystemMetricsMonitor(run_id=run_id, sampling_interval=float(interval_s),
-                                           samples_before_logging=1, resume_logging=resume,
-                                           tracking_uri=self.uri)
+            monitor = SystemMetricsMonitor(
+                run_id=run_id,
+                sampling_interval=float(interval_s),
+                samples_before_logging=1,
+                resume_logging=resume,
+                tracking_uri=self.uri,
+            )
         except Exception as e:  # ImportError (psutil), or a monitor MLflow cannot build here
             log.warning("no system metrics for run %s: %s: %s", run_id, type(e).__name__, e)
             return None
-        if not any(type(m).__name__ in ("GPUMonitor", "ROCMMonitor") for m in monitor.monitors) \
-                and shutil.which("nvidia-smi") and not _GPU_HINT_GIVEN:
+        if (
+            not any(type(m).__name__ in ("GPUMonitor", "ROCMMonitor") for m in monitor.monitors)
+            and shutil.which("nvidia-smi")
+            and not _GPU_HINT_GIVEN
+        ):
             _GPU_HINT_GIVEN.append(True)
             log.warning("system metrics without GPU utilisation/memory: `pip install nvidia-ml-py` adds them")
         monitor.start()
@@ -268,12 +306,17 @@ class Tracker:
         again (a resumed run) changes nothing."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        ds = Dataset(name=str(dataset["name"]), digest=str(dataset["digest"]),
-                     source_type=str(dataset["source_type"]), source=json.dumps(dataset["source"], default=str),
-                     schema=json.dumps(dataset["schema"]) if dataset.get("schema") else None,
-                     profile=json.dumps(dataset.get("profile") or {}, default=str))
-        self.client.log_inputs(run_id, datasets=[
-            DatasetInput(ds, tags=[InputTag("mlflow.data.context", str(dataset["context"]))])])
+        ds = Dataset(
+            name=str(dataset["name"]),
+            digest=str(dataset["digest"]),
+            source_type=str(dataset["source_type"]),
+            source=json.dumps(dataset["source"], default=str),
+            schema=json.dumps(dataset["schema"]) if dataset.get("schema") else None,
+            profile=json.dumps(dataset.get("profile") or {}, default=str),
+        )
+        self.client.log_inputs(
+            run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", str(dataset["context"]))])]
+        )
 
     def log_child_datasets(self, parent_run_id: str, context: str = "train") -> int:
         """Give a sweep's parent run the ``context`` datasets its child runs logged (each once), so
@@ -311,20 +354,20 @@ class Tracker:
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
         for i in range(0, len(items), BATCH):
-            self.client.log_batch(run_id, tags=items[i:i + BATCH])
+            self.client.log_batch(run_id, tags=items[i : i + BATCH])
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         """Params are immutable in MLflow: on a resumed run only the new ones are sent."""
         existing = self.client.get_run(run_id).data.params
         items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items() if k not in existing]
         for i in range(0, len(items), BATCH):
-            self.client.log_batch(run_id, params=items[i:i + BATCH])
+            self.client.log_batch(run_id, params=items[i : i + BATCH])
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
         for i in range(0, len(items), BATCH):
-            self.client.log_batch(run_id, metrics=items[i:i + BATCH])
+            self.client.log_batch(run_id, metrics=items[i : i + BATCH])
 
     def log_artifact_file(self, run_id: str, path: Path, artifact_path: Optional[str] = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
@@ -353,8 +396,7 @@ class Tracker:
 
     def metric_history(self, run_id: str, key: str) -> List[tuple]:
         """[(step, value)] of one metric ordered by step: the data of the UI's metric chart."""
-        return sorted(((m.step, m.value) for m in self.client.get_metric_history(run_id, key)),
-                      key=lambda sv: sv[0])
+        return sorted(((m.step, m.value) for m in self.client.get_metric_history(run_id, key)), key=lambda sv: sv[0])
 
     def list_artifacts(self, run_id: str, path: Optional[str] = None) -> List[str]:
         """Artifact paths directly under ``path`` of a run ([] when there are none)."""
@@ -375,7 +417,7 @@ class ChildRun:
         self.closed = False
         self.monitor = monitor  # system metrics: stopped and flushed before the run ends
 
-    def __enter__(self) -> "ChildRun":
+    def __enter__(self) -> ChildRun:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> Literal[False]:
@@ -407,8 +449,9 @@ class ChildRun:
         reason = f"{type(error).__name__}: {error}"
         try:
             self.tracker.set_tags(self.run_id, {"error": reason[:4900], "error_type": type(error).__name__})
-            self.tracker.log_text(self.run_id, "".join(traceback.format_exception(type(error), error,
-                                                                                 error.__traceback__)), "error.txt")
+            self.tracker.log_text(
+                self.run_id, "".join(traceback.format_exception(type(error), error, error.__traceback__)), "error.txt"
+            )
         finally:
             self.tracker.end(self.run_id, RunStatus.FAILED if isinstance(error, Exception) else RunStatus.KILLED)
             self.closed = True

@@ -10,6 +10,7 @@ Knows nothing about MLflow or SLURM: metrics leave through each member's ``on_lo
 enters through ``should_stop`` or the process-wide ``STOP``. One host sync per log window
 (metrics and the first non-finite step are accumulated on the device).
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,7 +55,7 @@ class Interrupted(Exception):
 
 
 class StopRequest:
-    """"Stop at the next step", asked from outside the loop: a signal handler (SLURM preemption or
+    """ "Stop at the next step", asked from outside the loop: a signal handler (SLURM preemption or
     time limit, see app.py) cannot reach the `should_stop` of a loop it did not start, so every
     loop in the process also polls this one. `loops` (loops running now) and `seen` (a loop acted
     on the request) tell the handler whether anybody will act on it."""
@@ -109,13 +110,20 @@ class CheckpointUnreadable(RuntimeError):
     """Neither checkpoint of a run can be read; the message names both files and why."""
 
 
-def save_checkpoint(ckpt_dir: str | os.PathLike, trainer: Any, reader_state: dict, rng: dict[str, Any],
-                    extra: dict[str, Any]) -> Path:
+def save_checkpoint(
+    ckpt_dir: str | os.PathLike, trainer: Any, reader_state: dict, rng: dict[str, Any], extra: dict[str, Any]
+) -> Path:
     """Write ckpt_dir/latest.pt; the one it replaces becomes previous.pt. The new file is complete
     (written to a temp file, fsynced) before either rename, so a crash at any moment leaves a
     readable checkpoint, and a latest.pt damaged later still has previous.pt behind it."""
-    state = {"format": CKPT_FORMAT, "step": trainer.step_count, "trainer": trainer.state_dict(),
-             "reader": reader_state, "rng": rng, **extra}
+    state = {
+        "format": CKPT_FORMAT,
+        "step": trainer.step_count,
+        "trainer": trainer.state_dict(),
+        "reader": reader_state,
+        "rng": rng,
+        **extra,
+    }
     latest = checkpoint_path(ckpt_dir)
     return atomic_write(latest, lambda tmp: torch.save(state, tmp), keep_previous=latest.with_name(PREVIOUS_NAME))
 
@@ -147,8 +155,9 @@ def load_checkpoint(ckpt_dir: str | os.PathLike) -> Optional[dict[str, Any]]:
             state["fallback_from"] = errors[0]
         return state
     if errors:
-        raise CheckpointUnreadable(f"no readable checkpoint: {'; '.join(errors)}. Delete {latest.parent} to train "
-                                   f"this point from the start")
+        raise CheckpointUnreadable(
+            f"no readable checkpoint: {'; '.join(errors)}. Delete {latest.parent} to train this point from the start"
+        )
     return None
 
 
@@ -159,28 +168,68 @@ def load_checkpoint(ckpt_dir: str | os.PathLike) -> Optional[dict[str, Any]]:
 # of their ``StepOutput``), which are logged beside these and not declared here.
 _THIS = "this project (training loop)"
 METRICS = (
-    Metric("train/loss", "training loss", "lower", "loss (variant-specific)",
-           "The trainer variant's objective on the training batch: reconstruction error plus its sparsity and "
-           "auxiliary terms (AuxK, L1, ...). Not comparable across trainer variants.", _THIS),
-    Metric("train/mse", "training MSE", "lower", "squared activation norm",
-           "Mean over the batch's tokens of ||x - x_hat||^2 (summed over d_in) on the training batch, the SAE in "
-           "training mode.", _THIS),
-    Metric("train/explained_variance", "training explained variance", "higher", "fraction of variance about the mean",
-           "1 - sum ||x - x_hat||^2 / sum ||x - mean_batch(x)||^2 over the training batch (centred on the "
-           "batch's mean).", _THIS),
-    Metric("train/l0", "training L0", None, "active latents per token",
-           "Mean over the batch's tokens of the number of active latents, as the trainer variant counts them "
-           "(TopK: k). A budget, not a score.", _THIS),
-    Metric("train/dead_frac", "dead latents (training)", "lower", "fraction of latents",
-           "Fraction of latents that have not fired in the last trainer.dead_tokens training tokens, after "
-           "the step. Dead latents are wasted capacity; a run whose latents are all dead at the end fails.",
-           _THIS),
-    Metric("train/lr", "learning rate", None, "learning rate",
-           "The learning rate of the window's last step (warmup and decay schedule).", _THIS),
-    Metric("train/tokens_per_s", "training throughput", "higher", "tokens per second",
-           "This member's training tokens in the window divided by the wall-clock time since its previous "
-           "log (in a pack, the other members' steps in between count too). Depends on the machine and the "
-           "pack; not a property of the SAE.", _THIS),
+    Metric(
+        "train/loss",
+        "training loss",
+        "lower",
+        "loss (variant-specific)",
+        "The trainer variant's objective on the training batch: reconstruction error plus its sparsity and "
+        "auxiliary terms (AuxK, L1, ...). Not comparable across trainer variants.",
+        _THIS,
+    ),
+    Metric(
+        "train/mse",
+        "training MSE",
+        "lower",
+        "squared activation norm",
+        "Mean over the batch's tokens of ||x - x_hat||^2 (summed over d_in) on the training batch, the SAE in "
+        "training mode.",
+        _THIS,
+    ),
+    Metric(
+        "train/explained_variance",
+        "training explained variance",
+        "higher",
+        "fraction of variance about the mean",
+        "1 - sum ||x - x_hat||^2 / sum ||x - mean_batch(x)||^2 over the training batch (centred on the batch's mean).",
+        _THIS,
+    ),
+    Metric(
+        "train/l0",
+        "training L0",
+        None,
+        "active latents per token",
+        "Mean over the batch's tokens of the number of active latents, as the trainer variant counts them "
+        "(TopK: k). A budget, not a score.",
+        _THIS,
+    ),
+    Metric(
+        "train/dead_frac",
+        "dead latents (training)",
+        "lower",
+        "fraction of latents",
+        "Fraction of latents that have not fired in the last trainer.dead_tokens training tokens, after "
+        "the step. Dead latents are wasted capacity; a run whose latents are all dead at the end fails.",
+        _THIS,
+    ),
+    Metric(
+        "train/lr",
+        "learning rate",
+        None,
+        "learning rate",
+        "The learning rate of the window's last step (warmup and decay schedule).",
+        _THIS,
+    ),
+    Metric(
+        "train/tokens_per_s",
+        "training throughput",
+        "higher",
+        "tokens per second",
+        "This member's training tokens in the window divided by the wall-clock time since its previous "
+        "log (in a pack, the other members' steps in between count too). Depends on the machine and the "
+        "pack; not a property of the SAE.",
+        _THIS,
+    ),
 )
 
 
@@ -266,8 +315,9 @@ class Member:
         out = trainer.step(x)
         self.rng = rng_state()
         self._step_t += 1
-        self._bad_step = torch.where(torch.isfinite(out["loss"]) | (self._bad_step != self._never),
-                                     self._bad_step, self._step_t)
+        self._bad_step = torch.where(
+            torch.isfinite(out["loss"]) | (self._bad_step != self._never), self._bad_step, self._step_t
+        )
         for name, value in out.items():
             self._acc[name] = self._acc[name] + value if name in self._acc else value.clone()
         self._window += 1
@@ -303,8 +353,13 @@ class Member:
         self.check_finite()  # never persist NaN weights
         assert self.rng is not None, "start() first"
         self._ckpt_t = time.perf_counter()
-        return save_checkpoint(self.ckpt_dir, self.trainer, reader_state, self.rng,
-                               {"tokens": self.trainer.tokens_seen, "last_metrics": self._last})
+        return save_checkpoint(
+            self.ckpt_dir,
+            self.trainer,
+            reader_state,
+            self.rng,
+            {"tokens": self.trainer.tokens_seen, "last_metrics": self._last},
+        )
 
     def finish(self, reader_state: Optional[dict]) -> None:
         """End of its budget: final flush, checkpoint (unless `reader_state` is None: resumed at the
@@ -315,20 +370,28 @@ class Member:
         trainer = self.trainer
         dead = trainer.dead_mask()
         if bool(dead.all()):
-            raise TrainingFailed(f"all {dead.numel()} latents are dead at the end of training (none fired in "
-                                 f"the last {trainer.params.dead_tokens} tokens)")
+            raise TrainingFailed(
+                f"all {dead.numel()} latents are dead at the end of training (none fired in "
+                f"the last {trainer.params.dead_tokens} tokens)"
+            )
         if self._last.get("l0", 1.0) == 0.0:
             raise TrainingFailed("no latent fired in the final log window (l0 = 0)")
         if not math.isfinite(self._last.get("loss", 0.0)):
             raise TrainingFailed(f"non-finite loss in the final log window at step {trainer.step_count}")
-        self.result = TrainResult(steps=trainer.step_count, tokens=trainer.tokens_seen, metrics=self._last,
-                                  resumed_from_step=self._resumed, seconds=time.perf_counter() - self._start,
-                                  checkpoint_fallback=self._fallback)
+        self.result = TrainResult(
+            steps=trainer.step_count,
+            tokens=trainer.tokens_seen,
+            metrics=self._last,
+            resumed_from_step=self._resumed,
+            seconds=time.perf_counter() - self._start,
+            checkpoint_fallback=self._fallback,
+        )
 
 
 # The loop
-def train_members(members: Sequence[Member], reader: Any, progress: bool = True,
-                  should_stop: Optional[Callable[[], bool]] = None) -> list[Member]:
+def train_members(
+    members: Sequence[Member], reader: Any, progress: bool = True, should_stop: Optional[Callable[[], bool]] = None
+) -> list[Member]:
     """Train every member on batches from its stream. ``reader`` is one batch stream for every
     member (an iterator of [B, d_in] tensors with state_dict()/load_state_dict(), at its start), or
     a mapping {stream key: such a reader} for members whose ``stream`` differs (one per seed: each
@@ -353,8 +416,9 @@ def train_members(members: Sequence[Member], reader: Any, progress: bool = True,
             m.error = e
             states.append(None)
         if m.total_steps <= 0:
-            m.error = TrainingFailed(f"zero steps trained: total_steps={m.total_steps} "
-                                     f"(too few training tokens for one batch?)")
+            m.error = TrainingFailed(
+                f"zero steps trained: total_steps={m.total_steps} (too few training tokens for one batch?)"
+            )
     streams = {}
     for key in dict.fromkeys(m.stream for m in members if m.error is None):
         group = [(m, s) for m, s in zip(members, states) if m.error is None and m.stream == key]
@@ -368,8 +432,7 @@ def train_members(members: Sequence[Member], reader: Any, progress: bool = True,
     start = min(st.position for st in streams.values())
     end = max(m.total_steps for m in members)
     desc = "train" if len(members) == 1 else f"train x{len(members)}"
-    bar = tqdm(total=end, initial=start, desc=desc, unit="step", dynamic_ncols=True,
-               disable=None if progress else True)
+    bar = tqdm(total=end, initial=start, desc=desc, unit="step", dynamic_ncols=True, disable=None if progress else True)
     STOP.loops += 1
     try:
         while any(m.active for m in members):
@@ -385,8 +448,14 @@ def train_members(members: Sequence[Member], reader: Any, progress: bool = True,
             if advanced:
                 bar.update(1)
             if len(members) == 1 and members[0]._last:
-                bar.set_postfix({k: f"{members[0]._last[k]:.4g}" for k in ("loss", "l0", "explained_variance")
-                                 if k in members[0]._last}, refresh=False)
+                bar.set_postfix(
+                    {
+                        k: f"{members[0]._last[k]:.4g}"
+                        for k in ("loss", "l0", "explained_variance")
+                        if k in members[0]._last
+                    },
+                    refresh=False,
+                )
         for m in members:  # resumed at the end: nothing left to train, its checkpoint is current
             if m.error is None and m.result is None and m.trainer.step_count >= m.total_steps > 0:
                 try:
@@ -415,8 +484,7 @@ class _Stream:
         except StopIteration:
             for m in self.members:
                 if m.active:
-                    m.error = TrainingFailed(f"reader exhausted after {m.trainer.step_count} of "
-                                             f"{m.total_steps} steps")
+                    m.error = TrainingFailed(f"reader exhausted after {m.trainer.step_count} of {m.total_steps} steps")
             return False
         self.position += 1
         for m in self.members:
@@ -450,13 +518,28 @@ def _checkpoint_in_step(stream: _Stream) -> Optional[Path]:
     return first
 
 
-def train(trainer: Any, reader: Iterator[torch.Tensor], total_steps: int, ckpt_dir: str | os.PathLike | None = None,
-          checkpoint_every: int = 0, log_every: int = 10,
-          on_log: Optional[Callable[[int, dict[str, float]], None]] = None, progress: bool = True,
-          should_stop: Optional[Callable[[], bool]] = None, checkpoint_every_s: float = 0.0) -> TrainResult:
+def train(
+    trainer: Any,
+    reader: Iterator[torch.Tensor],
+    total_steps: int,
+    ckpt_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    log_every: int = 10,
+    on_log: Optional[Callable[[int, dict[str, float]], None]] = None,
+    progress: bool = True,
+    should_stop: Optional[Callable[[], bool]] = None,
+    checkpoint_every_s: float = 0.0,
+) -> TrainResult:
     """Train one SAE (a pack of one): its TrainResult, or its TrainingFailed raised."""
-    member = Member(trainer, total_steps, Path(ckpt_dir) if ckpt_dir is not None else None, checkpoint_every,
-                    log_every, on_log, checkpoint_every_s=checkpoint_every_s)
+    member = Member(
+        trainer,
+        total_steps,
+        Path(ckpt_dir) if ckpt_dir is not None else None,
+        checkpoint_every,
+        log_every,
+        on_log,
+        checkpoint_every_s=checkpoint_every_s,
+    )
     train_members([member], reader, progress=progress, should_stop=should_stop)
     if member.error is not None:
         raise member.error

@@ -7,6 +7,7 @@ finished while this one waited), removes what dead builders left behind, builds 
 directory beside ``final`` and renames it into place, so the directory appears complete or not at
 all. The activation cache, the tiny model and the GGUF conversion are built this way.
 """
+
 from __future__ import annotations
 
 import logging

@@ -12,6 +12,7 @@ GPU properties checkable on a CPU.
 - ``LiveBytes``: peak bytes of the tensors allocated inside a block (any device, allocator
   independent): what a step or a backward needs beyond its inputs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,18 +46,21 @@ _SYNC_OPS = {
     "aten.nonzero": "nonzero (output size depends on the data)",
     "aten.masked_select": "masked_select",
     "aten.bincount": "bincount (finds the max on the host)",
-    "aten._unique2": "unique", "aten.unique_consecutive": "unique_consecutive", "aten.unique_dim": "unique",
+    "aten._unique2": "unique",
+    "aten.unique_consecutive": "unique_consecutive",
+    "aten.unique_dim": "unique",
     "aten._unique": "unique",
     "aten.repeat_interleave": "repeat_interleave without output_size",
     "aten.lift_fresh": "torch.tensor(host data): a blocking upload on CUDA",
-    "aten.equal": "torch.equal", "aten.is_nonzero": "bool() of a tensor", "aten.allclose": "allclose",
+    "aten.equal": "torch.equal",
+    "aten.is_nonzero": "bool() of a tensor",
+    "aten.allclose": "allclose",
 }
 
 
 def _bool_index(args: Any) -> bool:
     idx = args[1] if len(args) > 1 else None
-    return isinstance(idx, (list, tuple)) and any(isinstance(t, torch.Tensor) and t.dtype == torch.bool
-                                                  for t in idx)
+    return isinstance(idx, (list, tuple)) and any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in idx)
 
 
 class SyncOps(TorchDispatchMode):

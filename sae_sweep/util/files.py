@@ -3,6 +3,7 @@
 Every write goes to a temp file in the target's own directory (so the rename never crosses a file
 system), is flushed and fsynced, then renamed over the target with ``os.replace``.
 """
+
 from __future__ import annotations
 
 import contextlib

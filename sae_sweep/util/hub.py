@@ -3,6 +3,7 @@
 ``HF_HUB_OFFLINE`` switches off every download; ``TRANSFORMERS_OFFLINE`` only models and
 ``HF_DATASETS_OFFLINE`` only datasets, as in the libraries themselves.
 """
+
 from __future__ import annotations
 
 import os

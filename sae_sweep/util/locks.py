@@ -22,6 +22,7 @@ failures) would block a cache build forever; ``flufl.lock`` recovers only after 
 does not notice at once that an owner on the same host is gone, and records no SLURM job id. The
 owner record is what the error messages and the docs (docs/reliability.md) point people at.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,7 +62,7 @@ class LockTimeout(TimeoutError):
 def read_owner(path: str | os.PathLike) -> dict[str, Any] | None:
     """The owner info stored in a lock file, or None if it is missing or not (yet) readable JSON."""
     try:
-        with open(path, "r", encoding="utf-8") as fh:
+        with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError):
         return None
@@ -75,10 +76,7 @@ def describe_owner(owner: dict[str, Any] | None) -> str:
     started = owner.get("started")
     if isinstance(started, (int, float)):
         started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))
-    return (
-        f"host={owner.get('host')} pid={owner.get('pid')} "
-        f"slurm_job_id={owner.get('slurm_job_id')} started={started}"
-    )
+    return f"host={owner.get('host')} pid={owner.get('pid')} slurm_job_id={owner.get('slurm_job_id')} started={started}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -126,7 +124,7 @@ class OwnedLock:
         owner = read_owner(self.path)
         return owner is not None and bool(owner) and owner.get("token") == self._token
 
-    def acquire(self) -> "OwnedLock":
+    def acquire(self) -> OwnedLock:
         if self._token is not None:
             raise RuntimeError(f"OwnedLock({self.path}) is already held by this object")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,11 +165,12 @@ class OwnedLock:
         else:
             log.warning(
                 "lock %s was no longer ours at release (now held by %s); leaving it",
-                self.path, describe_owner(owner),
+                self.path,
+                describe_owner(owner),
             )
         self._token = None
 
-    def __enter__(self) -> "OwnedLock":
+    def __enter__(self) -> OwnedLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -185,7 +184,9 @@ class OwnedLock:
             "host": self._host,
             "pid": os.getpid(),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0") if os.environ.get("SLURM_JOB_ID") else None,
+            "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0")
+            if os.environ.get("SLURM_JOB_ID")
+            else None,
             "started": time.time(),
             "token": token,
         }
@@ -214,8 +215,12 @@ class OwnedLock:
             if isinstance(pid, int) and not _pid_alive(pid):
                 return True
         job = os.environ.get("SLURM_JOB_ID")
-        if owner is not None and job and owner.get("slurm_job_id") == job and \
-                owner.get("slurm_restart_count") != os.environ.get("SLURM_RESTART_COUNT", "0"):
+        if (
+            owner is not None
+            and job
+            and owner.get("slurm_job_id") == job
+            and owner.get("slurm_restart_count") != os.environ.get("SLURM_RESTART_COUNT", "0")
+        ):
             return True  # an earlier run of this very job: SLURM ended it before requeueing it
         try:
             age = time.time() - os.stat(self.path).st_mtime
@@ -260,8 +265,10 @@ class OwnedLock:
     def _start_heartbeat(self) -> None:
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(
-            target=self._beat, args=(self._stop, self._token),
-            name=f"lock-heartbeat:{self.path.name}", daemon=True,
+            target=self._beat,
+            args=(self._stop, self._token),
+            name=f"lock-heartbeat:{self.path.name}",
+            daemon=True,
         )
         self._heartbeat.start()
 
@@ -277,9 +284,7 @@ class OwnedLock:
         while not stop.wait(interval):
             owner = read_owner(self.path)
             if owner is None or owner.get("token") != token:
-                log.warning(
-                    "lost lock %s: it is now held by %s", self.path, describe_owner(owner)
-                )
+                log.warning("lost lock %s: it is now held by %s", self.path, describe_owner(owner))
                 return
             try:
                 os.utime(self.path)

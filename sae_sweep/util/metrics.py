@@ -25,14 +25,14 @@ BETTER = ("higher", "lower", None)
 # Placeholder -> the regular expression one segment of a key must match. Category names that an eval
 # uses for its own aggregates (``mean``, ``flags``) are never a task.
 PLACEHOLDERS: Dict[str, str] = {
-    "k": r"\d+",                         # sparse probing: latents / dimensions a probe may use
-    "n": r"\d+",                         # SCR / TPP: latents ablated
+    "k": r"\d+",  # sparse probing: latents / dimensions a probe may use
+    "n": r"\d+",  # SCR / TPP: latents ablated
     "task": r"(?!(?:mean|flags)/)[^/]+",  # downstream probing: a task name as a category
-    "group": r"[^/]+",                   # cross-seed: the first 8 characters of a seed group
-    "seed": r"[^/]+",                    # cross-seed: the other run's seed tag
-    "a": r"[^/_]+",                      # cross-seed: the first seed of a pair
-    "b": r"[^/_]+",                      # cross-seed: the second seed of a pair
-    "run": r"[0-9a-f]{8}",               # cross-seed: the other run's id, first 8 characters
+    "group": r"[^/]+",  # cross-seed: the first 8 characters of a seed group
+    "seed": r"[^/]+",  # cross-seed: the other run's seed tag
+    "a": r"[^/_]+",  # cross-seed: the first seed of a pair
+    "b": r"[^/_]+",  # cross-seed: the second seed of a pair
+    "run": r"[0-9a-f]{8}",  # cross-seed: the other run's id, first 8 characters
 }
 
 _FIELD = re.compile(r"\{(\w+)\}")
@@ -56,7 +56,7 @@ class Metric:
     unit: str
     meaning: str
     reference: str
-    _regex: "re.Pattern[str]" = field(init=False, repr=False, compare=False)
+    _regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.better not in BETTER:
@@ -75,7 +75,7 @@ class Metric:
             raise ValueError(f"metric {self.key!r}: label {self.label!r} uses {stray}, which the key does not have")
         pattern, pos = [], 0
         for m in _FIELD.finditer(self.key):
-            pattern.append(re.escape(self.key[pos:m.start()]))
+            pattern.append(re.escape(self.key[pos : m.start()]))
             pattern.append(f"(?P<{m[1]}>{PLACEHOLDERS[m[1]]})")
             pos = m.end()
         pattern.append(re.escape(self.key[pos:]))

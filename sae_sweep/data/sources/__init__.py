@@ -4,6 +4,8 @@ source declares, and how a source of your own is named: ``module:kind``).
 One module per kind: ``builtin`` (the standard library's docstrings, offline), ``local`` (your own
 files; HTML pages read as prose), ``hub`` (a Hugging Face dataset, pinned by ``dataset.revision``),
 ``faithful`` (the model's own generations)."""
+
+from sae_sweep.data.sources import builtin, faithful, hub, local  # noqa: F401,E402  (register the kinds)
 from sae_sweep.data.sources.registry import (  # noqa: F401
     NOT_TEXT,
     DatasetUnavailable,
@@ -16,4 +18,3 @@ from sae_sweep.data.sources.registry import (  # noqa: F401
     source_for,
     source_kinds,
 )
-from sae_sweep.data.sources import builtin, faithful, hub, local  # noqa: F401,E402  (register the kinds)

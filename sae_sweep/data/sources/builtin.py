@@ -1,4 +1,5 @@
 """``builtin``: docstrings of the Python standard library (offline, ``corpus.py``)."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """``faithful``: text the configured model generates itself from BOS-only prompts (FaithfulSAE),
 kept on disk in chunks (``sae_sweep/data/faithful.py``); ``dataset.generation`` says how."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,12 +24,14 @@ class FaithfulSource(TextSource):
         return {"model": dict(lm.fingerprint), "generation": self.generations(lm, ".").identity, "version": VERSION}
 
     def record_source(self, lm: Any) -> Tuple[str, Dict[str, Any]]:
-        tags = {"sae_sweep.dataset": "faithful", "version": str(VERSION),
-                **{f"generation.{k}": str(v) for k, v in dataclasses.asdict(self.ds.generation).items()}}
+        tags = {
+            "sae_sweep.dataset": "faithful",
+            "version": str(VERSION),
+            **{f"generation.{k}": str(v) for k, v in dataclasses.asdict(self.ds.generation).items()},
+        }
         if lm is not None:
             tags["model"] = str(lm.fingerprint.get("name", ""))
         return "code", {"tags": tags}
 
-    def documents(self, lm: Any, split: str, cache_dir: str | os.PathLike,
-                  progress: Any = None) -> Iterator[List[int]]:
+    def documents(self, lm: Any, split: str, cache_dir: str | os.PathLike, progress: Any = None) -> Iterator[List[int]]:
         yield from self.generations(lm, cache_dir).documents(split, progress)

@@ -2,6 +2,7 @@
 budget is met, pinned to ``dataset.revision`` when one is set (a commit sha, tag or branch: a live
 dataset such as fineweb then reads the same text in every job). ``hf_id`` may also be a local
 directory holding a copy of the dataset's files: the same loading code, offline."""
+
 from __future__ import annotations
 
 import os
@@ -31,11 +32,15 @@ class HubSource(TextSource):
 
     def config_problems(self) -> List[str]:
         if not self.ds.hf_id:
-            return ["dataset.hf_id: required for dataset.kind=hub; allowed: a Hugging Face dataset id "
-                    "(HuggingFaceFW/fineweb) or a directory holding a copy of its files"]
+            return [
+                "dataset.hf_id: required for dataset.kind=hub; allowed: a Hugging Face dataset id "
+                "(HuggingFaceFW/fineweb) or a directory holding a copy of its files"
+            ]
         if self.ds.revision is not None and self.local_dir():
-            return [f"dataset.revision={self.ds.revision!r}: dataset.hf_id={self.ds.hf_id} is a local directory, "
-                    f"which has no revisions; allowed: null"]
+            return [
+                f"dataset.revision={self.ds.revision!r}: dataset.hf_id={self.ds.hf_id} is a local directory, "
+                f"which has no revisions; allowed: null"
+            ]
         return []
 
     def availability(self, documents: bool = True, timeout: float = TIMEOUT_S) -> List[str]:
@@ -46,27 +51,36 @@ class HubSource(TextSource):
             return found
         ds = self.ds
         if self.local_dir():
-            if not dir_files(ds.hf_id):
-                return [f"dataset.hf_id={ds.hf_id!r} is a local directory without data files "
-                        f"({', '.join(BUILDERS)}, optionally compressed)"]
+            if not dir_files(str(ds.hf_id)):
+                return [
+                    f"dataset.hf_id={ds.hf_id!r} is a local directory without data files "
+                    f"({', '.join(BUILDERS)}, optionally compressed)"
+                ]
             return []
         if hub_offline("dataset"):
-            if not ds.streaming and _cached(ds.hf_id, ds.revision):
+            if not ds.streaming and _cached(str(ds.hf_id), ds.revision):
                 return []
-            return [f"{self.what()} is on the Hugging Face Hub and this machine is offline "
-                    f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set); {local_help()}"]
+            return [
+                f"{self.what()} is on the Hugging Face Hub and this machine is offline "
+                f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set); {local_help()}"
+            ]
         try:
             from huggingface_hub import HfApi
 
-            HfApi().dataset_info(ds.hf_id, revision=ds.revision, timeout=timeout)
+            HfApi().dataset_info(str(ds.hf_id), revision=ds.revision, timeout=timeout)
         except Exception as e:  # DNS/connect errors, timeouts, 404 (also: no such revision), gated
             return [f"{self.what()} is not reachable on the Hugging Face Hub ({type(e).__name__}: {e}); {local_help()}"]
         return []
 
     def fingerprint(self, lm: Any) -> Dict[str, Any]:
         ds = self.ds
-        fp = {"hf_id": ds.hf_id, "hf_config": ds.hf_config, "split": ds.split, "text_column": ds.text_column,
-              "revision": ds.revision}
+        fp: Dict[str, Any] = {
+            "hf_id": ds.hf_id,
+            "hf_config": ds.hf_config,
+            "split": ds.split,
+            "text_column": ds.text_column,
+            "revision": ds.revision,
+        }
         local = self.local_dir()
         if local:  # a mirror's content, not its path, decides the tokens
             fp.update(hf_id=None, data_files=[file_hash(f) for f in dir_files(local)])
@@ -77,8 +91,12 @@ class HubSource(TextSource):
         if local:
             return "local", {"uri": os.path.abspath(local)}
         ds = self.ds
-        return "hugging_face", {"path": ds.hf_id, "config_name": ds.hf_config, "split": ds.split,
-                                "revision": ds.revision}
+        return "hugging_face", {
+            "path": ds.hf_id,
+            "config_name": ds.hf_config,
+            "split": ds.split,
+            "revision": ds.revision,
+        }
 
     def texts(self, cache_dir: str | os.PathLike) -> Iterable[Any]:
         import datasets

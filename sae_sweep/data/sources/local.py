@@ -3,6 +3,7 @@ builder, or HTML pages read as prose (one document per prose paragraph, ``html_p
 
 HTML is a reader of ``local``, not a kind of its own: the format follows the files' extension, as
 for every other format (the ``postgres_manual`` preset is ``kind: local`` over ``*.html``)."""
+
 from __future__ import annotations
 
 import glob
@@ -18,8 +19,15 @@ from sae_sweep.data.sources.registry import DatasetUnavailable, TextSource, regi
 
 # Builders of the `datasets` library by file extension (compression suffixes are ignored).
 # "html" is ours (html_prose.py: one document per prose paragraph); the others are `datasets` builders.
-BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
-            ".html": "html", ".htm": "html"}
+BUILDERS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".txt": "text",
+    ".html": "html",
+    ".htm": "html",
+}
 COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 
 
@@ -64,9 +72,13 @@ def file_hash(path: str) -> str:
 
 def dir_files(root: str) -> List[str]:
     """The data files (by extension) under a directory, hidden ones left out, in a fixed order."""
-    return sorted(str(p) for p in Path(root).rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-                  and builder_for(str(p)) is not None)
+    return sorted(
+        str(p)
+        for p in Path(root).rglob("*")
+        if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and builder_for(str(p)) is not None
+    )
 
 
 @register_source("local")
@@ -83,8 +95,10 @@ class LocalSource(TextSource):
 
     def config_problems(self) -> List[str]:
         if not self.ds.data_files:
-            return ["dataset.data_files is required for dataset=local: a list of jsonl/json/parquet/csv/txt "
-                    "paths, e.g. 'dataset.data_files=[/data/a.jsonl]'"]
+            return [
+                "dataset.data_files is required for dataset=local: a list of jsonl/json/parquet/csv/txt "
+                "paths, e.g. 'dataset.data_files=[/data/a.jsonl]'"
+            ]
         return []
 
     def availability(self, documents: bool = True) -> List[str]:
@@ -102,10 +116,14 @@ class LocalSource(TextSource):
         builders = {f: builder_for(f) for f in files}
         bad = [f for f, b in builders.items() if b is None]
         if bad:
-            return [f"dataset.data_files: unsupported extension for {', '.join(bad)}; "
-                    f"allowed: {', '.join(BUILDERS)} (optionally compressed: {', '.join(COMPRESSION)})"]
+            return [
+                f"dataset.data_files: unsupported extension for {', '.join(bad)}; "
+                f"allowed: {', '.join(BUILDERS)} (optionally compressed: {', '.join(COMPRESSION)})"
+            ]
         if len(set(builders.values())) > 1:
-            return [f"dataset.data_files mixes formats ({sorted(set(builders.values()))}); use one format"]
+            return [
+                f"dataset.data_files mixes formats ({sorted(str(b) for b in set(builders.values()))}); use one format"
+            ]
         if documents:
             try:
                 self.check_documents(files)
@@ -138,34 +156,42 @@ class LocalSource(TextSource):
                     if docs["train"] and chars["eval"] >= need_eval:
                         return
             except UnicodeDecodeError as e:
-                raise DatasetUnavailable(f"dataset.data_files: {f} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                                         f"convert it to UTF-8") from None
+                raise DatasetUnavailable(
+                    f"dataset.data_files: {f} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8"
+                ) from None
             except DatasetUnavailable:
                 raise
             except ValueError as e:  # a missing text column (our message)
                 raise DatasetUnavailable(str(e)) from None
             except Exception as e:  # empty file (StopIteration inside the reader), malformed json/csv/parquet
-                raise DatasetUnavailable(f"dataset.data_files: cannot read {f} as {builder_for(f)} "
-                                         f"({type(e).__name__}: {e or 'no rows'})") from None
+                raise DatasetUnavailable(
+                    f"dataset.data_files: cannot read {f} as {builder_for(f)} ({type(e).__name__}: {e or 'no rows'})"
+                ) from None
             if seen == 0 and builder_for(f) != "html":  # an HTML page without prose paragraphs is normal
                 raise DatasetUnavailable(f"dataset.data_files: {f} holds no text (no non-empty {column!r} values)")
         if not any(docs.values()):
-            raise DatasetUnavailable(f"dataset.data_files: {', '.join(files)} hold no text (HTML: no paragraph reads "
-                                     f"as prose, see sae_sweep/data/html_prose.py)")
+            raise DatasetUnavailable(
+                f"dataset.data_files: {', '.join(files)} hold no text (HTML: no paragraph reads "
+                f"as prose, see sae_sweep/data/html_prose.py)"
+            )
         if docs["eval"] == 0 or docs["train"] == 0:
             missing = "held-out (eval)" if docs["eval"] == 0 else "training"
             raise DatasetUnavailable(
                 f"dataset.data_files: the {sum(docs.values())} document(s) in {', '.join(files)} all fall in one split, "
                 f"so there is no {missing} text. Documents are split train/held-out (~{EVAL_FRACTION_PERCENT}%) by "
-                f"a hash of their content: give the files more documents (txt: one per line)")
+                f"a hash of their content: give the files more documents (txt: one per line)"
+            )
         raise DatasetUnavailable(
             f"dataset.data_files: the held-out split of {', '.join(files)} has only {chars['eval']} characters, "
-            f"fewer than dataset.eval_tokens={need_eval} tokens need; add text or lower dataset.eval_tokens")
+            f"fewer than dataset.eval_tokens={need_eval} tokens need; add text or lower dataset.eval_tokens"
+        )
 
     def fingerprint(self, lm: Any) -> Dict[str, Any]:
         files = self.files()
-        fp: Dict[str, Any] = {"text_column": self.ds.text_column,
-                              "data_files": [file_hash(f) if os.path.isfile(f) else f"missing:{f}" for f in files]}
+        fp: Dict[str, Any] = {
+            "text_column": self.ds.text_column,
+            "data_files": [file_hash(f) if os.path.isfile(f) else f"missing:{f}" for f in files],
+        }
         if files and builder_for(files[0]) == "html":
             fp["html"] = HTML_RULES
         return fp

@@ -24,6 +24,7 @@ among what it registered; nothing in this package changes. Its ``Options`` datac
 ``synthetic`` is a kind too, but not a text source: planted activations, no text
 (``sae_sweep.activations.synthetic``).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -33,8 +34,18 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 from sae_sweep.config import DatasetConfig, nearest, parse, problems
 from sae_sweep.data.corpus import doc_split
 
-__all__ = ["DatasetUnavailable", "TextSource", "register_source", "source_kinds", "source_class", "source_for",
-           "dataset_config", "dataset_problems", "is_text", "NOT_TEXT"]
+__all__ = [
+    "DatasetUnavailable",
+    "TextSource",
+    "register_source",
+    "source_kinds",
+    "source_class",
+    "source_for",
+    "dataset_config",
+    "dataset_problems",
+    "is_text",
+    "NOT_TEXT",
+]
 
 # Kinds that are datasets but not text: handled where their activations are made.
 NOT_TEXT = {"synthetic": "planted-dictionary activations, no text (sae_sweep.activations.synthetic)"}
@@ -79,8 +90,7 @@ class TextSource:
     def texts(self, cache_dir: str | os.PathLike) -> Iterable[Any]:
         raise NotImplementedError
 
-    def documents(self, lm: Any, split: str, cache_dir: str | os.PathLike,
-                  progress: Any = None) -> Iterator[List[int]]:
+    def documents(self, lm: Any, split: str, cache_dir: str | os.PathLike, progress: Any = None) -> Iterator[List[int]]:
         """Token ids (no special tokens) of the documents of ``split``, in the source's order: each
         text goes to ``train`` or ``eval`` by a hash of its content (``corpus.doc_split``)."""
         for batch in texts_in_split(self.texts(cache_dir), split):
@@ -97,6 +107,7 @@ def register_source(kind: str) -> Callable[[Type[TextSource]], Type[TextSource]]
     """Class decorator: ``@register_source("hub") class HubSource(TextSource)``. A class from a
     module outside this package is registered as ``<its module>:<kind>``, the name a yaml gives it.
     A kind is registered once; a second class under the same kind is an error naming both."""
+
     def add(cls: Type[TextSource]) -> Type[TextSource]:
         nonlocal kind
         if not cls.__module__.startswith("sae_sweep."):
@@ -109,6 +120,7 @@ def register_source(kind: str) -> Callable[[Type[TextSource]], Type[TextSource]]
         _SOURCES[kind] = cls
         cls.kind = kind
         return cls
+
     return add
 
 
@@ -135,13 +147,17 @@ def _lookup(kind: str) -> Tuple[Optional[Type[TextSource]], Optional[str]]:
     try:
         importlib.import_module(module)
     except Exception as e:  # not on the path, or it fails on import
-        return None, (f"dataset.kind={kind!r}: cannot import module {module!r} ({type(e).__name__}: {e}); it must be "
-                      f"importable in the job's process (PYTHONPATH or installed); allowed: {_allowed()}")
+        return None, (
+            f"dataset.kind={kind!r}: cannot import module {module!r} ({type(e).__name__}: {e}); it must be "
+            f"importable in the job's process (PYTHONPATH or installed); allowed: {_allowed()}"
+        )
     cls = _SOURCES.get(kind)
     if cls is None:
         mine = sorted(k.partition(":")[2] for k in _SOURCES if k.partition(":")[0] == module)
-        return None, (f"dataset.kind={kind!r}: module {module!r} registers no text source {name!r} (it registers: "
-                      f"{', '.join(mine) or 'none'}; @register_source(name) on a TextSource subclass)")
+        return None, (
+            f"dataset.kind={kind!r}: module {module!r} registers no text source {name!r} (it registers: "
+            f"{', '.join(mine) or 'none'}; @register_source(name) on a TextSource subclass)"
+        )
     return cls, None
 
 
@@ -179,13 +195,21 @@ def dataset_problems(node: Any) -> List[str]:
     if why:
         return [why]
     if cls is None:  # not text
-        return [] if ds.revision is None else [f"dataset.revision={ds.revision!r}: dataset.kind={ds.kind} does not "
-                                               f"read it; allowed: null (a revision pins hub datasets)"]
+        return (
+            []
+            if ds.revision is None
+            else [
+                f"dataset.revision={ds.revision!r}: dataset.kind={ds.kind} does not "
+                f"read it; allowed: null (a revision pins hub datasets)"
+            ]
+        )
     found: List[str] = []
     if ds.revision is not None and "revision" not in cls.settings:
         readers = sorted(k for k, c in _SOURCES.items() if "revision" in c.settings)
-        found.append(f"dataset.revision={ds.revision!r}: dataset.kind={ds.kind} does not read it; allowed: null "
-                     f"(a revision pins datasets of kind {', '.join(readers)})")
+        found.append(
+            f"dataset.revision={ds.revision!r}: dataset.kind={ds.kind} does not read it; allowed: null "
+            f"(a revision pins datasets of kind {', '.join(readers)})"
+        )
     if cls.Options is None:
         if ds.options:
             found.append(f"dataset.options={ds.options!r}: dataset.kind={ds.kind} takes no options; allowed: {{}}")

@@ -10,6 +10,9 @@ name that picks it (``base.py`` holds the protocol, the registry and the resolve
 ``ResolvedWeights`` (source, loadable directory, run-key identity, label) that is passed down to
 whatever loads, names or keys the model.
 """
+
+# Registration order is the order model.weights=auto tries sources that read the same kind of id.
+from sae_sweep.models.weights import builtin, gguf, hub, local  # noqa: E402,F401
 from sae_sweep.models.weights.base import (  # noqa: F401
     Loaded,
     ModelUnavailable,
@@ -23,6 +26,3 @@ from sae_sweep.models.weights.base import (  # noqa: F401
     weights_source,
     weights_sources,
 )
-
-# Registration order is the order model.weights=auto tries sources that read the same kind of id.
-from sae_sweep.models.weights import builtin, local, hub, gguf  # noqa: E402,F401

@@ -7,6 +7,7 @@ uses for it. ``resolve(model, cache_dir)`` picks the source a model's weights co
 a ``ResolvedWeights``: the choice, where the loadable directory is, and what the choice adds to the
 run key. Nothing is written back into the config.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,19 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from sae_sweep.config import ModelConfig, parse
 
-__all__ = ["ModelUnavailable", "WeightsSource", "ResolvedWeights", "Loaded", "register_weights", "weights_source",
-           "weights_sources", "id_kind", "model_config", "resolve", "unavailable_message"]
+__all__ = [
+    "ModelUnavailable",
+    "WeightsSource",
+    "ResolvedWeights",
+    "Loaded",
+    "register_weights",
+    "weights_source",
+    "weights_sources",
+    "id_kind",
+    "model_config",
+    "resolve",
+    "unavailable_message",
+]
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +52,7 @@ def unavailable_message(hf_id: str, revision: Any, reason: str) -> str:
 
 def read_json(path: Path) -> Optional[dict]:
     try:
-        with open(path, "r", encoding="utf-8") as fh:
+        with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except (OSError, json.JSONDecodeError):
         return None
@@ -108,22 +120,22 @@ class WeightsSource:
         the weights are loaded by hub id."""
         return None
 
-    def config_json(self, r: "ResolvedWeights") -> Optional[dict]:
+    def config_json(self, r: ResolvedWeights) -> Optional[dict]:
         """The model's config.json without loading weights, None when it is not on disk yet."""
         return read_json(r.directory / "config.json") if r.directory else None
 
-    def prepare(self, r: "ResolvedWeights") -> Path:
+    def prepare(self, r: ResolvedWeights) -> Path:
         """The loadable directory, built (once) if it has to be."""
         if r.directory is None:
             raise NotImplementedError(f"weights source {self.name!r} has no directory to prepare")
         return r.directory
 
-    def fingerprint(self, r: "ResolvedWeights", path: Path) -> Dict[str, Any]:
+    def fingerprint(self, r: ResolvedWeights, path: Path) -> Dict[str, Any]:
         """This source's part of the loaded model's fingerprint (part of activation cache keys): what
         the weights are, never where the cache directory lives."""
         return {}
 
-    def load(self, r: "ResolvedWeights", **from_pretrained: Any) -> Loaded:
+    def load(self, r: ResolvedWeights, **from_pretrained: Any) -> Loaded:
         """Tokenizer and model from the prepared directory."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -194,8 +206,15 @@ def _candidates(model: ModelConfig) -> List[WeightsSource]:
 
 
 def _resolved(source: WeightsSource, model: ModelConfig, where: str, cache_dir: Path) -> ResolvedWeights:
-    return ResolvedWeights(model, source.name, where, source.directory(model, where, cache_dir),
-                           source.identity(model), source.label(model), cache_dir)
+    return ResolvedWeights(
+        model,
+        source.name,
+        where,
+        source.directory(model, where, cache_dir),
+        source.identity(model),
+        source.label(model),
+        cache_dir,
+    )
 
 
 def resolve(model: Any, cache_dir: str | os.PathLike, *, check: bool = True, timeout: float = 10.0) -> ResolvedWeights:
@@ -218,8 +237,9 @@ def resolve(model: Any, cache_dir: str | os.PathLike, *, check: bool = True, tim
             if want == "gguf" and id_kind(str(model.hf_id)) == "hub":
                 raise ModelUnavailable(f"model.weights=gguf but model {model.hf_id!r} names no model.gguf package")
             allowed = ", ".join(["auto"] + [s.name for s in candidates])
-            raise ModelUnavailable(f"model.weights={want!r}: not a source of model.hf_id={model.hf_id!r}; "
-                                   f"allowed: {allowed}")
+            raise ModelUnavailable(
+                f"model.weights={want!r}: not a source of model.hf_id={model.hf_id!r}; allowed: {allowed}"
+            )
         candidates = named
     errors: List[Tuple[WeightsSource, ModelUnavailable]] = []
     for source in candidates:
@@ -232,8 +252,13 @@ def resolve(model: Any, cache_dir: str | os.PathLike, *, check: bool = True, tim
             errors.append((source, e))
             continue
         if errors:
-            log.info("model %s: the %s weights are not available here; using %s (%s)", model.hf_id,
-                     errors[0][0].name, source.name, source.label(model))
+            log.info(
+                "model %s: the %s weights are not available here; using %s (%s)",
+                model.hf_id,
+                errors[0][0].name,
+                source.name,
+                source.label(model),
+            )
         return _resolved(source, model, where, cache_dir)
     if want != "auto":
         raise ModelUnavailable(f"model.weights={want}: {errors[0][1]}") from errors[0][1]

