@@ -89,7 +89,7 @@ def run_identity(cfg: Any, weights: Optional[Mapping[str, Any]] = None) -> Dict[
         "sae": _plain(cfg.sae),
         "trainer": _plain(cfg.trainer),
         "train_tokens": cfg.train.tokens,
-        **({"epochs": cfg.train.epochs} if cfg.train.get("epochs", 1) != 1 else {}),  # 1 keeps older keys
+        **({"epochs": cfg.train.epochs} if cfg.train.epochs != 1 else {}),  # 1 keeps older keys
         "batches": batch_source(cfg),
         "seed": cfg.seed,
     }

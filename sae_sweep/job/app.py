@@ -84,7 +84,7 @@ def job_tags(cfg: DictConfig, key: str, weights: Optional[Any] = None) -> Dict[s
         "seed_group": C.seed_group_key(cfg, point_identity(cfg, weights)),
         "git_commit": _git_commit(),
         # which weights ran: the hub's, a local copy, the built-in model, or a GGUF stand-in (its label)
-        "model_weights": weights.label if weights is not None else str(cfg.model.get("weights", "auto")),
+        "model_weights": weights.label if weights is not None else str(cfg.model.weights),
     }
     try:
         from hydra.core.hydra_config import HydraConfig

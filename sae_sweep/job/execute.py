@@ -487,7 +487,7 @@ def run_evals(
     from sae_sweep.evals.schema import flatten_metrics, to_saebench_json
     from sae_sweep.models.lm import hook_name
 
-    names = list(cfg.eval.get("run", []) or [])
+    names = list(cfg.eval.run or [])
     tokens = activations = planted = None
     if cfg.dataset.kind == "synthetic":
         # LM evals do not apply to planted activations; the known-answer eval does.

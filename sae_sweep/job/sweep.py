@@ -214,7 +214,7 @@ class GridSweep:
         interrupted: Optional[BaseException] = None
         try:
             start = 0
-            if bool(job0.sweep.get("pack", False)):
+            if bool(job0.sweep.pack):
                 self._run_packed(tracker, experiment, parent, points, results, summary)
                 batches = []  # every point went out in a pack
             for batch in batches:
