@@ -154,7 +154,6 @@ KEYS_BEFORE = {
     ("dataset=builtin", "cache.mode=stream"): ("470b38c50bd2e79f", "30a02d2161ee79e4"),
     ("model=gpt2", "dataset=fineweb"): ("cc1fe0b9573f351d", "80ab8947a31e2040"),
     ("experiment=faithful_vs_fineweb", "dataset=faithful"): ("13c438df9b42ee1c", "497c2d981a839d56"),
-    ("experiment=demo_real", "dataset=faithful"): ("0e926f616f1b6490", "dd7dd1c8c0f45125"),
 }
 HUB_FINGERPRINTS_BEFORE = {
     "fineweb": "ffbd979713c594d8",
