@@ -90,8 +90,9 @@ def job_tags(cfg: DictConfig, key: str, weights: Optional[Any] = None) -> Dict[s
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
-        tags["hydra_job_num"] = str(getattr(hc.job, "num", ""))
-        tags["hydra_job_id"] = str(getattr(hc.job, "id", ""))
+        job: Any = hc.job  # a DictConfig at run time: .get gives "" where a single run has no num/id
+        tags["hydra_job_num"] = str(job.get("num", ""))
+        tags["hydra_job_id"] = str(job.get("id", ""))
         tags["hydra_output_dir"] = str(hc.runtime.output_dir)
     except ValueError:
         pass
