@@ -11,7 +11,7 @@ name that picks it (``base.py`` holds the protocol, the registry and the resolve
 whatever loads, names or keys the model.
 """
 
-# Registration order is the order model.weights=auto tries sources that read the same kind of id.
+# Importing the modules registers the sources (base.AUTO_ORDER says in which order auto tries them).
 from sae_sweep.models.weights import builtin, gguf, hub, local  # noqa: E402,F401
 from sae_sweep.models.weights.base import (  # noqa: F401
     Loaded,

@@ -168,8 +168,15 @@ def weights_source(name: str) -> WeightsSource:
     return _SOURCES[name]
 
 
+# The order model.weights=auto tries the sources that read the same kind of id: a model's real weights
+# before a stand-in for them. Stated here, not left to import order (which a formatter may sort).
+AUTO_ORDER = ("builtin", "local", "hub", "gguf")
+
+
 def weights_sources() -> List[str]:
-    return list(_SOURCES)
+    """The registered sources in the order ``auto`` tries them (others after, as registered)."""
+    rank = {name: i for i, name in enumerate(AUTO_ORDER)}
+    return sorted(_SOURCES, key=lambda name: rank.get(name, len(rank)))
 
 
 @dataclass(frozen=True)
@@ -202,7 +209,7 @@ class ResolvedWeights:
 
 def _candidates(model: ModelConfig) -> List[WeightsSource]:
     kind = id_kind(str(model.hf_id))
-    return [s for s in _SOURCES.values() if s.reads == kind and s.offers(model)]
+    return [_SOURCES[n] for n in weights_sources() if _SOURCES[n].reads == kind and _SOURCES[n].offers(model)]
 
 
 def _resolved(source: WeightsSource, model: ModelConfig, where: str, cache_dir: Path) -> ResolvedWeights:
