@@ -205,3 +205,24 @@ def test_whole_numbers_in_scientific_notation_are_read_as_integers():
     cfg = compose_config(*integral_numbers(["train.tokens=2e5", "trainer.lr=3e-4"]))
     validate_point(cfg)
     assert cfg.train.tokens == 200_000 and cfg.trainer.lr == 3e-4
+
+
+@pytest.mark.unit
+def test_job_tags_tolerate_hydra_values_a_run_does_not_have():
+    """A single run has no hydra.job.num/id and a composed config no runtime.output_dir: the tags are
+    empty there, never an exception (the job would fail before training)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from sae_sweep.job.app import CONF_DIR, job_tags
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("config", return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    job = cfg.copy()
+    with open_dict(job):
+        job.pop("hydra")
+    tags = job_tags(job, "k")
+    assert (tags["hydra_job_num"], tags["hydra_job_id"], tags["hydra_output_dir"]) == ("", "", "")
+    assert tags["model_weights"] == "auto" and tags["config_hash"] == "k"

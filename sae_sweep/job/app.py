@@ -89,13 +89,16 @@ def job_tags(cfg: DictConfig, key: str, weights: Optional[Any] = None) -> Dict[s
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        hc = HydraConfig.get()
-        job: Any = hc.job  # a DictConfig at run time: .get gives "" where a single run has no num/id
-        tags["hydra_job_num"] = str(job.get("num", ""))
-        tags["hydra_job_id"] = str(job.get("id", ""))
-        tags["hydra_output_dir"] = str(hc.runtime.output_dir)
-    except ValueError:
-        pass
+        hc: Any = HydraConfig.get()  # a DictConfig at run time (typed as its dataclass)
+    except ValueError:  # not inside a Hydra app
+        return tags
+    # select: "" where a value is unset (a single run has no job num/id; a composed config no runtime)
+    for tag, key in (
+        ("hydra_job_num", "job.num"),
+        ("hydra_job_id", "job.id"),
+        ("hydra_output_dir", "runtime.output_dir"),
+    ):
+        tags[tag] = str(OmegaConf.select(hc, key, default=""))
     return tags
 
 
