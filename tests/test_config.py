@@ -207,7 +207,7 @@ def test_whole_numbers_in_scientific_notation_are_read_as_integers():
     assert cfg.train.tokens == 200_000 and cfg.trainer.lr == 3e-4
 
 
-@pytest.mark.unit
+@pytest.mark.integration  # job_tags asks git for the commit
 def test_job_tags_tolerate_hydra_values_a_run_does_not_have():
     """A single run has no hydra.job.num/id and a composed config no runtime.output_dir: the tags are
     empty there, never an exception (the job would fail before training)."""
