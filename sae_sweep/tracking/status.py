@@ -17,7 +17,3 @@ class RunStatus(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
-
-
-# A grid point that ended in one of these did its work (now or before): the sweep counts it done.
-DONE = (RunStatus.FINISHED, RunStatus.SKIPPED, RunStatus.BUSY)
