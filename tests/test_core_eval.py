@@ -753,3 +753,88 @@ def test_core_eval_memory_at_gemma_vocabulary(monkeypatch):
             feature_details=False,
         )
     assert mem.peak <= 2 * logits_bytes + 8 * (1 << 20) * 4, f"peak {mem.peak / 2**20:.0f} MiB"
+
+
+# A bf16 LM: SAEBench's names carry SAEBench's arithmetic in bf16, the float64 values sit beside them
+
+
+def test_bf16_sparsity_and_variance_equal_saebench_arithmetic_exactly():
+    """On bf16 activations, reconstructions and latents (the SAE ran in bf16, as SAEBench casts it,
+    main.py:1013), ModelDtypeAccumulator's values are SAEBench's bit for bit: the same operations in
+    the same dtype (transcription above, main.py:437-636)."""
+    from sae_sweep.evals.core_model_dtype import ModelDtypeAccumulator
+
+    g = torch.Generator().manual_seed(7)
+    d_in, d_sae = 8, 12
+    batches, acc = [], ModelDtypeAccumulator(lambda k: core.ce_keep_mask(k, "saebench"))
+    for b, t in ((4, 6), (4, 6), (2, 6)):
+        x = (torch.randn(b, t, d_in, generator=g) * 3 + 1.5).to(torch.bfloat16)
+        x_hat = (x.float() * 0.8 + 0.3 * torch.randn(b, t, d_in, generator=g)).to(torch.bfloat16)
+        f = torch.relu(torch.randn(b, t, d_sae, generator=g) - 0.5).to(torch.bfloat16)
+        mask = torch.rand(b, t, generator=g) > 0.15
+        mask[:, 0] = False
+        batches.append((x, x_hat, f, mask))
+        acc.update_reconstruction(x, x_hat, f, mask)
+    ref, density, cah = _saebench_sparsity_and_variance(batches, d_sae)
+    for b in range(2):  # downstream values, so compute() has every metric
+        keep = torch.ones(1, 3, dtype=torch.bool)
+        acc.update_downstream(
+            keep,
+            *(torch.ones(1, 3, dtype=torch.bfloat16),) * 2,
+            *(torch.ones(1, 2, dtype=torch.bfloat16) * (b + 1),) * 3,
+        )
+    m = acc.compute()
+    ours = {**m["reconstruction_quality"], **m["shrinkage"], **m["sparsity"]}
+    for name, value in ref.items():
+        assert ours[name] == value, name
+    got_density, got_cah = acc.firing()
+    assert got_density.tolist() == pytest.approx(density.tolist(), rel=1e-6)
+    assert got_cah.tolist() == pytest.approx(cah.tolist(), rel=1e-6, nan_ok=True)
+
+
+def test_bf16_kl_and_ce_per_position_equal_saebench_and_transformer_lens():
+    """KL as SAEBench's ``kl`` (main.py:741-748: softmax, log, in the logits' dtype) and CE as
+    TransformerLens' ``lm_cross_entropy_loss`` (utilities/lm_utils.py:32-36: log_softmax, gather),
+    whatever the chunk of positions."""
+    from sae_sweep.evals.core_model_dtype import per_position_in_dtype
+
+    g = torch.Generator().manual_seed(8)
+    clean = (torch.randn(3, 7, 50, generator=g) * 3).to(torch.bfloat16)
+    patched = (clean.float() + torch.randn(3, 7, 50, generator=g)).to(torch.bfloat16)
+    toks = torch.randint(0, 50, (3, 7), generator=g)
+    p, q = torch.nn.functional.softmax(clean, dim=-1), torch.nn.functional.softmax(patched, dim=-1)
+    want_kl = (p * (torch.log(p) - torch.log(q))).sum(dim=-1)
+
+    def tl_ce(logits):
+        return -torch.nn.functional.log_softmax(logits, dim=-1)[..., :-1, :].gather(dim=-1, index=toks[..., 1:, None])[
+            ..., 0
+        ]
+
+    for chunk in (50, 4 * 50, 7 * 50, 1 << 24):
+        kl, ce_c, ce_p = per_position_in_dtype(clean, patched, toks, chunk)
+        assert kl.dtype == torch.bfloat16
+        assert torch.equal(kl, want_kl) and torch.equal(ce_c, tl_ce(clean)) and torch.equal(ce_p, tl_ce(patched))
+
+
+def test_bf16_lm_logs_saebench_arithmetic_and_the_fp32_values_beside(tokens):
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=32,
+        initializer_range=0.2, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    model = GPT2LMHeadModel(cfg)
+    sae = LinearSAE(scale=0.7)
+    out16 = run_core_eval(HFResidPostLM(model.to(torch.bfloat16)), sae, tokens, 0, "resid_post", 3, {0}, progress=False)
+    assert out16.config["saebench_arithmetic"] == "llm dtype"
+    m = out16.metrics
+    ce = m["model_performance_preservation"]
+    assert {"ce_loss_score", "ce_loss_score_fp32"} <= set(ce)
+    # SAEBench's means are bf16-rounded: the value is a bf16 number; the fp32 twin is not rounded so
+    assert ce["ce_loss_with_sae"] == float(torch.tensor(ce["ce_loss_with_sae"]).to(torch.bfloat16))
+    assert ce["ce_loss_with_sae"] == pytest.approx(ce["ce_loss_with_sae_fp32"], rel=2e-2)
+    flat = flatten_metrics(out16)
+    declared = {x.key for x in core.METRICS}
+    assert set(flat) <= declared
+    out32 = run_core_eval(HFResidPostLM(model.float()), sae, tokens, 0, "resid_post", 3, {0}, progress=False)
+    assert out32.config["saebench_arithmetic"] == "float64 sums"
+    assert not any(k.endswith("_fp32") for k in flatten_metrics(out32))

@@ -33,6 +33,7 @@ published runs); zero ablation zeroes every position. Named options beside these
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sae_sweep.config import choice, parse, setting
+from sae_sweep.evals.core_model_dtype import LOW_PRECISION, ModelDtypeAccumulator, per_position_in_dtype
 from sae_sweep.evals.registry import register_eval
 from sae_sweep.evals.schema import EvalOutput
 from sae_sweep.util.metrics import Metric
@@ -498,6 +500,16 @@ def _param_dtype(module: Any) -> torch.dtype | None:
     return None
 
 
+def _sae_in_dtype(sae: Any, dtype: torch.dtype) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """A copy of the SAE in ``dtype`` (SAEBench runs the SAE in the LM's dtype, ``main.py:1013``)."""
+    if not isinstance(sae, torch.nn.Module):
+        raise TypeError(
+            f"the core eval of a {dtype} LM runs the SAE in {dtype}, as SAEBench does: it needs a torch.nn.Module "
+            f"it can cast, got {type(sae).__name__}"
+        )
+    return copy.deepcopy(sae).to(dtype)
+
+
 def _weight_metrics(sae: Any) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """SAEBench's weight-based latent metrics when the SAE exposes ``W_enc [d_in, d_sae]`` and
     ``W_dec [d_sae, d_in]`` (our ``SparseAutoencoder`` does); empty otherwise."""
@@ -587,6 +599,19 @@ def run_core_eval(
         return sae(act.to(sae_dtype) if sae_dtype is not None else act)
 
     acc = CoreAccumulator(ce_positions)
+    # A bf16/fp16 LM: SAEBench's names get SAEBench's arithmetic in that dtype (core_model_dtype),
+    # with the SAE cast to it; the float64 results are logged beside them as ``<name>_fp32``.
+    acc_lm: ModelDtypeAccumulator | None = None
+    sae_lm: Any = None
+
+    def splice_with(run: Callable, keep: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(act: torch.Tensor) -> torch.Tensor:
+            if not exclude_special_tokens_from_reconstruction:
+                return run(act)[0].to(act.dtype)
+            return splice_keep_special(act, keep.to(act.device), run(act)[0])
+
+        return fn
+
     starts = range(0, n_seqs, batch_size)
     for start in tqdm(starts, desc="core eval", unit="batch", disable=None if progress else True):
         batch = tokens[start : start + batch_size]
@@ -596,24 +621,33 @@ def run_core_eval(
 
         # Reconstruction, shrinkage, sparsity and latent statistics.
         x = lm.activations(batch, layer, hook)
+        if acc_lm is None and x.dtype in LOW_PRECISION:
+            acc_lm, sae_lm = ModelDtypeAccumulator(lambda k: ce_keep_mask(k, ce_positions)), _sae_in_dtype(sae, x.dtype)
         x_hat, f = run_sae(x)
         acc.update_reconstruction(x, x_hat, f, keep)
-        del x, x_hat, f
+        del x_hat, f
+        if acc_lm is not None:
+            x_hat, f = sae_lm(x)
+            acc_lm.update_reconstruction(x, x_hat, f, keep)
+            del x_hat, f
+        del x
 
         # Downstream: compare the spliced forwards against the clean one, position by position,
         # from logits in the model's dtype (log-probs a chunk at a time: downstream_per_position).
+        # At most two [B, T, vocab] logits tensors are alive at once.
         clean = lm.logits_with_splice(batch, layer, hook, None)
-
-        def splice_sae(act: torch.Tensor, keep=keep) -> torch.Tensor:
-            if not exclude_special_tokens_from_reconstruction:
-                return run_sae(act)[0].to(act.dtype)
-            return splice_keep_special(act, keep.to(act.device), run_sae(act)[0])
-
-        sae_logits = lm.logits_with_splice(batch, layer, hook, splice_sae)
+        if acc_lm is not None:
+            lm_logits = lm.logits_with_splice(batch, layer, hook, splice_with(sae_lm, keep))
+            kl_sae_lm, ce_clean_lm, ce_sae_lm = per_position_in_dtype(clean, lm_logits, batch, LOGIT_CHUNK_ELEMS)
+            del lm_logits
+        sae_logits = lm.logits_with_splice(batch, layer, hook, splice_with(run_sae, keep))
         kl_sae, ce_clean, ce_sae = downstream_per_position(clean, sae_logits, batch)
         del sae_logits
         abl_logits = lm.logits_with_splice(batch, layer, hook, torch.zeros_like)
         kl_abl, _, ce_abl = downstream_per_position(clean, abl_logits, batch)
+        if acc_lm is not None:
+            kl_abl_lm, _, ce_abl_lm = per_position_in_dtype(clean, abl_logits, batch, LOGIT_CHUNK_ELEMS)
+            acc_lm.update_downstream(keep, kl_sae_lm, kl_abl_lm, ce_clean_lm, ce_sae_lm, ce_abl_lm)
         del abl_logits, clean
         acc.update_downstream(keep, kl_sae, kl_abl, ce_clean, ce_sae, ce_abl)
 
@@ -621,6 +655,14 @@ def run_core_eval(
         raise ValueError(f"every token of the eval set is special ({special}); nothing to score")
 
     metrics = acc.compute()
+    density, activation_heuristic = acc.feature_density(), acc.consistent_activation_heuristic()
+    if acc_lm is not None:
+        for category, values in acc_lm.compute().items():
+            for name, value in values.items():
+                metrics[category][name + FP32_SUFFIX] = metrics[category][name]
+                metrics[category][name] = value
+        density, activation_heuristic = acc_lm.firing()
+        metrics["misc_metrics"] = density_metrics(density)
     averages, per_latent = _weight_metrics(sae) if weight_metrics else ({}, {})
     metrics["misc_metrics"].update(averages)
     metrics["token_stats"] = {
@@ -632,12 +674,11 @@ def run_core_eval(
         "scored_ce_positions": acc.n_ce,
     }
 
-    density = acc.feature_density()
     details: list[dict[str, Any]] = []
     if feature_details:
         columns = {
             "feature_density": density,
-            "consistent_activation_heuristic": acc.consistent_activation_heuristic(),
+            "consistent_activation_heuristic": activation_heuristic,
             **per_latent,
         }
         lists = {k: v.tolist() for k, v in columns.items()}
@@ -670,6 +711,8 @@ def run_core_eval(
         "exclude_special_tokens_from_reconstruction": bool(exclude_special_tokens_from_reconstruction),
         "compute_featurewise_density_statistics": True,
         "compute_featurewise_weight_based_metrics": bool(averages),
+        # how the metrics under SAEBench's names were computed (core_model_dtype)
+        "saebench_arithmetic": "llm dtype" if acc_lm is not None else "float64 sums",
     }
     return EvalOutput(
         eval_type_id=EVAL_TYPE_ID,
@@ -718,7 +761,7 @@ class CoreSettings:
 # token is not BOS/EOS/PAD (``special_tokens``); every mean is over the scored tokens of the whole
 # held-out set (``eval.core.n_tokens``), unless it says per batch (``batch_size`` contexts).
 _SB = "SAEBench 0.6.0 core"
-METRICS = (
+METRICS: tuple[Metric, ...] = (
     Metric(
         "core/model_behavior_preservation/kl_div_score",
         "KL score",
@@ -1013,6 +1056,29 @@ METRICS = (
         "Next-token predictions the KL and CE means are over (ce_positions decides which).",
         "this project",
     ),
+)
+
+
+# On a bf16/fp16 LM the names above are SAEBench's arithmetic in that dtype (core_model_dtype); the
+# float64 value of each name SAEBench computes per token is logged beside it with this suffix.
+FP32_SUFFIX = "_fp32"
+
+
+def _fp32_twin(m: Metric) -> Metric:
+    return Metric(
+        m.key + FP32_SUFFIX,
+        m.label + " (fp32)",
+        m.better,
+        m.unit,
+        "Logged when the LM runs in bf16 or fp16: the same quantity with the SAE in float32 and every sum in "
+        f"float64 (log-probs in float32). {m.key.split('/')[-1]} itself is then SAEBench's arithmetic: the SAE "
+        "cast to the LM's dtype, per-token values and their means in that dtype.",
+        "this project (named option)",
+    )
+
+
+METRICS = METRICS + tuple(
+    _fp32_twin(m) for m in METRICS if m.reference == _SB and m.key.split("/")[1] not in ("misc_metrics", "token_stats")
 )
 
 
