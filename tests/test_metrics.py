@@ -8,6 +8,7 @@ declaration must be produced by some run here."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,12 @@ def eval_keys(tiny_lm, tmp_path_factory):
         assert output.status != "skipped", f"{name}: {output.skip_reason}"
         flat = flatten_metrics(output, prefix=name)
         out[name] = set(flat) | set(flat.dropped)
+    # on a bf16 LM the core eval also logs the float64 twins (<name>_fp32) of SAEBench's per-token names
+    lm16 = copy.deepcopy(tiny_lm)
+    lm16.model.to(torch.bfloat16)
+    with torch.no_grad():
+        flat = flatten_metrics(get_eval("core").run(EvalContext(**{**lm_ctx, "lm": lm16})), prefix="core")
+    out["core"] |= set(flat) | set(flat.dropped)
     return out
 
 
