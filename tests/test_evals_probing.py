@@ -509,3 +509,43 @@ def test_downstream_fails_only_when_the_lm_had_the_information(lm, cache_dir):
         lm, _LossySAE(), 0, "resid_post", 0, {**STD, "tasks": ["stdlib_package"]}, cache_dir
     )
     assert strong.status == "failed" and "LM-activation probe is not" in strong.skip_reason
+
+
+def _saelens_topk_encode(sae, x, k):
+    """SAELens' ``architecture="topk"`` encode, as FaithfulSAE's ``scripts/convert.py:29-47`` loads
+    every SAE (BatchTopK included): pre = (x - b_dec) @ W_enc + b_enc, keep each token's k largest,
+    ReLU them (SAELens TopK activation: ``topk = x.topk(k); relu(topk.values)`` scattered)."""
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    top = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+
+
+def test_faithfulsae_evals_encode_batchtopk_as_per_token_topk():
+    from sae_sweep.evals.registry import EvalContext, get_eval
+    from sae_sweep.sae import get_sae_class
+    from sae_sweep.sae.batchtopk import per_token_topk
+
+    torch.manual_seed(0)
+    lm = _OneHotLM()
+    sae = get_sae_class("batchtopk")(101, 64, k=6).eval()
+    with torch.no_grad():
+        sae.W_enc.mul_(8.0)
+        sae.threshold.fill_(0.05)  # a calibrated threshold: more than k latents pass it on most tokens
+    x = torch.nn.functional.one_hot(torch.arange(1, 101), 101).float()
+    with torch.no_grad():
+        own = sae(x)[1]
+        with per_token_topk(sae):
+            per_token = sae(x)[1]
+        after = sae(x)[1]
+    assert torch.equal(per_token, _saelens_topk_encode(sae, x, 6))
+    assert ((own != 0).sum(-1) > 6).any()  # the threshold rule gives other latents: the test can tell
+    assert torch.equal(after, own) and sae.inference == "threshold"  # restored
+    # the registered fake_features eval (FaithfulSAE's names) sees the per-token TopK latents
+    settings = {"n_tokens": 40 * 16, "context_size": 16, "activation_threshold": 0.5, "threshold": 0.05}
+    ctx = EvalContext(lm=lm, sae=sae, tokens=None, layer=0, hook="resid_post", seed=3, settings=settings)
+    got = get_eval("fake_features").run(ctx)
+    with torch.no_grad(), per_token_topk(sae):
+        want = fake_features.run_fake_features(lm, sae, 0, "resid_post", 3, settings)
+    threshold_rule = fake_features.run_fake_features(lm, sae, 0, "resid_post", 3, settings)
+    assert got.details == want.details
+    assert threshold_rule.details != want.details

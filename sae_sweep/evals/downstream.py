@@ -7,7 +7,8 @@ averaged (category ``mean``): ``baseline_acc`` (LM activation), ``sae_acc`` (lat
 (reconstruction) and the macro-F1 of each (``baseline_f1``, ``sae_f1``, ``recon_f1``).
 
 Reference: FaithfulSAE ``scripts/feat_match.py`` ``prove_performance`` (github.com/seonglae/FaithfulSAE
-@a98b2637). ``procedure="faithfulsae"`` (default, for numbers next to FaithfulSAE's tables):
+@a98b2637). ``procedure="faithfulsae"`` (default, for numbers next to FaithfulSAE's tables; a BatchTopK
+SAE is encoded as a per-token TopK of its k, as FaithfulSAE's ``scripts/convert.py`` loads it):
 
 * data: the dataset's own train and test splits (sst2 / cola: validation as test), each shuffled
   (seed 42) and cut to ``dataset_limit`` (10,000); offline tasks: a stratified ``test_fraction``
@@ -65,6 +66,7 @@ from sae_sweep.evals.probes import (
 )
 from sae_sweep.evals.registry import register_eval, settings_dict
 from sae_sweep.evals.schema import EvalOutput
+from sae_sweep.sae.batchtopk import per_token_topk
 from sae_sweep.util.metrics import Metric
 
 log = logging.getLogger(__name__)
@@ -510,9 +512,10 @@ def _settings(ctx: Any, cls: type) -> Any:
 
 @register_eval(EVAL_TYPE_ID, DownstreamSettings, METRICS)
 def run(ctx: Any) -> EvalOutput:
-    return run_downstream(
-        ctx.lm, ctx.sae, ctx.layer, ctx.hook, ctx.seed, _settings(ctx, DownstreamSettings), ctx.cache_dir
-    )
+    with per_token_topk(ctx.sae):  # FaithfulSAE's inference rule for BatchTopK SAEs (scripts/convert.py)
+        return run_downstream(
+            ctx.lm, ctx.sae, ctx.layer, ctx.hook, ctx.seed, _settings(ctx, DownstreamSettings), ctx.cache_dir
+        )
 
 
 @register_eval(STANDARDISED_TYPE_ID, StandardisedDownstreamSettings, STANDARDISED_METRICS)

@@ -13,7 +13,9 @@ which the headline ``fake_feature_ratio`` follows by default:
 * proportion = firings / ``n_tokens`` (the nominal count, not the positions processed); a latent
   is fake when its proportion is ``> threshold`` (0.1). ``fake_feature_ratio`` = fake / d_sae.
 
-Differences that remain: the random tokens come from a seeded torch generator (FaithfulSAE uses
+A BatchTopK SAE is encoded as a per-token TopK of its k, as FaithfulSAE evaluates one
+(``scripts/convert.py:29-47``: every SAE is loaded as SAELens ``topk``), not with its learned
+threshold. Differences that remain: the random tokens come from a seeded torch generator (FaithfulSAE uses
 unseeded ``random.choice``), and ids past the model's embedding table are not drawn (FaithfulSAE
 would fail on them). The LM runs in the model's dtype (FaithfulSAE: bf16 except fp32 for GPT-2).
 
@@ -41,6 +43,7 @@ import torch
 from sae_sweep.config import choice, setting
 from sae_sweep.evals.registry import register_eval, settings_dict
 from sae_sweep.evals.schema import EvalOutput
+from sae_sweep.sae.batchtopk import per_token_topk
 from sae_sweep.util.metrics import Metric
 
 EVAL_TYPE_ID = "fake_features"
@@ -293,4 +296,5 @@ METRICS = (
 def run(ctx: Any) -> EvalOutput:
     # FaithfulSAE reads the SAE's context size; without one, the length of the held-out windows
     ctx_size = (ctx.sae_cfg or {}).get("context_size") or (ctx.tokens.shape[1] if ctx.tokens is not None else None)
-    return run_fake_features(ctx.lm, ctx.sae, ctx.layer, ctx.hook, ctx.seed, ctx.settings, ctx_size)
+    with per_token_topk(ctx.sae):  # FaithfulSAE's inference rule for BatchTopK SAEs
+        return run_fake_features(ctx.lm, ctx.sae, ctx.layer, ctx.hook, ctx.seed, ctx.settings, ctx_size)

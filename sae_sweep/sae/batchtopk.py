@@ -6,10 +6,17 @@ inference the SAE keeps a single learned threshold: a running average (EMA) of t
 activation that survived the batch top-k. In eval mode, `encode` keeps pre-activations above it
 (a JumpReLU with one shared threshold), which is per-token and batch independent.
 Loss = ||x - x_hat||^2 + auxk_alpha * AuxK (the TopK trainer's dead-latent auxiliary loss).
+
+FaithfulSAE evaluates its BatchTopK SAEs as per-token TopK SAEs of the same k (its
+``scripts/convert.py:29-47`` loads every SAE into SAELens as ``architecture="topk"`` with
+``k = top_k``): :func:`per_token_topk` gives that inference rule for the length of an eval, so the
+metrics under FaithfulSAE's names come from the latents FaithfulSAE's code would see.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,10 +50,13 @@ class BatchTopKSAE(TopKSAE):
         p = self.W_dec
         self.register_buffer("threshold", torch.tensor(-1.0, device=p.device, dtype=torch.float32))
 
+    # "threshold": the learned threshold (this SAE's inference rule); "topk": per-token TopK of k
+    inference: str = "threshold"
+
     def activation(self, pre: Tensor) -> Tensor:
         if self.training:
             return batch_topk(pre, self.k)
-        if float(self.threshold) < 0:  # never calibrated: fall back to per-token TopK
+        if self.inference == "topk" or float(self.threshold) < 0:  # never calibrated: per-token TopK
             return super().activation(pre)
         return pre * (pre > self.threshold.to(pre.dtype))
 
@@ -68,6 +78,21 @@ class BatchTopKSAE(TopKSAE):
         ok = torch.isfinite(smallest)
         new = torch.where(self.threshold < 0, smallest, beta * self.threshold + (1 - beta) * smallest)
         self.threshold.copy_(torch.where(ok, new, self.threshold))
+
+
+@contextmanager
+def per_token_topk(sae: Any) -> Iterator[None]:
+    """Inside the block a BatchTopK SAE (matryoshka included) encodes as a per-token TopK of its k, as
+    FaithfulSAE evaluates it; any other SAE is unchanged."""
+    if not isinstance(sae, BatchTopKSAE):
+        yield
+        return
+    before = sae.inference
+    sae.inference = "topk"
+    try:
+        yield
+    finally:
+        sae.inference = before
 
 
 @dataclass

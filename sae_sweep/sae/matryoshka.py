@@ -45,7 +45,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         self.inner = inner
 
     def activation(self, pre: Tensor) -> Tensor:
-        if self.inner == "topk":
+        if self.inner == "topk" or (self.inference == "topk" and not self.training):
             return super(BatchTopKSAE, self).activation(pre)  # TopKSAE's per-token rule
         return super().activation(pre)
 
