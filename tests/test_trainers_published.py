@@ -197,6 +197,38 @@ def test_hierarchical_published_resamples_dead_latents_from_inputs_every_1000_st
     assert st["exp_avg"][3].abs().sum() == 0 and st["exp_avg_sq"][3].abs().sum() == 0
 
 
+def _template_resample(w_enc_rows, dead, sampled_vecs):
+    """dictionary_learning ``trainers/standard.py`` ``resample_neurons`` (the template the write-ups'
+    code came from), written out for given sampled inputs: ``alive_norm = encoder.weight[~deads]
+    .norm(dim=-1).mean()``; ``encoder.weight[deads] = sampled_vecs * alive_norm * 0.2``;
+    ``decoder.weight[:, deads] = (sampled_vecs / sampled_vecs.norm(dim=-1, keepdim=True)).T``;
+    ``encoder.bias[deads] = 0``. Returns (encoder rows, decoder rows) of the dead latents."""
+    alive_norm = w_enc_rows[~dead].norm(dim=-1).mean()
+    return sampled_vecs * alive_norm * 0.2, sampled_vecs / sampled_vecs.norm(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("mode", ["published", "corrected"])
+def test_hierarchical_revival_init_follows_the_template_in_published_mode(mode):
+    # top-loss picks (an explicit resample_pick) make the sampled inputs known; the encoder init is the mode's
+    t = build("hierarchical", mode=mode, resample_pick="top", resample_source="input", merge=False)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 16, generator=g) * 40.0 + 5.0  # large norms: the raw and the unit forms differ a lot
+    loss = torch.arange(8, dtype=torch.float32)  # token 7 has the highest loss, then 6
+    t.step(x[:4])  # Adam state exists
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[[3, 9]] = True
+    w_enc_rows = t.sae.W_enc.detach().T.clone()  # [d_sae, d_in]: the template's encoder.weight
+    t.resample_(dead.nonzero().flatten(), x, x, loss)
+    want_enc, want_dec = _template_resample(w_enc_rows, dead, x[[7, 6]])
+    got_enc, got_dec = t.sae.W_enc.detach().T[dead], t.sae.W_dec.detach()[dead]
+    torch.testing.assert_close(got_dec, want_dec)
+    if mode == "published":
+        torch.testing.assert_close(got_enc, want_enc)
+    else:  # resample_encoder=unit: the same direction at 0.2 x the alive norm
+        torch.testing.assert_close(got_enc, want_enc / x[[7, 6]].norm(dim=-1, keepdim=True))
+    assert float(t.sae.b_enc.detach()[dead].abs().sum()) == 0.0
+
+
 def test_hierarchical_published_merge_averages_and_silences_the_other():
     t = build("hierarchical", mode="published", resample=False)
     sae = t.sae

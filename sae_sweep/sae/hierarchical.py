@@ -30,7 +30,8 @@ its method is Runs 1-5, each adding one mechanism to the last:
   the first step. `recon_ratio` (R / target, unclamped) is logged, so a pinned factor shows.
 - resampling: after every 1000th step, latents that fired on no token for more than 500
   consecutive steps get decoder row x/|x| and encoder column x * 0.2 * (mean alive encoder-column
-  norm), b_enc 0, their Adam moments zeroed; the inputs x are sampled with probability
+  norm) -- the raw input x, as the template's `resample_neurons` (dictionary_learning's
+  StandardTrainer) sets it -- b_enc 0, their Adam moments zeroed; the inputs x are sampled with probability
   proportional to |x - x_hat| without replacement, at most one batch of them per check ("high-loss
   input examples" says neither top-n nor sampled; sampling is the `resample_neurons` of the
   template these logs were produced with).
@@ -66,6 +67,11 @@ the corrected mode recovers every feature (L0 13.8) and the published mode none 
   is longer than the default budgets (195 steps on the tiny model), where it would never fire.
 - `resample_source` `residual` (published `input`): the new direction is what the SAE misses on
   those tokens (x - x_hat), not the input, which the alive latents already partly reconstruct.
+- `resample_encoder` `unit` (published `input`): the revived encoder column is the sampled vector's
+  unit direction x 0.2 x the mean alive encoder norm. With the raw vector (the template) the new
+  latent's pre-activation on that token is 0.2 a |x|^2 for alive norm a, so its scale follows the
+  activation norm squared: at Gemma-2's residual norms (~300) it is ~300x the unit form; the unit
+  form starts it at the scale of a live latent's pre-activations (a |x|).
 - `resample_pick` `top` (published `sample`): the highest-loss tokens, deterministic (no RNG draw),
   every dead latent at once (cycling through the batch when more are dead than tokens).
 - `merge_op` `sum` (published `average`): for duplicates that co-fire, f_i + f_j = ReLU((w_i + w_j) x
@@ -119,6 +125,11 @@ CORRECTIONS = {
     "resample_after": Correction(500, 200, "scaled with resample_every"),
     "resample_source": Correction("input", "residual", "point new latents at what the SAE misses on those tokens"),
     "resample_pick": Correction("sample", "top", "deterministic, and every dead latent at once"),
+    "resample_encoder": Correction(
+        "input",
+        "unit",
+        "the raw vector makes a revived latent's pre-activation 0.2 a |x|^2: ~300x the unit form at Gemma-2 norms",
+    ),
     "merge_op": Correction(
         "average", "sum", "summing keeps a co-firing duplicate pair's joint output; averaging halves it"
     ),
@@ -188,6 +199,7 @@ class HierarchicalParams(TrainerParams):
     )
     resample_source: Optional[str] = by_mode(CORRECTIONS, "resample_source", "", options=("input", "residual"))
     resample_pick: Optional[str] = by_mode(CORRECTIONS, "resample_pick", "", options=("sample", "top"))
+    resample_encoder: Optional[str] = by_mode(CORRECTIONS, "resample_encoder", "", options=("input", "unit"))
     adaptive_sparsity: bool = setting(True, allowed="true or false")
     adaptive_rule: Optional[str] = by_mode(CORRECTIONS, "adaptive_rule", "", options=("loss_ratio", "fvu"))
     target_fvu: float = setting(
@@ -341,14 +353,16 @@ class HierarchicalTrainer(Trainer):
             )
         n = idx.numel()
         src = resid if o.resample_source == "residual" else x
-        dirs = src[pick].float()
-        dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        vecs = src[pick].float()
+        dirs = vecs / vecs.norm(dim=1, keepdim=True).clamp_min(1e-8)
         alive = torch.ones(self.d_sae, dtype=torch.bool, device=self.device)
         alive[idx] = False
-        # Anthropic: new encoder rows at 0.2 x the mean alive encoder norm, so they start small
+        # the template's resample_neurons (dictionary_learning StandardTrainer): encoder column = the
+        # sampled vector x 0.2 x the mean alive encoder norm (`input`); `unit` uses its direction instead
         enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.ones((), device=self.device)
+        enc = vecs if o.resample_encoder == "input" else dirs
         sae.W_dec[idx] = dirs.to(sae.W_dec.dtype)
-        sae.W_enc[:, idx] = (dirs.T * 0.2 * enc_norm).to(sae.W_enc.dtype)
+        sae.W_enc[:, idx] = (enc.T * 0.2 * enc_norm).to(sae.W_enc.dtype)
         sae.b_enc[idx] = 0.0
         self.reset_optimizer_rows_(idx)
         self.steps_since_fired[idx] = 0
