@@ -621,3 +621,24 @@ def test_a_key_one_swept_trainer_lacks_is_refused_naming_that_trainer():
 
     problems = unknown_key_problems(["-m", "trainer=hierarchical,topk", "trainer.mode=published"])
     assert len(problems) == 1 and "trainer.mode" in problems[0] and "trainer=topk" in problems[0]
+
+
+def test_temporal_ortho_published_selects_top_k_after_relu_as_the_template():
+    """The template's ``AutoEncoderTopK.encode`` (the write-up's experiment.py): ``post_relu =
+    relu(encoder(x - b_dec))``, ``post_relu.topk(k)``: the tracker sees those indices. On tokens with
+    fewer than k positive pre-activations the value-0 slots differ from the pre-activation order."""
+    t = build("temporal_ortho", mode="published", k=6, d_in=16, d_sae=64)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(32, 16, generator=g)
+    with torch.no_grad():
+        t.sae.b_enc.fill_(-2.5)  # most pre-activations negative: few positive per token
+    seen = []
+    observe = t.table.observe
+    t.table.observe = lambda idx, counted: (seen.append(idx.clone()), observe(idx, counted))[1]
+    t.compute_loss(x)
+    pre = t.sae.pre_acts(x).detach()
+    assert ((pre > 0).sum(-1) < 6).any()  # the case where the orders differ
+    want = pre.relu().topk(6, dim=-1, sorted=False).indices
+    assert torch.equal(seen[0].sort(-1).values, want.sort(-1).values)
+    pre_first = pre.topk(6, dim=-1, sorted=False).indices
+    assert not torch.equal(pre_first.sort(-1).values, want.sort(-1).values)

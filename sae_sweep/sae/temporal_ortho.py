@@ -54,6 +54,12 @@ overrides either mode):
   than one batch at the write-up's batch of 2048, so there is no "window" to compare with history.
 - `count` `active` (published `selected`): a pair counts on a token when both latents are active
   (value > 0), not merely selected by the top k with value 0.
+- `topk_order` `pre_first` (published `relu_first`): the top k of the pre-activations, then ReLU (the
+  TopK kernels' order), where the template's `AutoEncoderTopK.encode` takes the top k of the ReLU'd
+  pre-activations. Codes, reconstruction and gradients are the same; when a token has fewer than k
+  positive pre-activations the value-0 slots hold other latents (the largest negative ones here, the
+  ties of zeros there), which `count=selected` counts as co-firing, so the published tracker's pair
+  weights differ on such tokens. With `count=active` the order changes nothing.
 - `ortho_form` `linear` (published `squared`): O = sum_{i != j} w_ij f_i^T f_j / B, the idea text's
   sum of w |f_i^T f_j| (|.| is the identity: f >= 0) divided by the batch size. The published mean
   over F^2 of squared dots shrinks with d_sae^2 and the batch size squared, so its coefficient does
@@ -142,6 +148,12 @@ CORRECTIONS = {
     "window": Correction(1000, 20, "1000 samples is less than one batch of 2048: no window to compare"),
     "window_unit": Correction("samples", "steps", "see window"),
     "count": Correction("selected", "active", "count pairs that fire, not top-k members with value 0"),
+    "topk_order": Correction(
+        "relu_first",
+        "pre_first",
+        "the same code and gradients; only which value-0 latents fill a token's k slots differs, and "
+        "count=active ignores them; pre_first is the TopK kernels' order",
+    ),
     "ortho_form": Correction(
         "squared",
         "linear",
@@ -532,6 +544,7 @@ class TemporalOrthoParams(TopKParams):
     cbar_init: Optional[str] = by_mode(CORRECTIONS, "cbar_init", "", options=("zero", "first"))
     alpha_rule: Optional[str] = by_mode(CORRECTIONS, "alpha_rule", "", options=("rate", "windows"))
     count: Optional[str] = by_mode(CORRECTIONS, "count", "", options=("selected", "active"))
+    topk_order: Optional[str] = by_mode(CORRECTIONS, "topk_order", "", options=("relu_first", "pre_first"))
     tracker: Optional[str] = by_mode(CORRECTIONS, "tracker", "", options=("dense", "table"))
     cap: int = setting(
         32, allowed="an integer >= 1 (tracker=table: tracked partners per latent)", check=lambda v: v >= 1
@@ -578,7 +591,11 @@ class TemporalOrthoTrainer(TopKTrainer):
     def compute_loss(self, x: Tensor) -> StepOutput:
         sae: TemporalOrthoSAE = self.sae  # type: ignore[assignment]
         o, p = self.opt, self.params
-        vals, idx, pre = sae.encode_sparse(x)
+        if o.topk_order == "relu_first":  # the template's AutoEncoderTopK.encode: ReLU, then the top k
+            pre = sae.pre_acts(x)
+            vals, idx = pre.relu().topk(sae.k, dim=-1, sorted=False)
+        else:
+            vals, idx, pre = sae.encode_sparse(x)
         active = vals > 0
         self.table.observe(idx, torch.ones_like(active) if o.count == "selected" else active)
         if self.window_closes():
