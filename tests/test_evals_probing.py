@@ -549,3 +549,63 @@ def test_faithfulsae_evals_encode_batchtopk_as_per_token_topk():
     threshold_rule = fake_features.run_fake_features(lm, sae, 0, "resid_post", 3, settings)
     assert got.details == want.details
     assert threshold_rule.details != want.details
+
+
+def _saebench_get_balanced_dataset(df, min_samples_per_quadrant, random_seed):
+    """SAEBench 0.6.0 ``get_balanced_dataset`` (sae_bench_utils/dataset_utils.py:275-319) for
+    bias_in_bios (column1 profession, column2 gender, text hard_text), written out."""
+    balanced = {}
+    for profession in df["profession"].unique():
+        prof_df = df[df["profession"] == profession]
+        if len(prof_df["gender"].unique()) < 2 or prof_df["gender"].value_counts().min() < min_samples_per_quadrant:
+            continue
+        texts = []
+        for _, group_df in prof_df.groupby("gender"):
+            texts.extend(group_df.sample(n=min_samples_per_quadrant, random_state=random_seed)["hard_text"].tolist())
+        balanced[str(profession)] = texts
+    return balanced
+
+
+def test_saebench_hub_probe_sets_are_drawn_as_saebench_draws_them():
+    """bias_in_bios: train texts from the train split, test texts from the test split, set_size // 4 per
+    (profession, gender) quadrant (dataset_utils.py:322-345), chosen classes only, classes in both
+    splits; ag_news: set_size // 2 per class (gather_dataset_from_df). The frames are built here (the
+    hub is not reachable), through the real datasets classes."""
+    import datasets
+    import numpy as np
+
+    from sae_sweep.evals.probes import saebench_probe_splits
+
+    rng = np.random.default_rng(0)
+
+    def frame(n):
+        prof = rng.integers(0, 12, n)
+        gender = (rng.random(n) < np.where(prof == 2, 0.9, 0.5)).astype(int)  # profession 2: few women
+        return {"hard_text": [f"bio {i} {p} {g}" for i, (p, g) in enumerate(zip(prof, gender))],
+                "profession": prof.tolist(), "gender": gender.tolist()}  # fmt: skip
+
+    dd = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict(frame(3000)), "test": datasets.Dataset.from_dict(frame(1200))}
+    )
+    got = saebench_probe_splits("LabHC/bias_in_bios_class_set1", 160, 80, seed=42, load=lambda hub_id: dd)
+    chosen = {"0", "1", "2", "6", "9"}
+    want_tr = _saebench_get_balanced_dataset(dd["train"].to_pandas(), 160 // 4, 42)
+    want_te = _saebench_get_balanced_dataset(dd["test"].to_pandas(), 80 // 4, 42)
+    shared = sorted(set(want_tr) & set(want_te) & chosen, key=int)
+    assert sorted(got) == shared and 3 <= len(shared) < 5  # profession 2 lacks women in some split
+    for c in shared:
+        assert got[c] == (want_tr[c], want_te[c])
+        assert len(got[c][0]) == 80 and len(got[c][1]) == 40
+        assert sum(t.endswith(" 1") for t in got[c][0]) == 40  # gender-balanced
+    news = datasets.DatasetDict(
+        {
+            split: datasets.Dataset.from_dict(
+                {"text": [f"{split} {i}" for i in range(400)], "label": (np.arange(400) % 4).tolist()}
+            )
+            for split in ("train", "test")
+        }
+    )
+    ag = saebench_probe_splits("fancyzhx/ag_news", 40, 20, seed=42, load=lambda hub_id: news)
+    frame_tr = news["train"].to_pandas()
+    assert ag["3"][0] == frame_tr[frame_tr["label"] == 3]["text"].sample(n=20, random_state=42).tolist()
+    assert all(len(tr) == 20 and len(te) == 10 and te[0].startswith("test") for tr, te in ag.values())

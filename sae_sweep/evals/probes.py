@@ -237,6 +237,82 @@ def _load_hub_task(name: str, max_examples: int, seed: int) -> TextTask:
     return TextTask(name, texts[:max_examples], labels[:max_examples], hub_id)
 
 
+# SAEBench's sparse-probing hub sets, drawn as its dataset_utils.py draws them (0.6.0):
+# name -> (hub id, text column, class column, the column balanced within each class or None,
+# SAEBench's chosen classes, dataset_info.py:117-126).
+SAEBENCH_PROBE_SETS: Dict[str, Tuple[str, str, str, Optional[str], List[int]]] = {
+    "LabHC/bias_in_bios_class_set1": ("LabHC/bias_in_bios", "hard_text", "profession", "gender", [0, 1, 2, 6, 9]),
+    "LabHC/bias_in_bios_class_set2": ("LabHC/bias_in_bios", "hard_text", "profession", "gender", [11, 13, 14, 18, 19]),
+    "LabHC/bias_in_bios_class_set3": ("LabHC/bias_in_bios", "hard_text", "profession", "gender", [20, 21, 22, 25, 26]),
+    "fancyzhx/ag_news": ("fancyzhx/ag_news", "text", "label", None, [0, 1, 2, 3]),
+}
+
+
+def saebench_class_sample(
+    df: Any, class_col: str, text_col: str, group_col: Optional[str], classes: Sequence[int], n: int, seed: int
+) -> Dict[str, List[str]]:
+    """One split's texts per class, drawn as SAEBench draws them from a pandas frame of that split.
+
+    ``group_col`` set (bias_in_bios: gender): ``get_balanced_dataset`` (dataset_utils.py:275-319), with
+    ``n // 2`` texts per (class, group) quadrant -- SAEBench's ``set_size // 4`` for its binary tasks --
+    sampled ``df.sample(n, random_state=seed)`` in the frame's group order; a class with fewer than two
+    groups or a smaller quadrant is left out, as there. ``group_col`` None (ag_news):
+    ``gather_dataset_from_df`` (dataset_utils.py:88-112), ``n`` texts per class."""
+    out: Dict[str, List[str]] = {}
+    if group_col is None:
+        for c in classes:
+            texts = df[df[class_col] == c][text_col].sample(n=n, random_state=seed).tolist()
+            out[str(c)] = texts
+        return out
+    per_quadrant = n // 2
+    for c in df[class_col].unique():
+        if int(c) not in classes:
+            continue
+        class_df = df[df[class_col] == c]
+        if class_df[group_col].nunique() < 2 or class_df[group_col].value_counts().min() < per_quadrant:
+            continue
+        texts = []
+        for _, group_df in class_df.groupby(group_col):
+            texts += group_df.sample(n=per_quadrant, random_state=seed)[text_col].tolist()
+        out[str(c)] = texts
+    return out
+
+
+def saebench_probe_splits(
+    name: str, train_set_size: int, test_set_size: int, seed: int, load: Optional[Any] = None
+) -> Dict[str, Tuple[List[str], List[str]]]:
+    """Per class, (train texts, test texts) of SAEBench's sparse-probing set ``name``: the train texts
+    from the dataset's train split and the test texts from its test split, ``train_set_size // 2`` and
+    ``test_set_size // 2`` per class (bias_in_bios balanced by gender), classes present in both
+    (``ensure_shared_keys``). ``load(hub_id)`` returns the DatasetDict (default: datasets.load_dataset)."""
+    hub_id, text_col, class_col, group_col, classes = SAEBENCH_PROBE_SETS[name]
+    try:
+        if load is None:
+            import datasets
+            from datasets import load_dataset
+
+            if not datasets.config.HF_HUB_OFFLINE and not _hub_reachable():
+                datasets.config.HF_HUB_OFFLINE = True
+                datasets.config.HF_DATASETS_OFFLINE = True
+            load = load_dataset
+        ds = load(hub_id)
+        train_df, test_df = ds["train"].to_pandas(), ds["test"].to_pandas()
+    except Exception as e:  # offline, gated, renamed: say which dataset and why
+        raise TaskUnavailable(
+            f"hub dataset {hub_id} for task {name!r} could not be loaded ({type(e).__name__}: {str(e)[:200]}); "
+            f"offline, use the built-in tasks {', '.join(OFFLINE_TASKS)}"
+        ) from None
+    try:
+        train = saebench_class_sample(train_df, class_col, text_col, group_col, classes, train_set_size // 2, seed)
+        test = saebench_class_sample(test_df, class_col, text_col, group_col, classes, test_set_size // 2, seed)
+    except ValueError as e:  # pandas: a class smaller than the sample
+        raise TaskUnavailable(f"task {name!r}: {e}") from None
+    shared = sorted(set(train) & set(test), key=int)
+    if len(shared) < 2:
+        raise TaskUnavailable(f"task {name!r}: fewer than two classes have enough texts in both splits")
+    return {c: (train[c], test[c]) for c in shared}
+
+
 def load_task(
     name: str,
     *,

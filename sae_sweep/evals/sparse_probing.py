@@ -21,8 +21,13 @@ Named options beside it: ``top_k_selection="signed"`` (latents that fire MORE on
 ``probe="standardised"`` (standardised logistic regression for every probe, sae_sweep's earlier
 procedure; it does not select on the test set). Remaining differences: one negative sample per
 class task is shared by every k and by the LM and SAE probes (SAEBench draws fresh negatives per
-probe, unseeded); the full probe runs in float32 (SAEBench: the LM dtype); hub datasets are
-sampled from their train split (SAEBench: balanced train/test splits, dataset_utils.py).
+probe, unseeded); the full probe runs in float32 (SAEBench: the LM dtype). SAEBench's hub sets
+(bias_in_bios class sets 1-3, ag_news) are drawn as SAEBench draws them (``probes.saebench_probe_splits``):
+train texts from the dataset's train split and test texts from its test split, per class
+``probe_train_set_size / 2`` and ``probe_test_set_size / 2``, bias_in_bios balanced by gender
+(dataset_utils.py:88-112, 275-345), with ``random_state`` = the job's seed (SAEBench's
+``random_seed``, 42); those need the Hugging Face Hub, so this machine could not compare them with
+SAEBench's own draw (a test checks the draw against a transcription on a frame built here).
 
 Reported (SAEBench names, categories ``llm`` / ``sae``): ``llm_test_accuracy``,
 ``llm_top_{k}_test_accuracy``, ``sae_test_accuracy``, ``sae_top_{k}_test_accuracy``.
@@ -43,7 +48,9 @@ import numpy as np
 from sae_sweep.config import choice, setting
 from sae_sweep.evals.probes import (
     DEFAULT_PACKAGES,
+    SAEBENCH_PROBE_SETS,
     TaskUnavailable,
+    TextTask,
     at_chance,
     encode_texts,
     few_threads,
@@ -51,6 +58,7 @@ from sae_sweep.evals.probes import (
     fit_sklearn_probe_raw,
     load_task,
     pooled_features,
+    saebench_probe_splits,
     stable_seed,
     top_k_by_mean_diff,
     train_probe_torch,
@@ -192,6 +200,35 @@ def probe_class_task(
     return row
 
 
+def _task_and_splits(
+    name: str, s: Dict[str, Any], seed: int, cache_dir: str | None
+) -> Tuple[TextTask, Dict[str, Tuple[np.ndarray, np.ndarray]]]:
+    """The task's texts and, per class, train / test indices into them. SAEBench's hub sets come as
+    SAEBench draws them (balanced, from the train and the test split); other tasks are split here."""
+    if name in SAEBENCH_PROBE_SETS:
+        by_class = saebench_probe_splits(name, int(s["probe_train_set_size"]), int(s["probe_test_set_size"]), seed)
+        texts: List[str] = []
+        labels: List[str] = []
+        splits = {}
+        for c, (train, test) in by_class.items():
+            start = len(texts)
+            texts += train + test
+            labels += [c] * (len(train) + len(test))
+            splits[c] = (np.arange(start, start + len(train)), np.arange(start + len(train), len(texts)))
+        return TextTask(name, texts, labels, SAEBENCH_PROBE_SETS[name][0]), splits
+    task = load_task(name, seed=seed, cache_dir=cache_dir, max_examples=int(s["max_examples"]), packages=s["packages"])
+    labels_arr = np.array(task.labels)
+    classes = sorted(set(task.labels), key=lambda c: (-int((labels_arr == c).sum()), c))[: int(s["max_classes"])]
+    splits = class_splits(
+        labels_arr,
+        sorted(classes),
+        int(s["probe_train_set_size"]),
+        int(s["probe_test_set_size"]),
+        np.random.default_rng(stable_seed(seed, name)),
+    )
+    return task, splits
+
+
 def run_sparse_probing(
     lm: Any, sae: Any, layer: int, hook: str, seed: int, settings: Dict[str, Any], cache_dir: str | None = None
 ) -> EvalOutput:
@@ -210,26 +247,12 @@ def run_sparse_probing(
     unavailable: Dict[str, str] = {}
     for name in s["datasets"]:
         try:
-            task = load_task(
-                name, seed=seed, cache_dir=cache_dir, max_examples=int(s["max_examples"]), packages=s["packages"]
-            )
+            task, splits = _task_and_splits(name, s, seed, cache_dir)
         except TaskUnavailable as e:
             log.warning("sparse_probing: %s", e)
             unavailable[name] = str(e)
             continue
-        labels = np.array(task.labels)
-        classes = sorted(set(task.labels), key=lambda c: (-int((labels == c).sum()), c))[: int(s["max_classes"])]
-        try:
-            splits = class_splits(
-                labels,
-                sorted(classes),
-                int(s["probe_train_set_size"]),
-                int(s["probe_test_set_size"]),
-                np.random.default_rng(stable_seed(seed, name)),
-            )
-        except TaskUnavailable as e:
-            unavailable[name] = str(e)
-            continue
+        classes = sorted(splits)
         used = np.sort(np.concatenate([np.concatenate(v) for v in splits.values()]))
         ids, keep = encode_texts(lm, [task.texts[i] for i in used], int(s["context_size"]))
         feats = pooled_features(lm, sae, ids, keep, layer, hook, int(s["batch_size"]))
