@@ -5,8 +5,9 @@ PYTEST_ARGS ?=
 # (measured on 2 cores: 10 min with 3 workers, 15 min with 2). TEST_WORKERS=0: one process.
 # --max-worker-restart=0: a worker that dies ends the run with its test named; replaced, xdist 3.8's
 # loadgroup scheduler re-queues that group and can wait forever (a CI run hung until its time limit).
+# --durations: the slowest tests are named in every run (the suite must stay under 15 minutes).
 TEST_WORKERS ?= 3
-PYTEST := $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --max-worker-restart=0
+PYTEST := $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --max-worker-restart=0 --durations=15
 
 .PHONY: install test test-fast lint docs demo demo-real prose-docs metrics-doc bench bench-peers bench-smoke gpu-check slurm-up slurm-down clean
 
