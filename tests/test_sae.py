@@ -265,3 +265,18 @@ def test_sparse_decode_paths_agree_with_grads():
 
         torch.testing.assert_close(fn(vals, W), dense)
         assert torch.autograd.gradcheck(fn, (vals, W))
+
+
+def test_release_training_state_frees_gradients_and_adam_moments_and_keeps_the_sae():
+    t = make_trainer(lr=1e-2)
+    x = torch.randn(32, 16) * 3
+    t.init_from_data(x)
+    for _ in range(3):
+        t.step(x)
+    assert t.optimizer.state and all(p.grad is not None for p in t.sae.parameters())
+    with torch.no_grad():
+        before = t.sae.eval()(x)[0].clone()
+    t.release_training_state()
+    assert not t.optimizer.state and all(p.grad is None for p in t.sae.parameters())
+    with torch.no_grad():
+        assert torch.equal(t.sae(x)[0], before)

@@ -365,6 +365,8 @@ def execute(points: Sequence[Point], device: torch.device) -> List[Any]:
     finally:
         for r in readers.values():
             r.close()
+    for m in members:  # the evals need the SAEs only
+        m.trainer.release_training_state()
     if acts.stream is not None:  # LM work paid for every SAE of this job together
         for p in points:
             p.run.log_metrics({"stream/forward_tokens": acts.stream.forward_tokens})

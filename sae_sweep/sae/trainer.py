@@ -215,6 +215,14 @@ class Trainer:
         fused = self.device.type in ("cpu", "cuda")
         return torch.optim.Adam(self.sae.parameters(), lr=self.params.lr, betas=(0.9, 0.999), fused=fused)
 
+    def release_training_state(self) -> None:
+        """Free what only training needs (gradients, Adam's two moments: twice the SAE's size) before
+        the evals, so a packed job does not hold every member's optimizer through them. The last
+        checkpoint on disk keeps them for a resume."""
+        self.optimizer.state.clear()
+        for p in self.sae.parameters():
+            p.grad = None
+
     def after_optimizer_step(self) -> None:
         """Called after each optimizer step (after decoder renorm); e.g. to clamp parameters."""
 
