@@ -226,3 +226,47 @@ def test_server_script_starts_and_stops_its_own_server(tmp_path):
     assert stop.returncode == 0 and "stopping mlflow server" in stop.stderr
     with pytest.raises(urllib.error.URLError):
         _get(f"http://127.0.0.1:{port}", "/health")
+
+
+def test_a_sweeps_job_waits_for_a_server_being_restarted(tmp_path):
+    """A job of a sweep (its driver reached the server) asks again while the server is down and goes on
+    once it answers; anything else, e.g. the driver's own check, is refused at once."""
+    import http.server
+    import threading
+
+    from sae_sweep.tracking.runs import TrackingStoreError, check_store
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    with pytest.raises(TrackingStoreError, match=f"tracking.uri={uri}: the MLflow server does not answer \\("):
+        check_store(uri)
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(TrackingStoreError, match="does not answer for 3s"):
+        check_store(uri, wait_s=3)
+
+    servers = []
+
+    def come_back():
+        servers.append(http.server.HTTPServer(("127.0.0.1", port), Health))
+        servers[0].serve_forever()
+
+    threading.Timer(4.0, come_back).start()
+    t0 = time.monotonic()
+    try:
+        check_store(uri, wait_s=120)
+        waited = time.monotonic() - t0
+    finally:
+        while not servers:
+            time.sleep(0.1)
+        servers[0].shutdown()
+    assert 4 <= waited < 30
