@@ -133,8 +133,16 @@ stop_postgres() {
         log "PostgreSQL on $PG_DATA not running"
         return 0
     fi
-    log "stopping PostgreSQL (pid $(head -n 1 "$PG_DATA/postmaster.pid"), data $PG_DATA)"
+    local pid i
+    pid="$(head -n 1 "$PG_DATA/postmaster.pid")"
+    log "stopping PostgreSQL (pid $pid, data $PG_DATA)"
     as_pg "$(pg_bindir)/pg_ctl" -D "$PG_DATA" -m fast -w -t 60 stop >/dev/null
+    # pg_ctl returns once the pid file is gone; the postmaster exits a moment later
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    die "PostgreSQL (pid $pid) still running 10 s after pg_ctl stop"
 }
 
 stop_server() {

@@ -270,3 +270,78 @@ def test_a_sweeps_job_waits_for_a_server_being_restarted(tmp_path):
             time.sleep(0.1)
         servers[0].shutdown()
     assert 4 <= waited < 30
+
+
+# -- launchers/mlflow_server.sh postgres: a PostgreSQL of its own, stopped with it -------------------
+
+
+def _postgres_ready():
+    if os.environ.get("CI", "").lower() != "true":
+        pytest.importorskip("psycopg2", reason="the postgres extra: pip install -e '.[postgres]' (make install)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def reachable_dir():
+    """A state dir the `postgres` user can reach when the test runs as root (pytest's are private)."""
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="sae_sweep_pg.", dir="/tmp")
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        _script("stop", state_dir=d)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_postgres_server_stops_both_and_keeps_its_data_for_the_next_start(reachable_dir):
+    _postgres_ready()
+    from pathlib import Path
+
+    state = Path(reachable_dir)
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    args = ("--background", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "postgres")
+    r = _script(*args, state_dir=state)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "postgresql+psycopg2://mlflow@/mlflow?host=" in r.stderr
+    run_id = Tracker(base).start_parent("pg_keep", "kept", {})
+    mlflow_pid = int((state / "mlflow_server.pid").read_text())
+    pg_pid = int((state / "postgres" / "data" / "postmaster.pid").read_text().split()[0])
+    # PostgreSQL listens on no TCP port: its only way in is the socket in the state dir
+    assert (state / "postgres" / "socket" / ".s.PGSQL.5432").is_socket()
+
+    stop = _script("stop", state_dir=state)
+    assert stop.returncode == 0 and "stopping PostgreSQL" in stop.stderr, stop.stderr
+    assert not _alive(mlflow_pid) and not _alive(pg_pid)
+    with pytest.raises(urllib.error.URLError):
+        _get(base, "/health")
+
+    r = _script(*args, state_dir=state)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "initdb" not in r.stderr  # the same data dir, not a new database
+    assert Tracker(base).get_run(run_id).info.run_name == "kept"
+
+
+def test_postgres_server_refuses_a_state_dir_its_user_cannot_reach(tmp_path):
+    """As root, PostgreSQL runs as the `postgres` user: a state dir under a private directory (pytest's
+    tmp_path) is refused with the reason, and nothing is left running."""
+    if os.getuid() != 0:
+        pytest.skip("only root hands PostgreSQL to the postgres user")
+    _postgres_ready()
+    state = tmp_path / "state"
+    r = _script("--background", "--host", "127.0.0.1", "--port", str(_free_port()), "postgres", state_dir=state)
+    assert r.returncode != 0
+    assert "cannot reach" in r.stderr and "pick a --state-dir it can reach" in r.stderr, r.stderr
+    assert "tracking.uri" not in r.stdout + r.stderr
+    assert not (state / "mlflow_server.pid").exists() and not (state / "postgres" / "data").exists()
