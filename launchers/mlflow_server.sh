@@ -107,7 +107,7 @@ start_postgres() {
         die "--state-dir $STATE_DIR is too long for PostgreSQL's unix socket ($PG_SOCKET/.s.PGSQL.$PG_PORT, at most 107 bytes): pick a shorter one"
     if [[ ! -s "$PG_DATA/PG_VERSION" ]]; then
         log "initdb $PG_DATA"
-        as_pg "$bin/initdb" -D "$PG_DATA" -U mlflow --auth-local=trust --auth-host=reject -E UTF8 --no-instructions \
+        as_pg "$bin/initdb" -D "$PG_DATA" -U mlflow --auth-local=trust --auth-host=reject -E UTF8 --no-locale --no-instructions \
             >>"$PG_DIR/postgres.log" 2>&1 || { tail -n 20 "$PG_DIR/postgres.log" >&2; die "initdb failed"; }
     fi
     if pg_running; then

@@ -12,8 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import pytest
 
 from helpers.cli import cli_argv, cli_env
 from helpers.mlflow_store import store_runs
+from helpers.tracking_server import free_port, postgres_state_dir, server_script
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 if shutil.which("sinfo") is None and not IN_CI:
@@ -30,7 +29,6 @@ if not IN_CI:
 
 pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm"), pytest.mark.slow, pytest.mark.timeout(900)]
 
-SCRIPT = Path(__file__).resolve().parent.parent / "launchers" / "mlflow_server.sh"
 SEEDS, KS = (1, 2, 3, 4), (2, 3, 4, 5)  # 16 points; crossseed compares the 4 seeds of each k
 STEPS = 16  # train.tokens / trainer.batch_size
 GRID = [
@@ -61,30 +59,12 @@ def cluster():
 
 @pytest.fixture
 def state_dir():
-    """The server's state dir. Not under tmp_path: as root, PostgreSQL runs as the `postgres` user, which
-    must reach its data dir, and pytest's temporary directories are private to their owner."""
-    d = Path(tempfile.mkdtemp(prefix="sae_sweep_pg.", dir="/tmp"))
-    d.chmod(0o755)
-    try:
+    with postgres_state_dir() as d:
         yield d
-    finally:
-        _script("stop", state_dir=d)
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def _script(*args: str, state_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    return subprocess.run(
-        ["bash", str(SCRIPT), *args, "--state-dir", str(state_dir)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
 
 
 def _start(state_dir: Path, port: int) -> None:
-    r = _script(
+    r = server_script(
         "--background",
         "--host",
         "127.0.0.1",
@@ -144,18 +124,10 @@ def _kill_server(state_dir: Path) -> None:
     raise AssertionError(f"PostgreSQL (pid {pg_pid}) still running 60 s after SIGQUIT")
 
 
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_slurm_array_through_a_postgres_server_killed_and_restarted_mid_sweep(tmp_path, state_dir):
     from mlflow.tracking import MlflowClient
 
-    port = _port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     _start(state_dir, port)
     out = tmp_path / "out"

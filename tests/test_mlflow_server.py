@@ -1,10 +1,11 @@
 """The MLflow UI's view of a sweep: a real ``mlflow server`` on loopback (sqlite store and proxied
-artifacts in tmp), written to through Tracker, read back through the REST API the UI itself calls."""
+artifacts in tmp), written to through Tracker, read back through the REST API the UI itself calls.
+And ``launchers/mlflow_server.sh``: its own server only, on sqlite or on a PostgreSQL of its own, and
+a sweep's job waiting for a server being restarted."""
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,18 +17,13 @@ from contextlib import contextmanager
 import pytest
 
 from helpers.sweeps import EV, KL, SEEDS, make_sweep
+from helpers.tracking_server import free_port, postgres_state_dir, server_script
 from sae_sweep.report import build_report
 from sae_sweep.tracking.runs import Tracker
 
 pytestmark = pytest.mark.integration
 
 START_TIMEOUT = 180  # first start migrates a fresh sqlite schema; 2 slow cores
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(base: str, endpoint: str, **params):
@@ -46,7 +42,7 @@ def _post(base: str, path: str, body: dict) -> dict:
 
 @contextmanager
 def mlflow_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "server.log", "wb")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [
@@ -167,18 +163,9 @@ def test_sweep_as_the_ui_shows_it(tmp_path):
 
 # -- launchers/mlflow_server.sh: it reports up only for its own server --------------------------------
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "launchers", "mlflow_server.sh")
-
 
 def _script(*args, state_dir):
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    return subprocess.run(
-        ["bash", SCRIPT, *args, "--state-dir", str(state_dir)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=START_TIMEOUT + 60,
-    )
+    return server_script(*args, state_dir=state_dir, timeout=START_TIMEOUT + 60)
 
 
 def test_server_script_refuses_a_port_another_process_answers_on(tmp_path):
@@ -203,7 +190,7 @@ def test_server_script_refuses_a_port_another_process_answers_on(tmp_path):
 
 @pytest.mark.slow
 def test_server_script_starts_and_stops_its_own_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     r = _script(
         "--background",
         "--host",
@@ -245,7 +232,7 @@ def test_a_sweeps_job_waits_for_a_server_being_restarted(tmp_path):
         def log_message(self, *args):
             pass
 
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
     with pytest.raises(TrackingStoreError, match=f"tracking.uri={uri}: the MLflow server does not answer \\("):
@@ -288,28 +275,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@pytest.fixture
-def reachable_dir():
-    """A state dir the `postgres` user can reach when the test runs as root (pytest's are private)."""
-    import shutil
-    import tempfile
-
-    d = tempfile.mkdtemp(prefix="sae_sweep_pg.", dir="/tmp")
-    os.chmod(d, 0o755)
-    try:
-        yield d
-    finally:
-        _script("stop", state_dir=d)
-        shutil.rmtree(d, ignore_errors=True)
-
-
 @pytest.mark.slow
-def test_postgres_server_stops_both_and_keeps_its_data_for_the_next_start(reachable_dir):
+def test_postgres_server_stops_both_and_keeps_its_data_for_the_next_start():
     _postgres_ready()
-    from pathlib import Path
+    with postgres_state_dir() as state:
+        _stop_and_restart(state)
 
-    state = Path(reachable_dir)
-    port = _free_port()
+
+def _stop_and_restart(state):
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     args = ("--background", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "postgres")
     r = _script(*args, state_dir=state)
@@ -340,7 +314,7 @@ def test_postgres_server_refuses_a_state_dir_its_user_cannot_reach(tmp_path):
         pytest.skip("only root hands PostgreSQL to the postgres user")
     _postgres_ready()
     state = tmp_path / "state"
-    r = _script("--background", "--host", "127.0.0.1", "--port", str(_free_port()), "postgres", state_dir=state)
+    r = _script("--background", "--host", "127.0.0.1", "--port", str(free_port()), "postgres", state_dir=state)
     assert r.returncode != 0
     assert "cannot reach" in r.stderr and "pick a --state-dir it can reach" in r.stderr, r.stderr
     assert "tracking.uri" not in r.stdout + r.stderr
