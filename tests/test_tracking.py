@@ -269,3 +269,13 @@ def test_only_a_sweeps_job_waits_for_a_silent_tracking_server():
     assert store_wait_s(compose_config("tracking.uri=http://127.0.0.1:5000")) == 0.0
     job = compose_config("tracking.uri=http://127.0.0.1:5000", "tracking.parent_run_id=abc123")
     assert store_wait_s(job) == SERVER_RESTART_WAIT_S >= 120
+
+
+@pytest.mark.unit
+def test_mlflow_retries_a_refused_connection_as_often_as_it_allows():
+    """A server being restarted: the jobs' MLflow client rides it out for the longest MLflow allows."""
+    from mlflow.environment_variables import _MLFLOW_HTTP_REQUEST_MAX_RETRIES_LIMIT, MLFLOW_HTTP_REQUEST_MAX_RETRIES
+
+    import sae_sweep.tracking.runs  # noqa: F401  (sets the default on import)
+
+    assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == _MLFLOW_HTTP_REQUEST_MAX_RETRIES_LIMIT.get()

@@ -39,6 +39,10 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # MLflow prints "View run ... at http://..." on every set_terminated against a server, with links
 # that open the GenAI pages; the links this package logs (``ui_url``) replace them.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# A tracking server being restarted: MLflow's client retries a request whose connection was refused,
+# 7 times by default (backoff factor 2, sleeps capped at 120 s: ~4 min). Measured on 2 loaded cores, a
+# restart of the server on PostgreSQL took over 2 min of that. 10, the most MLflow allows, rides out ~10 min.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "10")
 
 import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag
@@ -104,11 +108,11 @@ def sqlite_path(uri: str) -> Optional[Path]:
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
-# How long a job of a sweep waits for a tracking server that does not answer: about as long as MLflow's
-# client keeps retrying a request whose connection was refused (7 retries, backoff factor 2: ~4 min).
-# The sweep's driver reached the server before it submitted the job, so a silent server is most likely
-# being restarted; a job that gave up at once would lose its grid point.
-SERVER_RESTART_WAIT_S = 240.0
+# How long a job of a sweep waits for a tracking server that does not answer: as long as MLflow's client
+# keeps retrying a request whose connection was refused (10 retries, above: ~10 min). The sweep's driver
+# reached the server before it submitted the job, so a silent server is most likely being restarted; a job
+# that gave up at once would lose its grid point.
+SERVER_RESTART_WAIT_S = 600.0
 
 
 def check_store(uri: str, timeout: float = 5.0, wait_s: float = 0.0) -> None:
