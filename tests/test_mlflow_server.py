@@ -1,10 +1,11 @@
 """The MLflow UI's view of a sweep: a real ``mlflow server`` on loopback (sqlite store and proxied
-artifacts in tmp), written to through Tracker, read back through the REST API the UI itself calls."""
+artifacts in tmp), written to through Tracker, read back through the REST API the UI itself calls.
+And ``launchers/mlflow_server.sh``: its own server only, on sqlite or on a PostgreSQL of its own, and
+a sweep's job waiting for a server being restarted."""
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,18 +17,13 @@ from contextlib import contextmanager
 import pytest
 
 from helpers.sweeps import EV, KL, SEEDS, make_sweep
+from helpers.tracking_server import free_port, postgres_state_dir, server_script
 from sae_sweep.report import build_report
 from sae_sweep.tracking.runs import Tracker
 
 pytestmark = pytest.mark.integration
 
 START_TIMEOUT = 180  # first start migrates a fresh sqlite schema; 2 slow cores
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(base: str, endpoint: str, **params):
@@ -46,7 +42,7 @@ def _post(base: str, path: str, body: dict) -> dict:
 
 @contextmanager
 def mlflow_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "server.log", "wb")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [
@@ -167,18 +163,9 @@ def test_sweep_as_the_ui_shows_it(tmp_path):
 
 # -- launchers/mlflow_server.sh: it reports up only for its own server --------------------------------
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "launchers", "mlflow_server.sh")
-
 
 def _script(*args, state_dir):
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    return subprocess.run(
-        ["bash", SCRIPT, *args, "--state-dir", str(state_dir)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=START_TIMEOUT + 60,
-    )
+    return server_script(*args, state_dir=state_dir, timeout=START_TIMEOUT + 60)
 
 
 def test_server_script_refuses_a_port_another_process_answers_on(tmp_path):
@@ -203,7 +190,7 @@ def test_server_script_refuses_a_port_another_process_answers_on(tmp_path):
 
 @pytest.mark.slow
 def test_server_script_starts_and_stops_its_own_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     r = _script(
         "--background",
         "--host",
@@ -226,3 +213,109 @@ def test_server_script_starts_and_stops_its_own_server(tmp_path):
     assert stop.returncode == 0 and "stopping mlflow server" in stop.stderr
     with pytest.raises(urllib.error.URLError):
         _get(f"http://127.0.0.1:{port}", "/health")
+
+
+def test_a_sweeps_job_waits_for_a_server_being_restarted(tmp_path):
+    """A job of a sweep (its driver reached the server) asks again while the server is down and goes on
+    once it answers; anything else, e.g. the driver's own check, is refused at once."""
+    import http.server
+    import threading
+
+    from sae_sweep.tracking.runs import TrackingStoreError, check_store
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    with pytest.raises(TrackingStoreError, match=f"tracking.uri={uri}: the MLflow server does not answer \\("):
+        check_store(uri)
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(TrackingStoreError, match="does not answer for 3s"):
+        check_store(uri, wait_s=3)
+
+    servers = []
+
+    def come_back():
+        servers.append(http.server.HTTPServer(("127.0.0.1", port), Health))
+        servers[0].serve_forever()
+
+    threading.Timer(4.0, come_back).start()
+    t0 = time.monotonic()
+    try:
+        check_store(uri, wait_s=120)
+        waited = time.monotonic() - t0
+    finally:
+        while not servers:
+            time.sleep(0.1)
+        servers[0].shutdown()
+    assert 4 <= waited < 30
+
+
+# -- launchers/mlflow_server.sh postgres: a PostgreSQL of its own, stopped with it -------------------
+
+
+def _postgres_ready():
+    if os.environ.get("CI", "").lower() != "true":
+        pytest.importorskip("psycopg2", reason="the postgres extra: pip install -e '.[postgres]' (make install)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_postgres_server_stops_both_and_keeps_its_data_for_the_next_start():
+    _postgres_ready()
+    with postgres_state_dir() as state:
+        _stop_and_restart(state)
+
+
+def _stop_and_restart(state):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    args = ("--background", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "postgres")
+    r = _script(*args, state_dir=state)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "postgresql+psycopg2://mlflow@/mlflow?host=" in r.stderr
+    run_id = Tracker(base).start_parent("pg_keep", "kept", {})
+    mlflow_pid = int((state / "mlflow_server.pid").read_text())
+    pg_pid = int((state / "postgres" / "data" / "postmaster.pid").read_text().split()[0])
+    # PostgreSQL listens on no TCP port: its only way in is the socket in the state dir
+    assert (state / "postgres" / "socket" / ".s.PGSQL.5432").is_socket()
+
+    stop = _script("stop", state_dir=state)
+    assert stop.returncode == 0 and "stopping PostgreSQL" in stop.stderr, stop.stderr
+    assert not _alive(mlflow_pid) and not _alive(pg_pid)
+    with pytest.raises(urllib.error.URLError):
+        _get(base, "/health")
+
+    r = _script(*args, state_dir=state)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "initdb" not in r.stderr  # the same data dir, not a new database
+    assert Tracker(base).get_run(run_id).info.run_name == "kept"
+
+
+def test_postgres_server_refuses_a_state_dir_its_user_cannot_reach(tmp_path):
+    """As root, PostgreSQL runs as the `postgres` user: a state dir under a private directory (pytest's
+    tmp_path) is refused with the reason, and nothing is left running."""
+    if os.getuid() != 0:
+        pytest.skip("only root hands PostgreSQL to the postgres user")
+    _postgres_ready()
+    state = tmp_path / "state"
+    r = _script("--background", "--host", "127.0.0.1", "--port", str(free_port()), "postgres", state_dir=state)
+    assert r.returncode != 0
+    assert "cannot reach" in r.stderr and "pick a --state-dir it can reach" in r.stderr, r.stderr
+    assert "tracking.uri" not in r.stdout + r.stderr
+    assert not (state / "mlflow_server.pid").exists() and not (state / "postgres" / "data").exists()

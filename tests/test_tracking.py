@@ -256,3 +256,26 @@ def test_a_local_dataset_of_many_files_is_logged_with_its_patterns(tmp_path, tra
         )
     (got,) = MlflowClient(tracker.uri).get_run(run.run_id).inputs.dataset_inputs
     assert json.loads(got.dataset.source)["n_files"] == 1500
+
+
+@pytest.mark.unit
+def test_only_a_sweeps_job_waits_for_a_silent_tracking_server():
+    """A job with a parent run was submitted by a driver that reached the server: it waits for a restart.
+    A single run or the driver's own check waits for nothing."""
+    from helpers.config import compose_config
+    from sae_sweep.job.app import store_wait_s
+    from sae_sweep.tracking.runs import SERVER_RESTART_WAIT_S
+
+    assert store_wait_s(compose_config("tracking.uri=http://127.0.0.1:5000")) == 0.0
+    job = compose_config("tracking.uri=http://127.0.0.1:5000", "tracking.parent_run_id=abc123")
+    assert store_wait_s(job) == SERVER_RESTART_WAIT_S >= 120
+
+
+@pytest.mark.unit
+def test_mlflow_retries_a_refused_connection_as_often_as_it_allows():
+    """A server being restarted: the jobs' MLflow client rides it out for the longest MLflow allows."""
+    from mlflow.environment_variables import _MLFLOW_HTTP_REQUEST_MAX_RETRIES_LIMIT, MLFLOW_HTTP_REQUEST_MAX_RETRIES
+
+    import sae_sweep.tracking.runs  # noqa: F401  (sets the default on import)
+
+    assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == _MLFLOW_HTTP_REQUEST_MAX_RETRIES_LIMIT.get()

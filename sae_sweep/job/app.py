@@ -286,7 +286,7 @@ def validate_point(
         if not problems and is_text(cfg.dataset.kind):
             problems += _unavailable(cfg)
         if not problems:
-            problems += _store_problems(C.tracking_uri(cfg))
+            problems += _store_problems(C.tracking_uri(cfg), store_wait_s(cfg))
         if not problems and shape is not None:
             problems += disk_problems([cfg], [shape])
     C.fail_if(problems)
@@ -458,11 +458,20 @@ def disk_problems(cfgs: Sequence[DictConfig], shapes: Sequence[C.ModelShape]) ->
     return problems
 
 
-def _store_problems(uri: str) -> List[str]:
+def store_wait_s(cfg: DictConfig) -> float:
+    """How long this process waits for a tracking server that does not answer: a sweep's job
+    (its driver reached the server, so the server is likely restarting) waits; anything else fails
+    at once."""
+    from sae_sweep.tracking.runs import SERVER_RESTART_WAIT_S
+
+    return SERVER_RESTART_WAIT_S if cfg.tracking.parent_run_id else 0.0
+
+
+def _store_problems(uri: str, wait_s: float) -> List[str]:
     from sae_sweep.tracking.runs import TrackingStoreError, check_store
 
     try:
-        check_store(uri)
+        check_store(uri, wait_s=wait_s)
     except TrackingStoreError as e:
         return [str(e)]
     return []
@@ -667,7 +676,7 @@ def run_points(cfgs: Sequence[DictConfig]) -> Dict[str, Dict[str, Any]]:
     from sae_sweep.tracking.runs import Tracker
 
     weights = [validate_point(cfg) for cfg in cfgs]
-    tracker = Tracker(C.tracking_uri(cfgs[0]))
+    tracker = Tracker(C.tracking_uri(cfgs[0]), wait_s=store_wait_s(cfgs[0]))
     with contextlib.ExitStack() as held:  # one process per run key at a time, until its run is closed
         return _run_locked(cfgs, weights, tracker, held)
 

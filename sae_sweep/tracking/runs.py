@@ -39,6 +39,10 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # MLflow prints "View run ... at http://..." on every set_terminated against a server, with links
 # that open the GenAI pages; the links this package logs (``ui_url``) replace them.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# A tracking server being restarted: MLflow's client retries a request whose connection was refused,
+# 7 times by default (backoff factor 2, sleeps capped at 120 s: ~4 min). Measured on 2 loaded cores, a
+# restart of the server on PostgreSQL took over 2 min of that. 10, the most MLflow allows, rides out ~10 min.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "10")
 
 import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag
@@ -104,9 +108,17 @@ def sqlite_path(uri: str) -> Optional[Path]:
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
-def check_store(uri: str, timeout: float = 5.0) -> None:
+# How long a job of a sweep waits for a tracking server that does not answer: as long as MLflow's client
+# keeps retrying a request whose connection was refused (10 retries, above: ~10 min). The sweep's driver
+# reached the server before it submitted the job, so a silent server is most likely being restarted; a job
+# that gave up at once would lose its grid point.
+SERVER_RESTART_WAIT_S = 600.0
+
+
+def check_store(uri: str, timeout: float = 5.0, wait_s: float = 0.0) -> None:
     """Fail in seconds, with the path or address, when ``uri`` cannot be written (MLflow itself
-    retries for minutes and then raises a database traceback)."""
+    retries for minutes and then raises a database traceback). ``wait_s``: how long to keep asking
+    a server that does not answer (one restarting) before failing."""
     db = sqlite_path(uri)
     if db is not None:
         folder = db.parent
@@ -126,14 +138,27 @@ def check_store(uri: str, timeout: float = 5.0) -> None:
         import urllib.error
         import urllib.request
 
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
-        except (urllib.error.URLError, OSError) as e:
-            raise TrackingStoreError(
-                f"tracking.uri={uri}: the MLflow server does not answer "
-                f"({getattr(e, 'reason', e)}); start it (launchers/mlflow_server.sh) "
-                f"or point tracking.uri elsewhere"
-            ) from None
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
+                return
+            except (urllib.error.URLError, OSError) as e:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    waited = f" for {wait_s:.0f}s" if wait_s > 0 else ""
+                    raise TrackingStoreError(
+                        f"tracking.uri={uri}: the MLflow server does not answer{waited} "
+                        f"({getattr(e, 'reason', e)}); start it (launchers/mlflow_server.sh) "
+                        f"or point tracking.uri elsewhere"
+                    ) from None
+                log.warning(
+                    "the MLflow server at %s does not answer (%s); asking again for %.0fs more",
+                    uri,
+                    getattr(e, "reason", e),
+                    left,
+                )
+                time.sleep(min(2.0, left))
 
 
 def _damaged(db: Path) -> Optional[str]:
@@ -151,11 +176,12 @@ def _damaged(db: Path) -> Optional[str]:
 
 
 class Tracker:
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, wait_s: float = 0.0):
+        """``wait_s``: how long a server that does not answer is waited for (``check_store``)."""
         from sae_sweep.util.locks import OwnedLock
 
         self.uri = uri
-        check_store(uri)
+        check_store(uri, wait_s=wait_s)
         db = sqlite_path(uri)
         if db is None:
             self.client = MlflowClient(tracking_uri=uri)
