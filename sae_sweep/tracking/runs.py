@@ -250,7 +250,13 @@ class Tracker:
         machine (CPU, memory, disk, network; GPUs with nvidia-ml-py) every that many seconds into
         ``system/*`` metrics until the run is closed; None: no monitor."""
         exp_id = self.experiment_id(experiment)
-        tags = {"run_key": run_key, "sae_sweep.kind": "job", "host": socket.gethostname(), **slurm_tags()}
+        tags = {
+            "run_key": run_key,
+            "sae_sweep.kind": "job",
+            "host": socket.gethostname(),
+            "pid": str(os.getpid()),  # who runs it: a RUNNING run whose process is gone is stale
+            **slurm_tags(),
+        }
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         if resume_run_id:
