@@ -18,8 +18,6 @@ from helpers.config import compose_config
 from helpers.disks import kept_full, read_only, tmpfs
 from helpers.mlflow_store import store_client, store_runs
 
-pytestmark = pytest.mark.integration
-
 # planted-dictionary data: no LM, a job starts training in seconds; a checkpoint every step
 SYNTH = [
     "dataset=synthetic",
@@ -64,6 +62,31 @@ def _wait_for(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.unit
+def test_out_of_space_is_recognised_through_the_error_chain_and_travels_pickled(tmp_path):
+    import errno
+    import pickle
+
+    from sae_sweep.util.disk import DiskFull, disk_full, out_of_space
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0") from e
+    except RuntimeError as e:
+        chained = e
+    assert out_of_space(chained) and out_of_space(RuntimeError("(sqlite3.OperationalError) database or disk is full"))
+    assert not out_of_space(RuntimeError("unexpected pos 64 vs 0")) and not out_of_space(OSError(errno.EACCES, "no"))
+    full = disk_full(chained, tmp_path, 10)
+    assert (
+        isinstance(full, DiskFull) and str(full).startswith(f"disk full: {tmp_path}, ") and "10 B needed" in str(full)
+    )
+    assert disk_full(ValueError("a bug"), tmp_path, 10) is None  # a failed write with room to spare: not a full disk
+    assert str(pickle.loads(pickle.dumps(full))) == str(full)  # a job's error returns to the sweeper pickled
+
+
+@pytest.mark.integration
 def test_a_read_only_output_dir_is_refused_in_seconds_naming_it(tmp_path):
     with tmpfs(tmp_path / "ro") as mnt:
         out = mnt / "out"
@@ -78,6 +101,7 @@ def test_a_read_only_output_dir_is_refused_in_seconds_naming_it(tmp_path):
             assert time.time() - t0 < 60
 
 
+@pytest.mark.integration
 def test_an_output_disk_too_small_for_the_checkpoints_is_refused_before_work(tmp_path):
     from sae_sweep.config import ConfigError
     from sae_sweep.job.app import validate_point
@@ -90,6 +114,7 @@ def test_an_output_disk_too_small_for_the_checkpoints_is_refused_before_work(tmp
     assert f"paths.output_dir={mnt / 'out'}" in msg and "checkpoints (3 x)" in msg and "are free" in msg, msg
 
 
+@pytest.mark.integration
 def test_an_output_disk_that_fills_mid_job_ends_the_run_failed_saying_so(tmp_path):
     store = tmp_path / "store"  # on another disk: the job can still record its failure
     with tmpfs(tmp_path / "disk") as mnt:
@@ -106,6 +131,7 @@ def test_an_output_disk_that_fills_mid_job_ends_the_run_failed_saying_so(tmp_pat
     assert run.data.tags["error"].startswith(f"DiskFull: disk full: {out}"), run.data.tags["error"]
 
 
+@pytest.mark.integration
 def test_a_run_whose_store_filled_up_is_closed_failed_by_the_next_start(tmp_path):
     with tmpfs(tmp_path / "disk") as mnt:
         out = mnt / "out"  # the store is <out>/mlflow.db: on the disk that fills
@@ -126,6 +152,7 @@ def test_a_run_whose_store_filled_up_is_closed_failed_by_the_next_start(tmp_path
     assert f"pid={left.data.tags['pid']}" in closed and "ended without closing it" in closed, closed
 
 
+@pytest.mark.integration
 def test_a_cache_disk_that_fills_while_the_cache_is_built_fails_saying_so(tmp_path, fresh_cache):
     with tmpfs(tmp_path / "disk", size="64m") as mnt:
         cache = fresh_cache(mnt)  # the tiny model stays on the shared cache; windows and activations here

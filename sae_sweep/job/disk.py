@@ -28,7 +28,7 @@ log = logging.getLogger("sae_sweep")
 
 @dataclass(frozen=True)
 class DiskNeed:
-    key: str  # the setting that chose the place: paths.cache_dir, paths.output_dir, tracking.uri
+    place: str  # the setting that chose the place, with its value: paths.output_dir=/x
     path: Path
     what: str  # "activation cache", "checkpoints", ...
     bytes: int
@@ -104,18 +104,20 @@ def point_needs(cfg: DictConfig, d_model: int, with_cache: bool = True) -> List[
     needs = [
         # a checkpoint holds the SAE and Adam's two moments
         DiskNeed(
-            "paths.output_dir",
+            f"paths.output_dir={out}",
             out / "checkpoints",
             f"checkpoints ({CHECKPOINTS_ON_DISK} x)",
             CHECKPOINTS_ON_DISK * 3 * sae,
         ),
-        DiskNeed("paths.output_dir", out / "saes", "SAE files", sae),
+        DiskNeed(f"paths.output_dir={out}", out / "saes", "SAE files", sae),
     ]
-    db = sqlite_path(C.tracking_uri(cfg))
+    uri = C.tracking_uri(cfg)
+    db = sqlite_path(uri)
     if db is not None:  # a server's artifact store is not ours to measure
-        needs.append(DiskNeed("tracking.uri", db.parent / "mlartifacts", "run artifacts (SAE)", sae))
+        needs.append(DiskNeed(f"tracking.uri={uri}", db.parent / "mlartifacts", "run artifacts (SAE)", sae))
     if with_cache and cfg.cache.mode != "stream" and cfg.dataset.kind != "synthetic" and not _built(cfg):
-        needs.append(DiskNeed("paths.cache_dir", C.cache_dir(cfg), "activation cache", cache_bytes(cfg, d_model)))
+        cache = C.cache_dir(cfg)
+        needs.append(DiskNeed(f"paths.cache_dir={cache}", cache, "activation cache", cache_bytes(cfg, d_model)))
     return needs
 
 
@@ -145,11 +147,8 @@ def _summary(needs: Sequence[DiskNeed]) -> str:
 
 
 def _places(needs: Sequence[DiskNeed]) -> str:
-    """``paths.output_dir=/x, tracking.uri=/y``: the settings that chose the places, each once."""
-    roots: Dict[str, Path] = {}
-    for n in needs:
-        roots.setdefault(n.key, n.path.parent if n.key != "paths.cache_dir" else n.path)
-    return ", ".join(f"{k}={p}" for k, p in roots.items())
+    """``paths.output_dir=/x, tracking.uri=sqlite:///...``: the settings that chose the places, each once."""
+    return ", ".join(dict.fromkeys(n.place for n in needs))
 
 
 def disk_problems(cfgs: Sequence[DictConfig], shapes: Sequence[C.ModelShape]) -> List[str]:
