@@ -102,6 +102,23 @@ def test_a_read_only_output_dir_is_refused_in_seconds_naming_it(tmp_path):
 
 
 @pytest.mark.integration
+def test_a_read_only_cache_dir_or_store_is_refused_at_validation_naming_it(tmp_path):
+    from sae_sweep.config import ConfigError
+    from sae_sweep.job.app import validate_point
+
+    out = tmp_path / "out"
+    with tmpfs(tmp_path / "ro") as mnt:
+        read_only(mnt)
+        for setting, needle in (
+            (f"paths.cache_dir={mnt / 'cache'}", f"paths.cache_dir={mnt / 'cache'}: cannot write in"),
+            (f"tracking.uri=sqlite:///{mnt}/mlflow.db", f"tracking.uri=sqlite:///{mnt}/mlflow.db: cannot write in"),
+        ):
+            with pytest.raises(ConfigError) as e:
+                validate_point(compose_config(*SYNTH, setting, f"paths.output_dir={out}"), memory_gb=1e6)
+            assert needle in str(e.value) and "Read-only file system" in str(e.value), str(e.value)
+
+
+@pytest.mark.integration
 def test_an_output_disk_too_small_for_the_checkpoints_is_refused_before_work(tmp_path):
     from sae_sweep.config import ConfigError
     from sae_sweep.job.app import validate_point

@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from sae_sweep import config as C
-from sae_sweep.util.disk import DiskFull, file_system, free_bytes, human_bytes, out_of_space, writable_problem
+from sae_sweep.util.disk import DiskFull, file_system, free_bytes, human_bytes, out_of_space, unwritable
 
 log = logging.getLogger("sae_sweep")
 
@@ -187,12 +187,13 @@ def disk_problems(cfgs: Sequence[DictConfig], shapes: Sequence[C.ModelShape]) ->
 def writable_problems(cfg: DictConfig) -> List[str]:
     """The directories a job writes that cannot be written (read-only mount, permissions): refused
     in seconds, naming the path, before any work."""
-    problems = []
-    for key, path in (("paths.output_dir", C.output_dir(cfg)), ("paths.cache_dir", C.cache_dir(cfg))):
-        problem = writable_problem(path, key)
-        if problem:
-            problems.append(problem)
-    return problems
+    places = (("paths.output_dir", C.output_dir(cfg)), ("paths.cache_dir", C.cache_dir(cfg)))
+    return [p for p in (_unwritable_place(key, path) for key, path in places) if p]
+
+
+def _unwritable_place(key: str, path: Path) -> Optional[str]:
+    why = unwritable(path)
+    return f"{key}={path}: {why}; choose a writable place" if why else None
 
 
 def explain_disk_full(
@@ -233,7 +234,7 @@ class RefuseUnwritableOutput(Callback):
     its sweeper validates every point (``writable_problems``) before anything is written."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        problem = writable_problem(C.output_dir(config), "paths.output_dir")
+        problem = _unwritable_place("paths.output_dir", C.output_dir(config))
         if problem:
             print(f"sae_sweep: invalid configuration:\n  - {problem}", file=sys.stderr)
             sys.exit(2)

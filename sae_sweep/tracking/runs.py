@@ -107,6 +107,8 @@ def sqlite_path(uri: str) -> Optional[Path]:
 def check_store(uri: str, timeout: float = 5.0) -> None:
     """Fail in seconds, with the path or address, when ``uri`` cannot be written (MLflow itself
     retries for minutes and then raises a database traceback)."""
+    from sae_sweep.util.disk import unwritable
+
     db = sqlite_path(uri)
     if db is not None:
         folder = db.parent
@@ -117,10 +119,15 @@ def check_store(uri: str, timeout: float = 5.0) -> None:
                 f"tracking.uri={uri}: cannot create {folder} ({e.strerror}); "
                 f"choose a writable place (tracking.uri or paths.output_dir)"
             ) from None
-        if not os.access(folder, os.W_OK | os.X_OK) or (db.exists() and not os.access(db, os.W_OK)):
+        why = unwritable(folder)
+        if why:
             raise TrackingStoreError(
-                f"tracking.uri={uri}: {db if db.exists() else folder} is not writable "
-                f"by this user; choose a writable place (tracking.uri or paths.output_dir)"
+                f"tracking.uri={uri}: {why}; choose a writable place (tracking.uri or paths.output_dir)"
+            )
+        if db.exists() and not os.access(db, os.W_OK):
+            raise TrackingStoreError(
+                f"tracking.uri={uri}: {db} is not writable by this user; choose a writable place "
+                f"(tracking.uri or paths.output_dir)"
             )
     elif uri.startswith(("http://", "https://")):
         import urllib.error

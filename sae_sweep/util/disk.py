@@ -86,10 +86,10 @@ def disk_full(error: BaseException, path: str | os.PathLike, needed: int) -> Opt
     return None
 
 
-def writable_problem(path: str | os.PathLike, key: str) -> Optional[str]:
-    """Why the directory ``path`` (made if missing) cannot take a new file, or None: a real create
-    and delete, which sees read-only mounts, permissions and root squash alike (``os.access`` does
-    not always)."""
+def unwritable(path: str | os.PathLike) -> Optional[str]:
+    """Why the directory ``path`` (made if missing) cannot take a new file (``cannot write in <dir>
+    (<reason>)``), or None: a real create and delete, which sees read-only mounts, permissions and
+    NFS root squash alike (``os.access`` trusts permission bits)."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -97,6 +97,5 @@ def writable_problem(path: str | os.PathLike, key: str) -> Optional[str]:
         os.close(fd)
         os.unlink(name)
     except OSError as e:
-        where = e.filename or path
-        return f"{key}={path}: cannot write in {where} ({e.strerror}); choose a writable place"
+        return f"cannot write in {e.filename or path} ({e.strerror})"
     return None
