@@ -170,9 +170,10 @@ def test_a_run_whose_store_filled_up_is_closed_failed_by_the_next_start(tmp_path
 
 
 @pytest.mark.integration
-def test_a_cache_disk_that_fills_while_the_cache_is_built_fails_saying_so(tmp_path, fresh_cache):
+def test_a_cache_disk_that_fills_while_the_cache_is_built_fails_saying_so(tmp_path, fresh_cache, tiny_lm):
     with tmpfs(tmp_path / "disk", size="64m") as mnt:
-        cache = fresh_cache(mnt)  # the tiny model stays on the shared cache; windows and activations here
+        # the tiny model (built by tiny_lm) stays on the shared cache; token windows and activations go here
+        cache = fresh_cache(mnt)
         out = tmp_path / "out"
         args = ["dataset=builtin", "dataset.tokens=65536", "train.tokens=65536", "eval=core_only", "sweep.name=disk"]
         with _job(out, *args, cache=cache) as proc:
