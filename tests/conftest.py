@@ -32,7 +32,7 @@ if XDIST_WORKER:
 
 # Files whose tests share expensive module fixtures or wait on the cluster go first, so the longest
 # groups do not start last and leave one worker idle (the order only matters under xdist).
-LONG_GROUPS_FIRST = ("slurm", "test_e2e", "test_resilience", "test_families", "test_packing")
+LONG_GROUPS_FIRST = ("slurm", "test_e2e", "test_resilience", "test_disks", "test_families", "test_packing")
 
 
 # Every test is in exactly one tier (a marker, registered in pyproject.toml): a file-level

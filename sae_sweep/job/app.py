@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -35,7 +34,9 @@ import sae_sweep.sae  # noqa: F401  (registers every trainer's schema)
 from sae_sweep import config as C
 from sae_sweep.config import CONF_DIR
 from sae_sweep.data.sources import dataset_problems, is_text, source_for
+from sae_sweep.job.disk import disk_problems, explain_disk_full, writable_problems
 from sae_sweep.tracking.status import RunStatus
+from sae_sweep.util.disk import DiskFull
 from sae_sweep.util.files import atomic_write
 
 log = logging.getLogger("sae_sweep")
@@ -274,6 +275,7 @@ def validate_point(
         problems = e.problems + problems
     problems += dataset_problems(cfg.dataset)  # its kind (registered sources) and the settings that kind needs
     if check_availability and not problems:
+        problems += writable_problems(cfg)
         problems += _device_problems(cfg, runs_here, gpus_per_node)
         problems += _memory_problems(
             cfg, shape, memory_gb if memory_gb is not None or not runs_here else available_memory_gb()
@@ -380,82 +382,6 @@ def memory_use() -> Dict[str, str]:
                 limit,
             )
     return tags
-
-
-def cache_bytes(cfg: DictConfig, d_model: int) -> int:
-    """Disk a point's activation cache takes: tokens x d_model x the storage dtype's size, plus its
-    int32 token ids."""
-    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[str(cfg.cache.dtype)]
-    tokens = C.cache_tokens(cfg)
-    return tokens * int(d_model) * itemsize + tokens * 4
-
-
-def _built(cfg: DictConfig) -> bool:
-    """Whether a cache for these activations is already on disk (matched on what the manifest
-    records: model, layer, hook, dataset kind, context size, budget, dtype -- a cheap test that
-    never loads the model; the real key is checked when the job opens it)."""
-    root = C.cache_dir(cfg) / "activations"
-    want = (
-        int(cfg.layer),
-        str(cfg.hook),
-        int(cfg.dataset.context_size),
-        C.cache_tokens(cfg),
-        str(cfg.cache.dtype),
-        str(cfg.dataset.kind),
-    )
-    for manifest in root.glob("*/manifest.json"):
-        try:
-            spec = json.loads(manifest.read_text())["spec"]
-        except (OSError, ValueError, KeyError):
-            continue
-        got = (
-            spec.get("layer"),
-            spec.get("hook"),
-            spec.get("context_size"),
-            spec.get("tokens"),
-            spec.get("storage_dtype"),
-            (spec.get("dataset") or {}).get("kind"),
-        )
-        model = spec.get("model") or {}
-        if got == want and model.get("name") == cfg.model.name:
-            return True
-    return False
-
-
-def disk_problems(cfgs: Sequence[DictConfig], shapes: Sequence[C.ModelShape]) -> List[str]:
-    """The disk caches a grid still has to build, summed per cache directory, against its free
-    space: refused before any work with the numbers and the ways out."""
-    need: Dict[Path, Dict[tuple, int]] = {}
-    for cfg, shape in zip(cfgs, shapes):
-        if cfg.cache.mode == "stream" or cfg.dataset.kind == "synthetic" or _built(cfg):
-            continue
-        ident = (
-            cfg.model.name,
-            str(cfg.model.get("weights")),
-            cfg.layer,
-            cfg.hook,
-            cfg.dataset.name,
-            C.cache_tokens(cfg),
-            cfg.dataset.context_size,
-            cfg.cache.dtype,
-        )
-        need.setdefault(C.cache_dir(cfg), {})[ident] = cache_bytes(cfg, shape.d_model)
-    problems = []
-    for root, caches in need.items():
-        probe = root
-        while not probe.exists():
-            probe = probe.parent
-        free = shutil.disk_usage(probe).free
-        total = sum(caches.values())
-        if total > free:
-            wide = any(str(cfg.cache.dtype) == "float32" for cfg in cfgs)
-            problems.append(
-                f"paths.cache_dir={root}: the {len(caches)} activation cache(s) to build need {total / 1e9:,.1f} GB "
-                f"(tokens x d_model x cache.dtype), {free / 1e9:,.1f} GB are free. Use cache.mode=stream (nothing "
-                f"on disk), a smaller train.tokens / dataset.tokens, {'cache.dtype=bfloat16, ' if wide else ''}"
-                f"or another paths.cache_dir"
-            )
-    return problems
 
 
 def store_wait_s(cfg: DictConfig) -> float:
@@ -713,6 +639,9 @@ def _run_locked(
             continue
         # A run of this key that did not finish (preempted, crashed) is continued, not duplicated.
         prior = tracker.find_runs(exp_id, run_key=key, statuses=[RunStatus.RUNNING, RunStatus.KILLED, RunStatus.FAILED])
+        for run in prior:
+            if run.info.status == RunStatus.RUNNING:  # we hold its point's lock: no process runs it
+                _close_stale(tracker, run, key)
         todo.append((cfg, w, key, prior[0].info.run_id if prior else None))
     if not todo:
         return results
@@ -735,7 +664,7 @@ def _run_locked(
                     system_metrics_s=_system_metrics_s(cfg),
                 )
                 names[key] = name
-                points.append(Point(cfg, key, run, w))
+                points.append(Point(cfg, key, run, w, d_in))
                 run.set_tags(job_tags(cfg, key, w))
                 ran = pinned(cfg, w)  # the config as it ran: the weights source it loads, named
                 run.log_params(
@@ -756,11 +685,16 @@ def _run_locked(
             guard.hand_over()  # SystemExit
             raise
         except BaseException as e:  # a shared failure (cache build, LM load): every point FAILED
-            _close_all(points, e)
+            error = explain_disk_full(e, todo[0][0], d_in)
+            _close_all(points, error)
+            if error is not e:
+                raise error from e
             raise
     memory = memory_use()
     try:
         for p, outcome in zip(points, outcomes):
+            if isinstance(outcome, BaseException):
+                outcome = explain_disk_full(outcome, p.cfg, d_in)
             p.run.set_tags(memory)
             if isinstance(outcome, BaseException):
                 p.run.close(outcome)  # this point FAILED, with the reason
@@ -784,9 +718,28 @@ def _run_locked(
                 log.info("%s FINISHED (run %s): %s", names[p.key], p.run.run_id, _url(p.run))
                 results[p.key] = {"status": RunStatus.FINISHED, "run_id": p.run.run_id, "run_key": p.key}
     except BaseException as e:  # the store failed mid-way: no run (nor its monitor) is left open
-        _close_all([p for p in points if not p.run.closed], e)
+        error = explain_disk_full(e, todo[0][0], d_in)
+        _close_all([p for p in points if not p.run.closed], error)
+        if error is not e:
+            raise error from e
         raise
     return results
+
+
+def _close_stale(tracker: Any, run: Any, key: str) -> None:
+    """End FAILED, with the reason, a RUNNING run whose job is gone without closing it (killed, or
+    its store was on a full disk): the caller holds the point's lock, so no process runs it. SLURM
+    shows such a job FAILED too; the run is then continued like any failed one."""
+    tags = run.data.tags
+    who = " ".join(f"{t}={tags[t]}" for t in ("host", "pid", "slurm_job_id") if tags.get(t))
+    log_dir = tags.get("hydra_output_dir")
+    reason = (
+        f"its job ({who or 'unknown process'}) ended without closing it"
+        f"{'; its log is in ' + log_dir if log_dir else ''}. Found RUNNING by the next start of run key {key}"
+    )
+    log.warning("run %s was left RUNNING: %s; marking it FAILED", run.info.run_id, reason)
+    tracker.set_tags(run.info.run_id, {"error": reason, "error_type": "JobGone", "closed_stale": reason})
+    tracker.end(run.info.run_id, RunStatus.FAILED)
 
 
 def _close_all(points: Sequence[Any], error: BaseException) -> None:
@@ -823,3 +776,9 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
     except PointBusy as e:
         print(f"sae_sweep: {e}", file=sys.stderr)
         sys.exit(3)
+    except DiskFull as e:
+        # A single run: the place, its free space and the need, not the writer's traceback.
+        if _run_mode():
+            print(f"sae_sweep: {e}", file=sys.stderr)
+            sys.exit(1)
+        raise

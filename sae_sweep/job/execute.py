@@ -45,6 +45,7 @@ class Point:
     key: str
     run: Any  # set_tags, log_params, log_metrics, log_json, log_artifact_dir
     weights: Any = None  # models.weights.ResolvedWeights (None: no LM, or resolved when loaded)
+    d_in: int = 0  # the model's width: what the point writes on disk (job.disk) depends on it
 
 
 def cache_spec(cfg: DictConfig, lm: Any, device: torch.device) -> Dict[str, Any]:
@@ -337,7 +338,15 @@ def execute(points: Sequence[Point], device: torch.device) -> List[Any]:
     from sae_sweep.util.devices import fast_matmul
 
     cfg0 = points[0].cfg
-    acts = open_activations(cfg0, device, points[0].weights)
+    try:
+        acts = open_activations(cfg0, device, points[0].weights)
+    except Exception as e:  # what fills up here (model, token windows, cache shards) is on the cache disk
+        from sae_sweep.job.disk import explain_disk_full
+
+        full = explain_disk_full(e, cfg0, points[0].d_in, where=C.cache_dir(cfg0))
+        if full is e:
+            raise
+        raise full from e
     for i, p in enumerate(points):
         # matmul_fp32: tf32 where training runs on CUDA (devices.fast_matmul), ieee elsewhere
         tags: Dict[str, Any] = {

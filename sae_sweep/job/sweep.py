@@ -16,7 +16,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sae_sweep import config as C
-from sae_sweep.job.app import disk_problems, model_shape, pack_file, pinned, point_identity, validate_point, write_pack
+from sae_sweep.job.app import model_shape, pack_file, pinned, point_identity, validate_point, write_pack
+from sae_sweep.job.disk import disk_problems
 from sae_sweep.tracking.status import RunStatus
 
 log = logging.getLogger("sae_sweep.job.sweep")
@@ -129,7 +130,7 @@ def compose_points(
     unique = list({p.run_key: p for p in points}.values())
     C.fail_if(
         disk_problems([p.cfg for p in unique], [model_shape(p.cfg, p.weights) for p in unique]),
-        "the grid's activation caches do not fit; nothing was launched",
+        "what the grid writes does not fit on its disks; nothing was launched",
     )
     return points
 

@@ -146,7 +146,11 @@ class SparseAutoencoder(nn.Module):
             **structural,
         }
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(directory / "sae.safetensors", lambda path: save_file(tensors, str(path)))
+        atomic_write(
+            directory / "sae.safetensors",
+            lambda path: save_file(tensors, str(path)),
+            needed=sum(t.numel() * t.element_size() for t in tensors.values()),
+        )
         text = json.dumps(full, indent=2, sort_keys=True, default=str)
         atomic_write(directory / "cfg.json", text)
         return directory

@@ -119,6 +119,8 @@ def check_store(uri: str, timeout: float = 5.0, wait_s: float = 0.0) -> None:
     """Fail in seconds, with the path or address, when ``uri`` cannot be written (MLflow itself
     retries for minutes and then raises a database traceback). ``wait_s``: how long to keep asking
     a server that does not answer (one restarting) before failing."""
+    from sae_sweep.util.disk import unwritable
+
     db = sqlite_path(uri)
     if db is not None:
         folder = db.parent
@@ -129,10 +131,15 @@ def check_store(uri: str, timeout: float = 5.0, wait_s: float = 0.0) -> None:
                 f"tracking.uri={uri}: cannot create {folder} ({e.strerror}); "
                 f"choose a writable place (tracking.uri or paths.output_dir)"
             ) from None
-        if not os.access(folder, os.W_OK | os.X_OK) or (db.exists() and not os.access(db, os.W_OK)):
+        why = unwritable(folder)
+        if why:
             raise TrackingStoreError(
-                f"tracking.uri={uri}: {db if db.exists() else folder} is not writable "
-                f"by this user; choose a writable place (tracking.uri or paths.output_dir)"
+                f"tracking.uri={uri}: {why}; choose a writable place (tracking.uri or paths.output_dir)"
+            )
+        if db.exists() and not os.access(db, os.W_OK):
+            raise TrackingStoreError(
+                f"tracking.uri={uri}: {db} is not writable by this user; choose a writable place "
+                f"(tracking.uri or paths.output_dir)"
             )
     elif uri.startswith(("http://", "https://")):
         import urllib.error
@@ -276,7 +283,13 @@ class Tracker:
         machine (CPU, memory, disk, network; GPUs with nvidia-ml-py) every that many seconds into
         ``system/*`` metrics until the run is closed; None: no monitor."""
         exp_id = self.experiment_id(experiment)
-        tags = {"run_key": run_key, "sae_sweep.kind": "job", "host": socket.gethostname(), **slurm_tags()}
+        tags = {
+            "run_key": run_key,
+            "sae_sweep.kind": "job",
+            "host": socket.gethostname(),
+            "pid": str(os.getpid()),  # who runs it: a RUNNING run whose process is gone is stale
+            **slurm_tags(),
+        }
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         if resume_run_id:

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 CKPT_NAME = "latest.pt"
 PREVIOUS_NAME = "previous.pt"  # the checkpoint before latest.pt, kept until a newer one is complete
+# Checkpoints of a member on disk at once, at most: previous.pt, latest.pt and the next one being written.
+CHECKPOINTS_ON_DISK = 3
 CKPT_FORMAT = 1
 
 
@@ -125,7 +127,23 @@ def save_checkpoint(
         **extra,
     }
     latest = checkpoint_path(ckpt_dir)
-    return atomic_write(latest, lambda tmp: torch.save(state, tmp), keep_previous=latest.with_name(PREVIOUS_NAME))
+    return atomic_write(
+        latest,
+        lambda tmp: torch.save(state, tmp),
+        keep_previous=latest.with_name(PREVIOUS_NAME),
+        needed=tensor_bytes(state),
+    )
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) state: about what ``torch.save`` writes of it."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -21,31 +21,49 @@ Content = Union[bytes, str, Callable[[Path], None]]
 REPAIRED: List[str] = []
 
 
-def atomic_write(path: str | os.PathLike, content: Content, keep_previous: str | os.PathLike | None = None) -> Path:
+def atomic_write(
+    path: str | os.PathLike,
+    content: Content,
+    keep_previous: str | os.PathLike | None = None,
+    needed: int | None = None,
+) -> Path:
     """Write ``content`` to ``path`` atomically. ``content`` is bytes, text (UTF-8), or a function
     that writes the file at the path it is given (e.g. ``torch.save``, safetensors' ``save_file``).
-    ``keep_previous``: once the new file is complete, the old ``path`` is moved there first."""
+    ``keep_previous``: once the new file is complete, the old ``path`` is moved there first.
+    ``needed``: about how many bytes a function writes; a write that fails with less than that free
+    (or with no space) raises ``util.disk.DiskFull``, whatever the writer's own error said."""
+    from sae_sweep.util.disk import disk_full
+
     path = Path(path)
+    data = content.encode("utf-8") if isinstance(content, str) else content
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(name)
     try:
-        if callable(content):
+        if callable(data):
             os.close(fd)
-            content(tmp)
+            data(tmp)
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
         else:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(content.encode("utf-8") if isinstance(content, str) else content)
+                fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
         if keep_previous is not None and path.exists():
             os.replace(path, keep_previous)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        written = 0
+        with contextlib.suppress(OSError):
+            written = tmp.stat().st_size
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(e, Exception):
+            size = len(data) if not callable(data) else needed if needed is not None else written + 1
+            full = disk_full(e, path.parent, size)
+            if full is not None:
+                raise full from e
         raise
     return path
 
