@@ -171,11 +171,13 @@ def test_a_run_whose_store_filled_up_is_closed_failed_by_the_next_start(tmp_path
 
 @pytest.mark.integration
 def test_a_cache_disk_that_fills_while_the_cache_is_built_fails_saying_so(tmp_path, fresh_cache, tiny_lm):
-    with tmpfs(tmp_path / "disk", size="64m") as mnt:
+    # 262,144 tokens x d_model 128 x 4 bytes = 134 MB of activations: seconds of building even on a quiet
+    # machine, so the disk is filled (polled every 10 ms) while the build is under way
+    with tmpfs(tmp_path / "disk", size="256m") as mnt:
         # the tiny model (built by tiny_lm) stays on the shared cache; token windows and activations go here
         cache = fresh_cache(mnt)
         out = tmp_path / "out"
-        args = ["dataset=builtin", "dataset.tokens=65536", "train.tokens=65536", "eval=core_only", "sweep.name=disk"]
+        args = ["dataset=builtin", "dataset.tokens=262144", "train.tokens=65536", "eval=core_only", "sweep.name=disk"]
         with _job(out, *args, cache=cache) as proc:
             _wait_for(proc, lambda: bool(list((cache / "activations").glob(".tmp-*"))))
             with kept_full(mnt):
