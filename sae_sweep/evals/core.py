@@ -40,12 +40,12 @@ from typing import Any, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from sae_sweep.config import choice, parse, setting
 from sae_sweep.evals.registry import register_eval
 from sae_sweep.evals.schema import EvalOutput
 from sae_sweep.util.metrics import Metric
+from sae_sweep.util.progress import progress_iter
 
 __all__ = [
     "EVAL_TYPE_ID",
@@ -588,7 +588,7 @@ def run_core_eval(
 
     acc = CoreAccumulator(ce_positions)
     starts = range(0, n_seqs, batch_size)
-    for start in tqdm(starts, desc="core eval", unit="batch", disable=None if progress else True):
+    for start in progress_iter(starts, "core eval", unit="batch", enabled=progress):
         batch = tokens[start : start + batch_size]
         if device is not None:
             batch = batch.to(device)
