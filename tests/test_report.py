@@ -103,7 +103,7 @@ def test_three_seeds_resolve_known_differences(store):
     assert (cmp.loc[L0, "verdict"], cmp.loc[L0, "better"]) == ("resolved", "")
     md = res.markdown.read_text()
     findings = md[md.index("## Key findings") : md.index("## Headline metrics")]
-    assert "- faithful better on explained variance: a − b = -0.100 [-0.100, -0.100]" in findings
+    assert "    - faithful better on explained variance: a − b = -0.100 [-0.100, -0.100]" in findings
     assert "builtin better on fake-feature ratio" in findings and "L0" not in findings
 
 

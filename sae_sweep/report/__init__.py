@@ -273,13 +273,14 @@ def _findings(comparisons: Dict[str, pd.DataFrame]) -> tuple:
             if not won.empty:
                 resolved.append(head)
                 resolved += [
-                    f"  - {r.better} better on {r.label}: a − b = {tables.diff_text(r)}" for r in won.itertuples()
+                    f"    - {r.better} better on {r.label}: a − b = {tables.diff_text(r)}" for r in won.itertuples()
                 ]
             rest = pair[pair["better"] == ""]
             if not rest.empty:
                 still_open.append(head)
                 still_open += [
-                    f"  - {r.label}: a − b = {tables.diff_text(r)}, {tables.verdict_text(r)}" for r in rest.itertuples()
+                    f"    - {r.label}: a − b = {tables.diff_text(r)}, {tables.verdict_text(r)}"
+                    for r in rest.itertuples()
                 ]
     return resolved, still_open
 

@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import ScalarFormatter
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from sae_sweep.report.data import spec_for
 
@@ -379,6 +379,10 @@ def frontier(runs: pd.DataFrame, title: str, stem: Path) -> List[Path]:
                 set_scale("log")
                 axis.set_major_formatter(ScalarFormatter())  # 30, not 3 x 10^1
                 axis.set_minor_formatter(ScalarFormatter())
+        if ax.get_xscale() == "log":  # ticks at the variants' mean L0s: every k gets its number
+            l0s = sorted({float(f"{v:.3g}") for v in vals.loc[have].groupby(runs.loc[have, "variant"])["l0"].mean()})
+            ax.set_xticks(l0s, [f"{v:g}" for v in l0s])
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(panel_title)
         ax.set_xlabel("L0 (active latents per token)")
         ax.set_ylabel(unit)
