@@ -276,3 +276,27 @@ def test_an_interrupted_sweep_gets_a_report_that_says_it_is_partial(store):
         tracker, make_sweep(tracker, "report_whole", full=False, failed=False)[0], d / "whole", log_to_mlflow=False
     ).markdown.read_text()
     assert "Partial report" not in whole
+
+
+@pytest.mark.unit
+def test_frontier_draws_one_line_per_width_when_the_sweep_varies_it(tmp_path):
+    rows = []
+    for width in (512, 1024):
+        for k in (8, 16):
+            for seed in SEEDS:
+                m = known_metrics("builtin", seed, k=k)
+                extra = f"expansion_factor={width // 128},k={k}"
+                rows.append(
+                    {
+                        **m,
+                        "trainer": "topk",
+                        "extra": extra,
+                        "variant": f"tiny/builtin/topk [{extra}]",
+                        "_params": {"derived.d_sae": str(width)},
+                    }
+                )
+    runs = pd.DataFrame(rows)
+    assert plots.frontier_line(runs.iloc[0], width_varies=True) == "topk [d_sae=512]"
+    png, svg = plots.frontier(runs, "tiny, widths", tmp_path / "frontier_widths")
+    text = svg.read_text()
+    assert png.exists() and "topk [d_sae=512]" in text and "topk [d_sae=1024]" in text and "k=16" in text
