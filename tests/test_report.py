@@ -11,7 +11,7 @@ import pytest
 
 from helpers.mlflow_store import tracker_at
 from helpers.sweeps import ABS, CE, DATASETS, EV, FAKE, KL, L0, L1, SEEDS, SHARED, known_metrics, make_sweep
-from sae_sweep.report import build_report, report_hook
+from sae_sweep.report import build_report, plots, report_hook
 from sae_sweep.report.__main__ import main as report_main
 
 
@@ -67,26 +67,44 @@ def test_runs_csv_and_failed_runs(built):
 
 
 @pytest.mark.unit
-def test_dataset_comparison_wins_and_direction(built):
+def test_two_seeds_leave_every_comparison_unresolved(built):
+    """Two seeds give no trustworthy interval: no side is better, and the report says how many
+    seeds a difference of the size seen would need (the known values differ by a constant per seed,
+    so the paired spread is ~0 and the minimum of three suffices)."""
     _, _, _, res = built
-    cmp = pd.read_csv(res.csvs["compare_dataset"])
-    cmp = cmp[cmp["scope"] == "all models"].set_index("metric")
+    cmp = pd.read_csv(res.csvs["compare_dataset"], keep_default_na=False).set_index("metric")
     ev = cmp.loc[EV]
-    assert (ev["a"], ev["b"]) == ("builtin", "faithful")
-    mean_b = statistics.mean(known_metrics("builtin", s)[EV] for s in SEEDS)
-    mean_f = statistics.mean(known_metrics("faithful", s)[EV] for s in SEEDS)
-    assert ev["mean_diff"] == pytest.approx(mean_b - mean_f)
-    assert (ev["wins_a"], ev["wins_b"], ev["better"]) == (0, 1, "faithful")
-    # lower is better for absorption and the fake-feature ratio
-    assert cmp.loc[ABS, "better"] == "faithful" and cmp.loc[ABS, "wins_b"] == 1
-    assert cmp.loc[FAKE, "better"] == "builtin"
-    assert cmp.loc[SHARED, "better"] == "faithful"
-    # L0 has no better direction: a difference, no wins
-    assert pd.isna(cmp.loc[L0, "wins_a"]) and cmp.loc[L0, "mean_diff"] == pytest.approx(-1.0)
+    assert (ev["a"], ev["b"], ev["cell"]) == ("builtin", "faithful", "tiny/L2.resid_post/topk")
+    assert float(ev["mean_diff"]) == pytest.approx(-0.10)
+    assert str(ev["paired"]) == "True" and int(ev["n_seeds"]) == 2
+    assert (cmp["verdict"] == "unresolved").all() and (cmp["better"] == "").all()
+    assert int(ev["seeds_needed"]) == 3
+    assert ev["per_seed"] == "42: 0.800 vs 0.900; 49: 0.840 vs 0.940"
     md = res.markdown.read_text()
-    line = next(ln for ln in md.splitlines() if "**builtin vs faithful**" in ln)
-    assert "faithful better on explained variance (1/1)" in line and "shared-feature ratio (1/1)" in line
-    assert "builtin better on fake-feature ratio (1/1)" in line
+    findings = md[md.index("## Key findings") : md.index("## Differences not resolved")]
+    assert "No resolved difference" in findings and "better on" not in findings
+    still_open = md[md.index("## Differences not resolved") : md.index("## Headline metrics")]
+    assert (
+        "explained variance: a − b = -0.100 [-0.100, -0.100], unresolved, 2 seeds (~3 seeds would resolve" in still_open
+    )
+
+
+@pytest.mark.unit
+def test_three_seeds_resolve_known_differences(store):
+    tracker, d = store
+    parent, _ = make_sweep(tracker, "report_three_seeds", seeds=(42, 49, 51), failed=False)
+    res = build_report(tracker, parent, d / "three_seeds", log_to_mlflow=False)
+    cmp = pd.read_csv(res.csvs["compare_dataset"], keep_default_na=False).set_index("metric")
+    assert (cmp.loc[EV, "verdict"], cmp.loc[EV, "better"]) == ("resolved", "faithful")
+    assert float(cmp.loc[EV, "ci_low"]) == pytest.approx(-0.10) == float(cmp.loc[EV, "ci_high"])
+    # lower is better for absorption and the fake-feature ratio
+    assert cmp.loc[ABS, "better"] == "faithful" and cmp.loc[FAKE, "better"] == "builtin"
+    # L0 has no better direction: a resolved difference, no side better
+    assert (cmp.loc[L0, "verdict"], cmp.loc[L0, "better"]) == ("resolved", "")
+    md = res.markdown.read_text()
+    findings = md[md.index("## Key findings") : md.index("## Headline metrics")]
+    assert "    - faithful better on explained variance: a − b = -0.100 [-0.100, -0.100]" in findings
+    assert "builtin better on fake-feature ratio" in findings and "L0" not in findings
 
 
 @pytest.mark.unit
@@ -107,6 +125,8 @@ def test_report_files_plots_and_parent_artifacts(built):
         "probing_vs_k",
         "shared_features",
         "training_curves",
+        "frontier_tiny_L2_resid_post_builtin",
+        "frontier_tiny_L2_resid_post_faithful",
     }, res.skipped_plots
     for p in res.plots.values():
         assert p.exists() and p.stat().st_size > 5000
@@ -135,7 +155,7 @@ def test_report_files_plots_and_parent_artifacts(built):
         "report/plots",
     ):
         assert name in logged
-    assert len(tracker.list_artifacts(parent, "report/plots")) == 5
+    assert len(tracker.list_artifacts(parent, "report/plots")) == 5 + 2 * 2  # frontiers: PNG and SVG
 
 
 @pytest.mark.unit
@@ -144,11 +164,41 @@ def test_two_trainers_pairwise(store):
     parent, _ = make_sweep(tracker, "report_trainers", trainers=("topk", "relu"), failed=False)
     res = build_report(tracker, parent, d / "trainers", log_to_mlflow=False)
     cmp = pd.read_csv(res.csvs["compare_trainer"])
-    ev = cmp[(cmp["scope"] == "all models") & (cmp["metric"] == EV)].iloc[0]
-    assert (ev["a"], ev["b"], ev["n_cells"]) == ("relu", "topk", 2)  # one cell per dataset
-    assert ev["mean_diff"] == pytest.approx(-0.05) and (ev["wins_a"], ev["wins_b"]) == (0, 2)
+    ev = cmp[cmp["metric"] == EV]
+    assert list(ev["cell"]) == ["tiny/L2.resid_post/builtin", "tiny/L2.resid_post/faithful"]  # one per dataset
+    assert (ev["a"] == "relu").all() and (ev["b"] == "topk").all()
+    assert ev["mean_diff"].to_numpy() == pytest.approx([-0.05, -0.05])
     ds = pd.read_csv(res.csvs["compare_dataset"])
-    assert ds[(ds["scope"] == "all models") & (ds["metric"] == EV)].iloc[0]["n_cells"] == 2
+    assert len(ds[ds["metric"] == EV]) == 2  # one cell per trainer
+
+
+@pytest.mark.unit
+def test_frontier_plots_show_every_k(store):
+    """3 seeds x 2 k: one frontier per (model, layer, dataset), PNG and SVG, each k a named point."""
+    tracker, d = store
+    parent, _ = make_sweep(tracker, "report_frontier", seeds=(42, 49, 51), ks=(8, 16), full=False, failed=False)
+    res = build_report(tracker, parent, d / "frontier")
+    fronts = {n: p for n, p in res.plots.items() if "frontier" in n}
+    assert set(fronts) == {"frontier_tiny_L2_resid_post_builtin", "frontier_tiny_L2_resid_post_faithful"}
+    for png in fronts.values():
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20000
+        svg = png.with_name(png.name.replace(".png", ".svg")).read_text()
+        for text in ("k=8", "k=16", "1 − explained variance (centred)", "CE-loss increase", "KL divergence"):
+            assert text in svg
+    logged = tracker.list_artifacts(parent, "report/plots")
+    assert "report/plots/frontier_tiny_L2_resid_post_faithful.svg" in logged
+    md = res.markdown.read_text()
+    assert "![frontier_tiny_L2_resid_post_builtin](plots/frontier_tiny_L2_resid_post_builtin.png)" in md
+
+
+@pytest.mark.unit
+def test_frontier_values_come_from_the_logged_metrics():
+    runs = pd.DataFrame([known_metrics("builtin", 42), known_metrics("faithful", 49, k=16)])
+    vals = plots.frontier_values(runs)
+    assert vals["l0"].tolist() == pytest.approx([32.0, 2 * 31.0])
+    assert vals["unexplained"].tolist() == pytest.approx([0.25, 1 - (0.75 + 0.1 + 0.04 + 0.02)])
+    assert vals["ce_increase"].tolist() == pytest.approx([0.2, 0.2 - 0.05 + 0.01 - 0.03])
+    assert vals["kl"].tolist() == pytest.approx([0.15, 0.15 - 0.04 + 0.005 - 0.02])
 
 
 @pytest.mark.unit
@@ -226,3 +276,27 @@ def test_an_interrupted_sweep_gets_a_report_that_says_it_is_partial(store):
         tracker, make_sweep(tracker, "report_whole", full=False, failed=False)[0], d / "whole", log_to_mlflow=False
     ).markdown.read_text()
     assert "Partial report" not in whole
+
+
+@pytest.mark.unit
+def test_frontier_draws_one_line_per_width_when_the_sweep_varies_it(tmp_path):
+    rows = []
+    for width in (512, 1024):
+        for k in (8, 16):
+            for seed in SEEDS:
+                m = known_metrics("builtin", seed, k=k)
+                extra = f"expansion_factor={width // 128},k={k}"
+                rows.append(
+                    {
+                        **m,
+                        "trainer": "topk",
+                        "extra": extra,
+                        "variant": f"tiny/builtin/topk [{extra}]",
+                        "_params": {"derived.d_sae": str(width)},
+                    }
+                )
+    runs = pd.DataFrame(rows)
+    assert plots.frontier_line(runs.iloc[0], width_varies=True) == "topk [d_sae=512]"
+    png, svg = plots.frontier(runs, "tiny, widths", tmp_path / "frontier_widths")
+    text = svg.read_text()
+    assert png.exists() and "topk [d_sae=512]" in text and "topk [d_sae=1024]" in text and "k=16" in text

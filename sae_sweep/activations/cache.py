@@ -33,12 +33,12 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from sae_sweep.activations.shards import STORAGE_DTYPES, ShardWriter, decode, shard_digest_ok, storage
 from sae_sweep.config import canonical, stable_hash
 from sae_sweep.util.build import build_once
 from sae_sweep.util.files import atomic_write_json, fsync_dir
+from sae_sweep.util.progress import Progress
 
 __all__ = ["ActivationCache", "CacheError", "SHARD_BYTES", "cache_key", "get_or_build", "read_builds_log"]
 
@@ -314,9 +314,7 @@ def _build(
     writes: deque[Future] = deque()
     with (
         ThreadPoolExecutor(1, thread_name_prefix="cache-shard") as io,
-        tqdm(
-            total=progress_total, unit="seq", desc=f"caching activations {key}", disable=None, dynamic_ncols=True
-        ) as bar,
+        Progress(f"caching activations {key}", total=progress_total, unit="seq") as bar,
     ):
         for i, chunk in enumerate(build_fn()):
             tokens, acts = chunk

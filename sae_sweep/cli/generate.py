@@ -67,13 +67,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shards = args.shards if args.shards is not None else _array_default("SLURM_ARRAY_TASK_COUNT", 1)
 
     from hydra.errors import HydraException
-    from tqdm.auto import tqdm
 
     from sae_sweep import config as C
     from sae_sweep.data.faithful import generate_shard
     from sae_sweep.data.text import generations
     from sae_sweep.job.app import unknown_key_problems, validate_point
     from sae_sweep.models.lm import load_lm
+    from sae_sweep.util.progress import Progress
 
     problems = unknown_key_problems(args.overrides)
     if shards < 1:
@@ -108,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         train_tokens,
         int(cfg.dataset.eval_tokens),
     )
-    with tqdm(desc=f"shard {shard}/{shards}", unit="tok", disable=None) as bar:
+    with Progress(f"generating shard {shard}/{shards}", unit="tok") as bar:
         record = generate_shard(gens, shard, shards, train_tokens, int(cfg.dataset.eval_tokens), progress=bar)
     record.update(
         model=cfg.model.name,

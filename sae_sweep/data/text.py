@@ -34,6 +34,7 @@ from sae_sweep.data.corpus import EVAL_FRACTION_PERCENT, WindowPacker
 from sae_sweep.data.faithful import Generations
 from sae_sweep.data.sources import DatasetUnavailable, dataset_config, source_for
 from sae_sweep.util.files import REPAIRED, atomic_write
+from sae_sweep.util.progress import Progress
 
 __all__ = [
     "SPLITS",
@@ -130,8 +131,6 @@ def token_windows(dataset: Any, lm: Any, split: str, n_tokens: int, cache_dir: s
     Cached on disk (keyed by the dataset fingerprint, split, budget and context size), since evals
     ask for the same windows again.
     """
-    from tqdm.auto import tqdm
-
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: allowed values are {', '.join(SPLITS)}")
     ds = dataset_config(dataset)
@@ -148,7 +147,7 @@ def token_windows(dataset: Any, lm: Any, split: str, n_tokens: int, cache_dir: s
     n_seqs = math.ceil(n_tokens / ctx)
     packer = WindowPacker(lm.bos_token_id, lm.eos_token_id, ctx, n_seqs)
     desc = f"tokenizing {ds.name}/{split}"
-    with tqdm(total=n_seqs * (ctx - 1), desc=desc, unit="tok", disable=None) as bar:
+    with Progress(desc, total=n_seqs * (ctx - 1), unit="tok") as bar:
         docs = iter_split_documents(ds, lm, split, cache_dir, progress=bar)
         try:
             for ids in docs:

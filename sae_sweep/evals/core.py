@@ -41,13 +41,13 @@ from typing import Any, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from sae_sweep.config import choice, parse, setting
 from sae_sweep.evals.core_model_dtype import LOW_PRECISION, ModelDtypeAccumulator, per_position_in_dtype
 from sae_sweep.evals.registry import register_eval
 from sae_sweep.evals.schema import EvalOutput
 from sae_sweep.util.metrics import Metric
+from sae_sweep.util.progress import progress_iter
 
 __all__ = [
     "EVAL_TYPE_ID",
@@ -613,7 +613,7 @@ def run_core_eval(
         return fn
 
     starts = range(0, n_seqs, batch_size)
-    for start in tqdm(starts, desc="core eval", unit="batch", disable=None if progress else True):
+    for start in progress_iter(starts, "core eval", unit="batch", enabled=progress):
         batch = tokens[start : start + batch_size]
         if device is not None:
             batch = batch.to(device)

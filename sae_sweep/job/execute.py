@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sae_sweep import config as C
 from sae_sweep.data.sources import dataset_config, is_text
+from sae_sweep.util.progress import Progress
 
 if TYPE_CHECKING:
     from sae_sweep.activations.reader import DiskBlocks
@@ -205,6 +206,7 @@ def build_activation_cache(cfg: DictConfig, lm: Any, device: torch.device) -> Tu
         special_token_ids=sorted(lm.special_token_ids),
         storage_dtype=spec["storage_dtype"],
         verify=cfg.cache.verify,
+        progress_total=math.ceil(C.cache_tokens(cfg) / ds.context_size),  # the windows build() yields
     )
 
 
@@ -525,43 +527,46 @@ def run_evals(
         )
     all_metrics: Dict[str, float] = {}
     failed = []
-    for name in names:
-        node = cfg.eval.get(name)
-        settings = OmegaConf.to_container(node, resolve=True) if node is not None else {}
-        ctx = EvalContext(
-            lm=lm,
-            sae=sae,
-            tokens=tokens,
-            layer=int(cfg.layer),
-            hook=cfg.hook,
-            seed=int(cfg.seed),
-            settings=settings,
-            sae_cfg=sae_cfg,
-            cache_dir=str(C.cache_dir(cfg)),
-            activations=activations,
-            planted=planted,
-        )
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            output = get_eval(name).run(ctx)
-        flat = flatten_metrics(output, prefix=name)
-        run.log_metrics(flat)
-        if flat.dropped:  # NaN/inf never reach MLflow; record which metrics they were
-            run.set_tags({f"eval.{name}.nonfinite": ",".join(flat.dropped)})
-        run.log_metrics({f"{name}/seconds": time.perf_counter() - t0})
-        if output.status != "ok":
-            run.set_tags(
-                {f"eval.{name}.status": output.status, f"eval.{name}.reason": (output.skip_reason or "")[:4900]}
+    with Progress("evals", total=len(names), unit="eval") as bar:
+        for name in names:
+            bar.set_postfix({"running": name})
+            node = cfg.eval.get(name)
+            settings = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+            ctx = EvalContext(
+                lm=lm,
+                sae=sae,
+                tokens=tokens,
+                layer=int(cfg.layer),
+                hook=cfg.hook,
+                seed=int(cfg.seed),
+                settings=settings,
+                sae_cfg=sae_cfg,
+                cache_dir=str(C.cache_dir(cfg)),
+                activations=activations,
+                planted=planted,
             )
-        if output.flags:
-            run.set_tags({f"eval.{name}.flags": json.dumps(output.flags, default=str)[:4900]})
-        if output.status == "failed":  # e.g. every probe at chance: logged, then the run fails
-            failed.append(f"{name}: {output.skip_reason}")
-        run.log_json(
-            to_saebench_json(output, sae_cfg, sae_id=hook_name(cfg.layer, cfg.hook), model_name=cfg.model.name),
-            f"evals/{output.eval_type_id}.json",
-        )
-        all_metrics.update(flat)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                output = get_eval(name).run(ctx)
+            flat = flatten_metrics(output, prefix=name)
+            run.log_metrics(flat)
+            if flat.dropped:  # NaN/inf never reach MLflow; record which metrics they were
+                run.set_tags({f"eval.{name}.nonfinite": ",".join(flat.dropped)})
+            run.log_metrics({f"{name}/seconds": time.perf_counter() - t0})
+            if output.status != "ok":
+                run.set_tags(
+                    {f"eval.{name}.status": output.status, f"eval.{name}.reason": (output.skip_reason or "")[:4900]}
+                )
+            if output.flags:
+                run.set_tags({f"eval.{name}.flags": json.dumps(output.flags, default=str)[:4900]})
+            if output.status == "failed":  # e.g. every probe at chance: logged, then the run fails
+                failed.append(f"{name}: {output.skip_reason}")
+            run.log_json(
+                to_saebench_json(output, sae_cfg, sae_id=hook_name(cfg.layer, cfg.hook), model_name=cfg.model.name),
+                f"evals/{output.eval_type_id}.json",
+            )
+            all_metrics.update(flat)
+            bar.update(1)
     if failed:
         raise RunFailed("evals failed: " + "; ".join(failed))
     return all_metrics

@@ -20,6 +20,7 @@ import torch
 
 from sae_sweep.data.corpus import WindowPacker, builtin_corpus_id, builtin_documents, doc_split
 from sae_sweep.util.files import sha1_file
+from sae_sweep.util.progress import Progress
 
 __all__ = ["TINY_VERSION", "TINY_ARCH", "TINY_VOCAB", "TINY_SPECIAL", "TINY_TRAIN", "build"]
 
@@ -76,7 +77,6 @@ def _pack(token_lists: Sequence[Sequence[int]], eos_id: int, context: int) -> to
 
 def build(out_dir: Path, cache_dir: str | os.PathLike) -> None:
     """Corpus -> tokenizer -> GPT-2 -> a short deterministic training run -> save_pretrained."""
-    from tqdm.auto import tqdm
     from transformers import GPT2Config, GPT2LMHeadModel
 
     t0 = time.time()
@@ -122,8 +122,8 @@ def build(out_dir: Path, cache_dir: str | os.PathLike) -> None:
         gen = torch.Generator().manual_seed(TINY_TRAIN["seed"])
         losses: List[float] = []
         timings["tokenize_and_pack"] = time.time() - t0 - sum(timings.values())
-        bar = tqdm(range(steps), desc=f"building {TINY_VERSION}", disable=None)
-        for step in bar:
+        bar = Progress(f"building {TINY_VERSION}", total=steps, unit="step")
+        for step in range(steps):
             # Linear warmup, cosine decay to 10%.
             scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
             for group in opt.param_groups:
@@ -135,7 +135,8 @@ def build(out_dir: Path, cache_dir: str | os.PathLike) -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.update(1)
+            bar.set_postfix({"loss": f"{losses[-1]:.3f}"})
         bar.close()
         timings["train"] = time.time() - t0 - sum(timings.values())
 

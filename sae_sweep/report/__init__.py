@@ -6,12 +6,14 @@
     report.md              the report (sections below), plots embedded
     summary.csv            every result metric per variant: n, mean, std (ddof=1), min, max, seeds
     runs.csv               one row per run: grid tags, status and every result metric
-    compare_dataset.csv    pairwise dataset comparison (all models, then per model)
-    compare_trainer.csv    pairwise trainer comparison
+    compare_dataset.csv    pairwise dataset comparison per cell: a - b, 95 % interval over seeds,
+                           verdict, seeds needed, per-seed values (``uncertainty``)
+    compare_trainer.csv    pairwise trainer comparison, the same columns
     shared_features.csv    cross-seed shared-feature ratio per seed group
     run_ids.json           the runs the report covers (a re-run's skipped points included)
     plots/*.png            metrics_grid, absorption_per_letter, probing_vs_k, shared_features,
                            training_curves (each skipped with a note when its data is absent)
+    plots/frontier_*.png   the sparsity–fidelity frontier per (model, layer, hook, dataset), and .svg
 
 and logs the folder to the parent run as artifacts under ``report/``. ``report_hook`` is the
 sweep-end hook form (``SWEEP_END_HOOKS``); it never raises. CLI: ``python -m sae_sweep.report``.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +32,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import pandas as pd
 
-from sae_sweep.report import plots, tables
+from sae_sweep.report import plots, tables, uncertainty
 from sae_sweep.report.data import SweepData, collect, eval_metric_keys, headline_specs, spec_for
 from sae_sweep.report.metrics import lookup
 
@@ -97,7 +100,7 @@ def build_report(
     if not stats.empty:
         stats.insert(stats.columns.get_loc("metric") + 1, "headline", stats["metric"].isin({s.key for s in specs}))
     shared = tables.shared_features(runs, data.parent_metrics)
-    comparisons = {f: _pairwise_all_scopes(stats, f, specs) for f in ("dataset", "trainer")}
+    comparisons = {f: tables.pairwise(runs, f, specs) for f in ("dataset", "trainer")}
 
     csvs = {
         "summary": _write_csv(stats, out_dir / "summary.csv"),
@@ -135,8 +138,9 @@ def build_report(
 def _clear_previous(out_dir: Path) -> None:
     for name in _OUTPUTS:
         (out_dir / name).unlink(missing_ok=True)
-    for png in (out_dir / "plots").glob("*.png"):
-        png.unlink()
+    for pattern in ("*.png", "*.svg"):
+        for old in (out_dir / "plots").glob(pattern):
+            old.unlink()
 
 
 def _previous_run_ids(tracker: Any, parent_run_id: str) -> List[str]:
@@ -174,22 +178,6 @@ def _runs_csv(runs: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
         "error",
     ]
     return runs[[c for c in meta if c in runs] + [k for k in keys if k in runs]]
-
-
-def _pairwise_all_scopes(stats: pd.DataFrame, factor: str, specs) -> pd.DataFrame:
-    parts = []
-    overall = tables.pairwise(stats, factor, specs)
-    if not overall.empty:
-        parts.append(overall.assign(scope="all models"))
-    if not stats.empty and stats["model"].nunique() > 1:
-        for model, sub in stats.groupby("model", sort=False):
-            cmp = tables.pairwise(sub, factor, specs)
-            if not cmp.empty:
-                parts.append(cmp.assign(scope=f"model={model}"))
-    if not parts:
-        return pd.DataFrame(columns=["scope", *overall.columns])
-    df = pd.concat(parts, ignore_index=True)
-    return df[["scope", *[c for c in df.columns if c != "scope"]]]
 
 
 def _absorption_letters(tracker: Any, runs: pd.DataFrame) -> Dict[str, Dict[str, List[float]]]:
@@ -245,9 +233,23 @@ def _make_plots(tracker: Any, runs: pd.DataFrame, variants: List[str], shared: p
         except Exception as e:  # one broken figure must not cost the rest of the report
             log.exception("report: plot %s failed", name)
             skipped[name] = f"failed: {type(e).__name__}: {e}"
+    if runs.empty:
+        skipped["frontier"] = "no FINISHED runs"
+    for (model, layer, hook, dataset), sub in [] if runs.empty else runs.groupby(list(FRONTIER_GROUP), sort=False):
+        name = "frontier_" + re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{model}_L{layer}_{hook}_{dataset}")
+        try:
+            png, _svg = plots.frontier(sub, f"{model}, layer {layer} ({hook}), {dataset}", plot_dir / name)
+            made[name] = png
+        except plots.NoData as e:
+            skipped[name] = str(e)
+        except Exception as e:
+            log.exception("report: plot %s failed", name)
+            skipped[name] = f"failed: {type(e).__name__}: {e}"
     return made, skipped
 
 
+# One frontier figure per (model, layer, hook, dataset): the trainers and k values are its lines.
+FRONTIER_GROUP = ("model", "layer", "hook", "dataset")
 PLOT_TITLES = {
     "metrics_grid": "Core metrics (explained variance, KL score, L0, L1) per variant",
     "absorption_per_letter": "Absorption per first letter",
@@ -257,34 +259,38 @@ PLOT_TITLES = {
 }
 
 
-def _findings(comparisons: Dict[str, pd.DataFrame]) -> List[str]:
-    """Markdown bullets, one per compared pair (over all models): which side is better on which
-    metrics, with the cells it wins out of the matching cells."""
-    lines = []
+def _findings(comparisons: Dict[str, pd.DataFrame]) -> tuple:
+    """Markdown bullets: (resolved differences, each with its interval; per pair, the differences
+    that stayed open: too few seeds, or an interval that covers zero, with what would resolve them).
+    Only metrics with a better direction are findings."""
+    resolved: List[str] = []
+    still_open: List[str] = []
     for factor, cmp in comparisons.items():
-        if cmp.empty:
-            continue
-        rows = cmp[(cmp["scope"] == "all models") & (cmp["direction"] != 0)]
-        if rows.empty:
-            continue
-        lines.append(f"- {factor}s:")
-        for (a, b), pair in rows.groupby(["a", "b"], sort=False):
-            parts = []
-            for side in (a, b):
-                won = pair[pair["better"] == side]
-                if not won.empty:
-                    wins = won["wins_a"] if side == a else won["wins_b"]
-                    parts.append(
-                        f"{side} better on "
-                        + ", ".join(f"{r.label} ({int(w)}/{r.n_cells})" for r, w in zip(won.itertuples(), wins))
-                    )
-            tied = pair[pair["better"] == "tie"]
-            if not tied.empty:
-                parts.append("tie on " + ", ".join(tied["label"]))
-            lines.append(
-                f"  - **{a} vs {b}** ({int(pair['n_cells'].max())} matching cell(s)): " + "; ".join(parts) + "."
-            )
-    return lines
+        scored = cmp[cmp["direction"] != 0] if not cmp.empty else cmp
+        for (a, b, cell), pair in scored.groupby(["a", "b", "cell"], sort=False):
+            head = f"- **{a} vs {b}** ({factor}s; {cell}; {int(pair['n_seeds'].max())} seeds):"
+            won = pair[pair["better"] != ""]
+            if not won.empty:
+                resolved.append(head)
+                resolved += [
+                    f"    - {r.better} better on {r.label}: a − b = {tables.diff_text(r)}" for r in won.itertuples()
+                ]
+            rest = pair[pair["better"] == ""]
+            if not rest.empty:
+                still_open.append(head)
+                still_open += [
+                    f"    - {r.label}: a − b = {tables.diff_text(r)}, {tables.verdict_text(r)}"
+                    for r in rest.itertuples()
+                ]
+    return resolved, still_open
+
+
+STATISTIC_NOTE = (
+    "Differences are a − b with a 95 % paired t interval over the seeds both sides ran (Welch's interval "
+    f"when the seeds differ); a difference is resolved when the interval excludes zero with at least "
+    f'{uncertainty.MIN_SEEDS} seeds. "~N seeds" is the smallest seed count whose interval would exclude zero '
+    "if the mean difference and its spread stayed as observed."
+)
 
 
 def _markdown(
@@ -331,9 +337,20 @@ def _markdown(
         "",
     ]
 
-    findings = _findings(comparisons)
-    if findings:
-        L += ["## Key findings", ""] + findings + [""]
+    resolved, still_open = _findings(comparisons)
+    if resolved or still_open:
+        L += ["## Key findings", ""]
+        L += resolved or ["_No resolved difference: no comparison's 95 % interval over seeds excludes zero._"]
+        L += ["", STATISTIC_NOTE, ""]
+    if still_open:
+        L += ["## Differences not resolved", ""]
+        L += [
+            "Inside the seed spread, or measured on fewer than "
+            f"{uncertainty.MIN_SEEDS} seeds: not a win for either side. a − b with its 95 % interval.",
+            "",
+            *still_open,
+            "",
+        ]
 
     L += ["## Headline metrics per variant", ""]
     L += [tables.variant_table(stats, specs, runs) if specs else "_no result metrics logged yet_", ""]
@@ -364,20 +381,19 @@ def _markdown(
         L += [tables.md_table(["variant", "seed group", "pairs", header, "per pair"], rows), ""]
 
     for factor in ("dataset", "trainer"):
-        L += [f"## {factor.capitalize()} comparison (pairwise, over matching cells)", ""]
+        L += [f"## {factor.capitalize()} comparison (pairwise, per matching cell)", ""]
         cmp = comparisons[factor]
-        overall = cmp[cmp["scope"] == "all models"] if not cmp.empty else cmp
-        if overall.empty:
+        if cmp.empty:
             n = runs[factor].nunique() if not runs.empty else 0
             L += [f"_only {n} {factor}{'s' if n != 1 else ''} with finished runs: nothing to compare_", ""]
             continue
         L += [
-            f"Cells match on every other grid coordinate (model, layer, hook, "
-            f"{'trainer' if factor == 'dataset' else 'dataset'}, swept params); each cell is a seed mean. "
-            "Wins count cells where a side is better in the metric's direction.",
+            f"A cell is the runs that match on every other grid coordinate (model, layer, hook, "
+            f"{'trainer' if factor == 'dataset' else 'dataset'}, swept params). a − b over seeds with its "
+            '95 % interval; "better" only where the difference is resolved.',
             "",
         ]
-        L += [tables.pairwise_table(overall.drop(columns="scope")), ""]
+        L += [tables.pairwise_table(cmp), ""]
 
     L += ["## Per-model breakdown", ""]
     if runs.empty:
@@ -386,12 +402,20 @@ def _markdown(
         L += [f"### {model}", ""]
         vs = list(dict.fromkeys(sub["variant"]))
         L += [tables.variant_table(stats[stats["model"] == model], specs, sub, vs), ""]
-        cmp = comparisons["dataset"]
-        scoped = cmp[cmp["scope"] == f"model={model}"] if not cmp.empty else cmp
-        if runs["model"].nunique() > 1 and not scoped.empty:
-            L += [f"Dataset comparison within {model}:", "", tables.pairwise_table(scoped.drop(columns="scope")), ""]
 
     L += ["## Plots", ""]
+    L += ["### Sparsity–fidelity frontier", ""]
+    fronts = [n for n in [*made, *skipped] if n.startswith("frontier")]
+    L += [
+        "L0 against 1 − centred explained variance, CE-loss increase and KL, per (model, layer, dataset); "
+        "small points are seeds, large markers their mean, one line per trainer (SVG beside each PNG).",
+        "",
+    ]
+    for n in fronts:
+        if n in made:
+            L += [f"![{n}]({made[n].relative_to(out_dir).as_posix()})", ""]
+        else:
+            L += [f"_{n} skipped: {skipped[n]}_", ""]
     for name, title in PLOT_TITLES.items():
         L += [f"### {title}", ""]
         if name in made:
@@ -437,7 +461,8 @@ def _markdown(
         "",
         "- `summary.csv`: every result metric per variant (n, mean, std, min, max, seeds, run ids)",
         "- `runs.csv`: one row per run with every result metric",
-        "- `compare_dataset.csv`, `compare_trainer.csv`: pairwise comparisons (all models and per model)",
+        "- `compare_dataset.csv`, `compare_trainer.csv`: pairwise comparisons per cell (difference, 95 % interval, "
+        "verdict, seeds needed, per-seed values)",
         "- `shared_features.csv`: cross-seed shared-feature ratio per seed group",
         "",
     ]

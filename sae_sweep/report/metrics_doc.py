@@ -38,7 +38,8 @@ How to read the tables:
 - A key with a placeholder is a family of keys: {{placeholders}}.
 - **better** is the direction in which the number is better for the SAE; "—" means neither (a
   budget such as L0, a count, a property of the language model rather than of the SAE, or a value
-  whose ideal is in the middle). The report counts wins only for metrics with a direction.
+  whose ideal is in the middle). The report names a better side only for metrics with a direction,
+  and only where the difference is resolved over seeds.
 - **reference** names whose definition the number follows. A "named option" is this project's
   variant of a reference metric, logged beside it under its own name.
 - A value that is NaN or infinite is not logged; the run's tag `eval.<eval>.nonfinite` lists it.

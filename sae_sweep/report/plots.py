@@ -14,8 +14,10 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
+from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from sae_sweep.report.data import spec_for
 
@@ -278,3 +280,118 @@ def training_curves(
     fig.suptitle("Training curves (one line per run, colour = variant)")
     fig.tight_layout()
     return _save(fig, path)
+
+
+# The sparsity–fidelity frontier (SAEBench's lead plot): L0 against what the reconstruction costs.
+L0_KEY = "core/sparsity/l0"
+EV_CENTRED = "core/reconstruction_quality/explained_variance_centred"
+CE_WITH_SAE = "core/model_performance_preservation/ce_loss_with_sae"
+CE_WITHOUT_SAE = "core/model_performance_preservation/ce_loss_without_sae"
+KL_WITH_SAE = "core/model_behavior_preservation/kl_div_with_sae"
+# Params that move a point along a frontier line (the sparsity budget) or pick its width.
+SPARSITY_PARAMS = ("k",)
+WIDTH_PARAM = "derived.d_sae"
+WIDTH_PARAMS = ("expansion_factor", "d_sae")
+
+
+def frontier_values(runs: pd.DataFrame) -> pd.DataFrame:
+    """The frontier's y values from each run's logged metrics (lower is better for all three):
+    ``unexplained`` = 1 - centred explained variance, ``ce_increase`` = CE with the SAE spliced in -
+    clean CE (nats), ``kl`` = KL(clean || spliced) (nats). NaN where a run did not log the inputs."""
+
+    def col(key: str) -> pd.Series:
+        return runs[key].astype(float) if key in runs else pd.Series(math.nan, index=runs.index)
+
+    return pd.DataFrame(
+        {
+            "l0": col(L0_KEY),
+            "unexplained": 1 - col(EV_CENTRED),
+            "ce_increase": col(CE_WITH_SAE) - col(CE_WITHOUT_SAE),
+            "kl": col(KL_WITH_SAE),
+        },
+        index=runs.index,
+    )
+
+
+FRONTIER_PANELS = (
+    ("unexplained", "1 − explained variance (centred)", "fraction of variance (↓ better)"),
+    ("ce_increase", "CE-loss increase", "nats per token (↓ better)"),
+    ("kl", "KL divergence with the SAE", "nats per token (↓ better)"),
+)
+
+
+def frontier_line(run: pd.Series, width_varies: bool) -> str:
+    """Which line a run belongs to: its trainer and every swept param except the sparsity budget
+    (and its width, unless the sweep varies width: then each width is a line of its own)."""
+    parts = [
+        p
+        for p in str(run.get("extra", "") or "").split(",")
+        if p and not p.startswith(tuple(f"{k}=" for k in (*SPARSITY_PARAMS, *WIDTH_PARAMS)))
+    ]
+    if width_varies:
+        parts.append(f"d_sae={run['_params'].get(WIDTH_PARAM, '?')}")
+    return str(run["trainer"]) + (f" [{','.join(parts)}]" if parts else "")
+
+
+def sparsity_label(run: pd.Series) -> str:
+    """The run's sparsity budget as its variant label writes it (``k=32``), when the sweep varies it."""
+    parts = str(run.get("extra", "") or "").split(",")
+    return ",".join(p for p in parts if p.startswith(tuple(f"{k}=" for k in SPARSITY_PARAMS)))
+
+
+def frontier(runs: pd.DataFrame, title: str, stem: Path) -> List[Path]:
+    """One figure, three panels (1 − centred EV, CE-loss increase, KL) against L0 for one (model,
+    layer, dataset): each seed a small point, each variant's seed mean a large marker, the means of
+    one trainer line (across k, and across widths when they vary) joined. Written as PNG and SVG;
+    log axes where every value is positive. ``stem``: the files' path without its suffix."""
+    vals = frontier_values(runs)
+    if vals["l0"].notna().sum() == 0:
+        raise NoData(f"no {L0_KEY} in the runs")
+    widths = {p.get(WIDTH_PARAM) for p in runs["_params"]} if "_params" in runs else set()
+    width_varies = len(widths) > 1
+    lines = runs.apply(lambda r: frontier_line(r, width_varies), axis=1)
+    names = list(dict.fromkeys(lines))
+    colors = variant_colors(names)
+    fig = Figure(figsize=(15.0, 4.6))
+    axes = fig.subplots(1, len(FRONTIER_PANELS))
+    for ax, (col, panel_title, unit) in zip(axes, FRONTIER_PANELS):
+        have = vals[col].notna() & vals["l0"].notna()
+        if not have.any():
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
+            ax.set_title(panel_title)
+            continue
+        for name in names:
+            sub = vals[have & (lines == name)]
+            if sub.empty:
+                continue
+            ax.scatter(sub["l0"], sub[col], color=colors[name], s=14, alpha=0.55, zorder=2)
+            means = sub.groupby(runs.loc[sub.index, "variant"], sort=False)[["l0", col]].mean().sort_values("l0")
+            ax.plot(means["l0"], means[col], color=colors[name], marker="o", markersize=8, linewidth=1.6, label=name)
+            for variant, m in means.iterrows():  # name each mean by its sparsity budget (k=...)
+                budget = sparsity_label(runs.loc[runs["variant"] == variant].iloc[0])
+                if budget:
+                    ax.annotate(budget, (m["l0"], m[col]), xytext=(4, 4), textcoords="offset points", fontsize=7)
+        for set_scale, axis, data in (
+            (ax.set_xscale, ax.xaxis, vals.loc[have, "l0"]),
+            (ax.set_yscale, ax.yaxis, vals.loc[have, col]),
+        ):
+            if (data > 0).all():
+                set_scale("log")
+                axis.set_major_formatter(ScalarFormatter())  # 30, not 3 x 10^1
+                axis.set_minor_formatter(ScalarFormatter())
+        if ax.get_xscale() == "log":  # ticks at the variants' mean L0s: every k gets its number
+            l0s = sorted({float(f"{v:.3g}") for v in vals.loc[have].groupby(runs.loc[have, "variant"])["l0"].mean()})
+            ax.set_xticks(l0s, [f"{v:g}" for v in l0s])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(panel_title)
+        ax.set_xlabel("L0 (active latents per token)")
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8, title="trainer", title_fontsize=8)
+    fig.suptitle(f"Sparsity–fidelity frontier: {title} (small: seeds; large: seed mean; lower-left is better)")
+    fig.tight_layout()
+    png = _save(fig, stem.parent / f"{stem.name}.png")
+    svg = stem.parent / f"{stem.name}.svg"
+    with rc_context({"svg.fonttype": "none"}):  # text stays text: selectable, searchable
+        fig.savefig(svg, bbox_inches="tight")
+    return [png, svg]

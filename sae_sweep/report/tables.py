@@ -1,8 +1,9 @@
 """The report's numbers: per-variant statistics over seeds, pairwise comparisons, shared features.
 
 All functions take the runs table of ``data.collect`` (FINISHED runs only) and return pandas
-DataFrames that are written as CSV unchanged and rendered as Markdown by ``render``.
+DataFrames that are written as CSV unchanged and rendered as Markdown here.
 Standard deviations are sample standard deviations (ddof=1) over seeds; NaN with a single seed.
+Comparisons carry their uncertainty over seeds (``uncertainty``: the statistic, written once).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from sae_sweep.report import uncertainty
 from sae_sweep.report.data import GROUP_COLS, MetricSpec, spec_for
 
 VARIANT_COLS = ("variant", *GROUP_COLS)
@@ -75,77 +77,94 @@ def variant_stats(runs: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def cell_means(stats: pd.DataFrame) -> pd.DataFrame:
-    """Wide table of seed means: one row per variant, one column per metric key."""
-    if stats.empty:
-        return pd.DataFrame(columns=list(VARIANT_COLS))
-    wide = stats.pivot_table(index=list(VARIANT_COLS), columns="metric", values="mean", aggfunc="first", dropna=False)
-    return wide.reset_index()
+COMPARE_COLS = (
+    "factor",
+    "a",
+    "b",
+    "cell",
+    "model",
+    "metric",
+    "label",
+    "direction",
+    "n_seeds",
+    "paired",
+    "mean_diff",
+    "ci_low",
+    "ci_high",
+    "sd",
+    "verdict",
+    "better",
+    "seeds_needed",
+    "per_seed",
+)
+_CELL_COLS = ("model", "layer", "hook", "dataset", "trainer", "extra")
 
 
-def pairwise(stats: pd.DataFrame, factor: str, specs: Sequence[MetricSpec]) -> pd.DataFrame:
-    """FaithfulSAE-style comparison of the levels of ``factor`` (dataset or trainer).
+def _cell_label(row: Dict[str, object], factor: str) -> str:
+    other = "trainer" if factor == "dataset" else "dataset"
+    parts = [str(row["model"]), f"L{row['layer']}.{row['hook']}", str(row[other])]
+    return "/".join(parts) + (f" [{row['extra']}]" if row.get("extra") else "")
 
-    For each pair of levels (a, b) and each metric, the cells are the variants that match on every
-    other grid coordinate (model, layer, hook, the other factor, swept params). Per metric:
-    ``mean_diff`` = mean over cells of (seed-mean of a − seed-mean of b), and, when the metric has a
-    direction, the number of cells each side is better in (``wins_a``, ``wins_b``, ``ties``)."""
-    cols = [
-        "factor",
-        "a",
-        "b",
-        "metric",
-        "label",
-        "direction",
-        "n_cells",
-        "mean_diff",
-        "wins_a",
-        "wins_b",
-        "ties",
-        "better",
-    ]
-    wide = cell_means(stats)
-    if wide.empty or factor not in wide or wide[factor].nunique() < 2:
-        return pd.DataFrame(columns=cols)
-    match_cols = [c for c in ("model", "layer", "hook", "dataset", "trainer", "extra") if c != factor]
+
+def pairwise(runs: pd.DataFrame, factor: str, specs: Sequence[MetricSpec]) -> pd.DataFrame:
+    """Every level of ``factor`` (dataset or trainer) against every other, cell by cell.
+
+    A cell is the runs that match on every other grid coordinate (model, layer, hook, the other
+    factor, swept params). Per cell and metric: a - b over seeds with its 95 % interval and verdict
+    (``uncertainty.compare``: paired over shared seeds, Welch otherwise), the side that is better
+    when the difference is resolved and the metric has a direction, the seeds a difference of the
+    size seen would need, and the per-seed values."""
+    if runs.empty or factor not in runs or runs[factor].nunique() < 2:
+        return pd.DataFrame(columns=list(COMPARE_COLS))
+    match_cols = [c for c in _CELL_COLS if c != factor]
     rows = []
-    levels = sorted(wide[factor].unique(), key=str)
-    for a, b in itertools.combinations(levels, 2):
-        merged = wide[wide[factor] == a].merge(wide[wide[factor] == b], on=match_cols, suffixes=("_a", "_b"))
-        for spec in specs:
-            ka, kb = f"{spec.key}_a", f"{spec.key}_b"
-            if ka not in merged or kb not in merged:
+    levels = sorted(runs[factor].unique(), key=str)
+    for cell_vals, cell in runs.groupby(match_cols, sort=False, dropna=False):
+        ident = dict(zip(match_cols, cell_vals))
+        for a, b in itertools.combinations(levels, 2):
+            side_a, side_b = cell[cell[factor] == a], cell[cell[factor] == b]
+            if side_a.empty or side_b.empty:
                 continue
-            pair = merged[[ka, kb]].dropna()
-            if pair.empty:
-                continue
-            diff = (pair[ka] - pair[kb]).to_numpy(dtype=float)
-            row = {
-                "factor": factor,
-                "a": a,
-                "b": b,
-                "metric": spec.key,
-                "label": spec.label,
-                "direction": spec.direction,
-                "n_cells": len(diff),
-                "mean_diff": float(diff.mean()),
-                "wins_a": None,
-                "wins_b": None,
-                "ties": None,
-                "better": "",
-            }
-            if spec.direction:
-                signed = diff * spec.direction  # > 0: a is better
-                row.update(
-                    wins_a=int((signed > 0).sum()), wins_b=int((signed < 0).sum()), ties=int((signed == 0).sum())
+            for spec in specs:
+                if spec.key not in cell:
+                    continue
+                va, vb = _per_seed(side_a, spec.key), _per_seed(side_b, spec.key)
+                if not va or not vb:
+                    continue
+                d = uncertainty.compare(va, vb)
+                better = ""
+                if d.verdict == uncertainty.RESOLVED and spec.direction:
+                    better = a if d.mean_diff * spec.direction > 0 else b
+                rows.append(
+                    {
+                        "factor": factor,
+                        "a": a,
+                        "b": b,
+                        "cell": _cell_label({**ident, factor: ""}, factor),
+                        "model": ident["model"],
+                        "metric": spec.key,
+                        "label": spec.label,
+                        "direction": spec.direction,
+                        "n_seeds": d.n,
+                        "paired": d.paired,
+                        "mean_diff": d.mean_diff,
+                        "ci_low": d.low,
+                        "ci_high": d.high,
+                        "sd": d.sd,
+                        "verdict": d.verdict,
+                        "better": better,
+                        "seeds_needed": d.seeds_needed,
+                        "per_seed": uncertainty.per_seed_text(va, vb, fmt),
+                    }
                 )
-                mean_signed = float(signed.mean())
-                row["better"] = a if mean_signed > 0 else b if mean_signed < 0 else "tie"
-            rows.append(row)
-    df = pd.DataFrame(rows, columns=cols)
-    for c in ("wins_a", "wins_b", "ties"):  # counts; empty (not NaN floats) for direction-less metrics
-        df[c] = df[c].astype("Int64")
+    df = pd.DataFrame(rows, columns=list(COMPARE_COLS))
+    df["seeds_needed"] = df["seeds_needed"].astype("Int64")
     return df
+
+
+def _per_seed(side: pd.DataFrame, key: str) -> Dict[object, float]:
+    have = side[side[key].notna()]
+    return {s: float(v) for s, v in zip(have["seed"], have[key])}
 
 
 _PAIR = re.compile(r"crossseed/(?P<g>[^/]+)/seed_(?P<a>[^/]+)_vs_(?P<b>[^/]+)/(?P<m>[^/]+)")
@@ -259,15 +278,42 @@ def variant_table(
     return md_table(header, rows)
 
 
+def row_difference(r) -> uncertainty.Difference:
+    """A comparison row (CSV or DataFrame) back as the ``Difference`` it was written from."""
+    seeds = None if pd.isna(r.seeds_needed) else int(r.seeds_needed)
+    return uncertainty.Difference(r.mean_diff, r.ci_low, r.ci_high, r.paired, r.n_seeds, r.sd, r.verdict, seeds)
+
+
+def verdict_text(r) -> str:
+    """A comparison row's verdict in words: who is better, or why nobody is."""
+    if r.verdict == uncertainty.RESOLVED:
+        return f"{r.better} better" if r.better else "differs (no better direction)"
+    need = uncertainty.needed_text(row_difference(r))
+    if r.verdict == uncertainty.UNRESOLVED:
+        return f"unresolved, {r.n_seeds} seed{'s' if r.n_seeds != 1 else ''} ({need})"
+    return f"no resolved difference ({need})"
+
+
+def diff_text(r) -> str:
+    """``-0.100 [95 % CI -0.12, -0.08]`` for a comparison row."""
+    ci = f" [{fmt(r.ci_low)}, {fmt(r.ci_high)}]" if math.isfinite(r.ci_low) else " [one seed: no interval]"
+    return f"{fmt(r.mean_diff)}{ci}"
+
+
 def pairwise_table(cmp: pd.DataFrame) -> str:
     if cmp.empty:
         return ""
-    rows = []
-    for r in cmp.itertuples():
-        wins = (
-            f"{int(r.wins_a)}–{int(r.wins_b)}" + (f" ({int(r.ties)} ties)" if r.ties else "") if r.direction else "n/a"
-        )
-        rows.append(
-            [f"{r.a} vs {r.b}", f"{r.label}{arrow(r.direction)}", r.n_cells, fmt(r.mean_diff), wins, r.better or "—"]
-        )
-    return md_table(["pair (a vs b)", "metric", "cells", "mean diff (a − b)", "wins a–b", "better"], rows)
+    rows = [
+        [
+            f"{r.a} vs {r.b}",
+            r.cell,
+            f"{r.label}{arrow(r.direction)}",
+            diff_text(r),
+            f"{r.n_seeds}{'' if r.paired else ' (unpaired)'}",
+            verdict_text(r),
+            r.per_seed,
+        ]
+        for r in cmp.itertuples()
+    ]
+    header = ["pair (a vs b)", "cell", "metric", "a − b [95 % CI]", "seeds", "verdict", "per seed (a vs b)"]
+    return md_table(header, rows)

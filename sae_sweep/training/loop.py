@@ -24,10 +24,10 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from sae_sweep.util.files import atomic_write
 from sae_sweep.util.metrics import Metric
+from sae_sweep.util.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -450,7 +450,7 @@ def train_members(
     start = min(st.position for st in streams.values())
     end = max(m.total_steps for m in members)
     desc = "train" if len(members) == 1 else f"train x{len(members)}"
-    bar = tqdm(total=end, initial=start, desc=desc, unit="step", dynamic_ncols=True, disable=None if progress else True)
+    bar = Progress(desc, total=end, unit="step", initial=start, enabled=progress)
     STOP.loops += 1
     try:
         while any(m.active for m in members):
@@ -471,8 +471,7 @@ def train_members(
                         k: f"{members[0]._last[k]:.4g}"
                         for k in ("loss", "l0", "explained_variance")
                         if k in members[0]._last
-                    },
-                    refresh=False,
+                    }
                 )
         for m in members:  # resumed at the end: nothing left to train, its checkpoint is current
             if m.error is None and m.result is None and m.trainer.step_count >= m.total_steps > 0:

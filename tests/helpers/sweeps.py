@@ -3,6 +3,7 @@ one: a parent and its children with the app's tags, params, metrics and artifact
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -17,6 +18,10 @@ L1 = "core/sparsity/l1"
 ABS = "absorption/mean/mean_absorption_fraction_score"
 FAKE = "fake_features/fake_features/fake_feature_ratio"
 SHARED = "crossseed/shared_feature_ratio"
+EV_CENTRED = "core/reconstruction_quality/explained_variance_centred"
+CE_WITH = "core/model_performance_preservation/ce_loss_with_sae"
+CE_WITHOUT = "core/model_performance_preservation/ce_loss_without_sae"
+KL_WITH = "core/model_behavior_preservation/kl_div_with_sae"
 
 SEEDS = (42, 49)
 DATASETS = ("builtin", "faithful")
@@ -28,16 +33,22 @@ SEED_GROUP = {
 }
 
 
-def known_metrics(dataset: str, seed: int, trainer: str = "topk", full: bool = True) -> dict:
-    """Distinct, hand-checkable values: faithful is better on EV/KL/CE, lower absorption."""
-    s = SEEDS.index(seed)
+def known_metrics(dataset: str, seed: int, trainer: str = "topk", full: bool = True, k: int = 8, seeds=SEEDS) -> dict:
+    """Distinct, hand-checkable values: faithful is better on EV/KL/CE, lower absorption; a larger
+    k has a larger L0 and reconstructs better (the frontier)."""
+    s = seeds.index(seed)
     d = DATASETS.index(dataset)
     t = 0.0 if trainer == "topk" else -0.05
+    lk = math.log2(k / 8)
     m = {
         EV: 0.80 + 0.10 * d + 0.04 * s + t,
+        EV_CENTRED: 0.75 + 0.10 * d + 0.04 * s + t + 0.02 * lk,
         KL: 0.70 + 0.20 * d - 0.03 * s + t,
         CE: 0.60 + 0.05 * d + 0.02 * s,
-        L0: 32.0 - 2 * s + d,
+        CE_WITHOUT: 3.0,
+        CE_WITH: 3.2 - 0.05 * d + 0.01 * s - 0.03 * lk,
+        KL_WITH: 0.15 - 0.04 * d + 0.005 * s - 0.02 * lk,
+        L0: (32.0 - 2 * s + d) * k / 8,
         L1: 50.0 + 10 * s - 5 * d,
     }
     if full:
@@ -58,53 +69,61 @@ def known_metrics(dataset: str, seed: int, trainer: str = "topk", full: bool = T
     return m
 
 
-def make_sweep(tracker: Tracker, experiment: str, trainers=("topk",), full: bool = True, failed: bool = True):
-    """A parent and one child per (dataset, trainer, seed) with the app's tags, params, metrics,
+def make_sweep(
+    tracker: Tracker,
+    experiment: str,
+    trainers=("topk",),
+    full: bool = True,
+    failed: bool = True,
+    seeds=SEEDS,
+    ks=(8,),
+    datasets=DATASETS,
+):
+    """A parent and one child per (k, dataset, trainer, seed) with the app's tags, params, metrics,
     training history and (full) the absorption JSON and cross-seed parent metrics."""
-    parent = tracker.start_parent(experiment, "sweep-test", {"sweep_name": experiment, "overrides": "seed=42,49"})
+    overrides = "seed=" + ",".join(map(str, seeds)) + (" sae.k=" + ",".join(map(str, ks)) if len(ks) > 1 else "")
+    parent = tracker.start_parent(experiment, "sweep-test", {"sweep_name": experiment, "overrides": overrides})
     children = []
-    for trainer in trainers:
-        for dataset in DATASETS:
-            for seed in SEEDS:
-                name = f"tiny_blocks.2.hook_resid_post_512_{trainer}_8_0.001_{seed}_{dataset}_64_100"
-                with tracker.child(experiment, name, f"key-{dataset}-{trainer}-{seed}", parent) as run:
-                    run.set_tags(
-                        {
-                            "model": "tiny",
-                            "layer": "2",
-                            "hook": "resid_post",
-                            "dataset": dataset,
-                            "seed": str(seed),
-                            "trainer": trainer,
-                            "seed_group": SEED_GROUP[(dataset, trainer)],
-                        }
-                    )
-                    run.log_params({"seed": seed, "sae.k": 8, "trainer.lr": 0.001, "dataset.name": dataset})
-                    for step in range(0, 60, 10):
-                        run.log_metrics(
-                            {
-                                "train/loss": 10.0 / (step + 1) + seed * 1e-3,
-                                "train/explained_variance": 1 - 1 / (step + 2),
-                                "train/l0": 8.0,
-                            },
-                            step=step,
-                        )
-                    m = known_metrics(dataset, seed, trainer, full)
-                    run.log_metrics({**m, "core/seconds": 1.0})
-                    if full:
-                        details = [
-                            {"first_letter": c, "mean_absorption_fraction": m[ABS] + 0.01 * i}
-                            for i, c in enumerate("abcdef")
-                        ]
-                        run.log_json(
-                            {"eval_type_id": "absorption_first_letter", "eval_result_details": details},
-                            "evals/absorption_first_letter.json",
-                        )
-                children.append(run.run_id)
+    for k, trainer, dataset, seed in itertools.product(ks, trainers, datasets, seeds):
+        name = f"tiny_blocks.2.hook_resid_post_512_{trainer}_{k}_0.001_{seed}_{dataset}_64_100"
+        group = SEED_GROUP[(dataset, trainer)] + ("" if k == 8 else f"k{k}")
+        with tracker.child(experiment, name, f"key-{dataset}-{trainer}-{seed}-{k}", parent) as run:
+            run.set_tags(
+                {
+                    "model": "tiny",
+                    "layer": "2",
+                    "hook": "resid_post",
+                    "dataset": dataset,
+                    "seed": str(seed),
+                    "trainer": trainer,
+                    "seed_group": group,
+                }
+            )
+            run.log_params({"seed": seed, "sae.k": k, "trainer.lr": 0.001, "dataset.name": dataset})
+            for step in range(0, 60, 10):
+                run.log_metrics(
+                    {
+                        "train/loss": 10.0 / (step + 1) + seed * 1e-3,
+                        "train/explained_variance": 1 - 1 / (step + 2),
+                        "train/l0": 8.0,
+                    },
+                    step=step,
+                )
+            m = known_metrics(dataset, seed, trainer, full, k, seeds)
+            run.log_metrics({**m, "core/seconds": 1.0})
+            if full:
+                details = [
+                    {"first_letter": c, "mean_absorption_fraction": m[ABS] + 0.01 * i} for i, c in enumerate("abcdef")
+                ]
+                run.log_json(
+                    {"eval_type_id": "absorption_first_letter", "eval_result_details": details},
+                    "evals/absorption_first_letter.json",
+                )
+        children.append(run.run_id)
     if full:
         pm = {}
         for (dataset, trainer), g in SEED_GROUP.items():
-            if trainer in trainers:
+            if trainer in trainers and dataset in datasets:
                 pm[f"crossseed/{g[:8]}/seed_42_vs_49/shared_feature_ratio"] = 0.40 + 0.30 * DATASETS.index(dataset)
         tracker.log_metrics(parent, pm)
     if failed:
