@@ -11,9 +11,10 @@ from sae_sweep.config import ConfigError, run_identity, run_key
 from sae_sweep.job.app import validate_point
 from sae_sweep.sae import get_trainer
 
-pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.unit
 def test_scaling_factor_is_sqrt_d_in_over_the_mean_of_batch_mean_norms():
     a = torch.tensor([[3.0, 4.0], [0.0, 1.0]])  # norms 5, 1: batch mean 3
     b = torch.tensor([[6.0, 8.0], [0.0, 2.0], [0.0, 2.0], [0.0, 2.0]])  # norms 10, 2, 2, 2: batch mean 4
@@ -28,6 +29,7 @@ def test_scaling_factor_is_sqrt_d_in_over_the_mean_of_batch_mean_norms():
         estimate_norm_scaling_factor([], 2)
 
 
+@pytest.mark.unit
 def test_mask_keeps_rows_up_to_the_median_norm_times_the_multiple():
     x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [0.0, 40.0], [0.0, 2.0]])  # median norm 2
     assert torch.equal(mask_high_norm(x, 10.0), x[[0, 1, 2, 4]])
@@ -41,6 +43,7 @@ def _trainer(total=20):
     )
 
 
+@pytest.mark.unit
 def test_trainer_trains_on_normalised_batches_and_its_inference_sae_reads_raw_activations():
     g = torch.Generator().manual_seed(0)
     data = 30.0 * torch.randn(640, 16, generator=g) + 5.0
@@ -68,6 +71,7 @@ def test_trainer_trains_on_normalised_batches_and_its_inference_sae_reads_raw_ac
     assert plain.inference_sae() is plain.sae  # off: nothing to fold
 
 
+@pytest.mark.unit
 def test_run_keys_stay_put_while_off_and_move_when_on():
     base = compose_config()
     assert not {"normalize_activations", "max_activation_norm_multiple"} & set(run_identity(base))
@@ -82,6 +86,7 @@ def test_run_keys_stay_put_while_off_and_move_when_on():
     assert run_key(compose_config("train.n_batches_for_norm_estimate=100")) == run_key(base)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "override,words",
     [
@@ -93,3 +98,47 @@ def test_bad_values_name_the_key_and_what_is_allowed(override, words):
     with pytest.raises(ConfigError) as e:
         validate_point(compose_config(override))
     assert all(w in str(e.value) for w in words), str(e.value)
+
+
+@pytest.mark.integration
+def test_a_normalised_job_saves_the_folded_sae_and_logs_its_heldout_curve(tmp_path):
+    """A job on planted activations (no LM) with the scaling and the mask on: the scaling factor is
+    logged, the saved SAE reads raw activations (cfg.json records what was folded), and its held-out
+    curve (reconstruction metrics only, no LM) is on the raw scale like the final eval."""
+    import json
+
+    from helpers.cli import run_cli
+    from helpers.mlflow_store import store_client, store_runs
+
+    out = tmp_path / "out"
+    r = run_cli(
+        out,
+        "dataset=synthetic",
+        "dataset.tokens=16384",
+        "dataset.eval_tokens=2048",
+        "train.tokens=16384",
+        "trainer.batch_size=512",
+        "sae.d_sae=128",
+        "sae.k=4",
+        "eval=core_only",
+        "train.normalize_activations=expected_average_only_in",
+        "train.max_activation_norm_multiple=10",
+        "sweep.name=normalised",
+        "tracking.system_metrics=false",
+        cache=tmp_path / "cache",
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    client = store_client(out)
+    (run,) = store_runs(out, "normalised", kind="job", client=client)
+    assert run.info.status == "FINISHED"
+    s = run.data.metrics["train/norm_scaling_factor"]
+    assert s > 0 and s != 1.0
+    saved = json.loads(next((out / "saes").glob("*/cfg.json")).read_text())
+    assert saved["norm_scaling_factor"] == pytest.approx(s) and saved["normalize_activations"] == "none"
+    assert saved["max_activation_norm_multiple"] == 10.0
+    curve = client.get_metric_history(run.info.run_id, "heldout/explained_variance")
+    assert sorted(m.step for m in curve) == [8, 16, 24, 32]
+    final = run.data.metrics["recovery/reconstruction_quality/explained_variance"]
+    # 32 steps: far from converged (measured 0.27), but on the final eval's scale, not the scaled one
+    assert final > 0.1 and max(curve, key=lambda m: m.step).value == pytest.approx(final, abs=0.05)
