@@ -516,12 +516,14 @@ def finish(p: Point, lm: Any, trainer: Any, result: Any, device: torch.device, p
         "dtype": "float32",
         "device": str(device),
         "run_key": p.key,
-        # folded into the weights (SAELens's normalize_activations is "none" after its fold); provenance
-        "norm_scaling_factor": trainer.norm_scaling_factor,
-        "max_activation_norm_multiple": trainer.max_activation_norm_multiple,
     }
+    # provenance, only when on: the scaling is folded into the weights (SAELens's normalize_activations
+    # is "none" after its fold) and the mask only filtered the training data
     if trainer.norm_scaling_factor is not None:
+        sae_cfg_dict["norm_scaling_factor"] = trainer.norm_scaling_factor
         run.log_metrics({"train/norm_scaling_factor": trainer.norm_scaling_factor})
+    if trainer.max_activation_norm_multiple is not None:
+        sae_cfg_dict["max_activation_norm_multiple"] = trainer.max_activation_norm_multiple
     sae_dir = C.output_dir(cfg) / "saes" / p.key
     sae.save(sae_dir, sae_cfg_dict)
     run.log_artifact_dir(sae_dir, "sae")
