@@ -405,6 +405,7 @@ def execute(points: Sequence[Point], device: torch.device) -> List[Any]:
         log_dataset_input(p.run, functools.partial(train_dataset_record, p.cfg, acts))
         if len(points) > 1:
             p.run.set_tags({"pack.size": len(points), "pack.leader": points[0].key})
+    # one batch for the pack: its points share the dataset (stream key); train.heldout_tokens is cfg0's
     heldout = heldout_batch(cfg0, acts.lm, device)
     members = [make_member(p, acts, device, heldout) for p in points]
     readers = {seed: acts.reader(seed) for seed in dict.fromkeys(m.stream for m in members)}

@@ -221,6 +221,16 @@ METRICS = (
         _THIS,
     ),
     Metric(
+        "train/norm_scaling_factor",
+        "activation scaling factor",
+        None,
+        "factor",
+        "Logged once, by the job, with train.normalize_activations=expected_average_only_in: SAELens's s = "
+        "sqrt(d_in) / E||x||, the factor the SAE's training batches were multiplied by (folded into the saved "
+        "SAE). The train/* losses are on the scaled batches.",
+        "SAELens (expected_average_only_in)",
+    ),
+    Metric(
         "train/tokens_per_s",
         "training throughput",
         "higher",
