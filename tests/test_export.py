@@ -194,10 +194,38 @@ def test_export_from_mlflow_run_and_cli(tmp_path):
     assert export_main(["f" * 32, str(tmp_path / "nope"), "--tracking-uri", tracker.uri]) == 1
 
 
-def test_topk_with_non_unit_rows_is_refused(tmp_path):
+@pytest.mark.parametrize("name", ["topk", "relu", "jumprelu", "batchtopk"])
+def test_activation_scaling_is_folded_into_the_saved_and_exported_weights(tmp_path, name):
+    """An SAE trained on x * s (train.normalize_activations) is saved folded (SAELens's fold):
+    loaded here, and exported and read by SAELens's rule, it maps RAW x to what it gave on the
+    scaled x, unscaled. No loader applies anything: the export says normalize_activations none."""
+    sae, arch = make_saes()[name]
+    s = 0.37
+    scaled = _clear_of_boundaries(sae.eval(), 2.0 * torch.randn(256, D_IN, generator=torch.Generator().manual_seed(7)))
+    raw = scaled / s
+    with torch.no_grad():
+        x_hat_trained, f_trained = sae(scaled)
+        expected = x_hat_trained / s
+        sae.fold_activation_norm_scaling_factor_(s)
+    src = sae.save(tmp_path / "sae", {**RUN_CFG, "norm_scaling_factor": s})
+    out = export_dir(src, tmp_path / "export")
+    cfg = json.loads((out / SAE_CFG_FILENAME).read_text())
+    w = load_file(str(out / SAE_WEIGHTS_FILENAME))
+    assert cfg["normalize_activations"] == "none" and cfg["sae_sweep"]["norm_scaling_factor"] == s
+    assert torch.allclose(w["W_dec"].norm(dim=1), torch.ones(D_SAE), atol=1e-5)
+    with torch.no_grad():
+        x_hat_loaded, f_loaded = SparseAutoencoder.load(src).eval()(raw)
+        f_export, x_hat_export = saelens_encode_decode(w, cfg, raw)
+    assert (f_trained > 0).sum(dim=1).float().mean() >= 1.0  # latents fire: not vacuous
+    assert torch.equal(f_loaded > 0, f_trained > 0) and torch.equal(f_export > 0, f_trained > 0)
+    assert torch.allclose(x_hat_loaded, expected, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(x_hat_export, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_topk_with_rows_of_different_norms_is_refused(tmp_path):
     sae, _ = make_saes()["topk"]
     with torch.no_grad():
-        sae.W_dec.mul_(2.0)
+        sae.W_dec.mul_(torch.linspace(0.5, 2.0, D_SAE)[:, None])
     src = sae.save(tmp_path / "sae", RUN_CFG)
     with pytest.raises(ValueError, match="top k"):
         export_dir(src, tmp_path / "out")

@@ -18,8 +18,11 @@ Our architectures map onto SAELens's inference forms (the encoder/decoder maths 
   latent (the eval-mode rule, ``pre * (pre > threshold)``); never calibrated -> ``topk``
 
 Decoder rows are made unit norm where that leaves outputs unchanged (ReLU and threshold rules are
-positively homogeneous: the row norm moves into the encoder column, bias and threshold); a TopK SAE
-with non-unit rows cannot be rescaled exactly and is refused.
+positively homogeneous: the row norm moves into the encoder column, bias and threshold; TopK when
+every row has the same norm, as after a folded activation scaling); a TopK SAE whose rows differ in
+norm cannot be rescaled exactly and is refused. An activation normalisation the SAE was trained with
+(``train.normalize_activations``) is already folded into the saved weights, so the exported
+``normalize_activations`` is ``none`` and SAELens applies nothing.
 """
 
 from __future__ import annotations
@@ -37,7 +40,18 @@ SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"  # SAELens's file names
 SAE_CFG_FILENAME = "cfg.json"
 
 # Ours but not SAELens's: kept under "sae_sweep" for provenance (SAELens ignores unknown fields).
-_PROVENANCE = ("architecture", "run_id", "run_key", "seed", "model_hf_id", "hook_type", "k", "inner")
+_PROVENANCE = (
+    "architecture",
+    "run_id",
+    "run_key",
+    "seed",
+    "model_hf_id",
+    "hook_type",
+    "k",
+    "inner",
+    "norm_scaling_factor",  # already folded into the weights: loaders apply nothing
+    "max_activation_norm_multiple",  # a training-data filter: nothing to apply at inference
+)
 UNIT_NORM_TOL = 1e-4
 
 
@@ -55,10 +69,12 @@ def export_sae(sae: Any, cfg: Dict[str, Any], out_dir: Path, model_name: Optiona
     b_dec = sae.b_dec.detach().clone()
     norms = W_dec.float().norm(dim=1)
     if (norms - 1).abs().max() > UNIT_NORM_TOL:
-        if arch == "topk":
+        # one norm for every row (a folded activation scaling) rescales every pre-activation alike:
+        # the same latents stay in the top k
+        if arch == "topk" and (norms / norms.max() - 1).abs().max() > UNIT_NORM_TOL:
             raise ValueError(
-                "TopK SAE with non-unit decoder rows: rescaling them would change which latents "
-                "are in the top k, so it cannot be exported exactly"
+                "TopK SAE with decoder rows of different norms: rescaling them would change which "
+                "latents are in the top k, so it cannot be exported exactly"
             )
         n = norms.clamp_min(1e-12).to(W_dec.dtype)
         W_dec = W_dec / n[:, None]

@@ -27,6 +27,7 @@ from sae_sweep.config.derived import (  # noqa: F401
     d_sae_for,
     default_tracking_uri,
     find_tracking_uri,
+    heldout_every_steps,
     output_dir,
     resolve_device,
     total_steps,

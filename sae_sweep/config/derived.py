@@ -83,6 +83,22 @@ def total_steps(cfg: Any) -> int:
     return max(1, int(cfg.train.tokens) // int(cfg.trainer.batch_size))
 
 
+# Held-out evaluations during a run when train.eval_every_tokens=0 (auto).
+HELDOUT_EVALS = 4
+
+
+def heldout_every_steps(cfg: Any) -> int:
+    """Steps between held-out evaluations (``train.eval_every_tokens``, auto: ``HELDOUT_EVALS`` per
+    run); 0 when ``train.heldout_tokens=0`` turns them off. The final step is always evaluated."""
+    if int(cfg.train.heldout_tokens) == 0:
+        return 0
+    steps = total_steps(cfg)
+    every_tokens = int(cfg.train.eval_every_tokens)
+    if every_tokens == 0:
+        return max(1, math.ceil(steps / HELDOUT_EVALS))
+    return max(1, every_tokens // int(cfg.trainer.batch_size))
+
+
 # Share of a cache's positions that are BOS/EOS/PAD (not trained on) that a derived budget adds:
 # measured ~1-3 % (BOS per window, EOS between documents); a run that needs more fails before training.
 SPECIAL_MARGIN = 0.05

@@ -90,9 +90,22 @@ def run_identity(cfg: Any, weights: Optional[Mapping[str, Any]] = None) -> Dict[
         "trainer": _plain(cfg.trainer),
         "train_tokens": cfg.train.tokens,
         **({"epochs": cfg.train.epochs} if cfg.train.epochs != 1 else {}),  # 1 keeps older keys
+        **normalization_identity(cfg.train),  # off keeps older keys
         "batches": batch_source(cfg),
         "seed": cfg.seed,
     }
+
+
+def normalization_identity(train: Any) -> Dict[str, Any]:
+    """The activation normalisation settings that change a trained SAE, each only when it is on
+    (off, the default, adds nothing: run keys from before these settings stay valid)."""
+    out: Dict[str, Any] = {}
+    if train.get("normalize_activations", "none") != "none":
+        out["normalize_activations"] = str(train.normalize_activations)
+        out["n_batches_for_norm_estimate"] = int(train.n_batches_for_norm_estimate)
+    if train.get("max_activation_norm_multiple") is not None:
+        out["max_activation_norm_multiple"] = float(train.max_activation_norm_multiple)
+    return out
 
 
 def _weights_identity(model: Any, weights: Optional[Mapping[str, Any]]) -> Dict[str, Any]:

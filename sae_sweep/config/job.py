@@ -24,6 +24,11 @@ DATASET_KEYED_ONLY_IF_NOT: Dict[str, Any] = {"revision": None, "options": {}}
 # before) they are left out of identities, so earlier chunk directories, caches and run keys stay valid.
 GENERATION_KEYED_ONLY_IF_NOT = {"sampler": "hf"}
 
+# train.normalize_activations (activations/normalize.py), SAELens's names, and SAELens's default
+# number of training batches its scaling factor is estimated over
+NORMALIZE_ACTIVATIONS = ("none", "expected_average_only_in")
+N_BATCHES_FOR_NORM_ESTIMATE = 1000
+
 # Gao et al.'s dead-latent window: a latent that has not fired for this many tokens is dead.
 DEAD_TOKENS = 10_000_000
 
@@ -169,6 +174,22 @@ class TrainConfig:
         600.0, allowed="a number of seconds >= 0 (0: no time interval)", check=lambda v: v >= 0
     )
     log_every: int = setting(10, **_positive)
+    # Held-out curves (heldout/* metrics): every eval_every_tokens training tokens, the core eval's
+    # reconstruction, sparsity and CE/KL scores on the first heldout_tokens tokens of the eval split.
+    # 0: auto, HELDOUT_EVALS evaluations spread over the run (the last at its final step).
+    eval_every_tokens: int = setting(
+        0, allowed="an integer >= 0 (0: auto, 4 evaluations per run)", check=lambda v: v >= 0
+    )
+    heldout_tokens: int = setting(512, allowed="an integer >= 0 (0: no held-out curves)", check=lambda v: v >= 0)
+    # Activation normalisation (activations/normalize.py), both off by default and folded into the
+    # saved SAE: SAELens's fixed scaling to E||x||^2 ~ d_in, estimated over n_batches_for_norm_estimate
+    # training batches, and dictionary_learning's masking of positions whose norm exceeds the median
+    # norm times max_activation_norm_multiple.
+    normalize_activations: str = choice("none", NORMALIZE_ACTIVATIONS)
+    n_batches_for_norm_estimate: int = setting(N_BATCHES_FOR_NORM_ESTIMATE, **_positive)
+    max_activation_norm_multiple: Optional[float] = setting(
+        None, allowed="null (no masking) or a number > 1 (dictionary_learning suggests 10)", check=lambda v: v > 1
+    )
 
 
 @dataclass

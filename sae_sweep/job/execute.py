@@ -241,6 +241,20 @@ class Activations:
             self._blocks = DiskBlocks(self.cache, self.block_tokens)
         return BlockReader(self._blocks, self.batch_size, seed, device=self.device)
 
+    def norm_scaling_factor(self, seed: int, n_batches: int, max_activation_norm_multiple: Optional[float]) -> float:
+        """SAELens's activation norm scaling factor over ``n_batches`` training batches in the order
+        seed ``seed`` reads them (a reader of its own: the training order is untouched), at most one
+        pass over a disk cache."""
+        from sae_sweep.activations.normalize import estimate_norm_scaling_factor
+
+        reader = self.reader(seed)
+        try:
+            per_epoch = getattr(reader, "batches_per_epoch", None)
+            n = min(n_batches, per_epoch) if per_epoch else n_batches
+            return estimate_norm_scaling_factor(reader, self.d_in, n, max_activation_norm_multiple)
+        finally:
+            reader.close()
+
     def init_sample(self, seed: int) -> torch.Tensor:
         """Rows for data-dependent initialisation, from a stream of their own (seed + 7919), so
         the training order is untouched."""
@@ -300,9 +314,31 @@ def open_activations(cfg: DictConfig, device: torch.device, weights: Any = None)
     return Activations(lm, lm.d_model, batch, device, stream=source, seconds=time.perf_counter() - t0)
 
 
-def make_member(p: Point, acts: Activations, device: torch.device) -> Any:
+def heldout_batch(cfg: DictConfig, lm: Any, device: torch.device) -> Any:
+    """The job's held-out batch (``evals.heldout.HeldoutBatch``, one for every point of a pack):
+    the first ``train.heldout_tokens`` tokens of the eval split, or None with held-out curves off."""
+    from sae_sweep.evals.heldout import HeldoutBatch
+
+    n = int(cfg.train.heldout_tokens)
+    if n == 0:
+        return None
+    if cfg.dataset.kind == "synthetic":
+        from sae_sweep.activations import synthetic as synthetic_data
+
+        rows = synthetic_data.sample(cfg.dataset, "eval", min(n, int(cfg.dataset.eval_tokens)))
+        return HeldoutBatch(activations=rows.to(device))
+    from sae_sweep.data.text import token_windows
+    from sae_sweep.evals.core import saebench_special_ids
+
+    windows = token_windows(dataset_config(cfg.dataset), lm, "eval", int(cfg.dataset.eval_tokens), C.cache_dir(cfg))
+    tokens = windows[: max(1, -(-n // int(windows.shape[1])))]  # the first ceil(n / ctx) windows, as eval.core.n_tokens
+    return HeldoutBatch(lm, tokens, int(cfg.layer), cfg.hook, saebench_special_ids(lm.tokenizer))
+
+
+def make_member(p: Point, acts: Activations, device: torch.device, heldout: Any = None) -> Any:
     """The point's trainer (data-initialised unless resuming) as a training-loop member. Its
-    checkpoints are keyed by run key, so a requeued or re-run job resumes them."""
+    checkpoints are keyed by run key, so a requeued or re-run job resumes them. With ``heldout``,
+    it logs ``heldout/*`` on that batch every ``train.eval_every_tokens`` tokens."""
     from sae_sweep.sae.registry import get_trainer
     from sae_sweep.training.loop import Member, checkpoint_path, rng_state
 
@@ -312,11 +348,23 @@ def make_member(p: Point, acts: Activations, device: torch.device) -> Any:
     trainer = get_trainer(cfg.trainer.name)(acts.d_in, cfg.sae, cfg.trainer, steps, int(cfg.seed), device)
     p.run.set_tags({"trainer.precision": trainer.precision})  # what trainer.autocast_bf16 resolved to
     ckpt_dir = C.output_dir(cfg) / "checkpoints" / p.key
-    if not checkpoint_path(ckpt_dir).exists():
+    if not checkpoint_path(ckpt_dir).exists():  # a resumed trainer has its normalisation in its checkpoint
+        trainer.max_activation_norm_multiple = cfg.train.max_activation_norm_multiple
+        if cfg.train.normalize_activations == "expected_average_only_in":
+            trainer.norm_scaling_factor = acts.norm_scaling_factor(
+                int(cfg.seed), int(cfg.train.n_batches_for_norm_estimate), cfg.train.max_activation_norm_multiple
+            )
         trainer.init_from_data(acts.init_sample(int(cfg.seed)))
 
     def on_log(step: int, metrics: Dict[str, float]) -> None:
         p.run.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
+
+    def on_eval(step: int) -> None:
+        assert heldout is not None  # on_eval is only passed with a batch
+        t0 = time.perf_counter()
+        values = heldout.measure(trainer.inference_sae())
+        values["seconds"] = time.perf_counter() - t0
+        p.run.log_metrics({f"heldout/{k}": v for k, v in values.items()}, step=step)
 
     return Member(
         trainer,
@@ -328,6 +376,8 @@ def make_member(p: Point, acts: Activations, device: torch.device) -> Any:
         rng=rng_state(),
         stream=int(cfg.seed),
         checkpoint_every_s=float(cfg.train.checkpoint_every_s),
+        eval_every=C.heldout_every_steps(cfg) if heldout is not None else 0,
+        on_eval=on_eval if heldout is not None else None,
     )
 
 
@@ -366,7 +416,9 @@ def execute(points: Sequence[Point], device: torch.device) -> List[Any]:
         log_dataset_input(p.run, functools.partial(train_dataset_record, p.cfg, acts))
         if len(points) > 1:
             p.run.set_tags({"pack.size": len(points), "pack.leader": points[0].key})
-    members = [make_member(p, acts, device) for p in points]
+    # one batch for the pack: its points share the dataset (stream key); train.heldout_tokens is cfg0's
+    heldout = heldout_batch(cfg0, acts.lm, device)
+    members = [make_member(p, acts, device, heldout) for p in points]
     readers = {seed: acts.reader(seed) for seed in dict.fromkeys(m.stream for m in members)}
     repeats = {id(m): _repeats_data(p.cfg, m, readers[m.stream]) for p, m in zip(points, members)}
     try:
@@ -461,7 +513,7 @@ def finish(p: Point, lm: Any, trainer: Any, result: Any, device: torch.device, p
         run.set_tags({"resumed_from_step": result.resumed_from_step})
     if result.checkpoint_fallback:  # latest.pt was damaged: training went on from previous.pt
         run.set_tags({"checkpoint_fallback": result.checkpoint_fallback[:4900]})
-    sae = trainer.sae.eval()
+    sae = trainer.inference_sae().eval()  # normalisation folded in: it reads raw activations
     sae_cfg_dict = {
         "d_in": trainer.d_in,
         "d_sae": trainer.d_sae,
@@ -479,6 +531,13 @@ def finish(p: Point, lm: Any, trainer: Any, result: Any, device: torch.device, p
         "device": str(device),
         "run_key": p.key,
     }
+    # provenance, only when on: the scaling is folded into the weights (SAELens's normalize_activations
+    # is "none" after its fold) and the mask only filtered the training data
+    if trainer.norm_scaling_factor is not None:
+        sae_cfg_dict["norm_scaling_factor"] = trainer.norm_scaling_factor
+        run.log_metrics({"train/norm_scaling_factor": trainer.norm_scaling_factor})
+    if trainer.max_activation_norm_multiple is not None:
+        sae_cfg_dict["max_activation_norm_multiple"] = trainer.max_activation_norm_multiple
     sae_dir = C.output_dir(cfg) / "saes" / p.key
     sae.save(sae_dir, sae_cfg_dict)
     run.log_artifact_dir(sae_dir, "sae")

@@ -35,6 +35,8 @@ _IGNORED_PARAM_PREFIXES = (
     "eval.",
     "train.checkpoint_every",
     "train.log_every",
+    "train.eval_every_tokens",
+    "train.heldout_tokens",
 )
 META_COLS = ("run_id", "run_name", "status", *GRID_TAGS, "variant", "extra", "error")
 

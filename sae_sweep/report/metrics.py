@@ -1,7 +1,8 @@
 """Every declared metric, gathered from where it is declared, in one catalogue.
 
 Declarations live beside the code that logs them: each eval's ``METRICS`` (registered with
-``@register_eval``), the training loop's ``METRICS`` (``train/...``) and the cross-seed hook's
+``@register_eval``), the training loop's ``METRICS`` (``train/...``), the held-out curves'
+``METRICS`` (``heldout/...``, ``evals/heldout.py``) and the cross-seed hook's
 ``METRICS`` (``crossseed/...``). The report reads labels, better directions and units from here;
 ``sae_sweep.report.metrics_doc`` renders the same catalogue as ``docs/metrics.md``.
 """
@@ -28,7 +29,7 @@ class MetricGroup:
 @functools.cache
 def metric_groups() -> Tuple[MetricGroup, ...]:
     """The evals in name order, then training, then the cross-seed comparison."""
-    from sae_sweep.evals import eval_names, get_eval
+    from sae_sweep.evals import eval_names, get_eval, heldout
     from sae_sweep.report import crossseed
     from sae_sweep.training import loop
 
@@ -37,6 +38,7 @@ def metric_groups() -> Tuple[MetricGroup, ...]:
         spec = get_eval(name)
         groups.append(MetricGroup(name, f"Eval `{name}`", spec.run.__module__, spec.metrics))
     groups.append(MetricGroup("train", "Training", loop.__name__, loop.METRICS))
+    groups.append(MetricGroup("heldout", "Held-out curves during training", heldout.__name__, heldout.METRICS))
     groups.append(MetricGroup("crossseed", "Cross-seed comparison", crossseed.__name__, crossseed.METRICS))
     seen: Dict[str, str] = {}
     for g in groups:

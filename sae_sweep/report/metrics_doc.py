@@ -62,6 +62,14 @@ _NOTES = {
         "(`train/auxk`, `train/l1`, ...: the `parts` of the variant's `StepOutput` in "
         "`sae_sweep/sae/`), which are not declared here."
     ),
+    "heldout": (
+        "Logged by the job as `heldout/<name>` at the training step, every `train.eval_every_tokens` "
+        "training tokens (0, the default: 4 times per run, the last at the final step) on the first "
+        "`train.heldout_tokens` tokens of the eval split (`train.heldout_tokens=0` turns them off). "
+        "Each is the core eval's definition on that one batch (`sae_sweep/evals/heldout.py`); on "
+        "planted activations only the reconstruction and sparsity ones. Their cost is in "
+        "[Training](trainers.md#held-out-curves-during-training)."
+    ),
     "crossseed": (
         "Logged at the end of a sweep by the cross-seed hook (settings `eval.crossseed`), "
         "for every pair of FINISHED runs that differ only in seed, and by `compare_runs` for "

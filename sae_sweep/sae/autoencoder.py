@@ -94,6 +94,15 @@ class SparseAutoencoder(nn.Module):
         raise ValueError(f"SAE architecture {self.architecture!r} has no SAELens equivalent")
 
     @torch.no_grad()
+    def fold_activation_norm_scaling_factor_(self, scaling_factor: float) -> None:
+        """Make an SAE trained on ``x * s`` read raw ``x`` (in place), as SAELens's
+        ``fold_activation_norm_scaling_factor``: W_enc * s, W_dec / s, b_dec / s. Pre-activations,
+        latents and thresholds are unchanged; the output is the old one divided by s."""
+        self.W_enc.mul_(scaling_factor)
+        self.W_dec.div_(scaling_factor)
+        self.b_dec.div_(scaling_factor)
+
+    @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Rescale decoder rows to unit norm (in place)."""
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))

@@ -9,15 +9,17 @@ counters and checkpoint state live here so that a variant's file stays small.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from sae_sweep.activations.normalize import mask_high_norm
 from sae_sweep.config import (
     DEAD_TOKENS,
     ConfigError,
@@ -202,6 +204,10 @@ class Trainer:
         self.step_count = 0
         self.tokens_seen = 0
         self.data_initialized = False
+        # Activation normalisation (activations.normalize), set by the job before training and kept
+        # in checkpoints: outlier positions masked out of each batch, then a fixed scale applied.
+        self.max_activation_norm_multiple: Optional[float] = None
+        self.norm_scaling_factor: Optional[float] = None
 
     def build_sae(self, generator: torch.Generator) -> SparseAutoencoder:
         raise NotImplementedError
@@ -247,10 +253,25 @@ class Trainer:
             errors += shape_problems(parse(cls.params_cls, trainer_cfg, "trainer"), d_in, d_sae_for(sae_cfg, d_in))
         return errors
 
+    def prepare_batch(self, x: Tensor) -> Tensor:
+        """What the SAE trains on: high-norm outlier rows masked out, then the fixed scaling."""
+        x = mask_high_norm(x, self.max_activation_norm_multiple)
+        return x if self.norm_scaling_factor is None else x * self.norm_scaling_factor
+
+    def inference_sae(self) -> SparseAutoencoder:
+        """The SAE as it runs on raw activations: a copy with the norm scaling folded into its
+        weights (SAELens's fold), or the training SAE itself when there is no scaling."""
+        if self.norm_scaling_factor is None:
+            return self.sae
+        folded = copy.deepcopy(self.sae)
+        folded.fold_activation_norm_scaling_factor_(self.norm_scaling_factor)
+        return folded
+
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:
         """b_dec := geometric median of a data sample [n, d_in] (variants may add more)."""
-        self.sae.b_dec.copy_(geometric_median(x.to(self.device)).to(self.sae.b_dec.dtype))
+        x = self.prepare_batch(x.to(self.device, torch.float32))
+        self.sae.b_dec.copy_(geometric_median(x).to(self.sae.b_dec.dtype))
         self.data_initialized = True
 
     @property
@@ -272,7 +293,7 @@ class Trainer:
     def step(self, x: Tensor) -> dict[str, Tensor]:
         """One optimisation step on a batch [B, d_in]; returns detached 0-dim metrics on device:
         loss, mse, l0, explained_variance, dead_frac and the variant's extra parts."""
-        x = x.to(self.device, torch.float32, non_blocking=True)
+        x = self.prepare_batch(x.to(self.device, torch.float32, non_blocking=True))
         self.sae.train()
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
@@ -320,6 +341,8 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "data_initialized": self.data_initialized,
             "precision": self.precision,
+            "max_activation_norm_multiple": self.max_activation_norm_multiple,
+            "norm_scaling_factor": self.norm_scaling_factor,
             "extra": self.extra_state(),
         }
 
@@ -335,6 +358,8 @@ class Trainer:
         self.step_count = int(state["step_count"])
         self.tokens_seen = int(state["tokens_seen"])
         self.data_initialized = bool(state["data_initialized"])
+        self.max_activation_norm_multiple = state.get("max_activation_norm_multiple")
+        self.norm_scaling_factor = state.get("norm_scaling_factor")
         if self.params.autocast_bf16 == "auto":
             # auto is decided once per run: resumed on a machine that decides otherwise, the run
             # goes on in the precision it started in

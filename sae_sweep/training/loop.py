@@ -239,6 +239,16 @@ METRICS = (
         _THIS,
     ),
     Metric(
+        "train/norm_scaling_factor",
+        "activation scaling factor",
+        None,
+        "factor",
+        "Logged once, by the job, with train.normalize_activations=expected_average_only_in: SAELens's s = "
+        "sqrt(d_in) / E||x||, the factor the SAE's training batches were multiplied by (folded into the saved "
+        "SAE). The train/* losses are on the scaled batches.",
+        "SAELens (expected_average_only_in)",
+    ),
+    Metric(
         "train/tokens_per_s",
         "training throughput",
         "higher",
@@ -263,6 +273,9 @@ class Member:
       resume gives (it restores the exact state), so a time interval keeps runs reproducible.
     - `on_log(step, metrics)` every `log_every` steps and for the final partial window, with
       averages since the last log plus `lr` and `tokens_per_s`.
+    - `on_eval(step)` every `eval_every` steps and at the last step (0: never): held-out
+      measurements the job supplies (the loop knows nothing of evals). It runs after the member's
+      RNG state is saved, so it cannot change training; its time is left out of `tokens_per_s`.
     - `rng`: the random state its training starts from (default: the process's when the loop starts).
     After training, `result` (a TrainResult) or `error` (why it failed) is set.
     """
@@ -278,6 +291,8 @@ class Member:
     result: Optional[TrainResult] = None
     error: Optional[BaseException] = None
     checkpoint_every_s: float = 0.0
+    eval_every: int = 0
+    on_eval: Optional[Callable[[int], None]] = None
 
     def __post_init__(self) -> None:
         self.log_every = max(1, int(self.log_every))
@@ -342,6 +357,17 @@ class Member:
         self._window_tokens += int(x.shape[0])
         if trainer.step_count % self.log_every == 0 or trainer.step_count == self.total_steps:
             self.flush()
+        if self.eval_due(trainer.step_count):
+            assert self.on_eval is not None  # eval_due checks it
+            t0 = time.perf_counter()
+            self.on_eval(trainer.step_count)
+            self._t0 += time.perf_counter() - t0  # throughput counts training only
+
+    def eval_due(self, step: int) -> bool:
+        """Whether the step just taken is one the held-out measurements are taken at."""
+        if self.on_eval is None or self.eval_every <= 0:
+            return False
+        return step % self.eval_every == 0 or step == self.total_steps
 
     def check_finite(self) -> None:
         assert self._bad_step is not None, "start() first"
