@@ -2,6 +2,7 @@
 tiers (tests/README.md) and the unit tier's guard. Helpers shared by test files: tests/helpers/."""
 
 import contextlib
+import platform
 import os
 import socket
 import subprocess
@@ -67,6 +68,11 @@ def pytest_collection_modifyitems(config, items):
         group[item.nodeid] = mark.args[0] if mark else item.path.stem
     rank = {name: i for i, name in enumerate(LONG_GROUPS_FIRST)}
     items.sort(key=lambda item: rank.get(group[item.nodeid], len(rank)))  # stable: file order otherwise
+
+
+# Importing mlflow asks the platform module for the processor, which runs `uname -p` once per
+# process; asked here, before any unit test, that first import inside a unit test starts nothing.
+platform.processor()
 
 
 class UnitTierViolation(AssertionError):
