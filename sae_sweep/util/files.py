@@ -21,10 +21,17 @@ Content = Union[bytes, str, Callable[[Path], None]]
 REPAIRED: List[str] = []
 
 
-def atomic_write(path: str | os.PathLike, content: Content, keep_previous: str | os.PathLike | None = None) -> Path:
+def atomic_write(
+    path: str | os.PathLike,
+    content: Content,
+    keep_previous: str | os.PathLike | None = None,
+    before_rename: Callable[[Path], None] | None = None,
+) -> Path:
     """Write ``content`` to ``path`` atomically. ``content`` is bytes, text (UTF-8), or a function
     that writes the file at the path it is given (e.g. ``torch.save``, safetensors' ``save_file``).
-    ``keep_previous``: once the new file is complete, the old ``path`` is moved there first."""
+    ``keep_previous``: once the new file is complete, the old ``path`` is moved there first.
+    ``before_rename(tmp)`` runs on the complete temp file before any rename (e.g. to record its
+    checksum, ``util.digests.write_with_sha256``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -40,6 +47,8 @@ def atomic_write(path: str | os.PathLike, content: Content, keep_previous: str |
                 fh.write(content.encode("utf-8") if isinstance(content, str) else content)
                 fh.flush()
                 os.fsync(fh.fileno())
+        if before_rename is not None:
+            before_rename(tmp)
         if keep_previous is not None and path.exists():
             os.replace(path, keep_previous)
         os.replace(tmp, path)
