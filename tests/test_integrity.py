@@ -311,3 +311,51 @@ def test_evaluate_that_gives_non_finite_values_marks_the_old_ones_stale(tmp_path
     assert after.data.metrics[key] != after.data.metrics[key]  # NaN is what is shown now
     assert f"{key} (was {good[key]:.6g})" in after.data.tags[evaluate.STALE_TAG]
     assert good[key] in [v for _, v in tracker.metric_history(run.run_id, key)]  # the old value kept
+
+
+# -- data that cannot supply the budget: refused before the work -------------------------------------
+
+
+@pytest.mark.integration
+def test_local_text_far_smaller_than_the_budget_is_refused_before_any_point_starts(tmp_path):
+    """A text file of ~30 kB for the tiny preset's 52,500-token cache (200k training tokens over 4
+    passes): every point used to fail after 37 s with a raw NotEnoughText. Now validation refuses
+    the sweep before any point starts, with the counts."""
+    from helpers.cli import run_cli
+    from helpers.mlflow_store import store_runs
+
+    f = tmp_path / "small.txt"
+    f.write_text("".join(f"line {i}: a short sentence of plain text for the tiny corpus\n" for i in range(500)))
+    r = run_cli(
+        tmp_path / "out",
+        "-m",
+        "dataset=local",
+        f"dataset.data_files=[{f}]",
+        "dataset.eval_tokens=512",
+        "sweep.name=small",
+        "seed=7,8",
+    )
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and str(f) in r.stderr
+    for needle in ("document(s)", "bytes of text: at most", "needs 52500 tokens", "train.epochs=4"):
+        assert needle in r.stderr, (needle, r.stderr[-3000:])
+    assert store_runs(tmp_path / "out", "small") == []  # no point started, no run opened
+
+
+@pytest.mark.integration
+def test_a_budget_that_must_repeat_data_is_refused_before_the_cache_is_built(tmp_path, fresh_cache):
+    """Windows of 16 tokens: one BOS in 16 positions (6 %) plus the EOS separators are more than
+    the 5 % margin a derived cache budget adds, so the tiny preset's 4 passes are not enough. The
+    job used to find out after building the cache; now it counts those positions in the token
+    windows and refuses before any activation is computed."""
+    from helpers.cli import run_cli
+    from helpers.mlflow_store import store_runs
+
+    cache = fresh_cache(tmp_path)
+    r = run_cli(tmp_path / "out", "dataset.context_size=16", "sweep.name=passes", "seed=3", cache=cache)
+    assert r.returncode != 0
+    (run,) = store_runs(tmp_path / "out", "passes", "job")
+    error = run.data.tags["error"]
+    assert run.info.status == "FAILED" and "usable tokens (after BOS/EOS)" in error, error
+    assert "train.epochs=4" in error and "refused before building the activation cache" in error
+    assert not list((cache / "activations").glob("*/manifest.json")), "no activation cache was to be built"

@@ -469,8 +469,19 @@ def _store_problems(uri: str) -> List[str]:
 
 
 def _unavailable(cfg: DictConfig) -> List[str]:
+    """Why the point's dataset cannot be read here, or cannot supply its training budget."""
     try:
-        return list(source_for(cfg.dataset).availability())
+        source = source_for(cfg.dataset)
+        problems = list(source.availability())
+        if problems:
+            return problems
+        budget = (
+            f"dataset.tokens={cfg.dataset.tokens}"
+            if cfg.dataset.tokens is not None
+            else f"train.tokens={cfg.train.tokens} over train.epochs={cfg.train.epochs} pass(es) "
+            f"(+{C.SPECIAL_MARGIN:.0%} for BOS/EOS)"
+        )
+        return list(source.supply_problems(C.cache_tokens(cfg), budget))
     except Exception as e:  # a source whose check itself fails: its reason, not a traceback
         return [f"dataset={cfg.dataset.name}: {type(e).__name__}: {e}"]
 
