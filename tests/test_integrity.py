@@ -194,6 +194,25 @@ def test_evaluate_refuses_a_changed_sae_artifact_naming_the_file_and_the_run(tmp
     assert "evaluate.last" not in tracker.get_run(run_id).data.tags
 
 
+@pytest.mark.unit
+def test_evaluate_refuses_a_changed_config_artifact(tmp_path, capsys):
+    """The run's config/config.yaml (what evaluate rebuilds the evals from) carries its sha256 in
+    the tag sha256/config/config.yaml, logged with it; a changed one is refused."""
+    from omegaconf import OmegaConf
+
+    from helpers.config import compose_config
+    from sae_sweep.cli import evaluate
+
+    tracker, run_id, _, stored = _run_with_sae(tmp_path)
+    cfg = compose_config("dataset=synthetic", f"paths.output_dir={tmp_path / 'out'}")
+    tracker.log_checked_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
+    (config,) = (tmp_path / "artifacts").rglob("config/config.yaml")
+    config.write_text(config.read_text().replace("seed: 42", "seed: 43"))
+    assert evaluate.main([run_id, "--tracking-uri", tracker.uri]) == 2
+    err = capsys.readouterr().err
+    assert f"artifact config/config.yaml of run {run_id} changed after it was logged" in err, err
+
+
 # -- runs without a trained SAE: the reason, not "Failed to download artifacts" --------------------
 
 

@@ -141,7 +141,7 @@ def evaluate_run(tracker: Any, run_id: str, overrides: Sequence[str] = ()) -> Di
     with tempfile.TemporaryDirectory() as d:
         try:
             cfg_path, sae_dir = tracker.fetch_trained(run_id, ["config/config.yaml", "sae"], Path(d))
-        except ArtifactsUnavailable as e:
+        except (ArtifactsUnavailable, ChecksumMismatch) as e:
             raise EvaluateError(str(e)) from None
         cfg = apply_overrides(cast(DictConfig, OmegaConf.load(cfg_path)), overrides)
         device = C.resolve_device(cfg.get("device", "auto"))

@@ -743,7 +743,7 @@ def _run_locked(
                 run.log_params(
                     {**C.flat_params(ran), "derived.d_sae": C.d_sae_for(cfg.sae, d_in), "derived.total_steps": steps}
                 )
-                run.log_text(OmegaConf.to_yaml(ran, resolve=True), "config/config.yaml")
+                run.log_checked_text(OmegaConf.to_yaml(ran, resolve=True), "config/config.yaml")  # evaluate reads it
             outcomes = execute(points, device)
         except Interrupted as e:
             if guard.signum is None:

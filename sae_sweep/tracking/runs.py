@@ -22,6 +22,7 @@ started from.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -45,6 +46,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from sae_sweep.tracking.status import RunStatus  # noqa: E402
+from sae_sweep.util.digests import ChecksumMismatch  # noqa: E402
+from sae_sweep.util.files import sha256_file  # noqa: E402
 
 log = logging.getLogger(__name__)
 # The monitor says "Started / Stopping / Successfully terminated" for every run at INFO.
@@ -94,6 +97,9 @@ def slurm_tags() -> Dict[str, str]:
         if os.environ.get(env):
             tags[tag] = os.environ[env]
     return tags
+
+
+SHA256_TAG = "sha256/"  # + an artifact path: its sha256 when it was logged (``Tracker.log_checked_text``)
 
 
 def untrained_reason(run: Any) -> Optional[str]:
@@ -434,12 +440,26 @@ class Tracker:
                 f"(deleted from the artifact store?)"
             )
         try:
-            return [self.download(run_id, p, dst) for p in artifact_paths]
+            fetched = [self.download(run_id, p, dst) for p in artifact_paths]
         except Exception as e:
             raise ArtifactsUnavailable(
                 f"run {run_id}: cannot download {', '.join(artifact_paths)} from {run.info.artifact_uri} "
                 f"({type(e).__name__}: {e})"
             ) from None
+        for name, path in zip(artifact_paths, fetched):
+            recorded = run.data.tags.get(SHA256_TAG + name)
+            if recorded is not None and path.is_file() and sha256_file(path) != recorded:
+                raise ChecksumMismatch(
+                    f"artifact {name} of run {run_id} changed after it was logged: its sha256 is not the "
+                    f"{recorded[:16]}... of tag {SHA256_TAG + name}"
+                )
+        return fetched
+
+    def log_checked_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        """``log_text`` that also records the text's sha256 in the tag ``sha256/<artifact_file>``,
+        which ``fetch_trained`` checks (e.g. the run's ``config/config.yaml``)."""
+        self.log_text(run_id, text, artifact_file)
+        self.set_tags(run_id, {SHA256_TAG + artifact_file: hashlib.sha256(text.encode("utf-8")).hexdigest()})
 
     def _has_artifact(self, run_id: str, path: str) -> bool:
         """Whether ``path`` (a file, or a directory with files) is among the run's artifacts."""
@@ -537,6 +557,9 @@ class ChildRun:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.tracker.log_text(self.run_id, text, artifact_file)
+
+    def log_checked_text(self, text: str, artifact_file: str) -> None:
+        self.tracker.log_checked_text(self.run_id, text, artifact_file)
 
     def log_artifact_dir(self, path: Path, artifact_path: Optional[str] = None) -> None:
         self.tracker.log_artifact_dir(self.run_id, path, artifact_path)
