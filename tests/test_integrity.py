@@ -278,6 +278,32 @@ def test_changed_lm_weights_give_a_new_activation_cache_key(tiny_cache_dir, tmp_
     assert str(weights.resolve()) in memo
 
 
+@pytest.mark.unit
+def test_a_checkpoint_of_another_cache_is_not_resumed(tmp_path):
+    """Checkpoints are keyed by run key, which names the model but not its weights' bytes: after
+    the weights change, a rerun reads a new cache (new key) and must not continue the old run's
+    position over it. The reader's state names the cache it read; resuming it elsewhere is refused."""
+    from sae_sweep.activations.cache import get_or_build
+    from sae_sweep.activations.reader import BlockReader, DiskBlocks, ShuffledReader
+
+    def cache(weights):
+        def build():
+            g = torch.Generator().manual_seed(0)
+            yield torch.ones(64, 16, dtype=torch.long), torch.randn(64, 16, 8, generator=g)
+
+        return get_or_build({"model": {"weights_sha256": weights}}, tmp_path, build, special_token_ids=[])[0]
+
+    old, new = cache("aaaa"), cache("bbbb")
+    for make in (lambda c: ShuffledReader(c, 32, 0), lambda c: BlockReader(DiskBlocks(c, 256), 32, 0)):
+        reader = make(old)
+        next(iter(reader))
+        state = reader.state_dict()
+        make(old).load_state_dict(state)  # the same cache: resumes
+        with pytest.raises(ValueError, match=f"saved reading activation cache {old.key}.*reads {new.key}"):
+            make(new).load_state_dict(state)
+        reader.close()
+
+
 # -- metrics a re-evaluation could not give ------------------------------------------------------
 
 
