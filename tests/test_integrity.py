@@ -158,6 +158,8 @@ def _run_with_sae(tmp_path, status="FINISHED"):
         run.close()
     elif status == "FAILED":
         run.close(RuntimeError("NaN loss at step 3"))
+    elif status == "KILLED":
+        run.close(KeyboardInterrupt())
     (stored,) = (tmp_path / "artifacts").rglob("sae/sae.safetensors")
     return tracker, run.run_id, sae, stored
 
@@ -216,7 +218,7 @@ def test_evaluate_refuses_a_changed_config_artifact(tmp_path, capsys):
 # -- runs without a trained SAE: the reason, not "Failed to download artifacts" --------------------
 
 
-@pytest.mark.parametrize("status", ["FAILED", "RUNNING", "deleted"])
+@pytest.mark.parametrize("status", ["FAILED", "RUNNING", "KILLED", "deleted"])
 @pytest.mark.unit
 def test_export_and_evaluate_name_the_run_status_and_what_is_missing(tmp_path, capsys, status):
     from sae_sweep.cli import evaluate
