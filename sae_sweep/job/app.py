@@ -475,6 +475,8 @@ def _unavailable(cfg: DictConfig) -> List[str]:
         problems = list(source.availability())
         if problems:
             return problems
+        if cfg.cache.mode == "stream":  # read once, no cache: the training tokens themselves
+            return list(source.supply_problems(int(cfg.train.tokens), f"train.tokens={cfg.train.tokens} (streamed)"))
         budget = (
             f"dataset.tokens={cfg.dataset.tokens}"
             if cfg.dataset.tokens is not None

@@ -208,7 +208,7 @@ class LocalSource(TextSource):
         most = nbytes + TOKENS_PER_DOC_BEYOND_BYTES * docs
         return [
             f"dataset.data_files: the training split of {', '.join(files)} is {docs} document(s), {nbytes} bytes "
-            f"of text: at most {most} tokens, but the activation cache needs {cache_tokens} tokens "
+            f"of text: at most {most} tokens, but training needs {cache_tokens} tokens "
             f"({math.ceil(cache_tokens / ctx)} windows of {ctx}: {need} besides their BOS) for {budget}. "
             f"Add text, lower the budget, or raise train.epochs to repeat the data on purpose"
         ]

@@ -81,9 +81,9 @@ class TextSource:
         return []
 
     def supply_problems(self, cache_tokens: int, budget: str) -> List[str]:
-        """Why its training split cannot give the activation cache ``cache_tokens`` distinct tokens
-        (``budget``: the settings that ask for them, for the message), judged before any tokenizer
-        is loaded; [] when it can or cannot tell (the default)."""
+        """Why its training split cannot give ``cache_tokens`` distinct tokens (the activation
+        cache's, or a stream's training tokens; ``budget``: the settings that ask for them, for the
+        message), judged before any tokenizer is loaded; [] when it can or cannot tell (the default)."""
         return []
 
     # Identity and records
