@@ -2,8 +2,8 @@
 tiers (tests/README.md) and the unit tier's guard. Helpers shared by test files: tests/helpers/."""
 
 import contextlib
-import platform
 import os
+import platform
 import socket
 import subprocess
 from multiprocessing.process import BaseProcess

@@ -22,6 +22,7 @@ from sae_sweep.models.lm import (
     load_lm,
     model_shape,
     resolve_dtype,
+    weights_sha256,
 )
 from sae_sweep.models.weights import builtin, resolve
 from sae_sweep.util.locks import read_owner
@@ -354,14 +355,13 @@ def test_tiny_is_built_once_and_loads_like_a_hub_model(tiny_lm, tiny_cache_dir):
 
     path = builtin.tiny_model_dir(tiny_cache_dir)
     assert path.name == tiny.TINY_VERSION
-    info = json.loads((path / "build_info.json").read_text())
     assert (tiny_lm.n_layers, tiny_lm.d_model) == (4, 128)  # conf/model/tiny.yaml
     assert model_shape(ModelConfig(hf_id="builtin:tiny"), tiny_cache_dir) == (4, 128)
     assert isinstance(tiny_lm.model, GPT2LMHeadModel)
     assert 0.9 * tiny.TINY_VOCAB <= len(tiny_lm.tokenizer) <= tiny.TINY_VOCAB + 2
     assert tiny_lm.tokenizer.eos_token == "<|endoftext|>" and tiny_lm.tokenizer.bos_token == "<|endoftext|>"
     assert tiny_lm.tokenizer.pad_token is not None and tiny_lm.pad_token_id != tiny_lm.eos_token_id
-    assert tiny_lm.fingerprint["weights_hash"] == info["weights_hash"]
+    assert tiny_lm.fingerprint["weights_sha256"] == weights_sha256(path, tiny_cache_dir)  # from the files
     assert "path" not in tiny_lm.fingerprint  # cache keys must survive a moved cache_dir
 
     # The second load reuses the build (no rebuild: same directory, same files).

@@ -37,6 +37,7 @@ import torch
 from sae_sweep.activations.shards import STORAGE_DTYPES, ShardWriter, decode, shard_digest_ok, storage
 from sae_sweep.config import canonical, stable_hash
 from sae_sweep.util.build import build_once
+from sae_sweep.util.digests import StatMemo
 from sae_sweep.util.files import atomic_write_json, fsync_dir
 from sae_sweep.util.progress import Progress
 
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 SHARD_BYTES = 256 * 2**20  # target size of one activation shard file
 MANIFEST = "manifest.json"
-VERIFIED = "verified.json"  # per shard file: (size, mtime_ns, inode) when its checksum last matched
+VERIFIED = "verified.json"  # util.digests.StatMemo: per shard file, its stat when its checksum last matched
 VERIFY_MODES = ("changed", "full")
 QUARANTINE = "quarantine"
 BUILDS_LOG = "builds.log"
@@ -160,8 +161,8 @@ class ActivationCache:
             raise CacheError(f"activation cache at {path}: unknown storage dtype {manifest['storage_dtype']!r}; {hint}")
         np_dtype = STORAGE_DTYPES[manifest["storage_dtype"]][1]
         ctx, d = manifest["context_size"], manifest["d_in"]
-        stamps = _read_stamps(path) if verify == "changed" else {}
-        verified: dict[str, list[int]] = {}
+        # which files matched their checksum, with the (size, mtime, inode) they had then
+        verified = StatMemo(path / VERIFIED) if verify else None
         acts: list[np.memmap] = []
         tokens: list[np.memmap] = []
         total = 0
@@ -183,23 +184,21 @@ class ActivationCache:
                         f"activation cache at {path}: {fname} is {arr.dtype}{list(arr.shape)}, "
                         f"manifest says {dtype}{list(shape)}; {hint}"
                     )
-                if verify:
-                    stamp = _stamp(fpath)
-                    if stamps.get(fname) != stamp:
-                        if not shard_digest_ok(fpath, shard, is_tokens):
-                            raise CacheError(
-                                f"activation cache at {path}: checksum mismatch in {fname} "
-                                f"(corrupt: the file changed after the build)"
-                            )
-                    verified[fname] = stamp
+                if verified is not None and (verify == "full" or verified.cached(fname, fpath) is None):
+                    if not shard_digest_ok(fpath, shard, is_tokens):
+                        raise CacheError(
+                            f"activation cache at {path}: checksum mismatch in {fname} "
+                            f"(corrupt: the file changed after the build)"
+                        )
+                    verified.remember(fname, fpath, True)
                 (acts if fname == shard["file"] else tokens).append(arr)
             total += n
         if total != manifest["n_seqs"] or manifest["n_tokens"] != total * ctx:
             raise CacheError(
                 f"activation cache at {path}: shards hold {total} sequences, manifest says {manifest['n_seqs']}; {hint}"
             )
-        if verify and verified != stamps:
-            _write_stamps(path, verified)  # what matched now need not be hashed again
+        if verified is not None:
+            verified.save()  # what matched now need not be hashed again (a read-only cache: logged)
         return cls(path, manifest, acts, tokens)
 
     def __repr__(self) -> str:
@@ -393,25 +392,6 @@ def _build(
     fsync_dir(tmp)
 
 
-def _stamp(path: Path) -> list[int]:
-    st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
-
-
-def _read_stamps(path: Path) -> dict[str, list[int]]:
-    try:
-        return json.loads((path / VERIFIED).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_stamps(path: Path, stamps: dict[str, list[int]]) -> None:
-    try:
-        atomic_write_json(path / VERIFIED, stamps, sort_keys=True)
-    except OSError as e:  # a read-only cache still verifies, it just cannot remember it did
-        log.info("cannot record verification of %s (%s)", path, e)
-
-
 def _try_open(path: Path, verify: str) -> tuple[ActivationCache | None, str | None]:
     """(the cache, None), or (None, why it is unusable) -- (None, None) when there is none."""
     if not (path / MANIFEST).exists():
@@ -522,7 +502,10 @@ def get_or_build(
             os.write(fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
         finally:
             os.close(fd)
-        _write_stamps(path, {name: _stamp(path / name) for name in _shard_files(path)})
+        verified = StatMemo(path / VERIFIED)
+        for name in _shard_files(path):  # hashed as written: the first reuse need not hash again
+            verified.remember(name, path / name, True)
+        verified.save()
         cache = ActivationCache.open(path)
         cache.replaced = found.get("replaced")
         log.info("built activation cache %s: %d tokens x %d in %.1fs", key, cache.n_tokens, cache.d_in, seconds)

@@ -206,7 +206,7 @@ class ShuffledReader:
         """Tokens handed out so far (including those before a resume)."""
         return (self.epoch * self.batches_per_epoch + self.batch_in_epoch) * self.batch_size
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         """Position of the next batch; JSON-able. Extra keys guard against a mismatched resume."""
         return {
             "epoch": self.epoch,
@@ -214,10 +214,12 @@ class ShuffledReader:
             "seed": self.seed,
             "batch_size": self.batch_size,
             "n_positions": self.n_positions,
+            "cache_key": self.cache.key,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume at ``state`` (from ``state_dict``); the next batches equal those that followed."""
+        _check_same_cache(state, self.cache.key)
         for name, mine in (("seed", self.seed), ("batch_size", self.batch_size), ("n_positions", self.n_positions)):
             if name in state and int(state[name]) != mine:
                 raise ValueError(
@@ -232,6 +234,18 @@ class ShuffledReader:
             )
         self.close()
         self.epoch, self.batch_in_epoch = epoch, batch
+
+
+def _check_same_cache(state: Mapping[str, Any], key: str) -> None:
+    """A checkpoint's reader position belongs to the cache it read: resuming it over another cache
+    (other LM weights, data or settings, hence another key) would mix two runs' data."""
+    saved = state.get("cache_key")  # checkpoints written before this check have none
+    if saved is not None and saved != key:
+        raise ValueError(
+            f"reader state was saved reading activation cache {saved}, this reader reads {key} (other LM "
+            f"weights, data or settings): it cannot resume that run; delete the run's checkpoints to train it "
+            f"from the start"
+        )
 
 
 def _wire_dtype(
@@ -420,7 +434,7 @@ class BlockReader:
             rest -= self.per_block[b]
         raise IndexError(step)
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
             "block_pos": self.block_pos,
@@ -429,9 +443,11 @@ class BlockReader:
             "batch_size": self.batch_size,
             "block_rows": self.source.block_rows,
             "n_positions": self.n_positions,
+            "cache_key": self.source.cache.key,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        _check_same_cache(state, self.source.cache.key)
         for name, mine in (
             ("seed", self.seed),
             ("batch_size", self.batch_size),

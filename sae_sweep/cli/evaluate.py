@@ -12,7 +12,10 @@ For each run: its config (artifact ``config/config.yaml``) and SAE (artifact ``s
 downloaded, the LM is loaded with ``load_lm``, and the selected evals run on the run's held-out
 text exactly as at the end of a job (``pipeline.run_evals``): metrics ``<eval>/<category>/<metric>``,
 the SAEBench JSON ``evals/<eval_type_id>.json`` and status tags are added to the run. The run's
-status is not changed.
+status is not changed. A metric the run already had that this evaluation gives no finite value for
+(a NaN/inf result) is not left showing its old value as current: it is logged as NaN (the old value
+stays in its history), listed with its old value in the tag ``evaluate.stale``, and the command
+exits 1. A changed SAE artifact (its sha256 differs from the one recorded at save) is refused.
 
 The tracking store: ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else for a sweep directory the
 store its sweep used (``tracking.uri`` of its ``multirun.yaml`` or ``<output_dir>/mlflow.db``), else
@@ -101,6 +104,8 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
 
 def resolve_runs(tracker: Any, target: str) -> Tuple[List[str], Optional[str]]:
     """(run ids to evaluate, parent run id or None)."""
+    from sae_sweep.tracking.runs import untrained_reason
+
     if Path(target).is_dir():
         pid_file = Path(target) / "parent_run_id"
         if not pid_file.exists():
@@ -115,8 +120,9 @@ def resolve_runs(tracker: Any, target: str) -> Tuple[List[str], Optional[str]]:
         if not children:
             raise EvaluateError(f"sweep run {target} has no FINISHED child runs to evaluate")
         return sorted(r.info.run_id for r in children), target
-    if run.info.status != RunStatus.FINISHED:
-        raise EvaluateError(f"run {target} is {run.info.status}; only FINISHED runs have a trained SAE to evaluate")
+    why = untrained_reason(run)
+    if why is not None:
+        raise EvaluateError(why)
     return [target], None
 
 
@@ -129,19 +135,20 @@ def evaluate_run(tracker: Any, run_id: str, overrides: Sequence[str] = ()) -> Di
     from sae_sweep.job.execute import run_evals
     from sae_sweep.models.lm import load_lm
     from sae_sweep.sae import SparseAutoencoder
-    from sae_sweep.tracking.runs import ChildRun
+    from sae_sweep.tracking.runs import ArtifactsUnavailable, ChildRun
+    from sae_sweep.util.digests import ChecksumMismatch
 
     with tempfile.TemporaryDirectory() as d:
         try:
-            cfg_path = tracker.download(run_id, "config/config.yaml", Path(d))
-            sae_dir = tracker.download(run_id, "sae", Path(d))
-        except Exception as e:
-            raise EvaluateError(
-                f"run {run_id}: artifacts config/config.yaml and sae/ are needed ({type(e).__name__}: {e})"
-            ) from None
+            cfg_path, sae_dir = tracker.fetch_trained(run_id, ["config/config.yaml", "sae"], Path(d))
+        except (ArtifactsUnavailable, ChecksumMismatch) as e:
+            raise EvaluateError(str(e)) from None
         cfg = apply_overrides(cast(DictConfig, OmegaConf.load(cfg_path)), overrides)
         device = C.resolve_device(cfg.get("device", "auto"))
-        sae = SparseAutoencoder.load(sae_dir, device=device).eval()
+        try:
+            sae = SparseAutoencoder.load(sae_dir, device=device, origin=f"artifact sae/ of run {run_id}").eval()
+        except ChecksumMismatch as e:
+            raise EvaluateError(f"refusing to evaluate run {run_id}: {e}") from None
         sae_cfg = json.loads((Path(sae_dir) / "cfg.json").read_text())
     names = list(cfg.eval.get("run") or [])
     if not names:
@@ -149,17 +156,44 @@ def evaluate_run(tracker: Any, run_id: str, overrides: Sequence[str] = ()) -> Di
         return {}
     lm = load_lm(cfg.model, C.cache_dir(cfg), device)
     run = ChildRun(tracker, run_id)  # not entered: the run's status stays as it is
+    before = dict(tracker.get_run(run_id).data.metrics)
     t0 = time.perf_counter()
     metrics = run_evals(cfg, run, lm, sae, sae_cfg, device)
+    stale = stale_metrics(before, metrics, names)
     run.set_tags(
         {
             "evaluate.last": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "evaluate.evals": ",".join(names),
             "evaluate.overrides": " ".join(overrides),
+            STALE_TAG: ", ".join(f"{k} (was {v:.6g})" for k, v in sorted(stale.items()))[:4900],
         }
     )
+    if stale:
+        # the old values stay in each metric's history; the one shown as current is NaN
+        run.log_metrics({k: float("nan") for k in stale})
     log.info("run %s: %s in %.1fs", run_id, ", ".join(names), time.perf_counter() - t0)
+    if stale:
+        raise StaleMetrics(
+            f"run {run_id}: this evaluation gave no finite value for {len(stale)} metric(s) the run had "
+            f"({', '.join(sorted(stale))}); they now read NaN (the old values stay in their history) and "
+            f"the run is tagged {STALE_TAG}"
+        )
     return metrics
+
+
+STALE_TAG = "evaluate.stale"
+
+
+class StaleMetrics(RuntimeError):
+    """A re-evaluation left metrics the run had without a new finite value (they are marked)."""
+
+
+def stale_metrics(before: Dict[str, float], after: Dict[str, float], names: Sequence[str]) -> Dict[str, float]:
+    """Metrics of the evals ``names`` that the run had ``before`` and this evaluation did not give a
+    finite value for (NaN/inf results are dropped by ``flatten_metrics``): their old values would
+    otherwise stay on display as if they were the current SAE's. Timings are not results."""
+    prefixes = tuple(f"{n}/" for n in names)
+    return {k: v for k, v in before.items() if k.startswith(prefixes) and k not in after and not k.endswith("/seconds")}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -186,6 +220,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except EvaluateError as e:
             print(f"sae_sweep.evaluate: {e}", file=sys.stderr)
             return 2
+        except StaleMetrics as e:  # logged and marked; the other runs go on
+            print(f"sae_sweep.evaluate: {e}", file=sys.stderr)
+            failed.append(run_id)
+            continue
         except Exception as e:  # keep going: one broken run must not stop the others
             log.exception("run %s: evals failed: %s", run_id, e)
             failed.append(run_id)

@@ -114,21 +114,29 @@ def export_sae(sae: Any, cfg: Dict[str, Any], out_dir: Path, model_name: Optiona
 
 
 def export_dir(
-    sae_dir: Path, out_dir: Path, model_name: Optional[str] = None, extra_cfg: Optional[Dict[str, Any]] = None
+    sae_dir: Path,
+    out_dir: Path,
+    model_name: Optional[str] = None,
+    extra_cfg: Optional[Dict[str, Any]] = None,
+    origin: str = "",
 ) -> Path:
-    """Export an SAE saved by ``SparseAutoencoder.save`` (a run's ``sae/`` artifact)."""
+    """Export an SAE saved by ``SparseAutoencoder.save`` (a run's ``sae/`` artifact), after checking
+    its files against the checksums recorded when it was saved (``origin`` names where it came from)."""
     from sae_sweep.sae import SparseAutoencoder
 
+    sae = SparseAutoencoder.load(sae_dir, origin=origin)  # checks cfg.json too before it is read
     cfg = json.loads((Path(sae_dir) / "cfg.json").read_text())
     cfg.update(extra_cfg or {})
-    return export_sae(SparseAutoencoder.load(sae_dir), cfg, out_dir, model_name)
+    return export_sae(sae, cfg, out_dir, model_name)
 
 
 def export_run(tracker: Any, run_id: str, out_dir: Path, model_name: Optional[str] = None) -> Path:
-    """Download run ``run_id``'s ``sae/`` artifact and export it."""
+    """Download run ``run_id``'s ``sae/`` artifact and export it (``ArtifactsUnavailable``: the run
+    is not FINISHED or its artifact is missing)."""
     with tempfile.TemporaryDirectory() as d:
-        sae_dir = tracker.download(run_id, "sae", Path(d))
-        return export_dir(sae_dir, out_dir, model_name, extra_cfg={"run_id": run_id})
+        (sae_dir,) = tracker.fetch_trained(run_id, ["sae"], Path(d))
+        origin = f"artifact sae/ of run {run_id}"
+        return export_dir(sae_dir, out_dir, model_name, extra_cfg={"run_id": run_id}, origin=origin)
 
 
 def main(argv=None) -> int:

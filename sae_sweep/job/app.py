@@ -404,8 +404,21 @@ def _store_problems(uri: str, wait_s: float) -> List[str]:
 
 
 def _unavailable(cfg: DictConfig) -> List[str]:
+    """Why the point's dataset cannot be read here, or cannot supply its training budget."""
     try:
-        return list(source_for(cfg.dataset).availability())
+        source = source_for(cfg.dataset)
+        problems = list(source.availability())
+        if problems:
+            return problems
+        if cfg.cache.mode == "stream":  # read once, no cache: the training tokens themselves
+            return list(source.supply_problems(int(cfg.train.tokens), f"train.tokens={cfg.train.tokens} (streamed)"))
+        budget = (
+            f"dataset.tokens={cfg.dataset.tokens}"
+            if cfg.dataset.tokens is not None
+            else f"train.tokens={cfg.train.tokens} over train.epochs={cfg.train.epochs} pass(es) "
+            f"(+{C.SPECIAL_MARGIN:.0%} for BOS/EOS)"
+        )
+        return list(source.supply_problems(C.cache_tokens(cfg), budget))
     except Exception as e:  # a source whose check itself fails: its reason, not a traceback
         return [f"dataset={cfg.dataset.name}: {type(e).__name__}: {e}"]
 
@@ -670,7 +683,7 @@ def _run_locked(
                 run.log_params(
                     {**C.flat_params(ran), "derived.d_sae": C.d_sae_for(cfg.sae, d_in), "derived.total_steps": steps}
                 )
-                run.log_text(OmegaConf.to_yaml(ran, resolve=True), "config/config.yaml")
+                run.log_checked_text(OmegaConf.to_yaml(ran, resolve=True), "config/config.yaml")  # evaluate reads it
             outcomes = execute(points, device)
         except Interrupted as e:
             if guard.signum is None:

@@ -193,6 +193,15 @@ def build_activation_cache(cfg: DictConfig, lm: Any, device: torch.device) -> Tu
 
     def build() -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         windows = token_windows(ds, lm, "train", C.cache_tokens(cfg), cache_root)
+        # Before any LM work: the windows' BOS/EOS positions are known now, and the cache will not
+        # train on them, so a budget that must repeat data is refused here, not after the build.
+        usable = int(windows.numel()) - int(
+            torch.isin(windows, torch.tensor(sorted(lm.special_token_ids), dtype=windows.dtype)).sum()
+        )
+        best_case = usable // int(cfg.trainer.batch_size)  # a block reader's epoch can only be shorter
+        why = repeat_problem(cfg, C.total_steps(cfg) / best_case if best_case else math.inf, usable)
+        if why is not None:
+            raise RunFailed(why + " (refused before building the activation cache)")
         for i in range(0, windows.shape[0], CACHE_BUILD_BATCH):
             ids = windows[i : i + CACHE_BUILD_BATCH]
             # as the LM gives them (its dtype, its device): the cache casts to the storage dtype and
@@ -457,14 +466,21 @@ def _repeats_data(cfg: DictConfig, member: Any, reader: Any) -> Optional[RunFail
     its budget): the reason it fails before training, else None after recording the passes."""
     if not hasattr(reader, "batches_per_epoch"):
         return None  # a stream: one pass by construction (it fails if the data runs out)
-    passes = member.total_steps / reader.batches_per_epoch
-    if passes > int(cfg.train.epochs) + 1e-9:
-        return RunFailed(
-            f"train.tokens={cfg.train.tokens}: {passes:.2f} passes over the cache's {reader.n_positions} usable "
-            f"tokens (after BOS/EOS), but train.epochs={cfg.train.epochs}: training would repeat data. Set "
-            f"train.epochs={math.ceil(passes)} to repeat it on purpose, or raise dataset.tokens"
-        )
-    return None
+    why = repeat_problem(cfg, member.total_steps / reader.batches_per_epoch, reader.n_positions)
+    return RunFailed(why) if why is not None else None
+
+
+def repeat_problem(cfg: DictConfig, passes: float, usable: int) -> Optional[str]:
+    """Why ``passes`` over a cache of ``usable`` tokens (its BOS/EOS positions left out) is more
+    than ``train.epochs`` allows, or None."""
+    if passes <= int(cfg.train.epochs) + 1e-9:
+        return None
+    return (
+        f"train.tokens={cfg.train.tokens}: {passes:.2f} passes over the cache's {usable} usable "
+        f"tokens (after BOS/EOS), but train.epochs={cfg.train.epochs}: training would repeat data. Set "
+        f"train.epochs={math.ceil(passes) if math.isfinite(passes) else 'more'} to repeat it on purpose, "
+        f"or raise dataset.tokens"
+    )
 
 
 class CacheCorrupt(RuntimeError):

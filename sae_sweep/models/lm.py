@@ -24,12 +24,14 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from sae_sweep.config import ModelConfig, resolve_device
 from sae_sweep.models.weights import ModelUnavailable, ResolvedWeights, model_config, resolve
+from sae_sweep.util.digests import files_sha256
 from sae_sweep.util.files import sha1_file
 
 __all__ = [
@@ -188,6 +190,25 @@ def model_shape(model: Any, cache_dir: str | os.PathLike, weights: Optional[Reso
 
 
 # Loading
+WEIGHT_FILES = ("*.safetensors", "*.bin")  # what from_pretrained reads weights from
+WEIGHTS_MEMO = "weights-sha256.json"  # under <cache_dir>/models/: each weight file's sha256 and stat
+
+
+def weights_sha256(directory: Path, cache_dir: str | os.PathLike) -> str:
+    """The identity of the weights in a model directory, from the files themselves: the sha256 of
+    each weight file (hashed once per file, re-hashed when its size, mtime or inode changes:
+    ``util.digests.files_sha256``), combined. Never read from a record that could go stale, so
+    changed weights give new activation-cache keys."""
+    files = sorted(p for pattern in WEIGHT_FILES for p in Path(directory).glob(pattern))
+    if not files:
+        raise ModelUnavailable(f"{directory} holds no weight files ({', '.join(WEIGHT_FILES)})")
+    memo = Path(os.path.expanduser(str(cache_dir))) / "models" / WEIGHTS_MEMO
+    digests = files_sha256(files, memo)
+    return hashlib.sha256(json.dumps({p.name: digests[str(p)] for p in files}, sort_keys=True).encode()).hexdigest()[
+        :16
+    ]
+
+
 def placement(device: torch.device) -> Dict[str, Any]:
     """``from_pretrained`` arguments that put the weights on ``device`` as they are read: on a GPU
     a Llama-3.1-8B never passes through host memory (16 GB of RAM in bf16 the other way, plus a
@@ -219,6 +240,8 @@ def load_lm(
         if cfg_path and cfg_path.is_file()
         else hashlib.sha1(loaded.model.config.to_json_string().encode()).hexdigest()[:16]
     )
+    if cfg_path and cfg_path.is_file():
+        fingerprint["weights_sha256"] = weights_sha256(cfg_path.parent, cache_dir)
     fingerprint["dtype"] = str(dtype).replace("torch.", "")
     fingerprint["tokenizer_hash"] = _tokenizer_hash(loaded.tokenizer)
     return LanguageModel(loaded.model, loaded.tokenizer, dev, fingerprint, family=model_cfg.family)

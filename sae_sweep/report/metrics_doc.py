@@ -43,6 +43,9 @@ How to read the tables:
 - **reference** names whose definition the number follows. A "named option" is this project's
   variant of a reference metric, logged beside it under its own name.
 - A value that is NaN or infinite is not logged; the run's tag `eval.<eval>.nonfinite` lists it.
+  When `python -m sae_sweep.evaluate` gives no finite value for a metric the run already had, the
+  old value is not left on display as current: the metric is logged as NaN (the old value stays
+  in its history), the tag `evaluate.stale` lists it with its old value, and the command exits 1.
 """
 
 _PLACEHOLDER_TEXT = {

@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 from torch import Tensor, nn
 
-from sae_sweep.util.files import atomic_write
+from sae_sweep.util.digests import verify_recorded, write_with_sha256
 
 from .registry import get_sae_class
 
@@ -155,13 +155,14 @@ class SparseAutoencoder(nn.Module):
             **structural,
         }
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(
+        # sha256 of both recorded beside them (SHA256SUMS.json): `load` refuses either once changed
+        write_with_sha256(
             directory / "sae.safetensors",
             lambda path: save_file(tensors, str(path)),
             needed=sum(t.numel() * t.element_size() for t in tensors.values()),
         )
         text = json.dumps(full, indent=2, sort_keys=True, default=str)
-        atomic_write(directory / "cfg.json", text)
+        write_with_sha256(directory / "cfg.json", text)
         return directory
 
     @classmethod
@@ -170,11 +171,15 @@ class SparseAutoencoder(nn.Module):
         return cls(int(cfg["d_in"]), int(cfg["d_sae"]), **extra, **kwargs)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, device: Any = "cpu") -> SparseAutoencoder:
-        """Rebuild a saved SAE; returns the subclass named by cfg.json's `architecture`."""
+    def load(cls, directory: str | os.PathLike, device: Any = "cpu", origin: str = "") -> SparseAutoencoder:
+        """Rebuild a saved SAE; returns the subclass named by cfg.json's `architecture`.
+        ``ChecksumMismatch`` (naming the file, and ``origin``: e.g. the run it came from) when
+        sae.safetensors or cfg.json changed after `save`."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
+        for name in ("cfg.json", "sae.safetensors"):
+            verify_recorded(directory / name, origin)
         cfg = json.loads((directory / "cfg.json").read_text())
         sae_cls = get_sae_class(cfg["architecture"])
         if not issubclass(sae_cls, cls):

@@ -22,6 +22,7 @@ started from.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, overload
+from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, overload
 
 # Artifact downloads (sweep-end cross-seed, report, export) are small and quick: a progress bar per
 # download would be most of a sweep's console output.
@@ -49,6 +50,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from sae_sweep.tracking.status import RunStatus  # noqa: E402
+from sae_sweep.util.digests import ChecksumMismatch  # noqa: E402
+from sae_sweep.util.files import sha256_file  # noqa: E402
 
 log = logging.getLogger(__name__)
 # The monitor says "Started / Stopping / Successfully terminated" for every run at INFO.
@@ -98,6 +101,28 @@ def slurm_tags() -> Dict[str, str]:
         if os.environ.get(env):
             tags[tag] = os.environ[env]
     return tags
+
+
+SHA256_TAG = "sha256/"  # + an artifact path: its sha256 when it was logged (``Tracker.log_checked_text``)
+
+
+def untrained_reason(run: Any) -> Optional[str]:
+    """Why ``run`` (an MLflow run) has no trained SAE to read: its status, and for a FAILED run its
+    error; None when it FINISHED."""
+    status = run.info.status
+    if status == RunStatus.FINISHED:
+        return None
+    error = run.data.tags.get("error")
+    why = {
+        RunStatus.RUNNING: "still running (or its process died before closing it)",
+        RunStatus.KILLED: "killed before it finished",
+        RunStatus.FAILED: "failed" + (f": {error}" if error else ""),
+    }.get(status, str(status))
+    return f"run {run.info.run_id} is {status}, {why}; only a FINISHED run has a trained SAE"
+
+
+class ArtifactsUnavailable(RuntimeError):
+    """A run's trained artifacts cannot be had: the run is not FINISHED, or they are missing."""
 
 
 class TrackingStoreError(RuntimeError):
@@ -433,6 +458,60 @@ class Tracker:
     def get_run(self, run_id: str) -> Any:
         return self.client.get_run(run_id)
 
+    def fetch_trained(self, run_id: str, artifact_paths: Sequence[str], dst: Path) -> List[Path]:
+        """Download the artifacts of a trained run (``sae``, ``config/config.yaml``, ...) into ``dst``.
+        ``ArtifactsUnavailable`` says why instead of MLflow's "Failed to download artifacts": a run
+        that is not FINISHED (its status and its error), or which of the paths are missing (e.g.
+        deleted from the artifact store)."""
+        try:
+            run = self.get_run(run_id)
+        except Exception as e:
+            raise ArtifactsUnavailable(
+                f"no run {run_id!r} in tracking store {self.uri} ({type(e).__name__}: {e})"
+            ) from None
+        why = untrained_reason(run)
+        if why is not None:
+            raise ArtifactsUnavailable(why)
+        missing = [p for p in artifact_paths if not self._has_artifact(run_id, p)]
+        if missing:
+            raise ArtifactsUnavailable(
+                f"run {run_id} (FINISHED) lacks artifact(s) {', '.join(missing)} in {run.info.artifact_uri} "
+                f"(deleted from the artifact store?)"
+            )
+        try:
+            fetched = [self.download(run_id, p, dst) for p in artifact_paths]
+        except Exception as e:
+            raise ArtifactsUnavailable(
+                f"run {run_id}: cannot download {', '.join(artifact_paths)} from {run.info.artifact_uri} "
+                f"({type(e).__name__}: {e})"
+            ) from None
+        for name, path in zip(artifact_paths, fetched):
+            recorded = run.data.tags.get(SHA256_TAG + name)
+            if recorded is not None and path.is_file() and sha256_file(path) != recorded:
+                raise ChecksumMismatch(
+                    f"artifact {name} of run {run_id} changed after it was logged: its sha256 is not the "
+                    f"{recorded[:16]}... of tag {SHA256_TAG + name}"
+                )
+        return fetched
+
+    def log_checked_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        """``log_text`` that also records the text's sha256 in the tag ``sha256/<artifact_file>``,
+        which ``fetch_trained`` checks (e.g. the run's ``config/config.yaml``)."""
+        self.log_text(run_id, text, artifact_file)
+        self.set_tags(run_id, {SHA256_TAG + artifact_file: hashlib.sha256(text.encode("utf-8")).hexdigest()})
+
+    def _has_artifact(self, run_id: str, path: str) -> bool:
+        """Whether ``path`` (a file, or a directory with files) is among the run's artifacts."""
+        parent = str(Path(path).parent)
+        try:
+            listed = self.client.list_artifacts(run_id, None if parent == "." else parent)
+        except Exception:  # the store's directory itself is gone
+            return False
+        entry = next((a for a in listed if a.path == path), None)
+        if entry is None:
+            return False
+        return not entry.is_dir or bool(self.client.list_artifacts(run_id, path))
+
     def metric_history(self, run_id: str, key: str) -> List[tuple]:
         """[(step, value)] of one metric ordered by step: the data of the UI's metric chart."""
         return sorted(((m.step, m.value) for m in self.client.get_metric_history(run_id, key)), key=lambda sv: sv[0])
@@ -517,6 +596,9 @@ class ChildRun:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.tracker.log_text(self.run_id, text, artifact_file)
+
+    def log_checked_text(self, text: str, artifact_file: str) -> None:
+        self.tracker.log_checked_text(self.run_id, text, artifact_file)
 
     def log_artifact_dir(self, path: Path, artifact_path: Optional[str] = None) -> None:
         self.tracker.log_artifact_dir(self.run_id, path, artifact_path)

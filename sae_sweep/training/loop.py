@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from sae_sweep.util.digests import verify_recorded, write_with_sha256
 from sae_sweep.util.files import atomic_write
 from sae_sweep.util.metrics import Metric
 from sae_sweep.util.progress import Progress
@@ -35,6 +36,7 @@ CKPT_NAME = "latest.pt"
 PREVIOUS_NAME = "previous.pt"  # the checkpoint before latest.pt, kept until a newer one is complete
 # Checkpoints of a member on disk at once, at most: previous.pt, latest.pt and the next one being written.
 CHECKPOINTS_ON_DISK = 3
+REFUSED_SUFFIX = ".refused"  # a latest.pt that could not be trusted, set aside when previous.pt is used
 CKPT_FORMAT = 1
 
 
@@ -127,7 +129,9 @@ def save_checkpoint(
         **extra,
     }
     latest = checkpoint_path(ckpt_dir)
-    return atomic_write(
+    # the sha256 of each file is recorded as it is written: torch.load does not check the zip CRCs,
+    # so bytes changed inside a tensor would otherwise load without a word
+    return write_with_sha256(
         latest,
         lambda tmp: torch.save(state, tmp),
         keep_previous=latest.with_name(PREVIOUS_NAME),
@@ -147,6 +151,7 @@ def tensor_bytes(obj: Any) -> int:
 
 
 def _read(path: Path) -> dict[str, Any]:
+    verify_recorded(path)  # ChecksumMismatch: changed since written
     # Our own file; it holds numpy / python RNG states, which weights_only loading refuses.
     state = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
@@ -165,12 +170,26 @@ def load_checkpoint(ckpt_dir: str | os.PathLike) -> Optional[dict[str, Any]]:
             continue
         try:
             state = _read(path)
-        except Exception as e:  # truncated (zip) file, unpickling error, wrong format
+        except Exception as e:  # changed bytes, truncated (zip) file, unpickling error, wrong format
             errors.append(f"{path} ({type(e).__name__}: {e})")
             continue
+        refused = latest.with_name(latest.name + REFUSED_SUFFIX)
+        why = refused.with_name(refused.name + ".txt")
         if errors:
-            log.warning("checkpoint %s is unreadable; resuming from %s (step %s)", errors[0], path, state["step"])
+            # set aside, with why (kept for inspection): the next save must not rotate it into
+            # previous.pt, where it would replace the good checkpoint this run resumes from
+            os.replace(latest, refused)
+            atomic_write(why, errors[0])
+            log.warning(
+                "checkpoint %s is refused (moved to %s); resuming from %s (step %s)",
+                errors[0],
+                refused.name,
+                path,
+                state["step"],
+            )
             state["fallback_from"] = errors[0]
+        elif path == previous and why.exists():  # set aside by an earlier attempt that did not get further
+            state["fallback_from"] = why.read_text()
         return state
     if errors:
         raise CheckpointUnreadable(

@@ -26,12 +26,15 @@ def atomic_write(
     content: Content,
     keep_previous: str | os.PathLike | None = None,
     needed: int | None = None,
+    before_rename: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``content`` to ``path`` atomically. ``content`` is bytes, text (UTF-8), or a function
     that writes the file at the path it is given (e.g. ``torch.save``, safetensors' ``save_file``).
     ``keep_previous``: once the new file is complete, the old ``path`` is moved there first.
     ``needed``: about how many bytes a function writes; a write that fails with less than that free
-    (or with no space) raises ``util.disk.DiskFull``, whatever the writer's own error said."""
+    (or with no space) raises ``util.disk.DiskFull``, whatever the writer's own error said.
+    ``before_rename(tmp)`` runs on the complete temp file before any rename (e.g. to record its
+    checksum, ``util.digests.write_with_sha256``)."""
     from sae_sweep.util.disk import disk_full
 
     path = Path(path)
@@ -50,6 +53,8 @@ def atomic_write(
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
+        if before_rename is not None:
+            before_rename(tmp)
         if keep_previous is not None and path.exists():
             os.replace(path, keep_previous)
         os.replace(tmp, path)

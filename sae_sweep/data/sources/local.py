@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import math
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -29,6 +30,9 @@ BUILDERS = {
     ".htm": "html",
 }
 COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+# A document tokenizes to at most its UTF-8 bytes plus these: the EOS after it, and a leading-space
+# token some tokenizers add (an upper bound: refusing on it never refuses text that would do).
+TOKENS_PER_DOC_BEYOND_BYTES = 2
 
 
 def builder_for(path: str) -> Optional[str]:
@@ -185,6 +189,29 @@ class LocalSource(TextSource):
             f"dataset.data_files: the held-out split of {', '.join(files)} has only {chars['eval']} characters, "
             f"fewer than dataset.eval_tokens={need_eval} tokens need; add text or lower dataset.eval_tokens"
         )
+
+    def supply_problems(self, cache_tokens: int, budget: str) -> List[str]:
+        """Refuse files whose training split cannot fill the cache, before any tokenizer is loaded:
+        a token covers at least one byte of UTF-8 text, so a document gives at most its bytes plus
+        its separator (EOS) and a leading-space token; each window of ``context_size`` holds BOS and
+        ``context_size - 1`` of those tokens. Reading stops as soon as the bound is met."""
+        ctx = int(self.ds.context_size)
+        need = math.ceil(cache_tokens / ctx) * (ctx - 1)
+        files, docs, nbytes = self.files(), 0, 0
+        for text in rows_text(read_files(files), self.ds.text_column, "dataset.data_files"):
+            if not isinstance(text, str) or not text.strip() or doc_split(text) != "train":
+                continue
+            docs += 1
+            nbytes += len(text.encode("utf-8"))
+            if nbytes + TOKENS_PER_DOC_BEYOND_BYTES * docs >= need:
+                return []
+        most = nbytes + TOKENS_PER_DOC_BEYOND_BYTES * docs
+        return [
+            f"dataset.data_files: the training split of {', '.join(files)} is {docs} document(s), {nbytes} bytes "
+            f"of text: at most {most} tokens, but training needs {cache_tokens} tokens "
+            f"({math.ceil(cache_tokens / ctx)} windows of {ctx}: {need} besides their BOS) for {budget}. "
+            f"Add text, lower the budget, or raise train.epochs to repeat the data on purpose"
+        ]
 
     def fingerprint(self, lm: Any) -> Dict[str, Any]:
         files = self.files()

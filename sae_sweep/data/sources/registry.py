@@ -10,6 +10,7 @@ typed ``DatasetConfig`` (parsed once, ``dataset_config``) and says:
                     their own settings there), or None;
 * ``config_problems()``   what is wrong with its settings, before anything is read;
 * ``availability(documents)``  why it cannot be read here (offline hub, missing files), as messages;
+* ``supply_problems(cache_tokens, budget)``  why its training split is too small for the budget;
 * ``fingerprint(lm)``      what decides its text (merged into the dataset fingerprint: cache keys);
 * ``record_source(lm)``    MLflow's (source_type, source) for the run's dataset input;
 * ``texts(cache_dir)``     its documents as strings in a fixed order, or ``documents(lm, split,
@@ -77,6 +78,12 @@ class TextSource:
         return []
 
     def availability(self, documents: bool = True) -> List[str]:
+        return []
+
+    def supply_problems(self, cache_tokens: int, budget: str) -> List[str]:
+        """Why its training split cannot give ``cache_tokens`` distinct tokens (the activation
+        cache's, or a stream's training tokens; ``budget``: the settings that ask for them, for the
+        message), judged before any tokenizer is loaded; [] when it can or cannot tell (the default)."""
         return []
 
     # Identity and records

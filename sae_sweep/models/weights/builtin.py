@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional
 
 from sae_sweep.config import ModelConfig
 from sae_sweep.models import tiny
-from sae_sweep.models.weights.base import ModelUnavailable, ResolvedWeights, WeightsSource, read_json, register_weights
+from sae_sweep.models.weights.base import ModelUnavailable, ResolvedWeights, WeightsSource, register_weights
 from sae_sweep.util.build import build_once
 
 __all__ = ["TINY_HF_ID", "tiny_model_dir", "ensure_tiny"]
@@ -50,6 +50,6 @@ class Builtin(WeightsSource):
         return ensure_tiny(r.cache_dir)
 
     def fingerprint(self, r: ResolvedWeights, path: Path) -> Dict[str, Any]:
-        info = read_json(path / "build_info.json") or {}
-        # No path: a moved cache_dir must not change cache keys.
-        return {"hf_id": r.where, "build": tiny.TINY_VERSION, "weights_hash": info.get("weights_hash")}
+        # No path: a moved cache_dir must not change cache keys. The weights themselves are hashed
+        # by load_lm (weights_sha256), not read from build_info.json, which could go stale.
+        return {"hf_id": r.where, "build": tiny.TINY_VERSION}

@@ -15,7 +15,6 @@ them are never mixed up with the hub model's.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import logging
 import os
 import socket
@@ -136,13 +135,6 @@ def _convert(source: Path, out: Path, spec: GGUFWeights) -> None:
     )
 
 
-def build_info(path: Path) -> dict:
-    try:
-        return json.loads((path / BUILD_INFO).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def _stand_in(model: ModelConfig) -> GGUFWeights:
     """The model's GGUF stand-in (this source offers only models that declare one)."""
     if model.gguf is None:
@@ -178,11 +170,6 @@ class GGUFStandIn(WeightsSource):
         return ensure_model_dir(_stand_in(r.model), r.cache_dir)
 
     def fingerprint(self, r: ResolvedWeights, path: Path) -> Dict[str, Any]:
-        info = build_info(path)
-        # The stand-in's identity: which file (by content), not where the cache lives.
-        return {
-            "hf_id": r.where,
-            "weights": _stand_in(r.model).label,
-            "gguf_sha256": info.get("sha256"),
-            "conversion": info.get("conversion"),
-        }
+        # The stand-in's identity: which weights (the converted files' own sha256, added by load_lm
+        # as weights_sha256, not the record in build_info.json), not where the cache lives.
+        return {"hf_id": r.where, "weights": _stand_in(r.model).label, "conversion": CONVERSION}
