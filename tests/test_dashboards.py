@@ -9,53 +9,18 @@ import json
 import pytest
 import torch
 
-from helpers.models import train_tokenizer
+from helpers.feature_model import ACT, D_MODEL, constructed
 from sae_sweep.evals.dashboards import collect_latent_stats, fake_latents, output_tokens, run_dashboards
 from sae_sweep.evals.schema import EvalOutput
-from sae_sweep.models.lm import LanguageModel
-from sae_sweep.sae import get_sae_class
 
 pytestmark = pytest.mark.unit
 
-DOCS = ["the cat sat on the mat and the dog ran to the park", "a bird sang in the tree while the sun rose"] * 20
-D = 64  # d_model
-ACT = 9.0  # latent 0's activation on its token: embedding 10 * e_0, encoder e_0, bias -1
+D = D_MODEL
 
 
 @pytest.fixture(scope="module")
 def setup():
-    import transformers as T
-
-    tok = train_tokenizer("llama", DOCS)
-    cfg = T.LlamaConfig(
-        vocab_size=len(tok), hidden_size=D, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, max_position_embeddings=64, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = T.AutoModelForCausalLM.from_config(cfg)
-    cat, promoted, suppressed = (tok.convert_tokens_to_ids(t) for t in ("Ġcat", "Ġpark", "Ġtree"))
-    with torch.no_grad():
-        # resid_pre of layer 0 is the token embedding: only "cat" has a component along e_0
-        emb = model.get_input_embeddings().weight
-        emb[:, 0] = 0
-        emb[cat, 0] = 10.0
-        head = model.get_output_embeddings().weight
-        head[:, 0] = 0
-        head[promoted, 0], head[suppressed, 0] = 5.0, -5.0
-    lm = LanguageModel(model, tok, "cpu", {"name": "constructed"})
-    sae = get_sae_class("relu")(D, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        sae.W_enc[0, :] = 0  # no latent but 0 reads e_0 ...
-        sae.W_enc[:, 0] = torch.nn.functional.one_hot(torch.tensor(0), D).float()
-        sae.b_enc[0] = -1.0
-        sae.W_dec[0] = sae.W_enc[:, 0]  # ... and latent 0 writes it
-    ids = [tok.encode(d, add_special_tokens=False) for d in DOCS]
-    flat = [i for d in ids for i in d]
-    T_ = 16
-    windows = [[lm.bos_token_id] + flat[s : s + T_ - 1] for s in range(0, len(flat) - T_, T_ - 1)]
-    tokens = torch.tensor(windows)
-    return dict(lm=lm, sae=sae, tokens=tokens, tok=tok, cat=cat, promoted=promoted, suppressed=suppressed)
+    return constructed()
 
 
 def test_constructed_latent_fires_on_its_token_only(setup):

@@ -35,6 +35,7 @@ h1 { font-size: 1.4em; margin-bottom: 0.2em; } h2 { font-size: 1.15em; margin-to
 .col { min-width: 600px; flex: 1; }
 .pair { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 0.5em; margin: 0.6em 0; }
 .pair .side { flex: 1; min-width: 0; }
+.pair .card { width: auto; border: none; padding: 0.2em; }
 table { border-collapse: collapse; font-size: 0.9em; } td, th { border: 1px solid #ddd; padding: 0.2em 0.5em; }
 """
 

@@ -220,6 +220,15 @@ class CrossSeedSettings:
     candidates: int = setting(
         32, allowed="an integer >= 1 (sparse matching: partners kept per latent)", check=lambda v: v >= 1
     )
+    # the cross-seed feature browser (sae_sweep/report/crossseed_browser.py), from the runs' dashboards
+    browser: bool = True
+    browser_pairs: int = setting(
+        12, allowed="an integer >= 0 (matched pairs shown per seed group)", check=lambda v: v >= 0
+    )
+    browser_unmatched: int = setting(
+        6, allowed="an integer >= 0 (unmatched and fake latents shown per seed)", check=lambda v: v >= 0
+    )
+    browser_contexts: int = setting(3, allowed="an integer >= 1 (contexts per latent shown)", check=lambda v: v >= 1)
 
 
 register_schema("eval", "crossseed", CrossSeedSettings, sweep_level=True)
