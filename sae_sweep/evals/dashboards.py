@@ -153,27 +153,30 @@ def collect_latent_stats(
 
 
 def latent_contexts(
-    stats: LatentStats, latent: int, tokens: torch.Tensor, before: int, limit: int
-) -> List[Dict[str, Any]]:
-    """Up to ``limit`` contexts of ``latent``, strongest first: token ids, activations and the
-    index of the peak in them (the span cut where its window ends)."""
-    t = tokens.shape[1]
-    out = []
-    for r in range(min(limit, stats.top_values.shape[0])):
-        value = float(stats.top_values[r, latent])
-        if value <= 0:
-            break
-        w, pos = int(stats.top_window[r, latent]), int(stats.top_pos[r, latent])
-        lo, hi = max(0, pos - before), min(t, pos + stats.top_span.shape[2] - before)
-        acts = stats.top_span[r, latent, lo - pos + before : hi - pos + before]
-        out.append(
-            {
-                "ids": tokens[w, lo:hi].tolist(),
-                "acts": [round(float(a), 4) for a in acts],
-                "peak": pos - lo,
-                "window": w,
-            }
-        )
+    stats: LatentStats, latents: Sequence[int], tokens: torch.Tensor, before: int, limit: int
+) -> Dict[int, List[Dict[str, Any]]]:
+    """Per latent, up to ``limit`` contexts, strongest first: token ids, activations and the index of
+    the peak in them (the span cut where its window ends). Tensors become lists once, up front:
+    element-wise tensor access would cost more than the pass itself at d_sae in the thousands."""
+    t, span = tokens.shape[1], stats.top_span.shape[2]
+    keep = min(limit, stats.top_values.shape[0])
+    idx = torch.as_tensor(list(latents), dtype=torch.long)
+    values = stats.top_values[:keep, idx].T.tolist()
+    windows = stats.top_window[:keep, idx].T.tolist()
+    positions = stats.top_pos[:keep, idx].T.tolist()
+    spans = stats.top_span[:keep, idx].permute(1, 0, 2).tolist()
+    token_rows = tokens.tolist()
+    out: Dict[int, List[Dict[str, Any]]] = {}
+    for n, j in enumerate(latents):
+        rows = []
+        for r in range(keep):
+            if values[n][r] <= 0:
+                break
+            w, pos = windows[n][r], positions[n][r]
+            lo, hi = max(0, pos - before), min(t, pos + span - before)
+            acts = spans[n][r][lo - pos + before : hi - pos + before]
+            rows.append({"ids": token_rows[w][lo:hi], "acts": [round(a, 4) for a in acts], "peak": pos - lo})
+        out[int(j)] = rows
     return out
 
 
@@ -305,7 +308,7 @@ def run_dashboards(
     groups = choose_latents(stats.fires, fake or [], s["n_frequent"], s["n_random"], s["n_fake"], seed)
     shown = list(dict.fromkeys(j for g in groups.values() for j in g))
     alive = (stats.fires > 0).nonzero().squeeze(1).tolist()
-    contexts = {j: latent_contexts(stats, j, tokens, before, keep) for j in set(alive) | set(shown)}
+    contexts = latent_contexts(stats, sorted(set(alive) | set(shown)), tokens, before, keep)
     outputs = output_tokens(lm, sae, shown, s["n_output_tokens"])
     ids = sorted({i for cs in contexts.values() for c in cs for i in c["ids"]})
     texts = {i: decode(lm, i) for i in ids}
@@ -320,6 +323,7 @@ def run_dashboards(
     html_page = render_page(
         title, intro, groups, stats, {j: contexts[j][: s["n_contexts"]] for j in shown}, outputs, texts
     )
+    fires, largest = stats.fires.tolist(), max_act.tolist()
     data = {
         "version": DATA_VERSION,
         "d_sae": int(stats.fires.numel()),
@@ -332,8 +336,8 @@ def run_dashboards(
         "texts": {str(i): t for i, t in texts.items()},
         "latents": {
             str(j): {
-                "density": float(stats.fires[j]) / max(1, stats.n_tokens),
-                "max_activation": round(float(max_act[j]), 4),
+                "density": fires[j] / max(1, stats.n_tokens),
+                "max_activation": round(largest[j], 4),
                 "contexts": [{k: c[k] for k in ("ids", "acts", "peak")} for c in contexts[j][: s["json_contexts"]]],
                 **({"output_tokens": outputs[j]} if j in outputs else {}),
             }
