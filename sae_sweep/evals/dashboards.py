@@ -119,7 +119,6 @@ def collect_latent_stats(
     top_w = torch.zeros((keep, d), dtype=torch.int64)
     top_p = torch.zeros((keep, d), dtype=torch.int64)
     top_s = torch.zeros((keep, d, len(span)))
-    latent_ids = torch.arange(d)
     n_scored = 0
     for start in tqdm(range(0, n, batch_size), desc="dashboards", disable=not progress, leave=False):
         ids = tokens[start : start + batch_size]
@@ -135,20 +134,24 @@ def collect_latent_stats(
         vals = f[on]
         bins = ((vals.log10() - HIST_LOW) / (HIST_HIGH - HIST_LOW) * HIST_BINS).floor().clamp(0, HIST_BINS - 1)
         hist += torch.bincount(j * HIST_BINS + bins.long(), minlength=d * HIST_BINS)
-        # streaming top-k: each window's peak per latent competes with the kept ones
+        # streaming top-k: each window's peak per latent competes with the kept ones; only latents
+        # whose best new peak beats their k-th kept one are merged (after a few batches, few are)
         win_v, win_p = f.max(dim=1)  # [b, d]
-        kk = min(keep, b)
-        v, w = win_v.topk(kk, dim=0)  # [kk, d]
-        pos = win_p.gather(0, w)
-        at = pos[:, :, None] + span  # [kk, d, L]
+        v, w = win_v.topk(min(keep, b), dim=0)  # [kk, d]
+        cols = (v[0] > top_v[-1]).nonzero().squeeze(1)
+        if len(cols) == 0:
+            continue
+        v, w = v[:, cols], w[:, cols]
+        pos = win_p[:, cols].gather(0, w)
+        at = pos[:, :, None] + span  # [kk, c, L]
         inside = (at >= 0) & (at < t)
-        s = f[w[:, :, None].expand_as(at), at.clamp(0, t - 1), latent_ids[None, :, None].expand_as(at)] * inside
-        all_v = torch.cat([top_v, v])
+        s = f[w[:, :, None].expand_as(at), at.clamp(0, t - 1), cols[None, :, None].expand_as(at)] * inside
+        all_v = torch.cat([top_v[:, cols], v])
         best = all_v.topk(keep, dim=0).indices
-        top_v = all_v.gather(0, best)
-        top_w = torch.cat([top_w, w + start]).gather(0, best)
-        top_p = torch.cat([top_p, pos]).gather(0, best)
-        top_s = torch.cat([top_s, s]).gather(0, best[:, :, None].expand(-1, -1, len(span)))
+        top_v[:, cols] = all_v.gather(0, best)
+        top_w[:, cols] = torch.cat([top_w[:, cols], w + start]).gather(0, best)
+        top_p[:, cols] = torch.cat([top_p[:, cols], pos]).gather(0, best)
+        top_s[:, cols] = torch.cat([top_s[:, cols], s]).gather(0, best[:, :, None].expand(-1, -1, len(span)))
     return LatentStats(fires, hist.reshape(d, HIST_BINS), top_v, top_w, top_p, top_s, n_scored, n)
 
 
@@ -308,7 +311,9 @@ def run_dashboards(
     groups = choose_latents(stats.fires, fake or [], s["n_frequent"], s["n_random"], s["n_fake"], seed)
     shown = list(dict.fromkeys(j for g in groups.values() for j in g))
     alive = (stats.fires > 0).nonzero().squeeze(1).tolist()
-    contexts = latent_contexts(stats, sorted(set(alive) | set(shown)), tokens, before, keep)
+    # the shown latents' contexts for the page; every other alive latent's only for the data file
+    contexts = latent_contexts(stats, sorted(set(alive) - set(shown)), tokens, before, s["json_contexts"])
+    contexts.update(latent_contexts(stats, shown, tokens, before, keep))
     outputs = output_tokens(lm, sae, shown, s["n_output_tokens"])
     ids = sorted({i for cs in contexts.values() for c in cs for i in c["ids"]})
     texts = {i: decode(lm, i) for i in ids}
