@@ -82,3 +82,13 @@ def test_bad_setting_names_the_key():
 
     with pytest.raises((ConfigError, ValueError), match="eval.dashboards.n_contexts"):
         run_dashboards(None, None, None, 0, "resid_pre", 0, {"n_contexts": 0})
+
+
+@pytest.mark.parametrize("preset, on", [("default", True), ("full", True), ("core_only", False)])
+def test_presets_run_dashboards_except_core_only(preset, on):
+    from helpers.config import compose_config
+
+    cfg = compose_config(f"eval={preset}")
+    assert ("dashboards" in cfg.eval.run) == on
+    if on:  # last, so the fake features are known when it runs
+        assert cfg.eval.run[-1] == "dashboards" and cfg.eval.dashboards.n_contexts == 8
