@@ -56,8 +56,8 @@ class SweepSummary:
 
 # Work that runs once at the end of a sweep. Each hook gets
 # (tracker, parent_run_id, points, results, sweep_dir) and must not raise into the sweep.
-# Cross-seed metrics and the browser come first so the report includes and links them. Imported lazily: a sweep that
-# fails validation never pays for scipy/matplotlib.
+# Cross-seed metrics and the browser come first so the report includes and links them. Imported
+# lazily: a sweep that fails validation never pays for scipy/matplotlib.
 def _crossseed_hook(*args: Any) -> None:
     from sae_sweep.report.crossseed import crossseed_hook
 
