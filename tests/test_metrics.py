@@ -159,6 +159,7 @@ def eval_keys(tiny_lm, tmp_path_factory):
         ),
         "downstream_standardised": EvalContext(**lm_ctx, settings={**probing, "tasks": ["stdlib_package"]}),
         "scr": EvalContext(**lm_ctx, settings=scr_tpp),
+        "dashboards": EvalContext(**lm_ctx, settings={"n_frequent": 2, "n_random": 2}),
         "tpp": EvalContext(**lm_ctx, settings=scr_tpp),
         # the known-answer absorption set-up of test_evals_absorption (letters the LM represents linearly)
         "absorption": EvalContext(

@@ -38,6 +38,9 @@ class EvalContext:
     # dataset=synthetic only: held-out activations [N, d] and the planted dictionary
     activations: Optional[torch.Tensor] = None
     planted: Any = None
+    # the outputs of the evals this job ran before this one, by eval name (e.g. the dashboards show
+    # the fake features when fake_features ran first)
+    earlier: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

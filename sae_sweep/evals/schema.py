@@ -57,6 +57,8 @@ class EvalOutput:
     flags:        machine-readable warnings a caller may act on (e.g. a degenerate denominator);
                   ``nonfinite_metrics`` is filled in automatically.
     unstructured: SAEBench's ``eval_result_unstructured`` (free-form extras, e.g. histograms).
+    files:        artifact path -> text the job logs beside the run (e.g. an HTML page); not part
+                  of the SAEBench JSON.
     """
 
     eval_type_id: str
@@ -67,6 +69,7 @@ class EvalOutput:
     skip_reason: str | None = None
     flags: dict[str, Any] = field(default_factory=dict)
     unstructured: dict[str, Any] | None = None
+    files: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.eval_type_id or "/" in self.eval_type_id:

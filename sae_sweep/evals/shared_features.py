@@ -47,7 +47,7 @@ from sae_sweep.config import choice, register_schema, setting
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CrossSeedSettings", "shared_feature_ratio"]
+__all__ = ["CrossSeedSettings", "Matching", "match_latents", "shared_feature_ratio"]
 
 DEFAULT_THRESHOLD = 0.7
 # Partners kept per latent by the sparse matching. With 32, clustered decoders (many near-duplicate
@@ -127,7 +127,49 @@ def _sparse_match(a: torch.Tensor, b: torch.Tensor, chunk: int, candidates: int)
     return rows, cols, cos, best_a, col_best_v[0].cpu()
 
 
+@dataclass
+class Matching:
+    """The one-to-one matching of two decoders' latents: pair ``i`` is latent ``rows[i]`` of A with
+    latent ``cols[i]`` of B at decoder cosine ``cos[i]``; ``best_a`` / ``best_b``: each latent's best
+    cosine to any latent of the other SAE."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    cos: np.ndarray
+    best_a: torch.Tensor
+    best_b: torch.Tensor
+    n_a: int
+    n_b: int
+
+
 @torch.no_grad()
+def match_latents(
+    W_dec_a: Any,
+    W_dec_b: Any,
+    *,
+    method: str = "auto",
+    dense_max: int = 2048,
+    candidates: int = 32,
+    chunk: int = 2048,
+    device: Optional[str] = None,
+) -> Matching:
+    """Match the rows of two decoders ``[d_sae, d_in]`` (any scale) one-to-one by cosine, by the
+    module docstring's ``dense`` or ``sparse`` method (``auto``: dense up to ``dense_max`` latents)."""
+    if method not in ("auto", "dense", "sparse"):
+        raise ValueError(f"method={method!r}: allowed values are auto, dense, sparse")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    a, b = _unit_rows(W_dec_a, dev), _unit_rows(W_dec_b, dev)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"decoders live in different spaces: d_in {a.shape[1]} vs {b.shape[1]}")
+    if method == "auto":
+        method = "dense" if max(a.shape[0], b.shape[0]) <= dense_max else "sparse"
+    if method == "dense":
+        rows, cols, cos, best_a, best_b = _dense_match(a, b, chunk)
+    else:
+        rows, cols, cos, best_a, best_b = _sparse_match(a, b, chunk, candidates)
+    return Matching(np.asarray(rows), np.asarray(cols), np.asarray(cos), best_a, best_b, a.shape[0], b.shape[0])
+
+
 def shared_feature_ratio(
     W_dec_a: Any,
     W_dec_b: Any,
@@ -147,19 +189,11 @@ def shared_feature_ratio(
     ``top1_ratio_symmetric`` (their mean), ``mean_matched_cos``, ``n_shared`` and ``n_latents``.
     Pass the first seed's decoder (FaithfulSAE: seed 42) as ``a``.
     """
-    if method not in ("auto", "dense", "sparse"):
-        raise ValueError(f"method={method!r}: allowed values are auto, dense, sparse")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    a, b = _unit_rows(W_dec_a, dev), _unit_rows(W_dec_b, dev)
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"decoders live in different spaces: d_in {a.shape[1]} vs {b.shape[1]}")
-    n = min(a.shape[0], b.shape[0])
-    if method == "auto":
-        method = "dense" if max(a.shape[0], b.shape[0]) <= dense_max else "sparse"
-    if method == "dense":
-        _rows, _cols, cos, best_a, best_b = _dense_match(a, b, chunk)
-    else:
-        _rows, _cols, cos, best_a, best_b = _sparse_match(a, b, chunk, candidates)
+    m = match_latents(
+        W_dec_a, W_dec_b, method=method, dense_max=dense_max, candidates=candidates, chunk=chunk, device=device
+    )
+    cos, best_a, best_b = m.cos, m.best_a, m.best_b
+    n = min(m.n_a, m.n_b)
     n_shared = int((cos > threshold).sum())
     top1_a = float((best_a > threshold).double().mean())
     top1_b = float((best_b > threshold).double().mean())
@@ -194,6 +228,15 @@ class CrossSeedSettings:
         allowed="an integer >= 1 (sparse matching: partners kept per latent)",
         check=lambda v: v >= 1,
     )
+    # the cross-seed feature browser (sae_sweep/report/crossseed_browser.py), from the runs' dashboards
+    browser: bool = True
+    browser_pairs: int = setting(
+        12, allowed="an integer >= 0 (matched pairs shown per seed group)", check=lambda v: v >= 0
+    )
+    browser_unmatched: int = setting(
+        6, allowed="an integer >= 0 (unmatched and fake latents shown per seed)", check=lambda v: v >= 0
+    )
+    browser_contexts: int = setting(3, allowed="an integer >= 1 (contexts per latent shown)", check=lambda v: v >= 1)
 
 
 register_schema("eval", "crossseed", CrossSeedSettings, sweep_level=True)

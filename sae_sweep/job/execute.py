@@ -602,6 +602,7 @@ def run_evals(
         )
     all_metrics: Dict[str, float] = {}
     failed = []
+    earlier: Dict[str, Any] = {}  # outputs of the evals run so far (the dashboards show fake features)
     with Progress("evals", total=len(names), unit="eval") as bar:
         for name in names:
             bar.set_postfix({"running": name})
@@ -619,10 +620,12 @@ def run_evals(
                 cache_dir=str(C.cache_dir(cfg)),
                 activations=activations,
                 planted=planted,
+                earlier=dict(earlier),
             )
             t0 = time.perf_counter()
             with torch.no_grad():
                 output = get_eval(name).run(ctx)
+            earlier[name] = output
             flat = flatten_metrics(output, prefix=name)
             run.log_metrics(flat)
             if flat.dropped:  # NaN/inf never reach MLflow; record which metrics they were
@@ -640,6 +643,8 @@ def run_evals(
                 to_saebench_json(output, sae_cfg, sae_id=hook_name(cfg.layer, cfg.hook), model_name=cfg.model.name),
                 f"evals/{output.eval_type_id}.json",
             )
+            for path, text in output.files.items():  # pages and data an eval made for people to open
+                run.log_text(text, path)
             all_metrics.update(flat)
             bar.update(1)
     if failed:

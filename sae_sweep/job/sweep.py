@@ -57,12 +57,18 @@ class SweepSummary:
 
 # Work that runs once at the end of a sweep. Each hook gets
 # (tracker, parent_run_id, points, results, sweep_dir) and must not raise into the sweep.
-# Cross-seed metrics come first so the report includes them. Imported lazily: a sweep that
-# fails validation never pays for scipy/matplotlib.
+# Cross-seed metrics and the browser come first so the report includes and links them. Imported
+# lazily: a sweep that fails validation never pays for scipy/matplotlib.
 def _crossseed_hook(*args: Any) -> None:
     from sae_sweep.report.crossseed import crossseed_hook
 
     crossseed_hook(*args)
+
+
+def _browser_hook(*args: Any) -> None:
+    from sae_sweep.report.crossseed_browser import browser_hook
+
+    browser_hook(*args)
 
 
 def _report_hook(*args: Any) -> None:
@@ -71,7 +77,7 @@ def _report_hook(*args: Any) -> None:
     report_hook(*args)
 
 
-SWEEP_END_HOOKS: List[Callable[..., None]] = [_crossseed_hook, _report_hook]
+SWEEP_END_HOOKS: List[Callable[..., None]] = [_crossseed_hook, _browser_hook, _report_hook]
 
 
 @dataclass

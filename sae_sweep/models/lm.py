@@ -86,16 +86,21 @@ class Family:
     layers: str  # dotted path from the *ForCausalLM model to the ModuleList of decoder layers
     attn: str
     mlp: str
+    final_norm: str  # dotted path to the norm between the last layer and the unembedding
 
 
-_LLAMA_LIKE = dict(layers="model.layers", attn="self_attn", mlp="mlp")
-_GEMMA2_LIKE = dict(layers="model.layers", attn="post_attention_layernorm", mlp="post_feedforward_layernorm")
+_LLAMA_LIKE = dict(layers="model.layers", attn="self_attn", mlp="mlp", final_norm="model.norm")
+_GEMMA2_LIKE = dict(
+    layers="model.layers", attn="post_attention_layernorm", mlp="post_feedforward_layernorm", final_norm="model.norm"
+)
 
 # Keyed by `config.model_type`. GPT-NeoX's attention/MLP outputs pass through dropout before the
 # residual add, which is the identity in eval mode.
 FAMILIES: Dict[str, Family] = {
-    "gpt2": Family("gpt2", layers="transformer.h", attn="attn", mlp="mlp"),
-    "gpt_neox": Family("gpt_neox", layers="gpt_neox.layers", attn="attention", mlp="mlp"),
+    "gpt2": Family("gpt2", layers="transformer.h", attn="attn", mlp="mlp", final_norm="transformer.ln_f"),
+    "gpt_neox": Family(
+        "gpt_neox", layers="gpt_neox.layers", attn="attention", mlp="mlp", final_norm="gpt_neox.final_layer_norm"
+    ),
     "llama": Family("llama", **_LLAMA_LIKE),
     "mistral": Family("mistral", **_LLAMA_LIKE),
     "qwen2": Family("qwen2", **_LLAMA_LIKE),
@@ -393,3 +398,22 @@ class LanguageModel:
         finally:
             if handle is not None:
                 handle.remove()
+
+    @torch.inference_mode()
+    def direction_logits(self, directions: torch.Tensor) -> torch.Tensor:
+        """``[n, vocab]``: each row of ``directions [n, d_model]`` read through the final norm and the
+        unembedding as if it were the residual stream (the logit lens of a direction).
+
+        The final norm is applied to the direction itself, so its learned scale (Gemma's ``1 + w``
+        included) and LayerNorm's centring act on it; what the norm and the unembedding add to EVERY
+        input (their biases: ``norm(0)`` and ``unembed(0)``) is subtracted, since it would rank the
+        same tokens first for every direction. The norm's division by the input's RMS scales a row's
+        logits by one positive number, so the order of tokens within a row is the direction's own.
+        Soft-capping of final logits (Gemma-2) is monotonic and left out.
+        """
+        norm = _get_path(self.model, self._family.final_norm)
+        unembed = self.model.get_output_embeddings()
+        d = directions.to(device=self.device, dtype=self.dtype)
+        zero = torch.zeros_like(d[:1])
+        normed = norm(d) - norm(zero)
+        return (unembed(normed) - unembed(torch.zeros_like(normed[:1]))).float()

@@ -127,12 +127,27 @@ def build_report(
         out_dir,
         ui=tracker.ui_link(parent_run_id),
     )
+    md += _browser_link(tracker, parent_run_id)
     (out_dir / "report.md").write_text(md)
     result = ReportResult(out_dir, out_dir / "report.md", csvs, made, skipped)
     if log_to_mlflow:
         tracker.log_artifact_dir(parent_run_id, out_dir, "report")
         result.logged = True
     return result
+
+
+def _browser_link(tracker: Any, parent_run_id: str) -> str:
+    """A section linking the cross-seed feature browser when the sweep has one (the browser hook runs
+    before this one); the link is relative: report/ and crossseed/ are siblings on disk and in MLflow."""
+    from sae_sweep.report.crossseed_browser import BROWSER_ARTIFACT
+
+    if BROWSER_ARTIFACT not in tracker.list_artifacts(parent_run_id, "crossseed"):
+        return ""
+    return (
+        "\n## Cross-seed feature browser\n\n"
+        f"Matched, unmatched and fake latents of each seed group with their contexts: [{BROWSER_ARTIFACT}]"
+        f"(../{BROWSER_ARTIFACT}) (artifacts of the sweep's run: {tracker.ui_link(parent_run_id, 'artifacts')}).\n"
+    )
 
 
 def _clear_previous(out_dir: Path) -> None:

@@ -161,7 +161,7 @@ def _crossseed_metrics() -> Tuple[Metric, ...]:
 METRICS = _crossseed_metrics()
 
 
-def _load_decoder(tracker: Any, run_id: str, workdir: Path) -> torch.Tensor:
+def load_decoder(tracker: Any, run_id: str, workdir: Path) -> torch.Tensor:
     from sae_sweep.sae import SparseAutoencoder
 
     path = tracker.download(run_id, "sae", workdir / run_id)
@@ -181,8 +181,8 @@ def compare_runs(
     With ``log_to_runs`` each run gets ``crossseed/vs_<other run id[:8]>/<metric>``.
     """
     with tempfile.TemporaryDirectory() as d:
-        wa = _load_decoder(tracker, run_id_a, Path(d))
-        wb = _load_decoder(tracker, run_id_b, Path(d))
+        wa = load_decoder(tracker, run_id_a, Path(d))
+        wb = load_decoder(tracker, run_id_b, Path(d))
     res = shared_feature_ratio(wa, wb, threshold, **kwargs)
     if log_to_runs:
         for me, other in ((run_id_a, run_id_b), (run_id_b, run_id_a)):
@@ -207,7 +207,7 @@ def crossseed_groups(runs: Sequence[Any]) -> Dict[str, List[Any]]:
     return {g: sorted(rs, key=order) for g, rs in groups.items()}
 
 
-def _settings(points: Sequence[Any]) -> CrossSeedSettings:
+def crossseed_settings(points: Sequence[Any]) -> CrossSeedSettings:
     """``eval.crossseed`` of the sweep (its first point's config; every point shares the sweep's)."""
     node = next((getattr(p, "cfg", None) for p in points if getattr(p, "cfg", None) is not None), None)
     return parse(CrossSeedSettings, node.eval.get("crossseed") if node is not None else None, "eval.crossseed")
@@ -222,7 +222,7 @@ def crossseed_hook(
     ``crossseed/<group[:8]>/<metric>_mean`` per group, ``crossseed/<metric>_mean`` overall; to each
     run: ``crossseed/<metric>`` (mean over its pairs) and ``crossseed/vs_seed_<s>/<metric>``; and the
     whole table as the parent's artifact ``crossseed/crossseed.json``."""
-    s = _settings(points)
+    s = crossseed_settings(points)
     if not s.enabled:
         return {}
     threshold = s.threshold
@@ -249,7 +249,7 @@ def crossseed_hook(
 
         def dec(run_id: str) -> torch.Tensor:
             if run_id not in decoders:
-                decoders[run_id] = _load_decoder(tracker, run_id, Path(d))
+                decoders[run_id] = load_decoder(tracker, run_id, Path(d))
             return decoders[run_id]
 
         for g, rs in sorted(groups.items()):
