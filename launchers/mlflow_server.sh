@@ -287,6 +287,34 @@ cat >&2 <<EOF
   e.g. python -m sae_sweep -m hydra/launcher=slurm tracking.uri=$URI seed=42,49
 EOF
 
+# The process group of the process whose socket listens on TCP port $1 (empty when none is visible):
+# the listening socket's inode from /proc/net/tcp{,6}, then the process holding it.
+listener_pgid() {
+    python3 - "$1" <<'PY'
+import os, sys
+port = int(sys.argv[1])
+inodes = set()
+for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    try:
+        rows = open(table).read().splitlines()[1:]
+    except OSError:
+        continue
+    for row in rows:
+        f = row.split()
+        if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+            inodes.add(f[9])
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+        for fd in fds:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in {f"socket:[{i}]" for i in inodes}:
+                print(os.getpgid(int(pid)))
+                sys.exit(0)
+    except OSError:
+        continue
+PY
+}
+
 if ((BACKGROUND)); then
     mkdir -p "$STATE_DIR"
     logfile="$STATE_DIR/mlflow_server.log"
@@ -298,6 +326,12 @@ if ((BACKGROUND)); then
         if python3 -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" "$probe" 2>/dev/null; then
             # the port was free when we started, so the answer is ours only while our server lives
             kill -0 "$(cat "$pidfile")" 2>/dev/null || { tail -n 30 "$logfile" >&2; rm -f "$pidfile"; die "mlflow server exited"; }
+            # and only if the socket listening on the port belongs to our server's process group
+            owner="$(listener_pgid "$PORT")"
+            if [[ "$owner" != "$(cat "$pidfile")" ]]; then
+                tail -n 30 "$logfile" >&2
+                die "port $PORT answers /health, but its listening socket belongs to ${owner:-a process not visible here}, not to this server (process group $(cat "$pidfile"))"
+            fi
             trap - EXIT
             log "up (pid $(cat "$pidfile"), log $logfile); stop with: $0 stop --state-dir $STATE_DIR"
             echo "tracking.uri=$URI"
