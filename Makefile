@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 3
 PYTEST := $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --max-worker-restart=0 --durations=15
 
-.PHONY: install test test-fast lint docs demo demo-real prose-docs postgres browser metrics-doc bench bench-peers bench-smoke gpu-check slurm-up slurm-down clean
+.PHONY: install test test-tracking-server test-fast lint docs demo demo-real prose-docs postgres browser metrics-doc bench bench-peers bench-smoke gpu-check slurm-up slurm-down clean
 
 # torch first, pinned: the CPU wheel is on disk here; an unpinned torch would pull GBs of CUDA.
 # editable_mode=compat keeps hydra_plugins/ visible to Hydra's plugin discovery.
@@ -24,6 +24,12 @@ install:
 # installed here, never assumed to be on the machine.
 test: prose-docs postgres browser
 	$(PYTEST) $(PYTEST_ARGS)
+
+# The PostgreSQL-backed tracking server under a 16-point SLURM array, killed and restarted mid-sweep
+# (4-8 minutes of jobs; `make test` skips it to stay under 15 minutes, CI runs it after). Needs the
+# local cluster (`make slurm-up`; CI: .ci/install_slurm.sh).
+test-tracking-server: postgres
+	SAE_SWEEP_TEST_TRACKING_SERVER=1 $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_mlflow_postgres_slurm.py $(PYTEST_ARGS)
 
 # The unit tier (tests/README.md): in-process, no jobs, servers, cluster or LM built from disk. CPU-bound,
 # so one xdist worker per core.

@@ -159,7 +159,11 @@ def test_a_run_whose_store_filled_up_is_closed_failed_by_the_next_start(tmp_path
         assert proc.returncode == 1 and f"disk full: {out}" in err, err[-3000:]
         client = store_client(out)
         (left,) = store_runs(out, "disk", "job", client)
-        assert left.info.status == "RUNNING"  # its job could not write the store to close it
+        if left.info.status != "RUNNING":
+            # sqlite sometimes finds free pages in its own file and closes the run on the full disk;
+            # then put the store in the state an unwritable store leaves (the run still RUNNING)
+            assert left.info.status == "FAILED" and "disk full" in left.data.tags["error"], left.data.tags
+            client.update_run(left.info.run_id, status="RUNNING")
         again = run_cli(out, *SYNTH)
         assert again.returncode == 0, again.stderr[-3000:]
         assert "was left RUNNING" in again.stdout + again.stderr

@@ -27,7 +27,19 @@ if shutil.which("sinfo") is None and not IN_CI:
 if not IN_CI:
     pytest.importorskip("psycopg2", reason="the postgres extra: pip install -e '.[postgres]' (make install)")
 
-pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm"), pytest.mark.slow, pytest.mark.timeout(900)]
+# Four to eight minutes of SLURM jobs on the one-node cluster, which the other SLURM tests use one at a
+# time: run by `make test-tracking-server` (CI runs it after `make test`), skipped by `make test` so the
+# suite stays under 15 minutes on 2 cores.
+RUN_ENV = "SAE_SWEEP_TEST_TRACKING_SERVER"
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.xdist_group("slurm"),
+    pytest.mark.slow,
+    pytest.mark.timeout(900),
+    pytest.mark.skipif(
+        os.environ.get(RUN_ENV) != "1", reason="the tracking server under a SLURM array: make test-tracking-server"
+    ),
+]
 
 SEEDS, KS = (1, 2, 3, 4), (2, 3, 4, 5)  # 16 points; crossseed compares the 4 seeds of each k
 STEPS = 16  # train.tokens / trainer.batch_size
