@@ -123,38 +123,32 @@ def _load_sparsify(path: Path) -> Tuple[SparseAutoencoder, Dict[str, Any]]:
 def _load_dictionary_learning(path: Path) -> Tuple[SparseAutoencoder, Dict[str, Any]]:
     cfg = json.loads((path / "config.json").read_text()).get("trainer", {})
     cls = cfg.get("dict_class")
+    if cls not in ("AutoEncoderTopK", "BatchTopKSAE", "AutoEncoder"):
+        raise PeerFormatError(
+            f"{path}: dictionary_learning dict_class {cls!r}; allowed: AutoEncoderTopK, BatchTopKSAE, AutoEncoder"
+        )
     w = torch.load(path / "ae.pt", map_location="cpu", weights_only=True)
-    if cls in ("AutoEncoderTopK", "BatchTopKSAE"):
-        enc_w = w["encoder.weight"]
-        d_sae, d_in = enc_w.shape
-        state = {
-            "W_enc": enc_w.T.contiguous(),
-            "b_enc": w["encoder.bias"],
-            "W_dec": w["decoder.weight"].T.contiguous(),
-            "b_dec": w["b_dec"],
-        }
+    # Linear encoder [d_sae, d_in] and bias-free decoder [d_in, d_sae]; the decoder bias is `b_dec`
+    # (AutoEncoder: `bias`), subtracted from the input before encoding in all three
+    enc_w = w["encoder.weight"]
+    d_sae, d_in = (int(n) for n in enc_w.shape)
+    state = {
+        "W_enc": enc_w.T.contiguous(),
+        "b_enc": w["encoder.bias"],
+        "W_dec": w["decoder.weight"].T.contiguous(),
+        "b_dec": w["bias"] if cls == "AutoEncoder" else w["b_dec"],
+    }
+    if cls == "AutoEncoder":
+        sae = _build("relu", d_in, d_sae, state)
+    else:
         k = int(w["k"]) if "k" in w else int(cfg["k"])
         if cls == "AutoEncoderTopK":
-            sae = _build("topk", int(d_in), int(d_sae), state, k=k)
+            sae = _build("topk", d_in, d_sae, state, k=k)
         else:  # inference: relu(pre) * (relu(pre) > threshold), the learned threshold
             threshold = w["threshold"].reshape(())
             if not math.isfinite(float(threshold)) or float(threshold) < 0:
                 raise PeerFormatError(f"{path}: BatchTopKSAE without a calibrated threshold ({float(threshold)})")
-            sae = _build("batchtopk", int(d_in), int(d_sae), {**state, "threshold": threshold.float()}, k=k)
-    elif cls == "AutoEncoder":
-        enc_w = w["encoder.weight"]
-        d_sae, d_in = enc_w.shape
-        state = {
-            "W_enc": enc_w.T.contiguous(),
-            "b_enc": w["encoder.bias"],
-            "W_dec": w["decoder.weight"].T.contiguous(),
-            "b_dec": w["bias"],
-        }
-        sae = _build("relu", int(d_in), int(d_sae), state)
-    else:
-        raise PeerFormatError(
-            f"{path}: dictionary_learning dict_class {cls!r}; allowed: AutoEncoderTopK, BatchTopKSAE, AutoEncoder"
-        )
+            sae = _build("batchtopk", d_in, d_sae, {**state, "threshold": threshold.float()}, k=k)
     hook = cfg.get("submodule_name")
     return sae, {"library": "dictionary_learning", "architecture": cls, "hook_name": hook}
 
